@@ -1,0 +1,48 @@
+"""zviz: run untrusted code in a light Linux sandbox, from trio or asyncio.
+
+    async with zviz.open_sandbox(zviz.Policy.python()) as sb:
+        r = await sb.run(["python3", "-c", "print(1 + 1)"])
+
+Everything public is re-exported here; every other module is private.
+"""
+
+from ._errors import (
+    CommandNotFoundError as CommandNotFoundError,
+    FeatureUnavailable as FeatureUnavailable,
+    PolicyError as PolicyError,
+    SandboxClosedError as SandboxClosedError,
+    SandboxSetupError as SandboxSetupError,
+    UnsupportedKernelError as UnsupportedKernelError,
+    ZvizError as ZvizError,
+    ZvizWarning as ZvizWarning,
+)
+from ._policy import (
+    SYSCALL_GROUPS as SYSCALL_GROUPS,
+    Endpoint as Endpoint,
+    Filesystem as Filesystem,
+    Limits as Limits,
+    Namespaces as Namespaces,
+    Network as Network,
+    Policy as Policy,
+    Syscalls as Syscalls,
+)
+from ._probe import KernelFeatures as KernelFeatures, probe as probe_host
+from ._sandbox import (
+    Process as Process,
+    RunResult as RunResult,
+    Sandbox as Sandbox,
+    SandboxStatistics as SandboxStatistics,
+    open_sandbox as open_sandbox,
+)
+from ._supervisor import DenialEvent as DenialEvent
+
+__version__ = "0.1.0"
+
+# Public names carry the public module, like trio does.
+for _obj in list(globals().values()):
+    if getattr(_obj, "__module__", "").startswith("zviz._"):
+        try:
+            _obj.__module__ = "zviz"
+        except (AttributeError, TypeError):
+            pass
+del _obj

@@ -1,0 +1,121 @@
+"""Syscall rules -> a seccomp BPF program (bytes), compiled by libseccomp.
+
+Pure in the sense that matters: a function of its (hashable) inputs, cached, and
+it touches no process state (the filter is exported, never loaded here). The C
+stage loads the bytes in the child, last, right before execve.
+
+What the program does, for the native x86_64 ABI only:
+- any other architecture (i386 via `int 0x80`) and any x32 call
+  (nr >= 0x40000000) kills the process: libseccomp emits both checks for a
+  filter whose only architecture is x86_64 (SCMP_FLTATR_ACT_BADARCH);
+- allowed syscalls pass in-kernel (the kernel's action cache makes most of them
+  free); argument checks read registers only, never memory:
+    socket(family, type):  AF_UNIX always; AF_INET/AF_INET6 per network mode
+    clone(flags):          no CLONE_NEW* flags
+    send*(.., flags):      no MSG_FASTOPEN when connects are supervised
+- with a supervisor, everything else is a user notification (the supervisor
+  records it and answers EPERM or ENOSYS, see _decide.py); without one, the
+  kernel answers ENOSYS (EPERM for the dangerous ones) itself.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import tempfile
+
+import attrs
+
+from . import _syscalls
+
+AF_UNIX, AF_INET, AF_INET6 = 1, 2, 10
+SOCK_STREAM = 1
+SOCK_TYPE_MASK = 0xF
+MSG_FASTOPEN = 0x20000000
+CLONE_NS_FLAGS = (
+    0x00020000  # NEWNS
+    | 0x02000000  # NEWCGROUP
+    | 0x04000000  # NEWUTS
+    | 0x08000000  # NEWIPC
+    | 0x10000000  # NEWUSER
+    | 0x20000000  # NEWPID
+    | 0x40000000  # NEWNET
+    | 0x00000080  # NEWTIME
+)
+_SPECIAL = {"socket", "clone", "connect", "sendto", "sendmsg", "sendmmsg"}
+
+
+@attrs.frozen
+class FilterSpec:
+    allow: frozenset[str]
+    net_mode: str  # none | loopback | allow
+    notify: bool  # a supervisor listens: denials are notifications
+
+
+@functools.lru_cache(maxsize=64)
+def compile_filter(spec: FilterSpec) -> bytes:
+    """The BPF program for `spec`, compiled once per distinct spec."""
+    import pyseccomp as sc
+
+    deny_unknown = sc.NOTIFY if spec.notify else sc.ERRNO(errno.ENOSYS)
+    f = sc.SyscallFilter(defaction=deny_unknown)
+    f.set_attr(sc.Attr.ACT_BADARCH, sc.KILL_PROCESS)
+    try:
+        f.set_attr(sc.Attr.CTL_OPTIMIZE, 2)  # binary tree over syscall numbers
+    except (OSError, RuntimeError, ValueError):
+        pass
+
+    for name in sorted(spec.allow - _SPECIAL):
+        f.add_rule(sc.ALLOW, name)
+    if not spec.notify:  # with a supervisor the default action already notifies
+        for name in sorted(_syscalls.DANGEROUS - spec.allow):
+            if _known(name):
+                f.add_rule(sc.ERRNO(errno.EPERM), name)
+    if spec.notify:  # without a supervisor ENOSYS is already the default
+        for name in sorted(_syscalls.SILENT_ENOSYS - spec.allow):
+            f.add_rule(sc.ERRNO(errno.ENOSYS), name)
+
+    if "socket" in spec.allow:
+        f.add_rule(sc.ALLOW, "socket", sc.Arg(0, sc.EQ, AF_UNIX))
+        if spec.net_mode == "loopback":
+            f.add_rule(sc.ALLOW, "socket", sc.Arg(0, sc.EQ, AF_INET))
+            f.add_rule(sc.ALLOW, "socket", sc.Arg(0, sc.EQ, AF_INET6))
+        elif spec.net_mode == "allow":
+            for fam in (AF_INET, AF_INET6):
+                f.add_rule(sc.ALLOW, "socket", sc.Arg(0, sc.EQ, fam),
+                           sc.Arg(1, sc.MASKED_EQ, SOCK_TYPE_MASK, SOCK_STREAM))
+    if "clone" in spec.allow:
+        f.add_rule(sc.ALLOW, "clone", sc.Arg(0, sc.MASKED_EQ, CLONE_NS_FLAGS, 0))
+    if "connect" in spec.allow:
+        if spec.net_mode == "allow" and spec.notify:
+            pass  # the default action notifies: the supervisor performs it, never CONTINUEs
+        elif spec.net_mode != "allow":
+            f.add_rule(sc.ALLOW, "connect")
+        else:
+            f.add_rule(sc.ERRNO(errno.EACCES), "connect")
+    for name, flags_arg in (("sendto", 3), ("sendmsg", 2), ("sendmmsg", 3)):
+        if name not in spec.allow:
+            continue
+        if spec.net_mode == "allow":
+            # TCP Fast Open connects inside sendto/sendmsg: keep it away.
+            f.add_rule(sc.ALLOW, name, sc.Arg(flags_arg, sc.MASKED_EQ, MSG_FASTOPEN, 0))
+        else:
+            f.add_rule(sc.ALLOW, name)
+
+    with tempfile.TemporaryFile() as out:
+        f.export_bpf(out)
+        out.seek(0)
+        return out.read()
+
+
+def _known(name: str) -> bool:
+    from ._syscall_table import LIBSECCOMP_MAX_KNOWN, X86_64
+
+    return X86_64.get(name, 10**6) <= LIBSECCOMP_MAX_KNOWN
+
+
+def disassemble(prog: bytes) -> list[tuple[int, int, int, int]]:
+    """(code, jt, jf, k) per instruction: for tests and `zviz check --explain`."""
+    import struct
+
+    return [struct.unpack_from("=HBBI", prog, i) for i in range(0, len(prog), 8)]

@@ -1,0 +1,85 @@
+"""The exception tree: one root, split by who is at fault.
+
+- `PolicyError`: the policy you gave is wrong (field, value, what is accepted).
+- `UnsupportedKernelError` / `FeatureUnavailable`: this host lacks something;
+  the message says what to install or enable.
+- `SandboxSetupError`: setting the sandbox up failed at a named step (path, errno).
+- `SandboxClosedError`: the sandbox was used after its `async with` block ended.
+
+A syscall that the sandbox denies is not an exception: it is a result, in
+`RunResult.denials`, `Sandbox.statistics()` and `Sandbox.events()`.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import os
+
+
+class ZvizError(Exception):
+    """Root of every error zviz raises on purpose."""
+
+
+class PolicyError(ZvizError, ValueError):
+    """The policy is malformed: names the field, the value, and what is accepted."""
+
+    def __init__(self, field: str, value: object, expected: str) -> None:
+        self.field = field
+        self.value = value
+        self.expected = expected
+        super().__init__(f"policy field {field!r}: got {value!r}; expected {expected}")
+
+
+class FeatureUnavailable(ZvizError, RuntimeError):
+    """An optional feature cannot be used on this host; the message gives the fix."""
+
+    def __init__(self, feature: str, reason: str, fix: str) -> None:
+        self.feature = feature
+        self.reason = reason
+        self.fix = fix
+        super().__init__(f"{feature} is unavailable: {reason}. Fix: {fix}")
+
+
+class UnsupportedKernelError(FeatureUnavailable):
+    """The kernel lacks something zviz cannot work without."""
+
+
+class SandboxSetupError(ZvizError, OSError):
+    """Setting up the sandboxed process failed at `step` (with `path`, `errno`)."""
+
+    def __init__(self, step: str, err: int, path: str | None = None, hint: str = "") -> None:
+        self.step = step
+        self.path = path
+        where = f" ({path})" if path else ""
+        name = _errno.errorcode.get(err, str(err))
+        msg = f"sandbox setup failed at step {step!r}{where}: {name}: {os.strerror(err)}"
+        if hint:
+            msg += f". {hint}"
+        super().__init__(err, msg)
+        # OSError.__str__ would print "[Errno N] msg"; keep ours readable.
+        self.args = (msg,)
+        self.errno = err
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+class CommandNotFoundError(SandboxSetupError, FileNotFoundError):
+    """The command to run does not exist inside the sandbox's view of the system."""
+
+    def __init__(self, command: str, searched: str) -> None:
+        super().__init__(
+            "resolve-command",
+            _errno.ENOENT,
+            command,
+            f"not found in PATH={searched!r} of the policy's environment; give an absolute "
+            "path or add its directory to the policy's read-only paths and env PATH",
+        )
+
+
+class SandboxClosedError(ZvizError, RuntimeError):
+    """The sandbox was used after its `async with` block ended."""
+
+
+class ZvizWarning(UserWarning):
+    """A layer was degraded (e.g. no user namespaces on this host)."""

@@ -1,0 +1,308 @@
+"""The kernel shim: the only module that touches raw fds, ioctls and the C stage.
+
+Everything here returns owning objects (`OwnedFd`), never bare ints that could
+leak. The seccomp user-notification structures are packed and unpacked here
+(x86_64 layout, checked against SECCOMP_GET_NOTIF_SIZES at import of the
+supervisor).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import signal
+import struct
+from typing import Any
+
+import attrs
+
+from . import _stage
+from ._errors import SandboxSetupError
+
+# ---------------------------------------------------------------- owning fds
+
+
+class OwnedFd:
+    """An fd with exactly one owner. `close()` is idempotent; `detach()` hands
+    the number over to a new owner."""
+
+    __slots__ = ("_fd", "label")
+
+    def __init__(self, fd: int, label: str) -> None:
+        self._fd = fd
+        self.label = label
+
+    @property
+    def fd(self) -> int:
+        if self._fd < 0:
+            raise ValueError(f"{self.label} fd is closed")
+        return self._fd
+
+    @property
+    def closed(self) -> bool:
+        return self._fd < 0
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def detach(self) -> int:
+        fd, self._fd = self._fd, -1
+        return fd
+
+    def __repr__(self) -> str:
+        return f"<OwnedFd {self.label} {self._fd if self._fd >= 0 else 'closed'}>"
+
+    def __del__(self) -> None:  # last resort; owners close explicitly
+        if getattr(self, "_fd", -1) >= 0:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+
+
+def pipe(label: str) -> tuple[OwnedFd, OwnedFd]:
+    r, w = os.pipe2(os.O_CLOEXEC)
+    return OwnedFd(r, label + "-r"), OwnedFd(w, label + "-w")
+
+
+def dup_above_stdio(fd: int, label: str) -> OwnedFd:
+    """A close-on-exec copy numbered > 2, so the child's dup2 onto 0..2 never
+    clobbers an fd it still needs."""
+    return OwnedFd(fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3), label)
+
+
+def open_devnull() -> OwnedFd:
+    fd = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
+    owned = dup_above_stdio(fd, "devnull")
+    os.close(fd)
+    return owned
+
+
+# ---------------------------------------------------------------- spawn
+
+# Step numbers of zviz/_stage.c, in order.
+STEPS = (
+    None,
+    "sync",
+    "mount-private",
+    "mount-proc",
+    "mount-hide",
+    "mount-rebind",
+    "loopback-up",
+    "hostname",
+    "setgroups",
+    "setresgid",
+    "setresuid",
+    "rlimit",
+    "setsid",
+    "pdeathsig",
+    "landlock-create",
+    "landlock-open",
+    "landlock-rule",
+    "landlock-port",
+    "landlock-restrict",
+    "no-new-privs",
+    "stdio",
+    "chdir",
+    "seccomp",
+    "send-listener",
+    "execve",
+)
+
+HINTS = {
+    "mount-proc": "the host's /proc has over-mounts (a container?); set namespaces.pid = false",
+    "mount-hide": "set fs.hide = [] if these paths cannot be covered here",
+    "landlock-open": "a policy path does not exist or cannot be opened",
+    "execve": "the command is not executable inside the sandbox (is its directory in fs.read_only?)",
+    "rlimit": "a limit is above the hard limit of the calling process",
+}
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+CLONE_NEWCGROUP = 0x02000000
+
+
+@attrs.frozen
+class Spawned:
+    pid: int
+    pidfd: OwnedFd
+    listener: OwnedFd | None
+
+
+def spawn(spec: dict[str, Any], *, paths: tuple[str, ...], rlimit_names: tuple[str, ...]) -> Spawned:
+    """Run the C stage. Turns its failure reports into SandboxSetupError."""
+    try:
+        pid, pidfd, listener = _stage.spawn(spec)
+    except ChildProcessError as e:
+        args = e.args[0] if e.args and isinstance(e.args[0], tuple) else e.args
+        if len(args) == 4:  # id map write failed in the parent: (what, errno, msg, path)
+            what, err, _msg, path = args
+            raise SandboxSetupError(f"id-map-{what}", err, path) from None
+        if len(args) == 3 and all(isinstance(a, int) for a in args):
+            step_no, err, index = args
+            step = STEPS[step_no] if 0 < step_no < len(STEPS) else f"step-{step_no}"
+            path = None
+            if step in ("landlock-open", "landlock-rule") and 0 <= index < len(paths):
+                path = paths[index]
+            elif step in ("mount-hide",) and 0 <= index < len(spec["hide"]):
+                path = spec["hide"][index].decode()
+            elif step == "rlimit" and 0 <= index < len(rlimit_names):
+                path = rlimit_names[index]
+            elif step == "execve":
+                path = spec["exe"].decode(errors="replace")
+            elif step == "chdir":
+                path = spec["cwd"].decode(errors="replace")
+            raise SandboxSetupError(step, err, path, HINTS.get(step, "")) from None
+        raise SandboxSetupError("spawn", errno.EIO, None, str(e)) from None
+    return Spawned(
+        pid=pid,
+        pidfd=OwnedFd(pidfd, f"pidfd-{pid}"),
+        listener=OwnedFd(listener, f"listener-{pid}") if listener >= 0 else None,
+    )
+
+
+def pidfd_kill(pidfd: OwnedFd, sig: int = signal.SIGKILL) -> None:
+    if pidfd.closed:
+        return
+    try:
+        signal.pidfd_send_signal(pidfd.fd, sig)
+    except ProcessLookupError:
+        pass
+
+
+def pidfd_getfd(pidfd: OwnedFd, target_fd: int) -> OwnedFd:
+    return OwnedFd(_stage.pidfd_getfd(pidfd.fd, target_fd), f"taken-{target_fd}")
+
+
+def landlock_abi() -> int:
+    """Landlock ABI version, or -errno (EOPNOTSUPP: disabled; ENOSYS: not built)."""
+    return _stage.landlock_abi()
+
+
+def seccomp_notif_sizes() -> tuple[int, int, int]:
+    return _stage.notif_sizes()
+
+
+def seccomp_action_avail(action: int) -> bool:
+    return _stage.seccomp_action_avail(action)
+
+
+# ---------------------------------------------------------------- seccomp user notification
+
+SECCOMP_RET_USER_NOTIF = 0x7FC00000
+SECCOMP_FILTER_FLAG_NEW_LISTENER = 1 << 3
+SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV = 1 << 5
+SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP = 1
+SECCOMP_ADDFD_FLAG_SETFD = 1
+SECCOMP_ADDFD_FLAG_SEND = 2
+
+_NOTIF = struct.Struct("=QIIiIQ6Q")  # id, pid, flags, nr, arch, ip, args[6]: 80 bytes
+_RESP = struct.Struct("=QqiI")  # id, val, error, flags: 24 bytes
+_ADDFD = struct.Struct("=QIIII")  # id, flags, srcfd, newfd, newfd_flags: 24 bytes
+_U64 = struct.Struct("=Q")
+
+
+def _iowr(nr: int, size: int) -> int:
+    return (3 << 30) | (size << 16) | (ord("!") << 8) | nr
+
+
+def _iow(nr: int, size: int) -> int:
+    return (1 << 30) | (size << 16) | (ord("!") << 8) | nr
+
+
+IOCTL_NOTIF_RECV = _iowr(0, _NOTIF.size)
+IOCTL_NOTIF_SEND = _iowr(1, _RESP.size)
+IOCTL_NOTIF_ID_VALID = _iow(2, 8)
+IOCTL_NOTIF_ADDFD = _iow(3, _ADDFD.size)
+IOCTL_NOTIF_SET_FLAGS = _iow(4, 8)
+
+
+@attrs.frozen
+class Notification:
+    id: int
+    pid: int
+    nr: int
+    arch: int
+    args: tuple[int, ...]
+
+
+def notif_recv(listener: OwnedFd) -> Notification | None:
+    """One notification, or None if it vanished (the task died: ENOENT)."""
+    buf = bytearray(_NOTIF.size)  # zeroed every time: the kernel insists (EINVAL otherwise)
+    try:
+        fcntl.ioctl(listener.fd, IOCTL_NOTIF_RECV, buf, True)
+    except OSError as e:
+        if e.errno in (errno.ENOENT, errno.EINTR):
+            return None
+        raise
+    nid, pid, _flags, nr, arch, _ip, *args = _NOTIF.unpack(buf)
+    return Notification(id=nid, pid=pid, nr=nr, arch=arch, args=tuple(args))
+
+
+def notif_decode(buf: bytes) -> Notification:
+    """Decode a raw record (used by the fuzz tests of the decoder)."""
+    if len(buf) != _NOTIF.size:
+        raise ValueError(f"a seccomp_notif record is {_NOTIF.size} bytes, got {len(buf)}")
+    nid, pid, _flags, nr, arch, _ip, *args = _NOTIF.unpack(buf)
+    return Notification(id=nid, pid=pid, nr=nr, arch=arch, args=tuple(args))
+
+
+def notif_send(listener: OwnedFd, nid: int, *, val: int = 0, error: int = 0) -> bool:
+    """Answer a notification: `error` is a positive errno (sent negated).
+    False when the target is gone or was interrupted (ENOENT)."""
+    buf = bytearray(_RESP.pack(nid, val, -error if error else 0, 0))
+    try:
+        fcntl.ioctl(listener.fd, IOCTL_NOTIF_SEND, buf, True)
+    except OSError as e:
+        if e.errno == errno.ENOENT:
+            return False
+        raise
+    return True
+
+
+def notif_id_valid(listener: OwnedFd, nid: int) -> bool:
+    try:
+        fcntl.ioctl(listener.fd, IOCTL_NOTIF_ID_VALID, bytearray(_U64.pack(nid)), True)
+    except OSError as e:
+        if e.errno == errno.ENOENT:
+            return False
+        raise
+    return True
+
+
+def notif_set_sync_wakeup(listener: OwnedFd) -> bool:
+    """SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP (6.6+): wake the supervisor on the
+    same CPU; False where the kernel lacks it."""
+    try:
+        fcntl.ioctl(listener.fd, IOCTL_NOTIF_SET_FLAGS, SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP)
+    except OSError as e:
+        if e.errno in (errno.EINVAL, errno.ENOTTY):
+            return False
+        raise
+    return True
+
+
+def read_child_memory(pid: int, addr: int, size: int) -> bytes:
+    """Read from the sandboxed task's memory (for decoding and deciding only;
+    anything read here may change before the task resumes, so a decision based
+    on it is never answered with CONTINUE)."""
+    with open(f"/proc/{pid}/mem", "rb", buffering=0) as f:
+        f.seek(addr)
+        return f.read(size)
+
+
+def read_child_string(pid: int, addr: int, limit: int = 4096) -> str | None:
+    if addr == 0:
+        return None
+    try:
+        data = read_child_memory(pid, addr, limit)
+    except (OSError, ValueError, OverflowError):
+        return None
+    return data.split(b"\0", 1)[0].decode("utf-8", "replace")

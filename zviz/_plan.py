@@ -1,0 +1,351 @@
+"""(Policy, host facts) -> an ordered, inspectable setup plan. Pure: no I/O.
+
+The I/O shell (`_sandbox.py`) gathers the host facts (`Host`: features, ids,
+which paths exist and are directories, rlimit ceilings) and hands them in; this
+module decides. `SpawnPlan.to_spec()` is what the C stage executes.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+from collections.abc import Mapping
+
+import attrs
+
+from . import _kernel
+from ._errors import PolicyError, SandboxSetupError
+from ._policy import Policy
+from ._probe import KernelFeatures
+
+# Landlock access rights (uapi/linux/landlock.h).
+FS_EXECUTE = 1 << 0
+FS_WRITE_FILE = 1 << 1
+FS_READ_FILE = 1 << 2
+FS_READ_DIR = 1 << 3
+FS_REMOVE_DIR = 1 << 4
+FS_REMOVE_FILE = 1 << 5
+FS_MAKE_CHAR = 1 << 6
+FS_MAKE_DIR = 1 << 7
+FS_MAKE_REG = 1 << 8
+FS_MAKE_SOCK = 1 << 9
+FS_MAKE_FIFO = 1 << 10
+FS_MAKE_BLOCK = 1 << 11
+FS_MAKE_SYM = 1 << 12
+FS_REFER = 1 << 13  # ABI 2
+FS_TRUNCATE = 1 << 14  # ABI 3
+FS_IOCTL_DEV = 1 << 15  # ABI 5
+NET_BIND_TCP = 1 << 0  # ABI 4
+NET_CONNECT_TCP = 1 << 1
+SCOPE_ABSTRACT_UNIX = 1 << 0  # ABI 6
+SCOPE_SIGNAL = 1 << 1
+
+_FILE_RIGHTS = FS_EXECUTE | FS_WRITE_FILE | FS_READ_FILE | FS_TRUNCATE | FS_IOCTL_DEV
+
+
+def handled_fs(abi: int) -> int:
+    mask = (1 << 13) - 1
+    if abi >= 2:
+        mask |= FS_REFER
+    if abi >= 3:
+        mask |= FS_TRUNCATE
+    if abi >= 5:
+        mask |= FS_IOCTL_DEV
+    return mask
+
+
+RO = FS_EXECUTE | FS_READ_FILE | FS_READ_DIR
+RW = (
+    RO | FS_WRITE_FILE | FS_REMOVE_DIR | FS_REMOVE_FILE | FS_MAKE_DIR | FS_MAKE_REG
+    | FS_MAKE_SOCK | FS_MAKE_FIFO | FS_MAKE_SYM | FS_REFER | FS_TRUNCATE
+)
+# Device nodes the C library and interpreters expect; nothing else under /dev.
+DEVICES: dict[str, int] = {
+    "/dev/null": FS_READ_FILE | FS_WRITE_FILE | FS_TRUNCATE,
+    "/dev/zero": FS_READ_FILE | FS_WRITE_FILE | FS_TRUNCATE,
+    "/dev/full": FS_READ_FILE | FS_WRITE_FILE | FS_TRUNCATE,
+    "/dev/random": FS_READ_FILE,
+    "/dev/urandom": FS_READ_FILE,
+}
+
+RLIMIT = {"cpu": 0, "fsize": 1, "core": 4, "nproc": 6, "nofile": 7, "as": 9}
+INFINITY = 2**64 - 1
+SANDBOX_UID = 1000  # the uid the code sees inside its user namespace
+NOBODY = 65534  # the host uid a root caller's sandbox runs as
+
+
+@attrs.frozen(kw_only=True)
+class Host:
+    """Facts about the host the plan depends on (gathered by the I/O shell)."""
+
+    features: KernelFeatures
+    euid: int
+    egid: int
+    is_dir: Mapping[str, bool]  # every path the policy names (and devices): exists -> is a dir
+    rlimit_hard: Mapping[str, int]  # RLIMIT name -> current hard limit
+
+
+@attrs.frozen(kw_only=True)
+class LandlockPlan:
+    abi: int
+    handled_fs: int
+    handled_net: int
+    scoped: int
+    paths: tuple[tuple[str, int], ...]
+    ports: tuple[tuple[int, int], ...]
+
+
+@attrs.frozen(kw_only=True)
+class SpawnPlan:
+    """Everything one spawn does, in the order the child does it."""
+
+    argv: tuple[str, ...]
+    exe: str
+    env: tuple[tuple[str, str], ...]
+    cwd: str
+    clone_flags: int
+    uid_map: str | None
+    gid_map: str | None
+    deny_setgroups: bool
+    drop_groups: bool
+    uid: int
+    gid: int
+    creds_late: bool
+    host_uid: int  # who the sandbox is on the host (owner of the files it writes)
+    host_gid: int
+    mount_ns: bool
+    mount_proc: bool
+    hide: tuple[str, ...]
+    rebind: str | None
+    mkdir: tuple[str, ...]
+    loopback_up: bool
+    hostname: str | None
+    rlimits: tuple[tuple[str, int, int], ...]
+    landlock: LandlockPlan | None
+    degraded: tuple[str, ...]  # human-readable: which layers are off and why
+
+    def steps(self) -> list[str]:
+        """The plan as a readable list of steps (for `zviz run --explain`, tests)."""
+        out = []
+        if self.clone_flags:
+            names = [n for n, f in (("user", _kernel.CLONE_NEWUSER), ("pid", _kernel.CLONE_NEWPID),
+                                    ("mount", _kernel.CLONE_NEWNS), ("net", _kernel.CLONE_NEWNET),
+                                    ("ipc", _kernel.CLONE_NEWIPC), ("uts", _kernel.CLONE_NEWUTS))
+                     if self.clone_flags & f]
+            out.append("namespaces: " + ", ".join(names))
+        if self.uid_map:
+            out.append(f"id maps: uid {self.uid_map.strip()}, gid {self.gid_map.strip() if self.gid_map else '-'}")
+        if self.mount_ns:
+            out.append("mounts: / private" + (", fresh /proc" if self.mount_proc else "")
+                       + (", tmpfs over " + " ".join(self.hide) if self.hide else ""))
+        if self.uid >= 0:
+            out.append(f"credentials: uid {self.uid}, gid {self.gid}, no supplementary groups"
+                       if self.drop_groups else f"credentials: uid {self.uid}, gid {self.gid}")
+        out.append("rlimits: " + ", ".join(f"{n}={s}" for n, s, _ in self.rlimits))
+        if self.landlock:
+            out.append(f"landlock ABI {self.landlock.abi}: {len(self.landlock.paths)} path rules, "
+                       f"{len(self.landlock.ports)} port rules")
+        out.append("no_new_privs")
+        out.append("seccomp allowlist, then execve " + self.exe)
+        return out
+
+    def to_spec(self, *, stdin: int, stdout: int, stderr: int, bpf: bytes, seccomp_flags: int) -> dict:
+        ll = self.landlock
+        return dict(
+            argv=[a.encode() for a in self.argv],
+            envp=[f"{k}={v}".encode() for k, v in self.env],
+            exe=self.exe.encode(),
+            cwd=self.cwd.encode(),
+            stdin=stdin,
+            stdout=stdout,
+            stderr=stderr,
+            clone_flags=self.clone_flags,
+            uid_map=self.uid_map.encode() if self.uid_map else None,
+            gid_map=self.gid_map.encode() if self.gid_map else None,
+            deny_setgroups=self.deny_setgroups,
+            mount_ns=self.mount_ns,
+            mount_proc=self.mount_proc,
+            hide=[h.encode() for h in self.hide],
+            rebind=self.rebind.encode() if self.rebind else None,
+            mkdir=[m.encode() for m in self.mkdir],
+            loopback_up=self.loopback_up,
+            setsid=True,
+            creds_late=self.creds_late,
+            drop_groups=self.drop_groups,
+            hostname=self.hostname.encode() if self.hostname else None,
+            uid=self.uid,
+            gid=self.gid,
+            rlimits=[(RLIMIT[n], s, h) for n, s, h in self.rlimits],
+            landlock_abi=ll.abi if ll else 0,
+            ll_fs=ll.handled_fs if ll else 0,
+            ll_net=ll.handled_net if ll else 0,
+            ll_scoped=ll.scoped if ll else 0,
+            ll_paths=[(p.encode(), a) for p, a in ll.paths] if ll else [],
+            ll_ports=list(ll.ports) if ll else [],
+            bpf=bpf,
+            seccomp_flags=seccomp_flags,
+            pdeathsig=int(signal.SIGKILL),
+        )
+
+
+def _beneath(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def _rlimits(policy: Policy, host: Host, userns: bool) -> tuple[tuple[str, int, int], ...]:
+    lim = policy.limits
+    want: list[tuple[str, int | None, int | None]] = [("core", 0, 0)]
+    if lim.cpu_s is not None:
+        soft = max(1, int(lim.cpu_s + 0.999))
+        want.append(("cpu", soft, soft + 1))  # SIGXCPU at soft, SIGKILL one second later
+    if lim.memory is not None:
+        want.append(("as", lim.memory, lim.memory))
+    if lim.file_size is not None:
+        want.append(("fsize", lim.file_size, lim.file_size))
+    if lim.open_files is not None:
+        want.append(("nofile", lim.open_files, lim.open_files))
+    # RLIMIT_NPROC counts the tasks of a uid within a user namespace; without
+    # one (and not root), it would count every process of the calling user.
+    if lim.processes is not None and (userns or host.euid == 0):
+        want.append(("nproc", lim.processes, lim.processes))
+    out = []
+    for name, soft, hard in want:
+        ceiling = host.rlimit_hard.get(name, INFINITY)
+        hard_v = min(hard if hard is not None else INFINITY, ceiling)
+        soft_v = min(soft if soft is not None else INFINITY, hard_v)
+        out.append((name, soft_v, hard_v))
+    return tuple(out)
+
+
+def plan_landlock(policy: Policy, host: Host, workdir: str, mount_proc: bool) -> LandlockPlan | None:
+    abi = host.features.landlock_abi
+    if abi <= 0:
+        return None
+    hfs = handled_fs(abi)
+    paths: dict[str, int] = {}
+
+    def add(path: str, rights: int) -> None:
+        if path not in host.is_dir:
+            raise SandboxSetupError("plan", errno.ENOENT, path,
+                                    "a path named by the policy does not exist on this host")
+        if not host.is_dir[path]:
+            rights &= _FILE_RIGHTS  # Landlock refuses directory rights on files
+        paths[path] = paths.get(path, 0) | (rights & hfs)
+
+    for p in policy.fs.read_only:
+        add(p, RO)
+    for p in policy.fs.read_write:
+        add(p, RW)
+    add(workdir, RW)
+    for dev, rights in DEVICES.items():
+        if dev in host.is_dir:
+            add(dev, rights)
+    if mount_proc:
+        paths["/proc"] = (FS_READ_FILE | FS_READ_DIR) & hfs
+
+    handled_net = 0
+    ports: list[tuple[int, int]] = []
+    if abi >= 4 and policy.net.mode != "loopback":
+        # none: no TCP at all. allow: connect only to the listed ports (the
+        # supervisor performs each connect; this is the in-kernel backstop).
+        handled_net = NET_BIND_TCP | NET_CONNECT_TCP
+        if policy.net.mode == "allow":
+            ports = sorted({(e.port, NET_CONNECT_TCP) for e in policy.net.allow})
+    scoped = SCOPE_ABSTRACT_UNIX | SCOPE_SIGNAL if abi >= 6 else 0
+    return LandlockPlan(abi=abi, handled_fs=hfs, handled_net=handled_net, scoped=scoped,
+                        paths=tuple(paths.items()), ports=tuple(ports))
+
+
+def plan_spawn(policy: Policy, host: Host, *, argv: tuple[str, ...], exe: str, workdir: str,
+               extra_env: Mapping[str, str] | None = None) -> SpawnPlan:
+    if not argv:
+        raise PolicyError("argv", argv, "a non-empty command")
+    f = host.features
+    ns = policy.namespaces
+    degraded: list[str] = []
+    root = host.euid == 0
+    userns = ns.user and f.userns
+    if ns.user and not f.userns:
+        degraded.append(f"user namespace unavailable ({f.userns_reason})")
+    can_ns = userns or root  # without a user namespace only root may create the others
+    flags = 0
+    if userns:
+        flags |= _kernel.CLONE_NEWUSER
+    want = [(ns.pid, _kernel.CLONE_NEWPID, "pid"), (ns.mount, _kernel.CLONE_NEWNS, "mount"),
+            (ns.ipc, _kernel.CLONE_NEWIPC, "ipc"), (ns.uts, _kernel.CLONE_NEWUTS, "uts"),
+            (ns.net, _kernel.CLONE_NEWNET, "net")]
+    for on, flag, name in want:
+        if on and can_ns:
+            flags |= flag
+        elif on:
+            degraded.append(f"{name} namespace off (needs a user namespace or root)")
+    if policy.net.mode == "loopback" and not flags & _kernel.CLONE_NEWNET:
+        raise PolicyError("net.mode", "loopback", "a host where network namespaces can be created")
+
+    if userns:
+        host_uid, host_gid = (NOBODY, NOBODY) if root else (host.euid, host.egid)
+        uid_map = f"{SANDBOX_UID} {host_uid} 1\n"
+        gid_map = f"{SANDBOX_UID} {host_gid} 1\n"
+        uid = gid = SANDBOX_UID
+        deny_setgroups = not root  # an unprivileged gid_map needs setgroups denied
+        drop_groups = root
+        creds_late = False
+    elif root:
+        host_uid = host_gid = NOBODY
+        uid_map = gid_map = None
+        uid = gid = NOBODY
+        deny_setgroups, drop_groups, creds_late = False, True, True
+    else:
+        host_uid, host_gid = host.euid, host.egid
+        uid_map = gid_map = None
+        uid = gid = -1
+        deny_setgroups = drop_groups = creds_late = False
+
+    mount_ns = bool(flags & _kernel.CLONE_NEWNS)
+    mount_proc = mount_ns and bool(flags & _kernel.CLONE_NEWPID)
+    hide: list[str] = []
+    rebind = None
+    mkdir: list[str] = []
+    if mount_ns:
+        named = policy.fs.read_only + policy.fs.read_write
+        for h in policy.fs.hide:
+            if not host.is_dir.get(h, False):
+                continue  # nothing to hide
+            if any(_beneath(p, h) for p in named):
+                continue  # the policy grants something below it: keep the host's view
+            hide.append(h)
+        holders = [h for h in hide if _beneath(workdir, h) and workdir != h]
+        if holders:
+            rebind = workdir
+            top = holders[0]
+            rel = os.path.relpath(workdir, top).split(os.sep)
+            cur = top
+            for part in rel:
+                cur = os.path.join(cur, part)
+                mkdir.append(cur)
+        hide = [h for h in hide if h != workdir]
+    elif policy.fs.hide:
+        degraded.append("host /tmp and /run stay visible (no mount namespace)")
+
+    env = dict(policy.env)
+    env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
+    env.setdefault("HOME", workdir)
+    env.setdefault("TMPDIR", workdir)
+    env["PWD"] = workdir
+    if extra_env:
+        env.update(extra_env)
+
+    ll = plan_landlock(policy, host, workdir, mount_proc)
+    if ll is None:
+        degraded.append(f"Landlock unavailable ({f.landlock_reason})")
+    return SpawnPlan(
+        argv=tuple(argv), exe=exe, env=tuple(sorted(env.items())), cwd=workdir,
+        clone_flags=flags, uid_map=uid_map, gid_map=gid_map, deny_setgroups=deny_setgroups,
+        drop_groups=drop_groups, uid=uid, gid=gid, creds_late=creds_late,
+        host_uid=host_uid, host_gid=host_gid, mount_ns=mount_ns, mount_proc=mount_proc,
+        hide=tuple(hide), rebind=rebind, mkdir=tuple(mkdir),
+        loopback_up=bool(flags & _kernel.CLONE_NEWNET) and policy.net.mode == "loopback",
+        hostname="zviz" if flags & _kernel.CLONE_NEWUTS else None,
+        rlimits=_rlimits(policy, host, userns), landlock=ll, degraded=tuple(degraded),
+    )

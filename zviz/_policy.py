@@ -1,0 +1,454 @@
+"""Policy: what sandboxed code may do. Frozen attrs values, presets, TOML.
+
+A `Policy` is made of small frozen parts. Converters normalise (lists to tuples,
+"512M" to bytes); validators check, and every bad value raises `PolicyError`
+naming the field, the value and what is accepted. Nothing here touches the
+kernel; the presets look at which system paths exist, nothing more.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import attrs
+
+from . import _syscalls
+from ._errors import PolicyError
+
+# --------------------------------------------------------------------------- helpers
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(i?[bB])?\s*$")
+_SIZE_MULT = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+
+
+def parse_size(field: str, value: object) -> int | None:
+    """'512M', '1GiB', 4096 -> bytes; None stays None (no limit)."""
+    if value is None or value is False:  # TOML writes 'no limit' as false
+        return None
+    if isinstance(value, bool):
+        raise PolicyError(field, value, "a size in bytes (int) or a string like '512M'")
+    if isinstance(value, int):
+        if value <= 0:
+            raise PolicyError(field, value, "a positive size")
+        return value
+    if isinstance(value, str):
+        m = _SIZE_RE.match(value)
+        if m:
+            n = int(float(m.group(1)) * _SIZE_MULT[m.group(2).lower()])
+            if n > 0:
+                return n
+    raise PolicyError(field, value, "a size in bytes (int) or a string like '512M', '2G'")
+
+
+def _seconds(field: str, value: object) -> float | None:
+    if value is None or value is False:  # TOML writes 'no limit' as false
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise PolicyError(field, value, "a positive number of seconds, or None")
+    if value != value or value == float("inf"):  # NaN, inf
+        raise PolicyError(field, value, "a finite positive number of seconds, or None")
+    return float(value)
+
+
+def _count(field: str, value: object) -> int | None:
+    if value is None or value is False:  # TOML writes 'no limit' as false
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise PolicyError(field, value, "a positive whole number, or None")
+    return value
+
+
+def _paths(field: str, value: object) -> tuple[str, ...]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise PolicyError(field, value, "a list of absolute paths")
+    out = []
+    for p in value:
+        if not isinstance(p, str) or not p.startswith("/") or "\0" in p:
+            raise PolicyError(field, p, "an absolute path (a string starting with '/')")
+        norm = os.path.normpath(p)
+        if norm.startswith("//"):
+            norm = "/" + norm.lstrip("/")
+        out.append(norm)
+    return tuple(dict.fromkeys(out))  # keep order, drop duplicates
+
+
+def _tuple_of_str(field: str, value: object) -> tuple[str, ...]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise PolicyError(field, value, "a list of strings")
+    out = tuple(value)
+    for v in out:
+        if not isinstance(v, str):
+            raise PolicyError(field, v, "a string")
+    return out
+
+
+# --------------------------------------------------------------------------- parts
+
+
+@attrs.frozen(kw_only=True)
+class Syscalls:
+    """Allowed syscalls (allowlist; everything else is denied).
+
+    `allow` holds names ("openat") and groups ("@python", see `SYSCALL_GROUPS`).
+    Dangerous syscalls (ptrace, mount, bpf...) are refused in `allow` unless
+    `allow_dangerous` is set: listing one is almost always a mistake.
+    """
+
+    allow: tuple[str, ...] = ("@python",)
+    allow_dangerous: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        allow = _tuple_of_str("syscalls.allow", self.allow)
+        object.__setattr__(self, "allow", tuple(dict.fromkeys(allow)))
+        for entry in self.allow:
+            try:
+                _syscalls.expand((entry,))
+            except KeyError:
+                groups = ", ".join(sorted(_syscalls.GROUPS))
+                raise PolicyError(
+                    "syscalls.allow", entry, f"an x86_64 syscall name or a group ({groups})"
+                ) from None
+        if not isinstance(self.allow_dangerous, bool):
+            raise PolicyError("syscalls.allow_dangerous", self.allow_dangerous, "true or false")
+        dangerous = sorted(self.names() & _syscalls.DANGEROUS)
+        if dangerous and not self.allow_dangerous:
+            raise PolicyError(
+                "syscalls.allow",
+                dangerous,
+                "no escape-relevant syscalls; set syscalls.allow_dangerous = true if you mean it",
+            )
+
+    def names(self) -> frozenset[str]:
+        return _syscalls.expand(self.allow)
+
+
+@attrs.frozen(kw_only=True)
+class Filesystem:
+    """Paths the code may reach. The sandbox's workdir is always read-write.
+
+    `read_only`: read and execute beneath these paths. `read_write`: also create,
+    change and remove. `hide`: host directories covered by an empty tmpfs in the
+    sandbox's mount namespace (their host contents, unix sockets included, are
+    out of reach); a hidden path that holds the workdir keeps the workdir.
+    """
+
+    read_only: tuple[str, ...] = ()
+    read_write: tuple[str, ...] = ()
+    hide: tuple[str, ...] = ("/run", "/tmp", "/var/tmp", "/dev/shm")
+
+    def __attrs_post_init__(self) -> None:
+        object.__setattr__(self, "read_only", _paths("fs.read_only", self.read_only))
+        object.__setattr__(self, "read_write", _paths("fs.read_write", self.read_write))
+        object.__setattr__(self, "hide", _paths("fs.hide", self.hide))
+        if len(self.hide) > 12:
+            raise PolicyError("fs.hide", self.hide, "at most 12 paths")
+        if "/" in self.hide:
+            raise PolicyError("fs.hide", "/", "directories below '/', not '/' itself")
+        if len(self.read_only) + len(self.read_write) > 200:
+            raise PolicyError("fs", len(self.read_only) + len(self.read_write), "at most 200 paths")
+
+
+@attrs.frozen(kw_only=True)
+class Endpoint:
+    """One `host:port` the sandbox may connect to (TCP)."""
+
+    host: str
+    port: int
+
+    def __attrs_post_init__(self) -> None:
+        if not isinstance(self.host, str) or not self.host:
+            raise PolicyError("net.allow", self.host, "a host name or IP address")
+        if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 < self.port < 65536:
+            raise PolicyError("net.allow", self.port, "a port from 1 to 65535")
+
+    @classmethod
+    def parse(cls, text: str) -> Endpoint:
+        if not isinstance(text, str):
+            raise PolicyError("net.allow", text, "'HOST:PORT' strings")
+        host, sep, port = text.rpartition(":")
+        host = host.strip("[]")
+        if not sep or not host or not port.isdigit():
+            raise PolicyError("net.allow", text, "'HOST:PORT', e.g. '127.0.0.1:8080' or '[::1]:443'")
+        return cls(host=host, port=int(port))
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    def is_ip(self) -> bool:
+        try:
+            ipaddress.ip_address(self.host)
+        except ValueError:
+            return False
+        return True
+
+
+NET_MODES = ("none", "loopback", "allow")
+
+
+def _endpoints(value: object) -> tuple[Endpoint, ...]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise PolicyError("net.allow", value, "a list of 'HOST:PORT' strings")
+    return tuple(v if isinstance(v, Endpoint) else Endpoint.parse(v) for v in value)
+
+
+@attrs.frozen(kw_only=True)
+class Network:
+    """`none` (default): no sockets but unix ones. `loopback`: a private network
+    namespace whose loopback is up (the code can talk to itself, not to the
+    host). `allow`: TCP connections to the listed `host:port`s only, each one
+    performed by the supervisor on the sandbox's behalf."""
+
+    mode: str = "none"
+    allow: tuple[Endpoint, ...] = attrs.field(default=(), converter=_endpoints)
+
+    def __attrs_post_init__(self) -> None:
+        if self.mode not in NET_MODES:
+            raise PolicyError("net.mode", self.mode, "one of " + ", ".join(NET_MODES))
+        if self.mode == "allow" and not self.allow:
+            raise PolicyError("net.allow", (), "at least one 'HOST:PORT' when net.mode = 'allow'")
+        if self.mode != "allow" and self.allow:
+            raise PolicyError("net.mode", self.mode, "'allow' when net.allow lists endpoints")
+        if len(self.allow) > 64:
+            raise PolicyError("net.allow", len(self.allow), "at most 64 endpoints")
+
+
+@attrs.frozen(kw_only=True)
+class Limits:
+    """Resource limits. None means no limit of that kind.
+
+    wall_s: wall-clock seconds per command (the supervisor kills it, exit 124 in
+    the CLI). cpu_s: CPU seconds (RLIMIT_CPU, SIGXCPU then SIGKILL). memory:
+    address space (RLIMIT_AS) in bytes. processes: tasks of the sandbox's user
+    (RLIMIT_NPROC, counted in the sandbox's own user namespace). file_size:
+    largest file written (RLIMIT_FSIZE). open_files: RLIMIT_NOFILE. output:
+    bytes of stdout and of stderr kept per command (the rest is counted and
+    dropped, and the result says `truncated`).
+    """
+
+    wall_s: float | None = attrs.field(default=30.0, converter=lambda v: _seconds("limits.wall_s", v))
+    cpu_s: float | None = attrs.field(default=None, converter=lambda v: _seconds("limits.cpu_s", v))
+    memory: int | None = attrs.field(default=2 * 1024**3, converter=lambda v: parse_size("limits.memory", v))
+    processes: int | None = attrs.field(default=128, converter=lambda v: _count("limits.processes", v))
+    file_size: int | None = attrs.field(default=256 * 1024**2, converter=lambda v: parse_size("limits.file_size", v))
+    open_files: int | None = attrs.field(default=1024, converter=lambda v: _count("limits.open_files", v))
+    output: int | None = attrs.field(default=16 * 1024**2, converter=lambda v: parse_size("limits.output", v))
+
+    def __attrs_post_init__(self) -> None:
+        if self.memory is not None and self.memory < 16 * 1024**2:
+            raise PolicyError("limits.memory", self.memory, "at least 16M (a dynamic loader needs that much)")
+        if self.open_files is not None and self.open_files < 8:
+            raise PolicyError("limits.open_files", self.open_files, "at least 8")
+
+
+def _env(value: object) -> tuple[tuple[str, str], ...]:
+    if isinstance(value, Mapping):
+        items = list(value.items())
+    elif isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise PolicyError("env", value, "a mapping of NAME to value")
+    else:
+        items = list(value)
+    out = {}
+    for item in items:
+        if not (isinstance(item, tuple) and len(item) == 2):
+            raise PolicyError("env", item, "NAME = value pairs")
+        k, v = item
+        if not isinstance(k, str) or not k or "=" in k or "\0" in k:
+            raise PolicyError("env", k, "a variable name without '=' or NUL")
+        if not isinstance(v, str) or "\0" in v:
+            raise PolicyError(f"env.{k}", v, "a string without NUL")
+        out[k] = v
+    return tuple(sorted(out.items()))
+
+
+DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
+
+
+@attrs.frozen(kw_only=True)
+class Namespaces:
+    """Which Linux namespaces each command gets. `net` is off unless the network
+    mode needs it (loopback): the seccomp socket-family filter already keeps
+    `none` off the network, and a network namespace costs ~0.6 ms per spawn
+    (measured here) plus an asynchronous teardown in the kernel."""
+
+    user: bool = True
+    pid: bool = True
+    mount: bool = True
+    ipc: bool = True
+    uts: bool = True
+    net: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        for f in attrs.fields(Namespaces):
+            v = getattr(self, f.name)
+            if not isinstance(v, bool):
+                raise PolicyError(f"namespaces.{f.name}", v, "true or false")
+
+
+# --------------------------------------------------------------------------- Policy
+
+_PYTHON_RO = ("/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32", "/etc")
+
+
+def _existing(paths: Iterable[str]) -> tuple[str, ...]:
+    return tuple(p for p in paths if os.path.exists(p))
+
+
+@attrs.frozen(kw_only=True)
+class Policy:
+    """What sandboxed code may do. Build one with a preset (`Policy.python()`,
+    `Policy.shell()`), by hand, or from TOML (`Policy.from_toml`); derive
+    variants with `attrs.evolve` or `Policy.with_paths`."""
+
+    syscalls: Syscalls = attrs.field(factory=Syscalls)
+    fs: Filesystem = attrs.field(factory=Filesystem)
+    net: Network = attrs.field(factory=Network)
+    limits: Limits = attrs.field(factory=Limits)
+    env: tuple[tuple[str, str], ...] = attrs.field(default=(("PATH", DEFAULT_PATH),), converter=_env)
+    namespaces: Namespaces = attrs.field(factory=Namespaces)
+    name: str = "custom"
+
+    def __attrs_post_init__(self) -> None:
+        for fname, typ in (("syscalls", Syscalls), ("fs", Filesystem), ("net", Network),
+                           ("limits", Limits), ("namespaces", Namespaces)):
+            if not isinstance(getattr(self, fname), typ):
+                raise PolicyError(fname, getattr(self, fname), f"a zviz.{typ.__name__}")
+        if self.net.mode == "loopback" and not self.namespaces.net:
+            # loopback means a private loopback: that needs the network namespace.
+            object.__setattr__(self, "namespaces", attrs.evolve(self.namespaces, net=True))
+        if self.net.mode == "allow" and self.namespaces.net:
+            raise PolicyError("namespaces.net", True,
+                              "false with net.mode = 'allow' (connections are made in the host's network)")
+        if self.net.mode == "loopback" and not self.namespaces.user and os.geteuid() != 0:
+            raise PolicyError("net.mode", "loopback", "namespaces.user = true (a private loopback needs it)")
+        if not isinstance(self.name, str):
+            raise PolicyError("name", self.name, "a string")
+
+    # ---- presets
+
+    @classmethod
+    def python(cls, **overrides: Any) -> Policy:
+        """Enough for CPython and its standard library, nothing more: the system
+        read-only, the workdir read-write, no network, a clean environment."""
+        base = dict(
+            name="python",
+            syscalls=Syscalls(allow=("@python",)),
+            fs=Filesystem(read_only=_existing(_PYTHON_RO)),
+            env={"PATH": DEFAULT_PATH, "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"},
+        )
+        base.update(overrides)
+        return cls(**base)
+
+    @classmethod
+    def shell(cls, **overrides: Any) -> Policy:
+        """Ordinary programs: a shell and its subprocesses, coreutils, Python,
+        compiled binaries; the system read-only, the workdir read-write."""
+        base = dict(
+            name="shell",
+            syscalls=Syscalls(allow=("@shell",)),
+            fs=Filesystem(read_only=_existing(_PYTHON_RO)),
+            env={"PATH": DEFAULT_PATH, "LANG": "C.UTF-8"},
+        )
+        base.update(overrides)
+        return cls(**base)
+
+    @classmethod
+    def preset(cls, name: str) -> Policy:
+        presets = {"python": cls.python, "shell": cls.shell}
+        if name not in presets:
+            raise PolicyError("preset", name, "one of " + ", ".join(presets))
+        return presets[name]()
+
+    # ---- variants
+
+    def with_paths(self, read_only: Iterable[str] = (), read_write: Iterable[str] = ()) -> Policy:
+        fs = attrs.evolve(
+            self.fs,
+            read_only=self.fs.read_only + tuple(read_only),
+            read_write=self.fs.read_write + tuple(read_write),
+        )
+        return attrs.evolve(self, fs=fs)
+
+    def env_dict(self) -> dict[str, str]:
+        return dict(self.env)
+
+    # ---- TOML
+
+    @classmethod
+    def from_toml(cls, text: str) -> Policy:
+        """Parse a policy from TOML text (see docs/policy.md for the format)."""
+        if not isinstance(text, str):
+            raise PolicyError("toml", type(text).__name__, "TOML text (str)")
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise PolicyError("toml", str(e), "valid TOML") from None
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Policy:
+        if not isinstance(data, Mapping):
+            raise PolicyError("policy", data, "a table")
+        known = {"name", "preset", "syscalls", "fs", "net", "limits", "env", "namespaces"}
+        for key in data:
+            if key not in known:
+                raise PolicyError(key, data[key], "one of the sections " + ", ".join(sorted(known)))
+        base = cls.preset(data["preset"]) if "preset" in data else cls()
+        kw: dict[str, Any] = {}
+
+        def section(name: str, typ: type, current: Any) -> Any:
+            sec = data.get(name)
+            if sec is None:
+                return current
+            if not isinstance(sec, Mapping):
+                raise PolicyError(name, sec, "a table")
+            names = {f.name for f in attrs.fields(typ)}
+            for k in sec:
+                if k not in names:
+                    raise PolicyError(f"{name}.{k}", sec[k], "one of " + ", ".join(sorted(names)))
+            try:
+                return attrs.evolve(current, **sec)
+            except PolicyError:
+                raise
+            except (TypeError, ValueError) as e:
+                raise PolicyError(name, dict(sec), f"valid values ({e})") from None
+
+        kw["syscalls"] = section("syscalls", Syscalls, base.syscalls)
+        kw["fs"] = section("fs", Filesystem, base.fs)
+        kw["net"] = section("net", Network, base.net)
+        kw["limits"] = section("limits", Limits, base.limits)
+        kw["namespaces"] = section("namespaces", Namespaces, base.namespaces)
+        if "env" in data:
+            kw["env"] = data["env"]
+        else:
+            kw["env"] = base.env
+        kw["name"] = data.get("name", base.name)
+        return cls(**kw)
+
+    def to_dict(self) -> dict[str, Any]:
+        lim = {k: v for k, v in attrs.asdict(self.limits).items() if v is not None}
+        return {
+            "name": self.name,
+            "syscalls": {"allow": list(self.syscalls.allow), "allow_dangerous": self.syscalls.allow_dangerous},
+            "fs": {"read_only": list(self.fs.read_only), "read_write": list(self.fs.read_write),
+                   "hide": list(self.fs.hide)},
+            "net": {"mode": self.net.mode, "allow": [str(e) for e in self.net.allow]},
+            "limits": lim | {k: False for k, v in attrs.asdict(self.limits).items() if v is None},
+            "env": dict(self.env),
+            "namespaces": attrs.asdict(self.namespaces),
+        }
+
+    def to_toml(self) -> str:
+        import tomli_w
+
+        d = self.to_dict()
+        # TOML has no null: a disabled limit is written as `false` and read back as None.
+        return tomli_w.dumps(d)
+
+
+SYSCALL_GROUPS = {k: tuple(sorted(v)) for k, v in _syscalls.GROUPS.items()}

@@ -1,0 +1,182 @@
+"""What this host supports -> `KernelFeatures` (probed once per process).
+
+Probes act (they try the real thing in a throwaway child) rather than read
+version numbers: a sysctl, an LSM or a container runtime can forbid what the
+kernel version says exists.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import os
+import shutil
+import sys
+
+import attrs
+
+from . import _kernel
+
+
+@attrs.frozen(kw_only=True)
+class KernelFeatures:
+    kernel: str
+    landlock_abi: int  # 0: none
+    landlock_reason: str
+    userns: bool
+    userns_reason: str
+    seccomp_notify: bool
+    seccomp_addfd: bool
+    sync_wakeup: bool
+    wait_killable_recv: bool
+    pidfd: bool
+    cgroup_v2: str | None  # a writable cgroup v2 directory zviz may use, or None
+    cgroup_reason: str
+    is_root: bool
+
+    def missing(self) -> list[tuple[str, str, str]]:
+        """(feature, consequence, fix) for each missing piece."""
+        out = []
+        if self.landlock_abi <= 0:
+            out.append(("landlock", "no in-kernel path and TCP-port rules: the filesystem is "
+                        "protected only by the mount namespace and file permissions",
+                        "boot a kernel >= 5.13 with CONFIG_SECURITY_LANDLOCK=y and 'landlock' in lsm="))
+        elif self.landlock_abi < 4:
+            out.append(("landlock-net", "no TCP port rules (Landlock ABI < 4)", "kernel >= 6.7"))
+        elif self.landlock_abi < 6:
+            out.append(("landlock-scope", "abstract unix sockets and signals are not scoped "
+                        "(Landlock ABI < 6)", "kernel >= 6.12"))
+        if not self.userns:
+            out.append(("user namespaces", "sandboxes run without namespaces: they see the host's "
+                        "processes and /tmp (" + self.userns_reason + ")",
+                        "sysctl kernel.unprivileged_userns_clone=1 / user.max_user_namespaces>0, or "
+                        "an AppArmor profile allowing userns (Ubuntu 24.04)"))
+        if not self.seccomp_notify:
+            out.append(("seccomp user notification", "denials cannot be reported and net.mode "
+                        "= 'allow' is unavailable", "kernel >= 5.5"))
+        if not self.sync_wakeup:
+            out.append(("SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP", "answered calls are ~4x slower",
+                        "kernel >= 6.6"))
+        if self.cgroup_v2 is None:
+            out.append(("cgroup v2", "memory/pids/cpu limits come from rlimits only (" +
+                        self.cgroup_reason + ")", "a unified cgroup hierarchy with a delegated, "
+                        "writable subtree (systemd-run --user --scope -p Delegate=yes)"))
+        return out
+
+
+def _probe_userns() -> tuple[bool, str]:
+    if os.environ.get("ZVIZ_TEST_NO_USERNS") == "1":
+        # Test hook: simulates a host that forbids user namespaces (see tests).
+        return False, "disabled by ZVIZ_TEST_NO_USERNS=1"
+    null = _kernel.open_devnull()
+    try:
+        uid, gid = os.geteuid(), os.getegid()
+        spec = _base_spec(null.fd)
+        spec.update(clone_flags=_kernel.CLONE_NEWUSER,
+                    uid_map=f"0 {uid} 1\n".encode(), gid_map=f"0 {gid} 1\n".encode(),
+                    deny_setgroups=uid != 0)
+        try:
+            sp = _kernel.spawn(spec, paths=(), rlimit_names=())
+        except OSError as e:
+            return False, f"creating a user namespace failed: {errno.errorcode.get(e.errno, e.errno)} ({e})"
+        os.waitpid(sp.pid, 0)
+        sp.pidfd.close()
+        return True, "ok"
+    finally:
+        null.close()
+
+
+def _base_spec(fd: int) -> dict:
+    return dict(
+        argv=[b"/bin/true"], envp=[], exe=b"/bin/true", cwd=b"/", stdin=fd, stdout=fd, stderr=fd,
+        clone_flags=0, uid_map=None, gid_map=None, deny_setgroups=False, mount_ns=False,
+        mount_proc=False, hide=[], rebind=None, mkdir=[], loopback_up=False, setsid=False, creds_late=False,
+        drop_groups=False, hostname=None, uid=-1, gid=-1, rlimits=[], landlock_abi=0, ll_fs=0,
+        ll_net=0, ll_scoped=0, ll_paths=[], ll_ports=[], bpf=b"", seccomp_flags=0, pdeathsig=0,
+    )
+
+
+def _probe_cgroup() -> tuple[str | None, str]:
+    # zviz uses cgroup v2 only where a delegated subtree is writable and has the
+    # memory and pids controllers enabled for its children.
+    base = os.environ.get("ZVIZ_CGROUP")
+    candidates = [base] if base else []
+    try:
+        with open("/proc/self/cgroup") as f:
+            for line in f:
+                if line.startswith("0::"):
+                    rel = line.strip()[3:]
+                    for root in ("/sys/fs/cgroup", "/sys/fs/cgroup/unified"):
+                        candidates.append(os.path.join(root, rel.lstrip("/")))
+    except OSError:
+        return None, "cannot read /proc/self/cgroup"
+    for c in candidates:
+        try:
+            with open(os.path.join(c, "cgroup.controllers")) as f:
+                ctrls = f.read().split()
+        except OSError:
+            continue
+        if "memory" in ctrls and "pids" in ctrls and os.access(c, os.W_OK):
+            return c, "ok"
+        return None, f"{c} has controllers {ctrls or 'none'} (hybrid hierarchy: memory and pids are on v1)"
+    return None, "no cgroup v2 hierarchy found for this process"
+
+
+@functools.cache
+def probe() -> KernelFeatures:
+    abi = _kernel.landlock_abi()
+    if abi > 0:
+        ll_reason = f"ABI {abi}"
+    elif abi == -errno.EOPNOTSUPP:
+        ll_reason = "built in but disabled at boot (add 'landlock' to the lsm= kernel parameter)"
+    else:
+        ll_reason = "not in this kernel (CONFIG_SECURITY_LANDLOCK)"
+    try:
+        _kernel.seccomp_notif_sizes()
+        notify = _kernel.seccomp_action_avail(_kernel.SECCOMP_RET_USER_NOTIF)
+    except OSError:
+        notify = False
+    release = os.uname().release
+    try:
+        major, minor = (int(x) for x in release.split(".")[:2])
+    except ValueError:
+        major, minor = 0, 0
+    userns, userns_reason = _probe_userns()
+    cg, cg_reason = _probe_cgroup()
+    return KernelFeatures(
+        kernel=release,
+        landlock_abi=max(abi, 0),
+        landlock_reason=ll_reason,
+        userns=userns,
+        userns_reason=userns_reason,
+        seccomp_notify=notify,
+        seccomp_addfd=notify and (major, minor) >= (5, 9),
+        sync_wakeup=notify and (major, minor) >= (6, 6),
+        wait_killable_recv=(major, minor) >= (5, 19),
+        pidfd=hasattr(os, "pidfd_open"),
+        cgroup_v2=cg,
+        cgroup_reason=cg_reason,
+        is_root=os.geteuid() == 0,
+    )
+
+
+def bcc_status() -> tuple[bool, str]:
+    """Whether the eBPF monitor could run here (without importing bcc)."""
+    if os.geteuid() != 0:
+        return False, "needs root"
+    import importlib.util
+
+    if importlib.util.find_spec("bcc") is None:
+        dist = "/usr/lib/python3/dist-packages"
+        if os.path.isdir(os.path.join(dist, "bcc")):
+            return True, f"python3-bpfcc found in {dist}"
+        return False, "bcc is not installed (apt-get install python3-bpfcc, or run ./scripts/setup-ebpf.sh)"
+    return True, "ok"
+
+
+def which(cmd: str, path: str) -> str | None:
+    return shutil.which(cmd, path=path)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    print(probe(), file=sys.stderr)

@@ -1,0 +1,646 @@
+"""open_sandbox, Sandbox, Process, results and statistics (the trio/anyio shell).
+
+Ownership: a Sandbox owns its workdir, its supervisor task, and every Process it
+started; a Process owns its pidfd, its seccomp listener (handed to the
+supervisor) and its pipe ends. Leaving `open_sandbox` by success, error or
+cancellation kills every process (SIGKILL to the pid-namespace init, which
+takes the whole tree with it), reaps it, closes every fd and removes the
+workdir, under a shielded cancel scope.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import resource
+import shutil
+import signal
+import socket
+import stat
+import tempfile
+import time
+import types
+import warnings
+from collections import Counter
+from collections.abc import AsyncIterator, Mapping, Sequence
+
+import anyio
+import attrs
+
+from . import _bpf, _kernel, _plan, _probe
+from ._errors import CommandNotFoundError, PolicyError, SandboxClosedError, SandboxSetupError, ZvizWarning
+from ._kernel import OwnedFd
+from ._policy import Policy
+from ._proxy import Collector, FdReceiveStream, FdSendStream, drain, feed_stdin
+from ._supervisor import DenialEvent, RunAccount, Supervisor
+
+# ---------------------------------------------------------------- records
+
+
+def _frozen_mapping(value: Mapping[str, int]) -> Mapping[str, int]:
+    return types.MappingProxyType(dict(sorted(value.items())))
+
+
+@attrs.frozen(kw_only=True)
+class RunResult:
+    """The outcome of `Sandbox.run` (or `Process.wait`)."""
+
+    argv: tuple[str, ...]
+    exit_code: int | None  # None when killed by a signal
+    signal: int | None  # the signal that killed it, if any
+    stdout: bytes
+    stderr: bytes
+    timed_out: bool
+    truncated: bool  # stdout or stderr went over limits.output
+    wall_s: float
+    cpu_s: float  # user + system, the whole reaped tree
+    peak_rss: int  # bytes, largest single process of the tree
+    denials: Mapping[str, int] = attrs.field(converter=_frozen_mapping, eq=False)
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0 and not self.timed_out
+
+    @property
+    def status(self) -> int:
+        """A shell-style status: the exit code, 128+N when killed by signal N,
+        124 on timeout."""
+        if self.timed_out:
+            return 124
+        if self.signal is not None:
+            return 128 + self.signal
+        return self.exit_code if self.exit_code is not None else 1
+
+    def to_json(self) -> dict:
+        return {
+            "argv": list(self.argv), "exit_code": self.exit_code, "signal": self.signal,
+            "status": self.status,
+            "stdout": self.stdout.decode("utf-8", "replace"), "stderr": self.stderr.decode("utf-8", "replace"),
+            "timed_out": self.timed_out, "truncated": self.truncated, "wall_s": round(self.wall_s, 6),
+            "cpu_s": round(self.cpu_s, 6), "peak_rss": self.peak_rss, "denials": dict(self.denials),
+        }
+
+
+@attrs.frozen(kw_only=True)
+class SandboxStatistics:
+    """A snapshot of one sandbox (`Sandbox.statistics()`)."""
+
+    processes_started: int
+    processes_running: int
+    denials: Mapping[str, int] = attrs.field(converter=_frozen_mapping, eq=False)
+    denials_total: int
+    notifications: int
+    connects: int
+    timeouts: int
+    bytes_stdin: int
+    bytes_stdout: int
+    bytes_stderr: int
+    cpu_s: float
+    peak_rss: int
+    spawn_s_total: float
+    degraded: tuple[str, ...]
+    syscalls: Mapping[str, int] | None = attrs.field(default=None, eq=False)  # eBPF monitor only
+
+
+# ---------------------------------------------------------------- Process
+
+
+class Process:
+    """A command running in a sandbox. Made by `Sandbox.start`; no public
+    constructor. `stdin`/`stdout`/`stderr` are streams (None when captured or
+    not piped)."""
+
+    def __init__(self, sandbox: Sandbox, argv: tuple[str, ...], spawned: _kernel.Spawned,
+                 account: RunAccount, stdin: FdSendStream | None, stdout: FdReceiveStream | None,
+                 stderr: FdReceiveStream | None, listener_done: anyio.Event | None, started: float) -> None:
+        self._sandbox = sandbox
+        self.argv = argv
+        self.pid = spawned.pid
+        self._pidfd = spawned.pidfd
+        self._account = account
+        self.stdin = stdin
+        self.stdout = stdout
+        self.stderr = stderr
+        self._listener_done = listener_done
+        self._started = started
+        self._status: int | None = None
+        self._rusage: resource.struct_rusage | None = None
+        self._ended: float | None = None
+        self.timed_out = False
+
+    def __repr__(self) -> str:
+        state = "running" if self._status is None else f"exited status={self._status}"
+        return f"<zviz.Process pid={self.pid} argv={list(self.argv)!r} {state}>"
+
+    @property
+    def returncode(self) -> int | None:
+        """Like subprocess: exit code, -N when killed by signal N, None while running."""
+        if self._status is None:
+            return None
+        if os.WIFSIGNALED(self._status):
+            return -os.WTERMSIG(self._status)
+        return os.WEXITSTATUS(self._status)
+
+    @property
+    def denials(self) -> Mapping[str, int]:
+        return types.MappingProxyType(dict(self._account.denials))
+
+    def kill(self) -> None:
+        """SIGKILL the command and everything it started (its pid namespace)."""
+        if self._status is None:
+            _kernel.pidfd_kill(self._pidfd)
+            self._kill_group()
+
+    def _kill_group(self) -> None:
+        # Without a pid namespace the tree is the process group (setsid in the
+        # stage). The group id is our unreaped child's pid: it cannot be reused.
+        if self._status is None or not self._pidfd.closed:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, signal.SIGKILL)
+
+    async def wait(self) -> int:
+        """Wait for exit; returns `returncode`."""
+        if self._status is None:
+            await anyio.wait_readable(self._pidfd.fd)
+            self._reap()
+        assert self._status is not None
+        return self.returncode  # type: ignore[return-value]
+
+    def _reap(self) -> None:
+        if self._status is not None:
+            return
+        # Everything else in its process group goes too (no-op with a pid ns).
+        self._kill_group()
+        try:
+            _pid, status, ru = os.wait4(self.pid, 0)
+        except ChildProcessError:  # reaped by someone else (waitpid(-1) in the host program)
+            status, ru = 0x7F00, None
+        self._status = status
+        self._rusage = ru
+        self._ended = time.monotonic()
+        if not self._pidfd.closed:
+            anyio.notify_closing(self._pidfd.fd)
+        self._pidfd.close()
+        self._sandbox._process_ended(self)
+
+    @property
+    def cpu_s(self) -> float:
+        ru = self._rusage
+        return (ru.ru_utime + ru.ru_stime) if ru else 0.0
+
+    @property
+    def peak_rss(self) -> int:
+        return self._rusage.ru_maxrss * 1024 if self._rusage else 0
+
+    def _close_streams(self) -> None:
+        for s in (self.stdin, self.stdout, self.stderr):
+            if s is not None:
+                s.close()
+
+
+# ---------------------------------------------------------------- Sandbox
+
+
+_CAPTURE = object()
+
+
+class Sandbox:
+    """One sandbox: a workdir, a policy and a supervisor. Made by
+    `open_sandbox`; no public constructor."""
+
+    def __init__(self, policy: Policy, workdir: str, owns_workdir: bool, features: _probe.KernelFeatures) -> None:
+        self.policy = policy
+        self.workdir = workdir
+        self._owns_workdir = owns_workdir
+        self._features = features
+        self._closed = False
+        self._procs: set[Process] = set()
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._supervisor: Supervisor | None = None
+        self._events: list[DenialEvent] = []
+        self._event_added = anyio.Event()
+        self._started = 0
+        self._timeouts = 0
+        self._bytes = Counter()
+        self._cpu = 0.0
+        self._peak_rss = 0
+        self._spawn_s = 0.0
+        self._accounts: list[RunAccount] = []
+        self._host: _plan.Host | None = None
+        self._filter: bytes = b""
+        self._seccomp_flags = 0
+        self._degraded: tuple[str, ...] = ()
+        self._monitor = None
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"{len(self._procs)} running"
+        return f"<zviz.Sandbox {self.policy.name} workdir={self.workdir!r} {state}>"
+
+    # ---- setup (called by open_sandbox)
+
+    def _prepare(self) -> None:
+        f = self._features
+        names = set(self.policy.fs.read_only) | set(self.policy.fs.read_write) | set(self.policy.fs.hide)
+        names |= set(_plan.DEVICES) | {self.workdir}
+        is_dir = {}
+        for p in names:
+            try:
+                st = os.stat(p)
+            except OSError:
+                continue
+            is_dir[p] = stat.S_ISDIR(st.st_mode)
+        for field, paths in (("fs.read_only", self.policy.fs.read_only), ("fs.read_write", self.policy.fs.read_write)):
+            for p in paths:
+                if p not in is_dir:
+                    raise PolicyError(field, p, "a path that exists on this host")
+        hard = {name: resource.getrlimit(num)[1] for name, num in _plan.RLIMIT.items()}
+        hard = {k: (_plan.INFINITY if v == resource.RLIM_INFINITY else v) for k, v in hard.items()}
+        self._host = _plan.Host(features=f, euid=os.geteuid(), egid=os.getegid(), is_dir=is_dir, rlimit_hard=hard)
+        notify = f.seccomp_notify
+        self._filter = _bpf.compile_filter(_bpf.FilterSpec(
+            allow=self.policy.syscalls.names(), net_mode=self.policy.net.mode, notify=notify))
+        self._seccomp_flags = 0
+        if notify:
+            self._seccomp_flags |= _kernel.SECCOMP_FILTER_FLAG_NEW_LISTENER
+            if f.wait_killable_recv:
+                self._seccomp_flags |= _kernel.SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV
+        elif self.policy.net.mode == "allow":
+            raise PolicyError("net.mode", "allow", "a kernel with seccomp user notification (>= 5.5)")
+        # A dry plan now: reports degraded layers once, and fails early.
+        probe_plan = _plan.plan_spawn(self.policy, self._host, argv=("true",), exe="/bin/true", workdir=self.workdir)
+        self._degraded = probe_plan.degraded
+        if probe_plan.degraded:
+            warnings.warn("zviz sandbox runs degraded: " + "; ".join(probe_plan.degraded), ZvizWarning, stacklevel=4)
+        if self._owns_workdir and probe_plan.host_uid != os.geteuid():
+            os.chown(self.workdir, probe_plan.host_uid, probe_plan.host_gid)
+
+    def _resolve_endpoints(self) -> frozenset[tuple[str, int]]:
+        out = set()
+        for e in self.policy.net.allow:
+            if e.is_ip():
+                import ipaddress
+
+                ip = ipaddress.ip_address(e.host)
+                out.add((str(ip.ipv4_mapped) if getattr(ip, "ipv4_mapped", None) else str(ip), e.port))
+                continue
+            try:
+                infos = socket.getaddrinfo(e.host, e.port, type=socket.SOCK_STREAM)
+            except socket.gaierror as err:
+                raise PolicyError("net.allow", str(e), f"a resolvable host ({err})") from None
+            for info in infos:
+                out.add((info[4][0], e.port))
+        return frozenset(out)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise SandboxClosedError("this sandbox is closed: use it inside its `async with open_sandbox(...)` block")
+
+    # ---- running commands
+
+    def _resolve(self, argv: Sequence[str], env: Mapping[str, str]) -> str:
+        cmd = argv[0]
+        if "/" in cmd:
+            path = cmd if os.path.isabs(cmd) else os.path.join(self.workdir, cmd)
+            if not os.path.exists(path):
+                raise CommandNotFoundError(cmd, env.get("PATH", ""))
+            return path
+        found = shutil.which(cmd, path=env.get("PATH", ""))
+        if not found:
+            raise CommandNotFoundError(cmd, env.get("PATH", ""))
+        return found
+
+    async def start(self, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
+                    stdin: bool = True, stdout: bool = True, stderr: bool = True) -> Process:
+        """Start a command with streaming stdio (`Process.stdin/stdout/stderr`).
+        Streams you do not ask for are /dev/null."""
+        return await self._start(argv, env=env, stdin=stdin, stdout=stdout, stderr=stderr)
+
+    async def _start(self, argv: Sequence[str], *, env: Mapping[str, str] | None, stdin: object,
+                     stdout: object, stderr: object) -> Process:
+        self._check_open()
+        argv = tuple(argv)
+        if not argv or not all(isinstance(a, str) for a in argv):
+            raise PolicyError("argv", argv, "a non-empty sequence of strings")
+        if any("\0" in a for a in argv):
+            raise PolicyError("argv", argv, "strings without NUL bytes")
+        if env and any(not isinstance(k, str) or not isinstance(v, str) or "=" in k or "\0" in k + v
+                       for k, v in env.items()):
+            raise PolicyError("env", dict(env), "NAME -> value strings without '=' in names or NUL")
+        assert self._host is not None and self._supervisor is not None
+        merged = dict(self.policy.env)
+        merged.update(env or {})
+        exe = self._resolve(argv, merged)
+        plan = _plan.plan_spawn(self.policy, self._host, argv=argv, exe=exe, workdir=self.workdir, extra_env=env)
+
+        with contextlib.ExitStack() as stack:
+            devnull = stack.enter_context(contextlib.closing(_kernel.open_devnull()))
+            child_ends: list[int] = []
+            ours: list[OwnedFd | None] = []
+            for want, is_input, label in ((stdin, True, "stdin"), (stdout, False, "stdout"), (stderr, False, "stderr")):
+                if want:
+                    r, w = _kernel.pipe(label)
+                    child, mine = (r, w) if is_input else (w, r)
+                    stack.callback(mine.close)  # closed on failure; detached on success below
+                    stack.callback(child.close)  # always: the child has its copy after spawn
+                    child_end = _kernel.dup_above_stdio(child.fd, label + "-child")
+                    stack.callback(child_end.close)
+                    child_ends.append(child_end.fd)
+                    ours.append(mine)
+                else:
+                    child_ends.append(devnull.fd)
+                    ours.append(None)
+            spec = plan.to_spec(stdin=child_ends[0], stdout=child_ends[1], stderr=child_ends[2],
+                                bpf=self._filter, seccomp_flags=self._seccomp_flags)
+            t0 = time.monotonic()
+            spawned = _kernel.spawn(spec, paths=tuple(p for p, _ in plan.landlock.paths) if plan.landlock else (),
+                                    rlimit_names=tuple(n for n, _, _ in plan.rlimits))
+            self._spawn_s += time.monotonic() - t0
+            # Success: from here on the fds belong to the Process.
+            streams = []
+            for mine, is_input in zip(ours, (True, False, False)):
+                if mine is None:
+                    streams.append(None)
+                    continue
+                owned = OwnedFd(mine.detach(), mine.label)
+                streams.append(FdSendStream(owned) if is_input else FdReceiveStream(owned))
+        account = RunAccount(command=argv[0])
+        self._accounts.append(account)
+        done = None
+        if spawned.listener is not None:
+            done = self._supervisor.attach(spawned.listener, spawned.pidfd, account)
+        proc = Process(self, argv, spawned, account, streams[0], streams[1], streams[2], done, t0)
+        self._procs.add(proc)
+        self._started += 1
+        if self._monitor is not None:
+            self._monitor.track(proc.pid, self)
+        return proc
+
+    def _process_ended(self, proc: Process) -> None:
+        self._procs.discard(proc)
+        self._cpu += proc.cpu_s
+        self._peak_rss = max(self._peak_rss, proc.peak_rss)
+        if proc.timed_out:
+            self._timeouts += 1
+
+    async def run(self, argv: Sequence[str], *, stdin: bytes | None = b"", timeout: float | None = None,
+                  env: Mapping[str, str] | None = None) -> RunResult:
+        """Run a command to completion and capture its output (capped by
+        `limits.output`). `timeout` defaults to the policy's `limits.wall_s`."""
+        if stdin is not None and not isinstance(stdin, (bytes, bytearray, memoryview)):
+            raise TypeError("stdin must be bytes or None")
+        if timeout is None:
+            timeout = self.policy.limits.wall_s
+        elif not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not timeout > 0:
+            raise PolicyError("timeout", timeout, "a positive number of seconds")
+        proc = await self._start(argv, env=env, stdin=bool(stdin), stdout=True, stderr=True)
+        cap = self.policy.limits.output
+        out, err = Collector(cap), Collector(cap)
+        drained = [anyio.Event(), anyio.Event()]
+
+        async def drain_then_set(stream: FdReceiveStream, into: Collector, done: anyio.Event) -> None:
+            try:
+                await drain(stream, into)
+            finally:
+                done.set()
+
+        try:
+            async with anyio.create_task_group() as tg:
+                if proc.stdin is not None:
+                    tg.start_soon(feed_stdin, proc.stdin, bytes(stdin or b""))
+                assert proc.stdout is not None and proc.stderr is not None
+                tg.start_soon(drain_then_set, proc.stdout, out, drained[0])
+                tg.start_soon(drain_then_set, proc.stderr, err, drained[1])
+                with anyio.move_on_after(timeout if timeout is not None else float("inf")) as scope:
+                    await proc.wait()
+                if scope.cancelled_caught:
+                    proc.timed_out = True
+                    proc.kill()
+                    with anyio.CancelScope(shield=True):
+                        await proc.wait()
+                # Output still in the pipes is read to EOF. With a pid namespace
+                # every writer is dead by now; without one, a descendant that
+                # left the process group could hold a pipe: it gets 2 s.
+                with anyio.move_on_after(2.0):
+                    for ev in drained:
+                        await ev.wait()
+                tg.cancel_scope.cancel()  # the stdin feeder, a stuck drain
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._finish(proc)
+        self._bytes["stdout"] += out.total
+        self._bytes["stderr"] += err.total
+        if proc.stdin is not None:
+            self._bytes["stdin"] += proc.stdin.bytes_sent
+        status = proc._status or 0
+        return RunResult(
+            argv=proc.argv,
+            exit_code=os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
+            signal=os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
+            stdout=out.value(), stderr=err.value(), timed_out=proc.timed_out,
+            truncated=out.truncated or err.truncated,
+            wall_s=(proc._ended or time.monotonic()) - proc._started,
+            cpu_s=proc.cpu_s, peak_rss=proc.peak_rss, denials=dict(proc._account.denials),
+        )
+
+    async def _finish(self, proc: Process) -> None:
+        """Kill if still running, reap, let the supervisor drain, close streams."""
+        if proc._status is None:
+            proc.kill()
+            await proc.wait()
+        if proc._listener_done is not None:
+            # The listener hangs up once no task of its filter is left; the
+            # supervisor answers what is pending first.
+            with anyio.move_on_after(1.0):
+                await proc._listener_done.wait()
+        proc._close_streams()
+
+    # ---- files
+
+    def _open_beneath(self, relpath: str, flags: int, mode: int = 0o644) -> int:
+        """Open `relpath` beneath the workdir without following any symlink (the
+        sandboxed code controls the workdir and may plant one)."""
+        if not isinstance(relpath, str) or not relpath or "\0" in relpath:
+            raise PolicyError("path", relpath, "a relative path inside the workdir")
+        parts = [p for p in relpath.split("/") if p not in ("", ".")]
+        if relpath.startswith("/") or not parts or ".." in parts:
+            raise PolicyError("path", relpath, "a relative path inside the workdir, without '..'")
+        dirfd = os.open(self.workdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for part in parts[:-1]:
+                if flags & os.O_CREAT:
+                    with contextlib.suppress(FileExistsError):
+                        os.mkdir(part, 0o755, dir_fd=dirfd)
+                nxt = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+                os.close(dirfd)
+                dirfd = nxt
+            return os.open(parts[-1], flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, mode, dir_fd=dirfd)
+        finally:
+            os.close(dirfd)
+
+    async def write_file(self, relpath: str, data: bytes) -> None:
+        """Write `data` to `relpath` in the workdir (parents created)."""
+        self._check_open()
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError("data must be bytes")
+        fd = self._open_beneath(relpath, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise SandboxSetupError("write-file", errno.EINVAL, relpath, "not a regular file")
+            os.set_blocking(fd, True)
+            view = memoryview(bytes(data))
+            while view:
+                view = view[os.write(fd, view):]
+            uid = self._host_uid()
+            if uid != os.geteuid():
+                os.fchown(fd, uid, uid)
+        finally:
+            os.close(fd)
+        await anyio.lowlevel.checkpoint()
+
+    async def read_file(self, relpath: str, *, max_bytes: int = 64 * 1024**2) -> bytes:
+        """Read `relpath` from the workdir (a regular file, at most `max_bytes`)."""
+        self._check_open()
+        fd = self._open_beneath(relpath, os.O_RDONLY)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise SandboxSetupError("read-file", errno.EINVAL, relpath, "not a regular file")
+            if st.st_size > max_bytes:
+                raise SandboxSetupError("read-file", errno.EFBIG, relpath, f"larger than max_bytes={max_bytes}")
+            os.set_blocking(fd, True)
+            chunks, total = [], 0
+            while total <= max_bytes:
+                b = os.read(fd, 1 << 20)
+                if not b:
+                    break
+                chunks.append(b)
+                total += len(b)
+        finally:
+            os.close(fd)
+        await anyio.lowlevel.checkpoint()
+        return b"".join(chunks)[:max_bytes]
+
+    def _host_uid(self) -> int:
+        if os.geteuid() == 0:
+            return _plan.NOBODY  # root's sandboxes run as nobody, with or without a user namespace
+        return os.geteuid()
+
+    # ---- observation
+
+    def statistics(self) -> SandboxStatistics:
+        denials: Counter = Counter()
+        notifications = connects = 0
+        for a in self._accounts:
+            denials.update(a.denials)
+            notifications += a.notifications
+            connects += a.connects
+        syscalls = self._monitor.syscalls_for(self) if self._monitor is not None else None
+        return SandboxStatistics(
+            processes_started=self._started, processes_running=len(self._procs),
+            denials=dict(denials), denials_total=sum(denials.values()), notifications=notifications,
+            connects=connects, timeouts=self._timeouts, bytes_stdin=self._bytes["stdin"],
+            bytes_stdout=self._bytes["stdout"], bytes_stderr=self._bytes["stderr"],
+            cpu_s=self._cpu, peak_rss=self._peak_rss, spawn_s_total=self._spawn_s,
+            degraded=self._degraded, syscalls=syscalls,
+        )
+
+    def _add_event(self, event: DenialEvent) -> None:
+        self._events.append(event)
+        if len(self._events) > 10_000:  # bounded: keep the newest
+            del self._events[: len(self._events) - 10_000]
+        ev, self._event_added = self._event_added, anyio.Event()
+        ev.set()
+
+    async def events(self) -> AsyncIterator[DenialEvent]:
+        """Every denial so far, then new ones as they happen, until the sandbox closes."""
+        i = 0
+        while True:
+            while i < len(self._events):
+                yield self._events[i]
+                i += 1
+            if self._closed:
+                return
+            await self._event_added.wait()
+
+    def events_so_far(self) -> tuple[DenialEvent, ...]:
+        return tuple(self._events)
+
+    # ---- teardown
+
+    async def _aclose(self) -> None:
+        """Kill and reap everything, close every fd. Shielded by the caller."""
+        self._closed = True
+        procs = list(self._procs)
+        for p in procs:
+            p.kill()
+        for p in procs:
+            if p._status is None:
+                await p.wait()
+            p._close_streams()
+        ev, self._event_added = self._event_added, anyio.Event()
+        ev.set()
+
+
+@contextlib.asynccontextmanager
+async def open_sandbox(policy: Policy | None = None, *, workdir: str | os.PathLike | None = None,
+                       keep_workdir: bool = False, monitor: bool | object = False) -> AsyncIterator[Sandbox]:
+    """Open a sandbox: `async with zviz.open_sandbox(zviz.Policy.python()) as sb:`.
+
+    workdir: a directory to use as the sandbox's read-write workdir (kept on
+    exit); by default a fresh temp dir, removed on exit unless `keep_workdir`.
+    monitor: True to attach an eBPF monitor (root and bcc; see zviz.ebpf), or a
+    shared monitor from `zviz.ebpf.open_monitor()`.
+    """
+    if policy is None:
+        policy = Policy.shell()
+    if not isinstance(policy, Policy):
+        raise PolicyError("policy", policy, "a zviz.Policy")
+    features = _probe.probe()
+    owns = workdir is None
+    if owns:
+        path = tempfile.mkdtemp(prefix="zviz-")
+    else:
+        path = os.path.realpath(os.fspath(workdir))
+        if not os.path.isdir(path):
+            raise PolicyError("workdir", os.fspath(workdir), "an existing directory")
+    sb = Sandbox(policy, path, owns, features)
+    try:
+        sb._prepare()
+        async with contextlib.AsyncExitStack() as stack:
+            if monitor:
+                from .ebpf import _attach_monitor
+
+                await stack.enter_async_context(_attach_monitor(sb, monitor))
+            async with anyio.create_task_group() as tg:
+                sb._tg = tg
+                sup = Supervisor(allowed_endpoints=sb._resolve_endpoints(),
+                                 net_allow=policy.net.mode == "allow", on_event=sb._add_event)
+                sb._supervisor = await tg.start(sup.run)
+                try:
+                    yield sb
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        await sb._aclose()
+                    tg.cancel_scope.cancel()
+    finally:
+        sb._closed = True
+        if owns and not keep_workdir:
+            _rmtree(path)
+
+
+def _rmtree(path: str) -> None:
+    """Remove a workdir the sandbox may have made hostile (read-only dirs...)."""
+    def onerror(func, p, exc):  # type: ignore[no-untyped-def]
+        with contextlib.suppress(OSError):
+            os.chmod(os.path.dirname(p), 0o700)
+            os.chmod(p, 0o700) if not os.path.islink(p) else None
+        with contextlib.suppress(OSError):
+            if os.path.isdir(p) and not os.path.islink(p):
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                os.unlink(p)
+
+    shutil.rmtree(path, onerror=onerror)
+    if os.path.exists(path):
+        shutil.rmtree(path, ignore_errors=True)
