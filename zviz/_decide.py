@@ -137,7 +137,14 @@ def decide(nr: int, arch: int, args: Sequence[int], *, net_allow: bool) -> Answe
         return ReadSockaddr(addr=args[1], size=addrlen)
     if name in _syscalls.DANGEROUS:
         return Deny(errno.EPERM)
+    if name == "socket":
+        return Deny(errno.EACCES)  # a family the network policy does not grant
+    if name in _NETWORK:
+        return Deny(errno.EACCES)
     return Deny(errno.ENOSYS)
+
+
+_NETWORK = frozenset({"connect", "bind", "sendto", "sendmsg", "sendmmsg"})
 
 
 def parse_sockaddr(data: bytes) -> tuple[int, str, int] | None:

@@ -129,6 +129,48 @@ CLONE_NEWNET = 0x40000000
 CLONE_NEWCGROUP = 0x02000000
 
 
+INIT_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_zviz_init")
+STATUS_FD = 3  # where the C stage puts the init's status pipe
+_STATUS = struct.Struct("=Ii" + "qq" "qq" + "14q")  # magic, wstatus, struct rusage
+STATUS_MAGIC = 0x7A76697A
+
+
+def open_init() -> OwnedFd:
+    """An O_PATH fd of zviz-init: the stage execs it by fd, so it runs even
+    where its directory is hidden or outside the policy's paths."""
+    try:
+        return OwnedFd(os.open(INIT_PATH, os.O_PATH | os.O_CLOEXEC), "zviz-init")
+    except FileNotFoundError:
+        from ._errors import FeatureUnavailable
+
+        raise FeatureUnavailable(
+            "zviz-init", f"{INIT_PATH} is missing (the package was not built)",
+            "reinstall zviz with a C compiler available: pip install -e . (or pip install zviz)") from None
+
+
+@attrs.frozen
+class InitStatus:
+    wstatus: int
+    utime: float
+    stime: float
+    maxrss_kb: int
+
+
+def read_init_status(fd: OwnedFd) -> InitStatus | None:
+    """The main program's wait status and usage, as zviz-init reported it
+    (None if init was killed before it could)."""
+    try:
+        data = os.read(fd.fd, _STATUS.size)
+    except (BlockingIOError, OSError):
+        return None
+    if len(data) != _STATUS.size:
+        return None
+    magic, ws, us, uus, ss, sus, maxrss, *_ = _STATUS.unpack(data)
+    if magic != STATUS_MAGIC:
+        return None
+    return InitStatus(wstatus=ws, utime=us + uus / 1e6, stime=ss + sus / 1e6, maxrss_kb=maxrss)
+
+
 @attrs.frozen
 class Spawned:
     pid: int

@@ -150,10 +150,18 @@ class SpawnPlan:
         out.append("seccomp allowlist, then execve " + self.exe)
         return out
 
-    def to_spec(self, *, stdin: int, stdout: int, stderr: int, bpf: bytes, seccomp_flags: int) -> dict:
+    def to_spec(self, *, stdin: int, stdout: int, stderr: int, bpf: bytes, seccomp_flags: int,
+                init_fd: int = -1, status_fd: int = -1) -> dict:
+        """The C stage's input. With `init_fd`, zviz-init is exec'd (by fd) as
+        pid 1 and runs the program: argv becomes [zviz-init, 3, exe, argv...]."""
         ll = self.landlock
+        argv = [a.encode() for a in self.argv]
+        if init_fd >= 0:
+            argv = [b"zviz-init", str(_kernel.STATUS_FD).encode(), self.exe.encode()] + argv
         return dict(
-            argv=[a.encode() for a in self.argv],
+            argv=argv,
+            init_fd=init_fd,
+            status_fd=status_fd,
             envp=[f"{k}={v}".encode() for k, v in self.env],
             exe=self.exe.encode(),
             cwd=self.cwd.encode(),

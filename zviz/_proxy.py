@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable
 
 import anyio
 
@@ -92,10 +93,12 @@ class FdSendStream:
 
 
 class Collector:
-    """Keeps the first `limit` bytes of a stream, counts everything."""
+    """Keeps the first `limit` bytes of a stream, counts everything, and calls
+    `on_overflow` once when the limit is passed."""
 
-    def __init__(self, limit: int | None) -> None:
+    def __init__(self, limit: int | None, on_overflow: Callable[[], None] | None = None) -> None:
         self.limit = limit
+        self._on_overflow = on_overflow
         self.chunks: list[bytes] = []
         self.kept = 0
         self.total = 0
@@ -111,6 +114,9 @@ class Collector:
             part = data[:room]
             self.chunks.append(part)
             self.kept += len(part)
+        if self.total > self.limit and self._on_overflow is not None:
+            cb, self._on_overflow = self._on_overflow, None
+            cb()
 
     @property
     def truncated(self) -> bool:

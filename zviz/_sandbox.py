@@ -53,6 +53,7 @@ class RunResult:
     stderr: bytes
     timed_out: bool
     truncated: bool  # stdout or stderr went over limits.output
+    limit: str | None  # the limit that ended the command: "wall_s", "output", "cpu_s", or None
     wall_s: float
     cpu_s: float  # user + system, the whole reaped tree
     peak_rss: int  # bytes, largest single process of the tree
@@ -77,7 +78,7 @@ class RunResult:
             "argv": list(self.argv), "exit_code": self.exit_code, "signal": self.signal,
             "status": self.status,
             "stdout": self.stdout.decode("utf-8", "replace"), "stderr": self.stderr.decode("utf-8", "replace"),
-            "timed_out": self.timed_out, "truncated": self.truncated, "wall_s": round(self.wall_s, 6),
+            "timed_out": self.timed_out, "truncated": self.truncated, "limit": self.limit, "wall_s": round(self.wall_s, 6),
             "cpu_s": round(self.cpu_s, 6), "peak_rss": self.peak_rss, "denials": dict(self.denials),
         }
 
@@ -113,7 +114,8 @@ class Process:
 
     def __init__(self, sandbox: Sandbox, argv: tuple[str, ...], spawned: _kernel.Spawned,
                  account: RunAccount, stdin: FdSendStream | None, stdout: FdReceiveStream | None,
-                 stderr: FdReceiveStream | None, listener_done: anyio.Event | None, started: float) -> None:
+                 stderr: FdReceiveStream | None, listener_done: anyio.Event | None, started: float,
+                 status: OwnedFd) -> None:
         self._sandbox = sandbox
         self.argv = argv
         self.pid = spawned.pid
@@ -123,11 +125,14 @@ class Process:
         self.stdout = stdout
         self.stderr = stderr
         self._listener_done = listener_done
+        self._status_fd = status
         self._started = started
         self._status: int | None = None
-        self._rusage: resource.struct_rusage | None = None
+        self._cpu = 0.0
+        self._maxrss = 0
         self._ended: float | None = None
         self.timed_out = False
+        self.limit: str | None = None  # which policy limit ended it: wall_s, output
 
     def __repr__(self) -> str:
         state = "running" if self._status is None else f"exited status={self._status}"
@@ -176,8 +181,18 @@ class Process:
             _pid, status, ru = os.wait4(self.pid, 0)
         except ChildProcessError:  # reaped by someone else (waitpid(-1) in the host program)
             status, ru = 0x7F00, None
-        self._status = status
-        self._rusage = ru
+        # zviz-init (pid 1) reports the program's own status and usage; if init
+        # itself was killed (timeout, kill()), its status is the truth.
+        reported = _kernel.read_init_status(self._status_fd)
+        self._status_fd.close()
+        if reported is not None:
+            self._status = reported.wstatus
+            self._cpu = reported.utime + reported.stime
+            self._maxrss = reported.maxrss_kb * 1024
+        else:
+            self._status = status
+            self._cpu = (ru.ru_utime + ru.ru_stime) if ru else 0.0
+            self._maxrss = 0  # init's own figure would be the supervisor's (see _init.c)
         self._ended = time.monotonic()
         if not self._pidfd.closed:
             anyio.notify_closing(self._pidfd.fd)
@@ -186,17 +201,20 @@ class Process:
 
     @property
     def cpu_s(self) -> float:
-        ru = self._rusage
-        return (ru.ru_utime + ru.ru_stime) if ru else 0.0
+        """CPU seconds of the program and every descendant it reaped."""
+        return self._cpu
 
     @property
     def peak_rss(self) -> int:
-        return self._rusage.ru_maxrss * 1024 if self._rusage else 0
+        """Largest resident set (bytes) of the program or a reaped descendant;
+        0 when the program was killed before zviz-init could report it."""
+        return self._maxrss
 
     def _close_streams(self) -> None:
         for s in (self.stdin, self.stdout, self.stderr):
             if s is not None:
                 s.close()
+        self._status_fd.close()
 
 
 # ---------------------------------------------------------------- Sandbox
@@ -232,6 +250,7 @@ class Sandbox:
         self._seccomp_flags = 0
         self._degraded: tuple[str, ...] = ()
         self._monitor = None
+        self._init: OwnedFd | None = None
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"{len(self._procs)} running"
@@ -241,6 +260,7 @@ class Sandbox:
 
     def _prepare(self) -> None:
         f = self._features
+        self._init = _kernel.open_init()
         names = set(self.policy.fs.read_only) | set(self.policy.fs.read_write) | set(self.policy.fs.hide)
         names |= set(_plan.DEVICES) | {self.workdir}
         is_dir = {}
@@ -350,13 +370,22 @@ class Sandbox:
                 else:
                     child_ends.append(devnull.fd)
                     ours.append(None)
+            status_r, status_w = _kernel.pipe("init-status")
+            stack.callback(status_w.close)
+            stack.callback(status_r.close)
+            status_child = _kernel.dup_above_stdio(status_w.fd, "init-status-child")
+            stack.callback(status_child.close)
+            assert self._init is not None
             spec = plan.to_spec(stdin=child_ends[0], stdout=child_ends[1], stderr=child_ends[2],
-                                bpf=self._filter, seccomp_flags=self._seccomp_flags)
+                                bpf=self._filter, seccomp_flags=self._seccomp_flags,
+                                init_fd=self._init.fd, status_fd=status_child.fd)
             t0 = time.monotonic()
             spawned = _kernel.spawn(spec, paths=tuple(p for p, _ in plan.landlock.paths) if plan.landlock else (),
                                     rlimit_names=tuple(n for n, _, _ in plan.rlimits))
             self._spawn_s += time.monotonic() - t0
             # Success: from here on the fds belong to the Process.
+            status = OwnedFd(status_r.detach(), "init-status")
+            os.set_blocking(status.fd, False)
             streams = []
             for mine, is_input in zip(ours, (True, False, False)):
                 if mine is None:
@@ -369,7 +398,7 @@ class Sandbox:
         done = None
         if spawned.listener is not None:
             done = self._supervisor.attach(spawned.listener, spawned.pidfd, account)
-        proc = Process(self, argv, spawned, account, streams[0], streams[1], streams[2], done, t0)
+        proc = Process(self, argv, spawned, account, streams[0], streams[1], streams[2], done, t0, status)
         self._procs.add(proc)
         self._started += 1
         if self._monitor is not None:
@@ -395,7 +424,14 @@ class Sandbox:
             raise PolicyError("timeout", timeout, "a positive number of seconds")
         proc = await self._start(argv, env=env, stdin=bool(stdin), stdout=True, stderr=True)
         cap = self.policy.limits.output
-        out, err = Collector(cap), Collector(cap)
+
+        def over_output() -> None:
+            # Output past the limit cannot be delivered: stop the flood at its source.
+            if proc._status is None and proc.limit is None:
+                proc.limit = "output"
+                proc.kill()
+
+        out, err = Collector(cap, over_output), Collector(cap, over_output)
         drained = [anyio.Event(), anyio.Event()]
 
         async def drain_then_set(stream: FdReceiveStream, into: Collector, done: anyio.Event) -> None:
@@ -415,6 +451,7 @@ class Sandbox:
                     await proc.wait()
                 if scope.cancelled_caught:
                     proc.timed_out = True
+                    proc.limit = proc.limit or "wall_s"
                     proc.kill()
                     with anyio.CancelScope(shield=True):
                         await proc.wait()
@@ -438,6 +475,7 @@ class Sandbox:
             exit_code=os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
             signal=os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
             stdout=out.value(), stderr=err.value(), timed_out=proc.timed_out,
+            limit=proc.limit or _cpu_limit(status, proc.cpu_s, self.policy.limits.cpu_s),
             truncated=out.truncated or err.truncated,
             wall_s=(proc._ended or time.monotonic()) - proc._started,
             cpu_s=proc.cpu_s, peak_rss=proc.peak_rss, denials=dict(proc._account.denials),
@@ -580,6 +618,8 @@ class Sandbox:
             p._close_streams()
         ev, self._event_added = self._event_added, anyio.Event()
         ev.set()
+        if self._init is not None:
+            self._init.close()
 
 
 @contextlib.asynccontextmanager
@@ -605,6 +645,9 @@ async def open_sandbox(policy: Policy | None = None, *, workdir: str | os.PathLi
         if not os.path.isdir(path):
             raise PolicyError("workdir", os.fspath(workdir), "an existing directory")
     sb = Sandbox(policy, path, owns, features)
+    # The caller's exception is carried past our task group and re-raised as
+    # itself: a body that raises ValueError raises ValueError, not a group.
+    body_exc: BaseException | None = None
     try:
         sb._prepare()
         async with contextlib.AsyncExitStack() as stack:
@@ -619,14 +662,29 @@ async def open_sandbox(policy: Policy | None = None, *, workdir: str | os.PathLi
                 sb._supervisor = await tg.start(sup.run)
                 try:
                     yield sb
+                except BaseException as e:  # noqa: BLE001 - re-raised below, unwrapped
+                    body_exc = e
                 finally:
                     with anyio.CancelScope(shield=True):
                         await sb._aclose()
                     tg.cancel_scope.cancel()
+        if body_exc is not None:
+            raise body_exc
     finally:
+        body_exc = None  # no reference cycle through the traceback
         sb._closed = True
         if owns and not keep_workdir:
             _rmtree(path)
+
+
+def _cpu_limit(status: int, used: float, limit: float | None) -> str | None:
+    # RLIMIT_CPU: SIGXCPU at the soft limit, SIGKILL one second later.
+    if limit is None or not os.WIFSIGNALED(status):
+        return None
+    sig = os.WTERMSIG(status)
+    if sig == signal.SIGXCPU or (sig == signal.SIGKILL and used >= limit - 0.05):
+        return "cpu_s"
+    return None
 
 
 def _rmtree(path: str) -> None:

@@ -20,8 +20,10 @@
  *   receive the seccomp listener           loopback up (net ns), hostname
  *                                       4  rlimits, setsid, pdeathsig
  *                                       5  no_new_privs, Landlock (rules, restrict)
- *                                       6  stdio, close-on-exec for all else, chdir
+ *                                       6  stdio (+ init status pipe on fd 3), close-on-exec
+ *                                          for all else, chdir
  *                                       7  seccomp (last), hand the listener over, execve
+ *                                          (zviz-init by fd; it forks and execs the program)
  *   (root without a user namespace: step 2 runs after step 3, which needs root.)
  *
  * A failing step writes {step, errno, index} to the error pipe and _exit(127);
@@ -78,6 +80,8 @@
 #define OPEN_TREE_CLONE_ 1
 #define AT_RECURSIVE_ 0x8000
 #define MOVE_MOUNT_F_EMPTY_PATH_ 0x00000004
+#define LL_EXECUTE (1ULL << 0)
+#define LL_READ_FILE (1ULL << 2)
 #define LL_CREATE_RULESET_VERSION (1U << 0)
 #define LL_RULE_PATH_BENEATH 1
 #define LL_RULE_NET_PORT 2
@@ -176,6 +180,8 @@ struct plan {
     const char *exe;
     const char *cwd;
     int fd_in, fd_out, fd_err;
+    int init_fd;   /* O_PATH fd of zviz-init, exec'd by fd (-1: exec exe directly) */
+    int status_fd; /* write end of the init's status pipe, placed on fd 3 */
     int go_r, err_w, listener_sock;
     int mount_ns, mount_proc, loopback_up, setsid, creds_late;
     int n_hide;
@@ -267,10 +273,28 @@ set_creds(const struct plan *p)
         CHECK(R3(SYS_setresuid, p->uid, p->uid, p->uid), STEP_SETRESUID, -1);
 }
 
+/* Move fd *fd to a number >= 10 if it is below: fds 0..3 are about to be
+ * overwritten with dup2 (stdio and the init status pipe), and none of the fds
+ * we still need may be among them. */
+static long
+lift_fd(int *fd)
+{
+    if (*fd < 0 || *fd >= 10)
+        return 0;
+    long r = R3(SYS_fcntl, *fd, F_DUPFD_CLOEXEC, 10);
+    if (r < 0)
+        return r;
+    *fd = (int)r;
+    return 0;
+}
+
 static int
 child_main(void *arg)
 {
-    const struct plan *p = arg;
+    /* A private copy: the child adjusts fd numbers, and must not write to the
+     * parent's memory (shared, CLONE_VM). */
+    struct plan local = *(const struct plan *)arg;
+    const struct plan *p = &local;
     char go;
     long r;
 
@@ -371,6 +395,10 @@ child_main(void *arg)
             CHECK(R4(SYS_landlock_add_rule, rs, LL_RULE_PATH_BENEATH, &pb, 0), STEP_LANDLOCK_RULE, i);
             R1(SYS_close, fd);
         }
+        if (p->init_fd >= 0) {
+            struct ll_path_beneath_attr pb = {LL_EXECUTE | LL_READ_FILE, p->init_fd};
+            CHECK(R4(SYS_landlock_add_rule, rs, LL_RULE_PATH_BENEATH, &pb, 0), STEP_LANDLOCK_RULE, -1);
+        }
         for (int i = 0; i < p->n_ll_ports; i++) {
             struct ll_net_port_attr np = {p->ll_port_access[i], p->ll_port[i]};
             CHECK(R4(SYS_landlock_add_rule, rs, LL_RULE_NET_PORT, &np, 0), STEP_LANDLOCK_PORT, i);
@@ -379,14 +407,25 @@ child_main(void *arg)
         R1(SYS_close, rs);
     }
 
-    /* 6. stdio (the parent placed our fds above 2, so dup2 never clobbers one
-     * it still needs), then every other fd is marked close-on-exec: nothing of
+    /* 6. stdio, then every other fd is marked close-on-exec: nothing of
      * the host program reaches the sandboxed one. The error pipe closes at exec,
      * which is how the parent learns that exec happened. */
+    CHECK(lift_fd(&local.fd_in), STEP_STDIO, 0);
+    CHECK(lift_fd(&local.fd_out), STEP_STDIO, 1);
+    CHECK(lift_fd(&local.fd_err), STEP_STDIO, 2);
+    CHECK(lift_fd(&local.status_fd), STEP_STDIO, 3);
+    CHECK(lift_fd(&local.init_fd), STEP_STDIO, 4);
+    CHECK(lift_fd(&local.err_w), STEP_STDIO, 5);
+    CHECK(lift_fd(&local.listener_sock), STEP_STDIO, 6);
     CHECK(R2(SYS_dup2, p->fd_in, 0), STEP_STDIO, 0);
     CHECK(R2(SYS_dup2, p->fd_out, 1), STEP_STDIO, 1);
     CHECK(R2(SYS_dup2, p->fd_err, 2), STEP_STDIO, 2);
-    CHECK(R3(SYS_close_range, 3, ~0U, CLOSE_RANGE_CLOEXEC), STEP_STDIO, -1);
+    int first_closed = 3;
+    if (p->status_fd >= 0) {
+        CHECK(R2(SYS_dup2, p->status_fd, 3), STEP_STDIO, 3);
+        first_closed = 4;
+    }
+    CHECK(R3(SYS_close_range, first_closed, ~0U, CLOSE_RANGE_CLOEXEC), STEP_STDIO, -1);
     if (p->cwd)
         CHECK(R1(SYS_chdir, p->cwd), STEP_CHDIR, -1);
 
@@ -405,7 +444,10 @@ child_main(void *arg)
     }
     if (p->listener_sock >= 0)
         R1(SYS_close, p->listener_sock);
-    r = R3(SYS_execve, p->exe, p->argv, p->envp);
+    if (p->init_fd >= 0)
+        r = R5(SYS_execveat, p->init_fd, "", p->argv, p->envp, AT_EMPTY_PATH);
+    else
+        r = R3(SYS_execve, p->exe, p->argv, p->envp);
     child_fail(p, STEP_EXECVE, r, -1);
 }
 
@@ -492,7 +534,7 @@ stage_spawn(PyObject *self, PyObject *args)
 
 #define GET(name) PyObject *o_##name = PyDict_GetItemString(spec, #name); \
     if (!o_##name) { PyErr_SetString(PyExc_KeyError, #name); goto out; }
-    GET(argv) GET(envp) GET(exe) GET(cwd) GET(stdin) GET(stdout) GET(stderr)
+    GET(argv) GET(envp) GET(exe) GET(cwd) GET(stdin) GET(stdout) GET(stderr) GET(init_fd) GET(status_fd)
     GET(clone_flags) GET(uid_map) GET(gid_map) GET(deny_setgroups) GET(mount_ns) GET(mount_proc)
     GET(hide) GET(rebind) GET(mkdir)
     GET(loopback_up) GET(setsid) GET(creds_late) GET(drop_groups) GET(hostname) GET(uid) GET(gid)
@@ -509,6 +551,8 @@ stage_spawn(PyObject *self, PyObject *args)
     p.fd_in = PyLong_AsLong(o_stdin);
     p.fd_out = PyLong_AsLong(o_stdout);
     p.fd_err = PyLong_AsLong(o_stderr);
+    p.init_fd = PyLong_AsLong(o_init_fd);
+    p.status_fd = PyLong_AsLong(o_status_fd);
     clone_flags = PyLong_AsUnsignedLong(o_clone_flags);
     if (o_uid_map != Py_None && !(uid_map = PyBytes_AsString(o_uid_map)))
         goto out;
@@ -711,7 +755,7 @@ stage_spawn(PyObject *self, PyObject *args)
             waitpid(pid, NULL, 0);
             close(pidfd);
             pidfd = -1;
-            PyObject *exc = Py_BuildValue("(siss)", map_step, map_err, strerror(map_err), path);
+            PyObject *exc = Py_BuildValue("((siss))", map_step, map_err, strerror(map_err), path);
             if (exc) {
                 PyErr_SetObject(PyExc_ChildProcessError, exc);
                 Py_DECREF(exc);
@@ -751,7 +795,7 @@ stage_spawn(PyObject *self, PyObject *args)
             close(pidfd);
             pidfd = -1;
             if (got == (ssize_t)sizeof ce) {
-                PyObject *exc = Py_BuildValue("(iii)", ce.step, ce.err, ce.index);
+                PyObject *exc = Py_BuildValue("((iii))", ce.step, ce.err, ce.index);
                 if (exc) {
                     PyErr_SetObject(PyExc_ChildProcessError, exc);
                     Py_DECREF(exc);

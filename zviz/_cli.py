@@ -1,0 +1,297 @@
+"""The command line: `zviz run`, `zviz check` (and `zviz trace`, see zviz.ebpf).
+
+Every error is one line on stderr and a distinct exit status (docs/errors.md);
+`--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+
+import attrs
+
+from ._errors import (
+    CommandNotFoundError,
+    FeatureUnavailable,
+    PolicyError,
+    SandboxSetupError,
+    ZvizError,
+    ZvizWarning,
+)
+from ._policy import Endpoint, Limits, Network, Policy, parse_size
+
+EXIT_USAGE = 2
+EXIT_HOST = 123  # the host lacks something (FeatureUnavailable)
+EXIT_TIMEOUT = 124
+EXIT_POLICY = 125
+EXIT_SETUP = 126
+EXIT_NOT_FOUND = 127
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="zviz", description="Run untrusted code in a light Linux sandbox.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    r = sub.add_parser("run", help="run a command in a sandbox",
+                       description="Run CMD in a sandbox. Exit status: the command's; 128+N when killed "
+                       "by signal N; 124 on timeout; 125 bad policy; 126 setup failed; 127 not found.")
+    src = r.add_mutually_exclusive_group()
+    src.add_argument("--policy", metavar="FILE", help="policy file: zviz TOML, or an OCI seccomp profile (JSON)")
+    src.add_argument("--preset", metavar="NAME", help="python | shell (default: shell)")
+    r.add_argument("--workdir", metavar="DIR", help="use DIR as the read-write workdir (kept)")
+    r.add_argument("--ro", metavar="PATH", action="append", default=[], help="add a read-only path")
+    r.add_argument("--rw", metavar="PATH", action="append", default=[], help="add a read-write path")
+    r.add_argument("--net", metavar="MODE", action="append", default=[],
+                   help="none | loopback | HOST:PORT (repeatable: an allowlist)")
+    r.add_argument("--timeout", metavar="S", type=float, help="wall-clock limit in seconds")
+    r.add_argument("--memory", metavar="SIZE", help="address-space limit, e.g. 512M")
+    r.add_argument("--env", metavar="NAME=VALUE", action="append", default=[], help="set a variable")
+    r.add_argument("--json", action="store_true", help="print the result record as JSON instead of passing stdio")
+    r.add_argument("--monitor", action="store_true", help="attach the eBPF monitor (root, bcc)")
+    r.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ARGS", help="the command")
+
+    c = sub.add_parser("check", help="what this host supports, and the fix for what is missing")
+    c.add_argument("--json", action="store_true")
+
+    t = sub.add_parser("trace", help="profile a command and write the smallest policy that lets it pass")
+    t.add_argument("-o", "--output", metavar="POLICY.toml", help="write the policy here")
+    t.add_argument("--oci", metavar="PROFILE.json", help="also write an OCI/Docker seccomp profile")
+    t.add_argument("--base", metavar="PRESET", default="shell", help="preset whose paths and env start the policy")
+    t.add_argument("--json", action="store_true", help="print the trace as JSON")
+    t.add_argument("--timeout", metavar="S", type=float, default=60.0)
+    t.add_argument("--learn", action="store_true",
+                   help="force the seccomp learning mode (no eBPF; NOT a security boundary)")
+    t.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ARGS")
+    return p
+
+
+def _policy_from_args(a: argparse.Namespace) -> Policy:
+    if a.policy:
+        try:
+            with open(a.policy, encoding="utf-8") as f:
+                text = f.read()
+        except OSError as e:
+            raise PolicyError("--policy", a.policy, f"a readable file ({e.strerror})") from None
+        if a.policy.endswith(".json") or text.lstrip().startswith("{"):
+            from ._oci import policy_from_oci
+
+            policy = policy_from_oci(text, base=Policy.shell())
+        else:
+            policy = Policy.from_toml(text)
+    elif a.preset:
+        policy = Policy.preset(a.preset)
+    else:
+        policy = Policy.shell()
+    if a.ro or a.rw:
+        policy = policy.with_paths(read_only=[os.path.abspath(x) for x in a.ro],
+                                   read_write=[os.path.abspath(x) for x in a.rw])
+    if a.net:
+        if len(a.net) == 1 and a.net[0] in ("none", "loopback"):
+            net = Network(mode=a.net[0])
+        else:
+            if any(m in ("none", "loopback") for m in a.net):
+                raise PolicyError("--net", a.net, "either one of none/loopback, or HOST:PORT entries")
+            net = Network(mode="allow", allow=[Endpoint.parse(m) for m in a.net])
+        policy = attrs.evolve(policy, net=net, namespaces=attrs.evolve(policy.namespaces, net=net.mode == "loopback"))
+    lim = policy.limits
+    if a.timeout is not None:
+        lim = attrs.evolve(lim, wall_s=a.timeout)
+    if a.memory is not None:
+        lim = attrs.evolve(lim, memory=parse_size("--memory", a.memory))
+    if a.json is False:
+        lim = attrs.evolve(lim, output=None)  # passthrough: nothing is captured
+    policy = attrs.evolve(policy, limits=lim)
+    if a.env:
+        env = dict(policy.env)
+        for item in a.env:
+            k, sep, v = item.partition("=")
+            if not sep:
+                raise PolicyError("--env", item, "NAME=VALUE")
+            env[k] = v
+        policy = attrs.evolve(policy, env=env)
+    return policy
+
+
+def _argv(a: argparse.Namespace) -> list[str]:
+    argv = list(a.argv)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if not argv:
+        raise PolicyError("CMD", "", "a command after '--', e.g. zviz run -- python3 -c 'print(1)'")
+    return argv
+
+
+async def _run(a: argparse.Namespace) -> int:
+    import anyio
+
+    from ._proxy import FdReceiveStream, FdSendStream
+    from ._kernel import OwnedFd
+    from ._sandbox import open_sandbox
+
+    policy = _policy_from_args(a)
+    argv = _argv(a)
+    async with open_sandbox(policy, workdir=a.workdir, monitor=a.monitor) as sb:
+        if a.json:
+            stdin = b"" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.buffer.read()
+            r = await sb.run(argv, stdin=stdin)
+            record = r.to_json()
+            stats = sb.statistics()
+            if stats.syscalls is not None:
+                record["syscalls"] = dict(stats.syscalls)
+            record["events"] = [str(e) for e in sb.events_so_far()]
+            print(json.dumps(record, indent=2))
+            return r.status
+        # Passthrough through pipes (never the caller's terminal itself: no
+        # TIOCSTI into it, no /dev/tty). Our stdio is duplicated so closing the
+        # streams leaves sys.std* alone.
+        proc = await sb.start(argv)
+        ours_in = FdReceiveStream(OwnedFd(os.dup(0), "cli-stdin")) if _usable(0) else None
+        ours_out = FdSendStream(OwnedFd(os.dup(1), "cli-stdout"))
+        ours_err = FdSendStream(OwnedFd(os.dup(2), "cli-stderr"))
+        timeout = policy.limits.wall_s
+
+        async def pump(src, dst) -> None:  # type: ignore[no-untyped-def]
+            try:
+                async for chunk in src:
+                    await dst.send_all(chunk)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                pass
+            finally:
+                if dst is proc.stdin:
+                    dst.close()
+
+        timed_out = False
+        try:
+            async with anyio.create_task_group() as tg:
+                if ours_in is not None:
+                    tg.start_soon(pump, ours_in, proc.stdin)
+                else:
+                    proc.stdin.close()
+                done_out, done_err = anyio.Event(), anyio.Event()
+
+                async def pump_and_set(src, dst, ev) -> None:  # type: ignore[no-untyped-def]
+                    try:
+                        await pump(src, dst)
+                    finally:
+                        ev.set()
+
+                tg.start_soon(pump_and_set, proc.stdout, ours_out, done_out)
+                tg.start_soon(pump_and_set, proc.stderr, ours_err, done_err)
+                with anyio.move_on_after(timeout if timeout else float("inf")) as scope:
+                    await proc.wait()
+                if scope.cancelled_caught:
+                    timed_out = True
+                    proc.kill()
+                    await proc.wait()
+                with anyio.move_on_after(2.0):
+                    await done_out.wait()
+                    await done_err.wait()
+                tg.cancel_scope.cancel()
+        finally:
+            for s in (ours_in, ours_out, ours_err):
+                if s is not None:
+                    s.close()
+        if timed_out:
+            print(f"zviz: timed out after {timeout:g} s", file=sys.stderr)
+            return EXIT_TIMEOUT
+        rc = proc.returncode
+        assert rc is not None
+        for e in sb.events_so_far():
+            print(f"zviz: {e}", file=sys.stderr)
+        return 128 - rc if rc < 0 else rc
+
+
+def _usable(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def _check(a: argparse.Namespace) -> int:
+    from ._probe import bcc_status, probe
+
+    f = probe()
+    ok_bcc, why_bcc = bcc_status()
+    if a.json:
+        d = attrs.asdict(f)
+        d["bcc"] = {"available": ok_bcc, "detail": why_bcc}
+        d["missing"] = [dict(feature=x, consequence=y, fix=z) for x, y, z in f.missing()]
+        print(json.dumps(d, indent=2))
+        return 0
+    rows = [
+        ("kernel", f.kernel, True),
+        ("landlock", f"ABI {f.landlock_abi}" if f.landlock_abi else f.landlock_reason, f.landlock_abi >= 1),
+        ("user namespaces", "yes" if f.userns else f.userns_reason, f.userns),
+        ("seccomp user notification", "yes" if f.seccomp_notify else "no", f.seccomp_notify),
+        ("seccomp ADDFD", "yes" if f.seccomp_addfd else "no", f.seccomp_addfd),
+        ("notify SYNC_WAKE_UP", "yes" if f.sync_wakeup else "no", f.sync_wakeup),
+        ("pidfd", "yes" if f.pidfd else "no", f.pidfd),
+        ("writable cgroup v2", f.cgroup_v2 or f.cgroup_reason, f.cgroup_v2 is not None),
+        ("eBPF monitor (bcc)", why_bcc, ok_bcc),
+        ("running as", "root (sandboxes run as uid 65534)" if f.is_root else f"uid {os.geteuid()}", True),
+    ]
+    w = max(len(r[0]) for r in rows)
+    for name, val, good in rows:
+        print(f"{'ok ' if good else '-- '} {name:<{w}}  {val}")
+    missing = f.missing()
+    if not ok_bcc:
+        missing.append(("eBPF monitor", "no per-syscall statistics; `zviz trace` uses the seccomp "
+                        "learning mode", "run as root and ./scripts/setup-ebpf.sh"))
+    if missing:
+        print("\nmissing, what it means, and the fix:")
+        for feat, consequence, fix in missing:
+            print(f"  - {feat}: {consequence}.\n    fix: {fix}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    a = parser.parse_args(argv)
+    warnings.simplefilter("default", ZvizWarning)
+    warnings.formatwarning = lambda msg, cat, *rest, **kw: f"zviz: warning: {msg}\n"  # type: ignore[assignment]
+    try:
+        if a.cmd == "check":
+            return _check(a)
+        import trio
+
+        if a.cmd == "run":
+            return trio.run(_run, a)
+        if a.cmd == "trace":
+            from .ebpf._trace import cli_trace
+
+            return trio.run(cli_trace, a)
+    except CommandNotFoundError as e:
+        return _fail(a, e, EXIT_NOT_FOUND)
+    except PolicyError as e:
+        return _fail(a, e, EXIT_POLICY)
+    except SandboxSetupError as e:
+        return _fail(a, e, EXIT_SETUP)
+    except FeatureUnavailable as e:
+        return _fail(a, e, EXIT_HOST)
+    except ZvizError as e:
+        return _fail(a, e, EXIT_SETUP)
+    except KeyboardInterrupt:
+        return 130
+    parser.error(f"unknown command {a.cmd}")
+    return EXIT_USAGE
+
+
+def _fail(a: argparse.Namespace, e: BaseException, code: int) -> int:
+    if a.debug:
+        import traceback
+
+        traceback.print_exception(e)
+    print(f"zviz: error: {e}", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
