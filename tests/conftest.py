@@ -1,0 +1,202 @@
+"""Shared test helpers: host capability checks, leak snapshots, and running a
+scenario as an unprivileged uid (the integration and escape suites run twice
+on a root machine: as root, and as uid 65534)."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import pickle
+import shutil
+import signal
+import sys
+import tempfile
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+IS_ROOT = os.geteuid() == 0
+NOBODY = 65534
+
+
+def host():
+    from zviz._probe import probe
+
+    return probe()
+
+
+def _needs(cond: bool, reason: str):
+    return pytest.mark.skipif(not cond, reason=reason)
+
+
+needs_root = _needs(IS_ROOT, "needs root")
+
+
+def needs_userns():
+    return _needs(host().userns, "user namespaces unavailable here")
+
+
+def needs_landlock(abi: int = 1):
+    return _needs(host().landlock_abi >= abi, f"needs Landlock ABI >= {abi}")
+
+
+# ------------------------------------------------------------------ identities
+
+
+def run_as(identity: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """Run `fn(*args)` (a sync function, e.g. one calling trio.run) as `identity`:
+    "self" runs it here; "nobody" forks, drops to uid/gid 65534 with no groups
+    (and makes the process dumpable, as any freshly exec'd unprivileged
+    program is), runs it there, and returns its pickled result or raises its
+    error here."""
+    if identity == "self":
+        return fn(*args)
+    assert identity == "nobody" and IS_ROOT
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        code = 0
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setresgid(NOBODY, NOBODY, NOBODY)
+            os.setresuid(NOBODY, NOBODY, NOBODY)
+            ctypes.CDLL(None).prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE
+            tempfile.tempdir = None
+            try:
+                payload = ("ok", fn(*args))
+            except BaseException as e:  # noqa: BLE001
+                payload = ("err", f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
+            data = pickle.dumps(payload)
+            with os.fdopen(w, "wb") as f:
+                f.write(data)
+        except BaseException:  # noqa: BLE001
+            traceback.print_exc()
+            code = 1
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        data = f.read()
+    _, status = os.waitpid(pid, 0)
+    if not data:
+        raise AssertionError(f"unprivileged child died without a result (status {status:#x})")
+    kind, value = pickle.loads(data)
+    if kind == "err":
+        raise AssertionError("as uid 65534: " + value)
+    return value
+
+
+IDENTITIES = ["self", "nobody"] if IS_ROOT else ["self"]
+
+
+@pytest.fixture(params=IDENTITIES)
+def identity(request):
+    if request.param == "nobody":
+        # Modules imported lazily would be unreadable after the drop (this
+        # interpreter lives under /root): import everything a scenario needs now.
+        _warm_up()
+    return request.param
+
+
+_warmed = False
+
+
+def _warm_up() -> None:
+    global _warmed
+    if _warmed:
+        return
+    import trio
+
+    import zviz
+
+    async def main():
+        async with zviz.open_sandbox(zviz.Policy.python()) as sb:
+            await sb.run(["true"])
+            await sb.write_file("w", b"x")
+            await sb.read_file("w")
+            p = await sb.start(["cat"])
+            await p.stdin.send_all(b"x")
+            await p.stdin.aclose()
+            await p.stdout.receive_some()
+            await p.wait()
+            sb.statistics()
+
+    trio.run(main)
+    _warmed = True
+
+
+# ------------------------------------------------------------------ leak checks
+
+
+def open_fds() -> set[int]:
+    return {int(x) for x in os.listdir("/proc/self/fd")}
+
+
+def fd_targets() -> dict[int, str]:
+    out = {}
+    for x in os.listdir("/proc/self/fd"):
+        try:
+            out[int(x)] = os.readlink(f"/proc/self/fd/{x}")
+        except OSError:
+            pass
+    return out
+
+
+def child_pids() -> set[int]:
+    me = os.getpid()
+    kids = set()
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == me:
+            kids.add(int(d))
+    return kids
+
+
+def zviz_tempdirs() -> set[str]:
+    base = tempfile.gettempdir()
+    return {n for n in os.listdir(base) if n.startswith("zviz-")}
+
+
+class Snapshot:
+    def __init__(self) -> None:
+        self.fds = fd_targets()
+        self.kids = child_pids()
+        self.dirs = zviz_tempdirs()
+
+    def assert_clean(self) -> None:
+        now = fd_targets()
+        leaked = {fd: t for fd, t in now.items() if fd not in self.fds}
+        assert not leaked, f"fds left open: {leaked}"
+        assert child_pids() <= self.kids, f"processes left: {child_pids() - self.kids}"
+        assert zviz_tempdirs() <= self.dirs, f"temp dirs left: {zviz_tempdirs() - self.dirs}"
+
+
+@pytest.fixture
+def snapshot():
+    _warm_up()
+    return Snapshot()
+
+
+PY = "python3"  # resolved inside the sandbox by the policy's PATH (Debian's)
+
+
+def have(cmd: str) -> bool:
+    return shutil.which(cmd) is not None
+
+
+def kill_quietly(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass

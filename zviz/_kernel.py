@@ -135,11 +135,20 @@ _STATUS = struct.Struct("=Ii" + "qq" "qq" + "14q")  # magic, wstatus, struct rus
 STATUS_MAGIC = 0x7A76697A
 
 
-def open_init() -> OwnedFd:
+_init_fd: OwnedFd | None = None
+
+
+def init_fd() -> OwnedFd:
     """An O_PATH fd of zviz-init: the stage execs it by fd, so it runs even
-    where its directory is hidden or outside the policy's paths."""
+    where its directory is hidden, outside the policy's paths, or unreachable
+    after the caller dropped privileges. One per process, opened on first use
+    and kept (like a loaded library), never one per sandbox."""
+    global _init_fd
+    if _init_fd is not None:
+        return _init_fd
     try:
-        return OwnedFd(os.open(INIT_PATH, os.O_PATH | os.O_CLOEXEC), "zviz-init")
+        _init_fd = OwnedFd(os.open(INIT_PATH, os.O_PATH | os.O_CLOEXEC), "zviz-init")
+        return _init_fd
     except FileNotFoundError:
         from ._errors import FeatureUnavailable
 
@@ -186,7 +195,12 @@ def spawn(spec: dict[str, Any], *, paths: tuple[str, ...], rlimit_names: tuple[s
         args = e.args[0] if e.args and isinstance(e.args[0], tuple) else e.args
         if len(args) == 4:  # id map write failed in the parent: (what, errno, msg, path)
             what, err, _msg, path = args
-            raise SandboxSetupError(f"id-map-{what}", err, path) from None
+            hint = ""
+            if err == errno.EACCES and _not_dumpable():
+                hint = ("this process changed its uid without exec, so it is not dumpable and may "
+                        "not write its children's id maps: exec after setuid, or call "
+                        "prctl(PR_SET_DUMPABLE, 1)")
+            raise SandboxSetupError(f"id-map-{what}", err, path, hint) from None
         if len(args) == 3 and all(isinstance(a, int) for a in args):
             step_no, err, index = args
             step = STEPS[step_no] if 0 < step_no < len(STEPS) else f"step-{step_no}"
@@ -208,6 +222,16 @@ def spawn(spec: dict[str, Any], *, paths: tuple[str, ...], rlimit_names: tuple[s
         pidfd=OwnedFd(pidfd, f"pidfd-{pid}"),
         listener=OwnedFd(listener, f"listener-{pid}") if listener >= 0 else None,
     )
+
+
+def _not_dumpable() -> bool:
+    import ctypes
+
+    PR_GET_DUMPABLE = 3
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl(PR_GET_DUMPABLE, 0, 0, 0, 0) == 0
+    except OSError:
+        return False
 
 
 def pidfd_kill(pidfd: OwnedFd, sig: int = signal.SIGKILL) -> None:

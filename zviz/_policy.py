@@ -360,7 +360,7 @@ class Policy:
     @classmethod
     def preset(cls, name: str) -> Policy:
         presets = {"python": cls.python, "shell": cls.shell}
-        if name not in presets:
+        if not isinstance(name, str) or name not in presets:
             raise PolicyError("preset", name, "one of " + ", ".join(presets))
         return presets[name]()
 
@@ -428,7 +428,12 @@ class Policy:
         else:
             kw["env"] = base.env
         kw["name"] = data.get("name", base.name)
-        return cls(**kw)
+        try:
+            return cls(**kw)
+        except PolicyError:
+            raise
+        except (TypeError, ValueError) as e:  # a converter met a value of the wrong shape
+            raise PolicyError("policy", dict(data), f"valid values ({e})") from None
 
     def to_dict(self) -> dict[str, Any]:
         lim = {k: v for k, v in attrs.asdict(self.limits).items() if v is not None}

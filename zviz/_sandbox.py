@@ -260,7 +260,7 @@ class Sandbox:
 
     def _prepare(self) -> None:
         f = self._features
-        self._init = _kernel.open_init()
+        self._init = _kernel.init_fd()
         names = set(self.policy.fs.read_only) | set(self.policy.fs.read_write) | set(self.policy.fs.hide)
         names |= set(_plan.DEVICES) | {self.workdir}
         is_dir = {}
@@ -590,16 +590,10 @@ class Sandbox:
         ev, self._event_added = self._event_added, anyio.Event()
         ev.set()
 
-    async def events(self) -> AsyncIterator[DenialEvent]:
-        """Every denial so far, then new ones as they happen, until the sandbox closes."""
-        i = 0
-        while True:
-            while i < len(self._events):
-                yield self._events[i]
-                i += 1
-            if self._closed:
-                return
-            await self._event_added.wait()
+    def events(self) -> AsyncIterator[DenialEvent]:
+        """Every denial so far, then new ones as they happen, until the sandbox
+        closes: `async for event in sb.events(): ...`."""
+        return _EventIterator(self)
 
     def events_so_far(self) -> tuple[DenialEvent, ...]:
         return tuple(self._events)
@@ -618,8 +612,46 @@ class Sandbox:
             p._close_streams()
         ev, self._event_added = self._event_added, anyio.Event()
         ev.set()
-        if self._init is not None:
-            self._init.close()
+
+
+class _EventIterator:
+    """An async iterator (not a generator: nothing to finalize if abandoned)."""
+
+    def __init__(self, sb: Sandbox) -> None:
+        self._sb = sb
+        self._i = 0
+
+    def __aiter__(self) -> _EventIterator:
+        return self
+
+    async def __anext__(self) -> DenialEvent:
+        sb = self._sb
+        while True:
+            if self._i < len(sb._events):
+                self._i += 1
+                return sb._events[self._i - 1]
+            if sb._closed:
+                raise StopAsyncIteration
+            await sb._event_added.wait()
+
+
+def _check_workdir_reachable(path: str, uid: int) -> None:
+    """The sandbox runs as `uid` on the host: it must be able to reach and
+    write its workdir (a root caller's sandboxes run as nobody)."""
+    st = os.stat(path)
+    if uid != st.st_uid and not st.st_mode & 0o002:
+        raise PolicyError("workdir", path, f"a directory the sandbox's host uid {uid} can write "
+                          f"(zviz runs a root caller's sandboxes as nobody): chown {uid} {path}, or let zviz "
+                          "create a fresh workdir")
+    parent = os.path.dirname(path)
+    while True:
+        st = os.stat(parent)
+        if st.st_uid != uid and not st.st_mode & 0o001:
+            raise PolicyError("workdir", path, f"a directory whose parents uid {uid} may traverse "
+                              f"({parent} is mode {st.st_mode & 0o777:o})")
+        if parent == "/":
+            return
+        parent = os.path.dirname(parent)
 
 
 @contextlib.asynccontextmanager
@@ -644,6 +676,8 @@ async def open_sandbox(policy: Policy | None = None, *, workdir: str | os.PathLi
         path = os.path.realpath(os.fspath(workdir))
         if not os.path.isdir(path):
             raise PolicyError("workdir", os.fspath(workdir), "an existing directory")
+        if os.geteuid() == 0:
+            _check_workdir_reachable(path, _plan.NOBODY)
     sb = Sandbox(policy, path, owns, features)
     # The caller's exception is carried past our task group and re-raised as
     # itself: a body that raises ValueError raises ValueError, not a group.

@@ -59,7 +59,7 @@ GROUPS: dict[str, frozenset[str]] = {
         mkdir mkdirat rmdir unlink unlinkat rename renameat renameat2 link linkat
         symlink symlinkat chmod fchmod fchmodat chown fchown lchown fchownat
         truncate ftruncate fallocate fsync fdatasync sync_file_range utime utimes
-        utimensat futimesat flock sendfile copy_file_range splice tee memfd_create
+        utimensat futimesat flock sendfile copy_file_range splice tee memfd_create mknod mknodat
         """.split()
     ),
     "@xattr-read": frozenset("getxattr lgetxattr fgetxattr listxattr llistxattr flistxattr".split()),

@@ -1,0 +1,30 @@
+"""The public surface is exactly this (like trio's test_exports)."""
+
+import zviz
+
+PUBLIC = {
+    "CommandNotFoundError", "DenialEvent", "Endpoint", "FeatureUnavailable", "Filesystem", "KernelFeatures",
+    "Limits", "Namespaces", "Network", "Policy", "PolicyError", "Process", "RunResult", "SYSCALL_GROUPS",
+    "Sandbox", "SandboxClosedError", "SandboxSetupError", "SandboxStatistics", "Syscalls",
+    "UnsupportedKernelError", "ZvizError", "ZvizWarning", "open_sandbox", "probe_host",
+}
+
+
+def test_public_names():
+    names = {n for n in dir(zviz) if not n.startswith("_")} - {"ebpf"}
+    assert names == PUBLIC
+
+
+def test_error_tree_split_by_blame():
+    assert issubclass(zviz.PolicyError, zviz.ZvizError) and issubclass(zviz.PolicyError, ValueError)
+    assert issubclass(zviz.SandboxSetupError, OSError)
+    assert issubclass(zviz.UnsupportedKernelError, zviz.FeatureUnavailable)
+    assert issubclass(zviz.CommandNotFoundError, FileNotFoundError)
+
+
+def test_importing_ebpf_does_not_import_bcc():
+    import sys
+
+    import zviz.ebpf  # noqa: F401
+
+    assert "bcc" not in sys.modules

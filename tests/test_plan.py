@@ -1,0 +1,139 @@
+"""The planner: (Policy, Host) -> SpawnPlan. Pure: hosts are made up here."""
+
+import attrs
+import pytest
+
+from zviz import Filesystem, Limits, Network, Policy, PolicyError, _kernel, _plan
+from zviz._probe import KernelFeatures
+
+FEATURES = KernelFeatures(kernel="6.18", landlock_abi=7, landlock_reason="ABI 7", userns=True, userns_reason="ok",
+                          seccomp_notify=True, seccomp_addfd=True, sync_wakeup=True, wait_killable_recv=True,
+                          pidfd=True, cgroup_v2=None, cgroup_reason="hybrid", is_root=False)
+DIRS = {p: True for p in ("/usr", "/bin", "/etc", "/lib", "/lib64", "/run", "/tmp", "/var/tmp", "/dev/shm",
+                          "/tmp/zviz-w", "/srv", "/srv/data")}
+DIRS.update({"/dev/null": False, "/dev/zero": False, "/dev/urandom": False, "/srv/file.txt": False})
+INF = _plan.INFINITY
+HARD = {"cpu": INF, "fsize": INF, "core": INF, "nproc": INF, "nofile": 4096, "as": INF}
+
+
+def host(euid=1000, **feat):
+    return _plan.Host(features=attrs.evolve(FEATURES, **feat), euid=euid, egid=euid, is_dir=DIRS, rlimit_hard=HARD)
+
+
+def plan(policy=None, h=None, workdir="/tmp/zviz-w"):
+    policy = policy or Policy(fs=Filesystem(read_only=("/usr", "/bin", "/etc", "/lib", "/lib64")))
+    return _plan.plan_spawn(policy, h or host(), argv=("python3", "-c", "1"), exe="/usr/bin/python3", workdir=workdir)
+
+
+def test_unprivileged_maps_own_uid_and_denies_setgroups():
+    p = plan()
+    assert p.clone_flags & _kernel.CLONE_NEWUSER and p.clone_flags & _kernel.CLONE_NEWPID
+    assert not p.clone_flags & _kernel.CLONE_NEWNET  # net ns only when the policy needs one
+    assert p.uid_map == "1000 1000 1\n" and p.deny_setgroups and not p.drop_groups
+    assert p.uid == 1000 and p.host_uid == 1000
+    assert not p.degraded
+
+
+def test_root_runs_sandbox_as_nobody_and_drops_groups():
+    p = plan(h=host(euid=0))
+    assert p.uid_map == "1000 65534 1\n" and p.gid_map == "1000 65534 1\n"
+    assert p.drop_groups and not p.deny_setgroups
+    assert p.host_uid == 65534
+
+
+def test_root_without_userns_still_drops_to_nobody_after_mounts():
+    p = plan(h=host(euid=0, userns=False, userns_reason="off"))
+    assert not p.clone_flags & _kernel.CLONE_NEWUSER
+    assert p.clone_flags & _kernel.CLONE_NEWPID
+    assert p.uid == 65534 and p.creds_late
+    assert any("user namespace" in d for d in p.degraded)
+
+
+def test_unprivileged_without_userns_degrades_loudly():
+    p = plan(h=host(userns=False, userns_reason="sysctl"))
+    assert p.clone_flags == 0
+    assert p.uid == -1
+    assert len(p.degraded) >= 5
+    # RLIMIT_NPROC would count every process of the user: left off.
+    assert "nproc" not in [n for n, _, _ in p.rlimits]
+
+
+def test_landlock_rights():
+    p = plan(Policy(fs=Filesystem(read_only=("/usr", "/srv/file.txt"), read_write=("/srv/data",))))
+    rules = dict(p.landlock.paths)
+    assert rules["/usr"] == _plan.RO
+    assert rules["/srv/data"] & _plan.FS_WRITE_FILE and rules["/srv/data"] & _plan.FS_MAKE_REG
+    # a file gets file rights only (Landlock refuses directory rights on files)
+    assert rules["/srv/file.txt"] == _plan.FS_EXECUTE | _plan.FS_READ_FILE
+    assert rules["/tmp/zviz-w"] & _plan.FS_REMOVE_FILE
+    assert not rules["/tmp/zviz-w"] & (_plan.FS_MAKE_CHAR | _plan.FS_MAKE_BLOCK)
+    assert rules["/dev/null"] & _plan.FS_WRITE_FILE and "/dev/random" not in rules  # absent on this host
+    assert rules["/proc"] == _plan.FS_READ_FILE | _plan.FS_READ_DIR
+    assert p.landlock.handled_net == _plan.NET_BIND_TCP | _plan.NET_CONNECT_TCP and p.landlock.ports == ()
+    assert p.landlock.scoped == _plan.SCOPE_ABSTRACT_UNIX | _plan.SCOPE_SIGNAL
+
+
+def test_landlock_by_abi():
+    p = plan(h=host(landlock_abi=3))
+    assert p.landlock.handled_net == 0 and p.landlock.scoped == 0
+    assert p.landlock.handled_fs & _plan.FS_TRUNCATE and not p.landlock.handled_fs & _plan.FS_IOCTL_DEV
+    p = plan(h=host(landlock_abi=0, landlock_reason="disabled"))
+    assert p.landlock is None and any("Landlock" in d for d in p.degraded)
+
+
+def test_allowlist_ports_and_loopback():
+    pol = Policy(net=Network(mode="allow", allow=["127.0.0.1:8080", "10.0.0.1:8080", "10.0.0.2:443"]))
+    p = plan(pol)
+    assert p.landlock.ports == ((443, _plan.NET_CONNECT_TCP), (8080, _plan.NET_CONNECT_TCP))
+    p = plan(Policy(net=Network(mode="loopback")))
+    assert p.clone_flags & _kernel.CLONE_NEWNET and p.loopback_up
+    assert p.landlock.handled_net == 0  # its own loopback: TCP is unrestricted inside
+
+
+def test_hide_and_workdir_rebind():
+    p = plan()
+    assert set(p.hide) == {"/run", "/tmp", "/var/tmp", "/dev/shm"}
+    assert p.rebind == "/tmp/zviz-w" and p.mkdir == ("/tmp/zviz-w",)
+    # a hidden path that holds a policy path stays visible
+    p = plan(Policy(fs=Filesystem(read_write=("/tmp",))))
+    assert "/tmp" not in p.hide
+    p = plan(workdir="/srv/data")
+    assert p.rebind is None
+
+
+def test_missing_policy_path_is_an_error():
+    with pytest.raises(Exception, match="/nope"):
+        plan(Policy(fs=Filesystem(read_only=("/nope",))))
+
+
+def test_rlimits_clamped_to_host_ceiling():
+    p = plan(Policy(limits=Limits(open_files=100000, cpu_s=2.5)))
+    lim = {n: (s, h) for n, s, h in p.rlimits}
+    assert lim["nofile"] == (4096, 4096)
+    assert lim["cpu"] == (3, 4)
+    assert lim["core"] == (0, 0)
+
+
+def test_env_is_clean_and_points_home_at_workdir():
+    p = plan(Policy(env={"PATH": "/usr/bin", "X": "1"}))
+    env = dict(p.env)
+    assert env == {"PATH": "/usr/bin", "X": "1", "HOME": "/tmp/zviz-w", "TMPDIR": "/tmp/zviz-w", "PWD": "/tmp/zviz-w"}
+
+
+def test_steps_read_in_order():
+    steps = plan().steps()
+    assert steps[0].startswith("namespaces: user, pid, mount")
+    assert steps[-1].startswith("seccomp allowlist")
+    assert steps.index("no_new_privs") > [i for i, s in enumerate(steps) if s.startswith("landlock")][0]
+
+
+def test_spec_for_stage_with_init():
+    spec = plan().to_spec(stdin=10, stdout=11, stderr=12, bpf=b"\0" * 8, seccomp_flags=8, init_fd=13, status_fd=14)
+    assert spec["argv"][:3] == [b"zviz-init", b"3", b"/usr/bin/python3"]
+    assert spec["argv"][3:] == [b"python3", b"-c", b"1"]
+    assert spec["setsid"] is True
+
+
+def test_empty_argv_refused():
+    with pytest.raises(PolicyError):
+        _plan.plan_spawn(Policy(), host(), argv=(), exe="/bin/true", workdir="/tmp/zviz-w")

@@ -1,0 +1,155 @@
+"""Policy values: validation, presets, TOML. Pure: no kernel."""
+
+import attrs
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import zviz
+from zviz import Endpoint, Filesystem, Limits, Namespaces, Network, Policy, PolicyError, Syscalls
+
+
+def test_presets_are_frozen_and_complete():
+    p = Policy.python()
+    assert p.name == "python"
+    assert "/usr" in p.fs.read_only
+    assert p.net.mode == "none"
+    assert dict(p.env)["PATH"].startswith("/usr/local/bin")
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        p.name = "x"  # type: ignore[misc]
+    assert "openat" in p.syscalls.names()
+    assert "ptrace" not in p.syscalls.names()
+    assert Policy.shell().name == "shell"
+
+
+def test_preset_by_name():
+    assert Policy.preset("python") == Policy.python()
+    with pytest.raises(PolicyError, match="preset"):
+        Policy.preset("nope")
+
+
+@pytest.mark.parametrize(
+    ("make", "field"),
+    [
+        (lambda: Syscalls(allow=("openat", "not_a_syscall")), "syscalls.allow"),
+        (lambda: Syscalls(allow=("@nogroup",)), "syscalls.allow"),
+        (lambda: Syscalls(allow="openat"), "syscalls.allow"),
+        (lambda: Syscalls(allow=("ptrace",)), "syscalls.allow"),
+        (lambda: Filesystem(read_only=("relative/path",)), "fs.read_only"),
+        (lambda: Filesystem(read_write=("/a\0b",)), "fs.read_write"),
+        (lambda: Filesystem(hide=("/",)), "fs.hide"),
+        (lambda: Network(mode="internet"), "net.mode"),
+        (lambda: Network(mode="allow"), "net.allow"),
+        (lambda: Network(mode="none", allow=["1.2.3.4:80"]), "net.mode"),
+        (lambda: Network(mode="allow", allow=["1.2.3.4"]), "net.allow"),
+        (lambda: Network(mode="allow", allow=["1.2.3.4:0"]), "net.allow"),
+        (lambda: Network(mode="allow", allow=["1.2.3.4:70000"]), "net.allow"),
+        (lambda: Limits(wall_s=-1), "limits.wall_s"),
+        (lambda: Limits(wall_s=float("nan")), "limits.wall_s"),
+        (lambda: Limits(memory="lots"), "limits.memory"),
+        (lambda: Limits(memory="1k"), "limits.memory"),
+        (lambda: Limits(processes=0), "limits.processes"),
+        (lambda: Limits(open_files=True), "limits.open_files"),
+        (lambda: Namespaces(pid="yes"), "namespaces.pid"),
+        (lambda: Policy(env={"A=B": "x"}), "env"),
+        (lambda: Policy(env={"A": 1}), "env.A"),
+        (lambda: Policy(fs="everything"), "fs"),
+    ],
+)
+def test_bad_values_name_the_field(make, field):
+    with pytest.raises(PolicyError) as ei:
+        make()
+    assert ei.value.field == field
+    assert field in str(ei.value)
+    assert isinstance(ei.value, ValueError)  # blame: the caller's value
+
+
+def test_dangerous_needs_explicit_opt_in():
+    s = Syscalls(allow=("@python", "ptrace"), allow_dangerous=True)
+    assert "ptrace" in s.names()
+
+
+def test_sizes_and_false_means_no_limit():
+    assert Limits(memory="512M").memory == 512 * 1024**2
+    assert Limits(memory="1GiB").memory == 1024**3
+    assert Limits(memory=None).memory is None
+    assert Limits(memory=False).memory is None
+
+
+def test_loopback_implies_net_namespace_and_allow_forbids_it():
+    p = Policy.python(net=Network(mode="loopback"))
+    assert p.namespaces.net is True
+    with pytest.raises(PolicyError, match="namespaces.net"):
+        Policy.python(net=Network(mode="allow", allow=["127.0.0.1:80"]), namespaces=Namespaces(net=True))
+
+
+def test_endpoint_parse_and_str():
+    assert Endpoint.parse("127.0.0.1:8080") == Endpoint(host="127.0.0.1", port=8080)
+    assert Endpoint.parse("[::1]:443") == Endpoint(host="::1", port=443)
+    assert str(Endpoint(host="::1", port=443)) == "[::1]:443"
+
+
+def test_paths_are_normalised_and_deduplicated():
+    fs = Filesystem(read_only=["/usr/", "/usr", "//etc/../etc"])
+    assert fs.read_only == ("/usr", "/etc")
+
+
+def test_toml_roundtrip_every_part():
+    p = Policy(
+        name="t",
+        syscalls=Syscalls(allow=("@basic", "socket")),
+        fs=Filesystem(read_only=("/usr",), read_write=("/srv",), hide=("/run",)),
+        net=Network(mode="allow", allow=["10.0.0.1:443", "[::1]:80"]),
+        limits=Limits(wall_s=5, cpu_s=None, memory="256M", output="1K"),
+        env={"A": "1"},
+        namespaces=Namespaces(ipc=False),
+    )
+    text = p.to_toml()
+    assert Policy.from_toml(text) == p
+
+
+def test_toml_errors():
+    with pytest.raises(PolicyError, match="valid TOML"):
+        Policy.from_toml("[limits\nwall_s = 1")
+    with pytest.raises(PolicyError, match="limits.wal_s"):
+        Policy.from_toml("[limits]\nwal_s = 1\n")
+    with pytest.raises(PolicyError, match="sections"):
+        Policy.from_toml("[network]\nmode='none'\n")
+    with pytest.raises(PolicyError, match="limits.memory"):
+        Policy.from_toml("[limits]\nmemory = 'huge'\n")
+    p = Policy.from_toml("preset = 'python'\n[limits]\nwall_s = 3\n")
+    assert p.limits.wall_s == 3 and "/usr" in p.fs.read_only
+
+
+# Anything, as a TOML document or as a table: only PolicyError, never another exception.
+toml_scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True),
+                         st.text(max_size=20))
+toml_values = st.recursive(toml_scalars, lambda c: st.one_of(st.lists(c, max_size=4),
+                           st.dictionaries(st.text(max_size=10), c, max_size=4)), max_leaves=12)
+sections = st.sampled_from(["syscalls", "fs", "net", "limits", "env", "namespaces", "name", "preset", "x"])
+fields = st.sampled_from(["allow", "allow_dangerous", "read_only", "read_write", "hide", "mode", "wall_s",
+                          "cpu_s", "memory", "processes", "file_size", "open_files", "output", "user",
+                          "pid", "net", "PATH", "zz"])
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.dictionaries(sections, st.one_of(toml_values, st.dictionaries(fields, toml_values, max_size=5)),
+                       max_size=5))
+def test_fuzz_policy_from_dict_only_policy_error(data):
+    try:
+        Policy.from_dict(data)
+    except PolicyError:
+        pass
+
+
+@settings(max_examples=800, deadline=None)
+@given(st.text(max_size=200))
+def test_fuzz_policy_from_toml_text_only_policy_error(text):
+    try:
+        Policy.from_toml(text)
+    except PolicyError:
+        pass
+
+
+def test_public_names_reexported():
+    assert zviz.Policy.__module__ == "zviz"
+    assert zviz.PolicyError.__module__ == "zviz"
