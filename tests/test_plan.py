@@ -90,15 +90,33 @@ def test_allowlist_ports_and_loopback():
     assert p.landlock.handled_net == 0  # its own loopback: TCP is unrestricted inside
 
 
-def test_hide_and_workdir_rebind():
-    p = plan()
-    assert set(p.hide) == {"/run", "/tmp", "/var/tmp", "/dev/shm"}
-    assert p.rebind == "/tmp/zviz-w" and p.mkdir == ("/tmp/zviz-w",)
-    # a hidden path that holds a policy path stays visible
+def test_new_root_holds_only_listed_paths():
+    h = attrs.evolve(host(), links={"/bin": "/usr/bin"})
+    p = plan(h=h)
+    r = p.new_root
+    assert r.staging == "/tmp" and r.private_tmp
+    sources = [s for s, _ in r.binds]
+    # /bin is a symlink into /usr, which is bound: recreated as a symlink, not bound
+    assert "/bin" not in sources and (_plan.OP_SYMLINK, "bin", "usr/bin", -1) in r.ops
+    assert ("/usr", True) in r.binds and ("/tmp/zviz-w", False) in r.binds and ("/dev/null", False) in r.binds
+    kinds = [(k, path) for k, path, _, _ in r.ops]
+    # the private /tmp is mounted before the workdir that lives below it
+    assert kinds.index((_plan.OP_TMPFS, "tmp")) < kinds.index((_plan.OP_MOVE, "tmp/zviz-w"))
+    assert (_plan.OP_FILE, "dev/null") in kinds and (_plan.OP_PROC, "proc") in kinds
+    # every move names a bind that exists, and each bind is moved once
+    moves = [i for k, _, _, i in r.ops if k == _plan.OP_MOVE]
+    assert sorted(moves) == list(range(len(r.binds)))
+
+
+def test_no_private_tmp_when_the_policy_grants_tmp():
     p = plan(Policy(fs=Filesystem(read_write=("/tmp",))))
-    assert "/tmp" not in p.hide
-    p = plan(workdir="/srv/data")
-    assert p.rebind is None
+    assert not p.new_root.private_tmp
+    assert ("/tmp", False) in p.new_root.binds
+
+
+def test_root_as_a_policy_path_is_refused():
+    with pytest.raises(PolicyError):
+        plan(Policy(fs=Filesystem(read_only=("/",))))
 
 
 def test_missing_policy_path_is_an_error():

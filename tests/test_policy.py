@@ -36,7 +36,8 @@ def test_preset_by_name():
         (lambda: Syscalls(allow=("ptrace",)), "syscalls.allow"),
         (lambda: Filesystem(read_only=("relative/path",)), "fs.read_only"),
         (lambda: Filesystem(read_write=("/a\0b",)), "fs.read_write"),
-        (lambda: Filesystem(hide=("/",)), "fs.hide"),
+        (lambda: Filesystem(read_write=("/",)), "fs.read_write"),
+        (lambda: Filesystem(tmp_size="big"), "fs.tmp_size"),
         (lambda: Network(mode="internet"), "net.mode"),
         (lambda: Network(mode="allow"), "net.allow"),
         (lambda: Network(mode="none", allow=["1.2.3.4:80"]), "net.mode"),
@@ -97,7 +98,7 @@ def test_toml_roundtrip_every_part():
     p = Policy(
         name="t",
         syscalls=Syscalls(allow=("@basic", "socket")),
-        fs=Filesystem(read_only=("/usr",), read_write=("/srv",), hide=("/run",)),
+        fs=Filesystem(read_only=("/usr",), read_write=("/srv",), tmp_size=None),
         net=Network(mode="allow", allow=["10.0.0.1:443", "[::1]:80"]),
         limits=Limits(wall_s=5, cpu_s=None, memory="256M", output="1K"),
         env={"A": "1"},

@@ -88,9 +88,11 @@ STEPS = (
     None,
     "sync",
     "mount-private",
+    "mount-bind",
+    "mount-root",
+    "mount-op",
     "mount-proc",
-    "mount-hide",
-    "mount-rebind",
+    "pivot-root",
     "loopback-up",
     "hostname",
     "setgroups",
@@ -114,7 +116,7 @@ STEPS = (
 
 HINTS = {
     "mount-proc": "the host's /proc has over-mounts (a container?); set namespaces.pid = false",
-    "mount-hide": "set fs.hide = [] if these paths cannot be covered here",
+    "mount-bind": "a policy path cannot be bind-mounted (does it exist, and can the sandbox's uid reach it?)",
     "landlock-open": "a policy path does not exist or cannot be opened",
     "execve": "the command is not executable inside the sandbox (is its directory in fs.read_only?)",
     "rlimit": "a limit is above the hard limit of the calling process",
@@ -207,8 +209,10 @@ def spawn(spec: dict[str, Any], *, paths: tuple[str, ...], rlimit_names: tuple[s
             path = None
             if step in ("landlock-open", "landlock-rule") and 0 <= index < len(paths):
                 path = paths[index]
-            elif step in ("mount-hide",) and 0 <= index < len(spec["hide"]):
-                path = spec["hide"][index].decode()
+            elif step == "mount-bind" and 0 <= index < len(spec["binds"]):
+                path = spec["binds"][index][0].decode()
+            elif step in ("mount-op", "mount-proc") and 0 <= index < len(spec["mount_ops"]):
+                path = "/" + spec["mount_ops"][index][1].decode()
             elif step == "rlimit" and 0 <= index < len(rlimit_names):
                 path = rlimit_names[index]
             elif step == "execve":

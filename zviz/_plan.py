@@ -83,6 +83,7 @@ class Host:
     euid: int
     egid: int
     is_dir: Mapping[str, bool]  # every path the policy names (and devices): exists -> is a dir
+    links: Mapping[str, str] = attrs.field(factory=dict)  # those that are symlinks -> resolved target
     rlimit_hard: Mapping[str, int]  # RLIMIT name -> current hard limit
 
 
@@ -94,6 +95,23 @@ class LandlockPlan:
     scoped: int
     paths: tuple[tuple[str, int], ...]
     ports: tuple[tuple[int, int], ...]
+
+
+# Mount operations of the new root (zviz/_stage.c: OP_*), on paths relative to it.
+OP_MKDIR, OP_SYMLINK, OP_FILE, OP_MOVE, OP_PROC, OP_TMPFS = 1, 2, 3, 4, 5, 6
+STAGING = ("/tmp", "/mnt", "/var/tmp", "/proc")  # where the new root is assembled (any empty-able dir)
+DEV_LINKS = {"dev/fd": "/proc/self/fd", "dev/stdin": "/proc/self/fd/0", "dev/stdout": "/proc/self/fd/1",
+             "dev/stderr": "/proc/self/fd/2"}
+
+
+@attrs.frozen(kw_only=True)
+class RootPlan:
+    """The sandbox's filesystem: a fresh tmpfs root assembled on `staging`."""
+
+    staging: str
+    binds: tuple[tuple[str, bool], ...]  # (host source, read-only), cloned before anything is covered
+    ops: tuple[tuple[int, str, str, int], ...]  # (OP_*, path relative to the new root, argument, bind index)
+    private_tmp: bool
 
 
 @attrs.frozen(kw_only=True)
@@ -116,9 +134,7 @@ class SpawnPlan:
     host_gid: int
     mount_ns: bool
     mount_proc: bool
-    hide: tuple[str, ...]
-    rebind: str | None
-    mkdir: tuple[str, ...]
+    new_root: RootPlan | None
     loopback_up: bool
     hostname: str | None
     rlimits: tuple[tuple[str, int, int], ...]
@@ -136,9 +152,13 @@ class SpawnPlan:
             out.append("namespaces: " + ", ".join(names))
         if self.uid_map:
             out.append(f"id maps: uid {self.uid_map.strip()}, gid {self.gid_map.strip() if self.gid_map else '-'}")
-        if self.mount_ns:
-            out.append("mounts: / private" + (", fresh /proc" if self.mount_proc else "")
-                       + (", tmpfs over " + " ".join(self.hide) if self.hide else ""))
+        if self.new_root:
+            r = self.new_root
+            out.append(f"mounts: / private; new root on {r.staging} with {len(r.binds)} bind mounts "
+                       f"({sum(1 for _, ro in r.binds if ro)} read-only), /proc, "
+                       + ("a private /tmp, " if r.private_tmp else "") + "pivot_root")
+        elif self.mount_ns:
+            out.append("mounts: / private" + (", fresh /proc" if self.mount_proc else ""))
         if self.uid >= 0:
             out.append(f"credentials: uid {self.uid}, gid {self.gid}, no supplementary groups"
                        if self.drop_groups else f"credentials: uid {self.uid}, gid {self.gid}")
@@ -174,9 +194,10 @@ class SpawnPlan:
             deny_setgroups=self.deny_setgroups,
             mount_ns=self.mount_ns,
             mount_proc=self.mount_proc,
-            hide=[h.encode() for h in self.hide],
-            rebind=self.rebind.encode() if self.rebind else None,
-            mkdir=[m.encode() for m in self.mkdir],
+            new_root=self.new_root is not None,
+            staging=self.new_root.staging.encode() if self.new_root else None,
+            binds=[(src.encode(), ro) for src, ro in self.new_root.binds] if self.new_root else [],
+            mount_ops=[(k, p.encode(), a.encode(), i) for k, p, a, i in self.new_root.ops] if self.new_root else [],
             loopback_up=self.loopback_up,
             setsid=True,
             creds_late=self.creds_late,
@@ -226,7 +247,76 @@ def _rlimits(policy: Policy, host: Host, userns: bool) -> tuple[tuple[str, int, 
     return tuple(out)
 
 
-def plan_landlock(policy: Policy, host: Host, workdir: str, mount_proc: bool) -> LandlockPlan | None:
+def _parts(path: str) -> list[str]:
+    return [p for p in path.split("/") if p]
+
+
+def plan_root(policy: Policy, host: Host, workdir: str, with_proc: bool) -> RootPlan:
+    """Which mounts make up the sandbox's root, in the order the stage does them."""
+    staging = next((s for s in STAGING if host.is_dir.get(s)), None)
+    if staging is None:
+        raise SandboxSetupError("plan", errno.ENOENT, "/tmp", "no directory to assemble the sandbox root on")
+    # (target, kind, source, read_only): sorted so parents come before children
+    entries: list[tuple[str, str, str, bool]] = []
+    listed = {p: True for p in policy.fs.read_only} | {p: False for p in policy.fs.read_write}
+    for path, ro in listed.items():
+        if path == "/":
+            raise PolicyError("fs.read_only", "/", "directories below '/' (the sandbox's root is built from them)")
+        target = host.links.get(path)
+        if target is not None and any(_beneath(target, other) and other != path for other in listed):
+            entries.append((path, "symlink", os.path.relpath(target, os.path.dirname(path)), ro))
+        else:
+            entries.append((path, "bind", path, ro))
+    entries.append((workdir, "bind", workdir, False))
+    for dev in DEVICES:
+        if dev in host.is_dir:
+            entries.append((dev, "bind", dev, False))
+    private_tmp = policy.fs.tmp_size is not None and not any(_beneath("/tmp", p) for p in listed)
+    if private_tmp:
+        entries.append(("/tmp", "tmpfs", f"mode=1777,size={policy.fs.tmp_size},nr_inodes=65536", False))
+    if with_proc:
+        entries.append(("/proc", "proc", "", False))
+    entries.sort(key=lambda e: _parts(e[0]))
+
+    binds: list[tuple[str, bool]] = []
+    ops: list[tuple[int, str, str, int]] = []
+    made: set[str] = set()
+
+    def parents(rel: str) -> None:
+        parts = rel.split("/")[:-1]
+        for i in range(1, len(parts) + 1):
+            d = "/".join(parts[:i])
+            if d not in made:
+                ops.append((OP_MKDIR, d, "", -1))
+                made.add(d)
+
+    for target, kind, src, ro in entries:
+        rel = "/".join(_parts(target))
+        parents(rel)
+        if kind == "symlink":
+            ops.append((OP_SYMLINK, rel, src, -1))
+        elif kind == "bind":
+            if host.is_dir.get(target, True):
+                ops.append((OP_MKDIR, rel, "", -1))
+            else:
+                ops.append((OP_FILE, rel, "", -1))
+            binds.append((src, ro))
+            ops.append((OP_MOVE, rel, "", len(binds) - 1))
+        elif kind == "tmpfs":
+            ops.append((OP_MKDIR, rel, "", -1))
+            ops.append((OP_TMPFS, rel, src, -1))
+        elif kind == "proc":
+            ops.append((OP_MKDIR, rel, "", -1))
+            ops.append((OP_PROC, rel, "", -1))
+        made.add(rel)
+    if "dev" in made:
+        for link, to in DEV_LINKS.items():
+            ops.append((OP_SYMLINK, link, to, -1))
+    return RootPlan(staging=staging, binds=tuple(binds), ops=tuple(ops), private_tmp=private_tmp)
+
+
+def plan_landlock(policy: Policy, host: Host, workdir: str, mount_proc: bool,
+                  private_tmp: bool = False) -> LandlockPlan | None:
     abi = host.features.landlock_abi
     if abi <= 0:
         return None
@@ -235,8 +325,8 @@ def plan_landlock(policy: Policy, host: Host, workdir: str, mount_proc: bool) ->
 
     def add(path: str, rights: int) -> None:
         if path not in host.is_dir:
-            raise SandboxSetupError("plan", errno.ENOENT, path,
-                                    "a path named by the policy does not exist on this host")
+            field = "fs.read_write" if path in policy.fs.read_write else "fs.read_only"
+            raise PolicyError(field, path, "a path that exists on this host")
         if not host.is_dir[path]:
             rights &= _FILE_RIGHTS  # Landlock refuses directory rights on files
         paths[path] = paths.get(path, 0) | (rights & hfs)
@@ -251,6 +341,8 @@ def plan_landlock(policy: Policy, host: Host, workdir: str, mount_proc: bool) ->
             add(dev, rights)
     if mount_proc:
         paths["/proc"] = (FS_READ_FILE | FS_READ_DIR) & hfs
+    if private_tmp:
+        paths["/tmp"] = (RW & ~FS_EXECUTE) & hfs  # the sandbox's own tmpfs
 
     handled_net = 0
     ports: list[tuple[int, int]] = []
@@ -312,29 +404,9 @@ def plan_spawn(policy: Policy, host: Host, *, argv: tuple[str, ...], exe: str, w
 
     mount_ns = bool(flags & _kernel.CLONE_NEWNS)
     mount_proc = mount_ns and bool(flags & _kernel.CLONE_NEWPID)
-    hide: list[str] = []
-    rebind = None
-    mkdir: list[str] = []
-    if mount_ns:
-        named = policy.fs.read_only + policy.fs.read_write
-        for h in policy.fs.hide:
-            if not host.is_dir.get(h, False):
-                continue  # nothing to hide
-            if any(_beneath(p, h) for p in named):
-                continue  # the policy grants something below it: keep the host's view
-            hide.append(h)
-        holders = [h for h in hide if _beneath(workdir, h) and workdir != h]
-        if holders:
-            rebind = workdir
-            top = holders[0]
-            rel = os.path.relpath(workdir, top).split(os.sep)
-            cur = top
-            for part in rel:
-                cur = os.path.join(cur, part)
-                mkdir.append(cur)
-        hide = [h for h in hide if h != workdir]
-    elif policy.fs.hide:
-        degraded.append("host /tmp and /run stay visible (no mount namespace)")
+    root = plan_root(policy, host, workdir, mount_proc) if mount_ns else None
+    if not mount_ns:
+        degraded.append("the host's filesystem stays visible (no mount namespace): Landlock alone guards it")
 
     env = dict(policy.env)
     env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
@@ -344,15 +416,14 @@ def plan_spawn(policy: Policy, host: Host, *, argv: tuple[str, ...], exe: str, w
     if extra_env:
         env.update(extra_env)
 
-    ll = plan_landlock(policy, host, workdir, mount_proc)
+    ll = plan_landlock(policy, host, workdir, mount_proc, private_tmp=bool(root and root.private_tmp))
     if ll is None:
         degraded.append(f"Landlock unavailable ({f.landlock_reason})")
     return SpawnPlan(
         argv=tuple(argv), exe=exe, env=tuple(sorted(env.items())), cwd=workdir,
         clone_flags=flags, uid_map=uid_map, gid_map=gid_map, deny_setgroups=deny_setgroups,
         drop_groups=drop_groups, uid=uid, gid=gid, creds_late=creds_late,
-        host_uid=host_uid, host_gid=host_gid, mount_ns=mount_ns, mount_proc=mount_proc,
-        hide=tuple(hide), rebind=rebind, mkdir=tuple(mkdir),
+        host_uid=host_uid, host_gid=host_gid, mount_ns=mount_ns, mount_proc=mount_proc, new_root=root,
         loopback_up=bool(flags & _kernel.CLONE_NEWNET) and policy.net.mode == "loopback",
         hostname="zviz" if flags & _kernel.CLONE_NEWUTS else None,
         rlimits=_rlimits(policy, host, userns), landlock=ll, degraded=tuple(degraded),

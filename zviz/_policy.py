@@ -131,26 +131,27 @@ class Syscalls:
 class Filesystem:
     """Paths the code may reach. The sandbox's workdir is always read-write.
 
+    The sandbox's filesystem is a new, empty root holding only these paths
+    (bind mounts at the same places), the workdir, /proc, a few devices and a
+    private /tmp: nothing else of the host exists in there, its unix sockets
+    included. Landlock enforces the same rights again, in the kernel.
+
     `read_only`: read and execute beneath these paths. `read_write`: also create,
-    change and remove. `hide`: host directories covered by an empty tmpfs in the
-    sandbox's mount namespace (their host contents, unix sockets included, are
-    out of reach); a hidden path that holds the workdir keeps the workdir.
+    change and remove. `tmp_size`: size of the private /tmp (a tmpfs; None:
+    no /tmp at all).
     """
 
     read_only: tuple[str, ...] = ()
     read_write: tuple[str, ...] = ()
-    hide: tuple[str, ...] = ("/run", "/tmp", "/var/tmp", "/dev/shm")
+    tmp_size: int | None = attrs.field(default=64 * 1024**2, converter=lambda v: parse_size("fs.tmp_size", v))
 
     def __attrs_post_init__(self) -> None:
         object.__setattr__(self, "read_only", _paths("fs.read_only", self.read_only))
         object.__setattr__(self, "read_write", _paths("fs.read_write", self.read_write))
-        object.__setattr__(self, "hide", _paths("fs.hide", self.hide))
-        if len(self.hide) > 12:
-            raise PolicyError("fs.hide", self.hide, "at most 12 paths")
-        if "/" in self.hide:
-            raise PolicyError("fs.hide", "/", "directories below '/', not '/' itself")
-        if len(self.read_only) + len(self.read_write) > 200:
-            raise PolicyError("fs", len(self.read_only) + len(self.read_write), "at most 200 paths")
+        if "/" in self.read_write:
+            raise PolicyError("fs.read_write", "/", "directories below '/', not the whole filesystem")
+        if len(self.read_only) + len(self.read_write) > 48:
+            raise PolicyError("fs", len(self.read_only) + len(self.read_write), "at most 48 paths")
 
 
 @attrs.frozen(kw_only=True)
@@ -441,7 +442,7 @@ class Policy:
             "name": self.name,
             "syscalls": {"allow": list(self.syscalls.allow), "allow_dangerous": self.syscalls.allow_dangerous},
             "fs": {"read_only": list(self.fs.read_only), "read_write": list(self.fs.read_write),
-                   "hide": list(self.fs.hide)},
+                   "tmp_size": self.fs.tmp_size if self.fs.tmp_size is not None else False},
             "net": {"mode": self.net.mode, "allow": [str(e) for e in self.net.allow]},
             "limits": lim | {k: False for k, v in attrs.asdict(self.limits).items() if v is None},
             "env": dict(self.env),

@@ -91,7 +91,7 @@ def _base_spec(fd: int) -> dict:
         argv=[b"/bin/true"], envp=[], exe=b"/bin/true", cwd=b"/", stdin=fd, stdout=fd, stderr=fd,
         init_fd=-1, status_fd=-1,
         clone_flags=0, uid_map=None, gid_map=None, deny_setgroups=False, mount_ns=False,
-        mount_proc=False, hide=[], rebind=None, mkdir=[], loopback_up=False, setsid=False, creds_late=False,
+        mount_proc=False, new_root=False, staging=None, binds=[], mount_ops=[], loopback_up=False, setsid=False, creds_late=False,
         drop_groups=False, hostname=None, uid=-1, gid=-1, rlimits=[], landlock_abi=0, ll_fs=0,
         ll_net=0, ll_scoped=0, ll_paths=[], ll_ports=[], bpf=b"", seccomp_flags=0, pdeathsig=0,
     )

@@ -261,22 +261,25 @@ class Sandbox:
     def _prepare(self) -> None:
         f = self._features
         self._init = _kernel.init_fd()
-        names = set(self.policy.fs.read_only) | set(self.policy.fs.read_write) | set(self.policy.fs.hide)
-        names |= set(_plan.DEVICES) | {self.workdir}
-        is_dir = {}
+        names = set(self.policy.fs.read_only) | set(self.policy.fs.read_write)
+        names |= set(_plan.DEVICES) | {self.workdir} | set(_plan.STAGING)
+        is_dir, links = {}, {}
         for p in names:
             try:
                 st = os.stat(p)
             except OSError:
                 continue
             is_dir[p] = stat.S_ISDIR(st.st_mode)
+            if os.path.islink(p):
+                links[p] = os.path.realpath(p)
         for field, paths in (("fs.read_only", self.policy.fs.read_only), ("fs.read_write", self.policy.fs.read_write)):
             for p in paths:
                 if p not in is_dir:
                     raise PolicyError(field, p, "a path that exists on this host")
         hard = {name: resource.getrlimit(num)[1] for name, num in _plan.RLIMIT.items()}
         hard = {k: (_plan.INFINITY if v == resource.RLIM_INFINITY else v) for k, v in hard.items()}
-        self._host = _plan.Host(features=f, euid=os.geteuid(), egid=os.getegid(), is_dir=is_dir, rlimit_hard=hard)
+        self._host = _plan.Host(features=f, euid=os.geteuid(), egid=os.getegid(), is_dir=is_dir, links=links,
+                                rlimit_hard=hard)
         notify = f.seccomp_notify
         self._filter = _bpf.compile_filter(_bpf.FilterSpec(
             allow=self.policy.syscalls.names(), net_mode=self.policy.net.mode, notify=notify))

@@ -15,8 +15,8 @@
  *   clone(CLONE_VM | CLONE_NEW* |       reset signal dispositions
  *         CLONE_PIDFD)                  1  sync: wait for "go" (id maps written)
  *   write setgroups/uid_map/gid_map     2  credentials: setgroups, setresgid, setresuid
- *   send "go"                           3  mounts: / private, fresh /proc, tmpfs over
- *   read error pipe until EOF (exec)       hidden paths, workdir carried over
+ *   send "go"                           3  mounts: / private; a new root (tmpfs) holding
+ *   read error pipe until EOF (exec)       only the policy's paths, fresh /proc; pivot_root
  *   receive the seccomp listener           loopback up (net ns), hostname
  *                                       4  rlimits, setsid, pdeathsig
  *                                       5  no_new_privs, Landlock (rules, restrict)
@@ -80,6 +80,15 @@
 #define OPEN_TREE_CLONE_ 1
 #define AT_RECURSIVE_ 0x8000
 #define MOVE_MOUNT_F_EMPTY_PATH_ 0x00000004
+#ifndef SYS_mount_setattr
+#define SYS_mount_setattr 442
+#endif
+#define MOUNT_ATTR_RDONLY_ 0x00000001
+#define MOUNT_ATTR_NOSUID_ 0x00000002
+#define MOUNT_ATTR_NODEV_ 0x00000004
+struct mount_attr_ {
+    uint64_t attr_set, attr_clr, propagation, userns_fd;
+};
 #define LL_EXECUTE (1ULL << 0)
 #define LL_READ_FILE (1ULL << 2)
 #define LL_CREATE_RULESET_VERSION (1U << 0)
@@ -144,9 +153,11 @@ rsys(long n, long a, long b, long c, long d, long e, long f)
 enum {
     STEP_SYNC = 1,
     STEP_MOUNT_PRIVATE,
+    STEP_MOUNT_BIND,
+    STEP_MOUNT_ROOT,
+    STEP_MOUNT_OP,
     STEP_MOUNT_PROC,
-    STEP_MOUNT_HIDE,
-    STEP_MOUNT_REBIND,
+    STEP_PIVOT_ROOT,
     STEP_LOOPBACK,
     STEP_HOSTNAME,
     STEP_SETGROUPS,
@@ -169,7 +180,9 @@ enum {
 };
 
 #define MAX_RLIMITS 16
-#define MAX_HIDE 16
+#define MAX_SRC 64
+#define MAX_OPS 256
+enum { OP_MKDIR = 1, OP_SYMLINK, OP_FILE, OP_MOVE, OP_PROC, OP_TMPFS };
 #define MAX_LL_PATHS 256
 #define MAX_LL_PORTS 64
 
@@ -184,11 +197,16 @@ struct plan {
     int status_fd; /* write end of the init's status pipe, placed on fd 3 */
     int go_r, err_w, listener_sock;
     int mount_ns, mount_proc, loopback_up, setsid, creds_late;
-    int n_hide;
-    const char *hide[MAX_HIDE];
-    const char *rebind; /* workdir to carry over the hidden paths, or NULL */
-    int n_mkdir;
-    const char *mkdir[MAX_HIDE];
+    int new_root;
+    const char *staging;
+    int n_src;
+    const char *src[MAX_SRC];
+    int src_ro[MAX_SRC];
+    int n_ops;
+    int op_kind[MAX_OPS];
+    const char *op_path[MAX_OPS];
+    const char *op_arg[MAX_OPS];
+    int op_src[MAX_OPS];
     const char *hostname;
     int drop_groups;
     long uid, gid; /* -1: leave as is */
@@ -319,33 +337,67 @@ child_main(void *arg)
     if (!p->creds_late)
         set_creds(p);
 
-    /* 3. Mounts (in our own mount namespace; never propagated to the host). */
+    /* 3. Mounts, in our own mount namespace (never propagated to the host).
+     * With a new root: the sandbox's whole filesystem is a fresh tmpfs holding
+     * only what the plan lists (bind mounts of the policy's paths, the
+     * workdir, a few device nodes, a fresh /proc, a private /tmp); everything
+     * else on the host, its unix sockets included, does not exist in here.
+     * Sources are cloned (open_tree) before anything is covered, then the
+     * tmpfs goes on the staging directory, is populated, and becomes / by
+     * pivot_root(".", "."). */
     if (p->mount_ns) {
         CHECK(R5(SYS_mount, NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL), STEP_MOUNT_PRIVATE, -1);
-        if (p->mount_proc)
+        if (p->new_root) {
+            int srcfd[MAX_SRC];
+            for (int i = 0; i < p->n_src; i++) {
+                CHECK(srcfd[i] = R3(SYS_open_tree, AT_FDCWD, p->src[i],
+                                    OPEN_TREE_CLONE_ | O_CLOEXEC | AT_RECURSIVE_),
+                      STEP_MOUNT_BIND, i);
+                if (p->src_ro[i]) {
+                    struct mount_attr_ ma = {MOUNT_ATTR_RDONLY_ | MOUNT_ATTR_NOSUID_ | MOUNT_ATTR_NODEV_, 0, 0, 0};
+                    CHECK(R5(SYS_mount_setattr, srcfd[i], "", AT_EMPTY_PATH | AT_RECURSIVE_, &ma, sizeof ma),
+                          STEP_MOUNT_BIND, i);
+                }
+            }
+            CHECK(R5(SYS_mount, "tmpfs", p->staging, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m,nr_inodes=4096"),
+                  STEP_MOUNT_ROOT, -1);
+            CHECK(R1(SYS_chdir, p->staging), STEP_MOUNT_ROOT, -1);
+            for (int i = 0; i < p->n_ops; i++) {
+                const char *path = p->op_path[i];
+                switch (p->op_kind[i]) {
+                case OP_MKDIR:
+                    r = R2(SYS_mkdir, path, 0755);
+                    if (r < 0 && r != -EEXIST)
+                        child_fail(p, STEP_MOUNT_OP, r, i);
+                    break;
+                case OP_SYMLINK:
+                    CHECK(R2(SYS_symlink, p->op_arg[i], path), STEP_MOUNT_OP, i);
+                    break;
+                case OP_FILE:
+                    CHECK(r = R4(SYS_openat, AT_FDCWD, path, O_CREAT | O_WRONLY | O_CLOEXEC, 0644), STEP_MOUNT_OP, i);
+                    R1(SYS_close, r);
+                    break;
+                case OP_MOVE:
+                    CHECK(R5(SYS_move_mount, srcfd[p->op_src[i]], "", AT_FDCWD, path, MOVE_MOUNT_F_EMPTY_PATH_),
+                          STEP_MOUNT_OP, i);
+                    R1(SYS_close, srcfd[p->op_src[i]]);
+                    break;
+                case OP_PROC:
+                    CHECK(R5(SYS_mount, "proc", path, "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL),
+                          STEP_MOUNT_PROC, i);
+                    break;
+                case OP_TMPFS:
+                    CHECK(R5(SYS_mount, "tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, p->op_arg[i]),
+                          STEP_MOUNT_OP, i);
+                    break;
+                }
+            }
+            CHECK(R2(SYS_pivot_root, ".", "."), STEP_PIVOT_ROOT, -1);
+            CHECK(R2(SYS_umount2, ".", MNT_DETACH), STEP_PIVOT_ROOT, -1);
+            CHECK(R1(SYS_chdir, "/"), STEP_PIVOT_ROOT, -1);
+        } else if (p->mount_proc) {
             CHECK(R5(SYS_mount, "proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL),
                   STEP_MOUNT_PROC, -1);
-        /* Hide host paths (unix sockets in /run, other users' files in /tmp)
-         * under empty tmpfs; the workdir, if it lived below one, is carried over
-         * as a detached bind mount taken before the hiding. */
-        int keep = -1;
-        if (p->rebind)
-            CHECK(keep = R3(SYS_open_tree, AT_FDCWD, p->rebind,
-                            OPEN_TREE_CLONE_ | O_CLOEXEC | AT_RECURSIVE_),
-                  STEP_MOUNT_HIDE, -1);
-        for (int i = 0; i < p->n_hide; i++)
-            CHECK(R5(SYS_mount, "tmpfs", p->hide[i], "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
-                     "mode=0755,size=64k"),
-                  STEP_MOUNT_HIDE, i);
-        if (p->rebind) {
-            for (int i = 0; i < p->n_mkdir; i++) {
-                r = R2(SYS_mkdir, p->mkdir[i], 0700);
-                if (r < 0 && r != -EEXIST)
-                    child_fail(p, STEP_MOUNT_REBIND, r, -1);
-            }
-            CHECK(R5(SYS_move_mount, keep, "", AT_FDCWD, p->rebind, MOVE_MOUNT_F_EMPTY_PATH_),
-                  STEP_MOUNT_REBIND, -1);
-            R1(SYS_close, keep);
         }
     }
     if (p->loopback_up) {
@@ -521,7 +573,7 @@ stage_spawn(PyObject *self, PyObject *args)
     struct plan p;
     memset(&p, 0, sizeof p);
     PyObject *keep_argv = NULL, *keep_envp = NULL, *keep_paths = NULL;
-    PyObject *keep_hide = NULL, *keep_mkdir = NULL;
+    PyObject *keep_src = NULL, *keep_ops = NULL;
     void *stack = MAP_FAILED;
     const size_t stack_size = 256 * 1024;
     PyObject *result = NULL;
@@ -536,7 +588,7 @@ stage_spawn(PyObject *self, PyObject *args)
     if (!o_##name) { PyErr_SetString(PyExc_KeyError, #name); goto out; }
     GET(argv) GET(envp) GET(exe) GET(cwd) GET(stdin) GET(stdout) GET(stderr) GET(init_fd) GET(status_fd)
     GET(clone_flags) GET(uid_map) GET(gid_map) GET(deny_setgroups) GET(mount_ns) GET(mount_proc)
-    GET(hide) GET(rebind) GET(mkdir)
+    GET(new_root) GET(staging) GET(binds) GET(mount_ops)
     GET(loopback_up) GET(setsid) GET(creds_late) GET(drop_groups) GET(hostname) GET(uid) GET(gid)
     GET(rlimits) GET(landlock_abi) GET(ll_fs) GET(ll_net) GET(ll_scoped) GET(ll_paths)
     GET(ll_ports) GET(bpf) GET(seccomp_flags) GET(pdeathsig)
@@ -561,22 +613,53 @@ stage_spawn(PyObject *self, PyObject *args)
     deny_setgroups = PyObject_IsTrue(o_deny_setgroups);
     p.mount_ns = PyObject_IsTrue(o_mount_ns);
     p.mount_proc = PyObject_IsTrue(o_mount_proc);
-    if (o_rebind != Py_None && !(p.rebind = PyBytes_AsString(o_rebind)))
+    p.new_root = PyObject_IsTrue(o_new_root);
+    if (o_staging != Py_None && !(p.staging = PyBytes_AsString(o_staging)))
         goto out;
-    if (!(keep_hide = PySequence_Fast(o_hide, "hide")) || !(keep_mkdir = PySequence_Fast(o_mkdir, "mkdir")))
-        goto out;
-    if (PySequence_Fast_GET_SIZE(keep_hide) > MAX_HIDE || PySequence_Fast_GET_SIZE(keep_mkdir) > MAX_HIDE) {
-        PyErr_SetString(PyExc_ValueError, "too many hidden paths (max 16)");
-        goto out;
+    {
+        keep_src = PySequence_Fast(o_binds, "binds");
+        if (!keep_src)
+            goto out;
+        Py_ssize_t n = PySequence_Fast_GET_SIZE(keep_src);
+        if (n > MAX_SRC) {
+            PyErr_SetString(PyExc_ValueError, "too many bind mounts (max 64)");
+            goto out;
+        }
+        for (Py_ssize_t i = 0; i < n; i++) {
+            const char *src;
+            int ro;
+            if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(keep_src, i), "yp", &src, &ro))
+                goto out;
+            p.src[i] = src;
+            p.src_ro[i] = ro;
+        }
+        p.n_src = n;
     }
-    p.n_hide = PySequence_Fast_GET_SIZE(keep_hide);
-    for (int i = 0; i < p.n_hide; i++)
-        if (!(p.hide[i] = PyBytes_AsString(PySequence_Fast_GET_ITEM(keep_hide, i))))
+    {
+        keep_ops = PySequence_Fast(o_mount_ops, "mount_ops");
+        if (!keep_ops)
             goto out;
-    p.n_mkdir = PySequence_Fast_GET_SIZE(keep_mkdir);
-    for (int i = 0; i < p.n_mkdir; i++)
-        if (!(p.mkdir[i] = PyBytes_AsString(PySequence_Fast_GET_ITEM(keep_mkdir, i))))
+        Py_ssize_t n = PySequence_Fast_GET_SIZE(keep_ops);
+        if (n > MAX_OPS) {
+            PyErr_SetString(PyExc_ValueError, "too many mount operations (max 256)");
             goto out;
+        }
+        for (Py_ssize_t i = 0; i < n; i++) {
+            int kind, src;
+            const char *path, *arg;
+            if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(keep_ops, i), "iyyi", &kind, &path, &arg, &src))
+                goto out;
+            if (kind == OP_MOVE && (src < 0 || src >= p.n_src)) {
+                PyErr_SetString(PyExc_ValueError, "mount op names a bind that does not exist");
+                goto out;
+            }
+            p.op_kind[i] = kind;
+            p.op_path[i] = path;
+            p.op_arg[i] = arg;
+            p.op_src[i] = src;
+        }
+        p.n_ops = n;
+    }
     p.loopback_up = PyObject_IsTrue(o_loopback_up);
     p.setsid = PyObject_IsTrue(o_setsid);
     p.creds_late = PyObject_IsTrue(o_creds_late);
@@ -830,8 +913,8 @@ out:
     Py_XDECREF(keep_argv);
     Py_XDECREF(keep_envp);
     Py_XDECREF(keep_paths);
-    Py_XDECREF(keep_hide);
-    Py_XDECREF(keep_mkdir);
+    Py_XDECREF(keep_src);
+    Py_XDECREF(keep_ops);
     if (stack != MAP_FAILED)
         munmap(stack, stack_size);
     return result;
