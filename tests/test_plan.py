@@ -135,7 +135,9 @@ def test_rlimits_clamped_to_host_ceiling():
 def test_env_is_clean_and_points_home_at_workdir():
     p = plan(Policy(env={"PATH": "/usr/bin", "X": "1"}))
     env = dict(p.env)
-    assert env == {"PATH": "/usr/bin", "X": "1", "HOME": "/tmp/zviz-w", "TMPDIR": "/tmp/zviz-w", "PWD": "/tmp/zviz-w"}
+    assert env == {"PATH": "/usr/bin", "X": "1", "HOME": "/tmp/zviz-w", "PWD": "/tmp/zviz-w"}
+    p = plan(Policy(env={"PATH": "/usr/bin"}, fs=Filesystem(tmp_size=None)))
+    assert dict(p.env)["TMPDIR"] == "/tmp/zviz-w"  # no private /tmp: temp files in the workdir
 
 
 def test_steps_read_in_order():

@@ -411,7 +411,8 @@ def plan_spawn(policy: Policy, host: Host, *, argv: tuple[str, ...], exe: str, w
     env = dict(policy.env)
     env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
     env.setdefault("HOME", workdir)
-    env.setdefault("TMPDIR", workdir)
+    if not (root and root.private_tmp):
+        env.setdefault("TMPDIR", workdir)  # no private /tmp: temp files go to the workdir
     env["PWD"] = workdir
     if extra_env:
         env.update(extra_env)

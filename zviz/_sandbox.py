@@ -519,12 +519,15 @@ class Sandbox:
         finally:
             os.close(dirfd)
 
-    async def write_file(self, relpath: str, data: bytes) -> None:
-        """Write `data` to `relpath` in the workdir (parents created)."""
+    async def write_file(self, relpath: str, data: bytes, *, mode: int = 0o644) -> None:
+        """Write `data` to `relpath` in the workdir (parents created). `mode`
+        0o755 makes it executable; set-id bits are refused."""
         self._check_open()
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError("data must be bytes")
-        fd = self._open_beneath(relpath, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        if not isinstance(mode, int) or mode & ~0o777:
+            raise PolicyError("mode", mode, "permission bits within 0o777 (no set-id, no sticky)")
+        fd = self._open_beneath(relpath, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise SandboxSetupError("write-file", errno.EINVAL, relpath, "not a regular file")
@@ -535,6 +538,7 @@ class Sandbox:
             uid = self._host_uid()
             if uid != os.geteuid():
                 os.fchown(fd, uid, uid)
+            os.fchmod(fd, mode)
         finally:
             os.close(fd)
         await anyio.lowlevel.checkpoint()

@@ -1,0 +1,785 @@
+#!/usr/bin/env python3
+"""zviz benchmark suite: zviz against the same command run bare, from the same process.
+
+    .venv/bin/python benchmarks/run.py [--quick] [--out DIR] [--monitor]
+
+Every measurement is interleaved A B A B ... in one run (A = the command
+spawned unsandboxed with `trio.run_process` from this process, B = the same
+command through `zviz.open_sandbox(zviz.Policy.python())`), so drift of the
+machine (frequency, page cache, noisy neighbours) hits both sides alike. Each
+figure is reported as a median with its spread (p10/p90), and as a ratio or a
+difference to the bare median.
+
+Workloads (shared/bench/README.md; every python workload runs under Debian's
+/usr/bin/python3, in and out of the sandbox):
+
+  W0  /bin/true                    spawn overhead (ms), plus the C spawn path alone
+                                   (SandboxStatistics.spawn_s_total per spawn)
+  W1  python3 -c 'print(1)'        interpreter start
+  W2  python3 w2_agent_snippet.py  a typical agent tool call (ratio)
+  W3  python3 w3_syscall_heavy.py  its own us_per_iter (ratio)
+  W4  peak memory of W2            the whole process tree's summed PSS
+  throughput                       W1 executions/s at concurrency 1, 2, 8 (, 32)
+  supervisor memory                this process's RSS with N sandboxes open, per sandbox
+
+Results: a Markdown table on stdout and in OUT/results.md, raw numbers in
+OUT/results.json (OUT defaults to benchmarks/results/, which is git-ignored).
+
+Nothing here fails because something is slow: the targets are reported as
+met/MISSED, never asserted. The exit status is non-zero only on a real error
+(a sandbox that cannot be opened, a command that fails or prints the wrong
+thing, a workload that cannot be found).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import hashlib
+import json
+import math
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from pathlib import Path
+
+import trio
+
+import zviz
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+PY = "/usr/bin/python3"  # Debian's CPython, inside and outside the sandbox
+WORKLOADS = ("w2_agent_snippet.py", "w3_syscall_heavy.py")
+RUN_TIMEOUT = 600.0  # only a guard against a hang; slowness is never an error
+
+# The targets this suite reports against (never asserted).
+TARGETS = {
+    "w0_overhead_ms": 1.0,
+    "w2_ratio": 1.05,
+    "w3_ratio": 1.10,
+    "w4_extra_mb": 1.0,
+    "supervisor_mb_per_sandbox": 1.0,
+    "throughput_c8_ratio": 0.9,
+}
+
+
+class BenchError(Exception):
+    """A real error: the benchmark cannot measure what it claims to."""
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def pct(xs: list[float], q: float) -> float:
+    """Percentile with linear interpolation (q in 0..100)."""
+    s = sorted(xs)
+    if not s:
+        return math.nan
+    if len(s) == 1:
+        return s[0]
+    k = (len(s) - 1) * q / 100.0
+    lo, hi = math.floor(k), math.ceil(k)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def summary(xs: list[float]) -> dict:
+    return {"n": len(xs), "median": pct(xs, 50), "p10": pct(xs, 10), "p90": pct(xs, 90),
+            "min": min(xs) if xs else math.nan, "max": max(xs) if xs else math.nan,
+            "mean": statistics.fmean(xs) if xs else math.nan}
+
+
+def spread(s: dict, fmt: str = "{:.2f}") -> str:
+    return f"{fmt.format(s['median'])} [{fmt.format(s['p10'])}, {fmt.format(s['p90'])}]"
+
+
+def ratio(a: float, b: float) -> float:
+    return a / b if b else math.nan
+
+
+# ---------------------------------------------------------------- /proc readers
+
+
+def _rollup(pid: int | str) -> dict[str, int]:
+    """Fields of /proc/PID/smaps_rollup in kB ({} if the process is gone)."""
+    out = {}
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
+            for line in f.read().splitlines()[1:]:
+                parts = line.split()
+                if len(parts) >= 2 and parts[0].endswith(b":"):
+                    out[parts[0][:-1].decode()] = int(parts[1])
+    except (OSError, ValueError):
+        return {}
+    return out
+
+
+def pss_kb(pid: int | str = "self") -> int:
+    return _rollup(pid).get("Pss", 0)
+
+
+def rss_kb() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def descendants(root: int) -> list[int]:
+    """Every live descendant of `root` (not root itself), by scanning /proc ppids."""
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                data = f.read()
+        except OSError:
+            continue
+        # comm may hold spaces or parentheses: the fields start after the last ')'.
+        fields = data[data.rfind(b")") + 2:].split()
+        if len(fields) > 1:
+            children.setdefault(int(fields[1]), []).append(int(name))
+    out, todo = [], list(children.get(root, ()))
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, ()))
+    return out
+
+
+class TreeSampler:
+    """Peak summed PSS of this process's tree, sampled every `interval` s by a
+    thread while armed.
+
+    Method (W4). The bare command and the sandbox are both children of this
+    process: trio.run_process forks the bare python3 directly, and zviz's C
+    stage clones zviz-init (pid 1 of the sandbox's pid namespace), which forks
+    the sandboxed python3. This process is itself the sandbox's supervisor
+    (zviz's supervisor is a trio task in the caller's process), so "the
+    supervisor" below is this benchmark process. Each sample is
+
+        sum(PSS of every descendant of this process)        # the command's tree
+      + (PSS of this process now - PSS of it at `baseline`) # supervisor growth
+
+    where the baseline is read (after gc) right before the sandbox is opened
+    (sandboxed run), or right before the command is spawned (bare run). PSS
+    splits shared pages between the processes mapping them, so the sum counts
+    each page once across the tree; with the growth term, the result is what
+    the whole tree costs beyond what this process cost before. The sampler
+    thread is started, and its stack touched, before any baseline is read, so
+    it is part of the baseline. `desc_kb` (descendants alone) is kept too.
+    """
+
+    def __init__(self, interval: float = 0.002) -> None:
+        self.interval = interval
+        self.root = os.getpid()
+        self._lock = threading.Lock()
+        self._armed = False
+        self._stop = False
+        self._baseline = 0
+        self._peak: dict = {}
+        self._samples = 0
+        self._thread = threading.Thread(target=self._loop, name="pss-sampler", daemon=True)
+
+    def __enter__(self) -> TreeSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop = True
+        self._thread.join()
+
+    def _loop(self) -> None:
+        while not self._stop:
+            with self._lock:
+                if self._armed:
+                    self._sample()
+            time.sleep(self.interval)
+
+    def _sample(self) -> None:
+        pids = descendants(self.root)
+        desc = sum(pss_kb(p) for p in pids)
+        own = pss_kb("self")
+        total = desc + own - self._baseline
+        self._samples += 1
+        if not self._peak or total > self._peak["tree_kb"]:
+            self._peak = {"tree_kb": total, "desc_kb": desc, "own_growth_kb": own - self._baseline,
+                          "processes": len(pids)}
+
+    def arm(self, baseline_kb: int) -> None:
+        with self._lock:
+            self._baseline = baseline_kb
+            self._peak = {}
+            self._samples = 0
+            self._armed = True
+
+    def disarm(self) -> dict:
+        with self._lock:
+            self._armed = False
+            return {**self._peak, "samples": self._samples}
+
+
+# ---------------------------------------------------------------- the harness
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.quick = args.quick
+        self.policy = zviz.Policy.python()
+        self.results: dict = {"meta": {}, "workloads": {}, "throughput": {}, "supervisor_memory": {},
+                              "monitor": None, "targets": {}, "errors": []}
+        self.lines: list[str] = []  # Markdown
+        self.sources: dict[str, bytes] = {}
+        self.bare_dir = tempfile.mkdtemp(prefix="zviz-bench-bare-")
+
+    # ---- setup
+
+    def load_workloads(self) -> None:
+        shared = REPO.parent / "shared" / "bench"
+        where = {}
+        for name in WORKLOADS:
+            for base in (shared, HERE / "workloads"):
+                p = base / name
+                if p.is_file():
+                    self.sources[name] = p.read_bytes()
+                    where[name] = {"path": str(p), "sha256": hashlib.sha256(self.sources[name]).hexdigest()}
+                    break
+            else:
+                raise BenchError(f"workload {name} not found in {shared} nor {HERE / 'workloads'}")
+            (Path(self.bare_dir) / name).write_bytes(self.sources[name])
+        self.results["meta"]["workloads"] = where
+
+    def bare_env(self, workdir: str) -> dict[str, str]:
+        """The environment the sandbox gives a command (zviz/_plan.py), for the bare run."""
+        env = dict(self.policy.env)
+        env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
+        env.update(HOME=workdir, TMPDIR=workdir, PWD=workdir)
+        return env
+
+    async def bare(self, argv: list[str], cwd: str | None = None, capture: bool = True) -> tuple[float, bytes]:
+        """Run bare; returns (wall seconds, stdout)."""
+        cwd = cwd or self.bare_dir
+        t0 = time.perf_counter()
+        if capture:
+            p = await trio.run_process(argv, cwd=cwd, env=self.bare_env(cwd), stdin=subprocess.DEVNULL,
+                                       capture_stdout=True, capture_stderr=True, check=False)
+        else:
+            p = await trio.run_process(argv, check=False)
+        dt = time.perf_counter() - t0
+        if p.returncode != 0:
+            raise BenchError(f"bare {argv} exited {p.returncode}: {(p.stderr or b'')[-500:]!r}")
+        return dt, p.stdout or b""
+
+    async def sandboxed(self, sb: zviz.Sandbox, argv: list[str]) -> tuple[float, bytes]:
+        t0 = time.perf_counter()
+        r = await sb.run(argv, timeout=RUN_TIMEOUT)
+        dt = time.perf_counter() - t0
+        if not r.ok:
+            raise BenchError(f"zviz {argv} failed: status {r.status} limit={r.limit} "
+                             f"denials={dict(r.denials)} stderr={r.stderr[-500:]!r}")
+        return dt, r.stdout
+
+    async def open_sb(self, stack: contextlib.AsyncExitStack, **kw: object) -> zviz.Sandbox:
+        sb = await stack.enter_async_context(zviz.open_sandbox(self.policy, **kw))
+        for name, data in self.sources.items():
+            await sb.write_file(name, data)
+        return sb
+
+    @staticmethod
+    async def interleave(n: int, warmup: int, contenders: dict) -> dict[str, list]:
+        """Call each contender in turn, A B A B ..., `warmup` rounds discarded."""
+        out: dict[str, list] = {k: [] for k in contenders}
+        for i in range(warmup + n):
+            for name, fn in contenders.items():
+                v = await fn()
+                if i >= warmup:
+                    out[name].append(v)
+        return out
+
+    # ---- W0..W3
+
+    async def w0_w3(self) -> None:
+        q = self.quick
+        async with contextlib.AsyncExitStack() as stack:
+            sb = await self.open_sb(stack)
+            wd = sb.workdir
+
+            # W0: the brief's bare baseline is the plain trio.run_process; a
+            # captured variant (sb.run always captures stdout/stderr through
+            # pipes) is reported alongside, for information.
+            n0 = 60 if q else 300
+            await self.interleave(0, 10, {"a": lambda: self.bare(["/bin/true"], capture=False),
+                                          "b": lambda: self.sandboxed(sb, ["/bin/true"])})
+            st0 = sb.statistics()
+            raw = await self.interleave(n0, 0, {
+                "bare": lambda: self.bare(["/bin/true"], capture=False),
+                "zviz": lambda: self.sandboxed(sb, ["/bin/true"]),
+                "bare_captured": lambda: self.bare(["/bin/true"], cwd=wd),
+            })
+            st1 = sb.statistics()
+            spawns = st1.processes_started - st0.processes_started
+            w0 = {k: [v[0] * 1e3 for v in vs] for k, vs in raw.items()}
+            self.results["workloads"]["W0"] = {
+                "unit": "ms", "samples": w0, "summary": {k: summary(v) for k, v in w0.items()},
+                "spawn_path_ms_per_spawn": (st1.spawn_s_total - st0.spawn_s_total) / spawns * 1e3,
+                "spawns": spawns,
+            }
+            print(f"W0 done ({n0} rounds)", flush=True)
+
+            # W1
+            n1 = 20 if q else 60
+            w1cmd = [PY, "-c", "print(1)"]
+
+            async def check1(fn):  # type: ignore[no-untyped-def]
+                dt, out = await fn()
+                if out != b"1\n":
+                    raise BenchError(f"W1 printed {out!r}")
+                return dt * 1e3
+
+            raw = await self.interleave(n1, 3, {"bare": lambda: check1(lambda: self.bare(w1cmd, cwd=wd)),
+                                                "zviz": lambda: check1(lambda: self.sandboxed(sb, w1cmd))})
+            self.results["workloads"]["W1"] = {"unit": "ms", "samples": raw,
+                                               "summary": {k: summary(v) for k, v in raw.items()}}
+            print(f"W1 done ({n1} rounds)", flush=True)
+
+            # W2 (the same file, in the sandbox's workdir, for both)
+            n2 = 8 if q else 25
+            w2cmd = [PY, os.path.join(wd, "w2_agent_snippet.py")]
+
+            async def run2(fn):  # type: ignore[no-untyped-def]
+                dt, out = await fn()
+                try:
+                    doc = json.loads(out)
+                except ValueError:
+                    raise BenchError(f"W2 printed no JSON: {out[-300:]!r}") from None
+                if doc.get("_rows") != 20_000:
+                    raise BenchError(f"W2 printed {doc!r}")
+                return dt * 1e3, doc["_compute_ms"]
+
+            raw = await self.interleave(n2, 2, {"bare": lambda: run2(lambda: self.bare(w2cmd, cwd=wd)),
+                                                "zviz": lambda: run2(lambda: self.sandboxed(sb, w2cmd))})
+            wall = {k: [v[0] for v in vs] for k, vs in raw.items()}
+            comp = {k: [v[1] for v in vs] for k, vs in raw.items()}
+            self.results["workloads"]["W2"] = {
+                "unit": "ms", "samples": wall, "summary": {k: summary(v) for k, v in wall.items()},
+                "compute_ms": {"samples": comp, "summary": {k: summary(v) for k, v in comp.items()}},
+                "pair_ratios": summary([z / b for b, z in zip(wall["bare"], wall["zviz"])]),
+            }
+            print(f"W2 done ({n2} rounds)", flush=True)
+
+            # W3
+            n3 = 7 if q else 20
+            w3cmd = [PY, os.path.join(wd, "w3_syscall_heavy.py")]
+
+            async def run3(fn):  # type: ignore[no-untyped-def]
+                dt, out = await fn()
+                try:
+                    doc = json.loads(out)
+                    return doc["us_per_iter"], dt * 1e3
+                except (ValueError, KeyError):
+                    raise BenchError(f"W3 printed {out[-300:]!r}") from None
+
+            raw = await self.interleave(n3, 2, {"bare": lambda: run3(lambda: self.bare(w3cmd, cwd=wd)),
+                                                "zviz": lambda: run3(lambda: self.sandboxed(sb, w3cmd))})
+            us = {k: [v[0] for v in vs] for k, vs in raw.items()}
+            wall = {k: [v[1] for v in vs] for k, vs in raw.items()}
+            self.results["workloads"]["W3"] = {
+                "unit": "us/iter", "samples": us, "summary": {k: summary(v) for k, v in us.items()},
+                "wall_ms": {"samples": wall, "summary": {k: summary(v) for k, v in wall.items()}},
+                "pair_ratios": summary([z / b for b, z in zip(us["bare"], us["zviz"])]),
+            }
+            stats = sb.statistics()
+            self.results["workloads"]["sandbox_statistics"] = {
+                "processes_started": stats.processes_started, "notifications": stats.notifications,
+                "denials": dict(stats.denials), "degraded": list(stats.degraded),
+                "spawn_s_total": stats.spawn_s_total,
+            }
+            print(f"W3 done ({n3} rounds)", flush=True)
+
+    # ---- W4
+
+    async def w4(self) -> None:
+        n = 3 if self.quick else 8
+        w2 = self.sources["w2_agent_snippet.py"]
+        with TreeSampler() as sampler:
+            await trio.sleep(0.05)  # the sampler thread is up (and in every baseline)
+
+            async def bare_rep() -> dict:
+                gc.collect()
+                base = pss_kb()
+                sampler.arm(base)
+                await self.bare([PY, os.path.join(self.bare_dir, "w2_agent_snippet.py")])
+                await trio.sleep(0)
+                return sampler.disarm()
+
+            async def zviz_rep() -> dict:
+                gc.collect()
+                base = pss_kb()  # before the sandbox is opened
+                async with zviz.open_sandbox(self.policy) as sb:
+                    await sb.write_file("w2_agent_snippet.py", w2)
+                    sampler.arm(base)
+                    await self.sandboxed(sb, [PY, os.path.join(sb.workdir, "w2_agent_snippet.py")])
+                    return sampler.disarm()
+
+            raw = await self.interleave(n, 1, {"bare": bare_rep, "zviz": zviz_rep})
+        tree = {k: [v["tree_kb"] / 1024 for v in vs] for k, vs in raw.items()}
+        desc = {k: [v["desc_kb"] / 1024 for v in vs] for k, vs in raw.items()}
+        self.results["workloads"]["W4"] = {
+            "unit": "MB (PSS, 1 MB = 1024 kB)", "samples": tree, "summary": {k: summary(v) for k, v in tree.items()},
+            "descendants_only": {"samples": desc, "summary": {k: summary(v) for k, v in desc.items()}},
+            "peaks": raw,
+        }
+        print(f"W4 done ({n} rounds)", flush=True)
+
+    # ---- throughput
+
+    async def throughput(self) -> None:
+        levels = [1, 2, 8] if self.quick else [1, 2, 8, 32]
+        rounds = 3 if self.quick else 5
+        duration = 0.5 if self.quick else 1.2
+        w1cmd = [PY, "-c", "print(1)"]
+
+        async def batch(runners: list) -> float:
+            done = 0
+            deadline = time.perf_counter() + duration
+
+            async def worker(run) -> None:  # type: ignore[no-untyped-def]
+                nonlocal done
+                while time.perf_counter() < deadline:
+                    _dt, out = await run()
+                    if out != b"1\n":
+                        raise BenchError(f"W1 printed {out!r}")
+                    done += 1
+
+            t0 = time.perf_counter()
+            async with trio.open_nursery() as nursery:
+                for r in runners:
+                    nursery.start_soon(worker, r)
+            return done / (time.perf_counter() - t0)
+
+        for c in levels:
+            async with contextlib.AsyncExitStack() as stack:
+                per_worker = [await self.open_sb(stack) for _ in range(c)]
+                shared = await self.open_sb(stack)
+                contenders = {
+                    "bare": lambda: batch([lambda: self.bare(w1cmd)] * c),
+                    "zviz": lambda: batch([(lambda sb=sb: self.sandboxed(sb, w1cmd)) for sb in per_worker]),
+                    "zviz_shared": lambda: batch([lambda: self.sandboxed(shared, w1cmd)] * c),
+                }
+                raw = await self.interleave(rounds, 1, contenders)
+            self.results["throughput"][str(c)] = {"unit": "executions/s", "samples": raw,
+                                                  "summary": {k: summary(v) for k, v in raw.items()}}
+            print(f"throughput c={c} done", flush=True)
+
+    # ---- supervisor memory per sandbox
+
+    async def supervisor_memory(self) -> None:
+        ns = [1, 10, 50] if self.quick else [1, 10, 50, 200]
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = min(hard, 65536) if hard != resource.RLIM_INFINITY else 65536
+        if soft < want:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        sleep = ["/bin/sleep", "3600"]
+
+        # One sandbox opened, used and closed first: one-time costs (the
+        # kernel probe, the compiled filter cache, lazy imports) are not
+        # per-sandbox costs.
+        gc.collect()
+        cold_rss = rss_kb()
+        async with zviz.open_sandbox(self.policy) as sb:
+            p = await sb.start(sleep, stdin=False, stdout=False, stderr=False)
+            p.kill()
+            await p.wait()
+        gc.collect()
+        await trio.sleep(0.05)
+        base_rss, base_pss = rss_kb(), pss_kb()
+        rows = []
+        open_ms = []
+        async with contextlib.AsyncExitStack() as stack:
+            opened = 0
+            prev_n, prev_rss = 0, base_rss
+            for n in ns:
+                while opened < n:
+                    t0 = time.perf_counter()
+                    sb = await stack.enter_async_context(zviz.open_sandbox(self.policy))
+                    open_ms.append((time.perf_counter() - t0) * 1e3)
+                    await sb.start(sleep, stdin=False, stdout=False, stderr=False)
+                    opened += 1
+                gc.collect()
+                await trio.sleep(0.05)
+                r, p = rss_kb(), pss_kb()
+                kids = descendants(os.getpid())
+                kids_pss = sum(pss_kb(k) for k in kids)
+                rows.append({
+                    "sandboxes": n, "rss_kb": r, "rss_growth_kb": r - base_rss, "pss_growth_kb": p - base_pss,
+                    "rss_kb_per_sandbox": (r - base_rss) / n,
+                    "marginal_rss_kb_per_sandbox": (r - prev_rss) / (n - prev_n),
+                    "sandbox_processes": len(kids), "sandbox_tree_pss_kb_per_sandbox": kids_pss / n,
+                    "open_fds": len(os.listdir("/proc/self/fd")),
+                })
+                prev_n, prev_rss = n, r
+                print(f"supervisor memory N={n} done", flush=True)
+            t0 = time.perf_counter()
+        close_all_ms = (time.perf_counter() - t0) * 1e3
+        self.results["supervisor_memory"] = {
+            "unit": "kB", "cold_first_sandbox_rss_kb": base_rss - cold_rss, "base_rss_kb": base_rss,
+            "rows": rows, "open_ms": summary(open_ms), "close_all_ms": close_all_ms,
+        }
+
+    # ---- monitor (optional)
+
+    async def monitor(self) -> None:
+        try:
+            async with zviz.open_sandbox(self.policy, monitor=True) as sb:
+                await sb.run(["/bin/true"], timeout=RUN_TIMEOUT)
+        except Exception as e:  # noqa: BLE001 - zviz.ebpf may not exist yet: reported, not fatal
+            reason = f"{type(e).__name__}: {e}".strip()
+            print(f"monitor: unavailable ({reason})", flush=True)
+            self.results["monitor"] = {"available": False, "reason": reason}
+            return
+        n0, n2 = (30, 5) if self.quick else (150, 15)
+        async with contextlib.AsyncExitStack() as stack:
+            sb = await self.open_sb(stack)
+            mon = await self.open_sb(stack, monitor=True)
+            raw0 = await self.interleave(n0, 5, {
+                "bare": lambda: self.bare(["/bin/true"], capture=False),
+                "zviz": lambda: self.sandboxed(sb, ["/bin/true"]),
+                "zviz_monitor": lambda: self.sandboxed(mon, ["/bin/true"]),
+            })
+            w2 = [PY, os.path.join(sb.workdir, "w2_agent_snippet.py")]
+            w2m = [PY, os.path.join(mon.workdir, "w2_agent_snippet.py")]
+            raw2 = await self.interleave(n2, 1, {
+                "bare": lambda: self.bare(w2, cwd=sb.workdir),
+                "zviz": lambda: self.sandboxed(sb, w2),
+                "zviz_monitor": lambda: self.sandboxed(mon, w2m),
+            })
+        w0 = {k: [v[0] * 1e3 for v in vs] for k, vs in raw0.items()}
+        w2ms = {k: [v[0] * 1e3 for v in vs] for k, vs in raw2.items()}
+        self.results["monitor"] = {
+            "available": True,
+            "W0": {"unit": "ms", "samples": w0, "summary": {k: summary(v) for k, v in w0.items()}},
+            "W2": {"unit": "ms", "samples": w2ms, "summary": {k: summary(v) for k, v in w2ms.items()}},
+        }
+        print("monitor done", flush=True)
+
+    # ---- report
+
+    def report(self) -> str:
+        R = self.results
+        W = R["workloads"]
+        T = R["targets"]
+        md: list[str] = []
+        m = R["meta"]
+        md.append(f"# zviz benchmarks ({'quick' if self.quick else 'full'})\n")
+        md.append(f"{m.get('when')} · host {m.get('host')} · kernel {m.get('kernel')} · {m.get('cpus')} CPUs · "
+                  f"zviz {m.get('zviz')} ({m.get('git')}) · runner Python {m.get('python')} · "
+                  f"commands run by {PY} · policy `Policy.python()`\n")
+        md.append("Medians with [p10, p90]; A B A B interleaved in one run; bare = `trio.run_process` "
+                  "from the same process.\n")
+
+        def met(ok: bool | None) -> str:
+            return "-" if ok is None else ("met" if ok else "**MISSED**")
+
+        md.append("## Latency and memory\n")
+        md.append("| workload | unit | bare | zviz | zviz / bare | zviz - bare | target | |")
+        md.append("|---|---|---|---|---|---|---|---|")
+        if "W0" in W:
+            s = W["W0"]["summary"]
+            over = s["zviz"]["median"] - s["bare"]["median"]
+            T["w0_overhead_ms"] = {"value": over, "target": f"<= {TARGETS['w0_overhead_ms']} ms",
+                                   "met": over <= TARGETS["w0_overhead_ms"]}
+            md.append(f"| W0 `/bin/true` | ms | {spread(s['bare'], '{:.3f}')} | {spread(s['zviz'], '{:.3f}')} | "
+                      f"x{ratio(s['zviz']['median'], s['bare']['median']):.2f} | +{over:.3f} ms | "
+                      f"overhead <= 1 ms | {met(T['w0_overhead_ms']['met'])} |")
+            over_c = s["zviz"]["median"] - s["bare_captured"]["median"]
+            md.append(f"| W0 vs bare with stdout/stderr captured (info) | ms | {spread(s['bare_captured'], '{:.3f}')} | "
+                      f"{spread(s['zviz'], '{:.3f}')} | x{ratio(s['zviz']['median'], s['bare_captured']['median']):.2f} | "
+                      f"+{over_c:.3f} ms | | |")
+            md.append(f"| W0 C spawn path alone (`spawn_s_total` / spawns) | ms | | "
+                      f"{W['W0']['spawn_path_ms_per_spawn']:.3f} (mean of {W['W0']['spawns']}) | | | | |")
+        if "W1" in W:
+            s = W["W1"]["summary"]
+            md.append(f"| W1 `python3 -c 'print(1)'` | ms | {spread(s['bare'])} | {spread(s['zviz'])} | "
+                      f"x{ratio(s['zviz']['median'], s['bare']['median']):.3f} | "
+                      f"+{s['zviz']['median'] - s['bare']['median']:.2f} ms | | |")
+        if "W2" in W:
+            s = W["W2"]["summary"]
+            r = ratio(s["zviz"]["median"], s["bare"]["median"])
+            T["w2_ratio"] = {"value": r, "target": f"<= {TARGETS['w2_ratio']}", "met": r <= TARGETS["w2_ratio"]}
+            pr = W["W2"]["pair_ratios"]
+            md.append(f"| W2 agent snippet | ms | {spread(s['bare'], '{:.1f}')} | {spread(s['zviz'], '{:.1f}')} | "
+                      f"x{r:.3f} (pairs {spread(pr, '{:.3f}')}) | +{s['zviz']['median'] - s['bare']['median']:.1f} ms | "
+                      f"<= x1.05 | {met(T['w2_ratio']['met'])} |")
+            c = W["W2"]["compute_ms"]["summary"]
+            md.append(f"| W2 in-script `_compute_ms` (info) | ms | {spread(c['bare'], '{:.1f}')} | "
+                      f"{spread(c['zviz'], '{:.1f}')} | x{ratio(c['zviz']['median'], c['bare']['median']):.3f} | | | |")
+        if "W3" in W:
+            s = W["W3"]["summary"]
+            r = ratio(s["zviz"]["median"], s["bare"]["median"])
+            T["w3_ratio"] = {"value": r, "target": f"<= {TARGETS['w3_ratio']}", "met": r <= TARGETS["w3_ratio"]}
+            pr = W["W3"]["pair_ratios"]
+            md.append(f"| W3 syscall heavy `us_per_iter` | us/iter | {spread(s['bare'])} | {spread(s['zviz'])} | "
+                      f"x{r:.3f} (pairs {spread(pr, '{:.3f}')}) | +{s['zviz']['median'] - s['bare']['median']:.2f} us | "
+                      f"<= x1.10 | {met(T['w3_ratio']['met'])} |")
+            w = W["W3"]["wall_ms"]["summary"]
+            md.append(f"| W3 wall (info) | ms | {spread(w['bare'], '{:.1f}')} | {spread(w['zviz'], '{:.1f}')} | "
+                      f"x{ratio(w['zviz']['median'], w['bare']['median']):.3f} | | | |")
+        if "W4" in W:
+            s = W["W4"]["summary"]
+            extra = s["zviz"]["median"] - s["bare"]["median"]
+            T["w4_extra_mb"] = {"value": extra, "target": f"<= bare + {TARGETS['w4_extra_mb']} MB",
+                                "met": extra <= TARGETS["w4_extra_mb"]}
+            md.append(f"| W4 peak tree PSS of W2 (+ supervisor growth) | MB | {spread(s['bare'])} | {spread(s['zviz'])} | "
+                      f"x{ratio(s['zviz']['median'], s['bare']['median']):.2f} | +{extra:.2f} MB | <= bare + 1 MB | "
+                      f"{met(T['w4_extra_mb']['met'])} |")
+            d = W["W4"]["descendants_only"]["summary"]
+            md.append(f"| W4 descendants only (info) | MB | {spread(d['bare'])} | {spread(d['zviz'])} | "
+                      f"x{ratio(d['zviz']['median'], d['bare']['median']):.2f} | "
+                      f"+{d['zviz']['median'] - d['bare']['median']:.2f} MB | | |")
+        md.append("")
+
+        if R["throughput"]:
+            md.append("## Throughput: W1 executions per second from one trio program\n")
+            md.append("| concurrency | bare | zviz, a sandbox per task | / bare | zviz, one shared sandbox | / bare | target |")
+            md.append("|---|---|---|---|---|---|---|")
+            for c, row in R["throughput"].items():
+                s = row["summary"]
+                r1 = ratio(s["zviz"]["median"], s["bare"]["median"])
+                r2 = ratio(s["zviz_shared"]["median"], s["bare"]["median"])
+                tgt = ""
+                if c == "8":
+                    T["throughput_c8_ratio"] = {"value": r1, "value_shared": r2,
+                                                "target": f">= {TARGETS['throughput_c8_ratio']}",
+                                                "met": min(r1, r2) >= TARGETS["throughput_c8_ratio"]}
+                    tgt = f">= x0.9: {met(T['throughput_c8_ratio']['met'])}"
+                md.append(f"| {c} | {spread(s['bare'], '{:.1f}')} | {spread(s['zviz'], '{:.1f}')} | x{r1:.2f} | "
+                          f"{spread(s['zviz_shared'], '{:.1f}')} | x{r2:.2f} | {tgt} |")
+            md.append("")
+
+        sm = R["supervisor_memory"]
+        if sm:
+            md.append("## Supervisor memory: this process with N sandboxes open, each holding a `sleep`\n")
+            md.append("| N | RSS growth MB | per sandbox kB | marginal kB per extra sandbox | PSS growth MB | "
+                      "sandbox tree (init + sleep) PSS kB per sandbox | open fds | target |")
+            md.append("|---|---|---|---|---|---|---|---|")
+            last = sm["rows"][-1]
+            per_mb = max(last["rss_kb_per_sandbox"], last["marginal_rss_kb_per_sandbox"]) / 1024
+            T["supervisor_mb_per_sandbox"] = {"value": per_mb, "target": f"<= {TARGETS['supervisor_mb_per_sandbox']} MB",
+                                              "met": per_mb <= TARGETS["supervisor_mb_per_sandbox"]}
+            for row in sm["rows"]:
+                tgt = f"<= 1 MB: {met(T['supervisor_mb_per_sandbox']['met'])}" if row is last else ""
+                md.append(f"| {row['sandboxes']} | {row['rss_growth_kb'] / 1024:.2f} | {row['rss_kb_per_sandbox']:.1f} | "
+                          f"{row['marginal_rss_kb_per_sandbox']:.1f} | {row['pss_growth_kb'] / 1024:.2f} | "
+                          f"{row['sandbox_tree_pss_kb_per_sandbox']:.0f} | {row['open_fds']} | {tgt} |")
+            md.append("")
+            md.append(f"First sandbox of the process (one-time costs, excluded above): +{sm['cold_first_sandbox_rss_kb'] / 1024:.2f} MB RSS. "
+                      f"`open_sandbox` enter: {spread(sm['open_ms'], '{:.2f}')} ms; closing all {sm['rows'][-1]['sandboxes']}: "
+                      f"{sm['close_all_ms']:.0f} ms.\n")
+
+        mon = R["monitor"]
+        if mon is not None:
+            md.append("## eBPF monitor (`open_sandbox(..., monitor=True)`)\n")
+            if not mon["available"]:
+                md.append(f"monitor: unavailable ({mon['reason']})\n")
+            else:
+                md.append("| workload | bare | zviz | zviz + monitor | monitor / zviz |")
+                md.append("|---|---|---|---|---|")
+                for w in ("W0", "W2"):
+                    s = mon[w]["summary"]
+                    md.append(f"| {w} ms | {spread(s['bare'], '{:.3f}')} | {spread(s['zviz'], '{:.3f}')} | "
+                              f"{spread(s['zviz_monitor'], '{:.3f}')} | "
+                              f"x{ratio(s['zviz_monitor']['median'], s['zviz']['median']):.3f} |")
+                md.append("")
+
+        if T:
+            md.append("## Targets\n")
+            md.append("| target | value | |")
+            md.append("|---|---|---|")
+            labels = {"w0_overhead_ms": ("W0 spawn overhead", "{:+.3f} ms"), "w2_ratio": ("W2 zviz / bare", "x{:.3f}"),
+                      "w3_ratio": ("W3 us_per_iter zviz / bare", "x{:.3f}"),
+                      "w4_extra_mb": ("W4 tree PSS zviz - bare", "{:+.2f} MB"),
+                      "supervisor_mb_per_sandbox": ("supervisor memory per extra sandbox", "{:.3f} MB"),
+                      "throughput_c8_ratio": ("throughput at concurrency 8, zviz / bare (per-task sandboxes)", "x{:.2f}")}
+            for k, (label, fmt) in labels.items():
+                if k in T:
+                    md.append(f"| {label} {T[k]['target']} | {fmt.format(T[k]['value'])} | {met(T[k]['met'])} |")
+            md.append("")
+        if R["errors"]:
+            md.append("## Errors\n")
+            for e in R["errors"]:
+                md.append(f"- {e['section']}: {e['error']}")
+            md.append("")
+        return "\n".join(md)
+
+    # ---- main
+
+    def meta(self) -> None:
+        def git(*a: str) -> str:
+            try:
+                return subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True,
+                                      timeout=10).stdout.strip()
+            except (OSError, subprocess.SubprocessError):
+                return "?"
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+        self.results["meta"].update({
+            "when": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "host": platform.node(), "kernel": platform.release(),
+            "cpus": os.cpu_count(), "python": platform.python_version(), "zviz": zviz.__version__,
+            "git": git("rev-parse", "--short", "HEAD") + ("+dirty" if dirty else ""),
+            "command_python": PY, "quick": self.quick, "argv": sys.argv,
+            "euid": os.geteuid(), "policy": "Policy.python()",
+        })
+
+    async def main(self) -> int:
+        t_start = time.perf_counter()
+        self.meta()
+        sections = [("workloads", self.load_workloads), ("W0-W3", self.w0_w3), ("W4", self.w4),
+                    ("throughput", self.throughput), ("supervisor memory", self.supervisor_memory)]
+        if self.args.monitor:
+            sections.append(("monitor", self.monitor))
+        for name, fn in sections:
+            try:
+                res = fn()
+                if hasattr(res, "__await__"):
+                    await res
+            except Exception as e:  # noqa: BLE001 - recorded, reported, exit status 1
+                tb = traceback.format_exc()
+                print(f"ERROR in {name}: {type(e).__name__}: {e}\n{tb}", file=sys.stderr, flush=True)
+                self.results["errors"].append({"section": name, "error": f"{type(e).__name__}: {e}", "traceback": tb})
+                if name == "workloads":
+                    break
+        self.results["meta"]["elapsed_s"] = round(time.perf_counter() - t_start, 1)
+        md = self.report()
+        out = Path(self.args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.md").write_text(md + "\n")
+        (out / "results.json").write_text(json.dumps(self.results, indent=1, default=str) + "\n")
+        print()
+        print(md)
+        print(f"(elapsed {self.results['meta']['elapsed_s']} s; wrote {out / 'results.md'} and {out / 'results.json'})")
+        shutil.rmtree(self.bare_dir, ignore_errors=True)
+        return 1 if self.results["errors"] else 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer rounds, no concurrency 32 / 200 sandboxes (~1 min)")
+    ap.add_argument("--out", default=str(HERE / "results"), help="where results.md and results.json go")
+    ap.add_argument("--monitor", action="store_true", help="add a row with open_sandbox(..., monitor=True)")
+    args = ap.parse_args()
+    return trio.run(Bench(args).main)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,419 @@
+/*
+ * attack: one program, many escape attempts (tests/escape/). Each subcommand
+ * tries one thing and prints what happened; the tests check the host side
+ * (a marker file that must not appear, a listener that must not see a
+ * connection, a process that must still be alive), not this program's claim.
+ *
+ *   attack read PATH | write PATH | symlink-read TARGET | symlink-write DIR
+ *   attack hardlink SRC | rename-out DEST | handle PATH | toctou OK BAD N
+ *   attack ptrace PID | vmwrite PID | kill PID | killall | procmem
+ *   attack tiocsti | syscalls | x32 NAME | int80 NAME | clone-ns
+ *   attack tcp IP PORT | udp IP PORT | unix PATH | abstract NAME | raw | packet
+ *   attack forkbomb | memory | fds | disk DIR | spin | flood
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/bpf.h>
+#include <linux/perf_event.h>
+#include <netinet/in.h>
+#include <pthread.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/mount.h>
+#include <sys/personality.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/uio.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <termios.h>
+#include <unistd.h>
+#include <arpa/inet.h>
+#include <linux/sched.h>
+
+#define SAY(...) (printf(__VA_ARGS__), putchar('\n'), fflush(stdout))
+
+static void report(const char *what, long r)
+{
+    if (r < 0)
+        SAY("%s: FAILED %s", what, strerror(errno));
+    else
+        SAY("%s: OK %ld", what, r);
+}
+
+static int do_read(const char *path)
+{
+    char buf[4096];
+    int fd = open(path, O_RDONLY);
+    if (fd < 0) {
+        SAY("read %s: FAILED %s", path, strerror(errno));
+        return 1;
+    }
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    buf[n > 0 ? n : 0] = 0;
+    SAY("read %s: OK [%s]", path, buf);
+    return 0;
+}
+
+static int do_write(const char *path)
+{
+    int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    if (fd < 0) {
+        SAY("write %s: FAILED %s", path, strerror(errno));
+        return 1;
+    }
+    ssize_t n = write(fd, "pwned", 5);
+    SAY("write %s: OK %zd", path, n);
+    close(fd);
+    return 0;
+}
+
+/* TOCTOU: a thread flips a shared path buffer between an allowed and a
+ * forbidden path while the main thread opens it again and again. */
+static char flip_buf[4096];
+static const char *flip_a, *flip_b;
+static volatile int flip_stop;
+static void *flipper(void *arg)
+{
+    (void)arg;
+    while (!flip_stop) {
+        strcpy(flip_buf, flip_a);
+        strcpy(flip_buf, flip_b);
+    }
+    return NULL;
+}
+
+static int do_toctou(const char *ok, const char *bad, int n)
+{
+    pthread_t t;
+    flip_a = ok;
+    flip_b = bad;
+    strcpy(flip_buf, ok);
+    pthread_create(&t, NULL, flipper, NULL);
+    int leaked = 0, opened = 0;
+    char buf[256];
+    for (int i = 0; i < n; i++) {
+        int fd = open(flip_buf, O_RDONLY);
+        if (fd < 0)
+            continue;
+        opened++;
+        ssize_t r = read(fd, buf, sizeof buf - 1);
+        buf[r > 0 ? r : 0] = 0;
+        if (strstr(buf, "SECRET"))
+            leaked++;
+        close(fd);
+    }
+    flip_stop = 1;
+    pthread_join(t, NULL);
+    SAY("toctou: tries %d opened %d leaked %d", n, opened, leaked);
+    return 0;
+}
+
+static long x32(long nr, long a, long b, long c)
+{
+    long ret;
+    __asm__ volatile("syscall" : "=a"(ret) : "a"(nr | 0x40000000L), "D"(a), "S"(b), "d"(c) : "rcx", "r11", "memory");
+    return ret;
+}
+
+static long int80(long nr, long a, long b, long c)
+{
+    long ret;
+    __asm__ volatile("int $0x80" : "=a"(ret) : "a"(nr), "b"(a), "c"(b), "d"(c) : "memory");
+    return ret;
+}
+
+static int do_syscalls(void)
+{
+    union bpf_attr battr;
+    struct perf_event_attr pattr;
+    memset(&battr, 0, sizeof battr);
+    memset(&pattr, 0, sizeof pattr);
+    pattr.size = sizeof pattr;
+    pattr.type = PERF_TYPE_SOFTWARE;
+    pattr.config = PERF_COUNT_SW_CPU_CLOCK;
+    char params[120];
+    memset(params, 0, sizeof params);
+
+    report("mount", mount("none", "/tmp", "tmpfs", 0, NULL));
+    report("unshare-user", unshare(CLONE_NEWUSER));
+    report("unshare-mount", unshare(CLONE_NEWNS));
+    int nsfd = open("/proc/1/ns/mnt", O_RDONLY);
+    report("setns", nsfd < 0 ? -1 : setns(nsfd, 0));
+    report("chroot", chroot("/tmp"));
+    report("pivot_root", syscall(SYS_pivot_root, "/tmp", "/tmp"));
+    report("bpf", syscall(SYS_bpf, BPF_PROG_LOAD, &battr, sizeof battr));
+    report("io_uring_setup", syscall(SYS_io_uring_setup, 8, params));
+    report("perf_event_open", syscall(SYS_perf_event_open, &pattr, 0, -1, -1, 0));
+    report("keyctl", syscall(SYS_keyctl, 0 /* KEYCTL_GET_KEYRING_ID */, -3, 0));
+    report("add_key", syscall(SYS_add_key, "user", "zviz", "x", 1, -3));
+    report("userfaultfd", syscall(SYS_userfaultfd, 0));
+    report("init_module", syscall(SYS_init_module, NULL, 0, ""));
+    report("finit_module", syscall(SYS_finit_module, 0, "", 0));
+    report("delete_module", syscall(SYS_delete_module, "ext4", 0));
+    report("kexec_load", syscall(SYS_kexec_load, 0, 0, NULL, 0));
+    report("reboot", syscall(SYS_reboot, 0xfee1dead, 672274793, 0x4321fedc, NULL));
+    report("syslog", syscall(SYS_syslog, 3, params, sizeof params));
+    report("personality", personality(READ_IMPLIES_EXEC));
+    report("swapon", syscall(SYS_swapon, "/tmp/x", 0));
+    report("acct", syscall(SYS_acct, "/tmp/x"));
+    report("open_by_handle_at", syscall(SYS_open_by_handle_at, AT_FDCWD, params, O_RDONLY));
+    report("name_to_handle_at", syscall(SYS_name_to_handle_at, AT_FDCWD, "/etc", params, params, 0));
+    report("settimeofday", syscall(SYS_settimeofday, NULL, NULL));
+    report("sethostname", sethostname("pwned", 5));
+    report("setuid0", syscall(SYS_setuid, 0));
+    report("ptrace-traceme", syscall(SYS_ptrace, 0, 0, 0, 0));
+    report("process_vm_readv", syscall(SYS_process_vm_readv, 1, NULL, 0, NULL, 0, 0));
+    report("pidfd_getfd", syscall(SYS_pidfd_getfd, 0, 0, 0));
+    report("fsopen", syscall(SYS_fsopen, "tmpfs", 0));
+    report("open_tree", syscall(SYS_open_tree, AT_FDCWD, "/", 1));
+    report("landlock_restrict_self", syscall(SYS_landlock_restrict_self, -1, 0));
+    return 0;
+}
+
+static int do_clone_ns(void)
+{
+    struct clone_args ca;
+    memset(&ca, 0, sizeof ca);
+    ca.flags = CLONE_NEWUSER | CLONE_NEWNS;
+    ca.exit_signal = SIGCHLD;
+    long r = syscall(SYS_clone3, &ca, sizeof ca);
+    if (r == 0)
+        _exit(0);
+    report("clone3-newuser", r);
+    r = syscall(SYS_clone, CLONE_NEWUSER | SIGCHLD, 0, 0, 0, 0);
+    if (r == 0)
+        _exit(0);
+    report("clone-newuser", r);
+    r = syscall(SYS_clone, CLONE_NEWPID | SIGCHLD, 0, 0, 0, 0);
+    if (r == 0)
+        _exit(0);
+    report("clone-newpid", r);
+    return 0;
+}
+
+static int do_net(const char *kind, const char *a, const char *b)
+{
+    int s;
+    if (!strcmp(kind, "tcp") || !strcmp(kind, "udp")) {
+        struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons(atoi(b))};
+        inet_pton(AF_INET, a, &sa.sin_addr);
+        s = socket(AF_INET, !strcmp(kind, "tcp") ? SOCK_STREAM : SOCK_DGRAM, 0);
+        if (s < 0) {
+            SAY("%s socket: FAILED %s", kind, strerror(errno));
+            return 0;
+        }
+        if (!strcmp(kind, "udp")) {
+            report("udp sendto", sendto(s, "pwned", 5, 0, (struct sockaddr *)&sa, sizeof sa));
+            return 0;
+        }
+        report("tcp connect", connect(s, (struct sockaddr *)&sa, sizeof sa));
+        /* TCP Fast Open: a connect inside sendto */
+        int s2 = socket(AF_INET, SOCK_STREAM, 0);
+        report("tcp fastopen", sendto(s2, "pwned", 5, MSG_FASTOPEN, (struct sockaddr *)&sa, sizeof sa));
+        return 0;
+    }
+    if (!strcmp(kind, "unix") || !strcmp(kind, "abstract")) {
+        struct sockaddr_un su = {.sun_family = AF_UNIX};
+        socklen_t len;
+        if (!strcmp(kind, "abstract")) {
+            su.sun_path[0] = 0;
+            strncpy(su.sun_path + 1, a, sizeof su.sun_path - 2);
+            len = offsetof(struct sockaddr_un, sun_path) + 1 + strlen(a);
+        } else {
+            strncpy(su.sun_path, a, sizeof su.sun_path - 1);
+            len = sizeof su;
+        }
+        s = socket(AF_UNIX, SOCK_STREAM, 0);
+        report(kind, connect(s, (struct sockaddr *)&su, len));
+        return 0;
+    }
+    if (!strcmp(kind, "raw")) {
+        report("raw socket", socket(AF_INET, SOCK_RAW, IPPROTO_ICMP));
+        report("raw socket6", socket(AF_INET6, SOCK_RAW, IPPROTO_ICMPV6));
+        return 0;
+    }
+    if (!strcmp(kind, "packet")) {
+        report("packet socket", socket(AF_PACKET, SOCK_RAW, htons(3)));
+        report("netlink socket", socket(AF_NETLINK, SOCK_RAW, 0));
+        return 0;
+    }
+    return 2;
+}
+
+int main(int argc, char **argv)
+{
+    if (argc < 2)
+        return 2;
+    const char *cmd = argv[1];
+    const char *a = argc > 2 ? argv[2] : "";
+    const char *b = argc > 3 ? argv[3] : "";
+
+    if (!strcmp(cmd, "read"))
+        return do_read(a);
+    if (!strcmp(cmd, "write"))
+        return do_write(a);
+    if (!strcmp(cmd, "symlink-read")) {
+        report("symlink", symlink(a, "lnk"));
+        return do_read("lnk");
+    }
+    if (!strcmp(cmd, "symlink-write")) {
+        report("symlink", symlink(a, "dlnk"));
+        return do_write("dlnk/pwned");
+    }
+    if (!strcmp(cmd, "hardlink")) {
+        report("link", link(a, "hl"));
+        return do_read("hl");
+    }
+    if (!strcmp(cmd, "rename-out")) {
+        do_write("mine");
+        report("rename", rename("mine", a));
+        return 0;
+    }
+    if (!strcmp(cmd, "handle")) {
+        struct {
+            unsigned int handle_bytes;
+            int handle_type;
+            unsigned char f_handle[128];
+        } h = {128, 0, {0}};
+        int mount_id;
+        long r = syscall(SYS_name_to_handle_at, AT_FDCWD, a, &h, &mount_id, 0);
+        report("name_to_handle_at", r);
+        long fd = syscall(SYS_open_by_handle_at, AT_FDCWD, &h, O_RDONLY);
+        report("open_by_handle_at", fd);
+        return 0;
+    }
+    if (!strcmp(cmd, "toctou"))
+        return do_toctou(a, b, argc > 4 ? atoi(argv[4]) : 10000);
+    if (!strcmp(cmd, "ptrace")) {
+        report("ptrace-attach", syscall(SYS_ptrace, 16 /* ATTACH */, atoi(a), 0, 0));
+        report("ptrace-seize", syscall(SYS_ptrace, 0x4206 /* SEIZE */, atoi(a), 0, 0));
+        return 0;
+    }
+    if (!strcmp(cmd, "vmwrite")) {
+        char data[8] = "pwned";
+        struct iovec local = {data, 5}, remote = {(void *)0x400000, 5};
+        report("process_vm_writev", syscall(SYS_process_vm_writev, atoi(a), &local, 1, &remote, 1, 0));
+        return 0;
+    }
+    if (!strcmp(cmd, "kill")) {
+        report("kill", kill(atoi(a), SIGKILL));
+        return 0;
+    }
+    if (!strcmp(cmd, "killall")) {
+        report("kill(-1)", kill(-1, SIGKILL));
+        return 0;
+    }
+    if (!strcmp(cmd, "procmem")) {
+        report("open /proc/self/mem rw", open("/proc/self/mem", O_RDWR));
+        report("open /proc/1/mem rw", open("/proc/1/mem", O_RDWR));
+        return 0;
+    }
+    if (!strcmp(cmd, "tiocsti")) {
+        char c = 'x';
+        for (int fd = 0; fd < 3; fd++) {
+            char what[32];
+            snprintf(what, sizeof what, "TIOCSTI fd %d", fd);
+            report(what, ioctl(fd, TIOCSTI, &c));
+        }
+        report("open /dev/tty", open("/dev/tty", O_RDWR));
+        return 0;
+    }
+    if (!strcmp(cmd, "ids")) {
+        char line[256], caps[64] = "?";
+        FILE *f = fopen("/proc/self/status", "r");
+        while (f && fgets(line, sizeof line, f))
+            if (!strncmp(line, "CapEff:", 7))
+                sscanf(line + 7, "%63s", caps);
+        SAY("ids: ruid %d euid %d caps %s", getuid(), geteuid(), caps);
+        report("write /etc/zviz-pwned", open("/etc/zviz-pwned", O_WRONLY | O_CREAT, 0644));
+        return 0;
+    }
+    if (!strcmp(cmd, "syscalls"))
+        return do_syscalls();
+    if (!strcmp(cmd, "clone-ns"))
+        return do_clone_ns();
+    if (!strcmp(cmd, "x32") || !strcmp(cmd, "int80")) {
+        /* getpid (harmless) and mount (forbidden); the process must die by
+         * SIGSYS at the first one, so nothing after it prints. */
+        long r;
+        if (!strcmp(cmd, "x32"))
+            r = !strcmp(a, "mount") ? x32(165, (long)"none", (long)"/tmp", (long)"tmpfs") : x32(39, 0, 0, 0);
+        else
+            r = !strcmp(a, "mount") ? int80(21, (long)"none", (long)"/tmp", (long)"tmpfs") : int80(20, 0, 0, 0);
+        SAY("%s %s: RETURNED %ld", cmd, a, r);
+        return 0;
+    }
+    if (!strcmp(cmd, "tcp") || !strcmp(cmd, "udp") || !strcmp(cmd, "unix") || !strcmp(cmd, "abstract") ||
+        !strcmp(cmd, "raw") || !strcmp(cmd, "packet"))
+        return do_net(cmd, a, b);
+    if (!strcmp(cmd, "forkbomb")) {
+        int n = 0;
+        for (;;) {
+            pid_t p = fork();
+            if (p < 0)
+                break;
+            if (p == 0) {
+                pause();
+                _exit(0);
+            }
+            n++;
+        }
+        SAY("forkbomb: stopped after %d: %s", n, strerror(errno));
+        return 0;
+    }
+    if (!strcmp(cmd, "memory")) {
+        size_t total = 0;
+        for (;;) {
+            char *p = mmap(NULL, 64 << 20, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+            if (p == MAP_FAILED)
+                break;
+            memset(p, 1, 64 << 20);
+            total += 64 << 20;
+        }
+        SAY("memory: stopped at %zu MiB: %s", total >> 20, strerror(errno));
+        return 0;
+    }
+    if (!strcmp(cmd, "fds")) {
+        int n = 0;
+        while (open("/dev/null", O_RDONLY) >= 0)
+            n++;
+        SAY("fds: stopped after %d: %s", n, strerror(errno));
+        return 0;
+    }
+    if (!strcmp(cmd, "disk")) {
+        /* one huge file, then many files */
+        char path[4096];
+        snprintf(path, sizeof path, "%s/big", a);
+        int fd = open(path, O_WRONLY | O_CREAT, 0644);
+        static char chunk[1 << 20];
+        memset(chunk, 'x', sizeof chunk);
+        long long written = 0;
+        signal(SIGXFSZ, SIG_IGN);
+        while (fd >= 0 && write(fd, chunk, sizeof chunk) > 0)
+            written += sizeof chunk;
+        SAY("disk: one file stopped at %lld MiB: %s", written >> 20, strerror(errno));
+        return 0;
+    }
+    if (!strcmp(cmd, "spin")) {
+        for (volatile unsigned long i = 0;; i++)
+            ;
+    }
+    if (!strcmp(cmd, "flood")) {
+        static char chunk[65536];
+        memset(chunk, 'y', sizeof chunk);
+        for (;;)
+            if (write(1, chunk, sizeof chunk) < 0)
+                return 0;
+    }
+    SAY("unknown attack %s", cmd);
+    return 2;
+}
