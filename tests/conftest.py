@@ -18,6 +18,19 @@ from typing import Any
 import pytest
 
 IS_ROOT = os.geteuid() == 0
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_tempdir():
+    """Workdirs of this test run go to a directory of its own, so that leak
+    checks see only ours (benchmarks or other runs may share /tmp)."""
+    d = tempfile.mkdtemp(prefix="zviz-tests-")
+    os.chmod(d, 0o755)  # uid 65534 must traverse it to reach its workdir
+    old = tempfile.tempdir
+    tempfile.tempdir = d
+    yield d
+    tempfile.tempdir = old
+    shutil.rmtree(d, ignore_errors=True)
 NOBODY = 65534
 
 

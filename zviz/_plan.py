@@ -273,7 +273,9 @@ def plan_root(policy: Policy, host: Host, workdir: str, with_proc: bool) -> Root
             entries.append((dev, "bind", dev, False))
     private_tmp = policy.fs.tmp_size is not None and not any(_beneath("/tmp", p) for p in listed)
     if private_tmp:
-        entries.append(("/tmp", "tmpfs", f"mode=1777,size={policy.fs.tmp_size},nr_inodes=65536", False))
+        opts = f"mode=1777,size={policy.fs.tmp_size},nr_inodes=65536"
+        entries.append(("/tmp", "tmpfs", opts, False))
+        entries.append(("/dev/shm", "tmpfs", opts, False))  # POSIX semaphores, shm_open
     if with_proc:
         entries.append(("/proc", "proc", "", False))
     entries.sort(key=lambda e: _parts(e[0]))
@@ -316,7 +318,7 @@ def plan_root(policy: Policy, host: Host, workdir: str, with_proc: bool) -> Root
 
 
 def plan_landlock(policy: Policy, host: Host, workdir: str, mount_proc: bool,
-                  private_tmp: bool = False) -> LandlockPlan | None:
+                  private_tmp: bool = False, new_root: bool = False) -> LandlockPlan | None:
     abi = host.features.landlock_abi
     if abi <= 0:
         return None
@@ -343,6 +345,11 @@ def plan_landlock(policy: Policy, host: Host, workdir: str, mount_proc: bool,
         paths["/proc"] = (FS_READ_FILE | FS_READ_DIR) & hfs
     if private_tmp:
         paths["/tmp"] = (RW & ~FS_EXECUTE) & hfs  # the sandbox's own tmpfs
+        paths["/dev/shm"] = (RW & ~FS_EXECUTE) & hfs
+    if new_root:
+        # The root is the sandbox's own tmpfs holding only the policy's paths:
+        # listing it (and walking its directories) reveals nothing of the host.
+        paths["/"] = paths.get("/", 0) | (FS_READ_DIR & hfs)
 
     handled_net = 0
     ports: list[tuple[int, int]] = []
@@ -417,7 +424,8 @@ def plan_spawn(policy: Policy, host: Host, *, argv: tuple[str, ...], exe: str, w
     if extra_env:
         env.update(extra_env)
 
-    ll = plan_landlock(policy, host, workdir, mount_proc, private_tmp=bool(root and root.private_tmp))
+    ll = plan_landlock(policy, host, workdir, mount_proc, private_tmp=bool(root and root.private_tmp),
+                       new_root=root is not None)
     if ll is None:
         degraded.append(f"Landlock unavailable ({f.landlock_reason})")
     return SpawnPlan(
