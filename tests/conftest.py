@@ -104,6 +104,68 @@ def run_as(identity: str, fn: Callable[..., Any], *args: Any) -> Any:
     return value
 
 
+def run_without_userns(fn: Callable[..., Any], *args: Any) -> Any:
+    """Run `fn(*args)` as an unprivileged uid on a host that forbids user
+    namespaces, for real: a child enters a user namespace of its own (mapping
+    root and uid 1000 -> 65534), sets user.max_user_namespaces = 0 there (a
+    per-namespace limit: nested creation then fails with ENOSPC, exactly as on
+    a host that disallows it), drops to uid 1000 and runs `fn`."""
+    assert IS_ROOT
+    libc = ctypes.CDLL(None, use_errno=True)
+    r, w = os.pipe()
+    ready_r, ready_w = os.pipe()
+    go_r, go_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            os.close(r)
+            if libc.unshare(0x10000000) != 0:
+                raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWUSER)")
+            os.write(ready_w, b"u")
+            os.read(go_r, 1)  # the parent (host root) has written our id maps
+            with open("/proc/sys/user/max_user_namespaces", "w") as f:
+                f.write("0")
+            os.setgroups([])
+            os.setresgid(1000, 1000, 1000)
+            os.setresuid(1000, 1000, 1000)
+            libc.prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE
+            from zviz import _probe
+
+            _probe.probe.cache_clear()
+            tempfile.tempdir = None
+            try:
+                payload = ("ok", fn(*args))
+            except BaseException as e:  # noqa: BLE001
+                payload = ("err", f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
+            with os.fdopen(w, "wb") as f:
+                f.write(pickle.dumps(payload))
+        except BaseException:  # noqa: BLE001
+            traceback.print_exc()
+            code = 1
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    os.close(w)
+    if os.read(ready_r, 1) == b"u":
+        for name in ("uid_map", "gid_map"):
+            with open(f"/proc/{pid}/{name}", "w") as f:
+                f.write("0 0 1\n1000 65534 1\n")
+        os.write(go_w, b"g")
+    for fd in (ready_r, ready_w, go_r, go_w):
+        os.close(fd)
+    with os.fdopen(r, "rb") as f:
+        data = f.read()
+    os.waitpid(pid, 0)
+    if not data:
+        raise AssertionError("child died without a result")
+    kind, value = pickle.loads(data)
+    if kind == "err":
+        raise AssertionError("without user namespaces: " + value)
+    return value
+
+
 IDENTITIES = ["self", "nobody"] if IS_ROOT else ["self"]
 
 

@@ -645,20 +645,13 @@ class _EventIterator:
 def _check_workdir_reachable(path: str, uid: int) -> None:
     """The sandbox runs as `uid` on the host: it must be able to reach and
     write its workdir (a root caller's sandboxes run as nobody)."""
+    # Its parents need not be reachable: the stage binds the workdir into the
+    # sandbox's root while it still holds the caller's identity.
     st = os.stat(path)
     if uid != st.st_uid and not st.st_mode & 0o002:
         raise PolicyError("workdir", path, f"a directory the sandbox's host uid {uid} can write "
                           f"(zviz runs a root caller's sandboxes as nobody): chown {uid} {path}, or let zviz "
                           "create a fresh workdir")
-    parent = os.path.dirname(path)
-    while True:
-        st = os.stat(parent)
-        if st.st_uid != uid and not st.st_mode & 0o001:
-            raise PolicyError("workdir", path, f"a directory whose parents uid {uid} may traverse "
-                              f"({parent} is mode {st.st_mode & 0o777:o})")
-        if parent == "/":
-            return
-        parent = os.path.dirname(parent)
 
 
 @contextlib.asynccontextmanager

@@ -14,7 +14,8 @@
  *   ------                              -----
  *   clone(CLONE_VM | CLONE_NEW* |       reset signal dispositions
  *         CLONE_PIDFD)                  1  sync: wait for "go" (id maps written)
- *   write setgroups/uid_map/gid_map     2  credentials: setgroups, setresgid, setresuid
+ *   write setgroups/uid_map/gid_map     2  clone the new root's sources (open_tree), then
+ *                                          credentials: setgroups, setresgid, setresuid
  *   send "go"                           3  mounts: / private; a new root (tmpfs) holding
  *   read error pipe until EOF (exec)       only the policy's paths, fresh /proc; pivot_root
  *   receive the seccomp listener           loopback up (net ns), hostname
@@ -334,6 +335,24 @@ child_main(void *arg)
      * is not denied, i.e. the parent had CAP_SETGID), then gid, then uid. Caps
      * inside the new user namespace survive this (the old uid was not the
      * namespace's root) and are lost at execve, since the new uid is not 0. */
+    /* 2a. Clone the sources of the new root while still holding the caller's
+     * identity: a root caller's paths below root-only directories stay
+     * reachable. The sandbox later reaches only the bound directories
+     * themselves, under its own uid. */
+    int srcfd[MAX_SRC];
+    if (p->mount_ns && p->new_root) {
+        CHECK(R5(SYS_mount, NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL), STEP_MOUNT_PRIVATE, -1);
+        for (int i = 0; i < p->n_src; i++) {
+            CHECK(srcfd[i] = R3(SYS_open_tree, AT_FDCWD, p->src[i], OPEN_TREE_CLONE_ | O_CLOEXEC | AT_RECURSIVE_),
+                  STEP_MOUNT_BIND, i);
+            if (p->src_ro[i]) {
+                struct mount_attr_ ma = {MOUNT_ATTR_RDONLY_ | MOUNT_ATTR_NOSUID_ | MOUNT_ATTR_NODEV_, 0, 0, 0};
+                CHECK(R5(SYS_mount_setattr, srcfd[i], "", AT_EMPTY_PATH | AT_RECURSIVE_, &ma, sizeof ma),
+                      STEP_MOUNT_BIND, i);
+            }
+        }
+    }
+
     if (!p->creds_late)
         set_creds(p);
 
@@ -346,19 +365,7 @@ child_main(void *arg)
      * tmpfs goes on the staging directory, is populated, and becomes / by
      * pivot_root(".", "."). */
     if (p->mount_ns) {
-        CHECK(R5(SYS_mount, NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL), STEP_MOUNT_PRIVATE, -1);
         if (p->new_root) {
-            int srcfd[MAX_SRC];
-            for (int i = 0; i < p->n_src; i++) {
-                CHECK(srcfd[i] = R3(SYS_open_tree, AT_FDCWD, p->src[i],
-                                    OPEN_TREE_CLONE_ | O_CLOEXEC | AT_RECURSIVE_),
-                      STEP_MOUNT_BIND, i);
-                if (p->src_ro[i]) {
-                    struct mount_attr_ ma = {MOUNT_ATTR_RDONLY_ | MOUNT_ATTR_NOSUID_ | MOUNT_ATTR_NODEV_, 0, 0, 0};
-                    CHECK(R5(SYS_mount_setattr, srcfd[i], "", AT_EMPTY_PATH | AT_RECURSIVE_, &ma, sizeof ma),
-                          STEP_MOUNT_BIND, i);
-                }
-            }
             CHECK(R5(SYS_mount, "tmpfs", p->staging, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m,nr_inodes=4096"),
                   STEP_MOUNT_ROOT, -1);
             CHECK(R1(SYS_chdir, p->staging), STEP_MOUNT_ROOT, -1);
@@ -396,6 +403,7 @@ child_main(void *arg)
             CHECK(R2(SYS_umount2, ".", MNT_DETACH), STEP_PIVOT_ROOT, -1);
             CHECK(R1(SYS_chdir, "/"), STEP_PIVOT_ROOT, -1);
         } else if (p->mount_proc) {
+            CHECK(R5(SYS_mount, NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL), STEP_MOUNT_PRIVATE, -1);
             CHECK(R5(SYS_mount, "proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL),
                   STEP_MOUNT_PROC, -1);
         }

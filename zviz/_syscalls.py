@@ -121,3 +121,5 @@ for _name, _members in GROUPS.items():  # a typo in the table is a bug, caught a
     assert not _unknown, (_name, _unknown)
 assert not (DANGEROUS - X86_64.keys()), DANGEROUS - X86_64.keys()
 assert not (DANGEROUS & GROUPS["@python"]), DANGEROUS & GROUPS["@python"]
+
+X86_64_NAMES: frozenset[str] = frozenset(X86_64)

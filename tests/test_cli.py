@@ -1,0 +1,136 @@
+"""The command line, as a person and a script use it."""
+
+import json
+import os
+import pty
+import select
+import subprocess
+import sys
+import termios
+import time
+
+import pytest
+
+ZVIZ = [sys.executable, "-m", "zviz._cli"]
+
+
+def zviz(*args, input=None, timeout=60, **kw):
+    return subprocess.run([*ZVIZ, *args], input=input, capture_output=True, timeout=timeout, **kw)
+
+
+def test_run_passes_stdio_and_exit_status():
+    r = zviz("run", "--", "python3", "-c", "import sys; print(sys.stdin.read().upper()); sys.exit(3)", input=b"abc")
+    assert r.returncode == 3 and r.stdout == b"ABC\n"
+
+
+def test_exit_statuses():
+    assert zviz("run", "--", "python3", "-c", "import os; os.kill(os.getpid(), 9)").returncode == 128 + 9
+    r = zviz("run", "--timeout", "0.5", "--", "sleep", "10")
+    assert r.returncode == 124 and b"timed out" in r.stderr
+    r = zviz("run", "--", "no-such-command")
+    assert r.returncode == 127 and r.stderr.count(b"\n") == 1 and b"Traceback" not in r.stderr
+    r = zviz("run", "--ro", "/nonexistent/path", "--", "true")
+    assert r.returncode == 125 and b"fs.read_only" in r.stderr and b"Traceback" not in r.stderr
+    r = zviz("run", "--preset", "nope", "--", "true")
+    assert r.returncode == 125
+    r = zviz("run", "--memory", "lots", "--", "true")
+    assert r.returncode == 125 and b"--memory" in r.stderr
+    r = zviz("run")
+    assert r.returncode == 125 and b"CMD" in r.stderr
+    assert zviz("bogus").returncode == 2
+    r = zviz("--debug", "run", "--", "no-such-command")
+    assert r.returncode == 127 and b"Traceback" in r.stderr
+
+
+def test_json_record():
+    r = zviz("run", "--json", "--", "python3", "-c",
+             "import ctypes; ctypes.CDLL(None).ptrace(0, 0, 0, 0); print('hi')")
+    d = json.loads(r.stdout)
+    assert d["stdout"] == "hi\n" and d["exit_code"] == 0 and d["denials"] == {"ptrace": 1}
+    assert d["events"] and "ptrace" in d["events"][0]
+    assert r.returncode == 0
+
+
+def test_paths_and_network_flags(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "in.txt").write_text("shared")
+    os.chmod(tmp_path, 0o755)
+    os.chmod(data, 0o777)
+    os.chmod(data / "in.txt", 0o644)
+    r = zviz("run", "--ro", str(data), "--", "cat", str(data / "in.txt"))
+    assert r.stdout == b"shared" and r.returncode == 0
+    r = zviz("run", "--ro", str(data), "--", "sh", "-c", f"echo x > {data}/new")
+    assert r.returncode != 0 and not (data / "new").exists()
+    r = zviz("run", "--rw", str(data), "--", "sh", "-c", f"echo x > {data}/new")
+    assert r.returncode == 0 and (data / "new").read_text() == "x\n"
+    r = zviz("run", "--net", "loopback", "--", "python3", "-c",
+             "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen(); "
+             "c = socket.create_connection(s.getsockname()); print('loop ok')")
+    assert r.stdout == b"loop ok\n", r.stderr
+
+
+def test_policy_file_toml_and_oci(tmp_path):
+    import zviz as z
+
+    toml = tmp_path / "p.toml"
+    toml.write_text(z.Policy.python().to_toml())
+    r = zviz("run", "--policy", str(toml), "--", "python3", "-c", "print(2)")
+    assert r.stdout == b"2\n"
+    oci = tmp_path / "p.json"
+    names = sorted(z.Policy.python().syscalls.names() - {"socket"})
+    oci.write_text(json.dumps({"defaultAction": "SCMP_ACT_ERRNO", "syscalls": [{"names": names,
+                                                                               "action": "SCMP_ACT_ALLOW"}]}))
+    r = zviz("run", "--json", "--policy", str(oci), "--", "python3", "-c", "import socket; socket.socket(socket.AF_UNIX)")
+    d = json.loads(r.stdout)
+    assert d["exit_code"] == 1 and d["denials"] == {"socket": 1}
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"defaultAction": "SCMP_ACT_ALLOW"}')
+    r = zviz("run", "--policy", str(bad), "--", "true")
+    assert r.returncode == 125 and b"defaultAction" in r.stderr
+    r = zviz("run", "--policy", str(tmp_path / "missing.toml"), "--", "true")
+    assert r.returncode == 125 and b"readable file" in r.stderr
+
+
+def test_check_reports_features_and_fixes():
+    r = zviz("check")
+    assert r.returncode == 0
+    out = r.stdout.decode()
+    for word in ("landlock", "user namespaces", "seccomp user notification", "ADDFD", "SYNC_WAKE_UP", "cgroup v2",
+                 "bcc"):
+        assert word in out
+    d = json.loads(zviz("check", "--json").stdout)
+    assert d["landlock_abi"] >= 0 and "missing" in d
+
+
+def test_terminal_is_never_handed_to_the_sandbox(tmp_path):
+    """Under a real terminal, the sandbox gets pipes: TIOCSTI has nothing to
+    inject into, /dev/tty does not exist, and the terminal's input queue stays
+    empty."""
+    code = ("import fcntl, termios, os\n"
+            "for fd in (0, 1, 2):\n"
+            "    try: fcntl.ioctl(fd, termios.TIOCSTI, b'x'); print('INJECTED', fd)\n"
+            "    except OSError as e: print('refused', fd, e.errno)\n"
+            "try: os.open('/dev/tty', os.O_RDWR); print('TTY OPEN')\n"
+            "except OSError as e: print('no tty', e.errno)\n")
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([*ZVIZ, "run", "--", "python3", "-c", code], stdin=slave, stdout=slave, stderr=slave,
+                            start_new_session=True)
+    out = b""
+    deadline = time.monotonic() + 30
+    while proc.poll() is None or select.select([master], [], [], 0.1)[0]:
+        if select.select([master], [], [], 0.1)[0]:
+            try:
+                out += os.read(master, 4096)
+            except OSError:
+                break
+        assert time.monotonic() < deadline
+    assert b"INJECTED" not in out and b"TTY OPEN" not in out, out
+    assert out.count(b"refused") == 3 and b"no tty" in out, out
+    import fcntl
+    import struct
+
+    pending = struct.unpack("i", fcntl.ioctl(slave, termios.FIONREAD, b"\0" * 4))[0]
+    assert pending == 0
+    os.close(master)
+    os.close(slave)
