@@ -1,0 +1,28 @@
+"""Every example runs and says what it should."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXPECT = {
+    "trio_snippet.py": ['stdout: {"mean": 3.875, "max": 9}', "exit: 0"],
+    "asyncio_snippet.py": ["['0', '1', '4']"],
+    "custom_policy.py": ["sum 4950", "write refused: Permission denied", "denials: {'ptrace': 1}"],
+    "streaming_repl.py": ["answer 42", "repl exited with 0"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECT))
+def test_example(name):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "examples", name)], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    for line in EXPECT[name]:
+        assert line in r.stdout, r.stdout
+
+
+def test_every_example_is_tested():
+    assert set(EXPECT) == {f for f in os.listdir(os.path.join(ROOT, "examples")) if f.endswith(".py")}
