@@ -10,7 +10,7 @@ async def ask(proc: zviz.Process, line: str, marker: bytes) -> bytes:
     await proc.stdin.send_all(line.encode() + b"\n")
     buf = b""
     with trio.fail_after(10):
-        while marker not in buf:
+        while marker not in buf or not buf.endswith(b"\n"):
             buf += await proc.stdout.receive_some()
     return buf
 
