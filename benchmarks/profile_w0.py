@@ -66,12 +66,12 @@ PHASES = [
     (_plan, "plan_spawn", "_plan.plan_spawn", 2),
     (_plan.SpawnPlan, "to_spec", "SpawnPlan.to_spec", 2),
     (_kernel, "open_devnull", "_kernel.open_devnull", 2),
-    (_kernel, "pipe", "_kernel.pipe (x3: stdout, stderr, status)", 2),
-    (_kernel, "dup_above_stdio", "_kernel.dup_above_stdio (x3)", 2),
+    (_kernel, "pipe", "_kernel.pipe", 2),
+    (_kernel, "dup_above_stdio", "_kernel.dup_above_stdio", 2),
     (_kernel, "spawn", "_kernel.spawn (C stage: clone..exec; = spawn_s_total)", 2),
     (_supervisor.Supervisor, "attach", "Supervisor.attach (listener task)", 2),
     (_sandbox.Process, "__init__", "Process.__init__", 2),
-    (_proxy.FdReceiveStream, "__init__", "FdReceiveStream.__init__ (x2)", 2),
+    (_proxy.FdReceiveStream, "__init__", "FdReceiveStream.__init__", 2),
     (_sandbox.Process, "wait", "Process.wait (child runs: init, fork, exec true, exit)", 1),
     (_sandbox.Process, "_reap", "Process._reap", 2),
     (_kernel, "read_init_status", "_kernel.read_init_status", 3),
@@ -127,7 +127,7 @@ def main() -> None:
         trio.run(bare, n)
         trio.run(spawns, n)
 
-        print("== phases (us per spawn: median / mean of each call; calls per spawn)")
+        print("== phases (us per spawn = total / spawns; median single call; calls per spawn)")
         for owner, attr, label, _ in PHASES:
             _wrap(owner, attr, label)
         trio.run(spawns, n)

@@ -397,11 +397,24 @@ class Sandbox:
                 owned = OwnedFd(mine.detach(), mine.label)
                 streams.append(FdSendStream(owned) if is_input else FdReceiveStream(owned))
         account = RunAccount(command=argv[0])
+        try:
+            done = None
+            if spawned.listener is not None:
+                done = self._supervisor.attach(spawned.listener, spawned.pidfd, account)
+            proc = Process(self, argv, spawned, account, streams[0], streams[1], streams[2], done, t0, status)
+        except BaseException:
+            # Nothing may outlive a failed start: kill, reap, close.
+            _kernel.pidfd_kill(spawned.pidfd)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(spawned.pid, 0)
+            for owned in (spawned.pidfd, spawned.listener, status):
+                if owned is not None:
+                    owned.close()
+            for st in streams:
+                if st is not None:
+                    st.close()
+            raise
         self._accounts.append(account)
-        done = None
-        if spawned.listener is not None:
-            done = self._supervisor.attach(spawned.listener, spawned.pidfd, account)
-        proc = Process(self, argv, spawned, account, streams[0], streams[1], streams[2], done, t0, status)
         self._procs.add(proc)
         self._started += 1
         if self._monitor is not None:
@@ -689,19 +702,24 @@ async def open_sandbox(policy: Policy | None = None, *, workdir: str | os.PathLi
                 from .ebpf import _attach_monitor
 
                 await stack.enter_async_context(_attach_monitor(sb, monitor))
+            endpoints = sb._resolve_endpoints()
             async with anyio.create_task_group() as tg:
+                # The supervisor serves each spawn's listener in a task of this
+                # group; it is live as soon as the group is.
+                sup = Supervisor(allowed_endpoints=endpoints, net_allow=policy.net.mode == "allow",
+                                 on_event=sb._add_event, task_group=tg)
                 sb._tg = tg
-                sup = Supervisor(allowed_endpoints=sb._resolve_endpoints(),
-                                 net_allow=policy.net.mode == "allow", on_event=sb._add_event)
-                sb._supervisor = await tg.start(sup.run)
+                sb._supervisor = sup
                 try:
-                    yield sb
-                except BaseException as e:  # noqa: BLE001 - re-raised below, unwrapped
-                    body_exc = e
+                    try:
+                        yield sb
+                    except BaseException as e:  # noqa: BLE001 - re-raised below, unwrapped
+                        body_exc = e
+                    finally:
+                        with anyio.CancelScope(shield=True):
+                            await sb._aclose()
                 finally:
-                    with anyio.CancelScope(shield=True):
-                        await sb._aclose()
-                    tg.cancel_scope.cancel()
+                    sup.stop()
         if body_exc is not None:
             raise body_exc
     finally:

@@ -63,27 +63,30 @@ class RunAccount:
 
 class Supervisor:
     def __init__(self, *, allowed_endpoints: frozenset[tuple[str, int]], net_allow: bool,
-                 on_event: Callable[[DenialEvent], None]) -> None:
+                 on_event: Callable[[DenialEvent], None], task_group: anyio.abc.TaskGroup) -> None:
         self._allowed = allowed_endpoints
         self._net_allow = net_allow
         self._on_event = on_event
-        self._tg: anyio.abc.TaskGroup | None = None
+        self._tg = task_group
+        self._scopes: set[anyio.CancelScope] = set()
+        self._stopped = False
         self.sync_wakeup = False
         self.connect_timeout = 30.0
         self.notifications = 0
         self.listeners_served = 0
 
-    async def run(self, *, task_status: anyio.abc.TaskStatus = anyio.TASK_STATUS_IGNORED) -> None:
-        """The supervisor's own task: holds the task group the listeners run in."""
-        async with anyio.create_task_group() as tg:
-            self._tg = tg
-            task_status.started(self)
-            await anyio.sleep_forever()
+    def stop(self) -> None:
+        """End every listener task (after teardown has killed the processes,
+        they have usually ended on their own: POLLHUP)."""
+        self._stopped = True
+        for scope in list(self._scopes):
+            scope.cancel()
 
     def attach(self, listener: OwnedFd, pidfd: OwnedFd, account: RunAccount) -> anyio.Event:
         """Serve `listener` (taking ownership); the event is set when it is done."""
-        if self._tg is None:
-            raise RuntimeError("supervisor is not running")
+        if self._stopped:
+            listener.close()
+            raise RuntimeError("supervisor is stopped")
         if _kernel.notif_set_sync_wakeup(listener):
             self.sync_wakeup = True
         done = anyio.Event()
@@ -92,24 +95,31 @@ class Supervisor:
         return done
 
     async def _serve(self, listener: OwnedFd, pidfd: OwnedFd, account: RunAccount, done: anyio.Event) -> None:
+        # Shielded: a cancelled caller's processes still get their notifications
+        # answered until teardown has killed them (then POLLHUP ends this), or
+        # until stop(). Without the shield a task blocked in a notified syscall
+        # could never be answered, and its kill and reap would wait on it.
         poller = select.poll()
         poller.register(listener.fd, select.POLLIN)
-        try:
-            while True:
-                await anyio.wait_readable(listener.fd)
-                ready = dict(poller.poll(0))
-                ev = ready.get(listener.fd, 0)
-                if ev & select.POLLIN:
-                    n = _kernel.notif_recv(listener)
-                    if n is not None:
-                        await self._handle(listener, pidfd, account, n)
-                elif ev & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
-                    return  # no task of this filter is left
-        finally:
-            if not listener.closed:
-                anyio.notify_closing(listener.fd)
-            listener.close()
-            done.set()
+        with anyio.CancelScope(shield=True) as scope:
+            self._scopes.add(scope)
+            try:
+                while True:
+                    await anyio.wait_readable(listener.fd)
+                    ready = dict(poller.poll(0))
+                    ev = ready.get(listener.fd, 0)
+                    if ev & select.POLLIN:
+                        n = _kernel.notif_recv(listener)
+                        if n is not None:
+                            await self._handle(listener, pidfd, account, n)
+                    elif ev & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
+                        return  # no task of this filter is left
+            finally:
+                self._scopes.discard(scope)
+                if not listener.closed:
+                    anyio.notify_closing(listener.fd)
+                listener.close()
+                done.set()
 
     async def _handle(self, listener: OwnedFd, pidfd: OwnedFd, account: RunAccount,
                       n: _kernel.Notification) -> None:
