@@ -36,7 +36,7 @@ def test_exit_statuses():
     r = zviz("run", "--memory", "lots", "--", "true")
     assert r.returncode == 125 and b"--memory" in r.stderr
     r = zviz("run")
-    assert r.returncode == 125 and b"CMD" in r.stderr
+    assert r.returncode == 2 and b"a command is needed" in r.stderr
     assert zviz("bogus").returncode == 2
     r = zviz("--debug", "run", "--", "no-such-command")
     assert r.returncode == 127 and b"Traceback" in r.stderr

@@ -198,6 +198,21 @@ async def test_timeout_kills_the_tree():
 
 
 @pytest.mark.trio
+async def test_started_process_has_a_wall_clock_limit():
+    import math
+
+    async with zviz.open_sandbox(PYP) as sb:
+        p = await sb.start(["sleep", "100"], timeout=0.3)
+        with trio.fail_after(5):
+            assert await p.wait() == -signal.SIGKILL
+        assert p.timed_out and p.limit == "wall_s"
+        q = await sb.start(["sleep", "0.5"], timeout=math.inf)
+        assert await q.wait() == 0 and not q.timed_out
+        with pytest.raises(zviz.PolicyError):
+            await sb.start(["true"], timeout=0)
+
+
+@pytest.mark.trio
 async def test_output_limit_truncates_and_stops_the_flood():
     pol = Policy.python(limits=Limits(output="64K"))
     async with zviz.open_sandbox(pol) as sb:

@@ -43,6 +43,11 @@ CLONE_NS_FLAGS = (
     | 0x00000080  # NEWTIME
 )
 _SPECIAL = {"socket", "clone", "connect", "sendto", "sendmsg", "sendmmsg"}
+# Called after the filter is loaded, by the stage (hand the listener over,
+# close it, exec zviz-init by fd, report a failure) and by zviz-init (fork the
+# program, exec it, reap, report): always allowed, whatever the policy says,
+# or the spawn would wait on a notification nobody can answer yet.
+STAGE_NEEDS = frozenset({"sendmsg", "close", "execveat", "execve", "write", "exit_group", "exit", "clone", "wait4"})
 
 
 @attrs.frozen
@@ -58,6 +63,7 @@ def compile_filter(spec: FilterSpec) -> bytes:
     import pyseccomp as sc
 
     deny_unknown = sc.NOTIFY if spec.notify else sc.ERRNO(errno.ENOSYS)
+    allow = spec.allow | STAGE_NEEDS
     f = sc.SyscallFilter(defaction=deny_unknown)
     f.set_attr(sc.Attr.ACT_BADARCH, sc.KILL_PROCESS)
     try:
@@ -65,7 +71,7 @@ def compile_filter(spec: FilterSpec) -> bytes:
     except (OSError, RuntimeError, ValueError):
         pass
 
-    for name in sorted(spec.allow - _SPECIAL):
+    for name in sorted(allow - _SPECIAL):
         f.add_rule(sc.ALLOW, name)
     if not spec.notify:  # with a supervisor the default action already notifies
         for name in sorted(_syscalls.DANGEROUS - spec.allow):
@@ -75,7 +81,7 @@ def compile_filter(spec: FilterSpec) -> bytes:
         for name in sorted(_syscalls.SILENT_ENOSYS - spec.allow):
             f.add_rule(sc.ERRNO(errno.ENOSYS), name)
 
-    if "socket" in spec.allow:
+    if "socket" in allow:
         f.add_rule(sc.ALLOW, "socket", sc.Arg(0, sc.EQ, AF_UNIX))
         if spec.net_mode == "loopback":
             f.add_rule(sc.ALLOW, "socket", sc.Arg(0, sc.EQ, AF_INET))
@@ -84,9 +90,9 @@ def compile_filter(spec: FilterSpec) -> bytes:
             for fam in (AF_INET, AF_INET6):
                 f.add_rule(sc.ALLOW, "socket", sc.Arg(0, sc.EQ, fam),
                            sc.Arg(1, sc.MASKED_EQ, SOCK_TYPE_MASK, SOCK_STREAM))
-    if "clone" in spec.allow:
+    if "clone" in allow:
         f.add_rule(sc.ALLOW, "clone", sc.Arg(0, sc.MASKED_EQ, CLONE_NS_FLAGS, 0))
-    if "connect" in spec.allow:
+    if "connect" in allow:
         if spec.net_mode == "allow" and spec.notify:
             pass  # the default action notifies: the supervisor performs it, never CONTINUEs
         elif spec.net_mode != "allow":
@@ -94,7 +100,7 @@ def compile_filter(spec: FilterSpec) -> bytes:
         else:
             f.add_rule(sc.ERRNO(errno.EACCES), "connect")
     for name, flags_arg in (("sendto", 3), ("sendmsg", 2), ("sendmmsg", 3)):
-        if name not in spec.allow:
+        if name not in allow:
             continue
         if spec.net_mode == "allow":
             # TCP Fast Open connects inside sendto/sendmsg: keep it away.

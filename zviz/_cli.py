@@ -118,12 +118,16 @@ def _policy_from_args(a: argparse.Namespace) -> Policy:
     return policy
 
 
+class UsageError(Exception):
+    pass
+
+
 def _argv(a: argparse.Namespace) -> list[str]:
     argv = list(a.argv)
     if argv and argv[0] == "--":
         argv = argv[1:]
     if not argv:
-        raise PolicyError("CMD", "", "a command after '--', e.g. zviz run -- python3 -c 'print(1)'")
+        raise UsageError("a command is needed after '--', e.g. zviz run -- python3 -c 'print(1)'")
     return argv
 
 
@@ -134,8 +138,8 @@ async def _run(a: argparse.Namespace) -> int:
     from ._kernel import OwnedFd
     from ._sandbox import open_sandbox
 
-    policy = _policy_from_args(a)
     argv = _argv(a)
+    policy = _policy_from_args(a)
     async with open_sandbox(policy, workdir=a.workdir, monitor=a.monitor) as sb:
         if a.json:
             stdin = b"" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.buffer.read()
@@ -268,6 +272,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .ebpf._trace import cli_trace
 
             return trio.run(cli_trace, a)
+    except UsageError as e:
+        return _fail(a, e, EXIT_USAGE)
     except CommandNotFoundError as e:
         return _fail(a, e, EXIT_NOT_FOUND)
     except PolicyError as e:

@@ -118,21 +118,23 @@ HINTS = {
     "mount-proc": "the host's /proc has over-mounts (a container?); set namespaces.pid = false",
     "mount-bind": "a policy path cannot be bind-mounted (does it exist, and can the sandbox's uid reach it?)",
     "landlock-open": "a policy path does not exist or cannot be opened",
-    "execve": "the command is not executable inside the sandbox (is its directory in fs.read_only?)",
+    "execve": "zviz-init could not be executed (is the package built? `zviz check`)",
     "rlimit": "a limit is above the hard limit of the calling process",
 }
 
-CLONE_NEWNS = 0x00020000
-CLONE_NEWUTS = 0x04000000
-CLONE_NEWIPC = 0x08000000
-CLONE_NEWUSER = 0x10000000
-CLONE_NEWPID = 0x20000000
-CLONE_NEWNET = 0x40000000
-CLONE_NEWCGROUP = 0x02000000
+from ._linux import (  # noqa: E402  (re-exported for the shell)
+    CLONE_NEWCGROUP as CLONE_NEWCGROUP,
+    CLONE_NEWIPC as CLONE_NEWIPC,
+    CLONE_NEWNET as CLONE_NEWNET,
+    CLONE_NEWNS as CLONE_NEWNS,
+    CLONE_NEWPID as CLONE_NEWPID,
+    CLONE_NEWUSER as CLONE_NEWUSER,
+    CLONE_NEWUTS as CLONE_NEWUTS,
+    STATUS_FD as STATUS_FD,
+)
 
 
 INIT_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_zviz_init")
-STATUS_FD = 3  # where the C stage puts the init's status pipe
 _STATUS = struct.Struct("=Ii" + "qq" "qq" + "14q")  # magic, wstatus, struct rusage
 STATUS_MAGIC = 0x7A76697A
 

@@ -14,12 +14,13 @@ rule with every syscall name, for the native architecture.
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterable
 
 import attrs
 
 from . import _syscalls
-from ._errors import PolicyError
+from ._errors import PolicyError, ZvizWarning
 from ._policy import Policy, Syscalls
 
 ALLOW = "SCMP_ACT_ALLOW"
@@ -56,8 +57,14 @@ def policy_from_oci(text: str, *, base: Policy) -> Policy:
     unknown = sorted(set(names) - set(known))
     if unknown and len(unknown) == len(set(names)):
         raise PolicyError("oci.syscalls", unknown[:5], "x86_64 syscall names")
-    allow_dangerous = bool(set(known) & _syscalls.DANGEROUS)
-    sc = Syscalls(allow=tuple(dict.fromkeys(known)), allow_dangerous=allow_dangerous)
+    # Profiles written for containers (Docker's default allows ptrace, clone3,
+    # personality...) grant what zviz keeps for escape attempts: those stay
+    # denied, loudly. A policy that truly needs them says so in zviz's TOML.
+    dropped = sorted(set(known) & _syscalls.DANGEROUS)
+    if dropped:
+        warnings.warn(f"OCI profile allows {', '.join(dropped)}: zviz keeps them denied "
+                      "(use a TOML policy with syscalls.allow_dangerous to grant them)", ZvizWarning, stacklevel=2)
+    sc = Syscalls(allow=tuple(dict.fromkeys(n for n in known if n not in _syscalls.DANGEROUS)))
     return attrs.evolve(base, syscalls=sc, name=prof.get("zviz_name", "oci"))
 
 

@@ -11,13 +11,17 @@ import errno
 import os
 import signal
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import attrs
 
-from . import _kernel
+from . import _linux
 from ._errors import PolicyError, SandboxSetupError
 from ._policy import Policy
-from ._probe import KernelFeatures
+
+if TYPE_CHECKING:  # the planner stays pure: no probe, no C extension at import
+
+    from ._probe import KernelFeatures
 
 # Landlock access rights (uapi/linux/landlock.h).
 FS_EXECUTE = 1 << 0
@@ -145,9 +149,9 @@ class SpawnPlan:
         """The plan as a readable list of steps (for `zviz run --explain`, tests)."""
         out = []
         if self.clone_flags:
-            names = [n for n, f in (("user", _kernel.CLONE_NEWUSER), ("pid", _kernel.CLONE_NEWPID),
-                                    ("mount", _kernel.CLONE_NEWNS), ("net", _kernel.CLONE_NEWNET),
-                                    ("ipc", _kernel.CLONE_NEWIPC), ("uts", _kernel.CLONE_NEWUTS))
+            names = [n for n, f in (("user", _linux.CLONE_NEWUSER), ("pid", _linux.CLONE_NEWPID),
+                                    ("mount", _linux.CLONE_NEWNS), ("net", _linux.CLONE_NEWNET),
+                                    ("ipc", _linux.CLONE_NEWIPC), ("uts", _linux.CLONE_NEWUTS))
                      if self.clone_flags & f]
             out.append("namespaces: " + ", ".join(names))
         if self.uid_map:
@@ -177,7 +181,7 @@ class SpawnPlan:
         ll = self.landlock
         argv = [a.encode() for a in self.argv]
         if init_fd >= 0:
-            argv = [b"zviz-init", str(_kernel.STATUS_FD).encode(), self.exe.encode()] + argv
+            argv = [b"zviz-init", str(_linux.STATUS_FD).encode(), self.exe.encode()] + argv
         return dict(
             argv=argv,
             init_fd=init_fd,
@@ -314,6 +318,9 @@ def plan_root(policy: Policy, host: Host, workdir: str, with_proc: bool) -> Root
     if "dev" in made:
         for link, to in DEV_LINKS.items():
             ops.append((OP_SYMLINK, link, to, -1))
+    if len(binds) > 64 or len(ops) > 256:  # the stage's fixed-size tables (zviz/_stage.c)
+        raise PolicyError("fs", f"{len(binds)} bind mounts, {len(ops)} mount operations",
+                          "at most 64 bind mounts and 256 operations: list fewer, shallower paths")
     return RootPlan(staging=staging, binds=tuple(binds), ops=tuple(ops), private_tmp=private_tmp)
 
 
@@ -378,16 +385,16 @@ def plan_spawn(policy: Policy, host: Host, *, argv: tuple[str, ...], exe: str, w
     can_ns = userns or root  # without a user namespace only root may create the others
     flags = 0
     if userns:
-        flags |= _kernel.CLONE_NEWUSER
-    want = [(ns.pid, _kernel.CLONE_NEWPID, "pid"), (ns.mount, _kernel.CLONE_NEWNS, "mount"),
-            (ns.ipc, _kernel.CLONE_NEWIPC, "ipc"), (ns.uts, _kernel.CLONE_NEWUTS, "uts"),
-            (ns.net, _kernel.CLONE_NEWNET, "net")]
+        flags |= _linux.CLONE_NEWUSER
+    want = [(ns.pid, _linux.CLONE_NEWPID, "pid"), (ns.mount, _linux.CLONE_NEWNS, "mount"),
+            (ns.ipc, _linux.CLONE_NEWIPC, "ipc"), (ns.uts, _linux.CLONE_NEWUTS, "uts"),
+            (ns.net, _linux.CLONE_NEWNET, "net")]
     for on, flag, name in want:
         if on and can_ns:
             flags |= flag
         elif on:
             degraded.append(f"{name} namespace off (needs a user namespace or root)")
-    if policy.net.mode == "loopback" and not flags & _kernel.CLONE_NEWNET:
+    if policy.net.mode == "loopback" and not flags & _linux.CLONE_NEWNET:
         raise PolicyError("net.mode", "loopback", "a host where network namespaces can be created")
 
     if userns:
@@ -409,8 +416,8 @@ def plan_spawn(policy: Policy, host: Host, *, argv: tuple[str, ...], exe: str, w
         uid = gid = -1
         deny_setgroups = drop_groups = creds_late = False
 
-    mount_ns = bool(flags & _kernel.CLONE_NEWNS)
-    mount_proc = mount_ns and bool(flags & _kernel.CLONE_NEWPID)
+    mount_ns = bool(flags & _linux.CLONE_NEWNS)
+    mount_proc = mount_ns and bool(flags & _linux.CLONE_NEWPID)
     root = plan_root(policy, host, workdir, mount_proc) if mount_ns else None
     if not mount_ns:
         degraded.append("the host's filesystem stays visible (no mount namespace): Landlock alone guards it")
@@ -428,12 +435,19 @@ def plan_spawn(policy: Policy, host: Host, *, argv: tuple[str, ...], exe: str, w
                        new_root=root is not None)
     if ll is None:
         degraded.append(f"Landlock unavailable ({f.landlock_reason})")
+    elif ll.abi < 4 and policy.net.mode != "loopback":
+        degraded.append(f"Landlock ABI {ll.abi} < 4: no TCP port rules (the seccomp socket filter remains)")
+    if ll is not None and ll.abi < 6:
+        degraded.append(f"Landlock ABI {ll.abi} < 6: abstract unix sockets and signals are not scoped"
+                        + ("" if flags & _linux.CLONE_NEWNET else " (the host's abstract sockets are reachable)"))
+    if not f.seccomp_notify:
+        degraded.append("no seccomp user notification: denials are answered in the kernel and not reported")
     return SpawnPlan(
         argv=tuple(argv), exe=exe, env=tuple(sorted(env.items())), cwd=workdir,
         clone_flags=flags, uid_map=uid_map, gid_map=gid_map, deny_setgroups=deny_setgroups,
         drop_groups=drop_groups, uid=uid, gid=gid, creds_late=creds_late,
         host_uid=host_uid, host_gid=host_gid, mount_ns=mount_ns, mount_proc=mount_proc, new_root=root,
-        loopback_up=bool(flags & _kernel.CLONE_NEWNET) and policy.net.mode == "loopback",
-        hostname="zviz" if flags & _kernel.CLONE_NEWUTS else None,
+        loopback_up=bool(flags & _linux.CLONE_NEWNET) and policy.net.mode == "loopback",
+        hostname="zviz" if flags & _linux.CLONE_NEWUTS else None,
         rlimits=_rlimits(policy, host, userns), landlock=ll, degraded=tuple(degraded),
     )

@@ -243,8 +243,8 @@ class Limits:
     def __attrs_post_init__(self) -> None:
         if self.memory is not None and self.memory < 16 * 1024**2:
             raise PolicyError("limits.memory", self.memory, "at least 16M (a dynamic loader needs that much)")
-        if self.open_files is not None and self.open_files < 8:
-            raise PolicyError("limits.open_files", self.open_files, "at least 8")
+        if self.open_files is not None and self.open_files < 16:
+            raise PolicyError("limits.open_files", self.open_files, "at least 16")
 
 
 def _env(value: object) -> tuple[tuple[str, str], ...]:

@@ -133,6 +133,7 @@ class Process:
         self._ended: float | None = None
         self.timed_out = False
         self.limit: str | None = None  # which policy limit ended it: wall_s, output
+        self._watchdog: anyio.CancelScope | None = None
 
     def __repr__(self) -> str:
         state = "running" if self._status is None else f"exited status={self._status}"
@@ -185,6 +186,8 @@ class Process:
         # itself was killed (timeout, kill()), its status is the truth.
         reported = _kernel.read_init_status(self._status_fd)
         self._status_fd.close()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         if reported is not None:
             self._status = reported.wstatus
             self._cpu = reported.utime + reported.stime
@@ -334,10 +337,34 @@ class Sandbox:
         return found
 
     async def start(self, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
-                    stdin: bool = True, stdout: bool = True, stderr: bool = True) -> Process:
+                    stdin: bool = True, stdout: bool = True, stderr: bool = True,
+                    timeout: float | None = None) -> Process:
         """Start a command with streaming stdio (`Process.stdin/stdout/stderr`).
-        Streams you do not ask for are /dev/null."""
-        return await self._start(argv, env=env, stdin=stdin, stdout=stdout, stderr=stderr)
+        Streams you do not ask for are /dev/null. `timeout` (default: the
+        policy's `limits.wall_s`; `math.inf` for none) kills it when it runs
+        out; `Process.timed_out` then says so."""
+        timeout = self._timeout(timeout)
+        proc = await self._start(argv, env=env, stdin=stdin, stdout=stdout, stderr=stderr)
+        if timeout != float("inf"):
+            assert self._tg is not None
+            self._tg.start_soon(self._watchdog, proc, timeout)
+        return proc
+
+    def _timeout(self, timeout: float | None) -> float:
+        if timeout is None:
+            return self.policy.limits.wall_s if self.policy.limits.wall_s is not None else float("inf")
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise PolicyError("timeout", timeout, "a positive number of seconds (math.inf for none)")
+        return float(timeout)
+
+    async def _watchdog(self, proc: Process, timeout: float) -> None:
+        with anyio.CancelScope() as scope:
+            proc._watchdog = scope  # cancelled when the process is reaped
+            await anyio.sleep(timeout)
+            if proc._status is None:
+                proc.timed_out = True
+                proc.limit = "wall_s"
+                proc.kill()
 
     async def _start(self, argv: Sequence[str], *, env: Mapping[str, str] | None, stdin: object,
                      stdout: object, stderr: object) -> Process:
@@ -434,10 +461,7 @@ class Sandbox:
         `limits.output`). `timeout` defaults to the policy's `limits.wall_s`."""
         if stdin is not None and not isinstance(stdin, (bytes, bytearray, memoryview)):
             raise TypeError("stdin must be bytes or None")
-        if timeout is None:
-            timeout = self.policy.limits.wall_s
-        elif not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not timeout > 0:
-            raise PolicyError("timeout", timeout, "a positive number of seconds")
+        timeout = self._timeout(timeout)
         proc = await self._start(argv, env=env, stdin=bool(stdin), stdout=True, stderr=True)
         cap = self.policy.limits.output
 
@@ -463,7 +487,7 @@ class Sandbox:
                 assert proc.stdout is not None and proc.stderr is not None
                 tg.start_soon(drain_then_set, proc.stdout, out, drained[0])
                 tg.start_soon(drain_then_set, proc.stderr, err, drained[1])
-                with anyio.move_on_after(timeout if timeout is not None else float("inf")) as scope:
+                with anyio.move_on_after(timeout) as scope:
                     await proc.wait()
                 if scope.cancelled_caught:
                     proc.timed_out = True

@@ -19,11 +19,11 @@
  *   send "go"                           3  mounts: / private; a new root (tmpfs) holding
  *   read error pipe until EOF (exec)       only the policy's paths, fresh /proc; pivot_root
  *   receive the seccomp listener           loopback up (net ns), hostname
- *                                       4  rlimits, setsid, pdeathsig
+ *                                       4  setsid, pdeathsig
  *                                       5  no_new_privs, Landlock (rules, restrict)
- *                                       6  stdio (+ init status pipe on fd 3), close-on-exec
- *                                          for all else, chdir
- *                                       7  seccomp (last), hand the listener over, execve
+ *                                       6  fds: stdio, init status pipe on 3, all else closed
+ *                                       7  rlimits, chdir
+ *                                       8  seccomp (last), hand the listener over, execve
  *                                          (zviz-init by fd; it forks and execs the program)
  *   (root without a user namespace: step 2 runs after step 3, which needs root.)
  *
@@ -307,6 +307,22 @@ lift_fd(int *fd)
     return 0;
 }
 
+/* dup2 *fd onto `to` (if it is in use) with close-on-exec, and close the old number. */
+static long
+place_fd(int *fd, int to)
+{
+    if (*fd < 0) {
+        R1(SYS_close, to); /* whatever the host left there does not survive */
+        return 0;
+    }
+    long r = R3(SYS_dup3, *fd, to, O_CLOEXEC);
+    if (r < 0)
+        return r;
+    R1(SYS_close, *fd);
+    *fd = to;
+    return 0;
+}
+
 static int
 child_main(void *arg)
 {
@@ -426,11 +442,9 @@ child_main(void *arg)
     if (p->creds_late)
         set_creds(p);
 
-    /* 4. rlimits, process group, parent-death signal. PDEATHSIG goes after the
-     * credential change, which clears it. If the parent died before that, the
-     * go pipe has hung up: do not run an orphan. */
-    for (int i = 0; i < p->n_rlimits; i++)
-        CHECK(R4(SYS_prlimit64, 0, p->rl_res[i], &p->rl_val[i], NULL), STEP_RLIMIT, i);
+    /* 4. Session, parent-death signal. PDEATHSIG goes after the credential
+     * change, which clears it. If the parent died before that, the go pipe
+     * has hung up: do not run an orphan. */
     /* A new session: no controlling terminal (no /dev/tty, no TIOCSTI into the
      * caller's terminal through it), and a process group of our own. */
     if (p->setsid)
@@ -442,7 +456,7 @@ child_main(void *arg)
             child_fail(p, STEP_PDEATHSIG, -ESRCH, -1);
     }
 
-    /* 5. Landlock, then no_new_privs (restrict_self needs it). */
+    /* 5. no_new_privs (landlock_restrict_self needs it), then Landlock. */
     CHECK(R5(SYS_prctl, PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), STEP_NO_NEW_PRIVS, -1);
     if (p->landlock_abi > 0) {
         size_t attr_size = p->landlock_abi >= 6 ? 24 : (p->landlock_abi >= 4 ? 16 : 8);
@@ -467,9 +481,12 @@ child_main(void *arg)
         R1(SYS_close, rs);
     }
 
-    /* 6. stdio, then every other fd is marked close-on-exec: nothing of
-     * the host program reaches the sandboxed one. The error pipe closes at exec,
-     * which is how the parent learns that exec happened. */
+    /* 6. fds. Every fd we still need is first lifted above 9, then placed:
+     * stdio on 0..2, the init's status pipe on 3, the error pipe on 4, the
+     * listener socket on 5, zviz-init on 6; everything else inherited from
+     * the host program is closed (for real, not close-on-exec: RLIMIT_NOFILE
+     * below must not meet a host's high fd numbers). 4..6 stay close-on-exec;
+     * the error pipe closing at exec is how the parent learns exec happened. */
     CHECK(lift_fd(&local.fd_in), STEP_STDIO, 0);
     CHECK(lift_fd(&local.fd_out), STEP_STDIO, 1);
     CHECK(lift_fd(&local.fd_err), STEP_STDIO, 2);
@@ -480,16 +497,22 @@ child_main(void *arg)
     CHECK(R2(SYS_dup2, p->fd_in, 0), STEP_STDIO, 0);
     CHECK(R2(SYS_dup2, p->fd_out, 1), STEP_STDIO, 1);
     CHECK(R2(SYS_dup2, p->fd_err, 2), STEP_STDIO, 2);
-    int first_closed = 3;
-    if (p->status_fd >= 0) {
+    if (p->status_fd >= 0)
         CHECK(R2(SYS_dup2, p->status_fd, 3), STEP_STDIO, 3);
-        first_closed = 4;
-    }
-    CHECK(R3(SYS_close_range, first_closed, ~0U, CLOSE_RANGE_CLOEXEC), STEP_STDIO, -1);
+    else
+        R1(SYS_close, 3);
+    CHECK(place_fd(&local.err_w, 4), STEP_STDIO, 4);
+    CHECK(place_fd(&local.listener_sock, 5), STEP_STDIO, 5);
+    CHECK(place_fd(&local.init_fd, 6), STEP_STDIO, 6);
+    CHECK(R3(SYS_close_range, 7, ~0U, 0), STEP_STDIO, -1);
+
+    /* 7. rlimits, now that no host fd is left (RLIMIT_NOFILE counts numbers). */
+    for (int i = 0; i < p->n_rlimits; i++)
+        CHECK(R4(SYS_prlimit64, 0, p->rl_res[i], &p->rl_val[i], NULL), STEP_RLIMIT, i);
     if (p->cwd)
         CHECK(R1(SYS_chdir, p->cwd), STEP_CHDIR, -1);
 
-    /* 7. seccomp, last. The listener goes to the parent and is closed here: the
+    /* 8. seccomp, last. The listener goes to the parent and is closed here: the
      * sandboxed program must never hold it. Signals are unblocked first so that
      * rt_sigprocmask need not be in anyone's allowlist. */
     uint64_t none = 0;

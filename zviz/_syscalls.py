@@ -92,12 +92,14 @@ DANGEROUS: frozenset[str] = frozenset(
     setuid setgid setreuid setregid setresuid setresgid setgroups setfsuid setfsgid
     migrate_pages move_pages mbind set_mempolicy get_mempolicy
     create_module get_kernel_syms query_module quotactl_fd landlock_create_ruleset
-    landlock_add_rule landlock_restrict_self
+    landlock_add_rule landlock_restrict_self clone3
     """.split()
 )
 
 # Answered ENOSYS in the kernel without notifying the supervisor: routine
-# probes of new interfaces by libc (reporting them would be noise).
+# probes of new interfaces by libc (reporting them would be noise). clone3 is
+# also in DANGEROUS: its flags live in memory, so a policy that allowed it
+# would let the code create namespaces past the clone flag check.
 SILENT_ENOSYS: frozenset[str] = frozenset({"clone3"})
 
 
