@@ -28,15 +28,22 @@ async def test_soak_1000_sandboxes_leave_nothing(snapshot):
     counts = {"done": 0, "cancelled": 0, "timed_out": 0}
     limit = trio.CapacityLimiter(24)
 
+    expected_cancels = 0
+
     async def one(i):
+        nonlocal expected_cancels
         argv, kind = rng.choice(PROGRAMS)
-        cancel_after = rng.random() * 0.3 if rng.random() < 0.2 else None
+        cancel_after = None
+        if rng.random() < 0.2:  # cancelled at a random point of its life, from open to teardown
+            cancel_after = rng.random() * 0.3
+            argv, kind = ["sh", "-c", "sleep 1000"], "cancel"
+            expected_cancels += 1
         async with limit:
             with trio.CancelScope() as cs:
                 if cancel_after is not None:
                     cs.deadline = trio.current_time() + cancel_after
                 async with zviz.open_sandbox(PYP) as sb:
-                    r = await sb.run(argv, timeout=0.2 if kind == "timeout" else 10)
+                    r = await sb.run(argv, timeout=0.2 if kind == "timeout" else 100)
                     counts["timed_out"] += r.timed_out
                     if kind == "flood":
                         pass
@@ -49,7 +56,7 @@ async def test_soak_1000_sandboxes_leave_nothing(snapshot):
             for i in range(1000):
                 n.start_soon(one, i)
     assert counts["done"] + counts["cancelled"] == 1000
-    assert counts["cancelled"] > 50 and counts["timed_out"] > 20
+    assert counts["cancelled"] == expected_cancels > 100 and counts["timed_out"] > 20
     snap.assert_clean()
 
 

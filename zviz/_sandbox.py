@@ -14,6 +14,7 @@ import contextlib
 import errno
 import os
 import resource
+import select
 import shutil
 import signal
 import socket
@@ -28,7 +29,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 import anyio
 import attrs
 
-from . import _bpf, _kernel, _plan, _probe
+from . import _bpf, _kernel, _linux, _plan, _probe
 from ._errors import CommandNotFoundError, PolicyError, SandboxClosedError, SandboxSetupError, ZvizWarning
 from ._kernel import OwnedFd
 from ._policy import Policy
@@ -161,6 +162,9 @@ class Process:
     def _kill_group(self) -> None:
         # Without a pid namespace the tree is the process group (setsid in the
         # stage). The group id is our unreaped child's pid: it cannot be reused.
+        # With one, killing init (pid 1) already took the whole tree.
+        if self._sandbox._pid_ns:
+            return
         if self._status is None or not self._pidfd.closed:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.pid, signal.SIGKILL)
@@ -254,6 +258,8 @@ class Sandbox:
         self._degraded: tuple[str, ...] = ()
         self._monitor = None
         self._init: OwnedFd | None = None
+        self._devnull: OwnedFd | None = None
+        self._pid_ns = False
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"{len(self._procs)} running"
@@ -293,9 +299,20 @@ class Sandbox:
                 self._seccomp_flags |= _kernel.SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV
         elif self.policy.net.mode == "allow":
             raise PolicyError("net.mode", "allow", "a kernel with seccomp user notification (>= 5.5)")
-        # A dry plan now: reports degraded layers once, and fails early.
+        # The plan is made once per sandbox (it does not depend on the command):
+        # each spawn fills in argv, exe, env and fds. Planning now also reports
+        # degraded layers once, and fails early.
         probe_plan = _plan.plan_spawn(self.policy, self._host, argv=("true",), exe="/bin/true", workdir=self.workdir)
+        self._plan = probe_plan
+        self._base_spec = probe_plan.to_spec(stdin=-1, stdout=-1, stderr=-1, bpf=self._filter,
+                                             seccomp_flags=self._seccomp_flags, init_fd=self._init.fd, status_fd=-1)
+        self._base_env = dict(probe_plan.env)
+        self._base_envp = self._base_spec["envp"]
+        self._error_paths = tuple(p for p, _ in probe_plan.landlock.paths) if probe_plan.landlock else ()
+        self._error_rlimits = tuple(n for n, _, _ in probe_plan.rlimits)
+        self._devnull = _kernel.open_devnull()
         self._degraded = probe_plan.degraded
+        self._pid_ns = bool(probe_plan.clone_flags & _linux.CLONE_NEWPID)
         if probe_plan.degraded:
             warnings.warn("zviz sandbox runs degraded: " + "; ".join(probe_plan.degraded), ZvizWarning, stacklevel=4)
         if self._owns_workdir and probe_plan.host_uid != os.geteuid():
@@ -381,42 +398,42 @@ class Sandbox:
         merged = dict(self.policy.env)
         merged.update(env or {})
         exe = self._resolve(argv, merged)
-        plan = _plan.plan_spawn(self.policy, self._host, argv=argv, exe=exe, workdir=self.workdir, extra_env=env)
+        spec = dict(self._base_spec)
+        exe_b = exe.encode()
+        spec["exe"] = exe_b
+        spec["argv"] = [b"zviz-init", str(_linux.STATUS_FD).encode(), exe_b] + [a.encode() for a in argv]
+        if env:
+            full = dict(self._base_env)
+            full.update(env)
+            spec["envp"] = [f"{k}={v}".encode() for k, v in sorted(full.items())]
 
         with contextlib.ExitStack() as stack:
-            devnull = stack.enter_context(contextlib.closing(_kernel.open_devnull()))
-            child_ends: list[int] = []
+            # On failure every fd made here is closed; on success the child has
+            # its copies and ours are detached into the Process below.
             ours: list[OwnedFd | None] = []
+            child_ends: list[int] = []
             for want, is_input, label in ((stdin, True, "stdin"), (stdout, False, "stdout"), (stderr, False, "stderr")):
                 if want:
                     r, w = _kernel.pipe(label)
                     child, mine = (r, w) if is_input else (w, r)
-                    stack.callback(mine.close)  # closed on failure; detached on success below
-                    stack.callback(child.close)  # always: the child has its copy after spawn
-                    child_end = _kernel.dup_above_stdio(child.fd, label + "-child")
-                    stack.callback(child_end.close)
-                    child_ends.append(child_end.fd)
+                    stack.callback(mine.close)
+                    stack.callback(child.close)
+                    child_ends.append(child.fd)
                     ours.append(mine)
                 else:
-                    child_ends.append(devnull.fd)
+                    child_ends.append(self._devnull.fd)
                     ours.append(None)
             status_r, status_w = _kernel.pipe("init-status")
             stack.callback(status_w.close)
             stack.callback(status_r.close)
-            status_child = _kernel.dup_above_stdio(status_w.fd, "init-status-child")
-            stack.callback(status_child.close)
-            assert self._init is not None
-            spec = plan.to_spec(stdin=child_ends[0], stdout=child_ends[1], stderr=child_ends[2],
-                                bpf=self._filter, seccomp_flags=self._seccomp_flags,
-                                init_fd=self._init.fd, status_fd=status_child.fd)
+            spec["stdin"], spec["stdout"], spec["stderr"] = child_ends
+            spec["status_fd"] = status_w.fd
             t0 = time.monotonic()
-            spawned = _kernel.spawn(spec, paths=tuple(p for p, _ in plan.landlock.paths) if plan.landlock else (),
-                                    rlimit_names=tuple(n for n, _, _ in plan.rlimits))
+            spawned = _kernel.spawn(spec, paths=self._error_paths, rlimit_names=self._error_rlimits)
             self._spawn_s += time.monotonic() - t0
-            # Success: from here on the fds belong to the Process.
             status = OwnedFd(status_r.detach(), "init-status")
             os.set_blocking(status.fd, False)
-            streams = []
+            streams: list = []
             for mine, is_input in zip(ours, (True, False, False)):
                 if mine is None:
                     streams.append(None)
@@ -472,36 +489,15 @@ class Sandbox:
                 proc.kill()
 
         out, err = Collector(cap, over_output), Collector(cap, over_output)
-        drained = [anyio.Event(), anyio.Event()]
-
-        async def drain_then_set(stream: FdReceiveStream, into: Collector, done: anyio.Event) -> None:
-            try:
-                await drain(stream, into)
-            finally:
-                done.set()
-
         try:
-            async with anyio.create_task_group() as tg:
-                if proc.stdin is not None:
-                    tg.start_soon(feed_stdin, proc.stdin, bytes(stdin or b""))
-                assert proc.stdout is not None and proc.stderr is not None
-                tg.start_soon(drain_then_set, proc.stdout, out, drained[0])
-                tg.start_soon(drain_then_set, proc.stderr, err, drained[1])
-                with anyio.move_on_after(timeout) as scope:
+            with anyio.move_on_after(timeout) as scope:
+                await self._drive(proc, bytes(stdin or b""), out, err)
+            if scope.cancelled_caught:
+                proc.timed_out = True
+                proc.limit = proc.limit or "wall_s"
+                proc.kill()
+                with anyio.CancelScope(shield=True):
                     await proc.wait()
-                if scope.cancelled_caught:
-                    proc.timed_out = True
-                    proc.limit = proc.limit or "wall_s"
-                    proc.kill()
-                    with anyio.CancelScope(shield=True):
-                        await proc.wait()
-                # Output still in the pipes is read to EOF. With a pid namespace
-                # every writer is dead by now; without one, a descendant that
-                # left the process group could hold a pipe: it gets 2 s.
-                with anyio.move_on_after(2.0):
-                    for ev in drained:
-                        await ev.wait()
-                tg.cancel_scope.cancel()  # the stdin feeder, a stuck drain
         finally:
             with anyio.CancelScope(shield=True):
                 await self._finish(proc)
@@ -520,6 +516,73 @@ class Sandbox:
             wall_s=(proc._ended or time.monotonic()) - proc._started,
             cpu_s=proc.cpu_s, peak_rss=proc.peak_rss, denials=dict(proc._account.denials),
         )
+
+    async def _drive(self, proc: Process, data: bytes, out: Collector, err: Collector) -> None:
+        """One task, one epoll set: feed stdin, drain stdout and stderr, and
+        reap the process when its pidfd fires. Returns when it has exited and
+        both pipes reached EOF (or 2 s after exit: without a pid namespace a
+        descendant that left the process group could hold a pipe open)."""
+        assert proc.stdout is not None and proc.stderr is not None
+        ep = select.epoll()
+        try:
+            pidfd = proc._pidfd.fd
+            sinks = {proc.stdout._fd.fd: out, proc.stderr._fd.fd: err}
+            for fd in sinks:
+                ep.register(fd, select.EPOLLIN)
+            ep.register(pidfd, select.EPOLLIN)
+            stdin_fd = -1
+            view = memoryview(data)
+            if proc.stdin is not None:
+                stdin_fd = proc.stdin._fd.fd
+                if view:
+                    ep.register(stdin_fd, select.EPOLLOUT)
+                else:
+                    proc.stdin.close()
+            exited_at: float | None = None
+            while sinks or proc._status is None:
+                if exited_at is not None and time.monotonic() - exited_at > 2.0:
+                    break
+                events = ep.poll(0)
+                if not events:
+                    if exited_at is None:
+                        await anyio.wait_readable(ep.fileno())
+                    else:
+                        with anyio.move_on_after(max(0.0, 2.0 - (time.monotonic() - exited_at))):
+                            await anyio.wait_readable(ep.fileno())
+                    continue
+                for fd, ev in events:
+                    if fd == pidfd:
+                        ep.unregister(pidfd)
+                        proc._reap()
+                        exited_at = time.monotonic()
+                    elif fd == stdin_fd:
+                        try:
+                            n = os.write(fd, view[:65536])
+                        except BlockingIOError:
+                            continue
+                        except OSError:  # EPIPE: the reader is gone
+                            n = len(view)
+                        assert proc.stdin is not None
+                        proc.stdin.bytes_sent += n
+                        view = view[n:]
+                        if not view:
+                            ep.unregister(fd)
+                            proc.stdin.close()
+                            stdin_fd = -1
+                    elif fd in sinks:
+                        try:
+                            chunk = os.read(fd, 65536)
+                        except BlockingIOError:
+                            continue
+                        if chunk:
+                            sinks[fd].feed(chunk)
+                        else:
+                            ep.unregister(fd)
+                            del sinks[fd]
+            await anyio.lowlevel.checkpoint_if_cancelled()
+        finally:
+            anyio.notify_closing(ep.fileno())
+            ep.close()
 
     async def _finish(self, proc: Process) -> None:
         """Kill if still running, reap, let the supervisor drain, close streams."""
@@ -656,6 +719,8 @@ class Sandbox:
             p._close_streams()
         ev, self._event_added = self._event_added, anyio.Event()
         ev.set()
+        if self._devnull is not None:
+            self._devnull.close()
 
 
 class _EventIterator:
@@ -732,6 +797,7 @@ async def open_sandbox(policy: Policy | None = None, *, workdir: str | os.PathLi
                 # group; it is live as soon as the group is.
                 sup = Supervisor(allowed_endpoints=endpoints, net_allow=policy.net.mode == "allow",
                                  on_event=sb._add_event, task_group=tg)
+                tg.start_soon(sup.run)
                 sb._tg = tg
                 sb._supervisor = sup
                 try:

@@ -61,25 +61,76 @@ class RunAccount:
     connects: int = 0
 
 
+@attrs.define
+class _Watched:
+    listener: OwnedFd
+    pidfd: OwnedFd
+    account: RunAccount
+    done: anyio.Event
+
+
 class Supervisor:
+    """One task per sandbox, over an epoll set of every live listener of the
+    sandbox: attaching a spawn's listener is one epoll_ctl, not a new task."""
+
     def __init__(self, *, allowed_endpoints: frozenset[tuple[str, int]], net_allow: bool,
                  on_event: Callable[[DenialEvent], None], task_group: anyio.abc.TaskGroup) -> None:
         self._allowed = allowed_endpoints
         self._net_allow = net_allow
         self._on_event = on_event
         self._tg = task_group
-        self._scopes: set[anyio.CancelScope] = set()
+        self._ep = select.epoll()
+        self._watched: dict[int, _Watched] = {}
+        self._scope: anyio.CancelScope | None = None
+        self._connects: set[anyio.CancelScope] = set()
         self._stopped = False
         self.sync_wakeup = False
         self.connect_timeout = 30.0
         self.notifications = 0
         self.listeners_served = 0
 
+    async def run(self) -> None:
+        """The supervisor's task (start it with start_soon in the sandbox's task
+        group). Shielded: a cancelled caller's processes still get their
+        notifications answered until teardown has killed them, or until
+        stop(); without the shield a task blocked in a notified syscall could
+        never be answered, and its kill and reap would wait on it."""
+        with anyio.CancelScope(shield=True) as scope:
+            self._scope = scope
+            if self._stopped:
+                scope.cancel()
+            try:
+                while True:
+                    await anyio.wait_readable(self._ep.fileno())
+                    for fd, ev in self._ep.poll(0):
+                        w = self._watched.get(fd)
+                        if w is None:
+                            continue
+                        if ev & select.EPOLLIN:
+                            n = _kernel.notif_recv(w.listener)
+                            if n is not None:
+                                await self._handle(w.listener, w.pidfd, w.account, n)
+                        elif ev & (select.EPOLLHUP | select.EPOLLERR):
+                            self._forget(fd)  # no task of this filter is left
+            finally:
+                for fd in list(self._watched):
+                    self._forget(fd)
+                anyio.notify_closing(self._ep.fileno())
+                self._ep.close()
+
+    def _forget(self, fd: int) -> None:
+        w = self._watched.pop(fd)
+        self._ep.unregister(fd)
+        w.listener.close()
+        w.done.set()
+
     def stop(self) -> None:
-        """End every listener task (after teardown has killed the processes,
-        they have usually ended on their own: POLLHUP)."""
+        """End the supervisor (after teardown has killed the processes, their
+        listeners have usually hung up already)."""
         self._stopped = True
-        for scope in list(self._scopes):
+        if self._scope is not None:
+            self._scope.cancel()
+        for scope in list(self._connects):
             scope.cancel()
 
     def attach(self, listener: OwnedFd, pidfd: OwnedFd, account: RunAccount) -> anyio.Event:
@@ -90,36 +141,10 @@ class Supervisor:
         if _kernel.notif_set_sync_wakeup(listener):
             self.sync_wakeup = True
         done = anyio.Event()
-        self._tg.start_soon(self._serve, listener, pidfd, account, done)
+        self._watched[listener.fd] = _Watched(listener, pidfd, account, done)
+        self._ep.register(listener.fd, select.EPOLLIN)
         self.listeners_served += 1
         return done
-
-    async def _serve(self, listener: OwnedFd, pidfd: OwnedFd, account: RunAccount, done: anyio.Event) -> None:
-        # Shielded: a cancelled caller's processes still get their notifications
-        # answered until teardown has killed them (then POLLHUP ends this), or
-        # until stop(). Without the shield a task blocked in a notified syscall
-        # could never be answered, and its kill and reap would wait on it.
-        poller = select.poll()
-        poller.register(listener.fd, select.POLLIN)
-        with anyio.CancelScope(shield=True) as scope:
-            self._scopes.add(scope)
-            try:
-                while True:
-                    await anyio.wait_readable(listener.fd)
-                    ready = dict(poller.poll(0))
-                    ev = ready.get(listener.fd, 0)
-                    if ev & select.POLLIN:
-                        n = _kernel.notif_recv(listener)
-                        if n is not None:
-                            await self._handle(listener, pidfd, account, n)
-                    elif ev & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
-                        return  # no task of this filter is left
-            finally:
-                self._scopes.discard(scope)
-                if not listener.closed:
-                    anyio.notify_closing(listener.fd)
-                listener.close()
-                done.set()
 
     async def _handle(self, listener: OwnedFd, pidfd: OwnedFd, account: RunAccount,
                       n: _kernel.Notification) -> None:
@@ -136,7 +161,9 @@ class Supervisor:
                 return
             answer = _decide.decide_connect(n.args[0] & 0xFFFFFFFF, data, self._allowed)
             if isinstance(answer, _decide.PerformConnect):
-                await self._perform_connect(listener, n, answer, account)
+                # may take up to connect_timeout: its own task, so that the
+                # supervisor keeps answering everyone else meanwhile
+                self._tg.start_soon(self._perform_connect, listener, n, answer, account)
                 return
         assert isinstance(answer, _decide.Deny)
         self._record(n, answer.errno, account)
@@ -155,7 +182,20 @@ class Supervisor:
 
     async def _perform_connect(self, listener: OwnedFd, n: _kernel.Notification,
                                answer: _decide.PerformConnect, account: RunAccount) -> None:
-        """connect() on a duplicate of the child's socket, from here."""
+        """connect() on a duplicate of the child's socket, from here. Ended by
+        stop(); a listener closed meanwhile (its process died) ends it too."""
+        with anyio.CancelScope() as scope:
+            self._connects.add(scope)
+            try:
+                await self._connect_on_behalf(listener, n, answer, account)
+            except (OSError, ValueError):
+                if not listener.closed:
+                    raise
+            finally:
+                self._connects.discard(scope)
+
+    async def _connect_on_behalf(self, listener: OwnedFd, n: _kernel.Notification,
+                                 answer: _decide.PerformConnect, account: RunAccount) -> None:
         try:
             task_fd = OwnedFd(os.pidfd_open(n.pid), "pidfd-task")
         except OSError:
