@@ -114,9 +114,12 @@ def test_no_private_tmp_when_the_policy_grants_tmp():
     assert ("/tmp", False) in p.new_root.binds
 
 
-def test_root_as_a_policy_path_is_refused():
-    with pytest.raises(PolicyError):
-        plan(Policy(fs=Filesystem(read_only=("/",))))
+def test_whole_host_read_only_means_no_new_root_and_says_so():
+    h = attrs.evolve(host(), is_dir={**DIRS, "/": True})
+    p = plan(Policy(fs=Filesystem(read_only=("/",))), h=h)
+    assert p.new_root is None and p.mount_proc
+    assert any("whole host" in d for d in p.degraded)
+    assert dict(p.landlock.paths)["/"] == _plan.RO
 
 
 def test_missing_policy_path_is_an_error():

@@ -53,7 +53,7 @@ STAGE_NEEDS = frozenset({"sendmsg", "close", "execveat", "execve", "write", "exi
 @attrs.frozen
 class FilterSpec:
     allow: frozenset[str]
-    net_mode: str  # none | loopback | allow
+    net_mode: str  # none | loopback | allow | any (zviz trace only: every family, connect in-kernel)
     notify: bool  # a supervisor listens: denials are notifications
 
 
@@ -83,6 +83,8 @@ def compile_filter(spec: FilterSpec) -> bytes:
 
     if "socket" in allow:
         f.add_rule(sc.ALLOW, "socket", sc.Arg(0, sc.EQ, AF_UNIX))
+        if spec.net_mode == "any":
+            f.add_rule(sc.ALLOW, "socket", sc.Arg(0, sc.NE, AF_UNIX))
         if spec.net_mode == "loopback":
             f.add_rule(sc.ALLOW, "socket", sc.Arg(0, sc.EQ, AF_INET))
             f.add_rule(sc.ALLOW, "socket", sc.Arg(0, sc.EQ, AF_INET6))

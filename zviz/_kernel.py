@@ -339,6 +339,21 @@ def notif_send(listener: OwnedFd, nid: int, *, val: int = 0, error: int = 0) -> 
     return True
 
 
+def notif_continue_learning(listener: OwnedFd, nid: int) -> bool:
+    """Let the call run (SECCOMP_USER_NOTIF_FLAG_CONTINUE). Only `zviz trace`'s
+    learning mode uses this, and that mode is not a security boundary: a
+    decision never depends on what was read from the child's memory there; it
+    only records it. The enforcing supervisor has no way to send it."""
+    buf = bytearray(_RESP.pack(nid, 0, 0, 1))
+    try:
+        fcntl.ioctl(listener.fd, IOCTL_NOTIF_SEND, buf, True)
+    except OSError as e:
+        if e.errno == errno.ENOENT:
+            return False
+        raise
+    return True
+
+
 def notif_id_valid(listener: OwnedFd, nid: int) -> bool:
     try:
         fcntl.ioctl(listener.fd, IOCTL_NOTIF_ID_VALID, bytearray(_U64.pack(nid)), True)

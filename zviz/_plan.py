@@ -264,8 +264,6 @@ def plan_root(policy: Policy, host: Host, workdir: str, with_proc: bool) -> Root
     entries: list[tuple[str, str, str, bool]] = []
     listed = {p: True for p in policy.fs.read_only} | {p: False for p in policy.fs.read_write}
     for path, ro in listed.items():
-        if path == "/":
-            raise PolicyError("fs.read_only", "/", "directories below '/' (the sandbox's root is built from them)")
         target = host.links.get(path)
         if target is not None and any(_beneath(target, other) and other != path for other in listed):
             entries.append((path, "symlink", os.path.relpath(target, os.path.dirname(path)), ro))
@@ -418,7 +416,10 @@ def plan_spawn(policy: Policy, host: Host, *, argv: tuple[str, ...], exe: str, w
 
     mount_ns = bool(flags & _linux.CLONE_NEWNS)
     mount_proc = mount_ns and bool(flags & _linux.CLONE_NEWPID)
-    root = plan_root(policy, host, workdir, mount_proc) if mount_ns else None
+    whole_host = "/" in policy.fs.read_only  # `zviz trace` and deliberate policies: the host, read-only
+    root = plan_root(policy, host, workdir, mount_proc) if mount_ns and not whole_host else None
+    if whole_host:
+        degraded.append("fs.read_only lists '/': the whole host filesystem is readable (no new root)")
     if not mount_ns:
         degraded.append("the host's filesystem stays visible (no mount namespace): Landlock alone guards it")
 

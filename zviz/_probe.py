@@ -163,16 +163,9 @@ def probe() -> KernelFeatures:
 
 def bcc_status() -> tuple[bool, str]:
     """Whether the eBPF monitor could run here (without importing bcc)."""
-    if os.geteuid() != 0:
-        return False, "needs root"
-    import importlib.util
+    from .ebpf import status
 
-    if importlib.util.find_spec("bcc") is None:
-        dist = "/usr/lib/python3/dist-packages"
-        if os.path.isdir(os.path.join(dist, "bcc")):
-            return True, f"python3-bpfcc found in {dist}"
-        return False, "bcc is not installed (apt-get install python3-bpfcc, or run ./scripts/setup-ebpf.sh)"
-    return True, "ok"
+    return status()
 
 
 def which(cmd: str, path: str) -> str | None:

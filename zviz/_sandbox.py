@@ -25,6 +25,7 @@ import types
 import warnings
 from collections import Counter
 from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any
 
 import anyio
 import attrs
@@ -260,6 +261,11 @@ class Sandbox:
         self._init: OwnedFd | None = None
         self._devnull: OwnedFd | None = None
         self._pid_ns = False
+        self._trace: Any = None  # zviz trace's settings (private)
+        self._trace_record: Any = None
+        self._monitor_sid = 0
+        self._syscalls_final: dict[str, int] | None = None
+        self._errors_final: dict[tuple[str, str], int] | None = None
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"{len(self._procs)} running"
@@ -290,8 +296,10 @@ class Sandbox:
         self._host = _plan.Host(features=f, euid=os.geteuid(), egid=os.getegid(), is_dir=is_dir, links=links,
                                 rlimit_hard=hard)
         notify = f.seccomp_notify
-        self._filter = _bpf.compile_filter(_bpf.FilterSpec(
-            allow=self.policy.syscalls.names(), net_mode=self.policy.net.mode, notify=notify))
+        spec = _bpf.FilterSpec(allow=self.policy.syscalls.names(), net_mode=self.policy.net.mode, notify=notify)
+        if self._trace is not None:
+            spec = self._trace.filter_spec(notify)
+        self._filter = _bpf.compile_filter(spec)
         self._seccomp_flags = 0
         if notify:
             self._seccomp_flags |= _kernel.SECCOMP_FILTER_FLAG_NEW_LISTENER
@@ -461,9 +469,31 @@ class Sandbox:
         self._accounts.append(account)
         self._procs.add(proc)
         self._started += 1
-        if self._monitor is not None:
-            self._monitor.track(proc.pid, self)
         return proc
+
+    def _attach_monitor(self, monitor: Any, sid: int) -> None:
+        # Every spawn from now on is tracked by the monitor from its first
+        # instruction: the stage writes the pid into the monitor's map before
+        # the child is let go.
+        self._monitor = monitor
+        self._monitor_sid = sid
+        self._base_spec["track_map_fd"] = monitor.map_fd
+        self._base_spec["track_value"] = sid | 0x80000000  # PENDING until exec (_program.c)
+
+    def _detach_monitor(self) -> None:
+        if self._monitor is not None:
+            self._monitor.drain_now()
+            self._syscalls_final = self._monitor.syscalls_for(self._monitor_sid)
+            self._errors_final = self._monitor.errors_for(self._monitor_sid)
+        self._monitor = None
+        self._base_spec.pop("track_map_fd", None)
+        self._base_spec.pop("track_value", None)
+
+    def syscall_errors(self) -> Mapping[tuple[str, str], int] | None:
+        """With the eBPF monitor: failed calls by (syscall, errno name)."""
+        if self._monitor is not None:
+            return self._monitor.errors_for(self._monitor_sid)
+        return self._errors_final
 
     def _process_ended(self, proc: Process) -> None:
         self._procs.discard(proc)
@@ -680,7 +710,11 @@ class Sandbox:
             denials.update(a.denials)
             notifications += a.notifications
             connects += a.connects
-        syscalls = self._monitor.syscalls_for(self) if self._monitor is not None else None
+        if self._monitor is not None:
+            self._monitor.drain_now()
+            syscalls = self._monitor.syscalls_for(self._monitor_sid)
+        else:
+            syscalls = self._syscalls_final
         return SandboxStatistics(
             processes_started=self._started, processes_running=len(self._procs),
             denials=dict(denials), denials_total=sum(denials.values()), notifications=notifications,
@@ -758,7 +792,8 @@ def _check_workdir_reachable(path: str, uid: int) -> None:
 
 @contextlib.asynccontextmanager
 async def open_sandbox(policy: Policy | None = None, *, workdir: str | os.PathLike | None = None,
-                       keep_workdir: bool = False, monitor: bool | object = False) -> AsyncIterator[Sandbox]:
+                       keep_workdir: bool = False, monitor: bool | object = False,
+                       _trace: Any = None) -> AsyncIterator[Sandbox]:
     """Open a sandbox: `async with zviz.open_sandbox(zviz.Policy.python()) as sb:`.
 
     workdir: a directory to use as the sandbox's read-write workdir (kept on
@@ -781,6 +816,9 @@ async def open_sandbox(policy: Policy | None = None, *, workdir: str | os.PathLi
         if os.geteuid() == 0:
             _check_workdir_reachable(path, _plan.NOBODY)
     sb = Sandbox(policy, path, owns, features)
+    if _trace is not None:
+        sb._trace = _trace
+        sb._trace_record = _trace.record
     # The caller's exception is carried past our task group and re-raised as
     # itself: a body that raises ValueError raises ValueError, not a group.
     body_exc: BaseException | None = None
@@ -796,7 +834,8 @@ async def open_sandbox(policy: Policy | None = None, *, workdir: str | os.PathLi
                 # The supervisor serves each spawn's listener in a task of this
                 # group; it is live as soon as the group is.
                 sup = Supervisor(allowed_endpoints=endpoints, net_allow=policy.net.mode == "allow",
-                                 on_event=sb._add_event, task_group=tg)
+                                 on_event=sb._add_event, task_group=tg,
+                                 learner=_trace.learn if _trace is not None and _trace.learning else None)
                 tg.start_soon(sup.run)
                 sb._tg = tg
                 sb._supervisor = sup

@@ -612,6 +612,7 @@ stage_spawn(PyObject *self, PyObject *args)
     int pidfd = -1;
     pid_t pid = -1;
     const char *uid_map = NULL, *gid_map = NULL;
+    long track_map_fd = -1, track_value = 0;
     int deny_setgroups = 0;
     unsigned long clone_flags;
 
@@ -700,6 +701,14 @@ stage_spawn(PyObject *self, PyObject *args)
     p.uid = PyLong_AsLong(o_uid);
     p.gid = PyLong_AsLong(o_gid);
     p.pdeathsig = PyLong_AsLong(o_pdeathsig);
+    {
+        PyObject *o_track = PyDict_GetItemString(spec, "track_map_fd");
+        PyObject *o_tval = PyDict_GetItemString(spec, "track_value");
+        if (o_track)
+            track_map_fd = PyLong_AsLong(o_track);
+        if (o_tval)
+            track_value = PyLong_AsLong(o_tval);
+    }
     p.landlock_abi = PyLong_AsLong(o_landlock_abi);
     p.ll_attr.handled_access_fs = PyLong_AsUnsignedLongLong(o_ll_fs);
     p.ll_attr.handled_access_net = PyLong_AsUnsignedLongLong(o_ll_net);
@@ -845,6 +854,41 @@ stage_spawn(PyObject *self, PyObject *args)
         if (sv[1] >= 0) {
             close(sv[1]);
             sv[1] = -1;
+        }
+
+        /* eBPF monitor: the child is tracked before it runs a single
+         * instruction of its own (it waits for "go"), so nothing it does, and
+         * nothing it forks, escapes the count. */
+        if (track_map_fd >= 0) {
+            uint32_t key = (uint32_t)pid, val = (uint32_t)track_value;
+            union {
+                struct {
+                    uint32_t map_fd;
+                    uint32_t pad;
+                    uint64_t key;
+                    uint64_t value;
+                    uint64_t flags;
+                } u;
+                char raw[128];
+            } attr;
+            memset(&attr, 0, sizeof attr);
+            attr.u.map_fd = (uint32_t)track_map_fd;
+            attr.u.key = (uint64_t)(uintptr_t)&key;
+            attr.u.value = (uint64_t)(uintptr_t)&val;
+            attr.u.flags = 0; /* BPF_ANY */
+            if (syscall(SYS_bpf, 2 /* BPF_MAP_UPDATE_ELEM */, &attr, sizeof attr) < 0) {
+                int e = errno;
+                kill(pid, SIGKILL);
+                waitpid(pid, NULL, 0);
+                close(pidfd);
+                pidfd = -1;
+                PyObject *exc = Py_BuildValue("((siss))", "track", e, strerror(e), "bpf map");
+                if (exc) {
+                    PyErr_SetObject(PyExc_ChildProcessError, exc);
+                    Py_DECREF(exc);
+                }
+                goto out;
+            }
         }
 
         /* id maps: written by the parent, which holds the rights the child lacks
