@@ -737,6 +737,9 @@ class Sandbox:
         return _EventIterator(self)
 
     def events_so_far(self) -> tuple[DenialEvent, ...]:
+        """Every denial recorded so far (the monitor's pending events included)."""
+        if self._monitor is not None:
+            self._monitor.drain_now()
         return tuple(self._events)
 
     # ---- teardown

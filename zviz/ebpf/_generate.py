@@ -29,7 +29,7 @@ from .._policy import Endpoint, Filesystem, Limits, Network, Policy, Syscalls
 O_ACCMODE = 3
 O_CREAT = 0o100
 WRITE_CALLS = {"mkdir", "mkdirat", "unlink", "unlinkat", "rename", "renameat", "renameat2"}
-SKIP = ("/proc", "/dev", "/sys", "/tmp")
+SKIP = ("/proc", "/dev", "/sys")  # given to every sandbox (its own /proc, a few devices) or never
 
 
 @attrs.define
@@ -110,7 +110,7 @@ def generate(rec: TraceRecord, *, base: Policy, workdir: str, cwd: str, peaks: P
 
     rw_dirs = set()
     for p in map(absolute, rec.writes):
-        if wanted(p):
+        if wanted(p) and not _covered(p, ("/tmp", "/dev/shm")):  # written there: the private /tmp serves
             rw_dirs.add(os.path.dirname(p) if not os.path.isdir(p) else p)
     ro_dirs = set()
     for p in map(absolute, rec.reads | rec.execs):

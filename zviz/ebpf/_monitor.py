@@ -38,14 +38,14 @@ class Monitor:
 
     def __init__(self, bpf: Any) -> None:
         self._bpf = bpf
-        self._tracked = bpf["tracked"]
-        self._stats = bpf["stats"]
-        self._errnos = bpf["errnos"]
+        self._tracked = bpf[b"tracked"]
+        self._stats = bpf[b"stats"]
+        self._errnos = bpf[b"errnos"]
         self._sandboxes: dict[int, Sandbox] = {}
         self._next_sid = 1
         self._closed = False
         self.events_seen = 0
-        bpf["events"].open_ring_buffer(self._on_event)
+        bpf[b"events"].open_ring_buffer(self._on_event)
 
     def __repr__(self) -> str:
         return f"<zviz.ebpf.Monitor sandboxes={len(self._sandboxes)} events={self.events_seen}>"
@@ -57,7 +57,7 @@ class Monitor:
         bcc = _import_bcc()
         t0 = time.monotonic()
         try:
-            bpf = await anyio.to_thread.run_sync(lambda: bcc.BPF(src_file=PROGRAM))
+            bpf = await anyio.to_thread.run_sync(lambda: bcc.BPF(src_file=PROGRAM.encode()))
         except Exception as e:  # bcc raises plain Exception on compile/load failure
             from .._errors import FeatureUnavailable
 
@@ -110,7 +110,7 @@ class Monitor:
 
     def set_trace(self, on: bool) -> None:
         """Also report paths and connect addresses (used by `zviz trace`)."""
-        self._bpf["trace_on"][ctypes.c_int(0)] = ctypes.c_uint(1 if on else 0)
+        self._bpf[b"trace_on"][ctypes.c_int(0)] = ctypes.c_uint(1 if on else 0)
 
     @property
     def map_fd(self) -> int:
@@ -133,7 +133,7 @@ class Monitor:
     def _on_event(self, ctx: Any, data: Any, size: int) -> None:
         from .._supervisor import DenialEvent
 
-        ev = self._bpf["events"].event(data)
+        ev = self._bpf[b"events"].event(data)
         self.events_seen += 1
         sb = self._sandboxes.get(ev.sid)
         if sb is None:
@@ -150,7 +150,7 @@ class Monitor:
         name = syscall_label(ev.nr, ev.abi)
         comm = ev.comm.decode(errors="replace")
         if ev.kind == 1:
-            detail, err = f"killed by SIGSYS (seccomp), comm={comm}", 0
+            detail, err = f"killed by the seccomp filter (foreign ABI), comm={comm}", 0
         else:
             err = -ev.ret
             detail = f"returned -{errno.errorcode.get(err, err)}, comm={comm}"

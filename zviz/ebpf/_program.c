@@ -146,35 +146,35 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
     return 0;
 }
 
+/* A task dying inside an x32 or i386 system call was killed by the seccomp
+ * filter (KILL_PROCESS on a foreign ABI): that exit has no signal to trace
+ * (do_group_exit(SIGSYS) directly), so it is caught here, with the syscall
+ * from the task's registers (orig_ax) and the ABI from its thread flags. */
 TRACEPOINT_PROBE(sched, sched_process_exit)
 {
     u32 pid = bpf_get_current_pid_tgid();
+    u32 *sid = tracked.lookup(&pid);
+    if (sid && !(*sid & PENDING)) {
+        struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
+        long nr = -1;
+        bpf_probe_read_kernel(&nr, sizeof nr, &regs->orig_ax);
+        u32 abi = nr >= 0 ? abi_of(nr) : ABI_NATIVE;
+        if (abi != ABI_NATIVE) {
+            struct event_t *e = events.ringbuf_reserve(sizeof(struct event_t));
+            if (e) {
+                e->sid = *sid;
+                e->pid = pid;
+                e->abi = abi;
+                e->nr = nr & ~X32_BIT;
+                e->ret = 0;
+                e->kind = 1;
+                e->flags = 0;
+                bpf_get_current_comm(&e->comm, sizeof e->comm);
+                events.ringbuf_submit(e, 0);
+            }
+        }
+    }
     tracked.delete(&pid);
-    return 0;
-}
-
-TRACEPOINT_PROBE(signal, signal_generate)
-{
-    if (args->sig != 31 /* SIGSYS */)
-        return 0;
-    u32 target = args->pid;
-    u32 *sid = tracked.lookup(&target);
-    if (!sid || (*sid & PENDING))
-        return 0;
-    struct event_t *e = events.ringbuf_reserve(sizeof(struct event_t));
-    if (!e)
-        return 0;
-    struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
-    long nr = -1;
-    bpf_probe_read_kernel(&nr, sizeof nr, &regs->orig_ax);
-    e->sid = *sid;
-    e->pid = target;
-    e->abi = abi_of(nr);
-    e->nr = nr & ~X32_BIT;
-    e->ret = 0;
-    e->kind = 1;
-    bpf_get_current_comm(&e->comm, sizeof e->comm);
-    events.ringbuf_submit(e, 0);
     return 0;
 }
 
