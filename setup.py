@@ -18,7 +18,7 @@ class BuildWithInit(build_ext):
         os.makedirs(out_dir, exist_ok=True)
         target = os.path.join(out_dir, INIT_NAME)
         cc = os.environ.get("CC", "cc")
-        cmd = [cc, "-Os", "-static", "-nostdlib", "-fno-stack-protector", "-fno-builtin",
+        cmd = [cc, "-Os", "-static", "-nostdlib", "-Izviz", "-fno-stack-protector", "-fno-builtin",
                "-fno-asynchronous-unwind-tables", "-Wall", "-Wextra", "-o", target, INIT_SRC]
         self.announce(" ".join(cmd), level=2)
         subprocess.check_call(cmd)
@@ -33,6 +33,7 @@ setup(
         Extension(
             "zviz._stage",
             sources=["zviz/_stage.c"],
+            depends=["zviz/_rsys.h"],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter",
                                 "-Wno-missing-field-initializers"],
         )

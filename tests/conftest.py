@@ -58,82 +58,19 @@ def needs_landlock(abi: int = 1):
 # ------------------------------------------------------------------ identities
 
 
-def run_as(identity: str, fn: Callable[..., Any], *args: Any) -> Any:
-    """Run `fn(*args)` (a sync function, e.g. one calling trio.run) as `identity`:
-    "self" runs it here; "nobody" forks, drops to uid/gid 65534 with no groups
-    (and makes the process dumpable, as any freshly exec'd unprivileged
-    program is), runs it there, and returns its pickled result or raises its
-    error here."""
-    if identity == "self":
-        return fn(*args)
-    assert identity == "nobody" and IS_ROOT
+def _in_child(prepare: Callable[[], None], fn: Callable[..., Any], args: tuple, label: str,
+              parent_step: Callable[[int], None] | None = None) -> Any:
+    """Fork; in the child run `prepare()` then `fn(*args)` and send back the
+    pickled result or error; the parent may act on the child's pid meanwhile
+    (`parent_step`)."""
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # child
         code = 0
         try:
             os.close(r)
-            os.setgroups([])
-            os.setresgid(NOBODY, NOBODY, NOBODY)
-            os.setresuid(NOBODY, NOBODY, NOBODY)
-            ctypes.CDLL(None).prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE
-            tempfile.tempdir = None
-            try:
-                payload = ("ok", fn(*args))
-            except BaseException as e:  # noqa: BLE001
-                payload = ("err", f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
-            data = pickle.dumps(payload)
-            with os.fdopen(w, "wb") as f:
-                f.write(data)
-        except BaseException:  # noqa: BLE001
-            traceback.print_exc()
-            code = 1
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
-    os.close(w)
-    with os.fdopen(r, "rb") as f:
-        data = f.read()
-    _, status = os.waitpid(pid, 0)
-    if not data:
-        raise AssertionError(f"unprivileged child died without a result (status {status:#x})")
-    kind, value = pickle.loads(data)
-    if kind == "err":
-        raise AssertionError("as uid 65534: " + value)
-    return value
-
-
-def run_without_userns(fn: Callable[..., Any], *args: Any) -> Any:
-    """Run `fn(*args)` as an unprivileged uid on a host that forbids user
-    namespaces, for real: a child enters a user namespace of its own (mapping
-    root and uid 1000 -> 65534), sets user.max_user_namespaces = 0 there (a
-    per-namespace limit: nested creation then fails with ENOSPC, exactly as on
-    a host that disallows it), drops to uid 1000 and runs `fn`."""
-    assert IS_ROOT
-    libc = ctypes.CDLL(None, use_errno=True)
-    r, w = os.pipe()
-    ready_r, ready_w = os.pipe()
-    go_r, go_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        code = 0
-        try:
-            os.close(r)
-            if libc.unshare(0x10000000) != 0:
-                raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWUSER)")
-            os.write(ready_w, b"u")
-            os.read(go_r, 1)  # the parent (host root) has written our id maps
-            with open("/proc/sys/user/max_user_namespaces", "w") as f:
-                f.write("0")
-            os.setgroups([])
-            os.setresgid(1000, 1000, 1000)
-            os.setresuid(1000, 1000, 1000)
-            libc.prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE
-            from zviz import _probe
-
-            _probe.probe.cache_clear()
-            tempfile.tempdir = None
+            prepare()
+            tempfile.tempdir = None  # the session's private tempdir is root's
             try:
                 payload = ("ok", fn(*args))
             except BaseException as e:  # noqa: BLE001
@@ -148,22 +85,70 @@ def run_without_userns(fn: Callable[..., Any], *args: Any) -> Any:
             sys.stderr.flush()
             os._exit(code)
     os.close(w)
-    if os.read(ready_r, 1) == b"u":
-        for name in ("uid_map", "gid_map"):
-            with open(f"/proc/{pid}/{name}", "w") as f:
-                f.write("0 0 1\n1000 65534 1\n")
-        os.write(go_w, b"g")
-    for fd in (ready_r, ready_w, go_r, go_w):
-        os.close(fd)
+    if parent_step is not None:
+        parent_step(pid)
     with os.fdopen(r, "rb") as f:
         data = f.read()
-    os.waitpid(pid, 0)
+    _, status = os.waitpid(pid, 0)
     if not data:
-        raise AssertionError("child died without a result")
+        raise AssertionError(f"{label}: child died without a result (status {status:#x})")
     kind, value = pickle.loads(data)
     if kind == "err":
-        raise AssertionError("without user namespaces: " + value)
+        raise AssertionError(f"{label}: " + value)
     return value
+
+
+def _drop_to(uid: int) -> None:
+    os.setgroups([])
+    os.setresgid(uid, uid, uid)
+    os.setresuid(uid, uid, uid)
+    ctypes.CDLL(None).prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE, as for any freshly exec'd program
+
+
+def run_as(identity: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """Run `fn(*args)` (a sync function, e.g. one calling trio.run) as `identity`:
+    "self" runs it here; "nobody" forks, drops to uid/gid 65534 with no groups,
+    runs it there, and returns its result or raises its error here."""
+    if identity == "self":
+        return fn(*args)
+    assert identity == "nobody" and IS_ROOT
+    return _in_child(lambda: _drop_to(NOBODY), fn, args, "as uid 65534")
+
+
+def run_without_userns(fn: Callable[..., Any], *args: Any) -> Any:
+    """Run `fn(*args)` as an unprivileged uid on a host that forbids user
+    namespaces, for real: a child enters a user namespace of its own (the
+    parent, host root, maps root and uid 1000 -> 65534 in it), sets
+    user.max_user_namespaces = 0 there (a per-namespace limit: nested creation
+    then fails with ENOSPC, exactly as on a host that disallows it), drops to
+    uid 1000 and runs `fn`."""
+    assert IS_ROOT
+    libc = ctypes.CDLL(None, use_errno=True)
+    ready_r, ready_w = os.pipe()
+    go_r, go_w = os.pipe()
+
+    def prepare() -> None:
+        if libc.unshare(0x10000000) != 0:
+            raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWUSER)")
+        os.write(ready_w, b"u")
+        os.read(go_r, 1)  # the parent has written our id maps
+        with open("/proc/sys/user/max_user_namespaces", "w") as f:
+            f.write("0")
+        _drop_to(1000)
+        from zviz import _probe
+
+        _probe.probe.cache_clear()
+
+    def write_maps(pid: int) -> None:
+        if os.read(ready_r, 1) == b"u":
+            for name in ("uid_map", "gid_map"):
+                with open(f"/proc/{pid}/{name}", "w") as f:
+                    f.write("0 0 1\n1000 65534 1\n")
+            os.write(go_w, b"g")
+        for fd in (ready_r, ready_w, go_r, go_w):
+            os.close(fd)
+
+    return _in_child(prepare, fn, args, "without user namespaces", write_maps)
 
 
 IDENTITIES = ["self", "nobody"] if IS_ROOT else ["self"]

@@ -326,17 +326,21 @@ def notif_decode(buf: bytes) -> Notification:
     return Notification(id=nid, pid=pid, nr=nr, arch=arch, args=tuple(args))
 
 
-def notif_send(listener: OwnedFd, nid: int, *, val: int = 0, error: int = 0) -> bool:
-    """Answer a notification: `error` is a positive errno (sent negated).
-    False when the target is gone or was interrupted (ENOENT)."""
-    buf = bytearray(_RESP.pack(nid, val, -error if error else 0, 0))
+def _respond(listener: OwnedFd, nid: int, val: int, error: int, flags: int) -> bool:
+    buf = bytearray(_RESP.pack(nid, val, -error if error else 0, flags))
     try:
         fcntl.ioctl(listener.fd, IOCTL_NOTIF_SEND, buf, True)
     except OSError as e:
-        if e.errno == errno.ENOENT:
+        if e.errno == errno.ENOENT:  # the target died or was interrupted
             return False
         raise
     return True
+
+
+def notif_send(listener: OwnedFd, nid: int, *, val: int = 0, error: int = 0) -> bool:
+    """Answer a notification: `error` is a positive errno (sent negated).
+    False when the target is gone or was interrupted (ENOENT)."""
+    return _respond(listener, nid, val, error, 0)
 
 
 def notif_continue_learning(listener: OwnedFd, nid: int) -> bool:
@@ -344,14 +348,7 @@ def notif_continue_learning(listener: OwnedFd, nid: int) -> bool:
     learning mode uses this, and that mode is not a security boundary: a
     decision never depends on what was read from the child's memory there; it
     only records it. The enforcing supervisor has no way to send it."""
-    buf = bytearray(_RESP.pack(nid, 0, 0, 1))
-    try:
-        fcntl.ioctl(listener.fd, IOCTL_NOTIF_SEND, buf, True)
-    except OSError as e:
-        if e.errno == errno.ENOENT:
-            return False
-        raise
-    return True
+    return _respond(listener, nid, 0, 0, 1)
 
 
 def notif_id_valid(listener: OwnedFd, nid: int) -> bool:

@@ -121,19 +121,8 @@ struct ll_net_port_attr {
  */
 #if defined(__x86_64__)
 #define ZVIZ_CLONE_VM 1
-static inline long
-rsys(long n, long a, long b, long c, long d, long e, long f)
-{
-    long ret;
-    register long r10 __asm__("r10") = d;
-    register long r8 __asm__("r8") = e;
-    register long r9 __asm__("r9") = f;
-    __asm__ volatile("syscall"
-                     : "=a"(ret)
-                     : "a"(n), "D"(a), "S"(b), "d"(c), "r"(r10), "r"(r8), "r"(r9)
-                     : "rcx", "r11", "memory");
-    return ret;
-}
+#include "_rsys.h"
+#define rsys rsys_x86_64
 #else
 #define ZVIZ_CLONE_VM 0
 static inline long

@@ -1,0 +1,234 @@
+"""Peer sandboxes for benchmarks/run.py --peers.
+
+Each peer wraps the same command the bare side runs, from the same trio
+process, with the same environment and working directory; run.py interleaves
+bare and peer A B A B on W0-W3 (+ W4) exactly as it does for zviz. A peer that
+is not installed (or cannot run here) becomes a "not installed" row with the
+reason; it is never an error of the suite. Install them with
+`sudo benchmarks/install_peers.sh`.
+
+The flags: each peer is asked for roughly what zviz's `Policy.python()` gives
+(no network, the system read-only, one writable workdir, a private /tmp, new
+namespaces where the tool has them), with the tool's own defaults otherwise:
+
+  bubblewrap  bwrap --unshare-all --die-with-parent --new-session --cap-drop ALL
+                    --ro-bind /usr /usr --symlink usr/bin /bin --symlink usr/lib /lib
+                    --symlink usr/lib64 /lib64 --ro-bind /etc /etc --proc /proc --dev /dev
+                    --tmpfs /tmp --bind WORKDIR WORKDIR --chdir WORKDIR -- CMD
+              (namespaces: user, pid, mount, ipc, uts, net, cgroup; no seccomp
+              filter: bwrap only loads a precompiled one given as an fd)
+  firejail    firejail --quiet --noprofile --net=none --private=WORKDIR --private-dev
+                    --private-tmp --caps.drop=all --nonewprivs --seccomp --nogroups
+                    --noroot -- CMD
+              (its default seccomp blocklist; WORKDIR becomes the home directory,
+              where the command starts, since the host /tmp is hidden)
+  gVisor      runsc --network=none do CMD
+              (Debian's runsc 2022-12-19, default platform ptrace; `runsc do`
+              runs the host root read-only under a tmpfs overlay, the
+              command in the current directory; needs root)
+  sandlock    sandlock.Sandbox(fs_readable=[/usr, /lib, /lib64, /bin, /etc, /proc,
+                    /dev], fs_writable=[WORKDIR], cwd=WORKDIR, clean_env=True, env=ENV,
+                    no_coredump=True).run(CMD)   (Python API, in this process;
+              network denied by default; its default syscall blocklist; its
+              supervisor answers file opens over seccomp user notification)
+
+Commands are given relative paths for the workload scripts (W2, W3), run in
+WORKDIR, so every peer's view of the file system finds them.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass, field
+
+import trio
+
+
+def _children_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def _self_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def _first_line(argv: list[str]) -> str:
+    try:
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+    out = (p.stdout or p.stderr).strip().splitlines()
+    return out[0].strip() if out else "?"
+
+
+def _deb_version(pkg: str) -> str | None:
+    try:
+        p = subprocess.run(["dpkg-query", "-W", "-f=${Version}", pkg], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return p.stdout.strip() or None if p.returncode == 0 else None
+
+
+class PeerFailed(Exception):
+    """The peer ran the command and it failed (not an error of zviz's suite)."""
+
+
+@dataclass
+class Run:
+    wall_s: float
+    stdout: bytes
+    cpu_ms: float  # reaped children (+ this process for in-process peers)
+
+
+@dataclass
+class Peer:
+    key: str
+    name: str
+    flags: str
+    version: str = "?"
+    reason: str | None = None  # why not installed / not working (None: usable)
+    extra: dict = field(default_factory=dict)
+
+    def probe(self) -> None:
+        """Set self.reason if the peer is missing, and self.version."""
+        raise NotImplementedError
+
+    async def run(self, argv: list[str], workdir: str, env: dict[str, str]) -> Run:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class CliPeer(Peer):
+    binary: str = ""
+    package: str = ""
+
+    def wrap(self, argv: list[str], workdir: str) -> list[str]:
+        raise NotImplementedError
+
+    def probe(self) -> None:
+        path = shutil.which(self.binary)
+        if not path:
+            self.reason = f"not installed (`{self.binary}` not found; sudo benchmarks/install_peers.sh)"
+            return
+        self.extra["path"] = path
+        self.version = _deb_version(self.package) or _first_line([path, "--version"])
+
+    async def run(self, argv: list[str], workdir: str, env: dict[str, str]) -> Run:
+        cmd = self.wrap(argv, workdir)
+        c0 = _children_cpu()
+        t0 = time.perf_counter()
+        p = await trio.run_process(cmd, cwd=workdir, env=env, stdin=subprocess.DEVNULL,
+                                   capture_stdout=True, capture_stderr=True, check=False)
+        dt = time.perf_counter() - t0
+        cpu = (_children_cpu() - c0) * 1e3
+        if p.returncode != 0:
+            raise PeerFailed(f"{self.key}: {' '.join(cmd)} exited {p.returncode}: {p.stderr[-400:]!r}")
+        return Run(dt, p.stdout, cpu)
+
+
+class Bwrap(CliPeer):
+    binary, package = "bwrap", "bubblewrap"
+
+    def __init__(self) -> None:
+        super().__init__("bwrap", "bubblewrap", "bwrap --unshare-all --die-with-parent --new-session --cap-drop ALL "
+                         "--ro-bind /usr /usr --symlink usr/bin /bin --symlink usr/lib /lib --symlink usr/lib64 /lib64 "
+                         "--ro-bind /etc /etc --proc /proc --dev /dev --tmpfs /tmp --bind WORKDIR WORKDIR "
+                         "--chdir WORKDIR -- CMD")
+
+    def wrap(self, argv: list[str], workdir: str) -> list[str]:
+        return ["bwrap", "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
+                "--ro-bind", "/usr", "/usr", "--symlink", "usr/bin", "/bin", "--symlink", "usr/lib", "/lib",
+                "--symlink", "usr/lib64", "/lib64", "--ro-bind", "/etc", "/etc", "--proc", "/proc", "--dev", "/dev",
+                "--tmpfs", "/tmp", "--bind", workdir, workdir, "--chdir", workdir, "--", *argv]
+
+
+class Firejail(CliPeer):
+    binary, package = "firejail", "firejail"
+
+    def __init__(self) -> None:
+        super().__init__("firejail", "firejail", "firejail --quiet --noprofile --net=none --private=WORKDIR "
+                         "--private-dev --private-tmp --caps.drop=all --nonewprivs --seccomp --nogroups --noroot -- CMD")
+
+    def wrap(self, argv: list[str], workdir: str) -> list[str]:
+        return ["firejail", "--quiet", "--noprofile", "--net=none", f"--private={workdir}", "--private-dev",
+                "--private-tmp", "--caps.drop=all", "--nonewprivs", "--seccomp", "--nogroups", "--noroot",
+                "--", *argv]
+
+
+class Runsc(CliPeer):
+    binary, package = "runsc", "runsc"
+
+    def __init__(self) -> None:
+        super().__init__("runsc", "gVisor runsc do (ptrace)", "runsc --network=none do CMD")
+
+    def probe(self) -> None:
+        super().probe()
+        if self.reason is None and os.geteuid() != 0:
+            self.reason = "not run: `runsc do` needs root here"
+
+    def wrap(self, argv: list[str], workdir: str) -> list[str]:
+        return ["runsc", "--network=none", "do", *argv]
+
+
+class Sandlock(Peer):
+    READ = ["/usr", "/lib", "/lib64", "/bin", "/etc", "/proc", "/dev"]
+
+    def __init__(self) -> None:
+        super().__init__("sandlock", "sandlock (Python API)",
+                         "sandlock.Sandbox(fs_readable=[/usr, /lib, /lib64, /bin, /etc, /proc, /dev], "
+                         "fs_writable=[WORKDIR], cwd=WORKDIR, clean_env=True, env=ENV, no_coredump=True).run(CMD)")
+        self._mod = None
+        self._boxes: dict[tuple, object] = {}
+
+    def probe(self) -> None:
+        try:
+            import sandlock  # type: ignore[import-not-found]
+        except Exception as e:  # noqa: BLE001 - any import failure means "not installed"
+            self.reason = f"not installed (import sandlock: {type(e).__name__}: {e}; sudo benchmarks/install_peers.sh)"
+            return
+        self._mod = sandlock
+        self.version = getattr(sandlock, "__version__", "?")
+        try:
+            abi, need = sandlock.landlock_abi_version(), sandlock.min_landlock_abi()
+        except Exception:  # noqa: BLE001
+            return
+        self.extra["landlock_abi"] = abi
+        if abi < need:
+            self.reason = f"not run: Landlock ABI {abi} < {need} that sandlock needs"
+
+    def _box(self, workdir: str, env: dict[str, str]) -> object:
+        # One Sandbox per (workdir, env), built once: like zviz's sandbox, the
+        # policy object is reused across runs, so the figures are per run.
+        k = (workdir, tuple(sorted(env.items())))
+        if k not in self._boxes:
+            self._boxes[k] = self._mod.Sandbox(  # type: ignore[union-attr]
+                fs_readable=[p for p in self.READ if os.path.exists(p)], fs_writable=[workdir], cwd=workdir,
+                clean_env=True, env=env, no_coredump=True)
+        return self._boxes[k]
+
+    async def run(self, argv: list[str], workdir: str, env: dict[str, str]) -> Run:
+        box = self._box(workdir, env)
+        # sandlock's run() blocks (ctypes, the GIL released while it waits). It
+        # is called on this thread, as the only thing the interleaved loop
+        # does at that moment: no thread hop is added to its time.
+        c0, s0 = _children_cpu(), _self_cpu()
+        t0 = time.perf_counter()
+        r = box.run(argv, timeout=600.0)  # type: ignore[attr-defined]
+        dt = time.perf_counter() - t0
+        cpu = ((_children_cpu() - c0) + (_self_cpu() - s0)) * 1e3
+        await trio.sleep(0)
+        if not r.success:
+            raise PeerFailed(f"sandlock: {argv} exit {r.exit_code}: {r.stderr[-400:]!r}")
+        return Run(dt, r.stdout, cpu)
+
+
+def all_peers() -> list[Peer]:
+    return [Bwrap(), Firejail(), Runsc(), Sandlock()]
