@@ -530,12 +530,29 @@ class Bench:
     # ---- throughput
 
     async def throughput(self) -> None:
+        """W1 and W2 executions per second from this one trio program, at
+        concurrency 1, 2, 8 (, 32): c worker tasks loop over the command until
+        a time slice ends (runs in flight are finished and counted; the rate is
+        runs / elapsed). Contenders, interleaved round by round: bare
+        (trio.run_process), zviz with one sandbox per task, and for W1 also
+        bare in a new session and zviz with one sandbox shared by all tasks."""
         levels = [1, 2, 8] if self.quick else [1, 2, 8, 32]
-        rounds = 3 if self.quick else 7
-        duration = 0.5 if self.quick else 1.0
         w1cmd = [PY, "-c", "print(1)"]
+        w2cmd = [PY, "w2_agent_snippet.py"]  # relative: cwd is the bare dir / the sandbox's workdir
 
-        async def batch(runners: list) -> float:
+        def check1(out: bytes) -> None:
+            if out != b"1\n":
+                raise BenchError(f"W1 printed {out!r}")
+
+        def check2(out: bytes) -> None:
+            try:
+                ok = json.loads(out).get("_rows") == 20_000
+            except ValueError:
+                ok = False
+            if not ok:
+                raise BenchError(f"W2 printed {out[-300:]!r}")
+
+        async def batch(runners: list, duration: float, check) -> float:  # type: ignore[no-untyped-def]
             done = 0
             deadline = time.perf_counter() + duration
 
@@ -543,8 +560,7 @@ class Bench:
                 nonlocal done
                 while time.perf_counter() < deadline:
                     _dt, out = await run()
-                    if out != b"1\n":
-                        raise BenchError(f"W1 printed {out!r}")
+                    check(out)
                     done += 1
 
             t0 = time.perf_counter()
@@ -553,24 +569,36 @@ class Bench:
                     nursery.start_soon(worker, r)
             return done / (time.perf_counter() - t0)
 
-        for c in levels:
-            async with contextlib.AsyncExitStack() as stack:
-                per_worker = [await self.open_sb(stack) for _ in range(c)]
-                shared = await self.open_sb(stack)
-                contenders = {
-                    "bare": lambda: batch([lambda: self.bare(w1cmd)] * c),
-                    # zviz's stage calls setsid(): with sched autogroup on, each
-                    # sandboxed command is its own CPU-fairness group. Under load
-                    # from other sessions that is an advantage bare children
-                    # (in our session) do not get; this row shows it.
-                    "bare_setsid": lambda: batch([lambda: self.bare(w1cmd, new_session=True)] * c),
-                    "zviz": lambda: batch([(lambda sb=sb: self.sandboxed(sb, w1cmd)) for sb in per_worker]),
-                    "zviz_shared": lambda: batch([lambda: self.sandboxed(shared, w1cmd)] * c),
-                }
-                raw = await self.interleave(rounds, 1, contenders)
-            self.results["throughput"][str(c)] = {"unit": "executions/s", "samples": raw,
-                                                  "summary": {k: summary(v) for k, v in raw.items()}}
-            print(f"throughput c={c} done", flush=True)
+        plans = {
+            # workload: (command, check, rounds, slice seconds, with the W1-only contenders)
+            "W1": (w1cmd, check1, 3 if self.quick else 5, 0.5 if self.quick else 1.0, True),
+            "W2": (w2cmd, check2, 2 if self.quick else 4, 1.0 if self.quick else 2.0, False),
+        }
+        for wl, (cmd, check, rounds, duration, extra) in plans.items():
+            out = self.results["throughput"].setdefault(wl, {})
+            for c in levels:
+                async with contextlib.AsyncExitStack() as stack:
+                    per_worker = [await self.open_sb(stack) for _ in range(c)]
+                    contenders = {
+                        "bare": lambda: batch([lambda: self.bare(cmd)] * c, duration, check),
+                        "zviz": lambda: batch([(lambda sb=sb: self.sandboxed(sb, cmd)) for sb in per_worker],
+                                              duration, check),
+                    }
+                    if extra:
+                        shared = await self.open_sb(stack)
+                        # zviz's stage calls setsid(): with sched autogroup on, each
+                        # sandboxed command is its own CPU-fairness group. Under load
+                        # from other sessions that is an advantage bare children
+                        # (in our session) do not get; this row shows it.
+                        contenders["bare_setsid"] = lambda: batch([lambda: self.bare(cmd, new_session=True)] * c,
+                                                                  duration, check)
+                        contenders["zviz_shared"] = lambda: batch([lambda: self.sandboxed(shared, cmd)] * c,
+                                                                  duration, check)
+                    raw = await self.interleave(rounds, 1, contenders)
+                out[str(c)] = {"unit": "executions/s", "samples": raw, "summary": {k: summary(v) for k, v in raw.items()},
+                               "pair_ratios": summary([z / b for b, z in zip(raw["bare"], raw["zviz"]) if b > 0]),
+                               "slice_s": duration, "loadavg_1min": os.getloadavg()[0]}
+                print(f"throughput {wl} c={c} done", flush=True)
 
     # ---- supervisor memory per sandbox
 

@@ -12,6 +12,7 @@ EXPECT = {
     "asyncio_snippet.py": ["['0', '1', '4']"],
     "custom_policy.py": ["sum 4950", "write refused: Permission denied", "denials: {'ptrace': 1}"],
     "streaming_repl.py": ["answer 42", "repl exited with 0"],
+    "trace_and_tighten.py": ["same snippet, tight policy: {\"median\": 3}", "greedy snippet denied:", "'socket': 1"],
 }
 
 

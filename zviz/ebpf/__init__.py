@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 
 from .._errors import FeatureUnavailable
 
-__all__ = ["Monitor", "open_monitor", "status"]
+__all__ = ["Monitor", "TraceResult", "open_monitor", "status", "trace"]
 
 DEBIAN_DIST = "/usr/lib/python3/dist-packages"
 
@@ -73,6 +73,7 @@ def _import_bcc():  # type: ignore[no-untyped-def]
 
 
 from ._monitor import Monitor, _attach_monitor  # noqa: E402  (no bcc import at module level)
+from ._trace import TraceResult, trace  # noqa: E402
 
 
 @contextlib.asynccontextmanager
