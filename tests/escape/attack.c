@@ -342,13 +342,17 @@ int main(int argc, char **argv)
     if (!strcmp(cmd, "clone-ns"))
         return do_clone_ns();
     if (!strcmp(cmd, "x32") || !strcmp(cmd, "int80")) {
-        /* getpid (harmless) and mount (forbidden); the process must die by
-         * SIGSYS at the first one, so nothing after it prints. */
-        long r;
-        if (!strcmp(cmd, "x32"))
-            r = !strcmp(a, "mount") ? x32(165, (long)"none", (long)"/tmp", (long)"tmpfs") : x32(39, 0, 0, 0);
+        /* NAME (getpid, mount) or a raw number in that ABI's table. The
+         * process must die by SIGSYS at the call, so nothing after it prints. */
+        long nr, r;
+        int x32abi = !strcmp(cmd, "x32");
+        if (!strcmp(a, "mount"))
+            nr = x32abi ? 165 : 21;
+        else if (!strcmp(a, "getpid"))
+            nr = x32abi ? 39 : 20;
         else
-            r = !strcmp(a, "mount") ? int80(21, (long)"none", (long)"/tmp", (long)"tmpfs") : int80(20, 0, 0, 0);
+            nr = atol(a);
+        r = x32abi ? x32(nr, (long)"none", (long)"/tmp", (long)"tmpfs") : int80(nr, (long)"none", (long)"/tmp", (long)"tmpfs");
         SAY("%s %s: RETURNED %ld", cmd, a, r);
         return 0;
     }

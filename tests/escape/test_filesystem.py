@@ -8,8 +8,9 @@ import pytest
 
 def test_read_secret_outside(attack, target):
     d, token = target
+    host_pid = os.getpid()  # the supervisor: its /proc/<pid>/root would be the host's root
     for path in (f"{d}/secret.txt", f"/proc/self/root{d}/secret.txt", f"/proc/1/root{d}/secret.txt",
-                 "/etc/shadow", "/root/.bashrc", "/proc/1/environ"):
+                 f"/proc/{host_pid}/root{d}/secret.txt", "/etc/shadow", "/root/.bashrc", "/proc/1/environ"):
         r = attack("read", path)
         assert token not in r["stdout"], path
         assert "OK" not in r["stdout"] or path == "/proc/1/environ", (path, r["stdout"])

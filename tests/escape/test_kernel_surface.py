@@ -36,8 +36,14 @@ def test_namespace_creation_via_clone(attack):
     assert r["denials"].get("clone") == 2
 
 
-@pytest.mark.parametrize("abi", ["x32", "int80"])
-@pytest.mark.parametrize("call", ["getpid", "mount"])
+# x86_64 numbers for x32 (ptrace 101, unshare 272, bpf 321, setns 308, io_uring_setup 425,
+# keyctl 250, reboot 169); i386 numbers for int 0x80 (ptrace 26, unshare 310, bpf 357,
+# setns 346, socketcall 102, keyctl 288, reboot 88).
+X32_CALLS = ["getpid", "mount", "101", "272", "321", "308", "425", "250", "169"]
+INT80_CALLS = ["getpid", "mount", "26", "310", "357", "346", "102", "288", "88"]
+
+
+@pytest.mark.parametrize(("abi", "call"), [("x32", c) for c in X32_CALLS] + [("int80", c) for c in INT80_CALLS])
 def test_other_abis_kill_the_process(attack, abi, call):
     before = _mounts()
     r = attack(abi, call)
