@@ -139,6 +139,28 @@ def ratio(a: float, b: float) -> float:
     return a / b if b else math.nan
 
 
+UNITS = {"W0": "ms", "W1": "ms", "W2": "ms", "W3": "us/iter", "W4": "MB (PSS, 1 MB = 1024 kB)"}
+
+
+def _workload_value(w: str, dt: float, out: bytes) -> float:
+    """The figure a workload reports (ms of wall time, or W3's own us_per_iter),
+    after checking its output: a command that printed the wrong thing is an error."""
+    if w == "W1" and out != b"1\n":
+        raise BenchError(f"W1 printed {out[-200:]!r}")
+    if w in ("W2", "W3"):
+        try:
+            doc = json.loads(out)
+        except ValueError:
+            raise BenchError(f"{w} printed no JSON: {out[-300:]!r}") from None
+        if w == "W2" and doc.get("_rows") != 20_000:
+            raise BenchError(f"W2 printed {doc!r}")
+        if w == "W3":
+            if "us_per_iter" not in doc:
+                raise BenchError(f"W3 printed {doc!r}")
+            return float(doc["us_per_iter"])
+    return dt * 1e3
+
+
 # ---------------------------------------------------------------- /proc readers
 
 
@@ -288,7 +310,8 @@ class Bench:
         self.quick = args.quick
         self.policy = zviz.Policy.python()
         self.results: dict = {"meta": {}, "workloads": {}, "throughput": {}, "supervisor_memory": {},
-                              "monitor": None, "targets": {}, "errors": []}
+                              "monitor": None, "peers": {}, "comparison": {}, "charts": [], "targets": {},
+                              "errors": []}
         self.lines: list[str] = []  # Markdown
         self.sources: dict[str, bytes] = {}
         self.bare_dir = tempfile.mkdtemp(prefix="zviz-bench-bare-")
@@ -619,38 +642,249 @@ class Bench:
     # ---- monitor (optional)
 
     async def monitor(self) -> None:
+        """zviz with the eBPF monitor attached, against zviz without it and the
+        bare command, interleaved (bare: captured, in the sandbox's workdir)."""
         try:
             async with zviz.open_sandbox(self.policy, monitor=True) as sb:
-                await sb.run(["/bin/true"], timeout=RUN_TIMEOUT)
-        except Exception as e:  # noqa: BLE001 - zviz.ebpf may not exist yet: reported, not fatal
+                r = await sb.run(["/bin/true"], timeout=RUN_TIMEOUT)
+                if not r.ok:
+                    raise BenchError(f"/bin/true under the monitor: status {r.status} {r.stderr[-300:]!r}")
+        except Exception as e:  # noqa: BLE001 - the monitor needs root, bcc, a kernel build tree: reported, not fatal
             reason = f"{type(e).__name__}: {e}".strip()
             print(f"monitor: unavailable ({reason})", flush=True)
             self.results["monitor"] = {"available": False, "reason": reason}
             return
-        n0, n2 = (30, 5) if self.quick else (150, 15)
+        n = {"W0": 30, "W1": 8, "W2": 4, "W3": 3} if self.quick else {"W0": 120, "W1": 25, "W2": 10, "W3": 6}
+        res: dict = {"available": True}
         async with contextlib.AsyncExitStack() as stack:
             sb = await self.open_sb(stack)
             mon = await self.open_sb(stack, monitor=True)
-            raw0 = await self.interleave(n0, 5, {
-                "bare": lambda: self.bare(["/bin/true"], capture=False),
-                "zviz": lambda: self.sandboxed(sb, ["/bin/true"]),
-                "zviz_monitor": lambda: self.sandboxed(mon, ["/bin/true"]),
-            })
-            w2 = [PY, os.path.join(sb.workdir, "w2_agent_snippet.py")]
-            w2m = [PY, os.path.join(mon.workdir, "w2_agent_snippet.py")]
-            raw2 = await self.interleave(n2, 1, {
-                "bare": lambda: self.bare(w2, cwd=sb.workdir),
-                "zviz": lambda: self.sandboxed(sb, w2),
-                "zviz_monitor": lambda: self.sandboxed(mon, w2m),
-            })
-        w0 = {k: [v[0] * 1e3 for v in vs] for k, vs in raw0.items()}
-        w2ms = {k: [v[0] * 1e3 for v in vs] for k, vs in raw2.items()}
-        self.results["monitor"] = {
-            "available": True,
-            "W0": {"unit": "ms", "samples": w0, "summary": {k: summary(v) for k, v in w0.items()}},
-            "W2": {"unit": "ms", "samples": w2ms, "summary": {k: summary(v) for k, v in w2ms.items()}},
-        }
-        print("monitor done", flush=True)
+            wd, wdm = sb.workdir, mon.workdir
+            cmds = {
+                "W0": (["/bin/true"], ["/bin/true"]),
+                "W1": ([PY, "-c", "print(1)"], [PY, "-c", "print(1)"]),
+                "W2": ([PY, os.path.join(wd, "w2_agent_snippet.py")], [PY, os.path.join(wdm, "w2_agent_snippet.py")]),
+                "W3": ([PY, os.path.join(wd, "w3_syscall_heavy.py")], [PY, os.path.join(wdm, "w3_syscall_heavy.py")]),
+            }
+            for w, (cmd, cmdm) in cmds.items():
+                def val(dt: float, out: bytes, w: str = w) -> float:
+                    return _workload_value(w, dt, out)
+
+                async def bare(cmd=cmd, val=val) -> float:  # type: ignore[no-untyped-def]
+                    return val(*(await self.bare(cmd, cwd=wd)))
+
+                async def plain(cmd=cmd, val=val) -> float:  # type: ignore[no-untyped-def]
+                    return val(*(await self.sandboxed(sb, cmd)))
+
+                async def monitored(cmdm=cmdm, val=val) -> float:  # type: ignore[no-untyped-def]
+                    return val(*(await self.sandboxed(mon, cmdm)))
+
+                raw = await self.interleave(n[w], 2 if w != "W0" else 5,
+                                            {"bare": bare, "zviz": plain, "zviz_monitor": monitored})
+                res[w] = {"unit": UNITS[w], "samples": raw, "summary": {k: summary(v) for k, v in raw.items()},
+                          "pair_ratios": summary([m / b for b, m in zip(raw["bare"], raw["zviz_monitor"]) if b > 0]),
+                          "pair_ratios_vs_zviz": summary([m / z for z, m in zip(raw["zviz"], raw["zviz_monitor"])
+                                                          if z > 0])}
+                print(f"monitor {w} done ({n[w]} rounds)", flush=True)
+            st = mon.statistics()
+            res["statistics"] = {"processes_started": st.processes_started,
+                                 "syscalls_top": dict(sorted((st.syscalls or {}).items(), key=lambda kv: -kv[1])[:10])}
+        self.results["monitor"] = res
+
+    # ---- peers (optional)
+
+    async def peers(self) -> None:
+        """Each peer of benchmarks/peers.py that is installed runs W0-W3 (and
+        W4) interleaved with the same command bare, in its own workdir."""
+        sys.path.insert(0, str(HERE))
+        import peers as peers_mod  # benchmarks/peers.py
+
+        n = ({"W0": 10, "W1": 5, "W2": 3, "W3": 2, "W4": 2} if self.quick
+             else {"W0": 40, "W1": 15, "W2": 8, "W3": 4, "W4": 3})
+        cmds = {"W0": ["/bin/true"], "W1": [PY, "-c", "print(1)"],
+                "W2": [PY, "w2_agent_snippet.py"], "W3": [PY, "w3_syscall_heavy.py"]}
+        out = self.results["peers"]
+        for peer in peers_mod.all_peers():
+            peer.probe()
+            entry = out[peer.key] = {"name": peer.name, "version": peer.version, "flags": peer.flags,
+                                     "installed": peer.reason is None, "reason": peer.reason, "extra": peer.extra}
+            if peer.reason is not None:
+                print(f"peer {peer.key}: {peer.reason}", flush=True)
+                continue
+            wd = tempfile.mkdtemp(prefix=f"zviz-bench-{peer.key}-")
+            os.chmod(wd, 0o755)
+            for name, data in self.sources.items():
+                (Path(wd) / name).write_bytes(data)
+            env = self.bare_env(wd)
+            t_peer = time.perf_counter()
+            try:
+                try:
+                    await peer.run(["/bin/true"], wd, env)
+                except peers_mod.PeerFailed as e:
+                    entry["installed"] = True
+                    entry["reason"] = f"does not run here: {e}"
+                    print(f"peer {peer.key}: {entry['reason']}", flush=True)
+                    continue
+                for w, cmd in cmds.items():
+                    async def bare(cmd=cmd, w=w) -> float:  # type: ignore[no-untyped-def]
+                        return _workload_value(w, *(await self.bare(cmd, cwd=wd)))
+
+                    async def wrapped(cmd=cmd, w=w) -> float:  # type: ignore[no-untyped-def]
+                        r = await peer.run(cmd, wd, env)
+                        try:
+                            return _workload_value(w, r.wall_s, r.stdout)
+                        except BenchError as e:  # the peer's failure, not the suite's
+                            raise peers_mod.PeerFailed(f"{peer.key}: {e}") from None
+
+                    raw = await self.interleave(n[w], 1 if w in ("W2", "W3") else 3, {"bare": bare, "sandbox": wrapped})
+                    entry[w] = {"unit": UNITS[w], "samples": raw, "summary": {k: summary(v) for k, v in raw.items()},
+                                "pair_ratios": summary([z / b for b, z in zip(raw["bare"], raw["sandbox"]) if b > 0])}
+                    print(f"peer {peer.key} {w} done ({n[w]} rounds)", flush=True)
+
+                # W4: peak tree PSS of W2 under the peer, as in self.w4
+                async def w4_bare() -> None:
+                    await self.bare(cmds["W2"], cwd=wd)
+
+                async def w4_peer() -> None:
+                    await peer.run(cmds["W2"], wd, env)
+
+                raw4 = await self._tree_peaks(n["W4"], {"bare": w4_bare, "sandbox": w4_peer})
+                tree = {k: [v["tree_kb"] / 1024 for v in vs] for k, vs in raw4.items()}
+                entry["W4"] = {"unit": UNITS["W4"], "samples": tree, "summary": {k: summary(v) for k, v in tree.items()},
+                               "peaks": raw4}
+                print(f"peer {peer.key} W4 done ({n['W4']} rounds)", flush=True)
+            except peers_mod.PeerFailed as e:
+                entry["failed"] = str(e)
+                print(f"peer {peer.key} failed: {e}", flush=True)
+            finally:
+                entry["elapsed_s"] = round(time.perf_counter() - t_peer, 1)
+                peer.close()
+                shutil.rmtree(wd, ignore_errors=True)
+
+    async def _tree_peaks(self, n: int, contenders: dict) -> dict[str, list]:
+        """Peak tree PSS (TreeSampler) of each contender's run, interleaved, one warm-up round."""
+        with TreeSampler() as sampler:
+            await trio.sleep(0.05)
+
+            def measured(fn):  # type: ignore[no-untyped-def]
+                async def rep() -> dict:
+                    gc.collect()
+                    sampler.arm(pss_kb())
+                    await fn()
+                    await trio.sleep(0)
+                    return sampler.disarm()
+                return rep
+
+            return await self.interleave(n, 1, {k: measured(fn) for k, fn in contenders.items()})
+
+    # ---- the comparison across sandboxes (zviz, zviz + monitor, peers)
+
+    def compare(self) -> dict:
+        """One row per sandbox, each against the bare command measured
+        interleaved with it in the same run: per workload the medians, the
+        median of the per-pair ratios with its p10/p90, the ratio of the
+        medians and the difference. W0's bare side is the captured spawn
+        (stdout/stderr through pipes, as every sandbox here captures them)."""
+        R = self.results
+        W = R["workloads"]
+
+        def cell(bare: list[float], box: list[float]) -> dict | None:
+            if not bare or not box:
+                return None
+            pr = [z / b for b, z in zip(bare, box) if b > 0]
+            mb, mz = pct(bare, 50), pct(box, 50)
+            return {"bare": mb, "box": mz, "diff": mz - mb, "ratio": pct(pr, 50), "p10": pct(pr, 10),
+                    "p90": pct(pr, 90), "ratio_of_medians": ratio(mz, mb), "n": len(pr)}
+
+        rows = []
+        z: dict = {"key": "zviz", "label": "zviz `Policy.python()`", "status": "ok"}
+        if "W0" in W:
+            z["W0"] = cell(W["W0"]["samples"]["bare_captured"], W["W0"]["samples"]["zviz"])
+        for w in ("W1", "W2", "W3", "W4"):
+            if w in W:
+                z[w] = cell(W[w]["samples"]["bare"], W[w]["samples"]["zviz"])
+        rows.append(z)
+        mon = R["monitor"]
+        if mon is not None:
+            m: dict = {"key": "zviz_monitor", "label": "zviz + eBPF monitor"}
+            if mon.get("available"):
+                m["status"] = "ok"
+                for w in ("W0", "W1", "W2", "W3"):
+                    if w in mon:
+                        m[w] = cell(mon[w]["samples"]["bare"], mon[w]["samples"]["zviz_monitor"])
+            else:
+                m["status"] = f"unavailable: {mon.get('reason')}"
+            rows.append(m)
+        for key, e in R["peers"].items():
+            r: dict = {"key": key, "label": f"{e['name']} {e['version']}".strip()}
+            if not e["installed"]:
+                r["status"] = "not installed"
+                r["reason"] = e["reason"]
+            elif e.get("reason"):
+                r["status"] = "not run"
+                r["reason"] = e["reason"]
+            else:
+                r["status"] = "failed" if e.get("failed") else "ok"
+                if e.get("failed"):
+                    r["reason"] = e["failed"]
+                for w in ("W0", "W1", "W2", "W3", "W4"):
+                    if w in e:
+                        r[w] = cell(e[w]["samples"]["bare"], e[w]["samples"]["sandbox"])
+            rows.append(r)
+        R["comparison"] = {"rows": rows}
+        return R["comparison"]
+
+    def comparison_md(self) -> list[str]:
+        rows = self.results["comparison"].get("rows", [])
+        if not rows:
+            return []
+        md = ["## All sandboxes against the bare command\n",
+              "Each row against the bare command run interleaved with it (A B A B) in the same run. Ratios: "
+              "median of the per-pair ratios sandboxed/bare, [p10, p90] of those ratios. W0 overhead: "
+              "difference of the medians (bare captured through pipes, as every sandbox here captures). "
+              "W3: the script's own us_per_iter. W4: peak summed PSS of the whole tree (supervisor growth "
+              "included) while W2 runs, difference of the medians.\n",
+              "| sandbox | W0 `/bin/true` overhead | W0 x bare | W1 `print(1)` x bare | W2 agent snippet x bare | "
+              "W3 us/iter x bare | W4 tree PSS vs bare |",
+              "|---|---|---|---|---|---|---|"]
+
+        def rfmt(c: dict | None) -> str:
+            return "-" if not c else f"x{c['ratio']:.2f} [{c['p10']:.2f}, {c['p90']:.2f}]"
+
+        for r in rows:
+            if r["status"] != "ok" and not any(r.get(w) for w in ("W0", "W1", "W2", "W3", "W4")):
+                md.append(f"| {r['label']} | {r['status']} | | | | | |")
+                continue
+            w0, w4 = r.get("W0"), r.get("W4")
+            over = "-" if not w0 else "{:+.2f} ms".format(w0["diff"])
+            mem = "-" if not w4 else "{:+.2f} MB (x{:.2f})".format(w4["diff"], w4["ratio"])
+            status = "" if r["status"] == "ok" else f" ({r['status']})"
+            md.append(f"| {r['label']}{status} | {over} | {rfmt(w0)} | {rfmt(r.get('W1'))} | {rfmt(r.get('W2'))} | "
+                      f"{rfmt(r.get('W3'))} | {mem} |")
+        md.append("")
+        md.append("Absolute medians, bare → sandboxed (each row's own bare runs):\n")
+        md.append("| sandbox | W0 ms | W1 ms | W2 ms | W3 us/iter | W4 MB |")
+        md.append("|---|---|---|---|---|---|")
+        fmts = {"W0": "{:.2f}", "W1": "{:.1f}", "W2": "{:.0f}", "W3": "{:.1f}", "W4": "{:.1f}"}
+        for r in rows:
+            cells = []
+            for w, f in fmts.items():
+                c = r.get(w)
+                cells.append("-" if not c else f"{f.format(c['bare'])} → {f.format(c['box'])}")
+            md.append(f"| {r['label']} | " + " | ".join(cells) + " |")
+        md.append("")
+        notes = [r for r in rows if r.get("reason")]
+        for r in notes:
+            md.append(f"- {r['label']}: {r['status']}: {r['reason']}")
+        if notes:
+            md.append("")
+        peers = self.results["peers"]
+        if peers:
+            md.append("How each peer was run (benchmarks/peers.py):\n")
+            for k, e in peers.items():
+                md.append(f"- {e['name']} {e['version']}: `{e['flags']}`")
+            md.append("")
+        return md
 
     # ---- report
 
@@ -791,19 +1025,29 @@ class Bench:
 
         sm = R["supervisor_memory"]
         if sm:
-            md.append("## Supervisor memory: this process with N sandboxes open, each holding a `sleep`\n")
+            md.append("## Scaling: the supervisor (this process) with N sandboxes open at once, each holding a `sleep`\n")
+            md.append("Memory: RSS of the benchmark process, which is the supervisor (one trio task per listener). "
+                      "CPU: its user+sys time, per sandbox opened and started, per second of idling with N held, and "
+                      "per `run([\"/bin/true\"])` made while N are held.\n")
             md.append("| N | RSS growth MB | per sandbox kB | marginal kB per extra sandbox | PSS growth MB | "
-                      "sandbox tree (init + sleep) PSS kB per sandbox | fds per sandbox | target |")
-            md.append("|---|---|---|---|---|---|---|---|")
+                      "sandbox tree (init + sleep) PSS kB per sandbox | fds per sandbox | CPU ms per open+start | "
+                      "idle CPU ms/s (all N) | CPU ms per spawn (wall ms) | target |")
+            md.append("|---|---|---|---|---|---|---|---|---|---|---|")
             last = sm["rows"][-1]
             per_mb = max(last["rss_kb_per_sandbox"], last["marginal_rss_kb_per_sandbox"]) / 1024
             T["supervisor_mb_per_sandbox"] = {"value": per_mb, "target": f"<= {TARGETS['supervisor_mb_per_sandbox']} MB",
                                               "met": per_mb <= TARGETS["supervisor_mb_per_sandbox"]}
             for row in sm["rows"]:
                 tgt = f"<= 1 MB: {met(T['supervisor_mb_per_sandbox']['met'])}" if row is last else ""
+                cpu = ""
+                if "open_cpu_ms_per_sandbox" in row:
+                    cpu = (f"{row['open_cpu_ms_per_sandbox']:.2f} | {row['idle_cpu_ms_per_s']:.2f} | "
+                           f"{spread(row['spawn_cpu_ms'])} ({row['spawn_wall_ms']['median']:.2f})")
+                else:
+                    cpu = " | | "
                 md.append(f"| {row['sandboxes']} | {row['rss_growth_kb'] / 1024:.2f} | {row['rss_kb_per_sandbox']:.1f} | "
                           f"{row['marginal_rss_kb_per_sandbox']:.1f} | {row['pss_growth_kb'] / 1024:.2f} | "
-                          f"{row['sandbox_tree_pss_kb_per_sandbox']:.0f} | {row['fds_per_sandbox']:.1f} | {tgt} |")
+                          f"{row['sandbox_tree_pss_kb_per_sandbox']:.0f} | {row['fds_per_sandbox']:.1f} | {cpu} | {tgt} |")
             md.append("")
             md.append(f"First sandbox of the process (one-time costs, excluded above): +{sm['cold_first_sandbox_rss_kb'] / 1024:.2f} MB RSS. "
                       f"`open_sandbox` enter: {spread(sm['open_ms'], '{:.2f}')} ms; closing all {sm['rows'][-1]['sandboxes']}: "
@@ -881,10 +1125,12 @@ class Bench:
     async def main(self) -> int:
         t_start = time.perf_counter()
         self.meta()
-        sections = [("workloads", self.load_workloads), ("W0-W3", self.w0_w3), ("W4", self.w4),
-                    ("throughput", self.throughput), ("supervisor memory", self.supervisor_memory)]
-        if self.args.monitor:
+        sections = [("workloads", self.load_workloads), ("W0-W3", self.w0_w3), ("W4", self.w4)]
+        if not self.args.no_monitor:
             sections.append(("monitor", self.monitor))
+        if self.args.peers:
+            sections.append(("peers", self.peers))
+        sections += [("throughput", self.throughput), ("scaling", self.supervisor_memory)]
         loads = self.results["meta"]["loadavg_1min"] = {}
         for name, fn in sections:
             loads[name] = [os.getloadavg()[0]]
@@ -915,22 +1161,31 @@ class Bench:
 # ---------------------------------------------------------------- child: supervisor memory
 
 
-async def _open_holding(stack: contextlib.AsyncExitStack, policy: zviz.Policy) -> float:
-    """Open a sandbox holding a `sleep`; returns the open_sandbox enter time (ms)."""
+async def _open_holding(stack: contextlib.AsyncExitStack, policy: zviz.Policy) -> tuple[float, zviz.Sandbox]:
+    """Open a sandbox holding a `sleep`; returns the open_sandbox enter time (ms) and the sandbox."""
     t0 = time.perf_counter()
     sb = await stack.enter_async_context(zviz.open_sandbox(policy))
     dt = (time.perf_counter() - t0) * 1e3
     await sb.start(["/bin/sleep", "3600"], stdin=False, stdout=False, stderr=False)
-    return dt
+    return dt, sb
+
+
+def _self_cpu_s() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
 
 
 async def child_supervisor_memory(quick: bool) -> dict:
-    """This (fresh) process's memory with N sandboxes open at once, each holding
-    a `sleep`: RSS (what the host pays), then, in a second pass under
-    tracemalloc, the Python heap per sandbox and where it is allocated."""
+    """This (fresh) process with N sandboxes open at once, each holding a
+    `sleep`: RSS (what the host pays) and CPU (this process's user+sys time:
+    per sandbox opened and started, per second while the N sandboxes sit idle,
+    and per `run(["/bin/true"])` made while N are held); then, in a second pass
+    under tracemalloc, the Python heap per sandbox and where it is allocated."""
     import tracemalloc
 
-    ns = [1, 10, 50] if quick else [1, 10, 50, 200]
+    ns = [1, 10, 50] if quick else [1, 10, 25, 50, 100, 200]
+    idle_s = 0.5 if quick else 1.0
+    n_spawn = 10 if quick else 20
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
     if soft < want:
@@ -942,7 +1197,8 @@ async def child_supervisor_memory(quick: bool) -> dict:
     gc.collect()
     cold_rss = rss_kb()
     async with contextlib.AsyncExitStack() as stack:
-        await _open_holding(stack, policy)
+        _, sb = await _open_holding(stack, policy)
+        await sb.run(["/bin/true"], timeout=RUN_TIMEOUT)
     gc.collect()
     await trio.sleep(0.05)
     base_rss, base_pss = rss_kb(), pss_kb()
@@ -950,14 +1206,35 @@ async def child_supervisor_memory(quick: bool) -> dict:
     rows, open_ms = [], []
     async with contextlib.AsyncExitStack() as stack:
         opened, prev_n, prev_rss = 0, 0, base_rss
+        held: list[zviz.Sandbox] = []
         for n in ns:
+            c0, t0 = _self_cpu_s(), time.perf_counter()
             while opened < n:
-                open_ms.append(await _open_holding(stack, policy))
+                dt, sb = await _open_holding(stack, policy)
+                open_ms.append(dt)
+                held.append(sb)
                 opened += 1
+            open_cpu_ms = (_self_cpu_s() - c0) * 1e3 / (n - prev_n)
+            open_wall_ms = (time.perf_counter() - t0) * 1e3 / (n - prev_n)
             gc.collect()
             await trio.sleep(0.05)
             r, p = rss_kb(), pss_kb()
             kids = [k for k in descendants(os.getpid()) if not _shares_our_image(k)]
+            # idle: N sandboxes, each with a live process and a supervisor
+            # task waiting on its listener; what does this process burn?
+            c0, t0 = _self_cpu_s(), time.perf_counter()
+            await trio.sleep(idle_s)
+            idle_cpu_ms_per_s = (_self_cpu_s() - c0) * 1e3 / (time.perf_counter() - t0)
+            # spawns while N are held: supervisor-side CPU and wall per run
+            spawn_cpu, spawn_wall = [], []
+            for i in range(n_spawn):
+                sb = held[i % len(held)]
+                c0, t0 = _self_cpu_s(), time.perf_counter()
+                res = await sb.run(["/bin/true"], timeout=RUN_TIMEOUT)
+                spawn_wall.append((time.perf_counter() - t0) * 1e3)
+                spawn_cpu.append((_self_cpu_s() - c0) * 1e3)
+                if not res.ok:
+                    raise BenchError(f"/bin/true failed with {n} sandboxes held: {res.status} {res.stderr[-300:]!r}")
             rows.append({
                 "sandboxes": n, "rss_kb": r, "rss_growth_kb": r - base_rss, "pss_growth_kb": p - base_pss,
                 "rss_kb_per_sandbox": (r - base_rss) / n,
@@ -965,6 +1242,9 @@ async def child_supervisor_memory(quick: bool) -> dict:
                 "sandbox_processes": len(kids),
                 "sandbox_tree_pss_kb_per_sandbox": sum(pss_kb(k) for k in kids) / n,
                 "fds_per_sandbox": (len(os.listdir("/proc/self/fd")) - base_fds) / n,
+                "open_cpu_ms_per_sandbox": open_cpu_ms, "open_wall_ms_per_sandbox": open_wall_ms,
+                "idle_cpu_ms_per_s": idle_cpu_ms_per_s, "idle_cpu_ms_per_s_per_sandbox": idle_cpu_ms_per_s / n,
+                "spawn_cpu_ms": summary(spawn_cpu), "spawn_wall_ms": summary(spawn_wall),
             })
             prev_n, prev_rss = n, r
         t0 = time.perf_counter()
@@ -1015,7 +1295,14 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer rounds, no concurrency 32 / 200 sandboxes (~1 min)")
     ap.add_argument("--out", default=str(HERE / "results"), help="where results.md and results.json go")
-    ap.add_argument("--monitor", action="store_true", help="add a row with open_sandbox(..., monitor=True)")
+    ap.add_argument("--peers", action="store_true",
+                    help="add rows for the peer sandboxes that are installed (benchmarks/peers.py; "
+                         "install them with sudo benchmarks/install_peers.sh)")
+    ap.add_argument("--no-monitor", action="store_true",
+                    help="skip the row with open_sandbox(..., monitor=True) (it is tried by default, and "
+                         "reported as unavailable without root/bcc)")
+    ap.add_argument("--monitor", action="store_true", help=argparse.SUPPRESS)  # the default now; kept for old command lines
+    ap.add_argument("--no-charts", action="store_true", help="do not write the PNG charts")
     ap.add_argument("--_child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._child == "supervisor-memory":
