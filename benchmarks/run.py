@@ -908,7 +908,13 @@ class Bench:
         def met(ok: bool | None) -> str:
             return "-" if ok is None else ("met" if ok else "**MISSED**")
 
-        md.append("## Latency and memory\n")
+        md.extend(self.comparison_md())
+        if R["charts"]:
+            md.append("Charts: " + ", ".join(f"[{Path(c).name}]({Path(c).name})" for c in R["charts"]) + ".\n")
+        elif R.get("charts_error"):
+            md.append(f"Charts: not written ({R['charts_error']}).\n")
+
+        md.append("## zviz in detail: latency and memory\n")
         md.append("| workload | unit | bare | zviz | zviz / bare | zviz - bare | target | |")
         md.append("|---|---|---|---|---|---|---|---|")
         if "W0" in W:
@@ -1064,13 +1070,17 @@ class Bench:
             if not mon["available"]:
                 md.append(f"monitor: unavailable ({mon['reason']})\n")
             else:
-                md.append("| workload | bare | zviz | zviz + monitor | monitor / zviz |")
-                md.append("|---|---|---|---|---|")
-                for w in ("W0", "W2"):
+                md.append("Interleaved bare (captured) / zviz / zviz + monitor; pair ratios monitor/zviz.\n")
+                md.append("| workload | unit | bare | zviz | zviz + monitor | monitor / zviz (pairs) |")
+                md.append("|---|---|---|---|---|---|")
+                for w in ("W0", "W1", "W2", "W3"):
+                    if w not in mon:
+                        continue
                     s = mon[w]["summary"]
-                    md.append(f"| {w} ms | {spread(s['bare'], '{:.3f}')} | {spread(s['zviz'], '{:.3f}')} | "
+                    pz = mon[w].get("pair_ratios_vs_zviz")
+                    md.append(f"| {w} | {mon[w]['unit']} | {spread(s['bare'], '{:.3f}')} | {spread(s['zviz'], '{:.3f}')} | "
                               f"{spread(s['zviz_monitor'], '{:.3f}')} | "
-                              f"x{ratio(s['zviz_monitor']['median'], s['zviz']['median']):.3f} |")
+                              f"{spread(pz, '{:.3f}') if pz else ''} |")
                 md.append("")
 
         if T:
@@ -1146,16 +1156,69 @@ class Bench:
                     break
             loads[name].append(os.getloadavg()[0])
         self.results["meta"]["elapsed_s"] = round(time.perf_counter() - t_start, 1)
-        md = self.report()
         out = Path(self.args.out)
         out.mkdir(parents=True, exist_ok=True)
+        try:
+            self.compare()
+        except Exception as e:  # noqa: BLE001 - a bug here must not lose the measurements
+            self.results["errors"].append({"section": "comparison", "error": f"{type(e).__name__}: {e}",
+                                           "traceback": traceback.format_exc()})
+        md = self.report()  # fills results["targets"]
+        if not self.args.no_charts:
+            try:
+                sys.path.insert(0, str(HERE))
+                import charts  # benchmarks/charts.py
+
+                self.results["charts"] = [str(p) for p in charts.write_charts(self.results, out)]
+            except ImportError as e:
+                # not an error of the measurement: the report says how to get them
+                self.results["charts_error"] = (f"{e}; install matplotlib: .venv/bin/pip install matplotlib "
+                                                "(or pip install -e '.[bench]')")
+            except Exception as e:  # noqa: BLE001
+                self.results["errors"].append({"section": "charts", "error": f"{type(e).__name__}: {e}",
+                                               "traceback": traceback.format_exc()})
+            md = self.report()  # now with the chart links
         (out / "results.md").write_text(md + "\n")
         (out / "results.json").write_text(json.dumps(self.results, indent=1, default=str) + "\n")
         print()
-        print(md)
-        print(f"(elapsed {self.results['meta']['elapsed_s']} s; wrote {out / 'results.md'} and {out / 'results.json'})")
+        print(self.terminal_summary())
+        print(f"\n(elapsed {self.results['meta']['elapsed_s']} s; full report {out / 'results.md'}, raw samples "
+              f"{out / 'results.json'}; charts: {', '.join(self.results['charts']) or self.results.get('charts_error', 'none')})")
         shutil.rmtree(self.bare_dir, ignore_errors=True)
         return 1 if self.results["errors"] else 0
+
+    def terminal_summary(self) -> str:
+        """The comparison, throughput at each concurrency, scaling at the
+        largest N and the targets: the rest is in results.md."""
+        R = self.results
+        m = R["meta"]
+        lines = [f"zviz benchmarks ({'quick' if self.quick else 'full'}) - {m.get('when')} - kernel {m.get('kernel')} "
+                 f"- {m.get('cpus')} CPUs - load (1 min, start/end per section): "
+                 + ", ".join(f"{k} {'/'.join(f'{x:.1f}' for x in v)}" for k, v in m.get("loadavg_1min", {}).items()),
+                 ""]
+        lines += self.comparison_md()
+        for wl, levels in R["throughput"].items():
+            lines.append(f"throughput {wl} (executions/s, bare -> zviz per task, ratio): " + "; ".join(
+                f"c={c}: {row['summary']['bare']['median']:.1f} -> {row['summary']['zviz']['median']:.1f} "
+                f"x{row['pair_ratios']['median']:.2f}" for c, row in levels.items()))
+        sm = R["supervisor_memory"]
+        if sm and sm.get("rows"):
+            r = sm["rows"][-1]
+            extra = ""
+            if "open_cpu_ms_per_sandbox" in r:
+                extra = (f"; CPU {r['open_cpu_ms_per_sandbox']:.2f} ms per open+start, idle "
+                         f"{r['idle_cpu_ms_per_s']:.2f} ms/s for all {r['sandboxes']}, "
+                         f"{r['spawn_cpu_ms']['median']:.2f} ms per spawn")
+            lines.append(f"scaling at N={r['sandboxes']}: supervisor RSS {r['rss_kb_per_sandbox']:.1f} kB per sandbox "
+                         f"(marginal {r['marginal_rss_kb_per_sandbox']:.1f} kB){extra}")
+        lines.append("")
+        T = R["targets"]
+        if T:
+            lines.append("targets: " + "; ".join(
+                f"{k} {T[k]['value']:.3f} ({T[k]['target']}): {'met' if T[k]['met'] else 'MISSED'}" for k in T))
+        for e in R["errors"]:
+            lines.append(f"ERROR {e['section']}: {e['error']}")
+        return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- child: supervisor memory

@@ -252,7 +252,12 @@ class Sandbox:
         self._cpu = 0.0
         self._peak_rss = 0
         self._spawn_s = 0.0
-        self._accounts: list[RunAccount] = []
+        # Accounts of runs whose listener is live; finished ones are folded
+        # into the totals (memory and statistics() cost stay flat over runs).
+        self._accounts: set[RunAccount] = set()
+        self._denials_done: Counter = Counter()
+        self._notifications_done = 0
+        self._connects_done = 0
         self._host: _plan.Host | None = None
         self._filter: bytes = b""
         self._seccomp_flags = 0
@@ -466,7 +471,8 @@ class Sandbox:
                 if st is not None:
                     st.close()
             raise
-        self._accounts.append(account)
+        if done is not None:
+            self._accounts.add(account)
         self._procs.add(proc)
         self._started += 1
         return proc
@@ -703,9 +709,16 @@ class Sandbox:
 
     # ---- observation
 
+    def _fold_account(self, account: RunAccount) -> None:
+        if account in self._accounts:
+            self._accounts.discard(account)
+            self._denials_done.update(account.denials)
+            self._notifications_done += account.notifications
+            self._connects_done += account.connects
+
     def statistics(self) -> SandboxStatistics:
-        denials: Counter = Counter()
-        notifications = connects = 0
+        denials: Counter = Counter(self._denials_done)
+        notifications, connects = self._notifications_done, self._connects_done
         for a in self._accounts:
             denials.update(a.denials)
             notifications += a.notifications
@@ -838,7 +851,8 @@ async def open_sandbox(policy: Policy | None = None, *, workdir: str | os.PathLi
                 # group; it is live as soon as the group is.
                 sup = Supervisor(allowed_endpoints=endpoints, net_allow=policy.net.mode == "allow",
                                  on_event=sb._add_event, task_group=tg,
-                                 learner=_trace.learn if _trace is not None and _trace.learning else None)
+                                 learner=_trace.learn if _trace is not None and _trace.learning else None,
+                                 on_done=sb._fold_account)
                 tg.start_soon(sup.run)
                 sb._tg = tg
                 sb._supervisor = sup

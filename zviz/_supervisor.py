@@ -51,7 +51,7 @@ class DenialEvent:
         return f"denied {self.syscall}({self.detail}) -> {errno.errorcode.get(self.errno, self.errno)} [pid {self.pid}, {self.command}]"
 
 
-@attrs.define
+@attrs.define(eq=False)  # identity: kept in sets while its run is live
 class RunAccount:
     """What the supervisor saw for one spawned command."""
 
@@ -75,12 +75,14 @@ class Supervisor:
 
     def __init__(self, *, allowed_endpoints: frozenset[tuple[str, int]], net_allow: bool,
                  on_event: Callable[[DenialEvent], None], task_group: anyio.abc.TaskGroup,
-                 learner: Callable[[_kernel.Notification], bool] | None = None) -> None:
+                 learner: Callable[[_kernel.Notification], bool] | None = None,
+                 on_done: Callable[[RunAccount], None] | None = None) -> None:
         self._allowed = allowed_endpoints
         self._net_allow = net_allow
         self._on_event = on_event
         self._tg = task_group
         self._learner = learner  # zviz trace: record and let run (NOT a security boundary)
+        self._on_done = on_done  # a run's account is final once its listener hangs up
         self._ep = select.epoll()
         self._watched: dict[int, _Watched] = {}
         self._scope: anyio.CancelScope | None = None
@@ -125,6 +127,8 @@ class Supervisor:
         self._ep.unregister(fd)
         w.listener.close()
         w.done.set()
+        if self._on_done is not None:
+            self._on_done(w.account)
 
     def stop(self) -> None:
         """End the supervisor (after teardown has killed the processes, their
