@@ -18,13 +18,12 @@ written next to it). Three charts:
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 
 COLORS = {
     "zviz": "#1f77b4", "zviz_monitor": "#17becf", "bwrap": "#2ca02c", "firejail": "#ff7f0e",
-    "runsc": "#d62728", "sandlock": "#9467bd", "bare": "#555555",
+    "runsc": "#d62728", "sandlock": "#9467bd", "bare": "#555555", "bare_monitor_loaded": "#bcbd22",
 }
 
 
@@ -44,6 +43,24 @@ def _subtitle(results: dict) -> str:
             f"zviz {m.get('zviz', '?')} ({m.get('git', '?')}){' - quick run' if m.get('quick') else ''}")
 
 
+def _short(r: dict) -> str:
+    return r.get("short") or r["label"]
+
+
+def _log_ticks(ax, axis: str, lo: float, hi: float) -> None:  # type: ignore[no-untyped-def]
+    steps = (0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000) if hi / lo < 300 or axis == "y" else \
+        (0.1, 0.3, 1, 3, 10, 30, 100, 300, 1000)
+    ticks = [t for t in steps if lo <= t <= hi]
+    from matplotlib.ticker import NullFormatter
+
+    if axis == "y":
+        ax.set_yticks(ticks, [f"{t:g}" for t in ticks])
+        ax.yaxis.set_minor_formatter(NullFormatter())
+    else:
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+
+
 def ratios_chart(results: dict, path: Path) -> Path | None:
     rows = [r for r in results.get("comparison", {}).get("rows", [])
             if any(r.get(w) for w in ("W0", "W1", "W2", "W3", "W4"))]
@@ -52,49 +69,54 @@ def ratios_chart(results: dict, path: Path) -> Path | None:
     plt = _plt()
     wls = ["W0", "W1", "W2", "W3", "W4"]
     names = {"W0": "W0 /bin/true\n(wall)", "W1": "W1 print(1)\n(wall)", "W2": "W2 agent snippet\n(wall)",
-             "W3": "W3 syscall loop\n(us/iter)", "W4": "W4 tree PSS\n(peak MB)"}
-    fig, (ax, ax0) = plt.subplots(1, 2, figsize=(14, 5.6), gridspec_kw={"width_ratios": [3.2, 1.3]})
+             "W3": "W3 syscall loop\n(its us/iter)", "W4": "W4 tree PSS\n(peak, MB)"}
+    fig, (ax, ax0) = plt.subplots(1, 2, figsize=(15, 6.2), gridspec_kw={"width_ratios": [3.3, 1.2]})
     n = len(rows)
-    width = 0.8 / n
+    width = 0.84 / n
+    top = 1.0
     for i, r in enumerate(rows):
         xs, ys, lo, hi = [], [], [], []
         for j, w in enumerate(wls):
             c = r.get(w)
             if not c:
                 continue
-            xs.append(j - 0.4 + width * (i + 0.5))
+            xs.append(j - 0.42 + width * (i + 0.5))
             ys.append(c["ratio"])
             lo.append(max(c["ratio"] - c["p10"], 0))
             hi.append(max(c["p90"] - c["ratio"], 0))
         color = COLORS.get(r["key"], None)
-        ax.bar(xs, ys, width * 0.92, yerr=[lo, hi], capsize=2, label=r["label"], color=color,
-               error_kw={"elinewidth": 0.8, "alpha": 0.7})
-        for x, y in zip(xs, ys):
-            ax.text(x, y * 1.04, f"{y:.2f}" if y < 10 else f"{y:.0f}", ha="center", va="bottom", fontsize=7,
+        ax.bar(xs, ys, width * 0.9, yerr=[lo, hi], capsize=2, label=_short(r), color=color,
+               error_kw={"elinewidth": 0.8, "alpha": 0.6})
+        for x, y, h in zip(xs, ys, hi):
+            ax.text(x, (y + h) * 1.05, f"{y:.2f}" if y < 9.95 else f"{y:.0f}", ha="center", va="bottom", fontsize=7,
                     rotation=90)
+            top = max(top, y + h)
     ax.axhline(1.0, color="black", lw=0.8)
     ax.set_yscale("log")
+    ax.set_ylim(0.5, top * 2.5)
+    _log_ticks(ax, "y", 0.5, top * 2.5)
     ax.set_xticks(range(len(wls)), [names[w] for w in wls])
-    ax.set_ylabel("sandboxed / bare (log scale; 1 = no overhead)")
-    ax.set_title("Ratio to the same command run bare, interleaved (median, whiskers p10-p90)")
-    top = max((r[w]["p90"] for r in rows for w in wls if r.get(w)), default=2)
-    ax.set_ylim(0.5, top * 3)
-    ax.legend(fontsize=8, loc="upper left")
+    ax.set_ylabel("sandboxed / bare  (log scale; 1 = no overhead)")
+    ax.set_title("Ratio to the same command run bare, interleaved in the same run\n"
+                 "(bar: median of the per-pair ratios; whiskers: p10-p90)", fontsize=10)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=min(n, 6), frameon=False)
 
     # W0 overhead in ms
     r0 = [r for r in rows if r.get("W0")]
     ys = [max(r["W0"]["diff"], 1e-3) for r in r0]
     ax0.barh(range(len(r0)), ys, color=[COLORS.get(r["key"]) for r in r0])
     for k, (r, y) in enumerate(zip(r0, ys)):
-        ax0.text(y * 1.08, k, f"+{r['W0']['diff']:.2f} ms", va="center", fontsize=8)
-    ax0.set_yticks(range(len(r0)), [r["label"] for r in r0], fontsize=8)
+        ax0.text(y * 1.1, k, f"+{r['W0']['diff']:.2f} ms", va="center", fontsize=8)
+    ax0.set_yticks(range(len(r0)), [_short(r) for r in r0], fontsize=8)
     ax0.invert_yaxis()
     ax0.set_xscale("log")
-    ax0.set_xlim(min(ys) / 2, max(ys) * 6)
+    lo_x, hi_x = min(ys) / 2, max(ys) * 8
+    ax0.set_xlim(lo_x, hi_x)
+    _log_ticks(ax0, "x", lo_x, hi_x)
     ax0.axvline(1.0, color="black", lw=0.8, ls="--")
-    ax0.text(1.0, len(r0) - 0.45, " target 1 ms", fontsize=7, va="bottom")
-    ax0.set_xlabel("ms over bare (log scale)")
-    ax0.set_title("W0 spawn overhead (median - bare median)")
+    ax0.text(1.05, -0.55, "target 1 ms", fontsize=7, va="bottom")
+    ax0.set_xlabel("ms over the bare spawn (log scale)")
+    ax0.set_title("W0 spawn overhead\n(median - bare median)", fontsize=10)
     fig.suptitle(_subtitle(results), fontsize=8, y=0.995)
     fig.tight_layout()
     fig.savefig(path)
@@ -126,9 +148,11 @@ def throughput_chart(results: dict, path: Path) -> Path | None:
             ax.errorbar(x, y, yerr=err, label=label, color=color, ls=ls, marker=mk, capsize=3, lw=1.6)
         for c in cs:
             pr = levels[str(c)].get("pair_ratios")
+            ps = levels[str(c)].get("pair_ratios_vs_setsid")
             if pr:
                 y = levels[str(c)]["summary"]["zviz"]["median"]
-                ax.annotate(f"x{pr['median']:.2f}", (c, y), textcoords="offset points", xytext=(4, -14), fontsize=8,
+                txt = f"x{pr['median']:.2f}" + (f"\n(setsid x{ps['median']:.2f})" if ps else "")
+                ax.annotate(txt, (c, y), textcoords="offset points", xytext=(5, -24), fontsize=7.5,
                             color=COLORS["zviz"])
         ax.set_xscale("log", base=2)
         ax.set_xticks(cs, [str(c) for c in cs])
@@ -136,7 +160,7 @@ def throughput_chart(results: dict, path: Path) -> Path | None:
         ax.set_xlabel("concurrent tasks (one trio program)")
         ax.set_ylabel("executions per second")
         what = {"W1": "W1 python3 -c 'print(1)'", "W2": "W2 agent snippet"}.get(wl, wl)
-        ax.set_title(f"{what}: throughput (median, p10-p90; label zviz/bare)", fontsize=9)
+        ax.set_title(f"{what}: throughput (median, p10-p90)\nlabels: zviz / bare and zviz / (bare + setsid)", fontsize=9)
         ax.legend(fontsize=8, loc="lower right")
     fig.suptitle(_subtitle(results) + f" - {results.get('meta', {}).get('cpus', '?')} CPUs bound the plateau",
                  fontsize=8)

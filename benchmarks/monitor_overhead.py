@@ -27,8 +27,10 @@ be shared with other work). Exits 1 only if something fails.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -81,6 +83,7 @@ async def main(a: argparse.Namespace) -> dict:
     policy = zviz.Policy.python()
     env_iters = {"W3_ITERS": str(a.iters)}
     bare_dir = tempfile.mkdtemp(prefix="zviz-monbench-")
+    atexit.register(shutil.rmtree, bare_dir, True)
     Path(bare_dir, NAME).write_bytes(code)
     bare_env = dict(policy.env) | {"HOME": bare_dir, "TMPDIR": bare_dir, "PWD": bare_dir} | env_iters
     samples: dict[str, list[float]] = {k: [] for k in ("bare", "zviz", "zviz_monitor", "bare_loaded", "zviz_loaded")}
@@ -123,7 +126,9 @@ async def main(a: argparse.Namespace) -> dict:
                         for name, fn in order:
                             got[name] = await fn()
                         st = msb.statistics().syscalls or {}
-                        counted.update({k: st.get(k, 0) for k in ("openat", "newfstatat", "read", "close")})
+                        counted.clear()
+                        counted.update(sorted(st.items(), key=lambda kv: -kv[1])[:6])
+                        counted["(all)"] = sum(st.values())
                     loads.append((f"round {i} (monitor loaded)", loadavg()))
 
             for phase in ((unloaded, loaded) if i % 2 == 0 else (loaded, unloaded)):

@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+TIMEOUT_S = 120.0  # per command: W3 under runsc or sandlock takes ~4 s here
 
 def _children_cpu() -> float:
     ru = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -92,8 +93,16 @@ class Peer:
     name: str
     flags: str
     version: str = "?"
-    reason: str | None = None  # why not installed / not working (None: usable)
+    reason: str | None = None  # why not installed / not usable here (None: usable)
+    installed: bool = False
     extra: dict = field(default_factory=dict)
+
+    def short_label(self) -> str:
+        """A short name for the charts: the tool and its upstream version."""
+        v = self.version.split("-")[0].split("+")[0]
+        if v.startswith("0.0~"):  # Debian's date-versioned snapshot (runsc)
+            v = v[4:12]
+        return f"{self.key} {v}" if v and v != "?" else self.key
 
     def probe(self) -> None:
         """Set self.reason if the peer is missing, and self.version."""
@@ -116,8 +125,9 @@ class CliPeer(Peer):
     def probe(self) -> None:
         path = shutil.which(self.binary)
         if not path:
-            self.reason = f"not installed (`{self.binary}` not found; sudo benchmarks/install_peers.sh)"
+            self.reason = f"`{self.binary}` not found (sudo benchmarks/install_peers.sh)"
             return
+        self.installed = True
         self.extra["path"] = path
         self.version = _deb_version(self.package) or _first_line([path, "--version"])
 
@@ -125,8 +135,11 @@ class CliPeer(Peer):
         cmd = self.wrap(argv, workdir)
         c0 = _children_cpu()
         t0 = time.perf_counter()
-        p = await trio.run_process(cmd, cwd=workdir, env=env, stdin=subprocess.DEVNULL,
-                                   capture_stdout=True, capture_stderr=True, check=False)
+        with trio.move_on_after(TIMEOUT_S) as scope:  # a hung peer is its failure, not a hung suite
+            p = await trio.run_process(cmd, cwd=workdir, env=env, stdin=subprocess.DEVNULL,
+                                       capture_stdout=True, capture_stderr=True, check=False)
+        if scope.cancelled_caught:
+            raise PeerFailed(f"{self.key}: {' '.join(cmd)} did not finish in {TIMEOUT_S:.0f} s")
         dt = time.perf_counter() - t0
         cpu = (_children_cpu() - c0) * 1e3
         if p.returncode != 0:
@@ -172,7 +185,7 @@ class Runsc(CliPeer):
     def probe(self) -> None:
         super().probe()
         if self.reason is None and os.geteuid() != 0:
-            self.reason = "not run: `runsc do` needs root here"
+            self.reason = "`runsc do` needs root here"
 
     def wrap(self, argv: list[str], workdir: str) -> list[str]:
         return ["runsc", "--network=none", "do", *argv]
@@ -192,9 +205,10 @@ class Sandlock(Peer):
         try:
             import sandlock  # type: ignore[import-not-found]
         except Exception as e:  # noqa: BLE001 - any import failure means "not installed"
-            self.reason = f"not installed (import sandlock: {type(e).__name__}: {e}; sudo benchmarks/install_peers.sh)"
+            self.reason = f"import sandlock: {type(e).__name__}: {e} (sudo benchmarks/install_peers.sh)"
             return
         self._mod = sandlock
+        self.installed = True
         self.version = getattr(sandlock, "__version__", "?")
         try:
             abi, need = sandlock.landlock_abi_version(), sandlock.min_landlock_abi()
@@ -202,7 +216,7 @@ class Sandlock(Peer):
             return
         self.extra["landlock_abi"] = abi
         if abi < need:
-            self.reason = f"not run: Landlock ABI {abi} < {need} that sandlock needs"
+            self.reason = f"Landlock ABI {abi} < {need}, which sandlock needs"
 
     def _box(self, workdir: str, env: dict[str, str]) -> object:
         # One Sandbox per (workdir, env), built once: like zviz's sandbox, the
@@ -221,7 +235,7 @@ class Sandlock(Peer):
         # does at that moment: no thread hop is added to its time.
         c0, s0 = _children_cpu(), _self_cpu()
         t0 = time.perf_counter()
-        r = box.run(argv, timeout=600.0)  # type: ignore[attr-defined]
+        r = box.run(argv, timeout=TIMEOUT_S)  # type: ignore[attr-defined]
         dt = time.perf_counter() - t0
         cpu = ((_children_cpu() - c0) + (_self_cpu() - s0)) * 1e3
         await trio.sleep(0)

@@ -84,4 +84,4 @@ def test_generator_is_pure_and_collapses_siblings():
                              peaks=Peaks(wall_s=0.1, peak_rss=10 << 20, output=10))
     assert set(policy.syscalls.allow) == {"read", "write"}
     assert any("ptrace" in n for n in notes)
-    assert policy.limits.memory == 256 * 1024**2 and policy.limits.wall_s == 2
+    assert policy.limits.memory == zviz.Policy.python().limits.memory and policy.limits.wall_s == 2

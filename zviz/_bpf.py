@@ -55,6 +55,7 @@ class FilterSpec:
     allow: frozenset[str]
     net_mode: str  # none | loopback | allow | any (zviz trace only: every family, connect in-kernel)
     notify: bool  # a supervisor listens: denials are notifications
+    learning: bool = False
 
 
 @functools.lru_cache(maxsize=64)
@@ -63,7 +64,9 @@ def compile_filter(spec: FilterSpec) -> bytes:
     import pyseccomp as sc
 
     deny_unknown = sc.NOTIFY if spec.notify else sc.ERRNO(errno.ENOSYS)
-    allow = spec.allow | STAGE_NEEDS
+    # learning (zviz trace): the program's own execve is notified too, so its
+    # path is learned (the stage execs zviz-init with execveat, still allowed)
+    allow = spec.allow | (STAGE_NEEDS - {"execve"} if spec.learning else STAGE_NEEDS)
     f = sc.SyscallFilter(defaction=deny_unknown)
     f.set_attr(sc.Attr.ACT_BADARCH, sc.KILL_PROCESS)
     try:
@@ -74,10 +77,11 @@ def compile_filter(spec: FilterSpec) -> bytes:
     for name in sorted(allow - _SPECIAL):
         f.add_rule(sc.ALLOW, name)
     if not spec.notify:  # with a supervisor the default action already notifies
-        for name in sorted(_syscalls.DANGEROUS - spec.allow):
+        for name in sorted(_syscalls.DANGEROUS - spec.allow - _syscalls.SILENT_ENOSYS):
             if _known(name):
                 f.add_rule(sc.ERRNO(errno.EPERM), name)
-    if spec.notify:  # without a supervisor ENOSYS is already the default
+    if spec.notify:  # without a supervisor ENOSYS is already the default (clone3 included:
+        # glibc falls back to clone only on ENOSYS)
         for name in sorted(_syscalls.SILENT_ENOSYS - spec.allow):
             f.add_rule(sc.ERRNO(errno.ENOSYS), name)
 

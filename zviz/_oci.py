@@ -69,6 +69,11 @@ def policy_from_oci(text: str, *, base: Policy) -> Policy:
 
 
 def oci_profile(names: Iterable[str]) -> dict:
+    """The calls zviz's stage and init always make (zviz/_bpf.py STAGE_NEEDS)
+    are included: another runtime does not grant them implicitly."""
+    from ._bpf import STAGE_NEEDS
+
+    names = set(names) | STAGE_NEEDS
     return {
         "defaultAction": "SCMP_ACT_ERRNO",
         "defaultErrnoRet": 1,

@@ -319,6 +319,10 @@ class Sandbox:
         self._plan = probe_plan
         self._base_spec = probe_plan.to_spec(stdin=-1, stdout=-1, stderr=-1, bpf=self._filter,
                                              seccomp_flags=self._seccomp_flags, init_fd=self._init.fd, status_fd=-1)
+        if self._trace is not None:
+            # tracing observes connections rather than refusing them
+            self._base_spec["ll_net"] = 0
+            self._base_spec["ll_ports"] = []
         self._base_env = dict(probe_plan.env)
         self._base_envp = self._base_spec["envp"]
         self._error_paths = tuple(p for p, _ in probe_plan.landlock.paths) if probe_plan.landlock else ()

@@ -72,13 +72,27 @@ def test_proc_self_mem_is_read_only(attack):
     assert "open /proc/1/mem rw: FAILED" in r["stdout"]
 
 
-def test_setuid_binary_gains_nothing(attack, attack_bin):
+def test_setuid_binary_gains_nothing(attack_bin):
     """A set-uid-root program planted by the host in the workdir runs without
     privileges (no_new_privs; root is not even mapped in the user namespace)."""
     if os.geteuid() != 0:
         pytest.skip("needs root to make a set-uid-root binary")
-    r = attack("ids", files={"suid": (attack_bin, 0o755)})
-    assert "euid 1000" in r["stdout"] and "caps 0000000000000000" in r["stdout"]
+    import trio
+
+    import zviz
+
+    async def main():
+        async with zviz.open_sandbox(zviz.Policy.python()) as sb:
+            await sb.write_file("suid", attack_bin, mode=0o755)
+            path = os.path.join(sb.workdir, "suid")
+            os.chown(path, 0, 0)
+            os.chmod(path, 0o4755)
+            assert os.stat(path).st_mode & 0o4000
+            r = await sb.run(["./suid", "ids"])
+            return r.stdout.decode()
+
+    out = trio.run(main)
+    assert "euid 1000" in out and "caps 0000000000000000" in out, out
     assert not os.path.exists("/etc/zviz-pwned")
 
 

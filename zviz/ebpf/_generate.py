@@ -8,8 +8,9 @@ Pure: a `TraceRecord` in, a `Policy` out; no kernel, no bcc.
   file written (or a directory made or removed) its directory read-write;
   siblings collapse to their common parent when three or more share it;
 - network: the IP:port pairs it connected to (none: no network);
-- limits: observed peaks with headroom (wall x3 + 1 s, memory x4 rounded up to
-  64 MiB and at least 256 MiB, output x4 and at least 1 MiB).
+- limits: observed peaks with headroom (wall x3 + 1 s; memory: the base
+  policy's address-space limit, or 4x the peak RSS if that is more; output x4
+  and at least 1 MiB).
 """
 
 from __future__ import annotations
@@ -128,7 +129,10 @@ def generate(rec: TraceRecord, *, base: Policy, workdir: str, cwd: str, peaks: P
         net = Network(mode="none")
 
     wall = math.ceil(peaks.wall_s * 3 + 1)
-    mem = max(256 * 1024**2, math.ceil(peaks.peak_rss * 4 / (64 * 1024**2)) * 64 * 1024**2)
+    # RLIMIT_AS counts address space (thread stacks, arenas), not RSS: keep the
+    # base policy's limit unless the observed peak calls for more.
+    mem = max(base.limits.memory or 0, 256 * 1024**2,
+              math.ceil(peaks.peak_rss * 4 / (64 * 1024**2)) * 64 * 1024**2)
     limits = attrs.evolve(base.limits, wall_s=wall, memory=mem, output=max(1024**2, peaks.output * 4))
     policy = attrs.evolve(
         base,

@@ -141,12 +141,16 @@ class Monitor:
         if ev.kind in (2, 3):  # trace mode: a path or a sockaddr the program used
             rec = getattr(sb, "_trace_record", None)
             if rec is not None:
+                # ev.data reads as bytes cut at the first NUL: take the raw field
+                raw = ctypes.string_at(ctypes.addressof(ev) + type(ev).data.offset, 256)
                 if ev.kind == 2:
-                    rec.path(BY_NUMBER.get(ev.nr, str(ev.nr)), bytes(ev.data).split(b"\0", 1)[0].decode(
-                        "utf-8", "replace"), ev.flags)
+                    rec.path(BY_NUMBER.get(ev.nr, str(ev.nr)), raw.split(b"\0", 1)[0].decode("utf-8", "replace"),
+                             ev.flags)
                 else:
-                    rec.sockaddr(bytes(ev.data)[:28])
+                    rec.sockaddr(raw[:28])
             return
+        if ev.kind == 0 and ev.ret == -errno.ENOSYS and BY_NUMBER.get(ev.nr) == "clone3" and ev.abi == 0:
+            return  # glibc probes clone3 for every thread and falls back: not an attempt
         name = syscall_label(ev.nr, ev.abi)
         comm = ev.comm.decode(errors="replace")
         if ev.kind == 1:

@@ -154,6 +154,10 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 {
     u32 pid = bpf_get_current_pid_tgid();
     u32 *sid = tracked.lookup(&pid);
+    if (!sid) {
+        u32 tg = bpf_get_current_pid_tgid() >> 32;
+        sid = tracked.lookup(&tg);
+    }
     if (sid && !(*sid & PENDING)) {
         struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
         long nr = -1;
@@ -174,7 +178,13 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
             }
         }
     }
-    tracked.delete(&pid);
+    /* The tgid key lives until the whole group is dead (a main thread may
+     * exit before the others); a thread's own key goes with the thread. */
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    if (pid != tgid)
+        tracked.delete(&pid);
+    if (args->group_dead)
+        tracked.delete(&tgid);
     return 0;
 }
 

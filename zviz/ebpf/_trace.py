@@ -48,7 +48,7 @@ class TraceSettings:
             if not notify:
                 raise FeatureUnavailable("zviz trace (learning mode)", "this kernel has no seccomp user notification",
                                          "kernel >= 5.5, or run as root with bcc for the eBPF mode")
-            return _bpf.FilterSpec(allow=frozenset(), net_mode="any", notify=True)
+            return _bpf.FilterSpec(allow=frozenset(), net_mode="any", notify=True, learning=True)
         return _bpf.FilterSpec(allow=permissive_names(), net_mode="any", notify=notify)
 
     def learn(self, n: _kernel.Notification) -> bool:
@@ -58,6 +58,8 @@ class TraceSettings:
         self.record.syscalls[name] += 1
         if name in _syscalls.DANGEROUS:
             return False
+        if name == "clone" and n.args[0] & _bpf.CLONE_NS_FLAGS:
+            return False  # no namespaces, even while learning
         if name in _PATH_CALLS:
             path = _kernel.read_child_string(n.pid, n.args[_PATH_CALLS[name]], 4096) or ""
             fa = _FLAGS_ARG.get(name)
@@ -188,7 +190,7 @@ async def cli_trace(a: argparse.Namespace) -> int:
     if not argv:
         from .._cli import UsageError
 
-        raise UsageError("a command is needed after '--', e.g. zviz trace -o p.toml -- python3 script.py")
+        raise UsageError("a command is needed after '--', e.g. zviz trace -o p.toml -- python3 -c 'print(1)'")
     base = Policy.preset(a.base)
     stdin = b"" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.buffer.read()
     t = await trace(argv, base=base, learn=True if a.learn else None, timeout=a.timeout, stdin=stdin)
