@@ -9,7 +9,6 @@ import sys
 import termios
 import time
 
-import pytest
 
 ZVIZ = [sys.executable, "-m", "zviz._cli"]
 

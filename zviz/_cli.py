@@ -23,7 +23,7 @@ from ._errors import (
     ZvizError,
     ZvizWarning,
 )
-from ._policy import Endpoint, Limits, Network, Policy, parse_size
+from ._policy import Endpoint, Network, Policy, parse_size
 
 EXIT_USAGE = 2
 EXIT_HOST = 123  # the host lacks something (FeatureUnavailable)

@@ -124,22 +124,3 @@ class Collector:
 
     def value(self) -> bytes:
         return b"".join(self.chunks)
-
-
-async def drain(stream: FdReceiveStream, into: Collector) -> None:
-    while True:
-        data = await stream.receive_some()
-        if not data:
-            return
-        into.feed(data)
-
-
-async def feed_stdin(stream: FdSendStream, data: bytes) -> None:
-    """Write `data` then close; a reader that never reads or exits early is fine."""
-    try:
-        if data:
-            await stream.send_all(data)
-    except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-        pass
-    finally:
-        stream.close()

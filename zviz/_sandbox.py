@@ -34,7 +34,7 @@ from . import _bpf, _kernel, _linux, _plan, _probe
 from ._errors import CommandNotFoundError, PolicyError, SandboxClosedError, SandboxSetupError, ZvizWarning
 from ._kernel import OwnedFd
 from ._policy import Policy
-from ._proxy import Collector, FdReceiveStream, FdSendStream, drain, feed_stdin
+from ._proxy import Collector, FdReceiveStream, FdSendStream
 from ._supervisor import DenialEvent, RunAccount, Supervisor
 
 # ---------------------------------------------------------------- records

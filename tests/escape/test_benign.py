@@ -3,7 +3,6 @@ default policies (a sandbox that blocks everything would pass every attack)."""
 
 import json
 
-import pytest
 import trio
 
 import zviz
