@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import functools
 import os
-import shutil
 import sys
 
 import attrs
@@ -166,10 +165,6 @@ def bcc_status() -> tuple[bool, str]:
     from .ebpf import status
 
     return status()
-
-
-def which(cmd: str, path: str) -> str | None:
-    return shutil.which(cmd, path=path)
 
 
 if __name__ == "__main__":  # pragma: no cover
