@@ -49,8 +49,8 @@ async def test_program_sees_clean_env_own_uid_and_pid_namespace():
         env, uid, pid, pids, cwd = json.loads(r.stdout)
         assert cwd == sb.workdir
     assert uid == 1000
-    assert pid == 2  # zviz-init is 1
-    assert pids == ["1", "2"]  # nothing of the host
+    assert pid == 3  # the sandbox's zygote is 1, this run's zviz-init 2
+    assert pids == ["1", "2", "3"]  # nothing of the host
     assert set(env) == {"PATH", "LANG", "PYTHONDONTWRITEBYTECODE", "HOME", "PWD"}
     assert "ZVIZ_SECRET" not in env
 

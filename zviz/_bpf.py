@@ -48,6 +48,13 @@ _SPECIAL = {"socket", "clone", "connect", "sendto", "sendmsg", "sendmmsg"}
 # program, exec it, reap, report): always allowed, whatever the policy says,
 # or the spawn would wait on a notification nobody can answer yet.
 STAGE_NEEDS = frozenset({"sendmsg", "close", "execveat", "execve", "write", "exit_group", "exit", "clone", "wait4"})
+# ... and, in a sandbox with a zygote (zviz/_zygote.py), what zviz-init calls
+# to serve a request, run a command and clean up after it: wait for requests
+# and SIGCHLD, receive the fds, apply the run's rlimits and stdio, list and
+# kill what a program left behind. (kill reaches only this sandbox's
+# processes: Landlock's signal scope, and the pid namespace.)
+ZYGOTE_NEEDS = frozenset({"recvmsg", "read", "poll", "ppoll", "rt_sigprocmask", "signalfd4", "prctl", "openat",
+                          "kill", "fcntl", "dup2", "close_range", "prlimit64"})
 
 
 @attrs.frozen
@@ -56,6 +63,7 @@ class FilterSpec:
     net_mode: str  # none | loopback | allow | any (zviz trace only: every family, connect in-kernel)
     notify: bool  # a supervisor listens: denials are notifications
     learning: bool = False
+    zygote: bool = False  # zviz-init serves many commands (ZYGOTE_NEEDS)
 
 
 @functools.lru_cache(maxsize=64)
@@ -67,6 +75,8 @@ def compile_filter(spec: FilterSpec) -> bytes:
     # learning (zviz trace): the program's own execve is notified too, so its
     # path is learned (the stage execs zviz-init with execveat, still allowed)
     allow = spec.allow | (STAGE_NEEDS - {"execve"} if spec.learning else STAGE_NEEDS)
+    if spec.zygote:
+        allow |= ZYGOTE_NEEDS
     f = sc.SyscallFilter(defaction=deny_unknown)
     f.set_attr(sc.Attr.ACT_BADARCH, sc.KILL_PROCESS)
     try:

@@ -16,12 +16,47 @@
  * When it exits the kernel kills whatever is left in the namespace.
  * It runs confined like the program (seccomp, Landlock): it needs only clone,
  * execve, wait4, write, close, exit_group.
+ *
+ * argv: zviz-init --zygote CTRL_FD: the sandbox's zygote (see zygote_main
+ * below): a long-lived pid 1 that forks a run-init for every command the
+ * supervisor asks for over CTRL_FD, so that a command costs a fork and an
+ * exec, not a new set of namespaces, a new root and a new seccomp filter.
  */
 #include <asm/unistd.h>
 #include <linux/resource.h>
 #include <linux/sched.h>
 #include <linux/signal.h>
 #include <linux/wait.h>
+#include <linux/fcntl.h>
+#include <linux/poll.h>
+#include <linux/uio.h>
+#include <linux/prctl.h>
+
+/* The socket ABI (x86_64), which the kernel's uapi headers leave to libc. */
+struct zmsghdr {
+    void *msg_name;
+    int msg_namelen;
+    struct iovec *msg_iov;
+    unsigned long msg_iovlen;
+    void *msg_control;
+    unsigned long msg_controllen;
+    unsigned int msg_flags;
+};
+struct zcmsghdr {
+    unsigned long cmsg_len;
+    int cmsg_level, cmsg_type;
+};
+#define ZCMSG_LEN(n) (sizeof(struct zcmsghdr) + (n))
+#define ZCMSG_SPACE(n) (sizeof(struct zcmsghdr) + (((n) + 7) & ~7UL))
+#define ZCMSG_DATA(c) ((unsigned char *)(c) + sizeof(struct zcmsghdr))
+#define SOL_SOCKET_ 1
+#define SCM_RIGHTS_ 1
+#define MSG_NOSIGNAL_ 0x4000
+#define MSG_CMSG_CLOEXEC_ 0x40000000
+
+#ifndef CLONE_PIDFD
+#define CLONE_PIDFD 0x00001000
+#endif
 
 typedef unsigned long size_t;
 
@@ -29,7 +64,9 @@ typedef unsigned long size_t;
 #define sys6 rsys_x86_64
 #define S1(n, a) sys6(n, (long)(a), 0, 0, 0, 0, 0)
 #define S3(n, a, b, c) sys6(n, (long)(a), (long)(b), (long)(c), 0, 0, 0)
+#define S2(n, a, b) sys6(n, (long)(a), (long)(b), 0, 0, 0, 0)
 #define S4(n, a, b, c, d) sys6(n, (long)(a), (long)(b), (long)(c), (long)(d), 0, 0)
+#define S5(n, a, b, c, d, e) sys6(n, (long)(a), (long)(b), (long)(c), (long)(d), (long)(e), 0)
 
 #define ZVIZ_STATUS_MAGIC 0x7a76697aU /* "zviz" */
 
@@ -89,6 +126,410 @@ utoa(unsigned long v, char *buf)
     buf[j] = 0;
 }
 
+/* ------------------------------------------------------------------ zygote
+ *
+ * One per sandbox, pid 1 of the sandbox's pid namespace, already inside every
+ * layer (namespaces, the new root, Landlock, seccomp, no_new_privs), with no
+ * rlimits of its own. For each request on CTRL_FD it forks a run-init and
+ * returns that process's pidfd. The run-init forks the program, applies the
+ * request's rlimits and stdio, execs it, reaps, and before it reports the
+ * program's status kills whatever the program left behind: it is a child
+ * subreaper, so every orphan of the run comes back to it. A run-init killed
+ * before it could do that (kill() from the supervisor, or by the program
+ * itself) leaves its orphans to the zygote, which kills every child of its own
+ * that is not a live run-init.
+ *
+ * The zygote is not dumpable (its /proc entries are root's, and no process of
+ * the sandbox may read its memory), ignores every signal from inside its pid
+ * namespace (pid 1 without handlers), and exits when the supervisor hangs up;
+ * its exit kills everything left in the namespace.
+ *
+ * Request (SOCK_STREAM): struct zreq, then `len` bytes of NUL-terminated
+ * strings (exe, argc argv strings, envc envp strings), with SCM_RIGHTS_
+ * {stdin, stdout, stderr, status pipe} on the first byte. Reply: an int32
+ * (0 or -errno) with SCM_RIGHTS_ {pidfd of the run-init} on success.
+ */
+#define ZREQ_MAGIC 0x7a727131U /* "zrq1" */
+#define ZREQ_MAX_RL 16
+#define ZBUF_SIZE (1 << 20)
+#define ZMAX_PTRS 65536
+#define ZMAX_RUNS 4096
+
+struct zreq_rl {
+    unsigned int res, pad;
+    unsigned long long cur, max;
+};
+struct zreq {
+    unsigned int magic, argc, envc, nrl, len, pad;
+    struct zreq_rl rl[ZREQ_MAX_RL];
+};
+
+static char zbuf[ZBUF_SIZE];
+static char *zptrs[ZMAX_PTRS];
+static int zruns[ZMAX_RUNS];
+static int nzruns;
+static char kbuf[65536];
+
+void *
+memset(void *d, int c, size_t n)
+{
+    char *p = d;
+    while (n--)
+        *p++ = (char)c;
+    return d;
+}
+
+void *
+memcpy(void *d, const void *s, size_t n)
+{
+    char *p = d;
+    const char *q = s;
+    while (n--)
+        *p++ = *q++;
+    return d;
+}
+
+static int
+in_runs(int pid)
+{
+    for (int i = 0; i < nzruns; i++)
+        if (zruns[i] == pid)
+            return i;
+    return -1;
+}
+
+/* SIGKILL every child of ours whose pid is not in keep[0..nkeep). Returns how
+ * many were signalled, or -errno if the list cannot be read. */
+static long
+kill_children(const int *keep, int nkeep)
+{
+    long fd = S4(__NR_openat, AT_FDCWD, "/proc/thread-self/children", O_RDONLY | O_CLOEXEC, 0);
+    if (fd < 0)
+        return fd;
+    long n = 0, got = 0;
+    while (got < (long)sizeof kbuf - 1) {
+        long r = S3(__NR_read, fd, kbuf + got, sizeof kbuf - 1 - got);
+        if (r == -4)
+            continue;
+        if (r <= 0)
+            break;
+        got += r;
+    }
+    S1(__NR_close, fd);
+    kbuf[got] = 0;
+    for (char *s = kbuf; *s;) {
+        if (*s < '0' || *s > '9') {
+            s++;
+            continue;
+        }
+        long pid = 0;
+        while (*s >= '0' && *s <= '9')
+            pid = pid * 10 + (*s++ - '0');
+        int kept = 0;
+        for (int i = 0; i < nkeep; i++)
+            if (keep[i] == pid)
+                kept = 1;
+        if (!kept && S2(__NR_kill, pid, SIGKILL) == 0)
+            n++;
+    }
+    return n;
+}
+
+static long
+send_reply(int ctrl, int err, int fd)
+{
+    struct iovec iov = {&err, sizeof err};
+    union {
+        char buf[ZCMSG_SPACE(sizeof(int))];
+        struct zcmsghdr align;
+    } u;
+    struct zmsghdr msg;
+    memset(&msg, 0, sizeof msg);
+    memset(&u, 0, sizeof u);
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    if (fd >= 0) {
+        msg.msg_control = u.buf;
+        msg.msg_controllen = sizeof u.buf;
+        struct zcmsghdr *c = (struct zcmsghdr *)u.buf;
+        c->cmsg_level = SOL_SOCKET_;
+        c->cmsg_type = SCM_RIGHTS_;
+        c->cmsg_len = ZCMSG_LEN(sizeof(int));
+        memcpy(ZCMSG_DATA(c), &fd, sizeof(int));
+    }
+    return S3(__NR_sendmsg, ctrl, &msg, MSG_NOSIGNAL_);
+}
+
+static int
+lift(int fd)
+{
+    if (fd >= 10)
+        return fd;
+    long r = S3(__NR_fcntl, fd, F_DUPFD_CLOEXEC, 10);
+    return r < 0 ? -1 : (int)r;
+}
+
+/* The program: child of a run-init. */
+static void __attribute__((noreturn))
+run_program(const struct zreq *q, int *fds, char *exe, char **argv, char **envp)
+{
+    unsigned long long none = 0;
+    S4(__NR_rt_sigprocmask, SIG_SETMASK, &none, 0, 8);
+    for (int i = 0; i < 3; i++)
+        if ((fds[i] = lift(fds[i])) < 0)
+            die(126);
+    for (int i = 0; i < 3; i++)
+        if (S2(__NR_dup2, fds[i], i) < 0)
+            die(126);
+    S3(__NR_close_range, 3, ~0U, 0);
+    for (unsigned i = 0; i < q->nrl; i++) {
+        struct rlimit64 {
+            unsigned long long cur, max;
+        } v = {q->rl[i].cur, q->rl[i].max};
+        if (S4(__NR_prlimit64, 0, q->rl[i].res, &v, 0) < 0) {
+            put("zviz: cannot set a resource limit\n");
+            die(126);
+        }
+    }
+    long r = S3(__NR_execve, exe, argv, envp);
+    char num[24];
+    utoa((unsigned long)-r, num);
+    put("zviz: cannot execute ");
+    put(exe);
+    put(": errno ");
+    put(num);
+    put(r == -2 ? " (not found)\n" : (r == -13 ? " (permission denied: outside the policy's paths?)\n" : "\n"));
+    die(r == -2 ? 127 : 126);
+}
+
+/* A run-init: child of the zygote, parent (and subreaper) of one run. */
+static void __attribute__((noreturn))
+run_init(const struct zreq *q, int *fds, char *exe, char **argv, char **envp)
+{
+    S5(__NR_prctl, PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
+    long pid = S4(__NR_clone, SIGCHLD, 0, 0, 0);
+    if (pid < 0) {
+        put("zviz-init: clone failed\n");
+        die(125);
+    }
+    if (pid == 0)
+        run_program(q, fds, exe, argv, envp);
+    for (int i = 0; i < 3; i++)
+        S1(__NR_close, fds[i]);
+
+    struct status_record rec;
+    memset(&rec, 0, sizeof rec);
+    rec.magic = ZVIZ_STATUS_MAGIC;
+    for (;;) {
+        int ws = 0;
+        struct rusage ru;
+        long w = S4(__NR_wait4, -1, &ws, __WALL, &ru);
+        if (w == -4)
+            continue;
+        if (w < 0)
+            die(125);
+        if (w == pid) {
+            rec.wstatus = ws;
+            rec.ru = ru;
+            break;
+        }
+    }
+    /* The program is gone: nothing it started may outlive the run. Orphans
+     * come to us (subreaper); kill our children until none is left. */
+    for (;;) {
+        int ws;
+        long w = S4(__NR_wait4, -1, &ws, __WALL | WNOHANG, 0);
+        if (w > 0 || w == -4)
+            continue;
+        if (w < 0)
+            break; /* ECHILD: the run is empty */
+        long k = kill_children(0, 0);
+        if (k > 0) {
+            w = S4(__NR_wait4, -1, &ws, __WALL, 0);
+        } else {
+            /* a child in the middle of exiting: let it finish */
+            struct timespec_ {
+                long s, ns;
+            } t = {0, 1000000};
+            S5(__NR_ppoll, 0, 0, &t, 0, 8);
+        }
+    }
+    S3(__NR_write, fds[3], &rec, sizeof rec);
+    if ((rec.wstatus & 0x7f) == 0)
+        die((rec.wstatus >> 8) & 0xff);
+    die(128 + (rec.wstatus & 0x7f));
+}
+
+/* Read exactly n bytes (the first read may carry fds). Returns 0, or -1 on
+ * EOF/error. */
+static int
+read_full(int fd, char *p, long n)
+{
+    while (n > 0) {
+        long r = S3(__NR_read, fd, p, n);
+        if (r == -4)
+            continue;
+        if (r <= 0)
+            return -1;
+        p += r;
+        n -= r;
+    }
+    return 0;
+}
+
+static void
+reap(void)
+{
+    int orphans = 0;
+    for (;;) {
+        int ws = 0;
+        long w = S4(__NR_wait4, -1, &ws, __WALL | WNOHANG, 0);
+        if (w == -4)
+            continue;
+        if (w <= 0)
+            break;
+        int i = in_runs((int)w);
+        if (i >= 0) {
+            zruns[i] = zruns[--nzruns];
+            if ((ws & 0x7f) != 0) /* killed: it may have left orphans to us */
+                orphans = 1;
+        } else {
+            orphans = 1; /* an orphan died: its own children came to us */
+        }
+    }
+    if (orphans)
+        kill_children(zruns, nzruns);
+}
+
+/* Handle one request. Returns -1 when the supervisor has hung up. */
+static int
+serve(int ctrl)
+{
+    struct zreq q;
+    int fds[4] = {-1, -1, -1, -1};
+    union {
+        char buf[ZCMSG_SPACE(4 * sizeof(int))];
+        struct zcmsghdr align;
+    } u;
+    struct iovec iov = {&q, sizeof q};
+    struct zmsghdr msg;
+    memset(&msg, 0, sizeof msg);
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = u.buf;
+    msg.msg_controllen = sizeof u.buf;
+    long r;
+    do
+        r = S3(__NR_recvmsg, ctrl, &msg, MSG_CMSG_CLOEXEC_);
+    while (r == -4);
+    if (r <= 0)
+        return -1;
+    int nfds = 0;
+    if (msg.msg_controllen >= sizeof(struct zcmsghdr)) {
+        struct zcmsghdr *c = (struct zcmsghdr *)u.buf;
+        if (c->cmsg_level == SOL_SOCKET_ && c->cmsg_type == SCM_RIGHTS_) {
+            nfds = (int)((c->cmsg_len - ZCMSG_LEN(0)) / sizeof(int));
+            if (nfds > 4)
+                nfds = 4;
+            memcpy(fds, ZCMSG_DATA(c), nfds * sizeof(int));
+        }
+    }
+    int err = 0;
+    if (r < (long)sizeof q && read_full(ctrl, (char *)&q + r, sizeof q - r) < 0)
+        err = -1;
+    if (!err && (q.magic != ZREQ_MAGIC || q.nrl > ZREQ_MAX_RL || q.len == 0 || q.len > ZBUF_SIZE ||
+                 (unsigned long)q.argc + q.envc + 2 > ZMAX_PTRS || q.argc == 0))
+        err = -1;
+    if (!err && read_full(ctrl, zbuf, q.len) < 0)
+        err = -1;
+    if (err) {
+        /* a malformed stream cannot be resynchronised: hang up */
+        for (int i = 0; i < nfds; i++)
+            S1(__NR_close, fds[i]);
+        return -1;
+    }
+    /* Split the strings: exe, argv..., envp...; all NUL-terminated, in bounds. */
+    char *p = zbuf, *end = zbuf + q.len;
+    unsigned want = 1 + q.argc + q.envc, k = 0;
+    int bad = end[-1] != 0 || nfds != 4;
+    char *exe = p;
+    while (!bad && k < want) {
+        if (p >= end) {
+            bad = 1;
+            break;
+        }
+        if (k > 0)
+            zptrs[k - 1 + (k > q.argc ? 1 : 0)] = p;
+        k++;
+        while (*p)
+            p++;
+        p++;
+    }
+    if (bad) {
+        send_reply(ctrl, -22, -1);
+        for (int i = 0; i < nfds; i++)
+            S1(__NR_close, fds[i]);
+        return 0;
+    }
+    zptrs[q.argc] = 0;
+    zptrs[q.argc + 1 + q.envc] = 0;
+    if (nzruns >= ZMAX_RUNS) {
+        send_reply(ctrl, -11, -1);
+        for (int i = 0; i < 4; i++)
+            S1(__NR_close, fds[i]);
+        return 0;
+    }
+    int pidfd = -1;
+    long pid = S5(__NR_clone, SIGCHLD | CLONE_PIDFD, 0, &pidfd, 0, 0);
+    if (pid == 0) {
+        S1(__NR_close, ctrl);
+        run_init(&q, fds, exe, zptrs, zptrs + q.argc + 1);
+    }
+    for (int i = 0; i < 4; i++)
+        S1(__NR_close, fds[i]);
+    if (pid < 0) {
+        send_reply(ctrl, (int)pid, -1);
+        return 0;
+    }
+    zruns[nzruns++] = (int)pid;
+    send_reply(ctrl, 0, pidfd);
+    S1(__NR_close, pidfd);
+    return 0;
+}
+
+static void __attribute__((noreturn))
+zygote_main(int ctrl)
+{
+    /* No process of the sandbox may read or write our memory through /proc
+     * or ptrace; our run-inits inherit this until their program's exec. */
+    S5(__NR_prctl, PR_SET_DUMPABLE, 0, 0, 0, 0);
+    unsigned long long chld = 1ULL << (SIGCHLD - 1);
+    S4(__NR_rt_sigprocmask, SIG_BLOCK, &chld, 0, 8);
+    long sfd = S4(__NR_signalfd4, -1, &chld, 8, O_CLOEXEC | O_NONBLOCK);
+    if (sfd < 0)
+        die(125);
+    for (;;) {
+        struct pollfd pf[2] = {{ctrl, POLLIN, 0}, {(int)sfd, POLLIN, 0}};
+        long r = S3(__NR_poll, pf, 2, -1);
+        if (r == -4)
+            continue;
+        if (r < 0)
+            die(125);
+        if (pf[1].revents & POLLIN) {
+            char info[128];
+            while (S3(__NR_read, sfd, info, sizeof info) > 0)
+                ;
+            reap();
+        }
+        if (pf[0].revents & POLLIN) {
+            if (serve(ctrl) < 0)
+                die(0);
+        } else if (pf[0].revents & (POLLHUP | POLLERR | POLLNVAL)) {
+            die(0);
+        }
+    }
+}
+
 __attribute__((used)) static void
 init_main(long *sp)
 {
@@ -96,6 +537,12 @@ init_main(long *sp)
     char **argv = (char **)(sp + 1);
     char **envp = argv + argc + 1;
 
+    if (argc == 3 && argv[1][0] == '-' && argv[1][1] == '-' && argv[1][2] == 'z') {
+        int ctrl = parse_fd(argv[2]);
+        if (ctrl < 0)
+            die(125);
+        zygote_main(ctrl);
+    }
     if (argc < 4) {
         put("zviz-init: usage: zviz-init STATUS_FD EXE ARG0 [ARGS...]\n");
         die(125);

@@ -30,7 +30,7 @@ from typing import Any
 import anyio
 import attrs
 
-from . import _bpf, _kernel, _linux, _plan, _probe
+from . import _bpf, _kernel, _linux, _plan, _probe, _zygote
 from ._errors import CommandNotFoundError, PolicyError, SandboxClosedError, SandboxSetupError, ZvizWarning
 from ._kernel import OwnedFd
 from ._policy import Policy
@@ -117,10 +117,11 @@ class Process:
     def __init__(self, sandbox: Sandbox, argv: tuple[str, ...], spawned: _kernel.Spawned,
                  account: RunAccount, stdin: FdSendStream | None, stdout: FdReceiveStream | None,
                  stderr: FdReceiveStream | None, listener_done: anyio.Event | None, started: float,
-                 status: OwnedFd) -> None:
+                 status: OwnedFd, zrun: bool = False) -> None:
         self._sandbox = sandbox
         self.argv = argv
-        self.pid = spawned.pid
+        self._pid = spawned.pid
+        self._zrun = zrun  # started by the sandbox's zygote: pidfd of its run-init, not our child
         self._pidfd = spawned.pidfd
         self._account = account
         self.stdin = stdin
@@ -140,6 +141,14 @@ class Process:
     def __repr__(self) -> str:
         state = "running" if self._status is None else f"exited status={self._status}"
         return f"<zviz.Process pid={self.pid} argv={list(self.argv)!r} {state}>"
+
+    @property
+    def pid(self) -> int:
+        """Host pid of the process that stands for the command (zviz-init of
+        its run, whose child is the program); -1 once it is gone."""
+        if self._pid < 0 and not self._pidfd.closed:
+            self._pid = _zygote.pidfd_pid(self._pidfd)
+        return self._pid
 
     @property
     def returncode(self) -> int | None:
@@ -181,12 +190,17 @@ class Process:
     def _reap(self) -> None:
         if self._status is not None:
             return
-        # Everything else in its process group goes too (no-op with a pid ns).
-        self._kill_group()
-        try:
-            _pid, status, ru = os.wait4(self.pid, 0)
-        except ChildProcessError:  # reaped by someone else (waitpid(-1) in the host program)
-            status, ru = 0x7F00, None
+        if self._zrun:
+            # The zygote reaps its run-inits; killed before it reported, the
+            # run ended by SIGKILL (ours, or its own doing).
+            status, ru = signal.SIGKILL, None
+        else:
+            # Everything else in its process group goes too (no-op with a pid ns).
+            self._kill_group()
+            try:
+                _pid, status, ru = os.wait4(self.pid, 0)
+            except ChildProcessError:  # reaped by someone else (waitpid(-1) in the host program)
+                status, ru = 0x7F00, None
         # zviz-init (pid 1) reports the program's own status and usage; if init
         # itself was killed (timeout, kill()), its status is the truth.
         reported = _kernel.read_init_status(self._status_fd)
@@ -229,6 +243,8 @@ class Process:
 
 
 _CAPTURE = object()
+_PENDING = 0x80000000  # eBPF monitor (zviz/ebpf/_program.c): not counted until exec
+_SKIP_EXEC = 0x40000000  # ... and that exec (zviz-init's own) does not count
 
 
 class Sandbox:
@@ -271,6 +287,16 @@ class Sandbox:
         self._monitor_sid = 0
         self._syscalls_final: dict[str, int] | None = None
         self._errors_final: dict[tuple[str, str], int] | None = None
+        # The zygote (zviz/_zygote.py): spawned at the first command where the
+        # layers allow (a pid namespace with its /proc), then every command
+        # is a fork of it. _zygote_allowed=False keeps one full spawn per
+        # command (benchmarks compare the two).
+        self._zygote_allowed = True
+        self._use_zygote = False
+        self._zygote: _zygote.Zygote | None = None
+        self._zygote_done: anyio.Event | None = None
+        self._run_rlimits: list[tuple[int, int, int]] = []
+        self._stray: RunAccount | None = None  # the zygote's calls, and a run's that could not be told
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"{len(self._procs)} running"
@@ -301,10 +327,6 @@ class Sandbox:
         self._host = _plan.Host(features=f, euid=os.geteuid(), egid=os.getegid(), is_dir=is_dir, links=links,
                                 rlimit_hard=hard)
         notify = f.seccomp_notify
-        spec = _bpf.FilterSpec(allow=self.policy.syscalls.names(), net_mode=self.policy.net.mode, notify=notify)
-        if self._trace is not None:
-            spec = self._trace.filter_spec(notify)
-        self._filter = _bpf.compile_filter(spec)
         self._seccomp_flags = 0
         if notify:
             self._seccomp_flags |= _kernel.SECCOMP_FILTER_FLAG_NEW_LISTENER
@@ -317,6 +339,17 @@ class Sandbox:
         # degraded layers once, and fails early.
         probe_plan = _plan.plan_spawn(self.policy, self._host, argv=("true",), exe="/bin/true", workdir=self.workdir)
         self._plan = probe_plan
+        self._pid_ns = bool(probe_plan.clone_flags & _linux.CLONE_NEWPID)
+        # A zygote needs the pid namespace (its death must take every run
+        # with it) and that namespace's /proc (a run-init finds what its
+        # program left behind in /proc/thread-self/children).
+        self._use_zygote = (self._zygote_allowed and self._pid_ns and probe_plan.mount_proc
+                            and self._trace is None)
+        spec = _bpf.FilterSpec(allow=self.policy.syscalls.names(), net_mode=self.policy.net.mode, notify=notify,
+                               zygote=self._use_zygote)
+        if self._trace is not None:
+            spec = self._trace.filter_spec(notify)
+        self._filter = _bpf.compile_filter(spec)
         self._base_spec = probe_plan.to_spec(stdin=-1, stdout=-1, stderr=-1, bpf=self._filter,
                                              seccomp_flags=self._seccomp_flags, init_fd=self._init.fd, status_fd=-1)
         if self._trace is not None:
@@ -329,7 +362,7 @@ class Sandbox:
         self._error_rlimits = tuple(n for n, _, _ in probe_plan.rlimits)
         self._devnull = _kernel.open_devnull()
         self._degraded = probe_plan.degraded
-        self._pid_ns = bool(probe_plan.clone_flags & _linux.CLONE_NEWPID)
+        self._run_rlimits = list(self._base_spec["rlimits"])
         if probe_plan.degraded:
             warnings.warn("zviz sandbox runs degraded: " + "; ".join(probe_plan.degraded), ZvizWarning, stacklevel=4)
         if self._owns_workdir and probe_plan.host_uid != os.geteuid():
@@ -415,14 +448,21 @@ class Sandbox:
         merged = dict(self.policy.env)
         merged.update(env or {})
         exe = self._resolve(argv, merged)
-        spec = dict(self._base_spec)
         exe_b = exe.encode()
-        spec["exe"] = exe_b
-        spec["argv"] = [b"zviz-init", str(_linux.STATUS_FD).encode(), exe_b] + [a.encode() for a in argv]
+        envp = self._base_envp
         if env:
             full = dict(self._base_env)
             full.update(env)
-            spec["envp"] = [f"{k}={v}".encode() for k, v in sorted(full.items())]
+            envp = [f"{k}={v}".encode() for k, v in sorted(full.items())]
+        request = None
+        spec: dict[str, Any] = {}
+        if self._use_zygote:
+            request = _zygote.encode_request(exe_b, [a.encode() for a in argv], envp, self._run_rlimits)
+        else:
+            spec = dict(self._base_spec)
+            spec["exe"] = exe_b
+            spec["argv"] = [b"zviz-init", str(_linux.STATUS_FD).encode(), exe_b] + [a.encode() for a in argv]
+            spec["envp"] = envp
 
         with contextlib.ExitStack() as stack:
             # On failure every fd made here is closed; on success the child has
@@ -443,10 +483,13 @@ class Sandbox:
             status_r, status_w = _kernel.pipe("init-status")
             stack.callback(status_w.close)
             stack.callback(status_r.close)
-            spec["stdin"], spec["stdout"], spec["stderr"] = child_ends
-            spec["status_fd"] = status_w.fd
             t0 = time.monotonic()
-            spawned = _kernel.spawn(spec, paths=self._error_paths, rlimit_names=self._error_rlimits)
+            if request is not None:
+                spawned = self._zygote_run(request, [*child_ends, status_w.fd])
+            else:
+                spec["stdin"], spec["stdout"], spec["stderr"] = child_ends
+                spec["status_fd"] = status_w.fd
+                spawned = _kernel.spawn(spec, paths=self._error_paths, rlimit_names=self._error_rlimits)
             self._spawn_s += time.monotonic() - t0
             status = OwnedFd(status_r.detach(), "init-status")
             os.set_blocking(status.fd, False)
@@ -462,12 +505,14 @@ class Sandbox:
             done = None
             if spawned.listener is not None:
                 done = self._supervisor.attach(spawned.listener, spawned.pidfd, account)
-            proc = Process(self, argv, spawned, account, streams[0], streams[1], streams[2], done, t0, status)
+            proc = Process(self, argv, spawned, account, streams[0], streams[1], streams[2], done, t0, status,
+                           zrun=request is not None)
         except BaseException:
             # Nothing may outlive a failed start: kill, reap, close.
             _kernel.pidfd_kill(spawned.pidfd)
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(spawned.pid, 0)
+            if request is None:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(spawned.pid, 0)
             for owned in (spawned.pidfd, spawned.listener, status):
                 if owned is not None:
                     owned.close()
@@ -475,11 +520,79 @@ class Sandbox:
                 if st is not None:
                     st.close()
             raise
-        if done is not None:
+        if done is not None or request is not None:
             self._accounts.add(account)
         self._procs.add(proc)
         self._started += 1
         return proc
+
+    def _zygote_run(self, request: bytes, fds: list[int]) -> _kernel.Spawned:
+        """One run through the zygote (spawned on first use; a zygote that
+        died, e.g. to the OOM killer, is replaced once)."""
+        for attempt in (0, 1):
+            if self._zygote is None:
+                self._spawn_zygote()
+            assert self._zygote is not None
+            try:
+                pidfd = self._zygote.request(request, fds)
+            except _zygote.ZygoteGone:
+                self._drop_zygote()
+                if attempt:
+                    raise SandboxSetupError("zygote", errno.EPIPE, None,
+                                            "the sandbox's zviz-init died twice in a row") from None
+                continue
+            return _kernel.Spawned(pid=-1, pidfd=pidfd, listener=None)
+        raise AssertionError("unreachable")
+
+    def _spawn_zygote(self) -> None:
+        assert self._supervisor is not None and self._devnull is not None
+        ours, theirs = _zygote.control_pair()
+        try:
+            spec = dict(self._base_spec)
+            spec["exe"] = b"zviz-init"
+            spec["argv"] = [b"zviz-init", b"--zygote", str(_linux.STATUS_FD).encode()]
+            spec["stdin"] = spec["stdout"] = spec["stderr"] = self._devnull.fd
+            spec["status_fd"] = theirs.fd
+            spec["rlimits"] = []  # per run (the zygote's own CPU time must not count)
+            if "track_value" in spec:
+                spec["track_value"] |= _SKIP_EXEC  # the monitor counts from the program's exec
+            spawned = _kernel.spawn(spec, paths=self._error_paths, rlimit_names=())
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self._zygote = _zygote.Zygote(spawned.pid, spawned.pidfd, ours)
+        if spawned.listener is not None:
+            self._stray = RunAccount(command="(sandbox)")
+            self._accounts.add(self._stray)
+            self._zygote_done = self._supervisor.attach(spawned.listener, spawned.pidfd, self._stray,
+                                                        resolve=self._account_for)
+
+    def _drop_zygote(self) -> None:
+        """Kill and reap a zygote (every run of it dies with it)."""
+        z, self._zygote = self._zygote, None
+        if z is None:
+            return
+        z.kill()
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(z.pid, 0)
+        z.close()
+
+    def _account_for(self, pid: int) -> RunAccount:
+        """The run a notifying task belongs to: its nearest ancestor that is a
+        run's zviz-init (rare: only denials and connect decisions ask)."""
+        runs = {p.pid: p._account for p in self._procs if p._zrun}
+        cur = pid
+        for _ in range(64):
+            acct = runs.get(cur)
+            if acct is not None:
+                return acct
+            cur = _zygote.parent_pid(cur)
+            if cur <= 1:
+                break
+        assert self._stray is not None
+        return self._stray
 
     def _attach_monitor(self, monitor: Any, sid: int) -> None:
         # Every spawn from now on is tracked by the monitor from its first
@@ -488,7 +601,7 @@ class Sandbox:
         self._monitor = monitor
         self._monitor_sid = sid
         self._base_spec["track_map_fd"] = monitor.map_fd
-        self._base_spec["track_value"] = sid | 0x80000000  # PENDING until exec (_program.c)
+        self._base_spec["track_value"] = sid | _PENDING  # PENDING until exec (_program.c)
 
     def _detach_monitor(self) -> None:
         if self._monitor is not None:
@@ -507,6 +620,8 @@ class Sandbox:
 
     def _process_ended(self, proc: Process) -> None:
         self._procs.discard(proc)
+        if proc._zrun:
+            self._fold_account(proc._account)
         self._cpu += proc.cpu_s
         self._peak_rss = max(self._peak_rss, proc.peak_rss)
         if proc.timed_out:
@@ -765,12 +880,25 @@ class Sandbox:
         """Kill and reap everything, close every fd. Shielded by the caller."""
         self._closed = True
         procs = list(self._procs)
+        if self._zygote is not None:
+            self._zygote.kill()  # pid 1: every run dies with it
         for p in procs:
             p.kill()
         for p in procs:
             if p._status is None:
                 await p.wait()
             p._close_streams()
+        if self._zygote is not None:
+            z, self._zygote = self._zygote, None
+            await anyio.wait_readable(z.pidfd.fd)
+            anyio.notify_closing(z.pidfd.fd)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(z.pid, 0)
+            z.close()
+        if self._zygote_done is not None:
+            # its listener hangs up now that no task of its filter is left
+            with anyio.move_on_after(1.0):
+                await self._zygote_done.wait()
         ev, self._event_added = self._event_added, anyio.Event()
         ev.set()
         if self._devnull is not None:

@@ -67,6 +67,9 @@ class _Watched:
     pidfd: OwnedFd
     account: RunAccount
     done: anyio.Event
+    # a zygote's listener serves every run of its sandbox: the account of the
+    # run a notifying task belongs to (by its host pid)
+    resolve: Callable[[int], RunAccount] | None = None
 
 
 class Supervisor:
@@ -113,7 +116,8 @@ class Supervisor:
                         if ev & select.EPOLLIN:
                             n = _kernel.notif_recv(w.listener)
                             if n is not None:
-                                await self._handle(w.listener, w.pidfd, w.account, n)
+                                account = w.account if w.resolve is None else w.resolve(n.pid)
+                                await self._handle(w.listener, w.pidfd, account, n)
                         elif ev & (select.EPOLLHUP | select.EPOLLERR):
                             self._forget(fd)  # no task of this filter is left
             finally:
@@ -139,15 +143,17 @@ class Supervisor:
         for scope in list(self._connects):
             scope.cancel()
 
-    def attach(self, listener: OwnedFd, pidfd: OwnedFd, account: RunAccount) -> anyio.Event:
-        """Serve `listener` (taking ownership); the event is set when it is done."""
+    def attach(self, listener: OwnedFd, pidfd: OwnedFd, account: RunAccount,
+               resolve: Callable[[int], RunAccount] | None = None) -> anyio.Event:
+        """Serve `listener` (taking ownership); the event is set when it is done.
+        `resolve(pid)`, if given, picks the account of each notification."""
         if self._stopped:
             listener.close()
             raise RuntimeError("supervisor is stopped")
         if _kernel.notif_set_sync_wakeup(listener):
             self.sync_wakeup = True
         done = anyio.Event()
-        self._watched[listener.fd] = _Watched(listener, pidfd, account, done)
+        self._watched[listener.fd] = _Watched(listener, pidfd, account, done, resolve)
         self._ep.register(listener.fd, select.EPOLLIN)
         self.listeners_served += 1
         return done

@@ -63,9 +63,12 @@ def test_host_process_list_is_not_visible(attack):
 
     async def main():
         async with zviz.open_sandbox(zviz.Policy.python()) as sb:
-            r = await sb.run(["python3", "-c", "import os; print(sorted(int(p) for p in os.listdir('/proc') "
-                              "if p.isdigit()))"])
+            r = await sb.run(["python3", "-c", "import os; print(sorted((int(p), open(f'/proc/{p}/comm').read().strip()) "
+                              "for p in os.listdir('/proc') if p.isdigit()))"])
             return r.stdout
 
-    assert run_as(attack.identity, trio.run, main) == b"[1, 2]\n"
-    assert os.getpid() > 2
+    # Only the sandbox's own: its zygote (pid 1), this run's zviz-init (the
+    # program's subreaper), the program.
+    out = run_as(attack.identity, trio.run, main)
+    assert out == b"[(1, '_zviz_init'), (2, '_zviz_init'), (3, 'python3')]\n", out
+    assert os.getpid() > 3

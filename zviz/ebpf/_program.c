@@ -24,6 +24,11 @@
  * stage's own setup calls (mount, pivot_root, landlock...) are not the
  * sandboxed program's and are not counted. */
 #define PENDING 0x80000000
+/* With a zygote (zviz/_zygote.py) the first exec is zviz-init's, which then
+ * serves every command of the sandbox: its own calls, and its run-inits'
+ * (forks that never exec), are not the programs'. SKIP_EXEC makes that exec
+ * clear only itself; counting starts at each program's exec. */
+#define SKIP_EXEC 0x40000000
 
 struct key_t {
     u32 sid;
@@ -140,7 +145,7 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
     u32 *sid = tracked.lookup(&tgid);
     if (sid && (*sid & PENDING)) {
-        u32 val = *sid & ~PENDING;
+        u32 val = (*sid & SKIP_EXEC) ? (*sid & ~SKIP_EXEC) : (*sid & ~PENDING);
         tracked.update(&tgid, &val);
     }
     return 0;

@@ -1,0 +1,190 @@
+"""The zygote (zviz/_zygote.py): one zviz-init per sandbox forks every command.
+What a command could try against it: outlive its run, take its run-init
+down first, freeze it, signal or read the zygote, reach the control socket,
+feed the zygote garbage. Each test runs as the caller and as uid 65534."""
+
+from __future__ import annotations
+
+import os
+import signal
+import textwrap
+
+import trio
+
+import zviz
+
+from ..conftest import run_as
+
+# A daemon: double fork, new session, stdio closed; after `delay` it writes
+# `marker` into the workdir if it is still alive.
+DAEMON = textwrap.dedent("""
+    import os, sys, time
+    def daemon(marker, delay):
+        if os.fork() == 0:
+            os.setsid()
+            if os.fork() == 0:
+                for fd in (0, 1, 2):
+                    os.close(fd)
+                time.sleep(delay)
+                open(marker, "w").write("alive")
+                os._exit(0)
+            os._exit(0)
+        os.wait()
+""")
+
+
+def _count_procs() -> str:
+    return "import os; print(len([p for p in os.listdir('/proc') if p.isdigit()]))"
+
+
+def _j(r: zviz.RunResult) -> dict:
+    """A picklable result (run_as returns across a fork), bytes kept."""
+    d = r.to_json()
+    d["stdout"], d["stderr"] = r.stdout, r.stderr
+    return d
+
+
+def _scenario(first: str, timeout: float):
+    async def main():
+        async with zviz.open_sandbox(zviz.Policy.python()) as sb:
+            zpid = None
+            r1 = await sb.run(["python3", "-c", DAEMON + first], timeout=timeout)
+            zpid = sb._zygote.pid if sb._zygote else None
+            await trio.sleep(1.5)  # past the daemon's delay
+            marker = os.path.exists(os.path.join(sb.workdir, "marker"))
+            r2 = await sb.run(["python3", "-c", _count_procs()])
+            same_zygote = sb._zygote is not None and sb._zygote.pid == zpid
+            return _j(r1), marker, _j(r2), same_zygote
+    return trio.run(main)
+
+
+def test_daemon_does_not_outlive_its_run(identity):
+    r1, marker, r2, same = run_as(identity, _scenario, "daemon('marker', 1.0); print('left')", 20.0)
+    assert r1['stdout'] == b"left\n" and r1['status'] == 0
+    assert not marker, "a daemon of an ended run was still alive"
+    assert r2['stdout'] == b"3\n"  # zygote, this run's zviz-init, the program: nothing left over
+    assert same
+
+
+def test_program_kills_its_zviz_init_first(identity):
+    # SIGKILL to its own run-init: its orphans go to the zygote, which kills them.
+    first = "daemon('marker', 1.0); os.kill(os.getppid(), 9); time.sleep(30)"
+    r1, marker, r2, same = run_as(identity, _scenario, first, 20.0)
+    assert not r1['timed_out'] and r1['signal'] == signal.SIGKILL and r1['wall_s'] < 5
+    assert not marker
+    assert r2['stdout'] == b"3\n"
+    assert same
+
+
+def test_program_freezes_its_zviz_init(identity):
+    # SIGSTOP to its run-init, then exit: the run cannot end by itself; the
+    # timeout kills the frozen run-init and the zygote the rest.
+    # (the daemon's delay runs past the timeout: it is the run's until then)
+    first = "daemon('marker', 3.0); os.kill(os.getppid(), 19)"
+    r1, marker, r2, same = run_as(identity, _scenario, first, 2.0)
+    assert r1['timed_out'] and r1['limit'] == "wall_s"
+    assert not marker
+    assert r2['stdout'] == b"3\n"
+    assert same
+
+
+def test_zygote_cannot_be_signalled_or_read(identity):
+    probe = textwrap.dedent("""
+        import os, signal
+        out = []
+        for sig in (signal.SIGKILL, signal.SIGSTOP, signal.SIGTERM, signal.SIGSEGV):
+            try:
+                os.kill(1, sig); out.append("sent")
+            except OSError as e:
+                out.append(type(e).__name__)
+        for path in ("/proc/1/mem", "/proc/1/environ", "/proc/1/maps", "/proc/2/environ"):
+            try:
+                open(path, "rb").read(16); out.append("READ " + path)
+            except OSError as e:
+                out.append(type(e).__name__)
+        for path in ("/proc/1/fd", "/proc/2/fd"):
+            try:
+                out.append("LISTED %s %s" % (path, os.listdir(path)))
+            except OSError as e:
+                out.append(type(e).__name__)
+        print(out)
+    """)
+
+    async def main():
+        async with zviz.open_sandbox(zviz.Policy.python()) as sb:
+            r = await sb.run(["python3", "-c", probe])
+            zpid = sb._zygote.pid
+            r2 = await sb.run(["python3", "-c", "print('still serving')"])
+            return _j(r), _j(r2), zpid == sb._zygote.pid, zviz_alive(zpid)
+
+    def zviz_alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+
+    r, r2, same, alive = run_as(identity, trio.run, main)
+    assert r["status"] == 0, r["stderr"]
+    out = r["stdout"].decode()
+    assert "READ" not in out and "LISTED" not in out, out
+    # signals to pid 1 are accepted and dropped: the zygote has no handlers
+    assert r2['stdout'] == b"still serving\n" and same and alive
+
+
+def test_program_holds_no_zygote_fd(identity):
+    probe = ("import os; print(sorted(int(f) for f in os.listdir('/proc/self/fd')))")
+
+    async def main():
+        async with zviz.open_sandbox(zviz.Policy.python()) as sb:
+            return _j(await sb.run(["python3", "-c", probe]))
+
+    r = run_as(identity, trio.run, main)
+    assert r["stdout"] == b"[0, 1, 2, 3]\n"  # stdio and listdir's own
+
+
+def test_garbage_on_the_control_socket_replaces_the_zygote(identity):
+    async def main():
+        async with zviz.open_sandbox(zviz.Policy.python()) as sb:
+            assert (await sb.run(["true"])).ok
+            old = sb._zygote
+            old._ctrl.sendall(b"\xff" * 4096)  # a bad magic: the zygote hangs up
+            r = await sb.run(["python3", "-c", "print('ok')"])
+            return _j(r), old.pid, sb._zygote.pid
+
+    r, old_pid, new_pid = run_as(identity, trio.run, main)
+    assert r["stdout"] == b"ok\n"
+    assert old_pid != new_pid
+    try:  # the old zygote is dead and reaped (no zombie left to us)
+        os.waitpid(old_pid, os.WNOHANG)
+        raise AssertionError("old zygote still our child")
+    except ChildProcessError:
+        pass
+
+
+def test_concurrent_runs_keep_their_own_denials(identity):
+    denied = "import socket\ntry: socket.socket(socket.AF_PACKET, socket.SOCK_RAW)\nexcept OSError: pass\nprint('d')"
+    quiet = "import time; time.sleep(0.3); print('q')"
+
+    async def main():
+        async with zviz.open_sandbox(zviz.Policy.python()) as sb:
+            results = {}
+
+            async def one(i: int) -> None:
+                results[i] = await sb.run(["python3", "-c", denied if i % 2 else quiet])
+
+            async with trio.open_nursery() as n:
+                for i in range(8):
+                    n.start_soon(one, i)
+            return {i: _j(r) for i, r in results.items()}, sb.statistics().denials_total
+
+    results, total = run_as(identity, trio.run, main)
+    for i, r in results.items():
+        assert r["status"] == 0, r["stderr"]
+        if i % 2:
+            assert r["stdout"] == b"d\n" and sum(r["denials"].values()) >= 1, r["denials"]
+        else:
+            assert r["stdout"] == b"q\n" and not r["denials"], r["denials"]
+    assert total == sum(sum(r["denials"].values()) for r in results.values())

@@ -1,0 +1,139 @@
+"""The per-sandbox zygote: the supervisor's side of zviz-init --zygote.
+
+A sandbox's first command spawns, through the C stage, one zviz-init that
+stays: pid 1 of the sandbox's pid namespace, inside its user and mount
+namespaces, its new root, its Landlock domain and its seccomp filter. Every
+command after that is one request on a unix socket: the zygote forks a
+run-init, which forks and execs the program, and the reply carries the
+run-init's pidfd. A command then costs two forks of a 10 kB static process
+and the program's exec, not a new set of namespaces, a new root, a new
+seccomp filter and its JIT (measured in docs/performance.md).
+
+What the runs of one sandbox share, and what they do not: see
+docs/architecture.md ("One zygote per sandbox").
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import socket
+import struct
+from collections.abc import Sequence
+
+from ._errors import SandboxSetupError
+from ._kernel import OwnedFd
+
+# struct zreq of zviz/_init.c: magic, argc, envc, nrl, len, pad, then 16 x {res, pad, cur, max}
+MAX_RLIMITS = 16
+_HEADER = struct.Struct("=6I" + "IIQQ" * MAX_RLIMITS)
+_MAGIC = 0x7A727131
+MAX_REQUEST = 1 << 20  # ZBUF_SIZE: argv + environment, NUL-terminated
+_REPLY = struct.Struct("=i")
+
+
+class ZygoteGone(Exception):
+    """The zygote hung up (it was killed, or the sandbox is closing)."""
+
+
+def encode_request(exe: bytes, argv: Sequence[bytes], envp: Sequence[bytes],
+                   rlimits: Sequence[tuple[int, int, int]]) -> bytes:
+    """The request's bytes (pure; checked against the zygote's limits)."""
+    if len(rlimits) > MAX_RLIMITS:
+        raise ValueError(f"at most {MAX_RLIMITS} rlimits")
+    strings = b"".join(s + b"\0" for s in (exe, *argv, *envp))
+    if len(strings) > MAX_REQUEST:
+        raise SandboxSetupError("spawn", errno.E2BIG, None,
+                                f"argv and environment take {len(strings)} bytes; a sandbox takes at most "
+                                f"{MAX_REQUEST}")
+    rl: list[int] = []
+    for res, soft, hard in rlimits:
+        rl += [res, 0, soft, hard]
+    rl += [0, 0, 0, 0] * (MAX_RLIMITS - len(rlimits))
+    return _HEADER.pack(_MAGIC, len(argv), len(envp), len(rlimits), len(strings), 0, *rl) + strings
+
+
+class Zygote:
+    """Owns the zygote's control socket and pidfd (the process is our child)."""
+
+    def __init__(self, pid: int, pidfd: OwnedFd, ctrl: socket.socket) -> None:
+        self.pid = pid
+        self.pidfd = pidfd
+        self._ctrl = ctrl
+        self.runs = 0
+
+    def request(self, payload: bytes, fds: Sequence[int]) -> OwnedFd:
+        """Ask for one run; returns the run-init's pidfd. Blocking, and short:
+        the zygote answers right after its fork (~50 us)."""
+        try:
+            first = self._ctrl.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+            if first < len(payload):
+                self._ctrl.sendall(payload[first:])
+            data, anc, _flags, _addr = self._ctrl.recvmsg(_REPLY.size, socket.CMSG_SPACE(4))
+        except (BrokenPipeError, ConnectionResetError, TimeoutError) as e:
+            raise ZygoteGone(str(e) or type(e).__name__) from None
+        got = []
+        for level, kind, blob in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                got += array.array("i", blob[: len(blob) - len(blob) % 4]).tolist()
+        owned = [OwnedFd(fd, "run-init-pidfd") for fd in got]
+        if len(data) != _REPLY.size:
+            for o in owned:
+                o.close()
+            raise ZygoteGone("the zygote hung up")
+        (err,) = _REPLY.unpack(data)
+        if err < 0 or len(owned) != 1:
+            for o in owned:
+                o.close()
+            code = -err if err < 0 else errno.EIO
+            raise SandboxSetupError("zygote-fork", code, None,
+                                    "the sandbox could not fork (its process limit reached?)")
+        self.runs += 1
+        return owned[0]
+
+    def kill(self) -> None:
+        """SIGKILL the zygote: as pid 1 its death takes every process of the
+        sandbox with it."""
+        from ._kernel import pidfd_kill
+
+        pidfd_kill(self.pidfd)
+
+    def close(self) -> None:
+        self._ctrl.close()
+        self.pidfd.close()
+
+
+def pidfd_pid(pidfd: OwnedFd) -> int:
+    """The pid (in our pid namespace) behind a pidfd, from its fdinfo; -1 once
+    the process is gone."""
+    try:
+        with open(f"/proc/self/fdinfo/{pidfd.fd}", "rb") as f:
+            for line in f:
+                if line.startswith(b"Pid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return -1
+
+
+def parent_pid(pid: int) -> int:
+    """The parent of `pid` (host view), or 0."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        return int(stat[stat.rindex(b")") + 2:].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def control_pair() -> tuple[socket.socket, OwnedFd]:
+    """(our end, the zygote's end as an fd for the stage to place on fd 3)."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    ours.set_inheritable(False)
+    # The zygote answers within ~50 us; one that has not answered in 10 s is
+    # wedged, and is replaced (ZygoteGone) rather than block the event loop.
+    ours.settimeout(10.0)
+    theirs_fd = OwnedFd(theirs.detach(), "zygote-ctrl")
+    return ours, theirs_fd
+
+
