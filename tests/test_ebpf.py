@@ -20,6 +20,21 @@ PYP = zviz.Policy.python()
 
 @needs_ebpf
 @pytest.mark.trio
+async def test_only_the_trace_monitor_has_the_sys_enter_probe():
+    # an enabled raw_syscalls tracepoint costs every call on the host: a
+    # plain monitor attaches sys_exit alone
+    async with zviz.ebpf.open_monitor() as mon:
+        assert set(mon._bpf.tracepoint_fds) >= {b"raw_syscalls:sys_exit"}
+        assert b"raw_syscalls:sys_enter" not in mon._bpf.tracepoint_fds
+        with pytest.raises(RuntimeError):
+            mon.set_trace(True)
+    async with zviz.ebpf.open_monitor(_trace=True) as mon:
+        assert b"raw_syscalls:sys_enter" in mon._bpf.tracepoint_fds
+        mon.set_trace(True)
+
+
+@needs_ebpf
+@pytest.mark.trio
 async def test_counts_the_whole_tree_and_nothing_else():
     async with zviz.ebpf.open_monitor() as mon:
         async with zviz.open_sandbox(PYP, monitor=mon) as a, zviz.open_sandbox(PYP, monitor=mon) as b:
@@ -33,6 +48,8 @@ async def test_counts_the_whole_tree_and_nothing_else():
     assert sa["getppid"] == 800  # parent 500 + forked child 300
     assert sb_["getppid"] == 7
     assert "mount" not in sa and "pivot_root" not in sa  # the stage's own setup is not the program's
+    # nor the zygote's (it waits on a signalfd and receives each request) or its run-init's (prctl)
+    assert "signalfd4" not in sa and "recvmsg" not in sa and "prctl" not in sa, sa
     assert sa["execve"] >= 1 and sa["openat"] > 10
 
 

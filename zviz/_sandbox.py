@@ -941,7 +941,7 @@ def _check_workdir_reachable(path: str, uid: int) -> None:
 @contextlib.asynccontextmanager
 async def open_sandbox(policy: Policy | None = None, *, workdir: str | os.PathLike | None = None,
                        keep_workdir: bool = False, monitor: bool | object = False,
-                       _trace: Any = None) -> AsyncIterator[Sandbox]:
+                       _trace: Any = None, _zygote: bool = True) -> AsyncIterator[Sandbox]:
     """Open a sandbox: `async with zviz.open_sandbox(zviz.Policy.python()) as sb:`.
 
     workdir: a directory to use as the sandbox's read-write workdir (kept on
@@ -964,6 +964,7 @@ async def open_sandbox(policy: Policy | None = None, *, workdir: str | os.PathLi
         if os.geteuid() == 0:
             _check_workdir_reachable(path, _plan.NOBODY)
     sb = Sandbox(policy, path, owns, features)
+    sb._zygote_allowed = bool(_zygote)
     if _trace is not None:
         sb._trace = _trace
         sb._trace_record = _trace.record

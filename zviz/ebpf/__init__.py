@@ -77,10 +77,10 @@ from ._trace import TraceResult, trace  # noqa: E402
 
 
 @contextlib.asynccontextmanager
-async def open_monitor() -> AsyncIterator[Monitor]:
+async def open_monitor(*, _trace: bool = False) -> AsyncIterator[Monitor]:
     """Load the eBPF program (compiled by bcc, ~1 s) and serve every sandbox
     opened with `monitor=` this monitor. Unloaded on exit."""
-    mon = await Monitor._load()
+    mon = await Monitor._load(trace=_trace)
     try:
         async with mon._running():
             yield mon

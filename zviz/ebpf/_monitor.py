@@ -36,8 +36,9 @@ class Monitor:
     """One loaded eBPF program serving any number of sandboxes. Made by
     `zviz.ebpf.open_monitor()` (or by `open_sandbox(monitor=True)`)."""
 
-    def __init__(self, bpf: Any) -> None:
+    def __init__(self, bpf: Any, trace: bool = False) -> None:
         self._bpf = bpf
+        self._trace = trace
         self._tracked = bpf[b"tracked"]
         self._stats = bpf[b"stats"]
         self._errnos = bpf[b"errnos"]
@@ -51,20 +52,23 @@ class Monitor:
         return f"<zviz.ebpf.Monitor sandboxes={len(self._sandboxes)} events={self.events_seen}>"
 
     @classmethod
-    async def _load(cls) -> Monitor:
+    async def _load(cls, trace: bool = False) -> Monitor:
+        """trace: also compile the sys_enter probe (paths and endpoints, for
+        `zviz trace`); a monitor without it adds only sys_exit to every call."""
         from . import _import_bcc
 
         bcc = _import_bcc()
         t0 = time.monotonic()
+        cflags = ["-DZVIZ_TRACE"] if trace else []
         try:
-            bpf = await anyio.to_thread.run_sync(lambda: bcc.BPF(src_file=PROGRAM.encode()))
+            bpf = await anyio.to_thread.run_sync(lambda: bcc.BPF(src_file=PROGRAM.encode(), cflags=cflags))
         except Exception as e:  # bcc raises plain Exception on compile/load failure
             from .._errors import FeatureUnavailable
 
             raise FeatureUnavailable("eBPF monitor", f"the program did not load ({e})",
                                      "check `zviz check`; kernel headers must match well enough "
                                      "(./scripts/setup-ebpf.sh)") from None
-        mon = cls(bpf)
+        mon = cls(bpf, trace)
         mon.load_s = time.monotonic() - t0
         return mon
 
@@ -109,7 +113,10 @@ class Monitor:
                     del table[k]
 
     def set_trace(self, on: bool) -> None:
-        """Also report paths and connect addresses (used by `zviz trace`)."""
+        """Also report paths and connect addresses (used by `zviz trace`, whose
+        monitor is loaded with the sys_enter probe)."""
+        if not self._trace:
+            raise RuntimeError("this monitor was loaded without the trace probe")
         self._bpf[b"trace_on"][ctypes.c_int(0)] = ctypes.c_uint(1 if on else 0)
 
     @property
@@ -169,7 +176,7 @@ async def _attach_monitor(sb: Sandbox, monitor: object) -> AsyncIterator[Monitor
     if monitor is True:
         from . import open_monitor
 
-        async with open_monitor() as mon, _registered(sb, mon):
+        async with open_monitor(_trace=sb._trace is not None) as mon, _registered(sb, mon):
             yield mon
     elif isinstance(monitor, Monitor):
         async with _registered(sb, monitor):

@@ -194,7 +194,10 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 }
 
 /* trace mode only: the paths the program opens and execs, and the addresses
- * it connects to (read at sys_enter, as the program passed them). */
+ * it connects to (read at sys_enter, as the program passed them). Compiled in
+ * only for `zviz trace` (-DZVIZ_TRACE): an enabled raw_syscalls tracepoint
+ * costs every system call on the host, even one that returns at once. */
+#ifdef ZVIZ_TRACE
 TRACEPOINT_PROBE(raw_syscalls, sys_enter)
 {
     int zero = 0;
@@ -239,3 +242,4 @@ TRACEPOINT_PROBE(raw_syscalls, sys_enter)
     events.ringbuf_submit(e, 0);
     return 0;
 }
+#endif
