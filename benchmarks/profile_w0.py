@@ -31,7 +31,7 @@ from collections import defaultdict
 import trio
 
 import zviz
-from zviz import _kernel, _plan, _proxy, _sandbox, _supervisor
+from zviz import _kernel, _plan, _proxy, _sandbox, _supervisor, _zygote
 
 ACC: dict[str, list[float]] = defaultdict(list)
 
@@ -68,10 +68,14 @@ PHASES = [
     (_kernel, "open_devnull", "_kernel.open_devnull", 2),
     (_kernel, "pipe", "_kernel.pipe", 2),
     (_kernel, "dup_above_stdio", "_kernel.dup_above_stdio", 2),
-    (_kernel, "spawn", "_kernel.spawn (C stage: clone..exec; = spawn_s_total)", 2),
+    (_zygote, "encode_request", "_zygote.encode_request", 2),
+    (_sandbox.Sandbox, "_zygote_run", "Sandbox._zygote_run (= spawn_s_total)", 2),
+    (_zygote.Zygote, "request", "Zygote.request (send; the zygote forks; reply with the pidfd)", 3),
+    (_kernel, "spawn", "_kernel.spawn (C stage: clone..exec; the zygote, once)", 2),
     (_supervisor.Supervisor, "attach", "Supervisor.attach (listener task)", 2),
     (_sandbox.Process, "__init__", "Process.__init__", 2),
     (_proxy.FdReceiveStream, "__init__", "FdReceiveStream.__init__", 2),
+    (_sandbox.Sandbox, "_drive", "Sandbox._drive (run-init forks, exec true, exit; pipes drained)", 1),
     (_sandbox.Process, "wait", "Process.wait (child runs: init, fork, exec true, exit)", 1),
     (_sandbox.Process, "_reap", "Process._reap", 2),
     (_kernel, "read_init_status", "_kernel.read_init_status", 3),

@@ -42,7 +42,7 @@ CLONE_NS_FLAGS = (
     | 0x40000000  # NEWNET
     | 0x00000080  # NEWTIME
 )
-_SPECIAL = {"socket", "clone", "connect", "sendto", "sendmsg", "sendmmsg"}
+_SPECIAL = {"socket", "clone", "connect", "sendto", "sendmsg", "sendmmsg", "prlimit64"}
 # Called after the filter is loaded, by the stage (hand the listener over,
 # close it, exec zviz-init by fd, report a failure) and by zviz-init (fork the
 # program, exec it, reap, report): always allowed, whatever the policy says,
@@ -108,6 +108,12 @@ def compile_filter(spec: FilterSpec) -> bytes:
                            sc.Arg(1, sc.MASKED_EQ, SOCK_TYPE_MASK, SOCK_STREAM))
     if "clone" in allow:
         f.add_rule(sc.ALLOW, "clone", sc.Arg(0, sc.MASKED_EQ, CLONE_NS_FLAGS, 0))
+    if "prlimit64" in allow:
+        # Only on itself (pid 0; what setrlimit/getrlimit do). Another
+        # process of the sandbox has the same uid, so the kernel would let a
+        # command lower the limits of the zygote (pid 1) and break the
+        # sandbox's later commands.
+        f.add_rule(sc.ALLOW, "prlimit64", sc.Arg(0, sc.EQ, 0))
     if "connect" in allow:
         if spec.net_mode == "allow" and spec.notify:
             pass  # the default action notifies: the supervisor performs it, never CONTINUEs

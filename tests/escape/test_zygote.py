@@ -188,3 +188,31 @@ def test_concurrent_runs_keep_their_own_denials(identity):
         else:
             assert r["stdout"] == b"q\n" and not r["denials"], r["denials"]
     assert total == sum(sum(r["denials"].values()) for r in results.values())
+
+
+def test_limits_of_the_zygote_are_out_of_reach(identity):
+    # Same uid as the zygote: without the filter's pid-0 rule, prlimit64(1)
+    # would lower its limits (no fds, no forks) and break later commands.
+    probe = textwrap.dedent("""
+        import resource
+        out = []
+        for pid in (1, 2):
+            try:
+                resource.prlimit(pid, resource.RLIMIT_NOFILE, (0, 0)); out.append("LOWERED %d" % pid)
+            except OSError as e:
+                out.append(type(e).__name__)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (100, 100))  # its own: fine
+        out.append(resource.prlimit(0, resource.RLIMIT_NOFILE))
+        print(out)
+    """)
+
+    async def main():
+        async with zviz.open_sandbox(zviz.Policy.python()) as sb:
+            r = await sb.run(["python3", "-c", probe])
+            r2 = await sb.run(["python3", "-c", "print('next')"])
+            return _j(r), _j(r2)
+
+    r, r2 = run_as(identity, trio.run, main)
+    assert r["stdout"] == b"['OSError', 'OSError', (100, 100)]\n", r  # refused (ENOSYS), reported
+    assert r["denials"].get("prlimit64") == 2
+    assert r2["stdout"] == b"next\n"
