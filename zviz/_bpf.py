@@ -42,7 +42,23 @@ CLONE_NS_FLAGS = (
     | 0x40000000  # NEWNET
     | 0x00000080  # NEWTIME
 )
-_SPECIAL = {"socket", "clone", "connect", "sendto", "sendmsg", "sendmmsg", "prlimit64"}
+# Calls that may act on another process, allowed only on the caller itself:
+# every process of a sandbox has the same uid, so the kernel's owner checks
+# would let a command lower the limits, the priority or the scheduling class
+# of the sandbox's zygote (pid 1) and of its other commands. (arg, value)
+# pairs, all required. setpriority: which == PRIO_PROCESS and who == 0 (PRIO_PGRP
+# and PRIO_USER with who 0 reach the zygote's group and uid); ioprio_set:
+# IOPRIO_WHO_PROCESS and 0. sched_setaffinity stays open (pthread_setaffinity_np
+# passes thread ids): zviz-init resets the affinity it hands on instead.
+SELF_ONLY: dict[str, tuple[tuple[int, int], ...]] = {
+    "prlimit64": ((0, 0),),
+    "setpriority": ((0, 0), (1, 0)),
+    "sched_setscheduler": ((0, 0),),
+    "sched_setparam": ((0, 0),),
+    "sched_setattr": ((0, 0),),
+    "ioprio_set": ((0, 1), (1, 0)),
+}
+_SPECIAL = {"socket", "clone", "connect", "sendto", "sendmsg", "sendmmsg"} | set(SELF_ONLY)
 # Called after the filter is loaded, by the stage (hand the listener over,
 # close it, exec zviz-init by fd, report a failure) and by zviz-init (fork the
 # program, exec it, reap, report): always allowed, whatever the policy says,
@@ -54,7 +70,8 @@ STAGE_NEEDS = frozenset({"sendmsg", "close", "execveat", "execve", "write", "exi
 # kill what a program left behind. (kill reaches only this sandbox's
 # processes: Landlock's signal scope, and the pid namespace.)
 ZYGOTE_NEEDS = frozenset({"recvmsg", "read", "poll", "ppoll", "rt_sigprocmask", "signalfd4", "prctl", "openat",
-                          "kill", "fcntl", "dup2", "close_range", "prlimit64"})
+                          "kill", "fcntl", "dup2", "close_range", "prlimit64", "getpid", "getdents64",
+                          "sched_setaffinity"})
 
 
 @attrs.frozen
@@ -108,12 +125,9 @@ def compile_filter(spec: FilterSpec) -> bytes:
                            sc.Arg(1, sc.MASKED_EQ, SOCK_TYPE_MASK, SOCK_STREAM))
     if "clone" in allow:
         f.add_rule(sc.ALLOW, "clone", sc.Arg(0, sc.MASKED_EQ, CLONE_NS_FLAGS, 0))
-    if "prlimit64" in allow:
-        # Only on itself (pid 0; what setrlimit/getrlimit do). Another
-        # process of the sandbox has the same uid, so the kernel would let a
-        # command lower the limits of the zygote (pid 1) and break the
-        # sandbox's later commands.
-        f.add_rule(sc.ALLOW, "prlimit64", sc.Arg(0, sc.EQ, 0))
+    for name, conds in SELF_ONLY.items():
+        if name in allow:
+            f.add_rule(sc.ALLOW, name, *(sc.Arg(i, sc.EQ, v) for i, v in conds))
     if "connect" in allow:
         if spec.net_mode == "allow" and spec.notify:
             pass  # the default action notifies: the supervisor performs it, never CONTINUEs

@@ -198,41 +198,189 @@ in_runs(int pid)
     return -1;
 }
 
-/* SIGKILL every child of ours whose pid is not in keep[0..nkeep). Returns how
- * many were signalled, or -errno if the list cannot be read. */
-static long
-kill_children(const int *keep, int nkeep)
+/* The processes of our pid namespace, from /proc: pid, parent, state. */
+#define ZMAX_PROCS 8192
+struct pinfo {
+    int pid, ppid;
+    char state;
+    signed char under; /* -1 unknown, 0 no, 1 yes */
+};
+static struct pinfo procs[ZMAX_PROCS];
+static char dbuf[8192];
+
+struct linux_dirent64_ {
+    unsigned long long d_ino;
+    long long d_off;
+    unsigned short d_reclen;
+    unsigned char d_type;
+    char d_name[];
+};
+
+static int
+parse_uint(const char *s, const char **end)
 {
-    long fd = S4(__NR_openat, AT_FDCWD, "/proc/thread-self/children", O_RDONLY | O_CLOEXEC, 0);
-    if (fd < 0)
-        return fd;
-    long n = 0, got = 0;
-    while (got < (long)sizeof kbuf - 1) {
-        long r = S3(__NR_read, fd, kbuf + got, sizeof kbuf - 1 - got);
-        if (r == -4)
-            continue;
-        if (r <= 0)
+    long v = 0;
+    if (*s < '0' || *s > '9')
+        return -1;
+    while (*s >= '0' && *s <= '9')
+        v = v * 10 + (*s++ - '0');
+    *end = s;
+    return v > 0x7fffffff ? -1 : (int)v;
+}
+
+/* Fill procs[] from /proc/N/stat ("N (comm) S PPID ..."). Returns the count
+ * (at most ZMAX_PROCS; the rest are seen in a later pass), or -errno. */
+static long
+scan_procs(void)
+{
+    long dfd = S4(__NR_openat, AT_FDCWD, "/proc", O_RDONLY | O_DIRECTORY | O_CLOEXEC, 0);
+    if (dfd < 0)
+        return dfd;
+    long n = 0;
+    for (;;) {
+        long got = S3(__NR_getdents64, dfd, dbuf, sizeof dbuf);
+        if (got <= 0)
             break;
-        got += r;
+        for (long off = 0; off < got && n < ZMAX_PROCS;) {
+            struct linux_dirent64_ *d = (struct linux_dirent64_ *)(dbuf + off);
+            off += d->d_reclen;
+            const char *e;
+            int pid = parse_uint(d->d_name, &e);
+            if (pid <= 0 || *e)
+                continue;
+            char path[32] = "/proc/";
+            size_t i = 6;
+            for (const char *c = d->d_name; *c && i < sizeof path - 6; c++)
+                path[i++] = *c;
+            memcpy(path + i, "/stat", 6);
+            long fd = S4(__NR_openat, AT_FDCWD, path, O_RDONLY | O_CLOEXEC, 0);
+            if (fd < 0)
+                continue; /* gone meanwhile */
+            long r = S3(__NR_read, fd, kbuf, 511);
+            S1(__NR_close, fd);
+            if (r <= 0)
+                continue;
+            kbuf[r] = 0;
+            char *rp = 0; /* the last ')': comm may hold anything */
+            for (char *c = kbuf; *c; c++)
+                if (*c == ')')
+                    rp = c;
+            if (!rp || rp[1] != ' ' || !rp[2] || rp[3] != ' ')
+                continue;
+            int ppid = parse_uint(rp + 4, &e);
+            if (ppid < 0)
+                continue;
+            procs[n].pid = pid;
+            procs[n].ppid = ppid;
+            procs[n].state = rp[2];
+            procs[n].under = -1;
+            n++;
+        }
     }
-    S1(__NR_close, fd);
-    kbuf[got] = 0;
-    for (char *s = kbuf; *s;) {
-        if (*s < '0' || *s > '9') {
-            s++;
+    S1(__NR_close, dfd);
+    return n;
+}
+
+static int
+in_list(int pid, const int *list, int n)
+{
+    for (int i = 0; i < n; i++)
+        if (list[i] == pid)
+            return 1;
+    return 0;
+}
+
+/* Is procs[i] below `root` without passing through a pid of excl[]? */
+static int
+under(long n, long i, int root, const int *excl, int nexcl)
+{
+    long chain[64];
+    int depth = 0, verdict = 0;
+    long cur = i;
+    for (long steps = 0;; steps++) {
+        if (steps > n) { /* a cycle: pids reused between reads; next pass */
+            verdict = 0;
+            break;
+        }
+        if (procs[cur].under >= 0) {
+            verdict = procs[cur].under;
+            break;
+        }
+        if (in_list(procs[cur].pid, excl, nexcl) || procs[cur].pid == root) {
+            verdict = 0; /* excluded, or root itself */
+            procs[cur].under = 0;
+            break;
+        }
+        if (depth < 64)
+            chain[depth++] = cur;
+        int pp = procs[cur].ppid;
+        if (pp == root) {
+            verdict = 1;
+            break;
+        }
+        if (in_list(pp, excl, nexcl) || pp <= 0) {
+            verdict = 0;
+            break;
+        }
+        long next = -1;
+        for (long j = 0; j < n; j++)
+            if (procs[j].pid == pp) {
+                next = j;
+                break;
+            }
+        if (next < 0) { /* parent not seen (yet): unknown, try next pass */
+            verdict = 0;
+            break;
+        }
+        if (depth >= 64) { /* deeper than we remember: decide without memo */
+            cur = next;
             continue;
         }
-        long pid = 0;
-        while (*s >= '0' && *s <= '9')
-            pid = pid * 10 + (*s++ - '0');
-        int kept = 0;
-        for (int i = 0; i < nkeep; i++)
-            if (keep[i] == pid)
-                kept = 1;
-        if (!kept && S2(__NR_kill, pid, SIGKILL) == 0)
-            n++;
+        cur = next;
     }
-    return n;
+    for (int k = 0; k < depth; k++)
+        procs[chain[k]].under = (signed char)verdict;
+    return verdict;
+}
+
+/* One pass over everything below `root` (ourselves), except the subtrees of
+ * excl[]: what still runs is stopped (SIGSTOP: a stopped process cannot fork,
+ * so a tree that keeps growing at its leaves cannot outpace us); once nothing
+ * runs (or after `*rounds` ran out) everything is SIGKILLed. Killing only our
+ * own children would not do: a chain whose leaf forks each time a slot frees
+ * regrows at the bottom as fast as it is cut at the top. Returns how many
+ * processes are below root, or -errno when /proc cannot be read. */
+static long
+tree_pass(int root, const int *excl, int nexcl, int *rounds)
+{
+    long n = scan_procs();
+    if (n < 0)
+        return n;
+    long total = 0, running = 0;
+    for (long i = 0; i < n; i++) {
+        if (!under(n, i, root, excl, nexcl))
+            continue;
+        total++;
+        char st = procs[i].state;
+        if (st != 'T' && st != 't' && st != 'Z' && st != 'X' && st != 'x')
+            running++;
+    }
+    int freeze = running > 0 && *rounds < 200;
+    if (freeze)
+        (*rounds)++;
+    for (long i = 0; i < n; i++)
+        if (procs[i].under == 1)
+            S2(__NR_kill, procs[i].pid, freeze ? SIGSTOP : SIGKILL);
+    return total;
+}
+
+static void
+pause_briefly(long ns)
+{
+    struct {
+        long s, ns;
+    } t = {0, ns};
+    S5(__NR_ppoll, 0, 0, &t, 0, 8);
 }
 
 static long
@@ -270,11 +418,23 @@ lift(int fd)
 }
 
 /* The program: child of a run-init. */
+/* Every CPU (the kernel keeps the cpuset's): a command may have pinned the
+ * zygote (same uid); what it hands on must not stay pinned. */
+static void
+widen_affinity(void)
+{
+    unsigned long all[16];
+    for (int i = 0; i < 16; i++)
+        all[i] = ~0UL;
+    S3(__NR_sched_setaffinity, 0, sizeof all, all);
+}
+
 static void __attribute__((noreturn))
 run_program(const struct zreq *q, int *fds, char *exe, char **argv, char **envp)
 {
     unsigned long long none = 0;
     S4(__NR_rt_sigprocmask, SIG_SETMASK, &none, 0, 8);
+    widen_affinity();
     for (int i = 0; i < 3; i++)
         if ((fds[i] = lift(fds[i])) < 0)
             die(126);
@@ -304,7 +464,7 @@ run_program(const struct zreq *q, int *fds, char *exe, char **argv, char **envp)
 
 /* A run-init: child of the zygote, parent (and subreaper) of one run. */
 static void __attribute__((noreturn))
-run_init(const struct zreq *q, int *fds, char *exe, char **argv, char **envp)
+run_init(const struct zreq *q, int *fds, char *exe, char **argv, char **envp, int self_pid)
 {
     S5(__NR_prctl, PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
     long pid = S4(__NR_clone, SIGCHLD, 0, 0, 0);
@@ -335,7 +495,11 @@ run_init(const struct zreq *q, int *fds, char *exe, char **argv, char **envp)
         }
     }
     /* The program is gone: nothing it started may outlive the run. Orphans
-     * come to us (subreaper); kill our children until none is left. */
+     * come to us (subreaper), so while we have any child at all, something
+     * of the run is left: freeze and kill the whole tree below us. ECHILD
+     * means the run is empty (a live descendant would have a live ancestor
+     * among our children). */
+    int rounds = 0;
     for (;;) {
         int ws;
         long w = S4(__NR_wait4, -1, &ws, __WALL | WNOHANG, 0);
@@ -343,16 +507,8 @@ run_init(const struct zreq *q, int *fds, char *exe, char **argv, char **envp)
             continue;
         if (w < 0)
             break; /* ECHILD: the run is empty */
-        long k = kill_children(0, 0);
-        if (k > 0) {
-            w = S4(__NR_wait4, -1, &ws, __WALL, 0);
-        } else {
-            /* a child in the middle of exiting: let it finish */
-            struct timespec_ {
-                long s, ns;
-            } t = {0, 1000000};
-            S5(__NR_ppoll, 0, 0, &t, 0, 8);
-        }
+        tree_pass(self_pid, 0, 0, &rounds);
+        pause_briefly(100000); /* let the signals land, the dead exit */
     }
     S3(__NR_write, fds[3], &rec, sizeof rec);
     if ((rec.wstatus & 0x7f) == 0)
@@ -380,7 +536,7 @@ read_full(int fd, char *p, long n)
 static void
 reap(void)
 {
-    int orphans = 0;
+    int orphans = 0, rounds = 0;
     for (;;) {
         int ws = 0;
         long w = S4(__NR_wait4, -1, &ws, __WALL | WNOHANG, 0);
@@ -397,8 +553,25 @@ reap(void)
             orphans = 1; /* an orphan died: its own children came to us */
         }
     }
-    if (orphans)
-        kill_children(zruns, nzruns);
+    /* Orphans of a run-init that died early are ours now: freeze and kill
+     * everything below us that is not below a live run-init. */
+    while (orphans) {
+        long left = tree_pass(1, zruns, nzruns, &rounds);
+        if (left <= 0)
+            break;
+        pause_briefly(100000);
+        for (;;) {
+            int ws = 0;
+            long w = S4(__NR_wait4, -1, &ws, __WALL | WNOHANG, 0);
+            if (w == -4)
+                continue;
+            if (w <= 0)
+                break;
+            int i = in_runs((int)w);
+            if (i >= 0)
+                zruns[i] = zruns[--nzruns];
+        }
+    }
 }
 
 /* Handle one request. Returns -1 when the supervisor has hung up. */
@@ -479,11 +652,12 @@ serve(int ctrl)
             S1(__NR_close, fds[i]);
         return 0;
     }
+    widen_affinity();
     int pidfd = -1;
     long pid = S5(__NR_clone, SIGCHLD | CLONE_PIDFD, 0, &pidfd, 0, 0);
     if (pid == 0) {
         S1(__NR_close, ctrl);
-        run_init(&q, fds, exe, zptrs, zptrs + q.argc + 1);
+        run_init(&q, fds, exe, zptrs, zptrs + q.argc + 1, (int)S1(__NR_getpid, 0));
     }
     for (int i = 0; i < 4; i++)
         S1(__NR_close, fds[i]);

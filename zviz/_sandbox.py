@@ -485,7 +485,7 @@ class Sandbox:
             stack.callback(status_r.close)
             t0 = time.monotonic()
             if request is not None:
-                spawned = self._zygote_run(request, [*child_ends, status_w.fd])
+                spawned = await self._zygote_run(request, [*child_ends, status_w.fd])
             else:
                 spec["stdin"], spec["stdout"], spec["stderr"] = child_ends
                 spec["status_fd"] = status_w.fd
@@ -526,7 +526,7 @@ class Sandbox:
         self._started += 1
         return proc
 
-    def _zygote_run(self, request: bytes, fds: list[int]) -> _kernel.Spawned:
+    async def _zygote_run(self, request: bytes, fds: list[int]) -> _kernel.Spawned:
         """One run through the zygote (spawned on first use; a zygote that
         died, e.g. to the OOM killer, is replaced once)."""
         for attempt in (0, 1):
@@ -534,9 +534,9 @@ class Sandbox:
                 self._spawn_zygote()
             assert self._zygote is not None
             try:
-                pidfd = self._zygote.request(request, fds)
+                pidfd = await self._zygote.request(request, fds)
             except _zygote.ZygoteGone:
-                self._drop_zygote()
+                await self._drop_zygote()
                 if attempt:
                     raise SandboxSetupError("zygote", errno.EPIPE, None,
                                             "the sandbox's zviz-init died twice in a row") from None
@@ -569,12 +569,17 @@ class Sandbox:
             self._zygote_done = self._supervisor.attach(spawned.listener, spawned.pidfd, self._stray,
                                                         resolve=self._account_for)
 
-    def _drop_zygote(self) -> None:
-        """Kill and reap a zygote (every run of it dies with it)."""
+    async def _drop_zygote(self) -> None:
+        """Kill and reap a zygote (every run of it dies with it). Its death
+        waits for every process of its pid namespace to die: a checkpoint,
+        not a blocking waitpid."""
         z, self._zygote = self._zygote, None
         if z is None:
             return
         z.kill()
+        with anyio.CancelScope(shield=True):
+            await anyio.wait_readable(z.pidfd.fd)
+        anyio.notify_closing(z.pidfd.fd)
         with contextlib.suppress(ChildProcessError):
             os.waitpid(z.pid, 0)
         z.close()
@@ -584,7 +589,7 @@ class Sandbox:
         run's zviz-init (rare: only denials and connect decisions ask)."""
         runs = {p.pid: p._account for p in self._procs if p._zrun}
         cur = pid
-        for _ in range(64):
+        for _ in range(1 << 20):  # a chain is as deep as the process limit allows
             acct = runs.get(cur)
             if acct is not None:
                 return acct

@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import array
 import errno
+import select
 import socket
 import struct
 from collections.abc import Sequence
+
+import anyio
 
 from ._errors import SandboxSetupError
 from ._kernel import OwnedFd
@@ -30,6 +33,8 @@ _HEADER = struct.Struct("=6I" + "IIQQ" * MAX_RLIMITS)
 _MAGIC = 0x7A727131
 MAX_REQUEST = 1 << 20  # ZBUF_SIZE: argv + environment, NUL-terminated
 _REPLY = struct.Struct("=i")
+REPLY_TIMEOUT = 10.0  # a zygote that has not answered by then is wedged, and replaced
+SPIN_MS = 1  # how long the reply is awaited without yielding to the event loop
 
 
 class ZygoteGone(Exception):
@@ -60,18 +65,55 @@ class Zygote:
         self.pid = pid
         self.pidfd = pidfd
         self._ctrl = ctrl
+        self._lock = anyio.Lock()  # one request at a time: replies come in order
         self.runs = 0
 
-    def request(self, payload: bytes, fds: Sequence[int]) -> OwnedFd:
-        """Ask for one run; returns the run-init's pidfd. Blocking, and short:
-        the zygote answers right after its fork (~50 us)."""
-        try:
-            first = self._ctrl.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
-            if first < len(payload):
-                self._ctrl.sendall(payload[first:])
-            data, anc, _flags, _addr = self._ctrl.recvmsg(_REPLY.size, socket.CMSG_SPACE(4))
-        except (BrokenPipeError, ConnectionResetError, TimeoutError) as e:
-            raise ZygoteGone(str(e) or type(e).__name__) from None
+    async def request(self, payload: bytes, fds: Sequence[int]) -> OwnedFd:
+        """Ask for one run; returns the run-init's pidfd. The zygote answers
+        right after its fork (~50 us), but it runs among the sandbox's
+        processes, which can starve it (a CPU storm): so the wait blocks the
+        event loop for at most SPIN_MS, then is a checkpoint.
+        Shielded, so that a cancelled caller cannot leave a reply behind for
+        the next request; bounded by REPLY_TIMEOUT (then ZygoteGone)."""
+        async with self._lock:
+            with anyio.CancelScope(shield=True):
+                with anyio.move_on_after(REPLY_TIMEOUT):
+                    try:
+                        await self._send(payload, fds)
+                        data, anc = await self._receive()
+                    except (BrokenPipeError, ConnectionResetError) as e:
+                        raise ZygoteGone(str(e) or type(e).__name__) from None
+                    return self._reply(data, anc)
+                raise ZygoteGone(f"no reply in {REPLY_TIMEOUT:g} s")
+
+    async def _send(self, payload: bytes, fds: Sequence[int]) -> None:
+        view = memoryview(payload)
+        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+        while view:
+            try:
+                # the fds ride on the first byte that goes out
+                n = self._ctrl.sendmsg([view], rights) if rights else self._ctrl.send(view)
+            except BlockingIOError:
+                await anyio.wait_writable(self._ctrl)
+                continue
+            rights = []
+            view = view[n:]
+
+    async def _receive(self) -> tuple[bytes, list]:
+        # The reply is usually there within ~0.1 ms: a poll of at most
+        # SPIN_MS on the loop's thread is cheaper than a trip through the
+        # event loop (~0.1 ms measured). Past that, a checkpoint.
+        p = select.poll()
+        p.register(self._ctrl, select.POLLIN)
+        p.poll(SPIN_MS)
+        while True:
+            try:
+                data, anc, _flags, _addr = self._ctrl.recvmsg(_REPLY.size, socket.CMSG_SPACE(4))
+                return data, anc
+            except BlockingIOError:
+                await anyio.wait_readable(self._ctrl)
+
+    def _reply(self, data: bytes, anc: list) -> OwnedFd:
         got = []
         for level, kind, blob in anc:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -99,6 +141,8 @@ class Zygote:
         pidfd_kill(self.pidfd)
 
     def close(self) -> None:
+        if self._ctrl.fileno() >= 0:
+            anyio.notify_closing(self._ctrl)
         self._ctrl.close()
         self.pidfd.close()
 
@@ -130,9 +174,7 @@ def control_pair() -> tuple[socket.socket, OwnedFd]:
     """(our end, the zygote's end as an fd for the stage to place on fd 3)."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     ours.set_inheritable(False)
-    # The zygote answers within ~50 us; one that has not answered in 10 s is
-    # wedged, and is replaced (ZygoteGone) rather than block the event loop.
-    ours.settimeout(10.0)
+    ours.setblocking(False)
     theirs_fd = OwnedFd(theirs.detach(), "zygote-ctrl")
     return ours, theirs_fd
 

@@ -9,7 +9,7 @@
  *   attack ptrace PID | vmwrite PID | kill PID | killall | procmem
  *   attack tiocsti | syscalls | x32 NAME | int80 NAME | clone-ns
  *   attack tcp IP PORT | udp IP PORT | unix PATH | abstract NAME | raw | packet
- *   attack forkbomb | memory | fds | disk DIR | spin | flood
+ *   attack forkbomb | memory | fds | disk DIR | spin | flood | conveyor
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -417,6 +417,36 @@ int main(int argc, char **argv)
         for (;;)
             if (write(1, chunk, sizeof chunk) < 0)
                 return 0;
+    }
+    if (!strcmp(cmd, "conveyor")) {
+        /* Outlive the command: a chain of processes whose inner nodes spin
+         * and whose leaf forks again whenever the process limit frees a slot.
+         * A cleaner that kills only its direct children cuts the chain at the
+         * top one level at a time while it regrows at the bottom. The leaf
+         * rewrites ./alive now and then: the test watches it. */
+        if (fork() > 0) {
+            usleep(300000);
+            SAY("conveyor: main exits");
+            return 0;
+        }
+        for (int i = 0; i < 3; i++)
+            close(i);
+        for (long n = 1;; n++) {
+            pid_t p = fork();
+            if (p == 0)
+                continue; /* the new leaf */
+            if (p > 0)
+                for (volatile unsigned long i = 0;; i++)
+                    ; /* an inner node */
+            if (n % 500 == 0) {
+                int fd = open("alive", O_WRONLY | O_CREAT | O_TRUNC, 0644);
+                if (fd >= 0) {
+                    dprintf(fd, "%ld\n", n);
+                    close(fd);
+                }
+            }
+            sched_yield();
+        }
     }
     SAY("unknown attack %s", cmd);
     return 2;

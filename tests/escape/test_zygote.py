@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import signal
 import textwrap
+import time
 
 import trio
 
@@ -216,3 +217,119 @@ def test_limits_of_the_zygote_are_out_of_reach(identity):
     assert r["stdout"] == b"['OSError', 'OSError', (100, 100)]\n", r  # refused (ENOSYS), reported
     assert r["denials"].get("prlimit64") == 2
     assert r2["stdout"] == b"next\n"
+
+
+def test_a_regrowing_chain_does_not_outlive_its_command(attack_bin, identity):
+    # attack.c "conveyor": spinning inner nodes, a leaf that forks whenever a
+    # slot frees. Killing direct children one generation at a time never
+    # caught it (the command outlived its timeout, kept the CPUs busy and the
+    # sandbox's process quota full): the run-init freezes the whole tree first.
+    async def main():
+        pol = zviz.Policy.python(limits=zviz.Limits(processes=48))
+        async with zviz.open_sandbox(pol) as sb:
+            await sb.write_file("attack", attack_bin, mode=0o755)
+            r = await sb.run(["./attack", "conveyor"], timeout=3)
+            alive = os.path.join(sb.workdir, "alive")
+            await trio.sleep(0.2)
+            before = os.stat(alive).st_mtime_ns if os.path.exists(alive) else None
+            await trio.sleep(1.0)
+            after = os.stat(alive).st_mtime_ns if os.path.exists(alive) else None
+            r2 = await sb.run(["python3", "-c", "import os\nn = len([p for p in os.listdir('/proc') if p.isdigit()])\n"
+                               "pid = os.fork()\nif pid == 0: os._exit(0)\nos.waitpid(pid, 0); print(n)"], timeout=20)
+            return _j(r), before, after, _j(r2)
+
+    r, before, after, r2 = run_as(identity, trio.run, main)
+    assert r["wall_s"] < 10, r  # the command ended (3 s: the main process exits, its chain runs on)
+    assert before == after, "the chain was still writing its marker after the command ended"
+    assert r2["status"] == 0 and r2["stdout"] == b"3\n", r2  # nothing left over, and forks work again
+
+
+def test_a_starved_zygote_does_not_block_the_event_loop(monkeypatch):
+    # The zygote runs among the sandbox's processes, which can starve it. The
+    # supervisor waits for its reply as a checkpoint, bounded, and replaces it.
+    from zviz import _zygote
+
+    monkeypatch.setattr(_zygote, "REPLY_TIMEOUT", 1.0)
+
+    async def main():
+        gaps: list[float] = []
+
+        async def ticker() -> None:
+            last = time.monotonic()
+            while True:
+                await trio.sleep(0.02)
+                now = time.monotonic()
+                gaps.append(now - last)
+                last = now
+
+        async with zviz.open_sandbox(zviz.Policy.python()) as sb, trio.open_nursery() as n:
+            assert (await sb.run(["true"])).ok
+            old = sb._zygote.pid
+            os.kill(old, signal.SIGSTOP)  # from the host: the worst starvation there is
+            n.start_soon(ticker)
+            t0 = time.monotonic()
+            r = await sb.run(["python3", "-c", "print('served')"])
+            took = time.monotonic() - t0
+            n.cancel_scope.cancel()
+            return r.stdout, took, max(gaps), old, sb._zygote.pid
+
+    out, took, worst_gap, old, new = trio.run(main)
+    assert out == b"served\n"
+    assert 1.0 <= took < 5.0
+    assert worst_gap < 0.5, f"the event loop stalled for {worst_gap:.2f} s"
+    assert new != old
+
+
+def test_priority_and_affinity_of_the_zygote_are_out_of_reach(identity):
+    probe = textwrap.dedent("""
+        import os
+        out = []
+        for f in (lambda: os.setpriority(os.PRIO_PROCESS, 1, 19), lambda: os.setpriority(os.PRIO_USER, 0, 19),
+                  lambda: os.setpriority(os.PRIO_PGRP, 0, 19), lambda: os.sched_setaffinity(1, {0}),
+                  lambda: os.sched_setaffinity(0, {0}), lambda: os.setpriority(os.PRIO_PROCESS, 0, 5)):
+            try:
+                f(); out.append("ok")
+            except OSError as e:
+                out.append("refused")
+        print(out)
+    """)
+    check = "import os; print(os.getpriority(os.PRIO_PROCESS, 0), len(os.sched_getaffinity(0)), os.cpu_count())"
+
+    async def main():
+        async with zviz.open_sandbox(zviz.Policy.python()) as sb:
+            r = await sb.run(["python3", "-c", probe])
+            r2 = await sb.run(["python3", "-c", check])
+            return _j(r), _j(r2)
+
+    r, r2 = run_as(identity, trio.run, main)
+    # renicing pid 1, the uid or the group: refused; pinning pid 1 is allowed by
+    # the kernel (same uid) but not handed on; its own nice and affinity: fine
+    assert r["stdout"] == b"['refused', 'refused', 'refused', 'ok', 'ok', 'ok']\n", r
+    nice, cpus, count = r2["stdout"].split()
+    assert nice == b"0" and cpus == count, r2
+
+
+def test_deep_denials_are_the_commands(identity):
+    deep = textwrap.dedent("""
+        import os, socket
+        def go(n):
+            if n == 0:
+                try:
+                    socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+                except OSError:
+                    pass
+                os._exit(0)
+            pid = os.fork()
+            if pid == 0:
+                go(n - 1)
+            os.waitpid(pid, 0)
+            os._exit(0)
+        go(70)
+    """)
+
+    async def main():
+        async with zviz.open_sandbox(zviz.Policy.python()) as sb:
+            return _j(await sb.run(["python3", "-c", deep], timeout=60))
+
+    r = run_as(identity, trio.run, main)
+    assert r["denials"] == {"socket": 1}, r
