@@ -199,13 +199,36 @@ in_runs(int pid)
 }
 
 /* The processes of our pid namespace, from /proc: pid, parent, state. */
-#define ZMAX_PROCS 8192
 struct pinfo {
     int pid, ppid;
     char state;
     signed char under; /* -1 unknown, 0 no, 1 yes */
 };
-static struct pinfo procs[ZMAX_PROCS];
+/* Grown by mmap as needed: a table with a fixed size would see only the
+ * lowest pids, and another command holding that many (zombies cost nothing)
+ * would hide this one's processes from the pass (found by review). */
+static struct pinfo *procs;
+static long procs_cap;
+
+#define S6(n, a, b, c, d, e, f) sys6(n, (long)(a), (long)(b), (long)(c), (long)(d), (long)(e), (long)(f))
+
+static int
+grow_procs(long n)
+{
+    long cap = procs_cap ? procs_cap * 2 : 4096;
+    long r = S6(__NR_mmap, 0, cap * sizeof(struct pinfo), 3 /* READ|WRITE */,
+                0x22 | 0x4000 /* PRIVATE|ANONYMOUS|NORESERVE */, -1, 0);
+    if (r < 0 && r > -4096)
+        return -1;
+    struct pinfo *p = (struct pinfo *)r;
+    if (procs) {
+        memcpy(p, procs, n * sizeof(struct pinfo));
+        S2(__NR_munmap, procs, procs_cap * sizeof(struct pinfo));
+    }
+    procs = p;
+    procs_cap = cap;
+    return 0;
+}
 static char dbuf[8192];
 
 struct linux_dirent64_ {
@@ -229,7 +252,7 @@ parse_uint(const char *s, const char **end)
 }
 
 /* Fill procs[] from /proc/N/stat ("N (comm) S PPID ..."). Returns the count
- * (at most ZMAX_PROCS; the rest are seen in a later pass), or -errno. */
+ * or -errno (also when the table could not grow: the scan would be partial). */
 static long
 scan_procs(void)
 {
@@ -241,7 +264,7 @@ scan_procs(void)
         long got = S3(__NR_getdents64, dfd, dbuf, sizeof dbuf);
         if (got <= 0)
             break;
-        for (long off = 0; off < got && n < ZMAX_PROCS;) {
+        for (long off = 0; off < got;) {
             struct linux_dirent64_ *d = (struct linux_dirent64_ *)(dbuf + off);
             off += d->d_reclen;
             const char *e;
@@ -270,6 +293,10 @@ scan_procs(void)
             int ppid = parse_uint(rp + 4, &e);
             if (ppid < 0)
                 continue;
+            if (n == procs_cap && grow_procs(n) < 0) {
+                S1(__NR_close, dfd);
+                return -12; /* ENOMEM */
+            }
             procs[n].pid = pid;
             procs[n].ppid = ppid;
             procs[n].state = rp[2];
@@ -372,6 +399,30 @@ tree_pass(int root, const int *excl, int nexcl, int *rounds)
         if (procs[i].under == 1)
             S2(__NR_kill, procs[i].pid, freeze ? SIGSTOP : SIGKILL);
     return total;
+}
+
+/* SIGKILL every child of ours (/proc/thread-self/children). */
+static void
+kill_children_direct(void)
+{
+    long fd = S4(__NR_openat, AT_FDCWD, "/proc/thread-self/children", O_RDONLY | O_CLOEXEC, 0);
+    if (fd < 0)
+        return;
+    long got = S3(__NR_read, fd, kbuf, sizeof kbuf - 1);
+    S1(__NR_close, fd);
+    if (got <= 0)
+        return;
+    kbuf[got] = 0;
+    const char *s = kbuf, *e;
+    while (*s) {
+        int pid = parse_uint(s, &e);
+        if (pid > 0) {
+            S2(__NR_kill, pid, SIGKILL);
+            s = e;
+        } else {
+            s++;
+        }
+    }
 }
 
 static void
@@ -507,7 +558,11 @@ run_init(const struct zreq *q, int *fds, char *exe, char **argv, char **envp, in
             continue;
         if (w < 0)
             break; /* ECHILD: the run is empty */
-        tree_pass(self_pid, 0, 0, &rounds);
+        if (tree_pass(self_pid, 0, 0, &rounds) <= 0) {
+            /* A child lives, yet the pass saw nothing below us (a partial
+             * scan, a race): make progress the plain way, our children. */
+            kill_children_direct();
+        }
         pause_briefly(100000); /* let the signals land, the dead exit */
     }
     S3(__NR_write, fds[3], &rec, sizeof rec);

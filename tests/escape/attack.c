@@ -10,6 +10,7 @@
  *   attack tiocsti | syscalls | x32 NAME | int80 NAME | clone-ns
  *   attack tcp IP PORT | udp IP PORT | unix PATH | abstract NAME | raw | packet
  *   attack forkbomb | memory | fds | disk DIR | spin | flood | conveyor
+ *   attack zombies N SECS | daemon
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -447,6 +448,39 @@ int main(int argc, char **argv)
             }
             sched_yield();
         }
+    }
+    if (!strcmp(cmd, "zombies") && argc > 3) {
+        /* Hold N pids as zombies (never reaped) for SECS seconds, then say
+         * so in ./zready first. */
+        int n = atoi(argv[2]), made = 0;
+        for (int i = 0; i < n; i++) {
+            pid_t c = vfork();
+            if (c == 0)
+                _exit(0);
+            if (c > 0)
+                made++;
+        }
+        close(open("zready", O_WRONLY | O_CREAT, 0644));
+        SAY("zombies: %d", made);
+        sleep(atoi(argv[3]));
+        return 0;
+    }
+    if (!strcmp(cmd, "daemon")) {
+        /* A child that outlives us, stdio closed, rewriting ./alive. */
+        if (fork() == 0) {
+            for (int i = 0; i < 3; i++)
+                close(i);
+            for (long n = 1;; n++) {
+                int fd = open("alive", O_WRONLY | O_CREAT | O_TRUNC, 0644);
+                if (fd >= 0) {
+                    dprintf(fd, "%ld\n", n);
+                    close(fd);
+                }
+                usleep(100000);
+            }
+        }
+        SAY("daemon: main exits");
+        return 0;
     }
     SAY("unknown attack %s", cmd);
     return 2;

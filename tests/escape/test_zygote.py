@@ -333,3 +333,31 @@ def test_deep_denials_are_the_commands(identity):
 
     r = run_as(identity, trio.run, main)
     assert r["denials"] == {"socket": 1}, r
+
+
+def test_another_commands_pids_do_not_hide_a_command_from_cleanup(attack_bin, identity):
+    # Found by a second review: the pass read at most 8192 processes, the
+    # lowest pids first, so command B holding 8300 (zombies) hid command A's
+    # daemon: A's run-init never saw it, and it lived until the sandbox closed.
+    async def main():
+        pol = zviz.Policy.python(limits=zviz.Limits(processes=9000))
+        async with zviz.open_sandbox(pol) as sb, trio.open_nursery() as n:
+            await sb.write_file("attack", attack_bin, mode=0o755)
+            ready = os.path.join(sb.workdir, "zready")
+            n.start_soon(lambda: sb.run(["./attack", "zombies", "8300", "6"], timeout=60))
+            with trio.fail_after(30):
+                while not os.path.exists(ready):
+                    await trio.sleep(0.05)
+            t0 = time.monotonic()
+            r = await sb.run(["./attack", "daemon"], timeout=10)
+            took = time.monotonic() - t0
+            alive = os.path.join(sb.workdir, "alive")
+            await trio.sleep(0.3)
+            before = os.stat(alive).st_mtime_ns if os.path.exists(alive) else None
+            await trio.sleep(0.6)
+            after = os.stat(alive).st_mtime_ns if os.path.exists(alive) else None
+            return _j(r), took, before, after
+
+    r, took, before, after = run_as(identity, trio.run, main)
+    assert r["status"] == 0 and not r["timed_out"] and took < 5, (r, took)
+    assert before == after, "command A's daemon outlived it"
