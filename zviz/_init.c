@@ -147,7 +147,9 @@ utoa(unsigned long v, char *buf)
  * Request (SOCK_STREAM): struct zreq, then `len` bytes of NUL-terminated
  * strings (exe, argc argv strings, envc envp strings), with SCM_RIGHTS_
  * {stdin, stdout, stderr, status pipe} on the first byte. Reply: an int32
- * (0 or -errno) with SCM_RIGHTS_ {pidfd of the run-init} on success.
+ * (0 or -errno) with SCM_RIGHTS {pidfd of the run-init} on success. A
+ * header with no strings and no fds is a barrier: the zygote reaps (and so
+ * kills the orphans of a run-init that was killed) before it replies 0.
  */
 #define ZREQ_MAGIC 0x7a727131U /* "zrq1" */
 #define ZREQ_MAX_RL 16
@@ -665,6 +667,14 @@ serve(int ctrl)
     int err = 0;
     if (r < (long)sizeof q && read_full(ctrl, (char *)&q + r, sizeof q - r) < 0)
         err = -1;
+    if (!err && q.magic == ZREQ_MAGIC && q.argc == 0 && q.envc == 0 && q.len == 0 && q.nrl == 0 && nfds == 0) {
+        /* A barrier: reap now (a run-init the supervisor just killed is a
+         * zombie already: its pidfd said so), so its orphans are dead before
+         * the reply. */
+        reap();
+        send_reply(ctrl, 0, -1);
+        return 0;
+    }
     if (!err && (q.magic != ZREQ_MAGIC || q.nrl > ZREQ_MAX_RL || q.len == 0 || q.len > ZBUF_SIZE ||
                  (unsigned long)q.argc + q.envc + 2 > ZMAX_PTRS || q.argc == 0))
         err = -1;

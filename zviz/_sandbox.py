@@ -122,6 +122,7 @@ class Process:
         self.argv = argv
         self._pid = spawned.pid
         self._zrun = zrun  # started by the sandbox's zygote: pidfd of its run-init, not our child
+        self._orphans_pending = False  # killed before its run-init cleaned up: the zygote does
         self._pidfd = spawned.pidfd
         self._account = account
         self.stdin = stdin
@@ -180,19 +181,30 @@ class Process:
                 os.killpg(self.pid, signal.SIGKILL)
 
     async def wait(self) -> int:
-        """Wait for exit; returns `returncode`."""
+        """Wait for exit; returns `returncode`. Once it returns, no process
+        of the command is left."""
         if self._status is None:
             await anyio.wait_readable(self._pidfd.fd)
             self._reap()
+        await self._settle()
         assert self._status is not None
         return self.returncode  # type: ignore[return-value]
+
+    async def _settle(self) -> None:
+        # A run-init killed before its cleanup (timeout, kill(), or the
+        # command's own doing) leaves the run's orphans to the zygote, which
+        # kills them when it reaps it: the barrier returns after that.
+        if self._orphans_pending:
+            self._orphans_pending = False
+            await self._sandbox._zygote_barrier()
 
     def _reap(self) -> None:
         if self._status is not None:
             return
         if self._zrun:
             # The zygote reaps its run-inits; killed before it reported, the
-            # run ended by SIGKILL (ours, or its own doing).
+            # run ended by SIGKILL (ours, or its own doing), and what it left
+            # is the zygote's to kill (see _settle).
             status, ru = signal.SIGKILL, None
         else:
             # Everything else in its process group goes too (no-op with a pid ns).
@@ -207,6 +219,8 @@ class Process:
         self._status_fd.close()
         if self._watchdog is not None:
             self._watchdog.cancel()
+        if reported is None and self._zrun:
+            self._orphans_pending = True
         if reported is not None:
             self._status = reported.wstatus
             self._cpu = reported.utime + reported.stime
@@ -569,6 +583,15 @@ class Sandbox:
             self._zygote_done = self._supervisor.attach(spawned.listener, spawned.pidfd, self._stray,
                                                         resolve=self._account_for)
 
+    async def _zygote_barrier(self) -> None:
+        z = self._zygote
+        if z is None or self._closed:
+            return  # closing: the zygote's death takes everything
+        try:
+            await z.barrier()
+        except _zygote.ZygoteGone:
+            await self._drop_zygote()  # its death took the orphans with it
+
     async def _drop_zygote(self) -> None:
         """Kill and reap a zygote (every run of it dies with it). Its death
         waits for every process of its pid namespace to die: a checkpoint,
@@ -748,7 +771,7 @@ class Sandbox:
         """Kill if still running, reap, let the supervisor drain, close streams."""
         if proc._status is None:
             proc.kill()
-            await proc.wait()
+        await proc.wait()
         if proc._listener_done is not None:
             # The listener hangs up once no task of its filter is left; the
             # supervisor answers what is pending first.

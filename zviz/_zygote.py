@@ -41,6 +41,9 @@ class ZygoteGone(Exception):
     """The zygote hung up (it was killed, or the sandbox is closing)."""
 
 
+_BARRIER = _HEADER.pack(_MAGIC, 0, 0, 0, 0, 0, *([0] * 4 * MAX_RLIMITS))
+
+
 def encode_request(exe: bytes, argv: Sequence[bytes], envp: Sequence[bytes],
                    rlimits: Sequence[tuple[int, int, int]]) -> bytes:
     """The request's bytes (pure; checked against the zygote's limits)."""
@@ -68,8 +71,21 @@ class Zygote:
         self._lock = anyio.Lock()  # one request at a time: replies come in order
         self.runs = 0
 
+    async def barrier(self) -> None:
+        """Return once the zygote has reaped every run-init that is dead by
+        now, and killed their orphans. After kill(), a command's run-init is
+        dead when its pidfd says so, but what it left is the zygote's to kill:
+        the supervisor waits for this before it calls the command over."""
+        reply = await self._exchange(_BARRIER, [], expect_fd=False)
+        assert reply is None
+
     async def request(self, payload: bytes, fds: Sequence[int]) -> OwnedFd:
-        """Ask for one run; returns the run-init's pidfd.
+        pidfd = await self._exchange(payload, fds, expect_fd=True)
+        assert pidfd is not None
+        return pidfd
+
+    async def _exchange(self, payload: bytes, fds: Sequence[int], *, expect_fd: bool) -> OwnedFd | None:
+        """One request and its reply (with the run-init's pidfd, or none).
 
         The zygote answers right after its fork (~50-100 us), so the fast
         path waits for the reply with a poll of at most SPIN_MS on the event
@@ -85,14 +101,14 @@ class Zygote:
             await self._lock.acquire()
         try:
             view = memoryview(payload)
-            rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+            rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
             try:
                 view, rights = self._send_some(view, rights)
                 if not view:
                     poller = select.poll()
                     poller.register(self._ctrl, select.POLLIN)
                     if poller.poll(SPIN_MS):
-                        return self._reply(*self._recv())
+                        return self._reply(*self._recv(), expect_fd)
             except BlockingIOError:
                 pass
             except (BrokenPipeError, ConnectionResetError) as e:
@@ -105,7 +121,7 @@ class Zygote:
                             view, rights = self._send_some(view, rights)
                         while True:
                             try:
-                                return self._reply(*self._recv())
+                                return self._reply(*self._recv(), expect_fd)
                             except BlockingIOError:
                                 await anyio.wait_readable(self._ctrl)
                     except (BrokenPipeError, ConnectionResetError) as e:
@@ -129,7 +145,7 @@ class Zygote:
         data, anc, _flags, _addr = self._ctrl.recvmsg(_REPLY.size, socket.CMSG_SPACE(4))
         return data, anc
 
-    def _reply(self, data: bytes, anc: list) -> OwnedFd:
+    def _reply(self, data: bytes, anc: list, expect_fd: bool) -> OwnedFd | None:
         got = []
         for level, kind, blob in anc:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -140,6 +156,8 @@ class Zygote:
                 o.close()
             raise ZygoteGone("the zygote hung up")
         (err,) = _REPLY.unpack(data)
+        if not expect_fd and err == 0 and not owned:
+            return None
         if err < 0 or len(owned) != 1:
             for o in owned:
                 o.close()

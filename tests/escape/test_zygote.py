@@ -361,3 +361,40 @@ def test_another_commands_pids_do_not_hide_a_command_from_cleanup(attack_bin, id
     r, took, before, after = run_as(identity, trio.run, main)
     assert r["status"] == 0 and not r["timed_out"] and took < 5, (r, took)
     assert before == after, "command A's daemon outlived it"
+
+
+def test_nothing_of_a_killed_command_is_left_when_run_returns(identity):
+    # After a timeout the run-init is SIGKILLed and the zygote kills what it
+    # left; run() returns only after the zygote says so (a barrier). Checked
+    # from the host the moment run() returns: the sandbox's pid namespace
+    # holds the zygote alone.
+    daemon = textwrap.dedent("""
+        import os, time, signal
+        if os.fork() == 0:
+            os.setsid()
+            for fd in (0, 1, 2):
+                os.close(fd)
+            time.sleep(100)
+        time.sleep(0.3)
+        os.kill(os.getppid(), signal.SIGSTOP)  # its run-init cannot clean up
+    """)
+
+    async def main():
+        out = []
+        async with zviz.open_sandbox(zviz.Policy.python()) as sb:
+            for _ in range(5):
+                r = await sb.run(["python3", "-c", daemon], timeout=1)
+                ns = os.readlink(f"/proc/{sb._zygote.pid}/ns/pid")
+                left = []
+                for p in os.listdir("/proc"):
+                    if p.isdigit():
+                        try:
+                            if os.readlink(f"/proc/{p}/ns/pid") == ns:
+                                left.append(int(p))
+                        except OSError:
+                            pass
+                out.append((r.timed_out, sorted(left) == [sb._zygote.pid]))
+        return out
+
+    out = run_as(identity, trio.run, main)
+    assert out == [(True, True)] * 5, out
