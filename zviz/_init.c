@@ -311,6 +311,18 @@ scan_procs(void)
 }
 
 static int
+is_stopped(char st)
+{
+    return st == 'T' || st == 't';
+}
+
+static int
+is_dead(char st)
+{
+    return st == 'Z' || st == 'X' || st == 'x';
+}
+
+static int
 in_list(int pid, const int *list, int n)
 {
     for (int i = 0; i < n; i++)
@@ -372,15 +384,33 @@ under(long n, long i, int root, const int *excl, int nexcl)
     return verdict;
 }
 
-/* One pass over everything below `root` (ourselves), except the subtrees of
- * excl[]: what still runs is stopped (SIGSTOP: a stopped process cannot fork,
- * so a tree that keeps growing at its leaves cannot outpace us); once nothing
- * runs (or after `*rounds` ran out) everything is SIGKILLed. Killing only our
- * own children would not do: a chain whose leaf forks each time a slot frees
- * regrows at the bottom as fast as it is cut at the top. Returns how many
- * processes are below root, or -errno when /proc cannot be read. */
 static long
-tree_pass(int root, const int *excl, int nexcl, int *rounds)
+now_ns(void)
+{
+    struct {
+        long s, ns;
+    } t = {0, 0};
+    S2(__NR_clock_gettime, 1 /* CLOCK_MONOTONIC */, &t);
+    return t.s * 1000000000L + t.ns;
+}
+
+/* How long a cleanup may keep freezing before it kills whatever is left,
+ * stopped or not (a second command of the sandbox can SIGCONT what we stop,
+ * found by review: 200 freeze rounds then took over 10 s). */
+#define FREEZE_NS 100000000L /* 100 ms */
+
+/* One pass over everything below `root` (ourselves), except the subtrees of
+ * excl[]. The first pass SIGKILLs all of it. In later passes (something
+ * survived: it forked meanwhile) what still runs is stopped first (SIGSTOP: a
+ * stopped process cannot fork, so a tree that keeps growing at its leaves
+ * cannot outpace us), then what was already stopped is killed: every pass
+ * kills something, and SIGCONT cannot undo a SIGKILL. Past `deadline` (or 200
+ * passes) everything is killed at once. Killing only our own children would not do: a chain whose leaf
+ * forks each time a slot frees regrows at the bottom as fast as it is cut at
+ * the top. Returns how many processes are below root, or -errno when /proc
+ * cannot be read. */
+static long
+tree_pass(int root, const int *excl, int nexcl, int *rounds, long deadline)
 {
     long n = scan_procs();
     if (n < 0)
@@ -390,22 +420,27 @@ tree_pass(int root, const int *excl, int nexcl, int *rounds)
         if (!under(n, i, root, excl, nexcl))
             continue;
         total++;
-        char st = procs[i].state;
-        if (st != 'T' && st != 't' && st != 'Z' && st != 'X' && st != 'x')
+        if (!is_stopped(procs[i].state) && !is_dead(procs[i].state))
             running++;
     }
-    int freeze = running > 0 && *rounds < 200;
-    if (freeze)
-        (*rounds)++;
+    /* The first pass kills everything it sees: what was left behind usually
+     * sleeps, and one pass is all a cleanup starved of CPU by the sandbox's
+     * other commands can count on. What a regrowing tree forked meanwhile
+     * shows up in the next passes, which freeze first. */
+    int freeze = *rounds > 0 && running > 0 && *rounds < 200 && now_ns() < deadline;
+    (*rounds)++;
+    for (long i = 0; i < n; i++) /* first stop what runs, before any slot frees */
+        if (procs[i].under == 1 && freeze && !is_stopped(procs[i].state))
+            S2(__NR_kill, procs[i].pid, SIGSTOP);
     for (long i = 0; i < n; i++)
-        if (procs[i].under == 1)
-            S2(__NR_kill, procs[i].pid, freeze ? SIGSTOP : SIGKILL);
+        if (procs[i].under == 1 && (!freeze || is_stopped(procs[i].state)))
+            S2(__NR_kill, procs[i].pid, SIGKILL);
     return total;
 }
 
-/* SIGKILL every child of ours (/proc/thread-self/children). */
+/* SIGKILL every child of ours (/proc/thread-self/children) but keep[]. */
 static void
-kill_children_direct(void)
+kill_children_direct(const int *keep, int nkeep)
 {
     long fd = S4(__NR_openat, AT_FDCWD, "/proc/thread-self/children", O_RDONLY | O_CLOEXEC, 0);
     if (fd < 0)
@@ -419,7 +454,8 @@ kill_children_direct(void)
     while (*s) {
         int pid = parse_uint(s, &e);
         if (pid > 0) {
-            S2(__NR_kill, pid, SIGKILL);
+            if (!in_list(pid, keep, nkeep))
+                S2(__NR_kill, pid, SIGKILL);
             s = e;
         } else {
             s++;
@@ -553,6 +589,7 @@ run_init(const struct zreq *q, int *fds, char *exe, char **argv, char **envp, in
      * means the run is empty (a live descendant would have a live ancestor
      * among our children). */
     int rounds = 0;
+    long deadline = now_ns() + FREEZE_NS;
     for (;;) {
         int ws;
         long w = S4(__NR_wait4, -1, &ws, __WALL | WNOHANG, 0);
@@ -560,10 +597,10 @@ run_init(const struct zreq *q, int *fds, char *exe, char **argv, char **envp, in
             continue;
         if (w < 0)
             break; /* ECHILD: the run is empty */
-        if (tree_pass(self_pid, 0, 0, &rounds) <= 0) {
+        if (tree_pass(self_pid, 0, 0, &rounds, deadline) <= 0) {
             /* A child lives, yet the pass saw nothing below us (a partial
              * scan, a race): make progress the plain way, our children. */
-            kill_children_direct();
+            kill_children_direct(0, 0);
         }
         pause_briefly(100000); /* let the signals land, the dead exit */
     }
@@ -594,6 +631,7 @@ static void
 reap(void)
 {
     int orphans = 0, rounds = 0;
+    long deadline = 0;
     for (;;) {
         int ws = 0;
         long w = S4(__NR_wait4, -1, &ws, __WALL | WNOHANG, 0);
@@ -612,10 +650,16 @@ reap(void)
     }
     /* Orphans of a run-init that died early are ours now: freeze and kill
      * everything below us that is not below a live run-init. */
+    if (orphans)
+        deadline = now_ns() + FREEZE_NS;
     while (orphans) {
-        long left = tree_pass(1, zruns, nzruns, &rounds);
-        if (left <= 0)
+        long left = tree_pass(1, zruns, nzruns, &rounds, deadline);
+        if (left == 0)
             break;
+        if (left < 0) { /* /proc unreadable (it should not be): best effort */
+            kill_children_direct(zruns, nzruns);
+            break;
+        }
         pause_briefly(100000);
         for (;;) {
             int ws = 0;

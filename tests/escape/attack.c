@@ -10,7 +10,7 @@
  *   attack tiocsti | syscalls | x32 NAME | int80 NAME | clone-ns
  *   attack tcp IP PORT | udp IP PORT | unix PATH | abstract NAME | raw | packet
  *   attack forkbomb | memory | fds | disk DIR | spin | flood | conveyor
- *   attack zombies N SECS | daemon
+ *   attack zombies N SECS | daemon | sigcont N | sleepers N
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -481,6 +481,31 @@ int main(int argc, char **argv)
         }
         SAY("daemon: main exits");
         return 0;
+    }
+    if (!strcmp(cmd, "sigcont") && argc > 2) {
+        /* N busy children that keep resuming every process they can reach:
+         * a freeze that waits for everything to be stopped never ends. */
+        int n = atoi(argv[2]);
+        for (int i = 0; i < n; i++)
+            if (fork() == 0)
+                for (;;) {
+                    kill(-1, SIGCONT);
+                    for (volatile int k = 0; k < 20000; k++)
+                        ;
+                }
+        SAY("sigcont: %d", n);
+        for (;;)
+            pause();
+    }
+    if (!strcmp(cmd, "sleepers") && argc > 2) {
+        int n = atoi(argv[2]);
+        for (int i = 0; i < n; i++)
+            if (fork() == 0)
+                for (;;)
+                    pause();
+        SAY("sleepers: %d", n);
+        for (;;)
+            pause();
     }
     SAY("unknown attack %s", cmd);
     return 2;

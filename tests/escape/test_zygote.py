@@ -398,3 +398,35 @@ def test_nothing_of_a_killed_command_is_left_when_run_returns(identity):
 
     out = run_as(identity, trio.run, main)
     assert out == [(True, True)] * 5, out
+
+
+def test_a_resumer_cannot_stretch_the_cleanup(attack_bin, identity):
+    # Found by a third review: command A keeps SIGCONTing everything while
+    # command B times out; B's orphans never all stopped, the zygote spent 200
+    # slow freeze rounds on them, and B's run(timeout=2) returned after ~12 s
+    # (the reply timeout, then the zygote was replaced and A died with it).
+    # Now every pass kills what is already stopped, and freezing ends 100 ms
+    # into a cleanup.
+    async def main():
+        pol = zviz.Policy.python(limits=zviz.Limits(processes=256))
+        async with zviz.open_sandbox(pol) as sb, trio.open_nursery() as n:
+            await sb.write_file("attack", attack_bin, mode=0o755)
+            a_result = []
+
+            async def resumer() -> None:
+                a_result.append(await sb.run(["./attack", "sigcont", "40"], timeout=8))
+
+            n.start_soon(resumer)
+            await trio.sleep(1.0)
+            zpid = sb._zygote.pid
+            t0 = time.monotonic()
+            r = await sb.run(["./attack", "sleepers", "60"], timeout=2)
+            took = time.monotonic() - t0
+            same = sb._zygote is not None and sb._zygote.pid == zpid
+            a_alive = not a_result
+            n.cancel_scope.cancel()
+        return _j(r), took, same, a_alive
+
+    r, took, same, a_alive = run_as(identity, trio.run, main)
+    assert r["timed_out"] and took < 6.0, (r, took)  # 2 s, plus a loaded machine; ~12 s before
+    assert same and a_alive  # no zygote replaced, the other command untouched
