@@ -27,6 +27,17 @@ COLORS = {
 }
 
 
+
+def _per_n_axis(ax, n: list, xlabel: str, ylabel: str, title: str) -> None:
+    """A log-x axis over N sandboxes, from 0 up, labelled and with a legend."""
+    ax.set_xscale("log")
+    ax.set_xticks(n, [str(x) for x in n])
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+
 def _plt():  # type: ignore[no-untyped-def]
     import matplotlib
 
@@ -183,14 +194,9 @@ def scaling_chart(results: dict, path: Path) -> Path | None:
     ax.plot(n, [r["marginal_rss_kb_per_sandbox"] for r in rows], "s--", color="#aec7e8",
             label="marginal, per extra sandbox")
     ax.plot(n, [r["sandbox_tree_pss_kb_per_sandbox"] for r in rows], "^:", color="#7f7f7f",
-            label="the sandbox's own processes (zviz-init + sleep), PSS / N")
-    ax.set_xscale("log")
-    ax.set_xticks(n, [str(x) for x in n])
-    ax.set_ylim(bottom=0)
-    ax.set_xlabel("sandboxes open at once (each holding a sleep)")
-    ax.set_ylabel("kB per sandbox")
-    ax.set_title("Memory per sandbox (target: supervisor <= 1024 kB)", fontsize=10)
-    ax.legend(fontsize=8)
+            label="the sandbox's own processes (zygote + run-init + sleep), PSS / N")
+    _per_n_axis(ax, n, "sandboxes open at once (each holding a sleep)", "kB per sandbox",
+                "Memory per sandbox (target: supervisor <= 1024 kB)")
     if "open_cpu_ms_per_sandbox" in rows[0]:
         ax2.plot(n, [r["open_cpu_ms_per_sandbox"] for r in rows], "o-", color=COLORS["zviz"],
                  label="CPU ms per open_sandbox + start")
@@ -198,13 +204,7 @@ def scaling_chart(results: dict, path: Path) -> Path | None:
                  label="CPU ms per run(/bin/true) with N held")
         ax2.plot(n, [r["idle_cpu_ms_per_s"] for r in rows], "^--", color="#7f7f7f",
                  label="idle CPU ms per second, all N together")
-        ax2.set_xscale("log")
-        ax2.set_xticks(n, [str(x) for x in n])
-        ax2.set_ylim(bottom=0)
-        ax2.set_xlabel("sandboxes open at once")
-        ax2.set_ylabel("ms of supervisor CPU (user + sys)")
-        ax2.set_title("Supervisor CPU", fontsize=10)
-        ax2.legend(fontsize=8)
+        _per_n_axis(ax2, n, "sandboxes open at once", "ms of supervisor CPU (user + sys)", "Supervisor CPU")
     else:
         ax2.axis("off")
     fig.suptitle(_subtitle(results), fontsize=8)

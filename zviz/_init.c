@@ -126,6 +126,22 @@ utoa(unsigned long v, char *buf)
     buf[j] = 0;
 }
 
+/* Exec the program; on failure say why on stderr and exit 127 (not found)
+ * or 126 (anything else), like a shell. */
+static void __attribute__((noreturn))
+exec_program(const char *exe, char **argv, char **envp)
+{
+    long r = S3(__NR_execve, exe, argv, envp);
+    char num[24];
+    utoa((unsigned long)-r, num);
+    put("zviz: cannot execute ");
+    put(exe);
+    put(": errno ");
+    put(num);
+    put(r == -2 ? " (not found)\n" : (r == -13 ? " (permission denied: outside the policy's paths?)\n" : "\n"));
+    die(r == -2 ? 127 : 126);
+}
+
 /* ------------------------------------------------------------------ zygote
  *
  * One per sandbox, pid 1 of the sandbox's pid namespace, already inside every
@@ -540,15 +556,7 @@ run_program(const struct zreq *q, int *fds, char *exe, char **argv, char **envp)
             die(126);
         }
     }
-    long r = S3(__NR_execve, exe, argv, envp);
-    char num[24];
-    utoa((unsigned long)-r, num);
-    put("zviz: cannot execute ");
-    put(exe);
-    put(": errno ");
-    put(num);
-    put(r == -2 ? " (not found)\n" : (r == -13 ? " (permission denied: outside the policy's paths?)\n" : "\n"));
-    die(r == -2 ? 127 : 126);
+    exec_program(exe, argv, envp);
 }
 
 /* A run-init: child of the zygote, parent (and subreaper) of one run. */
@@ -841,15 +849,7 @@ init_main(long *sp)
     if (pid == 0) {
         if (status_fd >= 0)
             S1(__NR_close, status_fd);
-        long r = S3(__NR_execve, exe, argv + 3, envp);
-        char num[24];
-        utoa((unsigned long)-r, num);
-        put("zviz: cannot execute ");
-        put(exe);
-        put(": errno ");
-        put(num);
-        put(r == -2 ? " (not found)\n" : (r == -13 ? " (permission denied: outside the policy's paths?)\n" : "\n"));
-        die(r == -2 ? 127 : 126);
+        exec_program(exe, argv + 3, envp);
     }
 
     /* Reap everything; remember the main child's status and usage. */

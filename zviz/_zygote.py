@@ -5,7 +5,7 @@ stays: pid 1 of the sandbox's pid namespace, inside its user and mount
 namespaces, its new root, its Landlock domain and its seccomp filter. Every
 command after that is one request on a unix socket: the zygote forks a
 run-init, which forks and execs the program, and the reply carries the
-run-init's pidfd. A command then costs two forks of a 10 kB static process
+run-init's pidfd. A command then costs two forks of a 14 kB static process
 and the program's exec, not a new set of namespaces, a new root, a new
 seccomp filter and its JIT (measured in docs/performance.md).
 

@@ -285,7 +285,9 @@ def test_priority_and_affinity_of_the_zygote_are_out_of_reach(identity):
         import os
         out = []
         for f in (lambda: os.setpriority(os.PRIO_PROCESS, 1, 19), lambda: os.setpriority(os.PRIO_USER, 0, 19),
-                  lambda: os.setpriority(os.PRIO_PGRP, 0, 19), lambda: os.sched_setaffinity(1, {0}),
+                  lambda: os.setpriority(os.PRIO_PGRP, 0, 19),
+                  lambda: os.sched_setscheduler(1, os.SCHED_IDLE, os.sched_param(0)),
+                  lambda: os.sched_setaffinity(1, {0}),
                   lambda: os.sched_setaffinity(0, {0}), lambda: os.setpriority(os.PRIO_PROCESS, 0, 5)):
             try:
                 f(); out.append("ok")
@@ -293,7 +295,8 @@ def test_priority_and_affinity_of_the_zygote_are_out_of_reach(identity):
                 out.append("refused")
         print(out)
     """)
-    check = "import os; print(os.getpriority(os.PRIO_PROCESS, 0), len(os.sched_getaffinity(0)), os.cpu_count())"
+    check = ("import os; print(os.getpriority(os.PRIO_PROCESS, 0), len(os.sched_getaffinity(0)), os.cpu_count(), "
+             "os.sched_getscheduler(0))")
 
     async def main():
         async with zviz.open_sandbox(zviz.Policy.python()) as sb:
@@ -304,9 +307,9 @@ def test_priority_and_affinity_of_the_zygote_are_out_of_reach(identity):
     r, r2 = run_as(identity, trio.run, main)
     # renicing pid 1, the uid or the group: refused; pinning pid 1 is allowed by
     # the kernel (same uid) but not handed on; its own nice and affinity: fine
-    assert r["stdout"] == b"['refused', 'refused', 'refused', 'ok', 'ok', 'ok']\n", r
-    nice, cpus, count = r2["stdout"].split()
-    assert nice == b"0" and cpus == count, r2
+    assert r["stdout"] == b"['refused', 'refused', 'refused', 'refused', 'ok', 'ok', 'ok']\n", r
+    nice, cpus, count, policy = r2["stdout"].split()
+    assert nice == b"0" and cpus == count and policy == b"0", r2  # SCHED_OTHER
 
 
 def test_deep_denials_are_the_commands(identity):
