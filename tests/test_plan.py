@@ -16,8 +16,9 @@ INF = _plan.INFINITY
 HARD = {"cpu": INF, "fsize": INF, "core": INF, "nproc": INF, "nofile": 4096, "as": INF}
 
 
-def host(euid=1000, **feat):
-    return _plan.Host(features=attrs.evolve(FEATURES, **feat), euid=euid, egid=euid, is_dir=DIRS, rlimit_hard=HARD)
+def host(euid=1000, memory_cgroup=True, links=None, **feat):
+    return _plan.Host(features=attrs.evolve(FEATURES, **feat), euid=euid, egid=euid, is_dir=DIRS, rlimit_hard=HARD,
+                      memory_cgroup=memory_cgroup, memory_cgroup_reason="made up", links=links or {})
 
 
 def plan(policy=None, h=None, workdir="/tmp/zviz-w"):

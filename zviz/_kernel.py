@@ -112,11 +112,14 @@ STEPS = (
     "seccomp",
     "send-listener",
     "execve",
+    "mount-mask",
+    "root-readonly",
 )
 
 HINTS = {
     "mount-proc": "the host's /proc has over-mounts (a container?); set namespaces.pid = false",
-    "mount-bind": "a policy path cannot be bind-mounted (does it exist, and can the sandbox's uid reach it?)",
+    "mount-bind": "a policy path cannot be bind-mounted (does it exist? ELOOP: a symlink appeared in it after "
+                  "open_sandbox checked it, and zviz binds only the checked path)",
     "landlock-open": "a policy path does not exist or cannot be opened",
     "execve": "zviz-init could not be executed (is the package built? `zviz check`)",
     "rlimit": "a limit is above the hard limit of the calling process",
@@ -204,6 +207,8 @@ def spawn(spec: dict[str, Any], *, paths: tuple[str, ...], rlimit_names: tuple[s
                 hint = ("this process changed its uid without exec, so it is not dumpable and may "
                         "not write its children's id maps: exec after setuid, or call "
                         "prctl(PR_SET_DUMPABLE, 1)")
+            if what == "cgroup":
+                raise SandboxSetupError("cgroup", err, path, "the sandbox could not join its memory cgroup") from None
             raise SandboxSetupError(f"id-map-{what}", err, path, hint) from None
         if len(args) == 3 and all(isinstance(a, int) for a in args):
             step_no, err, index = args
@@ -213,6 +218,8 @@ def spawn(spec: dict[str, Any], *, paths: tuple[str, ...], rlimit_names: tuple[s
                 path = paths[index]
             elif step == "mount-bind" and 0 <= index < len(spec["binds"]):
                 path = spec["binds"][index][0].decode()
+            elif step == "mount-mask" and 0 <= index < len(spec.get("masks", ())):
+                path = spec["masks"][index][1].decode()
             elif step in ("mount-op", "mount-proc") and 0 <= index < len(spec["mount_ops"]):
                 path = "/" + spec["mount_ops"][index][1].decode()
             elif step == "rlimit" and 0 <= index < len(rlimit_names):
@@ -390,3 +397,31 @@ def read_child_string(pid: int, addr: int, limit: int = 4096) -> str | None:
     except (OSError, ValueError, OverflowError):
         return None
     return data.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+# ---------------------------------------------------------------- host mounts (fs.disk)
+
+MS_NOSUID, MS_NODEV = 2, 4
+MNT_DETACH, UMOUNT_NOFOLLOW = 2, 8
+
+
+def _libc():  # type: ignore[no-untyped-def]
+    import ctypes
+
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def mount_tmpfs(path: str, options: str) -> None:
+    """mount -t tmpfs -o OPTIONS zviz PATH (nosuid, nodev), in this process's
+    mount namespace. Root only."""
+    import ctypes
+
+    if _libc().mount(b"zviz", os.fsencode(path), b"tmpfs", MS_NOSUID | MS_NODEV, options.encode()) != 0:
+        err = ctypes.get_errno()
+        raise SandboxSetupError("mount-disk", err, path, "fs.disk needs root (a tmpfs is mounted on the workdir)")
+
+
+def umount_detach(path: str) -> None:
+    """Lazily unmount PATH, never following a symlink there. Errors are
+    ignored: teardown must not raise."""
+    _libc().umount2(os.fsencode(path), MNT_DETACH | UMOUNT_NOFOLLOW)

@@ -87,8 +87,13 @@ class Host:
     euid: int
     egid: int
     is_dir: Mapping[str, bool]  # every path the policy names (and devices): exists -> is a dir
-    links: Mapping[str, str] = attrs.field(factory=dict)  # those that are symlinks -> resolved target
+    # Listed paths whose real path (every symlink resolved, os.path.realpath)
+    # differs -> that real path. The stage binds the real path and follows no
+    # symlink on the way (a link swapped in after this check fails the spawn).
+    links: Mapping[str, str] = attrs.field(factory=dict)
     rlimit_hard: Mapping[str, int]  # RLIMIT name -> current hard limit
+    memory_cgroup: bool = False  # a per-sandbox memory cgroup was made for this sandbox
+    memory_cgroup_reason: str = "not probed"  # why not, when not
 
 
 @attrs.frozen(kw_only=True)
@@ -99,6 +104,47 @@ class LandlockPlan:
     scoped: int
     paths: tuple[tuple[str, int], ...]
     ports: tuple[tuple[int, int], ...]
+
+
+# Host paths a read-write listing may not reach: a path equal to one of these,
+# below /proc, /sys or /dev, or holding one of them (a parent such as "/")
+# would hand the sandbox the host's system. Checked on the real path.
+SYSTEM_PATHS = ("/", "/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/proc", "/root",
+                "/run", "/sbin", "/sys", "/usr", "/var")
+NO_RW_BELOW = ("/proc", "/sys", "/dev")
+
+# What a container runtime masks by default (moby's MaskedPaths and
+# ReadonlyPaths), plus host identifiers: files get /dev/null bound over them,
+# directories an empty read-only tmpfs; the read-only ones are bound onto
+# themselves read-only. Applied inside the new root after /proc is mounted.
+MASK_FILE, MASK_DIR, MASK_RDONLY = 1, 2, 3
+PROC_READ_ONLY = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
+PROC_MASK_FILES = ("/proc/kcore", "/proc/keys", "/proc/latency_stats", "/proc/timer_list", "/proc/timer_stats",
+                   "/proc/sched_debug", "/proc/interrupts", "/proc/cmdline", "/proc/kallsyms", "/proc/modules",
+                   "/proc/sys/kernel/random/boot_id", "/proc/config.gz", "/proc/vmallocinfo", "/proc/slabinfo")
+PROC_MASK_DIRS = ("/proc/acpi", "/proc/asound", "/proc/scsi", "/proc/pressure", "/proc/driver")
+HOST_MASK_FILES = ("/etc/machine-id", "/var/lib/dbus/machine-id", "/sys/class/dmi/id/product_uuid",
+                   "/sys/class/dmi/id/board_serial", "/sys/class/dmi/id/product_serial")
+HOST_MASK_DIRS = ("/sys/firmware", "/sys/devices/virtual/powercap", "/sys/fs/cgroup", "/sys/kernel/debug",
+                  "/sys/kernel/security")
+
+
+def check_listed(policy: Policy, host: Host) -> None:
+    """Refuse listings whose real path hands over the host: a read-write path
+    that is, holds, or lies below a system path (a symlink to `/` passed
+    the old "not '/'" check), and a read-only path that resolves to `/`
+    without saying so."""
+    for path in policy.fs.read_write:
+        real = host.links.get(path, path)
+        shown = path if real == path else f"{path} (-> {real})"
+        if any(real == s or _beneath(s, real) for s in SYSTEM_PATHS) or any(_beneath(real, d) for d in NO_RW_BELOW):
+            raise PolicyError("fs.read_write", shown,
+                              "a directory of your own: not '/', a system directory (" + ", ".join(SYSTEM_PATHS[1:])
+                              + "), a parent of one, or anything below /proc, /sys or /dev")
+    for path in policy.fs.read_only:
+        if path != "/" and host.links.get(path) == "/":
+            raise PolicyError("fs.read_only", f"{path} (-> /)",
+                              "a path that is not a link to '/' (list '/' itself to mean the whole host)")
 
 
 # Mount operations of the new root (zviz/_stage.c: OP_*), on paths relative to it.
@@ -116,6 +162,8 @@ class RootPlan:
     binds: tuple[tuple[str, bool], ...]  # (host source, read-only), cloned before anything is covered
     ops: tuple[tuple[int, str, str, int], ...]  # (OP_*, path relative to the new root, argument, bind index)
     private_tmp: bool
+    masks: tuple[tuple[int, str], ...] = ()  # (MASK_*, absolute path in the new root), after pivot_root
+    root_readonly: bool = True  # the root tmpfs is remounted read-only once assembled
 
 
 @attrs.frozen(kw_only=True)
@@ -144,6 +192,9 @@ class SpawnPlan:
     rlimits: tuple[tuple[str, int, int], ...]
     landlock: LandlockPlan | None
     degraded: tuple[str, ...]  # human-readable: which layers are off and why
+    memory_cgroup: int | None = None  # bytes: the sandbox's memory cgroup limit (None: no cgroup)
+    disk: int | None = None  # bytes: the workdir is a tmpfs of this size, mounted on the host (None: no cap)
+    deny_syscalls: tuple[str, ...] = ()  # taken out of the allowlist (e.g. memfd_create without a cgroup)
 
     def steps(self) -> list[str]:
         """The plan as a readable list of steps (for `zviz run --explain`, tests)."""
@@ -202,6 +253,8 @@ class SpawnPlan:
             staging=self.new_root.staging.encode() if self.new_root else None,
             binds=[(src.encode(), ro) for src, ro in self.new_root.binds] if self.new_root else [],
             mount_ops=[(k, p.encode(), a.encode(), i) for k, p, a, i in self.new_root.ops] if self.new_root else [],
+            masks=[(k, p.encode()) for k, p in self.new_root.masks] if self.new_root else [],
+            root_readonly=bool(self.new_root and self.new_root.root_readonly),
             loopback_up=self.loopback_up,
             setsid=True,
             creds_late=self.creds_late,
@@ -265,10 +318,18 @@ def plan_root(policy: Policy, host: Host, workdir: str, with_proc: bool) -> Root
     listed = {p: True for p in policy.fs.read_only} | {p: False for p in policy.fs.read_write}
     for path, ro in listed.items():
         target = host.links.get(path)
-        if target is not None and any(_beneath(target, other) and other != path for other in listed):
+        # A link to (below) another listed path that is bound where it is:
+        # the same link inside the new root. Anything else: the real path is
+        # bound at the listed place (the stage follows no symlink to it).
+        inner = next((o for o in listed if o != path and o not in host.links and target and _beneath(target, o)),
+                     None)
+        if target is not None and inner is not None:
+            if not ro and listed[inner]:
+                raise PolicyError("fs.read_write", f"{path} (-> {target})",
+                                  f"a path that does not resolve into the read-only {inner}")
             entries.append((path, "symlink", os.path.relpath(target, os.path.dirname(path)), ro))
         else:
-            entries.append((path, "bind", path, ro))
+            entries.append((path, "bind", target or path, ro))
     entries.append((workdir, "bind", workdir, False))
     for dev in DEVICES:
         if dev in host.is_dir:
@@ -319,7 +380,27 @@ def plan_root(policy: Policy, host: Host, workdir: str, with_proc: bool) -> Root
     if len(binds) > 64 or len(ops) > 256:  # the stage's fixed-size tables (zviz/_stage.c)
         raise PolicyError("fs", f"{len(binds)} bind mounts, {len(ops)} mount operations",
                           "at most 64 bind mounts and 256 operations: list fewer, shallower paths")
-    return RootPlan(staging=staging, binds=tuple(binds), ops=tuple(ops), private_tmp=private_tmp)
+    return RootPlan(staging=staging, binds=tuple(binds), ops=tuple(ops), private_tmp=private_tmp,
+                    masks=plan_masks(listed, host, with_proc))
+
+
+def plan_masks(listed: Mapping[str, bool], host: Host, with_proc: bool) -> tuple[tuple[int, str], ...]:
+    """Masks inside the new root (the stage skips a path this kernel lacks).
+    Read-only binds first, so that a mask inside one (boot_id in /proc/sys)
+    lands on top of it."""
+    can_null = "/dev/null" in host.is_dir  # files are masked with the sandbox's /dev/null
+    bound = [p for p in listed if p not in host.links or not any(
+        o != p and _beneath(host.links[p], o) for o in listed)]
+    out: list[tuple[int, str]] = []
+    if with_proc:
+        out += [(MASK_RDONLY, p) for p in PROC_READ_ONLY]
+        out += [(MASK_FILE, p) for p in PROC_MASK_FILES if can_null]
+        out += [(MASK_DIR, p) for p in PROC_MASK_DIRS]
+    for kind, paths in ((MASK_FILE, HOST_MASK_FILES), (MASK_DIR, HOST_MASK_DIRS)):
+        if kind == MASK_FILE and not can_null:
+            continue
+        out += [(kind, p) for p in paths if any(_beneath(p, b) for b in bound)]
+    return tuple(out)
 
 
 def plan_landlock(policy: Policy, host: Host, workdir: str, mount_proc: bool,
@@ -330,13 +411,22 @@ def plan_landlock(policy: Policy, host: Host, workdir: str, mount_proc: bool,
     hfs = handled_fs(abi)
     paths: dict[str, int] = {}
 
+    listed = set(policy.fs.read_only) | set(policy.fs.read_write)
+
     def add(path: str, rights: int) -> None:
         if path not in host.is_dir:
             field = "fs.read_write" if path in policy.fs.read_write else "fs.read_only"
             raise PolicyError(field, path, "a path that exists on this host")
         if not host.is_dir[path]:
             rights &= _FILE_RIGHTS  # Landlock refuses directory rights on files
-        paths[path] = paths.get(path, 0) | (rights & hfs)
+        # The stage opens each rule's path following no symlink. In the new
+        # root a listed path is a mount point where it is listed, unless it
+        # became a link to another listed path; on the host's own tree
+        # (no new root) it is the real path.
+        real = host.links.get(path, path)
+        if new_root and (real == path or not any(o != path and _beneath(real, o) for o in listed)):
+            real = path
+        paths[real] = paths.get(real, 0) | (rights & hfs)
 
     for p in policy.fs.read_only:
         add(p, RO)
@@ -414,6 +504,7 @@ def plan_spawn(policy: Policy, host: Host, *, argv: tuple[str, ...], exe: str, w
         uid = gid = -1
         deny_setgroups = drop_groups = creds_late = False
 
+    check_listed(policy, host)
     mount_ns = bool(flags & _linux.CLONE_NEWNS)
     mount_proc = mount_ns and bool(flags & _linux.CLONE_NEWPID)
     whole_host = "/" in policy.fs.read_only  # `zviz trace` and deliberate policies: the host, read-only
@@ -443,6 +534,13 @@ def plan_spawn(policy: Policy, host: Host, *, argv: tuple[str, ...], exe: str, w
                         + ("" if flags & _linux.CLONE_NEWNET else " (the host's abstract sockets are reachable)"))
     if not f.seccomp_notify:
         degraded.append("no seccomp user notification: denials are answered in the kernel and not reported")
+    memory_cgroup, deny = plan_memory(policy, host, degraded)
+    disk = None
+    if policy.fs.disk is not None:
+        if host.euid == 0:
+            disk = policy.fs.disk
+        else:
+            degraded.append("fs.disk is not enforced: a size-capped workdir needs root (zviz mounts a tmpfs on it)")
     return SpawnPlan(
         argv=tuple(argv), exe=exe, env=tuple(sorted(env.items())), cwd=workdir,
         clone_flags=flags, uid_map=uid_map, gid_map=gid_map, deny_setgroups=deny_setgroups,
@@ -451,4 +549,27 @@ def plan_spawn(policy: Policy, host: Host, *, argv: tuple[str, ...], exe: str, w
         loopback_up=bool(flags & _linux.CLONE_NEWNET) and policy.net.mode == "loopback",
         hostname="zviz" if flags & _linux.CLONE_NEWUTS else None,
         rlimits=_rlimits(policy, host, userns), landlock=ll, degraded=tuple(degraded),
+        memory_cgroup=memory_cgroup, deny_syscalls=deny, disk=disk,
     )
+
+
+def plan_memory(policy: Policy, host: Host, degraded: list[str]) -> tuple[int | None, tuple[str, ...]]:
+    """The sandbox's total memory: `limits.memory` is also the limit of a
+    memory cgroup holding every process of the sandbox, which charges what
+    RLIMIT_AS does not see (memfd and shared memory, tmpfs files, pipe and
+    socket buffers, page cache). Without one, memfd_create is refused unless
+    the policy opts back in (limits.memfd_without_cgroup)."""
+    limit = policy.limits.memory
+    if limit is None:
+        return None, ()
+    if host.memory_cgroup:
+        return limit, ()
+    deny: tuple[str, ...] = ()
+    what = "memory is bounded per process only (RLIMIT_AS), pipe and socket buffers and page cache are not"
+    if not policy.limits.memfd_without_cgroup and "memfd_create" in policy.syscalls.names():
+        deny = ("memfd_create",)
+        what += ", and memfd_create is refused (limits.memfd_without_cgroup = true allows it, unbounded)"
+    elif "memfd_create" in policy.syscalls.names():
+        what += ", and memfd_create is allowed and unbounded (limits.memfd_without_cgroup)"
+    degraded.append(f"no memory cgroup ({host.memory_cgroup_reason}): {what}")
+    return None, deny

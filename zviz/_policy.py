@@ -138,12 +138,16 @@ class Filesystem:
 
     `read_only`: read and execute beneath these paths. `read_write`: also create,
     change and remove. `tmp_size`: size of the private /tmp (a tmpfs; None:
-    no /tmp at all).
+    no /tmp at all). `disk`: the most the workdir may hold (bytes, and one
+    inode per 4 KiB of it): the workdir becomes a tmpfs of that size, mounted
+    on the host for the sandbox's life (root callers; None: no limit but
+    `limits.file_size` per file).
     """
 
     read_only: tuple[str, ...] = ()
     read_write: tuple[str, ...] = ()
     tmp_size: int | None = attrs.field(default=64 * 1024**2, converter=lambda v: parse_size("fs.tmp_size", v))
+    disk: int | None = attrs.field(default=None, converter=lambda v: parse_size("fs.disk", v))
 
     def __attrs_post_init__(self) -> None:
         object.__setattr__(self, "read_only", _paths("fs.read_only", self.read_only))
@@ -225,7 +229,12 @@ class Limits:
 
     wall_s: wall-clock seconds per command (the supervisor kills it, exit 124 in
     the CLI). cpu_s: CPU seconds (RLIMIT_CPU, SIGXCPU then SIGKILL). memory:
-    address space (RLIMIT_AS) in bytes. processes: tasks of the sandbox's user
+    bytes; each process's address space (RLIMIT_AS) and, where zviz can make a
+    memory cgroup, everything the whole sandbox holds (processes, memfd and
+    shared memory, tmpfs files, pipe and socket buffers, page cache; the
+    kernel's OOM killer acts inside the sandbox). memfd_without_cgroup: where
+    no memory cgroup can be made, memfd_create is refused unless this is
+    true (such memory would be bounded by nothing). processes: tasks of the sandbox's user
     (RLIMIT_NPROC, counted in the sandbox's own user namespace). file_size:
     largest file written (RLIMIT_FSIZE). open_files: RLIMIT_NOFILE. output:
     bytes of stdout and of stderr kept per command (the rest is counted and
@@ -239,12 +248,15 @@ class Limits:
     file_size: int | None = attrs.field(default=256 * 1024**2, converter=lambda v: parse_size("limits.file_size", v))
     open_files: int | None = attrs.field(default=1024, converter=lambda v: _count("limits.open_files", v))
     output: int | None = attrs.field(default=16 * 1024**2, converter=lambda v: parse_size("limits.output", v))
+    memfd_without_cgroup: bool = False
 
     def __attrs_post_init__(self) -> None:
         if self.memory is not None and self.memory < 16 * 1024**2:
             raise PolicyError("limits.memory", self.memory, "at least 16M (a dynamic loader needs that much)")
         if self.open_files is not None and self.open_files < 16:
             raise PolicyError("limits.open_files", self.open_files, "at least 16")
+        if not isinstance(self.memfd_without_cgroup, bool):
+            raise PolicyError("limits.memfd_without_cgroup", self.memfd_without_cgroup, "true or false")
 
 
 def _env(value: object) -> tuple[tuple[str, str], ...]:
@@ -442,7 +454,8 @@ class Policy:
             "name": self.name,
             "syscalls": {"allow": list(self.syscalls.allow), "allow_dangerous": self.syscalls.allow_dangerous},
             "fs": {"read_only": list(self.fs.read_only), "read_write": list(self.fs.read_write),
-                   "tmp_size": self.fs.tmp_size if self.fs.tmp_size is not None else False},
+                   "tmp_size": self.fs.tmp_size if self.fs.tmp_size is not None else False}
+            | ({"disk": self.fs.disk} if self.fs.disk is not None else {}),
             "net": {"mode": self.net.mode, "allow": [str(e) for e in self.net.allow]},
             "limits": lim | {k: False for k, v in attrs.asdict(self.limits).items() if v is None},
             "env": dict(self.env),

@@ -30,7 +30,7 @@ from typing import Any
 import anyio
 import attrs
 
-from . import _bpf, _kernel, _linux, _plan, _probe, _zygote
+from . import _bpf, _cgroup, _disk, _kernel, _linux, _plan, _probe, _zygote
 from ._errors import CommandNotFoundError, PolicyError, SandboxClosedError, SandboxSetupError, ZvizWarning
 from ._kernel import OwnedFd
 from ._policy import Policy
@@ -55,7 +55,9 @@ class RunResult:
     stderr: bytes
     timed_out: bool
     truncated: bool  # stdout or stderr went over limits.output
-    limit: str | None  # the limit that ended the command: "wall_s", "output", "cpu_s", or None
+    # the limit that ended the command: "wall_s", "output", "cpu_s", "memory"
+    # (killed by the sandbox's memory cgroup), "disk" (failed with fs.disk full), or None
+    limit: str | None
     wall_s: float
     cpu_s: float  # user + system, the whole reaped tree
     peak_rss: int  # bytes, largest single process of the tree
@@ -103,6 +105,11 @@ class SandboxStatistics:
     peak_rss: int
     spawn_s_total: float
     degraded: tuple[str, ...]
+    memory_limit: int | None = None  # the sandbox's memory cgroup limit (None: no cgroup)
+    memory_peak: int | None = None  # most the whole sandbox held at once, by the cgroup's count
+    memory_oom_kills: int = 0  # processes the kernel killed at the memory limit
+    disk_limit: int | None = None  # fs.disk, where enforced
+    disk_used: int | None = None  # bytes in the workdir's tmpfs now
     syscalls: Mapping[str, int] | None = attrs.field(default=None, eq=False)  # eBPF monitor only
 
 
@@ -311,6 +318,10 @@ class Sandbox:
         self._zygote_done: anyio.Event | None = None
         self._run_rlimits: list[tuple[int, int, int]] = []
         self._stray: RunAccount | None = None  # the zygote's calls, and a run's that could not be told
+        self._cgroup: _cgroup.MemoryCgroup | None = None
+        self._memory_final: tuple[int | None, int | None, int] = (None, None, 0)  # limit, peak, OOM kills
+        self._disk_mounted = False
+        self._disk_final: int | None = None
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"{len(self._procs)} running"
@@ -330,16 +341,21 @@ class Sandbox:
             except OSError:
                 continue
             is_dir[p] = stat.S_ISDIR(st.st_mode)
-            if os.path.islink(p):
-                links[p] = os.path.realpath(p)
+            real = os.path.realpath(p)
+            if real != p:  # a symlink on the way: the plan checks and binds the real path
+                links[p] = real
         for field, paths in (("fs.read_only", self.policy.fs.read_only), ("fs.read_write", self.policy.fs.read_write)):
             for p in paths:
                 if p not in is_dir:
                     raise PolicyError(field, p, "a path that exists on this host")
         hard = {name: resource.getrlimit(num)[1] for name, num in _plan.RLIMIT.items()}
         hard = {k: (_plan.INFINITY if v == resource.RLIM_INFINITY else v) for k, v in hard.items()}
+        cg_reason = "limits.memory is not set"
+        if self.policy.limits.memory is not None:
+            self._cgroup, cg_reason = _cgroup.MemoryCgroup.create(_cgroup.unique_name(), self.policy.limits.memory)
         self._host = _plan.Host(features=f, euid=os.geteuid(), egid=os.getegid(), is_dir=is_dir, links=links,
-                                rlimit_hard=hard)
+                                rlimit_hard=hard, memory_cgroup=self._cgroup is not None,
+                                memory_cgroup_reason=cg_reason)
         notify = f.seccomp_notify
         self._seccomp_flags = 0
         if notify:
@@ -359,8 +375,8 @@ class Sandbox:
         # program left behind in /proc/thread-self/children).
         self._use_zygote = (self._zygote_allowed and self._pid_ns and probe_plan.mount_proc
                             and self._trace is None)
-        spec = _bpf.FilterSpec(allow=self.policy.syscalls.names(), net_mode=self.policy.net.mode, notify=notify,
-                               zygote=self._use_zygote)
+        spec = _bpf.FilterSpec(allow=self.policy.syscalls.names() - set(probe_plan.deny_syscalls),
+                               net_mode=self.policy.net.mode, notify=notify, zygote=self._use_zygote)
         if self._trace is not None:
             spec = self._trace.filter_spec(notify)
         self._filter = _bpf.compile_filter(spec)
@@ -370,6 +386,8 @@ class Sandbox:
             # tracing observes connections rather than refusing them
             self._base_spec["ll_net"] = 0
             self._base_spec["ll_ports"] = []
+        if self._cgroup is not None:
+            self._base_spec["cgroup_fd"] = self._cgroup.procs.fd
         self._base_env = dict(probe_plan.env)
         self._base_envp = self._base_spec["envp"]
         self._error_paths = tuple(p for p, _ in probe_plan.landlock.paths) if probe_plan.landlock else ()
@@ -379,6 +397,9 @@ class Sandbox:
         self._run_rlimits = list(self._base_spec["rlimits"])
         if probe_plan.degraded:
             warnings.warn("zviz sandbox runs degraded: " + "; ".join(probe_plan.degraded), ZvizWarning, stacklevel=4)
+        if probe_plan.disk is not None and self._owns_workdir:
+            _disk.mount(self.workdir, probe_plan.disk, probe_plan.host_uid, probe_plan.host_gid)
+            self._disk_mounted = True
         if self._owns_workdir and probe_plan.host_uid != os.geteuid():
             os.chown(self.workdir, probe_plan.host_uid, probe_plan.host_gid)
 
@@ -662,6 +683,7 @@ class Sandbox:
         if stdin is not None and not isinstance(stdin, (bytes, bytearray, memoryview)):
             raise TypeError("stdin must be bytes or None")
         timeout = self._timeout(timeout)
+        oom_before = self._cgroup.oom_kills() if self._cgroup is not None else 0
         proc = await self._start(argv, env=env, stdin=bool(stdin), stdout=True, stderr=True)
         cap = self.policy.limits.output
 
@@ -689,6 +711,8 @@ class Sandbox:
         if proc.stdin is not None:
             self._bytes["stdin"] += proc.stdin.bytes_sent
         status = proc._status or 0
+        if proc.limit is None:
+            proc.limit = self._resource_limit(status, oom_before)
         return RunResult(
             argv=proc.argv,
             exit_code=os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
@@ -699,6 +723,16 @@ class Sandbox:
             wall_s=(proc._ended or time.monotonic()) - proc._started,
             cpu_s=proc.cpu_s, peak_rss=proc.peak_rss, denials=dict(proc._account.denials),
         )
+
+    def _resource_limit(self, status: int, oom_before: int) -> str | None:
+        """A sandbox-wide limit that ended a command: killed by the memory
+        cgroup's OOM killer, or failed with the size-capped workdir full."""
+        if (self._cgroup is not None and os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+                and self._cgroup.oom_kills() > oom_before):
+            return "memory"
+        if self._disk_mounted and status != 0 and _disk.full(self.workdir):
+            return "disk"
+        return None
 
     async def _drive(self, proc: Process, data: bytes, out: Collector, err: Collector) -> None:
         """One task, one epoll set: feed stdin, drain stdout and stderr, and
@@ -875,6 +909,7 @@ class Sandbox:
             syscalls = self._monitor.syscalls_for(self._monitor_sid)
         else:
             syscalls = self._syscalls_final
+        mem = self._memory_figures()
         return SandboxStatistics(
             processes_started=self._started, processes_running=len(self._procs),
             denials=dict(denials), denials_total=sum(denials.values()), notifications=notifications,
@@ -882,7 +917,16 @@ class Sandbox:
             bytes_stdout=self._bytes["stdout"], bytes_stderr=self._bytes["stderr"],
             cpu_s=self._cpu, peak_rss=self._peak_rss, spawn_s_total=self._spawn_s,
             degraded=self._degraded, syscalls=syscalls,
+            memory_limit=mem[0], memory_peak=mem[1], memory_oom_kills=mem[2],
+            disk_limit=self.policy.fs.disk if self._disk_mounted or self._disk_final is not None else None,
+            disk_used=_disk.used(self.workdir)[0] if self._disk_mounted else self._disk_final,
         )
+
+    def _memory_figures(self) -> tuple[int | None, int | None, int]:
+        cg = self._cgroup
+        if cg is None:
+            return self._memory_final
+        return cg.limit, cg.peak(), cg.oom_kills()
 
     def _add_event(self, event: DenialEvent) -> None:
         self._events.append(event)
@@ -983,8 +1027,10 @@ async def open_sandbox(policy: Policy | None = None, *, workdir: str | os.PathLi
         raise PolicyError("policy", policy, "a zviz.Policy")
     features = _probe.probe()
     owns = workdir is None
+    _disk.check(policy.fs.disk, owns_workdir=owns, keep_workdir=keep_workdir)
     if owns:
-        path = tempfile.mkdtemp(prefix="zviz-")
+        # the real path: the stage binds it following no symlink
+        path = os.path.realpath(tempfile.mkdtemp(prefix="zviz-"))
     else:
         path = os.path.realpath(os.fspath(workdir))
         if not os.path.isdir(path):
@@ -1032,8 +1078,23 @@ async def open_sandbox(policy: Policy | None = None, *, workdir: str | os.PathLi
     finally:
         body_exc = None  # no reference cycle through the traceback
         sb._closed = True
+        with anyio.CancelScope(shield=True):
+            await _release_host_resources(sb)
         if owns and not keep_workdir:
             _rmtree(path)
+
+
+async def _release_host_resources(sb: Sandbox) -> None:
+    """After every process of the sandbox is dead: its memory cgroup and its
+    size-capped workdir's tmpfs (the files in it go with the mount)."""
+    if sb._cgroup is not None:
+        sb._memory_final = sb._memory_figures()
+        cg, sb._cgroup = sb._cgroup, None
+        await cg.remove()
+    if sb._disk_mounted:
+        sb._disk_final = _disk.used(sb.workdir)[0]
+        sb._disk_mounted = False
+        _disk.unmount(sb.workdir)
 
 
 def _cpu_limit(status: int, used: float, limit: float | None) -> str | None:

@@ -84,6 +84,14 @@
 #ifndef SYS_mount_setattr
 #define SYS_mount_setattr 442
 #endif
+#ifndef SYS_openat2
+#define SYS_openat2 437
+#endif
+struct open_how_ {
+    uint64_t flags, mode, resolve;
+};
+#define RESOLVE_NO_MAGICLINKS_ 0x02
+#define RESOLVE_NO_SYMLINKS_ 0x04
 #define MOUNT_ATTR_RDONLY_ 0x00000001
 #define MOUNT_ATTR_NOSUID_ 0x00000002
 #define MOUNT_ATTR_NODEV_ 0x00000004
@@ -167,12 +175,19 @@ enum {
     STEP_SECCOMP,
     STEP_SEND_LISTENER,
     STEP_EXECVE,
+    STEP_MOUNT_MASK,
+    STEP_ROOT_READONLY,
 };
 
 #define MAX_RLIMITS 16
 #define MAX_SRC 64
 #define MAX_OPS 256
 enum { OP_MKDIR = 1, OP_SYMLINK, OP_FILE, OP_MOVE, OP_PROC, OP_TMPFS };
+/* Masks over the assembled root (after pivot_root): host facts a container
+ * runtime hides (MASK_FILE: /dev/null bound over it; MASK_DIR: an empty
+ * read-only tmpfs; MASK_RDONLY: bound onto itself read-only). */
+enum { MASK_FILE = 1, MASK_DIR, MASK_RDONLY };
+#define MAX_MASKS 64
 #define MAX_LL_PATHS 256
 #define MAX_LL_PORTS 64
 
@@ -197,6 +212,10 @@ struct plan {
     const char *op_path[MAX_OPS];
     const char *op_arg[MAX_OPS];
     int op_src[MAX_OPS];
+    int n_masks;
+    int mask_kind[MAX_MASKS];
+    const char *mask_path[MAX_MASKS];
+    int root_readonly;
     const char *hostname;
     int drop_groups;
     long uid, gid; /* -1: leave as is */
@@ -312,6 +331,67 @@ place_fd(int *fd, int to)
     return 0;
 }
 
+/* Open a canonical host path that the host checked, following no symlink at
+ * all (RESOLVE_NO_SYMLINKS): a link planted or swapped in after the check
+ * makes the spawn fail (ELOOP) instead of redirecting what gets bound. */
+static long
+open_no_symlinks(const char *path)
+{
+    struct open_how_ how = {O_PATH | O_CLOEXEC, 0, RESOLVE_NO_SYMLINKS_ | RESOLVE_NO_MAGICLINKS_};
+    return R4(SYS_openat2, AT_FDCWD, path, &how, sizeof how);
+}
+
+/* A clone of the mount tree at `path` (opened as above), for move_mount. */
+static long
+clone_source(const char *path)
+{
+    long fd = open_no_symlinks(path);
+    if (fd < 0)
+        return fd;
+    long r = R3(SYS_open_tree, fd, "", OPEN_TREE_CLONE_ | O_CLOEXEC | AT_RECURSIVE_ | AT_EMPTY_PATH);
+    R1(SYS_close, fd);
+    return r;
+}
+
+/* After pivot_root: hide host facts (/proc/kcore, /proc/cmdline, boot id,
+ * machine-id...) and make kernel knobs read-only, as container runtimes do.
+ * Paths resolve inside the sandbox's own root. A path this kernel lacks is
+ * skipped. */
+static void
+apply_masks(const struct plan *p)
+{
+    for (int i = 0; i < p->n_masks; i++) {
+        const char *path = p->mask_path[i];
+        long r = -EINVAL;
+        switch (p->mask_kind[i]) {
+        case MASK_FILE:
+            r = R5(SYS_mount, "/dev/null", path, NULL, MS_BIND, NULL);
+            break;
+        case MASK_DIR:
+            r = R5(SYS_mount, "tmpfs", path, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                   "mode=0555,size=4k,nr_inodes=4");
+            break;
+        case MASK_RDONLY:
+            r = R5(SYS_mount, path, path, NULL, MS_BIND | MS_REC, NULL);
+            if (r == 0) {
+                struct mount_attr_ ma = {MOUNT_ATTR_RDONLY_, 0, 0, 0};
+                r = R5(SYS_mount_setattr, AT_FDCWD, path, AT_RECURSIVE_, &ma, sizeof ma);
+            }
+            break;
+        }
+        if (r == -ENOENT)
+            continue;
+        CHECK(r, STEP_MOUNT_MASK, i);
+    }
+    /* The root tmpfs was made by the sandbox's own uid: read-only, it is not
+     * the sandbox's to change (chmod /, mkdir /x). Its submounts (workdir,
+     * /tmp) keep their own flags. */
+    if (p->root_readonly) {
+        struct mount_attr_ ma = {MOUNT_ATTR_RDONLY_, 0, 0, 0};
+        CHECK(R5(SYS_mount_setattr, AT_FDCWD, "/", 0, &ma, sizeof ma), STEP_ROOT_READONLY, -1);
+    }
+}
+
 static int
 child_main(void *arg)
 {
@@ -348,8 +428,7 @@ child_main(void *arg)
     if (p->mount_ns && p->new_root) {
         CHECK(R5(SYS_mount, NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL), STEP_MOUNT_PRIVATE, -1);
         for (int i = 0; i < p->n_src; i++) {
-            CHECK(srcfd[i] = R3(SYS_open_tree, AT_FDCWD, p->src[i], OPEN_TREE_CLONE_ | O_CLOEXEC | AT_RECURSIVE_),
-                  STEP_MOUNT_BIND, i);
+            CHECK(srcfd[i] = clone_source(p->src[i]), STEP_MOUNT_BIND, i);
             if (p->src_ro[i]) {
                 struct mount_attr_ ma = {MOUNT_ATTR_RDONLY_ | MOUNT_ATTR_NOSUID_ | MOUNT_ATTR_NODEV_, 0, 0, 0};
                 CHECK(R5(SYS_mount_setattr, srcfd[i], "", AT_EMPTY_PATH | AT_RECURSIVE_, &ma, sizeof ma),
@@ -407,6 +486,7 @@ child_main(void *arg)
             CHECK(R2(SYS_pivot_root, ".", "."), STEP_PIVOT_ROOT, -1);
             CHECK(R2(SYS_umount2, ".", MNT_DETACH), STEP_PIVOT_ROOT, -1);
             CHECK(R1(SYS_chdir, "/"), STEP_PIVOT_ROOT, -1);
+            apply_masks(p);
         } else if (p->mount_proc) {
             CHECK(R5(SYS_mount, NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL), STEP_MOUNT_PRIVATE, -1);
             CHECK(R5(SYS_mount, "proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL),
@@ -453,7 +533,7 @@ child_main(void *arg)
         CHECK(rs = R3(SYS_landlock_create_ruleset, &p->ll_attr, attr_size, 0), STEP_LANDLOCK_CREATE, -1);
         for (int i = 0; i < p->n_ll_paths; i++) {
             int fd;
-            CHECK(fd = R4(SYS_openat, AT_FDCWD, p->ll_path[i], O_PATH | O_CLOEXEC, 0), STEP_LANDLOCK_OPEN, i);
+            CHECK(fd = open_no_symlinks(p->ll_path[i]), STEP_LANDLOCK_OPEN, i);
             struct ll_path_beneath_attr pb = {p->ll_access[i], fd};
             CHECK(R4(SYS_landlock_add_rule, rs, LL_RULE_PATH_BENEATH, &pb, 0), STEP_LANDLOCK_RULE, i);
             R1(SYS_close, fd);
@@ -593,7 +673,8 @@ stage_spawn(PyObject *self, PyObject *args)
     struct plan p;
     memset(&p, 0, sizeof p);
     PyObject *keep_argv = NULL, *keep_envp = NULL, *keep_paths = NULL;
-    PyObject *keep_src = NULL, *keep_ops = NULL;
+    PyObject *keep_src = NULL, *keep_ops = NULL, *keep_masks = NULL;
+    long cgroup_fd = -1;
     void *stack = MAP_FAILED;
     const size_t stack_size = 256 * 1024;
     PyObject *result = NULL;
@@ -697,6 +778,35 @@ stage_spawn(PyObject *self, PyObject *args)
             track_map_fd = PyLong_AsLong(o_track);
         if (o_tval)
             track_value = PyLong_AsLong(o_tval);
+    }
+    {
+        /* Optional keys (older callers, the probe's bare spec, omit them). */
+        PyObject *o_cg = PyDict_GetItemString(spec, "cgroup_fd");
+        PyObject *o_rro = PyDict_GetItemString(spec, "root_readonly");
+        PyObject *o_masks = PyDict_GetItemString(spec, "masks");
+        if (o_cg)
+            cgroup_fd = PyLong_AsLong(o_cg);
+        if (o_rro)
+            p.root_readonly = PyObject_IsTrue(o_rro);
+        if (o_masks) {
+            keep_masks = PySequence_Fast(o_masks, "masks");
+            if (!keep_masks)
+                goto out;
+            Py_ssize_t n = PySequence_Fast_GET_SIZE(keep_masks);
+            if (n > MAX_MASKS) {
+                PyErr_SetString(PyExc_ValueError, "too many masks (max 64)");
+                goto out;
+            }
+            for (Py_ssize_t i = 0; i < n; i++) {
+                int kind;
+                const char *path;
+                if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(keep_masks, i), "iy", &kind, &path))
+                    goto out;
+                p.mask_kind[i] = kind;
+                p.mask_path[i] = path;
+            }
+            p.n_masks = n;
+        }
     }
     p.landlock_abi = PyLong_AsLong(o_landlock_abi);
     p.ll_attr.handled_access_fs = PyLong_AsUnsignedLongLong(o_ll_fs);
@@ -880,6 +990,27 @@ stage_spawn(PyObject *self, PyObject *args)
             }
         }
 
+        /* Memory cgroup: the child joins it before it runs a single
+         * instruction of its own (it waits for "go"), so everything it and its
+         * descendants allocate (memfd, pipes, tmpfs, page cache) is charged. */
+        if (cgroup_fd >= 0) {
+            char num[24];
+            int n = snprintf(num, sizeof num, "%d", (int)pid);
+            if (pwrite((int)cgroup_fd, num, n, 0) != n) {
+                int e = errno;
+                kill(pid, SIGKILL);
+                waitpid(pid, NULL, 0);
+                close(pidfd);
+                pidfd = -1;
+                PyObject *exc = Py_BuildValue("((siss))", "cgroup", e, strerror(e), "cgroup.procs");
+                if (exc) {
+                    PyErr_SetObject(PyExc_ChildProcessError, exc);
+                    Py_DECREF(exc);
+                }
+                goto out;
+            }
+        }
+
         /* id maps: written by the parent, which holds the rights the child lacks
          * (mapping to a uid other than our own needs CAP_SETUID here). */
         char path[64];
@@ -979,6 +1110,7 @@ out:
     Py_XDECREF(keep_paths);
     Py_XDECREF(keep_src);
     Py_XDECREF(keep_ops);
+    Py_XDECREF(keep_masks);
     if (stack != MAP_FAILED)
         munmap(stack, stack_size);
     return result;

@@ -11,6 +11,7 @@
  *   attack tcp IP PORT | udp IP PORT | unix PATH | abstract NAME | raw | packet
  *   attack forkbomb | memory | fds | disk DIR | spin | flood | conveyor
  *   attack zombies N SECS | daemon | sigcont N | sleepers N
+ *   attack memfd MIB SECS | pipes MIB SECS | sockbuf MIB SECS  (memory outside RLIMIT_AS)
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -250,6 +251,90 @@ static int do_net(const char *kind, const char *a, const char *b)
     return 2;
 }
 
+/* Hold memory that no process's address space shows: memfd pages, pipe
+ * buffers, unix socket buffers. Prints what it holds as it goes (the last
+ * line before a kill says how far it got), then holds it for SECS. */
+static void held(const char *what, size_t bytes, int final)
+{
+    printf("%s held %zu MiB%s\n", what, bytes >> 20, final ? " total" : "");
+    fflush(stdout);
+}
+
+static int do_memfd(size_t mib, int secs)
+{
+    static char buf[1 << 20];
+    memset(buf, 'x', sizeof buf);
+    size_t total = 0;
+    int fd = -1;
+    for (size_t i = 0; i < mib; i++) {
+        if (i % 64 == 0) { /* a new memfd every 64 MiB: RLIMIT_FSIZE caps each file, not their sum */
+            fd = syscall(SYS_memfd_create, "hold", 0);
+            if (fd < 0) {
+                printf("memfd_create: FAILED errno=%d\n", errno);
+                return 1;
+            }
+        }
+        if (write(fd, buf, sizeof buf) != (ssize_t)sizeof buf) {
+            printf("memfd write: FAILED errno=%d\n", errno);
+            break;
+        }
+        total += sizeof buf;
+        if (i % 16 == 15)
+            held("memfd", total, 0);
+    }
+    held("memfd", total, 1);
+    sleep(secs);
+    return 0;
+}
+
+static int do_pipes(size_t mib, int secs)
+{
+    static char buf[65536];
+    memset(buf, 'y', sizeof buf);
+    size_t total = 0, last = 0;
+    for (int i = 0; i < 4000 && total < (mib << 20); i++) {
+        int p[2];
+        if (pipe2(p, O_NONBLOCK) < 0)
+            break;
+        fcntl(p[1], F_SETPIPE_SZ, 1 << 20);
+        ssize_t w;
+        while ((w = write(p[1], buf, sizeof buf)) > 0)
+            total += w;
+        if (total - last >= (16 << 20)) {
+            held("pipes", total, 0);
+            last = total;
+        }
+    }
+    held("pipes", total, 1);
+    sleep(secs);
+    return 0;
+}
+
+static int do_sockbuf(size_t mib, int secs)
+{
+    static char buf[65536];
+    memset(buf, 'z', sizeof buf);
+    size_t total = 0, last = 0;
+    for (int i = 0; i < 4000 && total < (mib << 20); i++) {
+        int sv[2];
+        if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK, 0, sv) < 0)
+            break;
+        int big = 4 << 20;
+        setsockopt(sv[0], SOL_SOCKET, SO_SNDBUF, &big, sizeof big);
+        setsockopt(sv[1], SOL_SOCKET, SO_RCVBUF, &big, sizeof big);
+        ssize_t w;
+        while ((w = send(sv[0], buf, sizeof buf, MSG_DONTWAIT)) > 0)
+            total += w;
+        if (total - last >= (16 << 20)) {
+            held("sockbuf", total, 0);
+            last = total;
+        }
+    }
+    held("sockbuf", total, 1);
+    sleep(secs);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     if (argc < 2)
@@ -260,6 +345,12 @@ int main(int argc, char **argv)
 
     if (!strcmp(cmd, "read"))
         return do_read(a);
+    if (!strcmp(cmd, "memfd"))
+        return do_memfd(strtoul(a, NULL, 10), atoi(b));
+    if (!strcmp(cmd, "pipes"))
+        return do_pipes(strtoul(a, NULL, 10), atoi(b));
+    if (!strcmp(cmd, "sockbuf"))
+        return do_sockbuf(strtoul(a, NULL, 10), atoi(b));
     if (!strcmp(cmd, "write"))
         return do_write(a);
     if (!strcmp(cmd, "symlink-read")) {

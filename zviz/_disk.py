@@ -1,0 +1,64 @@
+"""The `fs.disk` limit: the workdir as a size-capped tmpfs.
+
+For a root caller, zviz mounts a tmpfs of `fs.disk` bytes (and one inode per
+4 KiB) on the workdir it created, in the host's mount namespace, so the host
+reads and writes it by its usual path (`read_file`, `write_file`, your own
+code) while the sandbox gets ENOSPC at the limit and the host's disk is not
+touched at all. The mount lives as long as the sandbox: teardown unmounts it
+(lazily) and removes the empty directory under it; removal of the files the
+sandbox left costs nothing. Its pages are memory: they are charged to the
+sandbox's memory cgroup (the sandbox's writes) or the caller's (yours).
+
+A non-root caller cannot mount on the host: the limit is then not enforced
+and the sandbox says so in `degraded`. A workdir you pass in, or
+`keep_workdir=True`, cannot be a tmpfs that goes away with the sandbox: such
+a policy is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+from . import _kernel
+from ._errors import PolicyError
+
+
+def options(size: int, uid: int, gid: int) -> str:
+    inodes = max(1024, size // 4096)
+    return f"size={size},nr_inodes={inodes},mode=0700,uid={uid},gid={gid}"
+
+
+def check(disk: int | None, *, owns_workdir: bool, keep_workdir: bool) -> None:
+    if disk is None:
+        return
+    if not owns_workdir:
+        raise PolicyError("fs.disk", disk, "a sandbox whose workdir zviz creates (the limit makes the workdir a "
+                          "tmpfs that goes away with the sandbox): drop workdir= or fs.disk")
+    if keep_workdir:
+        raise PolicyError("fs.disk", disk, "keep_workdir=False (the size-capped workdir is a tmpfs that goes away "
+                          "with the sandbox): copy out what you need with read_file before it closes")
+
+
+def mount(path: str, size: int, uid: int, gid: int) -> None:
+    _kernel.mount_tmpfs(path, options(size, uid, gid))
+
+
+def unmount(path: str) -> None:
+    _kernel.umount_detach(path)
+
+
+def used(path: str) -> tuple[int, int]:
+    """(bytes used, bytes free) of the workdir's filesystem."""
+    with contextlib.suppress(OSError):
+        st = os.statvfs(path)
+        return (st.f_blocks - st.f_bfree) * st.f_frsize, st.f_bavail * st.f_frsize
+    return 0, 0
+
+
+def full(path: str) -> bool:
+    """No room left for another page or no inode left."""
+    with contextlib.suppress(OSError):
+        st = os.statvfs(path)
+        return st.f_bavail * st.f_frsize < 4096 or st.f_favail == 0
+    return False
