@@ -161,3 +161,70 @@ def test_spec_for_stage_with_init():
 def test_empty_argv_refused():
     with pytest.raises(PolicyError):
         _plan.plan_spawn(Policy(), host(), argv=(), exe="/bin/true", workdir="/tmp/zviz-w")
+
+
+# ---- issue 16: real paths, masks, memory cgroup, disk
+
+
+def test_read_write_link_to_root_or_a_system_dir_is_refused():
+    for target in ("/", "/etc", "/usr", "/proc/sys", "/dev/shm", "/sys/fs/cgroup"):
+        pol = Policy(fs=Filesystem(read_only=("/usr",), read_write=("/srv/data",)))
+        with pytest.raises(PolicyError, match="-> " + target):
+            plan(pol, host(links={"/srv/data": target}))
+    # a parent of a system directory is refused as well, even without a link
+    with pytest.raises(PolicyError, match="fs.read_write"):
+        plan(Policy(fs=Filesystem(read_write=("/srv",))), host(links={"/srv": "/"}))
+    # a read-only link to '/' hides a whole-host listing
+    with pytest.raises(PolicyError, match="fs.read_only"):
+        plan(Policy(fs=Filesystem(read_only=("/srv/data",))), host(links={"/srv/data": "/"}))
+
+
+def test_bind_sources_are_real_paths_and_rules_are_where_the_sandbox_sees_them():
+    pol = Policy(fs=Filesystem(read_only=("/usr", "/bin"), read_write=("/srv/data",)))
+    p = plan(pol, host(links={"/bin": "/usr/bin", "/srv/data": "/tmp/zviz-w"}))
+    srcs = [s for s, _ in p.new_root.binds]
+    assert "/tmp/zviz-w" in srcs and "/srv/data" not in srcs  # the real path is bound (at /srv/data)
+    assert (_plan.OP_SYMLINK, "bin", "usr/bin", -1) in p.new_root.ops  # a link to a listed path stays a link
+    rules = dict(p.landlock.paths)
+    assert "/usr/bin" in rules and "/bin" not in rules  # the stage follows no symlink: the rule is on the target
+    assert "/srv/data" in rules
+
+
+def test_read_write_link_into_a_read_only_path_is_refused():
+    pol = Policy(fs=Filesystem(read_only=("/usr",), read_write=("/srv/data",)))
+    with pytest.raises(PolicyError, match="read-only /usr"):
+        plan(pol, host(links={"/srv/data": "/usr/lib"}))
+
+
+def test_masks_and_read_only_root():
+    p = plan(Policy(fs=Filesystem(read_only=("/usr", "/etc"))))
+    masks = dict((path, kind) for kind, path in p.new_root.masks)
+    for f in ("/proc/kcore", "/proc/cmdline", "/proc/sys/kernel/random/boot_id", "/proc/kallsyms",
+              "/proc/interrupts", "/etc/machine-id"):
+        assert masks[f] == _plan.MASK_FILE
+    assert masks["/proc/pressure"] == _plan.MASK_DIR and masks["/proc/sys"] == _plan.MASK_RDONLY
+    kinds = [path for _, path in p.new_root.masks]
+    assert kinds.index("/proc/sys") < kinds.index("/proc/sys/kernel/random/boot_id")  # the mask lands on top
+    assert "/sys/firmware" not in masks  # /sys is not listed
+    assert p.new_root.root_readonly and p.to_spec(stdin=0, stdout=1, stderr=2, bpf=b"", seccomp_flags=0)[
+        "root_readonly"]
+
+
+def test_memory_cgroup_or_memfd_refused():
+    p = plan()
+    assert p.memory_cgroup == Limits().memory and p.deny_syscalls == () and not p.degraded
+    p = plan(h=host(memory_cgroup=False))
+    assert p.memory_cgroup is None and p.deny_syscalls == ("memfd_create",)
+    assert any(d.startswith("no memory cgroup") and ";" not in d for d in p.degraded)
+    opted = Policy(fs=Filesystem(read_only=("/usr",)), limits=Limits(memfd_without_cgroup=True))
+    p = plan(opted, host(memory_cgroup=False))
+    assert p.deny_syscalls == () and any("unbounded" in d for d in p.degraded)
+    p = plan(Policy(fs=Filesystem(read_only=("/usr",)), limits=Limits(memory=None)), host(memory_cgroup=False))
+    assert p.memory_cgroup is None and p.deny_syscalls == () and not p.degraded
+
+
+def test_disk_limit_root_only():
+    pol = Policy(fs=Filesystem(read_only=("/usr",), disk="1G"))
+    assert plan(pol, host(euid=0)).disk == 1024**3
+    p = plan(pol, host())
+    assert p.disk is None and any("fs.disk is not enforced" in d for d in p.degraded)

@@ -224,10 +224,17 @@ def _check(a: argparse.Namespace) -> int:
 
     f = probe()
     ok_bcc, why_bcc = bcc_status()
+    from ._cgroup import where
+
+    mem_kind, mem_parent, mem_reason = where()
     if a.json:
         d = attrs.asdict(f)
         d["bcc"] = {"available": ok_bcc, "detail": why_bcc}
         d["missing"] = [dict(feature=x, consequence=y, fix=z) for x, y, z in f.missing()]
+        from ._cgroup import where
+
+        kind, parent, reason = where()
+        d["memory_cgroup"] = {"kind": kind, "parent": parent, "detail": reason}
         print(json.dumps(d, indent=2))
         return 0
     rows = [
@@ -239,6 +246,7 @@ def _check(a: argparse.Namespace) -> int:
         ("notify SYNC_WAKE_UP", "yes" if f.sync_wakeup else "no", f.sync_wakeup),
         ("pidfd", "yes" if f.pidfd else "no", f.pidfd),
         ("writable cgroup v2", f.cgroup_v2 or f.cgroup_reason, f.cgroup_v2 is not None),
+        ("memory cgroup per sandbox", f"{mem_kind} under {mem_parent}" if mem_kind else mem_reason, mem_kind is not None),
         ("eBPF monitor (bcc)", why_bcc, ok_bcc),
         ("running as", "root (sandboxes run as uid 65534)" if f.is_root else f"uid {os.geteuid()}", True),
     ]
@@ -246,6 +254,12 @@ def _check(a: argparse.Namespace) -> int:
     for name, val, good in rows:
         print(f"{'ok ' if good else '-- '} {name:<{w}}  {val}")
     missing = f.missing()
+    if mem_kind is None:
+        missing.append(("memory cgroup", "limits.memory bounds each process's address space only: memfd "
+                        "and shared memory, pipe and socket buffers and page cache are not bounded, and "
+                        "memfd_create is refused by default (" + mem_reason + ")",
+                        "run as root, or delegate a cgroup v2 subtree with the memory controller and "
+                        "point ZVIZ_CGROUP at it"))
     if not ok_bcc:
         missing.append(("eBPF monitor", "no per-syscall statistics; `zviz trace` uses the seccomp "
                         "learning mode", "run as root and ./scripts/setup-ebpf.sh"))

@@ -57,7 +57,8 @@ class KernelFeatures:
             out.append(("SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP", "answered calls are ~4x slower",
                         "kernel >= 6.6"))
         if self.cgroup_v2 is None:
-            out.append(("cgroup v2", "memory/pids/cpu limits come from rlimits only (" +
+            out.append(("cgroup v2", "pids and cpu limits come from rlimits only (the memory limit uses a v1 "
+                        "memory cgroup where one can be made: see 'memory cgroup per sandbox') (" +
                         self.cgroup_reason + ")", "a unified cgroup hierarchy with a delegated, "
                         "writable subtree (systemd-run --user --scope -p Delegate=yes)"))
         return out

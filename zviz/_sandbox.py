@@ -322,6 +322,7 @@ class Sandbox:
         self._memory_final: tuple[int | None, int | None, int] = (None, None, 0)  # limit, peak, OOM kills
         self._disk_mounted = False
         self._disk_final: int | None = None
+        self._oom_seen = 0  # the memory cgroup's OOM kills already attributed to a command
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"{len(self._procs)} running"
@@ -683,7 +684,6 @@ class Sandbox:
         if stdin is not None and not isinstance(stdin, (bytes, bytearray, memoryview)):
             raise TypeError("stdin must be bytes or None")
         timeout = self._timeout(timeout)
-        oom_before = self._cgroup.oom_kills() if self._cgroup is not None else 0
         proc = await self._start(argv, env=env, stdin=bool(stdin), stdout=True, stderr=True)
         cap = self.policy.limits.output
 
@@ -712,7 +712,7 @@ class Sandbox:
             self._bytes["stdin"] += proc.stdin.bytes_sent
         status = proc._status or 0
         if proc.limit is None:
-            proc.limit = self._resource_limit(status, oom_before)
+            proc.limit = self._resource_limit(status)
         return RunResult(
             argv=proc.argv,
             exit_code=os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
@@ -724,12 +724,16 @@ class Sandbox:
             cpu_s=proc.cpu_s, peak_rss=proc.peak_rss, denials=dict(proc._account.denials),
         )
 
-    def _resource_limit(self, status: int, oom_before: int) -> str | None:
+    def _resource_limit(self, status: int) -> str | None:
         """A sandbox-wide limit that ended a command: killed by the memory
-        cgroup's OOM killer, or failed with the size-capped workdir full."""
-        if (self._cgroup is not None and os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
-                and self._cgroup.oom_kills() > oom_before):
-            return "memory"
+        cgroup's OOM killer (a kill the cgroup counted since the last SIGKILLed
+        command looked: nothing is read on the common path), or failed with
+        the size-capped workdir full."""
+        if self._cgroup is not None and os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL:
+            kills = self._cgroup.oom_kills()
+            seen, self._oom_seen = self._oom_seen, kills
+            if kills > seen:
+                return "memory"
         if self._disk_mounted and status != 0 and _disk.full(self.workdir):
             return "disk"
         return None
