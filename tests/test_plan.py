@@ -198,7 +198,7 @@ def test_read_write_link_into_a_read_only_path_is_refused():
 
 def test_masks_and_read_only_root():
     p = plan(Policy(fs=Filesystem(read_only=("/usr", "/etc"))))
-    masks = dict((path, kind) for kind, path in p.new_root.masks)
+    masks = {path: kind for kind, path in p.new_root.masks}
     for f in ("/proc/kcore", "/proc/cmdline", "/proc/sys/kernel/random/boot_id", "/proc/kallsyms",
               "/proc/interrupts", "/etc/machine-id"):
         assert masks[f] == _plan.MASK_FILE

@@ -246,7 +246,8 @@ def _check(a: argparse.Namespace) -> int:
         ("notify SYNC_WAKE_UP", "yes" if f.sync_wakeup else "no", f.sync_wakeup),
         ("pidfd", "yes" if f.pidfd else "no", f.pidfd),
         ("writable cgroup v2", f.cgroup_v2 or f.cgroup_reason, f.cgroup_v2 is not None),
-        ("memory cgroup per sandbox", f"{mem_kind} under {mem_parent}" if mem_kind else mem_reason, mem_kind is not None),
+        ("memory cgroup per sandbox", (f"{mem_kind} under {mem_parent}" if mem_kind else mem_reason),
+         mem_kind is not None),
         ("eBPF monitor (bcc)", why_bcc, ok_bcc),
         ("running as", "root (sandboxes run as uid 65534)" if f.is_root else f"uid {os.geteuid()}", True),
     ]

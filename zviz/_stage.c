@@ -14,10 +14,12 @@
  *   ------                              -----
  *   clone(CLONE_VM | CLONE_NEW* |       reset signal dispositions
  *         CLONE_PIDFD)                  1  sync: wait for "go" (id maps written)
- *   write setgroups/uid_map/gid_map     2  clone the new root's sources (open_tree), then
- *                                          credentials: setgroups, setresgid, setresuid
+ *   join the memory cgroup (pid into    2  clone the new root's sources (openat2 without
+ *     cgroup.procs), write setgroups/      symlinks, open_tree), then credentials:
+ *     uid_map/gid_map                      setgroups, setresgid, setresuid
  *   send "go"                           3  mounts: / private; a new root (tmpfs) holding
- *   read error pipe until EOF (exec)       only the policy's paths, fresh /proc; pivot_root
+ *   read error pipe until EOF (exec)       only the policy's paths, fresh /proc; pivot_root;
+ *                                          masks (/proc...), the root made read-only
  *   receive the seccomp listener           loopback up (net ns), hostname
  *                                       4  setsid, pdeathsig
  *                                       5  no_new_privs, Landlock (rules, restrict)

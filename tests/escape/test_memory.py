@@ -14,6 +14,7 @@ import os
 import re
 import threading
 import time
+from typing import Self
 
 import pytest
 import trio
@@ -47,7 +48,7 @@ class _Sampler:
             self.shmem_max = max(self.shmem_max, _meminfo("Shmem"))
             self.avail_min = min(self.avail_min, _meminfo("MemAvailable"))
 
-    def __enter__(self) -> _Sampler:
+    def __enter__(self) -> Self:
         self._t.start()
         return self
 
@@ -140,7 +141,7 @@ def test_without_a_cgroup_memfd_is_refused_and_said(attack_bin):
     """A caller that cannot make a memory cgroup (uid 65534 here): memfd_create
     is refused by default, the sandbox says why (degraded + one warning), and
     the policy can opt back in."""
-    out, denials, degraded, warns, opted = run_as("nobody", _scenario_no_cgroup, attack_bin)
+    out, _denials, degraded, warns, opted = run_as("nobody", _scenario_no_cgroup, attack_bin)
     assert "memfd_create: FAILED" in out and "held" not in out, out
     assert any(d.startswith(MEMORY_CGROUP_LINE) and "memfd_create is refused" in d for d in degraded), degraded
     assert any("memfd_without_cgroup" in w for w in warns), warns
