@@ -256,11 +256,11 @@ def _check(a: argparse.Namespace) -> int:
         print(f"{'ok ' if good else '-- '} {name:<{w}}  {val}")
     missing = f.missing()
     if mem_kind is None:
-        missing.append(("memory cgroup", "limits.memory bounds each process's address space only: memfd "
-                        "and shared memory, pipe and socket buffers and page cache are not bounded, and "
-                        "memfd_create is refused by default (" + mem_reason + ")",
-                        "run as root, or delegate a cgroup v2 subtree with the memory controller and "
-                        "point ZVIZ_CGROUP at it"))
+        consequence = ("limits.memory bounds each process's address space only: memfd and shared memory, "
+                       "pipe and socket buffers and page cache are not bounded, and memfd_create is refused "
+                       f"by default ({mem_reason})")
+        fix = "run as root, or delegate a cgroup v2 subtree with the memory controller and point ZVIZ_CGROUP at it"
+        missing.append(("memory cgroup", consequence, fix))
     if not ok_bcc:
         missing.append(("eBPF monitor", "no per-syscall statistics; `zviz trace` uses the seccomp "
                         "learning mode", "run as root and ./scripts/setup-ebpf.sh"))
