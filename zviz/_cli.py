@@ -50,7 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--net", metavar="MODE", action="append", default=[],
                    help="none | loopback | HOST:PORT (repeatable: an allowlist)")
     r.add_argument("--timeout", metavar="S", type=float, help="wall-clock limit in seconds")
-    r.add_argument("--memory", metavar="SIZE", help="address-space limit, e.g. 512M")
+    r.add_argument("--memory", metavar="SIZE", help="memory limit, e.g. 512M (per process, and per sandbox with a cgroup)")
+    r.add_argument("--disk", metavar="SIZE", help="most the workdir may hold, e.g. 1G (root: a tmpfs workdir)")
     r.add_argument("--env", metavar="NAME=VALUE", action="append", default=[], help="set a variable")
     r.add_argument("--json", action="store_true", help="print the result record as JSON instead of passing stdio")
     r.add_argument("--monitor", action="store_true", help="attach the eBPF monitor (root, bcc)")
@@ -107,6 +108,8 @@ def _policy_from_args(a: argparse.Namespace) -> Policy:
     if a.json is False:
         lim = attrs.evolve(lim, output=None)  # passthrough: nothing is captured
     policy = attrs.evolve(policy, limits=lim)
+    if a.disk is not None:
+        policy = attrs.evolve(policy, fs=attrs.evolve(policy.fs, disk=parse_size("--disk", a.disk)))
     if a.env:
         env = dict(policy.env)
         for item in a.env:

@@ -1,0 +1,62 @@
+"""Where a sandbox's memory cgroup goes (zviz/_cgroup.py): the choice between
+a delegated cgroup v2 directory and the v1 memory hierarchy, on made-up
+hosts (the kernel part is in tests/escape/test_memory.py)."""
+
+import os
+
+import pytest
+
+from zviz import _cgroup
+
+
+@pytest.fixture(autouse=True)
+def _fresh_probe():
+    _cgroup.where.cache_clear()
+    yield
+    _cgroup.where.cache_clear()  # the real host's answer again for the tests that follow
+
+
+def _fake(monkeypatch, tmp_path, own2="/user.slice/me", own1="/me", v2_ctrls="", v1_writable=True):
+    v2 = tmp_path / "unified"
+    v1 = tmp_path / "memory"
+    (v2 / own2.lstrip("/")).mkdir(parents=True)
+    (v2 / own2.lstrip("/") / "cgroup.subtree_control").write_text(v2_ctrls)
+    (v1 / own1.lstrip("/")).mkdir(parents=True)
+    (v1 / own1.lstrip("/") / "memory.limit_in_bytes").write_text("9223372036854771712")
+    if not v1_writable:
+        os.chmod(v1 / own1.lstrip("/"), 0o555)
+    monkeypatch.setattr(_cgroup, "_own_cgroups", lambda: (own2, own1))
+    monkeypatch.setattr(_cgroup, "_mounts", lambda: (str(v2), str(v1)))
+    monkeypatch.delenv("ZVIZ_CGROUP", raising=False)
+    _cgroup.where.cache_clear()
+    return v2, v1
+
+
+def test_v2_with_memory_delegated_is_preferred(monkeypatch, tmp_path):
+    v2, _ = _fake(monkeypatch, tmp_path, v2_ctrls="cpu memory pids")
+    assert _cgroup.where() == ("v2", str(v2 / "user.slice/me"), "ok")
+
+
+def test_zviz_cgroup_names_the_delegated_directory(monkeypatch, tmp_path):
+    _fake(monkeypatch, tmp_path)
+    mine = tmp_path / "delegated"
+    mine.mkdir()
+    (mine / "cgroup.subtree_control").write_text("memory")
+    monkeypatch.setenv("ZVIZ_CGROUP", str(mine))
+    assert _cgroup.where()[:2] == ("v2", str(mine))
+
+
+def test_hybrid_host_falls_back_to_v1(monkeypatch, tmp_path):
+    _, v1 = _fake(monkeypatch, tmp_path, v2_ctrls="")
+    kind, parent, _ = _cgroup.where()
+    assert (kind, parent) == ("v1", str(v1 / "me"))
+
+
+def test_no_cgroup_says_why(monkeypatch, tmp_path):
+    if os.geteuid() == 0:
+        # root may write a 0555 directory: simulate with an unwritable check instead
+        monkeypatch.setattr(os, "access", lambda p, m: False)
+    _fake(monkeypatch, tmp_path, v2_ctrls="", v1_writable=False)
+    kind, parent, reason = _cgroup.where()
+    assert kind is None and parent is None
+    assert "does not delegate the memory controller" in reason and "needs root" in reason and ";" not in reason
