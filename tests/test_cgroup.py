@@ -60,3 +60,13 @@ def test_no_cgroup_says_why(monkeypatch, tmp_path):
     kind, parent, reason = _cgroup.where()
     assert kind is None and parent is None
     assert "does not delegate the memory controller" in reason and "needs root" in reason and ";" not in reason
+
+
+def test_a_dead_hosts_cgroups_are_swept(tmp_path):
+    dead = tmp_path / "zviz-999999999-abcdef"  # no such pid
+    alive = tmp_path / f"zviz-{os.getppid()}-abcdef"
+    other = tmp_path / "not-ours"
+    for d in (dead, alive, other):
+        d.mkdir()
+    _cgroup._sweep(str(tmp_path))
+    assert not dead.exists() and alive.exists() and other.exists()

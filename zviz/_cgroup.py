@@ -118,6 +118,7 @@ class MemoryCgroup:
         kind, parent, reason = where()
         if kind is None or parent is None:
             return None, reason
+        _sweep(parent)
         path = os.path.join(parent, name)
         try:
             os.mkdir(path, 0o755)
@@ -189,6 +190,24 @@ class MemoryCgroup:
                     with contextlib.suppress(OSError):
                         os.kill(pid, signal.SIGKILL)
             await anyio.sleep(0.005)
+
+
+def _sweep(parent: str) -> None:
+    """Remove what a host process that died without its teardown (SIGKILL)
+    left: `zviz-PID-*` cgroups of a PID that no longer exists. Only empty
+    ones go (rmdir refuses the others); nothing is killed."""
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return
+    for name in names:
+        if not name.startswith("zviz-"):
+            continue
+        pid = name.split("-")[1]
+        if not pid.isdigit() or int(pid) == os.getpid() or os.path.exists(f"/proc/{pid}"):
+            continue
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.join(parent, name))
 
 
 def _write(path: str, name: str, value: str) -> None:
