@@ -2,7 +2,12 @@
 
 import struct
 
-from zviz import _bpf, _syscalls
+import attrs
+import pytest
+
+from . import bpfsim
+
+from zviz import _argrules, _bpf, _syscalls
 from zviz._syscall_table import X86_64
 
 BPF_LD_W_ABS, BPF_JEQ_K, BPF_JGE_K, BPF_RET_K = 0x20, 0x15, 0x35, 0x06
@@ -47,7 +52,7 @@ def test_variants_differ_where_they_must():
     quiet = _bpf.compile_filter(_bpf.FilterSpec(allow=_syscalls.GROUPS["@python"], net_mode="none", notify=False))
     assert len({base, allow, quiet}) == 3
     consts = {k for *_, k in _bpf.disassemble(allow)}
-    assert _bpf.MSG_FASTOPEN in consts  # sendto/sendmsg flags checked
+    assert _bpf.MSG_FASTOPEN | _argrules.MSG_OOB in consts  # sendto/sendmsg flags checked
     assert _bpf.CLONE_NS_FLAGS in consts  # clone flags checked
 
 
@@ -56,3 +61,86 @@ def test_groups_known_and_disjoint_from_dangerous():
         assert members <= X86_64.keys(), name
     assert not (_syscalls.DANGEROUS & _syscalls.GROUPS["@python"])
     assert struct.calcsize("=HBBI") == 8
+
+
+# ---- the argument rules, run on the compiled program (tests/bpfsim.py)
+
+G = 0xDEADBEEF << 32  # garbage in the high half of a register
+
+
+def _verdict(spec, name, *args):
+    ret, _ = bpfsim.run(_bpf.compile_filter(spec), X86_64[name], args)
+    return {bpfsim.ALLOW: "allow", bpfsim.NOTIFY: "refuse"}.get(ret, hex(ret))
+
+
+PY = _bpf.FilterSpec(allow=_syscalls.GROUPS["@python"] | {"creat"}, net_mode="none", notify=True, zygote=True, pid_ns=True)
+AT = 2**64 - 100  # AT_FDCWD
+
+
+@pytest.mark.parametrize(("call", "want"), [
+    (("chmod", 0x1000, 0o755), "allow"), (("chmod", 0x1000, 0o4755), "refuse"), (("chmod", 0x1000, 0o2700), "refuse"),
+    (("chmod", 0x1000, G | 0o755), "allow"),  # the kernel reads 16 bits of a umode_t
+    (("chmod", 0x1000, G | 0o6755), "refuse"), (("chmod", 0x1000, 0o1777), "allow"),
+    (("fchmod", 3, 0o4755), "refuse"), (("fchmodat", AT, 0x1000, 0o2755), "refuse"),
+    (("fchmodat2", AT, 0x1000, 0o4755, 0x100), "refuse"), (("fchmodat2", AT, 0x1000, 0o755, 0x100), "allow"),
+    (("open", 0x1000, 0o101, 0o644), "allow"), (("open", 0x1000, 0o101, 0o4755), "refuse"),
+    (("open", 0x1000, 0, 0o4755), "allow"),  # the mode is not read without O_CREAT/O_TMPFILE
+    (("open", 0x1000, G | 0o101, 0o4755), "refuse"),
+    (("openat", AT, 0x1000, 0o2000101, 0o6755), "refuse"), (("openat", AT, 0x1000, 0o20200002, 0o4755), "refuse"),
+    (("openat", AT, 0x1000, 0o2000000, 0), "allow"), (("creat", 0x1000, 0o4755), "refuse"),
+    (("creat", 0x1000, 0o755), "allow"),
+    (("mknod", 0x1000, 0o010644, 0), "allow"), (("mknod", 0x1000, 0o100644, 0), "allow"),
+    (("mknod", 0x1000, 0o140644, 0), "refuse"), (("mknod", 0x1000, 0o104755, 0), "refuse"),
+    (("mknod", 0x1000, 0o020644, 0x103), "refuse"), (("mknodat", AT, 0x1000, 0o012644, 0), "refuse"),
+    (("sendto", 3, 0, 1, 0x40), "allow"), (("sendto", 3, 0, 1, 1), "refuse"), (("sendto", 3, 0, 1, G | 1), "refuse"),
+    (("recvfrom", 3, 0, 1, 1 | 2), "refuse"), (("recvmsg", 3, 0, 0x40000000), "allow"), (("recvmsg", 3, 0, 1), "refuse"),
+    (("sendmsg", 3, 0, 1), "refuse"), (("sendmmsg", 3, 0, 1, 1), "refuse"), (("recvmmsg", 3, 0, 1, 1, 0), "refuse"),
+    (("pipe2", 0x1000, 0o2000000), "allow"), (("pipe2", 0x1000, 0o200), "refuse"), (("pipe2", 0x1000, G | 0o200), "refuse"),
+    (("fcntl", 3, 1, 0), "allow"), (("fcntl", 3, 1030, 0), "allow"), (("fcntl", 3, 1025, 0), "allow"),
+    (("fcntl", 3, 1024, 1), "refuse"), (("fcntl", 3, 1026, 1), "refuse"), (("fcntl", 3, (1 << 32) | 1024, 1), "refuse"),
+    (("fcntl", 3, G | 1026, 1), "refuse"),
+    (("ioctl", 1, 0x5401, 0), "allow"), (("ioctl", 1, 0xFFFFFFFF80045430, 0), "allow"),  # sign-extended TIOCGPTN
+    (("ioctl", 1, 0xC0606610, 0), "refuse"), (("ioctl", 1, 0xC0686611, 0), "refuse"),
+    (("ioctl", 1, 0xFFFFFFFFC0606610, 0), "refuse"), (("ioctl", 1, G | 0xC0686611, 0), "refuse"),
+    (("ioctl", 1, 0xC0686612, 0), "allow"),
+    (("socketpair", 1, 1, 0), "allow"), (("socketpair", 2, 1, 0), "refuse"), (("socketpair", 40, 1, 0), "refuse"),
+    (("socketpair", 16, 3, 0), "refuse"), (("socketpair", (1 << 32) | 2, 1, 0), "refuse"),
+    (("socketpair", G | 1, 1, 0), "refuse"),  # fail closed
+    (("sched_setscheduler", 0, 0, 0x1000), "allow"), (("sched_setscheduler", 0, 1, 0x1000), "refuse"),
+    (("sched_setscheduler", 1, 5, 0x1000), "refuse"), (("sched_setscheduler", 1, 0, 0x1000), "refuse"),
+    (("sched_setscheduler", (1 << 32) | 1, 5, 0x1000), "refuse"), (("sched_setscheduler", G | 1, 0, 0), "refuse"),
+    (("sched_setscheduler", 2, 0, 0x1000), "allow"), (("sched_setscheduler", 4321, 3, 0x1000), "allow"),
+    (("sched_setscheduler", 4321, 5, 0x1000), "allow"), (("sched_setscheduler", 4321, 2, 0x1000), "refuse"),
+    (("sched_setscheduler", 4321, (1 << 32) | 5, 0x1000), "refuse"),
+    (("sched_setscheduler", 4321, 0x40000000, 0x1000), "refuse"),  # SCHED_RESET_ON_FORK: not needed
+    (("sched_setscheduler", 2**22 + 1, 0, 0), "refuse"), (("sched_setscheduler", 2**64 - 1, 0, 0), "refuse"),
+    (("read", 0, 0, 1), "allow"),
+])
+def test_argument_rules_on_the_compiled_program(call, want):
+    assert _verdict(PY, *call) == want
+
+
+def test_sched_of_other_tasks_needs_a_pid_namespace():
+    no_ns = attrs.evolve(PY, pid_ns=False)
+    assert _verdict(no_ns, "sched_setscheduler", 0, 0, 0x1000) == "allow"
+    assert _verdict(no_ns, "sched_setscheduler", 4321, 0, 0x1000) == "refuse"  # a host pid
+
+
+def test_fastopen_and_oob_both_refused_in_allow_mode():
+    spec = attrs.evolve(PY, net_mode="allow")
+    assert _verdict(spec, "sendto", 3, 0, 1, _bpf.MSG_FASTOPEN, 0x1000, 16) == "refuse"
+    assert _verdict(spec, "sendto", 3, 0, 1, _argrules.MSG_OOB) == "refuse"
+    assert _verdict(spec, "sendto", 3, 0, 1, 0x40) == "allow"
+    anymode = attrs.evolve(PY, net_mode="any")
+    assert _verdict(anymode, "socketpair", 2, 1, 0) == "allow"  # zviz trace: every family
+    assert _verdict(attrs.evolve(PY, net_mode="loopback"), "socketpair", 2, 1, 0) == "refuse"
+
+
+def test_hot_calls_stay_short():
+    """The argument checks cost a few BPF instructions on the hot path."""
+    prog = _bpf.compile_filter(PY)
+    steps = {name: bpfsim.run(prog, X86_64[name], args)[1]
+             for name, args in (("read", (0, 0, 1)), ("openat", (AT, 0x1000, 0o2000000, 0)), ("ioctl", (1, 0x5401)),
+                                ("recvfrom", (3, 0, 1, 0x40)), ("newfstatat", (AT, 0x1000, 0x2000, 0)))}
+    assert all(n <= steps["read"] + 16 for n in steps.values()), steps
+    assert len(prog) // 8 < 1024  # far under BPF_MAXINSNS (4096)

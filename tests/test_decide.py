@@ -55,7 +55,42 @@ def test_decode_names_and_arguments():
     assert d.detail == "request=ATTACH, pid=1234"
     d = _decide.decode(X86_64["mount"], [1, 2, 3, 0, 0, 0], {0: "none", 1: "/mnt", 2: "tmpfs"})
     assert "/mnt" in d.detail
-    assert _decide.decode(999, [0] * 6).name == "syscall_999"
+    d = _decide.decode(999, [0] * 6)
+    assert d.name == "syscall_unknown" and d.nr == 999 and "nr=999" in d.detail
+    d = _decide.decode(X86_64["fchmodat"], [-100 & (2**64 - 1), 0x1000, 0o6755, 0, 0, 0])
+    assert d.detail == "mode=0o6755"
+    assert _decide.decode(X86_64["recvmsg"], [3, 0, 0x41, 0, 0, 0]).detail == "fd=3, flags=MSG_OOB|MSG_DONTWAIT"
+    assert _decide.decode(X86_64["ioctl"], [3, 0xFFFFFFFFC0606610, 0, 0, 0, 0]).detail == "fd=3, request=PAGEMAP_SCAN"
+    assert _decide.decode(X86_64["socketpair"], [2, 1, 0, 0, 0, 0]).detail.startswith("family=AF_INET,")
+
+
+def test_unknown_numbers_share_one_bucket():
+    names = {_decide.syscall_name(nr) for nr in range(0, 0x40000000, 9973)}
+    assert names <= set(X86_64) | {"syscall_unknown"}
+    counter: dict[str, int] = {}
+    for nr in range(100_000):
+        key = _decide.counter_key(counter, _decide.syscall_name(nr))
+        counter[key] = counter.get(key, 0) + 1
+    assert len(counter) <= len(X86_64) + 1
+    full = {f"k{i}": 1 for i in range(_decide.COUNTER_KEYS_MAX)}
+    assert _decide.counter_key(full, "ptrace") == "syscall_unknown" and _decide.counter_key(full, "k1") == "k1"
+    assert len(_decide.decode(X86_64["mount"], [0] * 6, {0: "x" * 5000, 1: "y" * 5000}).detail) <= _decide.DETAIL_MAX
+
+
+def test_argument_refusals_answer_their_errno():
+    def ans(name, *args):
+        return _decide.decide(X86_64[name], X86, list(args) + [0] * (6 - len(args)), net_allow=False)
+    assert ans("chmod", 0x1000, 0o4755) == _decide.Deny(errno.EPERM)
+    assert ans("openat", 0, 0x1000, 0o101, 0o2755) == _decide.Deny(errno.EPERM)
+    assert ans("openat", 0, 0x1000, 0, 0o2755) == _decide.Deny(errno.ENOSYS)  # no O_CREAT: not the mode
+    assert ans("recvfrom", 3, 0, 0, 1) == _decide.Deny(errno.EOPNOTSUPP)
+    assert ans("sendmsg", 3, 0, 1 | (1 << 40)) == _decide.Deny(errno.EOPNOTSUPP)
+    assert ans("fcntl", 3, 1026) == _decide.Deny(errno.EINVAL)
+    assert ans("fcntl", 3, (7 << 32) | 1024) == _decide.Deny(errno.EINVAL)  # the kernel reads F_SETLEASE
+    assert ans("ioctl", 3, 0xC0686611) == _decide.Deny(errno.ENOTTY)
+    assert ans("pipe2", 0x1000, 0o200) == _decide.Deny(errno.ENOPKG)
+    assert ans("socketpair", 2, 1) == _decide.Deny(errno.EACCES)
+    assert ans("mknod", 0x1000, 0o140644) == _decide.Deny(errno.EPERM)
 
 
 @settings(max_examples=3000, deadline=None)

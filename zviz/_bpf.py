@@ -10,9 +10,13 @@ What the program does, for the native x86_64 ABI only:
   filter whose only architecture is x86_64 (SCMP_FLTATR_ACT_BADARCH);
 - allowed syscalls pass in-kernel (the kernel's action cache makes most of them
   free); argument checks read registers only, never memory:
-    socket(family, type):  AF_UNIX always; AF_INET/AF_INET6 per network mode
+    socket/socketpair(family, type): AF_UNIX always; AF_INET/AF_INET6 per
+                           network mode (socket only: no inet pairs exist)
     clone(flags):          no CLONE_NEW* flags
-    send*(.., flags):      no MSG_FASTOPEN when connects are supervised
+    the rest (`_argrules.py`): no set-id bits by chmod/open/mknod, no MSG_OOB,
+    no notification pipes, leases, dnotify or procfs page-table ioctls, no
+    MSG_FASTOPEN when connects are supervised, limits and scheduling of
+    other tasks (pid 1 never)
 - with a supervisor, everything else is a user notification (the supervisor
   records it and answers EPERM or ENOSYS, see _decide.py); without one, the
   kernel answers ENOSYS (EPERM for the dangerous ones) itself.
@@ -26,12 +30,12 @@ import tempfile
 
 import attrs
 
-from . import _syscalls
+from . import _argrules, _syscalls
 
 AF_UNIX, AF_INET, AF_INET6 = 1, 2, 10
 SOCK_STREAM = 1
 SOCK_TYPE_MASK = 0xF
-MSG_FASTOPEN = 0x20000000
+MSG_FASTOPEN = _argrules.MSG_FASTOPEN
 CLONE_NS_FLAGS = (
     0x00020000  # NEWNS
     | 0x02000000  # NEWCGROUP
@@ -42,23 +46,8 @@ CLONE_NS_FLAGS = (
     | 0x40000000  # NEWNET
     | 0x00000080  # NEWTIME
 )
-# Calls that may act on another process, allowed only on the caller itself:
-# every process of a sandbox has the same uid, so the kernel's owner checks
-# would let a command lower the limits, the priority or the scheduling class
-# of the sandbox's zygote (pid 1) and of its other commands. (arg, value)
-# pairs, all required. setpriority: which == PRIO_PROCESS and who == 0 (PRIO_PGRP
-# and PRIO_USER with who 0 reach the zygote's group and uid); ioprio_set:
-# IOPRIO_WHO_PROCESS and 0. sched_setaffinity stays open (pthread_setaffinity_np
-# passes thread ids): zviz-init resets the affinity it hands on instead.
-SELF_ONLY: dict[str, tuple[tuple[int, int], ...]] = {
-    "prlimit64": ((0, 0),),
-    "setpriority": ((0, 0), (1, 0)),
-    "sched_setscheduler": ((0, 0),),
-    "sched_setparam": ((0, 0),),
-    "sched_setattr": ((0, 0),),
-    "ioprio_set": ((0, 1), (1, 0)),
-}
-_SPECIAL = {"socket", "clone", "connect", "sendto", "sendmsg", "sendmmsg"} | set(SELF_ONLY)
+# spelled here, by network mode; every other argument rule is _argrules' (SELF_ONLY there)
+_SPECIAL = {"socket", "socketpair", "clone", "connect"}
 # Called after the filter is loaded, by the stage (hand the listener over,
 # close it, exec zviz-init by fd, report a failure) and by zviz-init (fork the
 # program, exec it, reap, report): always allowed, whatever the policy says,
@@ -81,6 +70,7 @@ class FilterSpec:
     notify: bool  # a supervisor listens: denials are notifications
     learning: bool = False
     zygote: bool = False  # zviz-init serves many commands (ZYGOTE_NEEDS)
+    pid_ns: bool = False  # task ids are the sandbox's own (scheduling of its other tasks, pid 1 never)
 
 
 @functools.lru_cache(maxsize=64)
@@ -101,8 +91,14 @@ def compile_filter(spec: FilterSpec) -> bytes:
     except (OSError, RuntimeError, ValueError):
         pass
 
-    for name in sorted(allow - _SPECIAL):
+    conditional = _argrules.rules(net_mode=spec.net_mode, pid_ns=spec.pid_ns)
+    for name in sorted(allow - _SPECIAL - conditional.keys()):
         f.add_rule(sc.ALLOW, name)
+    for name, alternatives in sorted(conditional.items()):
+        if name in allow:
+            for alt in alternatives:
+                f.add_rule(sc.ALLOW, name, *(sc.Arg(i, sc.EQ, v) if m == _argrules.FULL else
+                                             sc.Arg(i, sc.MASKED_EQ, m, v) for i, m, v in alt))
     if not spec.notify:  # with a supervisor the default action already notifies
         for name in sorted(_syscalls.DANGEROUS - spec.allow - _syscalls.SILENT_ENOSYS):
             if _known(name):
@@ -123,11 +119,13 @@ def compile_filter(spec: FilterSpec) -> bytes:
             for fam in (AF_INET, AF_INET6):
                 f.add_rule(sc.ALLOW, "socket", sc.Arg(0, sc.EQ, fam),
                            sc.Arg(1, sc.MASKED_EQ, SOCK_TYPE_MASK, SOCK_STREAM))
+    if "socketpair" in allow:  # the same family rule: a pair of another family reaches its create code
+        if spec.net_mode == "any":
+            f.add_rule(sc.ALLOW, "socketpair")
+        else:
+            f.add_rule(sc.ALLOW, "socketpair", sc.Arg(0, sc.EQ, AF_UNIX))
     if "clone" in allow:
         f.add_rule(sc.ALLOW, "clone", sc.Arg(0, sc.MASKED_EQ, CLONE_NS_FLAGS, 0))
-    for name, conds in SELF_ONLY.items():
-        if name in allow:
-            f.add_rule(sc.ALLOW, name, *(sc.Arg(i, sc.EQ, v) for i, v in conds))
     if "connect" in allow:
         if spec.net_mode == "allow" and spec.notify:
             pass  # the default action notifies: the supervisor performs it, never CONTINUEs
@@ -135,15 +133,6 @@ def compile_filter(spec: FilterSpec) -> bytes:
             f.add_rule(sc.ALLOW, "connect")
         else:
             f.add_rule(sc.ERRNO(errno.EACCES), "connect")
-    for name, flags_arg in (("sendto", 3), ("sendmsg", 2), ("sendmmsg", 3)):
-        if name not in allow:
-            continue
-        if spec.net_mode == "allow":
-            # TCP Fast Open connects inside sendto/sendmsg: keep it away.
-            f.add_rule(sc.ALLOW, name, sc.Arg(flags_arg, sc.MASKED_EQ, MSG_FASTOPEN, 0))
-        else:
-            f.add_rule(sc.ALLOW, name)
-
     with tempfile.TemporaryFile() as out:
         f.export_bpf(out)
         out.seek(0)

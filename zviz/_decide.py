@@ -9,7 +9,10 @@ Rules, in order (the table is `decide()`; the answers are data):
    decision that read the child's memory is never answered with CONTINUE: a
    thread of the child could rewrite the sockaddr between our read and the
    kernel's. There is no `Continue` answer in this module at all.
-3. Dangerous syscalls (ptrace, mount, bpf, ...): `Deny(EPERM)`, recorded as an
+3. Allowed syscalls refused for an argument (set-id modes, MSG_OOB, leases...,
+   see `_argrules.py`): the errno that rule names; socket families the
+   network policy does not grant: EACCES.
+   Dangerous syscalls (ptrace, mount, bpf, ...): `Deny(EPERM)`, recorded as an
    event with decoded arguments.
 4. Anything else that reached us is outside the allowlist: `Deny(ENOSYS)`, so
    programs take their "kernel too old" fallback; recorded too.
@@ -21,11 +24,11 @@ import errno
 import ipaddress
 import socket
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import attrs
 
-from . import _syscalls
+from . import _argrules, _syscalls
 from ._syscall_table import BY_NUMBER
 
 AUDIT_ARCH_X86_64 = 0xC000003E
@@ -67,14 +70,57 @@ class Decoded:
     detail: str
 
 
+UNKNOWN = "syscall_unknown"
+DETAIL_MAX = 512  # characters of an event's detail: per-sandbox tables stay bounded
+
+
+COUNTER_KEYS_MAX = 1024  # above the table's ~470 names: a backstop, never reached by names from the table
+
+
+def counter_key(counter: Mapping[str, int], name: str) -> str:
+    """The key to count `name` under in a per-sandbox table: itself, or the
+    unknown bucket once the table holds COUNTER_KEYS_MAX keys."""
+    return name if name in counter or len(counter) < COUNTER_KEYS_MAX else UNKNOWN
+
+
 def syscall_name(nr: int) -> str:
-    return BY_NUMBER.get(nr, f"syscall_{nr}")
+    """The name, or one bucket for every number outside the x86_64 table: a
+    sandbox can make 2**30 distinct numbers, and each name is a counter key
+    (the number itself stays in the event)."""
+    return BY_NUMBER.get(nr, UNKNOWN)
 
 
 _PTRACE_REQ = {0: "TRACEME", 16: "ATTACH", 0x4206: "SEIZE", 4: "POKETEXT", 5: "POKEDATA"}
 _CLONE_FLAGS = {0x10000000: "CLONE_NEWUSER", 0x20000000: "CLONE_NEWPID", 0x00020000: "CLONE_NEWNS",
                 0x40000000: "CLONE_NEWNET", 0x08000000: "CLONE_NEWIPC", 0x04000000: "CLONE_NEWUTS",
                 0x02000000: "CLONE_NEWCGROUP", 0x80: "CLONE_NEWTIME"}
+_MSG = {0x1: "MSG_OOB", 0x2: "MSG_PEEK", 0x40: "MSG_DONTWAIT", 0x20000000: "MSG_FASTOPEN"}
+_FCNTL = {_argrules.F_SETLEASE: "F_SETLEASE", _argrules.F_NOTIFY: "F_NOTIFY"}
+_IOCTL = {_argrules.PAGEMAP_SCAN: "PAGEMAP_SCAN", _argrules.PROCMAP_QUERY: "PROCMAP_QUERY"}
+_SCHED = {0: "SCHED_OTHER", 1: "SCHED_FIFO", 2: "SCHED_RR", 3: "SCHED_BATCH", 5: "SCHED_IDLE", 6: "SCHED_DEADLINE"}
+
+
+def _fd(v: int) -> str:
+    return str(_s32(v))
+
+
+# name -> (label, argument index, how to show it) for the calls whose
+# arguments are refused by value (what the event shows; the rules are _argrules')
+_ARGS = {
+    **{n: (("mode", 1, oct),) for n in ("chmod", "creat", "mknod")},
+    "fchmod": (("fd", 0, _fd), ("mode", 1, oct)),
+    **{n: (("mode", 2, oct),) for n in ("fchmodat", "fchmodat2", "mknodat")},
+    "open": (("flags", 1, oct), ("mode", 2, oct)),
+    "openat": (("flags", 2, oct), ("mode", 3, oct)),
+    **{n: (("fd", 0, _fd), ("flags", 3, lambda v: _flags(v, _MSG))) for n in ("sendto", "recvfrom", "sendmmsg",
+                                                                             "recvmmsg")},
+    **{n: (("fd", 0, _fd), ("flags", 2, lambda v: _flags(v, _MSG))) for n in ("sendmsg", "recvmsg")},
+    "pipe2": (("flags", 1, oct),),
+    "fcntl": (("fd", 0, _fd), ("cmd", 1, lambda v: _FCNTL.get(v, hex(v)))),
+    "ioctl": (("fd", 0, _fd), ("request", 1, lambda v: _IOCTL.get(v & 0xFFFFFFFF, hex(v)))),
+    **{n: (("pid", 0, lambda v: hex(v) if v >> 32 else str(v)), ("policy", 1, lambda v: _SCHED.get(v, hex(v))))
+       for n in ("sched_setscheduler",)},
+}
 _AF = {1: "AF_UNIX", 2: "AF_INET", 10: "AF_INET6", 16: "AF_NETLINK", 17: "AF_PACKET", 3: "AF_AX25",
        4: "AF_IPX", 5: "AF_APPLETALK", 38: "AF_ALG", 40: "AF_VSOCK", 44: "AF_XDP"}
 
@@ -94,8 +140,12 @@ def decode(nr: int, args: Sequence[int], strings: dict[int, str] | None = None) 
         detail = f"request={_PTRACE_REQ.get(args[0], args[0])}, pid={_s32(args[1])}"
     elif name in ("unshare", "clone", "setns"):
         detail = f"flags={_flags(args[0] if name != 'setns' else args[1], _CLONE_FLAGS)}"
-    elif name == "socket":
+    elif name in ("socket", "socketpair"):
         detail = f"family={_AF.get(args[0] & 0xFFFFFFFF, args[0])}, type={args[1] & 0xF}"
+    elif name in _ARGS:
+        detail = ", ".join(f"{label}={show(args[i])}" for label, i, show in _ARGS[name])
+    elif name == UNKNOWN:
+        detail = f"nr={nr}, " + ", ".join(hex(a) for a in args[:3])
     elif name == "mount":
         detail = f"source={s.get(0)!r}, target={s.get(1)!r}, fstype={s.get(2)!r}"
     elif name in ("chroot", "umount2", "pivot_root", "swapon", "acct"):
@@ -116,7 +166,7 @@ def decode(nr: int, args: Sequence[int], strings: dict[int, str] | None = None) 
         detail = f"fd={_s32(args[0])}"
     else:
         detail = ", ".join(hex(a) for a in args[:3])
-    return Decoded(name=name, nr=nr, args=args, detail=detail)
+    return Decoded(name=name, nr=nr, args=args, detail=detail[:DETAIL_MAX])
 
 
 def _s32(v: int) -> int:
@@ -135,9 +185,12 @@ def decide(nr: int, arch: int, args: Sequence[int], *, net_allow: bool) -> Answe
         if addrlen < 2 or addrlen > 128:
             return Deny(errno.EINVAL)
         return ReadSockaddr(addr=args[1], size=addrlen)
+    check = _argrules.refusal(name, args)
+    if check is not None:
+        return Deny(check.errno)
     if name in _syscalls.DANGEROUS:
         return Deny(errno.EPERM)
-    if name == "socket":
+    if name in ("socket", "socketpair"):
         return Deny(errno.EACCES)  # a family the network policy does not grant
     if name in _NETWORK:
         return Deny(errno.EACCES)

@@ -377,7 +377,8 @@ class Sandbox:
         self._use_zygote = (self._zygote_allowed and self._pid_ns and probe_plan.mount_proc
                             and self._trace is None)
         spec = _bpf.FilterSpec(allow=self.policy.syscalls.names() - set(probe_plan.deny_syscalls),
-                               net_mode=self.policy.net.mode, notify=notify, zygote=self._use_zygote)
+                               net_mode=self.policy.net.mode, notify=notify, zygote=self._use_zygote,
+                               pid_ns=self._pid_ns)
         if self._trace is not None:
             spec = self._trace.filter_spec(notify)
         self._filter = _bpf.compile_filter(spec)

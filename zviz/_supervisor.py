@@ -191,7 +191,7 @@ class Supervisor:
             for i in range(3 if name == "mount" else 1):
                 strings[i] = _kernel.read_child_string(n.pid, n.args[i], 256)
         d = _decide.decode(n.nr, n.args, strings)
-        account.denials[d.name] += 1
+        account.denials[_decide.counter_key(account.denials, d.name)] += 1
         self._on_event(DenialEvent(time=time.time(), pid=n.pid, command=account.command,
                                    syscall=d.name, nr=n.nr, args=d.args, detail=d.detail, errno=err))
 

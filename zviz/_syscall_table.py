@@ -375,7 +375,7 @@ X86_64: dict[str, int] = {
     "futex_wake": 454,
     "futex_wait": 455,
     "futex_requeue": 456,
-    # Newer than libseccomp 2.5.4 (Linux 6.8-6.15); the filter cannot name them,
+    # Newer than libseccomp 2.5.4 (Linux 6.8-6.17); the filter cannot name them,
     # so they fall to its default action (denied and reported).
     "statmount": 457,
     "listmount": 458,
@@ -388,6 +388,8 @@ X86_64: dict[str, int] = {
     "listxattrat": 465,
     "removexattrat": 466,
     "open_tree_attr": 467,
+    "file_getattr": 468,  # 6.17
+    "file_setattr": 469,
 }
 
 BY_NUMBER: dict[int, str] = {nr: name for name, nr in X86_64.items()}

@@ -7,8 +7,9 @@ Others that are denied get ENOSYS, the answer a program expects from a kernel
 that lacks the call, so libraries fall back instead of failing.
 
 Some allowed calls carry argument conditions that the BPF filter checks on
-registers (never on memory): see `_bpf.py` (socket families, clone flags,
-MSG_FASTOPEN).
+registers (never on memory): see `_bpf.py` (socket families, clone flags) and
+`_argrules.py` (set-id modes, MSG_OOB, fcntl and ioctl commands, calls on
+other tasks).
 """
 
 from __future__ import annotations
@@ -38,10 +39,12 @@ GROUPS: dict[str, frozenset[str]] = {
     # Creating processes and threads, and waiting for them. clone is checked:
     # no namespace flags (see _bpf.py). clone3 is answered ENOSYS in-kernel
     # (its flags live in memory), and glibc falls back to clone.
+    # sched_setscheduler: unprivileged policies only, never on pid 1
+    # (pthread_setschedparam, as libzmq calls it; see _argrules.py).
     "@process": frozenset(
         """
         clone fork vfork execve execveat wait4 waitid kill tgkill tkill
-        setpgid setsid sched_setaffinity setpriority
+        setpgid setsid sched_setaffinity setpriority sched_setscheduler
         """.split()
     ),
     # Event loops, timers and signals as fds.
@@ -57,7 +60,7 @@ GROUPS: dict[str, frozenset[str]] = {
     "@file-write": frozenset(
         """
         mkdir mkdirat rmdir unlink unlinkat rename renameat renameat2 link linkat
-        symlink symlinkat chmod fchmod fchmodat chown fchown lchown fchownat
+        symlink symlinkat chmod fchmod fchmodat fchmodat2 chown fchown lchown fchownat
         truncate ftruncate fallocate fsync fdatasync sync_file_range utime utimes
         utimensat futimesat flock sendfile copy_file_range splice tee memfd_create mknod mknodat
         """.split()

@@ -28,8 +28,8 @@ def syscall_label(nr: int, abi: int) -> str:
     """A name that does not mislabel compat calls: an i386 number is not an
     x86_64 one, so ia32 calls keep their number."""
     if abi == 2:
-        return f"ia32:{nr}"
-    return ABI_NAMES.get(abi, "?:") + BY_NUMBER.get(nr, f"syscall_{nr}")
+        return f"ia32:{nr}" if nr < 1024 else "ia32:syscall_unknown"
+    return ABI_NAMES.get(abi, "?:") + BY_NUMBER.get(nr, "syscall_unknown")  # one bucket: keys stay bounded
 
 
 class Monitor:
