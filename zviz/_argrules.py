@@ -215,9 +215,18 @@ def rules(*, net_mode: str, pid_ns: bool) -> dict[str, tuple[Alternative, ...]]:
     return out
 
 
+# A call on another task (or sched_setscheduler to a privileged policy) that
+# reached the supervisor: "not permitted", as the kernel says to a task
+# without the privilege. The caller's own limits stay ENOSYS when the call is
+# not allowed at all (glibc falls back from prlimit64 on ENOSYS only).
+OTHER_TASK = Check("*", (), errno.EPERM, "another task, or a privileged scheduling policy")
+
+
 def refusal(name: str, args: Sequence[int]) -> Check | None:
-    """The hardening check `args` fail, if any (the supervisor's answer)."""
+    """The check `args` fail, if any (the supervisor's answer)."""
     for check in _BY_NAME.get(name, ()):
         if not holds(check.allow, args):
             return check
+    if name == "sched_setscheduler" or (name in SELF_ONLY and args[0] & 0xFFFFFFFF):
+        return OTHER_TASK
     return None

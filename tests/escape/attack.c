@@ -12,6 +12,8 @@
  *   attack forkbomb | memory | fds | disk DIR | spin | flood | conveyor
  *   attack zombies N SECS | daemon | sigcont N | sleepers N
  *   attack memfd MIB SECS | pipes MIB SECS | sockbuf MIB SECS  (memory outside RLIMIT_AS)
+ *   attack setid | socketpair | oob | notifpipe | lease FILE SECS | dnotify
+ *   attack procioctl | mknod | sched | unknown N      (test_filter_hardening.py)
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -40,6 +42,7 @@
 #include <unistd.h>
 #include <arpa/inet.h>
 #include <linux/sched.h>
+#include <sys/sysmacros.h>
 
 #define SAY(...) (printf(__VA_ARGS__), putchar('\n'), fflush(stdout))
 
@@ -335,6 +338,179 @@ static int do_sockbuf(size_t mib, int secs)
     return 0;
 }
 
+/* ---- hardening of the reachable surface (test_filter_hardening.py).
+ * Every call goes through syscall(2), so each argument is the full 64-bit
+ * register we choose: G puts garbage in the high half, which the kernel
+ * drops for int/umode_t arguments. */
+#define G 0xDEADBEEF00000000L
+#define RS(...) syscall(__VA_ARGS__)
+
+static void *idle_thread(void *arg)
+{
+    (void)arg;
+    for (;;)
+        sleep(1);  /* pause() is not in the python preset */
+    return NULL;
+}
+
+static int do_hardening(const char *cmd, const char *a, const char *b)
+{
+    if (!strcmp(cmd, "setid")) {
+        /* each file ends up with no set-id bit if every call is refused */
+        const char *names[] = {"chmod", "chmod-g", "fchmod", "fchmodat", "fchmodat2", "chmod-sgid"};
+        for (unsigned i = 0; i < sizeof names / sizeof *names; i++)
+            close(open(names[i], O_WRONLY | O_CREAT, 0755));
+        report("chmod 06755", RS(SYS_chmod, "chmod", 06755L));
+        report("chmod G|06755", RS(SYS_chmod, "chmod-g", G | 06755L));
+        int fd = open("fchmod", O_RDONLY);
+        report("fchmod 04755", RS(SYS_fchmod, fd, 04755L));
+        report("fchmodat 06755", RS(SYS_fchmodat, AT_FDCWD, "fchmodat", 06755L));
+        report("fchmodat2 04755", RS(452, AT_FDCWD, "fchmodat2", 04755L, 0L));
+        report("chmod 02755", RS(SYS_chmod, "chmod-sgid", 02755L));
+        report("open O_CREAT 06755", RS(SYS_open, "open", (long)(O_WRONLY | O_CREAT), 06755L));
+        report("openat O_CREAT G|04755", RS(SYS_openat, AT_FDCWD, "openat", G | O_WRONLY | O_CREAT, G | 04755L));
+        report("creat 04755", RS(SYS_creat, "creat", 04755L));
+        report("mknod S_IFREG|06755", RS(SYS_mknod, "mknod", (long)(S_IFREG | 06755), 0L));
+        report("mknodat S_IFREG|04755", RS(SYS_mknodat, AT_FDCWD, "mknodat", G | S_IFREG | 04755L, 0L));
+        int t = RS(SYS_open, ".", (long)(O_TMPFILE | O_WRONLY), 04755L);
+        report("open O_TMPFILE 04755", t);
+        if (t >= 0) {
+            char p[64];
+            snprintf(p, sizeof p, "/proc/self/fd/%d", t);
+            report("linkat tmpfile", linkat(AT_FDCWD, p, AT_FDCWD, "tmpfile", AT_SYMLINK_FOLLOW));
+        }
+        report("mkdir 06755", mkdir("dir", 06755));
+        report("chmod 0755 (allowed)", RS(SYS_chmod, "chmod", 0755L));
+        report("open O_CREAT 0644 (allowed)", RS(SYS_open, "plain", (long)(O_WRONLY | O_CREAT), 0644L));
+        return 0;
+    }
+    if (!strcmp(cmd, "socketpair")) {
+        long fams[] = {AF_INET, AF_INET6, AF_NETLINK, 40 /* VSOCK */, 30 /* TIPC */, 17 /* PACKET */,
+                       38 /* ALG */, 44 /* XDP */, G | AF_INET, (1L << 32) | AF_NETLINK};
+        for (unsigned i = 0; i < sizeof fams / sizeof *fams; i++)
+            for (long type = 1; type <= 2; type++) {
+                int sv[2];
+                char what[64];
+                snprintf(what, sizeof what, "socketpair %#lx/%ld", fams[i], type);
+                report(what, RS(SYS_socketpair, fams[i], type, 0L, sv));
+            }
+        int sv[2];
+        report("socketpair AF_UNIX (allowed)", RS(SYS_socketpair, (long)AF_UNIX, (long)SOCK_STREAM, 0L, sv));
+        return 0;
+    }
+    if (!strcmp(cmd, "oob")) {
+        int sv[2];
+        char c = 'x';
+        struct iovec iov = {&c, 1};
+        struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1};
+        struct mmsghdr mm = {.msg_hdr = mh};
+        if (socketpair(AF_UNIX, SOCK_STREAM, 0, sv) < 0)
+            return 1;
+        report("send ordinary (allowed)", RS(SYS_sendto, sv[0], &c, 1L, 0L, 0L, 0L));
+        report("recv ordinary (allowed)", RS(SYS_recvfrom, sv[1], &c, 1L, (long)MSG_DONTWAIT, 0L, 0L));
+        report("sendto MSG_OOB", RS(SYS_sendto, sv[0], &c, 1L, (long)MSG_OOB, 0L, 0L));
+        report("sendto G|MSG_OOB", RS(SYS_sendto, sv[0], &c, 1L, G | MSG_OOB, 0L, 0L));
+        report("sendmsg MSG_OOB", RS(SYS_sendmsg, sv[0], &mh, (long)MSG_OOB));
+        report("sendmmsg MSG_OOB", RS(SYS_sendmmsg, sv[0], &mm, 1L, (long)MSG_OOB));
+        report("recvfrom MSG_OOB", RS(SYS_recvfrom, sv[1], &c, 1L, (long)(MSG_OOB | MSG_DONTWAIT), 0L, 0L));
+        report("recvfrom MSG_OOB|MSG_PEEK", RS(SYS_recvfrom, sv[1], &c, 1L, (long)(MSG_OOB | MSG_PEEK), 0L, 0L));
+        report("recvmsg MSG_OOB", RS(SYS_recvmsg, sv[1], &mh, G | MSG_OOB | MSG_DONTWAIT));
+        report("recvmmsg MSG_OOB", RS(SYS_recvmmsg, sv[1], &mm, 1L, (long)(MSG_OOB | MSG_DONTWAIT), 0L));
+        return 0;
+    }
+    if (!strcmp(cmd, "notifpipe")) {
+        int p[2];
+        report("pipe2 O_NOTIFICATION_PIPE", RS(SYS_pipe2, p, 0200L));
+        report("pipe2 G|O_NOTIFICATION_PIPE", RS(SYS_pipe2, p, G | 0200L | O_CLOEXEC));
+        report("pipe2 O_CLOEXEC (allowed)", RS(SYS_pipe2, p, (long)O_CLOEXEC));
+        return 0;
+    }
+    if (!strcmp(cmd, "lease")) {
+        /* a write lease on a workdir file: the host's open would break it */
+        int fd = open(a, O_RDWR);
+        report("F_SETLEASE G|F_WRLCK", RS(SYS_fcntl, fd, G | F_SETLEASE, (long)F_WRLCK));
+        report("F_SETLEASE F_WRLCK", RS(SYS_fcntl, fd, (long)F_SETLEASE, (long)F_WRLCK));
+        report("F_SETLEASE F_RDLCK", RS(SYS_fcntl, fd, (long)F_SETLEASE, (long)F_RDLCK));
+        report("F_GETLEASE (allowed)", RS(SYS_fcntl, fd, (long)F_GETLEASE, 0L));
+        SAY("holding");
+        sleep(atoi(b));
+        return 0;
+    }
+    if (!strcmp(cmd, "dnotify")) {
+        int fd = open(".", O_RDONLY | O_DIRECTORY);
+        report("F_NOTIFY", RS(SYS_fcntl, fd, (long)F_NOTIFY, (long)(DN_CREATE | DN_MULTISHOT)));
+        report("F_NOTIFY 1<<32", RS(SYS_fcntl, fd, (1L << 32) | F_NOTIFY, (long)DN_CREATE));
+        report("F_SETSIG (allowed)", RS(SYS_fcntl, fd, (long)F_SETSIG, 0L));
+        report("F_GETFD (allowed)", RS(SYS_fcntl, fd, (long)F_GETFD, 0L));
+        return 0;
+    }
+    if (!strcmp(cmd, "procioctl")) {
+        unsigned long long arg[16] = {96}, q[13] = {104};
+        q[2] = (unsigned long)&do_hardening;
+        int pm = open("/proc/self/pagemap", O_RDONLY), maps = open("/proc/self/maps", O_RDONLY);
+        SAY("opened: %d %d", pm, maps);
+        report("PAGEMAP_SCAN", RS(SYS_ioctl, pm, 0xC0606610L, arg));
+        report("PAGEMAP_SCAN sign-extended", RS(SYS_ioctl, pm, (long)(int)0xC0606610, arg));
+        report("PAGEMAP_SCAN G", RS(SYS_ioctl, pm, G | 0xC0606610L, arg));
+        report("PROCMAP_QUERY", RS(SYS_ioctl, maps, 0xC0686611L, q));
+        report("PROCMAP_QUERY G", RS(SYS_ioctl, maps, G | 0xC0686611L, q));
+        report("FIONREAD on a pipe (allowed)", ({ int p[2], n; pipe(p); RS(SYS_ioctl, p[0], (long)FIONREAD, &n); }));
+        return 0;
+    }
+    if (!strcmp(cmd, "mknod")) {
+        report("mknod FIFO (allowed)", mknod("fifo", S_IFIFO | 0644, 0));
+        report("mknod S_IFREG (allowed)", mknod("reg", S_IFREG | 0644, 0));
+        report("mknod S_IFSOCK", mknod("sock", S_IFSOCK | 0644, 0));
+        report("mknodat S_IFSOCK G", RS(SYS_mknodat, AT_FDCWD, "sock2", G | S_IFSOCK | 0644, 0L));
+        report("mknod S_IFCHR 1:3", mknod("null", S_IFCHR | 0666, makedev(1, 3)));
+        report("mknod S_IFIFO|S_ISUID", mknod("fifo2", S_IFIFO | S_ISUID | 0644, 0));
+        return 0;
+    }
+    if (!strcmp(cmd, "sched")) {
+        /* what libzmq does on its own threads, then what would harm pid 1
+         * (only inside a sandbox: pid 1 must be zviz-init, comm _zviz_init) */
+        char comm[32] = "";
+        int cf = open("/proc/1/comm", O_RDONLY);
+        if (cf < 0 || read(cf, comm, sizeof comm - 1) < 0 || strncmp(comm, "_zviz_init", 10)) {
+            SAY("sched: pid 1 is not zviz-init [%s]: refusing to run", comm);
+            return 3;
+        }
+        pthread_t t;
+        struct sched_param sp = {0};
+        pthread_create(&t, NULL, idle_thread, NULL);
+        errno = pthread_setschedparam(t, SCHED_OTHER, &sp);
+        report("pthread_setschedparam thread SCHED_OTHER (allowed)", errno ? -1 : 0);
+        errno = pthread_setschedparam(t, SCHED_BATCH, &sp);
+        report("pthread_setschedparam thread SCHED_BATCH (allowed)", errno ? -1 : 0);
+        errno = pthread_setschedparam(t, SCHED_IDLE, &sp);
+        report("pthread_setschedparam thread SCHED_IDLE (allowed)", errno ? -1 : 0);
+        report("sched_setscheduler self SCHED_OTHER (allowed)", RS(SYS_sched_setscheduler, 0L, 0L, &sp));
+        sp.sched_priority = 1;
+        errno = pthread_setschedparam(t, SCHED_FIFO, &sp);
+        report("pthread_setschedparam thread SCHED_FIFO", errno ? -1 : 0);
+        report("sched_setscheduler self SCHED_RR", RS(SYS_sched_setscheduler, 0L, (long)SCHED_RR, &sp));
+        sp.sched_priority = 0;
+        report("sched_setscheduler 1 SCHED_IDLE", RS(SYS_sched_setscheduler, 1L, (long)SCHED_IDLE, &sp));
+        report("sched_setscheduler 1 SCHED_BATCH", RS(SYS_sched_setscheduler, 1L, (long)SCHED_BATCH, &sp));
+        report("sched_setscheduler 1<<32|1 SCHED_IDLE", RS(SYS_sched_setscheduler, (1L << 32) | 1, (long)SCHED_IDLE, &sp));
+        report("sched_setscheduler G|1 SCHED_IDLE", RS(SYS_sched_setscheduler, G | 1, (long)SCHED_IDLE, &sp));
+        report("sched_setscheduler 1 G|SCHED_IDLE", RS(SYS_sched_setscheduler, 1L, G | SCHED_IDLE, &sp));
+        report("sched_setparam 1", RS(SYS_sched_setparam, 1L, &sp));
+        report("sched_getscheduler 1", RS(SYS_sched_getscheduler, 1L));
+        return 0;
+    }
+    if (!strcmp(cmd, "unknown")) {
+        /* distinct numbers outside the x86_64 table (x32's bit stays clear) */
+        long n = atol(a), refused = 0;
+        for (long i = 0; i < n; i++)
+            if (RS(1000 + i * 7919 % 0x3FF00000L, 0L, 0L, 0L) < 0)
+                refused++;
+        SAY("unknown: %ld calls, %ld refused", n, refused);
+        return 0;
+    }
+    return -1;
+}
+
 int main(int argc, char **argv)
 {
     if (argc < 2)
@@ -342,6 +518,9 @@ int main(int argc, char **argv)
     const char *cmd = argv[1];
     const char *a = argc > 2 ? argv[2] : "";
     const char *b = argc > 3 ? argv[3] : "";
+    int hardening = do_hardening(cmd, a, b);
+    if (hardening >= 0)
+        return hardening;
 
     if (!strcmp(cmd, "read"))
         return do_read(a);
