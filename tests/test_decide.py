@@ -108,3 +108,15 @@ def test_fuzz_notification_decoder(raw):
 def test_fuzz_sockaddr(raw):
     ans = _decide.decide_connect(3, raw, frozenset({("127.0.0.1", 80)}))
     assert isinstance(ans, (_decide.Deny, _decide.PerformConnect))
+
+
+def test_calls_on_other_tasks_are_not_permitted():
+    def ans(name, *args):
+        return _decide.decide(X86_64[name], X86, list(args) + [0] * (6 - len(args)), net_allow=False)
+    assert ans("prlimit64", 1, 7) == _decide.Deny(errno.EPERM)
+    assert ans("prlimit64", 0, 7) == _decide.Deny(errno.ENOSYS)  # its own: only refused if not allowed at all
+    assert ans("sched_setscheduler", 1, 5) == _decide.Deny(errno.EPERM)
+    assert ans("sched_setscheduler", 0, 1) == _decide.Deny(errno.EPERM)  # SCHED_FIFO
+    assert ans("setpriority", 1, 0, 19) == _decide.Deny(errno.EPERM)  # PRIO_PGRP
+    assert ans("setpriority", 0, 1, 19) == _decide.Deny(errno.EPERM)
+    assert ans("ioprio_set", 1, 0, 0) == _decide.Deny(errno.ENOSYS)

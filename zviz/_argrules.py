@@ -227,6 +227,6 @@ def refusal(name: str, args: Sequence[int]) -> Check | None:
     for check in _BY_NAME.get(name, ()):
         if not holds(check.allow, args):
             return check
-    if name == "sched_setscheduler" or (name in SELF_ONLY and args[0] & 0xFFFFFFFF):
+    if name in SELF_ONLY and not holds(SELF_ONLY[name], args):
         return OTHER_TASK
     return None

@@ -278,3 +278,81 @@ def test_python_programs_unaffected(attack_bin, identity):
 
     out, err, denials = run_as(identity, trio.run, main)
     assert out == b"ok\n" and not denials, (out, err, denials)
+
+
+@pytest.fixture(scope="session")
+def zmq_venv():
+    """A venv with pyzmq (its wheel bundles libzmq), made once per session;
+    skipped where the package index cannot be reached."""
+    import subprocess
+    import tempfile
+
+    d = tempfile.mkdtemp(prefix="zmq-venv-")
+    os.chmod(d, 0o755)
+    base = "/usr/bin/python3"  # the interpreter the python preset exposes (not a pyenv build under /root)
+    if not os.path.exists(base):
+        pytest.skip("no /usr/bin/python3 to build the pyzmq venv from")
+    try:
+        subprocess.run([base, "-m", "venv", d], check=True, capture_output=True, timeout=120)
+        subprocess.run([os.path.join(d, "bin", "pip"), "install", "-q", "pyzmq"], check=True, capture_output=True,
+                       timeout=300)
+    except (subprocess.SubprocessError, OSError) as e:
+        pytest.skip(f"cannot build a venv with pyzmq here ({e}): needs python3-venv and the package index")
+    yield d
+    import shutil
+
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_pyzmq_context_and_socket_run(zmq_venv, identity):
+    """libzmq's I/O threads call pthread_setschedparam(SCHED_OTHER, 0) on
+    themselves: before, the refusal made libzmq abort (SIGABRT)."""
+    probe = textwrap.dedent("""
+        import zmq
+        ctx = zmq.Context()
+        a, b = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+        a.bind("inproc://x"); b.connect("inproc://x")
+        a.send(b"ping"); print(b.recv().decode())
+        a.close(); b.close(); ctx.term()
+    """)
+
+    async def main():
+        async with zviz.open_sandbox(zviz.Policy.python().with_paths(read_only=[zmq_venv])) as sb:
+            r = await sb.run([os.path.join(zmq_venv, "bin", "python"), "-c", probe], timeout=60)
+            return r.status, r.signal, r.stdout, r.stderr[-2000:], dict(r.denials)
+
+    status, sig, out, err, denials = run_as(identity, trio.run, main)
+    assert (status, sig, out) == (0, None, b"ping\n"), (status, sig, out, err, denials)
+    assert not denials, denials
+
+
+def test_sigio_owner_cannot_reach_the_zygote(identity):
+    """F_SETOWN/F_SETSIG stay allowed (asyncio and friends use them): the
+    signal they arm goes through the same checks as kill(). Armed at pid 1
+    with SIGKILL and SIGSTOP, and at process group 1: the zygote survives,
+    is not stopped, and serves the next command."""
+    probe = textwrap.dedent("""
+        import fcntl, os, socket, sys
+        target, sig = int(sys.argv[1]), int(sys.argv[2])
+        a, b = socket.socketpair()
+        fcntl.fcntl(a, fcntl.F_SETOWN, target)
+        fcntl.fcntl(a, 10, sig)  # F_SETSIG
+        fcntl.fcntl(a, fcntl.F_SETFL, fcntl.fcntl(a, fcntl.F_GETFL) | os.O_ASYNC)
+        b.send(b"x")
+        print("fired")
+    """)
+
+    async def main():
+        async with zviz.open_sandbox(zviz.Policy.python()) as sb:
+            await sb.run(["true"])
+            zygote = _sandbox_init(os.getpid())
+            states = []
+            for target, sig in ((1, 9), (1, 19), (-1, 9)):  # -1: group 1, which holds the command itself
+                await sb.run(["python3", "-c", probe, str(target), str(sig)], timeout=10)
+                with open(f"/proc/{zygote}/stat") as f:
+                    states.append(f.read().rsplit(")", 1)[1].split()[0])
+                assert (await sb.run(["echo", "next"])).stdout == b"next\n"
+            return states, _sandbox_init(os.getpid()) == zygote
+
+    states, same = run_as(identity, trio.run, main)
+    assert same and "T" not in states and "Z" not in states, states

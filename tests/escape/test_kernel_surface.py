@@ -38,9 +38,15 @@ def test_namespace_creation_via_clone(attack):
 
 # x86_64 numbers for x32 (ptrace 101, unshare 272, bpf 321, setns 308, io_uring_setup 425,
 # keyctl 250, reboot 169); i386 numbers for int 0x80 (ptrace 26, unshare 310, bpf 357,
-# setns 346, socketcall 102, keyctl 288, reboot 88).
-X32_CALLS = ["getpid", "mount", "101", "272", "321", "308", "425", "250", "169"]
-INT80_CALLS = ["getpid", "mount", "26", "310", "357", "346", "102", "288", "88"]
+# setns 346, socketcall 102, keyctl 288, reboot 88). Then the calls whose arguments
+# the native filter checks (test_filter_hardening.py), which another ABI must not
+# reach unchecked: x32 chmod 90, socketpair 53, fcntl 72, ioctl 514, recvmsg 519,
+# pipe2 293, sched_setscheduler 144, mknod 133; i386 chmod 15, mknod 14, ioctl 54,
+# fcntl 55, pipe2 331, sched_setscheduler 156, fchmodat2 452.
+X32_CALLS = ["getpid", "mount", "101", "272", "321", "308", "425", "250", "169",
+             "90", "53", "72", "514", "519", "293", "144", "133"]
+INT80_CALLS = ["getpid", "mount", "26", "310", "357", "346", "102", "288", "88",
+               "15", "14", "54", "55", "331", "156", "452"]
 
 
 @pytest.mark.parametrize(("abi", "call"), [("x32", c) for c in X32_CALLS] + [("int80", c) for c in INT80_CALLS])
