@@ -148,8 +148,8 @@ HARDENING: tuple[Check, ...] = (
     # refuses them anyway: no CAP_MKNOD)
     Check("mknod", _MKNOD_TYPES, errno.EPERM, "file type or set-id bits"),
     Check("mknodat", tuple(((2, m, v),) for ((_, m, v),) in _MKNOD_TYPES), errno.EPERM, "file type or set-id bits"),
-    # MSG_OOB: unix-socket out-of-band data (CVE-2025-38236, CVE-2024-26923
-    # class); answered like a kernel built without it
+    # MSG_OOB: unix-socket out-of-band data (CVE-2025-38236, a use-after-free
+    # used to escape a browser sandbox); answered like a kernel built without it
     *(Check(name, bits_clear(arg, MSG_OOB), errno.EOPNOTSUPP, "MSG_OOB")
       for name, arg in (("sendto", 3), ("sendmsg", 2), ("sendmmsg", 3),
                         ("recvfrom", 3), ("recvmsg", 2), ("recvmmsg", 3))),
