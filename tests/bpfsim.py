@@ -12,6 +12,28 @@ ALLOW, NOTIFY, KILL_PROCESS = 0x7FFF0000, 0x7FC00000, 0x80000000
 ERRNO = 0x00050000
 
 
+def _alu(op: int, a: int, src: int) -> int:
+    if op == 0x00:
+        r = a + src
+    elif op == 0x10:
+        r = a - src
+    elif op == 0x20:
+        r = a * src
+    elif op == 0x40:
+        r = a | src
+    elif op == 0x50:
+        r = a & src
+    elif op == 0x60:
+        r = a << (src & 31)
+    elif op == 0x70:
+        r = a >> (src & 31)
+    elif op == 0xA0:
+        r = a ^ src
+    else:
+        raise ValueError(f"alu op {op:#x}")
+    return r & 0xFFFFFFFF
+
+
 def run(prog: bytes, nr: int, args=(), arch: int = AUDIT_ARCH_X86_64) -> tuple[int, int]:
     """(return value, instructions executed)."""
     args = list(args) + [0] * (6 - len(args))
@@ -42,10 +64,7 @@ def run(prog: bytes, nr: int, args=(), arch: int = AUDIT_ARCH_X86_64) -> tuple[i
             mem[k] = x
         elif cls == 0x04:  # ALU
             op, src = code & 0xF0, (x if code & 0x08 else k)
-            alu = {0x00: lambda: a + src, 0x10: lambda: a - src, 0x20: lambda: a * src, 0x40: lambda: a | src,
-                   0x50: lambda: a & src, 0x60: lambda: a << (src & 31), 0x70: lambda: a >> (src & 31),
-                   0xA0: lambda: a ^ src}
-            a = alu[op]() & 0xFFFFFFFF
+            a = _alu(op, a, src)
         elif cls == 0x05:  # JMP
             op, src = code & 0xF0, (x if code & 0x08 else k)
             if op == 0x00:

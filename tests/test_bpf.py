@@ -5,10 +5,10 @@ import struct
 import attrs
 import pytest
 
-from . import bpfsim
-
 from zviz import _argrules, _bpf, _syscalls
 from zviz._syscall_table import X86_64
+
+from . import bpfsim
 
 BPF_LD_W_ABS, BPF_JEQ_K, BPF_JGE_K, BPF_RET_K = 0x20, 0x15, 0x35, 0x06
 RET_KILL_PROCESS = 0x80000000

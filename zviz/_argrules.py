@@ -78,7 +78,7 @@ def values_except(arg: int, refused: Iterable[int], bits: int, *, high_zero: boo
         if not points:
             out.append(((arg, mask | high, value),))
             return
-        if len(points) == 1 << bin(free).count("1"):
+        if len(points) == 1 << free.bit_count():
             return  # the whole sub-cube is refused
         p0 = next(iter(points))
         agree = [1 << b for b in range(bits - 1, -1, -1)

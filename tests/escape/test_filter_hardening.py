@@ -326,6 +326,11 @@ def test_pyzmq_context_and_socket_run(zmq_venv, identity):
     assert not denials, denials
 
 
+def _state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
 def test_sigio_owner_cannot_reach_the_zygote(identity):
     """F_SETOWN/F_SETSIG stay allowed (asyncio and friends use them): the
     signal they arm goes through the same checks as kill(). Armed at pid 1
@@ -349,8 +354,7 @@ def test_sigio_owner_cannot_reach_the_zygote(identity):
             states = []
             for target, sig in ((1, 9), (1, 19), (-1, 9)):  # -1: group 1, which holds the command itself
                 await sb.run(["python3", "-c", probe, str(target), str(sig)], timeout=10)
-                with open(f"/proc/{zygote}/stat") as f:
-                    states.append(f.read().rsplit(")", 1)[1].split()[0])
+                states.append(_state(zygote))
                 assert (await sb.run(["echo", "next"])).stdout == b"next\n"
             return states, _sandbox_init(os.getpid()) == zygote
 
