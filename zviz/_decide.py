@@ -118,8 +118,8 @@ _ARGS = {
     "pipe2": (("flags", 1, oct),),
     "fcntl": (("fd", 0, _fd), ("cmd", 1, lambda v: _FCNTL.get(v, hex(v)))),
     "ioctl": (("fd", 0, _fd), ("request", 1, lambda v: _IOCTL.get(v & 0xFFFFFFFF, hex(v)))),
-    **{n: (("pid", 0, lambda v: hex(v) if v >> 32 else str(v)), ("policy", 1, lambda v: _SCHED.get(v, hex(v))))
-       for n in ("sched_setscheduler",)},
+    "sched_setscheduler": (("pid", 0, lambda v: hex(v) if v >> 32 else str(v)),
+                           ("policy", 1, lambda v: _SCHED.get(v, hex(v)))),
 }
 _AF = {1: "AF_UNIX", 2: "AF_INET", 10: "AF_INET6", 16: "AF_NETLINK", 17: "AF_PACKET", 3: "AF_AX25",
        4: "AF_IPX", 5: "AF_APPLETALK", 38: "AF_ALG", 40: "AF_VSOCK", 44: "AF_XDP"}
