@@ -29,7 +29,7 @@ def plan(policy=None, h=None, workdir="/tmp/zviz-w"):
 def test_unprivileged_maps_own_uid_and_denies_setgroups():
     p = plan()
     assert p.clone_flags & _kernel.CLONE_NEWUSER and p.clone_flags & _kernel.CLONE_NEWPID
-    assert not p.clone_flags & _kernel.CLONE_NEWNET  # net ns only when the policy needs one
+    assert p.clone_flags & _kernel.CLONE_NEWNET  # every network mode has its own namespace
     assert p.uid_map == "1000 1000 1\n" and p.deny_setgroups and not p.drop_groups
     assert p.uid == 1000 and p.host_uid == 1000
     assert not p.degraded
@@ -228,3 +228,23 @@ def test_disk_limit_root_only():
     assert plan(pol, host(euid=0)).disk == 1024**3
     p = plan(pol, host())
     assert p.disk is None and any("fs.disk is not enforced" in d for d in p.degraded)
+
+
+def test_network_namespace_per_mode_and_where_it_cannot_be_made():
+    for mode, allow in (("none", ()), ("loopback", ()), ("allow", ["127.0.0.1:80"])):
+        p = plan(Policy(net=Network(mode=mode, allow=allow)))
+        assert p.clone_flags & _kernel.CLONE_NEWNET, mode
+        assert p.loopback_up == (mode == "loopback")  # allow: an empty namespace, its loopback down
+    # no user namespace and not root: none degrades loudly, the others refuse
+    p = plan(h=host(userns=False, userns_reason="sysctl"))
+    assert not p.clone_flags & _kernel.CLONE_NEWNET
+    assert any("net namespace off" in d and "abstract unix socket names" in d for d in p.degraded)
+    with pytest.raises(PolicyError, match="network namespaces can be created"):
+        plan(Policy(net=Network(mode="allow", allow=["127.0.0.1:80"]), namespaces=_ns(user=False)),
+             h=host(userns=False, userns_reason="sysctl"))
+
+
+def _ns(**kw):
+    from zviz import Namespaces
+
+    return Namespaces(**kw)

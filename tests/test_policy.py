@@ -76,11 +76,12 @@ def test_sizes_and_false_means_no_limit():
     assert Limits(memory=False).memory is None
 
 
-def test_loopback_implies_net_namespace_and_allow_forbids_it():
-    p = Policy.python(net=Network(mode="loopback"))
-    assert p.namespaces.net is True
-    with pytest.raises(PolicyError, match="namespaces.net"):
-        Policy.python(net=Network(mode="allow", allow=["127.0.0.1:80"]), namespaces=Namespaces(net=True))
+def test_every_net_mode_has_its_own_namespace():
+    assert Policy.python().namespaces.net is True  # none: the default follows the mode
+    assert Policy.python(namespaces=Namespaces(net=False)).namespaces.net is False  # none: an explicit opt-out
+    for mode, allow in (("loopback", ()), ("allow", ["127.0.0.1:80"])):
+        p = Policy.python(net=Network(mode=mode, allow=allow), namespaces=Namespaces(net=False))
+        assert p.namespaces.net is True, mode
 
 
 def test_endpoint_parse_and_str():

@@ -99,7 +99,7 @@ def _policy_from_args(a: argparse.Namespace) -> Policy:
             if any(m in ("none", "loopback") for m in a.net):
                 raise PolicyError("--net", a.net, "either one of none/loopback, or HOST:PORT entries")
             net = Network(mode="allow", allow=[Endpoint.parse(m) for m in a.net])
-        policy = attrs.evolve(policy, net=net, namespaces=attrs.evolve(policy.namespaces, net=net.mode == "loopback"))
+        policy = attrs.evolve(policy, net=net)
     lim = policy.limits
     if a.timeout is not None:
         lim = attrs.evolve(lim, wall_s=a.timeout)

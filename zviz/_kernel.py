@@ -380,6 +380,64 @@ def notif_set_sync_wakeup(listener: OwnedFd) -> bool:
     return True
 
 
+def notif_addfd(listener: OwnedFd, nid: int, src: int, target_fd: int, *, cloexec: bool) -> bool:
+    """Install `src` in the notifying task's fd table as number `target_fd`
+    (SECCOMP_ADDFD_FLAG_SETFD: an open `target_fd` is closed and replaced
+    atomically, as dup2 would). The task does the install itself when it
+    wakes, still inside the notified call, which stays blocked until we
+    answer it. False when the task is gone or was interrupted (ENOENT)."""
+    buf = bytearray(_ADDFD.pack(nid, SECCOMP_ADDFD_FLAG_SETFD, src, target_fd, os.O_CLOEXEC if cloexec else 0))
+    try:
+        fcntl.ioctl(listener.fd, IOCTL_NOTIF_ADDFD, buf, True)
+    except OSError as e:
+        if e.errno == errno.ENOENT:
+            return False
+        raise
+    return True
+
+
+PIDFD_THREAD = os.O_EXCL  # linux 6.9+: a pidfd for one thread (readable when that thread exits)
+
+
+def pidfd_open_task(tid: int) -> OwnedFd:
+    """A pidfd for the notifying task: a thread pidfd where the kernel has
+    them (any thread can notify; its pidfd turns readable when it exits),
+    else the process's (only a thread-group leader has one)."""
+    try:
+        return OwnedFd(os.pidfd_open(tid, PIDFD_THREAD), f"pidfd-task-{tid}")
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+    return OwnedFd(os.pidfd_open(tid), f"pidfd-task-{tid}")
+
+
+def fd_cloexec(tid: int, fd: int) -> bool:
+    """Whether `fd` of task `tid` is close-on-exec (its fdinfo `flags:` are octal)."""
+    with open(f"/proc/{tid}/fdinfo/{fd}", "rb") as f:
+        for line in f:
+            if line.startswith(b"flags:"):
+                return bool(int(line.split()[1], 8) & os.O_CLOEXEC)
+    return False
+
+
+def host_fd_shortage(step: str, err: OSError) -> OSError:
+    """An EMFILE/ENFILE met on the host side, as an error that names the limit
+    and the fix; any other error unchanged."""
+    if err.errno == errno.EMFILE:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        return SandboxSetupError(step, errno.EMFILE, None,
+                                 f"this host process is out of file descriptors (RLIMIT_NOFILE soft limit {soft}, "
+                                 f"hard {hard}): raise it (`ulimit -n`, resource.setrlimit) or run fewer "
+                                 "sandboxes or connections at once")
+    if err.errno == errno.ENFILE:
+        return SandboxSetupError(step, errno.ENFILE, None,
+                                 "the host is out of file descriptors system-wide (sysctl fs.file-max): raise it "
+                                 "or run fewer sandboxes at once")
+    return err
+
+
 def read_child_memory(pid: int, addr: int, size: int) -> bytes:
     """Read from the sandboxed task's memory (for decoding and deciding only;
     anything read here may change before the task resumes, so a decision based

@@ -481,9 +481,12 @@ def plan_spawn(policy: Policy, host: Host, *, argv: tuple[str, ...], exe: str, w
         if on and can_ns:
             flags |= flag
         elif on:
-            degraded.append(f"{name} namespace off (needs a user namespace or root)")
-    if policy.net.mode == "loopback" and not flags & _linux.CLONE_NEWNET:
-        raise PolicyError("net.mode", "loopback", "a host where network namespaces can be created")
+            degraded.append(f"{name} namespace off (needs a user namespace or root)"
+                            + (": the sandbox can bind the host's abstract unix socket names and read the "
+                               "host's interfaces through AF_UNIX socket ioctls" if name == "net" else ""))
+    if policy.net.mode in ("loopback", "allow") and not flags & _linux.CLONE_NEWNET:
+        raise PolicyError("net.mode", policy.net.mode,
+                          "a host where network namespaces can be created (user namespaces, or root)")
 
     if userns:
         host_uid, host_gid = (NOBODY, NOBODY) if root else (host.euid, host.egid)

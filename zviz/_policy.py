@@ -284,17 +284,23 @@ DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 
 @attrs.frozen(kw_only=True)
 class Namespaces:
-    """Which Linux namespaces each command gets. `net` is off unless the network
-    mode needs it (loopback): the seccomp socket-family filter already keeps
-    `none` off the network, and a network namespace costs ~0.6 ms per spawn
-    (measured here) plus an asynchronous teardown in the kernel."""
+    """Which Linux namespaces each command gets. Every network mode gets its
+    own network namespace (`net`, on by default): in `none` it keeps the
+    sandbox out of the host's abstract unix socket names (Landlock's scope
+    stops connecting to them, not binding them) and away from the host's
+    interfaces (AF_UNIX socket ioctls such as SIOCGIFCONF); in `loopback` it
+    is the private loopback; in `allow` the sandbox's own sockets live in an
+    empty namespace and only the supervisor's connections reach the host's
+    network. With the zygote it is made once per sandbox. `net = False` is
+    accepted for `none` only (the host's abstract names are then in reach);
+    `loopback` and `allow` always set it."""
 
     user: bool = True
     pid: bool = True
     mount: bool = True
     ipc: bool = True
     uts: bool = True
-    net: bool = False
+    net: bool = True
 
     def __attrs_post_init__(self) -> None:
         for f in attrs.fields(Namespaces):
@@ -331,14 +337,14 @@ class Policy:
                            ("limits", Limits), ("namespaces", Namespaces)):
             if not isinstance(getattr(self, fname), typ):
                 raise PolicyError(fname, getattr(self, fname), f"a zviz.{typ.__name__}")
-        if self.net.mode == "loopback" and not self.namespaces.net:
-            # loopback means a private loopback: that needs the network namespace.
+        if self.net.mode in ("loopback", "allow") and not self.namespaces.net:
+            # loopback means a private loopback; allow means the sandbox's own
+            # sockets see nothing (an autobound listener, sticky socket options
+            # stay inside) and the supervisor connects from the host's network.
             object.__setattr__(self, "namespaces", attrs.evolve(self.namespaces, net=True))
-        if self.net.mode == "allow" and self.namespaces.net:
-            raise PolicyError("namespaces.net", True,
-                              "false with net.mode = 'allow' (connections are made in the host's network)")
-        if self.net.mode == "loopback" and not self.namespaces.user and os.geteuid() != 0:
-            raise PolicyError("net.mode", "loopback", "namespaces.user = true (a private loopback needs it)")
+        if self.net.mode in ("loopback", "allow") and not self.namespaces.user and os.geteuid() != 0:
+            raise PolicyError("net.mode", self.net.mode,
+                              "namespaces.user = true (its private network namespace needs it)")
         if not isinstance(self.name, str):
             raise PolicyError("name", self.name, "a string")
 

@@ -811,6 +811,8 @@ class Sandbox:
         if proc._status is None:
             proc.kill()
         await proc.wait()
+        if self._supervisor is not None:
+            await self._supervisor.flush()  # its denials' events are out
         if proc._listener_done is not None:
             # The listener hangs up once no task of its filter is left; the
             # supervisor answers what is pending first.

@@ -17,6 +17,7 @@ ENOENT from SEND (the child was interrupted or died) is expected.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -31,6 +32,20 @@ import attrs
 
 from . import _decide, _kernel
 from ._kernel import OwnedFd
+
+
+MAX_CONNECTS = 64  # connects in flight per sandbox (past it: EAGAIN, and an event)
+CONNECT_READ_DEADLINE = 1.0  # s to read a connect's sockaddr (past it: EFAULT)
+DECODE_DEADLINE = 0.1  # s to read one string argument of a denied call (past it: unread)
+DECODE_QUEUE = 64  # denials waiting for their strings (past it: the event goes out without them)
+READERS = 2  # worker threads reading one sandbox's memory at once
+VALID_POLL_S = 0.25  # a pending connect re-checks its notification this often
+# the string arguments read for an event: the first N arguments
+_STRING_ARGS = {"mount": 3, "chroot": 1, "umount2": 1, "pivot_root": 1, "swapon": 1, "acct": 1}
+# options a program may set before connect() that the supervisor's socket carries over
+_CARRIED_OPTIONS = ((socket.IPPROTO_TCP, socket.TCP_NODELAY), (socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+                    (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE), (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+                    (socket.IPPROTO_TCP, socket.TCP_KEEPCNT))
 
 
 @attrs.frozen(kw_only=True)
@@ -90,11 +105,23 @@ class Supervisor:
         self._watched: dict[int, _Watched] = {}
         self._scope: anyio.CancelScope | None = None
         self._connects: set[anyio.CancelScope] = set()
+        self._connects_live = 0
         self._stopped = False
         self.sync_wakeup = False
         self.connect_timeout = 30.0
+        self.max_connects = min(MAX_CONNECTS, _HOST_CONNECTS.limit)
         self.notifications = 0
         self.listeners_served = 0
+        self.connects_abandoned = 0
+        self.host_fd_shortages = 0
+        self.reads_timed_out = 0
+        self.decodes_skipped = 0
+        self._readers = anyio.CapacityLimiter(READERS)
+        self._decode_send, self._decode_recv = anyio.create_memory_object_stream[
+            tuple[_kernel.Notification, int, RunAccount, int]](DECODE_QUEUE)
+        self._decodes_pending = 0
+        self._decodes_idle = anyio.Event()
+        self._decoder_started = False
 
     async def run(self) -> None:
         """The supervisor's task (start it with start_soon in the sandbox's task
@@ -107,6 +134,9 @@ class Supervisor:
             if self._stopped:
                 scope.cancel()
             try:
+                if not self._stopped:
+                    self._decoder_started = True
+                    self._tg.start_soon(self._decoder)
                 while True:
                     await anyio.wait_readable(self._ep.fileno())
                     for fd, ev in self._ep.poll(0):
@@ -117,10 +147,11 @@ class Supervisor:
                             n = _kernel.notif_recv(w.listener)
                             if n is not None:
                                 account = w.account if w.resolve is None else w.resolve(n.pid)
-                                await self._handle(w.listener, w.pidfd, account, n)
+                                self._handle(w.listener, w.pidfd, account, n)
                         elif ev & (select.EPOLLHUP | select.EPOLLERR):
                             self._forget(fd)  # no task of this filter is left
             finally:
+                self._decode_send.close()
                 for fd in list(self._watched):
                     self._forget(fd)
                 anyio.notify_closing(self._ep.fileno())
@@ -138,6 +169,9 @@ class Supervisor:
         """End the supervisor (after teardown has killed the processes, their
         listeners have usually hung up already)."""
         self._stopped = True
+        self._decode_send.close()
+        if not self._decoder_started:
+            self._decode_recv.close()
         if self._scope is not None:
             self._scope.cancel()
         for scope in list(self._connects):
@@ -158,8 +192,7 @@ class Supervisor:
         self.listeners_served += 1
         return done
 
-    async def _handle(self, listener: OwnedFd, pidfd: OwnedFd, account: RunAccount,
-                      n: _kernel.Notification) -> None:
+    def _handle(self, listener: OwnedFd, pidfd: OwnedFd, account: RunAccount, n: _kernel.Notification) -> None:
         self.notifications += 1
         account.notifications += 1
         if self._learner is not None and n.arch == _decide.AUDIT_ARCH_X86_64 and self._learner(n):
@@ -167,101 +200,248 @@ class Supervisor:
             return
         answer = _decide.decide(n.nr, n.arch, n.args, net_allow=self._net_allow)
         if isinstance(answer, _decide.ReadSockaddr):
-            try:
-                data = _kernel.read_child_memory(n.pid, answer.addr, answer.size)
-            except (OSError, ValueError, OverflowError):
-                data = b""
-            # The read is only meaningful if the task is still the one waiting.
-            if not _kernel.notif_id_valid(listener, n.id):
+            # Everything after this point may wait (the child's memory, the
+            # remote end): a task of its own, within the connect caps.
+            if not self._take_connect_slot():
+                self._record(n, errno.EAGAIN, account,
+                             detail=f"fd={_decide_fd(n)}: not attempted, {self.max_connects} connects of this sandbox "
+                             f"(or {_HOST_CONNECTS.limit} of this host process) are in flight")
+                _kernel.notif_send(listener, n.id, error=errno.EAGAIN)
                 return
-            answer = _decide.decide_connect(n.args[0] & 0xFFFFFFFF, data, self._allowed)
-            if isinstance(answer, _decide.PerformConnect):
-                # may take up to connect_timeout: its own task, so that the
-                # supervisor keeps answering everyone else meanwhile
-                self._tg.start_soon(self._perform_connect, listener, n, answer, account)
-                return
-        assert isinstance(answer, _decide.Deny)
-        self._record(n, answer.errno, account)
-        _kernel.notif_send(listener, n.id, error=answer.errno)
-
-    def _record(self, n: _kernel.Notification, err: int, account: RunAccount) -> None:
-        strings = {}
-        name = _decide.syscall_name(n.nr)
-        if name in ("mount", "chroot", "umount2", "pivot_root", "swapon", "acct"):
-            for i in range(3 if name == "mount" else 1):
-                strings[i] = _kernel.read_child_string(n.pid, n.args[i], 256)
-        d = _decide.decode(n.nr, n.args, strings)
-        account.denials[_decide.counter_key(account.denials, d.name)] += 1
-        self._on_event(DenialEvent(time=time.time(), pid=n.pid, command=account.command,
-                                   syscall=d.name, nr=n.nr, args=d.args, detail=d.detail, errno=err))
-
-    async def _perform_connect(self, listener: OwnedFd, n: _kernel.Notification,
-                               answer: _decide.PerformConnect, account: RunAccount) -> None:
-        """connect() on a duplicate of the child's socket, from here. Ended by
-        stop(); a listener closed meanwhile (its process died) ends it too."""
-        with anyio.CancelScope() as scope:
-            self._connects.add(scope)
-            try:
-                await self._connect_on_behalf(listener, n, answer, account)
-            except (OSError, ValueError):
-                if not listener.closed:
-                    raise
-            finally:
-                self._connects.discard(scope)
-
-    async def _connect_on_behalf(self, listener: OwnedFd, n: _kernel.Notification,
-                                 answer: _decide.PerformConnect, account: RunAccount) -> None:
-        try:
-            task_fd = OwnedFd(os.pidfd_open(n.pid), "pidfd-task")
-        except OSError:
-            _kernel.notif_send(listener, n.id, error=errno.ESRCH)
+            self._tg.start_soon(self._connect_task, listener, n, answer, account)
             return
-        sock_fd: OwnedFd | None = None
+        assert isinstance(answer, _decide.Deny)
+        # Answer first: EPERM does not depend on anything the child's memory
+        # says. The event's strings are read afterwards, off the event loop.
+        _kernel.notif_send(listener, n.id, error=answer.errno)
+        self._record(n, answer.errno, account)
+
+    # ---- recording (decoding a denied call's strings is best effort, off the loop)
+
+    def _record(self, n: _kernel.Notification, err: int, account: RunAccount, detail: str | None = None) -> None:
+        name = _decide.syscall_name(n.nr)
+        account.denials[_decide.counter_key(account.denials, name)] += 1
+        want = _STRING_ARGS.get(name, 0)
+        if want and detail is None:
+            try:
+                self._decode_send.send_nowait((n, err, account, want))
+                self._decodes_pending += 1
+                return
+            except anyio.WouldBlock:
+                self.decodes_skipped += 1  # a flood: the event goes out with its strings unread
+        self._emit(n, err, account, {}, detail)
+
+    def _emit(self, n: _kernel.Notification, err: int, account: RunAccount, strings: dict[int, str | None],
+              detail: str | None = None) -> None:
+        d = _decide.decode(n.nr, n.args, strings)
+        self._on_event(DenialEvent(time=time.time(), pid=n.pid, command=account.command, syscall=d.name, nr=n.nr,
+                                   args=d.args, detail=detail if detail is not None else d.detail, errno=err))
+
+    async def _decoder(self) -> None:
+        """Reads the string arguments of answered denials, one at a time, in a
+        worker thread with a deadline: a sandbox that keeps its mmap_lock busy
+        stalls that thread, never the event loop."""
+        with self._decode_recv:
+            async for item in self._decode_recv:
+                await self._decode_one(*item)
+
+    async def _decode_one(self, n: _kernel.Notification, err: int, account: RunAccount, want: int) -> None:
+        strings: dict[int, str | None] = {}
+        for i in range(want):
+            strings[i] = await self._read_string(n.pid, n.args[i])
+        self._decodes_pending -= 1
+        self._emit(n, err, account, strings)
+        if self._decodes_pending == 0:
+            idle, self._decodes_idle = self._decodes_idle, anyio.Event()
+            idle.set()
+
+    async def _read_string(self, pid: int, addr: int) -> str | None:
+        data = await self._read_memory(pid, addr, 256, DECODE_DEADLINE)
+        if data is None:
+            return None
+        return data.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+    async def _read_memory(self, pid: int, addr: int, size: int, deadline: float) -> bytes | None:
+        """The child's memory, read in a worker thread (at most READERS per
+        sandbox at once), or None if unreadable or not read within `deadline`
+        (the thread is then abandoned; its read ends when the lock is free)."""
+        if addr == 0:
+            return None
+        with anyio.move_on_after(deadline):
+            try:
+                return await anyio.to_thread.run_sync(_kernel.read_child_memory, pid, addr, size,
+                                                      abandon_on_cancel=True, limiter=self._readers)
+            except (OSError, ValueError, OverflowError):
+                return None
+        self.reads_timed_out += 1
+        return None
+
+    async def flush(self, timeout: float = 1.0) -> None:
+        """Wait (at most `timeout`) until every denial received so far is an event."""
+        with anyio.move_on_after(timeout):
+            while self._decodes_pending:
+                await self._decodes_idle.wait()
+
+    # ---- connect under an allowlist
+
+    def _take_connect_slot(self) -> bool:
+        if self._connects_live >= self.max_connects or not _HOST_CONNECTS.take():
+            return False
+        self._connects_live += 1
+        return True
+
+    async def _connect_task(self, listener: OwnedFd, n: _kernel.Notification, want: _decide.ReadSockaddr,
+                            account: RunAccount) -> None:
+        """Read the sockaddr (off the loop, bounded), decide, and if the
+        endpoint is listed connect a socket of our own from the host's network
+        and put it in place of the child's. Ended by stop(); abandoned as
+        soon as the notifying task is gone."""
         try:
+            with anyio.CancelScope() as scope:
+                self._connects.add(scope)
+                try:
+                    await self._connect_on_behalf(listener, n, want, account)
+                except OSError as e:
+                    if listener.closed:
+                        return
+                    if e.errno in (errno.EMFILE, errno.ENFILE):
+                        # The host is short of fds: the sandbox gets EAGAIN,
+                        # the event names the limit and the fix.
+                        self.host_fd_shortages += 1
+                        self._record(n, errno.EAGAIN, account,
+                                     detail=f"fd={_decide_fd(n)}: not attempted: "
+                                     + str(_kernel.host_fd_shortage("connect", e)))
+                        _kernel.notif_send(listener, n.id, error=errno.EAGAIN)
+                        return
+                    raise
+                except ValueError:
+                    if not listener.closed:
+                        raise
+                finally:
+                    self._connects.discard(scope)
+        finally:
+            self._connects_live -= 1
+            _HOST_CONNECTS.give()
+
+    async def _connect_on_behalf(self, listener: OwnedFd, n: _kernel.Notification, want: _decide.ReadSockaddr,
+                                 account: RunAccount) -> None:
+        data = await self._read_memory(n.pid, want.addr, want.size, CONNECT_READ_DEADLINE)
+        # What was read is only meaningful if the task is still the one waiting.
+        if not _kernel.notif_id_valid(listener, n.id):
+            return
+        if data is None:
+            self._record(n, errno.EFAULT, account, detail=f"fd={_decide_fd(n)}: the address could not be read")
+            _kernel.notif_send(listener, n.id, error=errno.EFAULT)
+            return
+        answer = _decide.decide_connect(n.args[0] & 0xFFFFFFFF, data, self._allowed)
+        if isinstance(answer, _decide.Deny):
+            self._record(n, answer.errno, account)
+            _kernel.notif_send(listener, n.id, error=answer.errno)
+            return
+        with contextlib.ExitStack() as stack:
+            try:
+                task = _kernel.pidfd_open_task(n.pid)
+            except ProcessLookupError:
+                return  # it died: nothing to answer
+            stack.callback(task.close)
             # The pidfd names the notifying task only if the notification is live.
             if not _kernel.notif_id_valid(listener, n.id):
                 return
-            try:
-                sock_fd = _kernel.pidfd_getfd(task_fd, answer.fd)
-            except OSError as e:
-                _kernel.notif_send(listener, n.id, error=e.errno or errno.EBADF)
+            checked = self._inspect_child_socket(task, n, answer.fd, account)
+            if isinstance(checked, int):
+                _kernel.notif_send(listener, n.id, error=checked)
                 return
-            sock = socket.socket(fileno=sock_fd.fd)
+            family, nonblocking, cloexec, options = checked
+            sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+            stack.callback(sock.close)
+            for level, opt, value in options:
+                sock.setsockopt(level, opt, value)
+            target = (answer.host, answer.port)
+            if family == socket.AF_INET6 and ":" not in answer.host:
+                target = ("::ffff:" + answer.host, answer.port)
+            err = sock.connect_ex(target)
+            if err == errno.EINPROGRESS and not nonblocking:
+                # A blocking connect: the answer is the outcome.
+                err = await self._await_connect(listener, n, task, sock)
+                if err is None:
+                    return  # the task is gone, or the sandbox is closing
+            if err not in (0, errno.EINPROGRESS):
+                account.connects += 1
+                _kernel.notif_send(listener, n.id, error=err)
+                return
+            if not nonblocking:
+                sock.setblocking(True)
+            # Our socket takes the child's fd number (the child's own socket,
+            # made in its empty network namespace, is closed by the install).
+            # A non-blocking connect answers EINPROGRESS and completes on the
+            # installed socket: the program polls it for writability as usual.
+            if not _kernel.notif_addfd(listener, n.id, sock.fileno(), answer.fd,
+                                       cloexec=cloexec):
+                return
+            account.connects += 1
+            _kernel.notif_send(listener, n.id, error=err)
+
+    def _inspect_child_socket(self, task: OwnedFd, n: _kernel.Notification, fd: int, account: RunAccount,
+                              ) -> int | tuple[int, bool, bool, list[tuple[int, int, int]]]:
+        """(family, O_NONBLOCK, close-on-exec, options to carry over) of the
+        child's socket `fd`, or the errno to answer."""
+        try:
+            theirs = _kernel.pidfd_getfd(task, fd)
+        except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE):
+                raise
+            return e.errno or errno.EBADF
+        try:
+            try:
+                sock = socket.socket(fileno=theirs.fd)
+            except OSError:
+                return errno.ENOTSOCK
             try:
                 if sock.type != socket.SOCK_STREAM or sock.family not in (socket.AF_INET, socket.AF_INET6):
                     self._record(n, errno.EACCES, account)
-                    _kernel.notif_send(listener, n.id, error=errno.EACCES)
-                    return
-                target = (answer.host, answer.port)
-                if sock.family == socket.AF_INET6 and ":" not in answer.host:
-                    target = ("::ffff:" + answer.host, answer.port)
-                # The file description, O_NONBLOCK included, is shared with the
-                # child. Connect non-blocking here (cancellable, no thread); a
-                # child that asked for a blocking connect gets the final result,
-                # one that asked for non-blocking gets EINPROGRESS as usual.
-                flags = fcntl.fcntl(sock_fd.fd, fcntl.F_GETFL)
-                if flags & os.O_NONBLOCK:
-                    err = sock.connect_ex(target)
-                else:
-                    fcntl.fcntl(sock_fd.fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
-                    try:
-                        err = sock.connect_ex(target)
-                        if err == errno.EINPROGRESS:
-                            with anyio.move_on_after(self.connect_timeout):
-                                await anyio.wait_writable(sock_fd.fd)
-                            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) or 0
-                            if err == 0 and not _connected(sock):
-                                err = errno.ETIMEDOUT
-                    finally:
-                        fcntl.fcntl(sock_fd.fd, fcntl.F_SETFL, flags)
-                account.connects += 1
-                _kernel.notif_send(listener, n.id, error=err)
+                    return errno.EACCES
+                if _connected(sock):
+                    return errno.EISCONN
+                if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                    return errno.EINVAL
+                nonblocking = bool(fcntl.fcntl(theirs.fd, fcntl.F_GETFL) & os.O_NONBLOCK)
+                try:
+                    cloexec = _kernel.fd_cloexec(n.pid, fd)
+                except (OSError, ValueError):
+                    return errno.EBADF  # closed meanwhile by another thread
+                options = [(level, opt, sock.getsockopt(level, opt)) for level, opt in _CARRIED_OPTIONS]
+                return sock.family, nonblocking, cloexec, [o for o in options if o[2]]
             finally:
-                sock.detach()  # sock_fd owns the number
+                sock.detach()
         finally:
-            if sock_fd is not None:
-                sock_fd.close()
-            task_fd.close()
+            theirs.close()
+
+    async def _await_connect(self, listener: OwnedFd, n: _kernel.Notification, task: OwnedFd,
+                             sock: socket.socket) -> int | None:
+        """Wait for a connect in progress: its outcome (an errno, 0), or None
+        as soon as the notifying task is gone (its pidfd turns readable) or
+        its notification is no longer valid (checked every VALID_POLL_S)."""
+        ep = select.epoll()
+        try:
+            ep.register(sock.fileno(), select.EPOLLOUT)
+            ep.register(task.fd, select.EPOLLIN)
+            deadline = time.monotonic() + self.connect_timeout
+            while True:
+                ready = {fd for fd, _ in ep.poll(0)}
+                if task.fd in ready or not _kernel.notif_id_valid(listener, n.id):
+                    self.connects_abandoned += 1
+                    return None
+                if sock.fileno() in ready:
+                    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                    return err if err or _connected(sock) else errno.ETIMEDOUT
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return errno.ETIMEDOUT
+                with anyio.move_on_after(min(left, VALID_POLL_S)):
+                    await anyio.wait_readable(ep.fileno())
+        finally:
+            anyio.notify_closing(ep.fileno())
+            ep.close()
 
 
 def _connected(sock: socket.socket) -> bool:
@@ -270,3 +450,32 @@ def _connected(sock: socket.socket) -> bool:
     except OSError:
         return False
     return True
+
+
+def _decide_fd(n: _kernel.Notification) -> int:
+    return _decide._s32(n.args[0])
+
+
+class _HostCap:
+    """Connects in flight in this host process, all sandboxes together: each
+    holds up to three fds while it waits, so the cap follows the fd limit."""
+
+    def __init__(self) -> None:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        soft = 1 << 20 if soft == resource.RLIM_INFINITY else soft
+        self.limit = max(16, min(4096, soft // 8))
+        self.live = 0
+
+    def take(self) -> bool:
+        if self.live >= self.limit:
+            return False
+        self.live += 1
+        return True
+
+    def give(self) -> None:
+        self.live -= 1
+
+
+_HOST_CONNECTS = _HostCap()

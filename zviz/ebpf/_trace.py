@@ -81,6 +81,8 @@ def trace_policy(base: Policy) -> Policy:
         syscalls=Syscalls(allow=("@python",)),  # replaced by the trace filter
         fs=Filesystem(read_only=("/",), read_write=base.fs.read_write, tmp_size=base.fs.tmp_size),
         net=Network(mode="none"),
+        # the traced program's connections are observed in the host's network
+        namespaces=attrs.evolve(base.namespaces, net=False),
         limits=attrs.evolve(base.limits, output=None),
     )
 
