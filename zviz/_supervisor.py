@@ -222,7 +222,7 @@ class Supervisor:
         name = _decide.syscall_name(n.nr)
         account.denials[_decide.counter_key(account.denials, name)] += 1
         want = _STRING_ARGS.get(name, 0)
-        if want and detail is None:
+        if want and detail is None and any(n.args[:want]):
             try:
                 self._decode_send.send_nowait((n, err, account, want))
                 self._decodes_pending += 1
