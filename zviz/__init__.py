@@ -16,6 +16,7 @@ from ._errors import (
     ZvizError as ZvizError,
     ZvizWarning as ZvizWarning,
 )
+from ._events import EventsMissed as EventsMissed
 from ._policy import (
     SYSCALL_GROUPS as SYSCALL_GROUPS,
     Endpoint as Endpoint,

@@ -60,7 +60,7 @@ STAGE_NEEDS = frozenset({"sendmsg", "close", "execveat", "execve", "write", "exi
 # processes: Landlock's signal scope, and the pid namespace.)
 ZYGOTE_NEEDS = frozenset({"recvmsg", "read", "poll", "ppoll", "rt_sigprocmask", "signalfd4", "prctl", "openat",
                           "kill", "fcntl", "dup2", "close_range", "prlimit64", "getpid", "getdents64",
-                          "sched_setaffinity", "mmap", "munmap", "clock_gettime"})
+                          "sched_setaffinity", "mmap", "munmap", "clock_gettime", "setsid"})
 
 
 @attrs.frozen

@@ -64,7 +64,10 @@ class OwnedFd:
 
 
 def pipe(label: str) -> tuple[OwnedFd, OwnedFd]:
-    r, w = os.pipe2(os.O_CLOEXEC)
+    try:
+        r, w = os.pipe2(os.O_CLOEXEC)
+    except OSError as e:
+        raise host_fd_shortage(label, e) from None
     return OwnedFd(r, label + "-r"), OwnedFd(w, label + "-w")
 
 
@@ -75,7 +78,10 @@ def dup_above_stdio(fd: int, label: str) -> OwnedFd:
 
 
 def open_devnull() -> OwnedFd:
-    fd = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        fd = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
+    except OSError as e:
+        raise host_fd_shortage("devnull", e) from None
     owned = dup_above_stdio(fd, "devnull")
     os.close(fd)
     return owned

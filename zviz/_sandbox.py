@@ -32,6 +32,7 @@ import attrs
 
 from . import _bpf, _cgroup, _disk, _kernel, _linux, _plan, _probe, _zygote
 from ._errors import CommandNotFoundError, PolicyError, SandboxClosedError, SandboxSetupError, ZvizWarning
+from ._events import EventLog, EventsMissed
 from ._kernel import OwnedFd
 from ._policy import Policy
 from ._proxy import Collector, FdReceiveStream, FdSendStream
@@ -281,8 +282,7 @@ class Sandbox:
         self._procs: set[Process] = set()
         self._tg: anyio.abc.TaskGroup | None = None
         self._supervisor: Supervisor | None = None
-        self._events: list[DenialEvent] = []
-        self._event_added = anyio.Event()
+        self._events: EventLog[DenialEvent] = EventLog()
         self._started = 0
         self._timeouts = 0
         self._bytes = Counter()
@@ -323,6 +323,7 @@ class Sandbox:
         self._disk_mounted = False
         self._disk_final: int | None = None
         self._oom_seen = 0  # the memory cgroup's OOM kills already attributed to a command
+        self._runs_by_pid: dict[int, RunAccount] = {}  # live runs of the zygote, by their run-init's host pid
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"{len(self._procs)} running"
@@ -559,6 +560,8 @@ class Sandbox:
             raise
         if done is not None or request is not None:
             self._accounts.add(account)
+        if request is not None and proc.pid > 0:
+            self._runs_by_pid[proc.pid] = account
         self._procs.add(proc)
         self._started += 1
         return proc
@@ -631,19 +634,21 @@ class Sandbox:
         z.close()
 
     def _account_for(self, pid: int) -> RunAccount:
-        """The run a notifying task belongs to: its nearest ancestor that is a
-        run's zviz-init (rare: only denials and connect decisions ask)."""
-        runs = {p.pid: p._account for p in self._procs if p._zrun}
-        cur = pid
-        for _ in range(1 << 20):  # a chain is as deep as the process limit allows
-            acct = runs.get(cur)
-            if acct is not None:
-                return acct
-            cur = _zygote.parent_pid(cur)
-            if cur <= 1:
-                break
+        """The run a notifying task belongs to, in O(1): each run-init leads a
+        session of its own (setsid in zviz-init), which every process of the
+        run inherits, so the caller's session id is its run-init's pid.
+        getsid is one syscall under RCU: nothing a sandbox holds can make it
+        wait. A process that calls setsid() itself leaves its run's session
+        and is counted in the sandbox's own bucket; it can never join another
+        run's session (setsid makes its own pid the id, setpgid stays within
+        a session), and a session id stays allocated while any member lives,
+        so a live run-init's pid is never some other session's id."""
         assert self._stray is not None
-        return self._stray
+        try:
+            sid = os.getsid(pid)
+        except OSError:  # gone already
+            return self._stray
+        return self._runs_by_pid.get(sid, self._stray)
 
     def _attach_monitor(self, monitor: Any, sid: int) -> None:
         # Every spawn from now on is tracked by the monitor from its first
@@ -672,6 +677,8 @@ class Sandbox:
     def _process_ended(self, proc: Process) -> None:
         self._procs.discard(proc)
         if proc._zrun:
+            if self._runs_by_pid.get(proc._pid) is proc._account:
+                del self._runs_by_pid[proc._pid]
             self._fold_account(proc._account)
         self._cpu += proc.cpu_s
         self._peak_rss = max(self._peak_rss, proc.peak_rss)
@@ -936,22 +943,20 @@ class Sandbox:
         return cg.limit, cg.peak(), cg.oom_kills()
 
     def _add_event(self, event: DenialEvent) -> None:
-        self._events.append(event)
-        if len(self._events) > 10_000:  # bounded: keep the newest
-            del self._events[: len(self._events) - 10_000]
-        ev, self._event_added = self._event_added, anyio.Event()
-        ev.set()
+        self._events.add(event)
 
-    def events(self) -> AsyncIterator[DenialEvent]:
-        """Every denial so far, then new ones as they happen, until the sandbox
-        closes: `async for event in sb.events(): ...`."""
-        return _EventIterator(self)
+    def events(self) -> AsyncIterator[DenialEvent | EventsMissed]:
+        """Every denial kept so far (the newest 10,000), then new ones as they
+        happen, until the sandbox closes: `async for event in sb.events():`.
+        A reader that falls more than 10,000 events behind gets one
+        `EventsMissed(count)` in place of what it lost, then goes on."""
+        return self._events.reader()
 
     def events_so_far(self) -> tuple[DenialEvent, ...]:
         """Every denial recorded so far (the monitor's pending events included)."""
         if self._monitor is not None:
             self._monitor.drain_now()
-        return tuple(self._events)
+        return self._events.snapshot()
 
     # ---- teardown
 
@@ -978,31 +983,9 @@ class Sandbox:
             # its listener hangs up now that no task of its filter is left
             with anyio.move_on_after(1.0):
                 await self._zygote_done.wait()
-        ev, self._event_added = self._event_added, anyio.Event()
-        ev.set()
+        self._events.close()
         if self._devnull is not None:
             self._devnull.close()
-
-
-class _EventIterator:
-    """An async iterator (not a generator: nothing to finalize if abandoned)."""
-
-    def __init__(self, sb: Sandbox) -> None:
-        self._sb = sb
-        self._i = 0
-
-    def __aiter__(self) -> _EventIterator:
-        return self
-
-    async def __anext__(self) -> DenialEvent:
-        sb = self._sb
-        while True:
-            if self._i < len(sb._events):
-                self._i += 1
-                return sb._events[self._i - 1]
-            if sb._closed:
-                raise StopAsyncIteration
-            await sb._event_added.wait()
 
 
 def _check_workdir_reachable(path: str, uid: int) -> None:

@@ -36,8 +36,9 @@ from ._kernel import OwnedFd
 
 MAX_CONNECTS = 64  # connects in flight per sandbox (past it: EAGAIN, and an event)
 CONNECT_READ_DEADLINE = 1.0  # s to read a connect's sockaddr (past it: EFAULT)
-DECODE_DEADLINE = 0.1  # s to read one string argument of a denied call (past it: unread)
-DECODE_QUEUE = 64  # denials waiting for their strings (past it: the event goes out without them)
+ANSWER_WAIT = 0.005  # s a denial with string arguments waits for their read before it is answered
+DECODE_DEADLINE = 0.1  # s to read the string arguments of a denied call (past it: unread)
+DECODES = 64  # denials whose strings are being read at once (past it: answered at once, strings unread)
 READERS = 2  # worker threads reading one sandbox's memory at once
 VALID_POLL_S = 0.25  # a pending connect re-checks its notification this often
 # the string arguments read for an event: the first N arguments
@@ -117,11 +118,8 @@ class Supervisor:
         self.reads_timed_out = 0
         self.decodes_skipped = 0
         self._readers = anyio.CapacityLimiter(READERS)
-        self._decode_send, self._decode_recv = anyio.create_memory_object_stream[
-            tuple[_kernel.Notification, int, RunAccount, int]](DECODE_QUEUE)
         self._decodes_pending = 0
         self._decodes_idle = anyio.Event()
-        self._decoder_started = False
 
     async def run(self) -> None:
         """The supervisor's task (start it with start_soon in the sandbox's task
@@ -134,9 +132,6 @@ class Supervisor:
             if self._stopped:
                 scope.cancel()
             try:
-                if not self._stopped:
-                    self._decoder_started = True
-                    self._tg.start_soon(self._decoder)
                 while True:
                     await anyio.wait_readable(self._ep.fileno())
                     for fd, ev in self._ep.poll(0):
@@ -151,7 +146,6 @@ class Supervisor:
                         elif ev & (select.EPOLLHUP | select.EPOLLERR):
                             self._forget(fd)  # no task of this filter is left
             finally:
-                self._decode_send.close()
                 for fd in list(self._watched):
                     self._forget(fd)
                 anyio.notify_closing(self._ep.fileno())
@@ -169,9 +163,6 @@ class Supervisor:
         """End the supervisor (after teardown has killed the processes, their
         listeners have usually hung up already)."""
         self._stopped = True
-        self._decode_send.close()
-        if not self._decoder_started:
-            self._decode_recv.close()
         if self._scope is not None:
             self._scope.cancel()
         for scope in list(self._connects):
@@ -211,55 +202,70 @@ class Supervisor:
             self._tg.start_soon(self._connect_task, listener, n, answer, account)
             return
         assert isinstance(answer, _decide.Deny)
-        # Answer first: EPERM does not depend on anything the child's memory
-        # says. The event's strings are read afterwards, off the event loop.
+        name = _decide.syscall_name(n.nr)
+        want = _STRING_ARGS.get(name, 0)
+        if want and any(n.args[:want]) and self._decodes_pending < DECODES:
+            # Strings to read for the event: in a worker thread, never on the
+            # event loop (a sandbox can hold its mmap_lock for long).
+            self._decodes_pending += 1
+            self._tg.start_soon(self._decode_and_answer, listener, n, answer.errno, account, want)
+            return
+        if want and any(n.args[:want]):
+            self.decodes_skipped += 1  # a flood: answered at once, its strings unread
         _kernel.notif_send(listener, n.id, error=answer.errno)
         self._record(n, answer.errno, account)
 
-    # ---- recording (decoding a denied call's strings is best effort, off the loop)
+    # ---- recording
 
-    def _record(self, n: _kernel.Notification, err: int, account: RunAccount, detail: str | None = None) -> None:
-        name = _decide.syscall_name(n.nr)
-        account.denials[_decide.counter_key(account.denials, name)] += 1
-        want = _STRING_ARGS.get(name, 0)
-        if want and detail is None and any(n.args[:want]):
-            try:
-                self._decode_send.send_nowait((n, err, account, want))
-                self._decodes_pending += 1
-                return
-            except anyio.WouldBlock:
-                self.decodes_skipped += 1  # a flood: the event goes out with its strings unread
-        self._emit(n, err, account, {}, detail)
-
-    def _emit(self, n: _kernel.Notification, err: int, account: RunAccount, strings: dict[int, str | None],
-              detail: str | None = None) -> None:
-        d = _decide.decode(n.nr, n.args, strings)
+    def _record(self, n: _kernel.Notification, err: int, account: RunAccount, detail: str | None = None,
+                strings: dict[int, str | None] | None = None) -> None:
+        d = _decide.decode(n.nr, n.args, strings or {})
+        account.denials[_decide.counter_key(account.denials, d.name)] += 1
         self._on_event(DenialEvent(time=time.time(), pid=n.pid, command=account.command, syscall=d.name, nr=n.nr,
                                    args=d.args, detail=detail if detail is not None else d.detail, errno=err))
 
-    async def _decoder(self) -> None:
-        """Reads the string arguments of answered denials, one at a time, in a
-        worker thread with a deadline: a sandbox that keeps its mmap_lock busy
-        stalls that thread, never the event loop."""
-        with self._decode_recv:
-            async for item in self._decode_recv:
-                await self._decode_one(*item)
+    async def _decode_and_answer(self, listener: OwnedFd, n: _kernel.Notification, err: int, account: RunAccount,
+                                 want: int) -> None:
+        """Read a denied call's strings while its task still waits (what they
+        say then is what the call was given), but answer within ANSWER_WAIT
+        whatever the read does: the answer does not depend on it. The event
+        goes out once the strings are read, or unread after DECODE_DEADLINE."""
+        answered = False
+        try:
+            async with anyio.create_task_group() as tg:
+                async def answer_soon() -> None:
+                    nonlocal answered
+                    await anyio.sleep(ANSWER_WAIT)
+                    answered = True
+                    with contextlib.suppress(OSError, ValueError):  # ValueError: the listener closed
+                        _kernel.notif_send(listener, n.id, error=err)
 
-    async def _decode_one(self, n: _kernel.Notification, err: int, account: RunAccount, want: int) -> None:
-        strings: dict[int, str | None] = {}
-        for i in range(want):
-            strings[i] = await self._read_string(n.pid, n.args[i])
-        self._decodes_pending -= 1
-        self._emit(n, err, account, strings)
-        if self._decodes_pending == 0:
-            idle, self._decodes_idle = self._decodes_idle, anyio.Event()
-            idle.set()
+                tg.start_soon(answer_soon)
+                strings = await self._read_strings(n.pid, n.args[:want])
+                tg.cancel_scope.cancel()
+            if not answered:
+                answered = True
+                _kernel.notif_send(listener, n.id, error=err)
+            self._record(n, err, account, strings=strings)
+        except (OSError, ValueError):
+            if not listener.closed:
+                raise
+        finally:
+            if not answered and not listener.closed:
+                _kernel.notif_send(listener, n.id, error=err)
+            self._decodes_pending -= 1
+            if self._decodes_pending == 0:
+                idle, self._decodes_idle = self._decodes_idle, anyio.Event()
+                idle.set()
 
-    async def _read_string(self, pid: int, addr: int) -> str | None:
-        data = await self._read_memory(pid, addr, 256, DECODE_DEADLINE)
-        if data is None:
-            return None
-        return data.split(b"\0", 1)[0].decode("utf-8", "replace")
+    async def _read_strings(self, pid: int, addrs: tuple[int, ...]) -> dict[int, str | None]:
+        def read() -> dict[int, str | None]:
+            return {i: _kernel.read_child_string(pid, a, 256) for i, a in enumerate(addrs)}
+
+        with anyio.move_on_after(DECODE_DEADLINE):
+            return await anyio.to_thread.run_sync(read, abandon_on_cancel=True, limiter=self._readers)
+        self.reads_timed_out += 1
+        return {}
 
     async def _read_memory(self, pid: int, addr: int, size: int, deadline: float) -> bytes | None:
         """The child's memory, read in a worker thread (at most READERS per
@@ -277,7 +283,8 @@ class Supervisor:
         return None
 
     async def flush(self, timeout: float = 1.0) -> None:
-        """Wait (at most `timeout`) until every denial received so far is an event."""
+        """Wait (at most `timeout`) until every denial received so far is an event
+        (each one takes at most DECODE_DEADLINE)."""
         with anyio.move_on_after(timeout):
             while self._decodes_pending:
                 await self._decodes_idle.wait()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import array
 import errno
+import os
 import select
 import socket
 import struct
@@ -142,7 +143,17 @@ class Zygote:
         return view, rights
 
     def _recv(self) -> tuple[bytes, list]:
-        data, anc, _flags, _addr = self._ctrl.recvmsg(_REPLY.size, socket.CMSG_SPACE(4))
+        data, anc, flags, _addr = self._ctrl.recvmsg(_REPLY.size, socket.CMSG_SPACE(4))
+        if flags & socket.MSG_CTRUNC:
+            # The kernel could not give us the run-init's pidfd: this process
+            # is out of fds (the run goes on unwatched until the zygote reaps it).
+            from ._kernel import host_fd_shortage
+
+            for level, kind, blob in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    for fd in array.array("i", blob[: len(blob) - len(blob) % 4]):
+                        os.close(fd)
+            raise host_fd_shortage("zygote-fork", OSError(errno.EMFILE, "MSG_CTRUNC"))
         return data, anc
 
     def _reply(self, data: bytes, anc: list, expect_fd: bool) -> OwnedFd | None:
@@ -192,16 +203,6 @@ def pidfd_pid(pidfd: OwnedFd) -> int:
     except (OSError, ValueError):
         pass
     return -1
-
-
-def parent_pid(pid: int) -> int:
-    """The parent of `pid` (host view), or 0."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-        return int(stat[stat.rindex(b")") + 2:].split()[1])
-    except (OSError, ValueError, IndexError):
-        return 0
 
 
 def control_pair() -> tuple[socket.socket, OwnedFd]:
