@@ -11,6 +11,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -238,8 +239,27 @@ static int deny_flood(long n)
     return 0;
 }
 
-/* keep mmap_lock busy (fork over many mappings, in a loop) while flooding a
- * denied call whose string argument is decoded */
+/* keep mmap_lock busy (fork over many mappings, in a loop: fork holds the
+ * forking process's mmap_lock for writing while it copies them) while a
+ * second thread of the same process floods a denied call whose string
+ * argument is decoded */
+static volatile int storm_end;
+static long storm_calls;
+static int storm_denied = 1;
+
+static void *storm_flood(void *arg)
+{
+    (void)arg;
+    while (!storm_end) {
+        if (storm_denied)
+            mount("zviz-storm", "/mnt", "tmpfs", 0, 0);
+        else
+            getppid(); /* the control: the same storm, no denials */
+        storm_calls++;
+    }
+    return 0;
+}
+
 static int mmap_lock_storm(int secs, int maps)
 {
     for (int i = 0; i < maps; i++) {
@@ -247,23 +267,18 @@ static int mmap_lock_storm(int secs, int maps)
         if (p == MAP_FAILED) { failed("mmap"); break; }
         *(volatile char *)p;
     }
+    pthread_t t;
+    pthread_create(&t, 0, storm_flood, 0);
     time_t end = time(0) + secs;
-    pid_t f = fork();
-    if (f == 0) {
-        while (time(0) < end) {
-            pid_t c = fork();
-            if (c == 0) _exit(0);
-            if (c > 0) waitpid(c, 0, 0);
-        }
-        _exit(0);
-    }
-    long calls = 0;
+    long forks = 0;
     while (time(0) < end) {
-        mount("zviz-storm", "/mnt", "tmpfs", 0, 0);
-        calls++;
+        pid_t c = fork();
+        if (c == 0) _exit(0);
+        if (c > 0) { waitpid(c, 0, 0); forks++; }
     }
-    waitpid(f, 0, 0);
-    printf("storm: OK %ld\n", calls);
+    storm_end = 1;
+    pthread_join(t, 0);
+    printf("storm: OK %ld calls %ld forks\n", storm_calls, forks);
     return 0;
 }
 
@@ -308,7 +323,10 @@ int main(int argc, char **argv)
     if (!strcmp(c, "abstract")) return abstract_bind(argv[2], atoi(argv[3]));
     if (!strcmp(c, "ifioctl")) return if_ioctls();
     if (!strcmp(c, "flood")) return deny_flood(atol(argv[2]));
-    if (!strcmp(c, "storm")) return mmap_lock_storm(atoi(argv[2]), atoi(argv[3]));
+    if (!strcmp(c, "storm")) {
+        storm_denied = argc > 4 ? atoi(argv[4]) : 1;
+        return mmap_lock_storm(atoi(argv[2]), atoi(argv[3]));
+    }
     if (!strcmp(c, "chain")) return deep_chain(atoi(argv[2]), atoi(argv[3]));
     if (!strcmp(c, "setsid")) return setsid_deny();
     return 2;
