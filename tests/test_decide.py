@@ -25,6 +25,8 @@ def test_dangerous_denied_eperm_others_enosys():
     assert _decide.decide(X86_64["acct"], X86, [0] * 6, net_allow=False) == _decide.Deny(errno.EPERM)
     assert _decide.decide(X86_64["mq_open"], X86, [0] * 6, net_allow=False) == _decide.Deny(errno.ENOSYS)
     assert _decide.decide(X86_64["socket"], X86, [17, 3, 0, 0, 0, 0], net_allow=False) == _decide.Deny(errno.EACCES)
+    # a routing option under net.mode = "allow" (the filter notifies it): a network refusal
+    assert _decide.decide(X86_64["setsockopt"], X86, [3, 41, 57, 0, 0, 0], net_allow=True) == _decide.Deny(errno.EACCES)
 
 
 def test_other_arch_denied():

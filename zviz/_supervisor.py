@@ -33,10 +33,9 @@ import attrs
 from . import _decide, _kernel
 from ._kernel import OwnedFd
 
-
 MAX_CONNECTS = 64  # connects in flight per sandbox (past it: EAGAIN, and an event)
 CONNECT_READ_DEADLINE = 1.0  # s to read a connect's sockaddr (past it: EFAULT)
-ANSWER_WAIT = 0.005  # s a denial with string arguments waits for their read before it is answered
+ANSWER_WAIT = 0.05  # s a denial with string arguments waits for their read at most, before it is answered
 DECODE_DEADLINE = 0.1  # s to read the string arguments of a denied call (past it: unread)
 DECODES = 64  # denials whose strings are being read at once (past it: answered at once, strings unread)
 READERS = 2  # worker threads reading one sandbox's memory at once
@@ -382,8 +381,11 @@ class Supervisor:
             # made in its empty network namespace, is closed by the install).
             # A non-blocking connect answers EINPROGRESS and completes on the
             # installed socket: the program polls it for writability as usual.
-            if not _kernel.notif_addfd(listener, n.id, sock.fileno(), answer.fd,
-                                       cloexec=cloexec):
+            try:
+                if not _kernel.notif_addfd(listener, n.id, sock.fileno(), answer.fd, cloexec=cloexec):
+                    return  # the task is gone
+            except OSError as e:  # EBADF: the task lowered its RLIMIT_NOFILE below the fd...
+                _kernel.notif_send(listener, n.id, error=e.errno or errno.EBADF)
                 return
             account.connects += 1
             _kernel.notif_send(listener, n.id, error=err)

@@ -465,7 +465,11 @@ def test_events_reach_a_live_consumer_after_10001_denials(net_attack):
 
     r, seen, late = trio.run(main)
     assert r.denials.get("acct") == 10001 and r.denials.get("mount") == 1, r.denials
-    assert ("mount", "source='zviz-flood-marker', target='/mnt', fstype='tmpfs'") in seen, seen[-3:]
+    mounts = [detail for kind, detail in seen if kind == "mount"]
+    assert mounts, f"the mount attempt never reached the live consumer: {seen[-3:]}"
+    # its strings are read while the call waits (at most 50 ms): unread only on a starved host
+    assert mounts[0] in ("source='zviz-flood-marker', target='/mnt', fstype='tmpfs'",
+                         "source=None, target=None, fstype=None"), mounts
     assert isinstance(late[0], zviz.EventsMissed) and late[0].count == 2, late[0]
     assert isinstance(late[1], zviz.DenialEvent)
 
@@ -562,7 +566,7 @@ def test_denials_from_a_deep_process_chain_cost_o1(net_attack, monkeypatch):
             await _install(sb, net_attack)
             return await sb.run(["./na", "chain", "1000", "300"], timeout=60)
 
-    lag, neighbour, r = _lag_under(chain)
+    _lag, neighbour, r = _lag_under(chain)
     assert "chain: OK" in r.stdout.decode(), r
     assert r.denials.get("acct") == 300, r.denials
     costs.sort()
