@@ -146,7 +146,7 @@ async def test_supervisor_failure_tears_down_and_surfaces(snapshot, monkeypatch)
     snap = snapshot()
     from zviz import _supervisor
 
-    async def broken(self, listener, pidfd, account, n):
+    def broken(self, listener, pidfd, account, n):  # _handle is synchronous
         raise RuntimeError("supervisor bug")
 
     monkeypatch.setattr(_supervisor.Supervisor, "_handle", broken)
