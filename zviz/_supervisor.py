@@ -105,7 +105,7 @@ class Supervisor:
         self._watched: dict[int, _Watched] = {}
         self._scope: anyio.CancelScope | None = None
         self._connects: set[anyio.CancelScope] = set()
-        self._connects_live = 0
+        self._slots: set[object] = set()  # connects in flight, each holding one slot of _HOST_CONNECTS
         self._stopped = False
         self.sync_wakeup = False
         self.connect_timeout = 30.0
@@ -166,6 +166,8 @@ class Supervisor:
             self._scope.cancel()
         for scope in list(self._connects):
             scope.cancel()
+        for slot in list(self._slots):
+            self._give_connect_slot(slot)
 
     def attach(self, listener: OwnedFd, pidfd: OwnedFd, account: RunAccount,
                resolve: Callable[[int], RunAccount] | None = None) -> anyio.Event:
@@ -192,13 +194,14 @@ class Supervisor:
         if isinstance(answer, _decide.ReadSockaddr):
             # Everything after this point may wait (the child's memory, the
             # remote end): a task of its own, within the connect caps.
-            if not self._take_connect_slot():
+            slot = self._take_connect_slot()
+            if slot is None:
                 self._record(n, errno.EAGAIN, account,
                              detail=f"fd={_decide_fd(n)}: not attempted, {self.max_connects} connects of this sandbox "
                              f"(or {_HOST_CONNECTS.limit} of this host process) are in flight")
                 _kernel.notif_send(listener, n.id, error=errno.EAGAIN)
                 return
-            self._tg.start_soon(self._connect_task, listener, n, answer, account)
+            self._tg.start_soon(self._connect_task, listener, n, answer, account, slot)
             return
         assert isinstance(answer, _decide.Deny)
         name = _decide.syscall_name(n.nr)
@@ -290,14 +293,23 @@ class Supervisor:
 
     # ---- connect under an allowlist
 
-    def _take_connect_slot(self) -> bool:
-        if self._connects_live >= self.max_connects or not _HOST_CONNECTS.take():
-            return False
-        self._connects_live += 1
-        return True
+    def _take_connect_slot(self) -> object | None:
+        if len(self._slots) >= self.max_connects or not _HOST_CONNECTS.take():
+            return None
+        slot = object()
+        self._slots.add(slot)
+        return slot
+
+    def _give_connect_slot(self, slot: object) -> None:
+        """Idempotent: the task gives its slot back, and stop() gives back
+        those of tasks that never ran (a task cancelled before its first
+        step runs no `finally`)."""
+        if slot in self._slots:
+            self._slots.discard(slot)
+            _HOST_CONNECTS.give()
 
     async def _connect_task(self, listener: OwnedFd, n: _kernel.Notification, want: _decide.ReadSockaddr,
-                            account: RunAccount) -> None:
+                            account: RunAccount, slot: object) -> None:
         """Read the sockaddr (off the loop, bounded), decide, and if the
         endpoint is listed connect a socket of our own from the host's network
         and put it in place of the child's. Ended by stop(); abandoned as
@@ -326,8 +338,7 @@ class Supervisor:
                 finally:
                     self._connects.discard(scope)
         finally:
-            self._connects_live -= 1
-            _HOST_CONNECTS.give()
+            self._give_connect_slot(slot)
 
     async def _connect_on_behalf(self, listener: OwnedFd, n: _kernel.Notification, want: _decide.ReadSockaddr,
                                  account: RunAccount) -> None:

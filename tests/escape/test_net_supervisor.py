@@ -307,6 +307,9 @@ def test_connects_in_flight_are_capped(net_attack):
         hole.close()
     assert "burst: OK eagain=1" in out, out
     assert any(e.syscall == "connect" and f"{cap} connects" in e.detail for e in events)
+    from zviz import _supervisor
+
+    assert _supervisor._HOST_CONNECTS.live == 0  # every slot given back when the sandbox closed
 
 
 @pytest.mark.parametrize("room", [3, 6])
