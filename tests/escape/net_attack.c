@@ -90,6 +90,17 @@ static int rthdr_connect(const char *via, const char *dst, int port, int after)
     return 0;
 }
 
+/* a blocking connect from a thread that is not the thread-group leader */
+static struct sockaddr_in thread_target;
+static void *thread_connect(void *arg)
+{
+    (void)arg;
+    int s = socket(AF_INET, SOCK_STREAM, 0);
+    if (connect(s, (struct sockaddr *)&thread_target, sizeof thread_target) < 0) failed("thread connect");
+    else { ok("thread connect", "0"); write(s, "th", 2); }
+    return 0;
+}
+
 /* What a program sees of a supervised connect: non-blocking, close-on-exec,
  * names, options. */
 static int connect_semantics(const char *host, int port)
@@ -122,6 +133,10 @@ static int connect_semantics(const char *host, int port)
     printf("blocking flags: nonblock=%d cloexec=%d nodelay=%d\n", !!(fcntl(b, F_GETFL) & O_NONBLOCK),
            !!(fcntl(b, F_GETFD) & FD_CLOEXEC), nd);
     if (write(b, "bl", 2) == 2) ok("write", "2"); else failed("write");
+    thread_target = a;
+    pthread_t t;
+    pthread_create(&t, 0, thread_connect, 0);
+    pthread_join(t, 0);
     return 0;
 }
 

@@ -188,7 +188,8 @@ def test_ipv6_routing_header_never_leaves_the_sandbox(net_attack):
 def test_supervised_connect_behaves_like_connect(net_attack):
     """A non-blocking connect says EINPROGRESS then turns writable; the fd
     keeps its O_NONBLOCK and close-on-exec flags; TCP_NODELAY set before a
-    blocking connect is carried over; the host receives what was written."""
+    blocking connect is carried over; a thread that is not the leader can
+    connect; the host receives what was written."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(8)
@@ -204,7 +205,7 @@ def test_supervised_connect_behaves_like_connect(net_attack):
         out, stats = trio.run(main)
         listener.settimeout(2)
         got = []
-        for _ in range(2):
+        for _ in range(3):
             c, _ = listener.accept()
             got.append(c.recv(16))
             c.close()
@@ -216,8 +217,9 @@ def test_supervised_connect_behaves_like_connect(net_attack):
     assert f"peer: 127.0.0.1:{port}" in out, out
     assert "reconnect: FAILED Transport endpoint is already connected" in out, out
     assert "blocking connect: OK" in out and "blocking flags: nonblock=0 cloexec=0 nodelay=1" in out, out
-    assert sorted(got) == [b"bl", b"nb"]
-    assert stats.connects == 2
+    assert "thread connect: OK" in out, out
+    assert sorted(got) == [b"bl", b"nb", b"th"]
+    assert stats.connects == 3
 
 
 # ---------------------------------------------------------------- allow mode: pending connects
