@@ -236,6 +236,10 @@ def spawn(spec: dict[str, Any], *, paths: tuple[str, ...], rlimit_names: tuple[s
                 path = spec["cwd"].decode(errors="replace")
             raise SandboxSetupError(step, err, path, HINTS.get(step, "")) from None
         raise SandboxSetupError("spawn", errno.EIO, None, str(e)) from None
+    except OSError as e:
+        if e.errno in (errno.EMFILE, errno.ENFILE):
+            raise host_fd_shortage("spawn", e) from None
+        raise
     return Spawned(
         pid=pid,
         pidfd=OwnedFd(pidfd, f"pidfd-{pid}"),

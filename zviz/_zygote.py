@@ -207,7 +207,12 @@ def pidfd_pid(pidfd: OwnedFd) -> int:
 
 def control_pair() -> tuple[socket.socket, OwnedFd]:
     """(our end, the zygote's end as an fd for the stage to place on fd 3)."""
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    except OSError as e:
+        from ._kernel import host_fd_shortage
+
+        raise host_fd_shortage("zygote-control", e) from None
     ours.set_inheritable(False)
     ours.setblocking(False)
     theirs_fd = OwnedFd(theirs.detach(), "zygote-ctrl")
