@@ -1,0 +1,125 @@
+#!/usr/bin/env python3
+"""What a network namespace costs a `none`-mode sandbox, A/B in one process.
+
+    .venv/bin/python benchmarks/netns_cost.py [--w0 N] [--w3 N] [--fresh N] [--blocks N] [--bare N]
+
+A = `Namespaces(net=False)` (the default before every mode had its own
+namespace), B = the default. W0: one /bin/true in an open sandbox (median
+ms); W3: the syscall-heavy loop (median us/iter); fresh: open + /bin/true +
+close, sequential, in alternating blocks, wall per sandbox and system-wide
+CPU per sandbox from /proc/stat over each block and a 1 s settle (it
+includes the kernel workers that free namespaces, and everything else the
+machine does); bare: N children that unshare(CLONE_NEWUSER[|CLONE_NEWNET])
+and exit, their CPU and the kworker threads' CPU per namespace (root).
+"""
+import argparse
+import ctypes
+import json
+import os
+import resource
+import statistics
+import time
+
+import attrs
+import trio
+
+import zviz
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+W3 = next(p for p in (os.path.join(HERE, "..", "..", "shared", "bench", "w3_syscall_heavy.py"),
+                      os.path.join(HERE, "workloads", "w3_syscall_heavy.py")) if os.path.exists(p))
+HZ = os.sysconf("SC_CLK_TCK")
+CLONE_NEWUSER, CLONE_NEWNET = 0x10000000, 0x40000000
+
+
+def pol(net: bool) -> zviz.Policy:
+    p = zviz.Policy.python()
+    return attrs.evolve(p, namespaces=attrs.evolve(p.namespaces, net=net))
+
+
+def cpu_ms() -> float:
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return (sum(v) - v[3] - v[4]) * 1000 / HZ  # all but idle and iowait
+
+
+def kworker_ms() -> float:
+    tot = 0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                st = f.read()
+        except OSError:
+            continue
+        if st[st.index("(") + 1:].startswith("kworker"):
+            fields = st[st.rindex(")") + 2:].split()
+            tot += int(fields[11]) + int(fields[12])
+    return tot * 1000 / HZ
+
+
+def bare(flags: int, n: int) -> dict:
+    libc = ctypes.CDLL(None, use_errno=True)
+    k0, r0 = kworker_ms(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    for _ in range(n):
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0 if libc.unshare(flags) == 0 else 1)
+        os.waitpid(pid, 0)
+    time.sleep(2.0)  # the cleanup work is asynchronous
+    r1, k1 = resource.getrusage(resource.RUSAGE_CHILDREN), kworker_ms()
+    child = (r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime) * 1000
+    return {"child_cpu_ms": round(child / n, 3), "kworker_cpu_ms": round((k1 - k0) / n, 3)}
+
+
+async def main(a: argparse.Namespace) -> None:
+    res: dict = {}
+    async with zviz.open_sandbox(pol(False)) as sa, zviz.open_sandbox(pol(True)) as sb:
+        for s in (sa, sb):
+            for _ in range(20):
+                await s.run(["/bin/true"])
+            with open(W3, "rb") as f:
+                await s.write_file("w3.py", f.read())
+        w0: dict[str, list[float]] = {"off": [], "on": []}
+        for i in range(a.w0):
+            for k, s in (("off", sa), ("on", sb)) if i % 2 else (("on", sb), ("off", sa)):
+                t = time.perf_counter()
+                await s.run(["/bin/true"])
+                w0[k].append((time.perf_counter() - t) * 1e3)
+        res["W0_ms"] = {k: round(statistics.median(v), 3) for k, v in w0.items()}
+        w3: dict[str, list[float]] = {"off": [], "on": []}
+        for i in range(a.w3):
+            for k, s in (("off", sa), ("on", sb)) if i % 2 else (("on", sb), ("off", sa)):
+                r = await s.run(["/usr/bin/python3", "w3.py"])
+                w3[k].append(json.loads(r.stdout)["us_per_iter"])
+        res["W3_us_per_iter"] = {k: round(statistics.median(v), 2) for k, v in w3.items()}
+    fresh: dict[str, list[float]] = {"off": [], "on": []}
+    cpu: dict[str, list[float]] = {"off": [], "on": []}
+    for blk in range(a.blocks):
+        k = "off" if blk % 2 == 0 else "on"
+        c0 = cpu_ms()
+        for _ in range(a.fresh):
+            t = time.perf_counter()
+            async with zviz.open_sandbox(pol(k == "on")) as s:
+                await s.run(["/bin/true"])
+            fresh[k].append((time.perf_counter() - t) * 1e3)
+        await trio.sleep(1.0)
+        cpu[k].append((cpu_ms() - c0) / a.fresh)
+    res["fresh_wall_ms"] = {k: round(statistics.median(v), 2) for k, v in fresh.items()}
+    res["fresh_system_cpu_ms"] = {k: round(statistics.median(v), 1) for k, v in cpu.items()}
+    if a.bare and os.geteuid() == 0:
+        res["bare_user_ns"] = bare(CLONE_NEWUSER, a.bare)
+        res["bare_user_net_ns"] = bare(CLONE_NEWUSER | CLONE_NEWNET, a.bare)
+    print(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--w0", type=int, default=400)
+    ap.add_argument("--w3", type=int, default=10)
+    ap.add_argument("--fresh", type=int, default=30)
+    ap.add_argument("--blocks", type=int, default=8)
+    ap.add_argument("--bare", type=int, default=300)
+    args = ap.parse_args()
+    trio.run(main, args)
