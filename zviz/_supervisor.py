@@ -1,15 +1,21 @@
 """The supervisor: answers seccomp user notifications, on trio (or asyncio).
 
-One `Supervisor` per sandbox, started with `task_group.start()`: `open_sandbox`
-returns only once it is live. Each spawned command brings its own listener fd
-(one filter per spawn); the supervisor serves each in a child task until the
-kernel hangs the listener up (POLLHUP: no task of that filter is left).
+One `Supervisor` per sandbox, a task over an epoll set of every live listener
+of the sandbox (its zygote's, or one per spawn without a zygote), until the
+kernel hangs a listener up (POLLHUP: no task of that filter is left).
 
 It answers only rare calls (nothing on the hot path is notified):
-- denials, decided by `_decide.decide`: recorded with decoded arguments, then
-  answered EPERM or ENOSYS;
-- `connect` under a host:port allowlist: the supervisor performs the connect
-  on a duplicate of the child's socket and returns the result (never CONTINUE).
+- denials, decided by `_decide.decide`: answered EPERM, EACCES or ENOSYS and
+  recorded as events. The few whose strings an event shows (mount paths...)
+  are read in a worker thread while the call waits, at most ANSWER_WAIT;
+- `connect` under a host:port allowlist: the supervisor connects a socket of
+  its own, from the host's network namespace, to the checked address and
+  installs it in place of the child's fd (ADDFD with SETFD); the child's own
+  sockets live in an empty network namespace. Never CONTINUE.
+The event loop never reads the child's memory (a sandbox can hold its
+mmap_lock for long): every read is a worker thread's, with a deadline.
+Connects in flight are capped per sandbox and per host process, and a connect
+whose task dies is abandoned at once.
 Kernel rules honoured: the notification buffer is zeroed before every RECV;
 NOTIF_ID_VALID is checked after reading the child's memory and before acting;
 ENOENT from SEND (the child was interrupted or died) is expected.
