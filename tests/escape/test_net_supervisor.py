@@ -297,7 +297,7 @@ def test_connects_in_flight_are_capped(net_attack):
     async def main():
         async with zviz.open_sandbox(_allow(f"127.0.0.1:{port}", processes=1024)) as sb:
             await _install(sb, net_attack)
-            cap = sb._supervisor.max_connects
+            cap = getattr(sb._supervisor, "max_connects", 64)  # (the old code had no cap)
             r = await sb.run(["./na", "burst", "127.0.0.1", str(port), str(cap + 8)], timeout=20)
             return r.stdout.decode(), sb.events_so_far(), cap
 
@@ -448,8 +448,9 @@ def test_events_reach_a_live_consumer_after_10001_denials(net_attack):
 
             async def consume(task_status=trio.TASK_STATUS_IGNORED):
                 task_status.started()
+                missed_type = getattr(zviz, "EventsMissed", ())  # (the old code had none)
                 async for e in sb.events():
-                    if isinstance(e, zviz.EventsMissed):
+                    if isinstance(e, missed_type):
                         seen.append(("missed", e.count))
                     elif e.syscall == "mount":
                         seen.append(("mount", e.detail))
