@@ -144,3 +144,17 @@ def test_hot_calls_stay_short():
                                 ("recvfrom", (3, 0, 1, 0x40)), ("newfstatat", (AT, 0x1000, 0x2000, 0)))}
     assert all(n <= steps["read"] + 16 for n in steps.values()), steps
     assert len(prog) // 8 < 1024  # far under BPF_MAXINSNS (4096)
+
+
+def test_routing_socket_options_refused_in_allow_mode():
+    """allow mode: the sandbox's connected sockets are the supervisor's (host
+    namespace): IP_OPTIONS and the IPv6 routing/extension headers are
+    refused, with or without garbage in the high halves; ordinary options pass."""
+    spec = attrs.evolve(PY, net_mode="allow")
+    for level, opt in ((41, 57), (41, 5), (41, 6), (41, 54), (41, 59), (0, 4)):
+        for g in (0, G):
+            assert _verdict(spec, "setsockopt", 3, level | g, opt | g, 0x1000, 40) == "refuse", (level, opt, g)
+    for level, opt in ((1, 9), (6, 1), (41, 26), (41, 67), (0, 1), (0, 10), (6 | G, 1), (41, 200 | G)):
+        assert _verdict(spec, "setsockopt", 3, level, opt, 0x1000, 4) == "allow", (level, opt)
+    assert _verdict(spec, "setsockopt", 3, 17, 1, 0x1000, 4) == "refuse"  # another level: refused whole
+    assert _verdict(PY, "setsockopt", 3, 41, 57, 0x1000, 40) == "allow"  # none mode: its own namespace's sockets

@@ -200,6 +200,28 @@ OTHER_TASK_SCHED: tuple[Alternative, ...] = conjoin(
     values_except(0, (0, 1), PID_BITS, high_zero=True), equals(1, (SCHED_OTHER, SCHED_BATCH, SCHED_IDLE)))
 
 
+# net.mode = "allow": the sandbox's connected sockets are the supervisor's,
+# made in the host's network namespace. Options that route a connection's
+# packets elsewhere are refused on every socket: IP_OPTIONS (LSRR/SSRR source
+# routes) and the IPv6 routing, hop-by-hop and destination option headers
+# (IPV6_RTHDR is settable without privilege: a segment-routing header sent
+# the SYN to an address of the sandbox's choosing). Levels SOL_SOCKET and TCP
+# pass whole; any other level is refused. Level and name are ints: only
+# their low 32 bits are compared (the kernel ignores the rest).
+SOL_SOCKET, IPPROTO_IP, IPPROTO_TCP, IPPROTO_IPV6 = 1, 0, 6, 41
+IP_OPTIONS = 4
+# IPV6_2292HOPOPTS, _2292DSTOPTS, _2292RTHDR, _2292PKTOPTIONS, IPV6_HOPOPTS,
+# IPV6_RTHDRDSTOPTS, IPV6_RTHDR, IPV6_DSTOPTS
+IPV6_ROUTING = (3, 4, 5, 6, 54, 55, 57, 59)
+_U32 = 0xFFFFFFFF
+ROUTING_OPTIONS: tuple[Alternative, ...] = (
+    ((1, _U32, SOL_SOCKET),),
+    ((1, _U32, IPPROTO_TCP),),
+    *conjoin((((1, _U32, IPPROTO_IP),),), values_except(2, (IP_OPTIONS,), 32, high_zero=False)),
+    *conjoin((((1, _U32, IPPROTO_IPV6),),), values_except(2, IPV6_ROUTING, 32, high_zero=False)),
+)
+
+
 def rules(*, net_mode: str, pid_ns: bool) -> dict[str, tuple[Alternative, ...]]:
     """syscall -> the alternatives under which it passes, for the calls that
     carry argument conditions (other than socket, socketpair, clone and
@@ -212,6 +234,7 @@ def rules(*, net_mode: str, pid_ns: bool) -> dict[str, tuple[Alternative, ...]]:
     if net_mode == "allow":  # TCP Fast Open connects inside sendto/sendmsg: keep it away
         for name, arg in (("sendto", 3), ("sendmsg", 2), ("sendmmsg", 3)):
             out[name] = conjoin(out[name], bits_clear(arg, MSG_FASTOPEN))
+        out["setsockopt"] = ROUTING_OPTIONS
     return out
 
 
