@@ -31,7 +31,7 @@ from collections import defaultdict
 import trio
 
 import zviz
-from zviz import _kernel, _plan, _proxy, _sandbox, _supervisor, _zygote
+from zviz import _kernel, _plan, _process, _proxy, _records, _runner, _sandbox, _supervisor, _zygote
 
 ACC: dict[str, list[float]] = defaultdict(list)
 
@@ -69,19 +69,19 @@ PHASES = [
     (_kernel, "pipe", "_kernel.pipe", 2),
     (_kernel, "dup_above_stdio", "_kernel.dup_above_stdio", 2),
     (_zygote, "encode_request", "_zygote.encode_request", 2),
-    (_sandbox.Sandbox, "_zygote_run", "Sandbox._zygote_run (= spawn_s_total)", 2),
+    (_runner.Runner, "_zygote_run", "Runner._zygote_run (= spawn_s_total)", 2),
     (_zygote.Zygote, "request", "Zygote.request (send; the zygote forks; reply with the pidfd)", 3),
     (_kernel, "spawn", "_kernel.spawn (C stage: clone..exec; the zygote, once)", 2),
     (_supervisor.Supervisor, "attach", "Supervisor.attach (listener task)", 2),
-    (_sandbox.Process, "__init__", "Process.__init__", 2),
+    (_process.Process, "__init__", "Process.__init__", 2),
     (_proxy.FdReceiveStream, "__init__", "FdReceiveStream.__init__", 2),
-    (_sandbox.Sandbox, "_drive", "Sandbox._drive (run-init forks, exec true, exit; pipes drained)", 1),
-    (_sandbox.Process, "wait", "Process.wait (child runs: init, fork, exec true, exit)", 1),
-    (_sandbox.Process, "_reap", "Process._reap", 2),
+    (_process, "_drive", "_process._drive (run-init forks, exec true, exit; pipes drained)", 1),
+    (_process.Process, "wait", "Process.wait (child runs: init, fork, exec true, exit)", 1),
+    (_process.Process, "_reap", "Process._reap", 2),
     (_kernel, "read_init_status", "_kernel.read_init_status", 3),
-    (_sandbox.Sandbox, "_finish", "Sandbox._finish (listener done, close)", 1),
-    (_sandbox.Process, "_close_streams", "Process._close_streams", 2),
-    (_sandbox.RunResult, "__init__", "RunResult.__init__", 1),
+    (_process, "finish", "_process.finish (listener done, close)", 1),
+    (_process.Process, "_close_streams", "Process._close_streams", 2),
+    (_records.RunResult, "__init__", "RunResult.__init__", 1),
 ]
 
 

@@ -28,13 +28,9 @@ from ._policy import (
     Syscalls as Syscalls,
 )
 from ._probe import KernelFeatures as KernelFeatures, probe as probe_host
-from ._sandbox import (
-    Process as Process,
-    RunResult as RunResult,
-    Sandbox as Sandbox,
-    SandboxStatistics as SandboxStatistics,
-    open_sandbox as open_sandbox,
-)
+from ._process import Process as Process
+from ._records import RunResult as RunResult, SandboxStatistics as SandboxStatistics
+from ._sandbox import Sandbox as Sandbox, open_sandbox as open_sandbox
 from ._supervisor import DenialEvent as DenialEvent
 
 __version__ = "0.1.0"

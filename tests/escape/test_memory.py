@@ -157,7 +157,7 @@ def test_cgroup_is_removed_and_made_per_sandbox():
                 zviz.open_sandbox(zviz.Policy.python(limits=zviz.Limits(memory="256M"))) as b:
             ra = await a.run(["cat", "/proc/self/cgroup"])
             rb = await b.run(["cat", "/proc/self/cgroup"])
-            paths = (a._cgroup.path, b._cgroup.path)
+            paths = (a._resources.cgroup.path, b._resources.cgroup.path)
             zygote_pid = a._zygote.pid if a._zygote is not None else None
             with open(os.path.join(paths[0], "cgroup.procs")) as f:
                 members = [int(x) for x in f.read().split()]
