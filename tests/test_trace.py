@@ -75,7 +75,7 @@ def test_trace_records_paths_outside_the_preset(tmp_path):
 
 
 def test_generator_is_pure_and_collapses_siblings():
-    from zviz.ebpf._generate import Peaks, TraceRecord, _collapse, generate
+    from zviz._generate import Peaks, TraceRecord, _collapse, generate
 
     assert _collapse({"/a/b/1", "/a/b/2", "/a/b/3", "/c"}) == ["/a/b", "/c"]
     rec = TraceRecord()
@@ -85,3 +85,14 @@ def test_generator_is_pure_and_collapses_siblings():
     assert set(policy.syscalls.allow) == {"read", "write"}
     assert any("ptrace" in n for n in notes)
     assert policy.limits.memory == zviz.Policy.python().limits.memory and policy.limits.wall_s == 2
+
+
+def test_trace_lives_in_the_core_and_ebpf_is_the_monitor_only():
+    # zviz trace and its generator import neither the optional monitor package
+    # nor the CLI; zviz.ebpf re-exports trace without importing the CLI back.
+    code = ("import sys, zviz._trace, zviz._generate\n"
+            "core_alone = 'zviz.ebpf' not in sys.modules\n"
+            "import zviz.ebpf\n"
+            "print(core_alone, 'zviz._cli' not in sys.modules, zviz.ebpf.trace is zviz._trace.trace)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "True", "True"]

@@ -1,4 +1,4 @@
-"""The command line: `zviz run`, `zviz check` (and `zviz trace`, see zviz.ebpf).
+"""The command line: `zviz run`, `zviz check` and `zviz trace` (see _trace.py).
 
 Every error is one line on stderr and a distinct exit status (docs/errors.md);
 `--debug` shows the traceback.
@@ -214,6 +214,44 @@ async def _run(a: argparse.Namespace) -> int:
         return 128 - rc if rc < 0 else rc
 
 
+async def _trace(a: argparse.Namespace) -> int:
+    from ._oci import oci_profile
+    from ._trace import summary, trace
+
+    argv = list(a.argv)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if not argv:
+        raise UsageError("a command is needed after '--', e.g. zviz trace -o p.toml -- python3 -c 'print(1)'")
+    base = Policy.preset(a.base)
+    stdin = b"" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.buffer.read()
+    t = await trace(argv, base=base, learn=True if a.learn else None, timeout=a.timeout, stdin=stdin)
+    sys.stdout.buffer.write(t.stdout)
+    sys.stdout.flush()
+    sys.stderr.buffer.write(t.stderr)
+    if a.output:
+        _write(a.output, t.policy.to_toml())
+    if a.oci:
+        _write(a.oci, json.dumps(oci_profile(t.policy.syscalls.names()), indent=2) + "\n")
+    if a.json:
+        print(json.dumps(t.to_json(), indent=2))
+    else:
+        print(summary(t), file=sys.stderr)
+        if a.output:
+            print(f"wrote {a.output}", file=sys.stderr)
+        if a.oci:
+            print(f"wrote {a.oci}", file=sys.stderr)
+    return 0 if t.status == 0 else t.status
+
+
+def _write(path: str, text: str) -> None:
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+    except OSError as e:
+        raise PolicyError("-o/--oci", path, f"a writable file ({e.strerror})") from None
+
+
 def _usable(fd: int) -> bool:
     try:
         os.fstat(fd)
@@ -287,9 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if a.cmd == "run":
             return trio.run(_run, a)
         if a.cmd == "trace":
-            from .ebpf._trace import cli_trace
-
-            return trio.run(cli_trace, a)
+            return trio.run(_trace, a)
     except UsageError as e:
         return _fail(a, e, EXIT_USAGE)
     except CommandNotFoundError as e:

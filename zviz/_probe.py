@@ -15,6 +15,7 @@ import sys
 import attrs
 
 from . import _kernel
+from ._errors import FeatureUnavailable
 
 
 @attrs.frozen(kw_only=True)
@@ -161,11 +162,36 @@ def probe() -> KernelFeatures:
     )
 
 
-def bcc_status() -> tuple[bool, str]:
-    """Whether the eBPF monitor could run here (without importing bcc)."""
-    from .ebpf import status
+DEBIAN_DIST = "/usr/lib/python3/dist-packages"  # Debian's python3-bpfcc installs bcc here
 
-    return status()
+
+def bcc_status() -> tuple[bool, str]:
+    """(available, reason): whether the eBPF monitor (zviz.ebpf) could run
+    here, and why not. Checks without importing bcc."""
+    try:
+        check_bcc()
+    except FeatureUnavailable as e:
+        return False, f"{e.reason}; fix: {e.fix}"
+    return True, "ok (bcc importable, tracefs mounted, kernel headers present)"
+
+
+def check_bcc() -> None:
+    """Raise FeatureUnavailable, with the fix, if the eBPF monitor cannot run here."""
+    import importlib.util
+
+    if os.geteuid() != 0:
+        raise FeatureUnavailable("eBPF monitor", "it needs root (CAP_BPF, CAP_PERFMON)", "run as root")
+    if importlib.util.find_spec("bcc") is None and not os.path.isdir(os.path.join(DEBIAN_DIST, "bcc")):
+        raise FeatureUnavailable("eBPF monitor", "bcc is not installed",
+                                 "apt-get install python3-bpfcc (or ./scripts/setup-ebpf.sh)")
+    if not os.path.exists("/sys/kernel/tracing/events/raw_syscalls"):
+        raise FeatureUnavailable("eBPF monitor", "tracefs is not mounted at /sys/kernel/tracing",
+                                 "mount -t tracefs nodev /sys/kernel/tracing (or ./scripts/setup-ebpf.sh)")
+    build = f"/lib/modules/{os.uname().release}/build/include"
+    if not os.path.exists(build):
+        raise FeatureUnavailable("eBPF monitor", f"no kernel headers at {build}",
+                                 "apt-get install linux-headers-$(uname -r), or ./scripts/setup-ebpf.sh, which links "
+                                 "Debian's linux-headers-amd64 when no package matches this kernel")
 
 
 if __name__ == "__main__":  # pragma: no cover

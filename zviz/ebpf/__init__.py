@@ -1,4 +1,4 @@
-"""zviz.ebpf: an optional eBPF monitor (bcc; root only) and `zviz trace`.
+"""zviz.ebpf: an optional eBPF monitor (bcc; root only).
 
     async with zviz.open_sandbox(policy, monitor=True) as sb: ...
     sb.statistics().syscalls          # {"openat": 412, "read": 977, ...}
@@ -9,52 +9,26 @@
 Importing this module never imports bcc. Using the monitor where it cannot
 run raises `zviz.FeatureUnavailable` naming what is missing and the fix; see
 `status()` and `zviz check`. How attribution works, what is counted and what
-it costs: docs/monitoring.md.
+it costs: docs/monitoring.md. `trace` and `TraceResult` (`zviz trace`, which
+uses this monitor when it can, else the seccomp learning mode) live in the
+core (zviz/_trace.py) and are re-exported here, where they were first public.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import AsyncIterator
 
 from .._errors import FeatureUnavailable
+from .._probe import DEBIAN_DIST, bcc_status as status, check_bcc
+from .._trace import TraceResult, trace  # zviz trace lives in the core; re-exported here
+from ._monitor import Monitor, _attach_monitor  # imports no bcc at module level
 
 __all__ = ["Monitor", "TraceResult", "open_monitor", "status", "trace"]
 
-DEBIAN_DIST = "/usr/lib/python3/dist-packages"
-
-
-def status() -> tuple[bool, str]:
-    """(available, reason): whether the monitor could run here, and why not.
-    Checks without importing bcc."""
-    try:
-        _check()
-    except FeatureUnavailable as e:
-        return False, f"{e.reason}; fix: {e.fix}"
-    return True, "ok (bcc importable, tracefs mounted, kernel headers present)"
-
-
-def _check() -> None:
-    import importlib.util
-
-    if os.geteuid() != 0:
-        raise FeatureUnavailable("eBPF monitor", "it needs root (CAP_BPF, CAP_PERFMON)", "run as root")
-    if importlib.util.find_spec("bcc") is None and not os.path.isdir(os.path.join(DEBIAN_DIST, "bcc")):
-        raise FeatureUnavailable("eBPF monitor", "bcc is not installed",
-                                 "apt-get install python3-bpfcc (or ./scripts/setup-ebpf.sh)")
-    if not os.path.exists("/sys/kernel/tracing/events/raw_syscalls"):
-        raise FeatureUnavailable("eBPF monitor", "tracefs is not mounted at /sys/kernel/tracing",
-                                 "mount -t tracefs nodev /sys/kernel/tracing (or ./scripts/setup-ebpf.sh)")
-    build = f"/lib/modules/{os.uname().release}/build/include"
-    if not os.path.exists(build):
-        raise FeatureUnavailable("eBPF monitor", f"no kernel headers at {build}",
-                                 "apt-get install linux-headers-$(uname -r), or ./scripts/setup-ebpf.sh, which links "
-                                 "Debian's linux-headers-amd64 when no package matches this kernel")
-
 
 def _import_bcc():  # type: ignore[no-untyped-def]
-    _check()
+    check_bcc()
     try:
         import bcc
     except ImportError:
@@ -70,10 +44,6 @@ def _import_bcc():  # type: ignore[no-untyped-def]
             raise FeatureUnavailable("eBPF monitor", f"bcc does not import ({e})",
                                      "apt-get install python3-bpfcc (or ./scripts/setup-ebpf.sh)") from None
     return bcc
-
-
-from ._monitor import Monitor, _attach_monitor  # noqa: E402  (no bcc import at module level)
-from ._trace import TraceResult, trace  # noqa: E402
 
 
 @contextlib.asynccontextmanager

@@ -15,21 +15,15 @@ workdir), no private network namespace, and its output passes through.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import socket
-import sys
-import time
 import warnings
 from typing import Any
 
 import attrs
 
-from .. import _bpf, _decide, _kernel, _syscalls
-from .._errors import FeatureUnavailable, PolicyError, ZvizWarning
-from .._policy import Filesystem, Network, Policy, Syscalls
+from . import _bpf, _decide, _kernel, _probe, _syscalls
+from ._errors import FeatureUnavailable, ZvizWarning
 from ._generate import Peaks, TraceRecord, generate, permissive_names
+from ._policy import Filesystem, Network, Policy, Syscalls
 
 _PATH_CALLS = {"open": 0, "openat": 1, "execve": 0, "execveat": 1, "mkdir": 0, "mkdirat": 1, "unlink": 0,
                "unlinkat": 1, "rename": 0, "renameat2": 1, "creat": 0}
@@ -116,18 +110,16 @@ class TraceResult:
 
 async def trace(argv: list[str], *, base: Policy, learn: bool | None = None, timeout: float = 60.0,
                 stdin: bytes = b"") -> TraceResult:
-    from .._sandbox import open_sandbox
-    from . import status
+    from ._sandbox import open_sandbox
 
     use_ebpf = False
     if learn is not True:
-        ok, why = status()
+        ok, why = _probe.bcc_status()
         use_ebpf = ok
         if learn is False and not ok:
             raise FeatureUnavailable("zviz trace (eBPF)", why, "run as root with bcc, or use --learn")
     settings = TraceSettings(learning=not use_ebpf)
     policy = trace_policy(base)
-    t0 = time.monotonic()
     with warnings.catch_warnings():
         # the trace policy reads the whole host on purpose: not worth a warning
         warnings.filterwarnings("ignore", message=".*whole host filesystem.*", category=ZvizWarning)
@@ -151,7 +143,6 @@ async def trace(argv: list[str], *, base: Policy, learn: bool | None = None, tim
             raise
     else:
         await sb_cm.__aexit__(None, None, None)
-    del t0
     rec = settings.record
     peaks = Peaks(wall_s=r.wall_s, peak_rss=r.peak_rss, output=max(len(r.stdout), len(r.stderr)))
     new_policy, notes = generate(rec, base=base, workdir=workdir, cwd=workdir, peaks=peaks)
@@ -181,45 +172,3 @@ def summary(t: TraceResult) -> str:
     lines += ["", f"policy: {len(t.policy.syscalls.allow)} syscalls, read-only {list(t.policy.fs.read_only)}, "
               f"read-write {list(t.policy.fs.read_write)}, net {t.policy.net.mode}"]
     return "\n".join(lines)
-
-
-async def cli_trace(a: argparse.Namespace) -> int:
-    from .._oci import oci_profile
-
-    argv = list(a.argv)
-    if argv and argv[0] == "--":
-        argv = argv[1:]
-    if not argv:
-        from .._cli import UsageError
-
-        raise UsageError("a command is needed after '--', e.g. zviz trace -o p.toml -- python3 -c 'print(1)'")
-    base = Policy.preset(a.base)
-    stdin = b"" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.buffer.read()
-    t = await trace(argv, base=base, learn=True if a.learn else None, timeout=a.timeout, stdin=stdin)
-    sys.stdout.buffer.write(t.stdout)
-    sys.stdout.flush()
-    sys.stderr.buffer.write(t.stderr)
-    if a.output:
-        _write(a.output, t.policy.to_toml())
-    if a.oci:
-        _write(a.oci, json.dumps(oci_profile(t.policy.syscalls.names()), indent=2) + "\n")
-    if a.json:
-        print(json.dumps(t.to_json(), indent=2))
-    else:
-        print(summary(t), file=sys.stderr)
-        if a.output:
-            print(f"wrote {a.output}", file=sys.stderr)
-        if a.oci:
-            print(f"wrote {a.oci}", file=sys.stderr)
-    return 0 if t.status == 0 else t.status
-
-
-def _write(path: str, text: str) -> None:
-    try:
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(text)
-    except OSError as e:
-        raise PolicyError("-o/--oci", path, f"a writable file ({e.strerror})") from None
-
-
-_ = (os, socket)

@@ -24,8 +24,8 @@ from collections import Counter
 
 import attrs
 
-from .. import _syscalls
-from .._policy import Endpoint, Filesystem, Limits, Network, Policy, Syscalls
+from . import _syscalls
+from ._policy import Endpoint, Filesystem, Limits, Network, Policy, Syscalls
 
 O_ACCMODE = 3
 O_CREAT = 0o100
@@ -149,7 +149,7 @@ def generate(rec: TraceRecord, *, base: Policy, workdir: str, cwd: str, peaks: P
 def permissive_names() -> frozenset[str]:
     """Everything a traced program may call: all known syscalls but the
     dangerous ones (which stay denied, and reported, even while tracing)."""
-    from .._syscall_table import LIBSECCOMP_MAX_KNOWN, X86_64
+    from ._syscall_table import LIBSECCOMP_MAX_KNOWN, X86_64
 
     return frozenset(n for n, nr in X86_64.items() if nr <= LIBSECCOMP_MAX_KNOWN) - _syscalls.DANGEROUS
 
