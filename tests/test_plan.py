@@ -248,3 +248,11 @@ def _ns(**kw):
     from zviz import Namespaces
 
     return Namespaces(**kw)
+
+
+def test_loopback_without_a_user_namespace_needs_root_at_open():
+    pol = Policy(fs=Filesystem(read_only=("/usr",)), net=Network(mode="loopback"),
+                 namespaces=attrs.evolve(Policy().namespaces, user=False))
+    with pytest.raises(PolicyError, match="namespaces.user"):
+        plan(pol, h=host(euid=1000))
+    assert plan(pol, h=host(euid=0)).clone_flags & _kernel.CLONE_NEWNET

@@ -1,5 +1,7 @@
 """Policy values: validation, presets, TOML. Pure: no kernel."""
 
+import os
+
 import attrs
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -155,3 +157,19 @@ def test_fuzz_policy_from_toml_text_only_policy_error(text):
 def test_public_names_reexported():
     assert zviz.Policy.__module__ == "zviz"
     assert zviz.PolicyError.__module__ == "zviz"
+
+
+def test_syscall_groups_are_immutable():
+    with pytest.raises(TypeError):
+        zviz.SYSCALL_GROUPS["@python"] = ("ptrace",)  # type: ignore[index]
+    assert all(isinstance(v, tuple) for v in zviz.SYSCALL_GROUPS.values())
+    assert "openat" in zviz.SYSCALL_GROUPS["@basic"]
+
+
+def test_policy_validity_does_not_depend_on_who_builds_it(monkeypatch):
+    # A policy is a value: the same one is valid for root and for anyone else.
+    # Whether this caller can run it is decided when a sandbox is opened.
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    p = Policy(net=Network(mode="loopback"), namespaces=Namespaces(user=False))
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    assert Policy(net=Network(mode="loopback"), namespaces=Namespaces(user=False)) == p

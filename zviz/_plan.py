@@ -485,8 +485,11 @@ def plan_spawn(policy: Policy, host: Host, *, argv: tuple[str, ...], exe: str, w
                             + (": the sandbox can bind the host's abstract unix socket names and read the "
                                "host's interfaces through AF_UNIX socket ioctls" if name == "net" else ""))
     if policy.net.mode in ("loopback", "allow") and not flags & _linux.CLONE_NEWNET:
-        raise PolicyError("net.mode", policy.net.mode,
-                          "a host where network namespaces can be created (user namespaces, or root)")
+        # checked here, not in Policy: a policy's validity must not depend on who builds it
+        fix = "a host where network namespaces can be created (user namespaces, or root)"
+        if not ns.user and not root:
+            fix = "namespaces.user = true, on " + fix
+        raise PolicyError("net.mode", policy.net.mode, fix)
 
     if userns:
         host_uid, host_gid = (NOBODY, NOBODY) if root else (host.euid, host.egid)

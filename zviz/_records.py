@@ -18,6 +18,15 @@ def _frozen_mapping(value: Mapping[str, int]) -> Mapping[str, int]:
     return types.MappingProxyType(dict(sorted(value.items())))
 
 
+def _frozen_or_none(value: Mapping[str, int] | None) -> Mapping[str, int] | None:
+    return None if value is None else _frozen_mapping(value)
+
+
+def _items(value: Mapping[str, int] | None) -> tuple[tuple[str, int], ...] | None:
+    """The key a mapping field compares and hashes by (a mappingproxy has no hash)."""
+    return None if value is None else tuple(sorted(value.items()))
+
+
 @attrs.frozen(kw_only=True)
 class RunResult:
     """The outcome of `Sandbox.run` (or `Process.wait`)."""
@@ -35,7 +44,7 @@ class RunResult:
     wall_s: float
     cpu_s: float  # user + system, the whole reaped tree
     peak_rss: int  # bytes, largest single process of the tree
-    denials: Mapping[str, int] = attrs.field(converter=_frozen_mapping, eq=False)
+    denials: Mapping[str, int] = attrs.field(converter=_frozen_mapping, eq=_items)
 
     @property
     def ok(self) -> bool:
@@ -67,7 +76,7 @@ class SandboxStatistics:
 
     processes_started: int
     processes_running: int
-    denials: Mapping[str, int] = attrs.field(converter=_frozen_mapping, eq=False)
+    denials: Mapping[str, int] = attrs.field(converter=_frozen_mapping, eq=_items)
     denials_total: int
     notifications: int
     connects: int
@@ -84,7 +93,8 @@ class SandboxStatistics:
     memory_oom_kills: int = 0  # processes the kernel killed at the memory limit
     disk_limit: int | None = None  # fs.disk, where enforced
     disk_used: int | None = None  # bytes in the workdir's tmpfs now
-    syscalls: Mapping[str, int] | None = attrs.field(default=None, eq=False)  # eBPF monitor only
+    syscalls: Mapping[str, int] | None = attrs.field(default=None, converter=_frozen_or_none,
+                                                     eq=_items)  # eBPF monitor only
 
 
 def cpu_limit(status: int, used: float, limit: float | None) -> str | None:
