@@ -57,10 +57,20 @@ def test_variants_differ_where_they_must():
 
 
 def test_groups_known_and_disjoint_from_dangerous():
+    # (the table's only check: a typo in it is caught here)
     for name, members in _syscalls.GROUPS.items():
         assert members <= X86_64.keys(), name
+    assert _syscalls.DANGEROUS <= X86_64.keys()
+    assert _syscalls.SILENT_ENOSYS <= X86_64.keys()
     assert not (_syscalls.DANGEROUS & _syscalls.GROUPS["@python"])
-    assert struct.calcsize("=HBBI") == 8
+
+
+def test_disassemble_reads_struct_sock_filter():
+    # struct sock_filter { __u16 code; __u8 jt; __u8 jf; __u32 k; }, native order
+    raw = struct.pack("=HBBI", BPF_JEQ_K, 1, 2, 0xC000003E) + struct.pack("=HBBI", BPF_RET_K, 0, 0, 0x7FFF0000)
+    assert _bpf.disassemble(raw) == [(BPF_JEQ_K, 1, 2, 0xC000003E), (BPF_RET_K, 0, 0, 0x7FFF0000)]
+    ins = prog()
+    assert ins[-1][0] == BPF_RET_K and all(len(i) == 4 for i in ins)
 
 
 # ---- the argument rules, run on the compiled program (tests/bpfsim.py)

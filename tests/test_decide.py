@@ -1,11 +1,14 @@
 """The notification decision table. Pure: records are made up here."""
 
+import ast
 import errno
+import pathlib
 import socket
 import struct
 
 from hypothesis import given, settings, strategies as st
 
+import zviz
 from zviz import _decide, _kernel
 from zviz._syscall_table import X86_64
 
@@ -13,9 +16,70 @@ X86 = _decide.AUDIT_ARCH_X86_64
 
 
 def test_no_continue_answer_exists():
-    # The unsafe answer is inexpressible: the module has no such type.
+    # The unsafe answer is inexpressible: the decision table has no such type.
     names = {n.lower() for n in dir(_decide)}
     assert not any("continue" in n for n in names)
+
+
+def continue_paths(path, source):
+    """Every way `source` (a module of zviz) could answer a notification with
+    SECCOMP_USER_NOTIF_FLAG_CONTINUE, except the one the learning mode owns:
+    `_kernel.notif_continue_learning`, called only from the supervisor's
+    learner branch. Returns the offending lines."""
+    tree = ast.parse(source)
+    parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+
+    def enclosing(node, kind):
+        while node in parents:
+            node = parents[node]
+            if isinstance(node, kind):
+                yield node
+
+    def func_name(node):
+        return next((f.name for f in enclosing(node, (ast.FunctionDef, ast.AsyncFunctionDef))), None)
+
+    bad = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Name, ast.Attribute)):
+            ident = node.id if isinstance(node, ast.Name) else node.attr
+            if "CONTINUE" in ident.upper() and ident != "notif_continue_learning":
+                bad.append((path, node.lineno, ident))
+            if ident == "IOCTL_NOTIF_SEND" and not (path.name == "_kernel.py" and func_name(node) in (None, "_respond")):
+                bad.append((path, node.lineno, "a SEND outside _kernel._respond"))
+        if isinstance(node, ast.Call):
+            callee = node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", None)
+            if callee == "_respond":
+                flags = node.args[4] if len(node.args) > 4 else None
+                if not (isinstance(flags, ast.Constant) and flags.value == 0) and not (
+                        path.name == "_kernel.py" and func_name(node) == "notif_continue_learning"):
+                    bad.append((path, node.lineno, "_respond with flags"))
+            if callee == "notif_continue_learning":
+                guarded = any("_learner" in ast.unparse(i.test) for i in enclosing(node, ast.If))
+                if not (path.name == "_supervisor.py" and guarded):
+                    bad.append((path, node.lineno, "CONTINUE outside the learner branch"))
+    return bad
+
+
+def test_continue_only_in_the_learning_mode_anywhere_in_zviz():
+    root = pathlib.Path(zviz.__file__).parent
+    modules = sorted(root.rglob("*.py"))
+    assert len(modules) > 15
+    bad = [b for m in modules for b in continue_paths(m, m.read_text())]
+    assert not bad
+    for c in sorted(root.rglob("*.c")) + sorted(root.rglob("*.h")):
+        assert "FLAG_CONTINUE" not in c.read_text(), c
+
+
+def test_continue_scan_catches_what_it_is_for():
+    k, s = pathlib.Path("_kernel.py"), pathlib.Path("_supervisor.py")
+    assert continue_paths(pathlib.Path("_x.py"), "def f(l, n):\n    _kernel.notif_continue_learning(l, n)\n")
+    assert continue_paths(s, "def f(l, n):\n    _kernel.notif_continue_learning(l, n)\n")  # unguarded
+    assert not continue_paths(s, "def f(self, l, n):\n    if self._learner(n):\n"
+                                 "        _kernel.notif_continue_learning(l, n)\n")
+    assert continue_paths(k, "def notif_send(l, n):\n    return _respond(l, n, 0, 0, 1)\n")
+    assert not continue_paths(k, "def notif_send(l, n):\n    return _respond(l, n, 0, 0, 0)\n")
+    assert continue_paths(pathlib.Path("_x.py"), "FLAG = SECCOMP_USER_NOTIF_FLAG_CONTINUE\n")
+    assert continue_paths(pathlib.Path("_x.py"), "fcntl.ioctl(fd, _kernel.IOCTL_NOTIF_SEND, buf)\n")
 
 
 def test_dangerous_denied_eperm_others_enosys():

@@ -146,7 +146,7 @@ def _known(name: str) -> bool:
 
 
 def disassemble(prog: bytes) -> list[tuple[int, int, int, int]]:
-    """(code, jt, jf, k) per instruction: for tests and `zviz check --explain`."""
+    """(code, jt, jf, k) per instruction (for tests and debugging)."""
     import struct
 
     return [struct.unpack_from("=HBBI", prog, i) for i in range(0, len(prog), 8)]

@@ -65,16 +65,17 @@ class SandboxSetupError(ZvizError, OSError):
 
 
 class CommandNotFoundError(SandboxSetupError, FileNotFoundError):
-    """The command to run does not exist inside the sandbox's view of the system."""
+    """The command to run was not found on the host, before anything was
+    spawned (a command found there but outside the sandbox's paths fails
+    inside instead: exit status 127, see docs/errors.md)."""
 
     def __init__(self, command: str, searched: str) -> None:
-        super().__init__(
-            "resolve-command",
-            _errno.ENOENT,
-            command,
-            f"not found in PATH={searched!r} of the policy's environment; give an absolute "
-            "path or add its directory to the policy's read-only paths and env PATH",
-        )
+        if "/" in command:
+            hint = "no such file (a relative path is taken from the workdir)"
+        else:
+            hint = (f"not found in PATH={searched!r} of the policy's environment; give an absolute "
+                    "path or add its directory to the policy's read-only paths and env PATH")
+        super().__init__("resolve-command", _errno.ENOENT, command, hint)
 
 
 class SandboxClosedError(ZvizError, RuntimeError):

@@ -197,7 +197,7 @@ class SpawnPlan:
     deny_syscalls: tuple[str, ...] = ()  # taken out of the allowlist (e.g. memfd_create without a cgroup)
 
     def steps(self) -> list[str]:
-        """The plan as a readable list of steps (for `zviz run --explain`, tests)."""
+        """The plan as a readable list of steps (for tests and debugging)."""
         out = []
         if self.clone_flags:
             names = [n for n, f in (("user", _linux.CLONE_NEWUSER), ("pid", _linux.CLONE_NEWPID),

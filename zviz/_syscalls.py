@@ -121,10 +121,7 @@ def expand(entries: tuple[str, ...]) -> frozenset[str]:
     return frozenset(out)
 
 
-for _name, _members in GROUPS.items():  # a typo in the table is a bug, caught at import
-    _unknown = _members - X86_64.keys()
-    assert not _unknown, (_name, _unknown)
-assert not (DANGEROUS - X86_64.keys()), DANGEROUS - X86_64.keys()
-assert not (DANGEROUS & GROUPS["@python"]), DANGEROUS & GROUPS["@python"]
+# The table's invariants (every name known, DANGEROUS outside @python) are
+# checked by tests/test_bpf.py, not by asserts that `python -O` strips.
 
 X86_64_NAMES: frozenset[str] = frozenset(X86_64)
