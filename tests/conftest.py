@@ -179,7 +179,7 @@ _warmed = False
 
 
 def _warm_up() -> None:
-    global _warmed
+    global _warmed  # noqa: PLW0603 - once per test session
     if _warmed:
         return
     import trio

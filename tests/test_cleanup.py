@@ -154,5 +154,6 @@ async def test_supervisor_failure_tears_down_and_surfaces(snapshot, monkeypatch)
         async with zviz.open_sandbox(PYP) as sb:
             await _busy(sb)
             await sb.run(["python3", "-c", "import ctypes; ctypes.CDLL(None).ptrace(0, 0, 0, 0)"], timeout=30)
-    assert "supervisor bug" in repr(ei.value) or any("supervisor bug" in repr(e) for e in getattr(ei.value, "exceptions", []))
+    assert "supervisor bug" in repr(ei.value) or any("supervisor bug" in repr(e)
+                                                      for e in getattr(ei.value, "exceptions", []))
     snap.assert_clean()

@@ -9,7 +9,6 @@ import sys
 import termios
 import time
 
-
 ZVIZ = [sys.executable, "-m", "zviz._cli"]
 
 
@@ -82,7 +81,8 @@ def test_policy_file_toml_and_oci(tmp_path):
     names = sorted(z.Policy.python().syscalls.names() - {"socket"})
     oci.write_text(json.dumps({"defaultAction": "SCMP_ACT_ERRNO", "syscalls": [{"names": names,
                                                                                "action": "SCMP_ACT_ALLOW"}]}))
-    r = zviz("run", "--json", "--policy", str(oci), "--", "python3", "-c", "import socket; socket.socket(socket.AF_UNIX)")
+    r = zviz("run", "--json", "--policy", str(oci), "--", "python3", "-c",
+             "import socket; socket.socket(socket.AF_UNIX)")
     d = json.loads(r.stdout)
     assert d["exit_code"] == 1 and d["denials"] == {"socket": 1}
     bad = tmp_path / "bad.json"

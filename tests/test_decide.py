@@ -44,7 +44,8 @@ def continue_paths(path, source):
             ident = node.id if isinstance(node, ast.Name) else node.attr
             if "CONTINUE" in ident.upper() and ident != "notif_continue_learning":
                 bad.append((path, node.lineno, ident))
-            if ident == "IOCTL_NOTIF_SEND" and not (path.name == "_kernel.py" and func_name(node) in (None, "_respond")):
+            in_respond = path.name == "_kernel.py" and func_name(node) in (None, "_respond")
+            if ident == "IOCTL_NOTIF_SEND" and not in_respond:
                 bad.append((path, node.lineno, "a SEND outside _kernel._respond"))
         if isinstance(node, ast.Call):
             callee = node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", None)

@@ -11,7 +11,8 @@ import zviz
 
 from .conftest import IS_ROOT, _warm_up, run_without_userns
 
-pytestmark = pytest.mark.skipif(not IS_ROOT, reason="simulating the host needs root (a user namespace of the test's own)")
+pytestmark = pytest.mark.skipif(not IS_ROOT,
+                                reason="simulating the host needs root (a user namespace of the test's own)")
 
 
 def _scenario(secret_path):

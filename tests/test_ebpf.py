@@ -36,8 +36,8 @@ async def test_only_the_trace_monitor_has_the_sys_enter_probe():
 @needs_ebpf
 @pytest.mark.trio
 async def test_counts_the_whole_tree_and_nothing_else():
-    async with zviz.ebpf.open_monitor() as mon:
-        async with zviz.open_sandbox(PYP, monitor=mon) as a, zviz.open_sandbox(PYP, monitor=mon) as b:
+    async with (zviz.ebpf.open_monitor() as mon, zviz.open_sandbox(PYP, monitor=mon) as a,
+                zviz.open_sandbox(PYP, monitor=mon) as b):
             await a.run(["python3", "-c", "import os\nfor _ in range(500): os.getppid()\n"
                          "pid = os.fork()\nif pid == 0:\n    [os.getppid() for _ in range(300)]; os._exit(0)\n"
                          "os.waitpid(pid, 0)"])

@@ -13,6 +13,20 @@ PUBLIC = {
 def test_public_names():
     names = {n for n in dir(zviz) if not n.startswith("_")} - {"ebpf"}  # a subpackage, imported on demand
     assert names == PUBLIC
+    assert sorted(zviz.__all__) == sorted(PUBLIC) and len(zviz.__all__) == len(PUBLIC)
+    namespace: dict[str, object] = {}
+    exec("from zviz import *", namespace)
+    assert set(namespace) - {"__builtins__"} == PUBLIC
+    for name in PUBLIC - {"SYSCALL_GROUPS"}:
+        assert getattr(zviz, name).__module__ == "zviz", name  # shown as zviz.X, like trio's names
+
+
+def test_one_version_string():
+    from importlib.metadata import version
+
+    from zviz import _version
+
+    assert zviz.__version__ == _version.__version__ == version("zviz")
 
 
 def test_error_tree_split_by_blame():

@@ -9,8 +9,8 @@ from zviz._probe import KernelFeatures
 FEATURES = KernelFeatures(kernel="6.18", landlock_abi=7, landlock_reason="ABI 7", userns=True, userns_reason="ok",
                           seccomp_notify=True, seccomp_addfd=True, sync_wakeup=True, wait_killable_recv=True,
                           pidfd=True, cgroup_v2=None, cgroup_reason="hybrid", is_root=False)
-DIRS = {p: True for p in ("/usr", "/bin", "/etc", "/lib", "/lib64", "/run", "/tmp", "/var/tmp", "/dev/shm",
-                          "/tmp/zviz-w", "/srv", "/srv/data")}
+DIRS = dict.fromkeys(("/usr", "/bin", "/etc", "/lib", "/lib64", "/run", "/tmp", "/var/tmp", "/dev/shm",
+                      "/tmp/zviz-w", "/srv", "/srv/data"), True)
 DIRS.update({"/dev/null": False, "/dev/zero": False, "/dev/urandom": False, "/srv/file.txt": False})
 INF = _plan.INFINITY
 HARD = {"cpu": INF, "fsize": INF, "core": INF, "nproc": INF, "nofile": 4096, "as": INF}
@@ -148,7 +148,7 @@ def test_steps_read_in_order():
     steps = plan().steps()
     assert steps[0].startswith("namespaces: user, pid, mount")
     assert steps[-1].startswith("seccomp allowlist")
-    assert steps.index("no_new_privs") > [i for i, s in enumerate(steps) if s.startswith("landlock")][0]
+    assert steps.index("no_new_privs") > next(i for i, s in enumerate(steps) if s.startswith("landlock"))
 
 
 def test_spec_for_stage_with_init():
@@ -172,10 +172,10 @@ def test_read_write_link_to_root_or_a_system_dir_is_refused():
         with pytest.raises(PolicyError, match="-> " + target):
             plan(pol, host(links={"/srv/data": target}))
     # a parent of a system directory is refused as well, even without a link
-    with pytest.raises(PolicyError, match="fs.read_write"):
+    with pytest.raises(PolicyError, match=r"fs\.read_write"):
         plan(Policy(fs=Filesystem(read_write=("/srv",))), host(links={"/srv": "/"}))
     # a read-only link to '/' hides a whole-host listing
-    with pytest.raises(PolicyError, match="fs.read_only"):
+    with pytest.raises(PolicyError, match=r"fs\.read_only"):
         plan(Policy(fs=Filesystem(read_only=("/srv/data",))), host(links={"/srv/data": "/"}))
 
 
@@ -253,6 +253,6 @@ def _ns(**kw):
 def test_loopback_without_a_user_namespace_needs_root_at_open():
     pol = Policy(fs=Filesystem(read_only=("/usr",)), net=Network(mode="loopback"),
                  namespaces=attrs.evolve(Policy().namespaces, user=False))
-    with pytest.raises(PolicyError, match="namespaces.user"):
+    with pytest.raises(PolicyError, match=r"namespaces\.user"):
         plan(pol, h=host(euid=1000))
     assert plan(pol, h=host(euid=0)).clone_flags & _kernel.CLONE_NEWNET

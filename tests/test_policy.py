@@ -114,11 +114,11 @@ def test_toml_roundtrip_every_part():
 def test_toml_errors():
     with pytest.raises(PolicyError, match="valid TOML"):
         Policy.from_toml("[limits\nwall_s = 1")
-    with pytest.raises(PolicyError, match="limits.wal_s"):
+    with pytest.raises(PolicyError, match=r"limits\.wal_s"):
         Policy.from_toml("[limits]\nwal_s = 1\n")
     with pytest.raises(PolicyError, match="sections"):
         Policy.from_toml("[network]\nmode='none'\n")
-    with pytest.raises(PolicyError, match="limits.memory"):
+    with pytest.raises(PolicyError, match=r"limits\.memory"):
         Policy.from_toml("[limits]\nmemory = 'huge'\n")
     p = Policy.from_toml("preset = 'python'\n[limits]\nwall_s = 3\n")
     assert p.limits.wall_s == 3 and "/usr" in p.fs.read_only

@@ -4,10 +4,11 @@ import errno
 import json
 import os
 import shutil
-import tempfile
 import signal
+import tempfile
 
 import anyio
+import attrs
 import pytest
 import trio
 
@@ -15,8 +16,6 @@ import zviz
 from zviz import Limits, Policy
 
 from .conftest import MEMORY_CGROUP_LINE, run_as
-
-
 
 PYP = Policy.python()
 
@@ -319,7 +318,7 @@ async def test_statistics_is_a_frozen_record():
     assert s.processes_started == 1 and s.processes_running == 0
     assert s.bytes_stdout == 11 and s.bytes_stdin == 2
     assert s.spawn_s_total > 0 and s.cpu_s > 0 and s.degraded == ()
-    with pytest.raises(Exception):
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
         s.processes_started = 3  # type: ignore[misc]
 
 

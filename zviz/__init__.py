@@ -32,8 +32,34 @@ from ._process import Process as Process
 from ._records import RunResult as RunResult, SandboxStatistics as SandboxStatistics
 from ._sandbox import Sandbox as Sandbox, open_sandbox as open_sandbox
 from ._supervisor import DenialEvent as DenialEvent
+from ._version import __version__ as __version__
 
-__version__ = "0.1.0"
+__all__ = [
+    "SYSCALL_GROUPS",
+    "CommandNotFoundError",
+    "DenialEvent",
+    "Endpoint",
+    "FeatureUnavailable",
+    "Filesystem",
+    "KernelFeatures",
+    "Limits",
+    "Namespaces",
+    "Network",
+    "Policy",
+    "PolicyError",
+    "Process",
+    "RunResult",
+    "Sandbox",
+    "SandboxClosedError",
+    "SandboxSetupError",
+    "SandboxStatistics",
+    "Syscalls",
+    "UnsupportedKernelError",
+    "ZvizError",
+    "ZvizWarning",
+    "open_sandbox",
+    "probe_host",
+]
 
 # Public names carry the public module, like trio does.
 for _obj in list(globals().values()):

@@ -50,7 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--net", metavar="MODE", action="append", default=[],
                    help="none | loopback | HOST:PORT (repeatable: an allowlist)")
     r.add_argument("--timeout", metavar="S", type=float, help="wall-clock limit in seconds")
-    r.add_argument("--memory", metavar="SIZE", help="memory limit, e.g. 512M (per process, and per sandbox with a cgroup)")
+    r.add_argument("--memory", metavar="SIZE",
+                   help="memory limit, e.g. 512M (per process, and per sandbox with a cgroup)")
     r.add_argument("--disk", metavar="SIZE", help="most the workdir may hold, e.g. 1G (root: a tmpfs workdir)")
     r.add_argument("--env", metavar="NAME=VALUE", action="append", default=[], help="set a variable")
     r.add_argument("--json", action="store_true", help="print the result record as JSON instead of passing stdio")
@@ -137,8 +138,8 @@ def _argv(a: argparse.Namespace) -> list[str]:
 async def _run(a: argparse.Namespace) -> int:
     import anyio
 
-    from ._proxy import FdReceiveStream, FdSendStream
     from ._kernel import OwnedFd
+    from ._proxy import FdReceiveStream, FdSendStream
     from ._sandbox import open_sandbox
 
     argv = _argv(a)
@@ -158,31 +159,33 @@ async def _run(a: argparse.Namespace) -> int:
         # TIOCSTI into it, no /dev/tty). Our stdio is duplicated so closing the
         # streams leaves sys.std* alone.
         proc = await sb.start(argv)
+        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None  # all piped
+        stdin = proc.stdin
         ours_in = FdReceiveStream(OwnedFd(os.dup(0), "cli-stdin")) if _usable(0) else None
         ours_out = FdSendStream(OwnedFd(os.dup(1), "cli-stdout"))
         ours_err = FdSendStream(OwnedFd(os.dup(2), "cli-stderr"))
         timeout = policy.limits.wall_s
 
-        async def pump(src, dst) -> None:  # type: ignore[no-untyped-def]
+        async def pump(src: FdReceiveStream, dst: FdSendStream) -> None:
             try:
                 async for chunk in src:
                     await dst.send_all(chunk)
             except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
                 pass
             finally:
-                if dst is proc.stdin:
+                if dst is stdin:
                     dst.close()
 
         timed_out = False
         try:
             async with anyio.create_task_group() as tg:
                 if ours_in is not None:
-                    tg.start_soon(pump, ours_in, proc.stdin)
+                    tg.start_soon(pump, ours_in, stdin)
                 else:
-                    proc.stdin.close()
+                    stdin.close()
                 done_out, done_err = anyio.Event(), anyio.Event()
 
-                async def pump_and_set(src, dst, ev) -> None:  # type: ignore[no-untyped-def]
+                async def pump_and_set(src: FdReceiveStream, dst: FdSendStream, ev: anyio.Event) -> None:
                     try:
                         await pump(src, dst)
                     finally:
@@ -316,7 +319,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     a = parser.parse_args(argv)
     warnings.simplefilter("default", ZvizWarning)
-    warnings.formatwarning = lambda msg, cat, *rest, **kw: f"zviz: warning: {msg}\n"  # type: ignore[assignment]
+    warnings.formatwarning = lambda msg, cat, *rest, **kw: f"zviz: warning: {msg}\n"
     try:
         if a.cmd == "check":
             return _check(a)
@@ -340,8 +343,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(a, e, EXIT_SETUP)
     except KeyboardInterrupt:
         return 130
-    parser.error(f"unknown command {a.cmd}")
-    return EXIT_USAGE
+    parser.error(f"unknown command {a.cmd}")  # exits with status 2 (EXIT_USAGE)
 
 
 def _fail(a: argparse.Namespace, e: BaseException, code: int) -> int:

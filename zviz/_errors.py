@@ -61,7 +61,7 @@ class SandboxSetupError(ZvizError, OSError):
         self.errno = err
 
     def __str__(self) -> str:
-        return self.args[0]
+        return str(self.args[0])
 
 
 class CommandNotFoundError(SandboxSetupError, FileNotFoundError):

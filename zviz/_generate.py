@@ -37,7 +37,7 @@ SKIP = ("/proc", "/dev", "/sys")  # given to every sandbox (its own /proc, a few
 class TraceRecord:
     """Filled by the monitor (eBPF) or the learning supervisor."""
 
-    syscalls: Counter = attrs.field(factory=Counter)
+    syscalls: Counter[str] = attrs.field(factory=Counter)
     reads: set[str] = attrs.field(factory=set)
     writes: set[str] = attrs.field(factory=set)
     execs: set[str] = attrs.field(factory=set)

@@ -142,7 +142,6 @@ from ._linux import (  # noqa: E402  (re-exported for the shell)
     STATUS_FD as STATUS_FD,
 )
 
-
 INIT_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_zviz_init")
 _STATUS = struct.Struct("=Ii" + "qq" "qq" + "14q")  # magic, wstatus, struct rusage
 STATUS_MAGIC = 0x7A76697A
@@ -156,7 +155,7 @@ def init_fd() -> OwnedFd:
     where its directory is hidden, outside the policy's paths, or unreachable
     after the caller dropped privileges. One per process, opened on first use
     and kept (like a loaded library), never one per sandbox."""
-    global _init_fd
+    global _init_fd  # noqa: PLW0603 - one per process, like a loaded library
     if _init_fd is not None:
         return _init_fd
     try:
@@ -218,7 +217,8 @@ def spawn(spec: dict[str, Any], *, paths: tuple[str, ...], rlimit_names: tuple[s
             raise SandboxSetupError(f"id-map-{what}", err, path, hint) from None
         if len(args) == 3 and all(isinstance(a, int) for a in args):
             step_no, err, index = args
-            step = STEPS[step_no] if 0 < step_no < len(STEPS) else f"step-{step_no}"
+            named = STEPS[step_no] if 0 < step_no < len(STEPS) else None
+            step = named if named is not None else f"step-{step_no}"
             path = None
             if step in ("landlock-open", "landlock-rule") and 0 <= index < len(paths):
                 path = paths[index]
@@ -252,7 +252,7 @@ def _not_dumpable() -> bool:
 
     PR_GET_DUMPABLE = 3
     try:
-        return ctypes.CDLL(None, use_errno=True).prctl(PR_GET_DUMPABLE, 0, 0, 0, 0) == 0
+        return bool(ctypes.CDLL(None, use_errno=True).prctl(PR_GET_DUMPABLE, 0, 0, 0, 0) == 0)
     except OSError:
         return False
 
@@ -473,7 +473,7 @@ MS_NOSUID, MS_NODEV = 2, 4
 MNT_DETACH, UMOUNT_NOFOLLOW = 2, 8
 
 
-def _libc():  # type: ignore[no-untyped-def]
+def _libc() -> Any:  # a ctypes.CDLL: its functions are looked up by name
     import ctypes
 
     return ctypes.CDLL(None, use_errno=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Iterable
+from typing import Any
 
 import attrs
 
@@ -68,7 +69,7 @@ def policy_from_oci(text: str, *, base: Policy) -> Policy:
     return attrs.evolve(base, syscalls=sc, name=prof.get("zviz_name", "oci"))
 
 
-def oci_profile(names: Iterable[str]) -> dict:
+def oci_profile(names: Iterable[str]) -> dict[str, Any]:
     """The calls zviz's stage and init always make (zviz/_bpf.py STAGE_NEEDS)
     are included: another runtime does not grant them implicitly."""
     from ._bpf import STAGE_NEEDS

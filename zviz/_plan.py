@@ -11,7 +11,7 @@ import errno
 import os
 import signal
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
@@ -226,13 +226,13 @@ class SpawnPlan:
         return out
 
     def to_spec(self, *, stdin: int, stdout: int, stderr: int, bpf: bytes, seccomp_flags: int,
-                init_fd: int = -1, status_fd: int = -1) -> dict:
+                init_fd: int = -1, status_fd: int = -1) -> dict[str, Any]:
         """The C stage's input. With `init_fd`, zviz-init is exec'd (by fd) as
         pid 1 and runs the program: argv becomes [zviz-init, 3, exe, argv...]."""
         ll = self.landlock
         argv = [a.encode() for a in self.argv]
         if init_fd >= 0:
-            argv = [b"zviz-init", str(_linux.STATUS_FD).encode(), self.exe.encode()] + argv
+            argv = [b"zviz-init", str(_linux.STATUS_FD).encode(), self.exe.encode(), *argv]
         return dict(
             argv=argv,
             init_fd=init_fd,
@@ -283,8 +283,8 @@ def _rlimits(policy: Policy, host: Host, userns: bool) -> tuple[tuple[str, int, 
     lim = policy.limits
     want: list[tuple[str, int | None, int | None]] = [("core", 0, 0)]
     if lim.cpu_s is not None:
-        soft = max(1, int(lim.cpu_s + 0.999))
-        want.append(("cpu", soft, soft + 1))  # SIGXCPU at soft, SIGKILL one second later
+        cpu = max(1, int(lim.cpu_s + 0.999))
+        want.append(("cpu", cpu, cpu + 1))  # SIGXCPU at soft, SIGKILL one second later
     if lim.memory is not None:
         want.append(("as", lim.memory, lim.memory))
     if lim.file_size is not None:
@@ -315,7 +315,7 @@ def plan_root(policy: Policy, host: Host, workdir: str, with_proc: bool) -> Root
         raise SandboxSetupError("plan", errno.ENOENT, "/tmp", "no directory to assemble the sandbox root on")
     # (target, kind, source, read_only): sorted so parents come before children
     entries: list[tuple[str, str, str, bool]] = []
-    listed = {p: True for p in policy.fs.read_only} | {p: False for p in policy.fs.read_write}
+    listed = dict.fromkeys(policy.fs.read_only, True) | dict.fromkeys(policy.fs.read_write, False)
     for path, ro in listed.items():
         target = host.links.get(path)
         # A link to (below) another listed path that is bound where it is:
@@ -491,6 +491,8 @@ def plan_spawn(policy: Policy, host: Host, *, argv: tuple[str, ...], exe: str, w
             fix = "namespaces.user = true, on " + fix
         raise PolicyError("net.mode", policy.net.mode, fix)
 
+    uid_map: str | None
+    gid_map: str | None
     if userns:
         host_uid, host_gid = (NOBODY, NOBODY) if root else (host.euid, host.egid)
         uid_map = f"{SANDBOX_UID} {host_uid} 1\n"
@@ -514,7 +516,7 @@ def plan_spawn(policy: Policy, host: Host, *, argv: tuple[str, ...], exe: str, w
     mount_ns = bool(flags & _linux.CLONE_NEWNS)
     mount_proc = mount_ns and bool(flags & _linux.CLONE_NEWPID)
     whole_host = "/" in policy.fs.read_only  # `zviz trace` and deliberate policies: the host, read-only
-    root = plan_root(policy, host, workdir, mount_proc) if mount_ns and not whole_host else None
+    root_plan = plan_root(policy, host, workdir, mount_proc) if mount_ns and not whole_host else None
     if whole_host:
         degraded.append("fs.read_only lists '/': the whole host filesystem is readable (no new root)")
     if not mount_ns:
@@ -523,14 +525,14 @@ def plan_spawn(policy: Policy, host: Host, *, argv: tuple[str, ...], exe: str, w
     env = dict(policy.env)
     env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
     env.setdefault("HOME", workdir)
-    if not (root and root.private_tmp):
+    if not (root_plan and root_plan.private_tmp):
         env.setdefault("TMPDIR", workdir)  # no private /tmp: temp files go to the workdir
     env["PWD"] = workdir
     if extra_env:
         env.update(extra_env)
 
-    ll = plan_landlock(policy, host, workdir, mount_proc, private_tmp=bool(root and root.private_tmp),
-                       new_root=root is not None)
+    ll = plan_landlock(policy, host, workdir, mount_proc, private_tmp=bool(root_plan and root_plan.private_tmp),
+                       new_root=root_plan is not None)
     if ll is None:
         degraded.append(f"Landlock unavailable ({f.landlock_reason})")
     elif ll.abi < 4 and policy.net.mode != "loopback":
@@ -551,7 +553,7 @@ def plan_spawn(policy: Policy, host: Host, *, argv: tuple[str, ...], exe: str, w
         argv=tuple(argv), exe=exe, env=tuple(sorted(env.items())), cwd=workdir,
         clone_flags=flags, uid_map=uid_map, gid_map=gid_map, deny_setgroups=deny_setgroups,
         drop_groups=drop_groups, uid=uid, gid=gid, creds_late=creds_late,
-        host_uid=host_uid, host_gid=host_gid, mount_ns=mount_ns, mount_proc=mount_proc, new_root=root,
+        host_uid=host_uid, host_gid=host_gid, mount_ns=mount_ns, mount_proc=mount_proc, new_root=root_plan,
         loopback_up=bool(flags & _linux.CLONE_NEWNET) and policy.net.mode == "loopback",
         hostname="zviz" if flags & _linux.CLONE_NEWUTS else None,
         rlimits=_rlimits(policy, host, userns), landlock=ll, degraded=tuple(degraded),

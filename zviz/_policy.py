@@ -64,6 +64,43 @@ def _count(field: str, value: object) -> int | None:
     return value
 
 
+# attrs converters, one per field (named: the field is in every message)
+def _conv_fs_tmp_size(value: object) -> int | None:
+    return parse_size("fs.tmp_size", value)
+
+
+def _conv_fs_disk(value: object) -> int | None:
+    return parse_size("fs.disk", value)
+
+
+def _conv_limits_wall_s(value: object) -> float | None:
+    return _seconds("limits.wall_s", value)
+
+
+def _conv_limits_cpu_s(value: object) -> float | None:
+    return _seconds("limits.cpu_s", value)
+
+
+def _conv_limits_memory(value: object) -> int | None:
+    return parse_size("limits.memory", value)
+
+
+def _conv_limits_processes(value: object) -> int | None:
+    return _count("limits.processes", value)
+
+
+def _conv_limits_file_size(value: object) -> int | None:
+    return parse_size("limits.file_size", value)
+
+
+def _conv_limits_open_files(value: object) -> int | None:
+    return _count("limits.open_files", value)
+
+
+def _conv_limits_output(value: object) -> int | None:
+    return parse_size("limits.output", value)
+
+
 def _paths(field: str, value: object) -> tuple[str, ...]:
     if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
         raise PolicyError(field, value, "a list of absolute paths")
@@ -147,8 +184,8 @@ class Filesystem:
 
     read_only: tuple[str, ...] = ()
     read_write: tuple[str, ...] = ()
-    tmp_size: int | None = attrs.field(default=64 * 1024**2, converter=lambda v: parse_size("fs.tmp_size", v))
-    disk: int | None = attrs.field(default=None, converter=lambda v: parse_size("fs.disk", v))
+    tmp_size: int | None = attrs.field(default=64 * 1024**2, converter=_conv_fs_tmp_size)
+    disk: int | None = attrs.field(default=None, converter=_conv_fs_disk)
 
     def __attrs_post_init__(self) -> None:
         object.__setattr__(self, "read_only", _paths("fs.read_only", self.read_only))
@@ -242,13 +279,13 @@ class Limits:
     dropped, and the result says `truncated`).
     """
 
-    wall_s: float | None = attrs.field(default=30.0, converter=lambda v: _seconds("limits.wall_s", v))
-    cpu_s: float | None = attrs.field(default=None, converter=lambda v: _seconds("limits.cpu_s", v))
-    memory: int | None = attrs.field(default=2 * 1024**3, converter=lambda v: parse_size("limits.memory", v))
-    processes: int | None = attrs.field(default=128, converter=lambda v: _count("limits.processes", v))
-    file_size: int | None = attrs.field(default=256 * 1024**2, converter=lambda v: parse_size("limits.file_size", v))
-    open_files: int | None = attrs.field(default=1024, converter=lambda v: _count("limits.open_files", v))
-    output: int | None = attrs.field(default=16 * 1024**2, converter=lambda v: parse_size("limits.output", v))
+    wall_s: float | None = attrs.field(default=30.0, converter=_conv_limits_wall_s)
+    cpu_s: float | None = attrs.field(default=None, converter=_conv_limits_cpu_s)
+    memory: int | None = attrs.field(default=2 * 1024**3, converter=_conv_limits_memory)
+    processes: int | None = attrs.field(default=128, converter=_conv_limits_processes)
+    file_size: int | None = attrs.field(default=256 * 1024**2, converter=_conv_limits_file_size)
+    open_files: int | None = attrs.field(default=1024, converter=_conv_limits_open_files)
+    output: int | None = attrs.field(default=16 * 1024**2, converter=_conv_limits_output)
     memfd_without_cgroup: bool = False
 
     def __attrs_post_init__(self) -> None:
@@ -352,7 +389,7 @@ class Policy:
     def python(cls, **overrides: Any) -> Policy:
         """Enough for CPython and its standard library, nothing more: the system
         read-only, the workdir read-write, no network, a clean environment."""
-        base = dict(
+        base: dict[str, Any] = dict(
             name="python",
             syscalls=Syscalls(allow=("@python",)),
             fs=Filesystem(read_only=_existing(_PYTHON_RO)),
@@ -365,7 +402,7 @@ class Policy:
     def shell(cls, **overrides: Any) -> Policy:
         """Ordinary programs: a shell and its subprocesses, coreutils, Python,
         compiled binaries; the system read-only, the workdir read-write."""
-        base = dict(
+        base: dict[str, Any] = dict(
             name="shell",
             syscalls=Syscalls(allow=("@shell",)),
             fs=Filesystem(read_only=_existing(_PYTHON_RO)),

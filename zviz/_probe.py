@@ -11,6 +11,7 @@ import errno
 import functools
 import os
 import sys
+from typing import Any
 
 import attrs
 
@@ -79,7 +80,7 @@ def _probe_userns() -> tuple[bool, str]:
         try:
             sp = _kernel.spawn(spec, paths=(), rlimit_names=())
         except OSError as e:
-            return False, f"creating a user namespace failed: {errno.errorcode.get(e.errno, e.errno)} ({e})"
+            return False, f"creating a user namespace failed: {errno.errorcode.get(e.errno or 0, e.errno)} ({e})"
         os.waitpid(sp.pid, 0)
         sp.pidfd.close()
         return True, "ok"
@@ -87,12 +88,13 @@ def _probe_userns() -> tuple[bool, str]:
         null.close()
 
 
-def _base_spec(fd: int) -> dict:
+def _base_spec(fd: int) -> dict[str, Any]:
     return dict(
         argv=[b"/bin/true"], envp=[], exe=b"/bin/true", cwd=b"/", stdin=fd, stdout=fd, stderr=fd,
         init_fd=-1, status_fd=-1,
         clone_flags=0, uid_map=None, gid_map=None, deny_setgroups=False, mount_ns=False,
-        mount_proc=False, new_root=False, staging=None, binds=[], mount_ops=[], loopback_up=False, setsid=False, creds_late=False,
+        mount_proc=False, new_root=False, staging=None, binds=[], mount_ops=[], loopback_up=False, setsid=False,
+        creds_late=False,
         drop_groups=False, hostname=None, uid=-1, gid=-1, rlimits=[], landlock_abi=0, ll_fs=0,
         ll_net=0, ll_scoped=0, ll_paths=[], ll_ports=[], bpf=b"", seccomp_flags=0, pdeathsig=0,
     )

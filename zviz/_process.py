@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import select
 import signal
 import time
@@ -131,11 +132,13 @@ class Process:
     def _reap(self) -> None:
         if self._status is not None:
             return
+        status: int
+        ru: resource.struct_rusage | None
         if self._zrun:
             # The zygote reaps its run-inits; killed before it reported, the
             # run ended by SIGKILL (ours, or its own doing), and what it left
             # is the zygote's to kill (see _settle).
-            status, ru = signal.SIGKILL, None
+            status, ru = int(signal.SIGKILL), None
         else:
             # Everything else in its process group goes too (no-op with a pid ns).
             self._kill_group()

@@ -8,6 +8,7 @@ import signal
 import types
 from collections import Counter
 from collections.abc import Mapping
+from typing import Any
 
 import attrs
 
@@ -60,12 +61,13 @@ class RunResult:
             return 128 + self.signal
         return self.exit_code if self.exit_code is not None else 1
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {
             "argv": list(self.argv), "exit_code": self.exit_code, "signal": self.signal,
             "status": self.status,
             "stdout": self.stdout.decode("utf-8", "replace"), "stderr": self.stderr.decode("utf-8", "replace"),
-            "timed_out": self.timed_out, "truncated": self.truncated, "limit": self.limit, "wall_s": round(self.wall_s, 6),
+            "timed_out": self.timed_out, "truncated": self.truncated, "limit": self.limit,
+            "wall_s": round(self.wall_s, 6),
             "cpu_s": round(self.cpu_s, 6), "peak_rss": self.peak_rss, "denials": dict(self.denials),
         }
 

@@ -21,7 +21,6 @@ import attrs
 
 from . import _kernel, _linux, _zygote
 from ._errors import SandboxSetupError
-from ._kernel import OwnedFd
 from ._records import Tally
 from ._supervisor import RunAccount, Supervisor
 
@@ -185,7 +184,7 @@ class Runner:
             await anyio.wait_readable(z.pidfd.fd)
         anyio.notify_closing(z.pidfd.fd)
         with contextlib.suppress(ChildProcessError):
-            os.waitpid(z.pid, 0)
+            os.waitpid(z.pid, 0)  # noqa: ASYNC222 - its pidfd said it is dead: no wait
         z.close()
 
     def account_for(self, pid: int) -> RunAccount:
@@ -222,7 +221,7 @@ class Runner:
             await anyio.wait_readable(z.pidfd.fd)
             anyio.notify_closing(z.pidfd.fd)
             with contextlib.suppress(ChildProcessError):
-                os.waitpid(z.pid, 0)
+                os.waitpid(z.pid, 0)  # noqa: ASYNC222 - its pidfd said it is dead: no wait
             z.close()
         if self._zygote_done is not None:
             # its listener hangs up now that no task of its filter is left

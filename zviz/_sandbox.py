@@ -162,11 +162,11 @@ class Sandbox:
             status = OwnedFd(status_r.detach(), "init-status")
             os.set_blocking(status.fd, False)
             streams: list[Any] = []
-            for mine, is_input in zip(ours, (True, False, False)):
-                if mine is None:
+            for end, is_input in zip(ours, (True, False, False), strict=True):
+                if end is None:
                     streams.append(None)
                     continue
-                owned = OwnedFd(mine.detach(), mine.label)
+                owned = OwnedFd(end.detach(), end.label)
                 streams.append(FdSendStream(owned) if is_input else FdReceiveStream(owned))
         account = RunAccount(command=argv[0])
         try:
@@ -345,7 +345,7 @@ def _prepare(policy: Policy, workdir: str, owns_workdir: bool, features: _probe.
         base_spec["ll_ports"] = []
     if resources.cgroup is not None:
         base_spec["cgroup_fd"] = resources.cgroup.procs.fd
-    runner = Runner(base_spec=base_spec, base_env=probe_plan.env,
+    runner = Runner(base_spec=base_spec, base_env=dict(probe_plan.env),
                     error_paths=tuple(p for p, _ in probe_plan.landlock.paths) if probe_plan.landlock else (),
                     error_rlimits=tuple(n for n, _, _ in probe_plan.rlimits), use_zygote=use_zygote, tally=tally)
     try:
@@ -367,7 +367,8 @@ def _resolve_endpoints(policy: Policy) -> frozenset[tuple[str, int]]:
     for e in policy.net.allow:
         if e.is_ip():
             ip = ipaddress.ip_address(e.host)
-            out.add((str(ip.ipv4_mapped) if getattr(ip, "ipv4_mapped", None) else str(ip), e.port))
+            mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+            out.add((str(mapped) if mapped else str(ip), e.port))
             continue
         try:
             infos = socket.getaddrinfo(e.host, e.port, type=socket.SOCK_STREAM)
@@ -398,10 +399,11 @@ async def open_sandbox(policy: Policy | None = None, *, workdir: str | os.PathLi
     _disk.check(policy.fs.disk, owns_workdir=owns, keep_workdir=keep_workdir)
     if workdir is None:
         # the real path: the stage binds it following no symlink
-        path = os.path.realpath(tempfile.mkdtemp(prefix="zviz-"))
+        path = os.path.realpath(tempfile.mkdtemp(prefix="zviz-"))  # noqa: ASYNC240 - a fresh local dir
     else:
-        path = os.path.realpath(os.fspath(workdir))
-        if not os.path.isdir(path):
+        # (a local stat or two before anything runs: not worth a worker thread)
+        path = os.path.realpath(os.fspath(workdir))  # noqa: ASYNC240
+        if not os.path.isdir(path):  # noqa: ASYNC240
             raise PolicyError("workdir", os.fspath(workdir), "an existing directory")
         if os.geteuid() == 0:
             _files.check_workdir_reachable(path, _plan.NOBODY)

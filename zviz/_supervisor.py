@@ -69,7 +69,8 @@ class DenialEvent:
     source: str = "seccomp"  # or "ebpf" when seen by the monitor
 
     def __str__(self) -> str:
-        return f"denied {self.syscall}({self.detail}) -> {errno.errorcode.get(self.errno, self.errno)} [pid {self.pid}, {self.command}]"
+        err = errno.errorcode.get(self.errno, self.errno)
+        return f"denied {self.syscall}({self.detail}) -> {err} [pid {self.pid}, {self.command}]"
 
 
 @attrs.define(eq=False)  # identity: kept in sets while its run is live
@@ -77,7 +78,7 @@ class RunAccount:
     """What the supervisor saw for one spawned command."""
 
     command: str
-    denials: Counter = attrs.field(factory=Counter)
+    denials: Counter[str] = attrs.field(factory=Counter)
     notifications: int = 0
     connects: int = 0
 

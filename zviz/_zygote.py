@@ -38,6 +38,9 @@ REPLY_TIMEOUT = 10.0  # a zygote that has not answered by then is wedged, and re
 SPIN_MS = 1  # how long the reply is awaited without yielding to the event loop
 
 
+_Cmsg = tuple[int, int, "array.array[int]"]  # (level, type, data) of an SCM_RIGHTS message
+
+
 class ZygoteGone(Exception):
     """The zygote hung up (it was killed, or the sandbox is closing)."""
 
@@ -102,7 +105,7 @@ class Zygote:
             await self._lock.acquire()
         try:
             view = memoryview(payload)
-            rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+            rights: list[_Cmsg] = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
             try:
                 view, rights = self._send_some(view, rights)
                 if not view:
@@ -128,10 +131,11 @@ class Zygote:
                     except (BrokenPipeError, ConnectionResetError) as e:
                         raise ZygoteGone(str(e) or type(e).__name__) from None
                 raise ZygoteGone(f"no reply in {REPLY_TIMEOUT:g} s")
+            raise AssertionError("unreachable: a shielded scope that is never cancelled swallows nothing")
         finally:
             self._lock.release()
 
-    def _send_some(self, view: memoryview, rights: list) -> tuple[memoryview, list]:
+    def _send_some(self, view: memoryview, rights: list[_Cmsg]) -> tuple[memoryview, list[_Cmsg]]:
         """Send what the socket takes now (the fds ride on the first byte)."""
         while view:
             try:
@@ -142,7 +146,7 @@ class Zygote:
             view = view[n:]
         return view, rights
 
-    def _recv(self) -> tuple[bytes, list]:
+    def _recv(self) -> tuple[bytes, list[tuple[int, int, bytes]]]:
         data, anc, flags, _addr = self._ctrl.recvmsg(_REPLY.size, socket.CMSG_SPACE(4))
         if flags & socket.MSG_CTRUNC:
             # The kernel could not give us the run-init's pidfd: this process
@@ -156,7 +160,7 @@ class Zygote:
             raise host_fd_shortage("zygote-fork", OSError(errno.EMFILE, "MSG_CTRUNC"))
         return data, anc
 
-    def _reply(self, data: bytes, anc: list, expect_fd: bool) -> OwnedFd | None:
+    def _reply(self, data: bytes, anc: list[tuple[int, int, bytes]], expect_fd: bool) -> OwnedFd | None:
         got = []
         for level, kind, blob in anc:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:

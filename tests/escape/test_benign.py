@@ -35,7 +35,8 @@ def _benign():
     async def main():
         async with zviz.open_sandbox(zviz.Policy.python()) as sb:
             r = await sb.run(["python3", "-c", SNIPPET], stdin=b"in")
-            sh = await sb.run(["sh", "-c", "echo a | tr a b; ls / | sort | tr '\\n' ' '; cat < /dev/null; echo $((1+2)) > /dev/null"])
+            sh = await sb.run(["sh", "-c", "echo a | tr a b; ls / | sort | tr '\\n' ' '; cat < /dev/null; "
+                                           "echo $((1+2)) > /dev/null"])
             mp = await sb.run(["python3", "-c", "import multiprocessing as m\n"
                                "if __name__ == '__main__':\n"
                                "    with m.get_context('fork').Pool(2) as p: print(sum(p.map(abs, [-1, -2])))"])

@@ -91,7 +91,7 @@ def test_disk_limit_holds_and_the_host_disk_is_untouched():
 
 
 def test_disk_limit_needs_a_workdir_zviz_makes(tmp_path):
-    with pytest.raises(zviz.PolicyError, match="fs.disk"):
+    with pytest.raises(zviz.PolicyError, match=r"fs\.disk"):
         async def main() -> None:
             async with zviz.open_sandbox(_policy("32M"), workdir=str(tmp_path)):
                 pass

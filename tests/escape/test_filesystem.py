@@ -100,8 +100,9 @@ def test_system_setuid_binaries(attack):
     # util-linux mount is set-uid root on the host: inside, it cannot mount.
     if not os.path.exists("/usr/bin/mount"):
         pytest.skip("no /usr/bin/mount")
-    import zviz
     import trio
+
+    import zviz
 
     from ..conftest import run_as
 

@@ -99,7 +99,7 @@ def test_link_swapped_in_after_the_check_is_not_followed(host_dir):
     try:
         out, refused = trio.run(main)
         assert not os.path.exists(f"{VAR_TMP}/{marker}"), out
-        assert refused == "SandboxSetupError" and "ELOOP" in out or "loop" in out.lower(), out
+        assert (refused == "SandboxSetupError" and "ELOOP" in out) or "loop" in out.lower(), out
     finally:
         with contextlib_suppress():
             os.unlink(f"{VAR_TMP}/{marker}")

@@ -63,7 +63,8 @@ def test_host_process_list_is_not_visible(attack):
 
     async def main():
         async with zviz.open_sandbox(zviz.Policy.python()) as sb:
-            r = await sb.run(["python3", "-c", "import os; print(sorted((int(p), open(f'/proc/{p}/comm').read().strip()) "
+            r = await sb.run(["python3", "-c", "import os; "
+                                              "print(sorted((int(p), open(f'/proc/{p}/comm').read().strip()) "
                               "for p in os.listdir('/proc') if p.isdigit()))"])
             return r.stdout
 

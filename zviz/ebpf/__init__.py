@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
+from typing import Any
 
 from .._errors import FeatureUnavailable
 from .._probe import DEBIAN_DIST, bcc_status as status, check_bcc
@@ -27,7 +28,7 @@ from ._monitor import Monitor, _attach_monitor  # imports no bcc at module level
 __all__ = ["Monitor", "TraceResult", "open_monitor", "status", "trace"]
 
 
-def _import_bcc():  # type: ignore[no-untyped-def]
+def _import_bcc() -> Any:  # the bcc module (untyped: every attribute is dynamic)
     check_bcc()
     try:
         import bcc

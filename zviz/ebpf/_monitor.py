@@ -46,6 +46,7 @@ class Monitor:
         self._next_sid = 1
         self._closed = False
         self.events_seen = 0
+        self.load_s = 0.0  # how long bcc took to compile and load the program
         bpf[b"events"].open_ring_buffer(self._on_event)
 
     def __repr__(self) -> str:
@@ -62,7 +63,7 @@ class Monitor:
         cflags = ["-DZVIZ_TRACE"] if trace else []
         try:
             bpf = await anyio.to_thread.run_sync(lambda: bcc.BPF(src_file=PROGRAM.encode(), cflags=cflags))
-        except Exception as e:  # bcc raises plain Exception on compile/load failure
+        except Exception as e:  # noqa: BLE001 - bcc raises plain Exception on compile/load failure
             from .._errors import FeatureUnavailable
 
             raise FeatureUnavailable("eBPF monitor", f"the program did not load ({e})",
@@ -108,7 +109,7 @@ class Monitor:
         self.drain_now()
         self._sandboxes.pop(sid, None)
         for table in (self._stats, self._errnos):
-            for k in [k for k in table.keys() if k.sid == sid]:
+            for k in [k for k in table.keys() if k.sid == sid]:  # noqa: SIM118 - a bcc map, not a dict
                 with contextlib.suppress(KeyError):
                     del table[k]
 
@@ -121,17 +122,17 @@ class Monitor:
 
     @property
     def map_fd(self) -> int:
-        return self._tracked.map_fd
+        return int(self._tracked.map_fd)
 
     def syscalls_for(self, sid: int) -> dict[str, int]:
-        out: Counter = Counter()
+        out: Counter[str] = Counter()
         for k, v in self._stats.items():
             if k.sid == sid:
                 out[syscall_label(k.nr, k.abi)] += v.calls
         return dict(out)
 
     def errors_for(self, sid: int) -> dict[tuple[str, str], int]:
-        out: Counter = Counter()
+        out: Counter[tuple[str, str]] = Counter()
         for k, v in self._errnos.items():
             if k.sid == sid:
                 out[(syscall_label(k.nr, k.abi), errno.errorcode.get(k.err, str(k.err)))] += v.value
