@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up zviz for development: a virtual environment at .venv/ with zviz
-# installed in editable mode (its C parts compiled), plus the test tools.
+# installed in editable mode (its C parts compiled), plus the test tools
+# (pytest, ruff, mypy, nox: the `test` extra).
 # Idempotent; safe to run again. As root on Debian it also installs what is
 # missing from the system (a C compiler) and, with --ebpf, the eBPF monitor's
 # dependencies (see scripts/setup-ebpf.sh).
@@ -27,7 +28,10 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -U pip setuptools wheel
 extras=${ZVIZ_EXTRAS:-test}
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[${extras}]"
+# editable_mode=compat: a path entry in site-packages, which type checkers and
+# IDEs follow (the default mode's import hook is invisible to them)
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[${extras}]" \
+    --config-settings editable_mode=compat
 
 if [ "${1:-}" = "--ebpf" ]; then
     ./scripts/setup-ebpf.sh

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test command (the README's second command; .ci/run runs exactly this).
-# Sets everything up from a clean checkout, then runs the whole suite.
+# Sets everything up from a clean checkout, then runs the lint (ruff), the
+# type check (mypy --strict) and the whole suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
@@ -8,4 +9,8 @@ if [ "$(id -u)" = 0 ]; then
     # The eBPF monitor's tests must run, not skip, where root can install bcc.
     ./scripts/setup-ebpf.sh || echo "test: eBPF setup failed; monitor tests will say why they skip" >&2
 fi
+# Lint and type check first (the same as `nox -s lint typecheck`), then the
+# suite; any failure fails the command (set -e).
+.venv/bin/ruff check zviz tests
+.venv/bin/mypy zviz
 exec .venv/bin/python -m pytest "$@"
