@@ -1,5 +1,7 @@
 """nox sessions: `nox -s lint typecheck tests` (what CI's scripts/test.sh runs
-without nox), and `nox -s bench` (the quick benchmarks).
+without nox), and `nox -s bench` (the quick benchmarks). Arguments after `--`
+go to pytest (tests) or benchmarks/run.py (bench), never to ruff or mypy:
+`nox -s lint typecheck tests -- -x -q`.
 
 Tool versions come from pyproject.toml (the `test` extra), so nox and the
 test script cannot drift apart. The tests need what scripts/setup.sh gives
@@ -30,7 +32,7 @@ def _tool(name: str) -> str:
 @nox.session
 def lint(session: nox.Session) -> None:
     session.install(_tool("ruff"))
-    session.run("ruff", "check", "zviz", "tests", *session.posargs)
+    session.run("ruff", "check", "zviz", "tests")
 
 
 @nox.session
@@ -39,7 +41,7 @@ def typecheck(session: nox.Session) -> None:
     # checked from the source tree (its extension through zviz/_stage.pyi),
     # so this session needs no compiler.
     session.install(*PYPROJECT["project"]["dependencies"], _tool("mypy"))
-    session.run("mypy", "zviz", *session.posargs)
+    session.run("mypy", "zviz")
 
 
 @nox.session

@@ -8,11 +8,12 @@ import signal
 import types
 from collections import Counter
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from ._supervisor import RunAccount
+if TYPE_CHECKING:
+    from ._supervisor import RunAccount
 
 
 def _frozen_mapping(value: Mapping[str, int]) -> Mapping[str, int]:
