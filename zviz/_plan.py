@@ -3,6 +3,12 @@
 The I/O shell (`_sandbox.py`) gathers the host facts (`Host`: features, ids,
 which paths exist and are directories, rlimit ceilings) and hands them in; this
 module decides. `SpawnPlan.to_spec()` is what the C stage executes.
+
+Why this module is long: it is the whole planner, one pure function per part
+in the order the stage acts (rlimits, the new root and its masks, Landlock,
+the spawn, the memory cgroup), and `to_spec` spells out every field the C
+reads. The new root's planning (`plan_root`, `plan_masks`) is the part to
+move out when the plan is split per sandbox and per command.
 """
 
 from __future__ import annotations
