@@ -1,0 +1,113 @@
+"""The values inside a policy's fields: sizes ("512M"), seconds, counts,
+absolute paths, lists of strings, and the attrs converter of each field that
+takes one (named functions: mypy's attrs plugin types them, and the field's
+name is in every PolicyError). Pure."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable
+
+from ._errors import PolicyError
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(i?[bB])?\s*$")
+_SIZE_MULT = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+
+
+def parse_size(field: str, value: object) -> int | None:
+    """'512M', '1GiB', 4096 -> bytes; None stays None (no limit)."""
+    if value is None or value is False:  # TOML writes 'no limit' as false
+        return None
+    if isinstance(value, bool):
+        raise PolicyError(field, value, "a size in bytes (int) or a string like '512M'")
+    if isinstance(value, int):
+        if value <= 0:
+            raise PolicyError(field, value, "a positive size")
+        return value
+    if isinstance(value, str):
+        m = _SIZE_RE.match(value)
+        if m:
+            n = int(float(m.group(1)) * _SIZE_MULT[m.group(2).lower()])
+            if n > 0:
+                return n
+    raise PolicyError(field, value, "a size in bytes (int) or a string like '512M', '2G'")
+
+
+def _seconds(field: str, value: object) -> float | None:
+    if value is None or value is False:  # TOML writes 'no limit' as false
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise PolicyError(field, value, "a positive number of seconds, or None")
+    if value != value or value == float("inf"):  # NaN, inf
+        raise PolicyError(field, value, "a finite positive number of seconds, or None")
+    return float(value)
+
+
+def _count(field: str, value: object) -> int | None:
+    if value is None or value is False:  # TOML writes 'no limit' as false
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise PolicyError(field, value, "a positive whole number, or None")
+    return value
+
+
+# attrs converters, one per field (named: the field is in every message)
+def _conv_fs_tmp_size(value: object) -> int | None:
+    return parse_size("fs.tmp_size", value)
+
+
+def _conv_fs_disk(value: object) -> int | None:
+    return parse_size("fs.disk", value)
+
+
+def _conv_limits_wall_s(value: object) -> float | None:
+    return _seconds("limits.wall_s", value)
+
+
+def _conv_limits_cpu_s(value: object) -> float | None:
+    return _seconds("limits.cpu_s", value)
+
+
+def _conv_limits_memory(value: object) -> int | None:
+    return parse_size("limits.memory", value)
+
+
+def _conv_limits_processes(value: object) -> int | None:
+    return _count("limits.processes", value)
+
+
+def _conv_limits_file_size(value: object) -> int | None:
+    return parse_size("limits.file_size", value)
+
+
+def _conv_limits_open_files(value: object) -> int | None:
+    return _count("limits.open_files", value)
+
+
+def _conv_limits_output(value: object) -> int | None:
+    return parse_size("limits.output", value)
+
+
+def _paths(field: str, value: object) -> tuple[str, ...]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise PolicyError(field, value, "a list of absolute paths")
+    out = []
+    for p in value:
+        if not isinstance(p, str) or not p.startswith("/") or "\0" in p:
+            raise PolicyError(field, p, "an absolute path (a string starting with '/')")
+        norm = os.path.normpath(p)
+        if norm.startswith("//"):
+            norm = "/" + norm.lstrip("/")
+        out.append(norm)
+    return tuple(dict.fromkeys(out))  # keep order, drop duplicates
+
+
+def _tuple_of_str(field: str, value: object) -> tuple[str, ...]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise PolicyError(field, value, "a list of strings")
+    out = tuple(value)
+    for v in out:
+        if not isinstance(v, str):
+            raise PolicyError(field, v, "a string")
+    return out
