@@ -83,7 +83,8 @@ def _verdict(spec, name, *args):
     return {bpfsim.ALLOW: "allow", bpfsim.NOTIFY: "refuse"}.get(ret, hex(ret))
 
 
-PY = _bpf.FilterSpec(allow=_syscalls.GROUPS["@python"] | {"creat"}, net_mode="none", notify=True, zygote=True, pid_ns=True)
+PY = _bpf.FilterSpec(allow=_syscalls.GROUPS["@python"] | {"creat"}, net_mode="none", notify=True, zygote=True,
+                     pid_ns=True)
 AT = 2**64 - 100  # AT_FDCWD
 
 
@@ -103,9 +104,11 @@ AT = 2**64 - 100  # AT_FDCWD
     (("mknod", 0x1000, 0o140644, 0), "refuse"), (("mknod", 0x1000, 0o104755, 0), "refuse"),
     (("mknod", 0x1000, 0o020644, 0x103), "refuse"), (("mknodat", AT, 0x1000, 0o012644, 0), "refuse"),
     (("sendto", 3, 0, 1, 0x40), "allow"), (("sendto", 3, 0, 1, 1), "refuse"), (("sendto", 3, 0, 1, G | 1), "refuse"),
-    (("recvfrom", 3, 0, 1, 1 | 2), "refuse"), (("recvmsg", 3, 0, 0x40000000), "allow"), (("recvmsg", 3, 0, 1), "refuse"),
+    (("recvfrom", 3, 0, 1, 1 | 2), "refuse"), (("recvmsg", 3, 0, 0x40000000), "allow"),
+    (("recvmsg", 3, 0, 1), "refuse"),
     (("sendmsg", 3, 0, 1), "refuse"), (("sendmmsg", 3, 0, 1, 1), "refuse"), (("recvmmsg", 3, 0, 1, 1, 0), "refuse"),
-    (("pipe2", 0x1000, 0o2000000), "allow"), (("pipe2", 0x1000, 0o200), "refuse"), (("pipe2", 0x1000, G | 0o200), "refuse"),
+    (("pipe2", 0x1000, 0o2000000), "allow"), (("pipe2", 0x1000, 0o200), "refuse"),
+    (("pipe2", 0x1000, G | 0o200), "refuse"),
     (("fcntl", 3, 1, 0), "allow"), (("fcntl", 3, 1030, 0), "allow"), (("fcntl", 3, 1025, 0), "allow"),
     (("fcntl", 3, 1024, 1), "refuse"), (("fcntl", 3, 1026, 1), "refuse"), (("fcntl", 3, (1 << 32) | 1024, 1), "refuse"),
     (("fcntl", 3, G | 1026, 1), "refuse"),

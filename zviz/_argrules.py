@@ -114,8 +114,9 @@ def conjoin(*rules: tuple[Alternative, ...]) -> tuple[Alternative, ...]:
                 if (v & mask) != (value & m):
                     ok = False
                     break
-                mask, value = m | mask, v | value
-            merged[arg] = (mask, value)
+                merged[arg] = (m | mask, v | value)
+            else:
+                merged[arg] = (mask, value)
         if ok:
             out.append(tuple((a, m, v) for a, (m, v) in sorted(merged.items())))
     return tuple(out)

@@ -107,9 +107,9 @@ def _fd(v: int) -> str:
 # name -> (label, argument index, how to show it) for the calls whose
 # arguments are refused by value (what the event shows; the rules are _argrules')
 _ARGS = {
-    **{n: (("mode", 1, oct),) for n in ("chmod", "creat", "mknod")},
+    **dict.fromkeys(("chmod", "creat", "mknod"), (("mode", 1, oct),)),
     "fchmod": (("fd", 0, _fd), ("mode", 1, oct)),
-    **{n: (("mode", 2, oct),) for n in ("fchmodat", "fchmodat2", "mknodat")},
+    **dict.fromkeys(("fchmodat", "fchmodat2", "mknodat"), (("mode", 2, oct),)),
     "open": (("flags", 1, oct), ("mode", 2, oct)),
     "openat": (("flags", 2, oct), ("mode", 3, oct)),
     **{n: (("fd", 0, _fd), ("flags", 3, lambda v: _flags(v, _MSG))) for n in ("sendto", "recvfrom", "sendmmsg",
