@@ -4,8 +4,8 @@ import zviz
 
 PUBLIC = {
     "CommandNotFoundError", "DenialEvent", "Endpoint", "EventsMissed", "FeatureUnavailable", "Filesystem",
-    "KernelFeatures", "Limits", "Namespaces", "Network", "Policy", "PolicyError", "Process", "RunResult", "SYSCALL_GROUPS",
-    "Sandbox", "SandboxClosedError", "SandboxSetupError", "SandboxStatistics", "Syscalls",
+    "KernelFeatures", "Limits", "Namespaces", "Network", "Policy", "PolicyError", "Process", "RunResult",
+    "SYSCALL_GROUPS", "Sandbox", "SandboxClosedError", "SandboxSetupError", "SandboxStatistics", "Syscalls",
     "UnsupportedKernelError", "ZvizError", "ZvizWarning", "open_sandbox", "probe_host",
 }
 

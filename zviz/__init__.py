@@ -39,6 +39,7 @@ __all__ = [
     "CommandNotFoundError",
     "DenialEvent",
     "Endpoint",
+    "EventsMissed",
     "FeatureUnavailable",
     "Filesystem",
     "KernelFeatures",

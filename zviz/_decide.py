@@ -130,7 +130,7 @@ def _flags(value: int, names: dict[int, str]) -> str:
     return "|".join(got) if got else hex(value)
 
 
-def decode(nr: int, args: Sequence[int], strings: dict[int, str] | None = None) -> Decoded:
+def decode(nr: int, args: Sequence[int], strings: Mapping[int, str | None] | None = None) -> Decoded:
     """Name the syscall and render its arguments. `strings` holds C strings
     already read from the child (arg index -> text), for path arguments."""
     name = syscall_name(nr)

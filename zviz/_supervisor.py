@@ -19,6 +19,11 @@ whose task dies is abandoned at once.
 Kernel rules honoured: the notification buffer is zeroed before every RECV;
 NOTIF_ID_VALID is checked after reading the child's memory and before acting;
 ENOENT from SEND (the child was interrupted or died) is expected.
+
+Why this module is long: the notification loop and the supervised connect
+(the supervisor's own socket, ADDFD, the caps, abandonment) share the
+listener's state and its answers; the connect half is the part to move out
+next.
 """
 
 from __future__ import annotations
@@ -386,9 +391,10 @@ class Supervisor:
             err = sock.connect_ex(target)
             if err == errno.EINPROGRESS and not nonblocking:
                 # A blocking connect: the answer is the outcome.
-                err = await self._await_connect(listener, n, task, sock)
-                if err is None:
+                outcome = await self._await_connect(listener, n, task, sock)
+                if outcome is None:
                     return  # the task is gone, or the sandbox is closing
+                err = outcome
             if err not in (0, errno.EINPROGRESS):
                 account.connects += 1
                 _kernel.notif_send(listener, n.id, error=err)
