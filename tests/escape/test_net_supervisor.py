@@ -549,10 +549,10 @@ def test_denials_from_a_deep_process_chain_cost_o1(net_attack, monkeypatch):
     """A 1,000-deep chain of processes making denied calls: telling whose
     each denial is does not walk the ancestry (each attribution timed), the
     loop stays prompt, and the denials are the command's."""
-    from zviz import _sandbox
+    from zviz import _runner
 
     costs = []
-    real = _sandbox.Sandbox._account_for
+    real = _runner.Runner.account_for
 
     def timed(self, pid):
         t = time.perf_counter()
@@ -561,7 +561,7 @@ def test_denials_from_a_deep_process_chain_cost_o1(net_attack, monkeypatch):
         finally:
             costs.append(time.perf_counter() - t)
 
-    monkeypatch.setattr(_sandbox.Sandbox, "_account_for", timed)
+    monkeypatch.setattr(_runner.Runner, "account_for", timed)
 
     async def chain():
         import attrs
