@@ -35,6 +35,8 @@ from collections.abc import Iterable, Sequence
 
 import attrs
 
+from . import _linux
+
 Cond = tuple[int, int, int]  # (argument index, mask, value): (args[i] & mask) == value
 Alternative = tuple[Cond, ...]
 FULL = 0xFFFFFFFFFFFFFFFF
@@ -222,12 +224,19 @@ ROUTING_OPTIONS: tuple[Alternative, ...] = (
     *conjoin((((1, _U32, IPPROTO_IPV6),),), values_except(2, IPV6_ROUTING, 32, high_zero=False)),
 )
 
+# zviz-init enters each command's own Landlock domain from the ruleset the
+# stage left on COMMAND_RULESET_FD: that call exactly, with a zygote only
+# (_bpf.ZYGOTE_NEEDS). Landlock only ever restricts the caller; any other use
+# is refused and reported as before (docs/security-model.md).
+COMMAND_DOMAIN: tuple[Alternative, ...] = conjoin(equals(0, (_linux.COMMAND_RULESET_FD,)), equals(1, (0,)))
+
 
 def rules(*, net_mode: str, pid_ns: bool) -> dict[str, tuple[Alternative, ...]]:
     """syscall -> the alternatives under which it passes, for the calls that
     carry argument conditions (other than socket, socketpair, clone and
     connect, which `_bpf` spells by network mode)."""
     out: dict[str, tuple[Alternative, ...]] = dict(SELF_ONLY)
+    out["landlock_restrict_self"] = COMMAND_DOMAIN
     if pid_ns:
         out["sched_setscheduler"] = out["sched_setscheduler"] + OTHER_TASK_SCHED
     for name, checks in _BY_NAME.items():

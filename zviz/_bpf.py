@@ -60,7 +60,8 @@ STAGE_NEEDS = frozenset({"sendmsg", "close", "execveat", "execve", "write", "exi
 # processes: Landlock's signal scope, and the pid namespace.)
 ZYGOTE_NEEDS = frozenset({"recvmsg", "read", "poll", "ppoll", "rt_sigprocmask", "signalfd4", "prctl", "openat",
                           "kill", "fcntl", "dup2", "close_range", "prlimit64", "getpid", "getdents64",
-                          "sched_setaffinity", "mmap", "munmap", "clock_gettime", "setsid"})
+                          "sched_setaffinity", "mmap", "munmap", "clock_gettime", "setsid",
+                          "landlock_restrict_self"})
 
 
 @attrs.frozen
@@ -100,7 +101,7 @@ def compile_filter(spec: FilterSpec) -> bytes:
                 f.add_rule(sc.ALLOW, name, *(sc.Arg(i, sc.EQ, v) if m == _argrules.FULL else
                                              sc.Arg(i, sc.MASKED_EQ, m, v) for i, m, v in alt))
     if not spec.notify:  # with a supervisor the default action already notifies
-        for name in sorted(_syscalls.DANGEROUS - spec.allow - _syscalls.SILENT_ENOSYS):
+        for name in sorted(_syscalls.DANGEROUS - allow - _syscalls.SILENT_ENOSYS):
             if _known(name):
                 f.add_rule(sc.ERRNO(errno.EPERM), name)
     if spec.notify:  # without a supervisor ENOSYS is already the default (clone3 included:

@@ -17,7 +17,7 @@
  * It runs confined like the program (seccomp, Landlock): it needs only clone,
  * execve, wait4, write, close, exit_group.
  *
- * argv: zviz-init --zygote CTRL_FD: the sandbox's zygote (see zygote_main
+ * argv: zviz-init --zygote CTRL_FD RULESET_FD|-: the sandbox's zygote (see zygote_main
  * below): a long-lived pid 1 that forks a run-init for every command the
  * supervisor asks for over CTRL_FD, so that a command costs a fork and an
  * exec, not a new set of namespaces, a new root and a new seccomp filter.
@@ -534,6 +534,10 @@ widen_affinity(void)
     S3(__NR_sched_setaffinity, 0, sizeof all, all);
 }
 
+/* The ruleset of the commands' own Landlock domains (fd, -1: none); see run_init. */
+static int command_ruleset = -1;
+static int domain_err;
+
 static void __attribute__((noreturn))
 run_program(const struct zreq *q, int *fds, char *exe, char **argv, char **envp)
 {
@@ -546,6 +550,10 @@ run_program(const struct zreq *q, int *fds, char *exe, char **argv, char **envp)
     for (int i = 0; i < 3; i++)
         if (S2(__NR_dup2, fds[i], i) < 0)
             die(126);
+    if (domain_err) {
+        put("zviz: cannot enter the command's own Landlock domain\n");
+        die(126); /* fail closed: never run a command in its neighbours' domain */
+    }
     S3(__NR_close_range, 3, ~0U, 0);
     for (unsigned i = 0; i < q->nrl; i++) {
         struct rlimit64 {
@@ -568,6 +576,17 @@ run_init(const struct zreq *q, int *fds, char *exe, char **argv, char **envp, in
      * call is in O(1) (getsid of the caller; see Sandbox._account_for). */
     S1(__NR_setsid, 0);
     S5(__NR_prctl, PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
+    /* The command's own Landlock domain, nested in the sandbox's, for this
+     * run-init and everything of its run: no other command may ptrace it,
+     * read its /proc/PID/{mem,environ,maps} or open its stdio through
+     * /proc/PID/fd, and (Landlock ABI 6) it may signal and connect to
+     * abstract unix sockets only within its own run. The zygote stays above
+     * (it still reaps and kills). A failure is reported by the program's
+     * side, on the program's stderr. */
+    if (command_ruleset >= 0) {
+        domain_err = S2(__NR_landlock_restrict_self, command_ruleset, 0) < 0;
+        S1(__NR_close, command_ruleset);
+    }
     long pid = S4(__NR_clone, SIGCHLD, 0, 0, 0);
     if (pid < 0) {
         put("zviz-init: clone failed\n");
@@ -793,8 +812,9 @@ serve(int ctrl)
 }
 
 static void __attribute__((noreturn))
-zygote_main(int ctrl)
+zygote_main(int ctrl, int ruleset)
 {
+    command_ruleset = ruleset;
     /* No process of the sandbox may read or write our memory through /proc
      * or ptrace; our run-inits inherit this until their program's exec. */
     S5(__NR_prctl, PR_SET_DUMPABLE, 0, 0, 0, 0);
@@ -832,11 +852,12 @@ init_main(long *sp)
     char **argv = (char **)(sp + 1);
     char **envp = argv + argc + 1;
 
-    if (argc == 3 && argv[1][0] == '-' && argv[1][1] == '-' && argv[1][2] == 'z') {
+    if (argc == 4 && argv[1][0] == '-' && argv[1][1] == '-' && argv[1][2] == 'z') {
         int ctrl = parse_fd(argv[2]);
+        int ruleset = parse_fd(argv[3]); /* "-" : no Landlock on this host */
         if (ctrl < 0)
             die(125);
-        zygote_main(ctrl);
+        zygote_main(ctrl, ruleset);
     }
     if (argc < 4) {
         put("zviz-init: usage: zviz-init STATUS_FD EXE ARG0 [ARGS...]\n");

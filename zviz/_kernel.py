@@ -120,6 +120,7 @@ STEPS = (
     "execve",
     "mount-mask",
     "root-readonly",
+    "landlock-command",
 )
 
 HINTS = {

@@ -10,3 +10,6 @@ CLONE_NEWNET = 0x40000000
 
 # The stage places zviz-init's status pipe on this fd (zviz/_stage.c, step 6).
 STATUS_FD = 3
+# ... and, for a zygote, the ruleset of the commands' own Landlock domains
+# (zviz/_init.c run_program; the filter allows landlock_restrict_self on it).
+COMMAND_RULESET_FD = 7

@@ -540,11 +540,14 @@ def plan_spawn(policy: Policy, host: Host, *, argv: tuple[str, ...], exe: str, w
     ll = plan_landlock(policy, host, workdir, mount_proc, private_tmp=bool(root_plan and root_plan.private_tmp),
                        new_root=root_plan is not None)
     if ll is None:
-        degraded.append(f"Landlock unavailable ({f.landlock_reason})")
+        degraded.append(f"Landlock unavailable ({f.landlock_reason}): commands of one sandbox are not separated "
+                        "from each other (same uid: /proc/PID/environ, mem, and for a non-root caller the stdio "
+                        "pipes through /proc/PID/fd)")
     elif ll.abi < 4 and policy.net.mode != "loopback":
         degraded.append(f"Landlock ABI {ll.abi} < 4: no TCP port rules (the seccomp socket filter remains)")
     if ll is not None and ll.abi < 6:
-        degraded.append(f"Landlock ABI {ll.abi} < 6: abstract unix sockets and signals are not scoped"
+        degraded.append(f"Landlock ABI {ll.abi} < 6: abstract unix sockets and signals are not scoped "
+                        "(commands of one sandbox can signal each other)"
                         + ("" if flags & _linux.CLONE_NEWNET else " (the host's abstract sockets are reachable)"))
     if not f.seccomp_notify:
         degraded.append("no seccomp user notification: denials are answered in the kernel and not reported")

@@ -143,7 +143,11 @@ class Runner:
         try:
             spec = dict(self._base_spec)
             spec["exe"] = b"zviz-init"
-            spec["argv"] = [b"zviz-init", b"--zygote", str(_linux.STATUS_FD).encode()]
+            # each command in a Landlock domain of its own (docs/security-model.md)
+            ruleset = spec["landlock_abi"] > 0
+            spec["command_ruleset"] = ruleset
+            spec["argv"] = [b"zviz-init", b"--zygote", str(_linux.STATUS_FD).encode(),
+                            str(_linux.COMMAND_RULESET_FD).encode() if ruleset else b"-"]
             spec["stdin"] = spec["stdout"] = spec["stderr"] = self._devnull.fd
             spec["status_fd"] = theirs.fd
             spec["rlimits"] = []  # per run (the zygote's own CPU time must not count)

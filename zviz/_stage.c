@@ -102,6 +102,7 @@ struct mount_attr_ {
 };
 #define LL_EXECUTE (1ULL << 0)
 #define LL_READ_FILE (1ULL << 2)
+#define LL_MAKE_BLOCK (1ULL << 11)
 #define LL_CREATE_RULESET_VERSION (1U << 0)
 #define LL_RULE_PATH_BENEATH 1
 #define LL_RULE_NET_PORT 2
@@ -179,6 +180,7 @@ enum {
     STEP_EXECVE,
     STEP_MOUNT_MASK,
     STEP_ROOT_READONLY,
+    STEP_LANDLOCK_COMMAND,
 };
 
 #define MAX_RLIMITS 16
@@ -192,6 +194,7 @@ enum { MASK_FILE = 1, MASK_DIR, MASK_RDONLY };
 #define MAX_MASKS 64
 #define MAX_LL_PATHS 256
 #define MAX_LL_PORTS 64
+#define COMMAND_RULESET_FD 7 /* zviz/_linux.py COMMAND_RULESET_FD */
 
 /* Everything the child needs, prepared by the parent before clone(). */
 struct plan {
@@ -225,6 +228,7 @@ struct plan {
     int rl_res[MAX_RLIMITS];
     struct rlimit rl_val[MAX_RLIMITS];
     int landlock_abi;
+    int command_ruleset; /* zygote: hand zviz-init a ruleset for one domain per command */
     struct ll_ruleset_attr ll_attr;
     int n_ll_paths;
     const char *ll_path[MAX_LL_PATHS];
@@ -235,6 +239,7 @@ struct plan {
     struct sock_fprog prog;
     unsigned int seccomp_flags;
     int pdeathsig;
+    int command_rs; /* the child's: the ruleset fd it made (-1: none) */
 };
 
 struct child_error {
@@ -550,6 +555,16 @@ child_main(void *arg)
         }
         CHECK(R2(SYS_landlock_restrict_self, rs, 0), STEP_LANDLOCK_RESTRICT, -1);
         R1(SYS_close, rs);
+        if (p->command_ruleset) {
+            /* The zygote's run-inits put each command in a domain of its own,
+             * nested in this one, from this (rule-less) ruleset: Landlock then
+             * refuses ptrace and /proc/PID/{mem,environ,fd} across commands,
+             * and on ABI 6 their signals and abstract unix connections. It
+             * handles only making block devices, which the sandbox's domain
+             * already refuses: the nesting, not the rights, is the point. */
+            struct ll_ruleset_attr ca = {LL_MAKE_BLOCK, 0, p->ll_attr.scoped};
+            CHECK(local.command_rs = R3(SYS_landlock_create_ruleset, &ca, attr_size, 0), STEP_LANDLOCK_COMMAND, -1);
+        }
     }
 
     /* 6. fds. Every fd we still need is first lifted above 9, then placed:
@@ -565,6 +580,7 @@ child_main(void *arg)
     CHECK(lift_fd(&local.init_fd), STEP_STDIO, 4);
     CHECK(lift_fd(&local.err_w), STEP_STDIO, 5);
     CHECK(lift_fd(&local.listener_sock), STEP_STDIO, 6);
+    CHECK(lift_fd(&local.command_rs), STEP_STDIO, 7);
     CHECK(R2(SYS_dup2, p->fd_in, 0), STEP_STDIO, 0);
     CHECK(R2(SYS_dup2, p->fd_out, 1), STEP_STDIO, 1);
     CHECK(R2(SYS_dup2, p->fd_err, 2), STEP_STDIO, 2);
@@ -575,7 +591,13 @@ child_main(void *arg)
     CHECK(place_fd(&local.err_w, 4), STEP_STDIO, 4);
     CHECK(place_fd(&local.listener_sock, 5), STEP_STDIO, 5);
     CHECK(place_fd(&local.init_fd, 6), STEP_STDIO, 6);
-    CHECK(R3(SYS_close_range, 7, ~0U, 0), STEP_STDIO, -1);
+    if (local.command_rs >= 0) { /* inherited by zviz-init: not close-on-exec */
+        CHECK(R2(SYS_dup2, local.command_rs, COMMAND_RULESET_FD), STEP_STDIO, 7);
+        R1(SYS_close, local.command_rs);
+    } else {
+        R1(SYS_close, COMMAND_RULESET_FD);
+    }
+    CHECK(R3(SYS_close_range, COMMAND_RULESET_FD + 1, ~0U, 0), STEP_STDIO, -1);
 
     /* 7. rlimits, now that no host fd is left (RLIMIT_NOFILE counts numbers). */
     for (int i = 0; i < p->n_rlimits; i++)
@@ -811,6 +833,11 @@ stage_spawn(PyObject *self, PyObject *args)
         }
     }
     p.landlock_abi = PyLong_AsLong(o_landlock_abi);
+    p.command_rs = -1;
+    {
+        PyObject *o_crs = PyDict_GetItemString(spec, "command_ruleset");
+        p.command_ruleset = o_crs ? PyObject_IsTrue(o_crs) : 0;
+    }
     p.ll_attr.handled_access_fs = PyLong_AsUnsignedLongLong(o_ll_fs);
     p.ll_attr.handled_access_net = PyLong_AsUnsignedLongLong(o_ll_net);
     p.ll_attr.scoped = PyLong_AsUnsignedLongLong(o_ll_scoped);
