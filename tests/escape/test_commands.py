@@ -27,11 +27,20 @@ from ..conftest import host, needs_landlock, run_as
 # B: says its pid, waits until the host says go, then reads its stdin line
 # and says what it got.
 VICTIM = textwrap.dedent("""
-    import os, sys, time
+    import os, socket, sys, time
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind("\\0zviz-victim-%d" % os.getpid())
+    srv.listen(1)
+    srv.setblocking(False)
     print("pid", os.getpid(), flush=True)
     while not os.path.exists("go"):
         time.sleep(0.01)
     print("B got", repr(sys.stdin.readline()), flush=True)
+    try:
+        srv.accept()
+        print("B accepted a connection", flush=True)
+    except BlockingIOError:
+        pass
 """)
 
 # A: everything one uid may do to another process of the same uid.
@@ -70,8 +79,13 @@ ATTACKER = textwrap.dedent("""
         return "signalled"
     def fds():  # the numbers are listed (like the process list); where they lead is not
         return "resolved %s" % os.readlink(f"/proc/{pid}/fd/1")
+    def connect():
+        import socket
+        c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        c.connect("\\0zviz-victim-" + pid)
+        return "connected"
     for name, fn in (("environ", environ), ("mem", mem), ("stdin", steal), ("stdout", forge),
-                     ("fds", fds), ("signal", signal0)):
+                     ("fds", fds), ("signal", signal0), ("connect", connect)):
         attempt(name, fn)
     print(repr(out))
 """)
@@ -128,8 +142,10 @@ def test_a_command_cannot_read_or_forge_another_commands_stdio(identity, zygote)
     for name in ("environ", "mem", "stdin", "stdout", "fds"):
         assert str(report[name]).startswith("refused"), (name, report)
     if host().landlock_abi >= 6:
-        # Landlock's signal scope: a command cannot signal another (see docs/security-model.md).
+        # Landlock's scopes: a command cannot signal another, nor connect to
+        # its abstract unix socket (see docs/security-model.md).
         assert report["signal"].startswith("refused"), report
+        assert report["connect"].startswith("refused") and "B accepted" not in b_out, (report, b_out)
 
 
 @needs_landlock(1)
