@@ -1,5 +1,5 @@
 # zviz's compiled parts (see zviz/_stage.c and zviz/_init.c for why each is C):
-# - zviz._stage, a CPython extension: the spawn path;
+# - zviz._stage, a CPython extension: the spawn path (_stage.c) and its binding (_stage_py.c);
 # - zviz/_zviz_init, a static, libc-free executable: pid 1 of each sandbox.
 import os
 import subprocess
@@ -32,8 +32,8 @@ setup(
     ext_modules=[
         Extension(
             "zviz._stage",
-            sources=["zviz/_stage.c"],
-            depends=["zviz/_rsys.h"],
+            sources=["zviz/_stage_py.c", "zviz/_stage.c"],
+            depends=["zviz/_abi.h", "zviz/_stage.h", "zviz/_rsys.h"],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter",
                                 "-Wno-missing-field-initializers"],
         )

@@ -1,4 +1,4 @@
-"""The planner: (Policy, Host) -> SpawnPlan. Pure: hosts are made up here."""
+"""The planner: (Policy, Host) -> SandboxPlan -> StageSpec, Command. Pure: hosts are made up here."""
 
 import attrs
 import pytest
@@ -23,7 +23,7 @@ def host(euid=1000, memory_cgroup=True, links=None, **feat):
 
 def plan(policy=None, h=None, workdir="/tmp/zviz-w"):
     policy = policy or Policy(fs=Filesystem(read_only=("/usr", "/bin", "/etc", "/lib", "/lib64")))
-    return _plan.plan_spawn(policy, h or host(), argv=("python3", "-c", "1"), exe="/usr/bin/python3", workdir=workdir)
+    return _plan.plan_sandbox(policy, h or host(), workdir=workdir)
 
 
 def test_unprivileged_maps_own_uid_and_denies_setgroups():
@@ -151,16 +151,31 @@ def test_steps_read_in_order():
     assert steps.index("no_new_privs") > next(i for i, s in enumerate(steps) if s.startswith("landlock"))
 
 
-def test_spec_for_stage_with_init():
-    spec = plan().to_spec(stdin=10, stdout=11, stderr=12, bpf=b"\0" * 8, seccomp_flags=8, init_fd=13, status_fd=14)
-    assert spec["argv"][:3] == [b"zviz-init", b"3", b"/usr/bin/python3"]
-    assert spec["argv"][3:] == [b"python3", b"-c", b"1"]
-    assert spec["setsid"] is True
+def test_command_spec_runs_zviz_init():
+    cmd = _plan.command_spec(plan(), exe=b"/usr/bin/python3", argv=(b"python3", b"-c", b"1"), envp=(b"A=1",),
+                             stdio=(10, 11, 12), status_fd=14, init_fd=13)
+    assert cmd.argv[:3] == (b"zviz-init", b"3", b"/usr/bin/python3")
+    assert cmd.argv[3:] == (b"python3", b"-c", b"1")
+    assert (cmd.stdin, cmd.stdout, cmd.stderr, cmd.status_fd, cmd.init_fd) == (10, 11, 12, 14, 13)
+    assert cmd.cwd == b"/tmp/zviz-w"
+
+
+def test_stage_spec_once_per_sandbox_and_its_zygote_variant():
+    p = plan()
+    stage = _plan.stage_spec(p, bpf=b"\0" * 8, seccomp_flags=8)
+    assert stage.setsid and stage.pdeathsig == 9
+    assert stage.binds == p.new_root.binds and stage.mount_ops == p.new_root.ops
+    assert [r for r, _, _ in stage.rlimits] == [_plan.RLIMIT[n] for n, _, _ in p.rlimits]
+    z = _plan.zygote_stage_spec(stage)
+    assert z.rlimits == () and z.command_ruleset == (stage.landlock_abi > 0)
+    assert attrs.evolve(z, rlimits=stage.rlimits, command_ruleset=False) == stage  # nothing else differs
+    cmd = _plan.zygote_command(p, z, ctrl_fd=20, devnull=21, init_fd=22)
+    assert cmd.argv == (b"zviz-init", b"--zygote", b"3", b"7" if z.command_ruleset else b"-")
 
 
 def test_empty_argv_refused():
     with pytest.raises(PolicyError):
-        _plan.plan_spawn(Policy(), host(), argv=(), exe="/bin/true", workdir="/tmp/zviz-w")
+        _plan.command_spec(plan(), exe=b"/bin/true", argv=(), envp=(), stdio=(0, 1, 2), status_fd=-1, init_fd=-1)
 
 
 # ---- issue 16: real paths, masks, memory cgroup, disk
@@ -206,8 +221,7 @@ def test_masks_and_read_only_root():
     kinds = [path for _, path in p.new_root.masks]
     assert kinds.index("/proc/sys") < kinds.index("/proc/sys/kernel/random/boot_id")  # the mask lands on top
     assert "/sys/firmware" not in masks  # /sys is not listed
-    assert p.new_root.root_readonly and p.to_spec(stdin=0, stdout=1, stderr=2, bpf=b"", seccomp_flags=0)[
-        "root_readonly"]
+    assert p.new_root.root_readonly and _plan.stage_spec(p, bpf=b"", seccomp_flags=0).root_readonly
 
 
 def test_memory_cgroup_or_memfd_refused():

@@ -23,7 +23,10 @@
  * exec, not a new set of namespaces, a new root and a new seccomp filter.
  */
 #include <asm/unistd.h>
+#include <asm-generic/errno.h>
+#include <linux/mman.h>
 #include <linux/resource.h>
+#include <linux/time.h>
 #include <linux/sched.h>
 #include <linux/signal.h>
 #include <linux/wait.h>
@@ -60,6 +63,7 @@ struct zcmsghdr {
 
 typedef unsigned long size_t;
 
+#include "_abi.h"
 #include "_rsys.h"
 #define sys6 rsys_x86_64
 #define S1(n, a) sys6(n, (long)(a), 0, 0, 0, 0, 0)
@@ -68,13 +72,6 @@ typedef unsigned long size_t;
 #define S4(n, a, b, c, d) sys6(n, (long)(a), (long)(b), (long)(c), (long)(d), 0, 0)
 #define S5(n, a, b, c, d, e) sys6(n, (long)(a), (long)(b), (long)(c), (long)(d), (long)(e), 0)
 
-#define ZVIZ_STATUS_MAGIC 0x7a76697aU /* "zviz" */
-
-struct status_record {
-    unsigned int magic;
-    int wstatus;
-    struct rusage ru; /* of the main child and everything it reaped */
-};
 
 static size_t
 slen(const char *s)
@@ -138,8 +135,8 @@ exec_program(const char *exe, char **argv, char **envp)
     put(exe);
     put(": errno ");
     put(num);
-    put(r == -2 ? " (not found)\n" : (r == -13 ? " (permission denied: outside the policy's paths?)\n" : "\n"));
-    die(r == -2 ? 127 : 126);
+    put(r == -ENOENT ? " (not found)\n" : (r == -EACCES ? " (permission denied: outside the policy's paths?)\n" : "\n"));
+    die(r == -ENOENT ? 127 : 126);
 }
 
 /* ------------------------------------------------------------------ zygote
@@ -160,30 +157,12 @@ exec_program(const char *exe, char **argv, char **envp)
  * namespace (pid 1 without handlers), and exits when the supervisor hangs up;
  * its exit kills everything left in the namespace.
  *
- * Request (SOCK_STREAM): struct zreq, then `len` bytes of NUL-terminated
- * strings (exe, argc argv strings, envc envp strings), with SCM_RIGHTS_
- * {stdin, stdout, stderr, status pipe} on the first byte. Reply: an int32
- * (0 or -errno) with SCM_RIGHTS {pidfd of the run-init} on success. A
- * header with no strings and no fds is a barrier: the zygote reaps (and so
- * kills the orphans of a run-init that was killed) before it replies 0.
+ * The request and its reply: struct zreq in zviz/_abi.h.
  */
-#define ZREQ_MAGIC 0x7a727131U /* "zrq1" */
-#define ZREQ_MAX_RL 16
-#define ZBUF_SIZE (1 << 20)
-#define ZMAX_PTRS 65536
 #define ZMAX_RUNS 4096
 
-struct zreq_rl {
-    unsigned int res, pad;
-    unsigned long long cur, max;
-};
-struct zreq {
-    unsigned int magic, argc, envc, nrl, len, pad;
-    struct zreq_rl rl[ZREQ_MAX_RL];
-};
-
-static char zbuf[ZBUF_SIZE];
-static char *zptrs[ZMAX_PTRS];
+static char zbuf[ZREQ_MAX_BYTES];
+static char *zptrs[ZREQ_MAX_PTRS];
 static int zruns[ZMAX_RUNS];
 static int nzruns;
 static char kbuf[65536];
@@ -234,8 +213,8 @@ static int
 grow_procs(long n)
 {
     long cap = procs_cap ? procs_cap * 2 : 4096;
-    long r = S6(__NR_mmap, 0, cap * sizeof(struct pinfo), 3 /* READ|WRITE */,
-                0x22 | 0x4000 /* PRIVATE|ANONYMOUS|NORESERVE */, -1, 0);
+    long r = S6(__NR_mmap, 0, cap * sizeof(struct pinfo), PROT_READ | PROT_WRITE,
+                MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (r < 0 && r > -4096)
         return -1;
     struct pinfo *p = (struct pinfo *)r;
@@ -313,7 +292,7 @@ scan_procs(void)
                 continue;
             if (n == procs_cap && grow_procs(n) < 0) {
                 S1(__NR_close, dfd);
-                return -12; /* ENOMEM */
+                return -ENOMEM;
             }
             procs[n].pid = pid;
             procs[n].ppid = ppid;
@@ -403,11 +382,9 @@ under(long n, long i, int root, const int *excl, int nexcl)
 static long
 now_ns(void)
 {
-    struct {
-        long s, ns;
-    } t = {0, 0};
-    S2(__NR_clock_gettime, 1 /* CLOCK_MONOTONIC */, &t);
-    return t.s * 1000000000L + t.ns;
+    struct timespec t = {0, 0};
+    S2(__NR_clock_gettime, CLOCK_MONOTONIC, &t);
+    return t.tv_sec * 1000000000L + t.tv_nsec;
 }
 
 /* How long a cleanup may keep freezing before it kills whatever is left,
@@ -482,10 +459,102 @@ kill_children_direct(const int *keep, int nkeep)
 static void
 pause_briefly(long ns)
 {
-    struct {
-        long s, ns;
-    } t = {0, ns};
+    struct timespec t = {0, ns};
     S5(__NR_ppoll, 0, 0, &t, 0, 8);
+}
+
+/* ------------------------------------------------------------------ reaping
+ *
+ * One reaper for both kinds of init: wait_for_main (the program's status),
+ * reap_exited (whatever has exited; a run-init leaves zruns), kill_below
+ * (everything below us but the subtrees of live run-inits, until nothing of
+ * it is left). */
+
+/* Reap until `pid` has exited; its wait status and usage go to *rec. */
+static void
+wait_for_main(long pid, struct status_record *rec)
+{
+    memset(rec, 0, sizeof *rec);
+    rec->magic = STATUS_MAGIC;
+    for (;;) {
+        int ws = 0;
+        struct rusage ru;
+        long w = S4(__NR_wait4, -1, &ws, __WALL, &ru);
+        if (w == -EINTR)
+            continue;
+        if (w < 0)
+            die(125); /* ECHILD before the main child: cannot happen */
+        if (w == pid) {
+            rec->wstatus = ws;
+            rec->ru = ru;
+            return;
+        }
+    }
+}
+
+/* Mirror the program's wait status as far as an exit code can. */
+static void __attribute__((noreturn))
+exit_like(int ws)
+{
+    if ((ws & 0x7f) == 0)
+        die((ws >> 8) & 0xff);
+    die(128 + (ws & 0x7f));
+}
+
+static int
+killed_by_signal(int ws)
+{
+    return (ws & 0x7f) != 0 && (ws & 0x7f) != 0x7f;
+}
+
+/* Reap every child that has exited. Returns -1 when we have no child at all
+ * (ECHILD), else 0. Sets *orphans when an exit may have left orphans to us:
+ * a run-init that was killed (it could not clean up), or any other process. */
+static int
+reap_exited(int *orphans)
+{
+    for (;;) {
+        int ws = 0;
+        long w = S4(__NR_wait4, -1, &ws, __WALL | WNOHANG, 0);
+        if (w == -EINTR)
+            continue;
+        if (w == 0)
+            return 0;
+        if (w < 0)
+            return -1;
+        int i = in_runs((int)w);
+        if (i >= 0)
+            zruns[i] = zruns[--nzruns];
+        if (i < 0 || killed_by_signal(ws))
+            *orphans = 1;
+    }
+}
+
+/* Kill everything below `root` (ourselves) except the subtrees of the live
+ * run-inits (zruns; a run-init has none), reaping as it dies, until nothing
+ * of it is left: for a run-init, until it has no child at all (a live
+ * descendant would have a live ancestor among its children); for the
+ * zygote, until no process below it is outside a live run-init. See
+ * tree_pass for why the whole tree, and how a regrowing one is stopped. */
+static void
+kill_below(int root)
+{
+    int rounds = 0, orphans = 0;
+    long deadline = now_ns() + FREEZE_NS;
+    for (;;) {
+        if (reap_exited(&orphans) < 0)
+            return; /* no child: nothing is below us */
+        long left = tree_pass(root, zruns, nzruns, &rounds, deadline);
+        if (left <= 0) {
+            /* Nothing (visible) below us outside the run-inits, or /proc
+             * unreadable: what is left are our own children, killed the
+             * plain way. The zygote is done then (its run-inits stay). */
+            kill_children_direct(zruns, nzruns);
+            if (nzruns > 0)
+                return;
+        }
+        pause_briefly(100000); /* let the signals land, the dead exit */
+    }
 }
 
 static long
@@ -596,49 +665,16 @@ run_init(const struct zreq *q, int *fds, char *exe, char **argv, char **envp, in
         run_program(q, fds, exe, argv, envp);
     for (int i = 0; i < 3; i++)
         S1(__NR_close, fds[i]);
+    nzruns = 0; /* our copy of the zygote's table: none of them is ours */
 
     struct status_record rec;
-    memset(&rec, 0, sizeof rec);
-    rec.magic = ZVIZ_STATUS_MAGIC;
-    for (;;) {
-        int ws = 0;
-        struct rusage ru;
-        long w = S4(__NR_wait4, -1, &ws, __WALL, &ru);
-        if (w == -4)
-            continue;
-        if (w < 0)
-            die(125);
-        if (w == pid) {
-            rec.wstatus = ws;
-            rec.ru = ru;
-            break;
-        }
-    }
+    wait_for_main(pid, &rec);
     /* The program is gone: nothing it started may outlive the run. Orphans
      * come to us (subreaper), so while we have any child at all, something
-     * of the run is left: freeze and kill the whole tree below us. ECHILD
-     * means the run is empty (a live descendant would have a live ancestor
-     * among our children). */
-    int rounds = 0;
-    long deadline = now_ns() + FREEZE_NS;
-    for (;;) {
-        int ws;
-        long w = S4(__NR_wait4, -1, &ws, __WALL | WNOHANG, 0);
-        if (w > 0 || w == -4)
-            continue;
-        if (w < 0)
-            break; /* ECHILD: the run is empty */
-        if (tree_pass(self_pid, 0, 0, &rounds, deadline) <= 0) {
-            /* A child lives, yet the pass saw nothing below us (a partial
-             * scan, a race): make progress the plain way, our children. */
-            kill_children_direct(0, 0);
-        }
-        pause_briefly(100000); /* let the signals land, the dead exit */
-    }
+     * of the run is left: kill the whole tree below us. */
+    kill_below(self_pid);
     S3(__NR_write, fds[3], &rec, sizeof rec);
-    if ((rec.wstatus & 0x7f) == 0)
-        die((rec.wstatus >> 8) & 0xff);
-    die(128 + (rec.wstatus & 0x7f));
+    exit_like(rec.wstatus);
 }
 
 /* Read exactly n bytes (the first read may carry fds). Returns 0, or -1 on
@@ -648,7 +684,7 @@ read_full(int fd, char *p, long n)
 {
     while (n > 0) {
         long r = S3(__NR_read, fd, p, n);
-        if (r == -4)
+        if (r == -EINTR)
             continue;
         if (r <= 0)
             return -1;
@@ -658,52 +694,15 @@ read_full(int fd, char *p, long n)
     return 0;
 }
 
+/* The zygote, on SIGCHLD: reap; if that may have left orphans to us (a
+ * run-init killed before it cleaned up, or an orphan that exited), kill
+ * everything below us that is not below a live run-init. */
 static void
 reap(void)
 {
-    int orphans = 0, rounds = 0;
-    long deadline = 0;
-    for (;;) {
-        int ws = 0;
-        long w = S4(__NR_wait4, -1, &ws, __WALL | WNOHANG, 0);
-        if (w == -4)
-            continue;
-        if (w <= 0)
-            break;
-        int i = in_runs((int)w);
-        if (i >= 0) {
-            zruns[i] = zruns[--nzruns];
-            if ((ws & 0x7f) != 0) /* killed: it may have left orphans to us */
-                orphans = 1;
-        } else {
-            orphans = 1; /* an orphan died: its own children came to us */
-        }
-    }
-    /* Orphans of a run-init that died early are ours now: freeze and kill
-     * everything below us that is not below a live run-init. */
-    if (orphans)
-        deadline = now_ns() + FREEZE_NS;
-    while (orphans) {
-        long left = tree_pass(1, zruns, nzruns, &rounds, deadline);
-        if (left == 0)
-            break;
-        if (left < 0) { /* /proc unreadable (it should not be): best effort */
-            kill_children_direct(zruns, nzruns);
-            break;
-        }
-        pause_briefly(100000);
-        for (;;) {
-            int ws = 0;
-            long w = S4(__NR_wait4, -1, &ws, __WALL | WNOHANG, 0);
-            if (w == -4)
-                continue;
-            if (w <= 0)
-                break;
-            int i = in_runs((int)w);
-            if (i >= 0)
-                zruns[i] = zruns[--nzruns];
-        }
-    }
+    int orphans = 0;
+    if (reap_exited(&orphans) == 0 && orphans)
+        kill_below(1);
 }
 
 /* Handle one request. Returns -1 when the supervisor has hung up. */
@@ -726,7 +725,7 @@ serve(int ctrl)
     long r;
     do
         r = S3(__NR_recvmsg, ctrl, &msg, MSG_CMSG_CLOEXEC_);
-    while (r == -4);
+    while (r == -EINTR);
     if (r <= 0)
         return -1;
     int nfds = 0;
@@ -750,8 +749,8 @@ serve(int ctrl)
         send_reply(ctrl, 0, -1);
         return 0;
     }
-    if (!err && (q.magic != ZREQ_MAGIC || q.nrl > ZREQ_MAX_RL || q.len == 0 || q.len > ZBUF_SIZE ||
-                 (unsigned long)q.argc + q.envc + 2 > ZMAX_PTRS || q.argc == 0))
+    if (!err && (q.magic != ZREQ_MAGIC || q.nrl > MAX_RLIMITS || q.len == 0 || q.len > ZREQ_MAX_BYTES ||
+                 (unsigned long)q.argc + q.envc + 2 > ZREQ_MAX_PTRS || q.argc == 0))
         err = -1;
     if (!err && read_full(ctrl, zbuf, q.len) < 0)
         err = -1;
@@ -779,7 +778,7 @@ serve(int ctrl)
         p++;
     }
     if (bad) {
-        send_reply(ctrl, -22, -1);
+        send_reply(ctrl, -EINVAL, -1);
         for (int i = 0; i < nfds; i++)
             S1(__NR_close, fds[i]);
         return 0;
@@ -787,7 +786,7 @@ serve(int ctrl)
     zptrs[q.argc] = 0;
     zptrs[q.argc + 1 + q.envc] = 0;
     if (nzruns >= ZMAX_RUNS) {
-        send_reply(ctrl, -11, -1);
+        send_reply(ctrl, -EAGAIN, -1);
         for (int i = 0; i < 4; i++)
             S1(__NR_close, fds[i]);
         return 0;
@@ -826,7 +825,7 @@ zygote_main(int ctrl, int ruleset)
     for (;;) {
         struct pollfd pf[2] = {{ctrl, POLLIN, 0}, {(int)sfd, POLLIN, 0}};
         long r = S3(__NR_poll, pf, 2, -1);
-        if (r == -4)
+        if (r == -EINTR)
             continue;
         if (r < 0)
             die(125);
@@ -879,29 +878,10 @@ init_main(long *sp)
 
     /* Reap everything; remember the main child's status and usage. */
     struct status_record rec;
-    for (unsigned i = 0; i < sizeof rec; i++)
-        ((char *)&rec)[i] = 0;
-    rec.magic = ZVIZ_STATUS_MAGIC;
-    for (;;) {
-        int ws = 0;
-        struct rusage ru;
-        long w = S4(__NR_wait4, -1, &ws, __WALL, &ru);
-        if (w == -4) /* EINTR */
-            continue;
-        if (w < 0)
-            die(125); /* ECHILD before the main child: cannot happen */
-        if (w == pid) {
-            rec.wstatus = ws;
-            rec.ru = ru;
-            break;
-        }
-    }
+    wait_for_main(pid, &rec);
     if (status_fd >= 0)
         S3(__NR_write, status_fd, &rec, sizeof rec);
-    /* Mirror the main child's status as far as an exit code can. */
-    if ((rec.wstatus & 0x7f) == 0)
-        die((rec.wstatus >> 8) & 0xff);
-    die(128 + (rec.wstatus & 0x7f));
+    exit_like(rec.wstatus);
 }
 
 __asm__(".text\n"

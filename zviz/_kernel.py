@@ -19,6 +19,8 @@ import attrs
 
 from . import _stage
 from ._errors import SandboxSetupError
+from ._plan import RLIMIT
+from ._spec import Command, StageSpec
 
 # ---------------------------------------------------------------- owning fds
 
@@ -89,39 +91,8 @@ def open_devnull() -> OwnedFd:
 
 # ---------------------------------------------------------------- spawn
 
-# Step numbers of zviz/_stage.c, in order.
-STEPS = (
-    None,
-    "sync",
-    "mount-private",
-    "mount-bind",
-    "mount-root",
-    "mount-op",
-    "mount-proc",
-    "pivot-root",
-    "loopback-up",
-    "hostname",
-    "setgroups",
-    "setresgid",
-    "setresuid",
-    "rlimit",
-    "setsid",
-    "pdeathsig",
-    "landlock-create",
-    "landlock-open",
-    "landlock-rule",
-    "landlock-port",
-    "landlock-restrict",
-    "no-new-privs",
-    "stdio",
-    "chdir",
-    "seccomp",
-    "send-listener",
-    "execve",
-    "mount-mask",
-    "root-readonly",
-    "landlock-command",
-)
+# The stage's step names, indexed by step number (zviz/_abi.h ZVIZ_STEPS).
+STEPS: tuple[str | None, ...] = _stage.STEPS
 
 HINTS = {
     "mount-proc": "the host's /proc has over-mounts (a container?); set namespaces.pid = false",
@@ -144,8 +115,9 @@ from ._linux import (  # noqa: E402  (re-exported for the shell)
 )
 
 INIT_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_zviz_init")
-_STATUS = struct.Struct("=Ii" + "qq" "qq" + "14q")  # magic, wstatus, struct rusage
-STATUS_MAGIC = 0x7A76697A
+# struct status_record (zviz/_abi.h): magic, wstatus, struct rusage
+_STATUS = struct.Struct("=Ii" + "qq" "qq" + "14q")
+STATUS_MAGIC: int = _stage.STATUS_MAGIC
 
 
 _init_fd: OwnedFd | None = None
@@ -200,43 +172,25 @@ class Spawned:
     listener: OwnedFd | None
 
 
-def spawn(spec: dict[str, Any], *, paths: tuple[str, ...], rlimit_names: tuple[str, ...]) -> Spawned:
-    """Run the C stage. Turns its failure reports into SandboxSetupError."""
+def spawn(stage: StageSpec, packed: bytes, command: Command) -> Spawned:
+    """Run the C stage: `packed` is `stage.pack()` (made once per sandbox).
+    Turns its failure reports into SandboxSetupError, naming the path."""
     try:
-        pid, pidfd, listener = _stage.spawn(spec)
-    except ChildProcessError as e:
-        args = e.args[0] if e.args and isinstance(e.args[0], tuple) else e.args
-        if len(args) == 4:  # id map write failed in the parent: (what, errno, msg, path)
-            what, err, _msg, path = args
+        pid, pidfd, listener = _stage.spawn(packed, command.pack())
+    except _stage.SetupError as e:
+        step, err, index, path = e.args
+        if step.startswith("id-map-"):  # written by the parent
             hint = ""
             if err == errno.EACCES and _not_dumpable():
                 hint = ("this process changed its uid without exec, so it is not dumpable and may "
                         "not write its children's id maps: exec after setuid, or call "
                         "prctl(PR_SET_DUMPABLE, 1)")
-            if what == "cgroup":
-                raise SandboxSetupError("cgroup", err, path, "the sandbox could not join its memory cgroup") from None
-            raise SandboxSetupError(f"id-map-{what}", err, path, hint) from None
-        if len(args) == 3 and all(isinstance(a, int) for a in args):
-            step_no, err, index = args
-            named = STEPS[step_no] if 0 < step_no < len(STEPS) else None
-            step = named if named is not None else f"step-{step_no}"
-            path = None
-            if step in ("landlock-open", "landlock-rule") and 0 <= index < len(paths):
-                path = paths[index]
-            elif step == "mount-bind" and 0 <= index < len(spec["binds"]):
-                path = spec["binds"][index][0].decode()
-            elif step == "mount-mask" and 0 <= index < len(spec.get("masks", ())):
-                path = spec["masks"][index][1].decode()
-            elif step in ("mount-op", "mount-proc") and 0 <= index < len(spec["mount_ops"]):
-                path = "/" + spec["mount_ops"][index][1].decode()
-            elif step == "rlimit" and 0 <= index < len(rlimit_names):
-                path = rlimit_names[index]
-            elif step == "execve":
-                path = spec["exe"].decode(errors="replace")
-            elif step == "chdir":
-                path = spec["cwd"].decode(errors="replace")
-            raise SandboxSetupError(step, err, path, HINTS.get(step, "")) from None
-        raise SandboxSetupError("spawn", errno.EIO, None, str(e)) from None
+            raise SandboxSetupError(step, err, path, hint) from None
+        if step == "cgroup":
+            raise SandboxSetupError("cgroup", err, path, "the sandbox could not join its memory cgroup") from None
+        if step == "spawn":
+            raise SandboxSetupError("spawn", err, None, path or "") from None
+        raise SandboxSetupError(step, err, _step_path(stage, command, step, index), HINTS.get(step, "")) from None
     except OSError as e:
         if e.errno in (errno.EMFILE, errno.ENFILE):
             raise host_fd_shortage("spawn", e) from None
@@ -246,6 +200,36 @@ def spawn(spec: dict[str, Any], *, paths: tuple[str, ...], rlimit_names: tuple[s
         pidfd=OwnedFd(pidfd, f"pidfd-{pid}"),
         listener=OwnedFd(listener, f"listener-{pid}") if listener >= 0 else None,
     )
+
+
+_RLIMIT_NAMES = {num: name for name, num in RLIMIT.items()}
+
+
+def _step_path(stage: StageSpec, command: Command, step: str, index: int) -> str | None:
+    """What the failed step was working on: its `index` points into the spec's tables."""
+    def at(table: tuple, i: int) -> Any:
+        return table[i] if 0 <= i < len(table) else None
+
+    if step in ("landlock-open", "landlock-rule"):
+        rule = at(stage.ll_paths, index)
+        return rule[0] if rule else None
+    if step == "mount-bind":
+        bind = at(stage.binds, index)
+        return bind[0] if bind else None
+    if step == "mount-mask":
+        mask = at(stage.masks, index)
+        return mask[1] if mask else None
+    if step in ("mount-op", "mount-proc"):
+        op = at(stage.mount_ops, index)
+        return "/" + op[1] if op else None
+    if step == "rlimit":
+        rl = at(stage.rlimits, index)
+        return _RLIMIT_NAMES.get(rl[0], str(rl[0])) if rl else None
+    if step == "execve":
+        return command.exe.decode(errors="replace")
+    if step == "chdir":
+        return command.cwd.decode(errors="replace") if command.cwd else None
+    return None
 
 
 def _not_dumpable() -> bool:

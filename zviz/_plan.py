@@ -2,13 +2,16 @@
 
 The I/O shell (`_sandbox.py`) gathers the host facts (`Host`: features, ids,
 which paths exist and are directories, rlimit ceilings) and hands them in; this
-module decides. `SpawnPlan.to_spec()` is what the C stage executes.
+module decides. Planning is per sandbox, spawning per command:
+`plan_sandbox` makes the sandbox's `SandboxPlan` once; `stage_spec` turns it
+into the `StageSpec` every spawn of the sandbox executes (zviz/_spec.py, the
+contract with the C stage), and `command_spec` makes one spawn's `Command`.
 
 Why this module is long: it is the whole planner, one pure function per part
 in the order the stage acts (rlimits, the new root and its masks, Landlock,
-the spawn, the memory cgroup), and `to_spec` spells out every field the C
-reads. The new root's planning (`plan_root`, `plan_masks`) is the part to
-move out when the plan is split per sandbox and per command.
+the sandbox, the memory cgroup), and the two functions that turn a plan into
+the stage's input. The new root's planning (`plan_root`, `plan_masks`) is the
+part to move out next.
 """
 
 from __future__ import annotations
@@ -17,13 +20,14 @@ import errno
 import os
 import signal
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import attrs
 
-from . import _linux
+from . import _abi, _linux
 from ._errors import PolicyError, SandboxSetupError
 from ._policy import Policy
+from ._spec import Command, StageSpec
 
 if TYPE_CHECKING:  # the planner stays pure: no probe, no C extension at import
 
@@ -123,7 +127,7 @@ NO_RW_BELOW = ("/proc", "/sys", "/dev")
 # ReadonlyPaths), plus host identifiers: files get /dev/null bound over them,
 # directories an empty read-only tmpfs; the read-only ones are bound onto
 # themselves read-only. Applied inside the new root after /proc is mounted.
-MASK_FILE, MASK_DIR, MASK_RDONLY = 1, 2, 3
+MASK_FILE, MASK_DIR, MASK_RDONLY = _abi.MASK_FILE, _abi.MASK_DIR, _abi.MASK_RDONLY
 PROC_READ_ONLY = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
 PROC_MASK_FILES = ("/proc/kcore", "/proc/keys", "/proc/latency_stats", "/proc/timer_list", "/proc/timer_stats",
                    "/proc/sched_debug", "/proc/interrupts", "/proc/cmdline", "/proc/kallsyms", "/proc/modules",
@@ -153,8 +157,9 @@ def check_listed(policy: Policy, host: Host) -> None:
                               "a path that is not a link to '/' (list '/' itself to mean the whole host)")
 
 
-# Mount operations of the new root (zviz/_stage.c: OP_*), on paths relative to it.
-OP_MKDIR, OP_SYMLINK, OP_FILE, OP_MOVE, OP_PROC, OP_TMPFS = 1, 2, 3, 4, 5, 6
+# Mount operations of the new root (zviz/_abi.h: OP_*), on paths relative to it.
+OP_MKDIR, OP_SYMLINK, OP_FILE, OP_MOVE, OP_PROC, OP_TMPFS = (_abi.OP_MKDIR, _abi.OP_SYMLINK, _abi.OP_FILE,
+                                                            _abi.OP_MOVE, _abi.OP_PROC, _abi.OP_TMPFS)
 STAGING = ("/tmp", "/mnt", "/var/tmp", "/proc")  # where the new root is assembled (any empty-able dir)
 DEV_LINKS = {"dev/fd": "/proc/self/fd", "dev/stdin": "/proc/self/fd/0", "dev/stdout": "/proc/self/fd/1",
              "dev/stderr": "/proc/self/fd/2"}
@@ -173,11 +178,10 @@ class RootPlan:
 
 
 @attrs.frozen(kw_only=True)
-class SpawnPlan:
-    """Everything one spawn does, in the order the child does it."""
+class SandboxPlan:
+    """What every spawn of one sandbox does, in the order the child does it
+    (the command itself is not part of it: see `command_spec`)."""
 
-    argv: tuple[str, ...]
-    exe: str
     env: tuple[tuple[str, str], ...]
     cwd: str
     clone_flags: int
@@ -228,57 +232,8 @@ class SpawnPlan:
             out.append(f"landlock ABI {self.landlock.abi}: {len(self.landlock.paths)} path rules, "
                        f"{len(self.landlock.ports)} port rules")
         out.append("no_new_privs")
-        out.append("seccomp allowlist, then execve " + self.exe)
+        out.append("seccomp allowlist, then execve zviz-init (which runs the command)")
         return out
-
-    def to_spec(self, *, stdin: int, stdout: int, stderr: int, bpf: bytes, seccomp_flags: int,
-                init_fd: int = -1, status_fd: int = -1) -> dict[str, Any]:
-        """The C stage's input. With `init_fd`, zviz-init is exec'd (by fd) as
-        pid 1 and runs the program: argv becomes [zviz-init, 3, exe, argv...]."""
-        ll = self.landlock
-        argv = [a.encode() for a in self.argv]
-        if init_fd >= 0:
-            argv = [b"zviz-init", str(_linux.STATUS_FD).encode(), self.exe.encode(), *argv]
-        return dict(
-            argv=argv,
-            init_fd=init_fd,
-            status_fd=status_fd,
-            envp=[f"{k}={v}".encode() for k, v in self.env],
-            exe=self.exe.encode(),
-            cwd=self.cwd.encode(),
-            stdin=stdin,
-            stdout=stdout,
-            stderr=stderr,
-            clone_flags=self.clone_flags,
-            uid_map=self.uid_map.encode() if self.uid_map else None,
-            gid_map=self.gid_map.encode() if self.gid_map else None,
-            deny_setgroups=self.deny_setgroups,
-            mount_ns=self.mount_ns,
-            mount_proc=self.mount_proc,
-            new_root=self.new_root is not None,
-            staging=self.new_root.staging.encode() if self.new_root else None,
-            binds=[(src.encode(), ro) for src, ro in self.new_root.binds] if self.new_root else [],
-            mount_ops=[(k, p.encode(), a.encode(), i) for k, p, a, i in self.new_root.ops] if self.new_root else [],
-            masks=[(k, p.encode()) for k, p in self.new_root.masks] if self.new_root else [],
-            root_readonly=bool(self.new_root and self.new_root.root_readonly),
-            loopback_up=self.loopback_up,
-            setsid=True,
-            creds_late=self.creds_late,
-            drop_groups=self.drop_groups,
-            hostname=self.hostname.encode() if self.hostname else None,
-            uid=self.uid,
-            gid=self.gid,
-            rlimits=[(RLIMIT[n], s, h) for n, s, h in self.rlimits],
-            landlock_abi=ll.abi if ll else 0,
-            ll_fs=ll.handled_fs if ll else 0,
-            ll_net=ll.handled_net if ll else 0,
-            ll_scoped=ll.scoped if ll else 0,
-            ll_paths=[(p.encode(), a) for p, a in ll.paths] if ll else [],
-            ll_ports=list(ll.ports) if ll else [],
-            bpf=bpf,
-            seccomp_flags=seccomp_flags,
-            pdeathsig=int(signal.SIGKILL),
-        )
 
 
 def _beneath(path: str, root: str) -> bool:
@@ -383,9 +338,10 @@ def plan_root(policy: Policy, host: Host, workdir: str, with_proc: bool) -> Root
     if "dev" in made:
         for link, to in DEV_LINKS.items():
             ops.append((OP_SYMLINK, link, to, -1))
-    if len(binds) > 64 or len(ops) > 256:  # the stage's fixed-size tables (zviz/_stage.c)
+    if len(binds) > _abi.MAX_BINDS or len(ops) > _abi.MAX_MOUNT_OPS:  # the stage's fixed-size tables
         raise PolicyError("fs", f"{len(binds)} bind mounts, {len(ops)} mount operations",
-                          "at most 64 bind mounts and 256 operations: list fewer, shallower paths")
+                          f"at most {_abi.MAX_BINDS} bind mounts and {_abi.MAX_MOUNT_OPS} operations: "
+                          "list fewer, shallower paths")
     return RootPlan(staging=staging, binds=tuple(binds), ops=tuple(ops), private_tmp=private_tmp,
                     masks=plan_masks(listed, host, with_proc))
 
@@ -465,18 +421,16 @@ def plan_landlock(policy: Policy, host: Host, workdir: str, mount_proc: bool,
                         paths=tuple(paths.items()), ports=tuple(ports))
 
 
-def plan_spawn(policy: Policy, host: Host, *, argv: tuple[str, ...], exe: str, workdir: str,
-               extra_env: Mapping[str, str] | None = None) -> SpawnPlan:
-    if not argv:
-        raise PolicyError("argv", argv, "a non-empty command")
+def plan_sandbox(policy: Policy, host: Host, *, workdir: str,
+                 extra_env: Mapping[str, str] | None = None) -> SandboxPlan:
     f = host.features
     ns = policy.namespaces
     degraded: list[str] = []
-    root = host.euid == 0
+    is_root = host.euid == 0
     userns = ns.user and f.userns
     if ns.user and not f.userns:
         degraded.append(f"user namespace unavailable ({f.userns_reason})")
-    can_ns = userns or root  # without a user namespace only root may create the others
+    can_ns = userns or is_root  # without a user namespace only root may create the others
     flags = 0
     if userns:
         flags |= _linux.CLONE_NEWUSER
@@ -493,21 +447,21 @@ def plan_spawn(policy: Policy, host: Host, *, argv: tuple[str, ...], exe: str, w
     if policy.net.mode in ("loopback", "allow") and not flags & _linux.CLONE_NEWNET:
         # checked here, not in Policy: a policy's validity must not depend on who builds it
         fix = "a host where network namespaces can be created (user namespaces, or root)"
-        if not ns.user and not root:
+        if not ns.user and not is_root:
             fix = "namespaces.user = true, on " + fix
         raise PolicyError("net.mode", policy.net.mode, fix)
 
     uid_map: str | None
     gid_map: str | None
     if userns:
-        host_uid, host_gid = (NOBODY, NOBODY) if root else (host.euid, host.egid)
+        host_uid, host_gid = (NOBODY, NOBODY) if is_root else (host.euid, host.egid)
         uid_map = f"{SANDBOX_UID} {host_uid} 1\n"
         gid_map = f"{SANDBOX_UID} {host_gid} 1\n"
         uid = gid = SANDBOX_UID
-        deny_setgroups = not root  # an unprivileged gid_map needs setgroups denied
-        drop_groups = root
+        deny_setgroups = not is_root  # an unprivileged gid_map needs setgroups denied
+        drop_groups = is_root
         creds_late = False
-    elif root:
+    elif is_root:
         host_uid = host_gid = NOBODY
         uid_map = gid_map = None
         uid = gid = NOBODY
@@ -522,7 +476,7 @@ def plan_spawn(policy: Policy, host: Host, *, argv: tuple[str, ...], exe: str, w
     mount_ns = bool(flags & _linux.CLONE_NEWNS)
     mount_proc = mount_ns and bool(flags & _linux.CLONE_NEWPID)
     whole_host = "/" in policy.fs.read_only  # `zviz trace` and deliberate policies: the host, read-only
-    root_plan = plan_root(policy, host, workdir, mount_proc) if mount_ns and not whole_host else None
+    new_root = plan_root(policy, host, workdir, mount_proc) if mount_ns and not whole_host else None
     if whole_host:
         degraded.append("fs.read_only lists '/': the whole host filesystem is readable (no new root)")
     if not mount_ns:
@@ -531,14 +485,14 @@ def plan_spawn(policy: Policy, host: Host, *, argv: tuple[str, ...], exe: str, w
     env = dict(policy.env)
     env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
     env.setdefault("HOME", workdir)
-    if not (root_plan and root_plan.private_tmp):
+    if not (new_root and new_root.private_tmp):
         env.setdefault("TMPDIR", workdir)  # no private /tmp: temp files go to the workdir
     env["PWD"] = workdir
     if extra_env:
         env.update(extra_env)
 
-    ll = plan_landlock(policy, host, workdir, mount_proc, private_tmp=bool(root_plan and root_plan.private_tmp),
-                       new_root=root_plan is not None)
+    ll = plan_landlock(policy, host, workdir, mount_proc, private_tmp=bool(new_root and new_root.private_tmp),
+                       new_root=new_root is not None)
     if ll is None:
         degraded.append(f"Landlock unavailable ({f.landlock_reason}): commands of one sandbox are not separated "
                         "from each other (same uid: /proc/PID/environ, mem, and for a non-root caller the stdio "
@@ -558,11 +512,11 @@ def plan_spawn(policy: Policy, host: Host, *, argv: tuple[str, ...], exe: str, w
             disk = policy.fs.disk
         else:
             degraded.append("fs.disk is not enforced: a size-capped workdir needs root (zviz mounts a tmpfs on it)")
-    return SpawnPlan(
-        argv=tuple(argv), exe=exe, env=tuple(sorted(env.items())), cwd=workdir,
+    return SandboxPlan(
+        env=tuple(sorted(env.items())), cwd=workdir,
         clone_flags=flags, uid_map=uid_map, gid_map=gid_map, deny_setgroups=deny_setgroups,
         drop_groups=drop_groups, uid=uid, gid=gid, creds_late=creds_late,
-        host_uid=host_uid, host_gid=host_gid, mount_ns=mount_ns, mount_proc=mount_proc, new_root=root_plan,
+        host_uid=host_uid, host_gid=host_gid, mount_ns=mount_ns, mount_proc=mount_proc, new_root=new_root,
         loopback_up=bool(flags & _linux.CLONE_NEWNET) and policy.net.mode == "loopback",
         hostname="zviz" if flags & _linux.CLONE_NEWUTS else None,
         rlimits=_rlimits(policy, host, userns), landlock=ll, degraded=tuple(degraded),
@@ -590,3 +544,49 @@ def plan_memory(policy: Policy, host: Host, degraded: list[str]) -> tuple[int | 
         what += ", and memfd_create is allowed and unbounded (limits.memfd_without_cgroup)"
     degraded.append(f"no memory cgroup ({host.memory_cgroup_reason}): {what}")
     return None, deny
+
+
+def stage_spec(plan: SandboxPlan, *, bpf: bytes, seccomp_flags: int) -> StageSpec:
+    """What the C stage does for every spawn of the sandbox planned by `plan`."""
+    root, ll = plan.new_root, plan.landlock
+    return StageSpec(
+        clone_flags=plan.clone_flags, uid_map=plan.uid_map, gid_map=plan.gid_map,
+        deny_setgroups=plan.deny_setgroups, drop_groups=plan.drop_groups, uid=plan.uid, gid=plan.gid,
+        creds_late=plan.creds_late, mount_ns=plan.mount_ns, mount_proc=plan.mount_proc,
+        staging=root.staging if root else None, binds=root.binds if root else (), mount_ops=root.ops if root else (),
+        masks=root.masks if root else (), root_readonly=bool(root and root.root_readonly),
+        loopback_up=plan.loopback_up, hostname=plan.hostname, setsid=True, pdeathsig=int(signal.SIGKILL),
+        rlimits=tuple((RLIMIT[n], soft, hard) for n, soft, hard in plan.rlimits),
+        landlock_abi=ll.abi if ll else 0, ll_fs=ll.handled_fs if ll else 0, ll_net=ll.handled_net if ll else 0,
+        ll_scoped=ll.scoped if ll else 0, ll_paths=ll.paths if ll else (), ll_ports=ll.ports if ll else (),
+        bpf=bpf, seccomp_flags=seccomp_flags,
+    )
+
+
+def zygote_stage_spec(stage: StageSpec) -> StageSpec:
+    """The variant that starts a sandbox's zygote: no rlimits of its own (each
+    run gets them: the zygote's CPU time must not count), and, with Landlock,
+    the ruleset of each command's own domain (docs/security-model.md)."""
+    return attrs.evolve(stage, rlimits=(), command_ruleset=stage.landlock_abi > 0)
+
+
+def command_spec(plan: SandboxPlan, *, exe: bytes, argv: tuple[bytes, ...], envp: tuple[bytes, ...],
+                 stdio: tuple[int, int, int], status_fd: int, init_fd: int, track: tuple[int, int] = (-1, 0),
+                 cgroup_fd: int = -1) -> Command:
+    """One command's spawn: zviz-init (exec'd by `init_fd`) runs `exe` with `argv`
+    (in the sandbox's memory cgroup, whose cgroup.procs is `cgroup_fd`)."""
+    if not argv:
+        raise PolicyError("argv", argv, "a non-empty command")
+    return Command(exe=exe, argv=(b"zviz-init", str(_abi.STATUS_FD).encode(), exe, *argv), envp=envp,
+                   cwd=plan.cwd.encode(), stdin=stdio[0], stdout=stdio[1], stderr=stdio[2], init_fd=init_fd,
+                   status_fd=status_fd, track_map_fd=track[0], track_value=track[1], cgroup_fd=cgroup_fd)
+
+
+def zygote_command(plan: SandboxPlan, stage: StageSpec, *, ctrl_fd: int, devnull: int, init_fd: int,
+                   track: tuple[int, int] = (-1, 0), cgroup_fd: int = -1) -> Command:
+    """The spawn of a sandbox's zygote: zviz-init --zygote CTRL_FD RULESET_FD|-."""
+    ruleset = str(_abi.COMMAND_RULESET_FD).encode() if stage.command_ruleset else b"-"
+    return Command(exe=b"zviz-init", argv=(b"zviz-init", b"--zygote", str(_abi.STATUS_FD).encode(), ruleset),
+                   envp=tuple(f"{k}={v}".encode() for k, v in plan.env), cwd=plan.cwd.encode(), stdin=devnull,
+                   stdout=devnull, stderr=devnull, init_fd=init_fd, status_fd=ctrl_fd, track_map_fd=track[0],
+                   track_value=track[1], cgroup_fd=cgroup_fd)

@@ -11,12 +11,12 @@ import errno
 import functools
 import os
 import sys
-from typing import Any
 
 import attrs
 
 from . import _kernel
 from ._errors import FeatureUnavailable
+from ._spec import Command, StageSpec
 
 
 @attrs.frozen(kw_only=True)
@@ -73,31 +73,19 @@ def _probe_userns() -> tuple[bool, str]:
     null = _kernel.open_devnull()
     try:
         uid, gid = os.geteuid(), os.getegid()
-        spec = _base_spec(null.fd)
-        spec.update(clone_flags=_kernel.CLONE_NEWUSER,
-                    uid_map=f"0 {uid} 1\n".encode(), gid_map=f"0 {gid} 1\n".encode(),
-                    deny_setgroups=uid != 0)
+        stage = StageSpec(clone_flags=_kernel.CLONE_NEWUSER, uid_map=f"0 {uid} 1\n", gid_map=f"0 {gid} 1\n",
+                          deny_setgroups=uid != 0)
+        true = Command(exe=b"/bin/true", argv=(b"/bin/true",), envp=(), cwd=b"/", stdin=null.fd, stdout=null.fd,
+                       stderr=null.fd)
         try:
-            sp = _kernel.spawn(spec, paths=(), rlimit_names=())
-        except OSError as e:
+            sp = _kernel.spawn(stage, stage.pack(), true)
+        except OSError as e:  # SandboxSetupError too
             return False, f"creating a user namespace failed: {errno.errorcode.get(e.errno or 0, e.errno)} ({e})"
         os.waitpid(sp.pid, 0)
         sp.pidfd.close()
         return True, "ok"
     finally:
         null.close()
-
-
-def _base_spec(fd: int) -> dict[str, Any]:
-    return dict(
-        argv=[b"/bin/true"], envp=[], exe=b"/bin/true", cwd=b"/", stdin=fd, stdout=fd, stderr=fd,
-        init_fd=-1, status_fd=-1,
-        clone_flags=0, uid_map=None, gid_map=None, deny_setgroups=False, mount_ns=False,
-        mount_proc=False, new_root=False, staging=None, binds=[], mount_ops=[], loopback_up=False, setsid=False,
-        creds_late=False,
-        drop_groups=False, hostname=None, uid=-1, gid=-1, rlimits=[], landlock_abi=0, ll_fs=0,
-        ll_net=0, ll_scoped=0, ll_paths=[], ll_ports=[], bpf=b"", seccomp_flags=0, pdeathsig=0,
-    )
 
 
 def _probe_cgroup() -> tuple[str | None, str]:

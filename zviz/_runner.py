@@ -1,5 +1,5 @@
-"""How a sandbox's commands are spawned: the base stage spec planned once per
-sandbox, and the zygote that forks every command once it is up.
+"""How a sandbox's commands are spawned: the stage spec planned once per
+sandbox (`_plan.stage_spec`), and the zygote that forks every command once it is up.
 
 A `Runner` owns the sandbox's /dev/null, the current zygote (spawned at the
 first command where the layers allow it: a pid namespace with its /proc; a
@@ -14,14 +14,14 @@ import contextlib
 import errno
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import anyio
 import attrs
 
-from . import _kernel, _linux, _zygote
+from . import _kernel, _plan, _zygote
 from ._errors import SandboxSetupError
 from ._records import Tally
+from ._spec import StageSpec
 from ._supervisor import RunAccount, Supervisor
 
 _PENDING = 0x80000000  # eBPF monitor (zviz/ebpf/_program.c): not counted until exec
@@ -30,10 +30,13 @@ _SKIP_EXEC = 0x40000000  # ... and that exec (zviz-init's own) does not count
 
 @attrs.frozen
 class Command:
-    """One command, ready to spawn: a zygote request, or a full stage spec."""
+    """One command, ready to spawn: a zygote request, or what a full spawn of
+    the stage execs (its `_spec.Command` is made at spawn, with the fds)."""
 
     request: bytes | None
-    spec: dict[str, Any] | None
+    exe: bytes
+    argv: tuple[bytes, ...]
+    envp: tuple[bytes, ...]
 
     @property
     def zrun(self) -> bool:
@@ -41,14 +44,17 @@ class Command:
 
 
 class Runner:
-    def __init__(self, *, base_spec: dict[str, Any], base_env: Mapping[str, str], error_paths: tuple[str, ...],
-                 error_rlimits: tuple[str, ...], use_zygote: bool, tally: Tally) -> None:
-        self._base_spec = base_spec
-        self._base_env = dict(base_env)
-        self._base_envp: list[bytes] = base_spec["envp"]
-        self._error_paths = error_paths
-        self._error_rlimits = error_rlimits
-        self._run_rlimits: list[tuple[int, int, int]] = list(base_spec["rlimits"])
+    def __init__(self, *, plan: _plan.SandboxPlan, stage: StageSpec, init_fd: int, cgroup_fd: int,
+                 use_zygote: bool, tally: Tally) -> None:
+        self._plan = plan
+        self._stage = stage
+        self._stage_packed = stage.pack()  # once per sandbox
+        self._init_fd = init_fd
+        self._cgroup_fd = cgroup_fd  # the memory cgroup's cgroup.procs (-1: none)
+        self._base_env = dict(plan.env)
+        self._base_envp = tuple(f"{k}={v}".encode() for k, v in plan.env)
+        self._run_rlimits: list[tuple[int, int, int]] = list(stage.rlimits)
+        self._track = (-1, 0)  # the eBPF monitor's map and this sandbox's value in it
         self.use_zygote = use_zygote
         self._tally = tally
         self._devnull = _kernel.open_devnull()
@@ -67,12 +73,10 @@ class Runner:
     # monitor's map before the child is let go)
 
     def track(self, map_fd: int, sid: int) -> None:
-        self._base_spec["track_map_fd"] = map_fd
-        self._base_spec["track_value"] = sid | _PENDING  # PENDING until exec (_program.c)
+        self._track = (map_fd, sid | _PENDING)  # PENDING until exec (_program.c)
 
     def untrack(self) -> None:
-        self._base_spec.pop("track_map_fd", None)
-        self._base_spec.pop("track_value", None)
+        self._track = (-1, 0)
 
     # ---- spawning
 
@@ -82,25 +86,20 @@ class Runner:
         if env:
             full = dict(self._base_env)
             full.update(env)
-            envp = [f"{k}={v}".encode() for k, v in sorted(full.items())]
-        if self.use_zygote:
-            return Command(_zygote.encode_request(exe_b, [a.encode() for a in argv], envp, self._run_rlimits), None)
-        spec = dict(self._base_spec)
-        spec["exe"] = exe_b
-        spec["argv"] = [b"zviz-init", str(_linux.STATUS_FD).encode(), exe_b] + [a.encode() for a in argv]
-        spec["envp"] = envp
-        return Command(None, spec)
+            envp = tuple(f"{k}={v}".encode() for k, v in sorted(full.items()))
+        argv_b = tuple(a.encode() for a in argv)
+        request = _zygote.encode_request(exe_b, argv_b, envp, self._run_rlimits) if self.use_zygote else None
+        return Command(request, exe_b, argv_b, envp)
 
     async def spawn(self, cmd: Command, stdio: Sequence[int], status_fd: int,
                     supervisor: Supervisor) -> _kernel.Spawned:
         """Start `cmd` with `stdio` on its fds 0-2 and zviz-init's status pipe."""
         if cmd.request is not None:
             return await self._zygote_run(cmd.request, [*stdio, status_fd], supervisor)
-        assert cmd.spec is not None
-        spec = cmd.spec
-        spec["stdin"], spec["stdout"], spec["stderr"] = stdio
-        spec["status_fd"] = status_fd
-        return _kernel.spawn(spec, paths=self._error_paths, rlimit_names=self._error_rlimits)
+        spawn = _plan.command_spec(self._plan, exe=cmd.exe, argv=cmd.argv, envp=cmd.envp,
+                                   stdio=(stdio[0], stdio[1], stdio[2]), status_fd=status_fd, init_fd=self._init_fd,
+                                   track=self._track, cgroup_fd=self._cgroup_fd)
+        return _kernel.spawn(self._stage, self._stage_packed, spawn)
 
     def discard(self, spawned: _kernel.Spawned, zrun: bool) -> None:
         """A started command that must not outlive a failed start: kill, reap, close."""
@@ -141,19 +140,12 @@ class Runner:
     def _spawn_zygote(self, supervisor: Supervisor) -> None:
         ours, theirs = _zygote.control_pair()
         try:
-            spec = dict(self._base_spec)
-            spec["exe"] = b"zviz-init"
-            # each command in a Landlock domain of its own (docs/security-model.md)
-            ruleset = spec["landlock_abi"] > 0
-            spec["command_ruleset"] = ruleset
-            spec["argv"] = [b"zviz-init", b"--zygote", str(_linux.STATUS_FD).encode(),
-                            str(_linux.COMMAND_RULESET_FD).encode() if ruleset else b"-"]
-            spec["stdin"] = spec["stdout"] = spec["stderr"] = self._devnull.fd
-            spec["status_fd"] = theirs.fd
-            spec["rlimits"] = []  # per run (the zygote's own CPU time must not count)
-            if "track_value" in spec:
-                spec["track_value"] |= _SKIP_EXEC  # the monitor counts from the program's exec
-            spawned = _kernel.spawn(spec, paths=self._error_paths, rlimit_names=())
+            stage = _plan.zygote_stage_spec(self._stage)
+            map_fd, value = self._track
+            track = (map_fd, value | _SKIP_EXEC) if map_fd >= 0 else self._track  # counted from the program's exec
+            cmd = _plan.zygote_command(self._plan, stage, ctrl_fd=theirs.fd, devnull=self._devnull.fd,
+                                       init_fd=self._init_fd, track=track, cgroup_fd=self._cgroup_fd)
+            spawned = _kernel.spawn(stage, stage.pack(), cmd)
         except BaseException:
             ours.close()
             raise

@@ -31,6 +31,7 @@ from typing import Any
 
 import anyio
 import anyio.abc
+import attrs
 
 from . import _bpf, _disk, _files, _kernel, _linux, _plan, _probe, _process
 from ._errors import CommandNotFoundError, PolicyError, SandboxClosedError, ZvizWarning
@@ -49,7 +50,7 @@ class Sandbox:
     """One sandbox: a workdir, a policy and a supervisor. Made by
     `open_sandbox`; no public constructor."""
 
-    def __init__(self, policy: Policy, workdir: str, plan: _plan.SpawnPlan, runner: Runner, tally: Tally,
+    def __init__(self, policy: Policy, workdir: str, plan: _plan.SandboxPlan, runner: Runner, tally: Tally,
                  resources: HostResources, trace: Any = None) -> None:
         self.policy = policy
         self.workdir = workdir
@@ -290,7 +291,7 @@ class Sandbox:
 
 
 def _prepare(policy: Policy, workdir: str, owns_workdir: bool, features: _probe.KernelFeatures, trace: Any,
-             zygote_allowed: bool, tally: Tally, resources: HostResources) -> tuple[_plan.SpawnPlan, Runner]:
+             zygote_allowed: bool, tally: Tally, resources: HostResources) -> tuple[_plan.SandboxPlan, Runner]:
     """Plan the sandbox once (it does not depend on the command) and make
     its Runner. Planning now also reports degraded layers once, and fails early."""
     f = features
@@ -326,7 +327,7 @@ def _prepare(policy: Policy, workdir: str, owns_workdir: bool, features: _probe.
     elif policy.net.mode == "allow":
         raise PolicyError("net.mode", "allow", "a kernel with seccomp user notification (>= 5.5)")
     # Each spawn fills in argv, exe, env and fds.
-    probe_plan = _plan.plan_spawn(policy, host, argv=("true",), exe="/bin/true", workdir=workdir)
+    probe_plan = _plan.plan_sandbox(policy, host, workdir=workdir)
     pid_ns = bool(probe_plan.clone_flags & _linux.CLONE_NEWPID)
     # A zygote needs the pid namespace (its death must take every run
     # with it) and that namespace's /proc (a run-init finds what its
@@ -337,17 +338,12 @@ def _prepare(policy: Policy, workdir: str, owns_workdir: bool, features: _probe.
     if trace is not None:
         spec = trace.filter_spec(notify)
     bpf = _bpf.compile_filter(spec)
-    base_spec = probe_plan.to_spec(stdin=-1, stdout=-1, stderr=-1, bpf=bpf,
-                                   seccomp_flags=seccomp_flags, init_fd=init.fd, status_fd=-1)
+    stage = _plan.stage_spec(probe_plan, bpf=bpf, seccomp_flags=seccomp_flags)
     if trace is not None:
-        # tracing observes connections rather than refusing them
-        base_spec["ll_net"] = 0
-        base_spec["ll_ports"] = []
-    if resources.cgroup is not None:
-        base_spec["cgroup_fd"] = resources.cgroup.procs.fd
-    runner = Runner(base_spec=base_spec, base_env=dict(probe_plan.env),
-                    error_paths=tuple(p for p, _ in probe_plan.landlock.paths) if probe_plan.landlock else (),
-                    error_rlimits=tuple(n for n, _, _ in probe_plan.rlimits), use_zygote=use_zygote, tally=tally)
+        stage = attrs.evolve(stage, ll_net=0, ll_ports=())  # tracing observes connections rather than refusing them
+    runner = Runner(plan=probe_plan, stage=stage, init_fd=init.fd,
+                    cgroup_fd=resources.cgroup.procs.fd if resources.cgroup is not None else -1,
+                    use_zygote=use_zygote, tally=tally)
     try:
         if probe_plan.degraded:
             warnings.warn("zviz sandbox runs degraded: " + "; ".join(probe_plan.degraded), ZvizWarning,

@@ -25,14 +25,16 @@ from collections.abc import Sequence
 
 import anyio
 
+from . import _stage
 from ._errors import SandboxSetupError
 from ._kernel import OwnedFd
 
-# struct zreq of zviz/_init.c: magic, argc, envc, nrl, len, pad, then 16 x {res, pad, cur, max}
-MAX_RLIMITS = 16
+# struct zreq (zviz/_abi.h): magic, argc, envc, nrl, len, pad, then MAX_RLIMITS x struct zreq_rl {res, pad, cur, max}
+MAX_RLIMITS: int = _stage.MAX_RLIMITS
+ZREQ_RL = struct.Struct("=IIQQ")
 _HEADER = struct.Struct("=6I" + "IIQQ" * MAX_RLIMITS)
-_MAGIC = 0x7A727131
-MAX_REQUEST = 1 << 20  # ZBUF_SIZE: argv + environment, NUL-terminated
+_MAGIC: int = _stage.ZREQ_MAGIC
+MAX_REQUEST: int = _stage.ZREQ_MAX_BYTES  # argv + environment, NUL-terminated
 _REPLY = struct.Struct("=i")
 REPLY_TIMEOUT = 10.0  # a zygote that has not answered by then is wedged, and replaced
 SPIN_MS = 1  # how long the reply is awaited without yielding to the event loop

@@ -1,0 +1,92 @@
+/*
+ * zviz/_stage.h: between the spawn path (zviz/_stage.c, no Python) and its
+ * CPython binding (zviz/_stage_py.c, which parses the spec buffers into a
+ * struct plan and calls stage_spawn).
+ */
+#ifndef ZVIZ_STAGE_H
+#define ZVIZ_STAGE_H
+
+#include <linux/filter.h>
+#include <stdint.h>
+#include <sys/resource.h>
+
+#include "_abi.h"
+
+/* Everything the child needs, prepared by the parent before clone(); strings
+ * point into the caller's buffers, which outlive the spawn. */
+struct plan {
+    char **argv;
+    char **envp;
+    const char *exe;
+    const char *cwd;
+    int fd_in, fd_out, fd_err;
+    int init_fd;   /* O_PATH fd of zviz-init, exec'd by fd (-1: exec exe directly) */
+    int status_fd; /* placed on STATUS_FD */
+    int go_r, err_w, listener_sock; /* filled in by stage_spawn */
+    int mount_ns, mount_proc, loopback_up, setsid, creds_late, new_root;
+    const char *staging;
+    int n_src;
+    const char *src[MAX_BINDS];
+    int src_ro[MAX_BINDS];
+    int n_ops;
+    int op_kind[MAX_MOUNT_OPS];
+    const char *op_path[MAX_MOUNT_OPS];
+    const char *op_arg[MAX_MOUNT_OPS];
+    int op_src[MAX_MOUNT_OPS];
+    int n_masks;
+    int mask_kind[MAX_MASKS]; /* MASK_* */
+    const char *mask_path[MAX_MASKS];
+    int root_readonly;
+    const char *hostname;
+    int drop_groups;
+    long uid, gid; /* -1: leave as is */
+    int n_rlimits;
+    int rl_res[MAX_RLIMITS];
+    struct rlimit rl_val[MAX_RLIMITS];
+    int landlock_abi;
+    int command_ruleset; /* zygote: leave a ruleset for one Landlock domain per command */
+    uint64_t ll_fs, ll_net, ll_scoped;
+    int n_ll_paths;
+    const char *ll_path[MAX_LL_PATHS];
+    uint64_t ll_access[MAX_LL_PATHS];
+    int n_ll_ports;
+    uint64_t ll_port[MAX_LL_PORTS];
+    uint64_t ll_port_access[MAX_LL_PORTS];
+    struct sock_fprog prog;
+    unsigned int seccomp_flags;
+    int pdeathsig;
+};
+
+/* What only the parent does: the clone flags, the id maps, the monitor. */
+struct parent_plan {
+    unsigned long clone_flags;
+    const char *uid_map, *gid_map; /* NULL: none */
+    int deny_setgroups;
+    int track_map_fd; /* -1: no eBPF monitor */
+    uint32_t track_value;
+    int cgroup_fd; /* the memory cgroup's cgroup.procs (-1: none) */
+};
+
+enum spawn_failure {
+    SPAWN_OK = 0,
+    SPAWN_OSERROR,  /* in the parent, before the child ran: errno */
+    SPAWN_STEP,     /* the child reported a failed step: step, err, index */
+    SPAWN_ID_MAP,   /* writing an id map failed: what, err, path */
+    SPAWN_TRACK,    /* the eBPF monitor's map update failed: err */
+    SPAWN_CGROUP,   /* joining the memory cgroup failed: err */
+    SPAWN_PROTOCOL, /* a short error record, or no listener: what */
+};
+
+struct spawn_result {
+    enum spawn_failure failure;
+    int pid, pidfd, listener; /* on success: the caller owns pidfd and listener */
+    int step, err, index;
+    const char *what;
+    char path[64];
+};
+
+/* Clone a child that sets itself up from `p` and execs; wait until it has
+ * (or failed). Does not touch Python: call it without the GIL. */
+void stage_spawn(struct plan *p, const struct parent_plan *pp, struct spawn_result *out);
+
+#endif

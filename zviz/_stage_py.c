@@ -1,0 +1,504 @@
+/*
+ * zviz/_stage_py.c: the CPython binding of the spawn path (zviz/_stage.c).
+ *
+ * spawn(spec: bytes, command: bytes) -> (pid, pidfd, listener_fd)
+ *   `spec` is the sandbox's part and `command` the spawn's, both packed by
+ *   zviz/_spec.py in the layout documented in zviz/_abi.h. This file checks
+ *   every count and offset, points a struct plan into the two buffers (which
+ *   the caller keeps alive for the call) and runs stage_spawn without the GIL.
+ *   A failed child step raises SetupError(step, errno, index); the id maps
+ *   the memory cgroup and the monitor's map raise SetupError("id-map-WHAT" /
+ *   "cgroup" / "track", errno, -1, path).
+ *
+ * The module also exports what Python must agree on (zviz/_abi.h): STEPS,
+ * the limits, the fd numbers, the magic values, and LAYOUTS, the size and
+ * field offsets of every record, which tests/test_abi.py checks against the
+ * struct formats of zviz/_spec.py, _zygote.py and _kernel.py.
+ */
+#define _GNU_SOURCE
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <linux/seccomp.h>
+#include <stddef.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include "_stage.h"
+
+#ifndef SYS_pidfd_getfd
+#define SYS_pidfd_getfd 438
+#endif
+#ifndef SYS_landlock_create_ruleset
+#define SYS_landlock_create_ruleset 444
+#endif
+#define LL_CREATE_RULESET_VERSION (1U << 0)
+
+static const char *const step_names[STEP_COUNT] = {
+    [STEP_NONE] = NULL,
+#define ZVIZ_STEP_NAME(name, str) [STEP_##name] = str,
+    ZVIZ_STEPS(ZVIZ_STEP_NAME)
+#undef ZVIZ_STEP_NAME
+};
+
+static PyObject *SetupError;
+
+/* ---------------------------------------------------------------- parsing */
+
+struct buf {
+    const char *data;
+    Py_ssize_t len;
+    const char *name;
+};
+
+static int
+bad(const struct buf *b, const char *what)
+{
+    PyErr_Format(PyExc_ValueError, "malformed %s buffer: %s", b->name, what);
+    return -1;
+}
+
+/* A string at offset `off` (0: none -> NULL), NUL-terminated within the buffer. */
+static int
+string_at(const struct buf *b, unsigned int off, const char **out)
+{
+    if (off == 0) {
+        *out = NULL;
+        return 0;
+    }
+    if ((Py_ssize_t)off >= b->len || !memchr(b->data + off, 0, b->len - off))
+        return bad(b, "a string offset out of bounds");
+    *out = b->data + off;
+    return 0;
+}
+
+/* A table of n records of `size` at *pos; advances *pos. */
+static const void *
+table_at(const struct buf *b, Py_ssize_t *pos, unsigned int n, size_t size, unsigned int max, const char *what)
+{
+    if (n > max) {
+        PyErr_Format(PyExc_ValueError, "too many %s: %u (at most %u)", what, n, max);
+        return NULL;
+    }
+    if (*pos + (Py_ssize_t)(n * size) > b->len) {
+        bad(b, what);
+        return NULL;
+    }
+    const void *t = b->data + *pos;
+    *pos += (Py_ssize_t)(n * size);
+    return t;
+}
+
+static int
+parse_spec(const struct buf *b, struct plan *p, struct parent_plan *pp)
+{
+    struct spec_header h;
+    if (b->len < (Py_ssize_t)sizeof h)
+        return bad(b, "shorter than its header");
+    memcpy(&h, b->data, sizeof h);
+    if (h.magic != SPEC_MAGIC)
+        return bad(b, "bad magic");
+    Py_ssize_t pos = sizeof h;
+    const struct spec_bind *binds = table_at(b, &pos, h.n_binds, sizeof *binds, MAX_BINDS, "bind mounts");
+    const struct spec_op *ops = binds ? table_at(b, &pos, h.n_ops, sizeof *ops, MAX_MOUNT_OPS, "mount operations") : NULL;
+    const struct spec_mask *masks = ops ? table_at(b, &pos, h.n_masks, sizeof *masks, MAX_MASKS, "masks") : NULL;
+    const struct spec_rlimit *rl = masks ? table_at(b, &pos, h.n_rlimits, sizeof *rl, MAX_RLIMITS, "rlimits") : NULL;
+    const struct spec_path *paths = rl ? table_at(b, &pos, h.n_ll_paths, sizeof *paths, MAX_LL_PATHS, "landlock paths") : NULL;
+    const struct spec_port *ports = paths ? table_at(b, &pos, h.n_ll_ports, sizeof *ports, MAX_LL_PORTS, "landlock ports") : NULL;
+    if (!ports)
+        return -1;
+    if (h.bpf_len % sizeof(struct sock_filter) || h.bpf_off % 8 || (Py_ssize_t)h.bpf_off + h.bpf_len > b->len)
+        return bad(b, "the seccomp program's place");
+
+    p->mount_ns = !!(h.flags & SPEC_MOUNT_NS);
+    p->mount_proc = !!(h.flags & SPEC_MOUNT_PROC);
+    p->new_root = !!(h.flags & SPEC_NEW_ROOT);
+    p->loopback_up = !!(h.flags & SPEC_LOOPBACK_UP);
+    p->setsid = !!(h.flags & SPEC_SETSID);
+    p->creds_late = !!(h.flags & SPEC_CREDS_LATE);
+    p->drop_groups = !!(h.flags & SPEC_DROP_GROUPS);
+    p->command_ruleset = !!(h.flags & SPEC_COMMAND_RULESET);
+    p->root_readonly = !!(h.flags & SPEC_ROOT_READONLY);
+    p->uid = (long)h.uid;
+    p->gid = (long)h.gid;
+    p->pdeathsig = h.pdeathsig;
+    p->landlock_abi = h.landlock_abi;
+    p->seccomp_flags = h.seccomp_flags;
+    p->ll_fs = h.ll_fs;
+    p->ll_net = h.ll_net;
+    p->ll_scoped = h.ll_scoped;
+    if (string_at(b, h.staging, &p->staging) || string_at(b, h.hostname, &p->hostname) ||
+        string_at(b, h.uid_map, &pp->uid_map) || string_at(b, h.gid_map, &pp->gid_map))
+        return -1;
+    if (p->new_root && !p->staging)
+        return bad(b, "a new root without a staging directory");
+    pp->clone_flags = (unsigned long)h.clone_flags;
+    pp->deny_setgroups = !!(h.flags & SPEC_DENY_SETGROUPS);
+
+    p->n_src = (int)h.n_binds;
+    for (unsigned i = 0; i < h.n_binds; i++) {
+        if (string_at(b, binds[i].src, &p->src[i]) < 0)
+            return -1;
+        if (!p->src[i])
+            return bad(b, "a bind without a source");
+        p->src_ro[i] = !!binds[i].read_only;
+    }
+    p->n_ops = (int)h.n_ops;
+    for (unsigned i = 0; i < h.n_ops; i++) {
+        if (ops[i].kind < OP_MKDIR || ops[i].kind > OP_TMPFS)
+            return bad(b, "an unknown mount operation");
+        if (ops[i].kind == OP_MOVE && (ops[i].bind < 0 || ops[i].bind >= p->n_src))
+            return bad(b, "a mount operation names a bind that does not exist");
+        if (string_at(b, ops[i].path, &p->op_path[i]) || string_at(b, ops[i].arg, &p->op_arg[i]))
+            return -1;
+        if (!p->op_path[i])
+            return bad(b, "a mount operation without a path");
+        p->op_kind[i] = (int)ops[i].kind;
+        p->op_src[i] = ops[i].bind;
+    }
+    p->n_masks = (int)h.n_masks;
+    for (unsigned i = 0; i < h.n_masks; i++) {
+        if (masks[i].kind < MASK_FILE || masks[i].kind > MASK_RDONLY)
+            return bad(b, "an unknown mask");
+        if (string_at(b, masks[i].path, &p->mask_path[i]) < 0)
+            return -1;
+        if (!p->mask_path[i])
+            return bad(b, "a mask without a path");
+        p->mask_kind[i] = (int)masks[i].kind;
+    }
+    p->n_rlimits = (int)h.n_rlimits;
+    for (unsigned i = 0; i < h.n_rlimits; i++) {
+        p->rl_res[i] = (int)rl[i].res;
+        p->rl_val[i].rlim_cur = rl[i].soft;
+        p->rl_val[i].rlim_max = rl[i].hard;
+    }
+    p->n_ll_paths = (int)h.n_ll_paths;
+    for (unsigned i = 0; i < h.n_ll_paths; i++) {
+        if (string_at(b, paths[i].path, &p->ll_path[i]) < 0)
+            return -1;
+        if (!p->ll_path[i])
+            return bad(b, "a landlock rule without a path");
+        p->ll_access[i] = paths[i].access;
+    }
+    p->n_ll_ports = (int)h.n_ll_ports;
+    for (unsigned i = 0; i < h.n_ll_ports; i++) {
+        p->ll_port[i] = ports[i].port;
+        p->ll_port_access[i] = ports[i].access;
+    }
+    p->prog.len = (unsigned short)(h.bpf_len / sizeof(struct sock_filter));
+    p->prog.filter = (struct sock_filter *)(b->data + h.bpf_off);
+    return 0;
+}
+
+/* argv and envp: arrays of pointers, NULL-terminated (PyMem, freed by the caller). */
+static char **
+string_array(const struct buf *b, const unsigned int *offs, unsigned int n)
+{
+    char **out = PyMem_Calloc(n + 1, sizeof(char *));
+    if (!out) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    for (unsigned i = 0; i < n; i++) {
+        const char *s;
+        if (string_at(b, offs[i], &s) || !s) {
+            if (!PyErr_Occurred())
+                bad(b, "a null argv/envp string");
+            PyMem_Free(out);
+            return NULL;
+        }
+        out[i] = (char *)s;
+    }
+    return out;
+}
+
+static int
+parse_command(const struct buf *b, struct plan *p, struct parent_plan *pp)
+{
+    struct command_header h;
+    if (b->len < (Py_ssize_t)sizeof h)
+        return bad(b, "shorter than its header");
+    memcpy(&h, b->data, sizeof h);
+    if (h.magic != COMMAND_MAGIC)
+        return bad(b, "bad magic");
+    if (h.n_argv == 0 || (Py_ssize_t)sizeof h + ((Py_ssize_t)h.n_argv + h.n_envp) * 4 > b->len)
+        return bad(b, "argv/envp tables");
+    const unsigned int *argv = (const unsigned int *)(b->data + sizeof h);
+    p->fd_in = h.fd_in;
+    p->fd_out = h.fd_out;
+    p->fd_err = h.fd_err;
+    p->init_fd = h.init_fd;
+    p->status_fd = h.status_fd;
+    pp->track_map_fd = h.track_map_fd;
+    pp->track_value = h.track_value;
+    pp->cgroup_fd = h.cgroup_fd;
+    if (string_at(b, h.exe, &p->exe) || string_at(b, h.cwd, &p->cwd))
+        return -1;
+    if (!p->exe)
+        return bad(b, "no exe");
+    if (!(p->argv = string_array(b, argv, h.n_argv)))
+        return -1;
+    if (!(p->envp = string_array(b, argv + h.n_argv, h.n_envp)))
+        return -1;
+    return 0;
+}
+
+/* ---------------------------------------------------------------- spawn */
+
+static PyObject *
+setup_error(const char *step, int err, int index, const char *path)
+{
+    PyObject *exc = PyObject_CallFunction(SetupError, "siiz", step, err, index, path);
+    if (exc) {
+        PyErr_SetObject(SetupError, exc);
+        Py_DECREF(exc);
+    }
+    return NULL;
+}
+
+static PyObject *
+stage_spawn_py(PyObject *self, PyObject *args)
+{
+    Py_buffer spec_view, command_view;
+    if (!PyArg_ParseTuple(args, "y*y*:spawn", &spec_view, &command_view))
+        return NULL;
+    struct buf spec = {spec_view.buf, spec_view.len, "spec"};
+    struct buf command = {command_view.buf, command_view.len, "command"};
+    PyObject *result = NULL;
+    struct plan *p = PyMem_Calloc(1, sizeof *p); /* ~20 kB: not on our stack */
+    struct parent_plan pp;
+    struct spawn_result out;
+    memset(&pp, 0, sizeof pp);
+    if (!p) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    if (parse_spec(&spec, p, &pp) < 0 || parse_command(&command, p, &pp) < 0)
+        goto done;
+
+    Py_BEGIN_ALLOW_THREADS
+    stage_spawn(p, &pp, &out);
+    Py_END_ALLOW_THREADS
+
+    char name[32];
+    switch (out.failure) {
+    case SPAWN_OK:
+        result = Py_BuildValue("(iii)", out.pid, out.pidfd, out.listener);
+        break;
+    case SPAWN_OSERROR:
+        errno = out.err;
+        PyErr_SetFromErrno(PyExc_OSError);
+        break;
+    case SPAWN_STEP:
+        if (out.step > STEP_NONE && out.step < STEP_COUNT) {
+            setup_error(step_names[out.step], out.err, out.index, NULL);
+        } else {
+            snprintf(name, sizeof name, "step-%d", out.step);
+            setup_error(name, out.err, out.index, NULL);
+        }
+        break;
+    case SPAWN_ID_MAP:
+        snprintf(name, sizeof name, "id-map-%s", out.what);
+        setup_error(name, out.err, -1, out.path);
+        break;
+    case SPAWN_CGROUP:
+        setup_error("cgroup", out.err, -1, "cgroup.procs");
+        break;
+    case SPAWN_TRACK:
+        setup_error("track", out.err, -1, "bpf map");
+        break;
+    case SPAWN_PROTOCOL:
+        setup_error("spawn", EIO, -1, out.what);
+        break;
+    }
+done:
+    if (p) {
+        PyMem_Free(p->argv);
+        PyMem_Free(p->envp);
+        PyMem_Free(p);
+    }
+    PyBuffer_Release(&spec_view);
+    PyBuffer_Release(&command_view);
+    return result;
+}
+
+/* ---------------------------------------------------------------- small calls */
+
+static PyObject *
+stage_landlock_abi(PyObject *self, PyObject *noargs)
+{
+    long abi = syscall(SYS_landlock_create_ruleset, NULL, 0, LL_CREATE_RULESET_VERSION);
+    if (abi < 0)
+        return PyLong_FromLong(-errno);
+    return PyLong_FromLong(abi);
+}
+
+static PyObject *
+stage_pidfd_getfd(PyObject *self, PyObject *args)
+{
+    int pidfd, fd;
+    if (!PyArg_ParseTuple(args, "ii:pidfd_getfd", &pidfd, &fd))
+        return NULL;
+    int r = syscall(SYS_pidfd_getfd, pidfd, fd, 0);
+    if (r < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    return PyLong_FromLong(r);
+}
+
+static PyObject *
+stage_notif_sizes(PyObject *self, PyObject *noargs)
+{
+    struct seccomp_notif_sizes s;
+    if (syscall(SYS_seccomp, SECCOMP_GET_NOTIF_SIZES, 0, &s) < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    return Py_BuildValue("(iii)", s.seccomp_notif, s.seccomp_notif_resp, s.seccomp_data);
+}
+
+static PyObject *
+stage_seccomp_action_avail(PyObject *self, PyObject *args)
+{
+    unsigned int action;
+    if (!PyArg_ParseTuple(args, "I", &action))
+        return NULL;
+    long r = syscall(SYS_seccomp, SECCOMP_GET_ACTION_AVAIL, 0, &action);
+    return PyBool_FromLong(r == 0);
+}
+
+static PyMethodDef methods[] = {
+    {"spawn", stage_spawn_py, METH_VARARGS, "spawn(spec, command) -> (pid, pidfd, listener): clone, set up, exec."},
+    {"landlock_abi", stage_landlock_abi, METH_NOARGS, "Landlock ABI version, or -errno."},
+    {"pidfd_getfd", stage_pidfd_getfd, METH_VARARGS, "Duplicate fd of the process behind pidfd."},
+    {"notif_sizes", stage_notif_sizes, METH_NOARGS, "SECCOMP_GET_NOTIF_SIZES."},
+    {"seccomp_action_avail", stage_seccomp_action_avail, METH_VARARGS, "SECCOMP_GET_ACTION_AVAIL."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "zviz._stage", NULL, -1, methods};
+
+/* LAYOUTS[name] = (sizeof, {field: offset}) */
+#define FIELD(type, f) #f, (long)offsetof(struct type, f)
+static int
+add_layout(PyObject *layouts, const char *name, long size, int n, ...)
+{
+    PyObject *fields = PyDict_New();
+    if (!fields)
+        return -1;
+    va_list ap;
+    va_start(ap, n);
+    for (int i = 0; i < n; i++) {
+        const char *f = va_arg(ap, const char *);
+        long off = va_arg(ap, long);
+        PyObject *v = PyLong_FromLong(off);
+        if (!v || PyDict_SetItemString(fields, f, v) < 0) {
+            Py_XDECREF(v);
+            Py_DECREF(fields);
+            va_end(ap);
+            return -1;
+        }
+        Py_DECREF(v);
+    }
+    va_end(ap);
+    PyObject *t = Py_BuildValue("(lN)", size, fields);
+    if (!t)
+        return -1;
+    int r = PyDict_SetItemString(layouts, name, t);
+    Py_DECREF(t);
+    return r;
+}
+
+static int
+add_layouts(PyObject *m)
+{
+    PyObject *l = PyDict_New();
+    if (!l)
+        return -1;
+    if (add_layout(l, "spec_header", sizeof(struct spec_header), 23, FIELD(spec_header, magic),
+                   FIELD(spec_header, flags), FIELD(spec_header, clone_flags), FIELD(spec_header, uid),
+                   FIELD(spec_header, gid), FIELD(spec_header, pdeathsig), FIELD(spec_header, landlock_abi),
+                   FIELD(spec_header, seccomp_flags), FIELD(spec_header, ll_fs), FIELD(spec_header, ll_net),
+                   FIELD(spec_header, ll_scoped), FIELD(spec_header, staging), FIELD(spec_header, hostname),
+                   FIELD(spec_header, uid_map), FIELD(spec_header, gid_map), FIELD(spec_header, n_binds),
+                   FIELD(spec_header, n_ops), FIELD(spec_header, n_masks), FIELD(spec_header, n_rlimits),
+                   FIELD(spec_header, n_ll_paths),
+                   FIELD(spec_header, n_ll_ports), FIELD(spec_header, bpf_off), FIELD(spec_header, bpf_len)) < 0 ||
+        add_layout(l, "spec_bind", sizeof(struct spec_bind), 2, FIELD(spec_bind, src), FIELD(spec_bind, read_only)) < 0 ||
+        add_layout(l, "spec_op", sizeof(struct spec_op), 4, FIELD(spec_op, kind), FIELD(spec_op, path),
+                   FIELD(spec_op, arg), FIELD(spec_op, bind)) < 0 ||
+        add_layout(l, "spec_mask", sizeof(struct spec_mask), 2, FIELD(spec_mask, kind), FIELD(spec_mask, path)) < 0 ||
+        add_layout(l, "spec_rlimit", sizeof(struct spec_rlimit), 3, FIELD(spec_rlimit, res),
+                   FIELD(spec_rlimit, soft), FIELD(spec_rlimit, hard)) < 0 ||
+        add_layout(l, "spec_path", sizeof(struct spec_path), 2, FIELD(spec_path, path), FIELD(spec_path, access)) < 0 ||
+        add_layout(l, "spec_port", sizeof(struct spec_port), 2, FIELD(spec_port, port), FIELD(spec_port, access)) < 0 ||
+        add_layout(l, "command_header", sizeof(struct command_header), 13, FIELD(command_header, magic),
+                   FIELD(command_header, n_argv), FIELD(command_header, n_envp), FIELD(command_header, fd_in),
+                   FIELD(command_header, fd_out), FIELD(command_header, fd_err), FIELD(command_header, init_fd),
+                   FIELD(command_header, status_fd), FIELD(command_header, track_map_fd),
+                   FIELD(command_header, track_value), FIELD(command_header, cgroup_fd), FIELD(command_header, exe),
+                   FIELD(command_header, cwd)) < 0 ||
+        add_layout(l, "child_error", sizeof(struct child_error), 3, FIELD(child_error, step),
+                   FIELD(child_error, err), FIELD(child_error, index)) < 0 ||
+        add_layout(l, "status_record", sizeof(struct status_record), 3, FIELD(status_record, magic),
+                   FIELD(status_record, wstatus), FIELD(status_record, ru)) < 0 ||
+        add_layout(l, "zreq_rl", sizeof(struct zreq_rl), 3, FIELD(zreq_rl, res), FIELD(zreq_rl, cur),
+                   FIELD(zreq_rl, max)) < 0 ||
+        add_layout(l, "zreq", sizeof(struct zreq), 6, FIELD(zreq, magic), FIELD(zreq, argc), FIELD(zreq, envc),
+                   FIELD(zreq, nrl), FIELD(zreq, len), FIELD(zreq, rl)) < 0) {
+        Py_DECREF(l);
+        return -1;
+    }
+    return PyModule_AddObject(m, "LAYOUTS", l) < 0 ? (Py_DECREF(l), -1) : 0;
+}
+
+PyMODINIT_FUNC
+PyInit__stage(void)
+{
+    PyObject *m = PyModule_Create(&module);
+    if (!m)
+        return NULL;
+    /* SetupError(step, errno, index, path): a setup step failed. Not an
+     * OSError: OSError would fold its args to (errno, strerror). */
+    SetupError = PyErr_NewExceptionWithDoc(
+        "zviz._stage.SetupError",
+        "A spawn's setup step failed: args (step name, errno, index into the spec's table or -1, path or None).",
+        PyExc_Exception, NULL);
+    PyObject *steps = PyTuple_New(STEP_COUNT);
+    if (!SetupError || !steps)
+        goto fail;
+    for (int i = 0; i < STEP_COUNT; i++) {
+        PyObject *v = step_names[i] ? PyUnicode_FromString(step_names[i]) : Py_NewRef(Py_None);
+        if (!v)
+            goto fail;
+        PyTuple_SET_ITEM(steps, i, v);
+    }
+    if (PyModule_AddObjectRef(m, "SetupError", SetupError) < 0 || PyModule_AddObject(m, "STEPS", steps) < 0)
+        goto fail;
+    steps = NULL;
+    struct {
+        const char *name;
+        long long value;
+    } consts[] = {
+        {"MAX_RLIMITS", MAX_RLIMITS}, {"MAX_BINDS", MAX_BINDS}, {"MAX_MOUNT_OPS", MAX_MOUNT_OPS},
+        {"MAX_MASKS", MAX_MASKS}, {"MASK_FILE", MASK_FILE}, {"MASK_DIR", MASK_DIR}, {"MASK_RDONLY", MASK_RDONLY},
+        {"SPEC_ROOT_READONLY", SPEC_ROOT_READONLY}, {"MAX_LL_PATHS", MAX_LL_PATHS}, {"MAX_LL_PORTS", MAX_LL_PORTS}, {"OP_MKDIR", OP_MKDIR},
+        {"OP_SYMLINK", OP_SYMLINK}, {"OP_FILE", OP_FILE}, {"OP_MOVE", OP_MOVE}, {"OP_PROC", OP_PROC},
+        {"OP_TMPFS", OP_TMPFS}, {"STATUS_FD", STATUS_FD}, {"COMMAND_RULESET_FD", COMMAND_RULESET_FD},
+        {"STATUS_MAGIC", STATUS_MAGIC}, {"ZREQ_MAGIC", ZREQ_MAGIC}, {"ZREQ_MAX_BYTES", ZREQ_MAX_BYTES},
+        {"SPEC_MAGIC", SPEC_MAGIC}, {"COMMAND_MAGIC", COMMAND_MAGIC}, {"SPEC_MOUNT_NS", SPEC_MOUNT_NS},
+        {"SPEC_MOUNT_PROC", SPEC_MOUNT_PROC}, {"SPEC_NEW_ROOT", SPEC_NEW_ROOT},
+        {"SPEC_LOOPBACK_UP", SPEC_LOOPBACK_UP}, {"SPEC_SETSID", SPEC_SETSID},
+        {"SPEC_CREDS_LATE", SPEC_CREDS_LATE}, {"SPEC_DROP_GROUPS", SPEC_DROP_GROUPS},
+        {"SPEC_DENY_SETGROUPS", SPEC_DENY_SETGROUPS}, {"SPEC_COMMAND_RULESET", SPEC_COMMAND_RULESET},
+    };
+    for (size_t i = 0; i < sizeof consts / sizeof consts[0]; i++)
+        if (PyModule_AddObject(m, consts[i].name, PyLong_FromLongLong(consts[i].value)) < 0)
+            goto fail;
+    if (add_layouts(m) < 0)
+        goto fail;
+    return m;
+fail:
+    Py_XDECREF(steps);
+    Py_DECREF(m);
+    return NULL;
+}
