@@ -92,7 +92,8 @@ def test_zygote_request_and_status_records_match_the_c_layouts():
 
 def _null_command(**kw) -> Command:
     fd = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
-    base = dict(exe=b"/bin/true", argv=(b"true",), envp=(), cwd=b"/", stdin=fd, stdout=fd, stderr=fd)
+    base: dict = {"exe": b"/bin/true", "argv": (b"true",), "envp": (), "cwd": b"/", "stdin": fd, "stdout": fd,
+                  "stderr": fd}
     base.update(kw)
     return Command(**base)
 
@@ -142,3 +143,14 @@ def test_a_spawn_from_the_packed_spec_runs():
     _, status = os.waitpid(sp.pid, 0)
     sp.pidfd.close()
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_the_stub_lists_what_the_extension_exports():
+    import re
+
+    stub = os.path.join(os.path.dirname(_stage.__file__), "_stage.pyi")
+    with open(stub) as f:
+        text = f.read()
+    declared = set(re.findall(r"^(\w+):", text, re.MULTILINE)) | set(re.findall(r"^(?:def|class) (\w+)", text, re.MULTILINE))
+    exported = {n for n in dir(_stage) if not n.startswith("__")}
+    assert declared == exported

@@ -207,7 +207,7 @@ _RLIMIT_NAMES = {num: name for name, num in RLIMIT.items()}
 
 def _step_path(stage: StageSpec, command: Command, step: str, index: int) -> str | None:
     """What the failed step was working on: its `index` points into the spec's tables."""
-    def at(table: tuple, i: int) -> Any:
+    def at(table: tuple[Any, ...], i: int) -> Any:
         return table[i] if 0 <= i < len(table) else None
 
     if step in ("landlock-open", "landlock-rule"):

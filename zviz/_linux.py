@@ -1,6 +1,9 @@
 """Linux constants the pure layers need (no I/O, no C extension)."""
 
-from ._abi import COMMAND_RULESET_FD as COMMAND_RULESET_FD, STATUS_FD as STATUS_FD
+from ._abi import COMMAND_RULESET_FD, STATUS_FD
+
+__all__ = ["CLONE_NEWCGROUP", "CLONE_NEWIPC", "CLONE_NEWNET", "CLONE_NEWNS", "CLONE_NEWPID", "CLONE_NEWUSER",
+           "CLONE_NEWUTS", "COMMAND_RULESET_FD", "STATUS_FD"]
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWCGROUP = 0x02000000

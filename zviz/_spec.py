@@ -170,10 +170,18 @@ class Command:
         """The spawn's buffer (zviz/_abi.h, "the command's part")."""
         if not self.argv:
             raise ValueError("a command needs a non-empty argv")
-        strings = _Strings(COMMAND_HEADER.size + 4 * (len(self.argv) + len(self.envp)))
-        offs = [strings.add(s) for s in self.argv] + [strings.add(s) for s in self.envp]
+        # on every spawn's path: plain offsets, no deduplication
+        strs = (*self.argv, *self.envp, self.exe) + (() if self.cwd is None else (self.cwd,))
+        n = len(self.argv) + len(self.envp)
+        blob = b"\0".join(strs) + b"\0"
+        if blob.count(b"\0") != len(strs):
+            raise ValueError("a string for the stage holds a NUL byte")
+        offs, pos = [], COMMAND_HEADER.size + 4 * n
+        for st in strs:
+            offs.append(pos)
+            pos += len(st) + 1
         header = COMMAND_HEADER.pack(
             _abi.COMMAND_MAGIC, len(self.argv), len(self.envp), self.stdin, self.stdout, self.stderr, self.init_fd,
-            self.status_fd, self.track_map_fd, self.track_value, self.cgroup_fd, strings.add(self.exe),
-            strings.add(self.cwd))
-        return b"".join((header, struct.pack(f"={len(offs)}I", *offs), *strings.parts))
+            self.status_fd, self.track_map_fd, self.track_value, self.cgroup_fd, offs[n],
+            offs[n + 1] if self.cwd is not None else 0)
+        return header + struct.pack(f"={n}I", *offs[:n]) + blob

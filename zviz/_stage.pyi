@@ -1,10 +1,13 @@
-# The C extension zviz/_stage.c (its PyMethodDef table), for type checkers.
-from typing import Any
+# The C extension (zviz/_stage_py.c, zviz/_stage.c), for type checkers; the constants come from zviz/_abi.h.
 
-def spawn(spec: dict[str, Any], /) -> tuple[int, int, int]:
-    """Clone, set up the sandbox in the child, exec. (pid, pidfd, listener fd
-    or -1). A failed step raises ChildProcessError((step, errno, index)); a
-    failed id-map or tracking write ChildProcessError((what, errno, msg, path))."""
+class SetupError(Exception):
+    """args: (step name, errno, index into the spec's table or -1, path or None)."""
+
+def spawn(spec: bytes, command: bytes, /) -> tuple[int, int, int]:
+    """Clone, set up the sandbox in the child, exec: (pid, pidfd, listener fd
+    or -1). `spec` and `command` are StageSpec.pack() and Command.pack()
+    (zviz/_spec.py). A failed step, id-map, cgroup or tracking write raises
+    SetupError; a malformed buffer ValueError."""
 
 def landlock_abi() -> int:
     """Landlock ABI version, or -errno."""
@@ -17,3 +20,38 @@ def notif_sizes() -> tuple[int, int, int]:
 
 def seccomp_action_avail(action: int, /) -> bool:
     """SECCOMP_GET_ACTION_AVAIL."""
+
+STEPS: tuple[str | None, ...]
+LAYOUTS: dict[str, tuple[int, dict[str, int]]]
+MAX_RLIMITS: int
+MAX_BINDS: int
+MAX_MOUNT_OPS: int
+MAX_MASKS: int
+MASK_FILE: int
+MASK_DIR: int
+MASK_RDONLY: int
+SPEC_ROOT_READONLY: int
+MAX_LL_PATHS: int
+MAX_LL_PORTS: int
+OP_MKDIR: int
+OP_SYMLINK: int
+OP_FILE: int
+OP_MOVE: int
+OP_PROC: int
+OP_TMPFS: int
+STATUS_FD: int
+COMMAND_RULESET_FD: int
+STATUS_MAGIC: int
+ZREQ_MAGIC: int
+ZREQ_MAX_BYTES: int
+SPEC_MAGIC: int
+COMMAND_MAGIC: int
+SPEC_MOUNT_NS: int
+SPEC_MOUNT_PROC: int
+SPEC_NEW_ROOT: int
+SPEC_LOOPBACK_UP: int
+SPEC_SETSID: int
+SPEC_CREDS_LATE: int
+SPEC_DROP_GROUPS: int
+SPEC_DENY_SETGROUPS: int
+SPEC_COMMAND_RULESET: int
