@@ -79,13 +79,30 @@ ATTACKER = textwrap.dedent("""
         return "signalled"
     def fds():  # the numbers are listed (like the process list); where they lead is not
         return "resolved %s" % os.readlink(f"/proc/{pid}/fd/1")
+    def task_stdin():  # the same fd through the thread's directory
+        fd = os.open(f"/proc/{pid}/task/{pid}/fd/0", os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            return os.read(fd, 4096).decode(errors="replace")
+        finally:
+            os.close(fd)
+    def reopen_stdout():  # an O_PATH handle first, reopened for writing through /proc/self/fd
+        h = os.open(f"/proc/{pid}/fd/1", os.O_PATH)
+        try:
+            fd = os.open(f"/proc/self/fd/{h}", os.O_WRONLY)
+            try:
+                return "wrote %d" % os.write(fd, b"FORGED by A via O_PATH\\n")
+            finally:
+                os.close(fd)
+        finally:
+            os.close(h)
     def connect():
         import socket
         c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         c.connect("\\0zviz-victim-" + pid)
         return "connected"
     for name, fn in (("environ", environ), ("mem", mem), ("stdin", steal), ("stdout", forge),
-                     ("fds", fds), ("signal", signal0), ("connect", connect)):
+                     ("fds", fds), ("task_stdin", task_stdin), ("reopen_stdout", reopen_stdout),
+                     ("signal", signal0), ("connect", connect)):
         attempt(name, fn)
     print(repr(out))
 """)
@@ -139,7 +156,7 @@ def test_a_command_cannot_read_or_forge_another_commands_stdio(identity, zygote)
     assert r["b_status"] == 0
     # A's side: every attempt refused, nothing of B's leaked into A's output.
     assert r["env_secret"] not in r["a_stdout"] and r["line_secret"] not in r["a_stdout"], report
-    for name in ("environ", "mem", "stdin", "stdout", "fds"):
+    for name in ("environ", "mem", "stdin", "stdout", "fds", "task_stdin", "reopen_stdout"):
         assert str(report[name]).startswith("refused"), (name, report)
     if host().landlock_abi >= 6:
         # Landlock's scopes: a command cannot signal another, nor connect to
