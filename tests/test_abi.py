@@ -154,3 +154,11 @@ def test_the_stub_lists_what_the_extension_exports():
     declared = set(re.findall(r"^(\w+):", text, re.MULTILINE)) | set(re.findall(r"^(?:def|class) (\w+)", text, re.MULTILINE))
     exported = {n for n in dir(_stage) if not n.startswith("__")}
     assert declared == exported
+
+
+def test_every_step_has_a_row_in_errors_md():
+    path = os.path.join(os.path.dirname(__file__), "..", "docs", "errors.md")
+    with open(path) as f:
+        text = f.read()
+    missing = [s for s in _kernel.STEPS[1:] if f"| `{s}`" not in text and f"`{s}` /" not in text and f"/ `{s}`" not in text]
+    assert not missing, missing
