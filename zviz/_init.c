@@ -150,7 +150,9 @@ exec_program(const char *exe, char **argv, char **envp)
  * subreaper, so every orphan of the run comes back to it. A run-init killed
  * before it could do that (kill() from the supervisor, or by the program
  * itself) leaves its orphans to the zygote, which kills every child of its own
- * that is not a live run-init.
+ * that is not a live run-init. Each run-init first enters the command's own
+ * Landlock domain, nested in the sandbox's, from the ruleset the stage left
+ * on COMMAND_RULESET_FD (see run_init), so commands cannot reach each other.
  *
  * The zygote is not dumpable (its /proc entries are root's, and no process of
  * the sandbox may read its memory), ignores every signal from inside its pid
