@@ -270,3 +270,16 @@ def test_loopback_without_a_user_namespace_needs_root_at_open():
     with pytest.raises(PolicyError, match=r"namespaces\.user"):
         plan(pol, h=host(euid=1000))
     assert plan(pol, h=host(euid=0)).clone_flags & _kernel.CLONE_NEWNET
+
+
+def test_degraded_says_what_commands_of_one_sandbox_lose():
+    none = plan(Policy(), host(landlock_abi=0))
+    assert any("commands of one sandbox are not separated" in d for d in none.degraded), none.degraded
+    abi5 = plan(Policy(), host(landlock_abi=5))
+    assert any("commands of one sandbox can signal each other" in d for d in abi5.degraded), abi5.degraded
+    assert not any("commands of one sandbox" in d for d in plan().degraded)
+    # the ruleset of the commands' own domains: only with Landlock
+    stage = _plan.stage_spec(none, bpf=b"", seccomp_flags=0)
+    assert not _plan.zygote_stage_spec(stage).command_ruleset
+    z = _plan.zygote_stage_spec(_plan.stage_spec(abi5, bpf=b"", seccomp_flags=0))
+    assert z.command_ruleset and z.ll_scoped == 0
