@@ -29,7 +29,7 @@ def _offsets(fmt: str, names: list[str]) -> dict[str, int]:
         i = j + 1
     assert len(codes) == len(names), (fmt, names)
     out, prefix = {}, "="
-    for name, code in zip(names, codes):
+    for name, code in zip(names, codes, strict=True):
         out[name] = struct.calcsize(prefix)
         prefix += code
     return out
@@ -151,7 +151,8 @@ def test_the_stub_lists_what_the_extension_exports():
     stub = os.path.join(os.path.dirname(_stage.__file__), "_stage.pyi")
     with open(stub) as f:
         text = f.read()
-    declared = set(re.findall(r"^(\w+):", text, re.MULTILINE)) | set(re.findall(r"^(?:def|class) (\w+)", text, re.MULTILINE))
+    declared = set(re.findall(r"^(\w+):", text, re.MULTILINE))
+    declared |= set(re.findall(r"^(?:def|class) (\w+)", text, re.MULTILINE))
     exported = {n for n in dir(_stage) if not n.startswith("__")}
     assert declared == exported
 
@@ -160,5 +161,6 @@ def test_every_step_has_a_row_in_errors_md():
     path = os.path.join(os.path.dirname(__file__), "..", "docs", "errors.md")
     with open(path) as f:
         text = f.read()
-    missing = [s for s in _kernel.STEPS[1:] if f"| `{s}`" not in text and f"`{s}` /" not in text and f"/ `{s}`" not in text]
+    missing = [s for s in _kernel.STEPS[1:]
+               if f"| `{s}`" not in text and f"`{s}` /" not in text and f"/ `{s}`" not in text]
     assert not missing, missing
