@@ -114,8 +114,8 @@ class StageSpec:
         if len(self.bpf) % 8:
             raise ValueError("a seccomp program is a whole number of 8-byte instructions")
         tables = (SPEC_HEADER.size + SPEC_BIND.size * len(self.binds) + SPEC_OP.size * len(self.mount_ops)
-                  + SPEC_MASK.size * len(self.masks) + SPEC_RLIMIT.size * len(self.rlimits) + SPEC_PATH.size * len(self.ll_paths)
-                  + SPEC_PORT.size * len(self.ll_ports))
+                  + SPEC_MASK.size * len(self.masks) + SPEC_RLIMIT.size * len(self.rlimits)
+                  + SPEC_PATH.size * len(self.ll_paths) + SPEC_PORT.size * len(self.ll_ports))
         bpf_off = (tables + 7) & ~7
         strings = _Strings(bpf_off + len(self.bpf))
         body = bytearray()
