@@ -5,7 +5,7 @@ import struct
 import attrs
 import pytest
 
-from zviz import _argrules, _bpf, _syscalls
+from zviz import _argrules, _bpf, _linux, _syscalls
 from zviz._syscall_table import X86_64
 
 from . import bpfsim
@@ -171,3 +171,17 @@ def test_routing_socket_options_refused_in_allow_mode():
         assert _verdict(spec, "setsockopt", 3, level, opt, 0x1000, 4) == "allow", (level, opt)
     assert _verdict(spec, "setsockopt", 3, 17, 1, 0x1000, 4) == "refuse"  # another level: refused whole
     assert _verdict(PY, "setsockopt", 3, 41, 57, 0x1000, 40) == "allow"  # none mode: its own namespace's sockets
+
+
+def test_landlock_restrict_self_only_on_the_command_ruleset_fd_and_only_with_a_zygote():
+    """zviz-init enters each command's Landlock domain with
+    landlock_restrict_self(COMMAND_RULESET_FD, 0); nothing else passes."""
+    fd = _linux.COMMAND_RULESET_FD
+    assert _verdict(PY, "landlock_restrict_self", fd, 0) == "allow"
+    for args in ((fd, 1), (fd - 1, 0), (G | fd, 0), (-1 & (2**64 - 1), 0), (fd, G)):
+        assert _verdict(PY, "landlock_restrict_self", *args) == "refuse", args
+    assert _verdict(PY, "landlock_create_ruleset", 0, 0, 0) == "refuse"
+    assert _verdict(attrs.evolve(PY, zygote=False), "landlock_restrict_self", fd, 0) == "refuse"
+    no_notify = attrs.evolve(PY, notify=False)  # denied in the kernel, EPERM as DANGEROUS, (7, 0) still allowed
+    assert _verdict(no_notify, "landlock_restrict_self", fd, 0) == "allow"
+    assert _verdict(no_notify, "landlock_restrict_self", fd, 1) not in ("allow", "refuse")
