@@ -352,3 +352,26 @@ async def test_same_api_from_asyncio_and_trio(anyio_backend):
         with anyio.fail_after(5):
             r = await sb.run(["sleep", "10"], timeout=0.2)
         assert r.timed_out
+
+
+@pytest.mark.trio
+async def test_denials_before_the_zygote_reply_is_read_count_for_their_run(monkeypatch):
+    # The program of a new run can be denied before the host has read the
+    # zygote's reply (the host is slow, or the zygote was starved past the
+    # fast path): those denials belong to that run, not to the sandbox's own
+    # bucket. The reply is held back here for 0.3 s after it arrived.
+    from zviz import _zygote
+
+    orig = _zygote.Zygote.request
+
+    async def slow_request(self, payload, fds):  # type: ignore[no-untyped-def]
+        pidfd = await orig(self, payload, fds)
+        await trio.sleep(0.3)
+        return pidfd
+
+    async with zviz.open_sandbox(Policy.python()) as sb:
+        await sb.run(["/bin/true"])  # the zygote exists; from now on each run is a request
+        monkeypatch.setattr(_zygote.Zygote, "request", slow_request)
+        r = await sb.run(["python3", "-c", "import ctypes; ctypes.CDLL(None).syscall(165, 0, 0, 0, 0, 0)"])
+        assert r.denials.get("mount") == 1, r
+        assert sb.statistics().denials.get("mount") == 1

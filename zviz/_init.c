@@ -807,7 +807,9 @@ serve(int ctrl)
         return 0;
     }
     zruns[nzruns++] = (int)pid;
-    send_reply(ctrl, 0, pidfd);
+    /* the run-init's pid in this namespace: the id of its session, which
+     * the supervisor matches against denials it saw before this reply */
+    send_reply(ctrl, (int)pid, pidfd);
     S1(__NR_close, pidfd);
     return 0;
 }

@@ -170,6 +170,7 @@ class Spawned:
     pid: int
     pidfd: OwnedFd
     listener: OwnedFd | None
+    ns_pid: int = -1  # a zygote's run: its run-init's pid inside the sandbox
 
 
 def spawn(stage: StageSpec, packed: bytes, command: Command) -> Spawned:

@@ -133,6 +133,10 @@ class Tally:
     def add_account(self, account: RunAccount) -> None:
         self._accounts.add(account)
 
+    def drop_account(self, account: RunAccount) -> None:
+        """Forget an account whose figures were moved into another one."""
+        self._accounts.discard(account)
+
     def fold(self, account: RunAccount) -> None:
         """The run's listener is done: its figures join the totals."""
         if account in self._accounts:

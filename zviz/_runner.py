@@ -43,6 +43,9 @@ class Command:
         return self.request is not None
 
 
+_MAX_PROVISIONAL = 64  # sessions held apart while requests are in flight
+
+
 class Runner:
     def __init__(self, *, plan: _plan.SandboxPlan, stage: StageSpec, init_fd: int, cgroup_fd: int,
                  use_zygote: bool, tally: Tally) -> None:
@@ -62,6 +65,12 @@ class Runner:
         self._zygote_done: anyio.Event | None = None
         self._stray: RunAccount | None = None  # the zygote's calls, and a run's that could not be told
         self._runs_by_pid: dict[int, RunAccount] = {}  # live runs of the zygote, by their run-init's host pid
+        # Denials from a session that is not a known run while a request to
+        # the zygote is in flight: most likely the run being started (its
+        # program can be denied before the reply reaches us). Held apart and
+        # merged into that run when it is registered; capped.
+        self._inflight = 0
+        self._provisional: dict[int, RunAccount] = {}  # by session id inside the sandbox
         self._closing = False
 
     @property
@@ -111,9 +120,28 @@ class Runner:
             if owned is not None:
                 owned.close()
 
-    def add_run(self, pid: int, account: RunAccount) -> None:
-        """A zygote's run, by its run-init's host pid (the id of its session)."""
-        self._runs_by_pid[pid] = account
+    def add_run(self, pid: int, ns_pid: int, account: RunAccount) -> None:
+        """A zygote's run, by its run-init's host pid (the id of its session;
+        -1 when it is gone already) and its pid inside. What its program was
+        denied before this moment joins its account."""
+        if pid > 0:
+            self._runs_by_pid[pid] = account
+        early = self._provisional.pop(ns_pid, None) if ns_pid > 0 else None
+        if early is not None:
+            self._tally.drop_account(early)
+            account.denials.update(early.denials)
+            account.notifications += early.notifications
+            account.connects += early.connects
+        if self._inflight == 0:
+            self._settle_provisional()
+
+    def _settle_provisional(self) -> None:
+        """No request is in flight: sessions still unknown belong to no run
+        (a process that left its run's session); their figures stay in the
+        sandbox's totals."""
+        for early in self._provisional.values():
+            self._tally.fold(early)
+        self._provisional.clear()
 
     def end_run(self, pid: int, account: RunAccount) -> None:
         if self._runs_by_pid.get(pid) is account:
@@ -126,15 +154,18 @@ class Runner:
             if self.zygote is None:
                 self._spawn_zygote(supervisor)
             assert self.zygote is not None
+            self._inflight += 1
             try:
-                pidfd = await self.zygote.request(request, fds)
+                pidfd, ns_pid = await self.zygote.request(request, fds)
             except _zygote.ZygoteGone:
                 await self.drop_zygote()
                 if attempt:
                     raise SandboxSetupError("zygote", errno.EPIPE, None,
                                             "the sandbox's zviz-init died twice in a row") from None
                 continue
-            return _kernel.Spawned(pid=-1, pidfd=pidfd, listener=None)
+            finally:
+                self._inflight -= 1
+            return _kernel.Spawned(pid=-1, pidfd=pidfd, listener=None, ns_pid=ns_pid)
         raise AssertionError("unreachable")
 
     def _spawn_zygote(self, supervisor: Supervisor) -> None:
@@ -198,7 +229,23 @@ class Runner:
             sid = os.getsid(pid)
         except OSError:  # gone already
             return self._stray
-        return self._runs_by_pid.get(sid, self._stray)
+        account = self._runs_by_pid.get(sid)
+        if account is not None:
+            return account
+        if self._inflight and sid != self.zygote_pid():
+            # Keyed by the session id inside the sandbox, which the zygote's
+            # reply names even when the run has ended before it is read.
+            ns_sid = _zygote.ns_session(pid)
+            early = self._provisional.get(ns_sid) if ns_sid > 0 else None
+            if early is None and ns_sid > 0 and len(self._provisional) < _MAX_PROVISIONAL:
+                early = self._provisional[ns_sid] = RunAccount(command="(starting)")
+                self._tally.add_account(early)
+            if early is not None:
+                return early
+        return self._stray
+
+    def zygote_pid(self) -> int:
+        return self.zygote.pid if self.zygote is not None else -1
 
     # ---- teardown
 
@@ -223,6 +270,7 @@ class Runner:
             # its listener hangs up now that no task of its filter is left
             with anyio.move_on_after(1.0):
                 await self._zygote_done.wait()
+        self._settle_provisional()
         self._devnull.close()
 
     def close(self) -> None:

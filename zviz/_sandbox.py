@@ -189,8 +189,8 @@ class Sandbox:
             raise
         if done is not None or cmd.zrun:
             self._tally.add_account(account)
-        if cmd.zrun and proc.pid > 0:
-            self._runner.add_run(proc.pid, account)
+        if cmd.zrun:
+            self._runner.add_run(proc.pid, spawned.ns_pid, account)
         self._procs.add(proc)
         self._tally.started += 1
         return proc

@@ -76,6 +76,7 @@ class Zygote:
         self._ctrl = ctrl
         self._lock = anyio.Lock()  # one request at a time: replies come in order
         self.runs = 0
+        self._last_pid = 0
 
     async def barrier(self) -> None:
         """Return once the zygote has reaped every run-init that is dead by
@@ -85,10 +86,11 @@ class Zygote:
         reply = await self._exchange(_BARRIER, [], expect_fd=False)
         assert reply is None
 
-    async def request(self, payload: bytes, fds: Sequence[int]) -> OwnedFd:
+    async def request(self, payload: bytes, fds: Sequence[int]) -> tuple[OwnedFd, int]:
+        """The run-init's pidfd, and its pid in the sandbox's pid namespace."""
         pidfd = await self._exchange(payload, fds, expect_fd=True)
         assert pidfd is not None
-        return pidfd
+        return pidfd, self._last_pid
 
     async def _exchange(self, payload: bytes, fds: Sequence[int], *, expect_fd: bool) -> OwnedFd | None:
         """One request and its reply (with the run-init's pidfd, or none).
@@ -182,6 +184,7 @@ class Zygote:
             raise SandboxSetupError("zygote-fork", code, None,
                                     "the sandbox could not fork (its process limit reached?)")
         self.runs += 1
+        self._last_pid = err  # > 0: the run-init's pid inside (its session's id)
         return owned[0]
 
     def kill(self) -> None:
@@ -225,3 +228,14 @@ def control_pair() -> tuple[socket.socket, OwnedFd]:
     return ours, theirs_fd
 
 
+def ns_session(pid: int) -> int:
+    """The session id of `pid` in its innermost pid namespace (the sandbox's),
+    from /proc/PID/status's NSsid line; -1 when it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"NSsid:"):
+                    return int(line.split()[-1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return -1
