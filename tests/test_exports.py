@@ -3,9 +3,10 @@
 import zviz
 
 PUBLIC = {
-    "CommandNotFoundError", "DenialEvent", "Endpoint", "EventsMissed", "FeatureUnavailable", "Filesystem",
-    "KernelFeatures", "Limits", "Namespaces", "Network", "Policy", "PolicyError", "Process", "RunResult",
-    "SYSCALL_GROUPS", "Sandbox", "SandboxClosedError", "SandboxSetupError", "SandboxStatistics", "Syscalls",
+    "CodeContext", "CodeContextError", "CommandNotFoundError", "DenialEvent", "DisplayData", "Endpoint",
+    "EventsMissed", "Execution", "ExecutionError", "FeatureUnavailable", "Filesystem", "KernelFeatures", "Limits",
+    "Namespaces", "Network", "Policy", "PolicyError", "Process", "RunResult", "SYSCALL_GROUPS", "Sandbox",
+    "SandboxClosedError", "SandboxSetupError", "SandboxStatistics", "StreamOutput", "Syscalls",
     "UnsupportedKernelError", "ZvizError", "ZvizWarning", "open_sandbox", "probe_host",
 }
 

@@ -6,7 +6,9 @@
 Everything public is re-exported here; every other module is private.
 """
 
+from ._context import CodeContext as CodeContext
 from ._errors import (
+    CodeContextError as CodeContextError,
     CommandNotFoundError as CommandNotFoundError,
     FeatureUnavailable as FeatureUnavailable,
     PolicyError as PolicyError,
@@ -17,6 +19,12 @@ from ._errors import (
     ZvizWarning as ZvizWarning,
 )
 from ._events import EventsMissed as EventsMissed
+from ._execution import (
+    DisplayData as DisplayData,
+    Execution as Execution,
+    ExecutionError as ExecutionError,
+    StreamOutput as StreamOutput,
+)
 from ._policy import (
     SYSCALL_GROUPS as SYSCALL_GROUPS,
     Endpoint as Endpoint,
@@ -36,10 +44,15 @@ from ._version import __version__ as __version__
 
 __all__ = [
     "SYSCALL_GROUPS",
+    "CodeContext",
+    "CodeContextError",
     "CommandNotFoundError",
     "DenialEvent",
+    "DisplayData",
     "Endpoint",
     "EventsMissed",
+    "Execution",
+    "ExecutionError",
     "FeatureUnavailable",
     "Filesystem",
     "KernelFeatures",
@@ -54,6 +67,7 @@ __all__ = [
     "SandboxClosedError",
     "SandboxSetupError",
     "SandboxStatistics",
+    "StreamOutput",
     "Syscalls",
     "UnsupportedKernelError",
     "ZvizError",

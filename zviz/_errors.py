@@ -5,6 +5,7 @@
   the message says what to install or enable.
 - `SandboxSetupError`: setting the sandbox up failed at a named step (path, errno).
 - `SandboxClosedError`: the sandbox was used after its `async with` block ended.
+- `CodeContextError`: a code context is broken or closed (see docs/code-contexts.md).
 
 A syscall that the sandbox denies is not an exception: it is a result, in
 `RunResult.denials`, `Sandbox.statistics()` and `Sandbox.events()`.
@@ -80,6 +81,13 @@ class CommandNotFoundError(SandboxSetupError, FileNotFoundError):
 
 class SandboxClosedError(ZvizError, RuntimeError):
     """The sandbox was used after its `async with` block ended."""
+
+
+class CodeContextError(ZvizError, RuntimeError):
+    """A code context cannot be used: its driver broke the protocol (a
+    malformed, oversized or endless stream of frames, a closed channel), it
+    did not answer in time, or it was closed. The message says which; a
+    broken context can be `restart()`ed (its state is lost)."""
 
 
 class ZvizWarning(UserWarning):

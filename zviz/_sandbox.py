@@ -33,9 +33,11 @@ import anyio
 import anyio.abc
 import attrs
 
-from . import _bpf, _disk, _files, _kernel, _linux, _plan, _probe, _process
+from . import _bpf, _context, _disk, _files, _kernel, _linux, _plan, _probe, _process
+from ._context import CodeContext
 from ._errors import CommandNotFoundError, PolicyError, SandboxClosedError, ZvizWarning
 from ._events import EventLog, EventsMissed
+from ._execution import Execution
 from ._kernel import OwnedFd
 from ._policy import Policy
 from ._process import Hooks, Process
@@ -72,6 +74,12 @@ class Sandbox:
         self._monitor_sid = 0
         self._syscalls_final: dict[str, int] | None = None
         self._errors_final: dict[tuple[str, str], int] | None = None
+        tmp = dict(plan.env).get("TMPDIR", "/tmp")
+        self._contexts = _context.CodeContexts(self._start_template, {
+            # matplotlib draws without a display, and keeps its cache off the workdir;
+            # one BLAS thread: templates fork, and idle thread pools cost memory
+            "MPLBACKEND": "Agg", "MPLCONFIGDIR": f"{tmp}/zviz-matplotlib",
+            "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"{len(self._procs)} running"
@@ -122,7 +130,7 @@ class Sandbox:
         return float(timeout)
 
     async def _start(self, argv: Sequence[str], *, env: Mapping[str, str] | None, stdin: bool,
-                     stdout: bool, stderr: bool) -> Process:
+                     stdout: bool, stderr: bool, stdin_fd: int | None = None) -> Process:
         self._check_open()
         argv = tuple(argv)
         if not argv or not all(isinstance(a, str) for a in argv):
@@ -144,7 +152,10 @@ class Sandbox:
             ours: list[OwnedFd | None] = []
             child_ends: list[int] = []
             for want, is_input, label in ((stdin, True, "stdin"), (stdout, False, "stdout"), (stderr, False, "stderr")):
-                if want:
+                if is_input and stdin_fd is not None:  # the caller's fd (a code context's control socket)
+                    child_ends.append(stdin_fd)
+                    ours.append(None)
+                elif want:
                     r, w = _kernel.pipe(label)
                     child, mine = (r, w) if is_input else (w, r)
                     stack.callback(mine.close)
@@ -214,6 +225,53 @@ class Sandbox:
                                          output_cap=self.policy.limits.output,
                                          cpu_limit_s=self.policy.limits.cpu_s, tally=self._tally,
                                          resource_limit=self._resources.resource_limit)
+
+    # ---- code contexts (zviz/_context.py)
+
+    async def _start_template(self, argv: Sequence[str], env: Mapping[str, str], stdin_fd: int) -> Process:
+        return await self._start(argv, env=env, stdin=False, stdout=False, stderr=True, stdin_fd=stdin_fd)
+
+    def _context_args(self, python: str, env: Mapping[str, str] | None, output_cap: int | None,
+                      timeout: float | None) -> dict[str, Any]:
+        self._check_open()
+        if not isinstance(python, str) or not python:
+            raise TypeError("python must be a command or path, e.g. 'python3' or a venv's bin/python")
+        if env and any(not isinstance(k, str) or not isinstance(v, str) for k, v in env.items()):
+            raise TypeError("env must map str to str")
+        caps = _context.Caps() if output_cap is None else _context.Caps(output=int(output_cap))
+        return dict(python=python, env=dict(env or {}), caps=caps, timeout=self._timeout(timeout))
+
+    async def create_code_context(self, *, preload: Sequence[str] = (), python: str = "python3",
+                                  env: Mapping[str, str] | None = None, timeout: float | None = None,
+                                  output_cap: int | None = None) -> CodeContext:
+        """A persistent Python (variables, imports and cwd live on between
+        cells), forked off this sandbox's template interpreter for `python`
+        and `preload` (started on first use). `timeout` is each cell's
+        default (the policy's `limits.wall_s`); `output_cap` the bytes kept per
+        stream per cell. Close it with `aclose()` (or use `code_context`)."""
+        return await _context.create(self._contexts, preload=preload,
+                                     **self._context_args(python, env, output_cap, timeout))
+
+    @contextlib.asynccontextmanager
+    async def code_context(self, *, preload: Sequence[str] = (), python: str = "python3",
+                           env: Mapping[str, str] | None = None, timeout: float | None = None,
+                           output_cap: int | None = None) -> AsyncIterator[CodeContext]:
+        """`async with sb.code_context(preload=("numpy",)) as ctx:`"""
+        ctx = await self.create_code_context(preload=preload, python=python, env=env, timeout=timeout,
+                                             output_cap=output_cap)
+        try:
+            yield ctx
+        finally:
+            await ctx.aclose()
+
+    async def run_python(self, code: str, *, preload: Sequence[str] = (), timeout: float | None = None,
+                         python: str = "python3", env: Mapping[str, str] | None = None,
+                         output_cap: int | None = None) -> Execution:
+        """Run `code` in a fresh state forked off the template (which has
+        imported `preload` once), in a fresh working directory: nothing of one
+        call is seen by the next."""
+        return await _context.run_python(self._contexts, code, preload=preload,
+                                         **self._context_args(python, env, output_cap, timeout))
 
     # ---- the eBPF monitor (zviz.ebpf calls these)
 
@@ -286,6 +344,7 @@ class Sandbox:
         self._closed = True
         self._runner.kill()  # the zygote is pid 1: every run dies with it
         await _process.reap_all(self._procs)
+        self._contexts.close()  # their processes died with the zygote: close our ends
         await self._runner.aclose()
         self._events.close()
 

@@ -1,0 +1,621 @@
+"""Code contexts: a persistent, interruptible, forkable Python in a sandbox,
+and warm one-shot snippets (`Sandbox.run_python`).
+
+A context is a process forked off the sandbox's template interpreter (see
+_template); a cell is one "exec" request on its control socket, with fresh
+stdout/stderr pipes for the cell's fd 1 and 2. The driver puts /dev/null
+back on fd 1 and 2 before it says "done", so what a cell's leftover thread or
+subprocess writes later lands in a pipe we have stopped reading (or in the
+next cell's), never in a finished Execution's output. Display items and
+the cell's end come as frames, checked by _contextproto.
+
+Everything from inside is hostile: a bad frame, a flood of frames, a closed
+channel or a driver that stops answering marks the context broken
+(CodeContextError) after its process is killed; host memory is bounded by
+the caps below, host time by the cell's timeout plus the grace period.
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import json
+import math
+import os
+import pathlib
+import select
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from typing import Any
+
+import anyio
+import attrs
+
+from . import _contextproto as proto, _kernel
+from ._errors import CodeContextError
+from ._execution import DisplayData, Execution, ExecutionError, StreamOutput
+from ._kernel import OwnedFd
+from ._proxy import Collector
+from ._template import Channel, ChannelBroken, Child, Template, await_hello, wait_frame
+
+MAX_CODE = 4 * 1024**2
+SPIN_S = 0.002  # how long a cell's first reply is awaited without a trip through the event loop
+Event = StreamOutput | DisplayData | Execution
+
+
+@attrs.frozen(kw_only=True)
+class Caps:
+    """Bounds on what one context may hand the host."""
+
+    output: int = 1024**2  # bytes kept per stream per cell
+    display: int = 32 * 1024**2  # bytes of display items kept per cell
+    display_items: int = 200  # display items kept per cell
+    frames: int = 10_000  # frames per cell before the context is broken (an endless stream)
+    context: int = 2 * 1024**3  # bytes kept over the context's life, then it is broken
+    grace_s: float = 2.0  # after an interrupt, before the kill
+    reply_s: float = 30.0  # for the driver's answer to a request (and for a fork)
+
+
+def _driver_source() -> str:
+    return (pathlib.Path(__file__).with_name("_driver.py")).read_text()
+
+
+class CodeContexts:
+    """A sandbox's templates and contexts (the sandbox owns one)."""
+
+    def __init__(self, start: Callable[[Sequence[str], Mapping[str, str], int], Awaitable[Any]],
+                 env: Mapping[str, str]) -> None:
+        self._start = start  # (argv, env, stdin fd) -> Process
+        self._env = dict(env)
+        self._templates: dict[tuple[str, tuple[str, ...], tuple[tuple[str, str], ...]], Template] = {}
+        self._lock = anyio.Lock()
+        self.contexts: set[CodeContext] = set()
+
+    async def template(self, python: str, preload: tuple[str, ...], env: Mapping[str, str],
+                       *, fresh: bool = False) -> Template:
+        key = (python, preload, tuple(sorted(env.items())))
+        async with self._lock:
+            tpl = self._templates.get(key)
+            if tpl is not None and fresh:
+                del self._templates[key]
+                tpl.close()
+                tpl.proc.kill()  # its contexts die with it (its run-init kills what is left)
+                tpl = None
+            if tpl is None:
+                tpl = await self._new_template(python, preload, env)
+                self._templates[key] = tpl
+            return tpl
+
+    async def _new_template(self, python: str, preload: tuple[str, ...], env: Mapping[str, str]) -> Template:
+        full = dict(self._env)
+        full.update(env)
+        chan, theirs = Channel.pair()
+        try:
+            try:
+                proc = await self._start([python, "-c", _driver_source(), "template", json.dumps(list(preload))],
+                                         full, theirs.fd)
+            finally:
+                theirs.close()
+        except BaseException:
+            chan.close()
+            raise
+        try:
+            hello = await await_hello(chan, 300.0, python)
+        except ChannelBroken as e:
+            chan.close()
+            proc.kill()
+            with anyio.CancelScope(shield=True):
+                await proc.wait()
+                err = b""
+                with contextlib.suppress(Exception):
+                    err = await proc.stderr.receive_some(4096)
+            raise CodeContextError(f"the template interpreter {python!r} did not start ({e}; exit status "
+                                   f"{proc.returncode}; stderr: {err.decode(errors='replace').strip()[-500:]!r}). "
+                                   "Is it inside the sandbox's paths (Policy.with_paths(read_only=[...]))?") from None
+        except BaseException:
+            chan.close()
+            proc.kill()
+            raise
+        hello.pidfd.close()  # the template's own pid is not needed: its Process is the sandbox's
+        tpl = Template(proc, chan, python)
+        # (hello.chan is chan)
+        return tpl
+
+    def close(self) -> None:
+        """Teardown (every process is dead by now): close our fds."""
+        for ctx in list(self.contexts):
+            ctx._close_now()
+        for tpl in self._templates.values():
+            tpl.close()
+        self._templates.clear()
+
+
+class CodeContext:
+    """A persistent Python in a sandbox. Made by `Sandbox.create_code_context`
+    (or `code_context`); no public constructor."""
+
+    def __init__(self, registry: CodeContexts, template: Template, child: Child, *, preload: tuple[str, ...],
+                 env: Mapping[str, str], caps: Caps, timeout: float, oneshot: bool = False) -> None:
+        self._registry = registry
+        self._template = template
+        self._child: Child | None = child
+        self.preload = preload
+        self._env = dict(env)
+        self._caps = caps
+        self._timeout = timeout
+        self._oneshot = oneshot
+        self._lock = anyio.Lock()
+        self._seq = 0
+        self._kept = 0
+        self._active: _Cell | None = None
+        self.broken: str | None = None  # why it cannot be used (then CodeContextError)
+        self.closed = False
+        registry.contexts.add(self)
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"broken ({self.broken})" if self.broken else (
+            "running a cell" if self._active else "idle")
+        pid = self._child.pid if self._child else None
+        return f"<zviz.CodeContext pid={pid} preload={list(self.preload)!r} {state}>"
+
+    @property
+    def pid(self) -> int | None:
+        """Host pid of the context's process (None while it has none)."""
+        return self._child.pid if self._child is not None else None
+
+    def _check(self) -> Child:
+        if self.closed:
+            raise CodeContextError("this code context is closed")
+        if self.broken is not None:
+            raise CodeContextError(f"this code context is broken: {self.broken}. restart() it (its state is lost)")
+        if self._child is None:
+            raise CodeContextError("this code context has no process (a restart failed); restart() it")
+        return self._child
+
+    def _break(self, reason: str) -> CodeContextError:
+        self.broken = reason
+        if self._child is not None:
+            self._child.close()
+            self._child = None
+        return CodeContextError(f"code context broken: {reason}; its process was killed. restart() it "
+                                "(its state is lost)")
+
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    # ---- cells
+
+    async def run(self, code: str, *, timeout: float | None = None) -> Execution:
+        """Run a cell; returns its Execution (an exception in the cell is
+        `Execution.error`, not raised). `timeout` interrupts it."""
+        cell = await self._begin(code, timeout, stream=False)
+        try:
+            while cell.execution is None:
+                await cell.step()
+        except BaseException:
+            cell.abandon()
+            raise
+        return cell.execution
+
+    async def stream(self, code: str, *, timeout: float | None = None) -> AsyncIterator[Event]:
+        """Run a cell and yield its events as they come: StreamOutput chunks,
+        DisplayData items, then the Execution. A stream left before its end
+        is interrupted (and finished) by the context's next call."""
+        cell = await self._begin(code, timeout, stream=True)
+        try:
+            while cell.execution is None:
+                for ev in await cell.step():
+                    yield ev
+            yield cell.execution
+        finally:
+            cell.abandon()
+
+    async def _begin(self, code: str, timeout: float | None, *, stream: bool) -> _Cell:
+        if not isinstance(code, str):
+            raise TypeError("code must be a str")
+        if len(code) > MAX_CODE:
+            raise ValueError(f"a cell of {len(code)} characters (at most {MAX_CODE})")
+        timeout = self._timeout if timeout is None else float(timeout)
+        if not timeout > 0:
+            raise ValueError("timeout must be a positive number of seconds (math.inf for none)")
+        await self._settle()
+        async with self._lock:
+            child = self._check()
+            cell = _Cell(self, child, self._next_seq(), timeout, stream)
+            self._active = cell
+            try:
+                await cell.start(code)
+            except BaseException:
+                cell.abandon()
+                raise
+            return cell
+
+    async def _settle(self) -> None:
+        """Finish a cell whose caller went away (interrupt, then kill)."""
+        cell = self._active
+        if cell is not None and cell.execution is None:
+            with anyio.CancelScope(shield=True):
+                cell.interrupt()
+                while cell.execution is None:
+                    try:
+                        await cell.step()
+                    except CodeContextError:
+                        break
+        self._active = None
+
+    async def _replace_child(self) -> bool:
+        """After its process died or was killed: a fresh one from the template
+        (a dead template is replaced once). False when that failed (broken)."""
+        if self._child is not None:
+            self._child.close()
+            self._child = None
+        if self._oneshot:
+            return False
+        for fresh in (False, True):
+            try:
+                if fresh:
+                    self._template = await self._registry.template(self._template.python, self.preload, self._env,
+                                                                   fresh=True)
+                self._child = await self._template.spawn(once=False, timeout=self._caps.reply_s)
+                return True
+            except (ChannelBroken, CodeContextError) as e:
+                reason = str(e)
+        self.broken = f"could not restart from the template ({reason})"
+        return False
+
+    # ---- control
+
+    async def interrupt(self) -> None:
+        """SIGINT the running cell (KeyboardInterrupt in it; the state is
+        kept). No-op when no cell runs."""
+        if self._active is not None and self._active.execution is None:
+            self._active.interrupt()
+        await anyio.lowlevel.checkpoint()
+
+    async def restart(self) -> None:
+        """Kill the context's process (and its process group) and start a
+        fresh one from the template: every variable is lost."""
+        if self.closed:
+            raise CodeContextError("this code context is closed")
+        if self._active is not None and self._child is not None:
+            self._child.kill()
+        await self._settle()
+        async with self._lock:
+            self.broken = None
+            self._kept = 0
+            if not await self._replace_child():
+                raise CodeContextError(f"restart failed: {self.broken}")
+
+    async def fork(self) -> CodeContext:
+        """A copy-on-write twin of the live state (a fork of the context's
+        process); both go on independently."""
+        await self._settle()
+        async with self._lock:
+            child = self._check()
+            chan, theirs = Channel.pair()
+            try:
+                seq = self._next_seq()
+                try:
+                    await child.chan.send(proto.encode({"t": "fork", "seq": seq}), [theirs.fd])
+                finally:
+                    theirs.close()
+                try:
+                    ack = await wait_frame(child.chan, seq, ("ack",), self._caps.reply_s)
+                except ChannelBroken as e:
+                    raise self._break(str(e)) from None
+                if ack.fields["error"] is not None:
+                    raise CodeContextError(f"fork failed: {str(ack.fields['error'])[:200]}")
+                try:
+                    twin_child = await await_hello(chan, self._caps.reply_s, child.python)
+                except ChannelBroken as e:
+                    raise CodeContextError(f"the forked context did not start: {e}") from None
+            except BaseException:
+                chan.close()
+                raise
+            twin = CodeContext(self._registry, self._template, twin_child, preload=self.preload, env=self._env,
+                               caps=self._caps, timeout=self._timeout)
+            twin._seq = self._seq
+            return twin
+
+    async def set_vars(self, values: Mapping[str, Any]) -> None:
+        """Set variables of the context from JSON values (dict, list, str,
+        int, float, bool, None); anything else is a TypeError."""
+        if not isinstance(values, Mapping):
+            raise TypeError("set_vars takes a mapping of names to JSON values")
+        for name, value in values.items():
+            if not proto.is_name(name):
+                raise ValueError(f"{name!r} is not a variable name set_vars accepts (an identifier, no dunder)")
+            proto.check_json_value(value, f"set_vars[{name!r}]")
+        await self._request({"t": "set", "vars": dict(values)}, ("ack",))
+
+    async def get_var(self, name: str) -> Any:
+        """A variable's value, if it is a JSON value (else TypeError;
+        KeyError when it is not defined)."""
+        if not proto.is_name(name):
+            raise ValueError(f"{name!r} is not a variable name get_var accepts (an identifier, no dunder)")
+        f = await self._request({"t": "get", "name": name}, ("value",))
+        err = f.fields["error"]
+        if err is not None:
+            if err.startswith("NameError"):
+                raise KeyError(name)
+            raise TypeError(f"get_var({name!r}): {err[:300]}")
+        return f.fields["value"]
+
+    async def _request(self, req: dict[str, Any], kinds: tuple[str, ...]) -> proto.Frame:
+        await self._settle()
+        async with self._lock:
+            child = self._check()
+            seq = self._next_seq()
+            req["seq"] = seq
+            try:
+                await child.chan.send(proto.encode(req), timeout=self._caps.reply_s)
+                f = await wait_frame(child.chan, seq, kinds, self._caps.reply_s)
+            except ChannelBroken as e:
+                raise self._break(str(e)) from None
+            if f.kind == "ack" and f.fields["error"] is not None:
+                raise CodeContextError(f"the driver refused the request: {str(f.fields['error'])[:200]}")
+            return f
+
+    async def aclose(self) -> None:
+        """Kill the context's process tree and close its channel."""
+        self._close_now()
+        await anyio.lowlevel.checkpoint()
+
+    def _close_now(self) -> None:
+        self.closed = True
+        if self._child is not None:
+            self._child.close()
+            self._child = None
+        if self._active is not None:
+            self._active.close_fds()
+        self._registry.contexts.discard(self)
+
+
+class _Cell:
+    """One cell in flight: its pipes, collectors and frames, stepped by the
+    caller (run or stream) one wait at a time."""
+
+    def __init__(self, ctx: CodeContext, child: Child, seq: int, timeout: float, stream: bool) -> None:
+        self.ctx = ctx
+        self.child = child
+        self.seq = seq
+        self.stream = stream
+        self.t0 = time.monotonic()
+        self.deadline = self.t0 + timeout if math.isfinite(timeout) else math.inf
+        self.kill_at = math.inf
+        self.interrupted = False
+        self.out = Collector(ctx._caps.output)
+        self.err = Collector(ctx._caps.output)
+        self.decoders = {"stdout": codecs.getincrementaldecoder("utf-8")("replace"),
+                         "stderr": codecs.getincrementaldecoder("utf-8")("replace")}
+        self.display: list[dict[str, Any]] = []
+        self.display_bytes = 0
+        self.display_dropped = 0
+        self.frames = 0
+        self.pipes: dict[int, tuple[OwnedFd, str]] = {}
+        self.ep: select.epoll | None = None
+        self.first = True
+        self.execution: Execution | None = None
+
+    async def start(self, code: str) -> None:
+        out_r, out_w = _kernel.pipe("cell-stdout")
+        err_r, err_w = _kernel.pipe("cell-stderr")
+        try:
+            for r in (out_r, err_r):
+                os.set_blocking(r.fd, False)
+            self.pipes = {out_r.fd: (out_r, "stdout"), err_r.fd: (err_r, "stderr")}
+            self.ep = select.epoll()
+            for fd in (self.child.chan.fileno(), out_r.fd, err_r.fd, self.child.pidfd.fd):
+                self.ep.register(fd, select.EPOLLIN)
+            try:
+                await self.child.chan.send(proto.encode({"t": "exec", "seq": self.seq, "code": code}),
+                                           [out_w.fd, err_w.fd], timeout=self.ctx._caps.reply_s)
+            except ChannelBroken as e:
+                self.close_fds()
+                raise self.ctx._break(str(e)) from None
+        finally:
+            out_w.close()
+            err_w.close()
+
+    def interrupt(self) -> None:
+        if self.execution is None and not self.interrupted:
+            self.interrupted = True
+            self.kill_at = time.monotonic() + self.ctx._caps.grace_s
+            self.child.signal(signal.SIGINT)
+
+    def abandon(self) -> None:
+        """The caller left: the cell is interrupted now, finished later."""
+        if self.execution is None:
+            self.interrupt()
+
+    def close_fds(self) -> None:
+        for owned, _ in self.pipes.values():
+            owned.close()
+        self.pipes = {}
+        if self.ep is not None:
+            self.ep.close()
+            self.ep = None
+
+    async def step(self) -> list[Event]:
+        """Wait for something (output, a frame, the process's end, the
+        deadline) and handle it; sets `execution` at the end."""
+        assert self.ep is not None
+        events: list[Event] = []
+        now = time.monotonic()
+        if now >= self.deadline and not self.interrupted:
+            self.interrupt()
+        if now >= self.kill_at:
+            await self._lost(f"did not stop within {self.ctx._caps.grace_s:g} s of the interrupt: it was killed")
+            return events
+        ready = self.ep.poll(0)
+        if not ready and self.first:
+            ready = self.ep.poll(SPIN_S)  # a fast cell answers in ~0.1 ms: no trip through the event loop
+        self.first = False
+        if not ready:
+            with anyio.move_on_after(max(0.0, min(self.deadline, self.kill_at) - now)):
+                await anyio.wait_readable(self.ep.fileno())
+            return events
+        fds = {fd for fd, _ in ready}
+        for fd in list(self.pipes):
+            if fd in fds:
+                self._read_pipe(fd, events)
+        if self.child.chan.fileno() in fds:
+            try:
+                self._frames(self.child.chan.read(), events)
+            except ChannelBroken as e:
+                if self.execution is None:
+                    await self._channel_broken(str(e))
+                return events
+        if self.execution is None and self.child.pidfd.fd in fds:
+            with contextlib.suppress(ChannelBroken):  # its last words ("done", then exit: run_python)
+                self._frames(self.child.chan.read(), events)
+            if self.execution is not None:
+                return events
+            await self._lost("died (a crash, os._exit, a signal or the memory limit)")
+        return events
+
+    def _read_pipe(self, fd: int, events: list[Event], budget: int = 1 << 20) -> None:
+        owned, name = self.pipes[fd]
+        col = self.out if name == "stdout" else self.err
+        got = 0
+        while got < budget:
+            try:
+                data = os.read(fd, 65536)
+            except BlockingIOError:
+                return
+            if not data:  # every writer closed it
+                assert self.ep is not None
+                self.ep.unregister(fd)
+                owned.close()
+                del self.pipes[fd]
+                return
+            got += len(data)
+            before = col.kept
+            col.feed(data)
+            self.ctx._kept += col.kept - before
+            if self.stream and col.kept > before:
+                text = self.decoders[name].decode(data[: col.kept - before])
+                if text:
+                    events.append(StreamOutput(name=name, text=text))
+
+    def _frames(self, frames: list[proto.Frame], events: list[Event]) -> None:
+        caps = self.ctx._caps
+        for f in frames:
+            self.frames += 1
+            if self.frames > caps.frames:
+                raise ChannelBroken(f"over {caps.frames} frames in one cell")
+            if f.fields.get("seq") != self.seq:
+                continue  # a leftover of an earlier request (or a forgery): not this cell's
+            if f.kind == "display":
+                size = sum(len(v) for v in f.blobs.values()) + len(json.dumps(f.fields["data"]))
+                if len(self.display) >= caps.display_items or self.display_bytes + size > caps.display:
+                    self.display_dropped += 1
+                    continue
+                self.display_bytes += size
+                self.ctx._kept += size
+                item = dict(f.fields["data"])
+                item.update(f.blobs)
+                self.display.append(item)
+                events.append(DisplayData(data=item))
+            elif f.kind == "done":
+                self._finish(f)
+                return
+        if self.ctx._kept > caps.context:
+            raise ChannelBroken(f"over {caps.context} bytes of output over the context's life")
+
+    def _drain(self) -> None:
+        for fd in list(self.pipes):
+            self._read_pipe(fd, [], budget=2 * self.ctx._caps.output + 65536)
+
+    def _finish(self, done: proto.Frame) -> None:
+        self._drain()
+        err = done.fields["error"]
+        error = None if err is None else ExecutionError(name=err["ename"], value=err["evalue"],
+                                                        traceback=tuple(err["traceback"]))
+        data = done.fields["result"]
+        self._end(Execution(
+            stdout=self.out.value().decode("utf-8", "replace"), stderr=self.err.value().decode("utf-8", "replace"),
+            result=data.get("text/plain") if data else None, result_data=data, error=error,
+            display=tuple(self.display), duration_s=time.monotonic() - self.t0,
+            interrupted=bool(done.fields["interrupted"]) or self.interrupted, restarted=False,
+            output_dropped=(self.out.total - self.out.kept) + (self.err.total - self.err.kept),
+            display_dropped=self.display_dropped))
+
+    def _end(self, ex: Execution) -> None:
+        self.close_fds()
+        self.execution = ex
+        if self.ctx._active is self:
+            self.ctx._active = None
+
+    async def _channel_broken(self, reason: str) -> None:
+        # A dead process closes its channel too: that is a crash, not a hostile driver.
+        with anyio.move_on_after(0.2):
+            await anyio.wait_readable(self.child.pidfd.fd)
+        if not self.child.alive():
+            await self._lost("died (a crash, os._exit, a signal or the memory limit)")
+            return
+        self.close_fds()
+        self.execution = None
+        if self.ctx._active is self:
+            self.ctx._active = None
+        raise self.ctx._break(reason)
+
+    async def _lost(self, why: str) -> None:
+        """The process is gone (or is killed now): report, and restart from the template."""
+        self._drain()
+        self.child.kill()
+        restarted = await self.ctx._replace_child()
+        what = "the context was restarted from its template: every variable was lost" if restarted else (
+            "nothing was kept" if self.ctx._oneshot else f"and it could not restart ({self.ctx.broken})")
+        name = "ContextKilled" if self.interrupted and "interrupt" in why else "ContextDied"
+        self._end(Execution(
+            stdout=self.out.value().decode("utf-8", "replace"), stderr=self.err.value().decode("utf-8", "replace"),
+            error=ExecutionError(name=name, value=f"the cell's process {why}; {what}"),
+            display=tuple(self.display), duration_s=time.monotonic() - self.t0, interrupted=self.interrupted,
+            restarted=restarted, output_dropped=(self.out.total - self.out.kept) + (self.err.total - self.err.kept),
+            display_dropped=self.display_dropped))
+
+
+# ---------------------------------------------------------------- what the sandbox calls
+
+
+def check_preload(preload: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(preload, str):
+        raise TypeError("preload is a sequence of module names, e.g. ('numpy',)")
+    out = tuple(preload)
+    for name in out:
+        if not isinstance(name, str) or not all(p.isidentifier() for p in name.split(".")):
+            raise ValueError(f"preload: {name!r} is not a module name")
+    return out
+
+
+async def create(registry: CodeContexts, *, python: str, preload: Sequence[str], env: Mapping[str, str],
+                 caps: Caps, timeout: float) -> CodeContext:
+    pre = check_preload(preload)
+    tpl = await registry.template(python, pre, env)
+    try:
+        child = await tpl.spawn(once=False, timeout=caps.reply_s)
+    except ChannelBroken:  # the template died (e.g. a snippet killed it): once more with a fresh one
+        tpl = await registry.template(python, pre, env, fresh=True)
+        child = await tpl.spawn(once=False, timeout=caps.reply_s)
+    return CodeContext(registry, tpl, child, preload=pre, env=env, caps=caps, timeout=timeout)
+
+
+async def run_python(registry: CodeContexts, code: str, *, python: str, preload: Sequence[str],
+                     env: Mapping[str, str], caps: Caps, timeout: float) -> Execution:
+    if not isinstance(code, str):
+        raise TypeError("code must be a str")
+    pre = check_preload(preload)
+    tpl = await registry.template(python, pre, env)
+    try:
+        child = await tpl.spawn(once=True, timeout=caps.reply_s)
+    except ChannelBroken:
+        tpl = await registry.template(python, pre, env, fresh=True)
+        child = await tpl.spawn(once=True, timeout=caps.reply_s)
+    ctx = CodeContext(registry, tpl, child, preload=pre, env=env, caps=caps, timeout=timeout, oneshot=True)
+    try:
+        return await ctx.run(code, timeout=timeout)
+    finally:
+        ctx._close_now()

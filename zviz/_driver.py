@@ -1,0 +1,447 @@
+"""zviz code-context driver: runs INSIDE the sandbox, under its python3.
+
+Started as `python3 -c <this file> template <preload JSON>` with fd 0 a unix
+socket to the host (the control channel). Standard library only; CPython >= 3.9.
+
+Roles:
+- template: imports the preload list once, then forks a context per
+  "spawn" request (the request carries the new context's control socket by
+  SCM_RIGHTS). It reaps its children, and kills each one's process group
+  first (a zombie still holds its pid, so the group id cannot be reused).
+- context: a long-lived fork. Runs cells ("exec": the code, and fresh
+  stdout/stderr pipes for fd 1 and 2 by SCM_RIGHTS), sets and gets JSON
+  variables, forks itself ("fork": the twin gets the new socket).
+- once (run_python): a context that runs one cell in a fresh directory, then exits.
+
+Frames: `>II` (JSON length, blob length), JSON, blob (see zviz/_contextproto.py).
+The host treats everything here as hostile; this file only has to be correct
+for honest cells.
+"""
+
+from __future__ import annotations
+
+import array
+import ast
+import builtins
+import fcntl
+import io
+import json
+import linecache
+import os
+import select
+import shutil
+import signal
+import socket
+import struct
+import sys
+import tempfile
+import traceback
+import types
+
+HEADER = struct.Struct(">II")
+CTRL_FD_MIN = 100
+VERSION = 1
+
+
+class _State:
+    in_cell = False
+    seq = 0
+    ctrl = None  # type: socket.socket | None
+    twins = []  # type: list[int]
+    devnull = -1
+    cell_no = 0
+
+
+S = _State()
+
+
+# ---------------------------------------------------------------- frames
+
+
+def send(obj, blobs=()):
+    if blobs:
+        obj = dict(obj, blobs=[[m, len(b)] for m, b in blobs])
+    js = json.dumps(obj, separators=(",", ":"), default=repr).encode()
+    blob = b"".join(b for _, b in blobs)
+    S.ctrl.sendall(HEADER.pack(len(js), len(blob)) + js + blob)
+
+
+def _recv_exact(n, fds):
+    buf = bytearray()
+    while len(buf) < n:
+        data, anc, _flags, _addr = S.ctrl.recvmsg(n - len(buf), socket.CMSG_SPACE(16 * 4))
+        for level, kind, blob in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.extend(array.array("i", blob[: len(blob) - len(blob) % 4]))
+        if not data:
+            raise EOFError
+        buf += data
+    return bytes(buf)
+
+
+def recv():
+    """(frame, fds) from the host; EOFError when it hung up."""
+    fds = []
+    jlen, blen = HEADER.unpack(_recv_exact(HEADER.size, fds))
+    body = _recv_exact(jlen + blen, fds)
+    return json.loads(body[:jlen]), fds
+
+
+# ---------------------------------------------------------------- display
+
+
+def _png_of_figure(fig):
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    return buf.getvalue()
+
+
+_REPRS = (
+    ("_repr_html_", "text/html"), ("_repr_markdown_", "text/markdown"), ("_repr_svg_", "image/svg+xml"),
+    ("_repr_latex_", "text/latex"), ("_repr_json_", "application/json"), ("_repr_png_", "image/png"),
+    ("_repr_jpeg_", "image/jpeg"),
+)
+
+
+def bundle(obj):
+    """(data, blobs): a Jupyter MIME bundle for obj."""
+    data = {}
+    blobs = []
+    try:
+        data["text/plain"] = repr(obj)
+    except Exception as e:  # noqa: BLE001 - a broken __repr__ is the object's problem
+        data["text/plain"] = "<repr failed: %s: %s>" % (type(e).__name__, e)
+    if isinstance(obj, type):
+        return data, blobs
+    mod = type(obj).__module__ or ""
+    if mod.startswith("matplotlib.figure"):
+        try:
+            blobs.append(("image/png", _png_of_figure(obj)))
+        except Exception:  # noqa: BLE001, S110
+            pass
+        return data, blobs
+    for meth, mime in _REPRS:
+        try:
+            fn = getattr(obj, meth, None)
+            if fn is None or not callable(fn):
+                continue
+            value = fn()
+        except Exception:  # noqa: BLE001, S112 - like IPython: a failing formatter is skipped
+            continue
+        if isinstance(value, tuple) and len(value) == 2:
+            value = value[0]
+        if value is None:
+            continue
+        if mime in ("image/png", "image/jpeg"):
+            if isinstance(value, str):
+                import base64
+
+                try:
+                    value = base64.b64decode(value)
+                except ValueError:
+                    continue
+            if isinstance(value, (bytes, bytearray)):
+                blobs.append((mime, bytes(value)))
+        elif mime == "application/json":
+            try:
+                json.dumps(value, allow_nan=False)
+            except (TypeError, ValueError):
+                continue
+            data[mime] = value
+        elif isinstance(value, str):
+            data[mime] = value
+    return data, blobs
+
+
+def display(*objs, raw=False):
+    """Show objects as rich output of the current cell (like IPython's)."""
+    for obj in objs:
+        if raw and isinstance(obj, dict):
+            data = {k: v for k, v in obj.items() if not isinstance(v, (bytes, bytearray))}
+            blobs = [(k, bytes(v)) for k, v in obj.items() if isinstance(v, (bytes, bytearray))]
+        else:
+            data, blobs = bundle(obj)
+        send({"t": "display", "seq": S.seq, "data": data}, blobs)
+
+
+def _flush_figures():
+    plt = sys.modules.get("matplotlib.pyplot")
+    if plt is None:
+        return
+    try:
+        nums = plt.get_fignums()
+    except Exception:  # noqa: BLE001
+        return
+    for num in nums:
+        try:
+            fig = plt.figure(num)
+            send({"t": "display", "seq": S.seq, "data": {"text/plain": repr(fig)}},
+                 [("image/png", _png_of_figure(fig))])
+        except Exception:  # noqa: BLE001, S112
+            continue
+    try:
+        plt.close("all")
+    except Exception:  # noqa: BLE001, S110
+        pass
+
+
+# ---------------------------------------------------------------- cells
+
+
+def _error(etype, value, tb):
+    return {"ename": etype.__name__, "evalue": str(value),
+            "traceback": traceback.format_exception(etype, value, tb)}
+
+
+def run_cell(code, ns):
+    """(result bundle or None, error or None, interrupted)."""
+    S.cell_no += 1
+    filename = "<cell %d>" % S.cell_no
+    try:
+        tree = ast.parse(code, filename, "exec")
+    except (SyntaxError, ValueError, OverflowError, MemoryError) as e:
+        return None, _error(type(e), e, None), False
+    linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
+    last = None
+    if tree.body and isinstance(tree.body[-1], ast.Expr):
+        last = ast.Expression(tree.body.pop().value)
+    result = None
+    try:
+        try:
+            exec(compile(tree, filename, "exec"), ns)  # noqa: S102 - running the cell is the point
+            if last is not None:
+                value = eval(compile(last, filename, "eval"), ns)  # noqa: S307
+                if value is not None:
+                    ns["_"] = value
+                    data, blobs = bundle(value)
+                    for mime, _blob in blobs:  # images of a result are shown as display items
+                        display({mime: _blob, "text/plain": data["text/plain"]}, raw=True)
+                    result = data
+        finally:
+            _flush_figures()
+    except KeyboardInterrupt as e:
+        return result, _error(type(e), e, e.__traceback__.tb_next if e.__traceback__ else None), True
+    except BaseException as e:  # noqa: BLE001 - SystemExit too: a cell does not end the context
+        return result, _error(type(e), e, e.__traceback__.tb_next if e.__traceback__ else None), False
+    return result, None, False
+
+
+def _on_sigint(signum, frame):
+    if S.in_cell:
+        raise KeyboardInterrupt
+
+
+def _set_stdio(out_fd, err_fd):
+    for f in (sys.stdout, sys.stderr):
+        try:
+            f.flush()
+        except Exception:  # noqa: BLE001, S110 - a cell may have replaced or closed them
+            pass
+    os.dup2(out_fd, 1)
+    os.dup2(err_fd, 2)
+
+
+def do_exec(req, fds, ns):
+    S.seq = req["seq"]
+    if len(fds) != 2:
+        for fd in fds:
+            os.close(fd)
+        send({"t": "done", "seq": S.seq, "result": None, "interrupted": False,
+              "error": {"ename": "ProtocolError", "evalue": "exec without its two pipes", "traceback": []}})
+        return
+    _set_stdio(fds[0], fds[1])
+    os.close(fds[0])
+    os.close(fds[1])
+    result, error, interrupted = None, None, False
+    try:
+        S.in_cell = True
+        try:
+            result, error, interrupted = run_cell(req["code"], ns)
+        finally:
+            S.in_cell = False
+    except KeyboardInterrupt as e:  # landed between the cell's end and in_cell = False
+        interrupted, error = True, _error(type(e), e, None)
+    _set_stdio(S.devnull, S.devnull)
+    send({"t": "done", "seq": S.seq, "result": result, "error": error, "interrupted": interrupted})
+
+
+def _reap(pids):
+    """Reap those of `pids` that died; their process group is killed first."""
+    for pid in list(pids):
+        try:
+            info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            pids.remove(pid)
+            continue
+        if info is None:
+            continue
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except OSError:
+            pass
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+        pids.remove(pid)
+
+
+def context_main(ns, once):
+    send({"t": "hello", "v": VERSION, "python": sys.version.split()[0], "errors": {}})
+    while True:
+        try:
+            req, fds = recv()
+        except (EOFError, OSError):
+            os._exit(0)
+        _reap(S.twins)
+        kind = req.get("t")
+        if kind == "exec":
+            do_exec(req, fds, ns)
+            if once:
+                os._exit(0)
+        elif kind == "set":
+            ns.update(req["vars"])
+            send({"t": "ack", "seq": req["seq"], "error": None})
+        elif kind == "get":
+            name = req["name"]
+            if name not in ns:
+                send({"t": "value", "seq": req["seq"], "value": None, "error": "NameError: %r is not defined" % name})
+                continue
+            try:
+                json.dumps(ns[name], allow_nan=False)
+                send({"t": "value", "seq": req["seq"], "value": ns[name], "error": None})
+            except (TypeError, ValueError, RecursionError) as e:
+                send({"t": "value", "seq": req["seq"], "value": None,
+                      "error": "%r is a %s, not a JSON value (%s)" % (name, type(ns[name]).__name__, e)})
+        elif kind == "fork" and len(fds) == 1:
+            pid = _fork(fds[0])
+            if pid:
+                S.twins.append(pid)
+                send({"t": "ack", "seq": req["seq"], "error": None})
+            else:
+                send({"t": "hello", "v": VERSION, "python": sys.version.split()[0], "errors": {}})
+        else:
+            for fd in fds:
+                os.close(fd)
+            send({"t": "ack", "seq": req.get("seq", -1), "error": "unknown request"})
+
+
+def _fork(ctrl_fd):
+    """Fork; the child takes ctrl_fd as its channel and a session of its own
+    (the host kills its process group), the parent closes it."""
+    pid = os.fork()
+    if pid == 0:
+        os.setsid()
+        old = S.ctrl
+        S.ctrl = socket.socket(fileno=_high(ctrl_fd))
+        if old is not None:
+            os.close(old.detach())  # the parent's channel is not the twin's to write to
+        S.twins = []
+        return 0
+    os.close(ctrl_fd)
+    return pid
+
+
+def _high(fd):
+    new = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, CTRL_FD_MIN)
+    os.close(fd)
+    return new
+
+
+def new_namespace():
+    main = types.ModuleType("__main__")
+    main.__dict__["__builtins__"] = builtins
+    main.__dict__["display"] = display
+    sys.modules["__main__"] = main
+    return main.__dict__
+
+
+# ---------------------------------------------------------------- template
+
+
+def template_main(preload):
+    errors = {}
+    for name in preload:
+        try:
+            __import__(name)
+        except BaseException as e:  # noqa: BLE001 - reported to the host, which raises
+            errors[name] = "%s: %s" % (type(e).__name__, e)
+    if "matplotlib" in sys.modules or "matplotlib.pyplot" in sys.modules:
+        try:
+            sys.modules["matplotlib"].use("Agg")
+        except Exception:  # noqa: BLE001, S110
+            pass
+    send({"t": "hello", "v": VERSION, "python": sys.version.split()[0], "errors": errors})
+    if errors:
+        os._exit(3)
+    kids = []
+    dirs = {}
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda s, f: None)
+    while True:
+        ready, _, _ = select.select([S.ctrl, wake_r], [], [])
+        if wake_r in ready:
+            try:
+                os.read(wake_r, 4096)
+            except BlockingIOError:
+                pass
+            _reap(kids)
+            for pid in [p for p in dirs if p not in kids]:
+                shutil.rmtree(dirs.pop(pid), ignore_errors=True)
+        if S.ctrl not in ready:
+            continue
+        try:
+            req, fds = recv()
+        except (EOFError, OSError):
+            os._exit(0)
+        if req.get("t") != "spawn" or len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            send({"t": "ack", "seq": req.get("seq", -1), "error": "bad spawn request"})
+            continue
+        once = bool(req.get("once"))
+        workdir = tempfile.mkdtemp(prefix="zviz-run-") if once else None
+        try:
+            pid = _fork(fds[0])
+        except OSError as e:
+            if workdir:
+                shutil.rmtree(workdir, ignore_errors=True)
+            send({"t": "ack", "seq": req["seq"], "error": "fork: %s" % e})
+            continue
+        if pid == 0:
+            signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            os.close(wake_r)
+            os.close(wake_w)
+            if workdir:
+                os.chdir(workdir)
+            signal.signal(signal.SIGINT, _on_sigint)
+            context_main(new_namespace(), once)
+            os._exit(0)
+        kids.append(pid)
+        if workdir:
+            dirs[pid] = workdir
+        send({"t": "ack", "seq": req["seq"], "error": None})
+
+
+def main():
+    # The control socket leaves fd 0 (a cell's stdin reads get EOF) for a
+    # close-on-exec fd that a cell's subprocesses do not inherit.
+    ctrl = _high(os.dup(0))
+    S.devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    for fd in (0, 1, 2):
+        os.dup2(S.devnull, fd)
+    S.ctrl = socket.socket(fileno=ctrl)
+    S.ctrl.setblocking(True)
+    sys.stdin = open(os.devnull)  # noqa: SIM115 - lives as long as the process
+    sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding="utf-8",
+                                  errors="backslashreplace", line_buffering=True)
+    sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), encoding="utf-8",
+                                  errors="backslashreplace", line_buffering=True)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    template_main(json.loads(sys.argv[2]) if len(sys.argv) > 2 else [])
+
+
+if __name__ == "__main__":
+    main()
