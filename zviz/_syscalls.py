@@ -26,7 +26,7 @@ GROUPS: dict[str, frozenset[str]] = {
         getcwd chdir fchdir fcntl dup dup2 dup3 pipe pipe2 ioctl
         mmap munmap mprotect mremap madvise brk msync mincore
         rt_sigaction rt_sigprocmask rt_sigreturn sigaltstack rt_sigsuspend
-        rt_sigtimedwait rt_sigpending
+        rt_sigtimedwait rt_sigpending restart_syscall
         getpid getppid gettid getuid geteuid getgid getegid getgroups getresuid getresgid
         getpgrp getpgid getsid getrlimit prlimit64 getrusage sysinfo uname times umask
         clock_gettime clock_getres clock_nanosleep nanosleep gettimeofday time getrandom
