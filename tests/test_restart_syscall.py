@@ -13,7 +13,6 @@ import pytest
 import zviz
 from zviz import Policy
 
-
 # a futex wait with a timeout (a lock, an Event) and a relative nanosleep:
 # both are resumed through restart_syscall after SIGSTOP/SIGCONT
 PROGRAM = ("import ctypes, threading\n"

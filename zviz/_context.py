@@ -17,31 +17,22 @@ the caps below, host time by the cell's timeout plus the grace period.
 
 from __future__ import annotations
 
-import codecs
 import contextlib
 import json
-import math
-import os
 import pathlib
-import select
-import signal
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import anyio
 import attrs
 
-from . import _contextproto as proto, _kernel
+from . import _contextproto as proto
+from ._cell import Cell as _Cell, Event
 from ._errors import CodeContextError
-from ._execution import DisplayData, Execution, ExecutionError, StreamOutput
-from ._kernel import OwnedFd
-from ._proxy import Collector
+from ._execution import Execution
 from ._template import Channel, ChannelBroken, Child, Template, await_hello, wait_frame
 
 MAX_CODE = 4 * 1024**2
-SPIN_S = 0.002  # how long a cell's first reply is awaited without a trip through the event loop
-Event = StreamOutput | DisplayData | Execution
 
 
 @attrs.frozen(kw_only=True)
@@ -118,9 +109,17 @@ class CodeContexts:
             proc.kill()
             raise
         hello.pidfd.close()  # the template's own pid is not needed: its Process is the sandbox's
-        tpl = Template(proc, chan, python)
-        # (hello.chan is chan)
-        return tpl
+        if hello.errors:
+            chan.close()
+            proc.kill()
+            with anyio.CancelScope(shield=True):
+                await proc.wait()
+            failed = "; ".join(f"{k}: {v[:300]}" for k, v in list(hello.errors.items())[:8])
+            raise CodeContextError(f"the template interpreter {python!r} could not import its preload ({failed}). "
+                                   "Is the module installed for that interpreter, and its directory inside the "
+                                   "sandbox's paths (python= a venv's bin/python, "
+                                   "Policy.with_paths(read_only=[venv]))?")
+        return Template(proc, chan, python)
 
     def close(self) -> None:
         """Teardown (every process is dead by now): close our fds."""
@@ -371,211 +370,6 @@ class CodeContext:
         if self._active is not None:
             self._active.close_fds()
         self._registry.contexts.discard(self)
-
-
-class _Cell:
-    """One cell in flight: its pipes, collectors and frames, stepped by the
-    caller (run or stream) one wait at a time."""
-
-    def __init__(self, ctx: CodeContext, child: Child, seq: int, timeout: float, stream: bool) -> None:
-        self.ctx = ctx
-        self.child = child
-        self.seq = seq
-        self.stream = stream
-        self.t0 = time.monotonic()
-        self.deadline = self.t0 + timeout if math.isfinite(timeout) else math.inf
-        self.kill_at = math.inf
-        self.interrupted = False
-        self.out = Collector(ctx._caps.output)
-        self.err = Collector(ctx._caps.output)
-        self.decoders = {"stdout": codecs.getincrementaldecoder("utf-8")("replace"),
-                         "stderr": codecs.getincrementaldecoder("utf-8")("replace")}
-        self.display: list[dict[str, Any]] = []
-        self.display_bytes = 0
-        self.display_dropped = 0
-        self.frames = 0
-        self.pipes: dict[int, tuple[OwnedFd, str]] = {}
-        self.ep: select.epoll | None = None
-        self.first = True
-        self.execution: Execution | None = None
-
-    async def start(self, code: str) -> None:
-        out_r, out_w = _kernel.pipe("cell-stdout")
-        err_r, err_w = _kernel.pipe("cell-stderr")
-        try:
-            for r in (out_r, err_r):
-                os.set_blocking(r.fd, False)
-            self.pipes = {out_r.fd: (out_r, "stdout"), err_r.fd: (err_r, "stderr")}
-            self.ep = select.epoll()
-            for fd in (self.child.chan.fileno(), out_r.fd, err_r.fd, self.child.pidfd.fd):
-                self.ep.register(fd, select.EPOLLIN)
-            try:
-                await self.child.chan.send(proto.encode({"t": "exec", "seq": self.seq, "code": code}),
-                                           [out_w.fd, err_w.fd], timeout=self.ctx._caps.reply_s)
-            except ChannelBroken as e:
-                self.close_fds()
-                raise self.ctx._break(str(e)) from None
-        finally:
-            out_w.close()
-            err_w.close()
-
-    def interrupt(self) -> None:
-        if self.execution is None and not self.interrupted:
-            self.interrupted = True
-            self.kill_at = time.monotonic() + self.ctx._caps.grace_s
-            self.child.signal(signal.SIGINT)
-
-    def abandon(self) -> None:
-        """The caller left: the cell is interrupted now, finished later."""
-        if self.execution is None:
-            self.interrupt()
-
-    def close_fds(self) -> None:
-        for owned, _ in self.pipes.values():
-            owned.close()
-        self.pipes = {}
-        if self.ep is not None:
-            self.ep.close()
-            self.ep = None
-
-    async def step(self) -> list[Event]:
-        """Wait for something (output, a frame, the process's end, the
-        deadline) and handle it; sets `execution` at the end."""
-        assert self.ep is not None
-        events: list[Event] = []
-        now = time.monotonic()
-        if now >= self.deadline and not self.interrupted:
-            self.interrupt()
-        if now >= self.kill_at:
-            await self._lost(f"did not stop within {self.ctx._caps.grace_s:g} s of the interrupt: it was killed")
-            return events
-        ready = self.ep.poll(0)
-        if not ready and self.first:
-            ready = self.ep.poll(SPIN_S)  # a fast cell answers in ~0.1 ms: no trip through the event loop
-        self.first = False
-        if not ready:
-            with anyio.move_on_after(max(0.0, min(self.deadline, self.kill_at) - now)):
-                await anyio.wait_readable(self.ep.fileno())
-            return events
-        fds = {fd for fd, _ in ready}
-        for fd in list(self.pipes):
-            if fd in fds:
-                self._read_pipe(fd, events)
-        if self.child.chan.fileno() in fds:
-            try:
-                self._frames(self.child.chan.read(), events)
-            except ChannelBroken as e:
-                if self.execution is None:
-                    await self._channel_broken(str(e))
-                return events
-        if self.execution is None and self.child.pidfd.fd in fds:
-            with contextlib.suppress(ChannelBroken):  # its last words ("done", then exit: run_python)
-                self._frames(self.child.chan.read(), events)
-            if self.execution is not None:
-                return events
-            await self._lost("died (a crash, os._exit, a signal or the memory limit)")
-        return events
-
-    def _read_pipe(self, fd: int, events: list[Event], budget: int = 1 << 20) -> None:
-        owned, name = self.pipes[fd]
-        col = self.out if name == "stdout" else self.err
-        got = 0
-        while got < budget:
-            try:
-                data = os.read(fd, 65536)
-            except BlockingIOError:
-                return
-            if not data:  # every writer closed it
-                assert self.ep is not None
-                self.ep.unregister(fd)
-                owned.close()
-                del self.pipes[fd]
-                return
-            got += len(data)
-            before = col.kept
-            col.feed(data)
-            self.ctx._kept += col.kept - before
-            if self.stream and col.kept > before:
-                text = self.decoders[name].decode(data[: col.kept - before])
-                if text:
-                    events.append(StreamOutput(name=name, text=text))
-
-    def _frames(self, frames: list[proto.Frame], events: list[Event]) -> None:
-        caps = self.ctx._caps
-        for f in frames:
-            self.frames += 1
-            if self.frames > caps.frames:
-                raise ChannelBroken(f"over {caps.frames} frames in one cell")
-            if f.fields.get("seq") != self.seq:
-                continue  # a leftover of an earlier request (or a forgery): not this cell's
-            if f.kind == "display":
-                size = sum(len(v) for v in f.blobs.values()) + len(json.dumps(f.fields["data"]))
-                if len(self.display) >= caps.display_items or self.display_bytes + size > caps.display:
-                    self.display_dropped += 1
-                    continue
-                self.display_bytes += size
-                self.ctx._kept += size
-                item = dict(f.fields["data"])
-                item.update(f.blobs)
-                self.display.append(item)
-                events.append(DisplayData(data=item))
-            elif f.kind == "done":
-                self._finish(f)
-                return
-        if self.ctx._kept > caps.context:
-            raise ChannelBroken(f"over {caps.context} bytes of output over the context's life")
-
-    def _drain(self) -> None:
-        for fd in list(self.pipes):
-            self._read_pipe(fd, [], budget=2 * self.ctx._caps.output + 65536)
-
-    def _finish(self, done: proto.Frame) -> None:
-        self._drain()
-        err = done.fields["error"]
-        error = None if err is None else ExecutionError(name=err["ename"], value=err["evalue"],
-                                                        traceback=tuple(err["traceback"]))
-        data = done.fields["result"]
-        self._end(Execution(
-            stdout=self.out.value().decode("utf-8", "replace"), stderr=self.err.value().decode("utf-8", "replace"),
-            result=data.get("text/plain") if data else None, result_data=data, error=error,
-            display=tuple(self.display), duration_s=time.monotonic() - self.t0,
-            interrupted=bool(done.fields["interrupted"]) or self.interrupted, restarted=False,
-            output_dropped=(self.out.total - self.out.kept) + (self.err.total - self.err.kept),
-            display_dropped=self.display_dropped))
-
-    def _end(self, ex: Execution) -> None:
-        self.close_fds()
-        self.execution = ex
-        if self.ctx._active is self:
-            self.ctx._active = None
-
-    async def _channel_broken(self, reason: str) -> None:
-        # A dead process closes its channel too: that is a crash, not a hostile driver.
-        with anyio.move_on_after(0.2):
-            await anyio.wait_readable(self.child.pidfd.fd)
-        if not self.child.alive():
-            await self._lost("died (a crash, os._exit, a signal or the memory limit)")
-            return
-        self.close_fds()
-        self.execution = None
-        if self.ctx._active is self:
-            self.ctx._active = None
-        raise self.ctx._break(reason)
-
-    async def _lost(self, why: str) -> None:
-        """The process is gone (or is killed now): report, and restart from the template."""
-        self._drain()
-        self.child.kill()
-        restarted = await self.ctx._replace_child()
-        what = "the context was restarted from its template: every variable was lost" if restarted else (
-            "nothing was kept" if self.ctx._oneshot else f"and it could not restart ({self.ctx.broken})")
-        name = "ContextKilled" if self.interrupted and "interrupt" in why else "ContextDied"
-        self._end(Execution(
-            stdout=self.out.value().decode("utf-8", "replace"), stderr=self.err.value().decode("utf-8", "replace"),
-            error=ExecutionError(name=name, value=f"the cell's process {why}; {what}"),
-            display=tuple(self.display), duration_s=time.monotonic() - self.t0, interrupted=self.interrupted,
-            restarted=restarted, output_dropped=(self.out.total - self.out.kept) + (self.err.total - self.err.kept),
-            display_dropped=self.display_dropped))
 
 
 # ---------------------------------------------------------------- what the sandbox calls

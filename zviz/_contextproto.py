@@ -151,7 +151,7 @@ def parse(js: bytes, blob: bytes) -> Frame:
         raise ProtocolError(f"{kind!r} frame with blobs")
     if kind == "display":
         check_bundle(obj["data"], blobs)
-    return Frame(kind, obj, blobs)
+    return Frame(str(kind), obj, blobs)
 
 
 def _is_int(v: Any) -> bool:

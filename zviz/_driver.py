@@ -44,12 +44,13 @@ VERSION = 1
 
 
 class _State:
-    in_cell = False
-    seq = 0
-    ctrl = None  # type: socket.socket | None
-    twins = []  # type: list[int]
-    devnull = -1
-    cell_no = 0
+    def __init__(self):
+        self.in_cell = False  # SIGINT raises KeyboardInterrupt only in a cell
+        self.seq = 0  # the request being served
+        self.ctrl = None  # the control socket
+        self.twins = []  # forks of this context (reaped here)
+        self.devnull = -1
+        self.cell_no = 0
 
 
 S = _State()
@@ -110,14 +111,14 @@ def bundle(obj):
     try:
         data["text/plain"] = repr(obj)
     except Exception as e:  # noqa: BLE001 - a broken __repr__ is the object's problem
-        data["text/plain"] = "<repr failed: %s: %s>" % (type(e).__name__, e)
+        data["text/plain"] = f"<repr failed: {type(e).__name__}: {e}>"
     if isinstance(obj, type):
         return data, blobs
     mod = type(obj).__module__ or ""
     if mod.startswith("matplotlib.figure"):
         try:
             blobs.append(("image/png", _png_of_figure(obj)))
-        except Exception:  # noqa: BLE001, S110
+        except Exception:  # noqa: BLE001
             pass
         return data, blobs
     for meth, mime in _REPRS:
@@ -126,7 +127,7 @@ def bundle(obj):
             if fn is None or not callable(fn):
                 continue
             value = fn()
-        except Exception:  # noqa: BLE001, S112 - like IPython: a failing formatter is skipped
+        except Exception:  # noqa: BLE001 - like IPython: a failing formatter is skipped
             continue
         if isinstance(value, tuple) and len(value) == 2:
             value = value[0]
@@ -177,11 +178,11 @@ def _flush_figures():
             fig = plt.figure(num)
             send({"t": "display", "seq": S.seq, "data": {"text/plain": repr(fig)}},
                  [("image/png", _png_of_figure(fig))])
-        except Exception:  # noqa: BLE001, S112
+        except Exception:  # noqa: BLE001
             continue
     try:
         plt.close("all")
-    except Exception:  # noqa: BLE001, S110
+    except Exception:  # noqa: BLE001
         pass
 
 
@@ -196,7 +197,7 @@ def _error(etype, value, tb):
 def run_cell(code, ns):
     """(result bundle or None, error or None, interrupted)."""
     S.cell_no += 1
-    filename = "<cell %d>" % S.cell_no
+    filename = f"<cell {S.cell_no}>"
     try:
         tree = ast.parse(code, filename, "exec")
     except (SyntaxError, ValueError, OverflowError, MemoryError) as e:
@@ -208,9 +209,9 @@ def run_cell(code, ns):
     result = None
     try:
         try:
-            exec(compile(tree, filename, "exec"), ns)  # noqa: S102 - running the cell is the point
+            exec(compile(tree, filename, "exec"), ns)
             if last is not None:
-                value = eval(compile(last, filename, "eval"), ns)  # noqa: S307
+                value = eval(compile(last, filename, "eval"), ns)
                 if value is not None:
                     ns["_"] = value
                     data, blobs = bundle(value)
@@ -235,7 +236,7 @@ def _set_stdio(out_fd, err_fd):
     for f in (sys.stdout, sys.stderr):
         try:
             f.flush()
-        except Exception:  # noqa: BLE001, S110 - a cell may have replaced or closed them
+        except Exception:  # noqa: BLE001 - a cell may have replaced or closed them
             pass
     os.dup2(out_fd, 1)
     os.dup2(err_fd, 2)
@@ -305,14 +306,14 @@ def context_main(ns, once):
         elif kind == "get":
             name = req["name"]
             if name not in ns:
-                send({"t": "value", "seq": req["seq"], "value": None, "error": "NameError: %r is not defined" % name})
+                send({"t": "value", "seq": req["seq"], "value": None, "error": f"NameError: {name!r} is not defined"})
                 continue
             try:
                 json.dumps(ns[name], allow_nan=False)
                 send({"t": "value", "seq": req["seq"], "value": ns[name], "error": None})
             except (TypeError, ValueError, RecursionError) as e:
                 send({"t": "value", "seq": req["seq"], "value": None,
-                      "error": "%r is a %s, not a JSON value (%s)" % (name, type(ns[name]).__name__, e)})
+                      "error": f"{name!r} is a {type(ns[name]).__name__}, not a JSON value ({e})"})
         elif kind == "fork" and len(fds) == 1:
             pid = _fork(fds[0])
             if pid:
@@ -365,11 +366,11 @@ def template_main(preload):
         try:
             __import__(name)
         except BaseException as e:  # noqa: BLE001 - reported to the host, which raises
-            errors[name] = "%s: %s" % (type(e).__name__, e)
+            errors[name] = f"{type(e).__name__}: {e}"
     if "matplotlib" in sys.modules or "matplotlib.pyplot" in sys.modules:
         try:
             sys.modules["matplotlib"].use("Agg")
-        except Exception:  # noqa: BLE001, S110
+        except Exception:  # noqa: BLE001
             pass
     send({"t": "hello", "v": VERSION, "python": sys.version.split()[0], "errors": errors})
     if errors:
@@ -407,7 +408,7 @@ def template_main(preload):
         except OSError as e:
             if workdir:
                 shutil.rmtree(workdir, ignore_errors=True)
-            send({"t": "ack", "seq": req["seq"], "error": "fork: %s" % e})
+            send({"t": "ack", "seq": req["seq"], "error": f"fork: {e}"})
             continue
         if pid == 0:
             signal.set_wakeup_fd(-1)

@@ -7,10 +7,18 @@ text types as `str`, `application/json` as a JSON value and images as `bytes`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import attrs
+
+
+def _lines(value: Iterable[str]) -> tuple[str, ...]:
+    return tuple(value)
+
+
+def _bundles(value: Iterable[Mapping[str, Any]]) -> tuple[Mapping[str, Any], ...]:
+    return tuple(value)
 
 
 @attrs.frozen(kw_only=True)
@@ -20,7 +28,7 @@ class ExecutionError:
 
     name: str
     value: str
-    traceback: tuple[str, ...] = attrs.field(converter=tuple, default=())
+    traceback: tuple[str, ...] = attrs.field(converter=_lines, default=())
 
 
 @attrs.frozen(kw_only=True)
@@ -59,7 +67,7 @@ class Execution:
     result: str | None = None
     result_data: Mapping[str, Any] | None = None
     error: ExecutionError | None = None
-    display: tuple[Mapping[str, Any], ...] = attrs.field(converter=tuple, default=())
+    display: tuple[Mapping[str, Any], ...] = attrs.field(converter=_bundles, default=())
     duration_s: float = 0.0
     interrupted: bool = False
     restarted: bool = False

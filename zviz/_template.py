@@ -24,12 +24,16 @@ import signal
 import socket
 import struct
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import anyio
 
 from . import _contextproto as proto
 from ._errors import CodeContextError
 from ._kernel import OwnedFd
+
+if TYPE_CHECKING:
+    from ._process import Process
 
 SO_PASSPIDFD = 76  # asm-generic (x86_64, aarch64, riscv64)
 SCM_PIDFD = 4
@@ -82,7 +86,8 @@ class Channel:
                     await anyio.wait_writable(self.sock)
                     continue
                 except OSError as e:
-                    raise ChannelBroken(f"the control channel is closed ({errno.errorcode.get(e.errno or 0, e)})") from None
+                    name = errno.errorcode.get(e.errno or 0, str(e))
+                    raise ChannelBroken(f"the control channel is closed ({name})") from None
                 rights = []
                 view = view[n:]
             return
@@ -157,7 +162,9 @@ class Child:
     """A forked context or run_python process: its channel, its pidfd and
     host pid (its process group's id: the driver calls setsid)."""
 
-    def __init__(self, chan: Channel, pidfd: OwnedFd, pid: int, python: str) -> None:
+    def __init__(self, chan: Channel, pidfd: OwnedFd, pid: int, python: str,
+                 errors: dict[str, str] | None = None) -> None:
+        self.errors = errors or {}  # a template's preload failures (module -> error), from its hello
         self.chan = chan
         self.pidfd = pidfd
         self.pid = pid
@@ -229,7 +236,7 @@ async def await_hello(chan: Channel, timeout: float, python_hint: str) -> Child:
             if pidfd is not None:
                 pidfd.close()
             raise
-        return Child(chan, pidfd, pid, str(hello.fields["python"]))
+        return Child(chan, pidfd, pid, str(hello.fields["python"]), dict(hello.fields["errors"]))
     raise ChannelBroken(f"no hello from the driver in {timeout:g} s")
 
 
@@ -257,7 +264,7 @@ class Template:
     """The sandbox's template interpreter for one (python, preload, env):
     a command of the sandbox (`proc`, its Process) and our channel to it."""
 
-    def __init__(self, proc: object, chan: Channel, python: str) -> None:
+    def __init__(self, proc: Process, chan: Channel, python: str) -> None:
         self.proc = proc
         self.chan = chan
         self.python = python

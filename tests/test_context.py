@@ -1,0 +1,270 @@
+"""Code contexts and run_python on the real kernel, from trio and asyncio."""
+
+import math
+import os
+import pathlib
+import time
+
+import anyio
+import pytest
+
+import zviz
+from zviz import CodeContextError, DisplayData, Execution, Policy, StreamOutput
+
+pytestmark = pytest.mark.anyio
+
+VENV = pathlib.Path(__file__).resolve().parent.parent / ".venv-sandbox"
+VENV_PY = str(VENV / "bin" / "python")
+HAVE_VENV = os.access(VENV_PY, os.X_OK)
+needs_venv = pytest.mark.skipif(not HAVE_VENV, reason="no .venv-sandbox (scripts/setup-testvenv.sh builds it)")
+
+
+@pytest.fixture(params=["trio", "asyncio"])
+def anyio_backend(request):
+    return request.param
+
+
+def policy():
+    return Policy.python().with_paths(read_only=[str(VENV)]) if HAVE_VENV else Policy.python()
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+async def test_state_persists_and_errors_are_data():
+    async with zviz.open_sandbox(Policy.python()) as sb, sb.code_context() as ctx:
+        ex = await ctx.run("import os, sys\nx = 41\nos.chdir('/tmp')\nprint('hi')\nx + 1")
+        assert ex.ok and ex.stdout == "hi\n" and ex.result == "42" and ex.result_data == {"text/plain": "42"}
+        ex = await ctx.run("x += 1\nprint(os.getcwd(), file=sys.stderr)\nos.write(1, b'raw')\nx")
+        assert ex.result == "42" and ex.stderr == "/tmp\n" and ex.stdout == "raw"
+        ex = await ctx.run("def f():\n    return 1 / 0\nf()")
+        assert ex.error is not None and ex.error.name == "ZeroDivisionError" and ex.error.value == "division by zero"
+        assert "<cell" in "".join(ex.error.traceback) and "return 1 / 0" in "".join(ex.error.traceback)
+        assert "_driver" not in "".join(ex.error.traceback)
+        ex = await ctx.run("x = (")
+        assert ex.error.name == "SyntaxError"
+        ex = await ctx.run("raise SystemExit(3)")
+        assert ex.error.name == "SystemExit"
+        # stdin reads get EOF; the control socket is no cell's or subprocess's fd 0..2
+        ex = await ctx.run("import subprocess\nprint(repr(sys.stdin.read()), os.read(0, 5))\n"
+                           "print(sorted(os.listdir('/proc/self/fd')) == ['0', '1', '2', '3'] or 'unused')\n"
+                           "subprocess.run(['ls', '/proc/self/fd'])\nx")
+        assert ex.stdout.splitlines()[0] == "'' b''"
+        assert sorted(ex.stdout.split()[3:]) == ["0", "1", "2", "3"], ex.stdout  # ls: its fds, no socket
+        assert ex.result == "42"
+
+
+async def test_stream_yields_output_then_display_then_execution():
+    async with zviz.open_sandbox(Policy.python()) as sb, sb.code_context() as ctx:
+        events = [e async for e in ctx.stream(
+            "import time\nprint('a', flush=True)\ntime.sleep(0.05)\nprint('b')\n"
+            "class R:\n    def _repr_html_(self): return '<b>r</b>'\ndisplay(R())\n7")]
+        assert isinstance(events[-1], Execution) and events[-1].result == "7"
+        text = "".join(e.text for e in events if isinstance(e, StreamOutput))
+        assert text == "a\nb\n"
+        shown = [e.data for e in events if isinstance(e, DisplayData)]
+        assert shown == [{"text/plain": shown[0]["text/plain"], "text/html": "<b>r</b>"}]
+        assert events[-1].display == tuple(shown)
+
+
+async def test_interrupt_keeps_the_state():
+    async with zviz.open_sandbox(Policy.python()) as sb, sb.code_context() as ctx:
+        await ctx.run("n = 5")
+        ex = await ctx.run("while True:\n    n += 1", timeout=0.5)  # the timeout interrupts
+        assert ex.interrupted and not ex.restarted and ex.error.name == "KeyboardInterrupt"
+        assert await ctx.get_var("n") > 5
+        async with anyio.create_task_group() as tg:
+            async def later():
+                await anyio.sleep(0.3)
+                await ctx.interrupt()
+            tg.start_soon(later)
+            ex = await ctx.run("import time\nn = -1\ntime.sleep(60)", timeout=math.inf)
+        assert ex.interrupted and ex.error.name == "KeyboardInterrupt" and ex.duration_s < 10
+        assert await ctx.get_var("n") == -1
+        # a caller that gives up (cancellation) interrupts it too; the state lives on
+        with anyio.move_on_after(0.3):
+            await ctx.run("import time\nn = -2\ntime.sleep(60)", timeout=math.inf)
+        assert (await ctx.run("n")).result == "-2"
+
+
+async def test_a_cell_ignoring_the_interrupt_is_killed_and_the_context_restarted():
+    async with zviz.open_sandbox(Policy.python()) as sb, sb.code_context() as ctx, sb.code_context() as other:
+        await other.run("y = 1")
+        await ctx.run("x = 1")
+        old = ctx.pid
+        t = time.monotonic()
+        ex = await ctx.run("import signal, subprocess, os\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+                           "p = subprocess.Popen(['sleep', '1000'])\nprint(p.pid, flush=True)\nwhile True: pass",
+                           timeout=0.3)
+        assert time.monotonic() - t < 10
+        assert ex.interrupted and ex.restarted and ex.error.name == "ContextKilled"
+        assert "every variable was lost" in ex.error.value
+        assert ctx.pid != old and not alive(old)
+        with pytest.raises(KeyError):
+            await ctx.get_var("x")
+        # the cell's subprocess (its process group) died with it; the other context did not
+        for _ in range(100):
+            r = await sb.run(["sh", "-c", "cat /proc/[0-9]*/comm"])
+            if b"sleep" not in r.stdout:
+                break
+            await anyio.sleep(0.02)
+        assert b"python3" in r.stdout and b"sleep" not in r.stdout
+        assert await other.get_var("y") == 1
+        assert (await ctx.run("1 + 1")).result == "2"
+
+
+@pytest.mark.parametrize("crash", ["import os; os._exit(3)", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)",
+                                   "import ctypes; ctypes.string_at(0)"])
+async def test_a_crash_is_reported_and_the_context_restarted(crash):
+    async with zviz.open_sandbox(Policy.python()) as sb, sb.code_context() as ctx:
+        await ctx.run("x = 1")
+        ex = await ctx.run("print('before', flush=True)\n" + crash)
+        assert ex.restarted and not ex.interrupted and ex.error.name == "ContextDied" and ex.stdout == "before\n"
+        with pytest.raises(KeyError):
+            await ctx.get_var("x")
+        assert (await ctx.run("2 * 3")).result == "6"
+
+
+async def test_output_is_capped_per_cell_and_counted():
+    async with zviz.open_sandbox(Policy.python()) as sb, sb.code_context(output_cap=1000) as ctx:
+        ex = await ctx.run("import sys\nsys.stdout.write('x' * 300000)\nsys.stderr.write('e' * 10)\n1")
+        assert ex.stdout == "x" * 1000 and ex.stderr == "e" * 10 and ex.output_dropped == 299000
+        assert ex.result == "1"
+        ex = await ctx.run("print('small')")
+        assert ex.stdout == "small\n" and ex.output_dropped == 0
+
+
+async def test_output_after_the_cell_is_not_the_cells():
+    # a thread that writes after its cell ended writes to /dev/null or to a later
+    # cell's pipe; never into a finished Execution
+    async with zviz.open_sandbox(Policy.python()) as sb, sb.code_context() as ctx:
+        ex = await ctx.run("import threading, time, os\n"
+                           "def spam():\n    time.sleep(0.2)\n    for _ in range(50):\n"
+                           "        os.write(1, b'late\\n'); time.sleep(0.01)\n"
+                           "threading.Thread(target=spam, daemon=True).start()\nprint('now')")
+        assert ex.stdout == "now\n"
+        await anyio.sleep(1.0)
+        ex = await ctx.run("print('next')")
+        assert ex.stdout == "next\n"
+
+
+@needs_venv
+async def test_display_a_matplotlib_figure_and_a_dataframe():
+    async with zviz.open_sandbox(policy()) as sb, sb.code_context(python=VENV_PY, preload=("numpy", "pandas")) as ctx:
+        ex = await ctx.run("import matplotlib.pyplot as plt, pandas as pd\nplt.plot([1, 3, 2])\n"
+                           "df = pd.DataFrame({'a': [1, 2], 'b': ['x', 'y']})\ndisplay(df)\ndf")
+        assert ex.ok, ex.error
+        html = [d for d in ex.display if "text/html" in d]
+        png = [d for d in ex.display if "image/png" in d]
+        assert len(html) == 1 and "<table" in html[0]["text/html"]
+        assert len(png) == 1 and len(png[0]["image/png"]) > 1000
+        assert png[0]["image/png"].startswith(b"\x89PNG\r\n\x1a\n")
+        assert "<table" in ex.result_data["text/html"] and "a  b" in ex.result
+        assert (await ctx.run("plt.get_fignums()")).result == "[]"  # shown figures are closed
+
+
+async def test_fork_is_independent_both_ways():
+    async with zviz.open_sandbox(Policy.python()) as sb, sb.code_context() as ctx:
+        await ctx.run("x = [1]\nimport os\nos.chdir('/tmp')")
+        twin = await ctx.fork()
+        try:
+            assert twin.pid != ctx.pid
+            await twin.run("x.append('twin')\nt = 1")
+            await ctx.run("x.append('parent')")
+            assert await ctx.get_var("x") == [1, "parent"]
+            assert await twin.get_var("x") == [1, "twin"]
+            assert (await twin.run("os.getcwd()")).result == "'/tmp'"
+            with pytest.raises(KeyError):
+                await ctx.get_var("t")
+            # each can be restarted or closed without the other
+            await ctx.restart()
+            assert await twin.get_var("t") == 1
+            grand = await twin.fork()
+            await twin.aclose()
+            assert await grand.get_var("x") == [1, "twin"]
+            await grand.aclose()
+        finally:
+            await twin.aclose()
+
+
+async def test_run_python_has_a_fresh_state_each_call():
+    async with zviz.open_sandbox(Policy.python()) as sb:
+        ex = await sb.run_python("import json, os\njson.LEAK = 1\nG = 1\nopen('f', 'w').write('x')\n"
+                                 "os.environ['LEAK'] = '1'\nprint(os.getcwd())\n2 + 2", preload=("json",))
+        assert ex.ok and ex.result == "4"
+        cwd = ex.stdout.strip()
+        ex = await sb.run_python("import json, os\n(hasattr(json, 'LEAK'), 'G' in globals(), os.path.exists('f'), "
+                                 "'LEAK' in os.environ, os.getcwd())", preload=("json",))
+        assert ex.ok, ex.error
+        assert ex.result.startswith("(False, False, False, False, ")
+        assert cwd not in ex.result
+        ex = await sb.run_python("import sys\nsys.exit(4)")
+        assert ex.error.name == "SystemExit"
+        ex = await sb.run_python("import os\nos._exit(1)")
+        assert ex.error.name == "ContextDied" and not ex.restarted
+        # the calls' directories are removed once they end
+        for _ in range(100):
+            r = await sb.run(["sh", "-c", f"test -e {cwd} && echo there || echo gone"])
+            if r.stdout == b"gone\n":
+                break
+            await anyio.sleep(0.05)
+        assert r.stdout == b"gone\n"
+
+
+async def test_values_cross_as_json_only():
+    async with zviz.open_sandbox(Policy.python()) as sb, sb.code_context() as ctx:
+        await ctx.set_vars({"rows": [{"a": 1, "b": [1.5, None, True, "s"]}], "n": 3})
+        ex = await ctx.run("type(rows).__name__, rows[0]['b'], n + 1")
+        assert ex.result == "('list', [1.5, None, True, 's'], 4)"
+        assert await ctx.get_var("rows") == [{"a": 1, "b": [1.5, None, True, "s"]}]
+        for bad in ((1, 2), {1, 2}, b"x", float("nan"), {1: 2}, object()):
+            with pytest.raises(TypeError):
+                await ctx.set_vars({"v": bad})
+        for name in ("__builtins__", "a b", "", 3):
+            with pytest.raises(ValueError, match="variable name"):
+                await ctx.set_vars({name: 1})
+        await ctx.run("import math\nf = lambda: 1\nnan = math.nan\nt = (1, 2)")
+        with pytest.raises(TypeError, match="not a JSON value"):
+            await ctx.get_var("f")
+        with pytest.raises(TypeError):
+            await ctx.get_var("nan")
+        assert await ctx.get_var("t") == [1, 2]  # a tuple reads back as a list, as in JSON
+        with pytest.raises(KeyError):
+            await ctx.get_var("missing")
+
+
+async def test_contexts_leave_nothing_behind(snapshot):
+    snap = snapshot()
+    async with zviz.open_sandbox(Policy.python()) as sb:
+        a = await sb.create_code_context()
+        b = await a.fork()
+        await a.run("import subprocess; subprocess.Popen(['sleep', '1000'])")
+        await b.run("x = 1")
+        await sb.run_python("1")
+        c = await sb.create_code_context()
+        await c.aclose()
+        with pytest.raises(CodeContextError, match="closed"):
+            await c.run("1")
+    snap.assert_clean()
+    with pytest.raises(zviz.SandboxClosedError):
+        await sb.create_code_context()
+
+
+async def test_bad_arguments():
+    async with zviz.open_sandbox(Policy.python()) as sb:
+        with pytest.raises(TypeError):
+            await sb.create_code_context(preload="numpy")
+        with pytest.raises(ValueError, match="module name"):
+            await sb.create_code_context(preload=("os; import x",))
+        with pytest.raises(CodeContextError, match=r"did not start|preload"):
+            await sb.create_code_context(preload=("no_such_module_zviz",))
+        async with sb.code_context() as ctx:
+            with pytest.raises(TypeError):
+                await ctx.run(b"1")
+            with pytest.raises(ValueError, match="timeout"):
+                await ctx.run("1", timeout=0)
