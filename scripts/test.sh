@@ -5,6 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
+# The interpreter of the code-context tests (numpy, pandas, matplotlib): PyPI
+# must be reachable the first time.
+./scripts/setup-testvenv.sh
 if [ "$(id -u)" = 0 ]; then
     # The eBPF monitor's tests must run, not skip, where root can install bcc.
     ./scripts/setup-ebpf.sh || echo "test: eBPF setup failed; monitor tests will say why they skip" >&2

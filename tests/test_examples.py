@@ -10,6 +10,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPECT = {
     "trio_snippet.py": ['stdout: {"mean": 3.875, "max": 9}', "exit: 0"],
     "asyncio_snippet.py": ["['0', '1', '4']"],
+    "code_interpreter.py": ["stdout: rows 3 | result: [1, 2, 3]", "error: ZeroDivisionError - division by zero",
+                            "interrupted: True | state kept, total = 6", "display: [['text/html', 'text/plain']]",
+                            "fork: parent 6 | twin -1", "streamed: tick 0", "run_python: 'first' (False, False)"],
     "custom_policy.py": ["sum 4950", "write refused: Permission denied", "denials: {'ptrace': 1}"],
     "streaming_repl.py": ["answer 42", "repl exited with 0"],
     "trace_and_tighten.py": ["same snippet, tight policy: {\"median\": 3}", "greedy snippet denied:", "'socket': 1"],
