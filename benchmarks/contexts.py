@@ -30,7 +30,7 @@ import time
 import trio
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-import zviz  # noqa: E402
+import zviz
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 VENV = ROOT / ".venv-sandbox"

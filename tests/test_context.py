@@ -11,6 +11,8 @@ import pytest
 import zviz
 from zviz import CodeContextError, DisplayData, Execution, Policy, StreamOutput
 
+from .conftest import run_as
+
 pytestmark = pytest.mark.anyio
 
 VENV = pathlib.Path(__file__).resolve().parent.parent / ".venv-sandbox"
@@ -268,3 +270,19 @@ async def test_bad_arguments():
                 await ctx.run(b"1")
             with pytest.raises(ValueError, match="timeout"):
                 await ctx.run("1", timeout=0)
+
+
+def test_contexts_for_root_and_an_unprivileged_caller(identity):
+    import trio
+
+    async def scenario():
+        async with zviz.open_sandbox(Policy.python()) as sb, sb.code_context() as ctx:
+            await ctx.run("x = 1")
+            killed = await ctx.run("import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nwhile True: pass",
+                                   timeout=0.3)
+            twin = await ctx.fork()
+            await ctx.run("x = 2")
+            once = await sb.run_python("print(7)")
+            return killed.restarted, killed.error.name, (await twin.run("1 + 1")).result, once.stdout
+
+    assert run_as(identity, trio.run, scenario) == (True, "ContextKilled", "2", "7\n")

@@ -18,6 +18,7 @@ the caps below, host time by the cell's timeout plus the grace period.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import pathlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -48,6 +49,7 @@ class Caps:
     reply_s: float = 30.0  # for the driver's answer to a request (and for a fork)
 
 
+@functools.cache
 def _driver_source() -> str:
     return (pathlib.Path(__file__).with_name("_driver.py")).read_text()
 
