@@ -286,3 +286,65 @@ def test_contexts_for_root_and_an_unprivileged_caller(identity):
             return killed.restarted, killed.error.name, (await twin.run("1 + 1")).result, once.stdout
 
     assert run_as(identity, trio.run, scenario) == (True, "ContextKilled", "2", "7\n")
+
+
+async def test_calls_from_several_tasks_take_turns_and_restart_or_close_any_time():
+    async with zviz.open_sandbox(Policy.python()) as sb, sb.code_context() as ctx:
+        await ctx.run("n = 0")
+        results = []
+
+        async def bump(i):
+            results.append((await ctx.run(f"import time\nk = n\ntime.sleep(0.02)\nn = k + 1\n{i}")).result)
+
+        async with anyio.create_task_group() as tg:
+            for i in range(5):
+                tg.start_soon(bump, i)
+        assert sorted(results) == ["0", "1", "2", "3", "4"] and await ctx.get_var("n") == 5  # no interleaving
+        # restart() from another task while a cell runs: the cell reports the restart
+        got = []
+
+        async def long_cell():
+            got.append(await ctx.run("import time\ntime.sleep(30)", timeout=60))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(long_cell)
+            await anyio.sleep(0.3)
+            await ctx.restart()
+        assert got[0].restarted and got[0].error.name == "ContextDied"
+        with pytest.raises(KeyError):
+            await ctx.get_var("n")
+        # aclose() from another task while a cell runs: the cell's caller gets CodeContextError
+        other = await sb.create_code_context()
+        errors = []
+
+        async def closed_under_it():
+            try:
+                await other.run("import time\ntime.sleep(30)")
+            except CodeContextError as e:
+                errors.append(str(e))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(closed_under_it)
+            await anyio.sleep(0.3)
+            await other.aclose()
+        assert errors == ["the code context was closed while its cell ran"]
+
+
+async def test_a_context_that_dies_between_calls_or_kills_its_template():
+    async with zviz.open_sandbox(Policy.python()) as sb, sb.code_context() as ctx:
+        await ctx.run("x = 1")
+        os.kill(ctx.pid, 9)  # from outside, between calls
+        await anyio.sleep(0.1)
+        with pytest.raises(CodeContextError, match="had died"):
+            await ctx.get_var("x")
+        assert (await ctx.run("1 + 1")).result == "2"
+        os.kill(ctx.pid, 9)
+        await anyio.sleep(0.1)
+        ex = await ctx.run("2 + 2")
+        assert ex.restarted and ex.error.name == "ContextDied"
+        # a cell that kills the template (its parent) takes every context of it;
+        # the next calls start a new template
+        ex = await ctx.run("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\nimport time\ntime.sleep(5)")
+        assert ex.restarted, ex
+        assert (await ctx.run("3 + 3")).result == "6"
+        assert (await sb.run_python("4 + 4")).result == "8"

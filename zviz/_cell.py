@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from . import _contextproto as proto, _kernel
+from ._errors import CodeContextError
 from ._execution import DisplayData, Execution, ExecutionError, StreamOutput
 from ._kernel import OwnedFd
 from ._proxy import Collector
@@ -61,6 +62,8 @@ class Cell:
         self.ep: select.epoll | None = None
         self.first = True
         self.execution: Execution | None = None
+        self.owned = True  # its caller (run, stream) is still stepping it
+        self.ended = anyio.Event()
 
     async def start(self, code: str) -> None:
         out_r, out_w = _kernel.pipe("cell-stdout")
@@ -76,8 +79,11 @@ class Cell:
                 await self.child.chan.send(proto.encode({"t": "exec", "seq": self.seq, "code": code}),
                                            [out_w.fd, err_w.fd], timeout=self.ctx._caps.reply_s)
             except ChannelBroken as e:
-                self.close_fds()
-                raise self.ctx._break(str(e)) from None
+                if self.child.alive():
+                    self.close_fds()
+                    self.ended.set()
+                    raise self.ctx._break(str(e)) from None
+                # it died while idle: the first step sees its pidfd and reports that
         finally:
             out_w.close()
             err_w.close()
@@ -94,6 +100,7 @@ class Cell:
 
     def abandon(self) -> None:
         """The caller left: the cell is interrupted now, finished later."""
+        self.owned = False
         if self.execution is None:
             self.interrupt()
 
@@ -102,13 +109,15 @@ class Cell:
             owned.close()
         self.pipes = {}
         if self.ep is not None:
+            anyio.notify_closing(self.ep.fileno())  # a task waiting on it (the context was closed) wakes up
             self.ep.close()
             self.ep = None
 
     async def step(self) -> list[Event]:
         """Wait for something (output, a frame, the process's end, the
         deadline) and handle it; sets `execution` at the end."""
-        assert self.ep is not None
+        if self.ep is None:
+            raise CodeContextError("the code context was closed while its cell ran")
         events: list[Event] = []
         now = time.monotonic()
         if now >= self.deadline and not self.interrupted:
@@ -121,8 +130,12 @@ class Cell:
             ready = self.ep.poll(SPIN_S)  # a fast cell answers in ~0.1 ms: no trip through the event loop
         self.first = False
         if not ready:
-            with anyio.move_on_after(max(0.0, min(self.deadline, self.kill_at) - now)):
-                await anyio.wait_readable(self.ep.fileno())
+            until = self.kill_at if self.interrupted else self.deadline
+            with anyio.move_on_after(max(0.0, until - now)):
+                try:
+                    await anyio.wait_readable(self.ep.fileno())
+                except anyio.ClosedResourceError:
+                    raise CodeContextError("the code context was closed while its cell ran") from None
             return events
         fds = {fd for fd, _ in ready}
         for fd in list(self.pipes):
@@ -213,6 +226,7 @@ class Cell:
     def _end(self, ex: Execution) -> None:
         self.close_fds()
         self.execution = ex
+        self.ended.set()
         if self.ctx._active is self:
             self.ctx._active = None
 
@@ -224,7 +238,7 @@ class Cell:
             await self._lost("died (a crash, os._exit, a signal or the memory limit)")
             return
         self.close_fds()
-        self.execution = None
+        self.ended.set()
         if self.ctx._active is self:
             self.ctx._active = None
         raise self.ctx._break(reason)

@@ -221,8 +221,7 @@ class CodeContext:
         timeout = self._timeout if timeout is None else float(timeout)
         if not timeout > 0:
             raise ValueError("timeout must be a positive number of seconds (math.inf for none)")
-        await self._settle()
-        async with self._lock:
+        async with self._exclusive():
             child = self._check()
             cell = _Cell(self, child, self._next_seq(), timeout, stream)
             self._active = cell
@@ -233,18 +232,42 @@ class CodeContext:
                 raise
             return cell
 
+    @contextlib.asynccontextmanager
+    async def _exclusive(self) -> AsyncIterator[None]:
+        """Hold the context with no cell in flight: calls from several tasks
+        take turns; a cell whose caller went away is finished first."""
+        while True:
+            await self._settle()
+            async with self._lock:
+                if self._active is None or self._active.finished:
+                    self._active = None
+                    yield
+                    return
+
     async def _settle(self) -> None:
-        """Finish a cell whose caller went away (interrupt, then kill)."""
+        """Wait for the cell in flight: its caller's end of it, or (when the
+        caller went away) step it to its end here (interrupt, then kill)."""
         cell = self._active
-        if cell is not None and cell.execution is None:
-            with anyio.CancelScope(shield=True):
-                cell.interrupt()
-                while cell.execution is None:
-                    try:
-                        await cell.step()
-                    except CodeContextError:
-                        break
-        self._active = None
+        if cell is None or cell.finished:
+            return
+        if cell.owned:
+            await cell.ended.wait()
+            return
+        with anyio.CancelScope(shield=True):
+            cell.interrupt()
+            while not cell.finished:
+                try:
+                    await cell.step()
+                except CodeContextError:
+                    break
+
+    async def _dead_idle(self, child: Child) -> None:
+        """Its process died between calls (a signal from another process, the
+        OOM killer): restart it and say so."""
+        if not child.alive():
+            await self._replace_child()
+            raise CodeContextError("the context's process had died (a signal or the memory limit); it was "
+                                   "restarted from its template: every variable was lost")
 
     async def _replace_child(self) -> bool:
         """After its process died or was killed: a fresh one from the template
@@ -282,8 +305,7 @@ class CodeContext:
             raise CodeContextError("this code context is closed")
         if self._active is not None and self._child is not None:
             self._child.kill()
-        await self._settle()
-        async with self._lock:
+        async with self._exclusive():
             self.broken = None
             self._kept = 0
             if not await self._replace_child():
@@ -292,9 +314,9 @@ class CodeContext:
     async def fork(self) -> CodeContext:
         """A copy-on-write twin of the live state (a fork of the context's
         process); both go on independently."""
-        await self._settle()
-        async with self._lock:
+        async with self._exclusive():
             child = self._check()
+            await self._dead_idle(child)
             chan, theirs = Channel.pair()
             try:
                 seq = self._next_seq()
@@ -345,9 +367,9 @@ class CodeContext:
         return f.fields["value"]
 
     async def _request(self, req: dict[str, Any], kinds: tuple[str, ...]) -> proto.Frame:
-        await self._settle()
-        async with self._lock:
+        async with self._exclusive():
             child = self._check()
+            await self._dead_idle(child)
             seq = self._next_seq()
             req["seq"] = seq
             try:
