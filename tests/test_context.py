@@ -348,3 +348,15 @@ async def test_a_context_that_dies_between_calls_or_kills_its_template():
         assert ex.restarted, ex
         assert (await ctx.run("3 + 3")).result == "6"
         assert (await sb.run_python("4 + 4")).result == "8"
+
+
+async def test_large_results_are_shrunk_to_fit_not_a_broken_context():
+    async with zviz.open_sandbox(Policy.python()) as sb, sb.code_context() as ctx:
+        ex = await ctx.run("big = list(range(2_000_000))\nbig")  # a 16 MB repr
+        assert ex.ok and len(ex.result) < 1024**2 and ex.result.endswith("more characters not shown]")
+        ex = await ctx.run("display({'text/html': 'x' * 10_000_000}, raw=True)\nraise ValueError('y' * 10_000_000)")
+        assert ex.error.name == "ValueError" and len(ex.error.value) < 1024**2
+        assert len(ex.display) == 1 and len(ex.display[0]["text/html"]) < 1024**2
+        with pytest.raises(ValueError, match="over"):
+            await ctx.get_var("big")
+        assert (await ctx.run("len(big)")).result == "2000000"  # the context is fine

@@ -363,6 +363,8 @@ class CodeContext:
         if err is not None:
             if err.startswith("NameError"):
                 raise KeyError(name)
+            if err.startswith("TooLarge"):
+                raise ValueError(f"get_var({name!r}): the value's JSON is over {proto.MAX_JSON} bytes")
             raise TypeError(f"get_var({name!r}): {err[:300]}")
         return f.fields["value"]
 

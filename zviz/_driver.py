@@ -59,10 +59,50 @@ S = _State()
 # ---------------------------------------------------------------- frames
 
 
+# The host refuses (and breaks the context on) a frame over its caps
+# (zviz/_contextproto.py: 4 MiB of JSON, 32 MiB of blob): an honest driver
+# shrinks what it sends to fit instead.
+MAX_JSON = 4 * 1024**2 - 4096
+MAX_BLOB = 32 * 1024**2
+MAX_STR = 512 * 1024
+
+
+def _shrink(v):
+    if isinstance(v, str) and len(v) > MAX_STR:
+        return v[:MAX_STR] + f"... [{len(v) - MAX_STR} more characters not shown]"
+    if isinstance(v, dict):
+        return {k: _shrink(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_shrink(x) for x in v]
+    return v
+
+
+def _encode(obj):
+    return json.dumps(obj, separators=(",", ":"), default=repr, allow_nan=False).encode()
+
+
 def send(obj, blobs=()):
+    blobs = [(m, b) for m, b in blobs if len(b) <= MAX_BLOB]
     if blobs:
         obj = dict(obj, blobs=[[m, len(b)] for m, b in blobs])
-    js = json.dumps(obj, separators=(",", ":"), default=repr).encode()
+    try:
+        js = _encode(obj)
+    except ValueError:  # NaN in a display's JSON: not JSON
+        obj = dict(obj, data={"text/plain": "<a display item that is not JSON (NaN or Infinity)>"})
+        js = _encode(obj)
+    if len(js) > MAX_JSON:
+        js = _encode(_shrink(obj))
+    if len(js) > MAX_JSON:
+        kind = obj.get("t")
+        note = f"<too large to send: {len(js)} bytes of JSON>"
+        if kind == "display":
+            obj, blobs = {"t": "display", "seq": obj["seq"], "data": {"text/plain": note}}, []
+        elif kind == "done":
+            obj = dict(obj, result={"text/plain": note} if obj.get("result") else None,
+                       error=dict(obj["error"], traceback=[note]) if obj.get("error") else None)
+        elif kind == "value":
+            obj = dict(obj, value=None, error="TooLarge: " + note)
+        js = _encode(_shrink(obj))
     blob = b"".join(b for _, b in blobs)
     S.ctrl.sendall(HEADER.pack(len(js), len(blob)) + js + blob)
 
@@ -310,10 +350,11 @@ def context_main(ns, once):
                 continue
             try:
                 json.dumps(ns[name], allow_nan=False)
-                send({"t": "value", "seq": req["seq"], "value": ns[name], "error": None})
             except (TypeError, ValueError, RecursionError) as e:
                 send({"t": "value", "seq": req["seq"], "value": None,
                       "error": f"{name!r} is a {type(ns[name]).__name__}, not a JSON value ({e})"})
+                continue
+            send({"t": "value", "seq": req["seq"], "value": ns[name], "error": None})
         elif kind == "fork" and len(fds) == 1:
             pid = _fork(fds[0])
             if pid:
