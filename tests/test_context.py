@@ -360,3 +360,16 @@ async def test_large_results_are_shrunk_to_fit_not_a_broken_context():
         with pytest.raises(ValueError, match="over"):
             await ctx.get_var("big")
         assert (await ctx.run("len(big)")).result == "2000000"  # the context is fine
+
+
+async def test_a_failed_fork_keeps_the_template_and_its_contexts():
+    async with zviz.open_sandbox(Policy.python(limits=zviz.Limits(processes=8))) as sb:
+        made = []
+        with pytest.raises(CodeContextError, match="could not fork"):
+            for _ in range(10):
+                made.append(await sb.create_code_context())
+        assert made
+        await made[0].run("x = 1")
+        await made[-1].aclose()
+        assert (await made[0].run("x + 1")).result == "2"  # the template, and what it forked, live on
+        assert (await (await sb.create_code_context()).run("3")).result == "3"

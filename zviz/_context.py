@@ -66,11 +66,13 @@ class CodeContexts:
         self.contexts: set[CodeContext] = set()
 
     async def template(self, python: str, preload: tuple[str, ...], env: Mapping[str, str],
-                       *, fresh: bool = False) -> Template:
+                       *, dead: Template | None = None) -> Template:
+        """The template for this key (started on first use). `dead`: the one
+        found dead, replaced unless another caller already did."""
         key = (python, preload, tuple(sorted(env.items())))
         async with self._lock:
             tpl = self._templates.get(key)
-            if tpl is not None and fresh:
+            if tpl is not None and tpl is dead:
                 del self._templates[key]
                 tpl.close()
                 tpl.proc.kill()  # its contexts die with it (its run-init kills what is left)
@@ -279,13 +281,16 @@ class CodeContext:
             return False
         for fresh in (False, True):
             try:
-                if fresh:
+                if fresh:  # the template died (a cell may kill its parent): a new one, once
                     self._template = await self._registry.template(self._template.python, self.preload, self._env,
-                                                                   fresh=True)
+                                                                   dead=self._template)
                 self._child = await self._template.spawn(once=False, timeout=self._caps.reply_s)
                 return True
-            except (ChannelBroken, CodeContextError) as e:
+            except ChannelBroken as e:
                 reason = str(e)
+            except CodeContextError as e:  # the fork failed (e.g. the process limit): the template is fine
+                reason = str(e)
+                break
         self.broken = f"could not restart from the template ({reason})"
         return False
 
@@ -385,6 +390,11 @@ class CodeContext:
 
     async def aclose(self) -> None:
         """Kill the context's process tree and close its channel."""
+        child = self._child
+        if child is not None and not self.closed:
+            child.kill()
+            with anyio.CancelScope(shield=True), anyio.move_on_after(1.0):  # it no longer counts once it is dead
+                await anyio.wait_readable(child.pidfd.fd)
         self._close_now()
         await anyio.lowlevel.checkpoint()
 
@@ -418,7 +428,7 @@ async def create(registry: CodeContexts, *, python: str, preload: Sequence[str],
     try:
         child = await tpl.spawn(once=False, timeout=caps.reply_s)
     except ChannelBroken:  # the template died (e.g. a snippet killed it): once more with a fresh one
-        tpl = await registry.template(python, pre, env, fresh=True)
+        tpl = await registry.template(python, pre, env, dead=tpl)
         child = await tpl.spawn(once=False, timeout=caps.reply_s)
     return CodeContext(registry, tpl, child, preload=pre, env=env, caps=caps, timeout=timeout)
 
@@ -432,7 +442,7 @@ async def run_python(registry: CodeContexts, code: str, *, python: str, preload:
     try:
         child = await tpl.spawn(once=True, timeout=caps.reply_s)
     except ChannelBroken:
-        tpl = await registry.template(python, pre, env, fresh=True)
+        tpl = await registry.template(python, pre, env, dead=tpl)
         child = await tpl.spawn(once=True, timeout=caps.reply_s)
     ctx = CodeContext(registry, tpl, child, preload=pre, env=env, caps=caps, timeout=timeout, oneshot=True)
     try:

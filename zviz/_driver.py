@@ -442,6 +442,7 @@ def template_main(preload):
                 os.close(fd)
             send({"t": "ack", "seq": req.get("seq", -1), "error": "bad spawn request"})
             continue
+        _reap(kids)  # a child killed just now must not count against the process limit
         once = bool(req.get("once"))
         workdir = tempfile.mkdtemp(prefix="zviz-run-") if once else None
         try:

@@ -272,7 +272,9 @@ class Template:
         self._seq = 0
 
     async def spawn(self, *, once: bool, timeout: float) -> Child:
-        """Fork a context (or a one-shot run) off the template."""
+        """Fork a context (or a one-shot run) off the template. ChannelBroken
+        means the template is gone (replace it); CodeContextError that the
+        fork failed (the template lives on)."""
         chan, theirs = Channel.pair()
         try:
             async with self._lock:
@@ -285,8 +287,11 @@ class Template:
                     theirs.close()
                 ack = await wait_frame(self.chan, seq, ("ack",), timeout)
             if ack.fields["error"] is not None:
-                raise CodeContextError(f"the template could not fork: {ack.fields['error']}")
-            return await await_hello(chan, timeout, self.python)
+                raise CodeContextError(f"the template could not fork: {str(ack.fields['error'])[:200]}")
+            try:
+                return await await_hello(chan, timeout, self.python)
+            except ChannelBroken as e:  # the child's failure, not the template's: keep ChannelBroken for that
+                raise CodeContextError(f"the forked process did not start: {e}") from None
         except BaseException:
             chan.close()
             raise
