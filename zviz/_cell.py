@@ -245,6 +245,10 @@ class Cell:
 
     async def _lost(self, why: str) -> None:
         """The process is gone (or is killed now): report, and restart from the template."""
+        if self.ctx.closed:
+            self.close_fds()
+            self.ended.set()
+            raise CodeContextError("the code context was closed while its cell ran")
         self._drain()
         self.child.kill()
         with anyio.move_on_after(2.0):  # SIGKILL is delivered at once; dying takes a moment

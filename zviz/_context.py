@@ -271,20 +271,27 @@ class CodeContext:
             raise CodeContextError("the context's process had died (a signal or the memory limit); it was "
                                    "restarted from its template: every variable was lost")
 
+    def _closed_meanwhile(self) -> bool:
+        return self.closed  # (a call, so that a check made before an await is not taken as still true)
+
     async def _replace_child(self) -> bool:
         """After its process died or was killed: a fresh one from the template
         (a dead template is replaced once). False when that failed (broken)."""
         if self._child is not None:
             self._child.close()
             self._child = None
-        if self._oneshot:
+        if self._oneshot or self.closed:
             return False
         for fresh in (False, True):
             try:
                 if fresh:  # the template died (a cell may kill its parent): a new one, once
                     self._template = await self._registry.template(self._template.python, self.preload, self._env,
                                                                    dead=self._template)
-                self._child = await self._template.spawn(once=False, timeout=self._caps.reply_s)
+                child = await self._template.spawn(once=False, timeout=self._caps.reply_s)
+                if self._closed_meanwhile():  # aclose() while we waited
+                    child.close()
+                    return False
+                self._child = child
                 return True
             except ChannelBroken as e:
                 reason = str(e)
@@ -392,9 +399,13 @@ class CodeContext:
         """Kill the context's process tree and close its channel."""
         child = self._child
         if child is not None and not self.closed:
+            self.closed = True  # a cell in flight must not restart it
             child.kill()
-            with anyio.CancelScope(shield=True), anyio.move_on_after(1.0):  # it no longer counts once it is dead
-                await anyio.wait_readable(child.pidfd.fd)
+            # it no longer counts against the process limit once it is dead (polled: a
+            # cell's task may be waiting on the pidfd, and an fd takes one waiter)
+            with anyio.CancelScope(shield=True), anyio.move_on_after(1.0):
+                while child.alive():
+                    await anyio.sleep(0.002)
         self._close_now()
         await anyio.lowlevel.checkpoint()
 

@@ -51,6 +51,8 @@ class _State:
         self.twins = []  # forks of this context (reaped here)
         self.devnull = -1
         self.cell_no = 0
+        self.rbuf = bytearray()  # bytes of the host's next request
+        self.rfds = []  # fds that came with it
 
 
 S = _State()
@@ -107,25 +109,26 @@ def send(obj, blobs=()):
     S.ctrl.sendall(HEADER.pack(len(js), len(blob)) + js + blob)
 
 
-def _recv_exact(n, fds):
-    buf = bytearray()
-    while len(buf) < n:
-        data, anc, _flags, _addr = S.ctrl.recvmsg(n - len(buf), socket.CMSG_SPACE(16 * 4))
+def recv():
+    """(frame, fds) from the host; EOFError when it hung up. One recvmsg
+    per request in the common case. The kernel ends a read at a message
+    that carries fds, so fds always come with the first bytes of their frame."""
+    while True:
+        if len(S.rbuf) >= HEADER.size:
+            jlen, blen = HEADER.unpack_from(S.rbuf)
+            end = HEADER.size + jlen + blen
+            if len(S.rbuf) >= end:
+                js = bytes(S.rbuf[HEADER.size: HEADER.size + jlen])
+                del S.rbuf[:end]
+                fds, S.rfds = S.rfds, []
+                return json.loads(js), fds
+        data, anc, _flags, _addr = S.ctrl.recvmsg(262144, socket.CMSG_SPACE(16 * 4))
         for level, kind, blob in anc:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds.extend(array.array("i", blob[: len(blob) - len(blob) % 4]))
+                S.rfds.extend(array.array("i", blob[: len(blob) - len(blob) % 4]))
         if not data:
             raise EOFError
-        buf += data
-    return bytes(buf)
-
-
-def recv():
-    """(frame, fds) from the host; EOFError when it hung up."""
-    fds = []
-    jlen, blen = HEADER.unpack(_recv_exact(HEADER.size, fds))
-    body = _recv_exact(jlen + blen, fds)
-    return json.loads(body[:jlen]), fds
+        S.rbuf += data
 
 
 # ---------------------------------------------------------------- display
@@ -379,6 +382,7 @@ def _fork(ctrl_fd):
         if old is not None:
             os.close(old.detach())  # the parent's channel is not the twin's to write to
         S.twins = []
+        S.rbuf, S.rfds = bytearray(), []
         return 0
     os.close(ctrl_fd)
     return pid
