@@ -404,7 +404,7 @@ class CodeContext:
             # it no longer counts against the process limit once it is dead (polled: a
             # cell's task may be waiting on the pidfd, and an fd takes one waiter)
             with anyio.CancelScope(shield=True), anyio.move_on_after(1.0):
-                while child.alive():
+                while child.alive():  # noqa: ASYNC110 - no event to wait for: its pidfd may have a waiter
                     await anyio.sleep(0.002)
         self._close_now()
         await anyio.lowlevel.checkpoint()
