@@ -205,6 +205,10 @@ async def test_run_python_has_a_fresh_state_each_call():
         assert ex.ok, ex.error
         assert ex.result.startswith("(False, False, False, False, ")
         assert cwd not in ex.result
+        # like `python -c`: files left open are flushed, atexit handlers run, before the result
+        ex = await sb.run_python(f"import atexit\nf = open('{sb.workdir}/left-open', 'w')\nf.write('data')\n"
+                                 f"atexit.register(lambda: open('{sb.workdir}/atexit', 'w').write('ran'))")
+        assert ex.ok and await sb.read_file("left-open") == b"data" and await sb.read_file("atexit") == b"ran"
         ex = await sb.run_python("import sys\nsys.exit(4)")
         assert ex.error.name == "SystemExit"
         ex = await sb.run_python("import os\nos._exit(1)")

@@ -285,7 +285,24 @@ def _set_stdio(out_fd, err_fd):
     os.dup2(err_fd, 2)
 
 
-def do_exec(req, fds, ns):
+def _finalize(ns):
+    """What interpreter shutdown would do before a one-shot run's exit (it
+    ends with os._exit): drop its variables (files it left open are flushed
+    and closed), run atexit handlers, flush stdout and stderr."""
+    try:
+        S.in_cell = True
+        try:
+            ns.clear()
+            import atexit
+
+            atexit._run_exitfuncs()
+        finally:
+            S.in_cell = False
+    except BaseException:  # noqa: BLE001, S110 - its exit is next either way
+        pass
+
+
+def do_exec(req, fds, ns, once=False):
     S.seq = req["seq"]
     if len(fds) != 2:
         for fd in fds:
@@ -305,6 +322,8 @@ def do_exec(req, fds, ns):
             S.in_cell = False
     except KeyboardInterrupt as e:  # landed between the cell's end and in_cell = False
         interrupted, error = True, _error(type(e), e, None)
+    if once:
+        _finalize(ns)
     _set_stdio(S.devnull, S.devnull)
     send({"t": "done", "seq": S.seq, "result": result, "error": error, "interrupted": interrupted})
 
@@ -340,7 +359,7 @@ def context_main(ns, once):
         _reap(S.twins)
         kind = req.get("t")
         if kind == "exec":
-            do_exec(req, fds, ns)
+            do_exec(req, fds, ns, once)
             if once:
                 os._exit(0)
         elif kind == "set":
