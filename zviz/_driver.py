@@ -298,7 +298,7 @@ def _finalize(ns):
             atexit._run_exitfuncs()
         finally:
             S.in_cell = False
-    except BaseException:  # noqa: BLE001, S110 - its exit is next either way
+    except BaseException:  # noqa: BLE001 - its exit is next either way
         pass
 
 
