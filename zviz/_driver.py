@@ -439,6 +439,12 @@ def template_main(preload):
     send({"t": "hello", "v": VERSION, "python": sys.version.split()[0], "errors": errors})
     if errors:
         os._exit(3)
+    # What the preload made is shared by every fork: out of the collector's
+    # reach, a child's first collection does not write (copy) those pages.
+    import gc
+
+    gc.collect()
+    gc.freeze()
     kids = []
     dirs = {}
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
