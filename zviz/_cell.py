@@ -230,10 +230,25 @@ class Cell:
         if self.ctx._active is self:
             self.ctx._active = None
 
+    def _closed_under_us(self) -> CodeContextError:
+        self.close_fds()
+        self.ended.set()
+        return CodeContextError("the code context was closed while its cell ran")
+
+    async def _wait_dead(self, timeout: float) -> None:
+        """Up to `timeout` for the process to die (aclose() from another task
+        closes the pidfd under us: that is a CodeContextError)."""
+        if self.ctx.closed:
+            raise self._closed_under_us()
+        try:
+            with anyio.move_on_after(timeout):
+                await anyio.wait_readable(self.child.pidfd.fd)
+        except (anyio.ClosedResourceError, ValueError):
+            raise self._closed_under_us() from None
+
     async def _channel_broken(self, reason: str) -> None:
         # A dead process closes its channel too: that is a crash, not a hostile driver.
-        with anyio.move_on_after(0.2):
-            await anyio.wait_readable(self.child.pidfd.fd)
+        await self._wait_dead(0.2)
         if not self.child.alive():
             await self._lost("died (a crash, os._exit, a signal or the memory limit)")
             return
@@ -246,13 +261,10 @@ class Cell:
     async def _lost(self, why: str) -> None:
         """The process is gone (or is killed now): report, and restart from the template."""
         if self.ctx.closed:
-            self.close_fds()
-            self.ended.set()
-            raise CodeContextError("the code context was closed while its cell ran")
+            raise self._closed_under_us()
         self._drain()
         self.child.kill()
-        with anyio.move_on_after(2.0):  # SIGKILL is delivered at once; dying takes a moment
-            await anyio.wait_readable(self.child.pidfd.fd)
+        await self._wait_dead(2.0)  # SIGKILL is delivered at once; dying takes a moment
         restarted = await self.ctx._replace_child()
         what = "the context was restarted from its template: every variable was lost" if restarted else (
             "nothing was kept" if self.ctx._oneshot else f"and it could not restart ({self.ctx.broken})")

@@ -16,6 +16,11 @@ Roles:
 Frames: `>II` (JSON length, blob length), JSON, blob (see zviz/_contextproto.py).
 The host treats everything here as hostile; this file only has to be correct
 for honest cells.
+
+Why this module is long: it is one file on purpose. It is sent as the `-c`
+source of the sandbox's interpreter, which cannot import zviz (the package
+is not inside the sandbox), so the template, the contexts, the frames and
+the display code must all be here.
 """
 
 from __future__ import annotations
