@@ -57,10 +57,13 @@ def _driver_source() -> str:
 class CodeContexts:
     """A sandbox's templates and contexts (the sandbox owns one)."""
 
-    def __init__(self, start: Callable[[Sequence[str], Mapping[str, str], int], Awaitable[Any]],
-                 env: Mapping[str, str]) -> None:
-        self._start = start  # (argv, env, stdin fd) -> Process
-        self._env = dict(env)
+    def __init__(self, start: Callable[..., Awaitable[Any]], tmp: str) -> None:
+        self._start = start  # (argv, env=, stdin_fd=) -> Process: the sandbox's start, stdout to /dev/null
+        self._env = {
+            # matplotlib draws without a display, and keeps its cache off the workdir;
+            # one BLAS thread: templates fork, and idle thread pools cost memory
+            "MPLBACKEND": "Agg", "MPLCONFIGDIR": f"{tmp}/zviz-matplotlib",
+            "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         self._templates: dict[tuple[str, tuple[str, ...], tuple[tuple[str, str], ...]], Template] = {}
         self._lock = anyio.Lock()
         self.contexts: set[CodeContext] = set()
@@ -89,7 +92,7 @@ class CodeContexts:
         try:
             try:
                 proc = await self._start([python, "-c", _driver_source(), "template", json.dumps(list(preload))],
-                                         full, theirs.fd)
+                                         env=full, stdin_fd=theirs.fd)
             finally:
                 theirs.close()
         except BaseException:
@@ -420,6 +423,16 @@ class CodeContext:
 
 
 # ---------------------------------------------------------------- what the sandbox calls
+
+
+def arguments(python: str, env: Mapping[str, str] | None, output_cap: int | None, timeout: float) -> dict[str, Any]:
+    """The checked keyword arguments of `create`/`run_python`."""
+    if not isinstance(python, str) or not python:
+        raise TypeError("python must be a command or path, e.g. 'python3' or a venv's bin/python")
+    if env and any(not isinstance(k, str) or not isinstance(v, str) for k, v in env.items()):
+        raise TypeError("env must map str to str")
+    caps = Caps() if output_cap is None else Caps(output=int(output_cap))
+    return dict(python=python, env=dict(env or {}), caps=caps, timeout=timeout)
 
 
 def check_preload(preload: Sequence[str]) -> tuple[str, ...]:

@@ -74,12 +74,8 @@ class Sandbox:
         self._monitor_sid = 0
         self._syscalls_final: dict[str, int] | None = None
         self._errors_final: dict[tuple[str, str], int] | None = None
-        tmp = dict(plan.env).get("TMPDIR", "/tmp")
-        self._contexts = _context.CodeContexts(self._start_template, {
-            # matplotlib draws without a display, and keeps its cache off the workdir;
-            # one BLAS thread: templates fork, and idle thread pools cost memory
-            "MPLBACKEND": "Agg", "MPLCONFIGDIR": f"{tmp}/zviz-matplotlib",
-            "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+        self._contexts = _context.CodeContexts(functools.partial(self._start, stdin=False, stdout=False, stderr=True),
+                                               dict(plan.env).get("TMPDIR", "/tmp"))
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"{len(self._procs)} running"
@@ -228,27 +224,17 @@ class Sandbox:
 
     # ---- code contexts (zviz/_context.py)
 
-    async def _start_template(self, argv: Sequence[str], env: Mapping[str, str], stdin_fd: int) -> Process:
-        return await self._start(argv, env=env, stdin=False, stdout=False, stderr=True, stdin_fd=stdin_fd)
-
     def _context_args(self, python: str, env: Mapping[str, str] | None, output_cap: int | None,
                       timeout: float | None) -> dict[str, Any]:
         self._check_open()
-        if not isinstance(python, str) or not python:
-            raise TypeError("python must be a command or path, e.g. 'python3' or a venv's bin/python")
-        if env and any(not isinstance(k, str) or not isinstance(v, str) for k, v in env.items()):
-            raise TypeError("env must map str to str")
-        caps = _context.Caps() if output_cap is None else _context.Caps(output=int(output_cap))
-        return dict(python=python, env=dict(env or {}), caps=caps, timeout=self._timeout(timeout))
+        return _context.arguments(python, env, output_cap, self._timeout(timeout))
 
     async def create_code_context(self, *, preload: Sequence[str] = (), python: str = "python3",
                                   env: Mapping[str, str] | None = None, timeout: float | None = None,
                                   output_cap: int | None = None) -> CodeContext:
-        """A persistent Python (variables, imports and cwd live on between
-        cells), forked off this sandbox's template interpreter for `python`
-        and `preload` (started on first use). `timeout` is each cell's
-        default (the policy's `limits.wall_s`); `output_cap` the bytes kept per
-        stream per cell. Close it with `aclose()` (or use `code_context`)."""
+        """A persistent Python forked off this sandbox's template for `python`
+        and `preload` (docs/code-contexts.md). `timeout`: each cell's default
+        (`limits.wall_s`); `output_cap`: bytes kept per stream per cell."""
         return await _context.create(self._contexts, preload=preload,
                                      **self._context_args(python, env, output_cap, timeout))
 
@@ -267,9 +253,8 @@ class Sandbox:
     async def run_python(self, code: str, *, preload: Sequence[str] = (), timeout: float | None = None,
                          python: str = "python3", env: Mapping[str, str] | None = None,
                          output_cap: int | None = None) -> Execution:
-        """Run `code` in a fresh state forked off the template (which has
-        imported `preload` once), in a fresh working directory: nothing of one
-        call is seen by the next."""
+        """Run `code` in a fresh fork of the template (which imported `preload`
+        once), in a fresh directory: nothing of one call is seen by the next."""
         return await _context.run_python(self._contexts, code, preload=preload,
                                          **self._context_args(python, env, output_cap, timeout))
 
