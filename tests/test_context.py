@@ -374,6 +374,8 @@ async def test_a_failed_fork_keeps_the_template_and_its_contexts():
                 made.append(await sb.create_code_context())
         assert made
         await made[0].run("x = 1")
+        with pytest.raises(CodeContextError, match="fork failed"):  # a context's own fork, refused the same way
+            await made[0].fork()
         await made[-1].aclose()
         assert (await made[0].run("x + 1")).result == "2"  # the template, and what it forked, live on
         assert (await (await sb.create_code_context()).run("3")).result == "3"

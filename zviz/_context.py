@@ -21,6 +21,7 @@ import contextlib
 import functools
 import json
 import pathlib
+import select
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
@@ -339,12 +340,7 @@ class CodeContext:
                     await child.chan.send(proto.encode({"t": "fork", "seq": seq}), [theirs.fd])
                 finally:
                     theirs.close()
-                try:
-                    ack = await wait_frame(child.chan, seq, ("ack",), self._caps.reply_s)
-                except ChannelBroken as e:
-                    raise self._break(str(e)) from None
-                if ack.fields["error"] is not None:
-                    raise CodeContextError(f"fork failed: {str(ack.fields['error'])[:200]}")
+                await self._fork_answer(child, chan, seq)
                 try:
                     twin_child = await await_hello(chan, self._caps.reply_s, child.python)
                 except ChannelBroken as e:
@@ -356,6 +352,34 @@ class CodeContext:
                                caps=self._caps, timeout=self._timeout)
             twin._seq = self._seq
             return twin
+
+    async def _fork_answer(self, child: Child, chan: Channel, seq: int) -> None:
+        """Wait for the twin's first bytes on its channel, or the parent's
+        refusal (a failed fork) on its own: whichever comes first."""
+        ep = select.epoll()
+        try:
+            ep.register(child.chan.fileno(), select.EPOLLIN)
+            ep.register(chan.fileno(), select.EPOLLIN)
+            with anyio.move_on_after(self._caps.reply_s):
+                while True:
+                    ready = {fd for fd, _ in ep.poll(0)}
+                    if chan.fileno() in ready:  # a refusal is sent before the twin's end closes: look first
+                        ready.add(child.chan.fileno())
+                    if child.chan.fileno() in ready:
+                        try:
+                            frames = child.chan.read()
+                        except ChannelBroken as e:
+                            raise self._break(str(e)) from None
+                        for f in frames:
+                            if f.kind == "ack" and f.fields.get("seq") == seq:
+                                raise CodeContextError(f"fork failed: {str(f.fields['error'])[:200]}")
+                    if chan.fileno() in ready:
+                        return
+                    await anyio.wait_readable(ep.fileno())
+            raise CodeContextError(f"fork: no answer from the context in {self._caps.reply_s:g} s")
+        finally:
+            anyio.notify_closing(ep.fileno())
+            ep.close()
 
     async def set_vars(self, values: Mapping[str, Any]) -> None:
         """Set variables of the context from JSON values (dict, list, str,

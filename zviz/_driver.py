@@ -383,10 +383,14 @@ def context_main(ns, once):
                 continue
             send({"t": "value", "seq": req["seq"], "value": ns[name], "error": None})
         elif kind == "fork" and len(fds) == 1:
-            pid = _fork(fds[0])
+            try:
+                pid = _fork(fds[0])
+            except OSError as e:  # only a failure is answered here; success is the twin's hello
+                send({"t": "ack", "seq": req["seq"], "error": f"fork: {e}"})
+                os.close(fds[0])  # after the answer: the host reads it before this EOF
+                continue
             if pid:
                 S.twins.append(pid)
-                send({"t": "ack", "seq": req["seq"], "error": None})
             else:
                 send({"t": "hello", "v": VERSION, "python": sys.version.split()[0], "errors": {}})
         else:
