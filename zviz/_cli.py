@@ -1,4 +1,4 @@
-"""The command line: `zviz run`, `zviz check` and `zviz trace` (see _trace.py).
+"""The command line: `zviz run`, `zviz check`, `zviz gc` and `zviz trace` (see _trace.py).
 
 Every error is one line on stderr and a distinct exit status (docs/errors.md);
 `--debug` shows the traceback.
@@ -57,6 +57,12 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true", help="print the result record as JSON instead of passing stdio")
     r.add_argument("--monitor", action="store_true", help="attach the eBPF monitor (root, bcc)")
     r.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ARGS", help="the command")
+
+    g = sub.add_parser("gc", help="remove workdirs (and uid leases) that a dead zviz process left behind",
+                       description="Remove the workdirs of sandboxes whose host process is gone (crashed, "
+                       "killed), after killing whatever still runs as their host uid. Live sandboxes and kept "
+                       "workdirs are left alone. Only the caller's own workdirs (under $TMPDIR/zviz-<uid>).")
+    g.add_argument("--dry-run", action="store_true", help="only list what would be removed")
 
     c = sub.add_parser("check", help="what this host supports, and the fix for what is missing")
     c.add_argument("--json", action="store_true")
@@ -263,6 +269,21 @@ def _usable(fd: int) -> bool:
     return True
 
 
+def _gc(a: argparse.Namespace) -> int:
+    from . import _hostside, _ids, _workdir
+
+    found = _workdir.sweep(dry_run=a.dry_run, min_age=60.0, on_stale=_hostside.reclaim)
+    leases = _ids.sweep_leases(dry_run=a.dry_run)
+    verb = "would remove" if a.dry_run else "removed"
+    for s in found:
+        print(f"{verb} {s.path}" + (f" (owner was: {s.owner})" if s.owner else ""))
+    for path in leases:
+        print(f"{verb} uid lease {path}")
+    if not found and not leases:
+        print("nothing to remove")
+    return 0
+
+
 def _check(a: argparse.Namespace) -> int:
     from ._probe import bcc_status, probe
 
@@ -293,7 +314,8 @@ def _check(a: argparse.Namespace) -> int:
         ("memory cgroup per sandbox", (f"{mem_kind} under {mem_parent}" if mem_kind else mem_reason),
          mem_kind is not None),
         ("eBPF monitor (bcc)", why_bcc, ok_bcc),
-        ("running as", "root (sandboxes run as uid 65534)" if f.is_root else f"uid {os.geteuid()}", True),
+        ("running as", "root (each sandbox runs as a host uid of its own)" if f.is_root else f"uid {os.geteuid()}",
+         True),
     ]
     w = max(len(r[0]) for r in rows)
     for name, val, good in rows:
@@ -323,6 +345,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if a.cmd == "check":
             return _check(a)
+        if a.cmd == "gc":
+            return _gc(a)
         import trio
 
         if a.cmd == "run":

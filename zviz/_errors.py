@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno as _errno
 import os
+from typing import ClassVar
 
 
 class ZvizError(Exception):
@@ -77,6 +78,32 @@ class CommandNotFoundError(SandboxSetupError, FileNotFoundError):
             hint = (f"not found in PATH={searched!r} of the policy's environment; give an absolute "
                     "path or add its directory to the policy's read-only paths and env PATH")
         super().__init__("resolve-command", _errno.ENOENT, command, hint)
+
+
+class ResourceExhausted(SandboxSetupError):
+    """The host ran out of a resource zviz needs (file descriptors, processes,
+    memory): `.limit` names it and the message says how to raise it or how
+    to lower the load. Retrying later may succeed."""
+
+    # errno -> (the limit, the fix)
+    KNOWN: ClassVar[dict[int, tuple[str, str]]] = {
+        _errno.EMFILE: ("open files of this process (RLIMIT_NOFILE)",
+                        ("raise the soft limit (`ulimit -n`, resource.setrlimit(RLIMIT_NOFILE, ...)) or run fewer "
+                         "sandboxes at once (ZVIZ_MAX_SANDBOXES)")),
+        _errno.ENFILE: ("open files of the whole host (fs.file-max)",
+                        "raise the sysctl fs.file-max or run fewer sandboxes at once"),
+        _errno.EAGAIN: ("processes or threads (RLIMIT_NPROC, kernel.pid_max, kernel.threads-max, pids cgroup)",
+                        ("raise the limit that applies (`ulimit -u`, sysctl kernel.pid_max) or run fewer "
+                         "sandboxes at once")),
+        _errno.ENOMEM: ("memory", "free memory on the host or run fewer sandboxes at once"),
+    }
+
+    def __init__(self, step: str, err: int, path: str | None = None, *, limit: str | None = None,
+                 fix: str | None = None) -> None:
+        known_limit, known_fix = self.KNOWN.get(err, ("a host resource", "run fewer sandboxes at once"))
+        self.limit = limit or known_limit
+        fix = fix or known_fix
+        super().__init__(step, err, path, f"The host ran out of {self.limit}. Fix: {fix}")
 
 
 class SandboxClosedError(ZvizError, RuntimeError):

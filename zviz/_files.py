@@ -1,26 +1,18 @@
-"""The workdir on the host side: file transfer in and out, its owner, and its
-removal. The sandboxed code controls the workdir's contents and may plant
-symlinks, fifos or unreadable directories there: every open walks it without
-following a symlink, and removal survives what it finds."""
+"""The workdir on the host side: file transfer in and out, and what a
+workdir the caller gives must allow. The sandboxed code controls the
+workdir's contents and may plant symlinks, fifos or unreadable directories
+there: every open walks it without following a symlink. (Where workdirs live,
+who owns them and their removal: _workdir.py; the sandbox's host uid:
+_ids.py.)"""
 
 from __future__ import annotations
 
 import contextlib
 import errno
 import os
-import shutil
 import stat
-from typing import Any
 
-from . import _plan
 from ._errors import PolicyError, SandboxSetupError
-
-
-def host_uid() -> int:
-    """The host uid a sandbox of this caller runs as."""
-    if os.geteuid() == 0:
-        return _plan.NOBODY  # root's sandboxes run as nobody, with or without a user namespace
-    return os.geteuid()
 
 
 def open_beneath(workdir: str, relpath: str, flags: int, mode: int = 0o644) -> int:
@@ -45,8 +37,10 @@ def open_beneath(workdir: str, relpath: str, flags: int, mode: int = 0o644) -> i
         os.close(dirfd)
 
 
-def write_file(workdir: str, relpath: str, data: bytes | bytearray | memoryview, mode: int) -> None:
-    """`Sandbox.write_file` without the checkpoint."""
+def write_file(workdir: str, relpath: str, data: bytes | bytearray | memoryview, mode: int,
+               owner: tuple[int, int]) -> None:
+    """`Sandbox.write_file` without the checkpoint. `owner`: the sandbox's
+    host uid and gid (the file is made theirs)."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError("data must be bytes")
     if not isinstance(mode, int) or mode & ~0o777:
@@ -59,9 +53,8 @@ def write_file(workdir: str, relpath: str, data: bytes | bytearray | memoryview,
         view = memoryview(bytes(data))
         while view:
             view = view[os.write(fd, view):]
-        uid = host_uid()
-        if uid != os.geteuid():
-            os.fchown(fd, uid, uid)
+        if owner[0] != os.geteuid():
+            os.fchown(fd, owner[0], owner[1])
         os.fchmod(fd, mode)
     finally:
         os.close(fd)
@@ -91,29 +84,12 @@ def read_file(workdir: str, relpath: str, max_bytes: int) -> bytes:
 
 def check_workdir_reachable(path: str, uid: int) -> None:
     """The sandbox runs as `uid` on the host: it must be able to reach and
-    write its workdir (a root caller's sandboxes run as nobody)."""
+    write a workdir the caller gave (a root caller's sandbox has a host uid
+    of its own, a fresh one each time: _ids.py)."""
     # Its parents need not be reachable: the stage binds the workdir into the
     # sandbox's root while it still holds the caller's identity.
     st = os.stat(path)
     if uid != st.st_uid and not st.st_mode & 0o002:
-        raise PolicyError("workdir", path, f"a directory the sandbox's host uid {uid} can write "
-                          f"(zviz runs a root caller's sandboxes as nobody): chown {uid} {path}, or let zviz "
-                          "create a fresh workdir")
-
-
-def rmtree(path: str) -> None:
-    """Remove a workdir the sandbox may have made hostile (read-only dirs...)."""
-    def onerror(func: Any, p: str, exc: Any) -> None:
-        with contextlib.suppress(OSError):
-            os.chmod(os.path.dirname(p), 0o700)
-            if not os.path.islink(p):
-                os.chmod(p, 0o700)
-        with contextlib.suppress(OSError):
-            if os.path.isdir(p) and not os.path.islink(p):
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                os.unlink(p)
-
-    shutil.rmtree(path, onerror=onerror)
-    if os.path.exists(path):
-        shutil.rmtree(path, ignore_errors=True)
+        raise PolicyError("workdir", path, f"a directory the sandbox's host uid {uid} can write (a root caller's "
+                          "sandbox runs as a fresh uid of its own each time, see ZVIZ_HOST_IDS): make it writable "
+                          f"for all (chmod 1777 {path}), or let zviz create a fresh workdir")

@@ -4,6 +4,10 @@ Everything here returns owning objects (`OwnedFd`), never bare ints that could
 leak. The seccomp user-notification structures are packed and unpacked here
 (x86_64 layout, checked against SECCOMP_GET_NOTIF_SIZES at import of the
 supervisor).
+
+Why this module is long: it is every call into the kernel that the os module
+does not offer (ctypes, ioctls, the C stage), kept in one place on purpose so
+that raw fds have one owner.
 """
 
 from __future__ import annotations
@@ -417,20 +421,21 @@ def fd_cloexec(tid: int, fd: int) -> bool:
 
 
 def host_fd_shortage(step: str, err: OSError) -> OSError:
-    """An EMFILE/ENFILE met on the host side, as an error that names the limit
-    and the fix; any other error unchanged."""
+    """An EMFILE/ENFILE met on the host side, as `ResourceExhausted` that names
+    the limit and the fix; any other error unchanged."""
+    from ._errors import ResourceExhausted
+
     if err.errno == errno.EMFILE:
         import resource
 
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        return SandboxSetupError(step, errno.EMFILE, None,
-                                 f"this host process is out of file descriptors (RLIMIT_NOFILE soft limit {soft}, "
-                                 f"hard {hard}): raise it (`ulimit -n`, resource.setrlimit) or run fewer "
-                                 "sandboxes or connections at once")
+        return ResourceExhausted(step, errno.EMFILE, None,
+                                 limit=f"file descriptors of this process (RLIMIT_NOFILE soft limit {soft}, "
+                                 f"hard {hard})",
+                                 fix="raise it (`ulimit -n`, resource.setrlimit) or run fewer sandboxes or "
+                                 "connections at once (ZVIZ_MAX_SANDBOXES)")
     if err.errno == errno.ENFILE:
-        return SandboxSetupError(step, errno.ENFILE, None,
-                                 "the host is out of file descriptors system-wide (sysctl fs.file-max): raise it "
-                                 "or run fewer sandboxes at once")
+        return ResourceExhausted(step, errno.ENFILE, None)
     return err
 
 
@@ -479,3 +484,13 @@ def umount_detach(path: str) -> None:
     """Lazily unmount PATH, never following a symlink there. Errors are
     ignored: teardown must not raise."""
     _libc().umount2(os.fsencode(path), MNT_DETACH | UMOUNT_NOFOLLOW)
+
+
+# ---------------------------------------------------------------- by uid
+
+
+def kill_uid(uid: int, gid: int) -> bool:
+    """SIGKILL every process whose real or saved uid is `uid` (a sandbox's own
+    host uid: nothing else runs as it). One pass suffices: see _stage.c.
+    Returns whether anything was signalled."""
+    return bool(_stage.kill_uid(uid, gid))

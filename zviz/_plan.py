@@ -104,6 +104,7 @@ class Host:
     rlimit_hard: Mapping[str, int]  # RLIMIT name -> current hard limit
     memory_cgroup: bool = False  # a per-sandbox memory cgroup was made for this sandbox
     memory_cgroup_reason: str = "not probed"  # why not, when not
+    sandbox_ids: tuple[int, int] = (NOBODY, NOBODY)  # a root caller's sandbox's own host uid/gid (zviz/_ids.py)
 
 
 @attrs.frozen(kw_only=True)
@@ -444,6 +445,10 @@ def plan_sandbox(policy: Policy, host: Host, *, workdir: str,
             degraded.append(f"{name} namespace off (needs a user namespace or root)"
                             + (": the sandbox can bind the host's abstract unix socket names and read the "
                                "host's interfaces through AF_UNIX socket ioctls" if name == "net" else ""))
+    if not flags & _linux.CLONE_NEWPID:
+        degraded.append("no pid namespace: teardown kills the sandbox's processes by its own host uid" if is_root else
+                        "no pid namespace: a process that leaves the process group (setsid) can outlive teardown "
+                        "(run as root for a per-sandbox uid, or keep namespaces.pid)")
     if policy.net.mode in ("loopback", "allow") and not flags & _linux.CLONE_NEWNET:
         # checked here, not in Policy: a policy's validity must not depend on who builds it
         fix = "a host where network namespaces can be created (user namespaces, or root)"
@@ -454,7 +459,7 @@ def plan_sandbox(policy: Policy, host: Host, *, workdir: str,
     uid_map: str | None
     gid_map: str | None
     if userns:
-        host_uid, host_gid = (NOBODY, NOBODY) if is_root else (host.euid, host.egid)
+        host_uid, host_gid = host.sandbox_ids if is_root else (host.euid, host.egid)
         uid_map = f"{SANDBOX_UID} {host_uid} 1\n"
         gid_map = f"{SANDBOX_UID} {host_gid} 1\n"
         uid = gid = SANDBOX_UID
@@ -462,9 +467,9 @@ def plan_sandbox(policy: Policy, host: Host, *, workdir: str,
         drop_groups = is_root
         creds_late = False
     elif is_root:
-        host_uid = host_gid = NOBODY
+        host_uid, host_gid = host.sandbox_ids
         uid_map = gid_map = None
-        uid = gid = NOBODY
+        uid, gid = host.sandbox_ids
         deny_setgroups, drop_groups, creds_late = False, True, True
     else:
         host_uid, host_gid = host.euid, host.egid

@@ -189,10 +189,23 @@ class Process:
 # ---------------------------------------------------------------- what the sandbox does with one
 
 
-async def watchdog(proc: Process, timeout: float) -> None:
-    """Kill `proc` after `timeout` seconds (a task of the sandbox's group)."""
-    with anyio.CancelScope() as scope:
-        proc._watchdog = scope  # cancelled when the process is reaped
+def arm_watchdog(proc: Process) -> anyio.CancelScope:
+    """The watchdog's scope, made before its task runs: a process reaped
+    before the task first runs has already cancelled it (else the task would
+    sleep the whole timeout, holding the sandbox's task group open)."""
+    scope = anyio.CancelScope()
+    proc._watchdog = scope  # cancelled when the process is reaped
+    if proc._status is not None:
+        scope.cancel()
+    return scope
+
+
+async def watchdog(proc: Process, timeout: float, scope: anyio.CancelScope) -> None:
+    """Kill `proc` after `timeout` seconds (a task of the sandbox's group;
+    `scope` from arm_watchdog)."""
+    with scope:
+        if proc._status is not None:
+            return
         await anyio.sleep(timeout)
         if proc._status is None:
             proc.timed_out = True

@@ -23,7 +23,6 @@ import resource
 import shutil
 import socket
 import stat
-import tempfile
 import time
 import warnings
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -33,7 +32,7 @@ import anyio
 import anyio.abc
 import attrs
 
-from . import _bpf, _context, _disk, _files, _kernel, _linux, _plan, _probe, _process
+from . import _bpf, _capacity, _context, _disk, _files, _hostside, _kernel, _linux, _plan, _probe, _process, _workdir
 from ._context import CodeContext
 from ._errors import CommandNotFoundError, PolicyError, SandboxClosedError, ZvizWarning
 from ._events import EventLog, EventsMissed
@@ -53,9 +52,10 @@ class Sandbox:
     `open_sandbox`; no public constructor."""
 
     def __init__(self, policy: Policy, workdir: str, plan: _plan.SandboxPlan, runner: Runner, tally: Tally,
-                 resources: HostResources, trace: Any = None) -> None:
+                 resources: HostResources, trace: Any = None, host_ids: tuple[int, int] | None = None) -> None:
         self.policy = policy
         self.workdir = workdir
+        self._host_ids = host_ids or (os.geteuid(), os.getegid())  # who it is on the host (_ids.py)
         self._resources = resources  # the memory cgroup and the size-capped workdir (open_sandbox releases them)
         self._plan = plan
         self._runner = runner
@@ -112,10 +112,11 @@ class Sandbox:
         policy's `limits.wall_s`; `math.inf` for none) kills it when it runs
         out; `Process.timed_out` then says so."""
         timeout = self._timeout(timeout)
-        proc = await self._start(argv, env=env, stdin=stdin, stdout=stdout, stderr=stderr)
+        with _capacity.exhaustion_as_error("spawn"):
+            proc = await self._start(argv, env=env, stdin=stdin, stdout=stdout, stderr=stderr)
         if timeout != float("inf"):
             assert self._tg is not None
-            self._tg.start_soon(_process.watchdog, proc, timeout)
+            self._tg.start_soon(_process.watchdog, proc, timeout, _process.arm_watchdog(proc))
         return proc
 
     def _timeout(self, timeout: float | None) -> float:
@@ -216,7 +217,8 @@ class Sandbox:
         if stdin is not None and not isinstance(stdin, (bytes, bytearray, memoryview)):
             raise TypeError("stdin must be bytes or None")
         timeout = self._timeout(timeout)
-        proc = await self._start(argv, env=env, stdin=bool(stdin), stdout=True, stderr=True)
+        with _capacity.exhaustion_as_error("spawn"):
+            proc = await self._start(argv, env=env, stdin=bool(stdin), stdout=True, stderr=True)
         return await _process.run_to_end(proc, bytes(stdin or b""), timeout=timeout,
                                          output_cap=self.policy.limits.output,
                                          cpu_limit_s=self.policy.limits.cpu_s, tally=self._tally,
@@ -285,7 +287,7 @@ class Sandbox:
         """Write `data` to `relpath` in the workdir (parents created). `mode`
         0o755 makes it executable; set-id bits are refused."""
         self._check_open()
-        _files.write_file(self.workdir, relpath, data, mode)
+        _files.write_file(self.workdir, relpath, data, mode, self._host_ids)
         await anyio.lowlevel.checkpoint()
 
     async def read_file(self, relpath: str, *, max_bytes: int = 64 * 1024**2) -> bytes:
@@ -335,7 +337,8 @@ class Sandbox:
 
 
 def _prepare(policy: Policy, workdir: str, owns_workdir: bool, features: _probe.KernelFeatures, trace: Any,
-             zygote_allowed: bool, tally: Tally, resources: HostResources) -> tuple[_plan.SandboxPlan, Runner]:
+             zygote_allowed: bool, tally: Tally, resources: HostResources,
+             host_ids: tuple[int, int]) -> tuple[_plan.SandboxPlan, Runner]:
     """Plan the sandbox once (it does not depend on the command) and make
     its Runner. Planning now also reports degraded layers once, and fails early."""
     f = features
@@ -361,7 +364,7 @@ def _prepare(policy: Policy, workdir: str, owns_workdir: bool, features: _probe.
     resources.create_cgroup(policy.limits.memory)
     host = _plan.Host(features=f, euid=os.geteuid(), egid=os.getegid(), is_dir=is_dir, links=links,
                       rlimit_hard=hard, memory_cgroup=resources.cgroup is not None,
-                      memory_cgroup_reason=resources.cgroup_reason)
+                      memory_cgroup_reason=resources.cgroup_reason, sandbox_ids=host_ids)
     notify = f.seccomp_notify
     seccomp_flags = 0
     if notify:
@@ -394,8 +397,6 @@ def _prepare(policy: Policy, workdir: str, owns_workdir: bool, features: _probe.
                           stacklevel=4)
         if probe_plan.disk is not None and owns_workdir:
             resources.mount_disk(probe_plan.disk, probe_plan.host_uid, probe_plan.host_gid)
-        if owns_workdir and probe_plan.host_uid != os.geteuid():
-            os.chown(workdir, probe_plan.host_uid, probe_plan.host_gid)
     except BaseException:
         runner.close()
         raise
@@ -435,61 +436,65 @@ async def open_sandbox(policy: Policy | None = None, *, workdir: str | os.PathLi
     if not isinstance(policy, Policy):
         raise PolicyError("policy", policy, "a zviz.Policy")
     features = _probe.probe()
-    owns = workdir is None
-    _disk.check(policy.fs.disk, owns_workdir=owns, keep_workdir=keep_workdir)
-    if workdir is None:
-        # the real path: the stage binds it following no symlink
-        path = os.path.realpath(tempfile.mkdtemp(prefix="zviz-"))  # noqa: ASYNC240 - a fresh local dir
-    else:
+    given = None
+    if workdir is not None:
         # (a local stat or two before anything runs: not worth a worker thread)
-        path = os.path.realpath(os.fspath(workdir))  # noqa: ASYNC240
-        if not os.path.isdir(path):  # noqa: ASYNC240
+        given = os.path.realpath(os.fspath(workdir))  # noqa: ASYNC240 - the stage binds the real path
+        if not os.path.isdir(given):  # noqa: ASYNC240
             raise PolicyError("workdir", os.fspath(workdir), "an existing directory")
-        if os.geteuid() == 0:
-            _files.check_workdir_reachable(path, _plan.NOBODY)
-    sb: Sandbox | None = None
-    resources = HostResources(path, policy.fs.disk)
-    # The caller's exception is carried past our task group and re-raised as
-    # itself: a body that raises ValueError raises ValueError, not a group.
-    body_exc: BaseException | None = None
-    try:
-        tally = Tally()
-        plan, runner = _prepare(policy, path, owns, features, _trace, bool(_zygote), tally, resources)
-        sb = Sandbox(policy, path, plan, runner, tally, resources, trace=_trace)
-        async with contextlib.AsyncExitStack() as stack:
-            if monitor:
-                from .ebpf import _attach_monitor
+    owns = given is None
+    _disk.check(policy.fs.disk, owns_workdir=owns, keep_workdir=keep_workdir)
+    walk = _workdir.sandbox_walks(policy.namespaces.mount, (*policy.fs.read_only, *policy.fs.read_write))
+    # slot, host uid, workdir: given back on every way out, after all below (_hostside.py)
+    async with _hostside.host_side(given, keep_workdir, walk) as side:
+        path, host_ids = side.path, (side.lease.uid, side.lease.gid)
+        if given is not None and side.lease.uid != os.geteuid():
+            _files.check_workdir_reachable(given, side.lease.uid)
+        sb: Sandbox | None = None
+        resources = HostResources(path, policy.fs.disk)
+        # The caller's exception is carried past our task group and re-raised as
+        # itself: a body that raises ValueError raises ValueError, not a group.
+        body_exc: BaseException | None = None
+        try:
+            tally = Tally()
+            with _capacity.exhaustion_as_error("prepare"):
+                plan, runner = _prepare(policy, path, owns, features, _trace, bool(_zygote), tally, resources,
+                                        host_ids)
+            # a pid namespace dies with its init: no kill by uid at teardown then
+            side.pid_namespace = bool(plan.clone_flags & _linux.CLONE_NEWPID)
+            sb = Sandbox(policy, path, plan, runner, tally, resources, trace=_trace, host_ids=host_ids)
+            async with contextlib.AsyncExitStack() as stack:
+                if monitor:
+                    from .ebpf import _attach_monitor
 
-                await stack.enter_async_context(_attach_monitor(sb, monitor))
-            endpoints = _resolve_endpoints(policy)
-            async with anyio.create_task_group() as tg:
-                # The supervisor serves each spawn's listener in a task of this
-                # group; it is live as soon as the group is.
-                sup = Supervisor(allowed_endpoints=endpoints, net_allow=policy.net.mode == "allow",
-                                 on_event=sb._events.add, task_group=tg,
-                                 learner=_trace.learn if _trace is not None and _trace.learning else None,
-                                 on_done=tally.fold)
-                tg.start_soon(sup.run)
-                sb._tg = tg
-                sb._supervisor = sup
-                try:
+                    await stack.enter_async_context(_attach_monitor(sb, monitor))
+                endpoints = _resolve_endpoints(policy)
+                async with anyio.create_task_group() as tg:
+                    # The supervisor serves each spawn's listener in a task of this
+                    # group; it is live as soon as the group is.
+                    sup = Supervisor(allowed_endpoints=endpoints, net_allow=policy.net.mode == "allow",
+                                     on_event=sb._events.add, task_group=tg,
+                                     learner=_trace.learn if _trace is not None and _trace.learning else None,
+                                     on_done=tally.fold)
+                    tg.start_soon(sup.run)
+                    sb._tg = tg
+                    sb._supervisor = sup
                     try:
-                        yield sb
-                    except BaseException as e:  # noqa: BLE001 - re-raised below, unwrapped
-                        body_exc = e
+                        try:
+                            yield sb
+                        except BaseException as e:  # noqa: BLE001 - re-raised below, unwrapped
+                            body_exc = e
+                        finally:
+                            with anyio.CancelScope(shield=True):
+                                await sb._aclose()
                     finally:
-                        with anyio.CancelScope(shield=True):
-                            await sb._aclose()
-                finally:
-                    sup.stop()
-        if body_exc is not None:
-            raise body_exc
-    finally:
-        body_exc = None  # no reference cycle through the traceback
-        if sb is not None:
-            sb._closed = True
-            sb._runner.close()  # idempotent: a failure before the task group leaves /dev/null open
-        with anyio.CancelScope(shield=True):
-            await resources.release()
-        if owns and not keep_workdir:
-            _files.rmtree(path)
+                        sup.stop()
+            if body_exc is not None:
+                raise body_exc
+        finally:
+            body_exc = None  # no reference cycle through the traceback
+            if sb is not None:
+                sb._closed = True
+                sb._runner.close()  # idempotent: a failure before the task group leaves /dev/null open
+            with anyio.CancelScope(shield=True):
+                await resources.release()

@@ -89,4 +89,8 @@ struct spawn_result {
  * (or failed). Does not touch Python: call it without the GIL. */
 void stage_spawn(struct plan *p, const struct parent_plan *pp, struct spawn_result *out);
 
+/* SIGKILL every process of `uid` (a sandbox's own host uid) by kill(-1) from
+ * a helper that takes it: 1 if any, 0 if none, -errno. Without the GIL. */
+long stage_kill_uid(unsigned int uid, unsigned int gid);
+
 #endif

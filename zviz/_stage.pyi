@@ -21,6 +21,9 @@ def notif_sizes() -> tuple[int, int, int]:
 def seccomp_action_avail(action: int, /) -> bool:
     """SECCOMP_GET_ACTION_AVAIL."""
 
+def kill_uid(uid: int, gid: int, /) -> int:
+    """SIGKILL every process of `uid` (kill(-1) from a helper that takes it): 1 if any, 0 if none."""
+
 STEPS: tuple[str | None, ...]
 LAYOUTS: dict[str, tuple[int, dict[str, int]]]
 MAX_RLIMITS: int

@@ -366,12 +366,34 @@ stage_seccomp_action_avail(PyObject *self, PyObject *args)
     return PyBool_FromLong(r == 0);
 }
 
+static PyObject *
+stage_kill_uid_py(PyObject *self, PyObject *args)
+{
+    unsigned int uid, gid;
+    long r;
+    if (!PyArg_ParseTuple(args, "II:kill_uid", &uid, &gid))
+        return NULL;
+    if (uid == 0 || gid == 0 || uid == (unsigned int)-1 || gid == (unsigned int)-1) {
+        PyErr_SetString(PyExc_ValueError, "kill_uid: refusing uid/gid 0 or -1");
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    r = stage_kill_uid(uid, gid);
+    Py_END_ALLOW_THREADS
+    if (r < 0) {
+        errno = (int)-r;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return PyLong_FromLong(r);
+}
+
 static PyMethodDef methods[] = {
     {"spawn", stage_spawn_py, METH_VARARGS, "spawn(spec, command) -> (pid, pidfd, listener): clone, set up, exec."},
     {"landlock_abi", stage_landlock_abi, METH_NOARGS, "Landlock ABI version, or -errno."},
     {"pidfd_getfd", stage_pidfd_getfd, METH_VARARGS, "Duplicate fd of the process behind pidfd."},
     {"notif_sizes", stage_notif_sizes, METH_NOARGS, "SECCOMP_GET_NOTIF_SIZES."},
     {"seccomp_action_avail", stage_seccomp_action_avail, METH_VARARGS, "SECCOMP_GET_ACTION_AVAIL."},
+    {"kill_uid", stage_kill_uid_py, METH_VARARGS, "SIGKILL every process of a uid (kill(-1) as that uid)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -325,8 +325,12 @@ class Supervisor:
         """Read the sockaddr (off the loop, bounded), decide, and if the
         endpoint is listed connect a socket of our own from the host's network
         and put it in place of the child's. Ended by stop(); abandoned as
-        soon as the notifying task is gone."""
+        soon as the notifying task is gone. stop() may come before this
+        task first runs (it cancels only the scopes it can see): then there is
+        nothing to do."""
         try:
+            if self._stopped:
+                return
             with anyio.CancelScope() as scope:
                 self._connects.add(scope)
                 try:

@@ -1,0 +1,131 @@
+"""Back-pressure on host resources: how many sandboxes one process keeps open
+at once, and host-resource exhaustion as an error that names itself.
+
+Each open sandbox holds file descriptors (its workdir marker, uid lease,
+zviz-init, /dev/null, the supervisor's epoll, the zygote's pidfd, control
+socket and seccomp listener) and each running command a few more (pidfd,
+three pipes, the status pipe, a listener without the zygote). A process that
+opens sandboxes without bound runs out of fds in the middle of a setup, where
+every failure costs a cleanup. So `open_sandbox` waits for a slot instead:
+
+    ZVIZ_MAX_SANDBOXES   open sandboxes per process (default: the soft
+                         RLIMIT_NOFILE // FDS_PER_SANDBOX, at least 1)
+
+Waiting is FIFO within an event loop; sandboxes opened from several threads'
+event loops share the bound (a waiter on another loop polls every 50 ms).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import errno
+import os
+import resource
+import threading
+from collections.abc import AsyncIterator, Iterator
+
+import anyio
+import anyio.lowlevel
+
+from ._errors import PolicyError, ResourceExhausted, SandboxSetupError
+
+ENV = "ZVIZ_MAX_SANDBOXES"
+# A sandbox with one running command holds 15 fds (measured: tests/test_capacity.py),
+# with streams being set up a few more; 24 leaves room for the caller's own.
+FDS_PER_SANDBOX = 24
+EXHAUSTION = (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN)
+
+
+def max_sandboxes() -> int:
+    text = os.environ.get(ENV, "")
+    if text:
+        if not text.isdigit() or int(text) < 1:
+            raise PolicyError(ENV, text, "a positive integer: how many sandboxes one process keeps open at once")
+        return int(text)
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    return max(1, soft // FDS_PER_SANDBOX)
+
+
+class _Waiter:
+    __slots__ = ("event", "token")
+
+    def __init__(self) -> None:
+        self.token = anyio.lowlevel.current_token()
+        self.event = anyio.Event()
+
+
+class _Gate:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.active = 0
+        self._waiters: collections.deque[_Waiter] = collections.deque()
+
+    def _try_enter(self, me: _Waiter | None) -> bool:
+        with self._lock:
+            if self.active < max_sandboxes() and (not self._waiters or self._waiters[0] is me):
+                if me is not None:
+                    self._waiters.popleft()
+                self.active += 1
+                return True
+            if me is not None and me not in self._waiters:
+                self._waiters.append(me)
+            return False
+
+    async def enter(self) -> None:
+        if self._try_enter(None):
+            return
+        me = _Waiter()
+        try:
+            while not self._try_enter(me):
+                with anyio.move_on_after(0.05):  # a slot freed on another thread's loop is polled
+                    await me.event.wait()
+                if me.event.is_set():
+                    me.event = anyio.Event()
+        except BaseException:
+            with self._lock, contextlib.suppress(ValueError):
+                self._waiters.remove(me)
+            raise
+
+    def leave(self) -> None:
+        with self._lock:
+            self.active -= 1
+            head = self._waiters[0] if self._waiters else None
+        if head is not None:
+            try:
+                same_loop = head.token == anyio.lowlevel.current_token()
+            except RuntimeError:
+                same_loop = False
+            if same_loop:
+                head.event.set()
+
+
+GATE = _Gate()
+
+
+@contextlib.asynccontextmanager
+async def slot() -> AsyncIterator[None]:
+    """One of the process's sandbox slots, for the life of a sandbox."""
+    await GATE.enter()
+    try:
+        yield
+    finally:
+        GATE.leave()
+
+
+@contextlib.contextmanager
+def exhaustion_as_error(step: str) -> Iterator[None]:
+    """A host resource that ran out (EMFILE, ENFILE, ENOMEM, EAGAIN) during a
+    setup step becomes `ResourceExhausted`, which names the limit and the fix."""
+    try:
+        yield
+    except ResourceExhausted:
+        raise
+    except OSError as e:
+        if e.errno not in EXHAUSTION:
+            raise
+        where = e.step if isinstance(e, SandboxSetupError) else step
+        path = e.path if isinstance(e, SandboxSetupError) else (e.filename if isinstance(e.filename, str) else None)
+        raise ResourceExhausted(where, e.errno, path) from e
