@@ -236,8 +236,20 @@ def child_pids() -> set[int]:
 
 
 def zviz_tempdirs() -> set[str]:
+    """zviz's workdirs under the temp dir: entries of the callers' private
+    parents (zviz-<uid>/sb-*, their markers, zviz-0-walk/sb-*), and anything
+    else named zviz-*."""
     base = tempfile.gettempdir()
-    return {n for n in os.listdir(base) if n.startswith("zviz-")}
+    out = set()
+    for n in os.listdir(base):
+        if not n.startswith("zviz-"):
+            continue
+        if n[5:].removesuffix("-walk").isdigit() and os.path.isdir(os.path.join(base, n)):
+            # (not the owner markers of processes: one per process, not per sandbox)
+            out |= {f"{n}/{e}" for e in os.listdir(os.path.join(base, n)) if not e.startswith(".owner-")}
+        else:
+            out.add(n)
+    return out
 
 
 class Snapshot:

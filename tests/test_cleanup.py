@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 
@@ -99,7 +100,7 @@ def test_host_killed_takes_the_sandbox_down(tmp_path):
                 await trio.sleep(1000)
         trio.run(main)
     """)
-    host = subprocess.Popen([sys.executable, "-c", prog])
+    host = subprocess.Popen([sys.executable, "-c", prog], env={**os.environ, "TMPDIR": tempfile.gettempdir()})
     try:
         deadline = time.monotonic() + 20
         while not marker.exists() or not marker.read_text():
@@ -117,6 +118,9 @@ def test_host_killed_takes_the_sandbox_down(tmp_path):
     finally:
         host.kill()
         host.wait()
+        from zviz import _workdir
+
+        _workdir.sweep()  # the dead host's workdir (zviz gc)
 
 
 def _alive(pid):
