@@ -5,7 +5,8 @@ import zviz
 PUBLIC = {
     "CodeContext", "CodeContextError", "CommandNotFoundError", "DenialEvent", "DisplayData", "Endpoint",
     "EventsMissed", "Execution", "ExecutionError", "FeatureUnavailable", "Filesystem", "KernelFeatures", "Limits",
-    "Namespaces", "Network", "Policy", "PolicyError", "Process", "ResourceExhausted", "RunResult", "SYSCALL_GROUPS", "Sandbox",
+    "Namespaces", "Network", "Policy", "PolicyError", "Process", "ResourceExhausted", "RunResult", "SYSCALL_GROUPS",
+    "Sandbox",
     "SandboxClosedError", "SandboxSetupError", "SandboxStatistics", "StreamOutput", "Syscalls",
     "UnsupportedKernelError", "ZvizError", "ZvizWarning", "open_sandbox", "probe_host",
 }
