@@ -87,6 +87,7 @@ from pathlib import Path
 import trio
 
 import zviz
+from zviz._sandbox import _open_sandbox
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -394,7 +395,7 @@ class Bench:
         return dt, r.stdout
 
     async def open_sb(self, stack: contextlib.AsyncExitStack, **kw: object) -> zviz.Sandbox:
-        sb = await stack.enter_async_context(zviz.open_sandbox(self.policy, **kw))
+        sb = await stack.enter_async_context(_open_sandbox(self.policy, **kw))
         for name, data in self.sources.items():
             await sb.write_file(name, data)
         return sb
@@ -416,7 +417,7 @@ class Bench:
         q = self.quick
         async with contextlib.AsyncExitStack() as stack:
             sb = await self.open_sb(stack)
-            full = await self.open_sb(stack, _zygote=False)  # info: one full spawn per command
+            full = await self.open_sb(stack, zygote=False)  # info: one full spawn per command
             wd = sb.workdir
 
             # W0: the brief's bare baseline is the plain trio.run_process; a

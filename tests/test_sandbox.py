@@ -207,7 +207,7 @@ async def test_started_process_has_a_wall_clock_limit():
         assert p.timed_out and p.limit == "wall_s"
         q = await sb.start(["sleep", "0.5"], timeout=math.inf)
         assert await q.wait() == 0 and not q.timed_out
-        with pytest.raises(zviz.PolicyError):
+        with pytest.raises(ValueError):
             await sb.start(["true"], timeout=0)
 
 
@@ -249,11 +249,11 @@ async def test_command_not_found_and_bad_arguments():
     async with zviz.open_sandbox(PYP) as sb:
         with pytest.raises(zviz.CommandNotFoundError, match="no-such-command"):
             await sb.run(["no-such-command"])
-        with pytest.raises(zviz.PolicyError):
+        with pytest.raises(ValueError):
             await sb.run([])
-        with pytest.raises(zviz.PolicyError):
+        with pytest.raises(ValueError):
             await sb.run(["echo", "a\0b"])
-        with pytest.raises(zviz.PolicyError):
+        with pytest.raises(ValueError):
             await sb.run(["echo"], timeout=-1)
         r = await sb.run(["/usr/bin/env"], env={"EXTRA": "1"})
         assert b"EXTRA=1" in r.stdout
@@ -279,7 +279,7 @@ async def test_closed_sandbox_refuses_use():
 @pytest.mark.trio
 async def test_given_workdir_is_kept_and_keep_workdir(tmp_path):
     if os.geteuid() == 0:
-        with pytest.raises(zviz.PolicyError, match="chmod 1777"):
+        with pytest.raises(ValueError, match="chown 65534"):
             async with zviz.open_sandbox(PYP, workdir=tmp_path):
                 pass
         tmp_path = _reachable_dir()
@@ -292,7 +292,7 @@ async def test_given_workdir_is_kept_and_keep_workdir(tmp_path):
         wd = sb.workdir
     assert os.path.isdir(wd)
     os.rmdir(wd)
-    with pytest.raises(zviz.PolicyError, match="workdir"):
+    with pytest.raises(ValueError, match="workdir"):
         async with zviz.open_sandbox(PYP, workdir="/nonexistent/dir"):
             pass
 

@@ -109,7 +109,7 @@ class Cell:
             owned.close()
         self.pipes = {}
         if self.ep is not None:
-            anyio.notify_closing(self.ep.fileno())  # a task waiting on it (the context was closed) wakes up
+            _kernel.notify_closing(self.ep.fileno())  # a task waiting on it (the context was closed) wakes up
             self.ep.close()
             self.ep = None
 

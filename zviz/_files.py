@@ -90,6 +90,31 @@ def check_workdir_reachable(path: str, uid: int) -> None:
     # sandbox's root while it still holds the caller's identity.
     st = os.stat(path)
     if uid != st.st_uid and not st.st_mode & 0o002:
-        raise PolicyError("workdir", path, f"a directory the sandbox's host uid {uid} can write (a root caller's "
-                          "sandbox runs as a fresh uid of its own each time, see ZVIZ_HOST_IDS): make it writable "
-                          f"for all (chmod 1777 {path}), or let zviz create a fresh workdir")
+        raise ValueError(f"workdir {path!r} must be a directory the sandbox's host uid {uid} can write "
+                          f"(zviz runs a root caller's sandboxes as nobody): chown {uid} {path}, or let zviz "
+                          "create a fresh workdir")
+
+
+def rmtree(path: str) -> None:
+    """Remove a workdir the sandbox may have made hostile (read-only dirs...)."""
+    def onerror(func: Any, p: str, exc: Any) -> None:
+        with contextlib.suppress(OSError):
+            os.chmod(os.path.dirname(p), 0o700)
+            if not os.path.islink(p):
+                os.chmod(p, 0o700)
+        with contextlib.suppress(OSError):
+            if os.path.isdir(p) and not os.path.islink(p):
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                os.unlink(p)
+
+    shutil.rmtree(path, onerror=onerror)
+    if os.path.exists(path):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+class Files:
+    """`Sandbox.files` (filled in below)."""
+
+    def __init__(self, sb: object) -> None:
+        self._sb = sb

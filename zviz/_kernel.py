@@ -15,11 +15,14 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import select
 import signal
 import struct
 from typing import Any
 
+import anyio
 import attrs
+import sniffio
 
 from . import _stage
 from ._errors import SandboxSetupError
@@ -67,6 +70,17 @@ class OwnedFd:
                 os.close(self._fd)
             except OSError:
                 pass
+
+
+def notify_closing(fd: int) -> None:
+    """`anyio.notify_closing(fd)` (a task waiting on `fd` wakes up) when an
+    event loop runs in this thread; with none (a teardown after the loop has
+    gone) there is no waiter to wake."""
+    try:
+        sniffio.current_async_library()
+    except sniffio.AsyncLibraryNotFoundError:
+        return
+    anyio.notify_closing(fd)
 
 
 def pipe(label: str) -> tuple[OwnedFd, OwnedFd]:
@@ -254,6 +268,65 @@ def pidfd_kill(pidfd: OwnedFd, sig: int = signal.SIGKILL) -> None:
         signal.pidfd_send_signal(pidfd.fd, sig)
     except ProcessLookupError:
         pass
+
+
+def pidfd_exited(pidfd: OwnedFd) -> bool:
+    """Has the process behind `pidfd` exited? (A poll with no timeout.)"""
+    p = select.poll()
+    p.register(pidfd.fd, select.POLLIN)
+    return bool(p.poll(0))
+
+
+def _stat_fields(pid: int) -> list[bytes] | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    return data[data.rindex(b")") + 2:].split()  # field 3 (state) onwards
+
+
+def child_pidfd(parent: int, parent_pidfd: OwnedFd) -> tuple[OwnedFd, int] | None:
+    """A pidfd of the first-started child of `parent` (a zviz-init: its child is
+    the program; later children are orphans of the run it adopted) and that
+    child's pid in its own (innermost) pid namespace; None if it has none.
+
+    Race-free against pid reuse: the child's pidfd is opened first, then its
+    /proc entry read, then both it and its parent checked alive: a process
+    alive before and after the read was the one /proc showed, and its parent
+    (whose pidfd we hold) cannot have been replaced while alive."""
+    if parent <= 0:
+        return None
+    try:
+        with open(f"/proc/{parent}/task/{parent}/children", "rb") as f:
+            kids = [int(x) for x in f.read().split()]
+    except (OSError, ValueError):
+        return None
+    ranked = []
+    for kid in kids:
+        fields = _stat_fields(kid)
+        if fields is not None and len(fields) > 19:
+            ranked.append((int(fields[19]), kid))  # starttime (field 22), then pid
+    for _start, kid in sorted(ranked):
+        try:
+            fd = OwnedFd(os.pidfd_open(kid), "program-pidfd")
+        except OSError:
+            continue
+        try:
+            fields = _stat_fields(kid)
+            nspid = None
+            with open(f"/proc/{kid}/status", "rb") as f:
+                for line in f:
+                    if line.startswith(b"NSpid:"):
+                        nspid = int(line.split()[-1])
+            alive = not pidfd_exited(fd) and not pidfd_exited(parent_pidfd)
+            if alive and fields is not None and int(fields[1]) == parent and nspid is not None:
+                return fd, nspid
+        except (OSError, ValueError):
+            pass
+        fd.close()
+        return None
+    return None
 
 
 def pidfd_getfd(pidfd: OwnedFd, target_fd: int) -> OwnedFd:

@@ -9,6 +9,7 @@ Sandbox that made it: what it needs from it comes in as values and callbacks
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import resource
 import select
@@ -37,12 +38,17 @@ class Hooks:
     # a zygote's run killed before its run-init cleaned up: wait until the
     # zygote has killed what it left (None for a full spawn)
     settle: Callable[[], Awaitable[None]] | None = None
+    tally: Tally | None = None  # where its stream bytes are counted when they close
 
 
 class Process:
     """A command running in a sandbox. Made by `Sandbox.start`; no public
-    constructor. `stdin`/`stdout`/`stderr` are streams (None when captured or
-    not piped)."""
+    constructor. An async context manager: leaving the block kills the
+    command (if still running), reaps it and closes its streams.
+
+    `stdin`/`stdout`/`stderr` are streams (anyio's ByteSendStream /
+    ByteReceiveStream and trio's SendStream / ReceiveStream), or None when
+    not requested; `stdin_stream()` etc. return them typed non-optional."""
 
     def __init__(self, argv: tuple[str, ...], spawned: _kernel.Spawned, account: RunAccount,
                  stdin: FdSendStream | None, stdout: FdReceiveStream | None, stderr: FdReceiveStream | None,
@@ -58,6 +64,9 @@ class Process:
         self.stdin = stdin
         self.stdout = stdout
         self.stderr = stderr
+        for st in (stdout, stderr):
+            if st is not None:
+                st.on_overflow = self._over_output
         self._listener_done = listener_done
         self._status_fd = status
         self._started = started
@@ -68,6 +77,38 @@ class Process:
         self.timed_out = False
         self.limit: str | None = None  # which policy limit ended it: wall_s, output
         self._watchdog: anyio.CancelScope | None = None
+        self._closed = False
+
+    async def __aenter__(self) -> Process:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        with anyio.CancelScope(shield=True):
+            await finish(self)
+
+    def stdin_stream(self) -> FdSendStream:
+        """`stdin`, typed non-optional; ValueError if it was not requested."""
+        if self.stdin is None:
+            raise ValueError("this process has no stdin stream: start(..., stdin=True)")
+        return self.stdin
+
+    def stdout_stream(self) -> FdReceiveStream:
+        """`stdout`, typed non-optional; ValueError if it was not requested."""
+        if self.stdout is None:
+            raise ValueError("this process has no stdout stream: start(..., stdout=True)")
+        return self.stdout
+
+    def stderr_stream(self) -> FdReceiveStream:
+        """`stderr`, typed non-optional; ValueError if it was not requested."""
+        if self.stderr is None:
+            raise ValueError("this process has no stderr stream: start(..., stderr=True)")
+        return self.stderr
+
+    def _over_output(self) -> None:
+        # Output past the policy's limit cannot be delivered: stop the flood at its source.
+        if self._status is None and self.limit is None:
+            self.limit = "output"
+            self.kill()
 
     def __repr__(self) -> str:
         state = "running" if self._status is None else f"exited status={self._status}"
@@ -83,7 +124,11 @@ class Process:
 
     @property
     def returncode(self) -> int | None:
-        """Like subprocess: exit code, -N when killed by signal N, None while running."""
+        """Like subprocess: exit code, -N when killed by signal N, None while
+        running. Polled: set as soon as the process has exited, without a
+        `wait()` (a look at its pidfd, no blocking)."""
+        if self._status is None:
+            self._poll()
         if self._status is None:
             return None
         if os.WIFSIGNALED(self._status):
@@ -94,9 +139,51 @@ class Process:
     def denials(self) -> Mapping[str, int]:
         return types.MappingProxyType(dict(self._account.denials))
 
+    def _poll(self) -> None:
+        if self._status is None and not self._pidfd.closed and _kernel.pidfd_exited(self._pidfd):
+            self._reap()
+
+    @property
+    def pid_in_sandbox(self) -> int | None:
+        """The program's pid as the sandbox sees it (`os.getpid()` inside);
+        None once it has exited."""
+        found = self._program()
+        if found is None:
+            return None
+        pidfd, nspid = found
+        pidfd.close()
+        return nspid
+
+    def _program(self) -> tuple[OwnedFd, int] | None:
+        """A pidfd of the program (the child of its zviz-init) and its pid in
+        the sandbox, or None when it is gone."""
+        if self._status is not None or self._pidfd.closed:
+            return None
+        return _kernel.child_pidfd(self.pid, self._pidfd)
+
+    def send_signal(self, sig: int) -> None:
+        """Send `sig` to the program (not to the zviz-init that runs it).
+        SIGKILL is `kill()`: the whole tree. No-op once it has exited."""
+        sig = signal.Signals(sig)
+        if sig == signal.SIGKILL:
+            self.kill()
+            return
+        found = self._program()
+        if found is None:
+            return
+        pidfd, _ = found
+        try:
+            _kernel.pidfd_kill(pidfd, sig)
+        finally:
+            pidfd.close()
+
+    def terminate(self) -> None:
+        """SIGTERM to the program (it may catch it); `kill()` cannot be caught."""
+        self.send_signal(signal.SIGTERM)
+
     def kill(self) -> None:
         """SIGKILL the command and everything it started (its pid namespace)."""
-        if self._status is None:
+        if self._status is None and not self._pidfd.closed:
             _kernel.pidfd_kill(self._pidfd)
             self._kill_group()
 
@@ -114,7 +201,10 @@ class Process:
         """Wait for exit; returns `returncode`. Once it returns, no process
         of the command is left."""
         if self._status is None:
-            await anyio.wait_readable(self._pidfd.fd)
+            try:
+                await anyio.wait_readable(self._pidfd.fd)
+            except anyio.ClosedResourceError:
+                pass  # reaped by another task meanwhile (returncode, wait, teardown)
             self._reap()
         await self._settle()
         rc = self.returncode
@@ -180,6 +270,17 @@ class Process:
         return self._maxrss
 
     def _close_streams(self) -> None:
+        if not self._closed:
+            self._closed = True
+            tally = self._hooks.tally
+            if tally is not None:
+                # run() counted its captured output itself (it reads the pipes directly)
+                if self.stdin is not None:
+                    tally.bytes["stdin"] += self.stdin.bytes_sent
+                if self.stdout is not None:
+                    tally.bytes["stdout"] += self.stdout.bytes_received
+                if self.stderr is not None:
+                    tally.bytes["stderr"] += self.stderr.bytes_received
         for s in (self.stdin, self.stdout, self.stderr):
             if s is not None:
                 s.close()
@@ -213,22 +314,20 @@ async def watchdog(proc: Process, timeout: float, scope: anyio.CancelScope) -> N
             proc.kill()
 
 
+OutputCallback = Callable[[bytes], "Awaitable[None] | None"]
+
+
 async def run_to_end(proc: Process, stdin: bytes, *, timeout: float, output_cap: int | None,
                      cpu_limit_s: float | None, tally: Tally,
-                     resource_limit: Callable[[int], str | None]) -> RunResult:
+                     resource_limit: Callable[[int], str | None], on_stdout: OutputCallback | None = None,
+                     on_stderr: OutputCallback | None = None) -> RunResult:
     """`Sandbox.run` once the process is started: feed, capture, time out,
     reap, and make the result. `resource_limit(status)` names a sandbox-wide
     limit (memory, disk) that ended it, if any."""
-    def over_output() -> None:
-        # Output past the limit cannot be delivered: stop the flood at its source.
-        if proc._status is None and proc.limit is None:
-            proc.limit = "output"
-            proc.kill()
-
-    out, err = Collector(output_cap, over_output), Collector(output_cap, over_output)
+    out, err = Collector(output_cap, proc._over_output), Collector(output_cap, proc._over_output)
     try:
         with anyio.move_on_after(timeout) as scope:
-            await _drive(proc, stdin, out, err)
+            await _drive(proc, stdin, out, err, on_stdout, on_stderr)
         if scope.cancelled_caught:
             proc.timed_out = True
             proc.limit = proc.limit or "wall_s"
@@ -240,8 +339,6 @@ async def run_to_end(proc: Process, stdin: bytes, *, timeout: float, output_cap:
             await finish(proc)
     tally.bytes["stdout"] += out.total
     tally.bytes["stderr"] += err.total
-    if proc.stdin is not None:
-        tally.bytes["stdin"] += proc.stdin.bytes_sent
     status = proc._status or 0
     if proc.limit is None:
         proc.limit = resource_limit(status)
@@ -257,7 +354,8 @@ async def run_to_end(proc: Process, stdin: bytes, *, timeout: float, output_cap:
     )
 
 
-async def _drive(proc: Process, data: bytes, out: Collector, err: Collector) -> None:
+async def _drive(proc: Process, data: bytes, out: Collector, err: Collector,
+                 on_stdout: OutputCallback | None = None, on_stderr: OutputCallback | None = None) -> None:
     """One task, one epoll set: feed stdin, drain stdout and stderr, and
     reap the process when its pidfd fires. Returns when it has exited and
     both pipes reached EOF (or 2 s after exit: without a pid namespace a
@@ -267,6 +365,11 @@ async def _drive(proc: Process, data: bytes, out: Collector, err: Collector) -> 
     try:
         pidfd = proc._pidfd.fd
         sinks = {proc.stdout._fd.fd: out, proc.stderr._fd.fd: err}
+        callbacks = {}
+        if on_stdout is not None:
+            callbacks[proc.stdout._fd.fd] = on_stdout
+        if on_stderr is not None:
+            callbacks[proc.stderr._fd.fd] = on_stderr
         for fd in sinks:
             ep.register(fd, select.EPOLLIN)
         ep.register(pidfd, select.EPOLLIN)
@@ -316,6 +419,11 @@ async def _drive(proc: Process, data: bytes, out: Collector, err: Collector) -> 
                         continue
                     if chunk:
                         sinks[fd].feed(chunk)
+                        cb = callbacks.get(fd)
+                        if cb is not None:
+                            res = cb(chunk)
+                            if inspect.isawaitable(res):
+                                await res
                     else:
                         ep.unregister(fd)
                         del sinks[fd]
@@ -330,6 +438,8 @@ async def finish(proc: Process) -> None:
     if proc._status is None:
         proc.kill()
     await proc.wait()
+    if proc._closed:
+        return
     await proc._hooks.flush()  # its denials' events are out
     if proc._listener_done is not None:
         # The listener hangs up once no task of its filter is left; the

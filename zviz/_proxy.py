@@ -13,28 +13,65 @@ import os
 from collections.abc import Callable
 
 import anyio
+import anyio.abc
+import trio
 
 from ._kernel import OwnedFd
 
 CHUNK = 65536
 
 
-class FdReceiveStream:
-    """Read end of a pipe. `receive_some()` returns b"" at EOF."""
+class FdReceiveStream(anyio.abc.ByteReceiveStream):
+    """Read end of a pipe: anyio's `ByteReceiveStream` (`receive()` raises
+    `anyio.EndOfStream` at EOF) and trio's `ReceiveStream` (`receive_some()`
+    returns b"" at EOF). With a `cap` (the policy's `limits.output`), bytes
+    past it are not delivered: `on_overflow` is called once (the sandbox kills
+    the process) and the stream ends there."""
 
-    def __init__(self, fd: OwnedFd) -> None:
+    def __init__(self, fd: OwnedFd, cap: int | None = None) -> None:
         os.set_blocking(fd.fd, False)
         self._fd = fd
+        self._cap = cap
+        self.bytes_received = 0
+        self.truncated = False
+        self.on_overflow: Callable[[], None] | None = None
 
-    async def receive_some(self, max_bytes: int = CHUNK) -> bytes:
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        """trio's ReceiveStream: at most `max_bytes` (default 64 KiB); b"" at EOF."""
+        if max_bytes is None:
+            max_bytes = CHUNK
+        if not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes < 1:
+            raise ValueError(f"max_bytes must be a positive int, not {max_bytes!r}")
         while True:
             if self._fd.closed:
                 raise anyio.ClosedResourceError("stream is closed")
+            if self.truncated:
+                await anyio.lowlevel.checkpoint()
+                return b""
             try:
-                return os.read(self._fd.fd, max_bytes)
+                data = os.read(self._fd.fd, max_bytes)
             except BlockingIOError:
-                pass
-            await anyio.wait_readable(self._fd.fd)
+                await anyio.wait_readable(self._fd.fd)
+                continue
+            if self._cap is not None and self.bytes_received + len(data) > self._cap:
+                data = data[: self._cap - self.bytes_received]
+                self.truncated = True
+                cb, self.on_overflow = self.on_overflow, None
+                if cb is not None:
+                    cb()
+            self.bytes_received += len(data)
+            await anyio.lowlevel.checkpoint()
+            if not data and not self.truncated:
+                return b""
+            if data:
+                return data
+
+    async def receive(self, max_bytes: int = CHUNK) -> bytes:
+        """anyio's ByteReceiveStream: at most `max_bytes`; `anyio.EndOfStream` at EOF."""
+        data = await self.receive_some(max_bytes)
+        if not data:
+            raise anyio.EndOfStream
+        return data
 
     def __aiter__(self) -> FdReceiveStream:
         return self
@@ -55,17 +92,19 @@ class FdReceiveStream:
             self._fd.close()
 
 
-class FdSendStream:
-    """Write end of a pipe. `send_all()` raises BrokenResourceError once the
-    sandboxed reader is gone."""
+class FdSendStream(anyio.abc.ByteSendStream):
+    """Write end of a pipe: anyio's `ByteSendStream` (`send()`) and trio's
+    `SendStream` (`send_all()`). Raises BrokenResourceError once the sandboxed
+    reader is gone."""
 
     def __init__(self, fd: OwnedFd) -> None:
         os.set_blocking(fd.fd, False)
         self._fd = fd
         self.bytes_sent = 0
 
-    async def send_all(self, data: bytes) -> None:
-        view = memoryview(data)
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        """trio's SendStream: write all of `data`."""
+        view = memoryview(data).cast("B")
         while view:
             if self._fd.closed:
                 raise anyio.ClosedResourceError("stream is closed")
@@ -82,6 +121,16 @@ class FdSendStream:
             view = view[n:]
         await anyio.lowlevel.checkpoint()
 
+    async def send(self, item: bytes) -> None:
+        """anyio's ByteSendStream: write all of `item`."""
+        await self.send_all(item)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        """trio's SendStream: return when the pipe has room."""
+        if self._fd.closed:
+            raise anyio.ClosedResourceError("stream is closed")
+        await anyio.wait_writable(self._fd.fd)
+
     async def aclose(self) -> None:
         self.close()
         await anyio.lowlevel.checkpoint()
@@ -90,6 +139,12 @@ class FdSendStream:
         if not self._fd.closed:
             anyio.notify_closing(self._fd.fd)
             self._fd.close()
+
+
+# trio's stream ABCs, by registration (their metaclass is ABCMeta like anyio's;
+# inheriting from both would mix two AsyncResource bases).
+trio.abc.ReceiveStream.register(FdReceiveStream)
+trio.abc.SendStream.register(FdSendStream)
 
 
 class Collector:

@@ -25,19 +25,22 @@ import socket
 import stat
 import time
 import warnings
-from collections.abc import AsyncIterator, Mapping, Sequence
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import anyio
 import anyio.abc
 import attrs
 
-from . import _bpf, _capacity, _context, _disk, _files, _hostside, _kernel, _linux, _plan, _probe, _process, _workdir
+from . import _args, _bpf, _context, _disk, _files, _kernel, _lifecycle, _linux, _plan, _probe, _process
+from ._args import OutputCallback
 from ._context import CodeContext
 from ._errors import CommandNotFoundError, PolicyError, SandboxClosedError, ZvizWarning
 from ._events import EventLog, EventsMissed
 from ._execution import Execution
 from ._kernel import OwnedFd
+from ._lifecycle import Life
 from ._policy import Policy
 from ._process import Hooks, Process
 from ._proxy import FdReceiveStream, FdSendStream
@@ -49,24 +52,21 @@ from ._supervisor import DenialEvent, RunAccount, Supervisor
 
 class Sandbox:
     """One sandbox: a workdir, a policy and a supervisor. Made by
-    `open_sandbox`; no public constructor."""
+    `Sandbox.create` or `open_sandbox`; no public constructor."""
 
-    def __init__(self, policy: Policy, workdir: str, plan: _plan.SandboxPlan, runner: Runner, tally: Tally,
-                 resources: HostResources, trace: Any = None, host_ids: tuple[int, int] | None = None) -> None:
+    def __init__(self, policy: Policy, workdir: str, plan: _plan.SandboxPlan, life: Life, resources: HostResources,
+                 trace: Any = None) -> None:
         self.policy = policy
         self.workdir = workdir
-        self._host_ids = host_ids or (os.geteuid(), os.getegid())  # who it is on the host (_ids.py)
-        self._resources = resources  # the memory cgroup and the size-capped workdir (open_sandbox releases them)
+        self._resources = resources  # the memory cgroup and the size-capped workdir (its Life releases them)
         self._plan = plan
-        self._runner = runner
-        self._tally = tally
+        self._life = life
+        self._runner = life.runner
+        self._tally = life.tally
         self._pid_ns = bool(plan.clone_flags & _linux.CLONE_NEWPID)
         self._degraded: tuple[str, ...] = plan.degraded
-        self._closed = False
-        self._procs: set[Process] = set()
-        self._tg: anyio.abc.TaskGroup | None = None  # set by open_sandbox, with the supervisor
-        self._supervisor: Supervisor | None = None
-        self._events: EventLog[DenialEvent] = EventLog()
+        self._procs = life.procs
+        self._events = life.events
         self._trace = trace  # zviz trace's settings (private)
         self._trace_record = trace.record if trace is not None else None
         # the eBPF monitor (zviz.ebpf) while attached; its last figures after
@@ -74,12 +74,46 @@ class Sandbox:
         self._monitor_sid = 0
         self._syscalls_final: dict[str, int] | None = None
         self._errors_final: dict[tuple[str, str], int] | None = None
-        self._contexts = _context.CodeContexts(functools.partial(self._start, stdin=False, stdout=False, stderr=True),
-                                               dict(plan.env).get("TMPDIR", "/tmp"))
+        self.files = _files.Files(self)
+        # The code contexts' registry: its Life closes it at every teardown, so it
+        # reaches this sandbox's _start only weakly (an unclosed sandbox stays collectable).
+        life.contexts = self._contexts = _context.CodeContexts(_weak_start(self), dict(plan.env).get("TMPDIR", "/tmp"))
+
+    @classmethod
+    async def create(cls, policy: Policy | None = None, *, workdir: str | os.PathLike[str] | None = None,
+                     keep_workdir: bool = False, monitor: bool | object = False) -> Sandbox:
+        """Open a sandbox and return it: `sb = await zviz.Sandbox.create(policy)`;
+        close it with `await sb.aclose()` from any task of the same event loop.
+        Same arguments as `open_sandbox`."""
+        return await _create(policy, workdir=workdir, keep_workdir=keep_workdir, monitor=monitor)
+
+    async def aclose(self) -> None:
+        """Kill every process, reap it, close every fd and remove the workdir
+        (unless kept). Idempotent; callable from any task of the sandbox's event
+        loop; when it returns (even cancelled) nothing of the sandbox is left."""
+        life = self._life
+        life.closing = True
+        life.close_requested.set()
+        with anyio.CancelScope(shield=True):
+            await life.done.wait()
+        err, life.error = life.error, None
+        if err is not None:
+            raise err
+
+    async def __aenter__(self) -> Sandbox:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else f"{len(self._procs)} running"
+        state = "closed" if self._life.closing else f"{len(self._procs)} running"
         return f"<zviz.Sandbox {self.policy.name} workdir={self.workdir!r} {state}>"
+
+    @property
+    def closed(self) -> bool:
+        """True once `aclose()` was called (or the sandbox's loop ended)."""
+        return self._life.closing
 
     @property
     def _zygote(self) -> Any:
@@ -87,8 +121,9 @@ class Sandbox:
         return self._runner.zygote
 
     def _check_open(self) -> None:
-        if self._closed:
-            raise SandboxClosedError("this sandbox is closed: use it inside its `async with open_sandbox(...)` block")
+        if self._life.closing:
+            raise SandboxClosedError("this sandbox is closed (aclose() was called, or its `async with` block or "
+                                     "event loop ended): open a new one")
 
     # ---- running commands
 
@@ -104,40 +139,37 @@ class Sandbox:
             raise CommandNotFoundError(cmd, env.get("PATH", ""))
         return found
 
-    async def start(self, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
-                    stdin: bool = True, stdout: bool = True, stderr: bool = True,
-                    timeout: float | None = None) -> Process:
+    async def start(self, argv: Sequence[str] | str, *, env: Mapping[str, str] | None = None,
+                    cwd: str | None = None, shell: bool = False, stdin: bool = True, stdout: bool = True,
+                    stderr: bool = True, timeout: float | None = None) -> Process:
         """Start a command with streaming stdio (`Process.stdin/stdout/stderr`).
-        Streams you do not ask for are /dev/null. `timeout` (default: the
-        policy's `limits.wall_s`; `math.inf` for none) kills it when it runs
-        out; `Process.timed_out` then says so."""
+        Streams you do not ask for are /dev/null. The wall-clock rule, the
+        output cap and the accounting are `run()`'s (docs/policy.md, "limits")."""
         timeout = self._timeout(timeout)
-        with _capacity.exhaustion_as_error("spawn"):
-            proc = await self._start(argv, env=env, stdin=stdin, stdout=stdout, stderr=stderr)
+        argv = _args.command_argv(argv, shell, cwd)
+        proc = await self._start(argv, env=env, stdin=stdin, stdout=stdout, stderr=stderr,
+                                 output_cap=self.policy.limits.output)
         if timeout != float("inf"):
-            assert self._tg is not None
-            self._tg.start_soon(_process.watchdog, proc, timeout, _process.arm_watchdog(proc))
+            assert self._life.tg is not None
+            self._life.tg.start_soon(_process.watchdog, proc, timeout)
         return proc
 
     def _timeout(self, timeout: float | None) -> float:
         if timeout is None:
             return self.policy.limits.wall_s if self.policy.limits.wall_s is not None else float("inf")
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-            raise PolicyError("timeout", timeout, "a positive number of seconds (math.inf for none)")
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+            raise TypeError(f"timeout must be a number of seconds (math.inf for none), not {timeout!r}")
+        if not timeout > 0:
+            raise ValueError(f"timeout must be a positive number of seconds (math.inf for none), not {timeout!r}")
         return float(timeout)
 
-    async def _start(self, argv: Sequence[str], *, env: Mapping[str, str] | None, stdin: bool,
-                     stdout: bool, stderr: bool, stdin_fd: int | None = None) -> Process:
+    async def _start(self, argv: tuple[str, ...], *, env: Mapping[str, str] | None, stdin: bool,
+                     stdout: bool, stderr: bool, output_cap: int | None = None,
+                     stdin_fd: int | None = None) -> Process:
         self._check_open()
-        argv = tuple(argv)
-        if not argv or not all(isinstance(a, str) for a in argv):
-            raise PolicyError("argv", argv, "a non-empty sequence of strings")
-        if any("\0" in a for a in argv):
-            raise PolicyError("argv", argv, "strings without NUL bytes")
-        if env and any(not isinstance(k, str) or not isinstance(v, str) or "=" in k or "\0" in k + v
-                       for k, v in env.items()):
-            raise PolicyError("env", dict(env), "NAME -> value strings without '=' in names or NUL")
-        assert self._supervisor is not None
+        _args.check_env(env)
+        assert self._life.supervisor is not None
+        supervisor = self._life.supervisor
         merged = dict(self.policy.env)
         merged.update(env or {})
         exe = self._resolve(argv, merged)
@@ -166,7 +198,7 @@ class Sandbox:
             stack.callback(status_w.close)
             stack.callback(status_r.close)
             t0 = time.monotonic()
-            spawned = await self._runner.spawn(cmd, child_ends, status_w.fd, self._supervisor)
+            spawned = await self._runner.spawn(cmd, child_ends, status_w.fd, supervisor)
             self._tally.spawn_s += time.monotonic() - t0
             status = OwnedFd(status_r.detach(), "init-status")
             os.set_blocking(status.fd, False)
@@ -176,16 +208,16 @@ class Sandbox:
                     streams.append(None)
                     continue
                 owned = OwnedFd(end.detach(), end.label)
-                streams.append(FdSendStream(owned) if is_input else FdReceiveStream(owned))
+                streams.append(FdSendStream(owned) if is_input else FdReceiveStream(owned, output_cap))
         account = RunAccount(command=argv[0])
         try:
             done = None
             if spawned.listener is not None:
-                done = self._supervisor.attach(spawned.listener, spawned.pidfd, account)
+                done = supervisor.attach(spawned.listener, spawned.pidfd, account)
             hooks = Hooks(pid_ns=self._pid_ns,
-                          ended=functools.partial(self._process_ended, account=account, zrun=cmd.zrun),
-                          flush=self._supervisor.flush,
-                          settle=self._runner.barrier if cmd.zrun else None)
+                          ended=functools.partial(self._life.process_ended, account=account, zrun=cmd.zrun),
+                          flush=supervisor.flush,
+                          settle=self._runner.barrier if cmd.zrun else None, tally=self._tally)
             proc = Process(argv, spawned, account, streams[0], streams[1], streams[2], done, t0, status, hooks)
         except BaseException:
             # Nothing may outlive a failed start: kill, reap, close.
@@ -203,26 +235,27 @@ class Sandbox:
         self._tally.started += 1
         return proc
 
-    def _process_ended(self, proc: Process, *, account: RunAccount, zrun: bool) -> None:
-        self._procs.discard(proc)
-        if zrun:
-            self._runner.end_run(proc.pid, account)
-            self._tally.fold(account)
-        self._tally.process_ended(proc.cpu_s, proc.peak_rss, proc.timed_out)
-
-    async def run(self, argv: Sequence[str], *, stdin: bytes | None = b"", timeout: float | None = None,
-                  env: Mapping[str, str] | None = None) -> RunResult:
+    async def run(self, argv: Sequence[str] | str, *, stdin: bytes | None = b"", timeout: float | None = None,
+                  env: Mapping[str, str] | None = None, cwd: str | None = None, shell: bool = False,
+                  on_stdout: OutputCallback | None = None, on_stderr: OutputCallback | None = None) -> RunResult:
         """Run a command to completion and capture its output (capped by
-        `limits.output`). `timeout` defaults to the policy's `limits.wall_s`."""
+        `limits.output`). `timeout` defaults to the policy's `limits.wall_s`.
+        `shell=True` runs a string with /bin/sh -c; `cwd` is a path inside the
+        sandbox (relative: to the workdir); `on_stdout`/`on_stderr` get each
+        chunk of output as it arrives (plain or async callables)."""
         if stdin is not None and not isinstance(stdin, (bytes, bytearray, memoryview)):
-            raise TypeError("stdin must be bytes or None")
+            raise TypeError(f"stdin must be bytes or None, not {type(stdin).__name__}")
+        for name, cb in (("on_stdout", on_stdout), ("on_stderr", on_stderr)):
+            if cb is not None and not callable(cb):
+                raise TypeError(f"{name} must be a callable taking bytes, not {cb!r}")
         timeout = self._timeout(timeout)
-        with _capacity.exhaustion_as_error("spawn"):
-            proc = await self._start(argv, env=env, stdin=bool(stdin), stdout=True, stderr=True)
+        argv = _args.command_argv(argv, shell, cwd)
+        proc = await self._start(argv, env=env, stdin=bool(stdin), stdout=True, stderr=True)
         return await _process.run_to_end(proc, bytes(stdin or b""), timeout=timeout,
                                          output_cap=self.policy.limits.output,
                                          cpu_limit_s=self.policy.limits.cpu_s, tally=self._tally,
-                                         resource_limit=self._resources.resource_limit)
+                                         resource_limit=self._resources.resource_limit,
+                                         on_stdout=on_stdout, on_stderr=on_stderr)
 
     # ---- code contexts (zviz/_context.py)
 
@@ -324,16 +357,18 @@ class Sandbox:
             self._monitor.drain_now()
         return self._events.snapshot()
 
-    # ---- teardown
+def _weak_start(sb: Sandbox) -> Callable[..., Awaitable[Process]]:
+    """The code contexts' way to start their template: `sb._start` with only
+    stderr piped, through a weak reference."""
+    ref = weakref.WeakMethod(sb._start)
 
-    async def _aclose(self) -> None:
-        """Kill and reap everything, close every fd. Shielded by the caller."""
-        self._closed = True
-        self._runner.kill()  # the zygote is pid 1: every run dies with it
-        await _process.reap_all(self._procs)
-        self._contexts.close()  # their processes died with the zygote: close our ends
-        await self._runner.aclose()
-        self._events.close()
+    async def start(argv: Sequence[str], *, env: Mapping[str, str] | None, stdin_fd: int) -> Process:
+        method = ref()
+        if method is None:
+            raise SandboxClosedError("this sandbox is closed: open a new one")
+        return await method(tuple(argv), env=env, stdin=False, stdout=False, stderr=True, stdin_fd=stdin_fd)
+
+    return start
 
 
 def _prepare(policy: Policy, workdir: str, owns_workdir: bool, features: _probe.KernelFeatures, trace: Any,
@@ -420,81 +455,94 @@ def _resolve_endpoints(policy: Policy) -> frozenset[tuple[str, int]]:
     return frozenset(out)
 
 
+async def _create(policy: Policy | None = None, *, workdir: str | os.PathLike[str] | None = None,
+                  keep_workdir: bool = False, monitor: bool | object = False, trace: Any = None,
+                  zygote: bool = True) -> Sandbox:
+    """`Sandbox.create` with the private settings (zviz trace's, the benchmarks')."""
+    if policy is None:
+        policy = Policy.shell()
+    if not isinstance(policy, Policy):
+        raise TypeError(f"policy must be a zviz.Policy, not {type(policy).__name__}")
+    features = _probe.probe()
+    given = None
+    if workdir is not None:
+        # (a local stat or two before anything runs: not worth a worker thread)
+        path = os.path.realpath(os.fspath(workdir))  # noqa: ASYNC240
+        if not os.path.isdir(path):  # noqa: ASYNC240
+            raise ValueError(f"workdir {os.fspath(workdir)!r} is not an existing directory")
+        if os.geteuid() == 0:
+            _files.check_workdir_reachable(path, _plan.NOBODY)
+    remove = owns and not keep_workdir
+    resources = HostResources(path, policy.fs.disk)
+    try:
+        tally = Tally()
+        plan, runner = _prepare(policy, path, owns, features, trace, bool(zygote), tally, resources)
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await resources.release()
+        if remove:
+            _files.rmtree(path)
+        raise
+    life = Life(runner, tally, EventLog[DenialEvent](), path, remove, resources)
+    sb = Sandbox(policy, path, plan, life, resources, trace=trace)
+    life.description = repr(sb)
+    try:
+        endpoints = _resolve_endpoints(policy)
+        monitor_cm = None
+        if monitor:
+            from .ebpf import _attach_monitor
+
+            monitor_cm = _attach_monitor(sb, monitor)
+    except BaseException:
+        life.final_cleanup()
+        raise
+
+    def make_supervisor(tg: anyio.abc.TaskGroup) -> Supervisor:
+        return Supervisor(allowed_endpoints=endpoints, net_allow=policy.net.mode == "allow",
+                          on_event=life.events.add, task_group=tg,
+                          learner=trace.learn if trace is not None and trace.learning else None,
+                          on_done=life.tally.fold)
+
+    _lifecycle.spawn_service(functools.partial(_lifecycle.serve, life, monitor_cm, make_supervisor),
+                             name=f"zviz sandbox {path}")
+    del monitor_cm
+    try:
+        with anyio.CancelScope(shield=True):  # a cancelled create() still closes what it opened
+            await life.ready.wait()
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        if life.done.is_set():
+            err, life.error = life.error, None
+            raise err if err is not None else SandboxClosedError("the sandbox's event loop is ending")
+    except BaseException:
+        await sb.aclose()
+        raise
+    weakref.finalize(sb, _lifecycle.collected, life)
+    return sb
+
+
 @contextlib.asynccontextmanager
 async def open_sandbox(policy: Policy | None = None, *, workdir: str | os.PathLike[str] | None = None,
-                       keep_workdir: bool = False, monitor: bool | object = False,
-                       _trace: Any = None, _zygote: bool = True) -> AsyncIterator[Sandbox]:
+                       keep_workdir: bool = False, monitor: bool | object = False) -> AsyncIterator[Sandbox]:
     """Open a sandbox: `async with zviz.open_sandbox(zviz.Policy.python()) as sb:`.
 
     workdir: a directory to use as the sandbox's read-write workdir (kept on
     exit); by default a fresh temp dir, removed on exit unless `keep_workdir`.
     monitor: True to attach an eBPF monitor (root and bcc; see zviz.ebpf), or a
     shared monitor from `zviz.ebpf.open_monitor()`.
+    Leaving the block (by success, error or cancellation) is `Sandbox.aclose()`.
     """
-    if policy is None:
-        policy = Policy.shell()
-    if not isinstance(policy, Policy):
-        raise PolicyError("policy", policy, "a zviz.Policy")
-    features = _probe.probe()
-    given = None
-    if workdir is not None:
-        # (a local stat or two before anything runs: not worth a worker thread)
-        given = os.path.realpath(os.fspath(workdir))  # noqa: ASYNC240 - the stage binds the real path
-        if not os.path.isdir(given):  # noqa: ASYNC240
-            raise PolicyError("workdir", os.fspath(workdir), "an existing directory")
-    owns = given is None
-    _disk.check(policy.fs.disk, owns_workdir=owns, keep_workdir=keep_workdir)
-    walk = _workdir.sandbox_walks(policy.namespaces.mount, (*policy.fs.read_only, *policy.fs.read_write))
-    # slot, host uid, workdir: given back on every way out, after all below (_hostside.py)
-    async with _hostside.host_side(given, keep_workdir, walk) as side:
-        path, host_ids = side.path, (side.lease.uid, side.lease.gid)
-        if given is not None and side.lease.uid != os.geteuid():
-            _files.check_workdir_reachable(given, side.lease.uid)
-        sb: Sandbox | None = None
-        resources = HostResources(path, policy.fs.disk)
-        # The caller's exception is carried past our task group and re-raised as
-        # itself: a body that raises ValueError raises ValueError, not a group.
-        body_exc: BaseException | None = None
-        try:
-            tally = Tally()
-            with _capacity.exhaustion_as_error("prepare"):
-                plan, runner = _prepare(policy, path, owns, features, _trace, bool(_zygote), tally, resources,
-                                        host_ids)
-            # a pid namespace dies with its init: no kill by uid at teardown then
-            side.pid_namespace = bool(plan.clone_flags & _linux.CLONE_NEWPID)
-            sb = Sandbox(policy, path, plan, runner, tally, resources, trace=_trace, host_ids=host_ids)
-            async with contextlib.AsyncExitStack() as stack:
-                if monitor:
-                    from .ebpf import _attach_monitor
+    async with _open_sandbox(policy, workdir=workdir, keep_workdir=keep_workdir, monitor=monitor) as sb:
+        yield sb
 
-                    await stack.enter_async_context(_attach_monitor(sb, monitor))
-                endpoints = _resolve_endpoints(policy)
-                async with anyio.create_task_group() as tg:
-                    # The supervisor serves each spawn's listener in a task of this
-                    # group; it is live as soon as the group is.
-                    sup = Supervisor(allowed_endpoints=endpoints, net_allow=policy.net.mode == "allow",
-                                     on_event=sb._events.add, task_group=tg,
-                                     learner=_trace.learn if _trace is not None and _trace.learning else None,
-                                     on_done=tally.fold)
-                    tg.start_soon(sup.run)
-                    sb._tg = tg
-                    sb._supervisor = sup
-                    try:
-                        try:
-                            yield sb
-                        except BaseException as e:  # noqa: BLE001 - re-raised below, unwrapped
-                            body_exc = e
-                        finally:
-                            with anyio.CancelScope(shield=True):
-                                await sb._aclose()
-                    finally:
-                        sup.stop()
-            if body_exc is not None:
-                raise body_exc
-        finally:
-            body_exc = None  # no reference cycle through the traceback
-            if sb is not None:
-                sb._closed = True
-                sb._runner.close()  # idempotent: a failure before the task group leaves /dev/null open
-            with anyio.CancelScope(shield=True):
-                await resources.release()
+
+@contextlib.asynccontextmanager
+async def _open_sandbox(policy: Policy | None = None, *, workdir: str | os.PathLike[str] | None = None,
+                        keep_workdir: bool = False, monitor: bool | object = False, trace: Any = None,
+                        zygote: bool = True) -> AsyncIterator[Sandbox]:
+    """open_sandbox with the private settings (zviz trace's, the benchmarks')."""
+    sb = await _create(policy, workdir=workdir, keep_workdir=keep_workdir, monitor=monitor, trace=trace,
+                       zygote=zygote)
+    try:
+        yield sb
+    finally:
+        await sb.aclose()

@@ -30,7 +30,7 @@ import anyio
 
 from . import _contextproto as proto
 from ._errors import CodeContextError
-from ._kernel import OwnedFd
+from ._kernel import OwnedFd, notify_closing
 
 if TYPE_CHECKING:
     from ._process import Process
@@ -154,7 +154,7 @@ class Channel:
 
     def close(self) -> None:
         if self.sock.fileno() >= 0:
-            anyio.notify_closing(self.sock)
+            notify_closing(self.sock.fileno())
         self.sock.close()
 
 
@@ -195,7 +195,7 @@ class Child:
         self.kill()
         self.chan.close()
         if not self.pidfd.closed:
-            anyio.notify_closing(self.pidfd.fd)
+            notify_closing(self.pidfd.fd)
         self.pidfd.close()
 
 

@@ -110,7 +110,7 @@ class TraceResult:
 
 async def trace(argv: list[str], *, base: Policy, learn: bool | None = None, timeout: float = 60.0,
                 stdin: bytes = b"") -> TraceResult:
-    from ._sandbox import open_sandbox
+    from ._sandbox import _open_sandbox
 
     use_ebpf = False
     if learn is not True:
@@ -123,7 +123,7 @@ async def trace(argv: list[str], *, base: Policy, learn: bool | None = None, tim
     with warnings.catch_warnings():
         # the trace policy reads the whole host on purpose: not worth a warning
         warnings.filterwarnings("ignore", message=".*whole host filesystem.*", category=ZvizWarning)
-        sb_cm = open_sandbox(policy, monitor=use_ebpf, _trace=settings)
+        sb_cm = _open_sandbox(policy, monitor=use_ebpf, trace=settings)
         sb = await sb_cm.__aenter__()
     try:
         if use_ebpf:

@@ -183,9 +183,7 @@ async def _attach_monitor(sb: Sandbox, monitor: object) -> AsyncIterator[Monitor
         async with _registered(sb, monitor):
             yield monitor
     else:
-        from .._errors import PolicyError
-
-        raise PolicyError("monitor", monitor, "True, False, or a monitor from zviz.ebpf.open_monitor()")
+        raise TypeError(f"monitor must be True, False, or a monitor from zviz.ebpf.open_monitor(), not {monitor!r}")
 
 
 @contextlib.asynccontextmanager

@@ -1,0 +1,192 @@
+"""What a sandbox needs from the event loop to live apart from the task that
+made it: a task of the loop's own (not a child of any caller's task group),
+and a way to wake that loop from a finalizer or another thread.
+
+trio has a system nursery for exactly this (`trio.lowlevel.spawn_system_task`:
+cancelled when the main task has returned, i.e. when the loop ends); asyncio's
+tasks belong to no scope at all, and `asyncio.run` cancels the ones left when
+its main coroutine returns. Either way the task is cancelled at the loop's end,
+which is where an unclosed sandbox is torn down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import warnings
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import anyio.abc
+import sniffio
+
+from . import _disk, _files, _process
+from ._events import EventLog
+from ._process import Process
+from ._records import Tally
+from ._resources import HostResources
+from ._runner import Runner
+from ._supervisor import DenialEvent, RunAccount, Supervisor
+
+if TYPE_CHECKING:
+    from ._context import CodeContexts
+
+# asyncio keeps only weak references to tasks: a running service must not vanish.
+_asyncio_tasks: set[asyncio.Task[None]] = set()
+
+
+def spawn_service(fn: Callable[[], Coroutine[Any, Any, None]], name: str) -> None:
+    """Run `fn()` as a task of the current event loop that belongs to no
+    caller: it outlives the task that started it. It must not raise (on trio a
+    system task's exception crashes the run)."""
+    if sniffio.current_async_library() == "trio":
+        import trio
+
+        trio.lowlevel.spawn_system_task(fn, name=name)
+        return
+    task = asyncio.get_running_loop().create_task(fn(), name=name)
+    _asyncio_tasks.add(task)
+    task.add_done_callback(_asyncio_tasks.discard)
+
+
+def threadsafe_caller() -> Callable[[Callable[[], None]], None]:
+    """A function that schedules a callback on the current loop from anywhere
+    (another thread, a finalizer); it raises RuntimeError once the loop is gone."""
+    if sniffio.current_async_library() == "trio":
+        import trio
+
+        token = trio.lowlevel.current_trio_token()
+
+        def call_trio(cb: Callable[[], None]) -> None:
+            try:
+                token.run_sync_soon(cb)
+            except trio.RunFinishedError:
+                raise RuntimeError("the trio run has finished") from None
+
+        return call_trio
+    loop = asyncio.get_running_loop()
+
+    def call_asyncio(cb: Callable[[], None]) -> None:
+        loop.call_soon_threadsafe(cb)  # RuntimeError once the loop is closed
+
+    return call_asyncio
+
+
+class Life:
+    """What a sandbox's service task, its finalizer and its processes share.
+    It never refers to the Sandbox itself, so that a sandbox nobody closed can
+    still be garbage-collected (and then torn down, with a ResourceWarning)."""
+
+    def __init__(self, runner: Runner, tally: Tally, events: EventLog[DenialEvent], path: str, remove_workdir: bool,
+                 resources: HostResources) -> None:
+        self.runner = runner
+        self.resources = resources
+        self.tally = tally
+        self.events = events
+        self.path = path
+        self.remove_workdir = remove_workdir
+        self.procs: set[Process] = set()
+        self.tg: anyio.abc.TaskGroup | None = None  # the service's, with the supervisor
+        self.supervisor: Supervisor | None = None
+        self.ready = anyio.Event()
+        self.close_requested = anyio.Event()
+        self.done = anyio.Event()
+        self.call_soon = threadsafe_caller()
+        self.closing = False  # aclose() called, or the finalizer ran: no more use
+        self.error: BaseException | None = None  # what the service failed with
+        self.description = ""
+        self.contexts: CodeContexts | None = None  # the sandbox's code contexts (closed at teardown)
+
+    def process_ended(self, proc: Process, *, account: RunAccount, zrun: bool) -> None:
+        self.procs.discard(proc)
+        if zrun:
+            self.runner.end_run(proc.pid, account)
+            self.tally.fold(account)
+        self.tally.process_ended(proc.cpu_s, proc.peak_rss, proc.timed_out)
+
+    async def teardown(self) -> None:
+        """Kill and reap everything, close every fd. Shielded by the caller."""
+        self.closing = True
+        self.runner.kill()  # the zygote is pid 1: every run dies with it
+        await _process.reap_all(self.procs)
+        if self.contexts is not None:
+            self.contexts.close()  # their processes died with the zygote: close our ends
+        await self.runner.aclose()
+        self.events.close()
+        await self.resources.release()  # the memory cgroup and the size-capped workdir, now empty
+
+    def final_cleanup(self) -> None:
+        """Synchronous and idempotent: what must go even if teardown could not run."""
+        self.closing = True
+        self.runner.kill()
+        for proc in list(self.procs):
+            with contextlib.suppress(Exception):
+                proc.kill()
+        if self.contexts is not None:
+            with contextlib.suppress(Exception):
+                self.contexts.close()  # (idempotent; kills what a context still has, closes our ends)
+        self.runner.close()
+        if self.resources.disk_mounted:  # teardown could not run (the loop is gone): unmount at least
+            with contextlib.suppress(OSError):
+                _disk.unmount(self.path)
+            self.resources.disk_mounted = False
+        if self.remove_workdir:
+            self.remove_workdir = False
+            _files.rmtree(self.path)
+
+
+def collected(life: Life) -> None:
+    """weakref.finalize of an unclosed Sandbox (collected, or the interpreter exits)."""
+    if life.closing or life.done.is_set():
+        return
+    life.closing = True
+    with contextlib.suppress(Exception):  # a finalizer may not raise; an error filter would make this one
+        warnings.warn(f"unclosed {life.description}: close it with `await sb.aclose()` or use "
+                      "`async with zviz.open_sandbox(...)`", ResourceWarning, stacklevel=1)
+    # Kill now (a signal is safe from any thread); the service task reaps and
+    # removes the rest on its loop. With the loop gone, do what can be done here.
+    life.runner.kill()
+    try:
+        life.call_soon(life.close_requested.set)
+    except Exception:  # noqa: BLE001 - the loop is gone (closed, finished)
+        life.final_cleanup()
+
+
+async def serve(life: Life, monitor_cm: contextlib.AbstractAsyncContextManager[Any] | None,
+                 make_supervisor: Callable[[anyio.abc.TaskGroup], Supervisor]) -> None:
+    """A sandbox's service task: owns its task group (the supervisor, the
+    watchdogs, the connects made on a process's behalf) and its teardown.
+    It runs apart from every caller's task (see _lifecycle), so the sandbox
+    can be used and closed from any task of its loop; it ends at aclose(),
+    at the sandbox's collection, or when the loop ends (cancelled: then the
+    sandbox was never closed, and it says so). It never raises."""
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            if monitor_cm is not None:
+                await stack.enter_async_context(monitor_cm)
+            async with anyio.create_task_group() as tg:
+                sup = make_supervisor(tg)
+                tg.start_soon(sup.run)
+                life.tg, life.supervisor = tg, sup
+                life.ready.set()
+                try:
+                    await life.close_requested.wait()
+                except BaseException:
+                    if not life.closing:  # the loop is ending with the sandbox open
+                        life.closing = True
+                        with contextlib.suppress(Exception):
+                            warnings.warn(f"unclosed {life.description} when its event loop ended: close it "
+                                          "with `await sb.aclose()`", ResourceWarning, stacklevel=1)
+                    raise
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        await life.teardown()
+                    sup.stop()
+    except BaseException as e:  # noqa: BLE001 - a service task must not raise; aclose() reports it
+        if not isinstance(e, anyio.get_cancelled_exc_class()):
+            life.error = e
+    finally:
+        life.final_cleanup()
+        life.done.set()
+        life.ready.set()
