@@ -5,9 +5,10 @@ leak. The seccomp user-notification structures are packed and unpacked here
 (x86_64 layout, checked against SECCOMP_GET_NOTIF_SIZES at import of the
 supervisor).
 
-Why this module is long: it is every call into the kernel that the os module
-does not offer (ctypes, ioctls, the C stage), kept in one place on purpose so
-that raw fds have one owner.
+Why this module is long: it is the one place allowed to hold raw fds and call
+the kernel through ctypes (the design keeps that in one file, so every other
+module deals in owning objects): pidfds, seccomp notifications, openat2 and
+per-thread filesystem ids all live here for that reason.
 """
 
 from __future__ import annotations
@@ -559,11 +560,85 @@ def umount_detach(path: str) -> None:
     _libc().umount2(os.fsencode(path), MNT_DETACH | UMOUNT_NOFOLLOW)
 
 
-# ---------------------------------------------------------------- by uid
+# ---------------------------------------------------------------- resolving paths in a sandbox's view
+
+RESOLVE_NO_XDEV = 0x01
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
+RESOLVE_IN_ROOT = 0x10
+_NR_OPENAT2 = 437
+_open_how = struct.Struct("=QQQ")
+_libc_obj: Any = None
 
 
-def kill_uid(uid: int, gid: int) -> bool:
-    """SIGKILL every process whose real or saved uid is `uid` (a sandbox's own
-    host uid: nothing else runs as it). One pass suffices: see _stage.c.
-    Returns whether anything was signalled."""
-    return bool(_stage.kill_uid(uid, gid))
+def _c() -> Any:
+    global _libc_obj  # noqa: PLW0603 - loaded once, on first use
+    if _libc_obj is None:
+        import ctypes
+
+        _libc_obj = ctypes.CDLL(None, use_errno=True)
+        _libc_obj.syscall.restype = ctypes.c_long
+    return _libc_obj
+
+
+def openat2(dirfd: int, path: str, flags: int, mode: int, resolve: int, label: str) -> OwnedFd:
+    """openat2(2): open `path` relative to `dirfd` under the `resolve` rules
+    (RESOLVE_IN_ROOT: `dirfd` is the root for `/`, `..` and absolute symlinks).
+    Raises OSError with `path` as its filename."""
+    import ctypes
+
+    libc = _c()
+    how = ctypes.create_string_buffer(_open_how.pack(flags | os.O_CLOEXEC, mode, resolve), _open_how.size)
+    while True:
+        fd = libc.syscall(ctypes.c_long(_NR_OPENAT2), ctypes.c_int(dirfd), ctypes.c_char_p(os.fsencode(path)),
+                          how, ctypes.c_size_t(_open_how.size))
+        if fd >= 0:
+            return OwnedFd(fd, label)
+        err = ctypes.get_errno()
+        if err not in (errno.EINTR, errno.EAGAIN):  # EAGAIN: a rename raced the lookup (RESOLVE_IN_ROOT)
+            raise OSError(err, os.strerror(err), path)
+
+
+def mount_id(fd: int) -> int:
+    """The id of the mount `fd` is on (its fdinfo's mnt_id)."""
+    with open(f"/proc/self/fdinfo/{fd}", "rb") as f:
+        for line in f:
+            if line.startswith(b"mnt_id:"):
+                return int(line.split()[1])
+    raise OSError(errno.ENOENT, "no mnt_id in fdinfo", f"/proc/self/fdinfo/{fd}")
+
+
+def reopen(fd: OwnedFd, flags: int, label: str) -> OwnedFd:
+    """Open the inode an O_PATH fd holds, with `flags` (permission checked
+    again with the calling thread's credentials)."""
+    return OwnedFd(os.open(f"/proc/self/fd/{fd.fd}", flags | os.O_CLOEXEC), label)
+
+
+class ThreadFsIds:
+    """Within a `with` block, the calling thread's filesystem uid and gid are
+    `uid`/`gid` (setfsuid/setfsgid are per thread): files are created as them
+    and permissions checked as them; a root thread drops its file capabilities
+    meanwhile. For a worker thread only: restored on exit."""
+
+    def __init__(self, uid: int, gid: int) -> None:
+        self.uid, self.gid = uid, gid
+        self._old: tuple[int, int] | None = None
+
+    def __enter__(self) -> ThreadFsIds:
+        libc = _c()
+        if self.uid != os.geteuid() or self.gid != os.getegid():
+            old_gid = libc.setfsgid(self.gid)
+            old_uid = libc.setfsuid(self.uid)
+            self._old = (old_uid, old_gid)
+            if libc.setfsuid(self.uid) != self.uid or libc.setfsgid(self.gid) != self.gid:
+                self.__exit__()
+                raise OSError(errno.EPERM, "setfsuid failed")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._old is not None:
+            libc = _c()
+            libc.setfsuid(self._old[0])
+            libc.setfsgid(self._old[1])
+            self._old = None

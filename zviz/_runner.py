@@ -189,6 +189,13 @@ class Runner:
             self._zygote_done = supervisor.attach(spawned.listener, spawned.pidfd, self._stray,
                                                   resolve=self.account_for)
 
+    def ensure_zygote(self, supervisor: Supervisor) -> _zygote.Zygote | None:
+        """The zygote, spawned now if the sandbox uses one (the file API looks
+        into the sandbox's root through it); None without one."""
+        if self.use_zygote and self.zygote is None and not self._closing:
+            self._spawn_zygote(supervisor)
+        return self.zygote
+
     async def barrier(self) -> None:
         """Return once the zygote has killed what its dead runs left."""
         z = self.zygote

@@ -36,7 +36,7 @@ import attrs
 from . import _args, _bpf, _context, _disk, _files, _kernel, _lifecycle, _linux, _plan, _probe, _process
 from ._args import OutputCallback
 from ._context import CodeContext
-from ._errors import CommandNotFoundError, PolicyError, SandboxClosedError, ZvizWarning
+from ._errors import CommandNotFoundError, PolicyError, SandboxClosedError, SandboxSetupError, ZvizWarning
 from ._events import EventLog, EventsMissed
 from ._execution import Execution
 from ._kernel import OwnedFd
@@ -74,7 +74,12 @@ class Sandbox:
         self._monitor_sid = 0
         self._syscalls_final: dict[str, int] | None = None
         self._errors_final: dict[tuple[str, str], int] | None = None
-        self.files = _files.Files(self)
+        writable = [workdir, *policy.fs.read_write]
+        if plan.new_root is not None and plan.new_root.private_tmp:
+            writable += ["/tmp", "/dev/shm"]
+        self.files = _files.Files(_files.View(cwd=workdir, writable=tuple(writable), uid=plan.host_uid,
+                                              gid=plan.host_gid, open_root=self._open_root,
+                                              check_open=self._check_open))
         # The code contexts' registry: its Life closes it at every teardown, so it
         # reaches this sandbox's _start only weakly (an unclosed sandbox stays collectable).
         life.contexts = self._contexts = _context.CodeContexts(_weak_start(self), dict(plan.env).get("TMPDIR", "/tmp"))
@@ -316,19 +321,29 @@ class Sandbox:
 
     # ---- files
 
-    async def write_file(self, relpath: str, data: bytes, *, mode: int = 0o644) -> None:
-        """Write `data` to `relpath` in the workdir (parents created). `mode`
-        0o755 makes it executable; set-id bits are refused."""
-        self._check_open()
-        _files.write_file(self.workdir, relpath, data, mode, self._host_ids)
-        await anyio.lowlevel.checkpoint()
+    async def write_file(self, path: str, data: bytes | str, *, mode: int = 0o644) -> None:
+        """`sb.files.write(path, data, mode=mode)`."""
+        await self.files.write(path, data, mode=mode)
 
-    async def read_file(self, relpath: str, *, max_bytes: int = 64 * 1024**2) -> bytes:
-        """Read `relpath` from the workdir (a regular file, at most `max_bytes`)."""
+    async def read_file(self, path: str, *, max_bytes: int = _files.DEFAULT_MAX_READ) -> bytes:
+        """`sb.files.read(path, max_bytes=max_bytes)`."""
+        return await self.files.read(path, max_bytes=max_bytes)
+
+    async def _open_root(self) -> tuple[OwnedFd, str]:
+        """An O_PATH fd of the sandbox's root as its processes see it (its
+        zygote's root), and "/"; without a zygote, the workdir (and its path)."""
         self._check_open()
-        data = _files.read_file(self.workdir, relpath, max_bytes)
-        await anyio.lowlevel.checkpoint()
-        return data
+        assert self._life.supervisor is not None
+        z = self._runner.ensure_zygote(self._life.supervisor) if self._plan.new_root is not None else None
+        if z is not None:
+            try:
+                fd = os.open(f"/proc/{z.pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            except OSError as e:
+                raise SandboxSetupError("files", e.errno or 0, f"/proc/{z.pid}/root",
+                                        "cannot look into the sandbox's root") from None
+            return OwnedFd(fd, "sandbox-root"), "/"
+        fd = os.open(self.workdir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        return OwnedFd(fd, "workdir"), self.workdir
 
     # ---- observation
 
