@@ -6,6 +6,7 @@
 Everything public is re-exported here; every other module is private.
 """
 
+from . import sync as sync  # the blocking facade: zviz.sync.open_sandbox
 from ._context import CodeContext as CodeContext
 from ._errors import (
     CodeContextError as CodeContextError,
@@ -26,6 +27,7 @@ from ._execution import (
     ExecutionError as ExecutionError,
     StreamOutput as StreamOutput,
 )
+from ._files import FileInfo as FileInfo
 from ._policy import (
     SYSCALL_GROUPS as SYSCALL_GROUPS,
     Endpoint as Endpoint,
@@ -55,6 +57,7 @@ __all__ = [
     "Execution",
     "ExecutionError",
     "FeatureUnavailable",
+    "FileInfo",
     "Filesystem",
     "KernelFeatures",
     "Limits",

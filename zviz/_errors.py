@@ -32,6 +32,12 @@ class PolicyError(ZvizError, ValueError):
         super().__init__(f"policy field {field!r}: got {value!r}; expected {expected}")
 
 
+class _PolicyTypeError(PolicyError, TypeError):
+    """A policy field of the wrong type (e.g. one string where a list of paths
+    is expected): a PolicyError (a bad policy, CLI status 125) that is also the
+    TypeError Python code expects for a wrong type."""
+
+
 class FeatureUnavailable(ZvizError, RuntimeError):
     """An optional feature cannot be used on this host; the message gives the fix."""
 

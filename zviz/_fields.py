@@ -9,7 +9,7 @@ import os
 import re
 from collections.abc import Iterable
 
-from ._errors import PolicyError
+from ._errors import PolicyError, _PolicyTypeError
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(i?[bB])?\s*$")
 _SIZE_MULT = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
@@ -90,8 +90,9 @@ def _conv_limits_output(value: object) -> int | None:
 
 
 def _paths(field: str, value: object) -> tuple[str, ...]:
-    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
-        raise PolicyError(field, value, "a list of absolute paths")
+    if isinstance(value, (str, bytes, os.PathLike)) or not isinstance(value, Iterable):
+        # one path string is not split into characters: a type error, said as such
+        raise _PolicyTypeError(field, value, "a list of absolute paths (not one string: wrap it in a list)")
     out = []
     for p in value:
         if not isinstance(p, str) or not p.startswith("/") or "\0" in p:

@@ -330,6 +330,11 @@ class Policy:
     # ---- variants
 
     def with_paths(self, read_only: Iterable[str] = (), read_write: Iterable[str] = ()) -> Policy:
+        """This policy with more read-only and read-write paths (lists of absolute paths)."""
+        for name, value in (("read_only", read_only), ("read_write", read_write)):
+            if isinstance(value, (str, bytes, os.PathLike)):
+                raise TypeError(f"with_paths({name}=...) takes a list of paths, not one {type(value).__name__}: "
+                                f"with_paths({name}=[{value!r}])")
         fs = attrs.evolve(
             self.fs,
             read_only=self.fs.read_only + tuple(read_only),
