@@ -38,7 +38,6 @@ class Hooks:
     # a zygote's run killed before its run-init cleaned up: wait until the
     # zygote has killed what it left (None for a full spawn)
     settle: Callable[[], Awaitable[None]] | None = None
-    tally: Tally | None = None  # where its stream bytes are counted when they close
 
 
 class Process:
@@ -270,17 +269,7 @@ class Process:
         return self._maxrss
 
     def _close_streams(self) -> None:
-        if not self._closed:
-            self._closed = True
-            tally = self._hooks.tally
-            if tally is not None:
-                # run() counted its captured output itself (it reads the pipes directly)
-                if self.stdin is not None:
-                    tally.bytes["stdin"] += self.stdin.bytes_sent
-                if self.stdout is not None:
-                    tally.bytes["stdout"] += self.stdout.bytes_received
-                if self.stderr is not None:
-                    tally.bytes["stderr"] += self.stderr.bytes_received
+        self._closed = True
         for s in (self.stdin, self.stdout, self.stderr):
             if s is not None:
                 s.close()
@@ -337,8 +326,11 @@ async def run_to_end(proc: Process, stdin: bytes, *, timeout: float, output_cap:
     finally:
         with anyio.CancelScope(shield=True):
             await finish(proc)
+    # (run() reads and writes the pipes itself: the streams did not count)
     tally.bytes["stdout"] += out.total
     tally.bytes["stderr"] += err.total
+    if proc.stdin is not None:
+        tally.bytes["stdin"] += proc.stdin.bytes_sent
     status = proc._status or 0
     if proc.limit is None:
         proc.limit = resource_limit(status)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections import Counter
 from collections.abc import Callable
 
 import anyio
@@ -28,10 +29,13 @@ class FdReceiveStream(anyio.abc.ByteReceiveStream):
     past it are not delivered: `on_overflow` is called once (the sandbox kills
     the process) and the stream ends there."""
 
-    def __init__(self, fd: OwnedFd, cap: int | None = None) -> None:
+    def __init__(self, fd: OwnedFd, cap: int | None = None, counts: Counter[str] | None = None,
+                 key: str = "") -> None:
         os.set_blocking(fd.fd, False)
         self._fd = fd
         self._cap = cap
+        self._counts = counts  # the sandbox's byte counts, kept as bytes are delivered
+        self._key = key
         self.bytes_received = 0
         self.truncated = False
         self.on_overflow: Callable[[], None] | None = None
@@ -60,6 +64,8 @@ class FdReceiveStream(anyio.abc.ByteReceiveStream):
                 if cb is not None:
                     cb()
             self.bytes_received += len(data)
+            if self._counts is not None:
+                self._counts[self._key] += len(data)
             await anyio.lowlevel.checkpoint()
             if not data and not self.truncated:
                 return b""
@@ -97,9 +103,11 @@ class FdSendStream(anyio.abc.ByteSendStream):
     `SendStream` (`send_all()`). Raises BrokenResourceError once the sandboxed
     reader is gone."""
 
-    def __init__(self, fd: OwnedFd) -> None:
+    def __init__(self, fd: OwnedFd, counts: Counter[str] | None = None, key: str = "") -> None:
         os.set_blocking(fd.fd, False)
         self._fd = fd
+        self._counts = counts  # the sandbox's byte counts (run() writes the pipe itself and counts there)
+        self._key = key
         self.bytes_sent = 0
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
@@ -118,6 +126,8 @@ class FdSendStream(anyio.abc.ByteSendStream):
                     raise anyio.BrokenResourceError("the sandboxed process closed its stdin") from None
                 raise
             self.bytes_sent += n
+            if self._counts is not None:
+                self._counts[self._key] += n
             view = view[n:]
         await anyio.lowlevel.checkpoint()
 

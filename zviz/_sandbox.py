@@ -213,7 +213,10 @@ class Sandbox:
                     streams.append(None)
                     continue
                 owned = OwnedFd(end.detach(), end.label)
-                streams.append(FdSendStream(owned) if is_input else FdReceiveStream(owned, output_cap))
+                if is_input:
+                    streams.append(FdSendStream(owned, self._tally.bytes, "stdin"))
+                else:
+                    streams.append(FdReceiveStream(owned, output_cap, self._tally.bytes, end.label.split("-")[0]))
         account = RunAccount(command=argv[0])
         try:
             done = None
@@ -222,7 +225,7 @@ class Sandbox:
             hooks = Hooks(pid_ns=self._pid_ns,
                           ended=functools.partial(self._life.process_ended, account=account, zrun=cmd.zrun),
                           flush=supervisor.flush,
-                          settle=self._runner.barrier if cmd.zrun else None, tally=self._tally)
+                          settle=self._runner.barrier if cmd.zrun else None)
             proc = Process(argv, spawned, account, streams[0], streams[1], streams[2], done, t0, status, hooks)
         except BaseException:
             # Nothing may outlive a failed start: kill, reap, close.

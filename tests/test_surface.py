@@ -1,0 +1,445 @@
+"""The agent-facing surface, on trio and on asyncio (one suite, anyio's
+`anyio_backend` fixture): lifecycles not tied to a task, processes and their
+streams, run()'s arguments, the file API, errors that blame the right party."""
+
+from __future__ import annotations
+
+import errno
+import gc
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import anyio
+import anyio.abc
+import attrs
+import pytest
+import trio
+from anyio.streams.buffered import BufferedByteReceiveStream
+from anyio.streams.text import TextReceiveStream
+
+import zviz
+from zviz import Policy
+
+from .conftest import Snapshot, child_pids, zviz_tempdirs
+
+PYP = Policy.python()
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(params=["trio", "asyncio"])
+def anyio_backend(request):
+    return request.param
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+async def _eventually(cond, what: str, timeout: float = 10.0) -> None:
+    with anyio.move_on_after(timeout):
+        while not cond():
+            await anyio.sleep(0.02)
+    assert cond(), what
+
+
+# ------------------------------------------------------------------ lifecycle
+
+
+async def test_create_in_one_task_use_and_close_in_others(snapshot):
+    """An MCP-style tool server: one request handler makes the sandbox, others
+    use it, another closes it; each handler is a task of its own."""
+    snap: Snapshot = snapshot()
+    sessions: dict[str, zviz.Sandbox] = {}
+    out: list[bytes] = []
+
+    async def create(sid: str) -> None:
+        sessions[sid] = await zviz.Sandbox.create(PYP)
+
+    async def call(sid: str) -> None:
+        out.append((await sessions[sid].run(["python3", "-c", "print(6 * 7)"])).stdout)
+
+    async def close(sid: str) -> None:
+        await sessions.pop(sid).aclose()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(create, "s")
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(call, "s")
+        tg.start_soon(call, "s")
+    sb = sessions["s"]
+    zpid = sb._zygote.pid
+    workdir = sb.workdir
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(close, "s")
+    assert out == [b"42\n", b"42\n"]
+    assert sb.closed and "closed" in repr(sb)
+    assert not os.path.exists(workdir) and not _alive(zpid)
+    await sb.aclose()  # idempotent
+    with pytest.raises(zviz.SandboxClosedError):
+        await sb.run(["true"])
+    with pytest.raises(zviz.SandboxClosedError):
+        await sb.files.read("x")
+    snap.assert_clean()
+
+
+async def test_a_cancelled_creator_does_not_take_the_sandbox_with_it():
+    with anyio.CancelScope() as scope:
+        sb = await zviz.Sandbox.create(PYP)
+        scope.cancel()
+        await anyio.sleep(1)  # cancelled here
+    try:
+        assert (await sb.run(["echo", "still"])).stdout == b"still\n"
+    finally:
+        await sb.aclose()
+
+
+async def test_cancelled_aclose_still_closes():
+    sb = await zviz.Sandbox.create(PYP)
+    p = await sb.start(["sleep", "100"])
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        await sb.aclose()
+    assert p.returncode == -signal.SIGKILL and not os.path.exists(sb.workdir)
+
+
+async def test_collected_unclosed_sandbox_is_torn_down_with_a_warning():
+    sb = await zviz.Sandbox.create(PYP)
+    await sb.run(["true"])
+    p = await sb.start(["sleep", "100"], stdout=False, stderr=False, stdin=False)
+    zpid, workdir, ppid = sb._zygote.pid, sb.workdir, p.pid
+    del sb, p
+    with pytest.warns(ResourceWarning, match="unclosed"):
+        gc.collect()
+    await _eventually(lambda: not os.path.exists(workdir) and not _alive(zpid) and not _alive(ppid),
+                      "the collected sandbox's workdir and processes are gone")
+
+
+SCRIPT = """
+import sys, anyio, zviz
+async def main():
+    global sb
+    sb = await zviz.Sandbox.create(zviz.Policy.python())
+    r = await sb.run(["true"])
+    p = await sb.start(["sleep", "100"], stdin=False, stdout=False, stderr=False)
+    print(sb.workdir, sb._zygote.pid, p.pid, flush=True)
+anyio.run(main, backend=sys.argv[1])
+print("loop ended", flush=True)
+"""
+
+
+@pytest.mark.parametrize("backend", ["trio", "asyncio"])
+def test_loop_ending_with_an_open_sandbox_leaves_nothing_and_warns(backend, tmp_path):
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    r = subprocess.run([sys.executable, "-W", "always::ResourceWarning", "-c", SCRIPT, backend],
+                       capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == 0, r.stderr
+    workdir, zpid, ppid = r.stdout.split()[:3]
+    assert "loop ended" in r.stdout
+    assert "ResourceWarning" in r.stderr and "unclosed" in r.stderr
+    assert not os.path.exists(workdir)
+    assert not _alive(int(zpid)) and not _alive(int(ppid))
+    assert os.listdir(tmp_path) == []
+
+
+async def test_open_sandbox_body_errors_pass_through_unwrapped():
+    with pytest.raises(KeyError):
+        async with zviz.open_sandbox(PYP):
+            raise KeyError("mine")
+
+
+# ------------------------------------------------------------------ processes and streams
+
+
+async def test_process_is_an_async_context_manager_that_kills_and_reaps():
+    async with zviz.open_sandbox(PYP) as sb:
+        async with await sb.start(["sleep", "100"]) as p:
+            assert p.returncode is None
+        assert p.returncode == -signal.SIGKILL
+        assert sb.statistics().processes_running == 0
+        with pytest.raises(anyio.ClosedResourceError):
+            await p.stdout.receive_some()
+
+
+async def test_returncode_is_polled_without_wait():
+    async with zviz.open_sandbox(PYP) as sb:
+        p = await sb.start(["sh", "-c", "exit 7"], stdin=False)
+        await _eventually(lambda: p.returncode is not None, "returncode set once it has exited, no wait()")
+        assert p.returncode == 7
+        assert await p.wait() == 7
+
+
+async def test_signals_reach_the_program_and_pid_in_sandbox():
+    prog = ("import os, signal, sys, time\n"
+            "signal.signal(signal.SIGUSR1, lambda *a: os.write(1, b'usr1\\n'))\n"
+            "signal.signal(signal.SIGTERM, lambda *a: (os.write(1, b'term\\n'), sys.exit(3)))\n"
+            "print(os.getpid(), flush=True)\n"
+            "while True: time.sleep(0.05)\n")
+    async with zviz.open_sandbox(PYP) as sb:
+        async with await sb.start(["python3", "-c", prog]) as p:
+            lines = BufferedByteReceiveStream(p.stdout_stream())
+            pid = int(await lines.receive_until(b"\n", 100))
+            assert p.pid_in_sandbox == pid
+            p.send_signal(signal.SIGUSR1)
+            assert await lines.receive_until(b"\n", 100) == b"usr1"
+            p.terminate()
+            assert await lines.receive_until(b"\n", 100) == b"term"
+            assert await p.wait() == 3
+            assert p.pid_in_sandbox is None
+            p.terminate()  # no-op once it has exited
+            p.kill()
+
+
+async def test_streams_are_anyio_and_trio_streams():
+    async with zviz.open_sandbox(PYP) as sb:
+        p = await sb.start(["python3", "-c", "import sys\nfor line in sys.stdin: print(line.strip().upper())"])
+        async with p:
+            assert isinstance(p.stdin, anyio.abc.ByteSendStream) and isinstance(p.stdin, trio.abc.SendStream)
+            assert isinstance(p.stdout, anyio.abc.ByteReceiveStream)
+            assert isinstance(p.stdout, trio.abc.ReceiveStream)
+            await p.stdin_stream().send(b"hello\n")
+            await p.stdin_stream().send_all(b"world\n")
+            await p.stdin_stream().aclose()
+            text = ""
+            async for chunk in TextReceiveStream(p.stdout_stream()):
+                text += chunk
+            assert text == "HELLO\nWORLD\n"
+            with pytest.raises(anyio.EndOfStream):
+                await p.stdout_stream().receive()
+            assert await p.wait() == 0
+        q = await sb.start(["true"], stdin=False, stdout=False)
+        assert q.stdin is None and q.stdout is None
+        with pytest.raises(ValueError, match="stdin=True"):
+            q.stdin_stream()
+        await q.wait()
+
+
+async def test_start_has_runs_output_cap_and_accounting():
+    policy = attrs.evolve(PYP, limits=attrs.evolve(PYP.limits, output="64K"))
+    async with zviz.open_sandbox(policy) as sb:
+        p = await sb.start(["python3", "-c", "import sys\nwhile True: sys.stdout.write('x' * 65536)"], stdin=False)
+        got = b""
+        async for chunk in p.stdout:
+            got += chunk
+        assert len(got) == 65536
+        assert await p.wait() == -signal.SIGKILL and p.limit == "output"
+        q = await sb.start(["cat"])
+        await q.stdin.send_all(b"abc")
+        await q.stdin.aclose()
+        assert await q.stdout.receive_some() == b"abc"
+        async with q:
+            pass
+        st = sb.statistics()
+        assert st.bytes_stdin == 3 and st.bytes_stdout == 65536 + 3 and st.processes_started == 2
+
+
+async def test_start_follows_the_policys_wall_clock_rule():
+    policy = attrs.evolve(PYP, limits=attrs.evolve(PYP.limits, wall_s=0.5))
+    async with zviz.open_sandbox(policy) as sb:
+        t = time.monotonic()
+        p = await sb.start(["sleep", "30"])
+        assert await p.wait() == -signal.SIGKILL
+        assert p.timed_out and p.limit == "wall_s" and time.monotonic() - t < 10
+        q = await sb.start(["sleep", "1"], timeout=math.inf)
+        assert await q.wait() == 0 and not q.timed_out
+
+
+# ------------------------------------------------------------------ run()
+
+
+async def test_run_cwd_shell_and_live_output():
+    async with zviz.open_sandbox(PYP) as sb:
+        await sb.files.mkdir("sub")
+        assert (await sb.run(["pwd"], cwd="sub")).stdout.decode().strip() == os.path.join(sb.workdir, "sub")
+        assert (await sb.run(["pwd"], cwd="/tmp")).stdout == b"/tmp\n"
+        r = await sb.run(["pwd"], cwd="/nonexistent")
+        assert r.status == 126 and b"nonexistent" in r.stderr
+        r = await sb.run("printf 'a\\nb\\nc\\n' | wc -l", shell=True)
+        assert r.stdout.strip() == b"3"
+        assert (await sb.run("pwd", shell=True, cwd="sub")).stdout.strip().endswith(b"/sub")
+        with pytest.raises(TypeError, match="never split"):
+            await sb.run("ls -l")
+        with pytest.raises(TypeError, match="shell=True"):
+            await sb.run(["ls"], shell=True)
+        seen: list[tuple[float, bytes]] = []
+        errs: list[bytes] = []
+
+        async def on_err(chunk: bytes) -> None:
+            await anyio.sleep(0)
+            errs.append(chunk)
+
+        prog = "import sys, time; print('a', flush=True); print('e', file=sys.stderr, flush=True); time.sleep(1); print('b')"
+        r = await sb.run(["python3", "-c", prog], on_stdout=lambda c: seen.append((time.monotonic(), c)),
+                         on_stderr=on_err)
+        end = time.monotonic()
+        assert b"".join(c for _, c in seen) == r.stdout == b"a\nb\n"
+        assert seen[0][1] == b"a\n" and end - seen[0][0] > 0.5  # delivered live, not at the end
+        assert b"".join(errs) == b"e\n"
+
+
+async def test_bad_call_arguments_blame_the_caller():
+    async with zviz.open_sandbox(PYP) as sb:
+        for call, exc in [(sb.run([]), ValueError), (sb.run(["echo", "a\0b"]), ValueError),
+                          (sb.run(["true"], timeout=-1), ValueError), (sb.run(["true"], timeout="1"), TypeError),
+                          (sb.run(["true"], env={"A": 1}), TypeError), (sb.run(["true"], env={"A=B": "1"}), ValueError),
+                          (sb.run([b"true"]), TypeError), (sb.run(["true"], stdin="x"), TypeError),
+                          (sb.run(["true"], cwd=3), TypeError), (sb.start(["true"], timeout=0), ValueError),
+                          (sb.files.write("x", b"", mode=0o4755), ValueError), (sb.files.write("x", 3), TypeError),
+                          (sb.files.read(""), ValueError), (sb.files.read(b"x"), TypeError)]:
+            with pytest.raises(exc) as ei:
+                await call
+            assert not isinstance(ei.value, zviz.PolicyError), ei.value
+    with pytest.raises(TypeError):
+        await zviz.Sandbox.create("python")
+    with pytest.raises(ValueError, match="not an existing directory") as ei:
+        await zviz.Sandbox.create(PYP, workdir="/nonexistent/dir")
+    assert not isinstance(ei.value, zviz.PolicyError)
+
+
+def test_one_path_string_is_never_split():
+    with pytest.raises(TypeError, match="not one string"):
+        zviz.Filesystem(read_only="/usr")
+    with pytest.raises(zviz.PolicyError):  # still a bad policy, for the CLI and TOML
+        zviz.Filesystem(read_write="/srv")
+    with pytest.raises(TypeError, match=r"with_paths\(read_only=\['/opt'\]\)"):
+        PYP.with_paths(read_only="/opt")
+    assert PYP.with_paths(read_only=["/opt"]).fs.read_only[-1] == "/opt"
+
+
+# ------------------------------------------------------------------ files
+
+
+async def test_files_api_over_the_sandboxs_view():
+    async with zviz.open_sandbox(PYP) as sb:
+        f = sb.files
+        await f.write("a/b/c.txt", "héllo")
+        assert await f.read("a/b/c.txt") == "héllo".encode()
+        assert await f.read_text(os.path.join(sb.workdir, "a/b/c.txt")) == "héllo"
+        await f.write("run.sh", b"#!/bin/sh\necho ran\n", mode=0o755)
+        assert (await sb.run(["./run.sh"])).stdout == b"ran\n"
+        info = await f.stat("run.sh")
+        assert info.type == "file" and info.size == 19 and info.mode == 0o755 and info.mtime > time.time() - 60
+        assert [(i.name, i.type) for i in await f.list(".")] == [("a", "dir"), ("run.sh", "file")]
+        await f.mkdir("d/e", parents=True)
+        with pytest.raises(FileExistsError):
+            await f.mkdir("d")
+        await f.mkdir("d", exist_ok=True)
+        await f.rename("a/b/c.txt", "d/e/moved.txt")
+        assert not await f.exists("a/b/c.txt") and await f.exists("d/e/moved.txt")
+        await f.remove("d/e/moved.txt")
+        with pytest.raises(OSError) as ei:
+            await f.remove("d")
+        assert ei.value.errno == errno.ENOTEMPTY and ei.value.filename == "d" or ei.value.filename.endswith("/d")
+        await f.remove("d", recursive=True)
+        assert not await f.exists("d")
+        # the sandbox's own /tmp (a tmpfs only it has) and HOME
+        await f.write("/tmp/note", b"from the host")
+        assert (await sb.run(["cat", "/tmp/note"])).stdout == b"from the host"
+        await sb.run(["sh", "-c", "echo made > /tmp/made"])
+        assert await f.read("/tmp/made") == b"made\n"
+        assert not os.path.exists("/tmp/made")
+        home = (await sb.run(["sh", "-c", "echo $HOME"])).stdout.decode().strip()
+        await f.write(home + "/.rc", b"x")
+        assert (await sb.run(["cat", home + "/.rc"])).stdout == b"x"
+        # what the sandbox reads, the API reads; where it may not write, neither may the API
+        assert await f.read("/etc/passwd") == (await sb.run(["cat", "/etc/passwd"])).stdout
+        with pytest.raises(PermissionError) as ei:
+            await f.write("/usr/evil", b"x")
+        assert ei.value.filename == "/usr/evil"
+        with pytest.raises(PermissionError):
+            await f.remove("/etc/passwd")
+        with pytest.raises(FileNotFoundError) as ei:
+            await f.read("/no/such")
+        assert ei.value.filename == "/no/such"
+        assert not await f.exists("/no/such")
+        # aliases, and the size cap says so
+        await sb.write_file("big", b"x" * 2000)
+        assert await sb.read_file("big") == b"x" * 2000
+        with pytest.raises(OSError, match="max_bytes=1000") as ei:
+            await sb.read_file("big", max_bytes=1000)
+        assert ei.value.errno == errno.EFBIG and not isinstance(ei.value, zviz.ZvizError)
+        # files written are the sandbox's own, as it would make them
+        st = os.stat(os.path.join(sb.workdir, "big"))
+        assert st.st_uid == sb._plan.host_uid
+
+
+async def test_large_transfers_do_not_block_the_event_loop():
+    async with zviz.open_sandbox(PYP) as sb:
+        gaps: list[float] = []
+        done = False
+
+        async def ticker() -> None:
+            last = time.monotonic()
+            while not done:
+                await anyio.sleep(0.005)
+                now = time.monotonic()
+                gaps.append(now - last)
+                last = now
+
+        data = os.urandom(1 << 20) * 50
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ticker)
+            await anyio.sleep(0.05)
+            await sb.files.write("big.bin", data)
+            assert await sb.files.read("big.bin", max_bytes=len(data)) == data
+            done = True
+        assert max(gaps) < 0.1, max(gaps)
+
+
+# ------------------------------------------------------------------ the sync facade
+
+
+def test_sync_facade_from_several_threads_at_once():
+    import concurrent.futures
+
+    before = zviz_tempdirs()
+
+    def own(i: int) -> bytes:
+        with zviz.sync.open_sandbox(PYP) as sb:
+            sb.files.write("i.txt", str(i))
+            return sb.run(["cat", "i.txt"]).stdout
+
+    with concurrent.futures.ThreadPoolExecutor(4) as ex:
+        assert list(ex.map(own, range(8))) == [str(i).encode() for i in range(8)]
+    with zviz.sync.open_sandbox(PYP) as shared:
+        with concurrent.futures.ThreadPoolExecutor(4) as ex:
+            outs = list(ex.map(lambda i: shared.run(["python3", "-c", f"print({i})"]).stdout, range(8)))
+        assert outs == [f"{i}\n".encode() for i in range(8)]
+        assert shared.statistics().processes_started == 8
+        with shared.start(["cat"]) as p:
+            p.stdin.send_all(b"abc")
+            p.stdin.close()
+            assert p.stdout.read() == b"abc" and p.wait() == 0
+        assert [i.name for i in shared.files.list()] == []
+    assert shared.closed and zviz_tempdirs() <= before
+
+
+def test_sync_facade_from_an_asyncio_programs_worker_thread():
+    import asyncio
+
+    def executor() -> bytes:
+        with zviz.sync.open_sandbox(PYP) as sb:
+            return sb.run("echo $((6 * 7))", shell=True).stdout
+
+    async def main() -> bytes:
+        return await asyncio.to_thread(executor)
+
+    assert asyncio.run(main()) == b"42\n"
+
+
+def test_sync_sandbox_never_closed_is_closed_when_collected():
+    sb = zviz.sync.Sandbox.create(PYP)
+    sb.run(["true"])
+    workdir, zpid = sb.workdir, sb._sb._zygote.pid
+    kids = child_pids()
+    with pytest.warns(ResourceWarning):
+        del sb
+        gc.collect()
+    assert not os.path.exists(workdir) and not _alive(zpid) and zpid not in child_pids() - kids
