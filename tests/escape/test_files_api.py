@@ -1,0 +1,197 @@
+"""The file API (`sb.files`) against a hostile sandbox: while the host reads,
+writes and removes, the sandboxed code swaps symlinks in, replaces a
+directory by a symlink mid-walk, plants FIFOs and hardlinks, and the host
+names paths with `..` and magic links. The host must never read, write or
+remove anything outside the sandbox's own view. Evidence is host-side: the
+secret never comes back, the host files are unchanged, nothing appears in the
+host directory. The host side here is root: the most it could do wrong."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import anyio
+import pytest
+import trio
+
+import zviz
+
+PYP = zviz.Policy.python()
+
+RACER = """
+import os, sys
+target, mode = sys.argv[1], sys.argv[2]
+print("ready", flush=True)
+n = 0
+while True:
+    n += 1
+    if mode == "file":
+        os.symlink(target, "f.tmp"); os.replace("f.tmp", "f")
+        with open("r.tmp", "w") as fh: fh.write("benign")
+        os.replace("r.tmp", "f")
+    elif mode == "dir":
+        os.makedirs("d.tmp/sub", exist_ok=True)
+        try: os.rename("d.tmp", "dd")
+        except OSError: pass
+        os.symlink(target, "l.tmp")
+        try:
+            os.rename("dd", "old"); os.rename("l.tmp", "dd")
+            os.unlink("dd"); os.rename("old", "dd")
+        except OSError: pass
+        for junk in ("l.tmp", "old"):
+            try: os.unlink(junk)
+            except OSError: pass
+"""
+
+
+async def _racing(sb: zviz.Sandbox, target: str, mode: str):
+    await sb.files.write("racer.py", RACER)
+    p = await sb.start(["python3", "racer.py", target, mode], stdin=False, timeout=60)
+    assert await p.stdout.receive_some() == b"ready\n"
+    return p
+
+
+def test_symlink_swaps_during_reads_never_leak(target):
+    d, token = target
+    secret = f"{d}/secret.txt"
+
+    async def main():
+        async with zviz.open_sandbox(PYP) as sb:
+            async with await _racing(sb, secret, "file"):
+                got, refused = 0, 0
+                for _ in range(400):
+                    try:
+                        data = await sb.files.read("f")
+                    except OSError as e:
+                        assert e.errno in (errno.ENOENT, errno.EACCES), e
+                        refused += 1
+                        continue
+                    assert token.encode() not in data
+                    assert data in (b"", b"benign")
+                    got += 1
+                return got, refused
+
+    got, refused = trio.run(main)
+    assert got > 0 and refused > 0  # the race ran both ways
+
+
+def test_symlink_swaps_during_writes_never_write_outside(target):
+    d, token = target
+    victim = os.path.join(d, "victim.txt")
+    with open(victim, "w") as f:
+        f.write("untouched")
+    os.chmod(victim, 0o666)
+
+    async def main():
+        async with zviz.open_sandbox(PYP) as sb:
+            async with await _racing(sb, victim, "file"):
+                wrote = 0
+                for _ in range(300):
+                    try:
+                        await sb.files.write("f", b"pwned")
+                        wrote += 1
+                    except OSError as e:
+                        assert e.errno in (errno.EINVAL, errno.ENOENT, errno.EEXIST, errno.EAGAIN), e
+            async with await _racing(sb, d, "dir"):
+                for _ in range(300):
+                    try:
+                        await sb.files.write("dd/new.txt", b"pwned", parents=False)
+                    except OSError:
+                        pass
+            return wrote
+
+    assert trio.run(main) > 0
+    with open(victim) as f:
+        assert f.read() == "untouched"
+    assert sorted(os.listdir(d)) == ["secret.txt", "victim.txt"]
+
+
+def test_directory_replaced_by_a_symlink_mid_walk_removes_nothing_outside(target):
+    d, token = target
+    os.mkdir(os.path.join(d, "keep"))
+    with open(os.path.join(d, "keep", "file"), "w") as f:
+        f.write("keep")
+
+    async def main():
+        async with zviz.open_sandbox(PYP) as sb:
+            async with await _racing(sb, d, "dir"):
+                for _ in range(200):
+                    try:
+                        await sb.files.remove("dd", recursive=True)
+                    except OSError:
+                        pass
+            # and planted before the walk: a symlink to the host dir inside the tree
+            await sb.run(["sh", "-c", f"mkdir -p t/a && ln -s {d} t/a/host && ln -s / t/root"])
+            await sb.files.remove("t", recursive=True)
+            assert not await sb.files.exists("t")
+
+    trio.run(main)
+    assert os.path.exists(os.path.join(d, "secret.txt"))
+    with open(os.path.join(d, "keep", "file")) as f:
+        assert f.read() == "keep"
+
+
+def test_fifos_and_devices_are_never_opened():
+    async def main():
+        async with zviz.open_sandbox(PYP) as sb:
+            r = await sb.run(["sh", "-c", "mkfifo p && ln -s /dev/zero z"])
+            assert r.ok, r.stderr
+            with anyio.fail_after(5):  # opening the FIFO would block until a writer came
+                for call in (sb.files.read("p"), sb.files.write("p", b"x"), sb.files.read("z"),
+                             sb.files.read("/dev/zero")):
+                    with pytest.raises(OSError) as ei:
+                        await call
+                    assert ei.value.errno == errno.EINVAL and "not a regular file" in str(ei.value)
+            assert (await sb.files.stat("p")).type == "fifo"
+
+    trio.run(main)
+
+
+def test_hardlinks_cannot_reach_outside_files(target):
+    d, token = target
+
+    async def main():
+        async with zviz.open_sandbox(PYP) as sb:
+            prog = (f"import os\nfor src in ({d + '/secret.txt'!r}, '/etc/passwd', '/usr/bin/env'):\n"
+                    "    try: os.link(src, 'h'); print('linked', src)\n"
+                    "    except OSError as e: print('refused', src, e.errno)\n")
+            r = await sb.run(["python3", "-c", prog])
+            assert b"linked" not in r.stdout, r.stdout
+            with pytest.raises(FileNotFoundError):
+                await sb.files.read("h")
+            # a hardlink the sandbox may make (within its workdir) is just its own file
+            await sb.files.write("mine", b"1")
+            assert (await sb.run(["ln", "mine", "mine2"])).ok
+            await sb.files.write("mine2", b"2")
+            assert await sb.files.read("mine") == b"2"
+
+    trio.run(main)
+    with open("/etc/passwd", "rb") as f:
+        assert b"2" != f.read()
+
+
+def test_dotdot_absolute_and_magic_links_stay_in_the_view(target):
+    d, token = target
+
+    async def main():
+        async with zviz.open_sandbox(PYP) as sb:
+            await sb.run(["true"])
+            zpid = sb._zygote.pid
+            for path in (f"{d}/secret.txt", "../" * 30 + d.lstrip("/") + "/secret.txt",
+                         f"/proc/1/root{d}/secret.txt", f"/proc/{zpid}/root{d}/secret.txt",
+                         f"/proc/self/root{d}/secret.txt", f"/proc/1/cwd/../../..{d}/secret.txt"):
+                with pytest.raises(OSError) as ei:
+                    data = await sb.files.read(path)
+                    assert token.encode() not in data
+                assert ei.value.errno in (errno.ENOENT, errno.ELOOP, errno.EACCES, errno.EXDEV), (path, ei.value)
+            for path in (f"{d}/new.txt", "../" * 30 + d.lstrip("/") + "/new.txt"):
+                with pytest.raises(OSError):
+                    await sb.files.write(path, b"x")
+            with pytest.raises(OSError):
+                await sb.files.remove(f"{d}/secret.txt")
+            with pytest.raises(OSError):
+                await sb.files.rename("/etc/passwd", "stolen")
+
+    trio.run(main)
+    assert sorted(os.listdir(d)) == ["secret.txt"]
