@@ -15,6 +15,7 @@ import time
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 import attrs
 import pytest
 import trio
@@ -182,19 +183,18 @@ async def test_signals_reach_the_program_and_pid_in_sandbox():
             "signal.signal(signal.SIGTERM, lambda *a: (os.write(1, b'term\\n'), sys.exit(3)))\n"
             "print(os.getpid(), flush=True)\n"
             "while True: time.sleep(0.05)\n")
-    async with zviz.open_sandbox(PYP) as sb:
-        async with await sb.start(["python3", "-c", prog]) as p:
-            lines = BufferedByteReceiveStream(p.stdout_stream())
-            pid = int(await lines.receive_until(b"\n", 100))
-            assert p.pid_in_sandbox == pid
-            p.send_signal(signal.SIGUSR1)
-            assert await lines.receive_until(b"\n", 100) == b"usr1"
-            p.terminate()
-            assert await lines.receive_until(b"\n", 100) == b"term"
-            assert await p.wait() == 3
-            assert p.pid_in_sandbox is None
-            p.terminate()  # no-op once it has exited
-            p.kill()
+    async with zviz.open_sandbox(PYP) as sb, await sb.start(["python3", "-c", prog]) as p:
+        lines = BufferedByteReceiveStream(p.stdout_stream())
+        pid = int(await lines.receive_until(b"\n", 100))
+        assert p.pid_in_sandbox == pid
+        p.send_signal(signal.SIGUSR1)
+        assert await lines.receive_until(b"\n", 100) == b"usr1"
+        p.terminate()
+        assert await lines.receive_until(b"\n", 100) == b"term"
+        assert await p.wait() == 3
+        assert p.pid_in_sandbox is None
+        p.terminate()  # no-op once it has exited
+        p.kill()
 
 
 async def test_streams_are_anyio_and_trio_streams():
@@ -272,10 +272,11 @@ async def test_run_cwd_shell_and_live_output():
         errs: list[bytes] = []
 
         async def on_err(chunk: bytes) -> None:
-            await anyio.sleep(0)
+            await anyio.lowlevel.checkpoint()
             errs.append(chunk)
 
-        prog = "import sys, time; print('a', flush=True); print('e', file=sys.stderr, flush=True); time.sleep(1); print('b')"
+        prog = ("import sys, time; print('a', flush=True); print('e', file=sys.stderr, flush=True);"
+                "time.sleep(1); print('b')")
         r = await sb.run(["python3", "-c", prog], on_stdout=lambda c: seen.append((time.monotonic(), c)),
                          on_stderr=on_err)
         end = time.monotonic()
@@ -336,7 +337,7 @@ async def test_files_api_over_the_sandboxs_view():
         await f.remove("d/e/moved.txt")
         with pytest.raises(OSError) as ei:
             await f.remove("d")
-        assert ei.value.errno == errno.ENOTEMPTY and ei.value.filename == "d" or ei.value.filename.endswith("/d")
+        assert (ei.value.errno == errno.ENOTEMPTY and ei.value.filename == "d") or ei.value.filename.endswith("/d")
         await f.remove("d", recursive=True)
         assert not await f.exists("d")
         # the sandbox's own /tmp (a tmpfs only it has) and HOME
@@ -439,7 +440,7 @@ def test_sync_sandbox_never_closed_is_closed_when_collected():
     sb.run(["true"])
     workdir, zpid = sb.workdir, sb._sb._zygote.pid
     kids = child_pids()
-    with pytest.warns(ResourceWarning):
+    with pytest.warns(ResourceWarning):  # noqa: PT031 - the drop of the last reference is the event
         del sb
         gc.collect()
     assert not os.path.exists(workdir) and not _alive(zpid) and zpid not in child_pids() - kids

@@ -57,27 +57,26 @@ def test_symlink_swaps_during_reads_never_leak(target):
     secret = f"{d}/secret.txt"
 
     async def main():
-        async with zviz.open_sandbox(PYP) as sb:
-            async with await _racing(sb, secret, "file"):
-                got, refused = 0, 0
-                for _ in range(400):
-                    try:
-                        data = await sb.files.read("f")
-                    except OSError as e:
-                        assert e.errno in (errno.ENOENT, errno.EACCES), e
-                        refused += 1
-                        continue
-                    assert token.encode() not in data
-                    assert data in (b"", b"benign")
-                    got += 1
-                return got, refused
+        async with zviz.open_sandbox(PYP) as sb, await _racing(sb, secret, "file"):
+            got, refused = 0, 0
+            for _ in range(400):
+                try:
+                    data = await sb.files.read("f")
+                except OSError as e:
+                    assert e.errno in (errno.ENOENT, errno.EACCES), e
+                    refused += 1
+                    continue
+                assert token.encode() not in data
+                assert data in (b"", b"benign")
+                got += 1
+            return got, refused
 
     got, refused = trio.run(main)
     assert got > 0 and refused > 0  # the race ran both ways
 
 
 def test_symlink_swaps_during_writes_never_write_outside(target):
-    d, token = target
+    d, _token = target
     victim = os.path.join(d, "victim.txt")
     with open(victim, "w") as f:
         f.write("untouched")
@@ -92,7 +91,7 @@ def test_symlink_swaps_during_writes_never_write_outside(target):
                         await sb.files.write("f", b"pwned")
                         wrote += 1
                     except OSError as e:
-                        assert e.errno in (errno.EINVAL, errno.ENOENT, errno.EEXIST, errno.EAGAIN), e
+                        assert e.errno in (errno.EINVAL, errno.ENOENT, errno.EEXIST, errno.EAGAIN), e  # noqa: PT017
             async with await _racing(sb, d, "dir"):
                 for _ in range(300):
                     try:
@@ -108,7 +107,7 @@ def test_symlink_swaps_during_writes_never_write_outside(target):
 
 
 def test_directory_replaced_by_a_symlink_mid_walk_removes_nothing_outside(target):
-    d, token = target
+    d, _token = target
     os.mkdir(os.path.join(d, "keep"))
     with open(os.path.join(d, "keep", "file"), "w") as f:
         f.write("keep")
@@ -149,7 +148,7 @@ def test_fifos_and_devices_are_never_opened():
 
 
 def test_hardlinks_cannot_reach_outside_files(target):
-    d, token = target
+    d, _token = target
 
     async def main():
         async with zviz.open_sandbox(PYP) as sb:
@@ -168,7 +167,7 @@ def test_hardlinks_cannot_reach_outside_files(target):
 
     trio.run(main)
     with open("/etc/passwd", "rb") as f:
-        assert b"2" != f.read()
+        assert f.read() != b"2"
 
 
 def test_dotdot_absolute_and_magic_links_stay_in_the_view(target):
