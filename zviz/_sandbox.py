@@ -1,16 +1,22 @@
-"""open_sandbox and Sandbox: the trio/anyio shell that composes the parts.
+"""Sandbox.create, open_sandbox and Sandbox: the trio/anyio shell that composes the parts.
 
-Ownership: a Sandbox owns its workdir, its supervisor task, its `Runner` (the
-zygote and /dev/null) and every Process it started; a Process owns its pidfd,
+Ownership: a Sandbox's `Life` (`_lifecycle`) owns its workdir, its service
+task (the supervisor's task group), its `Runner` (the zygote and /dev/null),
+its host resources and every Process it started; a Process owns its pidfd,
 its init-status pipe and its pipe ends (a full spawn's seccomp listener is
-handed to the supervisor). Leaving `open_sandbox` by success, error or
-cancellation kills every process (SIGKILL to the pid-namespace init, which
-takes the whole tree with it), reaps it, closes every fd and removes the
-workdir, under a shielded cancel scope.
+handed to the supervisor). `aclose()` (and leaving `open_sandbox` by success,
+error or cancellation) kills every process (SIGKILL to the pid-namespace
+init, which takes the whole tree with it), reaps it, closes every fd and
+removes the workdir, under a shielded cancel scope.
 
 Where the rest lives: `_records` (RunResult, SandboxStatistics, the tally),
 `_process` (Process and the run loop), `_runner` (spawning, the zygote),
-`_files` (workdir file I/O), `_events` (the denial events).
+`_files` (the file API), `_events` (the denial events), `_args` (the checks
+of run()'s arguments), `_lifecycle` (the service task and teardown).
+
+Why this module is long: it is the one place where the parts meet (planning
+once per sandbox, the spawn of one command, the public methods); the
+`_prepare` step is the candidate to move out once the stage's input settles.
 """
 
 from __future__ import annotations
