@@ -99,7 +99,7 @@ async def main(a: argparse.Namespace) -> dict:
         return us_per_iter(p.stdout)
 
     async def inside(sb: zviz.Sandbox) -> float:
-        r = await sb.run([PY, os.path.join(sb.workdir, NAME)], env=env_iters, timeout=120)
+        r = await sb.run([PY, os.path.join(sb.workspace, NAME)], env=env_iters, timeout=120)
         if not r.ok:
             sys.exit(f"W3 in the sandbox failed: status {r.status} {r.stderr[-300:]!r}")
         return us_per_iter(r.stdout)

@@ -561,7 +561,7 @@ class Bench:
                 async with zviz.open_sandbox(self.policy) as sb:
                     await sb.write_file("w2_agent_snippet.py", w2)
                     sampler.arm(base)
-                    await self.sandboxed(sb, [PY, os.path.join(sb.workdir, "w2_agent_snippet.py")])
+                    await self.sandboxed(sb, [PY, os.path.join(sb.workspace, "w2_agent_snippet.py")])
                     return sampler.disarm()
 
             raw = await self.interleave(n, 1, {"bare": bare_rep, "zviz": zviz_rep})

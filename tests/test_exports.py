@@ -3,7 +3,7 @@
 import zviz
 
 PUBLIC = {
-    "CodeContext", "CodeContextError", "CommandNotFoundError", "DenialEvent", "DisplayData", "Endpoint",
+    "Bind", "CodeContext", "CodeContextError", "CommandNotFoundError", "DenialEvent", "DisplayData", "Endpoint",
     "EventsMissed", "Execution", "ExecutionError", "FeatureUnavailable", "FileInfo", "Filesystem", "KernelFeatures",
     "Limits", "Namespaces", "Network", "Policy", "PolicyError", "Process", "RunResult", "SYSCALL_GROUPS", "Sandbox",
     "SandboxClosedError", "SandboxSetupError", "SandboxStatistics", "StreamOutput", "Syscalls",

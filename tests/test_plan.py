@@ -3,6 +3,7 @@
 import attrs
 import pytest
 
+import zviz
 from zviz import Filesystem, Limits, Network, Policy, PolicyError, _kernel, _plan
 from zviz._probe import KernelFeatures
 
@@ -10,7 +11,7 @@ FEATURES = KernelFeatures(kernel="6.18", landlock_abi=7, landlock_reason="ABI 7"
                           seccomp_notify=True, seccomp_addfd=True, sync_wakeup=True, wait_killable_recv=True,
                           pidfd=True, cgroup_v2=None, cgroup_reason="hybrid", is_root=False)
 DIRS = dict.fromkeys(("/usr", "/bin", "/etc", "/lib", "/lib64", "/run", "/tmp", "/var/tmp", "/dev/shm",
-                      "/tmp/zviz-w", "/srv", "/srv/data"), True)
+                      "/tmp/zviz-w", "/srv", "/srv/data", "/"), True)
 DIRS.update({"/dev/null": False, "/dev/zero": False, "/dev/urandom": False, "/srv/file.txt": False})
 INF = _plan.INFINITY
 HARD = {"cpu": INF, "fsize": INF, "core": INF, "nproc": INF, "nofile": 4096, "as": INF}
@@ -66,8 +67,10 @@ def test_landlock_rights():
     assert rules["/srv/data"] & _plan.FS_WRITE_FILE and rules["/srv/data"] & _plan.FS_MAKE_REG
     # a file gets file rights only (Landlock refuses directory rights on files)
     assert rules["/srv/file.txt"] == _plan.FS_EXECUTE | _plan.FS_READ_FILE
-    assert rules["/tmp/zviz-w"] & _plan.FS_REMOVE_FILE
-    assert not rules["/tmp/zviz-w"] & (_plan.FS_MAKE_CHAR | _plan.FS_MAKE_BLOCK)
+    # the rules name paths as the sandbox sees them: the workdir is /workspace
+    assert rules["/workspace"] & _plan.FS_REMOVE_FILE and "/tmp/zviz-w" not in rules
+    assert not rules["/workspace"] & (_plan.FS_MAKE_CHAR | _plan.FS_MAKE_BLOCK)
+    assert rules["/home/sandbox"] & _plan.FS_WRITE_FILE and not rules["/home/sandbox"] & _plan.FS_EXECUTE
     assert rules["/dev/null"] & _plan.FS_WRITE_FILE and "/dev/random" not in rules  # absent on this host
     assert rules["/proc"] == _plan.FS_READ_FILE | _plan.FS_READ_DIR
     assert p.landlock.handled_net == _plan.NET_BIND_TCP | _plan.NET_CONNECT_TCP and p.landlock.ports == ()
@@ -101,8 +104,9 @@ def test_new_root_holds_only_listed_paths():
     assert "/bin" not in sources and (_plan.OP_SYMLINK, "bin", "usr/bin", -1) in r.ops
     assert ("/usr", True) in r.binds and ("/tmp/zviz-w", False) in r.binds and ("/dev/null", False) in r.binds
     kinds = [(k, path) for k, path, _, _ in r.ops]
-    # the private /tmp is mounted before the workdir that lives below it
-    assert kinds.index((_plan.OP_TMPFS, "tmp")) < kinds.index((_plan.OP_MOVE, "tmp/zviz-w"))
+    # the workdir is bound at /workspace, HOME is a tmpfs of the sandbox's own
+    assert (_plan.OP_MOVE, "workspace") in kinds and (_plan.OP_MOVE, "tmp/zviz-w") not in kinds
+    assert (_plan.OP_TMPFS, "home/sandbox") in kinds
     assert (_plan.OP_FILE, "dev/null") in kinds and (_plan.OP_PROC, "proc") in kinds
     # every move names a bind that exists, and each bind is moved once
     moves = [i for k, _, _, i in r.ops if k == _plan.OP_MOVE]
@@ -136,12 +140,45 @@ def test_rlimits_clamped_to_host_ceiling():
     assert lim["core"] == (0, 0)
 
 
-def test_env_is_clean_and_points_home_at_workdir():
+def test_env_is_clean_home_is_private_and_the_workspace_fixed():
     p = plan(Policy(env={"PATH": "/usr/bin", "X": "1"}))
     env = dict(p.env)
-    assert env == {"PATH": "/usr/bin", "X": "1", "HOME": "/tmp/zviz-w", "PWD": "/tmp/zviz-w"}
+    assert env == {"PATH": "/usr/bin", "X": "1", "HOME": "/home/sandbox", "PWD": "/workspace"}
+    assert p.cwd == p.workspace == "/workspace" and p.home == "/home/sandbox"
     p = plan(Policy(env={"PATH": "/usr/bin"}, fs=Filesystem(tmp_size=None)))
-    assert dict(p.env)["TMPDIR"] == "/tmp/zviz-w"  # no private /tmp: temp files in the workdir
+    # no private /tmp (nor HOME): temp files and HOME in the workspace
+    assert dict(p.env)["TMPDIR"] == dict(p.env)["HOME"] == "/workspace" and p.home is None
+    # without a new root (the whole host read-only), the workdir is where it is on the host
+    p = plan(Policy(fs=Filesystem(read_only=("/",))))
+    assert p.cwd == p.workspace == "/tmp/zviz-w" and dict(p.env)["HOME"] == "/tmp/zviz-w"
+
+
+def test_binds_at_another_path():
+    b = zviz.Bind(source="/srv/data", target="/data")
+    p = plan(Policy(fs=Filesystem(read_only=("/usr",), binds=[b, "/srv/file.txt:/in/f.txt:rw"])))
+    r = p.new_root
+    assert ("/srv/data", True) in r.binds and ("/srv/file.txt", False) in r.binds
+    ops = [(k, path) for k, path, _, _ in r.ops]
+    assert (_plan.OP_MOVE, "data") in ops and (_plan.OP_FILE, "in/f.txt") in ops
+    rules = dict(p.landlock.paths)
+    assert rules["/data"] == _plan.RO and "/srv/data" not in rules
+    assert rules["/in/f.txt"] & _plan.FS_WRITE_FILE and not rules["/in/f.txt"] & _plan.FS_MAKE_REG  # a file
+    assert _plan.host_path(p, Policy(fs=Filesystem(binds=[b])), "/tmp/zviz-w", "/data/x/y") == "/srv/data/x/y"
+    assert _plan.host_path(p, Policy(), "/tmp/zviz-w", "/workspace/a") == "/tmp/zviz-w/a"
+    assert _plan.host_path(p, Policy(), "/tmp/zviz-w", "/home/sandbox/.rc") is None
+    with pytest.raises(zviz.PolicyError, match="new root"):
+        plan(Policy(fs=Filesystem(read_only=("/",), binds=[b])))
+    for bad in ("/workspace", "/workspace/x", "/", "/tmp/x", "/proc", "/home"):
+        with pytest.raises(zviz.PolicyError, match="fs.binds.target"):
+            zviz.Bind(source="/srv/data", target=bad)
+    with pytest.raises(zviz.PolicyError, match="fs.binds.target"):
+        Filesystem(read_only=("/usr",), binds=[zviz.Bind(source="/srv/data", target="/usr/data")])
+    with pytest.raises(zviz.PolicyError, match="fs.read_write"):  # a writable bind of a system path
+        plan(Policy(fs=Filesystem(binds=["/etc:/e:rw"])))
+    with pytest.raises(TypeError):
+        Filesystem(binds="/srv/data:/data")
+    pol = Policy(fs=Filesystem(binds=[b]))
+    assert Policy.from_toml(pol.to_toml()).fs.binds == (b,)
 
 
 def test_steps_read_in_order():

@@ -46,7 +46,7 @@ async def test_program_sees_clean_env_own_uid_and_pid_namespace():
                           "import os, json; print(json.dumps([dict(os.environ), os.getuid(), os.getpid(),"
                           " sorted(p for p in os.listdir('/proc') if p.isdigit()), os.getcwd()]))"])
         env, uid, pid, pids, cwd = json.loads(r.stdout)
-        assert cwd == sb.workdir
+        assert cwd == sb.workspace == "/workspace"  # whatever the host path
     assert uid == 1000
     assert pid == 3  # the sandbox's zygote is 1, this run's zviz-init 2
     assert pids == ["1", "2", "3"]  # nothing of the host
@@ -130,8 +130,9 @@ async def test_files_in_and_out():
                           "json.dump(rows, open('out.json', 'w'))"])
         assert r.ok, r.stderr
         assert json.loads(await sb.read_file("out.json")) == [{"a": "1", "b": "2"}]
-        with pytest.raises(FileNotFoundError):  # the sandbox's view: `..` of the workdir is its parent there
-            await sb.read_file("../etc/passwd")
+        with pytest.raises(FileNotFoundError):  # the sandbox's view: `..` of /workspace is its root
+            await sb.read_file("../no/such/file")
+        assert await sb.read_file("../etc/passwd") == (await sb.run(["cat", "/etc/passwd"])).stdout
         with pytest.raises(PermissionError):  # read-only for the sandbox
             await sb.write_file("/etc/x", b"")
 

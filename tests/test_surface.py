@@ -257,7 +257,7 @@ async def test_start_follows_the_policys_wall_clock_rule():
 async def test_run_cwd_shell_and_live_output():
     async with zviz.open_sandbox(PYP) as sb:
         await sb.files.mkdir("sub")
-        assert (await sb.run(["pwd"], cwd="sub")).stdout.decode().strip() == os.path.join(sb.workdir, "sub")
+        assert (await sb.run(["pwd"], cwd="sub")).stdout == b"/workspace/sub\n"
         assert (await sb.run(["pwd"], cwd="/tmp")).stdout == b"/tmp\n"
         r = await sb.run(["pwd"], cwd="/nonexistent")
         assert r.status == 126 and b"nonexistent" in r.stderr
@@ -322,7 +322,7 @@ async def test_files_api_over_the_sandboxs_view():
         f = sb.files
         await f.write("a/b/c.txt", "héllo")
         assert await f.read("a/b/c.txt") == "héllo".encode()
-        assert await f.read_text(os.path.join(sb.workdir, "a/b/c.txt")) == "héllo"
+        assert await f.read_text("/workspace/a/b/c.txt") == "héllo"
         await f.write("run.sh", b"#!/bin/sh\necho ran\n", mode=0o755)
         assert (await sb.run(["./run.sh"])).stdout == b"ran\n"
         info = await f.stat("run.sh")
@@ -444,3 +444,42 @@ def test_sync_sandbox_never_closed_is_closed_when_collected():
         del sb
         gc.collect()
     assert not os.path.exists(workdir) and not _alive(zpid) and zpid not in child_pids() - kids
+
+
+# ------------------------------------------------------------------ a fixed workspace, a private HOME, binds
+
+
+async def test_workspace_home_and_binds(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "in.csv").write_text("a,b\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    for d in (tmp_path, data, out):
+        os.chmod(d, 0o777)
+    os.chmod(data / "in.csv", 0o644)
+    policy = PYP.with_paths()
+    policy = attrs.evolve(policy, fs=attrs.evolve(policy.fs, binds=[
+        zviz.Bind(source=str(data), target="/data"), zviz.Bind(source=str(out), target="/out", read_only=False)]))
+    async with zviz.open_sandbox(policy) as sb:
+        assert sb.workspace == "/workspace" and sb.workdir != "/workspace"
+        r = await sb.run(["sh", "-c", "pwd; echo $HOME; cat /data/in.csv; echo made > /out/o.txt; "
+                          "echo cache > $HOME/.cache; touch /data/x 2>&1 || true"])
+        assert r.stdout.splitlines()[:3] == [b"/workspace", b"/home/sandbox", b"a,b"], r.stdout
+        assert b"Read-only file system" in r.stdout
+        assert (out / "o.txt").read_text() == "made\n"
+        # HOME is not in the workspace: nothing of it lands in the workdir
+        assert os.listdir(sb.workdir) == []
+        assert await sb.files.read("/home/sandbox/.cache") == b"cache\n"
+        # the file API, the command resolution and cwd speak inside paths
+        assert await sb.files.read("/data/in.csv") == b"a,b\n"
+        with pytest.raises(PermissionError):
+            await sb.files.write("/data/new", b"x")
+        await sb.files.write("/out/api.txt", "via the API")
+        assert (out / "api.txt").read_text() == "via the API"
+        await sb.files.write("/workspace/tool.sh", "#!/bin/sh\necho tool $PWD\n", mode=0o755)
+        assert (await sb.run(["/workspace/tool.sh"])).stdout == b"tool /workspace\n"
+        assert (await sb.run(["./tool.sh"])).stdout == b"tool /workspace\n"
+        assert (await sb.run(["ls"], cwd="/data")).stdout == b"in.csv\n"
+        with pytest.raises(zviz.CommandNotFoundError):
+            await sb.run(["/data/nothing"])

@@ -30,6 +30,7 @@ from ._execution import (
 from ._files import FileInfo as FileInfo
 from ._policy import (
     SYSCALL_GROUPS as SYSCALL_GROUPS,
+    Bind as Bind,
     Endpoint as Endpoint,
     Filesystem as Filesystem,
     Limits as Limits,
@@ -47,6 +48,7 @@ from ._version import __version__ as __version__
 
 __all__ = [
     "SYSCALL_GROUPS",
+    "Bind",
     "CodeContext",
     "CodeContextError",
     "CommandNotFoundError",

@@ -23,7 +23,7 @@ from ._errors import (
     ZvizError,
     ZvizWarning,
 )
-from ._policy import Endpoint, Network, Policy, parse_size
+from ._policy import Bind, Endpoint, Network, Policy, parse_size
 
 EXIT_USAGE = 2
 EXIT_HOST = 123  # the host lacks something (FeatureUnavailable)
@@ -47,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--workdir", metavar="DIR", help="use DIR as the read-write workdir (kept)")
     r.add_argument("--ro", metavar="PATH", action="append", default=[], help="add a read-only path")
     r.add_argument("--rw", metavar="PATH", action="append", default=[], help="add a read-write path")
+    r.add_argument("--bind", metavar="HOST:INSIDE[:ro|:rw]", action="append", default=[],
+                   help="show a host path at another path inside (read-only unless :rw), e.g. ./data:/data")
     r.add_argument("--net", metavar="MODE", action="append", default=[],
                    help="none | loopback | HOST:PORT (repeatable: an allowlist)")
     r.add_argument("--timeout", metavar="S", type=float, help="wall-clock limit in seconds")
@@ -99,6 +101,11 @@ def _policy_from_args(a: argparse.Namespace) -> Policy:
     if a.ro or a.rw:
         policy = policy.with_paths(read_only=[os.path.abspath(x) for x in a.ro],
                                    read_write=[os.path.abspath(x) for x in a.rw])
+    if a.bind:
+        # HOST may be relative (to here); a malformed one is a PolicyError (status 125)
+        binds = tuple(Bind.parse(os.path.abspath(h) + ":" + rest if h else text)
+                      for text in a.bind for h, _, rest in [text.partition(":")])
+        policy = attrs.evolve(policy, fs=attrs.evolve(policy.fs, binds=policy.fs.binds + binds))
     if a.net:
         if len(a.net) == 1 and a.net[0] in ("none", "loopback"):
             net = Network(mode=a.net[0])

@@ -26,7 +26,7 @@ import attrs
 
 from . import _abi, _linux
 from ._errors import PolicyError, SandboxSetupError
-from ._policy import Policy
+from ._policy import Bind, Policy
 from ._spec import Command, StageSpec
 
 if TYPE_CHECKING:  # the planner stays pure: no probe, no C extension at import
@@ -145,7 +145,8 @@ def check_listed(policy: Policy, host: Host) -> None:
     that is, holds, or lies below a system path (a symlink to `/` passed
     the old "not '/'" check), and a read-only path that resolves to `/`
     without saying so."""
-    for path in policy.fs.read_write:
+    rw_binds = [b.source for b in policy.fs.binds if not b.read_only]
+    for path in (*policy.fs.read_write, *rw_binds):
         real = host.links.get(path, path)
         shown = path if real == path else f"{path} (-> {real})"
         if any(real == s or _beneath(s, real) for s in SYSTEM_PATHS) or any(_beneath(real, d) for d in NO_RW_BELOW):
@@ -157,6 +158,10 @@ def check_listed(policy: Policy, host: Host) -> None:
             raise PolicyError("fs.read_only", f"{path} (-> /)",
                               "a path that is not a link to '/' (list '/' itself to mean the whole host)")
 
+
+# Where the workdir and HOME are inside a new root, whatever their host paths.
+WORKSPACE = "/workspace"
+HOME = "/home/sandbox"
 
 # Mount operations of the new root (zviz/_abi.h: OP_*), on paths relative to it.
 OP_MKDIR, OP_SYMLINK, OP_FILE, OP_MOVE, OP_PROC, OP_TMPFS = (_abi.OP_MKDIR, _abi.OP_SYMLINK, _abi.OP_FILE,
@@ -176,6 +181,7 @@ class RootPlan:
     private_tmp: bool
     masks: tuple[tuple[int, str], ...] = ()  # (MASK_*, absolute path in the new root), after pivot_root
     root_readonly: bool = True  # the root tmpfs is remounted read-only once assembled
+    home: bool = False  # HOME is a private tmpfs (with the private /tmp)
 
 
 @attrs.frozen(kw_only=True)
@@ -206,6 +212,8 @@ class SandboxPlan:
     memory_cgroup: int | None = None  # bytes: the sandbox's memory cgroup limit (None: no cgroup)
     disk: int | None = None  # bytes: the workdir is a tmpfs of this size, mounted on the host (None: no cap)
     deny_syscalls: tuple[str, ...] = ()  # taken out of the allowlist (e.g. memfd_create without a cgroup)
+    workspace: str = WORKSPACE  # the workdir's path inside (its host path without a new root)
+    home: str | None = None  # HOME's private tmpfs inside (None: HOME is the workspace)
 
     def steps(self) -> list[str]:
         """The plan as a readable list of steps (for tests and debugging)."""
@@ -270,8 +278,10 @@ def _parts(path: str) -> list[str]:
     return [p for p in path.split("/") if p]
 
 
-def plan_root(policy: Policy, host: Host, workdir: str, with_proc: bool) -> RootPlan:
-    """Which mounts make up the sandbox's root, in the order the stage does them."""
+def plan_root(policy: Policy, host: Host, workdir: str, with_proc: bool, uid: int = -1, gid: int = -1) -> RootPlan:
+    """Which mounts make up the sandbox's root, in the order the stage does them.
+    The workdir is at WORKSPACE, each `fs.binds` entry at its target, HOME a
+    private tmpfs (owned by the sandbox's `uid`/`gid` inside) with /tmp."""
     staging = next((s for s in STAGING if host.is_dir.get(s)), None)
     if staging is None:
         raise SandboxSetupError("plan", errno.ENOENT, "/tmp", "no directory to assemble the sandbox root on")
@@ -292,7 +302,12 @@ def plan_root(policy: Policy, host: Host, workdir: str, with_proc: bool) -> Root
             entries.append((path, "symlink", os.path.relpath(target, os.path.dirname(path)), ro))
         else:
             entries.append((path, "bind", target or path, ro))
-    entries.append((workdir, "bind", workdir, False))
+    is_dir = dict(host.is_dir)
+    is_dir[WORKSPACE] = True
+    entries.append((WORKSPACE, "bind", workdir, False))
+    for b in policy.fs.binds:
+        is_dir[b.target] = host.is_dir.get(b.source, True)
+        entries.append((b.target, "bind", host.links.get(b.source, b.source), b.read_only))
     for dev in DEVICES:
         if dev in host.is_dir:
             entries.append((dev, "bind", dev, False))
@@ -301,6 +316,12 @@ def plan_root(policy: Policy, host: Host, workdir: str, with_proc: bool) -> Root
         opts = f"mode=1777,size={policy.fs.tmp_size},nr_inodes=65536"
         entries.append(("/tmp", "tmpfs", opts, False))
         entries.append(("/dev/shm", "tmpfs", opts, False))  # POSIX semaphores, shm_open
+    home = private_tmp and not any(_beneath(HOME, p) or _beneath(p, HOME) for p in listed)
+    if home:
+        # HOME: caches and dotfiles (matplotlib's, fontconfig's, pip's) stay out of the workspace
+        owner = f",uid={uid},gid={gid}" if uid >= 0 and gid >= 0 else ""
+        mode = "0700" if owner else "1777"
+        entries.append((HOME, "tmpfs", f"mode={mode}{owner},size={policy.fs.tmp_size},nr_inodes=65536", False))
     if with_proc:
         entries.append(("/proc", "proc", "", False))
     entries.sort(key=lambda e: _parts(e[0]))
@@ -323,7 +344,7 @@ def plan_root(policy: Policy, host: Host, workdir: str, with_proc: bool) -> Root
         if kind == "symlink":
             ops.append((OP_SYMLINK, rel, src, -1))
         elif kind == "bind":
-            if host.is_dir.get(target, True):
+            if is_dir.get(target, True):
                 ops.append((OP_MKDIR, rel, "", -1))
             else:
                 ops.append((OP_FILE, rel, "", -1))
@@ -344,10 +365,11 @@ def plan_root(policy: Policy, host: Host, workdir: str, with_proc: bool) -> Root
                           f"at most {_abi.MAX_BINDS} bind mounts and {_abi.MAX_MOUNT_OPS} operations: "
                           "list fewer, shallower paths")
     return RootPlan(staging=staging, binds=tuple(binds), ops=tuple(ops), private_tmp=private_tmp,
-                    masks=plan_masks(listed, host, with_proc))
+                    masks=plan_masks(listed, host, with_proc, policy.fs.binds), home=home)
 
 
-def plan_masks(listed: Mapping[str, bool], host: Host, with_proc: bool) -> tuple[tuple[int, str], ...]:
+def plan_masks(listed: Mapping[str, bool], host: Host, with_proc: bool,
+               binds: tuple[Bind, ...] = ()) -> tuple[tuple[int, str], ...]:
     """Masks inside the new root (the stage skips a path this kernel lacks).
     Read-only binds first, so that a mask inside one (boot_id in /proc/sys)
     lands on top of it."""
@@ -363,11 +385,18 @@ def plan_masks(listed: Mapping[str, bool], host: Host, with_proc: bool) -> tuple
         if kind == MASK_FILE and not can_null:
             continue
         out += [(kind, p) for p in paths if any(_beneath(p, b) for b in bound)]
+        # a host fact beneath a bind's source is masked where the bind shows it
+        for bd in binds:
+            src = host.links.get(bd.source, bd.source)
+            out += [(kind, bd.target + p[len(src):]) for p in paths if _beneath(p, src)]
     return tuple(out)
 
 
 def plan_landlock(policy: Policy, host: Host, workdir: str, mount_proc: bool,
-                  private_tmp: bool = False, new_root: bool = False) -> LandlockPlan | None:
+                  private_tmp: bool = False, new_root: bool = False, home: bool = False) -> LandlockPlan | None:
+    """The Landlock rules, on the paths as the sandbox sees them (the stage
+    adds them after pivot_root): with a new root the workdir is WORKSPACE and
+    each bind its target."""
     abi = host.features.landlock_abi
     if abi <= 0:
         return None
@@ -395,7 +424,17 @@ def plan_landlock(policy: Policy, host: Host, workdir: str, mount_proc: bool,
         add(p, RO)
     for p in policy.fs.read_write:
         add(p, RW)
-    add(workdir, RW)
+    if new_root:
+        paths[WORKSPACE] = RW & hfs
+        for b in policy.fs.binds:
+            if b.source not in host.is_dir:
+                raise PolicyError("fs.binds.source", b.source, "a path that exists on this host")
+            rights = RO if b.read_only else RW
+            if not host.is_dir[b.source]:
+                rights &= _FILE_RIGHTS
+            paths[b.target] = paths.get(b.target, 0) | (rights & hfs)
+    else:
+        add(workdir, RW)
     for dev, rights in DEVICES.items():
         if dev in host.is_dir:
             add(dev, rights)
@@ -404,6 +443,8 @@ def plan_landlock(policy: Policy, host: Host, workdir: str, mount_proc: bool,
     if private_tmp:
         paths["/tmp"] = (RW & ~FS_EXECUTE) & hfs  # the sandbox's own tmpfs
         paths["/dev/shm"] = (RW & ~FS_EXECUTE) & hfs
+    if home:
+        paths[HOME] = (RW & ~FS_EXECUTE) & hfs  # like /tmp: data, not programs
     if new_root:
         # The root is the sandbox's own tmpfs holding only the policy's paths:
         # listing it (and walking its directories) reveals nothing of the host.
@@ -481,7 +522,12 @@ def plan_sandbox(policy: Policy, host: Host, *, workdir: str,
     mount_ns = bool(flags & _linux.CLONE_NEWNS)
     mount_proc = mount_ns and bool(flags & _linux.CLONE_NEWPID)
     whole_host = "/" in policy.fs.read_only  # `zviz trace` and deliberate policies: the host, read-only
-    new_root = plan_root(policy, host, workdir, mount_proc) if mount_ns and not whole_host else None
+    new_root = plan_root(policy, host, workdir, mount_proc, uid, gid) if mount_ns and not whole_host else None
+    if policy.fs.binds and new_root is None:
+        raise PolicyError("fs.binds", [f"{b.source}:{b.target}" for b in policy.fs.binds],
+                          "a new root to bind them in (a mount namespace, and no '/' in fs.read_only)")
+    workspace = WORKSPACE if new_root is not None else workdir
+    home = HOME if new_root is not None and new_root.home else None
     if whole_host:
         degraded.append("fs.read_only lists '/': the whole host filesystem is readable (no new root)")
     if not mount_ns:
@@ -489,15 +535,15 @@ def plan_sandbox(policy: Policy, host: Host, *, workdir: str,
 
     env = dict(policy.env)
     env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
-    env.setdefault("HOME", workdir)
+    env.setdefault("HOME", home or workspace)
     if not (new_root and new_root.private_tmp):
-        env.setdefault("TMPDIR", workdir)  # no private /tmp: temp files go to the workdir
-    env["PWD"] = workdir
+        env.setdefault("TMPDIR", workspace)  # no private /tmp: temp files go to the workdir
+    env["PWD"] = workspace
     if extra_env:
         env.update(extra_env)
 
     ll = plan_landlock(policy, host, workdir, mount_proc, private_tmp=bool(new_root and new_root.private_tmp),
-                       new_root=new_root is not None)
+                       new_root=new_root is not None, home=home is not None)
     if ll is None:
         degraded.append(f"Landlock unavailable ({f.landlock_reason}): commands of one sandbox are not separated "
                         "from each other (same uid: /proc/PID/environ, mem, and for a non-root caller the stdio "
@@ -518,14 +564,14 @@ def plan_sandbox(policy: Policy, host: Host, *, workdir: str,
         else:
             degraded.append("fs.disk is not enforced: a size-capped workdir needs root (zviz mounts a tmpfs on it)")
     return SandboxPlan(
-        env=tuple(sorted(env.items())), cwd=workdir,
+        env=tuple(sorted(env.items())), cwd=workspace,
         clone_flags=flags, uid_map=uid_map, gid_map=gid_map, deny_setgroups=deny_setgroups,
         drop_groups=drop_groups, uid=uid, gid=gid, creds_late=creds_late,
         host_uid=host_uid, host_gid=host_gid, mount_ns=mount_ns, mount_proc=mount_proc, new_root=new_root,
         loopback_up=bool(flags & _linux.CLONE_NEWNET) and policy.net.mode == "loopback",
         hostname="zviz" if flags & _linux.CLONE_NEWUTS else None,
         rlimits=_rlimits(policy, host, userns), landlock=ll, degraded=tuple(degraded),
-        memory_cgroup=memory_cgroup, deny_syscalls=deny, disk=disk,
+        memory_cgroup=memory_cgroup, deny_syscalls=deny, disk=disk, workspace=workspace, home=home,
     )
 
 
@@ -595,3 +641,21 @@ def zygote_command(plan: SandboxPlan, stage: StageSpec, *, ctrl_fd: int, devnull
                    envp=tuple(f"{k}={v}".encode() for k, v in plan.env), cwd=plan.cwd.encode(), stdin=devnull,
                    stdout=devnull, stderr=devnull, init_fd=init_fd, status_fd=ctrl_fd, track_map_fd=track[0],
                    track_value=track[1], cgroup_fd=cgroup_fd)
+
+
+def host_path(plan: SandboxPlan, policy: Policy, workdir: str, inside: str) -> str | None:
+    """The host path the sandbox's view shows at `inside` (an absolute inside
+    path), or None where the view shows none of the host (its own tmpfs: /tmp,
+    HOME, the empty root). Without a new root the view is the host's."""
+    if plan.new_root is None:
+        return inside
+    inside = os.path.normpath(inside)
+    table = [(plan.workspace, workdir), *((b.target, b.source) for b in policy.fs.binds),
+             *((p, p) for p in (*policy.fs.read_only, *policy.fs.read_write)), *((d, d) for d in DEVICES)]
+    best: tuple[str, str] | None = None
+    for at, src in table:
+        if _beneath(inside, at) and (best is None or len(at) > len(best[0])):
+            best = (at, src)
+    if best is None:
+        return None
+    return best[1] + inside[len(best[0]):] if inside != best[0] else best[1]

@@ -18,7 +18,7 @@ from typing import Any
 import attrs
 
 from . import _syscalls
-from ._errors import PolicyError
+from ._errors import PolicyError, _PolicyTypeError
 from ._fields import (
     _conv_fs_disk,
     _conv_fs_tmp_size,
@@ -74,6 +74,66 @@ class Syscalls:
         return _syscalls.expand(self.allow)
 
 
+# Inside paths zviz itself owns: a bind may not land on, in or above them.
+RESERVED_INSIDE = ("/workspace", "/home/sandbox", "/tmp", "/proc", "/dev")
+
+
+@attrs.frozen(kw_only=True)
+class Bind:
+    """A host path shown at another path inside the sandbox:
+    `Bind(source="/srv/datasets/x", target="/data")` (read-only unless
+    `read_only=False`). The CLI's `--bind HOST:INSIDE[:ro|:rw]`."""
+
+    source: str
+    target: str
+    read_only: bool = True
+
+    def __attrs_post_init__(self) -> None:
+        for field, value in (("source", self.source), ("target", self.target)):
+            if not isinstance(value, str) or not value.startswith("/") or "\0" in value:
+                raise PolicyError(f"fs.binds.{field}", value, "an absolute path")
+            object.__setattr__(self, field, _paths(f"fs.binds.{field}", [value])[0])
+        if not isinstance(self.read_only, bool):
+            raise PolicyError("fs.binds.read_only", self.read_only, "true or false")
+        if self.target == "/" or any(self.target == r or self.target.startswith(r + "/") or r.startswith(
+                self.target + "/") for r in RESERVED_INSIDE):
+            raise PolicyError("fs.binds.target", self.target,
+                              "a path that is not /, nor on, in or above " + ", ".join(RESERVED_INSIDE))
+
+    @classmethod
+    def parse(cls, text: str) -> Bind:
+        """`HOST:INSIDE`, `HOST:INSIDE:ro` or `HOST:INSIDE:rw` (read-only by default)."""
+        parts = text.split(":")
+        if len(parts) == 3 and parts[2] in ("ro", "rw"):
+            return cls(source=parts[0], target=parts[1], read_only=parts[2] == "ro")
+        if len(parts) == 2:
+            return cls(source=parts[0], target=parts[1])
+        raise PolicyError("fs.binds", text, "HOST:INSIDE, HOST:INSIDE:ro or HOST:INSIDE:rw")
+
+
+def _binds(value: object) -> tuple[Bind, ...]:
+    if isinstance(value, (str, bytes, Bind)) or not isinstance(value, Iterable):
+        raise _PolicyTypeError("fs.binds", value, "a list of zviz.Bind (or of {source, target, read_only} tables)")
+    out = []
+    for item in value:
+        b = item
+        if isinstance(item, Mapping):
+            unknown = set(item) - {"source", "target", "read_only"}
+            if unknown:
+                raise PolicyError("fs.binds", dict(item), "keys source, target and read_only only")
+            b = Bind(**item)
+        elif isinstance(item, str):
+            b = Bind.parse(item)
+        if not isinstance(b, Bind):
+            raise PolicyError("fs.binds", b, "a zviz.Bind")
+        out.append(b)
+    targets = [b.target for b in out]
+    for t in targets:
+        if targets.count(t) > 1 or any(o != t and (o.startswith(t + "/")) for o in targets):
+            raise PolicyError("fs.binds", t, "targets that are distinct and not nested in each other")
+    return tuple(out)
+
+
 @attrs.frozen(kw_only=True)
 class Filesystem:
     """Paths the code may reach. The sandbox's workdir is always read-write.
@@ -84,7 +144,8 @@ class Filesystem:
     included. Landlock enforces the same rights again, in the kernel.
 
     `read_only`: read and execute beneath these paths. `read_write`: also create,
-    change and remove. `tmp_size`: size of the private /tmp (a tmpfs; None:
+    change and remove. `binds`: host paths shown at other paths inside
+    (`Bind(source, target, read_only=True)`). `tmp_size`: size of the private /tmp (a tmpfs; None:
     no /tmp at all). `disk`: the most the workdir may hold (bytes, and one
     inode per 4 KiB of it): the workdir becomes a tmpfs of that size, mounted
     on the host for the sandbox's life (root callers; None: no limit but
@@ -95,14 +156,20 @@ class Filesystem:
     read_write: tuple[str, ...] = ()
     tmp_size: int | None = attrs.field(default=64 * 1024**2, converter=_conv_fs_tmp_size)
     disk: int | None = attrs.field(default=None, converter=_conv_fs_disk)
+    binds: tuple[Bind, ...] = attrs.field(default=(), converter=_binds)
 
     def __attrs_post_init__(self) -> None:
         object.__setattr__(self, "read_only", _paths("fs.read_only", self.read_only))
         object.__setattr__(self, "read_write", _paths("fs.read_write", self.read_write))
+        listed = set(self.read_only) | set(self.read_write)
+        for b in self.binds:
+            if any(p == b.target or p.startswith(b.target + "/") or b.target.startswith(p + "/") for p in listed):
+                raise PolicyError("fs.binds.target", b.target, "a path that is not, holds or lies below a path of "
+                                  "fs.read_only / fs.read_write")
         if "/" in self.read_write:
             raise PolicyError("fs.read_write", "/", "directories below '/', not the whole filesystem")
-        if len(self.read_only) + len(self.read_write) > 48:
-            raise PolicyError("fs", len(self.read_only) + len(self.read_write), "at most 48 paths")
+        if len(self.read_only) + len(self.read_write) + len(self.binds) > 48:
+            raise PolicyError("fs", len(self.read_only) + len(self.read_write) + len(self.binds), "at most 48 paths")
 
 
 @attrs.frozen(kw_only=True)
@@ -410,7 +477,8 @@ class Policy:
             "syscalls": {"allow": list(self.syscalls.allow), "allow_dangerous": self.syscalls.allow_dangerous},
             "fs": {"read_only": list(self.fs.read_only), "read_write": list(self.fs.read_write),
                    "tmp_size": self.fs.tmp_size if self.fs.tmp_size is not None else False}
-            | ({"disk": self.fs.disk} if self.fs.disk is not None else {}),
+            | ({"disk": self.fs.disk} if self.fs.disk is not None else {})
+            | ({"binds": [attrs.asdict(b) for b in self.fs.binds]} if self.fs.binds else {}),
             "net": {"mode": self.net.mode, "allow": [str(e) for e in self.net.allow]},
             "limits": lim | {k: False for k, v in attrs.asdict(self.limits).items() if v is None},
             "env": dict(self.env),

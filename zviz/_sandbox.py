@@ -26,7 +26,6 @@ import functools
 import ipaddress
 import os
 import resource
-import shutil
 import socket
 import stat
 import time
@@ -80,10 +79,14 @@ class Sandbox:
         self._monitor_sid = 0
         self._syscalls_final: dict[str, int] | None = None
         self._errors_final: dict[tuple[str, str], int] | None = None
-        writable = [workdir, *policy.fs.read_write]
-        if plan.new_root is not None and plan.new_root.private_tmp:
-            writable += ["/tmp", "/dev/shm"]
-        self.files = _files.Files(_files.View(cwd=workdir, writable=tuple(writable), uid=plan.host_uid,
+        writable = [plan.workspace, *policy.fs.read_write]
+        if plan.new_root is not None:
+            writable += [b.target for b in policy.fs.binds if not b.read_only]
+            if plan.new_root.private_tmp:
+                writable += ["/tmp", "/dev/shm"]
+            if plan.home is not None:
+                writable.append(plan.home)
+        self.files = _files.Files(_files.View(cwd=plan.workspace, writable=tuple(writable), uid=plan.host_uid,
                                               gid=plan.host_gid, open_root=self._open_root,
                                               check_open=self._check_open))
         # The code contexts' registry: its Life closes it at every teardown, so it
@@ -138,17 +141,31 @@ class Sandbox:
 
     # ---- running commands
 
+    @property
+    def workspace(self) -> str:
+        """The workdir's path inside the sandbox (its initial cwd): `/workspace`,
+        whatever its host path (the host path itself on a host without a new root)."""
+        return self._plan.workspace
+
     def _resolve(self, argv: Sequence[str], env: Mapping[str, str]) -> str:
+        """The command's path inside the sandbox, checked on the host through
+        the view's mapping (a command the host cannot see there, e.g. in the
+        sandbox's own /tmp, is left to the exec inside: status 127 if missing)."""
         cmd = argv[0]
         if "/" in cmd:
-            path = cmd if os.path.isabs(cmd) else os.path.join(self.workdir, cmd)
-            if not os.path.exists(path):
+            inside = os.path.normpath(cmd if os.path.isabs(cmd) else os.path.join(self.workspace, cmd))
+            host = _plan.host_path(self._plan, self.policy, self.workdir, inside)
+            if host is not None and not os.path.exists(host):
                 raise CommandNotFoundError(cmd, env.get("PATH", ""))
-            return path
-        found = shutil.which(cmd, path=env.get("PATH", ""))
-        if not found:
-            raise CommandNotFoundError(cmd, env.get("PATH", ""))
-        return found
+            return inside
+        for d in env.get("PATH", "").split(":"):
+            if not d.startswith("/"):
+                continue
+            inside = os.path.join(d, cmd)
+            host = _plan.host_path(self._plan, self.policy, self.workdir, inside)
+            if host is not None and os.path.isfile(host) and os.access(host, os.X_OK):
+                return inside
+        raise CommandNotFoundError(cmd, env.get("PATH", ""))
 
     async def start(self, argv: Sequence[str] | str, *, env: Mapping[str, str] | None = None,
                     cwd: str | None = None, shell: bool = False, stdin: bool = True, stdout: bool = True,
@@ -352,7 +369,7 @@ class Sandbox:
                                         "cannot look into the sandbox's root") from None
             return OwnedFd(fd, "sandbox-root"), "/"
         fd = os.open(self.workdir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        return OwnedFd(fd, "workdir"), self.workdir
+        return OwnedFd(fd, "workdir"), self.workspace
 
     # ---- observation
 
@@ -402,7 +419,7 @@ def _prepare(policy: Policy, workdir: str, owns_workdir: bool, features: _probe.
     its Runner. Planning now also reports degraded layers once, and fails early."""
     f = features
     init = _kernel.init_fd()
-    names = set(policy.fs.read_only) | set(policy.fs.read_write)
+    names = set(policy.fs.read_only) | set(policy.fs.read_write) | {b.source for b in policy.fs.binds}
     names |= set(_plan.DEVICES) | {workdir} | set(_plan.STAGING)
     is_dir, links = {}, {}
     for p in names:
@@ -414,7 +431,8 @@ def _prepare(policy: Policy, workdir: str, owns_workdir: bool, features: _probe.
         real = os.path.realpath(p)
         if real != p:  # a symlink on the way: the plan checks and binds the real path
             links[p] = real
-    for field, paths in (("fs.read_only", policy.fs.read_only), ("fs.read_write", policy.fs.read_write)):
+    for field, paths in (("fs.read_only", policy.fs.read_only), ("fs.read_write", policy.fs.read_write),
+                         ("fs.binds.source", tuple(b.source for b in policy.fs.binds))):
         for p in paths:
             if p not in is_dir:
                 raise PolicyError(field, p, "a path that exists on this host")
