@@ -120,9 +120,9 @@ class Files:
     """`sb.files`: the files of the sandbox's own view (its workdir, its /tmp,
     HOME, every path its policy shows it), read and written as the sandbox
     itself could: writes only where it may write, and as its own uid. Paths
-    are inside paths; relative ones start at the workdir. Errors are OSError
-    subclasses (FileNotFoundError, PermissionError, ...) naming the inside
-    path. The I/O runs in a worker thread: large transfers do not block the
+    are inside paths; relative ones start at the workspace (`/workspace`).
+    Errors are OSError subclasses (FileNotFoundError, PermissionError, ...)
+    naming the inside path. The I/O runs in a worker thread: large transfers do not block the
     event loop."""
 
     def __init__(self, view: View) -> None:
