@@ -24,6 +24,7 @@ TOP: list[tuple[str, Any]] = [
     ("zviz.open_sandbox", zviz.open_sandbox), ("zviz.Sandbox", zviz.Sandbox), ("zviz.Process", zviz.Process),
     ("Sandbox.files", Files), ("zviz.FileInfo", zviz.FileInfo), ("zviz.RunResult", zviz.RunResult),
     ("zviz.SandboxStatistics", zviz.SandboxStatistics), ("zviz.DenialEvent", zviz.DenialEvent),
+    ("zviz.EventsMissed", zviz.EventsMissed),
     ("zviz.Policy", zviz.Policy), ("zviz.Filesystem", zviz.Filesystem), ("zviz.Bind", zviz.Bind), ("zviz.Limits", zviz.Limits),
     ("zviz.Network", zviz.Network), ("zviz.Endpoint", zviz.Endpoint), ("zviz.Namespaces", zviz.Namespaces),
     ("zviz.Syscalls", zviz.Syscalls), ("zviz.KernelFeatures", zviz.KernelFeatures),

@@ -130,6 +130,11 @@ class Sandbox:
         return self._life.closing
 
     @property
+    def _supervisor(self) -> Supervisor | None:
+        """The live supervisor (tests look at it)."""
+        return self._life.supervisor
+
+    @property
     def _zygote(self) -> Any:
         """The live zygote (tests and benchmarks look at its pid), or None."""
         return self._runner.zygote
