@@ -54,13 +54,15 @@ async def main() -> None:
         sys.exit("run ./scripts/setup-testvenv.sh first")
     policy = zviz.Policy.python().with_paths(read_only=[VENV])
     async with zviz.open_sandbox(policy) as sb:
-        conn = {"transport": "ipc", "ip": os.path.join(sb.workdir, "kernel"), "shell_port": 1, "iopub_port": 2,
+        # The same sockets, named as each side sees them: /workspace inside, the workdir's host path outside.
+        conn = {"transport": "ipc", "ip": os.path.join(sb.workspace, "kernel"), "shell_port": 1, "iopub_port": 2,
                 "stdin_port": 3, "control_port": 4, "hb_port": 5, "key": secrets.token_hex(16),
                 "signature_scheme": "hmac-sha256", "kernel_name": "python3"}
         await sb.files.write("kernel.json", json.dumps(conn))
+        await sb.files.write("host.json", json.dumps(conn | {"ip": os.path.join(sb.workdir, "kernel")}))
         async with await sb.start([os.path.join(VENV, "bin", "python"), "-m", "ipykernel_launcher", "-f",
                                    "kernel.json"], timeout=120) as kernel:
-            host_conn = os.path.join(sb.workdir, "kernel.json")  # the host's path to the same file
+            host_conn = os.path.join(sb.workdir, "host.json")  # read by the host's client
             driver = await trio.to_thread.run_sync(
                 lambda: subprocess.run([os.path.join(VENV, "bin", "python"), "-c", DRIVER, host_conn, CELL],
                                        capture_output=True, text=True, timeout=120, check=False))
