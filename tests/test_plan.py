@@ -194,7 +194,7 @@ def test_command_spec_runs_zviz_init():
     assert cmd.argv[:3] == (b"zviz-init", b"3", b"/usr/bin/python3")
     assert cmd.argv[3:] == (b"python3", b"-c", b"1")
     assert (cmd.stdin, cmd.stdout, cmd.stderr, cmd.status_fd, cmd.init_fd) == (10, 11, 12, 14, 13)
-    assert cmd.cwd == b"/tmp/zviz-w"
+    assert cmd.cwd == b"/workspace"  # the workdir, as the sandbox sees it
 
 
 def test_stage_spec_once_per_sandbox_and_its_zygote_variant():
