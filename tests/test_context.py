@@ -1,8 +1,11 @@
 """Code contexts and run_python on the real kernel, from trio and asyncio."""
 
+import gc
 import math
 import os
 import pathlib
+import subprocess
+import sys
 import time
 
 import anyio
@@ -206,8 +209,8 @@ async def test_run_python_has_a_fresh_state_each_call():
         assert ex.result.startswith("(False, False, False, False, ")
         assert cwd not in ex.result
         # like `python -c`: files left open are flushed, atexit handlers run, before the result
-        ex = await sb.run_python(f"import atexit\nf = open('{sb.workdir}/left-open', 'w')\nf.write('data')\n"
-                                 f"atexit.register(lambda: open('{sb.workdir}/atexit', 'w').write('ran'))")
+        ex = await sb.run_python(f"import atexit\nf = open('{sb.workspace}/left-open', 'w')\nf.write('data')\n"
+                                 f"atexit.register(lambda: open('{sb.workspace}/atexit', 'w').write('ran'))")
         assert ex.ok and await sb.read_file("left-open") == b"data" and await sb.read_file("atexit") == b"ran"
         ex = await sb.run_python("import sys\nsys.exit(4)")
         assert ex.error.name == "SystemExit"
@@ -259,6 +262,84 @@ async def test_contexts_leave_nothing_behind(snapshot):
     snap.assert_clean()
     with pytest.raises(zviz.SandboxClosedError):
         await sb.create_code_context()
+
+
+async def test_contexts_work_in_the_workspace_and_keep_caches_in_home():
+    async with zviz.open_sandbox(policy()) as sb, sb.code_context() as ctx:
+        assert sb.workspace == "/workspace"
+        ex = await ctx.run("import os\n(os.getcwd(), os.environ['HOME'], os.environ['MPLCONFIGDIR'])")
+        assert ex.result == "('/workspace', '/home/sandbox', '/home/sandbox/.cache/matplotlib')"
+        assert (await ctx.run("open('made-here', 'w').write('x')")).ok
+        assert await sb.files.read("made-here") == b"x"
+        ex = await sb.run_python("import os\nos.getcwd()")
+        assert ex.ok and ex.result.startswith("'/tmp/zviz-run-")  # a fresh directory, not the workspace
+        if HAVE_VENV:
+            async with sb.code_context(python=VENV_PY, preload=("matplotlib.pyplot",)) as mpl:
+                ex = await mpl.run("import matplotlib, matplotlib.pyplot as plt\nplt.plot([1, 2])\n"
+                                   "plt.savefig('fig.png')\nmatplotlib.get_cachedir()")
+                assert ex.ok, ex.error
+                assert ex.result == "'/home/sandbox/.cache/matplotlib'"
+        names = sorted(i.name for i in await sb.files.list("/workspace"))
+        assert names == (["fig.png", "made-here"] if HAVE_VENV else ["made-here"])  # no cache in the workspace
+
+
+async def test_contexts_of_a_created_sandbox_closed_from_another_task(snapshot):
+    snap = snapshot()
+    sb = await zviz.Sandbox.create(Policy.python())
+    ctx = await sb.create_code_context()
+    twin = await ctx.fork()
+    await ctx.run("x = 1")
+    pids = [ctx.pid, twin.pid]
+    async with anyio.create_task_group() as tg:  # aclose from a task other than the creator
+        tg.start_soon(sb.aclose)
+    assert not any(alive(p) for p in pids)
+    for c in (ctx, twin):
+        with pytest.raises(CodeContextError, match="closed"):
+            await c.run("x")
+    await ctx.aclose()  # idempotent after the sandbox's teardown
+    snap.assert_clean()
+
+
+async def test_a_collected_sandbox_closes_its_contexts(snapshot):
+    snap = snapshot()
+    sb = await zviz.Sandbox.create(Policy.python())
+    ctx = await sb.create_code_context()  # kept: it must not keep the sandbox alive
+    await ctx.run("x = 1")
+    pid, workdir = ctx.pid, sb.workdir
+    del sb
+    with pytest.warns(ResourceWarning, match="unclosed"):
+        gc.collect()
+    for _ in range(200):
+        if ctx.closed and not alive(pid) and not os.path.exists(workdir):
+            break
+        await anyio.sleep(0.02)
+    assert ctx.closed and not alive(pid) and not os.path.exists(workdir)
+    snap.assert_clean()
+
+
+LOOP_END = """
+import sys, anyio, zviz
+async def main():
+    global sb, ctx
+    sb = await zviz.Sandbox.create(zviz.Policy.python())
+    ctx = await sb.create_code_context()
+    await ctx.run("x = 1")
+    print(sb.workdir, ctx.pid, flush=True)
+anyio.run(main, backend=sys.argv[1])
+print("loop ended", ctx.closed, flush=True)
+"""
+
+
+@pytest.mark.parametrize("backend", ["trio", "asyncio"])
+def test_contexts_end_with_the_loop_of_an_unclosed_sandbox(backend, tmp_path):
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    r = subprocess.run([sys.executable, "-W", "always::ResourceWarning", "-c", LOOP_END, backend],
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr
+    workdir, pid = r.stdout.split()[:2]
+    assert "loop ended True" in r.stdout and "unclosed" in r.stderr
+    assert not os.path.exists(workdir) and not alive(int(pid))
+    assert os.listdir(tmp_path) == []
 
 
 async def test_bad_arguments():

@@ -58,12 +58,13 @@ def _driver_source() -> str:
 class CodeContexts:
     """A sandbox's templates and contexts (the sandbox owns one)."""
 
-    def __init__(self, start: Callable[..., Awaitable[Any]], tmp: str) -> None:
+    def __init__(self, start: Callable[..., Awaitable[Any]], cache: str) -> None:
         self._start = start  # (argv, env=, stdin_fd=) -> Process: the sandbox's start, stdout to /dev/null
         self._env = {
-            # matplotlib draws without a display, and keeps its cache off the workdir;
-            # one BLAS thread: templates fork, and idle thread pools cost memory
-            "MPLBACKEND": "Agg", "MPLCONFIGDIR": f"{tmp}/zviz-matplotlib",
+            # matplotlib draws without a display, and keeps its cache in `cache` (the
+            # sandbox's HOME/.cache: off the workspace); one BLAS thread: templates
+            # fork, and idle thread pools cost memory
+            "MPLBACKEND": "Agg", "MPLCONFIGDIR": f"{cache}/matplotlib",
             "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         self._templates: dict[tuple[str, tuple[str, ...], tuple[tuple[str, str], ...]], Template] = {}
         self._lock = anyio.Lock()

@@ -91,7 +91,8 @@ class Sandbox:
                                               check_open=self._check_open))
         # The code contexts' registry: its Life closes it at every teardown, so it
         # reaches this sandbox's _start only weakly (an unclosed sandbox stays collectable).
-        life.contexts = self._contexts = _context.CodeContexts(_weak_start(self), dict(plan.env).get("TMPDIR", "/tmp"))
+        cache = f"{plan.home}/.cache" if plan.home else f"{dict(plan.env).get('TMPDIR', '/tmp')}/zviz-cache"
+        life.contexts = self._contexts = _context.CodeContexts(_weak_start(self), cache)
 
     @classmethod
     async def create(cls, policy: Policy | None = None, *, workdir: str | os.PathLike[str] | None = None,
