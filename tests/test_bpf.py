@@ -185,3 +185,31 @@ def test_landlock_restrict_self_only_on_the_command_ruleset_fd_and_only_with_a_z
     no_notify = attrs.evolve(PY, notify=False)  # denied in the kernel, EPERM as DANGEROUS, (7, 0) still allowed
     assert _verdict(no_notify, "landlock_restrict_self", fd, 0) == "allow"
     assert _verdict(no_notify, "landlock_restrict_self", fd, 1) not in ("allow", "refuse")
+
+
+def test_netlink_route_sockets_only_with_a_network_namespace_of_its_own():
+    """socket(AF_NETLINK, SOCK_RAW or SOCK_DGRAM [| SOCK_NONBLOCK | SOCK_CLOEXEC],
+    NETLINK_ROUTE) passes when the sandbox has its own network namespace
+    (getifaddrs sees only its lo); any other protocol, type, flag or garbage
+    in a high half is refused, as is a netlink socketpair; without the
+    namespace (degraded) every netlink socket is refused."""
+    nl, raw, dgram = _argrules.AF_NETLINK, _argrules.SOCK_RAW, _argrules.SOCK_DGRAM
+    flags = _argrules.SOCK_NONBLOCK | _argrules.SOCK_CLOEXEC
+    for net_mode in ("none", "loopback", "allow"):
+        spec = attrs.evolve(PY, net_mode=net_mode, netns=True)
+        for typ in (raw, dgram, raw | flags, dgram | _argrules.SOCK_CLOEXEC, raw | _argrules.SOCK_NONBLOCK):
+            assert _verdict(spec, "socket", nl, typ, 0) == "allow", (net_mode, typ)
+            assert _verdict(attrs.evolve(spec, netns=False), "socket", nl, typ, 0) == "refuse", (net_mode, typ)
+        for args in ((nl, raw, 4),  # NETLINK_SOCK_DIAG
+                     (nl, raw, 9), (nl, raw, 15), (nl, raw, 6), (nl, raw, 16),  # audit, uevents, xfrm, generic
+                     (nl, raw, G), (nl, raw, 1 << 32),  # a protocol with garbage above its int
+                     (nl, 1, 0), (nl, 5, 0), (nl, 10, 0),  # SOCK_STREAM, SOCK_SEQPACKET, SOCK_PACKET
+                     (nl, raw | 0x100, 0), (nl, raw | 0x40000000, 0),  # flags the kernel refuses anyway
+                     (nl, G | raw, 0), (nl, (1 << 32) | raw, 0), (nl, (1 << 32) | dgram | flags, 0),
+                     (G | nl, raw, 0), ((1 << 32) | nl, raw, 0), (nl + 1, raw, 0), (17, raw, 0)):  # AF_PACKET
+            assert _verdict(spec, "socket", *args) == "refuse", (net_mode, args)
+        for typ in (raw, dgram):
+            assert _verdict(spec, "socketpair", nl, typ, 0, 0x1000) == "refuse"
+        assert _verdict(spec, "socket", 1, 1, 0) == "allow"  # AF_UNIX as before
+    assert _verdict(attrs.evolve(PY, netns=True), "socket", 2, 1, 0) == "refuse"  # none mode: still no AF_INET
+

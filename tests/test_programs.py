@@ -57,11 +57,6 @@ async def test_numpy_pandas_matplotlib_from_a_read_only_venv(testvenv):
         # (numpy's BLAS may try mbind, which is denied: harmless, it falls back)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "ipykernel's IOPub pipe binds tcp://127.0.0.1; libzmq then calls getifaddrs(), whose "
-    "socket(AF_NETLINK, SOCK_RAW, NETLINK_ROUTE) the filter refuses (EACCES) and libzmq aborts "
-    "(ip_resolver.cpp:542). Needs a filter rule (NETLINK_ROUTE in the sandbox's own network namespace); "
-    "strict: this test fails as soon as that is allowed, so the mark is removed then"))
 def test_jupyter_kernel_driven_through_jupyter_client(testvenv):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "jupyter_kernel.py")], capture_output=True,
                        text=True, timeout=300)

@@ -224,6 +224,28 @@ ROUTING_OPTIONS: tuple[Alternative, ...] = (
     *conjoin((((1, _U32, IPPROTO_IPV6),),), values_except(2, IPV6_ROUTING, 32, high_zero=False)),
 )
 
+# socket(AF_NETLINK, SOCK_RAW or SOCK_DGRAM, NETLINK_ROUTE), only in a sandbox
+# with a network namespace of its own (`_bpf.FilterSpec.netns`): getifaddrs()
+# and if_nameindex() ask rtnetlink for the interfaces (libzmq aborts without
+# them). In that namespace there is only `lo`, and every RTM_NEW*/RTM_DEL*/
+# RTM_SET* request needs CAP_NET_ADMIN over the user namespace that owns it:
+# the sandbox's own (or the host's, for root without one), where its uid has
+# no capability (it execs as a non-root uid, with no_new_privs). What is left
+# is reading its own loopback's state and its events. Without a namespace of
+# its own it would read the host's interfaces, addresses and routes: refused.
+# Other netlink protocols (sock_diag, audit, uevents, xfrm, ...) and netlink
+# socketpairs stay refused. The type may carry SOCK_NONBLOCK/SOCK_CLOEXEC (the
+# kernel refuses any other flag) and nothing above its 32 bits (fail closed);
+# family and protocol are compared whole.
+AF_NETLINK, NETLINK_ROUTE = 16, 0
+SOCK_DGRAM, SOCK_RAW = 2, 3
+SOCK_NONBLOCK, SOCK_CLOEXEC = 0o4000, 0o2000000
+ROUTE_SOCKET: tuple[Alternative, ...] = conjoin(
+    equals(0, (AF_NETLINK,)),
+    tuple(((1, FULL & ~(SOCK_NONBLOCK | SOCK_CLOEXEC), t),) for t in (SOCK_DGRAM, SOCK_RAW)),
+    equals(2, (NETLINK_ROUTE,)))
+
+
 # zviz-init enters each command's own Landlock domain from the ruleset the
 # stage left on COMMAND_RULESET_FD: that call exactly, with a zygote only
 # (_bpf.ZYGOTE_NEEDS). Landlock only ever restricts the caller; any other use

@@ -11,7 +11,9 @@ What the program does, for the native x86_64 ABI only:
 - allowed syscalls pass in-kernel (the kernel's action cache makes most of them
   free); argument checks read registers only, never memory:
     socket/socketpair(family, type): AF_UNIX always; AF_INET/AF_INET6 per
-                           network mode (socket only: no inet pairs exist)
+                           network mode (socket only: no inet pairs exist);
+                           AF_NETLINK/NETLINK_ROUTE sockets with a network
+                           namespace of its own (`_argrules.ROUTE_SOCKET`)
     clone(flags):          no CLONE_NEW* flags
     the rest (`_argrules.py`): no set-id bits by chmod/open/mknod, no MSG_OOB,
     no notification pipes, leases, dnotify or procfs page-table ioctls, no
@@ -27,6 +29,7 @@ from __future__ import annotations
 import errno
 import functools
 import tempfile
+from typing import Any
 
 import attrs
 
@@ -72,6 +75,7 @@ class FilterSpec:
     learning: bool = False
     zygote: bool = False  # zviz-init serves many commands (ZYGOTE_NEEDS)
     pid_ns: bool = False  # task ids are the sandbox's own (scheduling of its other tasks, pid 1 never)
+    netns: bool = False  # a network namespace of its own: NETLINK_ROUTE sockets (it sees only its `lo`)
 
 
 @functools.lru_cache(maxsize=64)
@@ -98,8 +102,7 @@ def compile_filter(spec: FilterSpec) -> bytes:
     for name, alternatives in sorted(conditional.items()):
         if name in allow:
             for alt in alternatives:
-                f.add_rule(sc.ALLOW, name, *(sc.Arg(i, sc.EQ, v) if m == _argrules.FULL else
-                                             sc.Arg(i, sc.MASKED_EQ, m, v) for i, m, v in alt))
+                f.add_rule(sc.ALLOW, name, *_conditions(sc, alt))
     if not spec.notify:  # with a supervisor the default action already notifies
         for name in sorted(_syscalls.DANGEROUS - allow - _syscalls.SILENT_ENOSYS):
             if _known(name):
@@ -120,6 +123,9 @@ def compile_filter(spec: FilterSpec) -> bytes:
             for fam in (AF_INET, AF_INET6):
                 f.add_rule(sc.ALLOW, "socket", sc.Arg(0, sc.EQ, fam),
                            sc.Arg(1, sc.MASKED_EQ, SOCK_TYPE_MASK, SOCK_STREAM))
+        if spec.netns and spec.net_mode != "any":  # (zviz trace's "any" allows every family already)
+            for alt in _argrules.ROUTE_SOCKET:
+                f.add_rule(sc.ALLOW, "socket", *_conditions(sc, alt))
     if "socketpair" in allow:  # the same family rule: a pair of another family reaches its create code
         if spec.net_mode == "any":
             f.add_rule(sc.ALLOW, "socketpair")
@@ -138,6 +144,10 @@ def compile_filter(spec: FilterSpec) -> bytes:
         f.export_bpf(out)
         out.seek(0)
         return out.read()
+
+
+def _conditions(sc: Any, alt: _argrules.Alternative) -> list[Any]:
+    return [sc.Arg(i, sc.EQ, v) if m == _argrules.FULL else sc.Arg(i, sc.MASKED_EQ, m, v) for i, m, v in alt]
 
 
 def _known(name: str) -> bool:

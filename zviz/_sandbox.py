@@ -464,7 +464,8 @@ def _prepare(policy: Policy, workdir: str, owns_workdir: bool, features: _probe.
     # program left behind in /proc/thread-self/children).
     use_zygote = zygote_allowed and pid_ns and probe_plan.mount_proc and trace is None
     spec = _bpf.FilterSpec(allow=policy.syscalls.names() - set(probe_plan.deny_syscalls),
-                           net_mode=policy.net.mode, notify=notify, zygote=use_zygote, pid_ns=pid_ns)
+                           net_mode=policy.net.mode, notify=notify, zygote=use_zygote, pid_ns=pid_ns,
+                           netns=bool(probe_plan.clone_flags & _linux.CLONE_NEWNET))
     if trace is not None:
         spec = trace.filter_spec(notify)
     bpf = _bpf.compile_filter(spec)
