@@ -235,11 +235,11 @@ def child_pids() -> set[int]:
     return kids
 
 
-def zviz_tempdirs() -> set[str]:
-    """zviz's workdirs under the temp dir: entries of the callers' private
-    parents (zviz-<uid>/sb-*, their markers, zviz-0-walk/sb-*), and anything
-    else named zviz-*."""
-    base = tempfile.gettempdir()
+def zviz_tempdirs(base: str | None = None) -> set[str]:
+    """zviz's workdirs under the temp dir (or `base`): entries of the callers'
+    private parents (zviz-<uid>/sb-*, their markers, zviz-0-walk/sb-*), and
+    anything else named zviz-*."""
+    base = base or tempfile.gettempdir()
     out = set()
     for n in os.listdir(base):
         if not n.startswith("zviz-"):

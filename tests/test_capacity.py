@@ -91,7 +91,7 @@ def test_bound_makes_open_wait(monkeypatch):
             order.append(f"{name} in")
             entered.set()
             await hold.wait()
-        order.append(f"{name} out")
+            order.append(f"{name} out")  # (its slot is free once the block is left, maybe before this task resumes)
 
     async def main():
         release = [trio.Event() for _ in range(3)]

@@ -14,7 +14,7 @@ import pytest
 import zviz
 from zviz import CodeContextError, DisplayData, Execution, Policy, StreamOutput
 
-from .conftest import run_as
+from .conftest import run_as, zviz_tempdirs
 
 pytestmark = pytest.mark.anyio
 
@@ -339,7 +339,8 @@ def test_contexts_end_with_the_loop_of_an_unclosed_sandbox(backend, tmp_path):
     workdir, pid = r.stdout.split()[:2]
     assert "loop ended True" in r.stdout and "unclosed" in r.stderr
     assert not os.path.exists(workdir) and not alive(int(pid))
-    assert os.listdir(tmp_path) == []
+    assert zviz_tempdirs(str(tmp_path)) == set()  # (the caller's private parent stays, empty)
+    assert [n for n in os.listdir(tmp_path) if not n.startswith("zviz-")] == []
 
 
 async def test_bad_arguments():

@@ -5,8 +5,9 @@ import zviz
 PUBLIC = {
     "Bind", "CodeContext", "CodeContextError", "CommandNotFoundError", "DenialEvent", "DisplayData", "Endpoint",
     "EventsMissed", "Execution", "ExecutionError", "FeatureUnavailable", "FileInfo", "Filesystem", "KernelFeatures",
-    "Limits", "Namespaces", "Network", "Policy", "PolicyError", "Process", "RunResult", "SYSCALL_GROUPS", "Sandbox",
-    "SandboxClosedError", "SandboxSetupError", "SandboxStatistics", "StreamOutput", "Syscalls",
+    "Limits", "Namespaces", "Network", "Policy", "PolicyError", "Process", "ResourceExhausted", "RunResult",
+    "SYSCALL_GROUPS", "Sandbox", "SandboxClosedError", "SandboxSetupError", "SandboxStatistics", "StreamOutput",
+    "Syscalls",
     "UnsupportedKernelError", "ZvizError", "ZvizWarning", "open_sandbox", "probe_host",
 }
 

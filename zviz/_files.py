@@ -1,6 +1,7 @@
 """The sandbox's files from the host side: `sb.files` (any path of the
-sandbox's own view, resolved in its root), the workdir's owner, and its
-removal.
+sandbox's own view, resolved in its root), and what a workdir the caller
+gives must allow. (Where workdirs live, who owns them and their removal:
+_workdir.py; the sandbox's host uid: _ids.py.)
 
 Why this module is long: the file API is one concern (reaching into a hostile
 view safely) with eight small operations; splitting it would scatter the rules
@@ -9,16 +10,13 @@ stated once at the top of its section.
 The sandboxed code controls what it may write and may plant symlinks, FIFOs,
 hardlinks or unreadable directories there, and swap them while the host
 looks: every lookup is one openat2() resolved inside the sandbox's root, no
-FIFO or device is ever opened, and the workdir's removal survives what it
-finds."""
+FIFO or device is ever opened."""
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import posixpath
-import shutil
 import stat
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -27,46 +25,20 @@ import anyio
 import anyio.to_thread
 import attrs
 
-from . import _kernel, _plan
-
-
-def host_uid() -> int:
-    """The host uid a sandbox of this caller runs as."""
-    if os.geteuid() == 0:
-        return _plan.NOBODY  # root's sandboxes run as nobody, with or without a user namespace
-    return os.geteuid()
+from . import _kernel
 
 
 def check_workdir_reachable(path: str, uid: int) -> None:
     """The sandbox runs as `uid` on the host: it must be able to reach and
     write a workdir the caller gave (a root caller's sandbox has a host uid
-    of its own, a fresh one each time: _ids.py)."""
+    of its own, a fresh one each time: _ids.py). A bad argument: ValueError."""
     # Its parents need not be reachable: the stage binds the workdir into the
     # sandbox's root while it still holds the caller's identity.
     st = os.stat(path)
     if uid != st.st_uid and not st.st_mode & 0o002:
-        raise ValueError(f"workdir {path!r} must be a directory the sandbox's host uid {uid} can write "
-                          f"(zviz runs a root caller's sandboxes as nobody): chown {uid} {path}, or let zviz "
-                          "create a fresh workdir")
-
-
-def rmtree(path: str) -> None:
-    """Remove a workdir the sandbox may have made hostile (read-only dirs...)."""
-    def onerror(func: Any, p: str, exc: Any) -> None:
-        with contextlib.suppress(OSError):
-            os.chmod(os.path.dirname(p), 0o700)
-            if not os.path.islink(p):
-                os.chmod(p, 0o700)
-        with contextlib.suppress(OSError):
-            if os.path.isdir(p) and not os.path.islink(p):
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                os.unlink(p)
-
-    shutil.rmtree(path, onerror=onerror)
-    if os.path.exists(path):
-        shutil.rmtree(path, ignore_errors=True)
-
+        raise ValueError(f"workdir {path!r} must be a directory the sandbox's host uid {uid} can write (a root "
+                         "caller's sandbox runs as a fresh uid of its own each time, see ZVIZ_HOST_IDS): make it "
+                         f"writable for all (chmod 1777 {path}), or let zviz create a fresh workdir")
 
 
 # ---------------------------------------------------------------- sb.files: the sandbox's own view

@@ -9,6 +9,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
 import attrs
 
 from . import _capacity, _ids
@@ -30,6 +31,13 @@ class HostSide:
     # reaped by now (the kernel kills the namespace with it): nothing of the
     # uid can be left, and the kill by uid is skipped (~0.2 ms).
     pid_namespace: bool = False
+    released: bool = False  # given back (its slot too)
+
+    def done(self) -> None:
+        """Mark it given back and free its slot (once)."""
+        if not self.released:
+            self.released = True
+            _capacity.GATE.leave()
 
     def teardown(self, budget: int | None = None) -> None:
         """Kill whatever still runs as the sandbox's uid (there is no other
@@ -61,36 +69,68 @@ class HostSide:
         self.lease.release(kept=kept)
 
 
-@contextlib.asynccontextmanager
-async def host_side(workdir: str | None, keep: bool, walk: bool = False) -> AsyncIterator[HostSide]:
-    """Acquire a sandbox's host resources (a slot, a uid, a workdir) and give
-    them all back on every way out: success, error, cancellation."""
-    async with _capacity.slot():
+async def acquire(workdir: str | None, keep: bool, walk: bool = False) -> HostSide:
+    """A sandbox's host resources (a slot, a uid, a workdir), to be given
+    back by `release` (or `release_now`) exactly once, from any task or
+    thread (nothing here is tied to the acquiring task); on failure, nothing
+    is held."""
+    await _capacity.GATE.enter()
+    try:
         with _capacity.exhaustion_as_error("host-ids"):
             lease = _ids.acquire(workdir)
-        side = None
         try:
             if workdir is None:
                 sweep_in_background(on_stale=reclaim)
                 with _capacity.exhaustion_as_error("workdir"):
                     wd = create((lease.uid, lease.gid) if lease.separate else None, walk=walk)
                 lease.note_entry(wd.entry_path)
-                side = HostSide(lease=lease, path=wd.path, owned=wd, keep=keep)
-            else:
-                lease.note_entry(workdir)  # should we die, the uid stays with this workdir
-                side = HostSide(lease=lease, path=workdir, owned=None)
-            yield side
-        finally:
-            if side is None:
-                lease.release()
-            else:
-                # A small workdir (the common case) goes in one bounded step
-                # here (a thread's wake-up costs more on a busy host); a big
-                # one in a worker thread, off the event loop.
-                try:
-                    side.teardown(budget=INLINE_BUDGET)
-                except OverBudget:
-                    await remove_async(side.teardown)
+                return HostSide(lease=lease, path=wd.path, owned=wd, keep=keep)
+            lease.note_entry(workdir)  # should we die, the uid stays with this workdir
+            return HostSide(lease=lease, path=workdir, owned=None)
+        except BaseException:
+            lease.release()
+            raise
+    except BaseException:
+        _capacity.GATE.leave()
+        raise
+
+
+async def release(side: HostSide) -> None:
+    """Give back what `acquire` took, after the sandbox's processes are gone.
+    A small workdir (the common case) goes in one bounded step here (a
+    thread's wake-up costs more on a busy host); a big one in a worker
+    thread, off the event loop. Idempotent."""
+    if side.released:
+        return
+    try:
+        side.teardown(budget=INLINE_BUDGET)
+    except OverBudget:
+        await remove_async(side.teardown)
+    finally:
+        side.done()
+
+
+def release_now(side: HostSide) -> None:
+    """`release` without an event loop (the loop that owned the sandbox is
+    gone): the whole workdir in this thread. Idempotent."""
+    if side.released:
+        return
+    try:
+        side.teardown()
+    finally:
+        side.done()
+
+
+@contextlib.asynccontextmanager
+async def host_side(workdir: str | None, keep: bool, walk: bool = False) -> AsyncIterator[HostSide]:
+    """Acquire a sandbox's host resources (a slot, a uid, a workdir) and give
+    them all back on every way out: success, error, cancellation."""
+    side = await acquire(workdir, keep, walk)
+    try:
+        yield side
+    finally:
+        with anyio.CancelScope(shield=True):
+            await release(side)
 
 
 def reclaim(s: Stale) -> None:

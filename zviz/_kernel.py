@@ -5,10 +5,10 @@ leak. The seccomp user-notification structures are packed and unpacked here
 (x86_64 layout, checked against SECCOMP_GET_NOTIF_SIZES at import of the
 supervisor).
 
-Why this module is long: it is the one place allowed to hold raw fds and call
-the kernel through ctypes (the design keeps that in one file, so every other
-module deals in owning objects): pidfds, seccomp notifications, openat2 and
-per-thread filesystem ids all live here for that reason.
+Why this module is long: it is every call into the kernel that the os module
+does not offer (ctypes, ioctls, the C stage), kept in one place on purpose so
+that raw fds have one owner: pidfds, seccomp notifications, openat2,
+per-thread filesystem ids and kills by uid all live here for that reason.
 """
 
 from __future__ import annotations
@@ -642,3 +642,13 @@ class ThreadFsIds:
             libc.setfsuid(self._old[0])
             libc.setfsgid(self._old[1])
             self._old = None
+
+
+# ---------------------------------------------------------------- by uid
+
+
+def kill_uid(uid: int, gid: int) -> bool:
+    """SIGKILL every process whose real or saved uid is `uid` (a sandbox's own
+    host uid: nothing else runs as it). One pass suffices: see _stage.c.
+    Returns whether anything was signalled."""
+    return bool(_stage.kill_uid(uid, gid))

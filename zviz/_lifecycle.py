@@ -21,8 +21,9 @@ import anyio
 import anyio.abc
 import sniffio
 
-from . import _disk, _files, _process
+from . import _disk, _hostside, _process
 from ._events import EventLog
+from ._hostside import HostSide
 from ._process import Process
 from ._records import Tally
 from ._resources import HostResources
@@ -78,14 +79,14 @@ class Life:
     It never refers to the Sandbox itself, so that a sandbox nobody closed can
     still be garbage-collected (and then torn down, with a ResourceWarning)."""
 
-    def __init__(self, runner: Runner, tally: Tally, events: EventLog[DenialEvent], path: str, remove_workdir: bool,
+    def __init__(self, runner: Runner, tally: Tally, events: EventLog[DenialEvent], host: HostSide,
                  resources: HostResources) -> None:
         self.runner = runner
         self.resources = resources
         self.tally = tally
         self.events = events
-        self.path = path
-        self.remove_workdir = remove_workdir
+        self.host = host  # its slot, host uid and workdir (_hostside): given back last
+        self.path = host.path
         self.procs: set[Process] = set()
         self.tg: anyio.abc.TaskGroup | None = None  # the service's, with the supervisor
         self.supervisor: Supervisor | None = None
@@ -126,14 +127,15 @@ class Life:
         if self.contexts is not None:
             with contextlib.suppress(Exception):
                 self.contexts.close()  # (idempotent; kills what a context still has, closes our ends)
+        if self.supervisor is not None:
+            self.supervisor.close()  # (its epoll set, if its task never ran)
         self.runner.close()
         if self.resources.disk_mounted:  # teardown could not run (the loop is gone): unmount at least
             with contextlib.suppress(OSError):
                 _disk.unmount(self.path)
             self.resources.disk_mounted = False
-        if self.remove_workdir:
-            self.remove_workdir = False
-            _files.rmtree(self.path)
+        with contextlib.suppress(Exception):
+            _hostside.release_now(self.host)  # (idempotent: done already unless teardown could not run)
 
 
 def collected(life: Life) -> None:
@@ -154,7 +156,7 @@ def collected(life: Life) -> None:
 
 
 async def serve(life: Life, monitor_cm: contextlib.AbstractAsyncContextManager[Any] | None,
-                 make_supervisor: Callable[[anyio.abc.TaskGroup], Supervisor]) -> None:
+                sup: Supervisor) -> None:
     """A sandbox's service task: owns its task group (the supervisor, the
     watchdogs, the connects made on a process's behalf) and its teardown.
     It runs apart from every caller's task (see _lifecycle), so the sandbox
@@ -166,7 +168,7 @@ async def serve(life: Life, monitor_cm: contextlib.AbstractAsyncContextManager[A
             if monitor_cm is not None:
                 await stack.enter_async_context(monitor_cm)
             async with anyio.create_task_group() as tg:
-                sup = make_supervisor(tg)
+                sup.bind(tg)
                 tg.start_soon(sup.run)
                 life.tg, life.supervisor = tg, sup
                 life.ready.set()
@@ -184,9 +186,15 @@ async def serve(life: Life, monitor_cm: contextlib.AbstractAsyncContextManager[A
                         await life.teardown()
                     sup.stop()
     except BaseException as e:  # noqa: BLE001 - a service task must not raise; aclose() reports it
+        while isinstance(e, BaseExceptionGroup) and len(e.exceptions) == 1:  # one error: itself, not a group
+            e = e.exceptions[0]
         if not isinstance(e, anyio.get_cancelled_exc_class()):
             life.error = e
     finally:
+        # Last, once every fd of the sandbox is closed (the supervisor's too):
+        # what is left of its uid, its workdir, the uid, the slot.
+        with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+            await _hostside.release(life.host)
         life.final_cleanup()
         life.done.set()
         life.ready.set()

@@ -38,7 +38,22 @@ import anyio
 import anyio.abc
 import attrs
 
-from . import _args, _bpf, _context, _disk, _files, _kernel, _lifecycle, _linux, _plan, _probe, _process
+from . import (
+    _args,
+    _bpf,
+    _capacity,
+    _context,
+    _disk,
+    _files,
+    _hostside,
+    _kernel,
+    _lifecycle,
+    _linux,
+    _plan,
+    _probe,
+    _process,
+    _workdir,
+)
 from ._args import OutputCallback
 from ._context import CodeContext
 from ._errors import CommandNotFoundError, PolicyError, SandboxClosedError, SandboxSetupError, ZvizWarning
@@ -181,11 +196,12 @@ class Sandbox:
         output cap and the accounting are `run()`'s (docs/policy.md, "limits")."""
         timeout = self._timeout(timeout)
         argv = _args.command_argv(argv, shell, cwd)
-        proc = await self._start(argv, env=env, stdin=stdin, stdout=stdout, stderr=stderr,
-                                 output_cap=self.policy.limits.output)
+        with _capacity.exhaustion_as_error("spawn"):
+            proc = await self._start(argv, env=env, stdin=stdin, stdout=stdout, stderr=stderr,
+                                     output_cap=self.policy.limits.output)
         if timeout != float("inf"):
             assert self._life.tg is not None
-            self._life.tg.start_soon(_process.watchdog, proc, timeout)
+            self._life.tg.start_soon(_process.watchdog, proc, timeout, _process.arm_watchdog(proc))
         return proc
 
     def _timeout(self, timeout: float | None) -> float:
@@ -287,7 +303,8 @@ class Sandbox:
                 raise TypeError(f"{name} must be a callable taking bytes, not {cb!r}")
         timeout = self._timeout(timeout)
         argv = _args.command_argv(argv, shell, cwd)
-        proc = await self._start(argv, env=env, stdin=bool(stdin), stdout=True, stderr=True)
+        with _capacity.exhaustion_as_error("spawn"):
+            proc = await self._start(argv, env=env, stdin=bool(stdin), stdout=True, stderr=True)
         return await _process.run_to_end(proc, bytes(stdin or b""), timeout=timeout,
                                          output_cap=self.policy.limits.output,
                                          cpu_limit_s=self.policy.limits.cpu_s, tally=self._tally,
@@ -516,43 +533,59 @@ async def _create(policy: Policy | None = None, *, workdir: str | os.PathLike[st
     given = None
     if workdir is not None:
         # (a local stat or two before anything runs: not worth a worker thread)
-        path = os.path.realpath(os.fspath(workdir))  # noqa: ASYNC240
-        if not os.path.isdir(path):  # noqa: ASYNC240
+        given = os.path.realpath(os.fspath(workdir))  # noqa: ASYNC240 - the stage binds the real path
+        if not os.path.isdir(given):  # noqa: ASYNC240
             raise ValueError(f"workdir {os.fspath(workdir)!r} is not an existing directory")
-        if os.geteuid() == 0:
-            _files.check_workdir_reachable(path, _plan.NOBODY)
-    remove = owns and not keep_workdir
-    resources = HostResources(path, policy.fs.disk)
+    owns = given is None
+    _disk.check(policy.fs.disk, owns_workdir=owns, keep_workdir=keep_workdir)
+    walk = _workdir.sandbox_walks(policy.namespaces.mount, (*policy.fs.read_only, *policy.fs.read_write))
+    # slot, host uid, workdir: given back on every way out, after all else (_hostside.py; its Life does that
+    # once the sandbox exists)
+    side = await _hostside.acquire(given, keep_workdir, walk)
     try:
-        tally = Tally()
-        plan, runner = _prepare(policy, path, owns, features, trace, bool(zygote), tally, resources)
+        path, host_ids = side.path, (side.lease.uid, side.lease.gid)
+        if given is not None and side.lease.uid != os.geteuid():
+            _files.check_workdir_reachable(given, side.lease.uid)
+        resources = HostResources(path, policy.fs.disk)
+        try:
+            tally = Tally()
+            with _capacity.exhaustion_as_error("prepare"):
+                plan, runner = _prepare(policy, path, owns, features, trace, bool(zygote), tally, resources,
+                                        host_ids)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await resources.release()
+            raise
+        # a pid namespace dies with its init: no kill by uid at teardown then
+        side.pid_namespace = bool(plan.clone_flags & _linux.CLONE_NEWPID)
     except BaseException:
         with anyio.CancelScope(shield=True):
-            await resources.release()
-        if remove:
-            _files.rmtree(path)
+            await _hostside.release(side)
         raise
-    life = Life(runner, tally, EventLog[DenialEvent](), path, remove, resources)
+    life = Life(runner, tally, EventLog[DenialEvent](), side, resources)
     sb = Sandbox(policy, path, plan, life, resources, trace=trace)
     life.description = repr(sb)
     try:
         endpoints = _resolve_endpoints(policy)
+        # Made here, in the caller's step (its fds with the rest of the setup's, before
+        # another sandbox's setup can run); it runs in the service task's group.
+        with _capacity.exhaustion_as_error("supervisor"):
+            life.supervisor = Supervisor(allowed_endpoints=endpoints, net_allow=policy.net.mode == "allow",
+                                         on_event=life.events.add, task_group=None,
+                                         learner=trace.learn if trace is not None and trace.learning else None,
+                                         on_done=life.tally.fold)
         monitor_cm = None
         if monitor:
             from .ebpf import _attach_monitor
 
             monitor_cm = _attach_monitor(sb, monitor)
     except BaseException:
+        with anyio.CancelScope(shield=True):
+            await _hostside.release(life.host)
         life.final_cleanup()
         raise
 
-    def make_supervisor(tg: anyio.abc.TaskGroup) -> Supervisor:
-        return Supervisor(allowed_endpoints=endpoints, net_allow=policy.net.mode == "allow",
-                          on_event=life.events.add, task_group=tg,
-                          learner=trace.learn if trace is not None and trace.learning else None,
-                          on_done=life.tally.fold)
-
-    _lifecycle.spawn_service(functools.partial(_lifecycle.serve, life, monitor_cm, make_supervisor),
+    _lifecycle.spawn_service(functools.partial(_lifecycle.serve, life, monitor_cm, life.supervisor),
                              name=f"zviz sandbox {path}")
     del monitor_cm
     try:

@@ -104,13 +104,13 @@ class Supervisor:
     sandbox: attaching a spawn's listener is one epoll_ctl, not a new task."""
 
     def __init__(self, *, allowed_endpoints: frozenset[tuple[str, int]], net_allow: bool,
-                 on_event: Callable[[DenialEvent], None], task_group: anyio.abc.TaskGroup,
+                 on_event: Callable[[DenialEvent], None], task_group: anyio.abc.TaskGroup | None,
                  learner: Callable[[_kernel.Notification], bool] | None = None,
                  on_done: Callable[[RunAccount], None] | None = None) -> None:
         self._allowed = allowed_endpoints
         self._net_allow = net_allow
         self._on_event = on_event
-        self._tg = task_group
+        self._tg = task_group  # (bind() sets it when the supervisor is made before its task group)
         self._learner = learner  # zviz trace: record and let run (NOT a security boundary)
         self._on_done = on_done  # a run's account is final once its listener hangs up
         self._ep = select.epoll()
@@ -170,6 +170,14 @@ class Supervisor:
         if self._on_done is not None:
             self._on_done(w.account)
 
+    def bind(self, task_group: anyio.abc.TaskGroup) -> None:
+        """The task group its connect and decode tasks run in."""
+        self._tg = task_group
+
+    def close(self) -> None:
+        """Close its epoll set if run() never did (idempotent)."""
+        self._ep.close()
+
     def stop(self) -> None:
         """End the supervisor (after teardown has killed the processes, their
         listeners have usually hung up already)."""
@@ -213,6 +221,7 @@ class Supervisor:
                              f"(or {_HOST_CONNECTS.limit} of this host process) are in flight")
                 _kernel.notif_send(listener, n.id, error=errno.EAGAIN)
                 return
+            assert self._tg is not None
             self._tg.start_soon(self._connect_task, listener, n, answer, account, slot)
             return
         assert isinstance(answer, _decide.Deny)
@@ -222,6 +231,7 @@ class Supervisor:
             # Strings to read for the event: in a worker thread, never on the
             # event loop (a sandbox can hold its mmap_lock for long).
             self._decodes_pending += 1
+            assert self._tg is not None
             self._tg.start_soon(self._decode_and_answer, listener, n, answer.errno, account, want)
             return
         if want and any(n.args[:want]):
