@@ -451,7 +451,7 @@ def _prepare(policy: Policy, workdir: str, owns_workdir: bool, features: _probe.
         except OSError:
             continue
         is_dir[p] = stat.S_ISDIR(st.st_mode)
-        real = os.path.realpath(p)
+        real = _workdir.real_path(p)
         if real != p:  # a symlink on the way: the plan checks and binds the real path
             links[p] = real
     for field, paths in (("fs.read_only", policy.fs.read_only), ("fs.read_write", policy.fs.read_write),

@@ -53,7 +53,7 @@ from collections.abc import Callable
 
 import attrs
 
-from ._errors import SandboxSetupError
+from ._errors import PolicyError, SandboxSetupError
 from ._rmtree import OverBudget, remove_tree
 
 WORK = "work"
@@ -69,6 +69,17 @@ def base_path(gated: bool = False) -> str:
     return os.path.join(tempfile.gettempdir(), f"zviz-{os.geteuid()}" + ("-walk" if gated else ""))
 
 
+def real_path(path: str) -> str:
+    """os.path.realpath, but a path that changes while it is resolved (a
+    symlink swapped for a directory between lstat and readlink: EINVAL) is
+    the policy's problem, named, not a bare OSError."""
+    try:
+        return os.path.realpath(path)
+    except OSError as e:
+        raise PolicyError("fs", path, f"a path that stays put while the sandbox is set up "
+                          f"(it changed while being resolved: {e.strerror})") from None
+
+
 def sandbox_walks(mount_ns: bool, listed: tuple[str, ...]) -> bool:
     """Whether the sandbox will reach its workdir by a path through the
     private parent: without a mount namespace (no new root), or when a listed
@@ -79,7 +90,7 @@ def sandbox_walks(mount_ns: bool, listed: tuple[str, ...]) -> bool:
         return True
     tmp = os.path.realpath(tempfile.gettempdir())
     for p in listed:
-        real = os.path.realpath(p)
+        real = real_path(p)
         if real == "/" or tmp == real or tmp.startswith(real.rstrip("/") + "/"):
             return True
     return False
