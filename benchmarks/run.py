@@ -484,7 +484,7 @@ class Bench:
 
             # W2 (the same file, in the sandbox's workdir, for both)
             n2 = 8 if q else 25
-            w2cmd = [PY, os.path.join(wd, "w2_agent_snippet.py")]
+            w2cmd = [PY, "w2_agent_snippet.py"]  # relative: the cwd is the workdir on both sides (/workspace inside)
 
             async def run2(fn):  # type: ignore[no-untyped-def]
                 dt, out = await fn()
@@ -512,7 +512,7 @@ class Bench:
 
             # W3
             n3 = 7 if q else 20
-            w3cmd = [PY, os.path.join(wd, "w3_syscall_heavy.py")]
+            w3cmd = [PY, "w3_syscall_heavy.py"]
 
             async def run3(fn):  # type: ignore[no-untyped-def]
                 dt, out = await fn()
