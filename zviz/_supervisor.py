@@ -309,6 +309,8 @@ class Supervisor:
     async def flush(self, timeout: float = 1.0) -> None:
         """Wait (at most `timeout`) until every denial received so far is an event
         (each one takes at most DECODE_DEADLINE)."""
+        if not self._decodes_pending:
+            return  # the common case: no cancel scope to enter (~40 us per run)
         with anyio.move_on_after(timeout):
             while self._decodes_pending:
                 await self._decodes_idle.wait()
