@@ -223,3 +223,12 @@ def test_sweep_and_remove_gated_workdirs(tmp_path, monkeypatch):
     assert os.path.isdir(live.path) and not os.path.exists(dead.entry_path)
     live.remove()
     assert [n for n in os.listdir(_workdir.base_path(True)) if not n.startswith(".owner-")] == []
+
+
+def test_kill_by_uid_refuses_ids_outside_zvizs_range():
+    # kill(-1) as a system or login id would take the host's processes with it
+    from zviz import _kernel
+
+    for uid, gid in ((0, 0), (1000, 1000), (65534, 65534), (0x70000000, 0)):
+        with pytest.raises(ValueError, match="outside zviz's range"):
+            _kernel.kill_uid(uid, gid)

@@ -651,4 +651,8 @@ def kill_uid(uid: int, gid: int) -> bool:
     """SIGKILL every process whose real or saved uid is `uid` (a sandbox's own
     host uid: nothing else runs as it). One pass suffices: see _stage.c.
     Returns whether anything was signalled."""
+    if uid < 65536 or gid < 65536:
+        # zviz's own ids live far above every system and login id (_ids.py):
+        # never kill(-1) as anything else, whatever a lease file says
+        raise ValueError(f"kill_uid: refusing uid {uid}/gid {gid}, outside zviz's range")
     return bool(_stage.kill_uid(uid, gid))
