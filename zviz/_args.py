@@ -53,11 +53,17 @@ def command_argv(argv: Sequence[str] | str, shell: bool, cwd: str | None) -> tup
     return out
 
 
+def check_path(value: object, what: str = "a path") -> str:
+    """A path argument as a str: os.PathLike accepted, anything else a
+    TypeError, empty or with NUL a ValueError (the caller's mistake)."""
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str):
+        raise TypeError(f"{what} must be a path string, not {type(value).__name__}")
+    if not value or "\0" in value:
+        raise ValueError(f"{what} must be a non-empty path without NUL, not {value!r}")
+    return value
+
+
 def check_cwd(cwd: object) -> str:
-    if isinstance(cwd, os.PathLike):
-        cwd = os.fspath(cwd)
-    if not isinstance(cwd, str):
-        raise TypeError(f"cwd must be a path string, not {type(cwd).__name__}")
-    if not cwd or "\0" in cwd:
-        raise ValueError(f"cwd must be a non-empty path without NUL, not {cwd!r}")
-    return cwd
+    return check_path(cwd, "cwd")

@@ -26,6 +26,7 @@ import anyio.to_thread
 import attrs
 
 from . import _kernel
+from ._args import check_path
 
 
 def check_workdir_reachable(path: str, uid: int) -> None:
@@ -101,12 +102,7 @@ class Files:
         self._view = view
 
     def _inside(self, path: object) -> str:
-        if isinstance(path, os.PathLike):
-            path = os.fspath(path)
-        if not isinstance(path, str):
-            raise TypeError(f"a path must be a str, not {type(path).__name__}")
-        if not path or "\0" in path:
-            raise ValueError(f"a path must be non-empty and without NUL, not {path!r}")
+        path = check_path(path)
         return posixpath.normpath(posixpath.join(self._view.cwd, path))
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
