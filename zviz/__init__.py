@@ -4,47 +4,77 @@
         r = await sb.run(["python3", "-c", "print(1 + 1)"])
 
 Everything public is re-exported here; every other module is private.
+
+The names are imported on first use (PEP 562), so that `import zviz` and the
+command line (`zviz --help`, `zviz run`) load only the modules they need: the
+whole package, with trio and attrs' class building, costs ~150 ms of start-up.
 """
 
-from . import sync as sync  # the blocking facade: zviz.sync.open_sandbox
-from ._context import CodeContext as CodeContext
-from ._errors import (
-    CodeContextError as CodeContextError,
-    CommandNotFoundError as CommandNotFoundError,
-    FeatureUnavailable as FeatureUnavailable,
-    PolicyError as PolicyError,
-    ResourceExhausted as ResourceExhausted,
-    SandboxClosedError as SandboxClosedError,
-    SandboxSetupError as SandboxSetupError,
-    UnsupportedKernelError as UnsupportedKernelError,
-    ZvizError as ZvizError,
-    ZvizWarning as ZvizWarning,
-)
-from ._events import EventsMissed as EventsMissed
-from ._execution import (
-    DisplayData as DisplayData,
-    Execution as Execution,
-    ExecutionError as ExecutionError,
-    StreamOutput as StreamOutput,
-)
-from ._files import FileInfo as FileInfo
-from ._policy import (
-    SYSCALL_GROUPS as SYSCALL_GROUPS,
-    Bind as Bind,
-    Endpoint as Endpoint,
-    Filesystem as Filesystem,
-    Limits as Limits,
-    Namespaces as Namespaces,
-    Network as Network,
-    Policy as Policy,
-    Syscalls as Syscalls,
-)
-from ._probe import KernelFeatures as KernelFeatures, probe as probe_host
-from ._process import Process as Process
-from ._records import RunResult as RunResult, SandboxStatistics as SandboxStatistics
-from ._sandbox import Sandbox as Sandbox, open_sandbox as open_sandbox
-from ._supervisor import DenialEvent as DenialEvent
+import importlib as _importlib
+import typing as _typing
+
 from ._version import __version__ as __version__
+
+if _typing.TYPE_CHECKING:  # what a type checker and an IDE see: the same names, imported eagerly
+    from . import sync as sync  # the blocking facade: zviz.sync.open_sandbox
+    from ._context import CodeContext as CodeContext
+    from ._errors import (
+        CodeContextError as CodeContextError,
+        CommandNotFoundError as CommandNotFoundError,
+        FeatureUnavailable as FeatureUnavailable,
+        PolicyError as PolicyError,
+        ResourceExhausted as ResourceExhausted,
+        SandboxClosedError as SandboxClosedError,
+        SandboxSetupError as SandboxSetupError,
+        UnsupportedKernelError as UnsupportedKernelError,
+        ZvizError as ZvizError,
+        ZvizWarning as ZvizWarning,
+    )
+    from ._events import EventsMissed as EventsMissed
+    from ._execution import (
+        DisplayData as DisplayData,
+        Execution as Execution,
+        ExecutionError as ExecutionError,
+        StreamOutput as StreamOutput,
+    )
+    from ._files import FileInfo as FileInfo
+    from ._policy import (
+        SYSCALL_GROUPS as SYSCALL_GROUPS,
+        Bind as Bind,
+        Endpoint as Endpoint,
+        Filesystem as Filesystem,
+        Limits as Limits,
+        Namespaces as Namespaces,
+        Network as Network,
+        Policy as Policy,
+        Syscalls as Syscalls,
+    )
+    from ._probe import KernelFeatures as KernelFeatures, probe as probe_host
+    from ._process import Process as Process
+    from ._records import RunResult as RunResult, SandboxStatistics as SandboxStatistics
+    from ._sandbox import Sandbox as Sandbox, open_sandbox as open_sandbox
+    from ._supervisor import DenialEvent as DenialEvent
+
+# public name -> (private module, name there); keep in step with the block above
+_LAZY: dict[str, tuple[str, str]] = {
+    "CodeContext": ("._context", "CodeContext"),
+    **{n: ("._errors", n) for n in (
+        "CodeContextError", "CommandNotFoundError", "FeatureUnavailable", "PolicyError", "ResourceExhausted",
+        "SandboxClosedError", "SandboxSetupError", "UnsupportedKernelError", "ZvizError", "ZvizWarning")},
+    "EventsMissed": ("._events", "EventsMissed"),
+    **{n: ("._execution", n) for n in ("DisplayData", "Execution", "ExecutionError", "StreamOutput")},
+    "FileInfo": ("._files", "FileInfo"),
+    **{n: ("._policy", n) for n in (
+        "SYSCALL_GROUPS", "Bind", "Endpoint", "Filesystem", "Limits", "Namespaces", "Network", "Policy", "Syscalls")},
+    "KernelFeatures": ("._probe", "KernelFeatures"),
+    "probe_host": ("._probe", "probe"),
+    "Process": ("._process", "Process"),
+    "RunResult": ("._records", "RunResult"),
+    "SandboxStatistics": ("._records", "SandboxStatistics"),
+    "Sandbox": ("._sandbox", "Sandbox"),
+    "open_sandbox": ("._sandbox", "open_sandbox"),
+    "DenialEvent": ("._supervisor", "DenialEvent"),
+}
 
 __all__ = [
     "SYSCALL_GROUPS",
@@ -82,12 +112,26 @@ __all__ = [
     "open_sandbox",
     "probe_host",
 ]
+assert set(__all__) == set(_LAZY)  # one list of public names, checked at import
 
-# Public names carry the public module, like trio does.
-for _obj in list(globals().values()):
-    if getattr(_obj, "__module__", "").startswith("zviz._"):
+
+def __getattr__(name: str) -> _typing.Any:
+    if name == "sync":  # a public module, also imported on first use
+        return _importlib.import_module(".sync", __name__)
+    try:
+        module, attr = _LAZY[name]
+    except KeyError:
+        raise AttributeError(f"module 'zviz' has no attribute {name!r}") from None
+    obj = getattr(_importlib.import_module(module, __name__), attr)
+    # Public names carry the public module, like trio's do.
+    if getattr(obj, "__module__", "").startswith("zviz._"):
         try:
-            _obj.__module__ = "zviz"
+            obj.__module__ = "zviz"
         except (AttributeError, TypeError):
             pass
-del _obj
+    globals()[name] = obj  # the next access is a plain attribute
+    return obj
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY, "sync"})

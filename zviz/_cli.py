@@ -2,18 +2,23 @@
 
 Every error is one line on stderr and a distinct exit status (docs/errors.md);
 `--debug` shows the traceback.
+
+Start-up is part of the cost of every `zviz run` (agent shell tools start one per
+command), so this module imports only argparse and the exception tree at the top:
+each subcommand is one `_add_<cmd>` (its arguments) and one `_cmd_<cmd>` (what it
+does) that imports what it needs, and async ones run on asyncio through anyio
+(trio, ~60 ms of imports, is never loaded). `zviz --help` loads no other module of
+zviz; tests/test_cli_imports.py keeps it that way. To add a subcommand: write the
+two functions and list `_add_<cmd>` in `_SUBCOMMANDS`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import warnings
-from collections.abc import Sequence
-
-import attrs
+from collections.abc import Callable, Coroutine, Sequence
+from typing import TYPE_CHECKING, Any
 
 from ._errors import (
     CommandNotFoundError,
@@ -21,9 +26,14 @@ from ._errors import (
     PolicyError,
     SandboxSetupError,
     ZvizError,
-    ZvizWarning,
 )
-from ._policy import Bind, Endpoint, Network, Policy, parse_size
+
+if TYPE_CHECKING:
+    from typing import TypeAlias
+
+    from ._policy import Policy
+
+    Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 EXIT_USAGE = 2
 EXIT_HOST = 123  # the host lacks something (FeatureUnavailable)
@@ -37,10 +47,16 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zviz", description="Run untrusted code in a light Linux sandbox.")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="cmd", required=True)
+    for add in _SUBCOMMANDS:
+        add(sub)
+    return p
 
+
+def _add_run(sub: Subparsers) -> None:
     r = sub.add_parser("run", help="run a command in a sandbox",
                        description="Run CMD in a sandbox. Exit status: the command's; 128+N when killed "
                        "by signal N; 124 on timeout; 125 bad policy; 126 setup failed; 127 not found.")
+    r.set_defaults(func=_cmd_run)
     src = r.add_mutually_exclusive_group()
     src.add_argument("--policy", metavar="FILE", help="policy file: zviz TOML, or an OCI seccomp profile (JSON)")
     src.add_argument("--preset", metavar="NAME", help="python | shell (default: shell)")
@@ -60,16 +76,25 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--monitor", action="store_true", help="attach the eBPF monitor (root, bcc)")
     r.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ARGS", help="the command")
 
+
+def _add_gc(sub: Subparsers) -> None:
     g = sub.add_parser("gc", help="remove workdirs (and uid leases) that a dead zviz process left behind",
                        description="Remove the workdirs of sandboxes whose host process is gone (crashed, "
                        "killed), after killing whatever still runs as their host uid. Live sandboxes and kept "
                        "workdirs are left alone. Only the caller's own workdirs (under $TMPDIR/zviz-<uid>).")
+    g.set_defaults(func=_cmd_gc)
     g.add_argument("--dry-run", action="store_true", help="only list what would be removed")
 
+
+def _add_check(sub: Subparsers) -> None:
     c = sub.add_parser("check", help="what this host supports, and the fix for what is missing")
+    c.set_defaults(func=_cmd_check)
     c.add_argument("--json", action="store_true")
 
+
+def _add_trace(sub: Subparsers) -> None:
     t = sub.add_parser("trace", help="profile a command and write the smallest policy that lets it pass")
+    t.set_defaults(func=_cmd_trace)
     t.add_argument("-o", "--output", metavar="POLICY.toml", help="write the policy here")
     t.add_argument("--oci", metavar="PROFILE.json", help="also write an OCI/Docker seccomp profile")
     t.add_argument("--base", metavar="PRESET", default="shell", help="preset whose paths and env start the policy")
@@ -78,10 +103,21 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--learn", action="store_true",
                    help="force the seccomp learning mode (no eBPF; NOT a security boundary)")
     t.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ARGS")
-    return p
+
+
+def _run_async(fn: Callable[[argparse.Namespace], Coroutine[Any, Any, int]], a: argparse.Namespace) -> int:
+    """Run an async subcommand on asyncio (through anyio: the SDK runs on either loop;
+    asyncio is in the standard library and already half loaded, trio is not)."""
+    import anyio
+
+    return anyio.run(fn, a, backend="asyncio")
 
 
 def _policy_from_args(a: argparse.Namespace) -> Policy:
+    import attrs
+
+    from ._policy import Bind, Endpoint, Network, Policy, parse_size
+
     if a.policy:
         try:
             with open(a.policy, encoding="utf-8") as f:
@@ -148,7 +184,13 @@ def _argv(a: argparse.Namespace) -> list[str]:
     return argv
 
 
+def _cmd_run(a: argparse.Namespace) -> int:
+    return _run_async(_run, a)
+
+
 async def _run(a: argparse.Namespace) -> int:
+    import json
+
     import anyio
 
     from ._kernel import OwnedFd
@@ -230,8 +272,15 @@ async def _run(a: argparse.Namespace) -> int:
         return 128 - rc if rc < 0 else rc
 
 
+def _cmd_trace(a: argparse.Namespace) -> int:
+    return _run_async(_trace, a)
+
+
 async def _trace(a: argparse.Namespace) -> int:
+    import json
+
     from ._oci import oci_profile
+    from ._policy import Policy
     from ._trace import summary, trace
 
     argv = list(a.argv)
@@ -276,7 +325,7 @@ def _usable(fd: int) -> bool:
     return True
 
 
-def _gc(a: argparse.Namespace) -> int:
+def _cmd_gc(a: argparse.Namespace) -> int:
     from . import _hostside, _ids, _workdir
 
     found = _workdir.sweep(dry_run=a.dry_run, min_age=60.0, on_stale=_hostside.reclaim)
@@ -291,7 +340,11 @@ def _gc(a: argparse.Namespace) -> int:
     return 0
 
 
-def _check(a: argparse.Namespace) -> int:
+def _cmd_check(a: argparse.Namespace) -> int:
+    import json
+
+    import attrs
+
     from ._probe import bcc_status, probe
 
     f = probe()
@@ -344,22 +397,20 @@ def _check(a: argparse.Namespace) -> int:
     return 0
 
 
+_SUBCOMMANDS: tuple[Callable[[Subparsers], None], ...] = (_add_run, _add_gc, _add_check, _add_trace)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     a = parser.parse_args(argv)
+    import warnings
+
+    from ._errors import ZvizWarning
+
     warnings.simplefilter("default", ZvizWarning)
     warnings.formatwarning = lambda msg, cat, *rest, **kw: f"zviz: warning: {msg}\n"
     try:
-        if a.cmd == "check":
-            return _check(a)
-        if a.cmd == "gc":
-            return _gc(a)
-        import trio
-
-        if a.cmd == "run":
-            return trio.run(_run, a)
-        if a.cmd == "trace":
-            return trio.run(_trace, a)
+        return int(a.func(a))
     except UsageError as e:
         return _fail(a, e, EXIT_USAGE)
     except CommandNotFoundError as e:
@@ -374,7 +425,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(a, e, EXIT_SETUP)
     except KeyboardInterrupt:
         return 130
-    parser.error(f"unknown command {a.cmd}")  # exits with status 2 (EXIT_USAGE)
 
 
 def _fail(a: argparse.Namespace, e: BaseException, code: int) -> int:

@@ -44,6 +44,9 @@ def spawn_service(fn: Callable[[], Coroutine[Any, Any, None]], name: str) -> Non
     if sniffio.current_async_library() == "trio":
         import trio
 
+        from ._proxy import register_with_trio
+
+        register_with_trio()  # idempotent: a sandbox's streams are trio streams on trio
         trio.lowlevel.spawn_system_task(fn, name=name)
         return
     task = asyncio.get_running_loop().create_task(fn(), name=name)

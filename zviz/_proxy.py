@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import errno
 import os
+import sys
 from collections import Counter
 from collections.abc import Callable
 
 import anyio
 import anyio.abc
-import trio
 
 from ._kernel import OwnedFd
 
@@ -151,10 +151,20 @@ class FdSendStream(anyio.abc.ByteSendStream):
             self._fd.close()
 
 
-# trio's stream ABCs, by registration (their metaclass is ABCMeta like anyio's;
-# inheriting from both would mix two AsyncResource bases).
-trio.abc.ReceiveStream.register(FdReceiveStream)
-trio.abc.SendStream.register(FdSendStream)
+def register_with_trio() -> None:
+    """Make the streams trio's stream ABCs too, by registration (their
+    metaclass is ABCMeta like anyio's; inheriting from both would mix two
+    AsyncResource bases). Called when trio is the running loop (_lifecycle),
+    or here when trio is loaded already: importing zviz never imports trio
+    (~60 ms, half the CLI's start-up), so an asyncio caller never pays for it."""
+    import trio
+
+    trio.abc.ReceiveStream.register(FdReceiveStream)
+    trio.abc.SendStream.register(FdSendStream)
+
+
+if "trio" in sys.modules:
+    register_with_trio()
 
 
 class Collector:
