@@ -146,6 +146,98 @@ def compile_filter(spec: FilterSpec) -> bytes:
         return out.read()
 
 
+# ---- the compiled program on disk (zviz/_diskcache.py), for the next process
+
+AUDIT_ARCH_X86_64 = 0xC000003E
+SECCOMP_RET_KILL_PROCESS = 0x80000000
+BPF_MAXINSNS = 4096
+# the instructions libseccomp emits: ld [k] (seccomp_data), and #k, jeq/jgt/jge/jset #k, ja, ret #k
+_LD_ABS, _AND_K, _JA, _RET_K = 0x20, 0x54, 0x05, 0x06
+_JUMPS_K = frozenset({0x15, 0x25, 0x35, 0x45})
+_SECCOMP_DATA_SIZE = 64
+
+
+def check_program(prog: bytes) -> bool:
+    """Whether `prog` has the shape of a program compile_filter makes: whole
+    instructions, at most the kernel's BPF_MAXINSNS, only libseccomp's
+    instructions, every jump inside the program, the last one a return, and
+    first `ld arch; jeq x86_64` whose other branch kills the process. (A program
+    read back from the cache must pass this as well as the entry's digest.)"""
+    n, rest = divmod(len(prog), 8)
+    if rest or not 2 <= n <= BPF_MAXINSNS:
+        return False
+    ins = disassemble(prog)
+    for i, (code, jt, jf, k) in enumerate(ins):
+        if code == _LD_ABS:
+            ok = k < _SECCOMP_DATA_SIZE and k % 4 == 0
+        elif code in _JUMPS_K:
+            ok = i + 1 + max(jt, jf) < n
+        elif code == _JA:
+            ok = i + 1 + k < n
+        else:
+            ok = code in (_AND_K, _RET_K)
+        if not ok:
+            return False
+    (c0, _, _, k0), (c1, _, jf1, k1) = ins[0], ins[1]
+    if (c0, k0) != (_LD_ABS, 4) or (c1, k1) != (0x15, AUDIT_ARCH_X86_64) or ins[-1][0] != _RET_K:
+        return False
+    bad_arch = ins[2 + jf1]
+    return bad_arch[0] == _RET_K and bad_arch[3] == SECCOMP_RET_KILL_PROCESS
+
+
+def spec_key(spec: FilterSpec) -> tuple[object, ...]:
+    """`spec` as a value whose repr is the same in every process (a frozenset's
+    order depends on string hashing, which differs from one process to the next)."""
+    return tuple(sorted(v) if isinstance(v, frozenset) else v for v in attrs.astuple(spec, recurse=False))
+
+
+@functools.lru_cache(maxsize=64)
+def program(spec: FilterSpec) -> bytes:
+    """compile_filter(spec), through the cache on disk: a new process (`zviz run`)
+    neither imports libseccomp (~25 ms with its library lookup) nor compiles.
+    The entry's key holds everything the program depends on: the spec, zviz's
+    version and the source files of the rules, pyseccomp's file, the machine;
+    the libseccomp library file that compiled it is checked on every hit."""
+    import os
+    from importlib.util import find_spec
+
+    from . import _diskcache, _linux, _syscall_table
+
+    found = find_spec("pyseccomp")
+    sources = [m.__file__ for m in (_argrules, _syscalls, _syscall_table, _linux)] + [__file__]
+    sources.append(found.origin if found is not None and found.origin else "pyseccomp?")
+    name = _diskcache.key("bpf", spec_key(spec), os.uname().machine,
+                          [_diskcache.file_stamp(p) for p in sources if p])
+    cached = _diskcache.load(name, fresh=_library_is_unchanged)
+    if cached is not None and check_program(cached):
+        return cached
+    prog = compile_filter(spec)
+    _diskcache.store(name, prog, stamp=_library_stamp())
+    return prog
+
+
+def _library_stamp() -> list[object] | None:
+    """The identity of the libseccomp this process loaded (from /proc/self/maps)."""
+    from . import _diskcache
+
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                path = line.rstrip("\n").partition("/")[2]
+                if "/libseccomp.so" in "/" + path:
+                    return _diskcache.file_stamp("/" + path)
+    except OSError:
+        pass
+    return None
+
+
+def _library_is_unchanged(stamp: object) -> bool:
+    from . import _diskcache
+
+    return (isinstance(stamp, list) and len(stamp) > 1 and isinstance(stamp[0], str)
+            and _diskcache.file_stamp(stamp[0]) == stamp)
+
+
 def _conditions(sc: Any, alt: _argrules.Alternative) -> list[Any]:
     return [sc.Arg(i, sc.EQ, v) if m == _argrules.FULL else sc.Arg(i, sc.MASKED_EQ, m, v) for i, m, v in alt]
 

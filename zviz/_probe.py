@@ -70,6 +70,49 @@ def _probe_userns() -> tuple[bool, str]:
     if os.environ.get("ZVIZ_TEST_NO_USERNS") == "1":
         # Test hook: simulates a host that forbids user namespaces (see tests).
         return False, "disabled by ZVIZ_TEST_NO_USERNS=1"
+    # The only part of the probe that costs (a spawn, ~1 ms and more in a fresh
+    # process): a success is kept on disk for the next process (zviz/_diskcache.py),
+    # keyed by what decides it. Only a success: a stale one fails closed (the
+    # sandbox's setup reports the error), while a stale failure would make
+    # every sandbox run without namespaces; so a failure is always probed again.
+    from . import _diskcache
+
+    name = _diskcache.key("userns", _userns_facts())
+    if _diskcache.load(name) == b"ok":
+        return True, "ok"
+    found = _spawn_in_userns()
+    if found[0]:
+        _diskcache.store(name, b"ok")
+    return found
+
+
+def _userns_facts() -> tuple[object, ...]:
+    """What decides whether this process may make a user namespace: the boot,
+    the kernel, who we are and in which user namespace, the sysctls that allow
+    it, our seccomp state, the interpreter (an AppArmor profile is per binary),
+    and the probe's own code."""
+    def read(path: str) -> str:
+        try:
+            with open(path) as f:
+                return f.read()
+        except OSError:
+            return "?"
+
+    status = [ln for ln in read("/proc/self/status").splitlines() if ln.startswith(("Seccomp", "NoNewPrivs"))]
+    try:
+        ns = os.stat("/proc/self/ns/user").st_ino
+    except OSError:
+        ns = -1
+    from . import _diskcache
+
+    return (read("/proc/sys/kernel/random/boot_id"), os.uname().release, os.uname().machine, os.geteuid(),
+            os.getegid(), ns, status, os.path.realpath(sys.executable),
+            [read(f"/proc/sys/{p}") for p in ("user/max_user_namespaces", "kernel/unprivileged_userns_clone",
+                                              "kernel/apparmor_restrict_unprivileged_userns")],
+            _diskcache.file_stamp(__file__))
+
+
+def _spawn_in_userns() -> tuple[bool, str]:
     null = _kernel.open_devnull()
     try:
         uid, gid = os.geteuid(), os.getegid()

@@ -485,7 +485,7 @@ def _prepare(policy: Policy, workdir: str, owns_workdir: bool, features: _probe.
                            netns=bool(probe_plan.clone_flags & _linux.CLONE_NEWNET))
     if trace is not None:
         spec = trace.filter_spec(notify)
-    bpf = _bpf.compile_filter(spec)
+    bpf = _bpf.program(spec)  # compiled once per policy, and kept on disk for the next process
     stage = _plan.stage_spec(probe_plan, bpf=bpf, seccomp_flags=seccomp_flags)
     if trace is not None:
         stage = attrs.evolve(stage, ll_net=0, ll_ports=())  # tracing observes connections rather than refusing them
