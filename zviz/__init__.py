@@ -10,12 +10,10 @@ command line (`zviz --help`, `zviz run`) load only the modules they need: the
 whole package, with trio and attrs' class building, costs ~150 ms of start-up.
 """
 
-import importlib as _importlib
-import typing as _typing
-
 from ._version import __version__ as __version__
 
-if _typing.TYPE_CHECKING:  # what a type checker and an IDE see: the same names, imported eagerly
+TYPE_CHECKING = False  # (not typing's: importing typing is ~5 ms of `zviz --help`)
+if TYPE_CHECKING:  # what a type checker and an IDE see: the same names, imported eagerly
     from . import sync as sync  # the blocking facade: zviz.sync.open_sandbox
     from ._context import CodeContext as CodeContext
     from ._errors import (
@@ -115,23 +113,26 @@ __all__ = [
 assert set(__all__) == set(_LAZY)  # one list of public names, checked at import
 
 
-def __getattr__(name: str) -> _typing.Any:
-    if name == "sync":  # a public module, also imported on first use
-        return _importlib.import_module(".sync", __name__)
-    try:
-        module, attr = _LAZY[name]
-    except KeyError:
-        raise AttributeError(f"module 'zviz' has no attribute {name!r}") from None
-    obj = getattr(_importlib.import_module(module, __name__), attr)
-    # Public names carry the public module, like trio's do.
-    if getattr(obj, "__module__", "").startswith("zviz._"):
+if not TYPE_CHECKING:  # (a type checker sees the imports above, and no fallback for unknown names)
+    import importlib as _importlib
+
+    def __getattr__(name: str) -> object:
+        if name == "sync":  # a public module, also imported on first use
+            return _importlib.import_module(".sync", __name__)
         try:
-            obj.__module__ = "zviz"
-        except (AttributeError, TypeError):
-            pass
-    globals()[name] = obj  # the next access is a plain attribute
-    return obj
+            module, attr = _LAZY[name]
+        except KeyError:
+            raise AttributeError(f"module 'zviz' has no attribute {name!r}") from None
+        obj = getattr(_importlib.import_module(module, __name__), attr)
+        # Public names carry the public module, like trio's do.
+        if getattr(obj, "__module__", "").startswith("zviz._"):
+            try:
+                obj.__module__ = "zviz"
+            except (AttributeError, TypeError):
+                pass
+        globals()[name] = obj  # the next access is a plain attribute
+        return obj
 
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY, "sync"})
+    def __dir__() -> list[str]:
+        return sorted({*globals(), *_LAZY, "sync"})
+del TYPE_CHECKING

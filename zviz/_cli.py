@@ -18,7 +18,6 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Coroutine, Sequence
-from typing import TYPE_CHECKING, Any
 
 from ._errors import (
     CommandNotFoundError,
@@ -28,8 +27,9 @@ from ._errors import (
     ZvizError,
 )
 
+TYPE_CHECKING = False  # (not typing's: importing typing is ~5 ms of every `zviz` command)
 if TYPE_CHECKING:
-    from typing import TypeAlias
+    from typing import Any, TypeAlias
 
     from ._policy import Policy
 

@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import errno as _errno
 import os
-from typing import ClassVar
+
+TYPE_CHECKING = False  # (not typing's: the CLI imports this module, and typing costs ~5 ms)
+if TYPE_CHECKING:
+    from typing import ClassVar
 
 
 class ZvizError(Exception):

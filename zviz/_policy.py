@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import tomllib
 import types
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -419,6 +418,8 @@ class Policy:
         """Parse a policy from TOML text (see docs/policy.md for the format)."""
         if not isinstance(text, str):
             raise PolicyError("toml", type(text).__name__, "TOML text (str)")
+        import tomllib  # (here: `zviz run` without --policy never parses TOML)
+
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
