@@ -81,7 +81,9 @@ def _add_gc(sub: Subparsers) -> None:
     g = sub.add_parser("gc", help="remove workdirs (and uid leases) that a dead zviz process left behind",
                        description="Remove the workdirs of sandboxes whose host process is gone (crashed, "
                        "killed), after killing whatever still runs as their host uid. Live sandboxes and kept "
-                       "workdirs are left alone. Only the caller's own workdirs (under $TMPDIR/zviz-<uid>).")
+                       "workdirs are left alone. Only the caller's own workdirs (under $TMPDIR/zviz-<uid>). "
+                       "Also empties the start-up cache (compiled filters, the host probe: $ZVIZ_CACHE_DIR, "
+                       "else $XDG_CACHE_HOME/zviz or ~/.cache/zviz).")
     g.set_defaults(func=_cmd_gc)
     g.add_argument("--dry-run", action="store_true", help="only list what would be removed")
 
@@ -326,7 +328,7 @@ def _usable(fd: int) -> bool:
 
 
 def _cmd_gc(a: argparse.Namespace) -> int:
-    from . import _hostside, _ids, _workdir
+    from . import _diskcache, _hostside, _ids, _workdir
 
     found = _workdir.sweep(dry_run=a.dry_run, min_age=60.0, on_stale=_hostside.reclaim)
     leases = _ids.sweep_leases(dry_run=a.dry_run)
@@ -335,7 +337,10 @@ def _cmd_gc(a: argparse.Namespace) -> int:
         print(f"{verb} {s.path}" + (f" (owner was: {s.owner})" if s.owner else ""))
     for path in leases:
         print(f"{verb} uid lease {path}")
-    if not found and not leases:
+    cached = _diskcache.clear(dry_run=a.dry_run)
+    if cached:
+        print(f"{verb} {cached} start-up cache entr{'y' if cached == 1 else 'ies'} in {_diskcache.location()}")
+    if not found and not leases and not cached:
         print("nothing to remove")
     return 0
 
