@@ -47,3 +47,22 @@ def test_importing_ebpf_does_not_import_bcc():
     out = subprocess.run([sys.executable, "-c", "import zviz, zviz.ebpf, sys; print('bcc' in sys.modules)"],
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_errors_survive_pickling():
+    """Errors cross process boundaries (Ray actors, multiprocessing): every field survives."""
+    import errno
+    import pickle
+
+    from zviz import _errors
+
+    errors = [zviz.PolicyError("fs.read_only", "/x", "a path that exists"), _errors._PolicyTypeError("env", 1, "a map"),
+              zviz.SandboxSetupError("mount", errno.EPERM, "/x", "a hint"), zviz.CommandNotFoundError("ls", "/bin"),
+              zviz.ResourceExhausted("clone", errno.EAGAIN, limit="processes"),
+              zviz.FeatureUnavailable("landlock", "off", "enable it"), zviz.CodeContextError("broken")]
+    for e in errors:
+        back = pickle.loads(pickle.dumps(e))
+        assert type(back) is type(e) and str(back) == str(e) and back.args == e.args, e
+        assert back.__dict__ == e.__dict__, e
+        if isinstance(e, OSError):
+            assert (back.errno, back.strerror, back.filename) == (e.errno, e.strerror, e.filename), e

@@ -24,6 +24,22 @@ if TYPE_CHECKING:
 class ZvizError(Exception):
     """Root of every error zviz raises on purpose."""
 
+    def __reduce__(self) -> tuple[object, ...]:
+        # picklable whatever the subclass's __init__ takes (Ray and multiprocessing send errors
+        # between processes): rebuilt from its args and attributes, without calling __init__
+        state = dict(self.__dict__)
+        if isinstance(self, OSError):  # its fields are slots, not in __dict__
+            state.update(errno=self.errno, strerror=self.strerror, filename=self.filename)
+        return _rebuild, (type(self), self.args, state)
+
+
+def _rebuild(cls: type[ZvizError], args: tuple[object, ...], state: dict[str, object]) -> ZvizError:
+    err = cls.__new__(cls, *args)  # OSError's __new__ sets errno/strerror from (errno, message)
+    err.args = args
+    for name, value in state.items():
+        setattr(err, name, value)
+    return err
+
 
 class PolicyError(ZvizError, ValueError):
     """The policy is malformed: names the field, the value, and what is accepted."""
