@@ -36,6 +36,15 @@ TOP: list[tuple[str, Any]] = [
     ("zviz.sync.Process", zviz.sync.Process), ("zviz.sync.Sandbox.files", zviz.sync.Files),
     ("zviz.sync.Process.stdin", zviz.sync.SendStream), ("zviz.sync.Process.stdout", zviz.sync.ReceiveStream),
 ]
+try:  # the `ray` extra: documented in docs/api.md's zviz.ray section when installed
+    import zviz.ray
+except ImportError:
+    RAY = False
+else:
+    RAY = True
+    TOP += [("zviz.ray.SandboxPool", zviz.ray.SandboxPool), ("zviz.ray.Snippet", zviz.ray.Snippet),
+            ("zviz.ray.SnippetResult", zviz.ray.SnippetResult),
+            ("zviz.ray.PythonBatchRunner", zviz.ray.PythonBatchRunner)]
 SKIP = {"__init__", "__repr__", "__eq__", "__hash__", "__ne__", "__setattr__", "__delattr__", "__getstate__",
         "__setstate__", "__lt__", "__le__", "__gt__", "__ge__", "__attrs_init__", "__match_args__"}
 
@@ -47,6 +56,8 @@ INSTANCE = {
                      "stderr: FdReceiveStream | None", "timed_out: bool", "limit: str | None"],
     "zviz.CodeContext": ["preload: tuple[str, ...]", "broken: str | None", "closed: bool"],
     "zviz.sync.Sandbox": ["files: Files"],
+    "zviz.ray.SandboxPool": ["policy: Policy", "preload: tuple[str, ...]", "python: str", "sandboxes_per_node: int",
+                             "fresh_sandbox_every: int", "in_flight_per_actor: int", "replaced: int"],
     "zviz.sync.Process": ["stdin: SendStream | None", "stdout: ReceiveStream | None",
                           "stderr: ReceiveStream | None"],
 }

@@ -35,7 +35,8 @@ def _entries() -> list[str]:
 
 def test_no_stale_entries_in_the_reference():
     current = set(api_signatures.lines())
-    stale = [e for e in _entries() if e not in current]
+    # without the ray extra, zviz.ray cannot be imported: its section is not checked
+    stale = [e for e in _entries() if e not in current and (api_signatures.RAY or not e.startswith("zviz.ray."))]
     assert not stale, "docs/api.md documents what the code no longer has:\n" + "\n".join(stale)
 
 

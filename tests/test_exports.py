@@ -13,8 +13,9 @@ PUBLIC = {
 
 
 def test_public_names():
-    # ebpf: a subpackage, imported on demand; sync: the blocking facade (a public module)
-    names = {n for n in dir(zviz) if not n.startswith("_")} - {"ebpf", "sync"}
+    # ebpf: a subpackage, imported on demand; sync: the blocking facade (a public module);
+    # ray: the Ray integration (a public module of the `ray` extra, imported on demand)
+    names = {n for n in dir(zviz) if not n.startswith("_")} - {"ebpf", "sync", "ray"}
     assert names == PUBLIC
     assert sorted(zviz.__all__) == sorted(PUBLIC) and len(zviz.__all__) == len(PUBLIC)
     namespace: dict[str, object] = {}
@@ -37,6 +38,15 @@ def test_error_tree_split_by_blame():
     assert issubclass(zviz.SandboxSetupError, OSError)
     assert issubclass(zviz.UnsupportedKernelError, zviz.FeatureUnavailable)
     assert issubclass(zviz.CommandNotFoundError, FileNotFoundError)
+
+
+def test_zviz_ray_is_not_imported_by_zviz():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", "import zviz, sys; print('ray' in sys.modules, hasattr(zviz, 'ray'))"],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
 
 
 def test_importing_ebpf_does_not_import_bcc():
