@@ -31,7 +31,8 @@ def test_example(name):
 
 
 # examples that need more than zviz, tested where that is set up
-ELSEWHERE = {"jupyter_kernel.py": "tests/test_programs.py (builds the test venv)"}
+ELSEWHERE = {"jupyter_kernel.py": "tests/test_programs.py (builds the test venv)",
+             "ray_farm.py": "tests/test_ray.py (the ray extra)"}
 
 
 def test_every_example_is_tested():

@@ -342,6 +342,18 @@ def test_without_ray_init_and_without_ray():
     assert out.returncode == 1 and "ImportError: zviz.ray needs Ray: pip install zviz[ray]" in out.stderr, out
 
 
+def test_the_ray_farm_example():
+    example = pathlib.Path(__file__).resolve().parent.parent / "examples" / "ray_farm.py"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    r = subprocess.run([sys.executable, str(example)], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr
+    for line in ["candidate 0: reward 1.0 (passed)", "candidate 1: reward 0.0 (AssertionError)",
+                 "candidate 2: reward 0.0 (timed out)",
+                 "candidate 3: reward 0.0 (PermissionError) denials={'socket': 1}",
+                 "candidate 5: reward 1.0 (passed) denials={} stdout='False'", "mean reward: 0.5"]:
+        assert line in r.stdout, r.stdout
+
+
 # ---------------------------------------------------------------- Ray Data
 
 
