@@ -124,22 +124,30 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         await pool.map_python(["pass"] * cores)
         await pool_warm.map_python(["pass"] * cores)
 
-        async def via(p: SandboxPool) -> tuple[float, int]:
-            t = time.perf_counter()
+        cpu: dict[str, list[float]] = {}  # CPU seconds per snippet: the actor's process, this caller
+
+        async def via(p: SandboxPool, key: str) -> tuple[float, int]:
+            actors = [a.info["pid"] for a in p._actors if a.info]
+            a0, c0, t = sum(map(proc_cpu, actors)), time.process_time(), time.perf_counter()
             rs = await p.map_python(jobs, timeout=30)
-            return time.perf_counter() - t, sum(r.ok for r in rs)
+            wall = time.perf_counter() - t
+            cpu.setdefault(key + "_actor", []).append((sum(map(proc_cpu, actors)) - a0) / len(jobs))
+            cpu.setdefault(key + "_caller", []).append((time.process_time() - c0) / len(jobs))
+            return wall, sum(r.ok for r in rs)
 
         for _ in range(rounds):
             note("bare", *await at_concurrency(cores, jobs, bare))
             note("local_fresh_sandbox", *await at_concurrency(cores, jobs, fresh_local))
             note("local_warm_fork", *await at_concurrency(cores, jobs, warm_local))
-            note("pool_fresh_sandbox", *await via(pool))
-            note("pool_fresh_every_50", *await via(pool_warm))
+            note("pool_fresh_sandbox", *await via(pool, "pool_fresh_sandbox"))
+            note("pool_fresh_every_50", *await via(pool_warm, "pool_fresh_every_50"))
         base = statistics.median(times["bare"])
         for key, ts in times.items():
             m = statistics.median(ts)
             out[key] = {"seconds": round(m, 3), "snippets_per_s": round(len(jobs) / m, 1),
                         "vs_bare": round(m / base, 2), "passed": passes[key]}
+
+        out["cpu_ms_per_snippet"] = {k: round(statistics.median(v) * 1e3, 2) for k, v in cpu.items()}
 
         # Ray's per-snippet overhead: a trivial snippet, one at a time, warm sandboxes on both sides
         one = SandboxPool(POLICY, python=SANDBOX_PY, sandboxes_per_node=1, in_flight_per_actor=1,
@@ -175,6 +183,13 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         for sb in warm_boxes:
             await sb.aclose()
     return out
+
+
+def proc_cpu(pid: int) -> float:
+    """utime + stime of a process (seconds), from /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def via_trivial(p: SandboxPool, jobs: list[str]) -> tuple[float, int]:
