@@ -362,6 +362,23 @@ def test_the_ray_farm_example(ray_cluster):
 # ---------------------------------------------------------------- Ray Data
 
 
+def test_the_batch_runner_on_a_plain_batch_and_its_errors(ray_cluster):
+    import threading
+
+    runner = PythonBatchRunner(sandboxes=1, fresh_sandbox_every=5)
+    try:
+        out = runner({"code": ["1 + 1", "import sys; sys.exit(2)"], "id": [7, 8]})
+    finally:
+        runner.close()
+    assert out["id"] == [7, 8] and out["result"] == ["2", ""] and out["exit_status"] == [0, 2]
+    assert out["ok"] == [True, False] and out["error"][1].startswith("SystemExit") and out["failure"] == ["", ""]
+    with pytest.raises(zviz.CodeContextError, match="no_such_module_zviz"):
+        PythonBatchRunner(preload=("no_such_module_zviz",), sandboxes=1)
+    with pytest.raises(ValueError, match="sandboxes must be an int >= 1"):
+        PythonBatchRunner(sandboxes=0)
+    assert not [t for t in threading.enumerate() if t.name == "zviz-ray-batch"]
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray Data's own (its DataContext's fields)
 def test_map_batches_with_the_batch_runner(ray_cluster):
     data = pytest.importorskip("ray.data", reason="Ray Data (the ray extra installs it)")

@@ -122,14 +122,14 @@ def failed(reason: str, where: Mapping[str, str], *, index: int = -1, attempts: 
 
 
 def check_options(policy: Policy | None, sandboxes: int, fresh_every: int, preload: Sequence[str],
-                  python: str) -> tuple[Policy, tuple[str, ...]]:
+                  python: str, *, sandboxes_name: str = "sandboxes_per_node") -> tuple[Policy, tuple[str, ...]]:
     from ._context import check_preload
 
     if policy is None:
         policy = Policy.python()
     if not isinstance(policy, Policy):
         raise TypeError(f"policy must be a zviz.Policy (e.g. zviz.Policy.python()), not {type(policy).__name__}")
-    for name, value in (("sandboxes_per_node", sandboxes), ("fresh_sandbox_every", fresh_every)):
+    for name, value in ((sandboxes_name, sandboxes), ("fresh_sandbox_every", fresh_every)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, not {value!r}")
     if not isinstance(python, str) or not python:

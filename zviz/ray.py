@@ -406,7 +406,7 @@ class PythonBatchRunner:
     def __init__(self, policy: Policy | None = None, *, sandboxes: int = 2, preload: Sequence[str] = (),
                  python: str = "python3", fresh_sandbox_every: int = 1, timeout: float | None = None,
                  code_column: str = "code") -> None:
-        policy, pre = check_options(policy, sandboxes, fresh_sandbox_every, preload, python)
+        policy, pre = check_options(policy, sandboxes, fresh_sandbox_every, preload, python, sandboxes_name="sandboxes")
         where = {"node_id": "", "node_ip": "", "actor": ""}
         if ray.is_initialized():
             ctx = ray.get_runtime_context()
@@ -417,7 +417,11 @@ class PythonBatchRunner:
         self._loop = _LoopThread()
         self._worker = SnippetWorker(policy, sandboxes=sandboxes, preload=pre, python=python,
                                      fresh_every=fresh_sandbox_every, where=where)
-        self._loop.call(self._worker.start())
+        try:
+            self._loop.call(self._worker.start())
+        except BaseException:
+            self._loop.stop()  # start() closed what it made
+            raise
 
     def __call__(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         import asyncio
@@ -440,7 +444,8 @@ class PythonBatchRunner:
 
     def close(self) -> None:
         """Close the sandboxes and the loop thread (also when collected)."""
-        if self._loop.alive:
+        loop = getattr(self, "_loop", None)  # None: __init__ failed before it
+        if loop is not None and loop.alive:
             try:
                 self._loop.call(self._worker.aclose())
             finally:
