@@ -201,14 +201,16 @@ class SandboxPool:
     def _submit(self, job: _Job, actor: _Actor) -> Any:
         job.attempts += 1
         job.actor = actor
-        actor.in_flight += 1
+        with self._lock:  # several loops (run_batch from threads) may share the pool
+            actor.in_flight += 1
         return actor.handle.run.remote(job.snippet.code, job.snippet.timeout, job.snippet.policy)
 
     def _settle(self, job: _Job, outcome: object) -> SnippetResult | None:
         """The result of a finished attempt, or None when it was resubmitted (its actor died)."""
         actor = job.actor
         assert actor is not None
-        actor.in_flight -= 1
+        with self._lock:
+            actor.in_flight -= 1
         wall = time.monotonic() - job.submitted
         if isinstance(outcome, SnippetResult):
             return attrs.evolve(outcome, index=job.index, attempts=job.attempts, wall_s=wall)
@@ -294,7 +296,8 @@ class SandboxPool:
         finally:
             for ref, job in pending.items():  # cancelled or left early: stop their work on the nodes
                 if job.actor is not None:
-                    job.actor.in_flight -= 1
+                    with self._lock:
+                        job.actor.in_flight -= 1
                 try:
                     ray.cancel(ref)
                 except Exception:  # noqa: BLE001 - its actor is gone
