@@ -47,6 +47,7 @@ class PerformConnect:
     family: int
     host: str
     port: int
+    proxied: bool = False  # to the egress proxy (net.mode = "domains"): the address is the proxy's own
 
 
 @attrs.frozen
@@ -216,15 +217,24 @@ def parse_sockaddr(data: bytes) -> tuple[int, str, int] | None:
     return None
 
 
-def decide_connect(fd: int, sockaddr: bytes, allowed: frozenset[tuple[str, int]]) -> Answer:
+def decide_connect(fd: int, sockaddr: bytes, allowed: frozenset[tuple[str, int]],
+                   proxy: tuple[frozenset[tuple[str, int]], tuple[str, int]] | None = None) -> Answer:
     """Second half for connect: `allowed` holds (ip, port) pairs, hosts already
-    resolved by the supervisor when the sandbox opened."""
+    resolved by the supervisor when the sandbox opened. `proxy` (net.mode =
+    "domains"): (the addresses the sandbox knows the egress proxy by, the
+    proxy's real address): a connect to one of the former is performed to
+    the latter; every other connect is refused."""
     parsed = parse_sockaddr(sockaddr)
     if parsed is None:
         # AF_UNIX and friends under an allowlist: the path would be resolved in
         # the supervisor's view of the filesystem, outside Landlock. Refuse.
         return Deny(errno.EACCES)
     family, host, port = parsed
+    if proxy is not None:
+        inside, (real_host, real_port) = proxy
+        if (host, port) in inside:
+            return PerformConnect(fd=fd, family=family, host=real_host, port=real_port, proxied=True)
+        return Deny(errno.EACCES)
     if (host, port) in allowed:
         return PerformConnect(fd=fd, family=family, host=host, port=port)
     return Deny(errno.ECONNREFUSED if port == 0 else errno.EACCES)

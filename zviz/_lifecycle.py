@@ -32,6 +32,7 @@ from ._supervisor import DenialEvent, RunAccount, Supervisor
 
 if TYPE_CHECKING:
     from ._context import CodeContexts
+    from ._egress import EgressProxy
 
 # asyncio keeps only weak references to tasks: a running service must not vanish.
 _asyncio_tasks: set[asyncio.Task[None]] = set()
@@ -82,7 +83,7 @@ class Life:
     It never refers to the Sandbox itself, so that a sandbox nobody closed can
     still be garbage-collected (and then torn down, with a ResourceWarning)."""
 
-    def __init__(self, runner: Runner, tally: Tally, events: EventLog[DenialEvent], host: HostSide,
+    def __init__(self, runner: Runner, tally: Tally, events: EventLog[Any], host: HostSide,
                  resources: HostResources) -> None:
         self.runner = runner
         self.resources = resources
@@ -101,6 +102,7 @@ class Life:
         self.error: BaseException | None = None  # what the service failed with
         self.description = ""
         self.contexts: CodeContexts | None = None  # the sandbox's code contexts (closed at teardown)
+        self.egress: EgressProxy | None = None  # net.mode = "domains": its proxy (every connection closed at teardown)
 
     def process_ended(self, proc: Process, *, account: RunAccount, zrun: bool) -> None:
         self.procs.discard(proc)
@@ -117,6 +119,8 @@ class Life:
         if self.contexts is not None:
             self.contexts.close()  # their processes died with the zygote: close our ends
         await self.runner.aclose()
+        if self.egress is not None:
+            await self.egress.aclose()
         self.events.close()
         await self.resources.release()  # the memory cgroup and the size-capped workdir, now empty
 
@@ -132,6 +136,8 @@ class Life:
                 self.contexts.close()  # (idempotent; kills what a context still has, closes our ends)
         if self.supervisor is not None:
             self.supervisor.close()  # (its epoll set, if its task never ran)
+        if self.egress is not None:
+            self.egress.close_now()
         self.runner.close()
         if self.resources.disk_mounted:  # teardown could not run (the loop is gone): unmount at least
             with contextlib.suppress(OSError):
@@ -173,6 +179,8 @@ async def serve(life: Life, monitor_cm: contextlib.AbstractAsyncContextManager[A
             async with anyio.create_task_group() as tg:
                 sup.bind(tg)
                 tg.start_soon(sup.run)
+                if life.egress is not None:
+                    tg.start_soon(life.egress.run)
                 life.tg, life.supervisor = tg, sup
                 life.ready.set()
                 try:

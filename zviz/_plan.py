@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import attrs
 
-from . import _abi, _linux
+from . import _abi, _egressproto, _linux
 from ._errors import PolicyError, SandboxSetupError
 from ._policy import Bind, Policy
 from ._spec import Command, StageSpec
@@ -458,6 +458,8 @@ def plan_landlock(policy: Policy, host: Host, workdir: str, mount_proc: bool,
         handled_net = NET_BIND_TCP | NET_CONNECT_TCP
         if policy.net.mode == "allow":
             ports = sorted({(e.port, NET_CONNECT_TCP) for e in policy.net.allow})
+        elif policy.net.mode == "domains":  # the egress proxy's port on the sandbox's loopback
+            ports = [(_egressproto.PROXY_PORT, NET_CONNECT_TCP)]
     scoped = SCOPE_ABSTRACT_UNIX | SCOPE_SIGNAL if abi >= 6 else 0
     return LandlockPlan(abi=abi, handled_fs=hfs, handled_net=handled_net, scoped=scoped,
                         paths=tuple(paths.items()), ports=tuple(ports))
@@ -490,7 +492,7 @@ def plan_sandbox(policy: Policy, host: Host, *, workdir: str,
         degraded.append("no pid namespace: teardown kills the sandbox's processes by its own host uid" if is_root else
                         "no pid namespace: a process that leaves the process group (setsid) can outlive teardown "
                         "(run as root for a per-sandbox uid, or keep namespaces.pid)")
-    if policy.net.mode in ("loopback", "allow") and not flags & _linux.CLONE_NEWNET:
+    if policy.net.mode in ("loopback", "allow", "domains") and not flags & _linux.CLONE_NEWNET:
         # checked here, not in Policy: a policy's validity must not depend on who builds it
         fix = "a host where network namespaces can be created (user namespaces, or root)"
         if not ns.user and not is_root:
@@ -539,6 +541,9 @@ def plan_sandbox(policy: Policy, host: Host, *, workdir: str,
     if not (new_root and new_root.private_tmp):
         env.setdefault("TMPDIR", workspace)  # no private /tmp: temp files go to the workdir
     env["PWD"] = workspace
+    if policy.net.mode == "domains":  # the egress proxy, for every client that honours these (docs/network.md)
+        for k, v in _egressproto.proxy_environment().items():
+            env.setdefault(k, v)
     if extra_env:
         env.update(extra_env)
 

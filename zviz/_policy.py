@@ -11,12 +11,12 @@ from __future__ import annotations
 import ipaddress
 import os
 import types
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import attrs
 
-from . import _syscalls
+from . import _egressproto, _syscalls
 from ._errors import PolicyError, _PolicyTypeError
 from ._fields import (
     _conv_fs_disk,
@@ -206,7 +206,7 @@ class Endpoint:
         return True
 
 
-NET_MODES = ("none", "loopback", "allow")
+NET_MODES = ("none", "loopback", "allow", "domains")
 
 
 def _endpoints(value: object) -> tuple[Endpoint, ...]:
@@ -215,25 +215,117 @@ def _endpoints(value: object) -> tuple[Endpoint, ...]:
     return tuple(v if isinstance(v, Endpoint) else Endpoint.parse(v) for v in value)
 
 
+def _egress_names(field: str) -> Callable[[object], tuple[str, ...]]:
+    def conv(value: object) -> tuple[str, ...]:
+        if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+            raise PolicyError(field, value, "a list of domain names ('example.com', '*.example.com')")
+        out = []
+        for v in value:
+            try:
+                out.append(_egressproto.normalize_pattern(v))
+            except ValueError as e:
+                raise PolicyError(field, v, f"a domain name or '*.' and one ({e})") from None
+        if len(out) > 256:
+            raise PolicyError(field, len(out), "at most 256 names")
+        return tuple(dict.fromkeys(out))
+    return conv
+
+
+def _egress_ports(value: object) -> tuple[int, ...]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise PolicyError("net.ports", value, "a list of TCP ports, e.g. [80, 443]")
+    out = []
+    for p in value:
+        if isinstance(p, bool) or not isinstance(p, int) or not 0 < p < 65536:
+            raise PolicyError("net.ports", p, "a port from 1 to 65535")
+        out.append(p)
+    if not out:
+        raise PolicyError("net.ports", (), "at least one port")
+    return tuple(sorted(set(out)))
+
+
+def _egress_hosts(value: object) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    items = list(value.items()) if isinstance(value, Mapping) else value
+    if isinstance(items, (str, bytes)) or not isinstance(items, Iterable):
+        raise PolicyError("net.hosts", value, "a mapping of name to address ({'pkgs.test': '127.0.0.1'})")
+    out: dict[str, tuple[str, ...]] = {}
+    for item in items:
+        if not (isinstance(item, tuple) and len(item) == 2):
+            raise PolicyError("net.hosts", item, "NAME = ADDRESS pairs")
+        k, v = item
+        try:
+            name = _egressproto.normalize_name(k)
+        except ValueError as e:
+            raise PolicyError("net.hosts", k, f"a host name ({e})") from None
+        addrs = (v,) if isinstance(v, str) else v
+        if isinstance(addrs, bytes) or not isinstance(addrs, Iterable):
+            raise PolicyError(f"net.hosts.{name}", v, "an IP address or a list of them")
+        canon = []
+        for a in addrs:
+            try:
+                canon.append(str(_egressproto.canonical_ip(a)))
+            except (ValueError, AttributeError, TypeError):
+                raise PolicyError(f"net.hosts.{name}", a, "an IP address") from None
+        if not canon:
+            raise PolicyError(f"net.hosts.{name}", v, "at least one IP address")
+        out[name] = tuple(dict.fromkeys(canon))
+    return tuple(sorted(out.items()))
+
+
 @attrs.frozen(kw_only=True)
 class Network:
     """`none` (default): no sockets but unix ones. `loopback`: a private network
     namespace whose loopback is up (the code can talk to itself, not to the
     host). `allow`: TCP connections to the listed `host:port`s only, each one
-    performed by the supervisor on the sandbox's behalf."""
+    performed by the supervisor on the sandbox's behalf. `domains`: names
+    only, through zviz's egress proxy (`Network.domains(...)`, docs/network.md)."""
 
     mode: str = "none"
     allow: tuple[Endpoint, ...] = attrs.field(default=(), converter=_endpoints)
+    # mode "domains" (docs/network.md): names through zviz's egress proxy
+    allow_domains: tuple[str, ...] = attrs.field(default=(), converter=_egress_names("net.allow_domains"))
+    deny_domains: tuple[str, ...] = attrs.field(default=(), converter=_egress_names("net.deny_domains"))
+    ports: tuple[int, ...] = attrs.field(default=(80, 443), converter=_egress_ports)
+    hosts: tuple[tuple[str, tuple[str, ...]], ...] = attrs.field(default=(), converter=_egress_hosts)
+    max_connections: int = 64
+    max_bytes: int | None = None
 
     def __attrs_post_init__(self) -> None:
         if self.mode not in NET_MODES:
             raise PolicyError("net.mode", self.mode, "one of " + ", ".join(NET_MODES))
+        if self.mode == "domains":
+            if not self.allow_domains:
+                raise PolicyError("net.allow_domains", (), "at least one name when net.mode = 'domains'")
+        elif self.allow_domains or self.deny_domains or self.hosts:
+            raise PolicyError("net.mode", self.mode, "'domains' when net.allow_domains, net.deny_domains or "
+                              "net.hosts are set")
+        for name in ("max_connections", "max_bytes"):
+            v = getattr(self, name)
+            if (v is not None or name == "max_connections") and (isinstance(v, bool) or not isinstance(v, int)
+                                                                 or v < 1):
+                raise PolicyError(f"net.{name}", v, "a positive integer" + (" (or none)" if name == "max_bytes"
+                                                                              else ""))
         if self.mode == "allow" and not self.allow:
             raise PolicyError("net.allow", (), "at least one 'HOST:PORT' when net.mode = 'allow'")
         if self.mode != "allow" and self.allow:
             raise PolicyError("net.mode", self.mode, "'allow' when net.allow lists endpoints")
         if len(self.allow) > 64:
             raise PolicyError("net.allow", len(self.allow), "at most 64 endpoints")
+
+
+    @classmethod
+    def domains(cls, names: Iterable[str], *, ports: Iterable[int] = (80, 443), deny: Iterable[str] = (),
+                 hosts: Mapping[str, str | Iterable[str]] | None = None, max_connections: int = 64,
+                 max_bytes: int | None = None) -> Network:
+        """Egress by domain name through zviz's proxy (docs/network.md):
+        `Network.domains(["pypi.org", "*.pythonhosted.org"])`. Wildcards match
+        subdomains only; `deny` wins over the names; `hosts` pins names to
+        addresses (pinned addresses may be private: the pin is your word)."""
+        return cls(mode="domains", allow_domains=names, deny_domains=deny,
+                   ports=ports, hosts=hosts or {}, max_connections=max_connections, max_bytes=max_bytes)
+
+    def hosts_dict(self) -> dict[str, tuple[str, ...]]:
+        return dict(self.hosts)
 
 
 @attrs.frozen(kw_only=True)
@@ -350,7 +442,7 @@ class Policy:
                            ("limits", Limits), ("namespaces", Namespaces)):
             if not isinstance(getattr(self, fname), typ):
                 raise PolicyError(fname, getattr(self, fname), f"a zviz.{typ.__name__}")
-        if self.net.mode in ("loopback", "allow") and not self.namespaces.net:
+        if self.net.mode in ("loopback", "allow", "domains") and not self.namespaces.net:
             # loopback means a private loopback; allow means the sandbox's own
             # sockets see nothing (an autobound listener, sticky socket options
             # stay inside) and the supervisor connects from the host's network.
@@ -480,7 +572,12 @@ class Policy:
                    "tmp_size": self.fs.tmp_size if self.fs.tmp_size is not None else False}
             | ({"disk": self.fs.disk} if self.fs.disk is not None else {})
             | ({"binds": [attrs.asdict(b) for b in self.fs.binds]} if self.fs.binds else {}),
-            "net": {"mode": self.net.mode, "allow": [str(e) for e in self.net.allow]},
+            "net": {"mode": self.net.mode, "allow": [str(e) for e in self.net.allow]}
+            | ({"allow_domains": list(self.net.allow_domains), "deny_domains": list(self.net.deny_domains),
+                "ports": list(self.net.ports),
+                "hosts": {k: list(v) for k, v in self.net.hosts}, "max_connections": self.net.max_connections}
+               | ({"max_bytes": self.net.max_bytes} if self.net.max_bytes is not None else {})
+               if self.net.mode == "domains" else {}),
             "limits": lim | {k: False for k, v in attrs.asdict(self.limits).items() if v is None},
             "env": dict(self.env),
             "namespaces": attrs.asdict(self.namespaces),

@@ -44,6 +44,7 @@ from . import (
     _capacity,
     _context,
     _disk,
+    _egress,
     _files,
     _hostside,
     _kernel,
@@ -58,10 +59,11 @@ from ._args import OutputCallback
 from ._context import CodeContext
 from ._errors import CommandNotFoundError, PolicyError, SandboxClosedError, SandboxSetupError, ZvizWarning
 from ._events import EventLog, EventsMissed
+from ._egress import EgressEvent
 from ._execution import Execution
 from ._kernel import OwnedFd
 from ._lifecycle import Life
-from ._policy import Policy
+from ._policy import Network, Policy
 from ._process import Hooks, Process
 from ._proxy import FdReceiveStream, FdSendStream
 from ._records import RunResult, SandboxStatistics, Tally
@@ -402,20 +404,45 @@ class Sandbox:
             syscalls = self._monitor.syscalls_for(self._monitor_sid)
         else:
             syscalls = self._syscalls_final
-        return self._tally.snapshot(running=len(self._procs), degraded=self._degraded, syscalls=syscalls,
-                                    memory=self._resources.memory_figures(), disk=self._resources.disk_figures())
+        stats = self._tally.snapshot(running=len(self._procs), degraded=self._degraded, syscalls=syscalls,
+                                     memory=self._resources.memory_figures(), disk=self._resources.disk_figures())
+        if self._life.egress is not None:
+            stats = attrs.evolve(stats, egress=self._life.egress.statistics())
+        return stats
+
+    async def set_network(self, network: Network) -> None:
+        """New network rules for a running sandbox, within its mode (the
+        kernel filter of a running sandbox cannot change): `domains` takes
+        new names, ports, pins and limits; `allow` new endpoints. New
+        connections follow them; open ones are left as they are (close and
+        reopen the sandbox to cut them)."""
+        self._check_open()
+        if not isinstance(network, Network):
+            raise TypeError(f"set_network takes a zviz.Network, not {type(network).__name__}")
+        if network.mode != self.policy.net.mode:
+            raise PolicyError("net.mode", network.mode, f"{self.policy.net.mode!r}, this sandbox's mode (a running "
+                              "sandbox's mode cannot change: open a new one)")
+        if network.mode == "domains":
+            assert self._life.egress is not None
+            self._life.egress.set_network(network)
+        elif network.mode == "allow":
+            assert self._life.supervisor is not None
+            self._life.supervisor.set_allowed(_resolve_endpoints(attrs.evolve(self.policy, net=network)))
+        self.policy = attrs.evolve(self.policy, net=network)
 
     def _add_event(self, event: DenialEvent) -> None:
         self._events.add(event)
 
-    def events(self) -> AsyncIterator[DenialEvent | EventsMissed]:
+    def events(self) -> AsyncIterator[DenialEvent | EgressEvent | EventsMissed]:
         """Every denial kept so far (the newest 10,000), then new ones as they
-        happen, until the sandbox closes: `async for event in sb.events():`.
+        happen, until the sandbox closes: `async for event in sb.events():`
+        (with net.mode = "domains", each connection through the egress
+        proxy is an `EgressEvent` too).
         A reader that falls more than 10,000 events behind gets one
         `EventsMissed(count)` in place of what it lost, then goes on."""
         return self._events.reader()
 
-    def events_so_far(self) -> tuple[DenialEvent, ...]:
+    def events_so_far(self) -> tuple[DenialEvent | EgressEvent, ...]:
         """Every denial recorded so far (the monitor's pending events included)."""
         if self._monitor is not None:
             self._monitor.drain_now()
@@ -471,8 +498,8 @@ def _prepare(policy: Policy, workdir: str, owns_workdir: bool, features: _probe.
         seccomp_flags |= _kernel.SECCOMP_FILTER_FLAG_NEW_LISTENER
         if f.wait_killable_recv:
             seccomp_flags |= _kernel.SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV
-    elif policy.net.mode == "allow":
-        raise PolicyError("net.mode", "allow", "a kernel with seccomp user notification (>= 5.5)")
+    elif policy.net.mode in ("allow", "domains"):
+        raise PolicyError("net.mode", policy.net.mode, "a kernel with seccomp user notification (>= 5.5)")
     # Each spawn fills in argv, exe, env and fds.
     probe_plan = _plan.plan_sandbox(policy, host, workdir=workdir)
     pid_ns = bool(probe_plan.clone_flags & _linux.CLONE_NEWPID)
@@ -481,7 +508,7 @@ def _prepare(policy: Policy, workdir: str, owns_workdir: bool, features: _probe.
     # program left behind in /proc/thread-self/children).
     use_zygote = zygote_allowed and pid_ns and probe_plan.mount_proc and trace is None
     spec = _bpf.FilterSpec(allow=policy.syscalls.names() - set(probe_plan.deny_syscalls),
-                           net_mode=policy.net.mode, notify=notify, zygote=use_zygote, pid_ns=pid_ns,
+                           net_mode=_egress.kernel_mode(policy.net.mode), notify=notify, zygote=use_zygote, pid_ns=pid_ns,
                            netns=bool(probe_plan.clone_flags & _linux.CLONE_NEWNET))
     if trace is not None:
         spec = trace.filter_spec(notify)
@@ -562,7 +589,7 @@ async def _create(policy: Policy | None = None, *, workdir: str | os.PathLike[st
         with anyio.CancelScope(shield=True):
             await _hostside.release(side)
         raise
-    life = Life(runner, tally, EventLog[DenialEvent](), side, resources)
+    life = Life(runner, tally, EventLog[DenialEvent | EgressEvent](), side, resources)
     sb = Sandbox(policy, path, plan, life, resources, trace=trace)
     life.description = repr(sb)
     try:
@@ -570,10 +597,12 @@ async def _create(policy: Policy | None = None, *, workdir: str | os.PathLike[st
         # Made here, in the caller's step (its fds with the rest of the setup's, before
         # another sandbox's setup can run); it runs in the service task's group.
         with _capacity.exhaustion_as_error("supervisor"):
-            life.supervisor = Supervisor(allowed_endpoints=endpoints, net_allow=policy.net.mode == "allow",
+            life.supervisor = Supervisor(allowed_endpoints=endpoints, net_allow=policy.net.mode in ("allow", "domains"),
                                          on_event=life.events.add, task_group=None,
                                          learner=trace.learn if trace is not None and trace.learning else None,
                                          on_done=life.tally.fold)
+        if policy.net.mode == "domains":  # its connects to the proxy's address reach this (_egress)
+            life.egress = life.supervisor.egress = _egress.EgressProxy(policy.net, life.events.add)
         monitor_cm = None
         if monitor:
             from .ebpf import _attach_monitor

@@ -37,6 +37,7 @@ import socket
 import time
 from collections import Counter
 from collections.abc import Callable
+from typing import Protocol
 
 import anyio
 import attrs
@@ -109,6 +110,8 @@ class Supervisor:
                  on_done: Callable[[RunAccount], None] | None = None) -> None:
         self._allowed = allowed_endpoints
         self._net_allow = net_allow
+        # net.mode = "domains": the egress proxy (set by the sandbox before any spawn)
+        self.egress: _EgressHook | None = None
         self._on_event = on_event
         self._tg = task_group  # (bind() sets it when the supervisor is made before its task group)
         self._learner = learner  # zviz trace: record and let run (NOT a security boundary)
@@ -169,6 +172,10 @@ class Supervisor:
         w.done.set()
         if self._on_done is not None:
             self._on_done(w.account)
+
+    def set_allowed(self, endpoints: frozenset[tuple[str, int]]) -> None:
+        """New host:port allowlist (Sandbox.set_network): the next connect follows it."""
+        self._allowed = endpoints
 
     def bind(self, task_group: anyio.abc.TaskGroup) -> None:
         """The task group its connect and decode tasks run in."""
@@ -378,9 +385,16 @@ class Supervisor:
             self._record(n, errno.EFAULT, account, detail=f"fd={_decide_fd(n)}: the address could not be read")
             _kernel.notif_send(listener, n.id, error=errno.EFAULT)
             return
-        answer = _decide.decide_connect(n.args[0] & 0xFFFFFFFF, data, self._allowed)
+        egress = self.egress
+        answer = _decide.decide_connect(n.args[0] & 0xFFFFFFFF, data, self._allowed,
+                                        egress.route() if egress is not None else None)
         if isinstance(answer, _decide.Deny):
-            self._record(n, answer.errno, account)
+            detail = None
+            if egress is not None:
+                parsed = _decide.parse_sockaddr(data)
+                where = f"{parsed[1]}:{parsed[2]}" if parsed else "a non-IP address"
+                detail = f"fd={_decide_fd(n)}, {where}: {egress.hint()}"
+            self._record(n, answer.errno, account, detail=detail)
             _kernel.notif_send(listener, n.id, error=answer.errno)
             return
         with contextlib.ExitStack() as stack:
@@ -405,6 +419,9 @@ class Supervisor:
             if family == socket.AF_INET6 and ":" not in answer.host:
                 target = ("::ffff:" + answer.host, answer.port)
             err = sock.connect_ex(target)
+            if answer.proxied and egress is not None and err in (0, errno.EINPROGRESS):
+                # before any await: the proxy accepts only the connections we made
+                egress.expect(sock.getsockname()[1])
             if err == errno.EINPROGRESS and not nonblocking:
                 # A blocking connect: the answer is the outcome.
                 outcome = await self._await_connect(listener, n, task, sock)
@@ -491,6 +508,16 @@ class Supervisor:
         finally:
             anyio.notify_closing(ep.fileno())
             ep.close()
+
+
+class _EgressHook(Protocol):
+    """What the supervisor needs of a sandbox's egress proxy (`_egress.EgressProxy`)."""
+
+    def route(self) -> tuple[frozenset[tuple[str, int]], tuple[str, int]]: ...
+
+    def expect(self, local_port: int) -> None: ...
+
+    def hint(self) -> str: ...
 
 
 def _connected(sock: socket.socket) -> bool:

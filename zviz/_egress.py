@@ -1,0 +1,558 @@
+"""The egress proxy of a sandbox in net.mode = "domains": the trio/anyio shell
+over `_egressproto` (which holds every rule and parser).
+
+How a connection reaches it. The sandbox's processes live in a network
+namespace of their own, with nothing in it; every `connect` they make is a
+seccomp notification (as in net.mode = "allow"). A connect to the proxy's
+address on the sandbox's loopback (127.0.0.1:3128 or [::1]:3128, the
+HTTP(S)_PROXY the sandbox is given) is performed by the supervisor to this
+proxy's listening socket on the host's loopback, and that socket is
+installed in place of the program's (ADDFD): the proxy then accepts only
+connections whose source port the supervisor announced (`expect`) just
+before, so nothing else on the host can borrow a sandbox's rules. Every
+other connect is refused (EACCES) with an event naming the fix: nothing
+hangs, and nothing leaves except through here.
+
+What the proxy does for one connection (one task each, in the proxy's own
+task group; at most `max_connections` at once per sandbox):
+1. read the request head within `head_timeout` (slowloris) and at most the
+   parser's caps (flood): HTTP CONNECT, a plain-HTTP request in absolute
+   form, or SOCKS5 (its first byte is 5) with the name resolved here;
+2. check the name (`Rules.check`), resolve it on the host (or take its pin),
+   check every address, and connect to the address it checked (no second
+   lookup: no DNS rebinding);
+3. tunnels (CONNECT, SOCKS5) must carry TLS: the ClientHello is read and its
+   SNI must be the tunnel's name (no domain fronting; no ECH); plain HTTP is
+   forwarded one request per connection (origin form, `Connection: close`:
+   a pipelined second request cannot switch hosts on an open connection);
+4. relay the bytes with os.splice through a pipe (no copy through Python),
+   counting them against the sandbox's byte budget;
+5. record one `EgressEvent` (domain, port, allowed or why not, bytes each way).
+Closing the sandbox cancels the task group: every proxied connection is
+closed on both sides.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import socket
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import anyio
+import anyio.abc
+import attrs
+
+from . import _egressproto as proto
+from ._egressproto import NEED_MORE, BadRequest, Refused, Rules
+
+HEAD_TIMEOUT = 10.0  # s for a request head, a SOCKS5 request or a ClientHello to arrive
+CONNECT_TIMEOUT = 10.0  # s to connect upstream (each address)
+EXPECT_S = 30.0  # s an announced connection may take to be accepted
+SPLICE_CHUNK = 1 << 20
+_F_SETPIPE_SZ = 1031
+_SPLICE_F_MOVE, _SPLICE_F_NONBLOCK = 1, 2
+_MAX_DOMAINS = 1024  # per-domain statistics kept (past it: one "(other)" bucket)
+
+
+def kernel_mode(mode: str) -> str:
+    """The seccomp/Landlock network mode a policy's mode needs: "domains" is
+    "allow" (every connect supervised) with the proxy as the one endpoint."""
+    return "allow" if mode == "domains" else mode
+
+
+@attrs.frozen(kw_only=True)
+class EgressEvent:
+    """One connection attempt through the egress proxy (net.mode = "domains"),
+    in `Sandbox.events()`: recorded when it is refused, or when it ends."""
+
+    time: float  # time.time() at the attempt
+    protocol: str  # "connect" (HTTP CONNECT), "http" (plain HTTP forwarding) or "socks5"
+    domain: str  # the name asked for (normalised), or what was sent when it is not one
+    port: int
+    address: str | None  # the address connected to
+    allowed: bool
+    code: str  # "ok", or why not: not-allowed, denied, ip, private-address, sni, ...
+    reason: str
+    bytes_up: int = 0  # sandbox -> remote
+    bytes_down: int = 0
+    duration_s: float = 0.0
+
+    def __str__(self) -> str:
+        verdict = "allowed" if self.allowed else f"denied ({self.code})"
+        tail = f", {self.bytes_up} B up, {self.bytes_down} B down" if self.allowed else f": {self.reason}"
+        return f"egress {self.protocol} {self.domain}:{self.port} {verdict}{tail}"
+
+
+@attrs.frozen(kw_only=True)
+class DomainStatistics:
+    allowed: int = 0
+    denied: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+
+
+@attrs.frozen(kw_only=True)
+class EgressStatistics:
+    """The egress proxy's figures (`SandboxStatistics.egress`)."""
+
+    connections: int  # attempts
+    allowed: int
+    denied: int
+    active: int
+    bytes_up: int
+    bytes_down: int
+    denied_by_code: Mapping[str, int]
+    domains: Mapping[str, DomainStatistics]
+    strangers: int  # connections to the proxy's host socket that no sandbox connect announced (dropped)
+
+
+class _Conn:
+    def __init__(self, client: socket.socket, protocol: str = "?") -> None:
+        self.client = client
+        self.upstream: socket.socket | None = None
+        self.protocol = protocol
+        self.domain = ""
+        self.port = 0
+        self.address: str | None = None
+        self.up = 0
+        self.down = 0
+        self.t0 = time.time()
+        self.m0 = time.monotonic()
+
+
+class _Denied(Exception):
+    def __init__(self, refused: Refused) -> None:
+        super().__init__(refused.reason)
+        self.refused = refused
+
+
+class EgressProxy:
+    """One sandbox's proxy: its listening socket on the host's loopback, its
+    rules (replaced by `set_network`), its connections and their figures."""
+
+    def __init__(self, network: Any, on_event: Callable[[EgressEvent], None]) -> None:
+        self._on_event = on_event
+        self.head_timeout = HEAD_TIMEOUT
+        self.connect_timeout = CONNECT_TIMEOUT
+        self.set_network(network)
+        self._listen = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        try:
+            self._listen.bind(("127.0.0.1", 0))
+            self._listen.listen(512)
+        except BaseException:
+            self._listen.close()
+            raise
+        self.address: tuple[str, int] = self._listen.getsockname()
+        self._expected: dict[int, float] = {}
+        self._conns: set[_Conn] = set()
+        self._scope: anyio.CancelScope | None = None
+        self._closed = False
+        self._stopped = anyio.Event()
+        self.attempts = self.allowed = self.denied = self.strangers = 0
+        self.bytes_up = self.bytes_down = 0
+        self._by_code: dict[str, int] = {}
+        self._domains: dict[str, list[int]] = {}
+
+    # ---- the rules (replaceable while running: new connections follow them)
+
+    def set_network(self, network: Any) -> None:
+        self.rules = Rules.build(network.allow_domains, network.deny_domains, network.ports, dict(network.hosts))
+        self.max_connections: int = network.max_connections
+        self.max_bytes: int | None = network.max_bytes
+
+    # ---- the supervisor's side (_supervisor._EgressHook)
+
+    def route(self) -> tuple[frozenset[tuple[str, int]], tuple[str, int]]:
+        return frozenset({("127.0.0.1", proto.PROXY_PORT), ("::1", proto.PROXY_PORT)}), self.address
+
+    def expect(self, local_port: int) -> None:
+        now = time.monotonic()
+        if len(self._expected) > 4096:
+            self._expected = {p: t for p, t in self._expected.items() if t > now}
+        self._expected[local_port] = now + EXPECT_S
+
+    @staticmethod
+    def hint() -> str:
+        return (f"connections leave only through zviz's egress proxy, by domain name: use HTTP_PROXY/HTTPS_PROXY/"
+                f"ALL_PROXY=http://127.0.0.1:{proto.PROXY_PORT} (set for you; pip, npm, curl, git and requests read "
+                "them) and allow the name with Network.domains([...]) or --allow-domain NAME")
+
+    # ---- serving
+
+    async def run(self) -> None:
+        """Accept and serve until `aclose()` (start it in the sandbox's task group)."""
+        try:
+            async with anyio.create_task_group() as tg:
+                with anyio.CancelScope() as scope:
+                    self._scope = scope
+                    if self._closed:
+                        scope.cancel()
+                    while True:
+                        await anyio.wait_readable(self._listen)
+                        try:
+                            sock, peer = self._listen.accept()
+                        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                            continue
+                        except OSError as e:
+                            if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                                await anyio.sleep(0.05)  # the host is short: the backlog waits
+                                continue
+                            raise
+                        deadline = self._expected.pop(peer[1], None)
+                        if deadline is None or peer[0] != "127.0.0.1":
+                            self.strangers += 1  # not a connection a sandbox's connect made
+                            sock.close()
+                            continue
+                        sock.setblocking(False)
+                        conn = _Conn(sock)
+                        if len(self._conns) >= self.max_connections:
+                            self._refuse(conn, Refused("connections", f"{self.max_connections} connections of this "
+                                                       "sandbox are open (net.max_connections)"))
+                            _reset(sock)
+                            continue
+                        self._conns.add(conn)
+                        tg.start_soon(self._serve, conn)
+                    tg.cancel_scope.cancel()  # (only reached once cancelled: close every connection)
+        finally:
+            for conn in list(self._conns):
+                _close(conn)
+            self._stopped.set()
+
+    async def aclose(self) -> None:
+        """Close every proxied connection (both sides) and the listening socket."""
+        self._closed = True
+        if self._scope is not None:
+            self._scope.cancel()
+            with anyio.CancelScope(shield=True):
+                await self._stopped.wait()
+        self.close_now()
+
+    def close_now(self) -> None:
+        self._closed = True
+        for conn in list(self._conns):
+            _close(conn)
+        if self._listen.fileno() >= 0:
+            with contextlib.suppress(Exception):
+                anyio.notify_closing(self._listen)
+            self._listen.close()
+
+    # ---- one connection
+
+    async def _serve(self, conn: _Conn) -> None:
+        try:
+            try:
+                await self._handle(conn)
+            except _Denied as d:
+                self._refuse(conn, d.refused)
+            except BadRequest as e:
+                self._refuse(conn, Refused("bad-request", e.reason))
+            except (ConnectionError, BrokenPipeError):
+                if conn.address is None:
+                    self._refuse(conn, Refused("closed", "the client closed the connection before its request"))
+                else:
+                    self._done(conn)
+            except OSError as e:
+                self._refuse(conn, Refused("error", f"{os.strerror(e.errno or 0)}"))
+            else:
+                self._done(conn)
+        finally:
+            self._conns.discard(conn)
+            _close(conn)
+
+    async def _handle(self, conn: _Conn) -> None:
+        buf = b""
+        with anyio.move_on_after(self.head_timeout) as timer:
+            buf = await _recv(conn.client, 4096)
+            if buf[:1] == b"\x05":
+                conn.protocol = "socks5"
+                host, port, buf = await self._socks_head(conn, buf)
+                is_connect = True
+                req = None
+            else:
+                conn.protocol = "http"
+                while True:
+                    parsed = proto.parse_http_head(buf)
+                    if parsed is not NEED_MORE:
+                        break
+                    buf += await _recv(conn.client, proto.MAX_HEAD + 4 - len(buf) + 1)
+                assert isinstance(parsed, proto.HttpRequest)
+                req = parsed
+                conn.protocol = "connect" if req.connect else "http"
+                host, port, is_connect = req.host, req.port, req.connect
+                buf = buf[req.consumed:]
+        if timer.cancelled_caught:
+            conn.domain = conn.domain or "?"
+            await _send_quietly(conn.client, proto.http_error(408, "the request did not arrive in time")
+                                if conn.protocol == "http" else b"")
+            raise _Denied(Refused("timeout", f"the request did not arrive within {self.head_timeout:g} s"))
+        name, refused = self.rules.check(host, port)
+        conn.domain, conn.port = name, port
+        try:
+            if refused is not None:
+                raise _Denied(refused)
+            if self.max_bytes is not None and self.bytes_up + self.bytes_down >= self.max_bytes:
+                raise _Denied(Refused("bytes", f"the sandbox's byte budget ({self.max_bytes}) is spent "
+                                      "(net.max_bytes)"))
+            await self._connect_upstream(conn, name, port)
+        except _Denied as d:
+            await self._answer_refusal(conn, d.refused)
+            raise
+        assert conn.upstream is not None
+        if is_connect:
+            if conn.protocol == "socks5":
+                await _send_all(conn.client, proto.socks_reply(proto.SOCKS_OK))
+            else:
+                await _send_all(conn.client, b"HTTP/1.1 200 Connection established\r\n\r\n")
+            with anyio.move_on_after(self.head_timeout) as timer:
+                while True:
+                    if buf and not proto.looks_like_tls(buf):
+                        raise _Denied(Refused("not-tls", "a tunnel must carry TLS for the name it was opened for "
+                                              "(send plain HTTP as a proxy request, through HTTP_PROXY)"))
+                    hello = proto.parse_client_hello(buf) if buf else NEED_MORE
+                    if hello is not NEED_MORE:
+                        break
+                    if len(buf) > proto.MAX_CLIENT_HELLO + 64:
+                        raise BadRequest("a ClientHello larger than the proxy reads")
+                    buf += await _recv(conn.client, 65536)
+            if timer.cancelled_caught:
+                raise _Denied(Refused("timeout", f"no TLS ClientHello within {self.head_timeout:g} s"))
+            assert isinstance(hello, proto.ClientHello)
+            why = proto.sni_refusal(hello, name)
+            if why is not None:
+                raise _Denied(why)
+            await self._send_up(conn, buf)
+            await self._relay(conn, None)
+        else:
+            assert req is not None
+            body = buf[:req.body_length]
+            conn.up += 0
+            await _send_all(conn.upstream, req.head)
+            await self._send_up(conn, body)
+            await self._relay(conn, req.body_length - len(body))
+
+    async def _socks_head(self, conn: _Conn, buf: bytes) -> tuple[str, int, bytes]:
+        while True:
+            g = proto.parse_socks_greeting(buf)
+            if g is not NEED_MORE:
+                break
+            buf += await _recv(conn.client, proto.MAX_SOCKS)
+        assert isinstance(g, proto.SocksGreeting)
+        if not g.no_auth:
+            await _send_all(conn.client, b"\x05\xff")
+            raise BadRequest("the SOCKS5 client offers no method without authentication")
+        await _send_all(conn.client, b"\x05\x00")
+        buf = buf[g.consumed:]
+        while True:
+            try:
+                r = proto.parse_socks_request(buf)
+            except proto.SocksRefusal as e:
+                await _send_quietly(conn.client, proto.socks_reply(e.code))
+                raise
+            if r is not NEED_MORE:
+                break
+            if len(buf) > proto.MAX_SOCKS:
+                raise BadRequest("a SOCKS5 request larger than the proxy reads")
+            buf += await _recv(conn.client, proto.MAX_SOCKS)
+        assert isinstance(r, proto.SocksRequest)
+        return r.host, r.port, buf[r.consumed:]
+
+    async def _answer_refusal(self, conn: _Conn, refused: Refused) -> None:
+        if conn.protocol == "socks5":
+            code = {"not-allowed": proto.SOCKS_NOT_ALLOWED, "denied": proto.SOCKS_NOT_ALLOWED,
+                    "ip": proto.SOCKS_NOT_ALLOWED, "private-address": proto.SOCKS_NOT_ALLOWED,
+                    "resolve": proto.SOCKS_HOST_UNREACHABLE, "upstream": proto.SOCKS_REFUSED}.get(
+                        refused.code, proto.SOCKS_FAILURE)
+            await _send_quietly(conn.client, proto.socks_reply(code))
+        else:
+            status = 502 if refused.code in ("resolve", "upstream") else 403
+            await _send_quietly(conn.client, proto.http_error(status, refused.reason))
+
+    async def _connect_upstream(self, conn: _Conn, name: str, port: int) -> None:
+        pins = self.rules.pinned(name)
+        if pins is not None:
+            candidates = list(pins)
+        else:
+            try:
+                infos = await anyio.getaddrinfo(name, port, type=socket.SOCK_STREAM)
+            except (OSError, UnicodeError) as e:
+                raise _Denied(Refused("resolve", f"{name} does not resolve ({e})")) from None
+            candidates = [str(info[4][0]) for info in infos]
+        addresses, refused = proto.check_addresses(name, candidates, pinned=pins is not None)
+        if refused is not None:
+            raise _Denied(refused)
+        last = ""
+        for addr in addresses:  # connect to the address checked: no second lookup
+            family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+            try:
+                err = sock.connect_ex((addr, port))
+                if err == errno.EINPROGRESS:
+                    with anyio.move_on_after(self.connect_timeout):
+                        await anyio.wait_writable(sock)
+                    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) or (0 if _peer(sock) else
+                                                                                   errno.ETIMEDOUT)
+            except BaseException:
+                sock.close()
+                raise
+            if err == 0:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                conn.upstream, conn.address = sock, addr
+                return
+            sock.close()
+            last = f"{addr}: {os.strerror(err)}"
+        raise _Denied(Refused("upstream", f"cannot connect to {name}:{port} ({last})"))
+
+    async def _send_up(self, conn: _Conn, data: bytes) -> None:
+        if data:
+            assert conn.upstream is not None
+            await _send_all(conn.upstream, data)
+            self._count(conn, len(data), up=True)
+
+    def _count(self, conn: _Conn, n: int, *, up: bool) -> None:
+        if up:
+            conn.up += n
+            self.bytes_up += n
+        else:
+            conn.down += n
+            self.bytes_down += n
+        if self.max_bytes is not None and self.bytes_up + self.bytes_down > self.max_bytes:
+            raise _Denied(Refused("bytes", f"the sandbox's byte budget ({self.max_bytes}) is spent (net.max_bytes)"))
+
+    async def _relay(self, conn: _Conn, up_limit: int | None) -> None:
+        """Both directions until both have ended. `up_limit`: bytes the client
+        may still send (plain HTTP: the rest of the body; then it is not read)."""
+        assert conn.upstream is not None
+        async with anyio.create_task_group() as tg:
+            if up_limit is None or up_limit > 0:
+                tg.start_soon(self._pump, conn, conn.client, conn.upstream, True, up_limit)
+            await self._pump(conn, conn.upstream, conn.client, False, None)
+            if up_limit is not None:
+                tg.cancel_scope.cancel()  # the response is complete: what the client still sends is not read
+
+    async def _pump(self, conn: _Conn, src: socket.socket, dst: socket.socket, up: bool, limit: int | None) -> None:
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(w, _F_SETPIPE_SZ, SPLICE_CHUNK)
+            flags = _SPLICE_F_MOVE | _SPLICE_F_NONBLOCK
+            sfd, dfd = src.fileno(), dst.fileno()
+            rounds = 0
+            while limit is None or limit > 0:
+                want = SPLICE_CHUNK if limit is None else min(SPLICE_CHUNK, limit)
+                try:
+                    n = os.splice(sfd, w, want, flags=flags)
+                except BlockingIOError:
+                    await anyio.wait_readable(src)
+                    continue
+                if n == 0:
+                    break
+                left = n
+                while left:
+                    try:
+                        left -= os.splice(r, dfd, left, flags=flags)
+                    except BlockingIOError:
+                        await anyio.wait_writable(dst)
+                self._count(conn, n, up=up)
+                if limit is not None:
+                    limit -= n
+                rounds += 1
+                if rounds % 16 == 0:
+                    await anyio.lowlevel.checkpoint()  # a fast pair may not keep the loop to itself
+            with contextlib.suppress(OSError):
+                dst.shutdown(socket.SHUT_WR)
+        finally:
+            os.close(r)
+            os.close(w)
+
+    # ---- events and figures
+
+    def _tally(self, domain: str, allowed: bool, up: int, down: int) -> None:
+        key = domain if domain in self._domains or len(self._domains) < _MAX_DOMAINS else "(other)"
+        d = self._domains.setdefault(key, [0, 0, 0, 0])
+        d[0 if allowed else 1] += 1
+        d[2] += up
+        d[3] += down
+
+    def _refuse(self, conn: _Conn, refused: Refused) -> None:
+        self.attempts += 1
+        self.denied += 1
+        self._by_code[refused.code] = self._by_code.get(refused.code, 0) + 1
+        self._tally(conn.domain or "?", False, conn.up, conn.down)
+        self._on_event(EgressEvent(time=conn.t0, protocol=conn.protocol, domain=conn.domain or "?", port=conn.port,
+                                   address=conn.address, allowed=False, code=refused.code, reason=refused.reason,
+                                   bytes_up=conn.up, bytes_down=conn.down,
+                                   duration_s=time.monotonic() - conn.m0))
+
+    def _done(self, conn: _Conn) -> None:
+        self.attempts += 1
+        self.allowed += 1
+        self._tally(conn.domain, True, conn.up, conn.down)
+        self._on_event(EgressEvent(time=conn.t0, protocol=conn.protocol, domain=conn.domain, port=conn.port,
+                                   address=conn.address, allowed=True, code="ok", reason="allowed",
+                                   bytes_up=conn.up, bytes_down=conn.down, duration_s=time.monotonic() - conn.m0))
+
+    def statistics(self) -> EgressStatistics:
+        return EgressStatistics(
+            connections=self.attempts, allowed=self.allowed, denied=self.denied, active=len(self._conns),
+            bytes_up=self.bytes_up, bytes_down=self.bytes_down, denied_by_code=dict(self._by_code),
+            domains={k: DomainStatistics(allowed=v[0], denied=v[1], bytes_up=v[2], bytes_down=v[3])
+                     for k, v in self._domains.items()},
+            strangers=self.strangers)
+
+
+# ---------------------------------------------------------------- socket helpers
+
+
+async def _recv(sock: socket.socket, n: int) -> bytes:
+    while True:
+        try:
+            data = sock.recv(max(1, n))
+        except BlockingIOError:
+            await anyio.wait_readable(sock)
+            continue
+        if not data:
+            raise ConnectionResetError(errno.ECONNRESET, "closed")
+        return data
+
+
+async def _send_all(sock: socket.socket, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[sock.send(view):]
+        except BlockingIOError:
+            await anyio.wait_writable(sock)
+
+
+async def _send_quietly(sock: socket.socket, data: bytes) -> None:
+    if not data:
+        return
+    with anyio.move_on_after(1.0), contextlib.suppress(OSError):
+        await _send_all(sock, data)
+
+
+def _peer(sock: socket.socket) -> bool:
+    try:
+        sock.getpeername()
+    except OSError:
+        return False
+    return True
+
+
+def _reset(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    sock.close()
+
+
+def _close(conn: _Conn) -> None:
+    for s in (conn.client, conn.upstream):
+        if s is not None and s.fileno() >= 0:
+            with contextlib.suppress(Exception):
+                anyio.notify_closing(s)
+            s.close()
