@@ -3,7 +3,8 @@
 import zviz
 
 PUBLIC = {
-    "Bind", "CodeContext", "CodeContextError", "CommandNotFoundError", "DenialEvent", "DisplayData", "Endpoint",
+    "Bind", "CodeContext", "CodeContextError", "CommandNotFoundError", "DenialEvent", "DisplayData", "DomainStatistics",
+    "EgressEvent", "EgressStatistics", "Endpoint",
     "EventsMissed", "Execution", "ExecutionError", "FeatureUnavailable", "FileInfo", "Filesystem", "KernelFeatures",
     "Limits", "Namespaces", "Network", "Policy", "PolicyError", "Process", "ResourceExhausted", "RunResult",
     "SYSCALL_GROUPS", "Sandbox", "SandboxClosedError", "SandboxSetupError", "SandboxStatistics", "StreamOutput",

@@ -16,6 +16,11 @@ TYPE_CHECKING = False  # (not typing's: importing typing is ~5 ms of `zviz --hel
 if TYPE_CHECKING:  # what a type checker and an IDE see: the same names, imported eagerly
     from . import sync as sync  # the blocking facade: zviz.sync.open_sandbox
     from ._context import CodeContext as CodeContext
+    from ._egress import (
+        DomainStatistics as DomainStatistics,
+        EgressEvent as EgressEvent,
+        EgressStatistics as EgressStatistics,
+    )
     from ._errors import (
         CodeContextError as CodeContextError,
         CommandNotFoundError as CommandNotFoundError,
@@ -60,6 +65,7 @@ _LAZY: dict[str, tuple[str, str]] = {
         "CodeContextError", "CommandNotFoundError", "FeatureUnavailable", "PolicyError", "ResourceExhausted",
         "SandboxClosedError", "SandboxSetupError", "UnsupportedKernelError", "ZvizError", "ZvizWarning")},
     "EventsMissed": ("._events", "EventsMissed"),
+    **{n: ("._egress", n) for n in ("DomainStatistics", "EgressEvent", "EgressStatistics")},
     **{n: ("._execution", n) for n in ("DisplayData", "Execution", "ExecutionError", "StreamOutput")},
     "FileInfo": ("._files", "FileInfo"),
     **{n: ("._policy", n) for n in (
@@ -82,6 +88,9 @@ __all__ = [
     "CommandNotFoundError",
     "DenialEvent",
     "DisplayData",
+    "DomainStatistics",
+    "EgressEvent",
+    "EgressStatistics",
     "Endpoint",
     "EventsMissed",
     "Execution",

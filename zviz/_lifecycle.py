@@ -28,7 +28,7 @@ from ._process import Process
 from ._records import Tally
 from ._resources import HostResources
 from ._runner import Runner
-from ._supervisor import DenialEvent, RunAccount, Supervisor
+from ._supervisor import RunAccount, Supervisor
 
 if TYPE_CHECKING:
     from ._context import CodeContexts

@@ -324,9 +324,6 @@ class Network:
         return cls(mode="domains", allow_domains=names, deny_domains=deny,
                    ports=ports, hosts=hosts or {}, max_connections=max_connections, max_bytes=max_bytes)
 
-    def hosts_dict(self) -> dict[str, tuple[str, ...]]:
-        return dict(self.hosts)
-
 
 @attrs.frozen(kw_only=True)
 class Limits:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 if TYPE_CHECKING:
+    from ._egress import EgressStatistics
     from ._supervisor import RunAccount
 
 
@@ -98,7 +99,7 @@ class SandboxStatistics:
     disk_used: int | None = None  # bytes in the workdir's tmpfs now
     syscalls: Mapping[str, int] | None = attrs.field(default=None, converter=_frozen_or_none,
                                                      eq=_items)  # eBPF monitor only
-    egress: Any = None  # net.mode = "domains": the egress proxy's figures (zviz._egress.EgressStatistics)
+    egress: EgressStatistics | None = None  # net.mode = "domains": the egress proxy's figures
 
 
 def cpu_limit(status: int, used: float, limit: float | None) -> str | None:

@@ -57,9 +57,9 @@ from . import (
 )
 from ._args import OutputCallback
 from ._context import CodeContext
+from ._egress import EgressEvent
 from ._errors import CommandNotFoundError, PolicyError, SandboxClosedError, SandboxSetupError, ZvizWarning
 from ._events import EventLog, EventsMissed
-from ._egress import EgressEvent
 from ._execution import Execution
 from ._kernel import OwnedFd
 from ._lifecycle import Life

@@ -24,7 +24,7 @@ import anyio.from_thread
 
 from ._args import OutputCallback
 from ._files import DEFAULT_MAX_READ, FileInfo, Files as _AsyncFiles
-from ._policy import Policy
+from ._policy import Network, Policy
 from ._process import Process as _AsyncProcess
 from ._proxy import FdReceiveStream, FdSendStream
 from ._records import RunResult, SandboxStatistics
@@ -146,6 +146,10 @@ class Sandbox:
     def events_so_far(self) -> tuple[DenialEvent, ...]:
         result: tuple[DenialEvent, ...] = self._portal.call(_sync, self._sb.events_so_far)
         return result
+
+    def set_network(self, network: Network) -> None:
+        """`Sandbox.set_network`: new rules within the sandbox's network mode."""
+        self._call(self._sb.set_network, network)
 
     def _call(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
         return self._portal.call(fn, *args, **kw)

@@ -1,0 +1,227 @@
+"""net.mode = "domains": real clients in a sandbox reach allowed names through
+the egress proxy (pip, npm, curl, git, urllib, pip's vendored requests), and
+the proxy's events, statistics and run-time rules. Every server is on
+127.0.0.1, reached by a name pinned with `hosts=` (nothing leaves the machine)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import pytest
+
+import zviz
+
+from .egress_servers import TlsEcho, package_index, self_signed
+
+SYS_PY = "/usr/bin/python3"
+
+
+def _policy(port: int, names=("pkgs.test",), **kw) -> zviz.Policy:
+    net = zviz.Network.domains(list(names), ports=(80, 443, port), hosts={"pkgs.test": "127.0.0.1"}, **kw)
+    return zviz.Policy.shell(net=net, limits=zviz.Limits(wall_s=60))
+
+
+def _egress(sb, allowed=None):
+    return [e for e in sb.events_so_far() if isinstance(e, zviz.EgressEvent)
+            and (allowed is None or e.allowed == allowed)]
+
+
+@pytest.fixture
+def index():
+    with package_index() as srv:
+        yield srv
+
+
+def _has_pip() -> bool:
+    return os.path.exists(SYS_PY) and subprocess.run([SYS_PY, "-m", "pip", "--version"],
+                                                     capture_output=True).returncode == 0
+
+
+@pytest.mark.trio
+@pytest.mark.skipif(not _has_pip(), reason="needs /usr/bin/python3 with pip (apt-get install python3-pip)")
+async def test_pip_install_from_an_allowed_index(index):
+    async with zviz.open_sandbox(_policy(index.port)) as sb:
+        r = await sb.run([SYS_PY, "-m", "pip", "install", "--no-cache-dir", "--disable-pip-version-check",
+                          "--target", "site", "--trusted-host", "pkgs.test", "--index-url", f"http://pkgs.test:{index.port}/simple", "tinypkg"])
+        assert r.status == 0, r.stderr.decode()[-2000:]
+        r2 = await sb.run([SYS_PY, "-c", "import sys; sys.path.insert(0, 'site'); import tinypkg; "
+                           "print(tinypkg.VALUE)"])
+        assert r2.stdout == b"42\n"
+        ok = _egress(sb, allowed=True)
+        assert ok and all(e.domain == "pkgs.test" and e.port == index.port for e in ok)
+        stats = sb.statistics().egress
+        assert stats.allowed == len(ok) and stats.denied == 0
+        assert stats.domains["pkgs.test"].bytes_down > 500  # the index pages and the wheel
+    assert any(p.startswith("/files/tinypkg") for _, p, _ in index.requests)
+
+
+@pytest.mark.trio
+@pytest.mark.skipif(shutil.which("npm") is None, reason="npm is not installed (apt-get install npm)")
+async def test_npm_install_from_an_allowed_registry(index):
+    pol = _policy(index.port)
+    pol = zviz.Policy.shell(net=pol.net, limits=zviz.Limits(wall_s=90, memory=None))
+    async with zviz.open_sandbox(pol) as sb:
+        await sb.write_file("package.json", b'{"name": "app", "version": "1.0.0"}')
+        r = await sb.run(["npm", "install", "--no-audit", "--no-fund", "--no-update-notifier",
+                          f"--registry=http://pkgs.test:{index.port}/", "tinynpm"], timeout=90)
+        assert r.status == 0, (r.stdout + r.stderr).decode()[-2000:]
+        r2 = await sb.run(["node", "-e", "console.log(require('tinynpm'))"])
+        assert r2.stdout == b"42\n", r2.stderr
+    assert ("GET", "/tinynpm/-/tinynpm-1.0.0.tgz") in {(m, p) for m, p, _ in index.requests}
+
+
+@pytest.mark.trio
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+async def test_curl_allowed_and_refused(index):
+    async with zviz.open_sandbox(_policy(index.port)) as sb:
+        r = await sb.run(["curl", "-sS", "-m", "10", f"http://pkgs.test:{index.port}/hello"])
+        assert r.stdout == b"hello from pkgs.test\n", r.stderr
+        r = await sb.run(["curl", "-sS", "-m", "10", "-o", "/dev/null", "-w", "%{http_code}",
+                          f"http://elsewhere.test:{index.port}/hello"])
+        assert r.stdout == b"403"
+        denied = _egress(sb, allowed=False)
+        assert [(e.domain, e.code) for e in denied] == [("elsewhere.test", "not-allowed")]
+        assert "--allow-domain elsewhere.test" in denied[0].reason
+    assert [h for _, _, h in index.requests] == [f"pkgs.test:{index.port}"]
+
+
+@pytest.mark.trio
+async def test_urllib_and_requests_style_clients(index):
+    code = (f"import urllib.request; print(urllib.request.urlopen('http://pkgs.test:{index.port}/hello', "
+            "timeout=10).read().decode(), end='')\n"
+            "try:\n    from pip._vendor import requests\nexcept ImportError:\n    print('no requests')\n"
+            f"else:\n    print(requests.get('http://pkgs.test:{index.port}/hello', timeout=10).text, end='')\n")
+    async with zviz.open_sandbox(_policy(index.port)) as sb:
+        r = await sb.run([SYS_PY, "-c", code])
+        assert r.status == 0, r.stderr.decode()
+        assert r.stdout.startswith(b"hello from pkgs.test\n")
+        if b"no requests" not in r.stdout:
+            assert r.stdout == b"hello from pkgs.test\n" * 2
+
+
+@pytest.mark.trio
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+async def test_git_clone_over_https(tmp_path):
+    """git clone https://pkgs.test:PORT/repo.git through CONNECT: a dumb-HTTP
+    git repository behind a TLS server the test made (cert by openssl)."""
+    pair = self_signed(str(tmp_path), "pkgs.test")
+    if pair is None:
+        pytest.skip("openssl is not installed: no certificate for the TLS server")
+    repo = tmp_path / "src"
+    subprocess.run(["git", "init", "-q", "-b", "main", str(repo)], check=True)
+    (repo / "README").write_text("cloned through zviz\n")
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}
+    subprocess.run(["git", "-C", str(repo), "add", "README"], check=True)
+    subprocess.run(["git", "-C", str(repo), "commit", "-qm", "one"], check=True, env=env)
+    bare = tmp_path / "repo.git"
+    subprocess.run(["git", "clone", "-q", "--bare", str(repo), str(bare)], check=True)
+    subprocess.run(["git", "-C", str(bare), "update-server-info"], check=True)
+    import http.server
+    import ssl
+    import threading
+
+    handler = lambda *a: http.server.SimpleHTTPRequestHandler(*a, directory=str(tmp_path))  # noqa: E731
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(*pair)
+    httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True)
+    httpd.RequestHandlerClass.log_message = lambda *a: None  # type: ignore[method-assign]
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    port = httpd.server_address[1]
+    try:
+        pol = zviz.Policy.shell(net=zviz.Network.domains(["pkgs.test"], ports=[port], hosts={"pkgs.test": "127.0.0.1"}),
+                                limits=zviz.Limits(wall_s=60)).with_paths(read_only=[pair[0]])
+        async with zviz.open_sandbox(pol) as sb:
+            r = await sb.run(["git", "-c", f"http.sslCAInfo={pair[0]}", "clone", "-q",
+                              f"https://pkgs.test:{port}/repo.git", "out"])
+            assert r.status == 0, r.stderr.decode()
+            assert await sb.read_file("out/README") == b"cloned through zviz\n"
+            assert {e.protocol for e in _egress(sb, allowed=True)} == {"connect"}
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+@pytest.mark.trio
+async def test_tls_through_connect_with_matching_sni(tmp_path):
+    pair = self_signed(str(tmp_path), "pkgs.test")
+    if pair is None:
+        pytest.skip("openssl is not installed: no certificate for the TLS server")
+    srv = TlsEcho(*pair)
+    code = f"""
+import socket, ssl
+s = socket.create_connection(("127.0.0.1", 3128), timeout=10)
+s.sendall(b"CONNECT pkgs.test:{srv.port} HTTP/1.1\\r\\nHost: pkgs.test:{srv.port}\\r\\n\\r\\n")
+assert s.recv(100).startswith(b"HTTP/1.1 200")
+ctx = ssl.create_default_context(cafile={pair[0]!r})
+t = ctx.wrap_socket(s, server_hostname="pkgs.test")
+t.sendall(b"hi")
+print(t.recv(100).decode())
+"""
+    try:
+        pol = zviz.Policy.python(net=zviz.Network.domains(["pkgs.test"], ports=[srv.port],
+                                                          hosts={"pkgs.test": "127.0.0.1"})).with_paths(
+            read_only=[pair[0]])
+        async with zviz.open_sandbox(pol) as sb:
+            r = await sb.run(["python3", "-c", code])
+            assert r.stdout == b"tls hello pkgs.test\n", r.stderr.decode()
+    finally:
+        srv.close()
+    assert srv.seen == ["pkgs.test"]
+
+
+@pytest.mark.trio
+async def test_set_network_changes_the_rules_of_a_running_sandbox(index):
+    url = f"http://pkgs.test:{index.port}/hello"
+    get = [SYS_PY, "-c", f"import urllib.request as u\ntry:\n print(u.urlopen({url!r}, timeout=10).status)\n"
+           "except Exception as e:\n print(getattr(e, 'code', e))"]
+    async with zviz.open_sandbox(_policy(index.port)) as sb:
+        assert (await sb.run(get)).stdout == b"200\n"
+        await sb.set_network(zviz.Network.domains(["other.test"], ports=[index.port],
+                                                  hosts={"pkgs.test": "127.0.0.1"}))
+        assert (await sb.run(get)).stdout == b"403\n"
+        assert sb.policy.net.allow_domains == ("other.test",)
+        await sb.set_network(zviz.Network.domains(["*.test"], deny=["pkgs.test"], ports=[index.port],
+                                                  hosts={"pkgs.test": "127.0.0.1"}))
+        assert (await sb.run(get)).stdout == b"403\n"
+        assert _egress(sb)[-1].code == "denied"
+        await sb.set_network(zviz.Network.domains(["*.test", "pkgs.test"], ports=[index.port],
+                                                  hosts={"pkgs.test": "127.0.0.1"}))
+        assert (await sb.run(get)).stdout == b"200\n"
+        with pytest.raises(zviz.PolicyError, match="mode"):
+            await sb.set_network(zviz.Network(mode="none"))
+        with pytest.raises(TypeError):
+            await sb.set_network("pkgs.test")  # type: ignore[arg-type]
+    assert len(index.requests) == 2
+
+
+@pytest.mark.trio
+async def test_program_that_ignores_the_proxy_gets_a_fast_denial_with_the_fix():
+    code = ("import socket, time\nt = time.monotonic()\ns = socket.socket()\ns.settimeout(30)\n"
+            "try:\n    s.connect(('93.184.216.34', 443))\nexcept OSError as e:\n"
+            "    print(e.errno, round(time.monotonic() - t, 3))\n")
+    async with zviz.open_sandbox(zviz.Policy.python(net=zviz.Network.domains(["example.com"]))) as sb:
+        r = await sb.run(["python3", "-c", code], timeout=20)
+        err, took = r.stdout.split()
+        assert int(err) == 13 and float(took) < 2.0  # EACCES, never a hang
+        (ev,) = [e for e in sb.events_so_far() if isinstance(e, zviz.DenialEvent) and e.syscall == "connect"]
+        assert "93.184.216.34:443" in ev.detail and "HTTPS_PROXY" in ev.detail and "--allow-domain" in ev.detail
+        r = await sb.run(["python3", "-c", "import os; print(os.environ['HTTPS_PROXY'], os.environ['NO_PROXY'])"])
+        assert r.stdout == b"http://127.0.0.1:3128 localhost,127.0.0.1,::1\n"
+
+
+@pytest.mark.trio
+async def test_toml_and_statistics_shape():
+    pol = zviz.Policy.from_toml('preset = "python"\n[net]\nmode = "domains"\nallow_domains = ["PyPI.org.", '
+                                '"*.files.example"]\ndeny_domains = ["bad.files.example"]\nports = [443]\n'
+                                '[net.hosts]\n"pkgs.test" = "127.0.0.1"\n')
+    assert pol.net.allow_domains == ("pypi.org", "*.files.example")
+    assert zviz.Policy.from_toml(pol.to_toml()) == pol
+    async with zviz.open_sandbox(pol) as sb:
+        st = sb.statistics().egress
+        assert st.connections == 0 and st.active == 0
+    async with zviz.open_sandbox(zviz.Policy.python()) as sb:
+        assert sb.statistics().egress is None
