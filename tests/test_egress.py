@@ -44,7 +44,8 @@ def _has_pip() -> bool:
 async def test_pip_install_from_an_allowed_index(index):
     async with zviz.open_sandbox(_policy(index.port)) as sb:
         r = await sb.run([SYS_PY, "-m", "pip", "install", "--no-cache-dir", "--disable-pip-version-check",
-                          "--target", "site", "--trusted-host", "pkgs.test", "--index-url", f"http://pkgs.test:{index.port}/simple", "tinypkg"])
+                          "--target", "site", "--trusted-host", "pkgs.test",
+                          "--index-url", f"http://pkgs.test:{index.port}/simple", "tinypkg"])
         assert r.status == 0, r.stderr.decode()[-2000:]
         r2 = await sb.run([SYS_PY, "-c", "import sys; sys.path.insert(0, 'site'); import tinypkg; "
                            "print(tinypkg.VALUE)"])

@@ -188,36 +188,34 @@ class EgressProxy:
         """Accept and serve until `aclose()` (start it in the sandbox's task group)."""
         try:
             async with anyio.create_task_group() as tg:
-                with anyio.CancelScope() as scope:
-                    self._scope = scope
-                    if self._closed:
-                        scope.cancel()
-                    while True:
-                        await anyio.wait_readable(self._listen)
-                        try:
-                            sock, peer = self._listen.accept()
-                        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                self._scope = tg.cancel_scope  # aclose() ends the accept loop and every connection
+                if self._closed:
+                    tg.cancel_scope.cancel()
+                while True:
+                    await anyio.wait_readable(self._listen)
+                    try:
+                        sock, peer = self._listen.accept()
+                    except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                        continue
+                    except OSError as e:
+                        if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                            await anyio.sleep(0.05)  # the host is short: the backlog waits
                             continue
-                        except OSError as e:
-                            if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                                await anyio.sleep(0.05)  # the host is short: the backlog waits
-                                continue
-                            raise
-                        deadline = self._expected.pop(peer[1], None)
-                        if deadline is None or peer[0] != "127.0.0.1":
-                            self.strangers += 1  # not a connection a sandbox's connect made
-                            sock.close()
-                            continue
-                        sock.setblocking(False)
-                        conn = _Conn(sock)
-                        if len(self._conns) >= self.max_connections:
-                            self._refuse(conn, Refused("connections", f"{self.max_connections} connections of this "
-                                                       "sandbox are open (net.max_connections)"))
-                            _reset(sock)
-                            continue
-                        self._conns.add(conn)
-                        tg.start_soon(self._serve, conn)
-                    tg.cancel_scope.cancel()  # (only reached once cancelled: close every connection)
+                        raise
+                    deadline = self._expected.pop(peer[1], None)
+                    if deadline is None or deadline < time.monotonic() or peer[0] != "127.0.0.1":
+                        self.strangers += 1  # not a connection a sandbox's connect made
+                        sock.close()
+                        continue
+                    sock.setblocking(False)
+                    conn = _Conn(sock)
+                    if len(self._conns) >= self.max_connections:
+                        self._refuse(conn, Refused("connections", f"{self.max_connections} connections of this "
+                                                   "sandbox are open (net.max_connections)"))
+                        _reset(sock)
+                        continue
+                    self._conns.add(conn)
+                    tg.start_soon(self._serve, conn)
         finally:
             for conn in list(self._conns):
                 _close(conn)

@@ -411,8 +411,9 @@ def _same_authority(header: str, host: str, port: int, default: int) -> bool:
 
 def http_error(status: int, reason: str) -> bytes:
     """A short response for the client (the reason, one line, in the body and a header)."""
-    phrase = {400: "Bad Request", 403: "Forbidden", 408: "Request Timeout", 405: "Method Not Allowed", 413: "Payload Too Large",
-              429: "Too Many Requests", 502: "Bad Gateway", 504: "Gateway Timeout"}.get(status, "Error")
+    phrase = {400: "Bad Request", 403: "Forbidden", 405: "Method Not Allowed", 408: "Request Timeout",
+              413: "Payload Too Large", 429: "Too Many Requests", 502: "Bad Gateway",
+              504: "Gateway Timeout"}.get(status, "Error")
     text = reason.replace("\r", " ").replace("\n", " ")[:400]
     body = f"zviz egress: {text}\n".encode("ascii", "replace")
     return (f"HTTP/1.1 {status} {phrase}\r\nContent-Type: text/plain\r\nContent-Length: {len(body)}\r\n"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import types
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import attrs
@@ -215,20 +215,26 @@ def _endpoints(value: object) -> tuple[Endpoint, ...]:
     return tuple(v if isinstance(v, Endpoint) else Endpoint.parse(v) for v in value)
 
 
-def _egress_names(field: str) -> Callable[[object], tuple[str, ...]]:
-    def conv(value: object) -> tuple[str, ...]:
-        if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
-            raise PolicyError(field, value, "a list of domain names ('example.com', '*.example.com')")
-        out = []
-        for v in value:
-            try:
-                out.append(_egressproto.normalize_pattern(v))
-            except ValueError as e:
-                raise PolicyError(field, v, f"a domain name or '*.' and one ({e})") from None
-        if len(out) > 256:
-            raise PolicyError(field, len(out), "at most 256 names")
-        return tuple(dict.fromkeys(out))
-    return conv
+def _egress_names(field: str, value: object) -> tuple[str, ...]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise PolicyError(field, value, "a list of domain names ('example.com', '*.example.com')")
+    out = []
+    for v in value:
+        try:
+            out.append(_egressproto.normalize_pattern(v))
+        except ValueError as e:
+            raise PolicyError(field, v, f"a domain name or '*.' and one ({e})") from None
+    if len(out) > 256:
+        raise PolicyError(field, len(out), "at most 256 names")
+    return tuple(dict.fromkeys(out))
+
+
+def _conv_allow_domains(value: object) -> tuple[str, ...]:
+    return _egress_names("net.allow_domains", value)
+
+
+def _conv_deny_domains(value: object) -> tuple[str, ...]:
+    return _egress_names("net.deny_domains", value)
 
 
 def _egress_ports(value: object) -> tuple[int, ...]:
@@ -283,8 +289,8 @@ class Network:
     mode: str = "none"
     allow: tuple[Endpoint, ...] = attrs.field(default=(), converter=_endpoints)
     # mode "domains" (docs/network.md): names through zviz's egress proxy
-    allow_domains: tuple[str, ...] = attrs.field(default=(), converter=_egress_names("net.allow_domains"))
-    deny_domains: tuple[str, ...] = attrs.field(default=(), converter=_egress_names("net.deny_domains"))
+    allow_domains: tuple[str, ...] = attrs.field(default=(), converter=_conv_allow_domains)
+    deny_domains: tuple[str, ...] = attrs.field(default=(), converter=_conv_deny_domains)
     ports: tuple[int, ...] = attrs.field(default=(80, 443), converter=_egress_ports)
     hosts: tuple[tuple[str, tuple[str, ...]], ...] = attrs.field(default=(), converter=_egress_hosts)
     max_connections: int = 64

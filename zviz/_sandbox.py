@@ -508,7 +508,8 @@ def _prepare(policy: Policy, workdir: str, owns_workdir: bool, features: _probe.
     # program left behind in /proc/thread-self/children).
     use_zygote = zygote_allowed and pid_ns and probe_plan.mount_proc and trace is None
     spec = _bpf.FilterSpec(allow=policy.syscalls.names() - set(probe_plan.deny_syscalls),
-                           net_mode=_egress.kernel_mode(policy.net.mode), notify=notify, zygote=use_zygote, pid_ns=pid_ns,
+                           net_mode=_egress.kernel_mode(policy.net.mode), notify=notify, zygote=use_zygote,
+                           pid_ns=pid_ns,
                            netns=bool(probe_plan.clone_flags & _linux.CLONE_NEWNET))
     if trace is not None:
         spec = trace.filter_spec(notify)
@@ -597,7 +598,8 @@ async def _create(policy: Policy | None = None, *, workdir: str | os.PathLike[st
         # Made here, in the caller's step (its fds with the rest of the setup's, before
         # another sandbox's setup can run); it runs in the service task's group.
         with _capacity.exhaustion_as_error("supervisor"):
-            life.supervisor = Supervisor(allowed_endpoints=endpoints, net_allow=policy.net.mode in ("allow", "domains"),
+            life.supervisor = Supervisor(allowed_endpoints=endpoints,
+                                         net_allow=policy.net.mode in ("allow", "domains"),
                                          on_event=life.events.add, task_group=None,
                                          learner=trace.learn if trace is not None and trace.learning else None,
                                          on_done=life.tally.fold)
