@@ -57,7 +57,6 @@ NEED_MORE = _NeedMore()
 # ---------------------------------------------------------------- names
 
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
-_UNDERSCORE_LABEL = re.compile(r"^_?[a-z0-9-]{1,62}$")  # _service labels (SRV-style names): no leading hyphen
 
 
 def name_error(text: object) -> str | None:
@@ -84,21 +83,27 @@ def normalize_name(text: object) -> str:
         raise ValueError(f"{text!r} is an IP address, not a host name")
     if not name.isascii():
         try:
-            name = name.encode("idna").decode("ascii")
+            encoded = name.encode("idna").decode("ascii")
+            back = encoded.encode("ascii").decode("idna")
         except (UnicodeError, ValueError):
             raise ValueError(f"{text!r} is not a valid internationalised host name") from None
+        if back != name.lower():  # nameprep dropped or changed characters (zero-width, ß, ...): ambiguous
+            raise ValueError(f"{text!r} changes under IDNA (to {back!r}): write the name's punycode form")
+        name = encoded
     name = name.lower()
     if len(name) > MAX_NAME:
         raise ValueError(f"{text!r} is longer than {MAX_NAME} characters")
     labels = name.split(".")
     for label in labels:
-        if not (_LABEL.match(label) or _UNDERSCORE_LABEL.match(label)):
+        if not (_LABEL.match(label) or (label[:1] == "_" and _LABEL.match(label[1:]))):  # _service labels
             raise ValueError(f"{text!r} is not a host name (label {label!r}: letters, digits and inner hyphens only)")
         if label.startswith("xn--"):
             try:
-                label.encode("ascii").decode("idna")
+                ok = label.encode("ascii").decode("idna").encode("idna").decode("ascii") == label
             except (UnicodeError, ValueError):
-                raise ValueError(f"{text!r} has an invalid punycode label {label!r}") from None
+                ok = False
+            if not ok:
+                raise ValueError(f"{text!r} has an invalid punycode label {label!r}")
     if labels[-1].isdigit():
         raise ValueError(f"{text!r} is not a host name (an all-numeric last label reads as an address)")
     return name
@@ -136,6 +141,7 @@ def matches(pattern: str, name: str) -> bool:
 
 # ---------------------------------------------------------------- addresses
 
+_SITE_LOCAL = ipaddress.IPv6Network("fec0::/10")  # deprecated, but routed as private where still configured
 _NAT64 = (ipaddress.IPv6Network("64:ff9b::/96"), ipaddress.IPv6Network("64:ff9b:1::/48"))
 
 
@@ -166,6 +172,8 @@ def address_refusal(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | 
             return f"{why} (inside the IPv6 address {ip})" if why else None
         if ip.scope_id:
             return "a scoped IPv6 address"
+        if ip in _SITE_LOCAL:
+            return "a site-local address"
     for test, why in (("is_loopback", "loopback"), ("is_unspecified", "unspecified"),
                       ("is_link_local", "link-local (cloud metadata lives there)"), ("is_multicast", "multicast"),
                       ("is_private", "private"), ("is_reserved", "reserved")):
