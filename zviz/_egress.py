@@ -248,6 +248,10 @@ class EgressProxy:
             except _Denied as d:
                 self._refuse(conn, d.refused)
             except BadRequest as e:
+                if conn.protocol == "http" and not isinstance(e, proto.SocksRefusal):
+                    await _send_quietly(conn.client, proto.http_error(400, e.reason))
+                elif conn.protocol == "socks5" and not isinstance(e, proto.SocksRefusal):
+                    await _send_quietly(conn.client, proto.socks_reply(proto.SOCKS_FAILURE))
                 self._refuse(conn, Refused("bad-request", e.reason))
             except (ConnectionError, BrokenPipeError):
                 if conn.address is None:
@@ -256,6 +260,8 @@ class EgressProxy:
                     self._done(conn)
             except OSError as e:
                 self._refuse(conn, Refused("error", f"{os.strerror(e.errno or 0)}"))
+            except Exception as e:  # noqa: BLE001 - one connection's failure must not end the proxy
+                self._refuse(conn, Refused("error", f"{type(e).__name__}: {e}"[:300]))
             else:
                 self._done(conn)
         finally:
@@ -296,12 +302,15 @@ class EgressProxy:
             if self.max_bytes is not None and self.bytes_up + self.bytes_down >= self.max_bytes:
                 raise _Denied(Refused("bytes", f"the sandbox's byte budget ({self.max_bytes}) is spent "
                                       "(net.max_bytes)"))
-            await self._connect_upstream(conn, name, port)
+            addresses = await self._addresses(name, port)
+            if not is_connect:
+                await self._connect_upstream(conn, name, port, addresses)
         except _Denied as d:
             await self._answer_refusal(conn, d.refused)
             raise
-        assert conn.upstream is not None
         if is_connect:
+            # The tunnel's first bytes are checked before anything reaches the
+            # remote end: the answer comes first, the connect after the SNI check.
             if conn.protocol == "socks5":
                 await _send_all(conn.client, proto.socks_reply(proto.SOCKS_OK))
             else:
@@ -323,12 +332,12 @@ class EgressProxy:
             why = proto.sni_refusal(hello, name)
             if why is not None:
                 raise _Denied(why)
+            await self._connect_upstream(conn, name, port, addresses)
             await self._send_up(conn, buf)
             await self._relay(conn, None)
         else:
-            assert req is not None
+            assert req is not None and conn.upstream is not None
             body = buf[:req.body_length]
-            conn.up += 0
             await _send_all(conn.upstream, req.head)
             await self._send_up(conn, body)
             await self._relay(conn, req.body_length - len(body))
@@ -342,7 +351,7 @@ class EgressProxy:
         assert isinstance(g, proto.SocksGreeting)
         if not g.no_auth:
             await _send_all(conn.client, b"\x05\xff")
-            raise BadRequest("the SOCKS5 client offers no method without authentication")
+            raise proto.SocksRefusal(proto.SOCKS_FAILURE, "the SOCKS5 client offers no method without authentication")
         await _send_all(conn.client, b"\x05\x00")
         buf = buf[g.consumed:]
         while True:
@@ -370,19 +379,23 @@ class EgressProxy:
             status = 502 if refused.code in ("resolve", "upstream") else 403
             await _send_quietly(conn.client, proto.http_error(status, refused.reason))
 
-    async def _connect_upstream(self, conn: _Conn, name: str, port: int) -> None:
+    async def _addresses(self, name: str, port: int) -> list[str]:
+        """The checked addresses of `name`: its pin, or the host's resolver's
+        answer, every address of which must be public."""
         pins = self.rules.pinned(name)
         if pins is not None:
             candidates = list(pins)
         else:
             try:
-                infos = await anyio.getaddrinfo(name, port, type=socket.SOCK_STREAM)
+                candidates = await resolve(name, port)
             except (OSError, UnicodeError) as e:
                 raise _Denied(Refused("resolve", f"{name} does not resolve ({e})")) from None
-            candidates = [str(info[4][0]) for info in infos]
         addresses, refused = proto.check_addresses(name, candidates, pinned=pins is not None)
         if refused is not None:
             raise _Denied(refused)
+        return addresses
+
+    async def _connect_upstream(self, conn: _Conn, name: str, port: int, addresses: list[str]) -> None:
         last = ""
         for addr in addresses:  # connect to the address checked: no second lookup
             family = socket.AF_INET6 if ":" in addr else socket.AF_INET
@@ -425,12 +438,24 @@ class EgressProxy:
         """Both directions until both have ended. `up_limit`: bytes the client
         may still send (plain HTTP: the rest of the body; then it is not read)."""
         assert conn.upstream is not None
+        failures: list[BaseException] = []
+
+        async def pump(src: socket.socket, dst: socket.socket, up: bool, limit: int | None,
+                       scope: anyio.CancelScope) -> None:
+            try:
+                await self._pump(conn, src, dst, up, limit)
+            except (OSError, _Denied) as e:
+                failures.append(e)  # kept out of the task group: it would come out as an ExceptionGroup
+                scope.cancel()
+
         async with anyio.create_task_group() as tg:
             if up_limit is None or up_limit > 0:
-                tg.start_soon(self._pump, conn, conn.client, conn.upstream, True, up_limit)
-            await self._pump(conn, conn.upstream, conn.client, False, None)
+                tg.start_soon(pump, conn.client, conn.upstream, True, up_limit, tg.cancel_scope)
+            await pump(conn.upstream, conn.client, False, None, tg.cancel_scope)
             if up_limit is not None:
                 tg.cancel_scope.cancel()  # the response is complete: what the client still sends is not read
+        if failures:
+            raise failures[0]
 
     async def _pump(self, conn: _Conn, src: socket.socket, dst: socket.socket, up: bool, limit: int | None) -> None:
         r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -504,6 +529,12 @@ class EgressProxy:
 
 
 # ---------------------------------------------------------------- socket helpers
+
+
+async def resolve(name: str, port: int) -> list[str]:
+    """The host resolver's addresses for `name` (a worker thread; tests replace it)."""
+    infos = await anyio.getaddrinfo(name, port, type=socket.SOCK_STREAM)
+    return [str(info[4][0]) for info in infos]
 
 
 async def _recv(sock: socket.socket, n: int) -> bytes:
