@@ -1,0 +1,178 @@
+#!/usr/bin/env python3
+"""The egress proxy (net.mode = "domains") against a direct connection, on
+loopback, ratios from one run.
+
+    .venv/bin/python benchmarks/egress.py [--connects N] [--gigabytes G] [--idle N]
+
+- set-up: N sequential (connect, one small HTTP request, response, close)
+  cycles from one Python client, run bare on the host straight to the server
+  ("direct") and inside a sandbox through the proxy ("proxied"); the figure
+  is the median per-connection time, and the overhead their difference (the
+  seccomp notification of the connect, the proxy's accept, parse, name check
+  and upstream connect);
+- bulk: one G GB response (default 1), read by the same client with a 1 MiB
+  buffer, direct and proxied (os.splice through a pipe in the proxy);
+- idle: the host process's CPU over 2 s while N domains-mode sandboxes sit
+  open, each with one idle tunnel, per sandbox.
+The server is a separate process (its CPU is not the proxy's), answering any
+request head with a fixed body (or G GB for `/bulk`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import textwrap
+import time
+
+import trio
+
+import zviz
+
+SERVER = textwrap.dedent(r'''
+    import socket, sys, threading
+    big = int(sys.argv[1])
+    lst = socket.socket(); lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    lst.bind(("127.0.0.1", 0)); lst.listen(1024)
+    print(lst.getsockname()[1], flush=True)
+    chunk = b"x" * (1 << 20)
+    def one(c):
+        with c:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                d = c.recv(4096)
+                if not d:
+                    return
+                head += d
+            if b" /bulk" in head.split(b"\r\n", 1)[0]:
+                c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % big)
+                left = big
+                while left:
+                    n = c.send(chunk[:min(len(chunk), left)])
+                    left -= n
+            else:
+                c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+    while True:
+        c, _ = lst.accept()
+        threading.Thread(target=one, args=(c,), daemon=True).start()
+''')
+
+CLIENT = textwrap.dedent(r'''
+    import json, socket, sys, time
+    mode, host, port, n, path = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+    buf = bytearray(1 << 20)
+    def once():
+        if mode == "proxy":
+            s = socket.create_connection(("127.0.0.1", 3128))
+            s.sendall(f"GET http://{host}:{port}{path} HTTP/1.1\r\n\r\n".encode())
+        else:
+            s = socket.create_connection(("127.0.0.1", port))
+            s.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        got = 0
+        while True:
+            k = s.recv_into(buf)
+            if not k:
+                break
+            got += k
+        s.close()
+        return got
+    times, total = [], 0
+    for _ in range(n):
+        t = time.perf_counter()
+        total += once()
+        times.append(time.perf_counter() - t)
+    print(json.dumps({"times": times, "bytes": total}))
+''')
+
+
+def _policy(port: int) -> zviz.Policy:
+    net = zviz.Network.domains(["bench.test"], ports=[port], hosts={"bench.test": "127.0.0.1"})
+    return zviz.Policy.python(net=net, limits=zviz.Limits(wall_s=600))
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--connects", type=int, default=300)
+    ap.add_argument("--gigabytes", type=float, default=1.0)
+    ap.add_argument("--idle", type=int, default=20)
+    a = ap.parse_args()
+    big = int(a.gigabytes * (1 << 30))
+    server = subprocess.Popen([sys.executable, "-c", SERVER, str(big)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout is not None
+        port = int(server.stdout.readline())
+        out: dict[str, object] = {}
+        async with zviz.open_sandbox(_policy(port)) as sb:
+            await sb.write_file("client.py", CLIENT)
+
+            async def proxied(n: int, path: str) -> dict:
+                r = await sb.run(["python3", "client.py", "proxy", "bench.test", str(port), str(n), path],
+                                 timeout=600)
+                assert r.status == 0, r.stderr.decode()
+                return json.loads(r.stdout)
+
+            async def direct(n: int, path: str) -> dict:
+                r = await trio.run_process([sys.executable, "-c", CLIENT, "direct", "bench.test", str(port), str(n),
+                                            path], capture_stdout=True)
+                return json.loads(r.stdout)
+
+            # set-up, interleaved in blocks
+            d_times: list[float] = []
+            p_times: list[float] = []
+            for _ in range(3):
+                d_times += (await direct(a.connects // 3, "/small"))["times"][5:]
+                p_times += (await proxied(a.connects // 3, "/small"))["times"][5:]
+            d, p = statistics.median(d_times), statistics.median(p_times)
+            out["setup_direct_ms"] = round(d * 1e3, 3)
+            out["setup_proxied_ms"] = round(p * 1e3, 3)
+            out["setup_overhead_ms"] = round((p - d) * 1e3, 3)
+            # bulk
+            bulk = {}
+            for name, fn in (("direct", direct), ("proxied", proxied), ("direct2", direct), ("proxied2", proxied)):
+                t = time.perf_counter()
+                res = await fn(1, "/bulk")
+                wall = time.perf_counter() - t
+                assert res["bytes"] >= big, res["bytes"]
+                bulk[name] = res["bytes"] / res["times"][0] / 1e6
+                del wall
+            out["bulk_direct_MBps"] = round(max(bulk["direct"], bulk["direct2"]), 1)
+            out["bulk_proxied_MBps"] = round(max(bulk["proxied"], bulk["proxied2"]), 1)
+            out["bulk_ratio"] = round(out["bulk_proxied_MBps"] / out["bulk_direct_MBps"], 3)  # type: ignore[operator]
+            st = sb.statistics().egress
+            out["proxied_bytes_down"] = st.bytes_down if st is not None else None
+        # idle: N sandboxes, each holding one idle tunnel
+        hold = ("import socket, time\ns = socket.create_connection(('127.0.0.1', 3128))\n"
+                f"s.sendall(b'GET http://bench.test:{port}/small HTTP/1.1\\r\\n\\r\\n')\nprint('up', flush=True)\n"
+                "time.sleep(60)\n")
+        async with trio.open_nursery() as n:
+            sbs = []
+            procs = []
+            for _ in range(a.idle):
+                s = await zviz.Sandbox.create(_policy(port))
+                sbs.append(s)
+                proc = await s.start(["python3", "-c", hold])
+                procs.append(proc)
+                assert await proc.stdout.receive_some() == b"up\n"
+            await trio.sleep(0.5)
+            t0, c0 = time.perf_counter(), time.process_time()
+            await trio.sleep(2.0)
+            cpu = time.process_time() - c0
+            wall = time.perf_counter() - t0
+            out["idle_sandboxes"] = a.idle
+            out["idle_cpu_ms_per_s_per_sandbox"] = round(cpu / wall * 1e3 / a.idle, 4)
+            for s in sbs:
+                await s.aclose()
+            n.cancel_scope.cancel()
+        print(json.dumps(out, indent=1))
+    finally:
+        server.kill()
+        server.wait()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TMPDIR", "/tmp")
+    trio.run(main)
