@@ -226,3 +226,30 @@ async def test_toml_and_statistics_shape():
         assert st.connections == 0 and st.active == 0
     async with zviz.open_sandbox(zviz.Policy.python()) as sb:
         assert sb.statistics().egress is None
+
+
+def test_cli_domain_flags(index, tmp_path):
+    """zviz run --allow-domain NAME[:PORT] --deny-domain NAME --add-host NAME:IP (on asyncio, as the CLI runs)."""
+    import sys
+
+    def zviz(*args):
+        return subprocess.run([sys.executable, "-m", "zviz._cli", "run", *args], capture_output=True, timeout=60)
+
+    url = f"http://pkgs.test:{index.port}/hello"
+    get = ["--", "python3", "-c", f"import urllib.request as u\ntry:\n print(u.urlopen({url!r}, timeout=10).read())\n"
+           "except Exception as e:\n print(getattr(e, 'code', e))"]
+    r = zviz("--allow-domain", f"pkgs.test:{index.port}", "--add-host", "pkgs.test:127.0.0.1", *get)
+    assert r.stdout == b"b'hello from pkgs.test\\n'\n", r.stderr
+    assert b"egress http pkgs.test" in r.stderr and b"allowed" in r.stderr
+    r = zviz("--allow-domain", "*.test", "--allow-domain", f"pkgs.test:{index.port}", "--deny-domain", "pkgs.test",
+             "--add-host", "pkgs.test:127.0.0.1", *get)
+    assert r.stdout == b"403\n" and b"matches a deny rule" in r.stderr
+    local = ["--", "python3", "-c", "import urllib.request as u\ntry:\n u.urlopen("
+             f"'http://localhost:{index.port}/hello', timeout=10)\nexcept Exception as e:\n print(e.code)"]
+    r = zviz("--allow-domain", f"localhost:{index.port}", "--env", "NO_PROXY=", "--env", "no_proxy=", *local)
+    assert r.stdout == b"403\n" and b"private-address" in r.stderr  # no pin: a loopback address is refused
+    for bad in (["--add-host", "pkgs.test"], ["--add-host", "pkgs.test:nope", "--allow-domain", "pkgs.test"],
+                ["--allow-domain", "1.2.3.4"], ["--allow-domain", "a.test", "--net", "loopback"]):
+        r = zviz(*bad, "--", "true")
+        assert r.returncode == 125 and b"Traceback" not in r.stderr, (bad, r.stderr)
+    assert len(index.requests) == 1

@@ -31,7 +31,7 @@ TYPE_CHECKING = False  # (not typing's: importing typing is ~5 ms of every `zviz
 if TYPE_CHECKING:
     from typing import Any, TypeAlias
 
-    from ._policy import Policy
+    from ._policy import Network, Policy
 
     Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
@@ -67,6 +67,13 @@ def _add_run(sub: Subparsers) -> None:
                    help="show a host path at another path inside (read-only unless :rw), e.g. ./data:/data")
     r.add_argument("--net", metavar="MODE", action="append", default=[],
                    help="none | loopback | HOST:PORT (repeatable: an allowlist)")
+    r.add_argument("--allow-domain", metavar="NAME[:PORT]", action="append", default=[],
+                   help="egress by name through zviz's proxy (repeatable; '*.example.com' for its subdomains; "
+                   "ports 80 and 443, and any PORT given)")
+    r.add_argument("--deny-domain", metavar="NAME", action="append", default=[],
+                   help="refuse NAME even when an --allow-domain matches it")
+    r.add_argument("--add-host", metavar="NAME:IP", action="append", default=[],
+                   help="pin NAME to IP for the proxy (no DNS; a private address is accepted for it)")
     r.add_argument("--timeout", metavar="S", type=float, help="wall-clock limit in seconds")
     r.add_argument("--memory", metavar="SIZE",
                    help="memory limit, e.g. 512M (per process, and per sandbox with a cgroup)")
@@ -152,6 +159,8 @@ def _policy_from_args(a: argparse.Namespace) -> Policy:
                 raise PolicyError("--net", a.net, "either one of none/loopback, or HOST:PORT entries")
             net = Network(mode="allow", allow=[Endpoint.parse(m) for m in a.net])
         policy = attrs.evolve(policy, net=net)
+    if a.allow_domain or a.deny_domain or a.add_host:
+        policy = attrs.evolve(policy, net=_domains_from_args(a, policy.net))
     lim = policy.limits
     if a.timeout is not None:
         lim = attrs.evolve(lim, wall_s=a.timeout)
@@ -171,6 +180,38 @@ def _policy_from_args(a: argparse.Namespace) -> Policy:
             env[k] = v
         policy = attrs.evolve(policy, env=env)
     return policy
+
+
+def _domains_from_args(a: argparse.Namespace, current: Network) -> Network:
+    """--allow-domain NAME[:PORT], --deny-domain NAME, --add-host NAME:IP: net.mode = "domains"."""
+    from ._policy import Network
+
+    if a.net:
+        raise PolicyError("--net", a.net, "no --net with --allow-domain/--deny-domain/--add-host (domains mode)")
+    if not a.allow_domain and current.mode != "domains":
+        raise PolicyError("--allow-domain", [], "at least one --allow-domain NAME with --deny-domain or --add-host")
+    names, ports = [], {80, 443}
+    for item in a.allow_domain:
+        name, sep, port = item.rpartition(":")
+        if sep and port.isdigit():
+            names.append(name)
+            ports.add(int(port))
+        else:
+            names.append(item)
+    hosts: dict[str, list[str]] = {}
+    for item in a.add_host:
+        name, sep, ip = item.partition(":")
+        if not sep or not name or not ip:
+            raise PolicyError("--add-host", item, "NAME:IP, e.g. pkgs.test:127.0.0.1")
+        hosts.setdefault(name, []).append(ip.strip("[]"))
+    deny = list(a.deny_domain)
+    if current.mode != "domains":
+        return Network.domains(names, ports=sorted(ports), deny=deny, hosts=hosts)
+    # from --policy: the flags add to it
+    return Network.domains([*current.allow_domains, *names], ports=sorted(ports | set(current.ports)),
+                           deny=[*current.deny_domains, *deny], hosts={**{k: list(v) for k, v in current.hosts},
+                                                                       **hosts},
+                           max_connections=current.max_connections, max_bytes=current.max_bytes)
 
 
 class UsageError(Exception):

@@ -390,10 +390,9 @@ class Supervisor:
                                         egress.route() if egress is not None else None)
         if isinstance(answer, _decide.Deny):
             detail = None
-            if egress is not None:
-                parsed = _decide.parse_sockaddr(data)
-                where = f"{parsed[1]}:{parsed[2]}" if parsed else "a non-IP address"
-                detail = f"fd={_decide_fd(n)}, {where}: {egress.hint()}"
+            parsed = _decide.parse_sockaddr(data) if egress is not None else None
+            if egress is not None and parsed is not None:  # (a unix socket's connect: refused as in allow mode)
+                detail = f"fd={_decide_fd(n)}, {parsed[1]}:{parsed[2]}: {egress.hint()}"[:_decide.DETAIL_MAX]
             self._record(n, answer.errno, account, detail=detail)
             _kernel.notif_send(listener, n.id, error=answer.errno)
             return
