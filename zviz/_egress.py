@@ -30,6 +30,11 @@ task group; at most `max_connections` at once per sandbox):
 5. record one `EgressEvent` (domain, port, allowed or why not, bytes each way).
 Closing the sandbox cancels the task group: every proxied connection is
 closed on both sides.
+
+Why this module is long: one connection's life (three protocols' heads, the
+checks, the tunnel's TLS check, the relay, the event) shares the
+connection's state and its refusals; the splice relay is the part to move
+out next.
 """
 
 from __future__ import annotations
@@ -139,6 +144,9 @@ class EgressProxy:
         self._on_event = on_event
         self.head_timeout = HEAD_TIMEOUT
         self.connect_timeout = CONNECT_TIMEOUT
+        self.rules = Rules.build((), (), (), {})
+        self.max_connections: int = 64
+        self.max_bytes: int | None = None
         self.set_network(network)
         self._listen = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
         try:
@@ -162,8 +170,8 @@ class EgressProxy:
 
     def set_network(self, network: Any) -> None:
         self.rules = Rules.build(network.allow_domains, network.deny_domains, network.ports, dict(network.hosts))
-        self.max_connections: int = network.max_connections
-        self.max_bytes: int | None = network.max_bytes
+        self.max_connections = network.max_connections
+        self.max_bytes = network.max_bytes
 
     # ---- the supervisor's side (_supervisor._EgressHook)
 

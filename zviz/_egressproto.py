@@ -17,6 +17,10 @@ Every byte parsed here comes from inside a sandbox and is hostile. Rules:
    name is pinned with `hosts=` (a pin is the caller's word).
 4. Parsers return a value, `NEED_MORE`, or raise `BadRequest(reason)`;
    each has a size cap, and never buffers more than that.
+
+Why this module is long: the rules and the three parsers (HTTP/1.x heads,
+SOCKS5, the TLS ClientHello) share the caps and the refusal values; each
+section stands alone, and the ClientHello reader is the one to move out next.
 """
 
 from __future__ import annotations
