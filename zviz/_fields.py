@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
+from . import _egressproto
 from ._errors import PolicyError, _PolicyTypeError
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(i?[bB])?\s*$")
@@ -112,3 +113,79 @@ def _tuple_of_str(field: str, value: object) -> tuple[str, ...]:
         if not isinstance(v, str):
             raise PolicyError(field, v, "a string")
     return out
+
+
+# net.mode = "domains" (docs/network.md)
+
+def _egress_names(field: str, value: object) -> tuple[str, ...]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise PolicyError(field, value, "a list of domain names ('example.com', '*.example.com')")
+    out = []
+    for v in value:
+        try:
+            out.append(_egressproto.normalize_pattern(v))
+        except ValueError as e:
+            raise PolicyError(field, v, f"a domain name or '*.' and one ({e})") from None
+    if len(out) > 256:
+        raise PolicyError(field, len(out), "at most 256 names")
+    return tuple(dict.fromkeys(out))
+
+
+def _conv_net_allow_domains(value: object) -> tuple[str, ...]:
+    return _egress_names("net.allow_domains", value)
+
+
+def _conv_net_deny_domains(value: object) -> tuple[str, ...]:
+    return _egress_names("net.deny_domains", value)
+
+
+def _conv_net_ports(value: object) -> tuple[int, ...]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise PolicyError("net.ports", value, "a list of TCP ports, e.g. [80, 443]")
+    out = []
+    for p in value:
+        if isinstance(p, bool) or not isinstance(p, int) or not 0 < p < 65536:
+            raise PolicyError("net.ports", p, "a port from 1 to 65535")
+        out.append(p)
+    if not out:
+        raise PolicyError("net.ports", (), "at least one port")
+    return tuple(sorted(set(out)))
+
+
+def _conv_net_hosts(value: object) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    items = list(value.items()) if isinstance(value, Mapping) else value
+    if isinstance(items, (str, bytes)) or not isinstance(items, Iterable):
+        raise PolicyError("net.hosts", value, "a mapping of name to address ({'pkgs.test': '127.0.0.1'})")
+    out: dict[str, tuple[str, ...]] = {}
+    for item in items:
+        if not (isinstance(item, tuple) and len(item) == 2):
+            raise PolicyError("net.hosts", item, "NAME = ADDRESS pairs")
+        k, v = item
+        try:
+            name = _egressproto.normalize_name(k)
+        except ValueError as e:
+            raise PolicyError("net.hosts", k, f"a host name ({e})") from None
+        addrs = (v,) if isinstance(v, str) else v
+        if isinstance(addrs, bytes) or not isinstance(addrs, Iterable):
+            raise PolicyError(f"net.hosts.{name}", v, "an IP address or a list of them")
+        canon = []
+        for a in addrs:
+            try:
+                canon.append(str(_egressproto.canonical_ip(a)))
+            except (ValueError, AttributeError, TypeError):
+                raise PolicyError(f"net.hosts.{name}", a, "an IP address") from None
+        if not canon:
+            raise PolicyError(f"net.hosts.{name}", v, "at least one IP address")
+        out[name] = tuple(dict.fromkeys(canon))
+    return tuple(sorted(out.items()))
+
+
+def _conv_net_max_connections(value: object) -> int:
+    n = _count("net.max_connections", value)
+    if n is None:
+        raise PolicyError("net.max_connections", value, "a positive whole number")
+    return n
+
+
+def _conv_net_max_bytes(value: object) -> int | None:
+    return parse_size("net.max_bytes", value)

@@ -4,6 +4,10 @@ A `Policy` is made of small frozen parts. Converters normalise (lists to tuples,
 "512M" to bytes); validators check, and every bad value raises `PolicyError`
 naming the field, the value and what is accepted. Nothing here touches the
 kernel; the presets look at which system paths exist, nothing more.
+
+Why this module is long: every part of a policy (six of them, each with its
+checks, the network's four modes among them), the presets and the TOML form
+are one vocabulary read together; the converters already live in `_fields`.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from typing import Any
 
 import attrs
 
-from . import _egressproto, _syscalls
+from . import _syscalls
 from ._errors import PolicyError, _PolicyTypeError
 from ._fields import (
     _conv_fs_disk,
@@ -28,6 +32,12 @@ from ._fields import (
     _conv_limits_output,
     _conv_limits_processes,
     _conv_limits_wall_s,
+    _conv_net_allow_domains,
+    _conv_net_deny_domains,
+    _conv_net_hosts,
+    _conv_net_max_bytes,
+    _conv_net_max_connections,
+    _conv_net_ports,
     _paths,
     _tuple_of_str,
     parse_size as parse_size,  # re-exported: the CLI parses --memory/--disk with it
@@ -215,69 +225,6 @@ def _endpoints(value: object) -> tuple[Endpoint, ...]:
     return tuple(v if isinstance(v, Endpoint) else Endpoint.parse(v) for v in value)
 
 
-def _egress_names(field: str, value: object) -> tuple[str, ...]:
-    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
-        raise PolicyError(field, value, "a list of domain names ('example.com', '*.example.com')")
-    out = []
-    for v in value:
-        try:
-            out.append(_egressproto.normalize_pattern(v))
-        except ValueError as e:
-            raise PolicyError(field, v, f"a domain name or '*.' and one ({e})") from None
-    if len(out) > 256:
-        raise PolicyError(field, len(out), "at most 256 names")
-    return tuple(dict.fromkeys(out))
-
-
-def _conv_allow_domains(value: object) -> tuple[str, ...]:
-    return _egress_names("net.allow_domains", value)
-
-
-def _conv_deny_domains(value: object) -> tuple[str, ...]:
-    return _egress_names("net.deny_domains", value)
-
-
-def _egress_ports(value: object) -> tuple[int, ...]:
-    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
-        raise PolicyError("net.ports", value, "a list of TCP ports, e.g. [80, 443]")
-    out = []
-    for p in value:
-        if isinstance(p, bool) or not isinstance(p, int) or not 0 < p < 65536:
-            raise PolicyError("net.ports", p, "a port from 1 to 65535")
-        out.append(p)
-    if not out:
-        raise PolicyError("net.ports", (), "at least one port")
-    return tuple(sorted(set(out)))
-
-
-def _egress_hosts(value: object) -> tuple[tuple[str, tuple[str, ...]], ...]:
-    items = list(value.items()) if isinstance(value, Mapping) else value
-    if isinstance(items, (str, bytes)) or not isinstance(items, Iterable):
-        raise PolicyError("net.hosts", value, "a mapping of name to address ({'pkgs.test': '127.0.0.1'})")
-    out: dict[str, tuple[str, ...]] = {}
-    for item in items:
-        if not (isinstance(item, tuple) and len(item) == 2):
-            raise PolicyError("net.hosts", item, "NAME = ADDRESS pairs")
-        k, v = item
-        try:
-            name = _egressproto.normalize_name(k)
-        except ValueError as e:
-            raise PolicyError("net.hosts", k, f"a host name ({e})") from None
-        addrs = (v,) if isinstance(v, str) else v
-        if isinstance(addrs, bytes) or not isinstance(addrs, Iterable):
-            raise PolicyError(f"net.hosts.{name}", v, "an IP address or a list of them")
-        canon = []
-        for a in addrs:
-            try:
-                canon.append(str(_egressproto.canonical_ip(a)))
-            except (ValueError, AttributeError, TypeError):
-                raise PolicyError(f"net.hosts.{name}", a, "an IP address") from None
-        if not canon:
-            raise PolicyError(f"net.hosts.{name}", v, "at least one IP address")
-        out[name] = tuple(dict.fromkeys(canon))
-    return tuple(sorted(out.items()))
-
-
 @attrs.frozen(kw_only=True)
 class Network:
     """`none` (default): no sockets but unix ones. `loopback`: a private network
@@ -289,35 +236,26 @@ class Network:
     mode: str = "none"
     allow: tuple[Endpoint, ...] = attrs.field(default=(), converter=_endpoints)
     # mode "domains" (docs/network.md): names through zviz's egress proxy
-    allow_domains: tuple[str, ...] = attrs.field(default=(), converter=_conv_allow_domains)
-    deny_domains: tuple[str, ...] = attrs.field(default=(), converter=_conv_deny_domains)
-    ports: tuple[int, ...] = attrs.field(default=(80, 443), converter=_egress_ports)
-    hosts: tuple[tuple[str, tuple[str, ...]], ...] = attrs.field(default=(), converter=_egress_hosts)
-    max_connections: int = 64
-    max_bytes: int | None = None
+    allow_domains: tuple[str, ...] = attrs.field(default=(), converter=_conv_net_allow_domains)
+    deny_domains: tuple[str, ...] = attrs.field(default=(), converter=_conv_net_deny_domains)
+    ports: tuple[int, ...] = attrs.field(default=(80, 443), converter=_conv_net_ports)
+    hosts: tuple[tuple[str, tuple[str, ...]], ...] = attrs.field(default=(), converter=_conv_net_hosts)
+    max_connections: int = attrs.field(default=64, converter=_conv_net_max_connections)
+    max_bytes: int | None = attrs.field(default=None, converter=_conv_net_max_bytes)
 
     def __attrs_post_init__(self) -> None:
         if self.mode not in NET_MODES:
             raise PolicyError("net.mode", self.mode, "one of " + ", ".join(NET_MODES))
-        if self.mode == "domains":
-            if not self.allow_domains:
-                raise PolicyError("net.allow_domains", (), "at least one name when net.mode = 'domains'")
-        elif self.allow_domains or self.deny_domains or self.hosts:
-            raise PolicyError("net.mode", self.mode, "'domains' when net.allow_domains, net.deny_domains or "
-                              "net.hosts are set")
-        for name in ("max_connections", "max_bytes"):
-            v = getattr(self, name)
-            if (v is not None or name == "max_connections") and (isinstance(v, bool) or not isinstance(v, int)
-                                                                 or v < 1):
-                raise PolicyError(f"net.{name}", v, "a positive integer" + (" (or none)" if name == "max_bytes"
-                                                                              else ""))
+        if self.mode == "domains" and not self.allow_domains:
+            raise PolicyError("net.allow_domains", (), "at least one name when net.mode = 'domains'")
+        if self.mode != "domains" and (self.allow_domains or self.deny_domains or self.hosts):
+            raise PolicyError("net.mode", self.mode, "'domains' with net.allow_domains, deny_domains or hosts")
         if self.mode == "allow" and not self.allow:
             raise PolicyError("net.allow", (), "at least one 'HOST:PORT' when net.mode = 'allow'")
         if self.mode != "allow" and self.allow:
             raise PolicyError("net.mode", self.mode, "'allow' when net.allow lists endpoints")
         if len(self.allow) > 64:
             raise PolicyError("net.allow", len(self.allow), "at most 64 endpoints")
-
 
     @classmethod
     def domains(cls, names: Iterable[str], *, ports: Iterable[int] = (80, 443), deny: Iterable[str] = (),
