@@ -372,3 +372,32 @@ async def test_closing_the_sandbox_closes_every_proxied_connection():
     await trio.to_thread.run_sync(t.join, 10)
     lst.close()
     assert ended and len(ended) == 3
+
+
+def test_domains_mode_as_each_identity(upstream, identity):
+    """The same rules for a root caller (a host uid of the sandbox's own) and
+    an unprivileged one (uid 65534): the allowed name works, its raw address
+    and a direct connect do not."""
+    from ..conftest import run_as
+
+    P = upstream.port
+    code = ("import socket, urllib.request as u\n"
+            f"print(u.urlopen('http://pkgs.test:{P}/hello', timeout=10).read().decode(), end='')\n"
+            "try:\n"
+            f"    u.urlopen('http://127.0.0.1:{P}/hello', timeout=10)\n"
+            "except Exception as e:\n    print(getattr(e, 'code', e))\n"
+            "s = socket.socket()\ntry:\n"
+            f"    s.connect(('127.0.0.1', {P}))\nexcept OSError as e:\n    print(e.errno)\n")
+
+    def scenario():
+        async def main():
+            pol = _policy(P)
+            async with zviz.open_sandbox(pol) as sb:
+                r = await sb.run(["python3", "-c", code], env={"NO_PROXY": "", "no_proxy": ""})
+                return r.stdout.decode(), r.stderr.decode(), [e.code for e in _egress_events(sb)]
+        return trio.run(main)
+
+    out, err, codes = run_as(identity, scenario)
+    assert out == "hello from pkgs.test\n403\n13\n", err
+    assert codes == ["ok", "ip"]
+    assert upstream.requests == [("GET", "/hello", f"pkgs.test:{P}")]
