@@ -9,9 +9,11 @@ loopback, ratios from one run.
   ("direct") and inside a sandbox through the proxy ("proxied"); the figure
   is the median per-connection time, and the overhead their difference (the
   seccomp notification of the connect, the proxy's accept, parse, name check
-  and upstream connect);
+  and upstream connect), with the host process's CPU per proxied connection
+  (less sensitive to a loaded machine than the latency);
 - bulk: one G GB response (default 1), read by the same client with a 1 MiB
-  buffer, direct and proxied (os.splice through a pipe in the proxy);
+  buffer, direct and proxied (os.splice through a pipe in the proxy), and
+  the host process's CPU for it;
 - idle: the host process's CPU over 2 s while N domains-mode sandboxes sit
   open, each with one idle tunnel, per sandbox.
 The server is a separate process (its CPU is not the proxy's), answering any
@@ -123,22 +125,29 @@ async def main() -> None:
             # set-up, interleaved in blocks
             d_times: list[float] = []
             p_times: list[float] = []
+            p_cpu = 0.0
             for _ in range(3):
                 d_times += (await direct(a.connects // 3, "/small"))["times"][5:]
+                c0 = time.process_time()
                 p_times += (await proxied(a.connects // 3, "/small"))["times"][5:]
+                p_cpu += time.process_time() - c0
+            # the host process's CPU per proxied connection (supervisor + proxy; the run's own spawn included)
+            out["setup_host_cpu_ms_per_connection"] = round(p_cpu / (3 * (a.connects // 3)) * 1e3, 3)
             d, p = statistics.median(d_times), statistics.median(p_times)
             out["setup_direct_ms"] = round(d * 1e3, 3)
             out["setup_proxied_ms"] = round(p * 1e3, 3)
             out["setup_overhead_ms"] = round((p - d) * 1e3, 3)
             # bulk
             bulk = {}
+            bulk_cpu = 0.0
             for name, fn in (("direct", direct), ("proxied", proxied), ("direct2", direct), ("proxied2", proxied)):
-                t = time.perf_counter()
+                c0 = time.process_time()
                 res = await fn(1, "/bulk")
-                wall = time.perf_counter() - t
+                if name.startswith("proxied"):
+                    bulk_cpu += time.process_time() - c0
                 assert res["bytes"] >= big, res["bytes"]
                 bulk[name] = res["bytes"] / res["times"][0] / 1e6
-                del wall
+            out["bulk_host_cpu_s_per_GB"] = round(bulk_cpu / 2 / (big / 1e9), 3)
             out["bulk_direct_MBps"] = round(max(bulk["direct"], bulk["direct2"]), 1)
             out["bulk_proxied_MBps"] = round(max(bulk["proxied"], bulk["proxied2"]), 1)
             out["bulk_ratio"] = round(out["bulk_proxied_MBps"] / out["bulk_direct_MBps"], 3)  # type: ignore[operator]

@@ -140,19 +140,63 @@ async def test_a_rebinding_answer_is_refused_whole(upstream, monkeypatch):
     assert calls == ["rebind.test"] and upstream.requests == []
 
 
+class _Greedy:
+    """A server that takes every byte a connection sends for 0.5 s (a
+    server that would serve pipelined requests whatever `Connection` says),
+    answering the first request; `seen` holds what each connection sent."""
+
+    def __init__(self) -> None:
+        self.lst = socket.socket()
+        self.lst.bind(("127.0.0.1", 0))
+        self.lst.listen(8)
+        self.port = self.lst.getsockname()[1]
+        self.seen: list[bytes] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                c, _ = self.lst.accept()
+            except OSError:
+                return
+            got, answered, end = b"", False, time.monotonic() + 0.5
+            c.settimeout(0.1)
+            while time.monotonic() < end:
+                try:
+                    d = c.recv(65536)
+                except TimeoutError:
+                    d = None
+                if d == b"":
+                    break
+                got += d or b""
+                if not answered and b"\r\n\r\n" in got:
+                    c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    answered = True
+            self.seen.append(got)
+            c.close()
+
+
 @pytest.mark.trio
-async def test_pipelined_requests_cannot_switch_hosts(upstream):
-    P = upstream.port
+async def test_pipelined_requests_cannot_switch_hosts():
+    srv = _Greedy()
+    P = srv.port
     two = (f"GET http://pkgs.test:{P}/hello HTTP/1.1\r\nHost: pkgs.test:{P}\r\n\r\n"
            f"GET http://evil.test:{P}/hello HTTP/1.1\r\nHost: evil.test:{P}\r\n\r\n"
            f"GET /hello HTTP/1.1\r\nHost: evil.test\r\n\r\n")
+    first, rest = two.split("\r\n\r\n", 1)
     async with zviz.open_sandbox(_policy(P)) as sb:
-        out = await _exchange(sb, [{"send": _hex(two.encode())}])
-        assert out[0]["got"].count("HTTP/1.") == 1 and out[0]["got"].endswith("hello from pkgs.test\n")
-        (ev,) = _egress_events(sb)
-        assert ev.allowed and ev.domain == "pkgs.test" and ev.bytes_down > 20
-    # host side: one request, for pkgs.test, and the forwarded head had Connection: close
-    assert upstream.requests == [("GET", "/hello", f"pkgs.test:{P}")]
+        out = await _exchange(sb, [{"send": _hex(two.encode())},  # in one write
+                                   {"send": "", "chunks": [_hex((first + "\r\n\r\n").encode()),  # in two
+                                                           _hex(rest.encode())]}])
+        for o in out:
+            assert o["got"].count("HTTP/1.") == 1 and o["got"].endswith("ok"), o
+        assert [(e.allowed, e.domain) for e in _egress_events(sb)] == [(True, "pkgs.test")] * 2
+    srv.lst.close()
+    # host side: one request per connection, for pkgs.test, with Connection: close; nothing of the others
+    assert len(srv.seen) == 2, srv.seen
+    for seen in srv.seen:
+        assert seen.count(b"GET ") == 1 and b"evil" not in seen, seen
+        assert seen.startswith(b"GET /hello HTTP/1.1\r\nHost: pkgs.test:") and b"Connection: close" in seen
 
 
 @pytest.mark.trio
