@@ -103,7 +103,8 @@ async def main() -> None:
     ap.add_argument("--idle", type=int, default=20)
     a = ap.parse_args()
     big = int(a.gigabytes * (1 << 30))
-    server = subprocess.Popen([sys.executable, "-c", SERVER, str(big)], stdout=subprocess.PIPE, text=True)
+    server = subprocess.Popen([sys.executable, "-c", SERVER, str(big)], stdout=subprocess.PIPE,  # noqa: ASYNC220
+                              text=True)
     try:
         assert server.stdout is not None
         port = int(server.stdout.readline())
