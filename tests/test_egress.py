@@ -34,20 +34,34 @@ def index():
         yield srv
 
 
-def _has_pip() -> bool:
-    return os.path.exists(SYS_PY) and subprocess.run([SYS_PY, "-m", "pip", "--version"],
-                                                     capture_output=True).returncode == 0
+VENV_PY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".venv-sandbox", "bin",
+                       "python")
+
+
+def _pip_python() -> str | None:
+    """An interpreter with pip the sandbox can run: the system's, else .venv-sandbox's
+    (scripts/setup-testvenv.sh; a venv always has pip)."""
+    for py in (SYS_PY, VENV_PY):
+        if os.path.exists(py) and subprocess.run([py, "-m", "pip", "--version"], capture_output=True).returncode == 0:
+            return py
+    return None
 
 
 @pytest.mark.trio
-@pytest.mark.skipif(not _has_pip(), reason="needs /usr/bin/python3 with pip (apt-get install python3-pip)")
+@pytest.mark.skipif(_pip_python() is None, reason="no python with pip: apt-get install python3-pip, or run "
+                    "scripts/setup-testvenv.sh")
 async def test_pip_install_from_an_allowed_index(index):
-    async with zviz.open_sandbox(_policy(index.port)) as sb:
-        r = await sb.run([SYS_PY, "-m", "pip", "install", "--no-cache-dir", "--disable-pip-version-check",
+    py = _pip_python()
+    assert py is not None
+    pol = _policy(index.port)
+    if py == VENV_PY:
+        pol = pol.with_paths(read_only=[os.path.dirname(os.path.dirname(VENV_PY))])
+    async with zviz.open_sandbox(pol) as sb:
+        r = await sb.run([py, "-m", "pip", "install", "--no-cache-dir", "--disable-pip-version-check",
                           "--target", "site", "--trusted-host", "pkgs.test",
                           "--index-url", f"http://pkgs.test:{index.port}/simple", "tinypkg"])
         assert r.status == 0, r.stderr.decode()[-2000:]
-        r2 = await sb.run([SYS_PY, "-c", "import sys; sys.path.insert(0, 'site'); import tinypkg; "
+        r2 = await sb.run([py, "-c", "import sys; sys.path.insert(0, 'site'); import tinypkg; "
                            "print(tinypkg.VALUE)"])
         assert r2.stdout == b"42\n"
         ok = _egress(sb, allowed=True)
@@ -253,3 +267,25 @@ def test_cli_domain_flags(index, tmp_path):
         r = zviz(*bad, "--", "true")
         assert r.returncode == 125 and b"Traceback" not in r.stderr, (bad, r.stderr)
     assert len(index.requests) == 1
+
+
+@pytest.mark.trio
+async def test_the_proxy_answers_on_ipv6_loopback_and_nonblocking_connects(index):
+    code = f"""
+import socket, select
+for fam, host in ((socket.AF_INET6, "::1"), (socket.AF_INET, "127.0.0.1")):
+    s = socket.socket(fam)
+    s.setblocking(False)
+    err = s.connect_ex((host, 3128))
+    select.select([], [s], [], 10)
+    s.setblocking(True)
+    s.sendall(b"GET http://pkgs.test:{index.port}/hello HTTP/1.1\\r\\n\\r\\n")
+    data = b""
+    while chunk := s.recv(4096):
+        data += chunk
+    print(err, data.split(b"\\r\\n\\r\\n", 1)[1].decode(), end="")
+"""
+    async with zviz.open_sandbox(_policy(index.port)) as sb:
+        r = await sb.run([SYS_PY, "-c", code])
+        assert r.stdout == b"115 hello from pkgs.test\n115 hello from pkgs.test\n", r.stderr  # EINPROGRESS
+        assert sb.statistics().egress.allowed == 2
