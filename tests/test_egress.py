@@ -289,3 +289,27 @@ for fam, host in ((socket.AF_INET6, "::1"), (socket.AF_INET, "127.0.0.1")):
         r = await sb.run([SYS_PY, "-c", code])
         assert r.stdout == b"115 hello from pkgs.test\n115 hello from pkgs.test\n", r.stderr  # EINPROGRESS
         assert sb.statistics().egress.allowed == 2
+
+
+@pytest.mark.trio
+async def test_set_network_in_allow_mode_changes_the_endpoints(index):
+    import socket as _socket
+
+    other = _socket.socket()
+    other.bind(("127.0.0.1", 0))
+    other.listen(4)
+    port2 = other.getsockname()[1]
+    code = ("import socket, sys\nfor p in sys.argv[1:]:\n    s = socket.socket()\n"
+            "    print(s.connect_ex(('127.0.0.1', int(p))))\n")
+    pol = zviz.Policy.python(net=zviz.Network(mode="allow", allow=[f"127.0.0.1:{index.port}"]))
+    try:
+        async with zviz.open_sandbox(pol) as sb:
+            r = await sb.run(["python3", "-c", code, str(index.port), str(port2)])
+            assert r.stdout == b"0\n13\n"
+            await sb.set_network(zviz.Network(mode="allow", allow=[f"127.0.0.1:{port2}"]))
+            r = await sb.run(["python3", "-c", code, str(index.port), str(port2)])
+            assert r.stdout == b"13\n0\n"
+            with pytest.raises(zviz.PolicyError):
+                await sb.set_network(zviz.Network.domains(["a.test"]))
+    finally:
+        other.close()

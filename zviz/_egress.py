@@ -302,7 +302,8 @@ class EgressProxy:
             await _send_quietly(conn.client, proto.http_error(408, "the request did not arrive in time")
                                 if conn.protocol == "http" else b"")
             raise _Denied(Refused("timeout", f"the request did not arrive within {self.head_timeout:g} s"))
-        name, refused = self.rules.check(host, port)
+        rules = self.rules  # one set of rules for the whole connection (set_network may replace them meanwhile)
+        name, refused = rules.check(host, port)
         conn.domain, conn.port = name, port
         try:
             if refused is not None:
@@ -310,7 +311,7 @@ class EgressProxy:
             if self.max_bytes is not None and self.bytes_up + self.bytes_down >= self.max_bytes:
                 raise _Denied(Refused("bytes", f"the sandbox's byte budget ({self.max_bytes}) is spent "
                                       "(net.max_bytes)"))
-            addresses = await self._addresses(name, port)
+            addresses = await self._addresses(rules, name, port)
             if not is_connect:
                 await self._connect_upstream(conn, name, port, addresses)
         except _Denied as d:
@@ -387,17 +388,22 @@ class EgressProxy:
             status = 502 if refused.code in ("resolve", "upstream") else 403
             await _send_quietly(conn.client, proto.http_error(status, refused.reason))
 
-    async def _addresses(self, name: str, port: int) -> list[str]:
+    async def _addresses(self, rules: Rules, name: str, port: int) -> list[str]:
         """The checked addresses of `name`: its pin, or the host's resolver's
         answer, every address of which must be public."""
-        pins = self.rules.pinned(name)
+        pins = rules.pinned(name)
         if pins is not None:
             candidates = list(pins)
         else:
-            try:
-                candidates = await resolve(name, port)
-            except (OSError, UnicodeError) as e:
-                raise _Denied(Refused("resolve", f"{name} does not resolve ({e})")) from None
+            candidates = []
+            with anyio.move_on_after(self.connect_timeout):  # a resolver that does not answer
+                try:
+                    candidates = await resolve(name, port)
+                except (OSError, UnicodeError) as e:
+                    raise _Denied(Refused("resolve", f"{name} does not resolve ({e})")) from None
+            if not candidates:
+                raise _Denied(Refused("resolve", f"{name}: no answer from the host's resolver within "
+                                      f"{self.connect_timeout:g} s"))
         addresses, refused = proto.check_addresses(name, candidates, pinned=pins is not None)
         if refused is not None:
             raise _Denied(refused)

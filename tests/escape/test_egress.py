@@ -445,3 +445,22 @@ def test_domains_mode_as_each_identity(upstream, identity):
     assert out == "hello from pkgs.test\n403\n13\n", err
     assert codes == ["ok", "ip"]
     assert upstream.requests == [("GET", "/hello", f"pkgs.test:{P}")]
+
+
+@pytest.mark.trio
+async def test_a_resolver_that_never_answers_does_not_hold_the_connection(upstream, monkeypatch):
+    async def never(name: str, port: int) -> list[str]:
+        await trio.sleep_forever()
+        raise AssertionError
+
+    monkeypatch.setattr(_egress, "resolve", never)
+    pol = zviz.Policy.python(net=zviz.Network.domains(["slow.test"], ports=[upstream.port]))
+    async with zviz.open_sandbox(pol) as sb:
+        sb._life.egress.connect_timeout = 0.5
+        t = time.monotonic()
+        out = await _exchange(sb, [{"send": _hex(f"GET http://slow.test:{upstream.port}/ HTTP/1.1\r\n\r\n".encode()),
+                                    "wait": 5.0}])
+        assert time.monotonic() - t < 4.0
+        assert out[0]["got"].startswith("HTTP/1.1 502")
+        assert [e.code for e in _egress_events(sb)] == ["resolve"]
+        assert sb.statistics().egress.active == 0
