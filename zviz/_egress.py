@@ -452,6 +452,9 @@ class EgressProxy:
         """Both directions until both have ended. `up_limit`: bytes the client
         may still send (plain HTTP: the rest of the body; then it is not read)."""
         assert conn.upstream is not None
+        if up_limit == 0:  # (plain HTTP without a body: one direction, no task group)
+            await self._pump(conn, conn.upstream, conn.client, False, None)
+            return
         failures: list[BaseException] = []
 
         async def pump(src: socket.socket, dst: socket.socket, up: bool, limit: int | None,

@@ -25,6 +25,7 @@ section stands alone, and the ClientHello reader is the one to move out next.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import struct
@@ -78,6 +79,11 @@ def normalize_name(text: object) -> str:
     literals, empty labels, bytes outside the DNS alphabet, over-long names."""
     if not isinstance(text, str):
         raise ValueError(f"a host name must be text, not {type(text).__name__}")
+    return _normalize_name(text)
+
+
+@functools.lru_cache(maxsize=1024)  # (a sandbox asks for the same few names again and again)
+def _normalize_name(text: str) -> str:
     name = text.strip()
     if name.endswith("."):
         name = name[:-1]
