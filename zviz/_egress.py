@@ -272,6 +272,12 @@ class EgressProxy:
                 self._refuse(conn, Refused("error", f"{type(e).__name__}: {e}"[:300]))
             else:
                 self._done(conn)
+        except BaseException:
+            # Cancelled: the sandbox is closing. A connection that was relaying
+            # is recorded with what it moved; one still in its checks is not.
+            if conn.upstream is not None and conn.address is not None:
+                self._done(conn)
+            raise
         finally:
             self._conns.discard(conn)
             _close(conn)
@@ -347,8 +353,7 @@ class EgressProxy:
         else:
             assert req is not None and conn.upstream is not None
             body = buf[:req.body_length]
-            await _send_all(conn.upstream, req.head)
-            await self._send_up(conn, body)
+            await self._send_up(conn, req.head + body)
             await self._relay(conn, req.body_length - len(body))
 
     async def _socks_head(self, conn: _Conn, buf: bytes) -> tuple[str, int, bytes]:

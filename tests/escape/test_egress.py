@@ -416,6 +416,9 @@ async def test_closing_the_sandbox_closes_every_proxied_connection():
     await trio.to_thread.run_sync(t.join, 10)
     lst.close()
     assert ended and len(ended) == 3
+    # and each one is an event (recorded as it was cut)
+    cut = [e for e in sb.events_so_far() if isinstance(e, zviz.EgressEvent)]
+    assert [(e.allowed, e.domain) for e in cut] == [(True, "pkgs.test")] * 3 and all(e.bytes_up > 0 for e in cut)
 
 
 def test_domains_mode_as_each_identity(upstream, identity):
