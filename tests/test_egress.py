@@ -313,3 +313,16 @@ async def test_set_network_in_allow_mode_changes_the_endpoints(index):
                 await sb.set_network(zviz.Network.domains(["a.test"]))
     finally:
         other.close()
+
+
+def test_the_blocking_facade(index):
+    """zviz.sync: the proxy runs on the sandbox's own loop thread; set_network blocks."""
+    import zviz.sync
+
+    get = [SYS_PY, "-c", "import urllib.request as u\ntry:\n print(u.urlopen("
+           f"'http://pkgs.test:{index.port}/hello', timeout=10).status)\nexcept Exception as e:\n print(e.code)"]
+    with zviz.sync.open_sandbox(_policy(index.port)) as sb:
+        assert sb.run(get).stdout == b"200\n"
+        sb.set_network(zviz.Network.domains(["other.test"], ports=[index.port]))
+        assert sb.run(get).stdout == b"403\n"
+        assert sb.statistics().egress.denied_by_code == {"not-allowed": 1}
