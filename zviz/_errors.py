@@ -51,6 +51,16 @@ class PolicyError(ZvizError, ValueError):
         super().__init__(f"policy field {field!r}: got {value!r}; expected {expected}")
 
 
+class TemplateError(ZvizError, ValueError):
+    """A workspace template (`Sandbox.snapshot`, `open_sandbox(template=)`)
+    cannot be made or used: names the path, what is wrong and the fix."""
+
+    def __init__(self, path: object, problem: str) -> None:
+        self.path = path
+        self.problem = problem
+        super().__init__(f"template {path!r}: {problem}")
+
+
 class _PolicyTypeError(PolicyError, TypeError):
     """A policy field of the wrong type (e.g. one string where a list of paths
     is expected): a PolicyError (a bad policy, CLI status 125) that is also the

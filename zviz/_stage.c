@@ -890,3 +890,156 @@ stage_kill_uid(unsigned int uid, unsigned int gid)
 #endif
     return k.result;
 }
+
+/* ---------------------------------------------------------------- templates */
+
+/*
+ * A sandbox started from a template (zviz/_snapshot.py): an overlay mounted on
+ * a root caller's fresh workdir, in the host's mount namespace, before the
+ * sandbox's first spawn binds the workdir in (as the size-capped workdir's
+ * tmpfs is). The lower layer is the template's files, read-only, nosuid,
+ * nodev, through an idmapped mount that shows the files the template's owner
+ * owns as the sandbox's own host uid/gid (a root caller's sandboxes each run
+ * as a uid of their own); the upper and work directories are the workdir's.
+ * The idmapping's user namespace is a helper's, made here and left at once:
+ * the mount keeps what it needs. The template is opened following no symlink.
+ * Nothing of the template is ever written: overlayfs writes only the upper.
+ * Returns 0, or -errno with *step set (TEMPLATE_STEPS in zviz/_snapshot.py).
+ */
+struct userns_helper {
+    int r; /* the read end of a pipe: the helper lives until it hangs up */
+    int w;
+};
+
+static int
+userns_helper_child(void *arg)
+{
+    struct userns_helper *h = arg;
+    char c;
+    R1(SYS_close, h->w);
+    R3(SYS_read, h->r, &c, 1);
+    R1(SYS_exit, 0);
+    return 0;
+}
+
+static int
+write_map(pid_t pid, const char *what, unsigned int inside, unsigned int outside)
+{
+    char path[64], line[64];
+    snprintf(path, sizeof path, "/proc/%d/%s", (int)pid, what);
+    int n = snprintf(line, sizeof line, "%u %u 1\n", inside, outside);
+    int fd = open(path, O_WRONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -errno;
+    long r = write(fd, line, (size_t)n);
+    int err = r == n ? 0 : (r < 0 ? -errno : -EIO);
+    close(fd);
+    return err;
+}
+
+/* A user namespace fd mapping `owner` (uid and gid inside) to `uid`/`gid` outside. */
+static long
+idmap_userns(unsigned int owner_uid, unsigned int owner_gid, unsigned int uid, unsigned int gid)
+{
+    struct userns_helper h;
+    int pfd[2];
+    if (pipe2(pfd, O_CLOEXEC) < 0)
+        return -errno;
+    h.r = pfd[0];
+    h.w = pfd[1];
+    size_t stack_size = 64 * 1024;
+    void *stack = mmap(NULL, stack_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
+    long err = 0;
+    pid_t pid = -1;
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    if (stack == MAP_FAILED) {
+        err = -ENOMEM;
+    } else {
+#if ZVIZ_CLONE_VM
+        pid = clone(userns_helper_child, (char *)stack + stack_size, CLONE_NEWUSER | CLONE_VM | SIGCHLD, &h);
+#else
+        pid = syscall(SYS_clone, CLONE_NEWUSER | SIGCHLD, NULL, NULL, NULL, NULL);
+        if (pid == 0)
+            userns_helper_child(&h);
+#endif
+        if (pid < 0)
+            err = -errno;
+    }
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    long fd = -1;
+    if (pid > 0) {
+        err = write_map(pid, "uid_map", owner_uid, uid);
+        if (!err)
+            err = write_map(pid, "gid_map", owner_gid, gid);
+        if (!err) {
+            char path[64];
+            snprintf(path, sizeof path, "/proc/%d/ns/user", (int)pid);
+            fd = open(path, O_RDONLY | O_CLOEXEC);
+            if (fd < 0)
+                err = -errno;
+        }
+    }
+    close(pfd[1]); /* the helper exits */
+    if (pid > 0) {
+        while (waitpid(pid, NULL, __WALL) < 0 && errno == EINTR)
+            ;
+    }
+    close(pfd[0]);
+    if (stack != MAP_FAILED)
+        munmap(stack, stack_size);
+    return err ? err : fd;
+}
+
+#ifndef SYS_fsopen
+#define SYS_fsopen 430
+#define SYS_fsconfig 431
+#define SYS_fsmount 432
+#endif
+#define Z_FSOPEN_CLOEXEC 0x00000001
+#define Z_FSCONFIG_SET_STRING 1
+#define Z_FSCONFIG_SET_FD 5
+#define Z_FSCONFIG_CMD_CREATE 6
+#define Z_FSMOUNT_CLOEXEC 0x00000001
+#define Z_MOUNT_ATTR_IDMAP 0x00100000
+
+long
+stage_mount_template(const char *lower, const char *upper, const char *work, const char *target,
+                     unsigned int owner_uid, unsigned int owner_gid, unsigned int uid, unsigned int gid, int *step)
+{
+    long ns = -1, dir = -1, tree = -1, fs = -1, mnt = -1, r;
+#define TRY(expr, s)          \
+    do {                      \
+        *step = (s);          \
+        if ((r = (expr)) < 0) \
+            goto out;         \
+    } while (0)
+    TRY(ns = idmap_userns(owner_uid, owner_gid, uid, gid), 0);
+    TRY(dir = open_no_symlinks(lower), 1);
+    TRY(tree = R3(SYS_open_tree, dir, "", OPEN_TREE_CLONE | O_CLOEXEC | AT_EMPTY_PATH), 2);
+    struct mount_attr ma = {MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | Z_MOUNT_ATTR_IDMAP, 0, 0,
+                            (uint64_t)ns};
+    TRY(R5(SYS_mount_setattr, tree, "", AT_EMPTY_PATH, &ma, sizeof ma), 3);
+    TRY(fs = R2(SYS_fsopen, "overlay", Z_FSOPEN_CLOEXEC), 4);
+    TRY(R5(SYS_fsconfig, fs, Z_FSCONFIG_SET_FD, "lowerdir+", NULL, tree), 5);
+    TRY(R5(SYS_fsconfig, fs, Z_FSCONFIG_SET_STRING, "upperdir", upper, 0), 6);
+    TRY(R5(SYS_fsconfig, fs, Z_FSCONFIG_SET_STRING, "workdir", work, 0), 7);
+    TRY(R5(SYS_fsconfig, fs, Z_FSCONFIG_CMD_CREATE, NULL, NULL, 0), 8);
+    TRY(mnt = R3(SYS_fsmount, fs, Z_FSMOUNT_CLOEXEC, MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV), 9);
+    TRY(R5(SYS_move_mount, mnt, "", AT_FDCWD, target, MOVE_MOUNT_F_EMPTY_PATH), 10);
+    r = 0;
+out:
+#undef TRY
+    if (ns >= 0)
+        close((int)ns);
+    if (dir >= 0)
+        close((int)dir);
+    if (tree >= 0)
+        close((int)tree);
+    if (fs >= 0)
+        close((int)fs);
+    if (mnt >= 0)
+        close((int)mnt);
+    return r;
+}

@@ -93,4 +93,10 @@ void stage_spawn(struct plan *p, const struct parent_plan *pp, struct spawn_resu
  * a helper that takes it: 1 if any, 0 if none, -errno. Without the GIL. */
 long stage_kill_uid(unsigned int uid, unsigned int gid);
 
+/* Mount a template's overlay on a root caller's workdir (zviz/_snapshot.py):
+ * 0, or -errno with *step the failing step. Without the GIL. */
+long stage_mount_template(const char *lower, const char *upper, const char *work, const char *target,
+                          unsigned int owner_uid, unsigned int owner_gid, unsigned int uid, unsigned int gid,
+                          int *step);
+
 #endif

@@ -24,6 +24,10 @@ def seccomp_action_avail(action: int, /) -> bool:
 def kill_uid(uid: int, gid: int, /) -> int:
     """SIGKILL every process of `uid` (kill(-1) from a helper that takes it): 1 if any, 0 if none."""
 
+def mount_template(lower: bytes, upper: bytes, work: bytes, target: bytes, owner_uid: int, owner_gid: int,
+                   uid: int, gid: int, /) -> tuple[int, int]:
+    """Mount a template's overlay on `target`: (-1, 0), or (failing step, errno)."""
+
 STEPS: tuple[str | None, ...]
 LAYOUTS: dict[str, tuple[int, dict[str, int]]]
 MAX_RLIMITS: int

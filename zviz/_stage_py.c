@@ -387,6 +387,24 @@ stage_kill_uid_py(PyObject *self, PyObject *args)
     return PyLong_FromLong(r);
 }
 
+static PyObject *
+stage_mount_template_py(PyObject *self, PyObject *args)
+{
+    const char *lower, *upper, *work, *target;
+    unsigned int owner_uid, owner_gid, uid, gid;
+    int step = -1;
+    long r;
+    if (!PyArg_ParseTuple(args, "yyyyIIII:mount_template", &lower, &upper, &work, &target, &owner_uid, &owner_gid,
+                          &uid, &gid))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    r = stage_mount_template(lower, upper, work, target, owner_uid, owner_gid, uid, gid, &step);
+    Py_END_ALLOW_THREADS
+    if (r < 0)
+        return Py_BuildValue("(ii)", step, (int)-r);
+    return Py_BuildValue("(ii)", -1, 0);
+}
+
 static PyMethodDef methods[] = {
     {"spawn", stage_spawn_py, METH_VARARGS, "spawn(spec, command) -> (pid, pidfd, listener): clone, set up, exec."},
     {"landlock_abi", stage_landlock_abi, METH_NOARGS, "Landlock ABI version, or -errno."},
@@ -394,6 +412,8 @@ static PyMethodDef methods[] = {
     {"notif_sizes", stage_notif_sizes, METH_NOARGS, "SECCOMP_GET_NOTIF_SIZES."},
     {"seccomp_action_avail", stage_seccomp_action_avail, METH_VARARGS, "SECCOMP_GET_ACTION_AVAIL."},
     {"kill_uid", stage_kill_uid_py, METH_VARARGS, "SIGKILL every process of a uid (kill(-1) as that uid)."},
+    {"mount_template", stage_mount_template_py, METH_VARARGS,
+     "mount_template(lower, upper, work, target, owner_uid, owner_gid, uid, gid) -> (step, errno): (-1, 0) if mounted."},
     {NULL, NULL, 0, NULL},
 };
 
