@@ -29,6 +29,7 @@ if TYPE_CHECKING:  # what a type checker and an IDE see: the same names, importe
         ResourceExhausted as ResourceExhausted,
         SandboxClosedError as SandboxClosedError,
         SandboxSetupError as SandboxSetupError,
+        TemplateError as TemplateError,
         UnsupportedKernelError as UnsupportedKernelError,
         ZvizError as ZvizError,
         ZvizWarning as ZvizWarning,
@@ -56,6 +57,7 @@ if TYPE_CHECKING:  # what a type checker and an IDE see: the same names, importe
     from ._process import Process as Process
     from ._records import RunResult as RunResult, SandboxStatistics as SandboxStatistics
     from ._sandbox import Sandbox as Sandbox, open_sandbox as open_sandbox
+    from ._snapshot import SnapshotInfo as SnapshotInfo
     from ._supervisor import DenialEvent as DenialEvent
 
 # public name -> (private module, name there); keep in step with the block above
@@ -63,7 +65,8 @@ _LAZY: dict[str, tuple[str, str]] = {
     "CodeContext": ("._context", "CodeContext"),
     **{n: ("._errors", n) for n in (
         "CodeContextError", "CommandNotFoundError", "FeatureUnavailable", "PolicyError", "ResourceExhausted",
-        "SandboxClosedError", "SandboxSetupError", "UnsupportedKernelError", "ZvizError", "ZvizWarning")},
+        "SandboxClosedError", "SandboxSetupError", "TemplateError", "UnsupportedKernelError", "ZvizError",
+        "ZvizWarning")},
     "EventsMissed": ("._events", "EventsMissed"),
     **{n: ("._egress", n) for n in ("DomainStatistics", "EgressEvent", "EgressStatistics")},
     **{n: ("._execution", n) for n in ("DisplayData", "Execution", "ExecutionError", "StreamOutput")},
@@ -77,6 +80,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "SandboxStatistics": ("._records", "SandboxStatistics"),
     "Sandbox": ("._sandbox", "Sandbox"),
     "open_sandbox": ("._sandbox", "open_sandbox"),
+    "SnapshotInfo": ("._snapshot", "SnapshotInfo"),
     "DenialEvent": ("._supervisor", "DenialEvent"),
 }
 
@@ -111,8 +115,10 @@ __all__ = [
     "SandboxClosedError",
     "SandboxSetupError",
     "SandboxStatistics",
+    "SnapshotInfo",
     "StreamOutput",
     "Syscalls",
+    "TemplateError",
     "UnsupportedKernelError",
     "ZvizError",
     "ZvizWarning",

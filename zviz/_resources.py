@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import signal
 
-from . import _cgroup, _disk
+from . import _cgroup, _disk, _snapshot
 
 
 class HostResources:
@@ -19,6 +19,7 @@ class HostResources:
         self.cgroup_reason = "limits.memory is not set"
         self._memory_final: tuple[int | None, int | None, int] = (None, None, 0)  # limit, peak, OOM kills
         self.disk_mounted = False
+        self.template_mounted = False  # a template's overlay is on the workdir (zviz/_snapshot.py)
         self._disk_final: int | None = None
         self._oom_seen = 0  # the memory cgroup's OOM kills already attributed to a command
 
@@ -29,6 +30,12 @@ class HostResources:
     def mount_disk(self, size: int, uid: int, gid: int) -> None:
         _disk.mount(self._workdir, size, uid, gid)
         self.disk_mounted = True
+
+    def mount_template(self, template: _snapshot.Template, uid: int, gid: int) -> None:
+        """Root: the template's copy-on-write overlay on the workdir (on the
+        size-capped tmpfs, if any, which then holds the upper layer)."""
+        _snapshot.mount(template, self._workdir, uid, gid)
+        self.template_mounted = True
 
     def resource_limit(self, status: int) -> str | None:
         """A sandbox-wide limit that ended a command: killed by the memory
@@ -63,7 +70,13 @@ class HostResources:
             self._memory_final = self.memory_figures()
             cg, self.cgroup = self.cgroup, None
             await cg.remove()
+        if self.template_mounted:
+            self.template_mounted = False
+            if self.disk_mounted:
+                self._disk_final = _disk.used(self._workdir)[0]
+            _disk.unmount(self._workdir)  # the overlay (its upper layer goes with the workdir)
         if self.disk_mounted:
-            self._disk_final = _disk.used(self._workdir)[0]
+            if self._disk_final is None:
+                self._disk_final = _disk.used(self._workdir)[0]
             self.disk_mounted = False
             _disk.unmount(self._workdir)

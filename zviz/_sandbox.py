@@ -53,6 +53,7 @@ from . import (
     _plan,
     _probe,
     _process,
+    _snapshot,
     _workdir,
 )
 from ._args import OutputCallback
@@ -88,6 +89,7 @@ class Sandbox:
         self._pid_ns = bool(plan.clone_flags & _linux.CLONE_NEWPID)
         self._degraded: tuple[str, ...] = plan.degraded
         self._procs = life.procs
+        self._snapshot_busy: anyio.Event | None = None  # set while snapshot() copies the workspace
         self._events = life.events
         self._trace = trace  # zviz trace's settings (private)
         self._trace_record = trace.record if trace is not None else None
@@ -113,11 +115,12 @@ class Sandbox:
 
     @classmethod
     async def create(cls, policy: Policy | None = None, *, workdir: str | os.PathLike[str] | None = None,
-                     keep_workdir: bool = False, monitor: bool | object = False) -> Sandbox:
+                     keep_workdir: bool = False, monitor: bool | object = False,
+                     template: str | os.PathLike[str] | None = None) -> Sandbox:
         """Open a sandbox and return it: `sb = await zviz.Sandbox.create(policy)`;
         close it with `await sb.aclose()` from any task of the same event loop.
         Same arguments as `open_sandbox`."""
-        return await _create(policy, workdir=workdir, keep_workdir=keep_workdir, monitor=monitor)
+        return await _create(policy, workdir=workdir, keep_workdir=keep_workdir, monitor=monitor, template=template)
 
     async def aclose(self) -> None:
         """Kill every process, reap it, close every fd and remove the workdir
@@ -161,6 +164,30 @@ class Sandbox:
         if self._life.closing:
             raise SandboxClosedError("this sandbox is closed (aclose() was called, or its `async with` block or "
                                      "event loop ended): open a new one")
+
+    async def snapshot(self, path: str | os.PathLike[str], *, max_files: int = _snapshot.DEFAULT_MAX_FILES,
+                       max_bytes: int = _snapshot.DEFAULT_MAX_BYTES) -> _snapshot.SnapshotInfo:
+        """Save the workspace (the workdir, /workspace inside; not /tmp or
+        HOME, which are the sandbox's own tmpfs) as a template at `path` on the
+        host (absent or an empty directory): `open_sandbox(template=path)`
+        starts from it. It runs while no command runs (it raises if one does;
+        commands started meanwhile wait). The copy never follows a symlink,
+        skips fifos, sockets and devices, drops set-id bits and stops at
+        `max_files` entries or `max_bytes` of data (docs/templates.md)."""
+        self._check_open()
+        if self._procs:
+            raise RuntimeError(f"snapshot: {len(self._procs)} command(s) of this sandbox still run (code contexts "
+                               "included): wait for them or close them, then snapshot")
+        if self._snapshot_busy is not None:
+            raise RuntimeError("snapshot: another snapshot of this sandbox is being taken: wait for it")
+        ids = (self._plan.host_uid, self._plan.host_gid) if self._plan.host_uid != os.geteuid() else None
+        self._snapshot_busy = anyio.Event()
+        try:
+            return await anyio.to_thread.run_sync(functools.partial(
+                _snapshot.snapshot, self.workdir, path, readable_by=ids, max_files=max_files, max_bytes=max_bytes))
+        finally:
+            busy, self._snapshot_busy = self._snapshot_busy, None
+            busy.set()
 
     # ---- running commands
 
@@ -219,6 +246,9 @@ class Sandbox:
                      stdout: bool, stderr: bool, output_cap: int | None = None,
                      stdin_fd: int | None = None) -> Process:
         self._check_open()
+        while self._snapshot_busy is not None:  # a snapshot copies the workspace: no command runs meanwhile
+            await self._snapshot_busy.wait()
+            self._check_open()
         _args.check_env(env)
         assert self._life.supervisor is not None
         supervisor = self._life.supervisor
@@ -464,7 +494,7 @@ def _weak_start(sb: Sandbox) -> Callable[..., Awaitable[Process]]:
 
 def _prepare(policy: Policy, workdir: str, owns_workdir: bool, features: _probe.KernelFeatures, trace: Any,
              zygote_allowed: bool, tally: Tally, resources: HostResources,
-             host_ids: tuple[int, int]) -> tuple[_plan.SandboxPlan, Runner]:
+             host_ids: tuple[int, int], template: _snapshot.Template | None = None) -> tuple[_plan.SandboxPlan, Runner]:
     """Plan the sandbox once (it does not depend on the command) and make
     its Runner. Planning now also reports degraded layers once, and fails early."""
     f = features
@@ -526,6 +556,8 @@ def _prepare(policy: Policy, workdir: str, owns_workdir: bool, features: _probe.
                           stacklevel=4)
         if probe_plan.disk is not None and owns_workdir:
             resources.mount_disk(probe_plan.disk, probe_plan.host_uid, probe_plan.host_gid)
+        if template is not None and os.geteuid() == 0:
+            resources.mount_template(template, probe_plan.host_uid, probe_plan.host_gid)
     except BaseException:
         runner.close()
         raise
@@ -551,7 +583,7 @@ def _resolve_endpoints(policy: Policy) -> frozenset[tuple[str, int]]:
 
 async def _create(policy: Policy | None = None, *, workdir: str | os.PathLike[str] | None = None,
                   keep_workdir: bool = False, monitor: bool | object = False, trace: Any = None,
-                  zygote: bool = True) -> Sandbox:
+                  zygote: bool = True, template: str | os.PathLike[str] | None = None) -> Sandbox:
     """`Sandbox.create` with the private settings (zviz trace's, the benchmarks')."""
     if policy is None:
         policy = Policy.shell()
@@ -566,6 +598,13 @@ async def _create(policy: Policy | None = None, *, workdir: str | os.PathLike[st
             raise ValueError(f"workdir {os.fspath(workdir)!r} is not an existing directory")
     owns = given is None
     _disk.check(policy.fs.disk, owns_workdir=owns, keep_workdir=keep_workdir)
+    tmpl = None
+    if template is not None:
+        if not owns or keep_workdir:
+            raise ValueError("template= starts a fresh workdir that goes with the sandbox: drop workdir= and "
+                             "keep_workdir=, and save what you need with `await sb.snapshot(path)`")
+        tmpl = _snapshot.open_template(template, read_write=(*policy.fs.read_write, *(
+            b.source for b in policy.fs.binds if not b.read_only)))
     walk = _workdir.sandbox_walks(policy.namespaces.mount, (*policy.fs.read_only, *policy.fs.read_write))
     # slot, host uid, workdir: given back on every way out, after all else (_hostside.py; its Life does that
     # once the sandbox exists)
@@ -576,10 +615,12 @@ async def _create(policy: Policy | None = None, *, workdir: str | os.PathLike[st
             _files.check_workdir_reachable(given, side.lease.uid)
         resources = HostResources(path, policy.fs.disk)
         try:
+            if tmpl is not None and os.geteuid() != 0:  # no mount on the host: a copy (zviz/_snapshot.py)
+                await anyio.to_thread.run_sync(_snapshot.populate, tmpl, path)
             tally = Tally()
             with _capacity.exhaustion_as_error("prepare"):
                 plan, runner = _prepare(policy, path, owns, features, trace, bool(zygote), tally, resources,
-                                        host_ids)
+                                        host_ids, tmpl)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await resources.release()
@@ -635,26 +676,30 @@ async def _create(policy: Policy | None = None, *, workdir: str | os.PathLike[st
 
 @contextlib.asynccontextmanager
 async def open_sandbox(policy: Policy | None = None, *, workdir: str | os.PathLike[str] | None = None,
-                       keep_workdir: bool = False, monitor: bool | object = False) -> AsyncIterator[Sandbox]:
+                       keep_workdir: bool = False, monitor: bool | object = False,
+                       template: str | os.PathLike[str] | None = None) -> AsyncIterator[Sandbox]:
     """Open a sandbox: `async with zviz.open_sandbox(zviz.Policy.python()) as sb:`.
 
     workdir: a directory to use as the sandbox's read-write workdir (kept on
     exit); by default a fresh temp dir, removed on exit unless `keep_workdir`.
     monitor: True to attach an eBPF monitor (root and bcc; see zviz.ebpf), or a
     shared monitor from `zviz.ebpf.open_monitor()`.
+    template: a template made by `Sandbox.snapshot`: the workdir starts with
+    its files (copy-on-write; the template is never changed; docs/templates.md).
     Leaving the block (by success, error or cancellation) is `Sandbox.aclose()`.
     """
-    async with _open_sandbox(policy, workdir=workdir, keep_workdir=keep_workdir, monitor=monitor) as sb:
+    async with _open_sandbox(policy, workdir=workdir, keep_workdir=keep_workdir, monitor=monitor,
+                             template=template) as sb:
         yield sb
 
 
 @contextlib.asynccontextmanager
 async def _open_sandbox(policy: Policy | None = None, *, workdir: str | os.PathLike[str] | None = None,
                         keep_workdir: bool = False, monitor: bool | object = False, trace: Any = None,
-                        zygote: bool = True) -> AsyncIterator[Sandbox]:
+                        zygote: bool = True, template: str | os.PathLike[str] | None = None) -> AsyncIterator[Sandbox]:
     """open_sandbox with the private settings (zviz trace's, the benchmarks')."""
     sb = await _create(policy, workdir=workdir, keep_workdir=keep_workdir, monitor=monitor, trace=trace,
-                       zygote=zygote)
+                       zygote=zygote, template=template)
     try:
         yield sb
     finally:

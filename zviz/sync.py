@@ -29,6 +29,7 @@ from ._process import Process as _AsyncProcess
 from ._proxy import FdReceiveStream, FdSendStream
 from ._records import RunResult, SandboxStatistics
 from ._sandbox import Sandbox as _AsyncSandbox, _create
+from ._snapshot import SnapshotInfo
 from ._supervisor import DenialEvent
 
 __all__ = ["Files", "Process", "ReceiveStream", "Sandbox", "SendStream", "open_sandbox"]
@@ -76,11 +77,13 @@ class Sandbox:
 
     @classmethod
     def create(cls, policy: Policy | None = None, *, workdir: str | os.PathLike[str] | None = None,
-               keep_workdir: bool = False, monitor: bool | object = False) -> Sandbox:
+               keep_workdir: bool = False, monitor: bool | object = False,
+               template: str | os.PathLike[str] | None = None) -> Sandbox:
         """Open a sandbox (arguments of `zviz.open_sandbox`); `close()` it."""
         portal = _Portal()
         try:
-            sb = portal.call(_create, policy, workdir=workdir, keep_workdir=keep_workdir, monitor=monitor)
+            sb = portal.call(_create, policy, workdir=workdir, keep_workdir=keep_workdir, monitor=monitor,
+                             template=template)
         except BaseException:
             portal.stop()
             raise
@@ -131,6 +134,11 @@ class Sandbox:
                                          stdout=stdout, stderr=stderr, timeout=timeout)
         return Process(self._portal, proc)
 
+    def snapshot(self, path: str | os.PathLike[str], **limits: int) -> SnapshotInfo:
+        """`zviz.Sandbox.snapshot`, blocking."""
+        result: SnapshotInfo = self._call(self._sb.snapshot, path, **limits)
+        return result
+
     def write_file(self, path: str, data: bytes | str, *, mode: int = 0o644) -> None:
         """`files.write(path, data, mode=mode)`."""
         self.files.write(path, data, mode=mode)
@@ -162,10 +170,11 @@ async def _sync(fn: Callable[[], T]) -> T:
 
 @contextlib.contextmanager
 def open_sandbox(policy: Policy | None = None, *, workdir: str | os.PathLike[str] | None = None,
-                 keep_workdir: bool = False, monitor: bool | object = False) -> Iterator[Sandbox]:
+                 keep_workdir: bool = False, monitor: bool | object = False,
+                 template: str | os.PathLike[str] | None = None) -> Iterator[Sandbox]:
     """`with zviz.sync.open_sandbox(policy) as sb: sb.run([...])` (arguments
     of `zviz.open_sandbox`). Leaving the block closes it."""
-    sb = Sandbox.create(policy, workdir=workdir, keep_workdir=keep_workdir, monitor=monitor)
+    sb = Sandbox.create(policy, workdir=workdir, keep_workdir=keep_workdir, monitor=monitor, template=template)
     try:
         yield sb
     finally:
