@@ -1,0 +1,215 @@
+"""Workspace templates: `Sandbox.snapshot(path)` and `open_sandbox(template=)`
+(zviz/_snapshot.py): round trip, isolation, the template never changed, every
+bad input, nothing left behind. Run as root (overlay) and as uid 65534 (copy)."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import tempfile
+
+import attrs
+import pytest
+import trio
+
+import zviz
+from zviz import _snapshot
+
+from .conftest import IS_ROOT, NOBODY, run_as, zviz_tempdirs
+
+pytestmark = pytest.mark.filterwarnings("ignore::zviz.ZvizWarning")
+
+
+def _parent(identity: str) -> str:
+    """A directory the identity may make templates in."""
+    d = tempfile.mkdtemp(prefix="tmpl-", dir=tempfile.gettempdir())
+    if identity == "nobody":
+        os.chown(d, NOBODY, NOBODY)
+    return d
+
+
+def _overlays() -> int:
+    with open("/proc/self/mountinfo") as f:
+        return sum(1 for line in f if " - overlay " in line)
+
+
+def _tree(root: str) -> dict[str, tuple[str, int, bytes]]:
+    out = {}
+    for dirpath, dirs, files in os.walk(root):
+        for n in dirs + files:
+            p = os.path.join(dirpath, n)
+            st = os.lstat(p)
+            rel = os.path.relpath(p, root)
+            if stat.S_ISLNK(st.st_mode):
+                out[rel] = ("link", 0, os.readlink(p).encode())
+            elif stat.S_ISDIR(st.st_mode):
+                out[rel] = ("dir", stat.S_IMODE(st.st_mode), b"")
+            else:
+                with open(p, "rb") as f:
+                    out[rel] = ("file", stat.S_IMODE(st.st_mode), f.read())
+    return out
+
+
+def _round_trip(parent: str) -> dict:
+    dest = os.path.join(parent, "t")
+
+    async def main():
+        async with zviz.open_sandbox(zviz.Policy.shell()) as sb:
+            r = await sb.run("mkdir -p pkg/sub && printf 'v1' > pkg/sub/data && chmod 640 pkg/sub/data && "
+                             "printf '#!/bin/sh\\necho run\\n' > tool && chmod 755 tool && ln -s pkg/sub/data rel && "
+                             "ln -s /etc/hostname abs && mkdir empty && chmod 750 empty", shell=True)
+            assert r.exit_code == 0, r.stderr
+            info = await sb.snapshot(dest)
+        assert info.path == os.path.realpath(dest) and info.files == 7 and info.bytes == 2 + 19
+        saved = _tree(os.path.join(dest, "files"))
+        with open(os.path.join(dest, _snapshot.MANIFEST)) as f:
+            manifest = json.load(f)
+        # two sandboxes from the template: each starts with it, neither sees the other's changes
+        async with zviz.open_sandbox(zviz.Policy.shell(), template=dest) as a, \
+                zviz.open_sandbox(zviz.Policy.shell(), template=dest) as b:
+            ra = await a.run("cat pkg/sub/data; ./tool; readlink rel abs; stat -c %a pkg/sub/data empty; "
+                             "echo changed > pkg/sub/data; rm tool; rm -r empty; mkdir new; echo n > new/f; id -u",
+                             shell=True)
+            rb = await b.run("cat pkg/sub/data; ls; test -e new || echo no-new", shell=True)
+            again = await a.run("cat pkg/sub/data; ls", shell=True)
+            host_view = (await a.read_file("pkg/sub/data"), sorted(os.listdir(a.workdir)))
+        return {"saved": saved, "manifest": manifest, "ra": (ra.exit_code, ra.stdout, ra.stderr),
+                "rb": (rb.exit_code, rb.stdout), "again": again.stdout, "host_view": host_view,
+                "after": _tree(os.path.join(dest, "files"))}
+
+    return trio.run(main)
+
+
+def test_round_trip_and_isolation(identity):
+    parent = _parent(identity)
+    before, mounts = zviz_tempdirs(), _overlays()
+    out = run_as(identity, _round_trip, parent)
+    saved = out["saved"]
+    assert saved["pkg/sub/data"] == ("file", 0o640, b"v1")
+    assert saved["tool"][:2] == ("file", 0o755)
+    assert saved["rel"] == ("link", 0, b"pkg/sub/data")  # kept as links, never followed
+    assert saved["abs"] == ("link", 0, b"/etc/hostname")
+    assert saved["empty"] == ("dir", 0o750, b"")
+    assert out["manifest"]["format"] == _snapshot.FORMAT and out["manifest"]["zviz"] == zviz.__version__
+    code, stdout, stderr = out["ra"]
+    assert code == 0, stderr
+    assert stdout.splitlines()[:6] == [b"v1run", b"pkg/sub/data", b"/etc/hostname", b"640", b"750",
+                                       b"1000"] or stdout.startswith(b"v1run\npkg/sub/data\n/etc/hostname\n640\n750\n")
+    assert out["rb"] == (0, b"v1abs\nempty\npkg\nrel\ntool\nno-new\n")  # b sees the template, not a's changes
+    assert out["again"] == b"changed\nabs\nnew\npkg\nrel\n"
+    assert out["host_view"] == (b"changed\n", ["abs", "new", "pkg", "rel"])
+    assert out["after"] == saved  # the template is untouched
+    assert zviz_tempdirs() <= before
+    assert _overlays() == mounts  # nothing left mounted
+
+
+def _bad_inputs(parent: str) -> list[str]:
+    msgs = []
+    notempl = os.path.join(parent, "plain")
+    os.mkdir(notempl)
+    newer = os.path.join(parent, "newer")
+    os.makedirs(os.path.join(newer, "files"))
+    with open(os.path.join(newer, _snapshot.MANIFEST), "w") as f:
+        json.dump({"kind": _snapshot.KIND, "format": _snapshot.FORMAT + 1, "zviz": "9.0"}, f)
+    corrupt = os.path.join(parent, "corrupt")
+    os.makedirs(os.path.join(corrupt, "files"))
+    with open(os.path.join(corrupt, _snapshot.MANIFEST), "w") as f:
+        f.write("{not json")
+    full = os.path.join(parent, "full")
+    os.mkdir(full)
+    open(os.path.join(full, "x"), "w").close()
+
+    async def main():
+        for bad in (os.path.join(parent, "missing"), notempl, newer, corrupt):
+            with pytest.raises(zviz.TemplateError) as e:
+                async with zviz.open_sandbox(zviz.Policy.shell(), template=bad):
+                    pass
+            msgs.append(str(e.value))
+        with pytest.raises(TypeError):
+            async with zviz.open_sandbox(zviz.Policy.shell(), template=3):  # type: ignore[arg-type]
+                pass
+        with pytest.raises(ValueError, match="template= starts a fresh workdir"):
+            async with zviz.open_sandbox(zviz.Policy.shell(), template=notempl, keep_workdir=True):
+                pass
+        async with zviz.open_sandbox(zviz.Policy.shell()) as sb:
+            await sb.write_file("f", b"x")
+            for bad in (full, os.path.join(sb.workdir, "inside"), os.path.join(parent, "nodir", "t")):
+                with pytest.raises(zviz.TemplateError) as e:
+                    await sb.snapshot(bad)
+                msgs.append(str(e.value))
+            p = await sb.start(["sleep", "5"])
+            with pytest.raises(RuntimeError, match="still run"):
+                await sb.snapshot(os.path.join(parent, "busy"))
+            p.kill()
+            await p.wait()
+            with pytest.raises(zviz.TemplateError, match="max_files"):
+                await sb.snapshot(os.path.join(parent, "small"), max_files=0)
+            with pytest.raises(zviz.TemplateError, match="max_bytes"):
+                await sb.snapshot(os.path.join(parent, "small"), max_bytes=0)
+        return msgs
+
+    return trio.run(main)
+
+
+def test_bad_inputs_name_the_fix(identity):
+    parent = _parent(identity)
+    before = set(os.listdir(parent))
+    msgs = run_as(identity, _bad_inputs, parent)
+    missing, plain, newer, corrupt, full, inside, nodir = msgs
+    assert "does not exist" in missing and "sb.snapshot(path)" in missing
+    assert "not a zviz template" in plain
+    assert "newer zviz" in newer and "upgrade zviz" in newer
+    assert "damaged" in corrupt
+    assert "not empty" in full
+    assert "workdir" in inside
+    assert "parent" in nodir and "create it" in nodir
+    # the failed snapshots left nothing (no partial directory)
+    assert set(os.listdir(parent)) - before == {"plain", "newer", "corrupt", "full"}, os.listdir(parent)
+    assert not any(n.startswith(".") for n in os.listdir(parent))
+
+
+def test_template_must_be_callers_own(tmp_path):
+    t = tmp_path / "t"
+    (t / "files").mkdir(parents=True)
+    (t / _snapshot.MANIFEST).write_text(json.dumps({"kind": _snapshot.KIND, "format": 1}))
+    os.chmod(t, 0o777)
+    with pytest.raises(zviz.TemplateError, match="not writable by others"):
+        _snapshot.open_template(str(t))
+    os.chmod(t, 0o700)
+    assert _snapshot.open_template(str(t)).files == str(t / "files")
+    with pytest.raises(zviz.TemplateError, match="read-write"):
+        _snapshot.open_template(str(t), read_write=(str(tmp_path),))
+
+
+def test_sync_facade_and_empty_destination(tmp_path):
+    dest = tmp_path / "t"
+    dest.mkdir()  # an existing empty directory is fine
+    with zviz.sync.open_sandbox(zviz.Policy.shell()) as sb:
+        sb.write_file("hello.txt", b"hi")
+        info = sb.snapshot(str(dest))
+    assert info.files == 1 and isinstance(info, zviz.SnapshotInfo)
+    with zviz.sync.open_sandbox(zviz.Policy.shell(), template=dest) as sb:
+        assert sb.run(["cat", "hello.txt"]).stdout == b"hi"
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="fs.disk needs root")
+def test_disk_limit_with_template(tmp_path):
+    dest = tmp_path / "t"
+    mounts = _overlays()
+
+    async def main():
+        async with zviz.open_sandbox(zviz.Policy.shell()) as sb:
+            await sb.write_file("base", b"b" * 1000)
+            await sb.snapshot(dest)
+        p = zviz.Policy.shell()
+        policy = attrs.evolve(p, fs=attrs.evolve(p.fs, disk=1 << 20))
+        async with zviz.open_sandbox(policy, template=dest) as sb:
+            r = await sb.run("cat base | wc -c; head -c 3000000 /dev/zero > big; echo $?", shell=True)
+            assert r.stdout.splitlines()[0] == b"1000"
+            assert r.stdout.splitlines()[-1] != b"0"  # the upper layer lies on the 1 MiB tmpfs: ENOSPC
+            assert _overlays() == mounts + 1
+        assert _overlays() == mounts
+
+    trio.run(main)
+    assert os.path.getsize(dest / "files" / "base") == 1000
