@@ -8,7 +8,7 @@ PUBLIC = {
     "EventsMissed", "Execution", "ExecutionError", "FeatureUnavailable", "FileInfo", "Filesystem", "KernelFeatures",
     "Limits", "Namespaces", "Network", "Policy", "PolicyError", "Process", "ResourceExhausted", "RunResult",
     "SYSCALL_GROUPS", "Sandbox", "SandboxClosedError", "SandboxSetupError", "SandboxStatistics", "StreamOutput",
-    "Syscalls",
+    "Syscalls", "SnapshotInfo", "TemplateError",
     "UnsupportedKernelError", "ZvizError", "ZvizWarning", "open_sandbox", "probe_host",
 }
 

@@ -70,6 +70,7 @@ from ._proxy import FdReceiveStream, FdSendStream
 from ._records import RunResult, SandboxStatistics, Tally
 from ._resources import HostResources
 from ._runner import Runner
+from ._snapshot import SnapshotInfo
 from ._supervisor import DenialEvent, RunAccount, Supervisor
 
 
@@ -166,7 +167,7 @@ class Sandbox:
                                      "event loop ended): open a new one")
 
     async def snapshot(self, path: str | os.PathLike[str], *, max_files: int = _snapshot.DEFAULT_MAX_FILES,
-                       max_bytes: int = _snapshot.DEFAULT_MAX_BYTES) -> _snapshot.SnapshotInfo:
+                       max_bytes: int = _snapshot.DEFAULT_MAX_BYTES) -> SnapshotInfo:
         """Save the workspace (the workdir, /workspace inside; not /tmp or
         HOME, which are the sandbox's own tmpfs) as a template at `path` on the
         host (absent or an empty directory): `open_sandbox(template=path)`

@@ -29,7 +29,7 @@ from ._process import Process as _AsyncProcess
 from ._proxy import FdReceiveStream, FdSendStream
 from ._records import RunResult, SandboxStatistics
 from ._sandbox import Sandbox as _AsyncSandbox, _create
-from ._snapshot import SnapshotInfo
+from ._snapshot import DEFAULT_MAX_BYTES, DEFAULT_MAX_FILES, SnapshotInfo
 from ._supervisor import DenialEvent
 
 __all__ = ["Files", "Process", "ReceiveStream", "Sandbox", "SendStream", "open_sandbox"]
@@ -134,9 +134,10 @@ class Sandbox:
                                          stdout=stdout, stderr=stderr, timeout=timeout)
         return Process(self._portal, proc)
 
-    def snapshot(self, path: str | os.PathLike[str], **limits: int) -> SnapshotInfo:
+    def snapshot(self, path: str | os.PathLike[str], *, max_files: int = DEFAULT_MAX_FILES,
+                 max_bytes: int = DEFAULT_MAX_BYTES) -> SnapshotInfo:
         """`zviz.Sandbox.snapshot`, blocking."""
-        result: SnapshotInfo = self._call(self._sb.snapshot, path, **limits)
+        result: SnapshotInfo = self._call(self._sb.snapshot, path, max_files=max_files, max_bytes=max_bytes)
         return result
 
     def write_file(self, path: str, data: bytes | str, *, mode: int = 0o644) -> None:
