@@ -213,3 +213,20 @@ def test_disk_limit_with_template(tmp_path):
 
     trio.run(main)
     assert os.path.getsize(dest / "files" / "base") == 1000
+
+
+def test_cli_template_and_snapshot(tmp_path):
+    import subprocess
+    import sys
+
+    def zviz_run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "zviz", "run", *args], capture_output=True, timeout=60)
+
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    assert zviz_run("--snapshot", one, "--", "sh", "-c", "echo one > a").returncode == 0
+    r = zviz_run("--template", one, "--snapshot", two, "--", "sh", "-c", "cat a; echo two >> a")
+    assert (r.returncode, r.stdout) == (0, b"one\n")
+    assert zviz_run("--template", two, "--", "cat", "a").stdout == b"one\ntwo\n"
+    assert zviz_run("--template", one, "--", "cat", "a").stdout == b"one\n"
+    r = zviz_run("--template", str(tmp_path / "missing"), "--", "true")
+    assert r.returncode != 0 and b"--snapshot PATH" in r.stderr

@@ -61,6 +61,8 @@ def _add_run(sub: Subparsers) -> None:
     src.add_argument("--policy", metavar="FILE", help="policy file: zviz TOML, or an OCI seccomp profile (JSON)")
     src.add_argument("--preset", metavar="NAME", help="python | shell (default: shell)")
     r.add_argument("--workdir", metavar="DIR", help="use DIR as the read-write workdir (kept)")
+    r.add_argument("--template", metavar="PATH", help="start the workdir from a template (made by --snapshot)")
+    r.add_argument("--snapshot", metavar="PATH", help="after the command, save the workdir as a template at PATH")
     r.add_argument("--ro", metavar="PATH", action="append", default=[], help="add a read-only path")
     r.add_argument("--rw", metavar="PATH", action="append", default=[], help="add a read-write path")
     r.add_argument("--bind", metavar="HOST:INSIDE[:ro|:rw]", action="append", default=[],
@@ -232,87 +234,96 @@ def _cmd_run(a: argparse.Namespace) -> int:
 
 
 async def _run(a: argparse.Namespace) -> int:
+    from ._sandbox import open_sandbox
+
+    argv = _argv(a)
+    policy = _policy_from_args(a)
+    async with open_sandbox(policy, workdir=a.workdir, monitor=a.monitor, template=a.template) as sb:
+        if a.snapshot is not None:
+            status = await _run_in(sb, a, argv, policy)
+            await sb.snapshot(a.snapshot)
+            return status
+        return await _run_in(sb, a, argv, policy)
+
+
+async def _run_in(sb: Any, a: argparse.Namespace, argv: list[str], policy: Policy) -> int:
     import json
 
     import anyio
 
     from ._kernel import OwnedFd
     from ._proxy import FdReceiveStream, FdSendStream
-    from ._sandbox import open_sandbox
 
-    argv = _argv(a)
-    policy = _policy_from_args(a)
-    async with open_sandbox(policy, workdir=a.workdir, monitor=a.monitor) as sb:
-        if a.json:
-            stdin = b"" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.buffer.read()
-            r = await sb.run(argv, stdin=stdin)
-            record = r.to_json()
-            stats = sb.statistics()
-            if stats.syscalls is not None:
-                record["syscalls"] = dict(stats.syscalls)
-            record["events"] = [str(e) for e in sb.events_so_far()]
-            print(json.dumps(record, indent=2))
-            return r.status
-        # Passthrough through pipes (never the caller's terminal itself: no
-        # TIOCSTI into it, no /dev/tty). Our stdio is duplicated so closing the
-        # streams leaves sys.std* alone.
-        proc = await sb.start(argv)
-        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None  # all piped
-        stdin = proc.stdin
-        ours_in = FdReceiveStream(OwnedFd(os.dup(0), "cli-stdin")) if _usable(0) else None
-        ours_out = FdSendStream(OwnedFd(os.dup(1), "cli-stdout"))
-        ours_err = FdSendStream(OwnedFd(os.dup(2), "cli-stderr"))
-        timeout = policy.limits.wall_s
+    if a.json:
+        stdin = b"" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.buffer.read()
+        r = await sb.run(argv, stdin=stdin)
+        record = r.to_json()
+        stats = sb.statistics()
+        if stats.syscalls is not None:
+            record["syscalls"] = dict(stats.syscalls)
+        record["events"] = [str(e) for e in sb.events_so_far()]
+        print(json.dumps(record, indent=2))
+        return r.status
+    # Passthrough through pipes (never the caller's terminal itself: no
+    # TIOCSTI into it, no /dev/tty). Our stdio is duplicated so closing the
+    # streams leaves sys.std* alone.
+    proc = await sb.start(argv)
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None  # all piped
+    stdin = proc.stdin
+    ours_in = FdReceiveStream(OwnedFd(os.dup(0), "cli-stdin")) if _usable(0) else None
+    ours_out = FdSendStream(OwnedFd(os.dup(1), "cli-stdout"))
+    ours_err = FdSendStream(OwnedFd(os.dup(2), "cli-stderr"))
+    timeout = policy.limits.wall_s
 
-        async def pump(src: FdReceiveStream, dst: FdSendStream) -> None:
-            try:
-                async for chunk in src:
-                    await dst.send_all(chunk)
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-                pass
-            finally:
-                if dst is stdin:
-                    dst.close()
-
-        timed_out = False
+    async def pump(src: FdReceiveStream, dst: FdSendStream) -> None:
         try:
-            async with anyio.create_task_group() as tg:
-                if ours_in is not None:
-                    tg.start_soon(pump, ours_in, stdin)
-                else:
-                    stdin.close()
-                done_out, done_err = anyio.Event(), anyio.Event()
-
-                async def pump_and_set(src: FdReceiveStream, dst: FdSendStream, ev: anyio.Event) -> None:
-                    try:
-                        await pump(src, dst)
-                    finally:
-                        ev.set()
-
-                tg.start_soon(pump_and_set, proc.stdout, ours_out, done_out)
-                tg.start_soon(pump_and_set, proc.stderr, ours_err, done_err)
-                with anyio.move_on_after(timeout if timeout else float("inf")) as scope:
-                    await proc.wait()
-                if scope.cancelled_caught:
-                    timed_out = True
-                    proc.kill()
-                    await proc.wait()
-                with anyio.move_on_after(2.0):
-                    await done_out.wait()
-                    await done_err.wait()
-                tg.cancel_scope.cancel()
+            async for chunk in src:
+                await dst.send_all(chunk)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            pass
         finally:
-            for s in (ours_in, ours_out, ours_err):
-                if s is not None:
-                    s.close()
-        if timed_out:
-            print(f"zviz: timed out after {timeout:g} s", file=sys.stderr)
-            return EXIT_TIMEOUT
-        rc = proc.returncode
-        assert rc is not None
-        for e in sb.events_so_far():
-            print(f"zviz: {e}", file=sys.stderr)
-        return 128 - rc if rc < 0 else rc
+            if dst is stdin:
+                dst.close()
+
+    timed_out = False
+    try:
+        async with anyio.create_task_group() as tg:
+            if ours_in is not None:
+                tg.start_soon(pump, ours_in, stdin)
+            else:
+                stdin.close()
+            done_out, done_err = anyio.Event(), anyio.Event()
+
+            async def pump_and_set(src: FdReceiveStream, dst: FdSendStream, ev: anyio.Event) -> None:
+                try:
+                    await pump(src, dst)
+                finally:
+                    ev.set()
+
+            tg.start_soon(pump_and_set, proc.stdout, ours_out, done_out)
+            tg.start_soon(pump_and_set, proc.stderr, ours_err, done_err)
+            with anyio.move_on_after(timeout if timeout else float("inf")) as scope:
+                await proc.wait()
+            if scope.cancelled_caught:
+                timed_out = True
+                proc.kill()
+                await proc.wait()
+            with anyio.move_on_after(2.0):
+                await done_out.wait()
+                await done_err.wait()
+            tg.cancel_scope.cancel()
+    finally:
+        for s in (ours_in, ours_out, ours_err):
+            if s is not None:
+                s.close()
+    if timed_out:
+        print(f"zviz: timed out after {timeout:g} s", file=sys.stderr)
+        return EXIT_TIMEOUT
+    rc = proc.returncode
+    assert rc is not None
+    for e in sb.events_so_far():
+        print(f"zviz: {e}", file=sys.stderr)
+    return 128 - rc if rc < 0 else rc
 
 
 def _cmd_trace(a: argparse.Namespace) -> int:

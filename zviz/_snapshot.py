@@ -25,7 +25,6 @@ with the template's size).
 from __future__ import annotations
 
 import contextlib
-import datetime
 import errno
 import json
 import os
@@ -103,7 +102,8 @@ def open_template(path: str | os.PathLike[str], *, read_write: tuple[str, ...] =
         raise TypeError(f"template must be a path (str or os.PathLike), not {type(path).__name__}")
     given = os.fspath(path)
     if not os.path.lexists(given):
-        raise TemplateError(given, "does not exist: make one with `await sb.snapshot(path)`")
+        raise TemplateError(given, "does not exist: make one with `await sb.snapshot(path)` (or `zviz run "
+                            "--snapshot PATH`)")
     real = os.path.realpath(given)
     near = _forbidden(real, ())
     if near is not None:
@@ -274,6 +274,8 @@ def snapshot(workdir: str, path: str | os.PathLike[str], *, readable_by: tuple[i
                         os.close(src)
                 finally:
                     os.close(dst)
+                import datetime
+
                 manifest = {"kind": KIND, "format": FORMAT, "zviz": __version__,
                             "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                             "files": n, "bytes": size, "skipped": len(skipped)}
