@@ -20,6 +20,7 @@ class HostResources:
         self._memory_final: tuple[int | None, int | None, int] = (None, None, 0)  # limit, peak, OOM kills
         self.disk_mounted = False
         self.template_mounted = False  # a template's overlay is on the workdir (zviz/_snapshot.py)
+        self._template_helper: bytes | None = None  # its idmapping's helper process, reaped at release
         self._disk_final: int | None = None
         self._oom_seen = 0  # the memory cgroup's OOM kills already attributed to a command
 
@@ -34,7 +35,7 @@ class HostResources:
     def mount_template(self, template: _snapshot.Template, uid: int, gid: int) -> None:
         """Root: the template's copy-on-write overlay on the workdir (on the
         size-capped tmpfs, if any, which then holds the upper layer)."""
-        _snapshot.mount(template, self._workdir, uid, gid)
+        self._template_helper = _snapshot.mount(template, self._workdir, uid, gid)
         self.template_mounted = True
 
     def resource_limit(self, status: int) -> str | None:
@@ -75,6 +76,9 @@ class HostResources:
             if self.disk_mounted:
                 self._disk_final = _disk.used(self._workdir)[0]
             _disk.unmount(self._workdir)  # the overlay (its upper layer goes with the workdir)
+            helper, self._template_helper = self._template_helper, None
+            if helper is not None:
+                _snapshot.reap(helper)
         if self.disk_mounted:
             if self._disk_final is None:
                 self._disk_final = _disk.used(self._workdir)[0]

@@ -183,19 +183,30 @@ def prepare_workdir(workdir: str) -> tuple[str, str]:
     return os.path.join(workdir, UPPER), os.path.join(workdir, OVERLAY_WORK)
 
 
-def mount(template: Template, workdir: str, uid: int, gid: int) -> None:
+def mount(template: Template, workdir: str, uid: int, gid: int) -> bytes:
     """Mount the template's overlay on `workdir` (root: see the module's
-    docstring). Nothing is mounted on failure."""
+    docstring). Nothing is mounted on failure. Returns the helper process
+    that made the idmapping, for `reap` (once, at teardown: not waiting for
+    its exit here keeps a scheduler round trip off the sandbox's start)."""
     from . import _stage
 
     upper, work = prepare_workdir(workdir)
-    step, err = _stage.mount_template(os.fsencode(template.files), os.fsencode(upper), os.fsencode(work),
+    step, err, helper = _stage.mount_template(os.fsencode(template.files), os.fsencode(upper), os.fsencode(work),
                                       os.fsencode(workdir), template.uid, template.gid, uid, gid)
     if step >= 0:
         what = TEMPLATE_STEPS[step] if step < len(TEMPLATE_STEPS) else f"step {step}"
         raise SandboxSetupError("mount-template", err, template.path,
                                 f"cannot mount the template's overlay ({what}): zviz needs a kernel with "
                                 "overlayfs, idmapped mounts and fsconfig layers (Linux >= 6.13), and root")
+    assert helper is not None
+    return helper
+
+
+def reap(helper: bytes) -> None:
+    """Reap a `mount`'s helper process (exactly once)."""
+    from . import _stage
+
+    _stage.reap_template_helper(helper)
 
 
 def populate(template: Template, workdir: str) -> SnapshotInfo:

@@ -906,6 +906,8 @@ stage_kill_uid(unsigned int uid, unsigned int gid)
  * Nothing of the template is ever written: overlayfs writes only the upper.
  * Returns 0, or -errno with *step set (TEMPLATE_STEPS in zviz/_snapshot.py).
  */
+#define TEMPLATE_HELPER_STACK (16 * 1024)
+
 struct userns_helper {
     int r; /* the read end of a pipe: the helper lives until it hangs up */
     int w;
@@ -937,18 +939,30 @@ write_map(pid_t pid, const char *what, unsigned int inside, unsigned int outside
     return err;
 }
 
-/* A user namespace fd mapping `owner` (uid and gid inside) to `uid`/`gid` outside. */
+/* A user namespace fd mapping `owner` (uid and gid inside) to `uid`/`gid`
+ * outside, from a helper child that lives in it until we hang up. The helper
+ * is not waited for here (its exit takes a scheduler round trip: most of the
+ * mount's cost on a busy host): its pid goes to *helper, for the caller to
+ * reap later (at the sandbox's teardown). */
 static long
-idmap_userns(unsigned int owner_uid, unsigned int owner_gid, unsigned int uid, unsigned int gid)
+idmap_userns(unsigned int owner_uid, unsigned int owner_gid, unsigned int uid, unsigned int gid,
+             struct template_helper *helper)
 {
-    struct userns_helper h;
     int pfd[2];
+    helper->pid = -1;
+    helper->stack = NULL;
     if (pipe2(pfd, O_CLOEXEC) < 0)
         return -errno;
-    h.r = pfd[0];
-    h.w = pfd[1];
-    size_t stack_size = 64 * 1024;
+    /* the helper's stack, and at its bottom what it reads: it may still run
+     * when we return (CLONE_VM), so the mapping goes at its reaping
+     * (stage_reap_template_helper), never before */
+    size_t stack_size = TEMPLATE_HELPER_STACK;
     void *stack = mmap(NULL, stack_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
+    struct userns_helper *h = stack == MAP_FAILED ? NULL : stack;
+    if (h) {
+        h->r = pfd[0];
+        h->w = pfd[1];
+    }
     long err = 0;
     pid_t pid = -1;
     sigset_t all, old;
@@ -958,11 +972,11 @@ idmap_userns(unsigned int owner_uid, unsigned int owner_gid, unsigned int uid, u
         err = -ENOMEM;
     } else {
 #if ZVIZ_CLONE_VM
-        pid = clone(userns_helper_child, (char *)stack + stack_size, CLONE_NEWUSER | CLONE_VM | SIGCHLD, &h);
+        pid = clone(userns_helper_child, (char *)stack + stack_size, CLONE_NEWUSER | CLONE_VM | SIGCHLD, h);
 #else
         pid = syscall(SYS_clone, CLONE_NEWUSER | SIGCHLD, NULL, NULL, NULL, NULL);
         if (pid == 0)
-            userns_helper_child(&h);
+            userns_helper_child(h);
 #endif
         if (pid < 0)
             err = -errno;
@@ -982,13 +996,18 @@ idmap_userns(unsigned int owner_uid, unsigned int owner_gid, unsigned int uid, u
         }
     }
     close(pfd[1]); /* the helper exits */
-    if (pid > 0) {
-        while (waitpid(pid, NULL, __WALL) < 0 && errno == EINTR)
-            ;
-    }
     close(pfd[0]);
-    if (stack != MAP_FAILED)
-        munmap(stack, stack_size);
+    if (pid > 0 && !err) {
+        helper->pid = pid;
+        helper->stack = stack;
+    } else {
+        if (pid > 0) {
+            while (waitpid(pid, NULL, __WALL) < 0 && errno == EINTR)
+                ;
+        }
+        if (stack != MAP_FAILED)
+            munmap(stack, stack_size);
+    }
     return err ? err : fd;
 }
 
@@ -1006,7 +1025,8 @@ idmap_userns(unsigned int owner_uid, unsigned int owner_gid, unsigned int uid, u
 
 long
 stage_mount_template(const char *lower, const char *upper, const char *work, const char *target,
-                     unsigned int owner_uid, unsigned int owner_gid, unsigned int uid, unsigned int gid, int *step)
+                     unsigned int owner_uid, unsigned int owner_gid, unsigned int uid, unsigned int gid, int *step,
+                     struct template_helper *helper)
 {
     long ns = -1, dir = -1, tree = -1, fs = -1, mnt = -1, r;
 #define TRY(expr, s)          \
@@ -1015,7 +1035,7 @@ stage_mount_template(const char *lower, const char *upper, const char *work, con
         if ((r = (expr)) < 0) \
             goto out;         \
     } while (0)
-    TRY(ns = idmap_userns(owner_uid, owner_gid, uid, gid), 0);
+    TRY(ns = idmap_userns(owner_uid, owner_gid, uid, gid, helper), 0);
     TRY(dir = open_no_symlinks(lower), 1);
     TRY(tree = R3(SYS_open_tree, dir, "", OPEN_TREE_CLONE | O_CLOEXEC | AT_EMPTY_PATH), 2);
     struct mount_attr ma = {MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | Z_MOUNT_ATTR_IDMAP, 0, 0,
@@ -1042,4 +1062,17 @@ out:
     if (mnt >= 0)
         close((int)mnt);
     return r;
+}
+
+/* Reap a template mount's helper (it exited long ago, or is about to) and
+ * free its stack. Exactly once per helper. */
+void
+stage_reap_template_helper(const struct template_helper *helper)
+{
+    if (helper->pid > 0) {
+        while (waitpid(helper->pid, NULL, __WALL) < 0 && errno == EINTR)
+            ;
+    }
+    if (helper->stack)
+        munmap(helper->stack, TEMPLATE_HELPER_STACK);
 }

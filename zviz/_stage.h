@@ -94,9 +94,15 @@ void stage_spawn(struct plan *p, const struct parent_plan *pp, struct spawn_resu
 long stage_kill_uid(unsigned int uid, unsigned int gid);
 
 /* Mount a template's overlay on a root caller's workdir (zviz/_snapshot.py):
- * 0, or -errno with *step the failing step. Without the GIL. */
+ * 0, or -errno with *step the failing step. Without the GIL. On success,
+ * *helper is a helper process to reap later (stage_reap_template_helper). */
+struct template_helper {
+    int pid;
+    void *stack;
+};
 long stage_mount_template(const char *lower, const char *upper, const char *work, const char *target,
                           unsigned int owner_uid, unsigned int owner_gid, unsigned int uid, unsigned int gid,
-                          int *step);
+                          int *step, struct template_helper *helper);
+void stage_reap_template_helper(const struct template_helper *helper);
 
 #endif

@@ -25,8 +25,11 @@ def kill_uid(uid: int, gid: int, /) -> int:
     """SIGKILL every process of `uid` (kill(-1) from a helper that takes it): 1 if any, 0 if none."""
 
 def mount_template(lower: bytes, upper: bytes, work: bytes, target: bytes, owner_uid: int, owner_gid: int,
-                   uid: int, gid: int, /) -> tuple[int, int]:
-    """Mount a template's overlay on `target`: (-1, 0), or (failing step, errno)."""
+                   uid: int, gid: int, /) -> tuple[int, int, bytes | None]:
+    """Mount a template's overlay on `target`: (-1, 0, helper), or (failing step, errno, None)."""
+
+def reap_template_helper(helper: bytes, /) -> None:
+    """Reap the helper process of a `mount_template` call and free its stack (exactly once)."""
 
 STEPS: tuple[str | None, ...]
 LAYOUTS: dict[str, tuple[int, dict[str, int]]]

@@ -394,15 +394,44 @@ stage_mount_template_py(PyObject *self, PyObject *args)
     unsigned int owner_uid, owner_gid, uid, gid;
     int step = -1;
     long r;
+    struct template_helper helper = {-1, NULL};
     if (!PyArg_ParseTuple(args, "yyyyIIII:mount_template", &lower, &upper, &work, &target, &owner_uid, &owner_gid,
                           &uid, &gid))
         return NULL;
     Py_BEGIN_ALLOW_THREADS
-    r = stage_mount_template(lower, upper, work, target, owner_uid, owner_gid, uid, gid, &step);
+    r = stage_mount_template(lower, upper, work, target, owner_uid, owner_gid, uid, gid, &step, &helper);
     Py_END_ALLOW_THREADS
-    if (r < 0)
-        return Py_BuildValue("(ii)", step, (int)-r);
-    return Py_BuildValue("(ii)", -1, 0);
+    if (r < 0) {
+        stage_reap_template_helper(&helper);
+        return Py_BuildValue("(iiO)", step, (int)-r, Py_None);
+    }
+    PyObject *cap = PyBytes_FromStringAndSize((const char *)&helper, sizeof helper);
+    if (!cap) {
+        stage_reap_template_helper(&helper);
+        return NULL;
+    }
+    PyObject *out = Py_BuildValue("(iiN)", -1, 0, cap);
+    return out;
+}
+
+/* The helper of a mount_template call, as its opaque bytes: reaped once. */
+static PyObject *
+stage_reap_template_helper_py(PyObject *self, PyObject *args)
+{
+    const char *buf;
+    Py_ssize_t len;
+    struct template_helper helper;
+    if (!PyArg_ParseTuple(args, "y#:reap_template_helper", &buf, &len))
+        return NULL;
+    if (len != (Py_ssize_t)sizeof helper) {
+        PyErr_SetString(PyExc_ValueError, "reap_template_helper: not a helper of mount_template");
+        return NULL;
+    }
+    memcpy(&helper, buf, sizeof helper);
+    Py_BEGIN_ALLOW_THREADS
+    stage_reap_template_helper(&helper);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
 }
 
 static PyMethodDef methods[] = {
@@ -413,7 +442,10 @@ static PyMethodDef methods[] = {
     {"seccomp_action_avail", stage_seccomp_action_avail, METH_VARARGS, "SECCOMP_GET_ACTION_AVAIL."},
     {"kill_uid", stage_kill_uid_py, METH_VARARGS, "SIGKILL every process of a uid (kill(-1) as that uid)."},
     {"mount_template", stage_mount_template_py, METH_VARARGS,
-     "mount_template(lower, upper, work, target, owner_uid, owner_gid, uid, gid) -> (step, errno): (-1, 0) if mounted."},
+     "mount_template(lower, upper, work, target, owner_uid, owner_gid, uid, gid) -> (step, errno, helper): "
+     "(-1, 0, helper) if mounted; reap the helper once with reap_template_helper."},
+    {"reap_template_helper", stage_reap_template_helper_py, METH_VARARGS,
+     "Reap the helper of a mount_template call (once)."},
     {NULL, NULL, 0, NULL},
 };
 
