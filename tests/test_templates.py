@@ -82,8 +82,10 @@ def _round_trip(parent: str) -> dict:
 
 
 def test_round_trip_and_isolation(identity):
+    from .conftest import child_pids
+
     parent = _parent(identity)
-    before, mounts = zviz_tempdirs(), _overlays()
+    before, mounts, kids = zviz_tempdirs(), _overlays(), child_pids()
     out = run_as(identity, _round_trip, parent)
     saved = out["saved"]
     assert saved["pkg/sub/data"] == ("file", 0o640, b"v1")
@@ -102,6 +104,7 @@ def test_round_trip_and_isolation(identity):
     assert out["after"] == saved  # the template is untouched
     assert zviz_tempdirs() <= before
     assert _overlays() == mounts  # nothing left mounted
+    assert child_pids() <= kids  # the overlays' helpers were reaped
 
 
 def _bad_inputs(parent: str) -> list[str]:
@@ -230,3 +233,43 @@ def test_cli_template_and_snapshot(tmp_path):
     assert zviz_run("--template", one, "--", "cat", "a").stdout == b"one\n"
     r = zviz_run("--template", str(tmp_path / "missing"), "--", "true")
     assert r.returncode != 0 and b"--snapshot PATH" in r.stderr
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="the overlay is a root caller's")
+def test_failure_mid_way_leaves_nothing(tmp_path, monkeypatch):
+    """The template swapped for a symlink after its check: the stage's open
+    (no symlinks) fails the mount; no workdir, mount or helper process is left."""
+    from .conftest import child_pids
+
+    dest = tmp_path / "t"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+
+    async def make():
+        async with zviz.open_sandbox(zviz.Policy.shell()) as sb:
+            await sb.write_file("f", b"x")
+            await sb.snapshot(dest)
+
+    trio.run(make)
+    real_open = _snapshot.open_template
+
+    def swapped(path, **kw):
+        t = real_open(path, **kw)
+        os.rename(dest / "files", tmp_path / "files.moved")
+        os.symlink(elsewhere, dest / "files")
+        return t
+
+    monkeypatch.setattr(_snapshot, "open_template", swapped)
+    before, mounts, kids = zviz_tempdirs(), _overlays(), child_pids()
+
+    async def main():
+        with pytest.raises(zviz.SandboxSetupError) as e:
+            async with zviz.open_sandbox(zviz.Policy.shell(), template=dest):
+                pass
+        return e.value
+
+    err = trio.run(main)
+    assert "open the template" in str(err)
+    assert zviz_tempdirs() <= before
+    assert _overlays() == mounts
+    assert child_pids() <= kids  # the idmapping's helper was reaped
