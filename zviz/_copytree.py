@@ -27,7 +27,6 @@ from ._errors import TemplateError
 
 MAX_DEPTH = 256
 _RESOLVE = 0x01 | 0x02 | 0x04 | 0x08  # RESOLVE_NO_XDEV | NO_MAGICLINKS | NO_SYMLINKS | BENEATH
-_FICLONE = 0x40049409
 
 
 def _open_beneath(root: int, rel: bytes) -> int:
@@ -174,12 +173,12 @@ def _copy_data(s: int, d: int, length: int, size: int, max_bytes: int, where: st
     filesystem has them. Returns the new running total of data bytes."""
     if length == 0:
         return size
-    try:
-        import fcntl
+    from . import _kernel
 
+    try:
         blocks = os.fstat(s).st_blocks * 512
         if size + min(blocks, length) <= max_bytes:
-            fcntl.ioctl(d, _FICLONE, s)
+            _kernel.ficlone(d, s)
             return size + min(blocks, length)
     except OSError:
         pass

@@ -554,6 +554,30 @@ def mount_tmpfs(path: str, options: str) -> None:
         raise SandboxSetupError("mount-disk", err, path, "fs.disk needs root (a tmpfs is mounted on the workdir)")
 
 
+def mount_template(lower: str, upper: str, work: str, target: str, owner: tuple[int, int],
+                   ids: tuple[int, int]) -> tuple[int, int, bytes | None]:
+    """A template's overlay on `target` (zviz/_snapshot.py; the C stage's
+    stage_mount_template): (-1, 0, helper) or (failing step, errno, None).
+    The helper goes to `reap_template_helper`, exactly once."""
+    return _stage.mount_template(os.fsencode(lower), os.fsencode(upper), os.fsencode(work), os.fsencode(target),
+                                 owner[0], owner[1], ids[0], ids[1])
+
+
+def reap_template_helper(helper: bytes) -> None:
+    _stage.reap_template_helper(helper)
+
+
+FICLONE = 0x40049409
+
+
+def ficlone(dst: int, src: int) -> None:
+    """Make `dst` share `src`'s data (a reflink); OSError where the
+    filesystem has none (EOPNOTSUPP, EXDEV, EINVAL)."""
+    import fcntl
+
+    fcntl.ioctl(dst, FICLONE, src)
+
+
 def umount_detach(path: str) -> None:
     """Lazily unmount PATH, never following a symlink there. Errors are
     ignored: teardown must not raise."""

@@ -188,11 +188,11 @@ def mount(template: Template, workdir: str, uid: int, gid: int) -> bytes:
     docstring). Nothing is mounted on failure. Returns the helper process
     that made the idmapping, for `reap` (once, at teardown: not waiting for
     its exit here keeps a scheduler round trip off the sandbox's start)."""
-    from . import _stage
+    from . import _kernel
 
     upper, work = prepare_workdir(workdir)
-    step, err, helper = _stage.mount_template(os.fsencode(template.files), os.fsencode(upper), os.fsencode(work),
-                                      os.fsencode(workdir), template.uid, template.gid, uid, gid)
+    step, err, helper = _kernel.mount_template(template.files, upper, work, workdir, (template.uid, template.gid),
+                                               (uid, gid))
     if step >= 0:
         what = TEMPLATE_STEPS[step] if step < len(TEMPLATE_STEPS) else f"step {step}"
         raise SandboxSetupError("mount-template", err, template.path,
@@ -204,9 +204,9 @@ def mount(template: Template, workdir: str, uid: int, gid: int) -> bytes:
 
 def reap(helper: bytes) -> None:
     """Reap a `mount`'s helper process (exactly once)."""
-    from . import _stage
+    from . import _kernel
 
-    _stage.reap_template_helper(helper)
+    _kernel.reap_template_helper(helper)
 
 
 def populate(template: Template, workdir: str) -> SnapshotInfo:
