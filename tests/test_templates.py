@@ -273,3 +273,48 @@ def test_failure_mid_way_leaves_nothing(tmp_path, monkeypatch):
     assert zviz_tempdirs() <= before
     assert _overlays() == mounts
     assert child_pids() <= kids  # the idmapping's helper was reaped
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="the overlay is a root caller's")
+def test_a_crashed_owners_template_sandbox_is_swept(tmp_path):
+    """The host process dies (SIGKILL) with a template sandbox open: its
+    overlay stays mounted on the host; the next sweep detaches and removes it."""
+    import signal
+    import subprocess
+    import sys
+
+    from zviz import _workdir
+
+    dest = tmp_path / "t"
+
+    async def make():
+        async with zviz.open_sandbox(zviz.Policy.shell()) as sb:
+            await sb.write_file("f", b"x")
+            await sb.snapshot(dest)
+
+    trio.run(make)
+    mounts, before = _overlays(), zviz_tempdirs()
+    code = ("import sys, trio, zviz\n"
+            "async def main():\n"
+            "    async with zviz.open_sandbox(zviz.Policy.shell(), template=sys.argv[1]) as sb:\n"
+            "        print(sb.workdir, flush=True)\n"
+            "        await trio.sleep(60)\n"
+            "trio.run(main)\n")
+    p = subprocess.Popen([sys.executable, "-c", code, str(dest)], stdout=subprocess.PIPE, env=dict(
+        os.environ, TMPDIR=tempfile.gettempdir()))
+    try:
+        workdir = p.stdout.readline().decode().strip()
+        assert workdir and _overlays() == mounts + 1
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        p.stdout.close()
+    assert _overlays() == mounts + 1  # left mounted by the dead owner
+    from zviz import _hostside
+
+    stale = _workdir.sweep(min_age=0, on_stale=_hostside.reclaim)
+    assert any(s.path == workdir for s in stale)
+    assert _overlays() == mounts
+    assert not os.path.exists(workdir)
+    assert zviz_tempdirs() <= before
+    assert (dest / "files" / "f").read_bytes() == b"x"
