@@ -48,6 +48,21 @@ def unmount(path: str) -> None:
     _kernel.umount_detach(path)
 
 
+def unmount_all(path: str, dev: int) -> None:
+    """Detach whatever is mounted on `path` (a dead owner's workdir: a
+    template's overlay, this tmpfs, or both) until it is on `dev` (its
+    parent's filesystem) again: removing it first would empty the mounts and
+    fail on their mount point. Root; `path` lies in zviz's private parent,
+    out of every sandbox's reach."""
+    for _ in range(4):
+        try:
+            if os.stat(path, follow_symlinks=False).st_dev == dev:
+                return
+        except OSError:
+            return
+        _kernel.umount_detach(path)
+
+
 def used(path: str) -> tuple[int, int]:
     """(bytes used, bytes free) of the workdir's filesystem."""
     with contextlib.suppress(OSError):

@@ -53,6 +53,7 @@ from collections.abc import Callable
 
 import attrs
 
+from ._disk import unmount_all
 from ._errors import PolicyError, SandboxSetupError
 from ._rmtree import OverBudget, remove_tree
 
@@ -443,7 +444,9 @@ def _check(base: int, name: str, gated: bool, names: set[str], live: set[str], d
             return s
         if on_stale is not None:
             on_stale(s)
-        _unmount_left(base, name, gated)
+        if os.geteuid() == 0:  # what a dead owner left mounted on it (template overlay, fs.disk tmpfs)
+            unmount_all(os.path.join(base_path(gated), name, WORK) if gated else os.path.join(base_path(gated), name),
+                        os.fstat(base).st_dev)
         if gated:
             remove_tree(entry, WORK)
             for m in (KEPT, ABANDONED):
@@ -461,25 +464,6 @@ def _check(base: int, name: str, gated: bool, names: set[str], live: set[str], d
     finally:
         if entry >= 0:
             os.close(entry)
-
-
-def _unmount_left(base: int, name: str, gated: bool) -> None:
-    """Root: what a dead owner left mounted on its workdir (a template's
-    overlay, fs.disk's tmpfs) is detached before the removal, which would
-    otherwise empty the mount and fail on its mount point. The path lies in
-    our private parent: the sandbox cannot have changed it."""
-    if os.geteuid() != 0:
-        return
-    from . import _kernel
-
-    path = os.path.join(base_path(gated), name, WORK) if gated else os.path.join(base_path(gated), name)
-    for _ in range(4):  # an overlay over a tmpfs: two
-        try:
-            if os.stat(path, follow_symlinks=False).st_dev == os.fstat(base).st_dev:
-                return
-        except OSError:
-            return
-        _kernel.umount_detach(path)
 
 
 _sweep_lock = threading.Lock()
