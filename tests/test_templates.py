@@ -318,3 +318,37 @@ def test_a_crashed_owners_template_sandbox_is_swept(tmp_path):
     assert not os.path.exists(workdir)
     assert zviz_tempdirs() <= before
     assert (dest / "files" / "f").read_bytes() == b"x"
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="the overlay is a root caller's")
+def test_unclosed_template_sandbox_is_unmounted(tmp_path):
+    """A sandbox nobody closed: its loop ends, the finalizer unmounts the
+    overlay before the workdir goes (which would otherwise empty the view)."""
+    import gc
+
+    dest = tmp_path / "t"
+
+    async def make():
+        async with zviz.open_sandbox(zviz.Policy.shell()) as sb:
+            await sb.write_file("f", b"x")
+            await sb.snapshot(dest)
+
+    trio.run(make)
+    mounts, before = _overlays(), zviz_tempdirs()
+
+    async def leak():
+        sb = await zviz.Sandbox.create(zviz.Policy.shell(), template=dest)
+        assert _overlays() == mounts + 1
+        return sb.workdir
+
+    def leak_and_collect() -> str:
+        workdir = trio.run(leak)
+        gc.collect()
+        return workdir
+
+    with pytest.warns(ResourceWarning):
+        workdir = leak_and_collect()
+    assert _overlays() == mounts
+    assert not os.path.exists(workdir)
+    assert zviz_tempdirs() <= before
+    assert (dest / "files" / "f").read_bytes() == b"x"

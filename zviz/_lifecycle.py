@@ -21,7 +21,7 @@ import anyio
 import anyio.abc
 import sniffio
 
-from . import _disk, _hostside, _process
+from . import _hostside, _process
 from ._events import EventLog
 from ._hostside import HostSide
 from ._process import Process
@@ -139,10 +139,8 @@ class Life:
         if self.egress is not None:
             self.egress.close_now()
         self.runner.close()
-        if self.resources.disk_mounted:  # teardown could not run (the loop is gone): unmount at least
-            with contextlib.suppress(OSError):
-                _disk.unmount(self.path)
-            self.resources.disk_mounted = False
+        with contextlib.suppress(OSError):  # teardown could not run (the loop is gone): unmount at least
+            self.resources.unmount_now()
         with contextlib.suppress(Exception):
             _hostside.release_now(self.host)  # (idempotent: done already unless teardown could not run)
 

@@ -64,6 +64,20 @@ class HostResources:
         used = _disk.used(self._workdir)[0] if self.disk_mounted else self._disk_final
         return (self._disk_limit if enforced else None), used
 
+    def unmount_now(self) -> None:
+        """What must go even if teardown could not run (the loop is gone):
+        the template's overlay and the size-capped tmpfs, so that removing
+        the workdir removes files, not the template's view."""
+        if self.template_mounted:
+            self.template_mounted = False
+            _disk.unmount(self._workdir)
+            helper, self._template_helper = self._template_helper, None
+            if helper is not None:
+                _snapshot.reap(helper)
+        if self.disk_mounted:
+            self.disk_mounted = False
+            _disk.unmount(self._workdir)
+
     async def release(self) -> None:
         """After every process of the sandbox is dead: its memory cgroup and its
         size-capped workdir's tmpfs (the files in it go with the mount)."""
