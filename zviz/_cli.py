@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from typing import Any, TypeAlias
 
     from ._policy import Network, Policy
+    from ._sandbox import Sandbox
 
     Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
@@ -246,7 +247,7 @@ async def _run(a: argparse.Namespace) -> int:
         return await _run_in(sb, a, argv, policy)
 
 
-async def _run_in(sb: Any, a: argparse.Namespace, argv: list[str], policy: Policy) -> int:
+async def _run_in(sb: Sandbox, a: argparse.Namespace, argv: list[str], policy: Policy) -> int:
     import json
 
     import anyio
