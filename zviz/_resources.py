@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import os
 import signal
+from typing import TYPE_CHECKING
 
-from . import _cgroup, _disk, _snapshot
+from . import _cgroup, _disk, _kernel
+
+if TYPE_CHECKING:
+    from . import _snapshot
 
 
 class HostResources:
@@ -35,6 +39,8 @@ class HostResources:
     def mount_template(self, template: _snapshot.Template, uid: int, gid: int) -> None:
         """Root: the template's copy-on-write overlay on the workdir (on the
         size-capped tmpfs, if any, which then holds the upper layer)."""
+        from . import _snapshot
+
         self._template_helper = _snapshot.mount(template, self._workdir, uid, gid)
         self.template_mounted = True
 
@@ -73,7 +79,7 @@ class HostResources:
             _disk.unmount(self._workdir)
             helper, self._template_helper = self._template_helper, None
             if helper is not None:
-                _snapshot.reap(helper)
+                _kernel.reap_template_helper(helper)
         if self.disk_mounted:
             self.disk_mounted = False
             _disk.unmount(self._workdir)
@@ -92,7 +98,7 @@ class HostResources:
             _disk.unmount(self._workdir)  # the overlay (its upper layer goes with the workdir)
             helper, self._template_helper = self._template_helper, None
             if helper is not None:
-                _snapshot.reap(helper)
+                _kernel.reap_template_helper(helper)
         if self.disk_mounted:
             if self._disk_final is None:
                 self._disk_final = _disk.used(self._workdir)[0]

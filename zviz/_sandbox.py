@@ -32,7 +32,7 @@ import time
 import warnings
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
@@ -53,7 +53,6 @@ from . import (
     _plan,
     _probe,
     _process,
-    _snapshot,
     _workdir,
 )
 from ._args import OutputCallback
@@ -70,8 +69,11 @@ from ._proxy import FdReceiveStream, FdSendStream
 from ._records import RunResult, SandboxStatistics, Tally
 from ._resources import HostResources
 from ._runner import Runner
-from ._snapshot import SnapshotInfo
 from ._supervisor import DenialEvent, RunAccount, Supervisor
+
+if TYPE_CHECKING:
+    from . import _snapshot
+    from ._snapshot import SnapshotInfo
 
 
 class Sandbox:
@@ -166,8 +168,8 @@ class Sandbox:
             raise SandboxClosedError("this sandbox is closed (aclose() was called, or its `async with` block or "
                                      "event loop ended): open a new one")
 
-    async def snapshot(self, path: str | os.PathLike[str], *, max_files: int = _snapshot.DEFAULT_MAX_FILES,
-                       max_bytes: int = _snapshot.DEFAULT_MAX_BYTES) -> SnapshotInfo:
+    async def snapshot(self, path: str | os.PathLike[str], *, max_files: int = 1_000_000,
+                       max_bytes: int = 16 << 30) -> SnapshotInfo:
         """Save the workspace (the workdir, /workspace inside; not /tmp or
         HOME, which are the sandbox's own tmpfs) as a template at `path` on the
         host (absent or an empty directory): `open_sandbox(template=path)`
@@ -175,6 +177,8 @@ class Sandbox:
         commands started meanwhile wait). The copy never follows a symlink,
         skips fifos, sockets and devices, drops set-id bits and stops at
         `max_files` entries or `max_bytes` of data (docs/templates.md)."""
+        from . import _snapshot  # (imported on first use: not on every open's or the CLI's path)
+
         self._check_open()
         if self._procs:
             raise RuntimeError(f"snapshot: {len(self._procs)} command(s) of this sandbox still run (code contexts "
@@ -604,6 +608,8 @@ async def _create(policy: Policy | None = None, *, workdir: str | os.PathLike[st
         if not owns or keep_workdir:
             raise ValueError("template= starts a fresh workdir that goes with the sandbox: drop workdir= and "
                              "keep_workdir=, and save what you need with `await sb.snapshot(path)`")
+        from . import _snapshot
+
         tmpl = _snapshot.open_template(template, read_write=(*policy.fs.read_write, *(
             b.source for b in policy.fs.binds if not b.read_only)))
     walk = _workdir.sandbox_walks(policy.namespaces.mount, (*policy.fs.read_only, *policy.fs.read_write))
@@ -617,7 +623,9 @@ async def _create(policy: Policy | None = None, *, workdir: str | os.PathLike[st
         resources = HostResources(path, policy.fs.disk)
         try:
             if tmpl is not None and os.geteuid() != 0:  # no mount on the host: a copy (zviz/_snapshot.py)
-                await anyio.to_thread.run_sync(_snapshot.populate, tmpl, path)
+                from ._snapshot import populate
+
+                await anyio.to_thread.run_sync(populate, tmpl, path)
             tally = Tally()
             with _capacity.exhaustion_as_error("prepare"):
                 plan, runner = _prepare(policy, path, owns, features, trace, bool(zygote), tally, resources,

@@ -186,7 +186,7 @@ def prepare_workdir(workdir: str) -> tuple[str, str]:
 def mount(template: Template, workdir: str, uid: int, gid: int) -> bytes:
     """Mount the template's overlay on `workdir` (root: see the module's
     docstring). Nothing is mounted on failure. Returns the helper process
-    that made the idmapping, for `reap` (once, at teardown: not waiting for
+    that made the idmapping, for `_kernel.reap_template_helper` (once, at teardown: not waiting for
     its exit here keeps a scheduler round trip off the sandbox's start)."""
     from . import _kernel
 
@@ -200,13 +200,6 @@ def mount(template: Template, workdir: str, uid: int, gid: int) -> bytes:
                                 "overlayfs, idmapped mounts and fsconfig layers (Linux >= 6.13), and root")
     assert helper is not None
     return helper
-
-
-def reap(helper: bytes) -> None:
-    """Reap a `mount`'s helper process (exactly once)."""
-    from . import _kernel
-
-    _kernel.reap_template_helper(helper)
 
 
 def populate(template: Template, workdir: str) -> SnapshotInfo:
