@@ -21,13 +21,10 @@ thread of its own. `cleanup()` (or `CodeAgent.cleanup()`) closes it.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import weakref
-from collections.abc import Callable
 from typing import Any
 
-import anyio.from_thread
 from smolagents.local_python_executor import CodeOutput
 from smolagents.monitoring import AgentLogger, LogLevel
 from smolagents.remote_executors import RemotePythonExecutor
@@ -35,28 +32,10 @@ from smolagents.tools import get_tools_definition_code
 from smolagents.utils import AgentError
 
 from .._policy import Policy
-from .._tools import SessionConfig, ToolSession
+from .._tools import SessionConfig
+from ._loop import Loop
 
 __all__ = ["ZvizExecutor"]
-
-
-class _Loop:
-    """A private event-loop thread (trio) and the session that lives in it."""
-
-    def __init__(self, config: SessionConfig) -> None:
-        self._stack = contextlib.ExitStack()
-        self.portal = self._stack.enter_context(anyio.from_thread.start_blocking_portal(backend="trio"))
-        self.session = ToolSession(config)
-
-    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return self.portal.call(fn, *args)
-
-    def close(self) -> None:
-        try:
-            with contextlib.suppress(Exception):
-                self.portal.call(self.session.aclose)
-        finally:
-            self._stack.close()
 
 
 def _guard_imports(code: str, missing: set[str]) -> str:
@@ -86,7 +65,7 @@ class ZvizExecutor(RemotePythonExecutor):  # type: ignore[misc]  # (smolagents s
                          allow_pickle=allow_pickle)
         self.policy = policy or Policy.python()
         self.timeout = timeout
-        self._loop = _Loop(SessionConfig(policy=self.policy, python=python))
+        self._loop = Loop(SessionConfig(policy=self.policy, python=python))
         self._finalizer = weakref.finalize(self, self._loop.close)
         try:
             self.installed_packages = self.install_packages(self.additional_imports)
