@@ -14,9 +14,9 @@ PUBLIC = {
 
 
 def test_public_names():
-    # ebpf: a subpackage, imported on demand; sync: the blocking facade (a public module);
+    # ebpf, integrations: subpackages, imported on demand; sync: the blocking facade (a public module);
     # ray: the Ray integration (a public module of the `ray` extra, imported on demand)
-    names = {n for n in dir(zviz) if not n.startswith("_")} - {"ebpf", "sync", "ray"}
+    names = {n for n in dir(zviz) if not n.startswith("_")} - {"ebpf", "integrations", "sync", "ray"}
     assert names == PUBLIC
     assert sorted(zviz.__all__) == sorted(PUBLIC) and len(zviz.__all__) == len(PUBLIC)
     namespace: dict[str, object] = {}
