@@ -14,9 +14,10 @@ import pytest
 # on asyncio), libseccomp's binding (the filter comes from the start-up cache),
 # the code-context and file-transfer-only machinery of a trio caller, TOML
 # parsing without --policy.
-NEVER_FOR_RUN = {"trio", "pyseccomp", "tomllib", "zviz.sync", "zviz._trace", "zviz._oci", "zviz._generate"}
+NEVER_FOR_RUN = {"trio", "pyseccomp", "tomllib", "zviz.sync", "zviz._trace", "zviz._oci", "zviz._generate",
+                 "mcp", "zviz._mcp"}
 # `zviz --help` builds the parser and nothing else of zviz
-HEAVY = {"trio", "anyio", "asyncio", "attrs", "attr", "pyseccomp", "typing"}
+HEAVY = {"trio", "anyio", "asyncio", "attrs", "attr", "pyseccomp", "typing", "mcp", "zviz._mcp"}
 
 LIST_MODULES = textwrap.dedent("""
     import atexit, sys
@@ -45,7 +46,7 @@ def test_help_imports_nearly_nothing(tmp_path):
     assert {m for m in mods if m.startswith("zviz")} == {"zviz", "zviz._cli", "zviz._errors", "zviz._version"}
 
 
-@pytest.mark.parametrize("sub", ["run", "gc", "check", "trace"])
+@pytest.mark.parametrize("sub", ["run", "gc", "check", "trace", "mcp"])
 def test_subcommand_help_imports_nearly_nothing(tmp_path, sub):
     p, mods = _modules(tmp_path, sub, "--help")
     assert p.returncode == 0 and f"usage: zviz {sub}" in p.stdout
