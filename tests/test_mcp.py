@@ -243,3 +243,38 @@ async def test_http_sessions_cap_end_and_idle():
             assert "idle-timeout" in text(r) and "result: 3" in text(r)
         assert proc.poll() is None
     assert not processes_with(f"sleep {m1}") and not processes_with(f"sleep {m2}")
+
+
+def test_sigterm_closes_the_sandboxes():
+    """A client that kills its stdio server instead of closing the pipe: the
+    server closes its sandbox before it exits (raw JSON-RPC, no SDK)."""
+    import json
+
+    marker = f"{2000 + os.getpid() % 1000}.{time.monotonic_ns() % 1000}"
+    p = subprocess.Popen(ZVIZ_MCP, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+    def call(msg: dict) -> dict | None:
+        p.stdin.write((json.dumps({"jsonrpc": "2.0", **msg}) + "\n").encode())
+        p.stdin.flush()
+        return json.loads(p.stdout.readline()) if "id" in msg else None
+
+    try:
+        call({"id": 1, "method": "initialize", "params": {"protocolVersion": "2025-06-18", "capabilities": {},
+                                                          "clientInfo": {"name": "test", "version": "1"}}})
+        call({"method": "notifications/initialized"})
+        r = call({"id": 2, "method": "tools/call", "params": {"name": "run_python", "arguments": {
+            "code": f"import subprocess\nq = subprocess.Popen(['sleep', '{marker}'])"}}})
+        assert r["result"]["isError"] is False
+        deadline = time.monotonic() + 5
+        while not processes_with(f"sleep {marker}"):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        p.terminate()
+        assert p.wait(20) == 0
+        assert not processes_with(f"sleep {marker}")
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        p.stdin.close()
+        p.stdout.close()

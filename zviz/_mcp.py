@@ -28,6 +28,7 @@ import contextlib
 import json
 import math
 import os
+import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
@@ -265,10 +266,23 @@ async def serve_stdio(sessions: Sessions) -> None:
     try:
         async with stdio_server() as (read, write), anyio.create_task_group() as tg:
             tg.start_soon(sessions.reap)
+            tg.start_soon(_stop_on_signals, sessions)
             await server.run(read, write, server.create_initialization_options())
             tg.cancel_scope.cancel()
     finally:
         await sessions.aclose()
+
+
+async def _stop_on_signals(sessions: Sessions) -> None:
+    """SIGTERM/SIGHUP (a client that kills its server rather than closing the
+    pipe): close the sandboxes, then exit. (Cancelling the server is not
+    enough: the SDK reads stdin in a worker thread that a cancellation does
+    not interrupt.)"""
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP) as signals:
+        async for _ in signals:
+            await sessions.aclose()
+            sys.stdout.flush()
+            os._exit(0)
 
 
 Scope = MutableMapping[str, Any]
