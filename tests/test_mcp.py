@@ -149,6 +149,20 @@ async def test_stdio_cancellation_interrupts_the_cell():
         assert not r.is_error and "result: 8" in text(r), text(r)
 
 
+async def test_a_broken_context_is_restarted_and_said():
+    """Code that breaks the context's protocol (a forged frame header on its
+    control socket) is a tool error; the next call gets a fresh Python."""
+    forge = ("import gc, socket\n"
+             "s = [o for o in gc.get_objects() if isinstance(o, socket.socket)][0]\n"
+             "s.sendall(b'\\xff' * 64)\nimport time\ntime.sleep(1)")
+    async with Client(stdio()) as client:
+        await client.call_tool("run_python", {"code": "x = 1"})
+        r = await client.call_tool("run_python", {"code": forge})
+        assert r.is_error and "CodeContextError: code context broken" in text(r), text(r)
+        r = await client.call_tool("run_python", {"code": "'x' in dir()"})
+        assert not r.is_error and "result: False" in text(r) and "Python process was restarted" in text(r)
+
+
 @pytest.mark.skipif(not HAVE_VENV, reason="no .venv-sandbox (scripts/setup-testvenv.sh builds it): matplotlib")
 async def test_figure_comes_back_as_image_content():
     async with Client(stdio()) as client:
@@ -278,3 +292,15 @@ def test_sigterm_closes_the_sandboxes():
             p.wait()
         p.stdin.close()
         p.stdout.close()
+
+
+@pytest.mark.parametrize(("args", "status", "says"), [
+    (["--http", "nonsense"], 2, "--http takes HOST:PORT"),
+    (["--max-sessions", "0"], 2, "--max-sessions must be at least 1"),
+    (["--idle-timeout", "-1"], 2, "--idle-timeout must be a positive number"),
+    (["--policy", "/nonexistent/p.toml"], 125, "/nonexistent/p.toml"),
+    (["--preset", "nope"], 125, "nope"),
+])
+def test_cli_errors(args, status, says):
+    r = subprocess.run([*ZVIZ_MCP, *args], capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert r.returncode == status and says in r.stderr, (r.returncode, r.stderr)

@@ -72,6 +72,10 @@ class ToolSession:
         async with self._lock:
             if self._ctx is None or self._ctx.closed:
                 self._ctx = await sb.create_code_context(preload=self.config.preload, python=self.config.python)
+            elif self._ctx.broken is not None:  # the code in it broke the protocol: a fresh process, and say so
+                reason = self._ctx.broken
+                await self._ctx.restart()
+                self.note = f"the Python process was restarted ({reason[:200]}): every variable was lost"
             return self._ctx
 
     async def close_sandbox(self, note: str | None = None) -> bool:
