@@ -120,7 +120,7 @@ class ZvizExecutor(RemotePythonExecutor):  # type: ignore[misc]  # (smolagents s
         if not modules:
             return []
         missing = self._probe(modules)
-        if missing and self.policy.net.mode != "none":
+        if missing and self.policy.net.mode in ("allow", "domains"):  # egress (docs/network.md)
             r = self._loop.call(self._loop.session.run_command,
                                 [self._loop.session.config.python, "-m", "pip", "install", "--user", "-q", *missing],
                                 None, None)
