@@ -25,7 +25,7 @@ pytestmark = pytest.mark.anyio
 VENV = pathlib.Path(__file__).resolve().parent.parent / ".venv-sandbox"
 VENV_PY = str(VENV / "bin" / "python")
 HAVE_VENV = os.access(VENV_PY, os.X_OK)
-ZVIZ_MCP = [sys.executable, "-m", "zviz._cli", "mcp"]
+ZVIZ_MCP = [sys.executable, "-m", "zviz", "mcp"]
 
 
 @pytest.fixture(params=["trio", "asyncio"])
@@ -133,7 +133,7 @@ async def test_stdio_tools_state_files_errors_and_session_end():
         await start_sleeper(client, marker)
     # the client closed the pipe: the server closed the session's sandbox and exited
     assert await gone(f"sleep {marker}"), "the sandbox outlived its session"
-    assert await gone("zviz._cli mcp --ro") or not HAVE_VENV
+    assert await gone("-m zviz mcp --ro") or not HAVE_VENV  # the server exited
 
 
 async def test_stdio_cancellation_interrupts_the_cell():

@@ -10,6 +10,10 @@ does) that imports what it needs, and async ones run on asyncio through anyio
 (trio, ~60 ms of imports, is never loaded). `zviz --help` loads no other module of
 zviz; tests/test_cli_imports.py keeps it that way. To add a subcommand: write the
 two functions and list `_add_<cmd>` in `_SUBCOMMANDS`.
+
+Why this module is long: every subcommand's arguments must be here (`zviz
+--help` sees them without importing anything else), with the glue of each; what
+the subcommands do lives in the modules they import lazily.
 """
 
 from __future__ import annotations
@@ -456,36 +460,27 @@ def _cmd_check(a: argparse.Namespace) -> int:
 
 
 def _add_mcp(sub: Subparsers) -> None:
-    m = sub.add_parser("mcp", help="serve sandboxes to MCP clients (stdio, or streamable HTTP)",
-                       description="An MCP server whose tools (run_python, run_command, write_file, read_file, "
-                       "list_files, reset) run in a sandbox of their own per client session (docs/integrations.md).")
+    m = sub.add_parser("mcp", help="serve sandboxes to MCP clients: a sandbox and a Python per session "
+                       "(docs/integrations.md)")
     m.set_defaults(func=_cmd_mcp)
     src = m.add_mutually_exclusive_group()
     src.add_argument("--policy", metavar="FILE", help="policy file: zviz TOML, or an OCI seccomp profile (JSON)")
     src.add_argument("--preset", metavar="NAME", help="python | shell (default: shell)")
     m.add_argument("--ro", metavar="PATH", action="append", default=[], help="add a read-only path (e.g. a venv)")
-    m.add_argument("--python", metavar="PATH", default="python3",
-                   help="run_python's interpreter inside the sandbox (e.g. a venv's bin/python, with --ro VENV)")
+    m.add_argument("--python", metavar="PATH", default="python3", help="run_python's interpreter, inside (a venv's)")
     m.add_argument("--http", metavar="HOST:PORT", help="serve streamable HTTP at http://HOST:PORT/mcp (default: stdio)")
     m.add_argument("--idle-timeout", metavar="S", type=float, default=600.0,
                    help="close a session's sandbox after S seconds without a tool call (default 600)")
-    m.add_argument("--max-sessions", metavar="N", type=int, default=16,
-                   help="most concurrent HTTP sessions, each with its sandbox (default 16)")
+    m.add_argument("--max-sessions", metavar="N", type=int, default=16, help="most HTTP sessions at once (16)")
 
 
 def _cmd_mcp(a: argparse.Namespace) -> int:
     try:
         from . import _mcp
     except ImportError as e:  # the optional extra
-        raise FeatureUnavailable("zviz mcp", f"the mcp package cannot be imported ({e})",
-                                 "pip install 'zviz[mcp]'") from None
-    try:
-        return _mcp.cli(a.policy, a.preset, a.ro, a.python, http=a.http, idle_timeout=a.idle_timeout,
-                        max_sessions=a.max_sessions)
-    except ValueError as e:
-        if isinstance(e, PolicyError):
-            raise
-        raise UsageError(str(e)) from None
+        raise FeatureUnavailable("zviz mcp", f"mcp cannot be imported ({e})", "pip install 'zviz[mcp]'") from None
+    return _mcp.cli(a.policy, a.preset, a.ro, a.python, http=a.http, idle_timeout=a.idle_timeout,
+                    max_sessions=a.max_sessions)
 
 
 _SUBCOMMANDS: tuple[Callable[[Subparsers], None], ...] = (_add_run, _add_gc, _add_check, _add_trace, _add_mcp)

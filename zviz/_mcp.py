@@ -394,7 +394,19 @@ def policy_of(path: str | None, preset: str | None, read_only: Sequence[str]) ->
 
 def cli(path: str | None, preset: str | None, read_only: Sequence[str], python: str, *, http: str | None,
         idle_timeout: float | None, max_sessions: int | None) -> int:
-    """`zviz mcp` (its arguments as the CLI parsed them)."""
+    """`zviz mcp` (its arguments as the CLI parsed them); a bad one is the CLI's usage error."""
+    from ._cli import UsageError
+
+    try:
+        return _serve(path, preset, read_only, python, http=http, idle_timeout=idle_timeout, max_sessions=max_sessions)
+    except ValueError as e:
+        if isinstance(e, PolicyError):
+            raise
+        raise UsageError(str(e)) from None
+
+
+def _serve(path: str | None, preset: str | None, read_only: Sequence[str], python: str, *, http: str | None,
+           idle_timeout: float | None, max_sessions: int | None) -> int:
     config = SessionConfig(policy=policy_of(path, preset, read_only), python=python)
     if idle_timeout is not None and not (idle_timeout > 0 and math.isfinite(idle_timeout)):
         raise ValueError(f"--idle-timeout must be a positive number of seconds, not {idle_timeout!r}")
