@@ -10,6 +10,7 @@ PUBLIC = {
     "SYSCALL_GROUPS", "Sandbox", "SandboxClosedError", "SandboxSetupError", "SandboxStatistics", "StreamOutput",
     "Syscalls", "SnapshotInfo", "TemplateError",
     "UnsupportedKernelError", "ZvizError", "ZvizWarning", "open_sandbox", "probe_host",
+    "set_pool_size",
 }
 
 

@@ -53,6 +53,7 @@ if TYPE_CHECKING:  # what a type checker and an IDE see: the same names, importe
         Policy as Policy,
         Syscalls as Syscalls,
     )
+    from ._pool import set_pool_size as set_pool_size
     from ._probe import KernelFeatures as KernelFeatures, probe as probe_host
     from ._process import Process as Process
     from ._records import RunResult as RunResult, SandboxStatistics as SandboxStatistics
@@ -75,6 +76,7 @@ _LAZY: dict[str, tuple[str, str]] = {
         "SYSCALL_GROUPS", "Bind", "Endpoint", "Filesystem", "Limits", "Namespaces", "Network", "Policy", "Syscalls")},
     "KernelFeatures": ("._probe", "KernelFeatures"),
     "probe_host": ("._probe", "probe"),
+    "set_pool_size": ("._pool", "set_pool_size"),
     "Process": ("._process", "Process"),
     "RunResult": ("._records", "RunResult"),
     "SandboxStatistics": ("._records", "SandboxStatistics"),
@@ -124,6 +126,7 @@ __all__ = [
     "ZvizWarning",
     "open_sandbox",
     "probe_host",
+    "set_pool_size",
 ]
 assert set(__all__) == set(_LAZY)  # one list of public names, checked at import
 

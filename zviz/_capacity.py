@@ -89,6 +89,10 @@ class _Gate:
                 self._waiters.remove(me)
             raise
 
+    def waiting(self) -> bool:
+        """Someone waits for a slot (the sandbox pool then makes none)."""
+        return bool(self._waiters)
+
     def leave(self) -> None:
         with self._lock:
             self.active -= 1

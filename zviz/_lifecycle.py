@@ -103,6 +103,7 @@ class Life:
         self.description = ""
         self.contexts: CodeContexts | None = None  # the sandbox's code contexts (closed at teardown)
         self.egress: EgressProxy | None = None  # net.mode = "domains": its proxy (every connection closed at teardown)
+        self.pooled = False  # pre-started, waiting in the pool (_pool.py): nobody's to close yet
 
     def process_ended(self, proc: Process, *, account: RunAccount, zrun: bool) -> None:
         self.procs.discard(proc)
@@ -184,7 +185,7 @@ async def serve(life: Life, monitor_cm: contextlib.AbstractAsyncContextManager[A
                 try:
                     await life.close_requested.wait()
                 except BaseException:
-                    if not life.closing:  # the loop is ending with the sandbox open
+                    if not life.closing and not life.pooled:  # the loop is ending with the sandbox open
                         life.closing = True
                         with contextlib.suppress(Exception):
                             warnings.warn(f"unclosed {life.description} when its event loop ended: close it "

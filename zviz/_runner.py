@@ -51,7 +51,13 @@ class Runner:
                  use_zygote: bool, tally: Tally) -> None:
         self._plan = plan
         self._stage = stage
-        self._stage_packed = stage.pack()  # once per sandbox
+        # Packed once per sandbox, and only the stage it spawns with: the zygote's
+        # (then a full spawn, e.g. after the zygote is gone for good, packs its own
+        # when first needed) or the full one. Packing checks the tables: a
+        # sandbox whose stage cannot be packed fails here, before it is opened.
+        self._zygote_stage = _plan.zygote_stage_spec(stage) if use_zygote else None
+        self._zygote_packed = self._zygote_stage.pack() if self._zygote_stage is not None else None
+        self._stage_packed: bytes | None = None if use_zygote else stage.pack()
         self._init_fd = init_fd
         self._cgroup_fd = cgroup_fd  # the memory cgroup's cgroup.procs (-1: none)
         self._base_env = dict(plan.env)
@@ -108,6 +114,8 @@ class Runner:
         spawn = _plan.command_spec(self._plan, exe=cmd.exe, argv=cmd.argv, envp=cmd.envp,
                                    stdio=(stdio[0], stdio[1], stdio[2]), status_fd=status_fd, init_fd=self._init_fd,
                                    track=self._track, cgroup_fd=self._cgroup_fd)
+        if self._stage_packed is None:
+            self._stage_packed = self._stage.pack()
         return _kernel.spawn(self._stage, self._stage_packed, spawn)
 
     def discard(self, spawned: _kernel.Spawned, zrun: bool) -> None:
@@ -171,12 +179,13 @@ class Runner:
     def _spawn_zygote(self, supervisor: Supervisor) -> None:
         ours, theirs = _zygote.control_pair()
         try:
-            stage = _plan.zygote_stage_spec(self._stage)
+            stage = self._zygote_stage if self._zygote_stage is not None else _plan.zygote_stage_spec(self._stage)
+            packed = self._zygote_packed if self._zygote_packed is not None else stage.pack()
             map_fd, value = self._track
             track = (map_fd, value | _SKIP_EXEC) if map_fd >= 0 else self._track  # counted from the program's exec
             cmd = _plan.zygote_command(self._plan, stage, ctrl_fd=theirs.fd, devnull=self._devnull.fd,
                                        init_fd=self._init_fd, track=track, cgroup_fd=self._cgroup_fd)
-            spawned = _kernel.spawn(stage, stage.pack(), cmd)
+            spawned = _kernel.spawn(stage, packed, cmd)
         except BaseException:
             ours.close()
             raise

@@ -51,6 +51,7 @@ from . import (
     _lifecycle,
     _linux,
     _plan,
+    _pool,
     _probe,
     _process,
     _workdir,
@@ -499,7 +500,8 @@ def _weak_start(sb: Sandbox) -> Callable[..., Awaitable[Process]]:
 
 def _prepare(policy: Policy, workdir: str, owns_workdir: bool, features: _probe.KernelFeatures, trace: Any,
              zygote_allowed: bool, tally: Tally, resources: HostResources,
-             host_ids: tuple[int, int], template: _snapshot.Template | None = None) -> tuple[_plan.SandboxPlan, Runner]:
+             host_ids: tuple[int, int], template: _snapshot.Template | None = None,
+             warn: bool = True) -> tuple[_plan.SandboxPlan, Runner]:
     """Plan the sandbox once (it does not depend on the command) and make
     its Runner. Planning now also reports degraded layers once, and fails early."""
     f = features
@@ -556,9 +558,8 @@ def _prepare(policy: Policy, workdir: str, owns_workdir: bool, features: _probe.
                     cgroup_fd=resources.cgroup.procs.fd if resources.cgroup is not None else -1,
                     use_zygote=use_zygote, tally=tally)
     try:
-        if probe_plan.degraded:
-            warnings.warn("zviz sandbox runs degraded: " + "; ".join(probe_plan.degraded), ZvizWarning,
-                          stacklevel=4)
+        if probe_plan.degraded and warn:  # (a pooled sandbox warns when it is handed out)
+            _warn_degraded(probe_plan.degraded, stacklevel=5)
         if probe_plan.disk is not None and owns_workdir:
             resources.mount_disk(probe_plan.disk, probe_plan.host_uid, probe_plan.host_gid)
         if template is not None and os.geteuid() == 0:
@@ -567,6 +568,10 @@ def _prepare(policy: Policy, workdir: str, owns_workdir: bool, features: _probe.
         runner.close()
         raise
     return probe_plan, runner
+
+
+def _warn_degraded(degraded: tuple[str, ...], stacklevel: int) -> None:
+    warnings.warn("zviz sandbox runs degraded: " + "; ".join(degraded), ZvizWarning, stacklevel=stacklevel)
 
 
 def _resolve_endpoints(policy: Policy) -> frozenset[tuple[str, int]]:
@@ -588,12 +593,21 @@ def _resolve_endpoints(policy: Policy) -> frozenset[tuple[str, int]]:
 
 async def _create(policy: Policy | None = None, *, workdir: str | os.PathLike[str] | None = None,
                   keep_workdir: bool = False, monitor: bool | object = False, trace: Any = None,
-                  zygote: bool = True, template: str | os.PathLike[str] | None = None) -> Sandbox:
-    """`Sandbox.create` with the private settings (zviz trace's, the benchmarks')."""
+                  zygote: bool = True, template: str | os.PathLike[str] | None = None,
+                  pooled: bool = False) -> Sandbox:
+    """`Sandbox.create` with the private settings (zviz trace's, the benchmarks';
+    `pooled`: made by the sandbox pool, _pool.py)."""
     if policy is None:
         policy = Policy.shell()
     if not isinstance(policy, Policy):
         raise TypeError(f"policy must be a zviz.Policy, not {type(policy).__name__}")
+    if (not pooled and workdir is None and template is None and not keep_workdir and not monitor and trace is None
+            and zygote):
+        ready = _pool.take(policy)  # a pre-started sandbox of exactly this policy (only what a fresh one would be)
+        if ready is not None:
+            if ready._degraded:
+                _warn_degraded(ready._degraded, stacklevel=4)
+            return ready
     features = _probe.probe()
     given = None
     if workdir is not None:
@@ -629,7 +643,7 @@ async def _create(policy: Policy | None = None, *, workdir: str | os.PathLike[st
             tally = Tally()
             with _capacity.exhaustion_as_error("prepare"):
                 plan, runner = _prepare(policy, path, owns, features, trace, bool(zygote), tally, resources,
-                                        host_ids, tmpl)
+                                        host_ids, tmpl, warn=not pooled)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await resources.release()
@@ -641,6 +655,7 @@ async def _create(policy: Policy | None = None, *, workdir: str | os.PathLike[st
             await _hostside.release(side)
         raise
     life = Life(runner, tally, EventLog[DenialEvent | EgressEvent](), side, resources)
+    life.pooled = pooled
     sb = Sandbox(policy, path, plan, life, resources, trace=trace)
     life.description = repr(sb)
     try:

@@ -1,0 +1,251 @@
+"""The pool of pre-started sandboxes (zviz/_pool.py): a pooled sandbox is a
+fresh sandbox made early, and nothing else.
+
+What the tests check from the host: namespace inodes (/proc/PID/ns/*) of the
+sandboxes' zygotes, workdir paths, files, processes and pid numbers seen
+inside, what is left on disk and running after the loop ends."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import anyio
+import attrs
+import pytest
+import trio
+
+import zviz
+from zviz import _pool
+
+from .conftest import needs_userns
+
+pytestmark = needs_userns()
+
+
+@pytest.fixture
+def pool_size():
+    """Set the pool's size for one test; back to the environment's after."""
+    yield zviz.set_pool_size
+    zviz.set_pool_size(None)
+
+
+async def _filled(policy: zviz.Policy, n: int, timeout: float = 20.0) -> list[zviz.Sandbox]:
+    """Wait (idle: the pool fills only while its loop is idle) until `n` are ready."""
+    pool = _pool.current()
+    assert pool is not None
+    with anyio.fail_after(timeout):
+        while len(pool.ready.get(policy, ())) < n:
+            await anyio.sleep(0.01)
+    return list(pool.ready[policy])
+
+
+def _ns(sb: zviz.Sandbox) -> dict[str, int]:
+    pid = sb._zygote.pid
+    return {k: os.stat(f"/proc/{pid}/ns/{k}").st_ino for k in ("user", "pid", "mnt", "net", "ipc", "uts")}
+
+
+PROBE = ("echo pid=$$; ls -A /tmp | tr '\\n' ' '; echo; ls -A . | tr '\\n' ' '; echo; "
+         "ls /proc | grep -c '^[0-9]'")
+
+
+@pytest.mark.trio
+async def test_pooled_sandboxes_are_fresh_and_apart(pool_size):
+    pool_size(2)
+    policy = zviz.Policy.python()
+    async with zviz.open_sandbox(policy) as first:  # a miss: made by the caller; the pool fills behind it
+        fresh = await first.run(["sh", "-c", PROBE])
+    pooled = await _filled(policy, 2)
+    async with zviz.open_sandbox(policy) as a, zviz.open_sandbox(policy) as b:
+        assert {a, b} == set(pooled)  # both came from the pool
+        assert a.workdir != b.workdir and os.path.isdir(a.workdir) and os.path.isdir(b.workdir)
+        assert os.listdir(a.workdir) == [] and os.listdir(b.workdir) == []
+        na, nb = _ns(a), _ns(b)
+        for kind in na:  # every namespace its own (the host sees different inodes)
+            assert na[kind] != nb[kind], kind
+        # A leaves files in its /tmp and workdir and a process behind; B sees none of it
+        await a.run(["sh", "-c", "echo x > /tmp/left; echo y > left; (sleep 60 &)"])
+        ra, rb = await a.run(["sh", "-c", PROBE]), await b.run(["sh", "-c", PROBE])
+        assert b"left" in ra.stdout
+        # B looks exactly like a fresh, unpooled sandbox's first command: same pid
+        # number in its own pid namespace, empty /tmp and workdir, as many processes
+        assert rb.stdout == fresh.stdout, (rb.stdout, fresh.stdout)
+        assert b"left" not in rb.stdout
+    assert not os.path.exists(a.workdir) and not os.path.exists(b.workdir)
+
+
+@pytest.mark.trio
+async def test_a_pooled_sandbox_is_handed_out_once(pool_size):
+    pool_size(1)
+    policy = zviz.Policy.python()
+    seen: list[zviz.Sandbox] = []
+    async with zviz.open_sandbox(policy):  # the pool learns the policy at its first request
+        pass
+    for _ in range(3):
+        await _filled(policy, 1)
+        async with zviz.open_sandbox(policy) as sb:
+            assert sb not in seen
+            seen.append(sb)
+            assert not sb.closed
+        assert sb.closed
+    pool = _pool.current()
+    assert pool is not None and all(s not in pool.ready[policy] for s in seen)
+
+
+@pytest.mark.trio
+async def test_pool_is_keyed_by_the_whole_policy(pool_size):
+    pool_size(1)
+    a = zviz.Policy.python()
+    b = attrs.evolve(a, limits=attrs.evolve(a.limits, wall_s=a.limits.wall_s + 1))  # differs in one limit
+    assert a != b
+    async with zviz.open_sandbox(a):
+        pass
+    (pooled_a,) = await _filled(a, 1)
+    async with zviz.open_sandbox(b) as sb:
+        assert sb is not pooled_a and sb.policy == b
+    pool = _pool.current()
+    assert pool is not None and list(pool.ready[a]) == [pooled_a]  # still waiting for a caller of A
+    async with zviz.open_sandbox(attrs.evolve(a)) as sb:  # an equal policy (another object) is served
+        assert sb is pooled_a
+
+
+@pytest.mark.trio
+async def test_other_options_bypass_the_pool(pool_size, tmp_path):
+    pool_size(1)
+    policy = zviz.Policy.python()
+    async with zviz.open_sandbox(policy):
+        pass
+    (pooled,) = await _filled(policy, 1)
+    os.chmod(tmp_path, 0o777)
+    async with zviz.open_sandbox(policy, workdir=tmp_path) as sb:
+        assert sb is not pooled and sb.workdir == os.path.realpath(tmp_path)
+    async with zviz.open_sandbox(policy, keep_workdir=True) as sb:
+        assert sb is not pooled
+        kept = sb.workdir
+    assert os.path.isdir(kept)
+    sb = await zviz.Sandbox.create(policy)  # the other way to open one is served too
+    try:
+        assert sb is pooled
+    finally:
+        await sb.aclose()
+
+
+def _loop_end_script(backend: str) -> str:
+    return textwrap.dedent(f"""
+        import json, os, sys, anyio, zviz
+        from zviz import _pool
+        zviz.set_pool_size(2)
+        policy = zviz.Policy.python()
+        out = {{}}
+        async def main():
+            async with zviz.open_sandbox(policy) as sb:
+                r = await sb.run(["true"])
+                assert r.exit_code == 0
+            pool = _pool.current()
+            with anyio.fail_after(20):
+                while len(pool.ready.get(policy, ())) < 2:
+                    await anyio.sleep(0.01)
+            out["workdirs"] = [s.workdir for s in pool.ready[policy]]
+            out["pids"] = [s._zygote.pid for s in pool.ready[policy]]
+        anyio.run(main, backend={backend!r})
+        print(json.dumps(out))
+    """)
+
+
+@pytest.mark.parametrize("backend", ["trio", "asyncio"])
+def test_the_loop_end_closes_the_pool_and_leaves_nothing(backend, tmp_path):
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    os.chmod(tmp_path, 0o755)
+    p = subprocess.run([sys.executable, "-W", "error", "-c", _loop_end_script(backend)], env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert p.stderr == ""  # no ResourceWarning about the pooled sandboxes
+    out = json.loads(p.stdout)
+    assert len(out["workdirs"]) == 2 and len(out["pids"]) == 2
+    for w in out["workdirs"]:
+        assert not os.path.exists(w), w
+    for pid in out["pids"]:
+        assert not os.path.exists(f"/proc/{pid}"), pid
+    assert os.listdir(tmp_path) in ([], ["zviz-0"]) or all(not os.listdir(tmp_path / d) for d in os.listdir(tmp_path))
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["trio", "asyncio"])
+async def test_pool_on_both_loops(pool_size, anyio_backend):
+    pool_size(1)
+    policy = zviz.Policy.python()
+    async with zviz.open_sandbox(policy):
+        pass
+    (pooled,) = await _filled(policy, 1)
+    async with zviz.open_sandbox(policy) as sb:
+        assert sb is pooled
+        r = await sb.run(["sh", "-c", "echo $$"])
+        assert r.exit_code == 0 and r.stdout.strip().isdigit()
+
+
+@pytest.mark.trio
+async def test_a_failing_refill_is_reported_and_backs_off(pool_size, monkeypatch):
+    calls = []
+
+    async def broken(policy):
+        calls.append(trio.current_time())
+        raise RuntimeError("no more uids (simulated)")
+
+    monkeypatch.setattr(_pool, "make", broken)
+    pool_size(1)
+    policy = zviz.Policy.python()
+    async with zviz.open_sandbox(policy) as sb:  # a miss: the caller's own sandbox works
+        assert (await sb.run(["true"])).exit_code == 0
+    await trio.sleep(1.0)
+    # backs off 0.1, 0.2, 0.4, 0.8 s...: a handful of tries in a second, never a hot loop
+    assert 2 <= len(calls) <= 5, calls
+    gaps = [b - a for a, b in itertools.pairwise(calls)]
+    assert all(g2 > g1 for g1, g2 in itertools.pairwise(gaps)), gaps
+    with pytest.warns(zviz.ZvizWarning, match=r"pre-starting a sandbox failed .*no more uids \(simulated\)"):
+        async with zviz.open_sandbox(policy) as sb:
+            assert (await sb.run(["true"])).exit_code == 0
+    # reported once, not at every open
+    async with zviz.open_sandbox(policy):
+        pass
+
+
+@pytest.mark.trio
+async def test_size_zero_disables_and_lowering_the_size_closes_idle_ones(pool_size):
+    pool_size(0)
+    policy = zviz.Policy.python()
+    async with zviz.open_sandbox(policy):
+        pass
+    await trio.sleep(0.05)
+    assert _pool.current(create=False) is None  # nothing was started
+    pool_size(2)
+    async with zviz.open_sandbox(policy):
+        pass
+    pooled = await _filled(policy, 2)
+    pool_size(0)
+    with trio.fail_after(10):
+        while not all(s.closed for s in pooled):
+            await trio.sleep(0.01)
+    for s in pooled:
+        assert not os.path.exists(s.workdir)
+
+
+def test_size_setting_is_checked(monkeypatch):
+    with pytest.raises(ValueError, match="between 0 and"):
+        zviz.set_pool_size(-1)
+    with pytest.raises(TypeError):
+        zviz.set_pool_size("2")  # type: ignore[arg-type]
+    zviz.set_pool_size(None)
+    monkeypatch.setenv("ZVIZ_POOL_SIZE", "lots")
+    with pytest.raises(zviz.PolicyError, match="ZVIZ_POOL_SIZE"):
+        _pool.pool_size()
+    monkeypatch.setenv("ZVIZ_POOL_SIZE", "3")
+    assert _pool.pool_size() == 3
+    zviz.set_pool_size(0)
+    try:
+        assert _pool.pool_size() == 0  # the call wins over the environment
+    finally:
+        zviz.set_pool_size(None)
