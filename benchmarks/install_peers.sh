@@ -5,6 +5,8 @@
 #   bubblewrap, firejail   Debian packages            (apt-get, root)
 #   gVisor runsc           Debian package "runsc" (or "gvisor") if the archive has one
 #   sandlock               PyPI, into .venv           (pip)
+#   srt, codex             npm, global                (@anthropic-ai/sandbox-runtime, @openai/codex;
+#                          srt also needs Debian's ripgrep and socat)
 #   matplotlib             PyPI, into .venv           (the project's `bench` extra)
 #
 #   sudo benchmarks/install_peers.sh
@@ -65,6 +67,29 @@ apt_peer() {  # apt_peer LABEL BINARY PACKAGE...
 apt_peer bubblewrap bwrap bubblewrap
 apt_peer firejail firejail firejail
 apt_peer "gVisor runsc" runsc runsc gvisor
+
+# ---- npm (global): Anthropic's sandbox-runtime and OpenAI Codex's Linux sandbox
+npm_peer() {  # npm_peer LABEL BINARY PACKAGE
+    local label=$1 bin=$2 pkg=$3
+    if command -v "$bin" >/dev/null 2>&1; then
+        say "already installed: $label ($(command -v "$bin"))"
+        return 0
+    fi
+    if [ $is_root = 0 ]; then
+        say "not installed: $label (needs root for npm install -g: sudo $0)"
+        return 0
+    fi
+    command -v npm >/dev/null 2>&1 || { say "not installed: $label (no npm on this host: apt-get install npm)"; return 0; }
+    if timeout 600 npm install -g --silent "$pkg" >/dev/null 2>&1 && command -v "$bin" >/dev/null 2>&1; then
+        say "installed: $label (npm $pkg $(npm ls -g --depth=0 "$pkg" 2>/dev/null | grep -o '@[0-9][^ ]*$' | tail -1))"
+    else
+        say "not installed: $label (npm install -g $pkg failed)"
+    fi
+}
+apt_peer "ripgrep (for srt)" rg ripgrep
+apt_peer "socat (for srt)" socat socat
+npm_peer "Anthropic sandbox-runtime (srt)" srt @anthropic-ai/sandbox-runtime
+npm_peer "OpenAI Codex (codex sandbox)" codex @openai/codex
 
 # ---- PyPI, into the venv
 if [ ! -x "$VENV_PIP" ]; then

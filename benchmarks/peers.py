@@ -32,6 +32,12 @@ namespaces where the tool has them), with the tool's own defaults otherwise:
               network denied by default; its default syscall blocklist; its
               supervisor answers file opens over seccomp user notification)
 
+  srt         srt CMD   (Anthropic's sandbox-runtime, npm; its defaults without a
+              settings file: no network, the file system read-only; bubblewrap
+              namespaces and a seccomp filter underneath)
+  codex       codex sandbox -- CMD   (OpenAI Codex CLI, npm; its default
+              permission profile: read-only file system, no network, seccomp)
+
 Commands are given relative paths for the workload scripts (W2, W3), run in
 WORKDIR, so every peer's view of the file system finds them.
 """
@@ -244,5 +250,45 @@ class Sandlock(Peer):
         return Run(dt, r.stdout, cpu)
 
 
-def all_peers() -> list[Peer]:
-    return [Bwrap(), Firejail(), Runsc(), Sandlock()]
+class Srt(CliPeer):
+    """Anthropic's sandbox-runtime (npm @anthropic-ai/sandbox-runtime): on Linux,
+    bubblewrap plus a seccomp filter and proxies for the allowed network."""
+
+    binary, package = "srt", ""
+
+    def __init__(self) -> None:
+        super().__init__("srt", "Anthropic sandbox-runtime (srt)",
+                         "srt CMD   (no settings file: its defaults, i.e. no network, the file system read-only; "
+                         "new user, pid and net namespaces, seccomp)")
+
+    def probe(self) -> None:
+        super().probe()
+        if self.reason is None:
+            for dep in ("bwrap", "socat", "rg"):  # what srt checks for before it runs anything
+                if not shutil.which(dep):
+                    self.reason = f"srt needs `{dep}` (sudo benchmarks/install_peers.sh)"
+
+    def wrap(self, argv: list[str], workdir: str) -> list[str]:
+        return ["srt", *argv]
+
+
+class Codex(CliPeer):
+    """OpenAI Codex CLI's Linux sandbox (npm @openai/codex): `codex sandbox`."""
+
+    binary, package = "codex", ""
+
+    def __init__(self) -> None:
+        super().__init__("codex", "OpenAI Codex sandbox (Linux)",
+                         "codex sandbox -- CMD   (its default permission profile: the file system read-only, "
+                         "no network, seccomp, no_new_privs)")
+
+    def wrap(self, argv: list[str], workdir: str) -> list[str]:
+        return ["codex", "sandbox", "--", *argv]
+
+
+def all_peers(per_snippet: bool = False) -> list[Peer]:
+    """The peers of run.py's tables; with `per_snippet`, also the agent tools'
+    sandboxes (srt, codex: read-only by default, so only for benchmarks/cold.py's
+    snippets, which write nothing)."""
+    base: list[Peer] = [Bwrap(), Firejail(), Runsc(), Sandlock()]
+    return [*base, Srt(), Codex()] if per_snippet else base

