@@ -57,6 +57,11 @@ def system_cpu_ms() -> float:
     return (sum(v) - v[3] - v[4]) * 1000 / HZ  # all but idle and iowait
 
 
+def loadavg() -> list[str]:
+    with open("/proc/loadavg") as f:
+        return f.read().split()[:3]
+
+
 def own_cpu_ms() -> float:
     s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return (s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime) * 1e3
@@ -211,7 +216,7 @@ async def main(args: argparse.Namespace) -> dict:
             else:
                 not_installed[p.key] = p.reason
     out: dict = {"host": {"cpus": os.cpu_count(), "kernel": os.uname().release,
-                          "loadavg_start": open("/proc/loadavg").read().split()[:3]},
+                          "loadavg_start": loadavg()},
                  "not_installed": not_installed}
     with tempfile.TemporaryDirectory(prefix="zviz-cold-") as workdir:
         os.chmod(workdir, 0o777)
@@ -237,7 +242,7 @@ async def main(args: argparse.Namespace) -> dict:
                 out["humaneval"] = "not run: scripts/setup-testvenv.sh first (.venv-sandbox)"
             else:
                 out["humaneval"] = await humaneval(peers, workdir, args.he_rounds)
-    out["host"]["loadavg_end"] = open("/proc/loadavg").read().split()[:3]
+    out["host"]["loadavg_end"] = loadavg()
     return out
 
 
