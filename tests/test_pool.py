@@ -249,3 +249,23 @@ def test_size_setting_is_checked(monkeypatch):
         assert _pool.pool_size() == 0  # the call wins over the environment
     finally:
         zviz.set_pool_size(None)
+
+
+def test_the_blocking_facade_never_starts_a_pool(pool_size):
+    # each zviz.sync sandbox runs its own event loop, which ends with it: a
+    # pre-started sandbox there would be made for nothing
+    pool_size(2)
+    made: list[object] = []
+    real = _pool.make
+
+    async def counting(policy):
+        made.append(policy)
+        return await real(policy)
+
+    import unittest.mock
+
+    with unittest.mock.patch.object(_pool, "make", counting):
+        for _ in range(2):
+            with zviz.sync.open_sandbox(zviz.Policy.python()) as sb:
+                assert sb.run(["true"]).exit_code == 0
+    assert made == []

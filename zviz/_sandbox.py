@@ -594,15 +594,16 @@ def _resolve_endpoints(policy: Policy) -> frozenset[tuple[str, int]]:
 async def _create(policy: Policy | None = None, *, workdir: str | os.PathLike[str] | None = None,
                   keep_workdir: bool = False, monitor: bool | object = False, trace: Any = None,
                   zygote: bool = True, template: str | os.PathLike[str] | None = None,
-                  pooled: bool = False) -> Sandbox:
+                  pooled: bool = False, use_pool: bool = True) -> Sandbox:
     """`Sandbox.create` with the private settings (zviz trace's, the benchmarks';
-    `pooled`: made by the sandbox pool, _pool.py)."""
+    `pooled`: made by the sandbox pool, _pool.py; `use_pool=False`: never take
+    a pooled one, e.g. zviz.sync's private loop, which ends with the sandbox)."""
     if policy is None:
         policy = Policy.shell()
     if not isinstance(policy, Policy):
         raise TypeError(f"policy must be a zviz.Policy, not {type(policy).__name__}")
-    if (not pooled and workdir is None and template is None and not keep_workdir and not monitor and trace is None
-            and zygote):
+    if (use_pool and not pooled and workdir is None and template is None and not keep_workdir and not monitor
+            and trace is None and zygote):
         ready = _pool.take(policy)  # a pre-started sandbox of exactly this policy (only what a fresh one would be)
         if ready is not None:
             if ready._degraded:

@@ -82,8 +82,9 @@ class Sandbox:
         """Open a sandbox (arguments of `zviz.open_sandbox`); `close()` it."""
         portal = _Portal()
         try:
+            # (no pool: this loop ends with the sandbox, a pre-started one would be wasted)
             sb = portal.call(_create, policy, workdir=workdir, keep_workdir=keep_workdir, monitor=monitor,
-                             template=template)
+                             template=template, use_pool=False)
         except BaseException:
             portal.stop()
             raise
