@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import anyio
 import attrs
@@ -268,4 +269,5 @@ def test_the_blocking_facade_never_starts_a_pool(pool_size):
         for _ in range(2):
             with zviz.sync.open_sandbox(zviz.Policy.python()) as sb:
                 assert sb.run(["true"]).exit_code == 0
+                time.sleep(0.3)  # its loop idles here: a pool would fill now
     assert made == []
