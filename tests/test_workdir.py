@@ -232,3 +232,22 @@ def test_kill_by_uid_refuses_ids_outside_zvizs_range():
     for uid, gid in ((0, 0), (1000, 1000), (65534, 65534), (0x70000000, 0)):
         with pytest.raises(ValueError, match="outside zviz's range"):
             _kernel.kill_uid(uid, gid)
+
+
+def test_real_path_is_os_path_realpath(tmp_path):
+    from zviz import _workdir
+
+    # the kernel's resolution (O_PATH + /proc/self/fd) names exactly what os.path.realpath does
+    d = tmp_path
+    (d / "a" / "b").mkdir(parents=True)
+    (d / "f").write_text("x")
+    os.symlink("a/b", d / "l")
+    os.symlink(d / "l", d / "l2")
+    os.symlink("../..", d / "a" / "b" / "up")
+    os.symlink("f", d / "lf")
+    os.symlink("missing", d / "dangling")
+    paths = ["/usr", "/lib", "/lib64", "/bin", "/etc", "/dev/null", "/tmp", "/proc/self", "/usr/../etc",
+             "/nonexistent/x", "relative/missing", str(d / "l"), str(d / "l2"), str(d / "a" / "b" / "up"),
+             str(d / "l" / "up" / "l"), f"{d}/a/./b//", str(d / "lf"), str(d / "dangling"), str(d / "f")]
+    for p in paths:
+        assert _workdir.real_path(p) == os.path.realpath(p), p
