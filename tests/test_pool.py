@@ -228,7 +228,7 @@ async def test_size_zero_disables_and_lowering_the_size_closes_idle_ones(pool_si
     pooled = await _filled(policy, 2)
     pool_size(0)
     with trio.fail_after(10):
-        while not all(s.closed for s in pooled):
+        while not all(s._life.done.is_set() for s in pooled):  # closed, and torn down
             await trio.sleep(0.01)
     for s in pooled:
         assert not os.path.exists(s.workdir)

@@ -73,13 +73,9 @@ def base_path(gated: bool = False) -> str:
 def real_path(path: str) -> str:
     """os.path.realpath, but a path that changes while it is resolved (a
     symlink swapped for a directory between lstat and readlink: EINVAL) is
-    the policy's problem, named, not a bare OSError.
-
-    An existing path is resolved by the kernel: an O_PATH open (every symlink
-    followed) and the name of that fd, 3 system calls instead of an lstat
-    per component in Python (~3 us against ~10 us a path; a sandbox resolves
-    ~40). Anything unusual (no /proc, a path that does not exist) takes
-    os.path.realpath."""
+    the policy's problem, named, not a bare OSError. An existing path is
+    resolved by the kernel (O_PATH open, the fd's name: 3 system calls, not
+    an lstat per component); the rest takes os.path.realpath."""
     try:
         fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
     except OSError:
@@ -91,8 +87,6 @@ def real_path(path: str) -> str:
             name = ""
         finally:
             os.close(fd)
-        # the kernel's name of the object (as this process's root sees it): absolute,
-        # unless it is unreachable from here or gone
         if name.startswith("/") and not name.endswith(" (deleted)"):
             return name
     try:
