@@ -32,7 +32,7 @@ namespaces where the tool has them), with the tool's own defaults otherwise:
               network denied by default; its default syscall blocklist; its
               supervisor answers file opens over seccomp user notification)
 
-  srt         srt CMD   (Anthropic's sandbox-runtime, npm; its defaults without a
+  srt         srt -c 'CMD'   (Anthropic's sandbox-runtime, npm; its defaults without a
               settings file: no network, the file system read-only; bubblewrap
               namespaces and a seccomp filter underneath)
   codex       codex sandbox -- CMD   (OpenAI Codex CLI, npm; its default
@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import os
 import resource
+import shlex
 import shutil
 import subprocess
 import time
@@ -258,7 +259,7 @@ class Srt(CliPeer):
 
     def __init__(self) -> None:
         super().__init__("srt", "Anthropic sandbox-runtime (srt)",
-                         "srt CMD   (no settings file: its defaults, i.e. no network, the file system read-only; "
+                         "srt -c 'CMD'   (no settings file: its defaults, i.e. no network, the file system read-only; "
                          "new user, pid and net namespaces, seccomp)")
 
     def probe(self) -> None:
@@ -269,7 +270,8 @@ class Srt(CliPeer):
                     self.reason = f"srt needs `{dep}` (sudo benchmarks/install_peers.sh)"
 
     def wrap(self, argv: list[str], workdir: str) -> list[str]:
-        return ["srt", *argv]
+        # srt joins its arguments into one bash command line unquoted: hand it one, quoted
+        return ["srt", "-c", shlex.join(argv)]
 
 
 class Codex(CliPeer):
