@@ -271,3 +271,25 @@ def test_the_blocking_facade_never_starts_a_pool(pool_size):
                 assert sb.run(["true"]).exit_code == 0
                 time.sleep(0.3)  # its loop idles here: a pool would fill now
     assert made == []
+
+
+def test_zviz_run_never_starts_a_pool(tmp_path):
+    # one command, then the process ends: a pre-started sandbox would be made for nothing
+    os.chmod(tmp_path, 0o755)
+    script = textwrap.dedent("""
+        import sys
+        from zviz import _cli, _pool
+        made = []
+        real = _pool.make
+        async def counting(policy):
+            made.append(policy)
+            return await real(policy)
+        _pool.make = counting
+        code = _cli.main(["run", "--", "sh", "-c", "sleep 0.3; echo ran"])
+        print("made", len(made))
+        sys.exit(code)
+    """)
+    p = subprocess.run([sys.executable, "-c", script], env=dict(os.environ, ZVIZ_POOL_SIZE="2", TMPDIR=str(tmp_path)),
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert "ran" in p.stdout and "made 0" in p.stdout, p.stdout

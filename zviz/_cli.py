@@ -239,11 +239,13 @@ def _cmd_run(a: argparse.Namespace) -> int:
 
 
 async def _run(a: argparse.Namespace) -> int:
-    from ._sandbox import open_sandbox
+    from ._sandbox import _open_sandbox
 
     argv = _argv(a)
     policy = _policy_from_args(a)
-    async with open_sandbox(policy, workdir=a.workdir, monitor=a.monitor, template=a.template) as sb:
+    # (no pool: the process ends with this sandbox, a pre-started one would be wasted)
+    async with _open_sandbox(policy, workdir=a.workdir, monitor=a.monitor, template=a.template,
+                             use_pool=False) as sb:
         if a.snapshot is not None:
             status = await _run_in(sb, a, argv, policy)
             await sb.snapshot(a.snapshot)

@@ -721,10 +721,11 @@ async def open_sandbox(policy: Policy | None = None, *, workdir: str | os.PathLi
 @contextlib.asynccontextmanager
 async def _open_sandbox(policy: Policy | None = None, *, workdir: str | os.PathLike[str] | None = None,
                         keep_workdir: bool = False, monitor: bool | object = False, trace: Any = None,
-                        zygote: bool = True, template: str | os.PathLike[str] | None = None) -> AsyncIterator[Sandbox]:
-    """open_sandbox with the private settings (zviz trace's, the benchmarks')."""
+                        zygote: bool = True, template: str | os.PathLike[str] | None = None,
+                        use_pool: bool = True) -> AsyncIterator[Sandbox]:
+    """open_sandbox with the private settings (zviz trace's, the benchmarks', the CLI's)."""
     sb = await _create(policy, workdir=workdir, keep_workdir=keep_workdir, monitor=monitor, trace=trace,
-                       zygote=zygote, template=template)
+                       zygote=zygote, template=template, use_pool=use_pool)
     try:
         yield sb
     finally:
