@@ -128,6 +128,13 @@ async def test_other_options_bypass_the_pool(pool_size, tmp_path):
         assert sb is not pooled
         kept = sb.workdir
     assert os.path.isdir(kept)
+    snap, wd = tmp_path / "tmpl", tmp_path / "w"
+    wd.mkdir(mode=0o777)
+    os.chmod(wd, 0o777)
+    async with zviz.open_sandbox(policy, workdir=wd) as sb:
+        await sb.snapshot(str(snap))
+    async with zviz.open_sandbox(policy, template=str(snap)) as sb:  # a template: its own fresh workdir
+        assert sb is not pooled
     sb = await zviz.Sandbox.create(policy)  # the other way to open one is served too
     try:
         assert sb is pooled

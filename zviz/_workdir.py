@@ -76,15 +76,10 @@ def real_path(path: str) -> str:
     the policy's problem, named, not a bare OSError. An existing path is
     resolved by the kernel (O_PATH open, the fd's name: 3 system calls, not
     an lstat per component); the rest takes os.path.realpath."""
-    try:
+    with contextlib.suppress(OSError):
         fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
-    except OSError:
-        pass
-    else:
         try:
             name = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            name = ""
         finally:
             os.close(fd)
         if name.startswith("/") and not name.endswith(" (deleted)"):
