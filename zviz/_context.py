@@ -2,7 +2,9 @@
 and warm one-shot snippets (`Sandbox.run_python`).
 
 A context is a process forked off the sandbox's template interpreter (see
-_template); a cell is one "exec" request on its control socket, with fresh
+_template). `run_python` forks one too, or, in a sandbox that has no template
+for its (python, preload, env) yet, starts the driver in its once role: one
+interpreter for that one call, no template (see run_python). A cell is one "exec" request on its control socket, with fresh
 stdout/stderr pipes for the cell's fd 1 and 2. The driver puts /dev/null
 back on fd 1 and 2 before it says "done", so what a cell's leftover thread or
 subprocess writes later lands in a pipe we have stopped reading (or in the
@@ -23,7 +25,7 @@ import json
 import pathlib
 import select
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import attrs
@@ -33,6 +35,9 @@ from ._cell import Cell as _Cell, Event
 from ._errors import CodeContextError
 from ._execution import Execution
 from ._template import Channel, ChannelBroken, Child, Template, await_hello, wait_frame
+
+if TYPE_CHECKING:
+    from ._process import Process
 
 MAX_CODE = 4 * 1024**2
 
@@ -67,6 +72,7 @@ class CodeContexts:
             "MPLBACKEND": "Agg", "MPLCONFIGDIR": f"{cache}/matplotlib",
             "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         self._templates: dict[tuple[str, tuple[str, ...], tuple[tuple[str, str], ...]], Template] = {}
+        self._oneshots: dict[tuple[str, tuple[str, ...], tuple[tuple[str, str], ...]], int] = {}
         self._lock = anyio.Lock()
         self.contexts: set[CodeContext] = set()
 
@@ -87,13 +93,33 @@ class CodeContexts:
                 self._templates[key] = tpl
             return tpl
 
+    def use_template(self, python: str, preload: tuple[str, ...], env: Mapping[str, str]) -> bool:
+        """run_python's choice when not told: fork the template if there is
+        one, or if this sandbox already ran a one-shot interpreter for this key
+        (it runs many snippets); else one interpreter for this call."""
+        key = (python, preload, tuple(sorted(env.items())))
+        if key in self._templates or self._oneshots.get(key, 0) >= 1:
+            return True
+        self._oneshots[key] = self._oneshots.get(key, 0) + 1
+        return False
+
     async def _new_template(self, python: str, preload: tuple[str, ...], env: Mapping[str, str]) -> Template:
+        proc, hello = await self.start_driver("template", python, preload, env)
+        hello.pidfd.close()  # the template's own pid is not needed: its Process is the sandbox's
+        return Template(proc, hello.chan, python)
+
+    async def start_driver(self, role: str, python: str, preload: tuple[str, ...],
+                           env: Mapping[str, str]) -> tuple[Process, Child]:
+        """The driver as a command of the sandbox, in `role` ("template", or
+        "once": it runs one cell), once it said hello: its Process and the
+        Child its hello made (CodeContextError if it did not start or could not
+        import its preload; nothing is left running then)."""
         full = dict(self._env)
         full.update(env)
         chan, theirs = Channel.pair()
         try:
             try:
-                proc = await self._start([python, "-c", _driver_source(), "template", json.dumps(list(preload))],
+                proc = await self._start([python, "-c", _driver_source(), role, json.dumps(list(preload))],
                                          env=full, stdin_fd=theirs.fd)
             finally:
                 theirs.close()
@@ -110,25 +136,24 @@ class CodeContexts:
                 err = b""
                 with contextlib.suppress(Exception):
                     err = await proc.stderr.receive_some(4096)
-            raise CodeContextError(f"the template interpreter {python!r} did not start ({e}; exit status "
+            raise CodeContextError(f"the {role} interpreter {python!r} did not start ({e}; exit status "
                                    f"{proc.returncode}; stderr: {err.decode(errors='replace').strip()[-500:]!r}). "
                                    "Is it inside the sandbox's paths (Policy.with_paths(read_only=[...]))?") from None
         except BaseException:
             chan.close()
             proc.kill()
             raise
-        hello.pidfd.close()  # the template's own pid is not needed: its Process is the sandbox's
         if hello.errors:
-            chan.close()
+            hello.close()
             proc.kill()
             with anyio.CancelScope(shield=True):
                 await proc.wait()
             failed = "; ".join(f"{k}: {v[:300]}" for k, v in list(hello.errors.items())[:8])
-            raise CodeContextError(f"the template interpreter {python!r} could not import its preload ({failed}). "
+            raise CodeContextError(f"the {role} interpreter {python!r} could not import its preload ({failed}). "
                                    "Is the module installed for that interpreter, and its directory inside the "
                                    "sandbox's paths (python= a venv's bin/python, "
                                    "Policy.with_paths(read_only=[venv]))?")
-        return Template(proc, chan, python)
+        return proc, hello
 
     def close(self) -> None:
         """Teardown (every process is dead by now): close our fds."""
@@ -143,7 +168,7 @@ class CodeContext:
     """A persistent Python in a sandbox. Made by `Sandbox.create_code_context`
     (or `code_context`); no public constructor."""
 
-    def __init__(self, registry: CodeContexts, template: Template, child: Child, *, preload: tuple[str, ...],
+    def __init__(self, registry: CodeContexts, template: Template | None, child: Child, *, preload: tuple[str, ...],
                  env: Mapping[str, str], caps: Caps, timeout: float, oneshot: bool = False) -> None:
         self._registry = registry
         self._template = template
@@ -289,6 +314,7 @@ class CodeContext:
             return False
         for fresh in (False, True):
             try:
+                assert self._template is not None  # only a one-shot run has none
                 if fresh:  # the template died (a cell may kill its parent): a new one, once
                     self._template = await self._registry.template(self._template.python, self.preload, self._env,
                                                                    dead=self._template)
@@ -483,10 +509,14 @@ async def create(registry: CodeContexts, *, python: str, preload: Sequence[str],
 
 
 async def run_python(registry: CodeContexts, code: str, *, python: str, preload: Sequence[str],
-                     env: Mapping[str, str], caps: Caps, timeout: float) -> Execution:
+                     env: Mapping[str, str], caps: Caps, timeout: float, template: bool | None = None) -> Execution:
     if not isinstance(code, str):
         raise TypeError("code must be a str")
+    if template is not None and not isinstance(template, bool):
+        raise TypeError(f"template must be True, False or None, not {template!r}")
     pre = check_preload(preload)
+    if template is False or (template is None and not registry.use_template(python, pre, env)):
+        return await _run_once(registry, code, python=python, preload=pre, env=env, caps=caps, timeout=timeout)
     tpl = await registry.template(python, pre, env)
     try:
         child = await tpl.spawn(once=True, timeout=caps.reply_s)
@@ -498,3 +528,25 @@ async def run_python(registry: CodeContexts, code: str, *, python: str, preload:
         return await ctx.run(code, timeout=timeout)
     finally:
         ctx._close_now()
+
+
+async def _run_once(registry: CodeContexts, code: str, *, python: str, preload: tuple[str, ...],
+                    env: Mapping[str, str], caps: Caps, timeout: float) -> Execution:
+    """run_python without a template: the driver in its once role, started
+    for this call (it imports `preload` itself). The same cell, frames and
+    caps as a forked one-shot context; its command (and whatever the cell left
+    running) is killed and reaped before this returns."""
+    if len(code) > MAX_CODE:  # before an interpreter is started for it
+        raise ValueError(f"a cell of {len(code)} characters (at most {MAX_CODE})")
+    proc, child = await registry.start_driver("once", python, preload, env)
+    try:
+        ctx = CodeContext(registry, None, child, preload=preload, env=env, caps=caps, timeout=timeout, oneshot=True)
+        try:
+            return await ctx.run(code, timeout=timeout)
+        finally:
+            ctx._close_now()
+    finally:
+        child.close()
+        proc.kill()
+        with anyio.CancelScope(shield=True):
+            await proc.wait()

@@ -1,7 +1,7 @@
 """zviz code-context driver: runs INSIDE the sandbox, under its python3.
 
-Started as `python3 -c <this file> template <preload JSON>` with fd 0 a unix
-socket to the host (the control channel). Standard library only; CPython >= 3.9.
+Started as `python3 -c <this file> template|once <preload JSON>` with fd 0 a
+unix socket to the host (the control channel). Standard library only; CPython >= 3.9.
 
 Roles:
 - template: imports the preload list once, then forks a context per
@@ -11,7 +11,14 @@ Roles:
 - context: a long-lived fork. Runs cells ("exec": the code, and fresh
   stdout/stderr pipes for fd 1 and 2 by SCM_RIGHTS), sets and gets JSON
   variables, forks itself ("fork": the twin gets the new socket).
-- once (run_python): a context that runs one cell in a fresh directory, then exits.
+- once (run_python): a context that runs one cell in a fresh directory, then
+  exits: forked off the template ("spawn" with "once"), or this interpreter
+  itself when started as `once` (a sandbox that runs one snippet: no template
+  and no fork; it imports the preload itself). That role pays only for what
+  it uses: module imports are deferred (no json, re, ast, socket or
+  traceback modules unless a cell needs them: the C parts _json, _ast,
+  _socket and _signal do the work), so its start costs a bare `python3 -c`
+  plus a few ms.
 
 Frames: `>II` (JSON length, blob length), JSON, blob (see zviz/_contextproto.py).
 The host treats everything here as hostile; this file only has to be correct
@@ -25,25 +32,19 @@ the display code must all be here.
 
 from __future__ import annotations
 
-import array
-import ast
+import _ast
+import _signal
+import _socket
 import builtins
 import fcntl
 import io
-import json
-import linecache
 import os
-import select
-import shutil
-import signal
-import socket
-import struct
 import sys
-import tempfile
-import traceback
-import types
 
-HEADER = struct.Struct(">II")
+# What the template role uses (imported by template_main, so forks share
+# them), and what the once role imports only when a cell needs it.
+TEMPLATE_MODULES = ("json", "linecache", "select", "shutil", "tempfile", "traceback")
+HEADER_SIZE = 8
 CTRL_FD_MIN = 100
 VERSION = 1
 
@@ -58,6 +59,7 @@ class _State:
         self.cell_no = 0
         self.rbuf = bytearray()  # bytes of the host's next request
         self.rfds = []  # fds that came with it
+        self.workdir = None  # a once role's own directory (removed before its "done")
 
 
 S = _State()
@@ -84,8 +86,55 @@ def _shrink(v):
     return v
 
 
+class _ScanContext:
+    """What _json's scanner reads off a JSONDecoder (json.loads's defaults)."""
+
+    strict = True
+    object_hook = None
+    object_pairs_hook = None
+    parse_float = float
+    parse_int = int
+    parse_constant = float
+    memo = None
+
+
+def _dumps(obj, default):
+    """json.dumps(obj, separators=(",", ":"), default=default, allow_nan=False),
+    by the same C encoder json.dumps uses, without importing json (and re)."""
+    try:
+        import _json
+
+        encoder = _json.make_encoder({}, default, _json.encode_basestring_ascii, None, ":", ",", False, False,
+                                     False)
+    except (ImportError, AttributeError, TypeError):  # an interpreter without the C accelerator
+        import json
+
+        return json.dumps(obj, separators=(",", ":"), default=default, allow_nan=False)
+    return "".join(encoder(obj, 0))
+
+
+def _loads(data):
+    """json.loads of the host's compact JSON, by json's C scanner."""
+    text = data.decode("utf-8")
+    try:
+        import _json
+
+        obj, end = _json.make_scanner(_ScanContext)(text, 0)
+        if end == len(text):
+            return obj
+    except (ImportError, AttributeError, TypeError, ValueError, StopIteration):
+        pass
+    import json
+
+    return json.loads(text)
+
+
+def _strict(obj):
+    raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
+
+
 def _encode(obj):
-    return json.dumps(obj, separators=(",", ":"), default=repr, allow_nan=False).encode()
+    return _dumps(obj, repr).encode()
 
 
 def send(obj, blobs=()):
@@ -111,7 +160,7 @@ def send(obj, blobs=()):
             obj = dict(obj, value=None, error="TooLarge: " + note)
         js = _encode(_shrink(obj))
     blob = b"".join(b for _, b in blobs)
-    S.ctrl.sendall(HEADER.pack(len(js), len(blob)) + js + blob)
+    S.ctrl.sendall(len(js).to_bytes(4, "big") + len(blob).to_bytes(4, "big") + js + blob)
 
 
 def recv():
@@ -119,18 +168,20 @@ def recv():
     per request in the common case. The kernel ends a read at a message
     that carries fds, so fds always come with the first bytes of their frame."""
     while True:
-        if len(S.rbuf) >= HEADER.size:
-            jlen, blen = HEADER.unpack_from(S.rbuf)
-            end = HEADER.size + jlen + blen
+        if len(S.rbuf) >= HEADER_SIZE:
+            jlen = int.from_bytes(S.rbuf[0:4], "big")
+            blen = int.from_bytes(S.rbuf[4:8], "big")
+            end = HEADER_SIZE + jlen + blen
             if len(S.rbuf) >= end:
-                js = bytes(S.rbuf[HEADER.size: HEADER.size + jlen])
+                js = bytes(S.rbuf[HEADER_SIZE: HEADER_SIZE + jlen])
                 del S.rbuf[:end]
                 fds, S.rfds = S.rfds, []
-                return json.loads(js), fds
-        data, anc, _flags, _addr = S.ctrl.recvmsg(262144, socket.CMSG_SPACE(16 * 4))
+                return _loads(js), fds
+        data, anc, _flags, _addr = S.ctrl.recvmsg(262144, _socket.CMSG_SPACE(16 * 4))
         for level, kind, blob in anc:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                S.rfds.extend(array.array("i", blob[: len(blob) - len(blob) % 4]))
+            if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
+                S.rfds.extend(int.from_bytes(blob[i: i + 4], sys.byteorder, signed=True)
+                              for i in range(0, len(blob) - len(blob) % 4, 4))
         if not data:
             raise EOFError
         S.rbuf += data
@@ -193,8 +244,8 @@ def bundle(obj):
                 blobs.append((mime, bytes(value)))
         elif mime == "application/json":
             try:
-                json.dumps(value, allow_nan=False)
-            except (TypeError, ValueError):
+                _dumps(value, _strict)
+            except (TypeError, ValueError, RecursionError):
                 continue
             data[mime] = value
         elif isinstance(value, str):
@@ -238,8 +289,51 @@ def _flush_figures():
 
 
 def _error(etype, value, tb):
+    import traceback
+
     return {"ename": etype.__name__, "evalue": str(value),
             "traceback": traceback.format_exception(etype, value, tb)}
+
+
+class _CellLines:
+    """The cells' sources for linecache (tracebacks, warnings and inspect show
+    their lines). When linecache is not imported yet (the once role), this
+    import hook adds them when something first imports it."""
+
+    lines = {}
+
+    @classmethod
+    def add(cls, filename, entry):
+        linecache = sys.modules.get("linecache")
+        if linecache is not None:
+            linecache.cache[filename] = entry
+            return
+        cls.lines[filename] = entry
+        if cls not in sys.meta_path:
+            sys.meta_path.insert(0, cls)
+
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        if name != "linecache":
+            return None
+        sys.meta_path.remove(cls)
+        import linecache  # the real import (the import lock is reentrant)
+
+        linecache.cache.update(cls.lines)
+        cls.lines = {}
+        # The import that called us finds the module loaded and takes its spec:
+        # ours, whose loader hands it the module as it is.
+        spec = sys.modules["_frozen_importlib"].ModuleSpec("linecache", cls, origin=linecache.__spec__.origin)
+        linecache.__spec__ = spec
+        return spec
+
+    @staticmethod
+    def create_module(spec):
+        return sys.modules["linecache"]
+
+    @staticmethod
+    def exec_module(module):
+        pass
 
 
 def run_cell(code, ns):
@@ -247,13 +341,13 @@ def run_cell(code, ns):
     S.cell_no += 1
     filename = f"<cell {S.cell_no}>"
     try:
-        tree = ast.parse(code, filename, "exec")
+        tree = compile(code, filename, "exec", _ast.PyCF_ONLY_AST)  # ast.parse
     except (SyntaxError, ValueError, OverflowError, MemoryError) as e:
         return None, _error(type(e), e, None), False
-    linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
+    _CellLines.add(filename, (len(code), None, code.splitlines(True), filename))
     last = None
-    if tree.body and isinstance(tree.body[-1], ast.Expr):
-        last = ast.Expression(tree.body.pop().value)
+    if tree.body and isinstance(tree.body[-1], _ast.Expr):
+        last = _ast.Expression(tree.body.pop().value)
     result = None
     try:
         try:
@@ -330,7 +424,46 @@ def do_exec(req, fds, ns, once=False):
     if once:
         _finalize(ns)
     _set_stdio(S.devnull, S.devnull)
+    if S.workdir is not None:
+        os.chdir("/")
+        _rmtree(S.workdir)
     send({"t": "done", "seq": S.seq, "result": result, "error": error, "interrupted": interrupted})
+
+
+def _rmtree(top):
+    """shutil.rmtree(top, ignore_errors=True) without importing shutil."""
+    for root, dirs, files in os.walk(top, topdown=False):
+        for name in files + dirs:
+            path = os.path.join(root, name)
+            try:
+                if name in dirs and not os.path.islink(path):
+                    os.rmdir(path)
+                else:
+                    os.unlink(path)
+            except OSError:
+                pass
+    try:
+        os.rmdir(top)
+    except OSError:
+        pass
+
+
+def _mkdtemp():
+    """tempfile.mkdtemp(prefix="zviz-run-") without importing tempfile."""
+    for base in (os.environ.get("TMPDIR"), os.environ.get("TEMP"), os.environ.get("TMP"), "/tmp", "/var/tmp",
+                 "/usr/tmp"):
+        if not base:
+            continue
+        for _ in range(8):
+            path = os.path.join(os.path.abspath(base), "zviz-run-" + os.urandom(6).hex())
+            try:
+                os.mkdir(path, 0o700)
+                return path
+            except FileExistsError:
+                continue
+            except OSError:
+                break
+    return None
 
 
 def _reap(pids):
@@ -344,7 +477,7 @@ def _reap(pids):
         if info is None:
             continue
         try:
-            os.killpg(pid, signal.SIGKILL)
+            os.killpg(pid, _signal.SIGKILL)
         except OSError:
             pass
         try:
@@ -376,6 +509,8 @@ def context_main(ns, once):
                 send({"t": "value", "seq": req["seq"], "value": None, "error": f"NameError: {name!r} is not defined"})
                 continue
             try:
+                import json
+
                 json.dumps(ns[name], allow_nan=False)
             except (TypeError, ValueError, RecursionError) as e:
                 send({"t": "value", "seq": req["seq"], "value": None,
@@ -406,7 +541,7 @@ def _fork(ctrl_fd):
     if pid == 0:
         os.setsid()
         old = S.ctrl
-        S.ctrl = socket.socket(fileno=_high(ctrl_fd))
+        S.ctrl = _socket.socket(fileno=_high(ctrl_fd))
         if old is not None:
             os.close(old.detach())  # the parent's channel is not the twin's to write to
         S.twins = []
@@ -423,7 +558,7 @@ def _high(fd):
 
 
 def new_namespace():
-    main = types.ModuleType("__main__")
+    main = type(sys)("__main__")
     main.__dict__["__builtins__"] = builtins
     main.__dict__["display"] = display
     sys.modules["__main__"] = main
@@ -433,7 +568,8 @@ def new_namespace():
 # ---------------------------------------------------------------- template
 
 
-def template_main(preload):
+def _preload(preload):
+    """Import the preload list: {module: error} of those that failed."""
     errors = {}
     for name in preload:
         try:
@@ -445,6 +581,37 @@ def template_main(preload):
             sys.modules["matplotlib"].use("Agg")
         except Exception:  # noqa: BLE001
             pass
+    return errors
+
+
+def once_main(preload):
+    """This interpreter runs one cell (the host's "exec") and exits: the
+    context a template would have forked, without the template."""
+    errors = _preload(preload)
+    if errors:
+        send({"t": "hello", "v": VERSION, "python": sys.version.split()[0], "errors": errors})
+        os._exit(3)
+    try:
+        os.setsid()  # the host kills the process group (its id is our pid)
+    except OSError:  # EPERM: already a group leader
+        pass
+    S.workdir = _mkdtemp()
+    if S.workdir is not None:
+        os.chdir(S.workdir)
+    _signal.signal(_signal.SIGINT, _on_sigint)
+    context_main(new_namespace(), True)
+    os._exit(0)
+
+
+def template_main(preload):
+    for name in TEMPLATE_MODULES:
+        __import__(name)
+    import select
+    import shutil
+    import signal
+    import tempfile
+
+    errors = _preload(preload)
     send({"t": "hello", "v": VERSION, "python": sys.version.split()[0], "errors": errors})
     if errors:
         os._exit(3)
@@ -513,15 +680,18 @@ def main():
     S.devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
     for fd in (0, 1, 2):
         os.dup2(S.devnull, fd)
-    S.ctrl = socket.socket(fileno=ctrl)
+    S.ctrl = _socket.socket(fileno=ctrl)
     S.ctrl.setblocking(True)
     sys.stdin = open(os.devnull)  # noqa: SIM115 - lives as long as the process
     sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding="utf-8",
                                   errors="backslashreplace", line_buffering=True)
     sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), encoding="utf-8",
                                   errors="backslashreplace", line_buffering=True)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    template_main(json.loads(sys.argv[2]) if len(sys.argv) > 2 else [])
+    _signal.signal(_signal.SIGINT, _signal.SIG_IGN)
+    preload = _loads(sys.argv[2].encode()) if len(sys.argv) > 2 else []
+    if len(sys.argv) > 1 and sys.argv[1] == "once":
+        once_main(preload)
+    template_main(preload)
 
 
 if __name__ == "__main__":

@@ -379,10 +379,13 @@ class Sandbox:
 
     async def run_python(self, code: str, *, preload: Sequence[str] = (), timeout: float | None = None,
                          python: str = "python3", env: Mapping[str, str] | None = None,
-                         output_cap: int | None = None) -> Execution:
+                         output_cap: int | None = None, template: bool | None = None) -> Execution:
         """Run `code` in a fresh fork of the template (which imported `preload`
-        once), in a fresh directory: nothing of one call is seen by the next."""
-        return await _context.run_python(self._contexts, code, preload=preload,
+        once), in a fresh directory: nothing of one call is seen by the next.
+        `template`: None picks (the first call of a sandbox with no template
+        runs in one interpreter started for it, later ones start and fork the
+        template), False always one interpreter per call, True always the template."""
+        return await _context.run_python(self._contexts, code, preload=preload, template=template,
                                          **self._context_args(python, env, output_cap, timeout))
 
     # ---- the eBPF monitor (zviz.ebpf calls these)
