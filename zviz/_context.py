@@ -4,12 +4,13 @@ and warm one-shot snippets (`Sandbox.run_python`).
 A context is a process forked off the sandbox's template interpreter (see
 _template). `run_python` forks one too, or, in a sandbox that has no template
 for its (python, preload, env) yet, starts the driver in its once role: one
-interpreter for that one call, no template (see run_python). A cell is one "exec" request on its control socket, with fresh
-stdout/stderr pipes for the cell's fd 1 and 2. The driver puts /dev/null
-back on fd 1 and 2 before it says "done", so what a cell's leftover thread or
-subprocess writes later lands in a pipe we have stopped reading (or in the
-next cell's), never in a finished Execution's output. Display items and
-the cell's end come as frames, checked by _contextproto.
+interpreter for that one call, no template (see run_python). A cell is one
+"exec" request on its control socket, with fresh stdout/stderr pipes for the
+cell's fd 1 and 2. The driver puts /dev/null back on fd 1 and 2 before it says
+"done", so what a cell's leftover thread or subprocess writes later lands in a
+pipe we have stopped reading (or in the next cell's), never in a finished
+Execution's output. Display items and the cell's end come as frames, checked
+by _contextproto.
 
 Everything from inside is hostile: a bad frame, a flood of frames, a closed
 channel or a driver that stops answering marks the context broken
