@@ -294,7 +294,8 @@ async def test_a_cancelled_caller_leaves_no_process_on_the_node(ray_cluster):
         assert r.ok and r.result == "'again'"
         actor_pids = [a.info["pid"] for a in pool._actors]
         left = set().union(*(descendants(p) for p in actor_pids))
-    assert left and not await wait_gone(left | set(actor_pids)), "closing the pool left processes"
+    # (an idle fresh sandbox may have no process yet: its snippet starts its interpreter)
+    assert not await wait_gone(left | set(actor_pids)), "closing the pool left processes"
 
 
 # ---------------------------------------------------------------- bad inputs

@@ -3,14 +3,17 @@ the body of zviz.ray's actors and of its Ray Data batch runner (asyncio: a
 Ray async actor's loop, or a private loop thread). No Ray here.
 
 Isolation (docs/scale.md, "What a warm sandbox is"): a snippet runs with
-`Sandbox.run_python` (a fresh fork of the sandbox's template, which imported
-`preload` once, in a fresh directory), in a sandbox that no other snippet used
-(`fresh_every=1`): it cannot see another snippet's files, processes or Python
-state. The cost of a fresh sandbox (its template's start: an interpreter and
-`preload`) is paid ahead: each slot prepares its next sandbox while the
-others run. `fresh_every=N` reuses a sandbox for N snippets: each still gets a
-fresh fork (no Python state is shared), but files written outside its own
-directory and processes that left its session are seen by the next ones.
+`Sandbox.run_python` in a fresh directory, in a sandbox that no other snippet
+used (`fresh_every=1`): it cannot see another snippet's files, processes or
+Python state. There it runs in one interpreter started for it (run_python's
+`template=False`: it imports `preload` itself), not in a fork of a template:
+a template would be started for that one snippet, which costs a second
+interpreter start and a fork. The sandbox itself is made ahead: each slot
+prepares its next one while the others run. `fresh_every=N` reuses a sandbox
+for N snippets: its template (which imported `preload` once) is started ahead
+and each snippet gets a fresh fork of it (no Python state is shared), but
+files written outside its own directory and processes that left its session
+are seen by the next ones.
 """
 
 from __future__ import annotations
@@ -158,6 +161,7 @@ class SnippetWorker:
         self._free: asyncio.Queue[_Slot] | None = None
         self._closing = False
         self._stray: set[Sandbox] = set()  # cold sandboxes of policy overrides, while they run
+        self._checked = False  # python and preload were seen to start (else start() raises)
 
     async def start(self) -> None:
         """Make every slot's first sandbox (raises what the first failure raised, closing the others)."""
@@ -180,8 +184,12 @@ class SnippetWorker:
             raise ZvizError("the pool is closing")
         sb = await Sandbox.create(policy)
         try:
-            if policy == self._policy:  # warm its template: the snippet will only fork
-                ex = await sb.run_python(WARM_CODE, preload=self._preload, python=self._python, timeout=60)
+            if policy == self._policy and (self._fresh_every > 1 or not self._checked):
+                # warm its template (snippets will only fork), or, once, see that the
+                # interpreter starts and imports the preload (one interpreter, gone after)
+                ex = await sb.run_python(WARM_CODE, preload=self._preload, python=self._python, timeout=60,
+                                         template=self._fresh_every > 1)
+                self._checked = True
                 if ex.error is not None:
                     raise ZvizError(f"warming a sandbox failed: {ex.error.name}: {ex.error.value}")
             if self._closing:
@@ -215,7 +223,7 @@ class SnippetWorker:
             slot.sandbox = sb
         done = False
         try:
-            result = await self._run_in(sb, code, timeout)
+            result = await self._run_in(sb, code, timeout, template=self._fresh_every > 1)
             done = True
             return result
         finally:
@@ -234,16 +242,17 @@ class SnippetWorker:
             return failed(f"could not make a sandbox of the snippet's policy: {type(e).__name__}: {e}", self._where)
         self._stray.add(sb)
         try:
-            return await self._run_in(sb, code, timeout)
+            return await self._run_in(sb, code, timeout, template=False)
         finally:
             self._stray.discard(sb)
             with _shielded():
                 await sb.aclose()
 
-    async def _run_in(self, sb: Sandbox, code: str, timeout: float | None) -> SnippetResult:
+    async def _run_in(self, sb: Sandbox, code: str, timeout: float | None, *, template: bool) -> SnippetResult:
         before = dict(sb.statistics().denials)
         try:
-            ex = await sb.run_python(code, preload=self._preload, python=self._python, timeout=timeout)
+            ex = await sb.run_python(code, preload=self._preload, python=self._python, timeout=timeout,
+                                     template=template)
         except (ZvizError, OSError) as e:  # CodeContextError, a closed sandbox, a setup error
             return failed(f"{type(e).__name__}: {e}", self._where)
         after = sb.statistics().denials
