@@ -34,6 +34,7 @@ CASES = {
     "raw bytes": ("import os\nos.write(1, b'\\xff\\xfe bad utf-8\\n')\nos.write(2, b'\\x00')", None),
     "large output capped": ("import sys\nsys.stdout.write('x' * 3_000_000)\nsys.stderr.write('y' * 1_500_000)", None),
     "large result shrunk": ("'z' * 3_000_000", None),
+    "sys.argv as python -c": ("import sys\nsys.argv", None),
     "stdin is empty": ("import sys\nsys.stdin.read()", None),
     "fds 0-2 closed": ("import os\nprint('first', flush=True)\nos.close(0)\nos.close(1)\nos.close(2)\n7", None),
     "fds 0-2 dup'd": ("import os, sys\nos.dup2(2, 1)\nprint('to stderr', flush=True)\nos.dup2(1, 0)\n8", None),
@@ -146,3 +147,13 @@ async def test_a_one_shot_run_cancelled_leaves_the_sandbox_usable():
         r = await sb.run(["sh", "-c", "cat /proc/[0-9]*/cmdline | tr '\\0' ' '"])
         assert b"time.sleep(60)" not in r.stdout
         assert (await sb.run_python("3", template=False)).result == "3"
+
+
+async def test_an_interpreter_of_another_version_compiles_the_source(monkeypatch):
+    # the driver goes as bytecode when the interpreter's magic number is ours, else as source
+    from zviz import _context
+
+    _magic, code, source = _context._driver_code()
+    monkeypatch.setattr(_context, "_driver_code", lambda: ("00000000", code, source))
+    forked, once = await both("import sys\n(sys.argv, 6 * 7)", None)
+    assert forked == once and "'result': \"(['-c'], 42)\"" in once

@@ -30,8 +30,6 @@ is not inside the sandbox), so the template, the contexts, the frames and
 the display code must all be here.
 """
 
-from __future__ import annotations
-
 import _ast
 import _signal
 import _socket
@@ -689,7 +687,9 @@ def main():
                                   errors="backslashreplace", line_buffering=True)
     _signal.signal(_signal.SIGINT, _signal.SIG_IGN)
     preload = _loads(sys.argv[2].encode()) if len(sys.argv) > 2 else []
-    if len(sys.argv) > 1 and sys.argv[1] == "once":
+    role = sys.argv[1] if len(sys.argv) > 1 else "template"
+    del sys.argv[1:]  # a cell sees what `python -c` shows: ['-c']
+    if role == "once":
         once_main(preload)
     template_main(preload)
 
