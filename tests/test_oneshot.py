@@ -3,12 +3,16 @@ template (`template=True`) and the driver's once role, one interpreter
 started for the call (`template=False`, the default of a sandbox's first call)."""
 
 import re
+import resource
+import time
 
 import anyio
 import pytest
 
 import zviz
 from zviz import CodeContextError, Policy
+
+from .escape.test_context_driver import ATTACKS, SOCK
 
 pytestmark = pytest.mark.anyio
 
@@ -157,3 +161,24 @@ async def test_an_interpreter_of_another_version_compiles_the_source(monkeypatch
     monkeypatch.setattr(_context, "_driver_code", lambda: ("00000000", code, source))
     forked, once = await both("import sys\n(sys.argv, 6 * 7)", None)
     assert forked == once and "'result': \"(['-c'], 42)\"" in once
+
+
+@pytest.mark.parametrize("attack", sorted(ATTACKS))
+async def test_a_hostile_one_shot_run_is_a_clear_error_and_leaves_nothing(attack):
+    # tests/escape/test_context_driver.py's attacks on the driver's channel, made by a
+    # one-shot run's cell: an error within bounded time and host memory, its command
+    # reaped, the sandbox fine
+    async with zviz.open_sandbox(Policy.python()) as sb:
+        rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        t = time.monotonic()
+        if attack == "partial-frame":  # its "done" lands in the half frame, then it exits (as a forked one)
+            ex = await sb.run_python(SOCK + ATTACKS[attack], template=False, timeout=2)
+            assert ex.error.name == "ContextDied" and ex.interrupted
+        else:
+            with pytest.raises(CodeContextError, match=r"broken|bad frame|closed|frames"):
+                await sb.run_python(SOCK + ATTACKS[attack], template=False, timeout=20)
+        assert time.monotonic() - t < 10
+        assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024 < 64
+        r = await sb.run(["sh", "-c", "cat /proc/[0-9]*/cmdline | tr '\\0' ' '"])
+        assert b"once" not in r.stdout  # the one-shot interpreter is gone
+        assert (await sb.run_python("1 + 1", template=False)).result == "2"
