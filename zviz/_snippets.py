@@ -192,6 +192,11 @@ class SnippetWorker:
                 self._checked = True
                 if ex.error is not None:
                     raise ZvizError(f"warming a sandbox failed: {ex.error.name}: {ex.error.value}")
+            elif policy == self._policy:
+                # its zygote (the init of its pid namespace, spawned by its first
+                # command) is started now, off the snippet's path; it has run nothing
+                fd, _ = await sb._open_root()
+                fd.close()
             if self._closing:
                 raise ZvizError("the pool is closing")
         except BaseException:
