@@ -155,10 +155,10 @@ async def test_a_one_shot_run_cancelled_leaves_the_sandbox_usable():
 
 async def test_an_interpreter_of_another_version_compiles_the_source(monkeypatch):
     # the driver goes as bytecode when the interpreter's magic number is ours, else as source
-    from zviz import _context
+    from zviz import _driverboot
 
-    _magic, code, source = _context._driver_code()
-    monkeypatch.setattr(_context, "_driver_code", lambda: ("00000000", code, source))
+    _magic, code, source = _driverboot.code()
+    monkeypatch.setattr(_driverboot, "code", lambda: ("00000000", code, source))
     forked, once = await both("import sys\n(sys.argv, 6 * 7)", None)
     assert forked == once and "'result': \"(['-c'], 42)\"" in once
 

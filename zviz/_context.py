@@ -16,14 +16,18 @@ Everything from inside is hostile: a bad frame, a flood of frames, a closed
 channel or a driver that stops answering marks the context broken
 (CodeContextError) after its process is killed; host memory is bounded by
 the caps below, host time by the cell's timeout plus the grace period.
+
+Why this module is long: a context's calls (cells, fork, variables, restart,
+close) share its state (its lock, process and cell in flight) and the
+registry's templates; run_python's two ways (a fork, or one interpreter for
+one call) are the same context object. The driver's launch is _driverboot,
+a cell in flight _cell, the channel and templates _template.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
-import pathlib
 import select
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -31,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import attrs
 
-from . import _contextproto as proto
+from . import _contextproto as proto, _driverboot
 from ._cell import Cell as _Cell, Event
 from ._errors import CodeContextError
 from ._execution import Execution
@@ -54,48 +58,6 @@ class Caps:
     context: int = 2 * 1024**3  # bytes kept over the context's life, then it is broken
     grace_s: float = 2.0  # after an interrupt, before the kill
     reply_s: float = 30.0  # for the driver's answer to a request (and for a fork)
-
-
-# The driver's start (`python3 -c BOOT role preload magic code source`): its
-# bytecode when the interpreter's magic number is ours (no compile, a third of
-# the driver's start), else its source; sys.argv is left as [-c, role, preload].
-BOOT = ("import sys, marshal\na = sys.argv\n"
-        "m = getattr(sys.modules.get('_frozen_importlib_external'), 'MAGIC_NUMBER', b'')\n"
-        "c = marshal.loads(bytes.fromhex(a[4])) if m.hex() == a[3] else compile(a[5], '<string>', 'exec')\n"
-        "del a[3:], a, m\nexec(c)\n")
-
-
-@functools.cache
-def _driver_code() -> tuple[str, str, str]:
-    """(magic number, marshalled code, source) of the driver, in hex for the bytecode."""
-    import importlib.util
-    import marshal
-
-    source = _driver_source()
-    return importlib.util.MAGIC_NUMBER.hex(), marshal.dumps(compile(source, "<string>", "exec")).hex(), source
-
-
-@functools.cache
-def _driver_source() -> str:
-    """The driver's source as sent (`python3 -c`): without its docstrings,
-    comments and blank lines, which every start would compile for nothing
-    (a third of its bytes). Lines are dropped whole: what runs is its text."""
-    import ast
-
-    text = (pathlib.Path(__file__).with_name("_driver.py")).read_text()
-    lines = text.splitlines()
-    drop: set[int] = set()
-    for node in ast.walk(ast.parse(text)):
-        body = getattr(node, "body", None)
-        if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)) and isinstance(body, list) and len(body) > 1
-                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
-                and isinstance(body[0].value.value, str) and body[0].end_lineno is not None):
-            drop.update(range(body[0].lineno - 1, body[0].end_lineno))
-    strings = {n for node in ast.walk(ast.parse(text)) if isinstance(node, ast.Constant) and isinstance(node.value, str)
-               and node.end_lineno != node.lineno for n in range(node.lineno, (node.end_lineno or 0) + 1)}
-    kept = [line for i, line in enumerate(lines) if i not in drop and (i + 1 in strings or (
-        line.strip() and not line.lstrip().startswith("#")))]
-    return "\n".join(kept) + "\n"
 
 
 class CodeContexts:
@@ -157,8 +119,8 @@ class CodeContexts:
         chan, theirs = Channel.pair()
         try:
             try:
-                proc = await self._start([python, "-c", BOOT, role, json.dumps(list(preload)), *_driver_code()],
-                                         env=full, stdin_fd=theirs.fd)
+                argv = [python, "-c", _driverboot.BOOT, role, json.dumps(list(preload)), *_driverboot.code()]
+                proc = await self._start(argv, env=full, stdin_fd=theirs.fd)
             finally:
                 theirs.close()
         except BaseException:
