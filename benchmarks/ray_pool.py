@@ -11,7 +11,7 @@ Measures (all at concurrency C = the number of cores, interleaved rounds, median
 - bare: each snippet by a plain `python -c` subprocess of the same interpreter (no sandbox);
 - local, one sandbox per snippet: Sandbox.create + run_python + aclose, no Ray: the
   snippet in one interpreter started for it (run_python's default in a sandbox with no
-  template), and the same with template=True (a template started, then forked);
+  template), and the same with fork=True (a template started, then forked);
 - local, warm fork: one sandbox per worker, run_python per snippet (isolation of
   Python state only: what fresh_sandbox_every=N>1 gives);
 - pool, one sandbox per snippet (the default) and pool with fresh_sandbox_every=50;
@@ -97,7 +97,7 @@ async def fresh_local(code: str) -> bool:
 async def fresh_local_template(code: str) -> bool:
     sb = await zviz.Sandbox.create(POLICY)
     try:
-        return (await sb.run_python(code, python=SANDBOX_PY, timeout=30, template=True)).ok
+        return (await sb.run_python(code, python=SANDBOX_PY, timeout=30, fork=True)).ok
     finally:
         await sb.aclose()
 
@@ -122,12 +122,12 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     async def warm_local(code: str) -> bool:
         sb = free.pop()
         try:
-            return (await sb.run_python(code, python=SANDBOX_PY, timeout=30, template=True)).ok
+            return (await sb.run_python(code, python=SANDBOX_PY, timeout=30, fork=True)).ok
         finally:
             free.append(sb)
 
     for sb in warm_boxes:
-        await sb.run_python("pass", python=SANDBOX_PY, template=True)
+        await sb.run_python("pass", python=SANDBOX_PY, fork=True)
     pool = SandboxPool(POLICY, python=SANDBOX_PY, sandboxes_per_node=cores)
     pool_warm = SandboxPool(POLICY, python=SANDBOX_PY, sandboxes_per_node=cores, fresh_sandbox_every=50)
     try:
@@ -173,7 +173,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 await one.map_python(["1"])
                 lat_pool.append(time.perf_counter() - t)
                 t = time.perf_counter()
-                await warm_boxes[0].run_python("1", python=SANDBOX_PY, template=True)
+                await warm_boxes[0].run_python("1", python=SANDBOX_PY, fork=True)
                 lat_local.append(time.perf_counter() - t)
             out["latency_trivial_ms"] = {"pool": round(statistics.median(lat_pool) * 1e3, 2),
                                          "local_warm": round(statistics.median(lat_local) * 1e3, 2),

@@ -1,6 +1,6 @@
 """run_python's two paths give the same results: a fork of the sandbox's
-template (`template=True`) and the driver's once role, one interpreter
-started for the call (`template=False`, the default of a sandbox's first call)."""
+template (`fork=True`) and the driver's once role, one interpreter
+started for the call (`fork=False`, the default of a sandbox's first call)."""
 
 import re
 import resource
@@ -69,9 +69,9 @@ def normal(ex: zviz.Execution) -> str:
 
 async def both(code: str, timeout: float | None, **kw) -> tuple[str, str]:
     out = []
-    for template in (True, False):
+    for fork in (True, False):
         async with zviz.open_sandbox(Policy.python()) as sb:
-            ex = await sb.run_python(code, timeout=timeout, template=template, **kw)
+            ex = await sb.run_python(code, timeout=timeout, fork=fork, **kw)
             out.append(normal(ex))
     return out[0], out[1]
 
@@ -94,10 +94,10 @@ async def test_a_cell_that_writes_garbage_to_the_control_channel_breaks_both_way
             "    s.sendall(b'\\x00\\x00\\x00\\x05\\x00\\x00\\x00\\x00{\"t\":1')\n"
             "import time\ntime.sleep(5)")
     messages = []
-    for template in (True, False):
+    for fork in (True, False):
         async with zviz.open_sandbox(Policy.python()) as sb:
             with pytest.raises(CodeContextError) as info:
-                await sb.run_python(code, template=template, timeout=10)
+                await sb.run_python(code, fork=fork, timeout=10)
             messages.append(str(info.value))
             assert (await sb.run(["true"])).exit_code == 0  # the sandbox is fine
     assert messages[0] == messages[1] and "bad frame" in messages[0]
@@ -107,11 +107,11 @@ async def test_preload_both_ways():
     forked, once = await both("import sys\n('json' in sys.modules, 'decimal' in sys.modules)",
                               None, preload=("json", "decimal"))
     assert forked == once and "'result': '(True, True)'" in once
-    for template in (True, False):
+    for fork in (True, False):
         async with zviz.open_sandbox(Policy.python()) as sb:
             with pytest.raises(CodeContextError, match="could not import its preload"):
-                await sb.run_python("1", preload=("no_such_module_zviz",), template=template)
-            assert (await sb.run_python("5", template=template)).result == "5"
+                await sb.run_python("1", preload=("no_such_module_zviz",), fork=fork)
+            assert (await sb.run_python("5", fork=fork)).result == "5"
 
 
 async def test_the_first_call_of_a_sandbox_runs_without_a_template_later_ones_fork_it():
@@ -126,15 +126,15 @@ async def test_the_first_call_of_a_sandbox_runs_without_a_template_later_ones_fo
         async with sb.code_context() as ctx:  # a code context's template serves run_python at once
             await ctx.run("1")
         assert (await sb.run_python("2")).result == "2" and len(sb._contexts._templates) == 1
-        with pytest.raises(TypeError, match="template must be"):
-            await sb.run_python("1", template="yes")
+        with pytest.raises(TypeError, match="fork must be"):
+            await sb.run_python("1", fork="yes")
 
 
 async def test_a_one_shot_run_leaves_nothing_behind():
     async with zviz.open_sandbox(Policy.python()) as sb:
         ex = await sb.run_python(
             "import os, subprocess\nsubprocess.Popen(['sleep', '60'], start_new_session=True)\n"
-            "open('mine', 'w').write('x')\nos.getcwd()", template=False)
+            "open('mine', 'w').write('x')\nos.getcwd()", fork=False)
         cwd = ex.result.strip("'")
         assert ex.ok and cwd.startswith("/tmp/zviz-run-")
         # its directory is gone when the call returns, and so is every process it started
@@ -147,10 +147,10 @@ async def test_a_one_shot_run_leaves_nothing_behind():
 async def test_a_one_shot_run_cancelled_leaves_the_sandbox_usable():
     async with zviz.open_sandbox(Policy.python()) as sb:
         with anyio.move_on_after(0.5):
-            await sb.run_python("import time\ntime.sleep(60)", template=False)
+            await sb.run_python("import time\ntime.sleep(60)", fork=False)
         r = await sb.run(["sh", "-c", "cat /proc/[0-9]*/cmdline | tr '\\0' ' '"])
         assert b"time.sleep(60)" not in r.stdout
-        assert (await sb.run_python("3", template=False)).result == "3"
+        assert (await sb.run_python("3", fork=False)).result == "3"
 
 
 async def test_an_interpreter_of_another_version_compiles_the_source(monkeypatch):
@@ -172,13 +172,13 @@ async def test_a_hostile_one_shot_run_is_a_clear_error_and_leaves_nothing(attack
         rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         t = time.monotonic()
         if attack == "partial-frame":  # its "done" lands in the half frame, then it exits (as a forked one)
-            ex = await sb.run_python(SOCK + ATTACKS[attack], template=False, timeout=2)
+            ex = await sb.run_python(SOCK + ATTACKS[attack], fork=False, timeout=2)
             assert ex.error.name == "ContextDied" and ex.interrupted
         else:
             with pytest.raises(CodeContextError, match=r"broken|bad frame|closed|frames"):
-                await sb.run_python(SOCK + ATTACKS[attack], template=False, timeout=20)
+                await sb.run_python(SOCK + ATTACKS[attack], fork=False, timeout=20)
         assert time.monotonic() - t < 10
         assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024 < 64
         r = await sb.run(["sh", "-c", "cat /proc/[0-9]*/cmdline | tr '\\0' ' '"])
         assert b"once" not in r.stdout  # the one-shot interpreter is gone
-        assert (await sb.run_python("1 + 1", template=False)).result == "2"
+        assert (await sb.run_python("1 + 1", fork=False)).result == "2"

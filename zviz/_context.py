@@ -509,13 +509,13 @@ async def create(registry: CodeContexts, *, python: str, preload: Sequence[str],
 
 
 async def run_python(registry: CodeContexts, code: str, *, python: str, preload: Sequence[str],
-                     env: Mapping[str, str], caps: Caps, timeout: float, template: bool | None = None) -> Execution:
+                     env: Mapping[str, str], caps: Caps, timeout: float, fork: bool | None = None) -> Execution:
     if not isinstance(code, str):
         raise TypeError("code must be a str")
-    if template is not None and not isinstance(template, bool):
-        raise TypeError(f"template must be True, False or None, not {template!r}")
+    if fork is not None and not isinstance(fork, bool):
+        raise TypeError(f"fork must be True, False or None, not {fork!r}")
     pre = check_preload(preload)
-    if template is False or (template is None and not registry.use_template(python, pre, env)):
+    if fork is False or (fork is None and not registry.use_template(python, pre, env)):
         return await _run_once(registry, code, python=python, preload=pre, env=env, caps=caps, timeout=timeout)
     tpl = await registry.template(python, pre, env)
     try:

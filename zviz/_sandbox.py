@@ -379,13 +379,14 @@ class Sandbox:
 
     async def run_python(self, code: str, *, preload: Sequence[str] = (), timeout: float | None = None,
                          python: str = "python3", env: Mapping[str, str] | None = None,
-                         output_cap: int | None = None, template: bool | None = None) -> Execution:
-        """Run `code` in a fresh fork of the template (which imported `preload`
-        once), in a fresh directory: nothing of one call is seen by the next.
-        `template`: None picks (the first call of a sandbox with no template
-        runs in one interpreter started for it, later ones start and fork the
-        template), False always one interpreter per call, True always the template."""
-        return await _context.run_python(self._contexts, code, preload=preload, template=template,
+                         output_cap: int | None = None, fork: bool | None = None) -> Execution:
+        """Run `code` in a fresh fork of the template interpreter (which
+        imported `preload` once), in a fresh directory: nothing of one call is
+        seen by the next. `fork`: None picks (the first call of a sandbox with
+        no template interpreter runs in one interpreter started for it, later
+        ones start the template and fork it), False always one interpreter per
+        call, True always a fork of the template."""
+        return await _context.run_python(self._contexts, code, preload=preload, fork=fork,
                                          **self._context_args(python, env, output_cap, timeout))
 
     # ---- the eBPF monitor (zviz.ebpf calls these)

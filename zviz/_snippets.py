@@ -6,7 +6,7 @@ Isolation (docs/scale.md, "What a warm sandbox is"): a snippet runs with
 `Sandbox.run_python` in a fresh directory, in a sandbox that no other snippet
 used (`fresh_every=1`): it cannot see another snippet's files, processes or
 Python state. There it runs in one interpreter started for it (run_python's
-`template=False`: it imports `preload` itself), not in a fork of a template:
+`fork=False`: it imports `preload` itself), not in a fork of a template:
 a template would be started for that one snippet, which costs a second
 interpreter start and a fork. The sandbox itself is made ahead: each slot
 prepares its next one while the others run. `fresh_every=N` reuses a sandbox
@@ -188,7 +188,7 @@ class SnippetWorker:
                 # warm its template (snippets will only fork), or, once, see that the
                 # interpreter starts and imports the preload (one interpreter, gone after)
                 ex = await sb.run_python(WARM_CODE, preload=self._preload, python=self._python, timeout=60,
-                                         template=self._fresh_every > 1)
+                                         fork=self._fresh_every > 1)
                 self._checked = True
                 if ex.error is not None:
                     raise ZvizError(f"warming a sandbox failed: {ex.error.name}: {ex.error.value}")
@@ -228,7 +228,7 @@ class SnippetWorker:
             slot.sandbox = sb
         done = False
         try:
-            result = await self._run_in(sb, code, timeout, template=self._fresh_every > 1)
+            result = await self._run_in(sb, code, timeout, fork=self._fresh_every > 1)
             done = True
             return result
         finally:
@@ -247,17 +247,17 @@ class SnippetWorker:
             return failed(f"could not make a sandbox of the snippet's policy: {type(e).__name__}: {e}", self._where)
         self._stray.add(sb)
         try:
-            return await self._run_in(sb, code, timeout, template=False)
+            return await self._run_in(sb, code, timeout, fork=False)
         finally:
             self._stray.discard(sb)
             with _shielded():
                 await sb.aclose()
 
-    async def _run_in(self, sb: Sandbox, code: str, timeout: float | None, *, template: bool) -> SnippetResult:
+    async def _run_in(self, sb: Sandbox, code: str, timeout: float | None, *, fork: bool) -> SnippetResult:
         before = dict(sb.statistics().denials)
         try:
             ex = await sb.run_python(code, preload=self._preload, python=self._python, timeout=timeout,
-                                     template=template)
+                                     fork=fork)
         except (ZvizError, OSError) as e:  # CodeContextError, a closed sandbox, a setup error
             return failed(f"{type(e).__name__}: {e}", self._where)
         after = sb.statistics().denials
