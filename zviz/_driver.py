@@ -582,13 +582,24 @@ def _preload(preload):
     return errors
 
 
+def _exit_when_read(status):
+    """Exit once the host hung up: it learns who sent the hello from the
+    kernel, which it cannot while that hello's sender is already gone."""
+    try:
+        while True:
+            recv()
+    except (EOFError, OSError):
+        pass
+    os._exit(status)
+
+
 def once_main(preload):
     """This interpreter runs one cell (the host's "exec") and exits: the
     context a template would have forked, without the template."""
     errors = _preload(preload)
     if errors:
         send({"t": "hello", "v": VERSION, "python": sys.version.split()[0], "errors": errors})
-        os._exit(3)
+        _exit_when_read(3)
     try:
         os.setsid()  # the host kills the process group (its id is our pid)
     except OSError:  # EPERM: already a group leader
@@ -612,7 +623,7 @@ def template_main(preload):
     errors = _preload(preload)
     send({"t": "hello", "v": VERSION, "python": sys.version.split()[0], "errors": errors})
     if errors:
-        os._exit(3)
+        _exit_when_read(3)
     # What the preload made is shared by every fork: out of the collector's
     # reach, a child's first collection does not write (copy) those pages.
     import gc
