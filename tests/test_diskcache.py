@@ -127,6 +127,32 @@ def test_foreign_owned_entry_or_directory_is_ignored(cache):
     assert not (cache / "k-2").exists()
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to another uid needs root")
+def test_no_directory_is_made_in_another_users_home(tmp_path, monkeypatch):
+    """root with another user's HOME (sudo -E) leaves nothing of root's in it."""
+    home = tmp_path / "home"
+    home.mkdir()
+    os.chown(home, 1000, 1000)
+    monkeypatch.delenv("ZVIZ_CACHE_DIR", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(home))
+    assert _diskcache.location() == str(home / ".cache" / "zviz")
+    _diskcache.store("k-1", b"x")
+    assert os.listdir(home) == [] and _diskcache.load("k-1") is None
+    os.chown(home, 0, 0)  # our own home: ~/.cache and ~/.cache/zviz are made, private
+    _diskcache.store("k-1", b"x")
+    assert _diskcache.load("k-1") == b"x"
+    assert os.stat(home / ".cache").st_mode & 0o777 == 0o700
+
+
+def test_a_relative_location_turns_the_cache_off(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ZVIZ_CACHE_DIR", "relative")
+    assert _diskcache.location() == ""
+    _diskcache.store("k-1", b"x")
+    assert _diskcache.load("k-1") is None and os.listdir(tmp_path) == []
+
+
 def test_a_shared_or_symlinked_directory_is_not_used(cache, tmp_path):
     _diskcache.store("k-1", b"payload")
     os.chmod(cache, 0o755)  # others may list it

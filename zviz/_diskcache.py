@@ -29,6 +29,7 @@ Nothing here raises: an I/O error is a miss, and a failed write is ignored.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -47,12 +48,33 @@ _TMP_PREFIX = ".tmp-"
 
 
 def location() -> str:
-    """Where the cache lives for this caller (it may not exist yet)."""
+    """Where the cache lives for this caller (it may not exist yet); "" when
+    there is none (no absolute path to put it: the cache is off)."""
     explicit = os.environ.get("ZVIZ_CACHE_DIR")
     if explicit:
-        return explicit
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "zviz")
+        path = explicit
+    else:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        path = os.path.join(base, "zviz")
+    return path if os.path.isabs(path) else ""  # (never relative to wherever the caller happens to be)
+
+
+def _make(path: str, depth: int = 2) -> None:
+    """mkdir `path` 0700 (and its missing parents, `depth` of them), but never in
+    a directory of another user's that is not sticky: root with another user's
+    HOME (sudo -E) must not leave root-owned directories in it."""
+    parent = os.path.dirname(path)
+    try:
+        st = os.stat(parent)
+    except FileNotFoundError:
+        if depth == 0 or parent == path:
+            raise
+        _make(parent, depth - 1)
+        st = os.stat(parent)
+    if st.st_uid != os.geteuid() and not st.st_mode & stat.S_ISVTX:
+        raise PermissionError(errno.EACCES, "not making a cache directory in another user's directory", parent)
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o700)
 
 
 def key(kind: str, *parts: object) -> str:
@@ -76,12 +98,11 @@ def file_stamp(path: str) -> list[Any]:
 def _directory(create: bool) -> Iterator[int | None]:
     """An fd of the cache directory if it is the caller's own and private, else None."""
     path = location()
-    fd = -1
     try:
-        if create:
-            with contextlib.suppress(FileExistsError):
-                os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
-                os.mkdir(path, 0o700)
+        if not path:
+            raise FileNotFoundError("no cache directory")
+        if create and not os.path.isdir(path):
+            _make(path)
         fd = os.open(path, _O_DIR)
     except OSError:
         yield None
