@@ -254,14 +254,14 @@ async def _run(a: argparse.Namespace) -> int:
 
 
 async def _run_in(sb: Sandbox, a: argparse.Namespace, argv: list[str], policy: Policy) -> int:
-    import json
-
     import anyio
 
     from ._kernel import OwnedFd
     from ._proxy import FdReceiveStream, FdSendStream
 
     if a.json:
+        import json
+
         stdin = b"" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.buffer.read()
         r = await sb.run(argv, stdin=stdin)
         record = r.to_json()

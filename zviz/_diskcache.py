@@ -28,10 +28,10 @@ Nothing here raises: an I/O error is a miss, and a failed write is ignored.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import errno
 import hashlib
-import json
 import os
 import secrets
 import stat
@@ -115,7 +115,7 @@ def _directory(create: bool) -> Iterator[int | None]:
 
 
 def _entry(name: str, header: dict[str, Any], payload: bytes) -> bytes:
-    head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    head = repr(header).encode()  # (read back with ast.literal_eval: literals only; json is ~2 ms of imports)
     body = MAGIC + len(head).to_bytes(4, "little") + head + len(payload).to_bytes(4, "little") + payload
     return body + hashlib.sha256(body).digest()
 
@@ -135,8 +135,8 @@ def _parse(data: bytes) -> tuple[dict[str, Any], bytes] | None:
     if len(head) != n or len(payload) != m:
         return None
     try:
-        header = json.loads(head)
-    except ValueError:
+        header = ast.literal_eval(head.decode())
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
         return None
     return (header, payload) if isinstance(header, dict) else None
 

@@ -42,7 +42,6 @@ from . import (
     _args,
     _bpf,
     _capacity,
-    _context,
     _disk,
     _egress,
     _files,
@@ -57,11 +56,9 @@ from . import (
     _workdir,
 )
 from ._args import OutputCallback
-from ._context import CodeContext
 from ._egress import EgressEvent
 from ._errors import CommandNotFoundError, PolicyError, SandboxClosedError, SandboxSetupError, ZvizWarning
 from ._events import EventLog, EventsMissed
-from ._execution import Execution
 from ._kernel import OwnedFd
 from ._lifecycle import Life
 from ._policy import Network, Policy
@@ -74,6 +71,8 @@ from ._supervisor import DenialEvent, RunAccount, Supervisor
 
 if TYPE_CHECKING:
     from . import _snapshot
+    from ._context import CodeContext, CodeContexts
+    from ._execution import Execution
     from ._snapshot import SnapshotInfo
 
 
@@ -112,10 +111,7 @@ class Sandbox:
         self.files = _files.Files(_files.View(cwd=plan.workspace, writable=tuple(writable), uid=plan.host_uid,
                                               gid=plan.host_gid, open_root=self._open_root,
                                               check_open=self._check_open))
-        # The code contexts' registry: its Life closes it at every teardown, so it
-        # reaches this sandbox's _start only weakly (an unclosed sandbox stays collectable).
-        cache = f"{plan.home}/.cache" if plan.home else f"{dict(plan.env).get('TMPDIR', '/tmp')}/zviz-cache"
-        life.contexts = self._contexts = _context.CodeContexts(_weak_start(self), cache)
+        self._contexts_made: CodeContexts | None = None  # made on first use (_contexts)
 
     @classmethod
     async def create(cls, policy: Policy | None = None, *, workdir: str | os.PathLike[str] | None = None,
@@ -351,9 +347,25 @@ class Sandbox:
 
     # ---- code contexts (zviz/_context.py)
 
+    @property
+    def _contexts(self) -> CodeContexts:
+        """The code contexts' registry, made on first use: a sandbox that never
+        runs one does not import that machinery (`zviz run`'s start-up). Its
+        Life closes it at every teardown, so it reaches this sandbox's _start
+        only weakly (an unclosed sandbox stays collectable)."""
+        if self._contexts_made is None:
+            from ._context import CodeContexts
+
+            plan = self._plan
+            cache = f"{plan.home}/.cache" if plan.home else f"{dict(plan.env).get('TMPDIR', '/tmp')}/zviz-cache"
+            self._life.contexts = self._contexts_made = CodeContexts(_weak_start(self), cache)
+        return self._contexts_made
+
     def _context_args(self, python: str, env: Mapping[str, str] | None, output_cap: int | None,
                       timeout: float | None) -> dict[str, Any]:
         self._check_open()
+        from . import _context
+
         return _context.arguments(python, env, output_cap, self._timeout(timeout))
 
     async def create_code_context(self, *, preload: Sequence[str] = (), python: str = "python3",
@@ -362,6 +374,8 @@ class Sandbox:
         """A persistent Python forked off this sandbox's template for `python`
         and `preload` (docs/code-contexts.md). `timeout`: each cell's default
         (`limits.wall_s`); `output_cap`: bytes kept per stream per cell."""
+        from . import _context
+
         return await _context.create(self._contexts, preload=preload,
                                      **self._context_args(python, env, output_cap, timeout))
 
@@ -386,6 +400,8 @@ class Sandbox:
         no template interpreter runs in one interpreter started for it, later
         ones start the template and fork it), False always one interpreter per
         call, True always a fork of the template."""
+        from . import _context
+
         return await _context.run_python(self._contexts, code, preload=preload, fork=fork,
                                          **self._context_args(python, env, output_cap, timeout))
 
