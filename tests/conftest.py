@@ -28,8 +28,16 @@ def private_tempdir():
     os.chmod(d, 0o755)  # uid 65534 must traverse it to reach its workdir
     old = tempfile.tempdir
     tempfile.tempdir = d
+    # the start-up cache too (zviz/_diskcache.py): the run's `zviz gc` empties
+    # only its own, and every run starts with an empty one
+    old_cache = os.environ.get("ZVIZ_CACHE_DIR")
+    os.environ["ZVIZ_CACHE_DIR"] = os.path.join(d, "startup-cache")
     yield d
     tempfile.tempdir = old
+    if old_cache is None:
+        os.environ.pop("ZVIZ_CACHE_DIR", None)
+    else:
+        os.environ["ZVIZ_CACHE_DIR"] = old_cache
     shutil.rmtree(d, ignore_errors=True)
 NOBODY = 65534
 
