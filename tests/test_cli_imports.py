@@ -99,3 +99,11 @@ def test_a_trio_caller_gets_trio_streams_when_zviz_came_first():
     """)
     out = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, timeout=60)
     assert out.stdout.split() == ["True", "b'x'"], out.stderr
+
+
+def test_python_dash_m_zviz_is_the_command_line():
+    out = subprocess.run([sys.executable, "-m", "zviz", "run", "--", "/bin/sh", "-c", "echo hi"], capture_output=True,
+                         text=True, timeout=60)
+    assert (out.returncode, out.stdout) == (0, "hi\n"), out.stderr
+    out = subprocess.run([sys.executable, "-m", "zviz", "bogus"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "invalid choice" in out.stderr
