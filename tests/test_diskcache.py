@@ -342,3 +342,24 @@ def test_userns_facts_follow_the_sysctl():
     facts = _probe._userns_facts()
     with open("/proc/sys/user/max_user_namespaces") as f:
         assert f.read() in facts[-2]
+
+
+def test_a_changed_rule_source_or_binding_is_a_miss(cache):
+    """The filter's key holds the identity of every file its bytes come from
+    (zviz's rules and tables, pyseccomp): editing one (here: a new mtime) misses."""
+    from importlib.util import find_spec
+
+    from zviz import _abi, _argrules, _linux, _syscall_table
+
+    sources = [m.__file__ for m in (_bpf, _argrules, _syscalls, _syscall_table, _linux, _abi)]
+    sources.append(find_spec("pyseccomp").origin)
+    _bpf.program(SPEC)
+    for i, path in enumerate(sources, start=2):
+        st = os.stat(path)
+        try:
+            os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+            _bpf.program.cache_clear()
+            assert _bpf.program(SPEC) == _bpf.compile_filter(SPEC)
+            assert len(os.listdir(cache)) == i, path
+        finally:
+            os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))

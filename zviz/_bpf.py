@@ -201,10 +201,11 @@ def program(spec: FilterSpec) -> bytes:
     import os
     from importlib.util import find_spec
 
-    from . import _diskcache, _linux, _syscall_table
+    from . import _abi, _diskcache, _linux, _syscall_table
 
     found = find_spec("pyseccomp")
-    sources = [m.__file__ for m in (_argrules, _syscalls, _syscall_table, _linux)] + [__file__]
+    # every module whose values reach the program (the rules, the tables, the fd numbers they name)
+    sources = [m.__file__ for m in (_argrules, _syscalls, _syscall_table, _linux, _abi)] + [__file__]
     sources.append(found.origin if found is not None and found.origin else "pyseccomp?")
     name = _diskcache.key("bpf", spec_key(spec), os.uname().machine,
                           [_diskcache.file_stamp(p) for p in sources if p])
