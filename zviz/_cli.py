@@ -427,21 +427,17 @@ def _cmd_check(a: argparse.Namespace) -> int:
 
     import attrs
 
+    from ._cgroup import where
     from ._probe import bcc_status, probe
 
     f = probe()
     ok_bcc, why_bcc = bcc_status()
-    from ._cgroup import where
-
     mem_kind, mem_parent, mem_reason = where()
     if a.json:
         d = attrs.asdict(f)
         d["bcc"] = {"available": ok_bcc, "detail": why_bcc}
         d["missing"] = [dict(feature=x, consequence=y, fix=z) for x, y, z in f.missing()]
-        from ._cgroup import where
-
-        kind, parent, reason = where()
-        d["memory_cgroup"] = {"kind": kind, "parent": parent, "detail": reason}
+        d["memory_cgroup"] = {"kind": mem_kind, "parent": mem_parent, "detail": mem_reason}
         print(json.dumps(d, indent=2))
         return 0
     rows = [
