@@ -64,12 +64,6 @@ _SPLICE_F_MOVE, _SPLICE_F_NONBLOCK = 1, 2
 _MAX_DOMAINS = 1024  # per-domain statistics kept (past it: one "(other)" bucket)
 
 
-def kernel_mode(mode: str) -> str:
-    """The seccomp/Landlock network mode a policy's mode needs: "domains" is
-    "allow" (every connect supervised) with the proxy as the one endpoint."""
-    return "allow" if mode == "domains" else mode
-
-
 @attrs.frozen(kw_only=True)
 class EgressEvent:
     """One connection attempt through the egress proxy (net.mode = "domains"),

@@ -44,6 +44,12 @@ MAX_SOCKS = 600  # bytes of a SOCKS5 greeting plus request (255-byte methods, 25
 PROXY_PORT = 3128  # where programs in the sandbox find the proxy (on their own loopback)
 
 
+def kernel_mode(mode: str) -> str:
+    """The seccomp/Landlock network mode a policy's mode needs: "domains" is
+    "allow" (every connect supervised) with the proxy as the one endpoint."""
+    return "allow" if mode == "domains" else mode
+
+
 class BadRequest(ValueError):
     """A malformed or refused frame from the sandbox (`reason` says which)."""
 

@@ -43,7 +43,7 @@ from . import (
     _bpf,
     _capacity,
     _disk,
-    _egress,
+    _egressproto,
     _files,
     _hostside,
     _kernel,
@@ -56,7 +56,6 @@ from . import (
     _workdir,
 )
 from ._args import OutputCallback
-from ._egress import EgressEvent
 from ._errors import CommandNotFoundError, PolicyError, SandboxClosedError, SandboxSetupError, ZvizWarning
 from ._events import EventLog, EventsMissed
 from ._kernel import OwnedFd
@@ -72,6 +71,7 @@ from ._supervisor import DenialEvent, RunAccount, Supervisor
 if TYPE_CHECKING:
     from . import _snapshot
     from ._context import CodeContext, CodeContexts
+    from ._egress import EgressEvent  # (the module is imported by a domains-mode sandbox only)
     from ._execution import Execution
     from ._snapshot import SnapshotInfo
 
@@ -565,7 +565,7 @@ def _prepare(policy: Policy, workdir: str, owns_workdir: bool, features: _probe.
     # program left behind in /proc/thread-self/children).
     use_zygote = zygote_allowed and pid_ns and probe_plan.mount_proc and trace is None
     spec = _bpf.FilterSpec(allow=policy.syscalls.names() - set(probe_plan.deny_syscalls),
-                           net_mode=_egress.kernel_mode(policy.net.mode), notify=notify, zygote=use_zygote,
+                           net_mode=_egressproto.kernel_mode(policy.net.mode), notify=notify, zygote=use_zygote,
                            pid_ns=pid_ns,
                            netns=bool(probe_plan.clone_flags & _linux.CLONE_NEWNET))
     if trace is not None:
@@ -675,7 +675,8 @@ async def _create(policy: Policy | None = None, *, workdir: str | os.PathLike[st
         with anyio.CancelScope(shield=True):
             await _hostside.release(side)
         raise
-    life = Life(runner, tally, EventLog[DenialEvent | EgressEvent](), side, resources)
+    events: EventLog[DenialEvent | EgressEvent] = EventLog()
+    life = Life(runner, tally, events, side, resources)
     life.pooled = pooled
     sb = Sandbox(policy, path, plan, life, resources, trace=trace)
     life.description = repr(sb)
@@ -690,6 +691,8 @@ async def _create(policy: Policy | None = None, *, workdir: str | os.PathLike[st
                                          learner=trace.learn if trace is not None and trace.learning else None,
                                          on_done=life.tally.fold)
         if policy.net.mode == "domains":  # its connects to the proxy's address reach this (_egress)
+            from . import _egress
+
             life.egress = life.supervisor.egress = _egress.EgressProxy(policy.net, life.events.add)
         monitor_cm = None
         if monitor:
