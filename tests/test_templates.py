@@ -352,3 +352,48 @@ def test_unclosed_template_sandbox_is_unmounted(tmp_path):
     assert not os.path.exists(workdir)
     assert zviz_tempdirs() <= before
     assert (dest / "files" / "f").read_bytes() == b"x"
+
+
+def _mounts_naming(path: str) -> list[str]:
+    with open("/proc/self/mountinfo") as f:
+        return [line for line in f if path in line]
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="the overlay is mounted for root callers only")
+def test_close_leaves_no_mount_and_no_reference(tmp_path):
+    """Close detaches the overlay at once (nothing in mountinfo names the
+    workdir, as mount point or upper layer, the moment close returns, even
+    with a process still running at close) and hands the last reference to
+    the closer thread: once it has run, no fd of ours is left either."""
+    from zviz import _disk
+
+    dest = tmp_path / "t"
+
+    async def make():
+        async with zviz.open_sandbox(zviz.Policy.shell()) as sb:
+            await sb.write_file("f", b"x")
+            await sb.snapshot(dest)
+
+    trio.run(make)
+    _disk.settle()
+    fds, mounts = len(os.listdir("/proc/self/fd")), _overlays()
+
+    async def main() -> list[str]:
+        workdirs = []
+        for busy in (False, True):
+            async with zviz.open_sandbox(zviz.Policy.shell(), template=dest) as sb:
+                workdirs.append(sb.workdir)
+                assert _mounts_naming(sb.workdir), "the overlay is mounted on the workdir while open"
+                await sb.run("echo y > g", shell=True)
+                if busy:
+                    await sb.start(["sleep", "60"])
+            assert _mounts_naming(sb.workdir) == []
+            assert not os.path.exists(sb.workdir)
+        return workdirs
+
+    trio.run(main)
+    assert _overlays() == mounts
+    assert _disk.settle(), "the closer thread finished every overlay's shutdown"
+    assert len(os.listdir("/proc/self/fd")) == fds, "no reference to a detached overlay is left open"
+    assert (dest / "files" / "f").read_bytes() == b"x"
+    assert not (dest / "files" / "g").exists()

@@ -95,7 +95,7 @@ class HostResources:
             self.template_mounted = False
             if self.disk_mounted:
                 self._disk_final = _disk.used(self._workdir)[0]
-            _disk.unmount(self._workdir)  # the overlay (its upper layer goes with the workdir)
+            _disk.unmount_overlay(self._workdir)  # its upper layer goes with the workdir; its shutdown off our path
             helper, self._template_helper = self._template_helper, None
             if helper is not None:
                 _kernel.reap_template_helper(helper)
