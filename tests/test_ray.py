@@ -23,14 +23,10 @@ ray = pytest.importorskip("ray", reason="needs the ray extra: pip install zviz[r
 
 from zviz.ray import PythonBatchRunner, SandboxPool, Snippet, SnippetResult  # noqa: E402
 
-from .conftest import IS_ROOT  # noqa: E402
+from .conftest import IS_ROOT, VENV, VENV_PY, needs_venv  # noqa: E402
 
 pytestmark = pytest.mark.anyio
 
-VENV = pathlib.Path(__file__).resolve().parent.parent / ".venv-sandbox"
-VENV_PY = str(VENV / "bin" / "python")
-HAVE_VENV = os.access(VENV_PY, os.X_OK)
-needs_venv = pytest.mark.skipif(not HAVE_VENV, reason="no .venv-sandbox (scripts/setup-testvenv.sh builds it)")
 
 
 @pytest.fixture(params=["trio", "asyncio"])

@@ -16,17 +16,11 @@ import trio
 import zviz
 from zviz import _snapshot
 
-from .conftest import IS_ROOT, NOBODY, run_as, zviz_tempdirs
+from .conftest import IS_ROOT, run_as, template_parent, zviz_tempdirs
 
 pytestmark = pytest.mark.filterwarnings("ignore::zviz.ZvizWarning")
 
 
-def _parent(identity: str) -> str:
-    """A directory the identity may make templates in."""
-    d = tempfile.mkdtemp(prefix="tmpl-", dir=tempfile.gettempdir())
-    if identity == "nobody":
-        os.chown(d, NOBODY, NOBODY)
-    return d
 
 
 def _overlays() -> int:
@@ -84,7 +78,7 @@ def _round_trip(parent: str) -> dict:
 def test_round_trip_and_isolation(identity):
     from .conftest import child_pids
 
-    parent = _parent(identity)
+    parent = template_parent(identity)
     before, mounts, kids = zviz_tempdirs(), _overlays(), child_pids()
     out = run_as(identity, _round_trip, parent)
     saved = out["saved"]
@@ -156,7 +150,7 @@ def _bad_inputs(parent: str) -> list[str]:
 
 
 def test_bad_inputs_name_the_fix(identity):
-    parent = _parent(identity)
+    parent = template_parent(identity)
     before = set(os.listdir(parent))
     msgs = run_as(identity, _bad_inputs, parent)
     missing, plain, newer, corrupt, full, inside, nodir = msgs

@@ -17,16 +17,11 @@ import trio
 
 import zviz
 
-from ..conftest import IS_ROOT, NOBODY, run_as
+from ..conftest import IS_ROOT, run_as, template_parent
 
 pytestmark = pytest.mark.filterwarnings("ignore::zviz.ZvizWarning")
 
 
-def _parent(identity: str) -> str:
-    d = tempfile.mkdtemp(prefix="tmpl-", dir=tempfile.gettempdir())
-    if identity == "nobody":
-        os.chown(d, NOBODY, NOBODY)
-    return d
 
 
 def _digest(root: str) -> str:
@@ -104,7 +99,7 @@ def test_hostile_workspace_is_copied_safely(identity):
     with open(secret_path, "wb") as f:
         f.write(secret)
     os.chmod(secret_path, 0o644)
-    out = run_as(identity, _hostile, _parent(identity), secret_path)
+    out = run_as(identity, _hostile, template_parent(identity), secret_path)
     found = out["found"]
     assert out["suid_modes"] == b"4755\n2775\n"  # the sandbox did set them in its workdir
     # symlinks are kept as links, never followed: nothing of their targets was copied
@@ -139,7 +134,7 @@ def _deep(parent: str) -> tuple[str, list[str]]:
 
 
 def test_deep_tree_is_refused_and_nothing_left(identity):
-    parent = _parent(identity)
+    parent = template_parent(identity)
     msg, left = run_as(identity, _deep, parent)
     assert "flatten" in msg
     assert left == []  # no partial template
@@ -184,7 +179,7 @@ def _write_through(parent: str, template: str) -> tuple[int, bytes]:
 
 
 def test_sandbox_cannot_change_its_template(identity):
-    parent = _parent(identity)
+    parent = template_parent(identity)
 
     def make(p: str) -> str:
         dest = os.path.join(p, "t")
