@@ -151,8 +151,7 @@ async def test_stdio_cancellation_interrupts_the_cell():
 async def test_a_broken_context_is_restarted_and_said():
     """Code that breaks the context's protocol (a forged frame header on its
     control socket) is a tool error; the next call gets a fresh Python."""
-    forge = ("import gc, socket\n"
-             "s = [o for o in gc.get_objects() if isinstance(o, socket.socket)][0]\n"
+    forge = ("s = display.__globals__['S'].ctrl\n"  # the driver's control channel, as a cell can reach it
              "s.sendall(b'\\xff' * 64)\nimport time\ntime.sleep(1)")
     async with Client(stdio()) as client:
         await client.call_tool("run_python", {"code": "x = 1"})
