@@ -17,8 +17,12 @@ nox.options.sessions = ["lint", "typecheck", "tests"]
 nox.options.default_venv_backend = "venv"
 
 PYPROJECT = nox.project.load_toml("pyproject.toml")
+EXTRAS = PYPROJECT["project"]["optional-dependencies"]
+# the integrations' extras (mcp, smolagents, pydantic-ai, deepagents, ray): their
+# modules are type-checked and tested like the rest, as scripts/test.sh does
+INTEGRATIONS = sorted(k for k in EXTRAS if k not in ("test", "bench"))
 # the editable install type checkers can follow (a path entry, not an import hook)
-EDITABLE = ("-e", ".[test]", "--config-settings", "editable_mode=compat")
+EDITABLE = ("-e", f".[{','.join(['test', *INTEGRATIONS])}]", "--config-settings", "editable_mode=compat")
 
 
 def _tool(name: str) -> str:
@@ -40,7 +44,7 @@ def typecheck(session: nox.Session) -> None:
     # zviz's dependencies are installed for their types; zviz itself is
     # checked from the source tree (its extension through zviz/_stage.pyi),
     # so this session needs no compiler.
-    session.install(*PYPROJECT["project"]["dependencies"], _tool("mypy"))
+    session.install(*PYPROJECT["project"]["dependencies"], *(r for k in INTEGRATIONS for r in EXTRAS[k]), _tool("mypy"))
     session.run("mypy", "zviz")
 
 
