@@ -162,11 +162,15 @@ class SnippetWorker:
         self._closing = False
         self._stray: set[Sandbox] = set()  # cold sandboxes of policy overrides, while they run
         self._checked = False  # python and preload were seen to start (else start() raises)
+        self._starting = asyncio.Lock()  # concurrent first calls make the slots' sandboxes once
 
     async def start(self) -> None:
         """Make every slot's first sandbox (raises what the first failure raised, closing the others)."""
-        if self._free is not None:
-            return
+        async with self._starting:
+            if self._free is None:
+                await self._start()
+
+    async def _start(self) -> None:
         free: asyncio.Queue[_Slot] = asyncio.Queue()
         results = await asyncio.gather(*(self._make(self._policy) for _ in self._slots), return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
