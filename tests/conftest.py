@@ -33,7 +33,15 @@ def private_tempdir():
     # only its own, and every run starts with an empty one
     old_cache = os.environ.get("ZVIZ_CACHE_DIR")
     os.environ["ZVIZ_CACHE_DIR"] = os.path.join(d, "startup-cache")
+    # `zviz run` in a subprocess runs in its process unless a test asks for the
+    # CLI server (tests/test_cliserver.py starts and stops its own)
+    old_server = os.environ.get("ZVIZ_SERVER")
+    os.environ["ZVIZ_SERVER"] = "0"
     yield d
+    if old_server is None:
+        os.environ.pop("ZVIZ_SERVER", None)
+    else:
+        os.environ["ZVIZ_SERVER"] = old_server
     tempfile.tempdir = old
     if old_cache is None:
         os.environ.pop("ZVIZ_CACHE_DIR", None)

@@ -97,7 +97,7 @@ def _add_gc(sub: Subparsers) -> None:
                        "killed), after killing whatever still runs as their host uid. Live sandboxes and kept "
                        "workdirs are left alone. Only the caller's own workdirs (under $TMPDIR/zviz-<uid>). "
                        "Also empties the start-up cache (compiled filters, the host probe: $ZVIZ_CACHE_DIR, "
-                       "else $XDG_CACHE_HOME/zviz or ~/.cache/zviz).")
+                       "else $XDG_CACHE_HOME/zviz or ~/.cache/zviz) and stops the `zviz run` servers.")
     g.set_defaults(func=_cmd_gc)
     g.add_argument("--dry-run", action="store_true", help="only list what would be removed")
 
@@ -136,7 +136,7 @@ def _policy_from_args(a: argparse.Namespace) -> Policy:
 
     if a.policy:
         try:
-            with open(a.policy, encoding="utf-8") as f:
+            with open(_abs(a, a.policy), encoding="utf-8") as f:
                 text = f.read()
         except OSError as e:
             raise PolicyError("--policy", a.policy, f"a readable file ({e.strerror})") from None
@@ -151,11 +151,11 @@ def _policy_from_args(a: argparse.Namespace) -> Policy:
     else:
         policy = Policy.shell()
     if a.ro or a.rw:
-        policy = policy.with_paths(read_only=[os.path.abspath(x) for x in a.ro],
-                                   read_write=[os.path.abspath(x) for x in a.rw])
+        policy = policy.with_paths(read_only=[_abs(a, x) for x in a.ro],
+                                   read_write=[_abs(a, x) for x in a.rw])
     if a.bind:
         # HOST may be relative (to here); a malformed one is a PolicyError (status 125)
-        binds = tuple(Bind.parse(os.path.abspath(h) + ":" + rest if h else text)
+        binds = tuple(Bind.parse(_abs(a, h) + ":" + rest if h else text)
                       for text in a.bind for h, _, rest in [text.partition(":")])
         policy = attrs.evolve(policy, fs=attrs.evolve(policy.fs, binds=policy.fs.binds + binds))
     if a.net:
@@ -225,6 +225,18 @@ class UsageError(Exception):
     pass
 
 
+def _abs(a: argparse.Namespace, path: str) -> str:
+    """`path` made absolute against the caller's working directory (the client's, in the server)."""
+    cwd = getattr(a, "cwd", None)
+    return os.path.abspath(path) if cwd is None else os.path.normpath(os.path.join(cwd, path))
+
+
+def _fds(a: argparse.Namespace) -> tuple[int | None, int | None, int | None]:
+    """The caller's stdin, stdout and stderr fds (the client's, in the server; None: closed)."""
+    got: tuple[int | None, int | None, int | None] | None = getattr(a, "stdio", None)
+    return (0, 1, 2) if got is None else got
+
+
 def _argv(a: argparse.Namespace) -> list[str]:
     argv = list(a.argv)
     if argv and argv[0] == "--":
@@ -260,15 +272,51 @@ async def _run(a: argparse.Namespace) -> int:
 
     argv = _argv(a)
     policy = _policy_from_args(a)
-    # (no pool: the process ends with this sandbox, a pre-started one would be wasted)
-    async with _open_sandbox(policy, workdir=a.workdir, monitor=a.monitor, template=a.template,
-                             use_pool=False) as sb:
-        _start_up_done()
-        if a.snapshot is not None:
+    in_server = getattr(a, "cwd", None) is not None
+    workdir, template, snapshot = (None if p is None else _abs(a, p) for p in (a.workdir, a.template, a.snapshot))
+    # (in its own process, no pool: the process ends with this sandbox, a pre-started one would be wasted)
+    async with _open_sandbox(policy, workdir=workdir, monitor=a.monitor, template=template,
+                             use_pool=in_server) as sb:
+        if not in_server:
+            _start_up_done()
+        if snapshot is not None:
             status = await _run_in(sb, a, argv, policy)
-            await sb.snapshot(a.snapshot)
+            await sb.snapshot(snapshot)
             return status
         return await _run_in(sb, a, argv, policy)
+
+
+async def serve_request(args: list[str], stdio: tuple[int | None, int | None, int | None], cwd: str) -> int:
+    """One `zviz ARGS` for a client of the CLI server (_cliserver.py), with the
+    client's stdio fds and working directory; its sys.stdout/sys.stderr are the
+    client's (the server's are per request). The exit status, as main's."""
+    try:
+        a = _server_parser().parse_args(args)
+    except SystemExit as e:  # (--help, a usage error: argparse has printed it)
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_USAGE)
+    if a.cmd != "run":
+        print("zviz: error: the zviz server runs only `zviz run`", file=sys.stderr)
+        return EXIT_USAGE
+    a.stdio, a.cwd = stdio, cwd
+    try:
+        return await _run(a)
+    except Exception as e:  # noqa: BLE001  (main's mapping; anything else is a bug, shown to its caller)
+        code = _status_for(a, e)
+        if code is None:
+            import traceback
+
+            traceback.print_exception(e)
+            return 1
+        return code
+
+
+_parsers: list[argparse.ArgumentParser] = []
+
+
+def _server_parser() -> argparse.ArgumentParser:
+    if not _parsers:
+        _parsers.append(_parser())
+    return _parsers[0]
 
 
 async def _run_in(sb: Sandbox, a: argparse.Namespace, argv: list[str], policy: Policy) -> int:
@@ -280,8 +328,7 @@ async def _run_in(sb: Sandbox, a: argparse.Namespace, argv: list[str], policy: P
     if a.json:
         import json
 
-        stdin = b"" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.buffer.read()
-        r = await sb.run(argv, stdin=stdin)
+        r = await sb.run(argv, stdin=await _read_stdin(_fds(a)[0]))
         record = r.to_json()
         stats = sb.statistics()
         if stats.syscalls is not None:
@@ -295,9 +342,11 @@ async def _run_in(sb: Sandbox, a: argparse.Namespace, argv: list[str], policy: P
     proc = await sb.start(argv)
     assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None  # all piped
     stdin = proc.stdin
-    ours_in = FdReceiveStream(OwnedFd(os.dup(0), "cli-stdin")) if _usable(0) else None
-    ours_out = FdSendStream(OwnedFd(os.dup(1), "cli-stdout"))
-    ours_err = FdSendStream(OwnedFd(os.dup(2), "cli-stderr"))
+    fd_in, fd_out, fd_err = _fds(a)
+    ours_in = FdReceiveStream(OwnedFd(os.dup(fd_in), "cli-stdin")) if fd_in is not None and _usable(fd_in) else None
+    # (a closed stdout or stderr of the caller: the command's output to it is dropped)
+    ours_out = FdSendStream(OwnedFd(_dup_or_null(fd_out), "cli-stdout"))
+    ours_err = FdSendStream(OwnedFd(_dup_or_null(fd_err), "cli-stderr"))
     timeout = policy.limits.wall_s
 
     async def pump(src: FdReceiveStream, dst: FdSendStream) -> None:
@@ -396,7 +445,28 @@ def _write(path: str, text: str) -> None:
         raise PolicyError("-o/--oci", path, f"a writable file ({e.strerror})") from None
 
 
-def _usable(fd: int) -> bool:
+async def _read_stdin(fd: int | None) -> bytes:
+    """All of stdin for --json (nothing from a terminal), off the event loop's thread."""
+    if fd is None or not _usable(fd) or os.isatty(fd):
+        return b""
+    import anyio
+
+    def read_all(fd: int) -> bytes:
+        chunks = []
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    return await anyio.to_thread.run_sync(read_all, fd, abandon_on_cancel=True)
+
+
+def _dup_or_null(fd: int | None) -> int:
+    return os.dup(fd) if fd is not None and _usable(fd) else os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+
+
+def _usable(fd: int | None) -> bool:
+    if fd is None:
+        return False
     try:
         os.fstat(fd)
     except OSError:
@@ -405,7 +475,7 @@ def _usable(fd: int) -> bool:
 
 
 def _cmd_gc(a: argparse.Namespace) -> int:
-    from . import _diskcache, _hostside, _ids, _workdir
+    from . import _cachedir, _diskcache, _hostside, _ids, _workdir
 
     found = _workdir.sweep(dry_run=a.dry_run, min_age=60.0, on_stale=_hostside.reclaim)
     leases = _ids.sweep_leases(dry_run=a.dry_run)
@@ -416,8 +486,15 @@ def _cmd_gc(a: argparse.Namespace) -> int:
         print(f"{verb} uid lease {path}")
     cached = _diskcache.clear(dry_run=a.dry_run)
     if cached:
-        print(f"{verb} {cached} start-up cache entr{'y' if cached == 1 else 'ies'} in {_diskcache.location()}")
-    if not found and not leases and not cached:
+        print(f"{verb} {cached} start-up cache entr{'y' if cached == 1 else 'ies'} in {_cachedir.location()}")
+    servers: list[int] = []
+    if not a.dry_run:  # (a CLI server holds nothing but loaded code: the next `zviz run` starts one)
+        from ._cliserver import stop_servers
+
+        servers = stop_servers()
+        for pid in servers:
+            print(f"stopped the zviz run server (pid {pid})")
+    if not found and not leases and not cached and not servers:
         print("nothing to remove")
     return 0
 
@@ -513,20 +590,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.formatwarning = lambda msg, cat, *rest, **kw: f"zviz: warning: {msg}\n"
     try:
         return int(a.func(a))
-    except UsageError as e:
-        return _fail(a, e, EXIT_USAGE)
-    except CommandNotFoundError as e:
-        return _fail(a, e, EXIT_NOT_FOUND)
-    except PolicyError as e:
-        return _fail(a, e, EXIT_POLICY)
-    except SandboxSetupError as e:
-        return _fail(a, e, EXIT_SETUP)
-    except FeatureUnavailable as e:
-        return _fail(a, e, EXIT_HOST)
-    except ZvizError as e:
-        return _fail(a, e, EXIT_SETUP)
     except KeyboardInterrupt:
         return 130
+    except Exception as e:
+        code = _status_for(a, e)
+        if code is None:
+            raise
+        return code
+
+
+def _status_for(a: argparse.Namespace, e: Exception) -> int | None:
+    """The exit status for an error (printed), None for one that is a bug."""
+    for kind, code in ((UsageError, EXIT_USAGE), (CommandNotFoundError, EXIT_NOT_FOUND), (PolicyError, EXIT_POLICY),
+                       (SandboxSetupError, EXIT_SETUP), (FeatureUnavailable, EXIT_HOST), (ZvizError, EXIT_SETUP)):
+        if isinstance(e, kind):
+            return _fail(a, e, code)
+    return None
 
 
 def _fail(a: argparse.Namespace, e: BaseException, code: int) -> int:

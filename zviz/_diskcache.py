@@ -38,6 +38,7 @@ import stat
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from ._cachedir import location
 from ._version import __version__
 
 MAGIC = b"zviz-cache 1\n"
@@ -45,18 +46,6 @@ MAX_ENTRY = 1 << 20  # bytes; a filter is at most 4096 instructions (32 KiB)
 _DIGEST = 32
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _TMP_PREFIX = ".tmp-"
-
-
-def location() -> str:
-    """Where the cache lives for this caller (it may not exist yet); "" when
-    there is none (no absolute path to put it: the cache is off)."""
-    explicit = os.environ.get("ZVIZ_CACHE_DIR")
-    if explicit:
-        path = explicit
-    else:
-        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        path = os.path.join(base, "zviz")
-    return path if os.path.isabs(path) else ""  # (never relative to wherever the caller happens to be)
 
 
 def _make(path: str, depth: int = 2) -> None:

@@ -1,0 +1,382 @@
+"""`zviz run` through the CLI server (zviz/_cliclient.py, zviz/_cliserver.py).
+
+Each test starts its own server (a private cache directory, so a context of
+its own) and stops it at the end. Evidence that a command went through the
+server, not the client's process: the server's log counts what it served.
+"""
+
+import ctypes
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from zviz import _cliclient
+
+ZVIZ = [sys.executable, "-m", "zviz"]
+IS_ROOT = os.geteuid() == 0
+
+
+class Server:
+    def __init__(self, base: pathlib.Path) -> None:
+        self.cache = base / "cache"
+        self.cache.mkdir(mode=0o700)
+        self.env = {**os.environ, "ZVIZ_SERVER": "1", "ZVIZ_CACHE_DIR": str(self.cache), "ZVIZ_SERVER_IDLE": "60"}
+        self.env.pop("ZVIZ_POOL_SIZE", None)
+        self.srv = self.cache / "srv"
+
+    def run(self, *args, input=None, timeout=60, **kw):
+        kw.setdefault("env", self.env)
+        return subprocess.run([*ZVIZ, *args], input=input, capture_output=True, timeout=timeout, **kw)
+
+    def log(self) -> str:
+        return "".join(p.read_text() for p in self.srv.glob("*.log")) if self.srv.exists() else ""
+
+    def served(self) -> int:
+        return self.log().count("served a request")
+
+    def socket_path(self) -> pathlib.Path:
+        socks = list(self.srv.glob("*.sock"))
+        assert len(socks) == 1, socks
+        return socks[0]
+
+    def start(self) -> None:
+        """Two runs: the first makes the cache, the second starts the server
+        (both run in their own process); then wait until it listens."""
+        for _ in range(2):
+            assert self.run("run", "--", "true").returncode == 0
+        deadline = time.monotonic() + 30
+        while "serving" not in self.log():
+            assert time.monotonic() < deadline, self.log()
+            time.sleep(0.05)
+
+    def pid(self) -> int:
+        for line in self.log().splitlines():
+            if ": pid " in line and "serving" in line:
+                return int(line.split(": pid ")[1].split(",")[0])
+        raise AssertionError(self.log())
+
+    def key(self) -> bytes:
+        code = "import sys, zviz._cliclient as c; sys.stdout.buffer.write(c.key())"
+        return subprocess.run([sys.executable, "-c", code], env=self.env, capture_output=True, check=True).stdout
+
+    def stop(self) -> None:
+        env = {**self.env, "ZVIZ_SERVER": "0"}
+        subprocess.run([*ZVIZ, "gc"], env=env, capture_output=True, timeout=60)
+
+
+@pytest.fixture
+def server(tmp_path):
+    s = Server(tmp_path)
+    yield s
+    s.stop()
+    assert not any(s.srv.glob("*.sock")), "a stopped server removes its socket"
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_commands_go_through_the_server_with_stdio_status_and_errors(server):
+    server.start()
+    before = server.served()
+    r = server.run("run", "--", "python3", "-c",
+                   "import sys; print(sys.stdin.read().upper()); print('err', file=sys.stderr); sys.exit(3)",
+                   input=b"abc")
+    assert (r.returncode, r.stdout, r.stderr) == (3, b"ABC\n", b"err\n")
+    assert server.run("run", "--", "python3", "-c", "import os; os.kill(os.getpid(), 9)").returncode == 128 + 9
+    r = server.run("run", "--timeout", "0.5", "--", "sleep", "10")
+    assert r.returncode == 124 and b"timed out" in r.stderr
+    r = server.run("run", "--", "no-such-command")
+    assert r.returncode == 127 and r.stderr.count(b"\n") == 1 and b"Traceback" not in r.stderr
+    r = server.run("run", "--memory", "lots", "--", "true")
+    assert r.returncode == 125 and b"--memory" in r.stderr
+    r = server.run("run")
+    assert r.returncode == 2 and b"a command is needed" in r.stderr
+    r = server.run("run", "--bogus-flag", "--", "true")  # argparse's own error, printed by the server
+    assert r.returncode == 2 and b"unrecognized arguments: --bogus-flag" in r.stderr
+    r = server.run("run", "--help")
+    assert r.returncode == 0 and b"--allow-domain" in r.stdout
+    r = server.run("--debug", "run", "--", "no-such-command")
+    assert r.returncode == 127 and b"Traceback" in r.stderr
+    r = server.run("run", "--json", "--", "python3", "-c", "import sys; print(sys.stdin.read())", input=b"in")
+    assert r.returncode == 0 and b'"stdout": "in\\n"' in r.stdout
+    assert server.served() == before + 10, server.log()
+    # the same answers without the server (ZVIZ_SERVER=0), for the ones compared
+    direct = {**server.env, "ZVIZ_SERVER": "0"}
+    for args in (("run", "--bogus-flag", "--", "true"), ("run", "--memory", "lots", "--", "true")):
+        a, b = server.run(*args), server.run(*args, env=direct)
+        assert (a.returncode, a.stdout, a.stderr) == (b.returncode, b.stdout, b.stderr)
+    assert server.served() == before + 12
+
+
+def test_relative_paths_are_the_clients(server, tmp_path):
+    server.start()
+    work = tmp_path / "here"
+    (work / "data").mkdir(parents=True)
+    (work / "data" / "in.txt").write_text("mine")
+    os.chmod(tmp_path, 0o755)
+    os.chmod(work, 0o755)
+    os.chmod(work / "data", 0o755)
+    os.chmod(work / "data" / "in.txt", 0o644)
+    before = server.served()
+    r = server.run("run", "--ro", "data", "--", "cat", str(work / "data" / "in.txt"), cwd=work)
+    assert (r.returncode, r.stdout) == (0, b"mine"), r.stderr
+    r = server.run("run", "--bind", "data:/d", "--", "cat", "/d/in.txt", cwd=work)
+    assert (r.returncode, r.stdout) == (0, b"mine"), r.stderr
+    assert server.served() == before + 2
+
+
+def test_a_killed_client_kills_its_sandbox(server):
+    server.start()
+    cmd = [*ZVIZ, "run", "--", "sh", "-c", "echo up; exec sleep 300"]
+    with subprocess.Popen(cmd, env=server.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as p:
+        try:
+            assert p.stdout.readline() == b"up\n"
+            sleeper = _sleeper()
+            assert sleeper is not None
+            p.kill()
+            p.wait(10)
+            deadline = time.monotonic() + 10
+            while alive(sleeper):
+                assert time.monotonic() < deadline, "the sandbox outlived its client"
+                time.sleep(0.02)
+        finally:
+            p.kill()
+    # a signal to the client is forwarded: the sandbox is killed, the status says which
+    with subprocess.Popen(cmd, env=server.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as p:
+        try:
+            assert p.stdout.readline() == b"up\n"
+            sleeper = _sleeper()
+            assert sleeper is not None
+            p.send_signal(signal.SIGINT)
+            assert p.wait(10) == 128 + signal.SIGINT
+            deadline = time.monotonic() + 10
+            while alive(sleeper):
+                assert time.monotonic() < deadline, "the sandbox outlived the signal"
+                time.sleep(0.02)
+        finally:
+            p.kill()
+
+
+def _sleeper() -> int | None:
+    """The host pid of the sandboxed `sleep 300` (newest), or None."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                if pathlib.Path(f"/proc/{pid}/cmdline").read_bytes() == b"sleep\x00300\x00":
+                    found.append(int(pid))
+            except OSError:
+                pass
+    return max(found) if found else None
+
+
+def test_the_server_holds_no_fd_of_its_client(server):
+    """A harness that waits for EOF on a pipe it gave `zviz run` must not wait for the server."""
+    r, w = os.pipe()
+    try:
+        for _ in range(2):  # the second run starts the server, with this pipe inherited
+            subprocess.run([*ZVIZ, "run", "--", "true"], env=server.env, pass_fds=(w,), check=True,
+                           capture_output=True, timeout=60)
+        os.close(w)
+        w = -1
+        os.set_blocking(r, False)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if os.read(r, 1) == b"":
+                    break
+            except BlockingIOError:
+                pass
+            assert time.monotonic() < deadline, "someone still holds the pipe's write end"
+            time.sleep(0.02)
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+
+
+def _request(path: pathlib.Path, body: bytes, fds=(0, 1, 2), preexec=None) -> bytes:
+    """Send one raw request from a child process (optionally set up by `preexec`); what it got back."""
+    code = f"""
+import array, os, socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+s.connect(f"/proc/self/fd/{{os.open({str(path.parent)!r}, os.O_PATH)}}/{path.name}")  # (a long path: > 108 bytes)
+body = sys.stdin.buffer.read()
+fds = {list(fds)!r}
+s.sendmsg([body], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else [])
+out = b""
+while True:
+    try:
+        got = s.recv(64)
+    except OSError:
+        break
+    if not got:
+        break
+    out += got + b"|"
+sys.stdout.buffer.write(out)
+"""
+    p = subprocess.run([sys.executable, "-c", code], input=body, capture_output=True, timeout=60,
+                       preexec_fn=preexec)
+    return p.stdout
+
+
+def _marker_request(key: bytes, marker: pathlib.Path) -> bytes:
+    return b"\0".join([_cliclient.PROTOCOL, key, b"/", b"7", b"run", b"--rw", str(marker.parent).encode(), b"--",
+                       b"/bin/sh", b"-c", f"echo x > {marker}".encode()])
+
+
+def test_malformed_requests_are_dropped_and_the_server_goes_on(server, tmp_path):
+    server.start()
+    path, key = server.socket_path(), server.key()
+    marker = tmp_path / "m" / "marker"
+    marker.parent.mkdir()
+    os.chmod(marker.parent, 0o777)
+    good = _marker_request(key, marker)
+    bad = [
+        good.replace(_cliclient.PROTOCOL, b"zviz-run 9"),  # another protocol
+        good.replace(key, key[:-1] + b"?"),  # another key
+        good.replace(b"\0/\0", b"\0relative\0"),  # a relative cwd
+        good.replace(b"\0" + b"7" + b"\0", b"\0" + b"9" + b"\0"),  # a mask beyond fds 0-2
+        good.replace(b"\0" + b"7" + b"\0", b"\0" + b"3" + b"\0"),  # fewer fds announced than sent
+        b"\xff" * 10,
+        b"",
+        good + b"\0" + b"A" * _cliclient.MAX_REQUEST,  # too large (truncated)
+    ]
+    for body in bad:
+        assert _request(path, body) == b"", body[:40]
+        assert not marker.exists()
+    assert _request(path, good, fds=()) == b""  # no fds though the mask says three
+    assert not marker.exists()
+    assert _request(path, good) == b"A|X0|"  # the server still serves a good one
+    assert marker.read_text() == "x\n"
+
+
+@pytest.mark.skipif(not shutil.which("unshare"), reason="needs unshare(1)")
+def test_a_process_in_other_namespaces_is_refused(server, tmp_path):
+    """What a sandboxed process is (own user and pid namespaces, the same uid
+    outside for a non-root caller) cannot use the server, even with the socket
+    in reach and the right key."""
+    server.start()
+    path, key = server.socket_path(), server.key()
+    marker = tmp_path / "m" / "marker"
+    marker.parent.mkdir()
+    os.chmod(marker.parent, 0o777)
+    body = _marker_request(key, marker)
+    # the control: from this context the same request runs
+    assert _request(path, body) == b"A|X0|"
+    marker.unlink()
+    code = f"""
+import array, os, socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+s.connect(f"/proc/self/fd/{{os.open({str(path.parent)!r}, os.O_PATH)}}/{path.name}")
+s.sendmsg([sys.stdin.buffer.read()], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [0, 1, 2]).tobytes())])
+try:
+    print(s.recv(64))
+except OSError as e:
+    print("error", e)
+"""
+    p = subprocess.run(["unshare", "--user", "--map-root-user", "--pid", "--fork", "--mount-proc", sys.executable,
+                        "-c", code], input=body, capture_output=True, timeout=60)
+    assert p.stdout in (b"b''\n",) or p.stdout.startswith(b"error"), p
+    assert not marker.exists()
+    assert "refused a connection" in server.log() and "another context" in server.log()
+
+
+def test_a_more_confined_process_is_refused(server, tmp_path):
+    """no_new_privs (what every seccomp or Landlock sandbox sets) on the caller: the
+    server, started unconfined, must not run commands for it."""
+    server.start()
+    path, key = server.socket_path(), server.key()
+    marker = tmp_path / "m" / "marker"
+    marker.parent.mkdir()
+    os.chmod(marker.parent, 0o777)
+
+    def no_new_privs():
+        libc = ctypes.CDLL(None, use_errno=True)
+        assert libc.prctl(38, 1, 0, 0, 0) == 0  # PR_SET_NO_NEW_PRIVS
+
+    assert _request(path, _marker_request(key, marker), preexec=no_new_privs) == b""
+    assert not marker.exists()
+    assert "another context" in server.log()
+    # and the zviz client itself, so confined, uses another server (its own context): never this one
+    before = server.served()
+    r = server.run("run", "--", "true", preexec_fn=no_new_privs)
+    assert r.returncode == 0 and server.served() == before
+
+
+def test_idle_server_exits_and_a_new_one_starts(server):
+    server.env["ZVIZ_SERVER_IDLE"] = "1"
+    server.start()
+    pid = server.pid()
+    deadline = time.monotonic() + 20
+    while alive(pid):
+        assert time.monotonic() < deadline, "the idle server did not exit"
+        time.sleep(0.05)
+    assert not any(server.srv.glob("*.sock"))
+    assert "exited" in server.log()
+    # the next run starts another (and runs itself meanwhile)
+    assert server.run("run", "--", "true").returncode == 0
+
+
+def test_off_switch_and_one_server_per_context(server):
+    off = {**server.env, "ZVIZ_SERVER": "0"}
+    for _ in range(3):
+        assert server.run("run", "--", "true", env=off).returncode == 0
+    assert not any(server.srv.glob("*.lock")), "ZVIZ_SERVER=0 started a server"
+    server.start()
+    pid = server.pid()
+    # a second server of the same context gives way to the first (the lock)
+    code = f"from zviz._cliserver import main; main({_cliclient.name_of(server.key())!r})"
+    p = subprocess.run([sys.executable, "-c", code], env=server.env, capture_output=True, timeout=60)
+    assert p.returncode == 0 and alive(pid)
+    # another context (another zviz environment variable): another server
+    other = {**server.env, "ZVIZ_MAX_SANDBOXES": "7"}
+    for _ in range(2):
+        assert server.run("run", "--", "true", env=other).returncode == 0
+    deadline = time.monotonic() + 30
+    while len(list(server.srv.glob("*.lock"))) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def test_a_stale_socket_is_replaced(server):
+    server.start()
+    pid = server.pid()
+    os.kill(pid, signal.SIGKILL)  # no clean-up: the socket file stays
+    while alive(pid):
+        time.sleep(0.01)
+    assert any(server.srv.glob("*.sock"))
+    for _ in range(2):  # runs itself, starts a new server
+        assert server.run("run", "--", "true").returncode == 0
+    deadline = time.monotonic() + 30
+    while "serving" not in server.log() or server.pid() == pid:
+        assert time.monotonic() < deadline, server.log()
+        time.sleep(0.05)
+    before = server.served()
+    assert server.run("run", "--", "true").returncode == 0
+    assert server.served() == before + 1
+
+
+
+def test_the_client_loads_nothing_of_the_sandbox(server):
+    """What makes `zviz run` cost a bare interpreter: through the server, the
+    client process imports none of asyncio, anyio, attrs, argparse or the sandbox."""
+    server.start()
+    before = server.served()
+    code = ("import sys; from zviz._cliclient import main; rc = main(['run', '--', 'true']); "
+            "print(rc, sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('zviz', 'asyncio', 'anyio', 'attr', 'attrs', 'argparse', 'trio', 'typing')))")
+    p = subprocess.run([sys.executable, "-c", code], env=server.env, capture_output=True, text=True, timeout=60)
+    assert p.stdout.split(" ", 1) == ["0", "['zviz', 'zviz._cachedir', 'zviz._cliclient', 'zviz._version']\n"], p
+    assert server.served() == before + 1

@@ -1,0 +1,396 @@
+"""The CLI server: runs `zviz run` for the thin clients of one context (_cliclient.py).
+
+One server per user and context (the key: the zviz package's files, the
+interpreter, zviz's environment, the process's kernel context) listens on a
+SOCK_SEQPACKET unix socket in the private `srv/` directory of the start-up
+cache, `<name>.sock`, while it holds `<name>.lock` (flock: one server per
+name; a second one started by a race exits). Its log is `<name>.log`.
+
+A connection is served only when the connecting process's context, read from
+/proc through its pidfd (SO_PEERPIDFD, so the pid cannot have been reused
+meanwhile), equals the server's own: same uid and gids, capabilities,
+no_new_privs, seccomp mode and filter count, namespaces, cgroup, LSM label
+and rlimits. A process inside a sandbox (its own user and pid namespaces)
+or one more confined than the server is refused: its `zviz run` runs in its
+own process. On a kernel without SO_PEERPIDFD (before 6.5) the server cannot
+check that, writes `<name>.off` with the reason, and exits; clients then run
+every command themselves.
+
+A request is one message: the protocol, the client's key, its working
+directory, which of its fds 0-2 are open, and the arguments; the open ones
+of those fds come with it (SCM_RIGHTS). The server answers "accepted", runs
+`_cli.serve_request` with the client's fds as the command's stdio and as its
+own sys.stdout/sys.stderr (per request, through a context variable), and
+answers the exit status. A client that hangs up or forwards a signal gets
+its sandbox killed (the status is 128 + the signal, SIGHUP for a hang-up).
+The server exits after `ZVIZ_SERVER_IDLE` seconds (300) with no request; it
+first removes its socket, then drops the connections still queued on it
+(their clients see the hang-up before "accepted" and run the command
+themselves).
+
+Requests of one server share its process: its pool of pre-started
+sandboxes (size 1 per policy unless ZVIZ_POOL_SIZE says otherwise), its
+start-up caches, its bound on open sandboxes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import fcntl
+import io
+import os
+import signal
+import socket
+import struct
+import sys
+import time
+from typing import Any
+
+import anyio
+
+from . import _cliclient
+from ._cliclient import ACCEPTED, EXITED, KILL, MAX_REQUEST, PROTOCOL
+
+SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)
+IDLE_ENV = "ZVIZ_SERVER_IDLE"
+IDLE_S = 300.0
+REQUEST_TIMEOUT_S = 5.0  # from the connection to the whole request
+MAX_CLIENTS = 256  # connections served at once; more wait in the listen queue
+MAX_LOG = 1 << 20  # bytes: the log is emptied past this
+
+Stdio = tuple[int | None, int | None, int | None]
+_streams: contextvars.ContextVar[tuple[io.TextIOBase, io.TextIOBase] | None] = contextvars.ContextVar(
+    "zviz_cli_streams", default=None)
+
+
+class _FdText(io.TextIOBase):
+    """A client's stdout or stderr as a text stream (what print and argparse write)."""
+
+    def __init__(self, fd: int | None) -> None:
+        self._fd = fd
+
+    def writable(self) -> bool:
+        return True
+
+    def isatty(self) -> bool:
+        return self._fd is not None and os.isatty(self._fd)
+
+    def write(self, s: str) -> int:
+        data = s.encode("utf-8", "replace")
+        while data and self._fd is not None:
+            try:
+                data = data[os.write(self._fd, data):]
+            except BlockingIOError:  # (the command's pump made the description non-blocking)
+                import select
+
+                select.select([], [self._fd], [], 1.0)
+            except OSError:
+                self._fd = None  # the client's end is gone: the rest is dropped
+        return len(s)
+
+
+class _PerRequest(io.TextIOBase):
+    """sys.stdout or sys.stderr of the server: the current request's, else the log."""
+
+    def __init__(self, which: int, fallback: Any) -> None:
+        self._which = which
+        self._fallback = fallback
+
+    def _target(self) -> Any:
+        got = _streams.get()
+        return self._fallback if got is None else got[self._which]
+
+    def writable(self) -> bool:
+        return True
+
+    def isatty(self) -> bool:
+        return bool(self._target().isatty())
+
+    def write(self, s: str) -> int:
+        return int(self._target().write(s))
+
+    def flush(self) -> None:
+        self._target().flush()
+
+
+def main(name: str) -> None:
+    """The server's process (started by a client, in its own session)."""
+    log = sys.stderr
+    key = _cliclient.key()
+    if _cliclient.name_of(key) != name:
+        print(f"zviz server: this process's context is not the one of {name}: not serving", file=log)
+        return
+    os.chdir("/")
+    try:
+        dfd = _cliclient.open_server_dir()
+    except OSError as e:
+        print(f"zviz server: {e}", file=log)
+        return
+    lock = os.open(f"/proc/self/fd/{dfd}/{name}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return  # another server of this name runs
+    os.ftruncate(lock, 0)
+    os.write(lock, str(os.getpid()).encode())  # (for stop_servers)
+    _trim_log()
+    unavailable = _peer_checks_unavailable()
+    if unavailable:
+        with contextlib.suppress(OSError), open(f"/proc/self/fd/{dfd}/{name}.off", "w") as f:
+            f.write(unavailable + "\n")
+        print(f"zviz server: {unavailable}: not serving (clients run commands themselves)", file=log)
+        return
+    path = f"/proc/self/fd/{dfd}/{name}.sock"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)  # a dead server's (we hold the lock)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    listener.bind(path)
+    listener.listen(64)
+    listener.setblocking(False)
+    sock_id = os.stat(path, follow_symlinks=False).st_ino
+    sys.stdout = _PerRequest(0, sys.stdout)
+    sys.stderr = _PerRequest(1, log)
+    try:
+        idle = float(os.environ.get(IDLE_ENV) or IDLE_S)
+    except ValueError:
+        idle = IDLE_S
+    print(f"zviz server {name}: pid {os.getpid()}, serving (idle exit after {idle:g} s)", file=log, flush=True)
+    try:
+        anyio.run(_serve, listener, key, idle, backend="asyncio")
+    finally:
+        with contextlib.suppress(OSError):
+            if os.stat(path, follow_symlinks=False).st_ino == sock_id:
+                os.unlink(path)
+        listener.close()
+        os.close(dfd)
+        print(f"zviz server {name}: exited", file=log, flush=True)
+
+
+def stop_servers(timeout: float = 5.0) -> list[int]:
+    """Stop this user's CLI servers of every context (`zviz gc`): SIGTERM, then
+    wait for each to let go of its lock. The pids signalled."""
+    try:
+        dfd = _cliclient.open_server_dir()
+    except OSError:
+        return []
+    stopped = []
+    try:
+        for entry in os.listdir(f"/proc/self/fd/{dfd}"):
+            if not entry.endswith(".lock"):
+                continue
+            try:
+                lock = os.open(f"/proc/self/fd/{dfd}/{entry}", os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    continue  # no server holds it
+                except BlockingIOError:
+                    pass
+                text = os.pread(lock, 32, 0)
+                if not text.isdigit():
+                    continue
+                pid = int(text)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+                    stopped.append(pid)
+                deadline = time.monotonic() + timeout
+                while time.monotonic() < deadline:
+                    try:
+                        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        time.sleep(0.01)
+            finally:
+                os.close(lock)
+    finally:
+        os.close(dfd)
+    return stopped
+
+
+def _trim_log() -> None:
+    """Empty the log (fd 2: this server's, opened O_APPEND by the client that started it)."""
+    with contextlib.suppress(OSError):
+        if os.path.isfile("/proc/self/fd/2") and not os.isatty(2):
+            os.ftruncate(2, 0)
+
+
+def _peer_checks_unavailable() -> str:
+    """Why this kernel cannot tell the server who connects (SO_PEERPIDFD), or ""."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        pidfd = a.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
+        os.close(pidfd)
+    except OSError as e:
+        return f"SO_PEERPIDFD is not supported ({e.strerror}; Linux >= 6.5)"
+    finally:
+        a.close()
+        b.close()
+    return ""
+
+
+async def _serve(listener: socket.socket, key: bytes, idle: float) -> None:
+    import warnings
+
+    from . import _cli, _sandbox  # noqa: F401  (loaded now: the first request does not wait for them)
+    from ._errors import ZvizWarning
+    from ._pool import ENV as POOL_ENV, set_pool_size
+
+    warnings.simplefilter("default", ZvizWarning)
+    warnings.formatwarning = lambda msg, cat, *rest, **kw: f"zviz: warning: {msg}\n"
+    if not os.environ.get(POOL_ENV):
+        set_pool_size(1)
+    own = _cliclient.context("/proc/self")
+    active = 0
+    last = time.monotonic()
+    limiter = anyio.CapacityLimiter(MAX_CLIENTS)
+
+    async def handle(conn: socket.socket) -> None:
+        nonlocal active, last
+        try:
+            async with limiter:
+                await _handle(conn, key)
+        except Exception as e:  # noqa: BLE001  (a bug: logged, the server goes on)
+            print(f"zviz server: a request failed: {e!r}", file=sys.__stderr__, flush=True)
+        finally:
+            conn.close()
+            active -= 1
+            last = time.monotonic()
+
+    async def stop_on_signal(scope: anyio.CancelScope) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async for signum in signals:
+                print(f"zviz server: signal {signum}: closing every sandbox and exiting", file=sys.__stderr__,
+                      flush=True)
+                scope.cancel()
+                return
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(stop_on_signal, tg.cancel_scope)
+        while True:
+            wait = max(0.0, last + idle - time.monotonic()) if active == 0 else idle
+            with anyio.move_on_after(wait):
+                await anyio.wait_readable(listener)
+            if active == 0 and time.monotonic() - last >= idle:
+                break
+            try:
+                conn, _ = listener.accept()
+            except BlockingIOError:
+                continue
+            conn.setblocking(False)
+            refused = _refusal(conn, own)
+            if refused:
+                print(f"zviz server: refused a connection: {refused}", file=sys.__stderr__, flush=True)
+                conn.close()
+                continue
+            active += 1
+            tg.start_soon(handle, conn)
+        tg.cancel_scope.cancel()
+
+
+def _refusal(conn: socket.socket, own: bytes) -> str:
+    """Why the process at the other end may not use this server, or ""."""
+    try:
+        pidfd = conn.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
+    except OSError as e:
+        return f"no pidfd of the peer ({e.strerror})"
+    try:
+        pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        if pid <= 0:
+            return "the peer is in a pid namespace this server cannot see"
+        if uid != os.geteuid():
+            return f"the peer runs as uid {uid}"
+        try:
+            theirs = _cliclient.context(f"/proc/{pid}")
+            signal.pidfd_send_signal(pidfd, 0)  # still that process: what /proc showed was its
+        except OSError as e:
+            return f"the peer's context cannot be read ({e.strerror})"
+        if theirs != own:
+            return f"pid {pid} runs in another context (namespaces, credentials, confinement or limits)"
+        return ""
+    finally:
+        os.close(pidfd)
+
+
+async def _handle(conn: socket.socket, key: bytes) -> None:
+    with anyio.move_on_after(REQUEST_TIMEOUT_S):
+        await anyio.wait_readable(conn)
+    try:
+        data, anc, flags, _ = conn.recvmsg(MAX_REQUEST + 1, socket.CMSG_SPACE(3 * 4), socket.MSG_CMSG_CLOEXEC)
+    except OSError:
+        return
+    fds: list[int] = []
+    for level, kind, payload in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(payload) - len(payload) % 4
+            fds.extend(struct.unpack(f"{usable // 4}i", payload[:usable]))
+    try:
+        request = _parse(data, flags, fds, key)
+        if request is None:
+            return
+        args, stdio, cwd = request
+        conn.send(ACCEPTED)
+        status = await _run(conn, args, stdio, cwd)
+        print(f"zviz server: served a request: exit status {status}", file=sys.__stderr__, flush=True)
+        if os.fstat(2).st_size > MAX_LOG:
+            _trim_log()
+        with contextlib.suppress(OSError):
+            conn.send(EXITED + str(status).encode())
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _parse(data: bytes, flags: int, fds: list[int], key: bytes) -> tuple[list[str], Stdio, str] | None:
+    """A well-formed request of this server's key, else None (the client runs it itself)."""
+    if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or len(data) > MAX_REQUEST:
+        return None
+    fields = data.split(b"\0")
+    if len(fields) < 5 or fields[0] != PROTOCOL or fields[1] != key or not fields[3].isdigit():
+        return None
+    mask = int(fields[3])
+    if mask > 7 or bin(mask).count("1") != len(fds):
+        return None
+    cwd = fields[2].decode("utf-8", "surrogateescape")
+    if not os.path.isabs(cwd):
+        return None
+    it = iter(fds)
+    stdio: Stdio = tuple(next(it) if mask & (1 << i) else None for i in range(3))  # type: ignore[assignment]
+    args = [f.decode("utf-8", "surrogateescape") for f in fields[4:]]
+    return args, stdio, cwd
+
+
+async def _run(conn: socket.socket, args: list[str], stdio: Stdio, cwd: str) -> int:
+    """Run the request; a hang-up or a forwarded signal from the client kills it."""
+    from . import _cli
+
+    killed = 0
+    status = 0
+    _streams.set((_FdText(stdio[1]), _FdText(stdio[2])))  # (this task's context only)
+    async with anyio.create_task_group() as tg:
+
+        async def watch() -> None:
+            nonlocal killed
+            while True:
+                await anyio.wait_readable(conn)
+                try:
+                    msg = conn.recv(16)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    msg = b""
+                if msg.startswith(KILL) and msg[1:].isdigit() and 0 < int(msg[1:]) < 65:
+                    killed = int(msg[1:])
+                elif msg:
+                    continue  # (nothing else is expected from a client)
+                else:
+                    killed = signal.SIGHUP
+                tg.cancel_scope.cancel()
+                return
+
+        tg.start_soon(watch)
+        status = await _cli.serve_request(args, stdio, cwd)
+        tg.cancel_scope.cancel()
+    return 128 + killed if killed else status
