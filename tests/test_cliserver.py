@@ -214,8 +214,11 @@ s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 s.connect(f"/proc/self/fd/{{os.open({str(path.parent)!r}, os.O_PATH)}}/{path.name}")  # (a long path: > 108 bytes)
 body = sys.stdin.buffer.read()
 fds = {list(fds)!r}
-s.sendmsg([body], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else [])
 out = b""
+try:
+    s.sendmsg([body], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else [])
+except OSError:  # (refused: the server hung up first)
+    pass
 while True:
     try:
         got = s.recv(64)
@@ -280,10 +283,11 @@ def test_a_process_in_other_namespaces_is_refused(server, tmp_path):
 import array, os, socket, sys
 s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 s.connect(f"/proc/self/fd/{{os.open({str(path.parent)!r}, os.O_PATH)}}/{path.name}")
-s.sendmsg([sys.stdin.buffer.read()], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [0, 1, 2]).tobytes())])
 try:
+    s.sendmsg([sys.stdin.buffer.read()],
+              [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [0, 1, 2]).tobytes())])
     print(s.recv(64))
-except OSError as e:
+except OSError as e:  # (the server may have hung up before the request was sent)
     print("error", e)
 """
     p = subprocess.run(["unshare", "--user", "--map-root-user", "--pid", "--fork", "--mount-proc", sys.executable,
@@ -380,3 +384,25 @@ def test_the_client_loads_nothing_of_the_sandbox(server):
     p = subprocess.run([sys.executable, "-c", code], env=server.env, capture_output=True, text=True, timeout=60)
     assert p.stdout.split(" ", 1) == ["0", "['zviz', 'zviz._cachedir', 'zviz._cliclient', 'zviz._version']\n"], p
     assert server.served() == before + 1
+
+
+@pytest.mark.parametrize("through_server", [False, True])
+def test_the_callers_stdio_stays_blocking(server, through_server):
+    """The command's streams make their fds non-blocking; a dup shares that flag
+    with the caller's description (a shell's terminal or pipe): it is put back."""
+    if through_server:
+        server.start()
+    env = {**server.env, "ZVIZ_SERVER": "1" if through_server else "0"}
+    before = server.served()
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+    try:
+        os.write(in_w, b"abc")
+        os.close(in_w)
+        p = subprocess.run([*ZVIZ, "run", "--", "cat"], stdin=in_r, stdout=out_w, env=env, timeout=60)
+        assert p.returncode == 0 and os.read(out_r, 16) == b"abc"
+        assert os.get_blocking(in_r) and os.get_blocking(out_w)
+    finally:
+        for fd in (in_r, out_r, out_w):
+            os.close(fd)
+    assert server.served() == before + through_server

@@ -343,6 +343,9 @@ async def _run_in(sb: Sandbox, a: argparse.Namespace, argv: list[str], policy: P
     assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None  # all piped
     stdin = proc.stdin
     fd_in, fd_out, fd_err = _fds(a)
+    # the streams make their fds non-blocking, and a dup shares that flag with
+    # the caller's descriptions (its terminal, its pipes): it is put back at the end
+    blocking = {fd: os.get_blocking(fd) for fd in (fd_in, fd_out, fd_err) if fd is not None and _usable(fd)}
     ours_in = FdReceiveStream(OwnedFd(os.dup(fd_in), "cli-stdin")) if fd_in is not None and _usable(fd_in) else None
     # (a closed stdout or stderr of the caller: the command's output to it is dropped)
     ours_out = FdSendStream(OwnedFd(_dup_or_null(fd_out), "cli-stdout"))
@@ -390,6 +393,9 @@ async def _run_in(sb: Sandbox, a: argparse.Namespace, argv: list[str], policy: P
         for s in (ours_in, ours_out, ours_err):
             if s is not None:
                 s.close()
+        for fd, was in blocking.items():
+            if _usable(fd):
+                os.set_blocking(fd, was)
     if timed_out:
         print(f"zviz: timed out after {timeout:g} s", file=sys.stderr)
         return EXIT_TIMEOUT

@@ -58,6 +58,7 @@ IDLE_S = 300.0
 REQUEST_TIMEOUT_S = 5.0  # from the connection to the whole request
 MAX_CLIENTS = 256  # connections served at once; more wait in the listen queue
 MAX_LOG = 1 << 20  # bytes: the log is emptied past this
+WRITE_TIMEOUT_S = 2.0  # the most one message to a client's stdout/stderr may hold the server up
 
 Stdio = tuple[int | None, int | None, int | None]
 _streams: contextvars.ContextVar[tuple[io.TextIOBase, io.TextIOBase] | None] = contextvars.ContextVar(
@@ -77,16 +78,38 @@ class _FdText(io.TextIOBase):
         return self._fd is not None and os.isatty(self._fd)
 
     def write(self, s: str) -> int:
+        """Never blocks the server for long: a client that does not read its
+        stderr loses what does not fit within WRITE_TIMEOUT_S."""
         data = s.encode("utf-8", "replace")
-        while data and self._fd is not None:
-            try:
-                data = data[os.write(self._fd, data):]
-            except BlockingIOError:  # (the command's pump made the description non-blocking)
-                import select
+        if not data or self._fd is None:
+            return len(s)
+        fd = self._fd
+        try:
+            was_blocking = os.get_blocking(fd)
+            if was_blocking:
+                os.set_blocking(fd, False)  # (the client's description: restored below)
+        except OSError:
+            self._fd = None
+            return len(s)
+        try:
+            deadline = time.monotonic() + WRITE_TIMEOUT_S
+            while data:
+                try:
+                    data = data[os.write(fd, data):]
+                except BlockingIOError:
+                    import select
 
-                select.select([], [self._fd], [], 1.0)
-            except OSError:
-                self._fd = None  # the client's end is gone: the rest is dropped
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    select.select([], [fd], [], min(left, 0.1))
+                except OSError:
+                    self._fd = None  # the client's end is gone: the rest is dropped
+                    break
+        finally:
+            if was_blocking:
+                with contextlib.suppress(OSError):
+                    os.set_blocking(fd, True)
         return len(s)
 
 
