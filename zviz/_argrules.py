@@ -263,7 +263,7 @@ def rules(*, net_mode: str, pid_ns: bool) -> dict[str, tuple[Alternative, ...]]:
         out["sched_setscheduler"] = out["sched_setscheduler"] + OTHER_TASK_SCHED
     for name, checks in _BY_NAME.items():
         out[name] = conjoin(*(c.allow for c in checks))
-    if net_mode == "allow":  # TCP Fast Open connects inside sendto/sendmsg: keep it away
+    if net_mode in ("allow", "domains"):  # TCP Fast Open connects inside sendto/sendmsg: keep it away
         for name, arg in (("sendto", 3), ("sendmsg", 2), ("sendmmsg", 3)):
             out[name] = conjoin(out[name], bits_clear(arg, MSG_FASTOPEN))
         out["setsockopt"] = ROUTING_OPTIONS

@@ -70,7 +70,9 @@ ZYGOTE_NEEDS = frozenset({"recvmsg", "read", "poll", "ppoll", "rt_sigprocmask", 
 @attrs.frozen
 class FilterSpec:
     allow: frozenset[str]
-    net_mode: str  # none | loopback | allow | any (zviz trace only: every family, connect in-kernel)
+    # none | loopback | allow | domains (TCP sockets, connect in-kernel: the egress proxy listens in the
+    # sandbox's network namespace) | any (zviz trace only: every family, connect in-kernel)
+    net_mode: str
     notify: bool  # a supervisor listens: denials are notifications
     learning: bool = False
     zygote: bool = False  # zviz-init serves many commands (ZYGOTE_NEEDS)
@@ -119,7 +121,7 @@ def compile_filter(spec: FilterSpec) -> bytes:
         if spec.net_mode == "loopback":
             f.add_rule(sc.ALLOW, "socket", sc.Arg(0, sc.EQ, AF_INET))
             f.add_rule(sc.ALLOW, "socket", sc.Arg(0, sc.EQ, AF_INET6))
-        elif spec.net_mode == "allow":
+        elif spec.net_mode in ("allow", "domains"):
             for fam in (AF_INET, AF_INET6):
                 f.add_rule(sc.ALLOW, "socket", sc.Arg(0, sc.EQ, fam),
                            sc.Arg(1, sc.MASKED_EQ, SOCK_TYPE_MASK, SOCK_STREAM))

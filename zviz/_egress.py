@@ -61,6 +61,7 @@ EXPECT_S = 30.0  # s an announced connection may take to be accepted
 SPLICE_CHUNK = 1 << 20
 _F_SETPIPE_SZ = 1031
 _SPLICE_F_MOVE, _SPLICE_F_NONBLOCK = 1, 2
+_IP_FREEBIND = 15
 _MAX_DOMAINS = 1024  # per-domain statistics kept (past it: one "(other)" bucket)
 
 
@@ -152,6 +153,8 @@ class EgressProxy:
         self.address: tuple[str, int] = self._listen.getsockname()
         self._expected: dict[int, float] = {}
         self._conns: set[_Conn] = set()
+        self._inside: list[socket.socket] = []  # listening in the sandbox's network namespace (listen_inside)
+        self._tg: anyio.abc.TaskGroup | None = None
         self._scope: anyio.CancelScope | None = None
         self._closed = False
         self._stopped = anyio.Event()
@@ -190,38 +193,109 @@ class EgressProxy:
         """Accept and serve until `aclose()` (start it in the sandbox's task group)."""
         try:
             async with anyio.create_task_group() as tg:
-                self._scope = tg.cancel_scope  # aclose() ends the accept loop and every connection
+                self._scope = tg.cancel_scope  # aclose() ends the accept loops and every connection
+                self._tg = tg
                 if self._closed:
                     tg.cancel_scope.cancel()
-                while True:
-                    await anyio.wait_readable(self._listen)
-                    try:
-                        sock, peer = self._listen.accept()
-                    except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-                        continue
-                    except OSError as e:
-                        if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                            await anyio.sleep(0.05)  # the host is short: the backlog waits
-                            continue
-                        raise
-                    deadline = self._expected.pop(peer[1], None)
-                    if deadline is None or deadline < time.monotonic() or peer[0] != "127.0.0.1":
-                        self.strangers += 1  # not a connection a sandbox's connect made
-                        sock.close()
-                        continue
-                    sock.setblocking(False)
-                    conn = _Conn(sock)
-                    if len(self._conns) >= self.max_connections:
-                        self._refuse(conn, Refused("connections", f"{self.max_connections} connections of this "
-                                                   "sandbox are open (net.max_connections)"))
-                        _reset(sock)
-                        continue
-                    self._conns.add(conn)
-                    tg.start_soon(self._serve, conn)
+                for lst in self._inside:
+                    tg.start_soon(self._accept_loop, lst, False)
+                await self._accept_loop(self._listen, True)
         finally:
+            self._tg = None
             for conn in list(self._conns):
                 _close(conn)
             self._stopped.set()
+
+    async def _accept_loop(self, listener: socket.socket, announced: bool) -> None:
+        """Accept from one listening socket until it is closed. `announced`:
+        the host's loopback socket, where only the connections the supervisor
+        made (and announced with `expect`) are served; a socket inside the
+        sandbox's network namespace is reachable from the sandbox alone."""
+        while listener.fileno() >= 0:
+            try:
+                await anyio.wait_readable(listener)
+            except (anyio.ClosedResourceError, OSError):
+                return  # replaced (the zygote's netns died with it) or closed
+            try:
+                sock, peer = listener.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                continue
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    await anyio.sleep(0.05)  # the host is short: the backlog waits
+                    continue
+                if listener.fileno() < 0:
+                    return
+                raise
+            if announced:
+                deadline = self._expected.pop(peer[1], None)
+                if deadline is None or deadline < time.monotonic() or peer[0] != "127.0.0.1":
+                    self.strangers += 1  # not a connection a sandbox's connect made
+                    sock.close()
+                    continue
+            sock.setblocking(False)
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # the proxy writes what it has, at once
+            conn = _Conn(sock)
+            if len(self._conns) >= self.max_connections:
+                self._refuse(conn, Refused("connections", f"{self.max_connections} connections of this "
+                                           "sandbox are open (net.max_connections)"))
+                _reset(sock)
+                continue
+            self._conns.add(conn)
+            assert self._tg is not None
+            self._tg.start_soon(self._serve, conn)
+
+    def listen_inside(self, pidfd: Any) -> None:
+        """Listen on 127.0.0.1:3128 and [::1]:3128 inside the network namespace
+        of the process behind `pidfd` (the sandbox's zygote, before it runs
+        any command): the sandbox's connects to the proxy are then plain
+        in-kernel connects (no seccomp notification, no supervisor), which
+        reach nothing else: its namespace holds only its loopback. Replaces
+        the sockets of an earlier zygote (its namespace died with it)."""
+        from . import _kernel
+
+        def make() -> list[socket.socket]:
+            made: list[socket.socket] = []
+            try:
+                for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+                    s = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+                    made.append(s)
+                    with contextlib.suppress(OSError):
+                        s.setsockopt(socket.IPPROTO_IP, _IP_FREEBIND, 1)  # (::1 may still be coming up)
+                    if family == socket.AF_INET6:
+                        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                    try:
+                        s.bind((host, proto.PROXY_PORT))
+                    except OSError as e:
+                        if family == socket.AF_INET6 and e.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+                            made.pop().close()  # no IPv6 in this namespace: nothing to reach on ::1 either
+                            continue
+                        raise
+                    with contextlib.suppress(OSError):  # woken when the request has come, not before
+                        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 1)
+                    s.listen(512)
+            except BaseException:
+                for s in made:
+                    s.close()
+                raise
+            return made
+
+        made = _kernel.sockets_in_netns(pidfd, make)
+        old, self._inside = self._inside, made
+        for s in old:
+            _close_socket(s)
+        if self._closed:
+            self._close_inside()
+            return
+        if self._tg is not None:
+            for s in made:
+                self._tg.start_soon(self._accept_loop, s, False)
+
+    def _close_inside(self) -> None:
+        old, self._inside = self._inside, []
+        for s in old:
+            _close_socket(s)
 
     async def aclose(self) -> None:
         """Close every proxied connection (both sides) and the listening socket."""
@@ -236,10 +310,8 @@ class EgressProxy:
         self._closed = True
         for conn in list(self._conns):
             _close(conn)
-        if self._listen.fileno() >= 0:
-            with contextlib.suppress(Exception):
-                anyio.notify_closing(self._listen)
-            self._listen.close()
+        self._close_inside()
+        _close_socket(self._listen)
 
     # ---- one connection
 
@@ -277,31 +349,21 @@ class EgressProxy:
             _close(conn)
 
     async def _handle(self, conn: _Conn) -> None:
-        buf = b""
-        with anyio.move_on_after(self.head_timeout) as timer:
-            buf = await _recv(conn.client, 4096)
-            if buf[:1] == b"\x05":
-                conn.protocol = "socks5"
-                host, port, buf = await self._socks_head(conn, buf)
-                is_connect = True
-                req = None
-            else:
-                conn.protocol = "http"
-                while True:
-                    parsed = proto.parse_http_head(buf)
-                    if parsed is not NEED_MORE:
-                        break
-                    buf += await _recv(conn.client, proto.MAX_HEAD + 4 - len(buf) + 1)
-                assert isinstance(parsed, proto.HttpRequest)
-                req = parsed
-                conn.protocol = "connect" if req.connect else "http"
-                host, port, is_connect = req.host, req.port, req.connect
-                buf = buf[req.consumed:]
-        if timer.cancelled_caught:
-            conn.domain = conn.domain or "?"
-            await _send_quietly(conn.client, proto.http_error(408, "the request did not arrive in time")
-                                if conn.protocol == "http" else b"")
-            raise _Denied(Refused("timeout", f"the request did not arrive within {self.head_timeout:g} s"))
+        # The request is usually here already (the listener wakes on data):
+        # then it is parsed with no timer to set up (~30 us each).
+        buf = _recv_ready(conn.client, 4096)
+        if buf and buf[:1] != b"\x05":
+            conn.protocol = "http"
+            early = proto.parse_http_head(buf)
+        else:
+            early = NEED_MORE
+        if isinstance(early, proto.HttpRequest):
+            req: proto.HttpRequest | None = early
+            conn.protocol = "connect" if early.connect else "http"
+            host, port, is_connect = early.host, early.port, early.connect
+            buf = buf[early.consumed:]
+        else:
+            host, port, is_connect, req, buf = await self._read_head(conn, buf)
         rules = self.rules  # one set of rules for the whole connection (set_network may replace them meanwhile)
         name, refused = rules.check(host, port)
         conn.domain, conn.port = name, port
@@ -349,6 +411,31 @@ class EgressProxy:
             body = buf[:req.body_length]
             await self._send_up(conn, req.head + body)
             await self._relay(conn, req.body_length - len(body))
+
+    async def _read_head(self, conn: _Conn, buf: bytes) -> tuple[str, int, bool, proto.HttpRequest | None, bytes]:
+        """(host, port, is it a tunnel, the HTTP request, what follows it)
+        within `head_timeout` (slowloris), `buf` being what has come so far."""
+        with anyio.move_on_after(self.head_timeout) as timer:
+            if not buf:
+                buf = await _recv(conn.client, 4096)
+            if buf[:1] == b"\x05":
+                conn.protocol = "socks5"
+                host, port, buf = await self._socks_head(conn, buf)
+                return host, port, True, None, buf
+            conn.protocol = "http"
+            while True:
+                parsed = proto.parse_http_head(buf)
+                if parsed is not NEED_MORE:
+                    break
+                buf += await _recv(conn.client, proto.MAX_HEAD + 4 - len(buf) + 1)
+            assert isinstance(parsed, proto.HttpRequest)
+            conn.protocol = "connect" if parsed.connect else "http"
+            return parsed.host, parsed.port, parsed.connect, parsed, buf[parsed.consumed:]
+        assert timer.cancelled_caught
+        conn.domain = conn.domain or "?"
+        await _send_quietly(conn.client, proto.http_error(408, "the request did not arrive in time")
+                            if conn.protocol == "http" else b"")
+        raise _Denied(Refused("timeout", f"the request did not arrive within {self.head_timeout:g} s"))
 
     async def _socks_head(self, conn: _Conn, buf: bytes) -> tuple[str, int, bytes]:
         while True:
@@ -415,6 +502,8 @@ class EgressProxy:
             sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
             try:
                 err = sock.connect_ex((addr, port))
+                if err == errno.EINPROGRESS and _peer(sock):
+                    err = 0  # (a loopback or LAN peer has often answered already: no loop round trip)
                 if err == errno.EINPROGRESS:
                     with anyio.move_on_after(self.connect_timeout):
                         await anyio.wait_writable(sock)
@@ -565,6 +654,18 @@ async def _recv(sock: socket.socket, n: int) -> bytes:
         return data
 
 
+def _recv_ready(sock: socket.socket, n: int) -> bytes:
+    """What has arrived already (b"" if nothing yet); ConnectionResetError at
+    EOF, as `_recv`."""
+    try:
+        data = sock.recv(n)
+    except BlockingIOError:
+        return b""
+    if not data:
+        raise ConnectionResetError(errno.ECONNRESET, "closed")
+    return data
+
+
 async def _send_all(sock: socket.socket, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -595,9 +696,14 @@ def _reset(sock: socket.socket) -> None:
     sock.close()
 
 
+def _close_socket(s: socket.socket) -> None:
+    if s.fileno() >= 0:
+        with contextlib.suppress(Exception):
+            anyio.notify_closing(s)
+        s.close()
+
+
 def _close(conn: _Conn) -> None:
     for s in (conn.client, conn.upstream):
-        if s is not None and s.fileno() >= 0:
-            with contextlib.suppress(Exception):
-                anyio.notify_closing(s)
-            s.close()
+        if s is not None:
+            _close_socket(s)

@@ -42,12 +42,22 @@ MAX_CLIENT_HELLO = 64 * 1024  # bytes of ClientHello handshake message (post-qua
 MAX_SOCKS = 600  # bytes of a SOCKS5 greeting plus request (255-byte methods, 255-byte name)
 
 PROXY_PORT = 3128  # where programs in the sandbox find the proxy (on their own loopback)
+# The proxy listens inside the sandbox's network namespace where it can (a root host process, a
+# zygote): connects to it are then in-kernel. False: every connect is supervised (as without root).
+LISTEN_INSIDE = True
 
 
-def kernel_mode(mode: str) -> str:
-    """The seccomp/Landlock network mode a policy's mode needs: "domains" is
-    "allow" (every connect supervised) with the proxy as the one endpoint."""
-    return "allow" if mode == "domains" else mode
+def kernel_mode(mode: str, *, in_netns: bool = False) -> str:
+    """The seccomp network mode a policy's mode needs. "domains" with the
+    proxy listening inside the sandbox's own network namespace (`in_netns`,
+    see _egress) is "domains": the sockets of "allow" (TCP only), every
+    connect made by the kernel, in a namespace holding nothing but the
+    sandbox's loopback and the proxy's listener (the Landlock port rule
+    keeps TCP connects to the proxy's port). Without it, "domains" is
+    "allow": every connect supervised, the proxy as the one endpoint."""
+    if mode == "domains":
+        return "domains" if in_netns else "allow"
+    return mode
 
 
 class BadRequest(ValueError):

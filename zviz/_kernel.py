@@ -18,14 +18,16 @@ import fcntl
 import os
 import select
 import signal
+import socket
 import struct
+from collections.abc import Callable
 from typing import Any
 
 import anyio
 import attrs
 import sniffio
 
-from . import _stage
+from . import _linux, _stage
 from ._errors import SandboxSetupError
 from ._plan import RLIMIT
 from ._spec import Command, StageSpec
@@ -680,3 +682,50 @@ def kill_uid(uid: int, gid: int) -> bool:
         # never kill(-1) as anything else, whatever a lease file says
         raise ValueError(f"kill_uid: refusing uid {uid}/gid {gid}, outside zviz's range")
     return bool(_stage.kill_uid(uid, gid))
+
+
+# ---------------------------------------------------------------- sockets in a sandbox's network namespace
+
+IFF_UP = 0x1
+_SIOCGIFFLAGS, _SIOCSIFFLAGS = 0x8913, 0x8914
+
+
+def sockets_in_netns(pidfd: OwnedFd, make: Callable[[], list[socket.socket]]) -> list[socket.socket]:
+    """`make()`'s sockets, created inside the network namespace of the process
+    behind `pidfd` (its loopback brought up first). A socket belongs for good
+    to the namespace it was created in, whoever holds it later. setns is per
+    thread: the work runs on a thread of its own that ends with it, so no
+    thread of this process is ever left in the sandbox's namespace. Needs
+    CAP_SYS_ADMIN here and over the namespace (root)."""
+    import ctypes
+    import threading
+
+    out: list[socket.socket] = []
+    failure: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            ours = os.stat("/proc/thread-self/ns/net")
+            if _c().setns(pidfd.fd, _linux.CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"setns into the sandbox's network namespace: {os.strerror(err)}")
+            theirs = os.stat("/proc/thread-self/ns/net")
+            if (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino):  # never a socket on the host's network
+                raise OSError(errno.EINVAL, "the sandbox has no network namespace of its own")
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+                req = struct.pack("16sH14x", b"lo", 0)
+                flags = struct.unpack_from("16sH", fcntl.ioctl(s.fileno(), _SIOCGIFFLAGS, req))[1]
+                if not flags & IFF_UP:
+                    fcntl.ioctl(s.fileno(), _SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | IFF_UP))
+            out.extend(make())
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            failure.append(e)
+
+    t = threading.Thread(target=work, name="zviz-netns")
+    t.start()
+    t.join()
+    if failure:
+        for s in out:
+            s.close()
+        raise failure[0]
+    return out

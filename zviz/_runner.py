@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import anyio
 import attrs
@@ -68,6 +68,10 @@ class Runner:
         self._tally = tally
         self._devnull = _kernel.open_devnull()
         self.zygote: _zygote.Zygote | None = None
+        # called with each new zygote's pidfd before it is asked to run anything (the egress proxy's
+        # listener in its network namespace, _egress.EgressProxy.listen_inside)
+        self.on_zygote: Callable[[_kernel.OwnedFd], None] | None = None
+        self.egress_inside = False  # its filter lets connects through in-kernel, to the proxy in its netns
         self._zygote_done: anyio.Event | None = None
         self._stray: RunAccount | None = None  # the zygote's calls, and a run's that could not be told
         self._runs_by_pid: dict[int, RunAccount] = {}  # live runs of the zygote, by their run-init's host pid
@@ -192,6 +196,18 @@ class Runner:
         finally:
             theirs.close()
         self.zygote = _zygote.Zygote(spawned.pid, spawned.pidfd, ours)
+        if self.on_zygote is not None:  # before any command runs in its namespaces
+            try:
+                self.on_zygote(spawned.pidfd)
+            except BaseException:
+                z, self.zygote = self.zygote, None
+                z.kill()
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(z.pid, 0)  # just killed, and nothing of it ran: its death is a step away
+                z.close()
+                if spawned.listener is not None:
+                    spawned.listener.close()
+                raise
         if spawned.listener is not None:
             self._stray = RunAccount(command="(sandbox)")
             self._tally.add_account(self._stray)

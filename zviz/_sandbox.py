@@ -564,8 +564,13 @@ def _prepare(policy: Policy, workdir: str, owns_workdir: bool, features: _probe.
     # with it) and that namespace's /proc (a run-init finds what its
     # program left behind in /proc/thread-self/children).
     use_zygote = zygote_allowed and pid_ns and probe_plan.mount_proc and trace is None
+    # net.mode = "domains": the proxy listens inside the sandbox's network namespace (made by the host
+    # entering it, which needs root) and its connects are in-kernel; else each is supervised (_egress).
+    egress_inside = (use_zygote and os.geteuid() == 0 and bool(probe_plan.clone_flags & _linux.CLONE_NEWNET)
+                     and _egressproto.LISTEN_INSIDE)
     spec = _bpf.FilterSpec(allow=policy.syscalls.names() - set(probe_plan.deny_syscalls),
-                           net_mode=_egressproto.kernel_mode(policy.net.mode), notify=notify, zygote=use_zygote,
+                           net_mode=_egressproto.kernel_mode(policy.net.mode, in_netns=egress_inside),
+                           notify=notify, zygote=use_zygote,
                            pid_ns=pid_ns,
                            netns=bool(probe_plan.clone_flags & _linux.CLONE_NEWNET))
     if trace is not None:
@@ -577,6 +582,7 @@ def _prepare(policy: Policy, workdir: str, owns_workdir: bool, features: _probe.
     runner = Runner(plan=probe_plan, stage=stage, init_fd=init.fd,
                     cgroup_fd=resources.cgroup.procs.fd if resources.cgroup is not None else -1,
                     use_zygote=use_zygote, tally=tally)
+    runner.egress_inside = spec.net_mode == "domains"
     try:
         if probe_plan.degraded and warn:  # (a pooled sandbox warns when it is handed out)
             _warn_degraded(probe_plan.degraded, stacklevel=5)
@@ -694,6 +700,8 @@ async def _create(policy: Policy | None = None, *, workdir: str | os.PathLike[st
             from . import _egress
 
             life.egress = life.supervisor.egress = _egress.EgressProxy(policy.net, life.events.add)
+            if runner.egress_inside:
+                runner.on_zygote = life.egress.listen_inside
         monitor_cm = None
         if monitor:
             from .ebpf import _attach_monitor
