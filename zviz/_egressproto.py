@@ -336,6 +336,7 @@ def parse_authority(text: str, default_port: int | None) -> tuple[str, int]:
 # ---------------------------------------------------------------- HTTP/1.x request heads
 
 _TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_BAD_HEAD_BYTE = re.compile(rb"[^\x09\x0a\x0d\x20-\x7e]")  # control or non-ASCII: refused in a head
 _HOP = frozenset({b"connection", b"proxy-connection", b"keep-alive", b"proxy-authorization", b"proxy-authenticate",
                   b"te", b"trailer", b"upgrade"})
 
@@ -367,7 +368,7 @@ def parse_http_head(buf: bytes) -> HttpRequest | _NeedMore:
             raise BadRequest("bare LF line ending")
         return NEED_MORE
     head = buf[:end]
-    if b"\0" in head or any(b > 0x7E or (b < 0x20 and b not in (0x09, 0x0D, 0x0A)) for b in head):
+    if _BAD_HEAD_BYTE.search(head):
         raise BadRequest("control or non-ASCII bytes in the request head")
     lines = head.split(b"\r\n")
     if any(b"\n" in ln or b"\r" in ln for ln in lines):

@@ -244,7 +244,11 @@ class Supervisor:
         if want and any(n.args[:want]):
             self.decodes_skipped += 1  # a flood: answered at once, its strings unread
         _kernel.notif_send(listener, n.id, error=answer.errno)
-        self._record(n, answer.errno, account)
+        detail = None
+        if self.egress is not None and name in ("socket", "socketpair"):
+            # net.mode = "domains": a UDP socket (a program's own DNS lookup, say): the event names the way out
+            detail = f"{_decide.decode(n.nr, n.args).detail}: {self.egress.hint()}"[:_decide.DETAIL_MAX]
+        self._record(n, answer.errno, account, detail=detail)
 
     # ---- recording
 
