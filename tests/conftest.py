@@ -318,3 +318,15 @@ def kill_quietly(pid: int) -> None:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+@pytest.fixture(params=["inside", "supervised"])
+def proxy_way(request, monkeypatch):
+    """The two ways a sandbox reaches its proxy: a listener in its network
+    namespace (root: connects in-kernel), or the supervised connect."""
+    from zviz import _egressproto
+
+    if request.param == "inside" and os.geteuid() != 0:
+        pytest.skip("the proxy listens inside the sandbox's namespace for a root host process only")
+    monkeypatch.setattr(_egressproto, "LISTEN_INSIDE", request.param == "inside")
+    return request.param

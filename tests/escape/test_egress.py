@@ -266,10 +266,11 @@ async def test_sni_must_match_the_tunnel_name(tls):
 
 
 @pytest.mark.trio
-async def test_direct_connects_get_a_fast_denial_with_the_fix(upstream):
+async def test_direct_connects_get_a_fast_denial_with_the_fix(upstream, proxy_way):
     """A program that ignores the proxy variables: its connect to the host's
-    address (and to the proxy's real port on the host) fails at once, EACCES,
-    with an event naming the fix; nothing reaches the host's listeners."""
+    address (and to the proxy's real port on the host) fails at once, EACCES;
+    supervised, with an event naming the fix; nothing reaches the host's
+    listeners either way."""
     P = upstream.port
     async with zviz.open_sandbox(_policy(P)) as sb:
         real = sb._life.egress.address[1]
@@ -281,8 +282,44 @@ async def test_direct_connects_get_a_fast_denial_with_the_fix(upstream):
         assert time.monotonic() - t0 < 10
         assert [o.get("connect_errno") for o in out] == [13, 13, 13, 13]
         events = [e for e in sb.events_so_far() if isinstance(e, zviz.DenialEvent) and e.syscall == "connect"]
-        assert len(events) == 4 and all("HTTP_PROXY" in e.detail for e in events)
+        if proxy_way == "supervised":
+            assert len(events) == 4 and all("HTTP_PROXY" in e.detail for e in events)
+        else:
+            assert events == [] and sb.statistics().notifications == 0  # the kernel refused them
         assert sb.statistics().egress.connections == 0
+    assert upstream.requests == []
+
+
+@pytest.mark.trio
+async def test_the_proxys_port_elsewhere_reaches_nothing(upstream, proxy_way):
+    """Port 3128 is the one TCP port a sandbox may connect to: on any other
+    address than its own loopback's 127.0.0.1 and ::1 it reaches nothing,
+    fast (another loopback address: refused; a routed one: no route; the
+    supervised way: EACCES for each). The host's own listener on
+    127.0.0.2:3128 sees no connection, and neither does the proxy."""
+    host_lst = socket.socket()
+    host_lst.bind(("127.0.0.2", 3128))
+    host_lst.listen(8)
+    host_lst.setblocking(False)
+    try:
+        async with zviz.open_sandbox(_policy(upstream.port)) as sb:
+            calls = [{"send": "", "host": "127.0.0.2", "port": 3128},
+                     {"send": "", "host": "10.255.255.1", "port": 3128},
+                     {"send": "", "host": "::2", "port": 3128, "family": int(socket.AF_INET6)},
+                     {"send": "", "host": "::ffff:127.0.0.2", "port": 3128, "family": int(socket.AF_INET6)}]
+            t0 = time.monotonic()
+            out = await _exchange(sb, calls)
+            assert time.monotonic() - t0 < 10
+            errs = [o.get("connect_errno") for o in out]
+            if proxy_way == "supervised":
+                assert errs == [13, 13, 13, 13]
+            else:
+                assert errs[0] == 111 and errs[1] in (101, 113) and errs[2] in (101, 113, 99) and errs[3] == 111, errs
+            assert sb.statistics().egress.connections == 0 and sb.statistics().egress.strangers == 0
+        with pytest.raises(BlockingIOError):
+            host_lst.accept()
+    finally:
+        host_lst.close()
     assert upstream.requests == []
 
 

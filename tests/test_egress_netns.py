@@ -1,0 +1,154 @@
+"""net.mode = "domains" with the egress proxy listening inside the sandbox's
+own network namespace (a root host process, a zygote): the sandbox's
+connects to 127.0.0.1:3128 and [::1]:3128 are in-kernel (no seccomp
+notification, no supervisor), and land on sockets the host holds. Without
+root every connect is supervised (tests/test_egress.py, and the escape tests
+run both ways)."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+
+import pytest
+import trio
+
+import zviz
+from zviz import _egressproto
+
+from .egress_servers import Server
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the proxy listens inside the sandbox's network "
+                                "namespace for a root host process only (else every connect is supervised)")
+
+SIOCGSKNS = 0x894C  # a socket's network namespace, as an fd
+
+CLIENT = r'''
+import json, socket, sys
+port, n = int(sys.argv[1]), int(sys.argv[2])
+out = []
+for i in range(n):
+    fam, host = (socket.AF_INET6, "::1") if i % 2 else (socket.AF_INET, "127.0.0.1")
+    s = socket.socket(fam)
+    s.settimeout(10)
+    s.connect((host, 3128))
+    s.sendall(f"GET http://pkgs.test:{port}/hello HTTP/1.1\r\n\r\n".encode())
+    got = b""
+    while chunk := s.recv(4096):
+        got += chunk
+    out.append(got.split(b"\r\n\r\n", 1)[1].decode())
+print(json.dumps(out))
+'''
+
+
+@pytest.fixture
+def upstream():
+    srv = Server({"/hello": ("text/plain", b"hello\n")})
+    yield srv
+    srv.close()
+
+
+def _policy(port: int) -> zviz.Policy:
+    net = zviz.Network.domains(["pkgs.test"], ports=[port], hosts={"pkgs.test": "127.0.0.1"})
+    return zviz.Policy.python(net=net, limits=zviz.Limits(wall_s=60))
+
+
+def _netns_inode(sock: socket.socket) -> int:
+    fd = fcntl.ioctl(sock.fileno(), SIOCGSKNS)
+    try:
+        return os.fstat(fd).st_ino
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.trio
+async def test_connects_to_the_proxy_are_not_notified(upstream):
+    """Ten requests through the proxy, on 127.0.0.1 and ::1: no connect was
+    supervised (the sandbox's statistics count none), and no notification
+    more than a run of the same interpreter that connects nowhere."""
+    async with zviz.open_sandbox(_policy(upstream.port)) as sb:
+        await sb.write_file("client.py", CLIENT)
+        r = await sb.run(["python3", "client.py", str(upstream.port), "0"])
+        assert r.status == 0, r.stderr
+        base = sb.statistics().notifications
+        r = await sb.run(["python3", "client.py", str(upstream.port), "10"])
+        assert r.status == 0, r.stderr
+        assert json.loads(r.stdout) == ["hello\n"] * 10
+        st = sb.statistics()
+        assert st.connects == 0
+        assert st.notifications - base == base  # the second run's notifications are the first run's, no more
+        assert st.egress.allowed == 10 and st.egress.strangers == 0
+        assert sb._life.egress._expected == {}  # the supervisor announced nothing
+    assert len(upstream.requests) == 10
+
+
+@pytest.mark.trio
+async def test_the_supervised_way_is_what_it_replaces(upstream, monkeypatch):
+    """The same requests with the listener on the host's loopback: each
+    connect is a notification performed by the supervisor (the fallback
+    without root; it is what the test above does without)."""
+    monkeypatch.setattr(_egressproto, "LISTEN_INSIDE", False)
+    async with zviz.open_sandbox(_policy(upstream.port)) as sb:
+        await sb.write_file("client.py", CLIENT)
+        r = await sb.run(["python3", "client.py", str(upstream.port), "4"])
+        assert r.status == 0, r.stderr
+        assert sb.statistics().connects == 4 and sb._life.egress._inside == []
+
+
+@pytest.mark.trio
+async def test_the_listener_lives_in_the_sandbox_namespace_and_closes_with_it(upstream):
+    """The proxy's sockets for the sandbox are in the zygote's network
+    namespace, not the host's (a host process cannot connect to them), and
+    closing the sandbox closes them."""
+    async with zviz.open_sandbox(_policy(upstream.port)) as sb:
+        r = await sb.run(["true"])
+        assert r.status == 0
+        inside = list(sb._life.egress._inside)
+        zygote = sb._life.runner.zygote
+        sandbox_ns = os.stat(f"/proc/{zygote.pid}/ns/net").st_ino
+        host_ns = os.stat("/proc/self/ns/net").st_ino
+        assert sandbox_ns != host_ns
+        assert sorted(s.getsockname()[:2] for s in inside) == [("127.0.0.1", 3128), ("::1", 3128)]
+        assert all(_netns_inode(s) == sandbox_ns for s in inside)
+        assert _netns_inode(sb._life.egress._listen) == host_ns  # (the supervised way's socket)
+    assert all(s.fileno() == -1 for s in inside)
+
+
+@pytest.mark.trio
+async def test_a_replaced_zygote_gets_a_new_listener(upstream):
+    """A zygote that dies (the OOM killer, say) takes its namespace with it;
+    its replacement gets new sockets before it runs anything, the old ones
+    are closed."""
+    async with zviz.open_sandbox(_policy(upstream.port)) as sb:
+        await sb.write_file("client.py", CLIENT)
+        r = await sb.run(["python3", "client.py", str(upstream.port), "1"])
+        assert r.status == 0, r.stderr
+        old = list(sb._life.egress._inside)
+        old_pid = sb._life.runner.zygote.pid
+        sb._life.runner.zygote.kill()
+        with trio.fail_after(10):
+            while os.path.exists(f"/proc/{old_pid}/ns/net"):
+                await trio.sleep(0.01)
+        r = await sb.run(["python3", "client.py", str(upstream.port), "2"])
+        assert r.status == 0, r.stderr
+        assert json.loads(r.stdout) == ["hello\n"] * 2
+        assert sb._life.runner.zygote.pid != old_pid
+        assert all(s.fileno() == -1 for s in old)
+        new = sb._life.egress._inside
+        assert len(new) == 2 and all(s.fileno() >= 0 for s in new)
+        assert sb.statistics().connects == 0
+
+
+@pytest.mark.trio
+async def test_unix_sockets_of_the_sandbox_connect_in_kernel(tmp_path):
+    """With connects in-kernel, a sandbox's own unix socket server works (as
+    in net.mode = "none" and "loopback"); the path is resolved in the
+    sandbox's own view of the filesystem, under Landlock."""
+    code = ("import socket, os\nsrv = socket.socket(socket.AF_UNIX)\nsrv.bind('s.sock')\nsrv.listen(1)\n"
+            "c = socket.socket(socket.AF_UNIX)\nc.connect('s.sock')\na, _ = srv.accept()\nc.sendall(b'hi')\n"
+            "print(a.recv(2).decode())\n")
+    async with zviz.open_sandbox(_policy(1)) as sb:
+        r = await sb.run(["python3", "-c", code])
+        assert (r.status, r.stdout) == (0, b"hi\n"), r.stderr
