@@ -152,3 +152,31 @@ async def test_unix_sockets_of_the_sandbox_connect_in_kernel(tmp_path):
     async with zviz.open_sandbox(_policy(1)) as sb:
         r = await sb.run(["python3", "-c", code])
         assert (r.status, r.stdout) == (0, b"hi\n"), r.stderr
+
+
+@pytest.mark.trio
+async def test_a_listener_that_cannot_be_made_fails_the_run_and_leaves_nothing(upstream, monkeypatch):
+    """If the host cannot make the proxy's sockets in a new zygote's
+    namespace, that zygote is killed before it runs anything and the run
+    fails with the step named (the sandbox never runs with connects
+    in-kernel and no proxy)."""
+    from zviz import _kernel
+
+    def refuse(pidfd, make):
+        raise PermissionError(1, "setns refused")
+
+    monkeypatch.setattr(_kernel, "sockets_in_netns", refuse)
+    async with zviz.open_sandbox(_policy(upstream.port)) as sb:
+        spawned: list[int] = []
+        real_spawn = _kernel.spawn
+
+        def spy(*a, **kw):
+            s = real_spawn(*a, **kw)
+            spawned.append(s.pid)
+            return s
+
+        monkeypatch.setattr(_kernel, "spawn", spy)
+        with pytest.raises(zviz.SandboxSetupError, match="egress-proxy"):
+            await sb.run(["true"])
+        assert sb._life.runner.zygote is None and spawned
+        assert not any(os.path.exists(f"/proc/{pid}") for pid in spawned)  # killed and reaped

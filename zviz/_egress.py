@@ -2,16 +2,26 @@
 over `_egressproto` (which holds every rule and parser).
 
 How a connection reaches it. The sandbox's processes live in a network
-namespace of their own, with nothing in it; every `connect` they make is a
-seccomp notification (as in net.mode = "allow"). A connect to the proxy's
-address on the sandbox's loopback (127.0.0.1:3128 or [::1]:3128, the
-HTTP(S)_PROXY the sandbox is given) is performed by the supervisor to this
-proxy's listening socket on the host's loopback, and that socket is
-installed in place of the program's (ADDFD): the proxy then accepts only
-connections whose source port the supervisor announced (`expect`) just
-before, so nothing else on the host can borrow a sandbox's rules. Every
-other connect is refused (EACCES) with an event naming the fix: nothing
-hangs, and nothing leaves except through here.
+namespace of their own, with nothing in it but its loopback. Two ways:
+- inside (a root host process, a sandbox with a zygote: `listen_inside`):
+  before a zygote runs anything, the host enters its network namespace
+  (setns on its pidfd, in a thread of its own) and makes this proxy's
+  listening sockets there, on 127.0.0.1:3128 and [::1]:3128 (the
+  HTTP(S)_PROXY the sandbox is given). The sandbox's connects are then
+  plain in-kernel connects (its seccomp filter lets connect through: no
+  notification, no supervisor on the way): they can reach only what is in
+  its namespace, and its Landlock domain allows TCP connects to port 3128
+  alone (every other one: EACCES, at once, with no event). Nothing on the
+  host can connect to these sockets: they are not in the host's namespace;
+- supervised (otherwise): every connect is a seccomp notification (as in
+  net.mode = "allow"). A connect to the proxy's address is performed by the
+  supervisor to this proxy's listening socket on the host's loopback, and
+  that socket is installed in place of the program's (ADDFD): the proxy
+  then accepts only connections whose source port the supervisor announced
+  (`expect`) just before, so nothing else on the host can borrow a
+  sandbox's rules. Every other connect is refused (EACCES) with an event
+  naming the fix.
+Either way nothing hangs, and nothing leaves except through here.
 
 What the proxy does for one connection (one task each, in the proxy's own
 task group; at most `max_connections` at once per sandbox):
@@ -54,6 +64,7 @@ import attrs
 
 from . import _egressproto as proto
 from ._egressproto import NEED_MORE, BadRequest, Refused, Rules
+from ._errors import SandboxSetupError
 
 HEAD_TIMEOUT = 10.0  # s for a request head, a SOCKS5 request or a ClientHello to arrive
 CONNECT_TIMEOUT = 10.0  # s to connect upstream (each address)
@@ -259,7 +270,12 @@ class EgressProxy:
             made: list[socket.socket] = []
             try:
                 for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
-                    s = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+                    try:
+                        s = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+                    except OSError as e:
+                        if family == socket.AF_INET6 and e.errno == errno.EAFNOSUPPORT:
+                            continue  # no IPv6 on this host: nothing to reach on ::1 either
+                        raise
                     made.append(s)
                     with contextlib.suppress(OSError):
                         s.setsockopt(socket.IPPROTO_IP, _IP_FREEBIND, 1)  # (::1 may still be coming up)
@@ -281,7 +297,11 @@ class EgressProxy:
                 raise
             return made
 
-        made = _kernel.sockets_in_netns(pidfd, make)
+        try:
+            made = _kernel.sockets_in_netns(pidfd, make)
+        except OSError as e:
+            raise SandboxSetupError("egress-proxy", e.errno or errno.EIO, None,
+                                    f"the egress proxy's socket in the sandbox's network namespace: {e}") from e
         old, self._inside = self._inside, made
         for s in old:
             _close_socket(s)
