@@ -2,14 +2,15 @@
 """The egress proxy (net.mode = "domains") against a direct connection, on
 loopback, ratios from one run.
 
-    .venv/bin/python benchmarks/egress.py [--connects N] [--gigabytes G] [--idle N]
+    .venv/bin/python benchmarks/egress.py [--connects N] [--gigabytes G] [--idle N] [--supervised]
 
 - set-up: N sequential (connect, one small HTTP request, response, close)
   cycles from one Python client, run bare on the host straight to the server
   ("direct") and inside a sandbox through the proxy ("proxied"); the figure
   is the median per-connection time, and the overhead their difference (the
-  seccomp notification of the connect, the proxy's accept, parse, name check
-  and upstream connect), with the host process's CPU per proxied connection
+  proxy's accept, parse, name check and upstream connect; with the proxy
+  supervised rather than inside the sandbox's namespace, the seccomp
+  notification of the connect too), with the host process's CPU per proxied connection
   (less sensitive to a loaded machine than the latency);
 - bulk: one G GB response (default 1), read by the same client with a 1 MiB
   buffer, direct and proxied (os.splice through a pipe in the proxy), and
@@ -101,7 +102,13 @@ async def main() -> None:
     ap.add_argument("--connects", type=int, default=300)
     ap.add_argument("--gigabytes", type=float, default=1.0)
     ap.add_argument("--idle", type=int, default=20)
+    ap.add_argument("--supervised", action="store_true",
+                    help="every connect supervised (the way without root), not the proxy inside the sandbox")
     a = ap.parse_args()
+    if a.supervised:
+        from zviz import _egressproto
+
+        _egressproto.LISTEN_INSIDE = False
     big = int(a.gigabytes * (1 << 30))
     server = subprocess.Popen([sys.executable, "-c", SERVER, str(big)], stdout=subprocess.PIPE,  # noqa: ASYNC220
                               text=True)
@@ -154,6 +161,7 @@ async def main() -> None:
             out["bulk_ratio"] = round(out["bulk_proxied_MBps"] / out["bulk_direct_MBps"], 3)  # type: ignore[operator]
             st = sb.statistics().egress
             out["proxied_bytes_down"] = st.bytes_down if st is not None else None
+            out["proxy_way"] = "supervised" if sb.statistics().connects else "inside"
         # idle: N sandboxes, each holding one idle tunnel
         hold = ("import socket, time\ns = socket.create_connection(('127.0.0.1', 3128))\n"
                 f"s.sendall(b'GET http://bench.test:{port}/small HTTP/1.1\\r\\n\\r\\n')\nprint('up', flush=True)\n"
