@@ -78,7 +78,7 @@ def _egress_events(sb):
 
 
 @pytest.mark.trio
-async def test_names_addresses_and_request_tricks_are_refused(upstream):
+async def test_names_addresses_and_request_tricks_are_refused(upstream, proxy_way):
     P = upstream.port
     tricks = [
         f"GET http://evil.test:{P}/hello HTTP/1.1\r\nHost: evil.test:{P}\r\n\r\n",  # not allowed
@@ -200,7 +200,7 @@ async def test_pipelined_requests_cannot_switch_hosts():
 
 
 @pytest.mark.trio
-async def test_socks5_cannot_bypass_names_with_address_types(upstream):
+async def test_socks5_cannot_bypass_names_with_address_types(upstream, proxy_way):
     P = upstream.port
     port = struct.pack("!H", P)
     greet = b"\x05\x01\x00"
@@ -240,7 +240,7 @@ def tls(tmp_path):
 
 
 @pytest.mark.trio
-async def test_sni_must_match_the_tunnel_name(tls):
+async def test_sni_must_match_the_tunnel_name(tls, proxy_way):
     P = tls.port
     connect = f"CONNECT pkgs.test:{P} HTTP/1.1\r\nHost: pkgs.test:{P}\r\n\r\n".encode()
     hellos = {
@@ -344,7 +344,7 @@ async def test_strangers_on_the_host_cannot_use_a_sandbox_proxy(upstream):
 
 
 @pytest.mark.trio
-async def test_flood_and_slowloris_are_bounded_and_other_sandboxes_go_on(upstream):
+async def test_flood_and_slowloris_are_bounded_and_other_sandboxes_go_on(upstream, proxy_way):
     P = upstream.port
     flood = r'''
 import socket, time, sys
@@ -397,7 +397,7 @@ print(round(time.monotonic() - t0, 1))
 
 
 @pytest.mark.trio
-async def test_the_byte_budget_ends_a_transfer(upstream):
+async def test_the_byte_budget_ends_a_transfer(upstream, proxy_way):
     P = upstream.port
     upstream.routes["/big"] = ("application/octet-stream", b"x" * 200_000)
     async with zviz.open_sandbox(_policy(P, max_bytes=50_000)) as sb:
@@ -409,7 +409,7 @@ async def test_the_byte_budget_ends_a_transfer(upstream):
 
 
 @pytest.mark.trio
-async def test_closing_the_sandbox_closes_every_proxied_connection():
+async def test_closing_the_sandbox_closes_every_proxied_connection(proxy_way):
     """The upstream holds each proxied connection open; closing the sandbox
     must end them on the host side too (the server reads EOF or RST)."""
     lst = socket.socket()
