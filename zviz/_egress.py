@@ -1,6 +1,11 @@
 """The egress proxy of a sandbox in net.mode = "domains": the trio/anyio shell
 over `_egressproto` (which holds every rule and parser).
 
+Why this module is long: one connection's life (three protocols' heads, the
+checks, the tunnel's TLS check, the relay, the event) shares the
+connection's state and its refusals; the splice relay is the part to move
+out next.
+
 How a connection reaches it. The sandbox's processes live in a network
 namespace of their own, with nothing in it but its loopback. Two ways:
 - inside (a root host process, a sandbox with a zygote: `listen_inside`):
@@ -40,11 +45,6 @@ task group; at most `max_connections` at once per sandbox):
 5. record one `EgressEvent` (domain, port, allowed or why not, bytes each way).
 Closing the sandbox cancels the task group: every proxied connection is
 closed on both sides.
-
-Why this module is long: one connection's life (three protocols' heads, the
-checks, the tunnel's TLS check, the relay, the event) shares the
-connection's state and its refusals; the splice relay is the part to move
-out next.
 """
 
 from __future__ import annotations
