@@ -180,3 +180,17 @@ async def test_a_listener_that_cannot_be_made_fails_the_run_and_leaves_nothing(u
             await sb.run(["true"])
         assert sb._life.runner.zygote is None and spawned
         assert not any(os.path.exists(f"/proc/{pid}") for pid in spawned)  # killed and reaped
+
+
+def test_only_a_process_that_may_enter_a_namespace_listens_inside():
+    """The way is chosen by what the host process may do (CAP_SYS_ADMIN, and
+    no filter of its own refusing setns), asked again when its credentials
+    change: the same interpreter dropped to uid 65534 gets the supervised
+    way, and its domains-mode sandboxes still work (tests/escape/test_egress.py,
+    test_domains_mode_as_each_identity)."""
+    from zviz import _kernel
+
+    from .conftest import run_as
+
+    assert _kernel.can_enter_netns() is True
+    assert run_as("nobody", _kernel.can_enter_netns) is False

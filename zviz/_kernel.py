@@ -690,13 +690,52 @@ IFF_UP = 0x1
 _SIOCGIFFLAGS, _SIOCSIFFLAGS = 0x8913, 0x8914
 
 
+_CAN_ENTER_NETNS: dict[tuple[int, str], bool] = {}
+
+
+def can_enter_netns() -> bool:
+    """Whether this process may setns into a network namespace (CAP_SYS_ADMIN,
+    and no seccomp filter of its own refusing setns, as a container's may):
+    tried on a thread of its own, into its own namespace, once per set of
+    credentials (a process that drops its privileges is asked again)."""
+    import threading
+
+    try:
+        with open("/proc/self/status", "rb") as f:
+            caps = next((ln.split()[1].decode() for ln in f if ln.startswith(b"CapEff:")), "")
+    except OSError:
+        caps = ""
+    key = (os.geteuid(), caps)
+    known = _CAN_ENTER_NETNS.get(key)
+    if known is not None:
+        return known
+    ok: list[bool] = []
+
+    def probe() -> None:
+        try:
+            fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            ok.append(False)
+            return
+        try:
+            ok.append(_c().setns(fd, _linux.CLONE_NEWNET) == 0)
+        finally:
+            os.close(fd)
+
+    t = threading.Thread(target=probe, name="zviz-netns-probe")
+    t.start()
+    t.join()
+    _CAN_ENTER_NETNS[key] = bool(ok and ok[0])
+    return _CAN_ENTER_NETNS[key]
+
+
 def sockets_in_netns(pidfd: OwnedFd, make: Callable[[], list[socket.socket]]) -> list[socket.socket]:
     """`make()`'s sockets, created inside the network namespace of the process
     behind `pidfd` (its loopback brought up first). A socket belongs for good
     to the namespace it was created in, whoever holds it later. setns is per
     thread: the work runs on a thread of its own that ends with it, so no
     thread of this process is ever left in the sandbox's namespace. Needs
-    CAP_SYS_ADMIN here and over the namespace (root)."""
+    CAP_SYS_ADMIN here and over the namespace (`can_enter_netns`)."""
     import ctypes
     import threading
 

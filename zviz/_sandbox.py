@@ -565,9 +565,9 @@ def _prepare(policy: Policy, workdir: str, owns_workdir: bool, features: _probe.
     # program left behind in /proc/thread-self/children).
     use_zygote = zygote_allowed and pid_ns and probe_plan.mount_proc and trace is None
     # net.mode = "domains": the proxy listens inside the sandbox's network namespace (made by the host
-    # entering it, which needs root) and its connects are in-kernel; else each is supervised (_egress).
-    egress_inside = (use_zygote and os.geteuid() == 0 and bool(probe_plan.clone_flags & _linux.CLONE_NEWNET)
-                     and _egressproto.LISTEN_INSIDE)
+    # entering it: CAP_SYS_ADMIN) and its connects are in-kernel; else each is supervised (_egress).
+    egress_inside = (policy.net.mode == "domains" and use_zygote and _egressproto.LISTEN_INSIDE
+                     and bool(probe_plan.clone_flags & _linux.CLONE_NEWNET) and _kernel.can_enter_netns())
     spec = _bpf.FilterSpec(allow=policy.syscalls.names() - set(probe_plan.deny_syscalls),
                            net_mode=_egressproto.kernel_mode(policy.net.mode, in_netns=egress_inside),
                            notify=notify, zygote=use_zygote,
