@@ -1,5 +1,5 @@
 """net.mode = "domains" with the egress proxy listening inside the sandbox's
-own network namespace (a root host process, a zygote): the sandbox's
+own network namespace (a host process that may setns, a zygote): the sandbox's
 connects to 127.0.0.1:3128 and [::1]:3128 are in-kernel (no seccomp
 notification, no supervisor), and land on sockets the host holds. Without
 root every connect is supervised (tests/test_egress.py, and the escape tests

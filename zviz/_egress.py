@@ -8,7 +8,7 @@ out next.
 
 How a connection reaches it. The sandbox's processes live in a network
 namespace of their own, with nothing in it but its loopback. Two ways:
-- inside (a root host process, a sandbox with a zygote: `listen_inside`):
+- inside (a host process that may setns, i.e. CAP_SYS_ADMIN; a zygote: `listen_inside`):
   before a zygote runs anything, the host enters its network namespace
   (setns on its pidfd, in a thread of its own) and makes this proxy's
   listening sockets there, on 127.0.0.1:3128 and [::1]:3128 (the

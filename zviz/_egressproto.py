@@ -42,8 +42,8 @@ MAX_CLIENT_HELLO = 64 * 1024  # bytes of ClientHello handshake message (post-qua
 MAX_SOCKS = 600  # bytes of a SOCKS5 greeting plus request (255-byte methods, 255-byte name)
 
 PROXY_PORT = 3128  # where programs in the sandbox find the proxy (on their own loopback)
-# The proxy listens inside the sandbox's network namespace where it can (a root host process, a
-# zygote): connects to it are then in-kernel. False: every connect is supervised (as without root).
+# The proxy listens inside the sandbox's network namespace where it can (a host process that may
+# setns, a zygote): connects to it are then in-kernel. False: every connect is supervised (as without).
 LISTEN_INSIDE = True
 
 
