@@ -406,3 +406,16 @@ def test_the_callers_stdio_stays_blocking(server, through_server):
         for fd in (in_r, out_r, out_w):
             os.close(fd)
     assert server.served() == before + through_server
+
+
+def test_concurrent_clients_and_large_output(server):
+    server.start()
+    before = server.served()
+    procs = [subprocess.Popen([*ZVIZ, "run", "--", "sh", "-c", f"sleep 0.3; echo client {i}"], env=server.env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(6)]
+    for i, p in enumerate(procs):
+        out, err = p.communicate(timeout=60)
+        assert (p.returncode, out) == (0, f"client {i}\n".encode()), err
+    big = server.run("run", "--", "python3", "-c", "import sys; sys.stdout.write('x' * (8 << 20))")
+    assert big.returncode == 0 and big.stdout == b"x" * (8 << 20)
+    assert server.served() == before + 7
