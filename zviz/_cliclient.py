@@ -211,22 +211,31 @@ def _request(s: object, k: bytes, args: list[str]) -> int | None:
                        *(a.encode("utf-8", "surrogateescape") for a in args)])
     if len(body) > MAX_REQUEST:
         return None
-    try:
-        s.sendmsg([body], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, array.array("i", fds).tobytes())])
-        first = s.recv(16)
-    except OSError:
-        return None
-    if first != ACCEPTED:
-        return None  # refused or gone before it ran anything: run it here
+    # a signal from here on is the command's: it is forwarded, and the server
+    # (which reads it after the request) kills the sandbox; if the server never
+    # takes the request, nothing runs and the status says which signal
+    caught: list[int] = []
 
     def forward(signum: int, _frame: object) -> None:
+        caught.append(signum)
         try:
             s.send(KILL + str(signum).encode())
         except OSError:
             pass
 
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, forward)
+    forwarded = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, forward) for sig in forwarded}
+    try:
+        s.sendmsg([body], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, array.array("i", fds).tobytes())])
+        first = s.recv(16)
+    except OSError:
+        first = b""
+    if first != ACCEPTED:  # refused or gone before it ran anything: run it here
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if caught:  # (interrupted before anything ran: nothing to run)
+            return 128 + caught[0]
+        return None
     try:
         reply = s.recv(16)
     except OSError:
