@@ -409,3 +409,26 @@ def test_concurrent_clients_and_large_output(server):
     big = server.run("run", "--", "python3", "-c", "import sys; sys.stdout.write('x' * (8 << 20))")
     assert big.returncode == 0 and big.stdout == b"x" * (8 << 20)
     assert server.served() == before + 7
+
+
+def test_only_a_repeated_policy_keeps_a_sandbox_ready(server):
+    """The server's pool: a policy served once (a one-off --env) leaves nothing
+    pre-started behind; from its second request on one sandbox waits for it."""
+    server.start()
+    pid = server.pid()
+
+    def zygotes() -> int:
+        time.sleep(0.3)  # (the pool refills once the server's loop is idle)
+        kids = pathlib.Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        return sum(pathlib.Path(f"/proc/{k}/comm").read_text().strip() == "_zviz_init" for k in kids)
+
+    base = zygotes()
+    for i in range(3):
+        assert server.run("run", "--env", f"ONE_OFF={i}", "--", "true").returncode == 0
+    assert zygotes() == base
+    for _ in range(2):
+        assert server.run("run", "--env", "AGAIN=1", "--", "true").returncode == 0
+    assert zygotes() == base + 1
+    r = server.run("run", "--env", "AGAIN=1", "--", "sh", "-c", "echo $AGAIN; ls /tmp | wc -l")
+    assert (r.returncode, r.stdout) == (0, b"1\n0\n")  # the pooled one: fresh, its own empty /tmp
+    assert zygotes() == base + 1

@@ -274,9 +274,10 @@ async def _run(a: argparse.Namespace) -> int:
     policy = _policy_from_args(a)
     in_server = getattr(a, "cwd", None) is not None
     workdir, template, snapshot = (None if p is None else _abs(a, p) for p in (a.workdir, a.template, a.snapshot))
-    # (in its own process, no pool: the process ends with this sandbox, a pre-started one would be wasted)
+    # in its own process, no pool: the process ends with this sandbox, a pre-started one would be wasted
+    pool_for: Callable[[Policy], bool] | None = getattr(a, "pool_for", None)
     async with _open_sandbox(policy, workdir=workdir, monitor=a.monitor, template=template,
-                             use_pool=in_server) as sb:
+                             use_pool=pool_for is not None and pool_for(policy)) as sb:
         if not in_server:
             _start_up_done()
         if snapshot is not None:
@@ -286,10 +287,13 @@ async def _run(a: argparse.Namespace) -> int:
         return await _run_in(sb, a, argv, policy)
 
 
-async def serve_request(args: list[str], stdio: tuple[int | None, int | None, int | None], cwd: str) -> int:
+async def serve_request(args: list[str], stdio: tuple[int | None, int | None, int | None], cwd: str,
+                        pool_for: Callable[[Policy], bool]) -> int:
     """One `zviz ARGS` for a client of the CLI server (_cliserver.py), with the
     client's stdio fds and working directory; its sys.stdout/sys.stderr are the
-    client's (the server's are per request). The exit status, as main's."""
+    client's (the server's are per request); `pool_for(policy)`: whether its
+    sandbox may come from (and be refilled in) the server's pool. The exit
+    status, as main's."""
     try:
         a = _server_parser().parse_args(args)
     except SystemExit as e:  # (--help, a usage error: argparse has printed it)
@@ -297,7 +301,7 @@ async def serve_request(args: list[str], stdio: tuple[int | None, int | None, in
     if a.cmd != "run":
         print("zviz: error: the zviz server runs only `zviz run`", file=sys.stderr)
         return EXIT_USAGE
-    a.stdio, a.cwd = stdio, cwd
+    a.stdio, a.cwd, a.pool_for = stdio, cwd, pool_for
     try:
         return await _run(a)
     except Exception as e:  # noqa: BLE001  (main's mapping; anything else is a bug, shown to its caller)

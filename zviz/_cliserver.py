@@ -29,12 +29,14 @@ first removes its socket, then drops the connections still queued on it
 themselves).
 
 Requests of one server share its process: its pool of pre-started
-sandboxes (size 1 per policy unless ZVIZ_POOL_SIZE says otherwise), its
-start-up caches, its bound on open sandboxes.
+sandboxes (size 1 per policy unless ZVIZ_POOL_SIZE says otherwise; a
+policy is pooled from its second request on), its start-up caches, its
+bound on open sandboxes.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import contextvars
 import fcntl
@@ -45,12 +47,15 @@ import socket
 import struct
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
 from . import _cliclient
 from ._cliclient import ACCEPTED, EXITED, KILL, MAX_REQUEST, PROTOCOL
+
+if TYPE_CHECKING:
+    from ._policy import Policy
 
 SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)
 IDLE_ENV = "ZVIZ_SERVER_IDLE"
@@ -58,6 +63,7 @@ IDLE_S = 300.0
 REQUEST_TIMEOUT_S = 5.0  # from the connection to the whole request
 MAX_CLIENTS = 256  # connections served at once; more wait in the listen queue
 MAX_LOG = 1 << 20  # bytes: the log is emptied past this
+SEEN_POLICIES = 64  # policies remembered for _pool_for
 WRITE_TIMEOUT_S = 2.0  # the most one message to a client's stdout/stderr may hold the server up
 
 Stdio = tuple[int | None, int | None, int | None]
@@ -385,6 +391,21 @@ def _parse(data: bytes, flags: int, fds: list[int], key: bytes) -> tuple[list[st
     return args, stdio, cwd
 
 
+_seen: collections.OrderedDict[Policy, None] = collections.OrderedDict()
+
+
+def _pool_for(policy: Policy) -> bool:
+    """A policy's sandbox comes from the pool (which then keeps one ready for
+    it) from its second request on: a policy used once (a one-off --env or
+    --timeout) never leaves a pre-started sandbox that nobody takes."""
+    again = policy in _seen
+    _seen[policy] = None
+    _seen.move_to_end(policy)
+    while len(_seen) > SEEN_POLICIES:
+        _seen.popitem(last=False)
+    return again
+
+
 async def _run(conn: socket.socket, args: list[str], stdio: Stdio, cwd: str) -> int:
     """Run the request; a hang-up or a forwarded signal from the client kills it."""
     from . import _cli
@@ -414,6 +435,6 @@ async def _run(conn: socket.socket, args: list[str], stdio: Stdio, cwd: str) -> 
                 return
 
         tg.start_soon(watch)
-        status = await _cli.serve_request(args, stdio, cwd)
+        status = await _cli.serve_request(args, stdio, cwd, _pool_for)
         tg.cancel_scope.cancel()
     return 128 + killed if killed else status
