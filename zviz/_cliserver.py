@@ -198,7 +198,8 @@ def main(name: str) -> None:
 
 def stop_servers(timeout: float = 5.0) -> list[int]:
     """Stop this user's CLI servers of every context (`zviz gc`): SIGTERM, then
-    wait for each to let go of its lock. The pids signalled."""
+    wait for each to let go of its lock; remove the files of stopped and dead
+    ones. The pids signalled."""
     try:
         dfd = _cliclient.open_server_dir()
     except OSError:
@@ -215,7 +216,8 @@ def stop_servers(timeout: float = 5.0) -> list[int]:
             try:
                 try:
                     fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    continue  # no server holds it
+                    _remove_files(dfd, entry[:-len(".lock")])  # a dead server's (we hold its lock)
+                    continue
                 except BlockingIOError:
                     pass
                 text = os.pread(lock, 32, 0)
@@ -229,6 +231,7 @@ def stop_servers(timeout: float = 5.0) -> list[int]:
                 while time.monotonic() < deadline:
                     try:
                         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        _remove_files(dfd, entry[:-len(".lock")])
                         break
                     except BlockingIOError:
                         time.sleep(0.01)
@@ -237,6 +240,13 @@ def stop_servers(timeout: float = 5.0) -> list[int]:
     finally:
         os.close(dfd)
     return stopped
+
+
+def _remove_files(dfd: int, name: str) -> None:
+    """A stopped or dead server's socket, marker, log and lock (the caller holds the lock)."""
+    for suffix in (".sock", ".off", ".log", ".lock"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f"/proc/self/fd/{dfd}/{name}{suffix}")
 
 
 def _trim_log() -> None:
