@@ -12,7 +12,9 @@ trivial: `open_sandbox(Policy.python())` + `run(["/bin/true"])` + close,
   - zviz pool: `set_pool_size(1)`: the sandbox was pre-started while the
     loop was idle (the `--gap-ms` pause after each snippet, taken by every
     row alike and not counted in its wall time);
-  - each peer (`--peers`; benchmarks/peers.py): one `bwrap ... /bin/true` etc.
+  - each peer (`--peers`; benchmarks/peers.py): one `bwrap ... /bin/true` etc.,
+    and `zviz run` itself (zviz-cli: the command line through its server,
+    whose CPU only the system-wide column sees);
   Per snippet: the median wall time; the CPU of this process, its children
   and the kernel's threads (kworkers: where network and other namespaces are
   freed), from getrusage and /proc/*/stat of kthreadd's children; and the

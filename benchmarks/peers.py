@@ -288,9 +288,33 @@ class Codex(CliPeer):
         return ["codex", "sandbox", "--", *argv]
 
 
+class ZvizCli(CliPeer):
+    """zviz's own command line, one `zviz run` per snippet (through its CLI
+    server, the default): what an agent's shell tool pays. The server's CPU is
+    outside the measured process tree: the system-wide column has it."""
+
+    binary, package = "zviz", ""
+
+    def __init__(self) -> None:
+        super().__init__("zviz-cli", "zviz run (the command line, through its server)",
+                         "zviz run --preset python -- CMD")
+
+    def probe(self) -> None:
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".venv", "bin", "zviz")
+        if not os.access(path, os.X_OK):
+            self.reason = "no .venv/bin/zviz (scripts/setup.sh)"
+            return
+        self.installed = True
+        self.extra["path"] = os.path.realpath(path)
+        self.version = "this tree"
+
+    def wrap(self, argv: list[str], workdir: str) -> list[str]:
+        return [self.extra["path"], "run", "--preset", "python", "--", *argv]
+
+
 def all_peers(per_snippet: bool = False) -> list[Peer]:
     """The peers of run.py's tables; with `per_snippet`, also the agent tools'
     sandboxes (srt, codex: read-only by default, so only for benchmarks/cold.py's
     snippets, which write nothing)."""
     base: list[Peer] = [Bwrap(), Firejail(), Runsc(), Sandlock()]
-    return [*base, Srt(), Codex()] if per_snippet else base
+    return [*base, Srt(), Codex(), ZvizCli()] if per_snippet else base
