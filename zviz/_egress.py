@@ -60,6 +60,7 @@ from typing import Any
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 import attrs
 
 from . import _egressproto as proto
@@ -146,8 +147,10 @@ class EgressProxy:
     """One sandbox's proxy: its listening socket on the host's loopback, its
     rules (replaced by `set_network`), its connections and their figures."""
 
-    def __init__(self, network: Any, on_event: Callable[[EgressEvent], None]) -> None:
+    def __init__(self, network: Any, on_event: Callable[[Any], None],
+                 on_denial: Callable[[str], None] | None = None) -> None:
         self._on_event = on_event
+        self._on_denial = on_denial  # a direct connect seen inside: counted in the sandbox's denials
         self.head_timeout = HEAD_TIMEOUT
         self.connect_timeout = CONNECT_TIMEOUT
         self.rules = Rules.build((), (), (), {})
@@ -165,6 +168,8 @@ class EgressProxy:
         self._expected: dict[int, float] = {}
         self._conns: set[_Conn] = set()
         self._inside: list[socket.socket] = []  # listening in the sandbox's network namespace (listen_inside)
+        self._watch: list[socket.socket] = []  # its refused SYNs (listen_inside, _egresswatch)
+        self.direct_reads = 0  # packets read from those (only refused connects' SYNs pass their filter)
         self._tg: anyio.abc.TaskGroup | None = None
         self._scope: anyio.CancelScope | None = None
         self._closed = False
@@ -210,6 +215,8 @@ class EgressProxy:
                     tg.cancel_scope.cancel()
                 for lst in self._inside:
                     tg.start_soon(self._accept_loop, lst, False)
+                for w in self._watch:
+                    tg.start_soon(self._watch_loop, w)
                 await self._accept_loop(self._listen, True)
         finally:
             self._tg = None
@@ -264,11 +271,14 @@ class EgressProxy:
         in-kernel connects (no seccomp notification, no supervisor), which
         reach nothing else: its namespace holds only its loopback. Replaces
         the sockets of an earlier zygote (its namespace died with it)."""
-        from . import _kernel
+        from . import _egresswatch, _kernel
 
         def make() -> list[socket.socket]:
             made: list[socket.socket] = []
             try:
+                # Every destination is the namespace's own: a direct connect is refused at once (RST), and
+                # the watchers see its SYN (an event naming the fix); only the proxy listens there.
+                made.extend(_egresswatch.syn_watchers(_egresswatch.route_everything_local()))
                 for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
                     try:
                         s = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
@@ -302,20 +312,60 @@ class EgressProxy:
         except OSError as e:
             raise SandboxSetupError("egress-proxy", e.errno or errno.EIO, None,
                                     f"the egress proxy's socket in the sandbox's network namespace: {e}") from e
-        old, self._inside = self._inside, made
+        watch = [s for s in made if s.type == socket.SOCK_RAW]
+        old = self._inside + self._watch
+        self._inside, self._watch = [s for s in made if s.type != socket.SOCK_RAW], watch
         for s in old:
             _close_socket(s)
         if self._closed:
             self._close_inside()
             return
         if self._tg is not None:
-            for s in made:
+            for s in self._inside:
                 self._tg.start_soon(self._accept_loop, s, False)
+            for s in watch:
+                self._tg.start_soon(self._watch_loop, s)
 
     def _close_inside(self) -> None:
-        old, self._inside = self._inside, []
+        old = self._inside + self._watch
+        self._inside, self._watch = [], []
         for s in old:
             _close_socket(s)
+
+    async def _watch_loop(self, watcher: socket.socket) -> None:
+        """Record a denial for each direct connect the watcher saw (a SYN to
+        anything but the proxy's port, refused by the kernel at once), until
+        it is closed. At most 64 a wake-up: a flood waits in (and overflows)
+        the socket's small buffer, never the loop."""
+        from . import _egresswatch
+        from ._supervisor import DenialEvent
+        from ._syscall_table import BY_NUMBER
+
+        connect_nr = next(nr for nr, name in BY_NUMBER.items() if name == "connect")
+        while watcher.fileno() >= 0:
+            try:
+                await anyio.wait_readable(watcher)
+            except (anyio.ClosedResourceError, OSError):
+                return
+            for _ in range(64):
+                try:
+                    seen = _egresswatch.read_syn(watcher)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError:
+                    if watcher.fileno() < 0:
+                        return
+                    break
+                self.direct_reads += 1
+                if seen is None:
+                    continue
+                host, port = seen
+                self._on_event(DenialEvent(time=time.time(), pid=0, command="", syscall="connect",
+                                           nr=connect_nr, args=(), errno=errno.ECONNREFUSED, source="netns",
+                                           detail=f"{host}:{port}: {self.hint()}"))
+                if self._on_denial is not None:
+                    self._on_denial("connect")
+            await anyio.lowlevel.checkpoint()
 
     async def aclose(self) -> None:
         """Close every proxied connection (both sides) and the listening socket."""

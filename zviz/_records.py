@@ -139,6 +139,11 @@ class Tally:
         """Forget an account whose figures were moved into another one."""
         self._accounts.discard(account)
 
+    def count_denial(self, name: str) -> None:
+        """A denial seen outside any run's listener (a direct connect the
+        egress proxy's watchers saw inside the sandbox's namespace)."""
+        self._denials_done[name] += 1
+
     def fold(self, account: RunAccount) -> None:
         """The run's listener is done: its figures join the totals."""
         if account in self._accounts:

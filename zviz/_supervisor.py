@@ -65,18 +65,21 @@ class DenialEvent:
     """A syscall the sandbox was refused, decoded."""
 
     time: float  # time.time()
-    pid: int  # host pid of the calling task
-    command: str  # argv[0] of the run it belongs to
+    pid: int  # host pid of the calling task (0: not known, source "netns")
+    command: str  # argv[0] of the run it belongs to ("" when not known)
     syscall: str
     nr: int
     args: tuple[int, ...]
     detail: str
     errno: int
-    source: str = "seccomp"  # or "ebpf" when seen by the monitor
+    # or "ebpf" when seen by the monitor, or "netns": a direct TCP connect of a domains-mode sandbox
+    # whose egress proxy listens in its network namespace, refused there by the kernel (_egresswatch)
+    source: str = "seccomp"
 
     def __str__(self) -> str:
         err = errno.errorcode.get(self.errno, self.errno)
-        return f"denied {self.syscall}({self.detail}) -> {err} [pid {self.pid}, {self.command}]"
+        who = f" [pid {self.pid}, {self.command}]" if self.pid else ""
+        return f"denied {self.syscall}({self.detail}) -> {err}{who}"
 
 
 @attrs.define(eq=False)  # identity: kept in sets while its run is live
