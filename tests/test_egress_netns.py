@@ -43,6 +43,28 @@ print(json.dumps(out))
 '''
 
 
+# Direct connects (a program that ignores the proxy variables): errno and seconds for each.
+DIRECT = r'''
+import json, socket, sys, time
+out = []
+for host, port in json.loads(sys.argv[1]):
+    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    s.settimeout(30)
+    t = time.monotonic()
+    try:
+        s.connect((host, port))
+        out.append([0, time.monotonic() - t])
+    except OSError as e:
+        out.append([e.errno, time.monotonic() - t])
+    s.close()
+print(json.dumps(out))
+'''
+
+
+def _connect_denials(sb: zviz.Sandbox) -> list[zviz.DenialEvent]:
+    return [e for e in sb.events_so_far() if isinstance(e, zviz.DenialEvent) and e.syscall == "connect"]
+
+
 @pytest.fixture
 def upstream():
     srv = Server({"/hello": ("text/plain", b"hello\n")})
@@ -113,7 +135,10 @@ async def test_the_listener_lives_in_the_sandbox_namespace_and_closes_with_it(up
         assert sorted(s.getsockname()[:2] for s in inside) == [("127.0.0.1", 3128), ("::1", 3128)]
         assert all(_netns_inode(s) == sandbox_ns for s in inside)
         assert _netns_inode(sb._life.egress._listen) == host_ns  # (the supervised way's socket)
-    assert all(s.fileno() == -1 for s in inside)
+        watch = list(sb._life.egress._watch)  # the raw sockets that see direct connects' SYNs
+        assert sorted(s.family for s in watch) == [socket.AF_INET, socket.AF_INET6]
+        assert all(s.type == socket.SOCK_RAW and _netns_inode(s) == sandbox_ns for s in watch)
+    assert all(s.fileno() == -1 for s in inside + watch)
 
 
 @pytest.mark.trio
@@ -139,6 +164,13 @@ async def test_a_replaced_zygote_gets_a_new_listener(upstream):
         new = sb._life.egress._inside
         assert len(new) == 2 and all(s.fileno() >= 0 for s in new)
         assert sb.statistics().connects == 0
+        assert len(sb._life.egress._watch) == 2  # (new watchers too: a direct connect is still an event)
+        r = await sb.run(["python3", "-c", DIRECT, json.dumps([["10.9.8.7", 80]])])
+        assert json.loads(r.stdout)[0][0] == 111
+        with trio.fail_after(5):
+            while not _connect_denials(sb):
+                await trio.sleep(0.01)
+        assert "10.9.8.7:80: " in _connect_denials(sb)[0].detail
 
 
 @pytest.mark.trio
@@ -194,3 +226,81 @@ def test_only_a_process_that_may_enter_a_namespace_listens_inside():
 
     assert _kernel.can_enter_netns() is True
     assert run_as("nobody", _kernel.can_enter_netns) is False
+
+
+@pytest.mark.trio
+async def test_a_direct_connect_is_refused_at_once_and_is_one_event_each():
+    """A program that ignores the proxy and connects to a raw address, public
+    or private, IPv4 or IPv6: refused at once (ECONNREFUSED: every address is
+    the sandbox's own loopback, where nothing listens on that port) and one
+    denial event each, with the address and the fix, counted in the
+    sandbox's denials; no seccomp notification. Its own TCP listener is still
+    impossible (no bind)."""
+    targets = [["93.184.216.34", 443], ["10.0.0.1", 80], ["2606:2800:220:1::1", 443], ["fd00::1", 8080],
+               ["::ffff:192.168.1.1", 22]]
+    async with zviz.open_sandbox(_policy(1)) as sb:
+        await sb.write_file("direct.py", DIRECT)
+        r = await sb.run(["python3", "direct.py", "[]"])
+        base = sb.statistics().notifications
+        r = await sb.run(["python3", "direct.py", json.dumps(targets)])
+        assert r.status == 0, r.stderr
+        out = json.loads(r.stdout)
+        assert [e for e, _ in out] == [111] * 5, out
+        assert max(t for _, t in out) < 0.5, out  # never a hang (a few microseconds each, unloaded)
+        with trio.fail_after(5):
+            while len(_connect_denials(sb)) < 5:
+                await trio.sleep(0.01)
+        await trio.sleep(0.2)
+        events = _connect_denials(sb)
+        assert sorted(e.detail.split(": ")[0] for e in events) == sorted([  # (IPv4's and IPv6's: two sockets)
+            "93.184.216.34:443", "10.0.0.1:80", "2606:2800:220:1::1:443", "fd00::1:8080", "192.168.1.1:22"])
+        for e in events:
+            assert "HTTPS_PROXY" in e.detail and "--allow-domain" in e.detail and e.errno == 111
+            assert e.source == "netns" and str(e).startswith("denied connect(")
+        st = sb.statistics()
+        assert st.denials["connect"] == 5 and st.notifications == 2 * base and st.connects == 0
+        assert sb._life.egress.direct_reads == 5
+        r = await sb.run(["python3", "-c", "import socket\ns = socket.socket()\ntry:\n    s.bind(('0.0.0.0', 8080))\n"
+                          "except OSError as e:\n    print(e.errno)\n"])
+        assert r.stdout == b"13\n"  # Landlock: no TCP bind
+
+
+@pytest.mark.trio
+async def test_bulk_through_the_proxy_wakes_no_watcher():
+    """The watchers' filter passes only SYNs to other ports than the proxy's:
+    connections through the proxy, and every byte they carry, never reach
+    the host's watcher sockets (no read, no event)."""
+    body = os.urandom(1 << 20) * 24
+    srv = Server({"/big": ("application/octet-stream", body)})
+    code = ("import socket, sys\nfor i in range(3):\n    s = socket.create_connection(('127.0.0.1', 3128))\n"
+            f"    s.sendall(b'GET http://pkgs.test:{srv.port}/big HTTP/1.1\\r\\n\\r\\n')\n    n = 0\n"
+            "    while chunk := s.recv(1 << 20):\n        n += len(chunk)\n    print(n)\n")
+    try:
+        async with zviz.open_sandbox(_policy(srv.port)) as sb:
+            r = await sb.run(["python3", "-c", code])
+            assert r.status == 0, r.stderr
+            assert all(int(n) > len(body) for n in r.stdout.split()), r.stdout
+            await trio.sleep(0.1)
+            assert sb._life.egress.direct_reads == 0 and _connect_denials(sb) == []
+            assert sb.statistics().egress.allowed == 3
+    finally:
+        srv.close()
+
+
+@pytest.mark.trio
+async def test_a_flood_of_direct_connects_is_bounded():
+    """Thousands of direct connects: each refused at once; the host reads
+    what the watchers' small buffers hold (the rest dropped by the kernel,
+    the connects refused all the same) and the sandbox goes on."""
+    code = ("import socket\nn = 0\nfor i in range(5000):\n    s = socket.socket()\n    try:\n"
+            "        s.connect(('10.1.2.3', 1 + i % 60000))\n    except ConnectionRefusedError:\n        n += 1\n"
+            "    s.close()\nprint(n)\n")
+    async with zviz.open_sandbox(_policy(1)) as sb:
+        with trio.fail_after(30):
+            r = await sb.run(["python3", "-c", code])
+        assert r.stdout == b"5000\n", r.stderr
+        await trio.sleep(0.2)
+        n = len(_connect_denials(sb))
+        assert 0 < n <= 5000 and sb._life.egress.direct_reads <= 5000
+        r = await sb.run(["echo", "ok"])
+        assert r.stdout == b"ok\n"

@@ -58,7 +58,8 @@ def _ack_errno(reply: bytes, seq: int) -> int:
     while off + 16 <= len(reply):
         length, kind, _flags, rseq, _pid = struct.unpack_from("=IHHII", reply, off)
         if kind == _NLMSG_ERROR and rseq == seq and off + 20 <= len(reply):
-            return -struct.unpack_from("=i", reply, off + 16)[0]
+            code: int = struct.unpack_from("=i", reply, off + 16)[0]
+            return -code
         if length < 16:
             break
         off += (length + 3) & ~3
