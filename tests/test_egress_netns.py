@@ -231,13 +231,13 @@ def test_only_a_process_that_may_enter_a_namespace_listens_inside():
 @pytest.mark.trio
 async def test_a_direct_connect_is_refused_at_once_and_is_one_event_each():
     """A program that ignores the proxy and connects to a raw address, public
-    or private, IPv4 or IPv6: refused at once (ECONNREFUSED: every address is
-    the sandbox's own loopback, where nothing listens on that port) and one
-    denial event each, with the address and the fix, counted in the
-    sandbox's denials; no seccomp notification. Its own TCP listener is still
-    impossible (no bind)."""
+    or private, IPv4 or IPv6, or the proxy's port at another address: refused
+    at once (ECONNREFUSED: every address is the sandbox's own loopback, where
+    nothing listens there) and one denial event each, with the address and
+    the fix, counted in the sandbox's denials; no seccomp notification. A
+    TCP bind is still refused (Landlock)."""
     targets = [["93.184.216.34", 443], ["10.0.0.1", 80], ["2606:2800:220:1::1", 443], ["fd00::1", 8080],
-               ["::ffff:192.168.1.1", 22]]
+               ["::ffff:192.168.1.1", 22], ["1.2.3.4", 3128], ["fd00::2", 3128]]
     async with zviz.open_sandbox(_policy(1)) as sb:
         await sb.write_file("direct.py", DIRECT)
         r = await sb.run(["python3", "direct.py", "[]"])
@@ -245,21 +245,22 @@ async def test_a_direct_connect_is_refused_at_once_and_is_one_event_each():
         r = await sb.run(["python3", "direct.py", json.dumps(targets)])
         assert r.status == 0, r.stderr
         out = json.loads(r.stdout)
-        assert [e for e, _ in out] == [111] * 5, out
+        assert [e for e, _ in out] == [111] * 7, out
         assert max(t for _, t in out) < 0.5, out  # never a hang (a few microseconds each, unloaded)
         with trio.fail_after(5):
-            while len(_connect_denials(sb)) < 5:
+            while len(_connect_denials(sb)) < 7:
                 await trio.sleep(0.01)
         await trio.sleep(0.2)
         events = _connect_denials(sb)
         assert sorted(e.detail.split(": ")[0] for e in events) == sorted([  # (IPv4's and IPv6's: two sockets)
-            "93.184.216.34:443", "10.0.0.1:80", "2606:2800:220:1::1:443", "fd00::1:8080", "192.168.1.1:22"])
+            "93.184.216.34:443", "10.0.0.1:80", "2606:2800:220:1::1:443", "fd00::1:8080", "192.168.1.1:22",
+            "1.2.3.4:3128", "fd00::2:3128"])
         for e in events:
             assert "HTTPS_PROXY" in e.detail and "--allow-domain" in e.detail and e.errno == 111
             assert e.source == "netns" and str(e).startswith("denied connect(")
         st = sb.statistics()
-        assert st.denials["connect"] == 5 and st.notifications == 2 * base and st.connects == 0
-        assert sb._life.egress.direct_reads == 5
+        assert st.denials["connect"] == 7 and st.notifications == 2 * base and st.connects == 0
+        assert sb._life.egress.direct_reads == 7
         r = await sb.run(["python3", "-c", "import socket\ns = socket.socket()\ntry:\n    s.bind(('0.0.0.0', 8080))\n"
                           "except OSError as e:\n    print(e.errno)\n"])
         assert r.stdout == b"13\n"  # Landlock: no TCP bind
@@ -304,3 +305,23 @@ async def test_a_flood_of_direct_connects_is_bounded():
         assert 0 < n <= 5000 and sb._life.egress.direct_reads <= 5000
         r = await sb.run(["echo", "ok"])
         assert r.stdout == b"ok\n"
+
+
+@pytest.mark.trio
+async def test_only_refused_connects_are_events():
+    """The watchers pass the kernel's answer to a refused connect only: a
+    program talking to itself (a listener the kernel bound for listen()) and
+    connections the proxy resets (over max_connections) are not events."""
+    code = ("import socket\nsrv = socket.socket()\nsrv.listen(4)\nport = srv.getsockname()[1]\n"
+            "c = socket.create_connection(('127.0.0.1', port), timeout=5)\na, _ = srv.accept()\n"
+            "c.sendall(b'x')\nprint(a.recv(1).decode())\nc.close(); a.close()\n"
+            "held = [socket.create_connection(('127.0.0.1', 3128), timeout=5) for _ in range(4)]\n"
+            "for h in held:\n    h.sendall(b'GET ')\n"
+            "import time; time.sleep(0.3)\nprint('ok')\n")
+    net = zviz.Network.domains(["pkgs.test"], max_connections=1)
+    async with zviz.open_sandbox(zviz.Policy.python(net=net, limits=zviz.Limits(wall_s=60))) as sb:
+        r = await sb.run(["python3", "-c", code])
+        assert r.stdout == b"x\nok\n", r.stderr
+        await trio.sleep(0.2)
+        assert sb.statistics().egress.denied_by_code.get("connections", 0) >= 1  # the proxy did reset some
+        assert _connect_denials(sb) == [] and sb._life.egress.direct_reads == 0

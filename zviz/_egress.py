@@ -168,8 +168,8 @@ class EgressProxy:
         self._expected: dict[int, float] = {}
         self._conns: set[_Conn] = set()
         self._inside: list[socket.socket] = []  # listening in the sandbox's network namespace (listen_inside)
-        self._watch: list[socket.socket] = []  # its refused SYNs (listen_inside, _egresswatch)
-        self.direct_reads = 0  # packets read from those (only refused connects' SYNs pass their filter)
+        self._watch: list[socket.socket] = []  # its refused connects' resets (listen_inside, _egresswatch)
+        self.direct_reads = 0  # packets read from those (only refused connects' resets pass their filter)
         self._tg: anyio.abc.TaskGroup | None = None
         self._scope: anyio.CancelScope | None = None
         self._closed = False
@@ -277,8 +277,8 @@ class EgressProxy:
             made: list[socket.socket] = []
             try:
                 # Every destination is the namespace's own: a direct connect is refused at once (RST), and
-                # the watchers see its SYN (an event naming the fix); only the proxy listens there.
-                made.extend(_egresswatch.syn_watchers(_egresswatch.route_everything_local()))
+                # the watchers see that reset (an event naming the fix); only the proxy listens there.
+                made.extend(_egresswatch.refusal_watchers(_egresswatch.route_everything_local()))
                 for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
                     try:
                         s = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
@@ -333,9 +333,8 @@ class EgressProxy:
             _close_socket(s)
 
     async def _watch_loop(self, watcher: socket.socket) -> None:
-        """Record a denial for each direct connect the watcher saw (a SYN to
-        anything but the proxy's port, refused by the kernel at once), until
-        it is closed. At most 64 a wake-up: a flood waits in (and overflows)
+        """Record a denial for each direct connect the watcher saw (refused
+        by the kernel at once: its reset), until it is closed. At most 64 a wake-up: a flood waits in (and overflows)
         the socket's small buffer, never the loop."""
         from . import _egresswatch
         from ._supervisor import DenialEvent
@@ -349,7 +348,7 @@ class EgressProxy:
                 return
             for _ in range(64):
                 try:
-                    seen = _egresswatch.read_syn(watcher)
+                    seen = _egresswatch.read_refusal(watcher)
                 except (BlockingIOError, InterruptedError):
                     break
                 except OSError:

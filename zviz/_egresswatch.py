@@ -9,12 +9,16 @@ it, `_kernel.sockets_in_netns`):
   so a SYN to any address loops back over `lo`; nothing listens there but the
   proxy (127.0.0.1:3128, [::1]:3128; the sandbox may not bind TCP), so the
   kernel answers RST at once: ECONNREFUSED, never a hang, nothing leaves;
-- `syn_watchers`: raw IPPROTO_TCP sockets (IPv4, IPv6) with a classic BPF
-  filter that passes a SYN without ACK to any port but the proxy's (its first
-  128 bytes), so the proxy's own connections and every data segment stay in
-  the kernel; the host reads what passes (`read_syn`) and records a denial.
+- `refusal_watchers`: raw IPPROTO_TCP sockets (IPv4, IPv6) with a classic BPF
+  filter that passes only the kernel's answer to a SYN nothing listens for:
+  a segment with RST and ACK set, SYN and FIN clear, and sequence number 0
+  (RFC 9293: a reset for a segment without ACK takes SEQ 0; a reset that
+  aborts a connection carries its send sequence). So the proxy's own
+  connections, every data segment and the sandbox's talk to itself stay in
+  the kernel; the host reads what passes (`read_refusal`: its source is the
+  address and port the program asked for) and records a denial.
 
-The pure parts (`route_message`, `syn_filter`, `parse_syn`) hold no I/O.
+The pure parts (`route_message`, `refusal_filter`, `parse_refusal`) hold no I/O.
 """
 
 from __future__ import annotations
@@ -23,8 +27,6 @@ import contextlib
 import ipaddress
 import socket
 import struct
-
-from ._egressproto import PROXY_PORT
 
 _NETLINK_ROUTE = 0
 _RTM_NEWROUTE = 24
@@ -38,9 +40,9 @@ _RTA_OIF = 4
 _SO_ATTACH_FILTER = 26
 _SO_LOCK_FILTER = 44
 SNAP = 128  # bytes of a passed packet: an IPv4 header (<= 60) and the TCP ports and flags
-_RCVBUF = 64 * 1024  # a flood of SYNs waits here, then is dropped (the connects are refused either way)
+_RCVBUF = 64 * 1024  # a flood of resets waits here, then is dropped (the connects are refused either way)
 
-_TCP_SYN, _TCP_ACK = 0x02, 0x10
+_TCP_FIN, _TCP_SYN, _TCP_RST, _TCP_ACK = 0x01, 0x02, 0x04, 0x10
 
 
 def route_message(family: int, ifindex: int, seq: int) -> bytes:
@@ -88,12 +90,13 @@ def route_everything_local() -> list[int]:
     return done
 
 
-def syn_filter(family: int) -> bytes:
+def refusal_filter(family: int) -> bytes:
     """The classic BPF program (struct sock_fprog's instructions): pass
-    SNAP bytes of a TCP SYN without ACK whose destination port is not the
-    proxy's, drop all else. An IPv4 raw socket sees the IP header first (a
-    fragment past the first is dropped); an IPv6 one the TCP header."""
-    ld_b, ld_h, ldx_msh = 0x30, 0x28, 0xB1  # BPF_LD|BPF_B|BPF_ABS, BPF_LD|BPF_H|BPF_ABS, BPF_LDX|BPF_B|BPF_MSH
+    SNAP bytes of a TCP segment with RST|ACK (no SYN, no FIN) and sequence
+    number 0 (a refused connect's answer), drop all else. An IPv4 raw socket
+    sees the IP header first (a fragment past the first is dropped); an IPv6
+    one the TCP header."""
+    ld_b, ld_h, ld_w, ldx_msh = 0x30, 0x28, 0x20, 0xB1  # BPF_LD|BPF_{B,H,W}|BPF_ABS, BPF_LDX|BPF_B|BPF_MSH
     ind = 0x40 - 0x20  # BPF_IND instead of BPF_ABS
     and_k, jeq_k, jset_k, ret_k = 0x54, 0x15, 0x45, 0x06
 
@@ -104,18 +107,18 @@ def syn_filter(family: int) -> bytes:
     if family == socket.AF_INET:
         prog += [op(ld_h, 0, 0, 6), op(jset_k, 7, 0, 0x1FFF),  # a later fragment: drop
                  op(ldx_msh, 0, 0, 0)]  # X = the IP header's length
-        flags, dport = op(ld_b + ind, 0, 0, 13), op(ld_h + ind, 0, 0, 2)
+        flags, seq = op(ld_b + ind, 0, 0, 13), op(ld_w + ind, 0, 0, 4)
     else:
-        flags, dport = op(ld_b, 0, 0, 13), op(ld_h, 0, 0, 2)
-    prog += [flags, op(and_k, 0, 0, _TCP_SYN | _TCP_ACK), op(jeq_k, 0, 3, _TCP_SYN),
-             dport, op(jeq_k, 1, 0, PROXY_PORT),
+        flags, seq = op(ld_b, 0, 0, 13), op(ld_w, 0, 0, 4)
+    prog += [flags, op(and_k, 0, 0, _TCP_FIN | _TCP_SYN | _TCP_RST | _TCP_ACK), op(jeq_k, 0, 3, _TCP_RST | _TCP_ACK),
+             seq, op(jeq_k, 0, 1, 0),
              op(ret_k, 0, 0, SNAP), op(ret_k, 0, 0, 0)]
     return b"".join(prog)
 
 
-def syn_watchers(families: list[int]) -> list[socket.socket]:
+def refusal_watchers(families: list[int]) -> list[socket.socket]:
     """Raw TCP sockets in the calling thread's network namespace that
-    receive the SYNs `syn_filter` passes (nonblocking, filter locked)."""
+    receive the resets `refusal_filter` passes (nonblocking, filter locked)."""
     import ctypes
 
     made: list[socket.socket] = []
@@ -123,15 +126,13 @@ def syn_watchers(families: list[int]) -> list[socket.socket]:
         for family in families:
             s = socket.socket(family, socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC, socket.IPPROTO_TCP)
             made.append(s)
-            code = syn_filter(family)
+            code = refusal_filter(family)
             buf = ctypes.create_string_buffer(code, len(code))
             fprog = struct.pack("=HxxxxxxQ", len(code) // 8, ctypes.addressof(buf))
             s.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, fprog)
             s.setsockopt(socket.SOL_SOCKET, _SO_LOCK_FILTER, 1)
             with contextlib.suppress(OSError):
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _RCVBUF)
-            if family == socket.AF_INET6:
-                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
             # What was queued before the filter (any TCP packet since socket()): read and dropped.
             with contextlib.suppress(BlockingIOError):
                 while True:
@@ -143,26 +144,25 @@ def syn_watchers(families: list[int]) -> list[socket.socket]:
     return made
 
 
-def parse_syn(family: int, data: bytes, ancdata: list[tuple[int, int, bytes]]) -> tuple[str, int] | None:
-    """The destination (address, port) of a SYN a watcher read, or None
-    (short, or not what the filter passes)."""
+def parse_refusal(family: int, data: bytes, source: str) -> tuple[str, int] | None:
+    """The (address, port) a refused connect asked for, from the reset a
+    watcher read (its source; `source`: the sender's address recvfrom gave,
+    for IPv6, whose raw sockets see no IP header), or None (short, or not
+    what the filter passes)."""
     if family == socket.AF_INET:
         if len(data) < 20 or data[0] >> 4 != 4:
             return None
         ihl = (data[0] & 0xF) * 4
         if len(data) < ihl + 14:
             return None
-        return str(ipaddress.IPv4Address(data[16:20])), struct.unpack_from("!H", data, ihl + 2)[0]
+        return str(ipaddress.IPv4Address(data[12:16])), struct.unpack_from("!H", data, ihl)[0]
     if len(data) < 14:
         return None
-    for level, kind, value in ancdata:
-        if level == socket.IPPROTO_IPV6 and kind == socket.IPV6_PKTINFO and len(value) >= 16:
-            addr = ipaddress.IPv6Address(value[:16])
-            return str(addr.ipv4_mapped or addr), struct.unpack_from("!H", data, 2)[0]
-    return None
+    addr = ipaddress.IPv6Address(source.split("%")[0])
+    return str(addr.ipv4_mapped or addr), struct.unpack_from("!H", data, 0)[0]
 
 
-def read_syn(sock: socket.socket) -> tuple[str, int] | None:
-    """One passed SYN's destination; BlockingIOError when none is queued."""
-    data, anc, _flags, _addr = sock.recvmsg(SNAP, 64)
-    return parse_syn(sock.family, data, anc)
+def read_refusal(sock: socket.socket) -> tuple[str, int] | None:
+    """One passed reset's (address, port); BlockingIOError when none is queued."""
+    data, addr = sock.recvfrom(SNAP)
+    return parse_refusal(sock.family, data, str(addr[0]) if addr else "::")

@@ -579,7 +579,7 @@ def _prepare(policy: Policy, workdir: str, owns_workdir: bool, features: _probe.
     stage = _plan.stage_spec(probe_plan, bpf=bpf, seccomp_flags=seccomp_flags)
     if trace is not None:
         stage = attrs.evolve(stage, ll_net=0, ll_ports=())  # tracing observes connections rather than refusing them
-    elif egress_inside:  # every destination loops back to its namespace's lo, refused and seen (_egresswatch):
+    elif egress_inside:  # every destination loops back to its namespace's lo, refused and seen (_egresswatch);
         stage = attrs.evolve(stage, ll_net=stage.ll_net & ~_plan.NET_CONNECT_TCP, ll_ports=())  # no TCP bind still
     runner = Runner(plan=probe_plan, stage=stage, init_fd=init.fd,
                     cgroup_fd=resources.cgroup.procs.fd if resources.cgroup is not None else -1,
