@@ -15,8 +15,9 @@ namespace of their own, with nothing in it but its loopback. Two ways:
   HTTP(S)_PROXY the sandbox is given). The sandbox's connects are then
   plain in-kernel connects (its seccomp filter lets connect through: no
   notification, no supervisor on the way): they can reach only what is in
-  its namespace, and its Landlock domain allows TCP connects to port 3128
-  alone (every other one: EACCES, at once, with no event). Nothing on the
+  its namespace, where every destination is its loopback: any other one is
+  refused at once (ECONNREFUSED) and the host's watchers see the kernel's
+  reset and record a denial naming the fix (`_egresswatch`). Nothing on the
   host can connect to these sockets: they are not in the host's namespace;
 - supervised (otherwise): every connect is a seccomp notification (as in
   net.mode = "allow"). A connect to the proxy's address is performed by the

@@ -52,8 +52,9 @@ def kernel_mode(mode: str, *, in_netns: bool = False) -> str:
     proxy listening inside the sandbox's own network namespace (`in_netns`,
     see _egress) is "domains": the sockets of "allow" (TCP only), every
     connect made by the kernel, in a namespace holding nothing but the
-    sandbox's loopback and the proxy's listener (the Landlock port rule
-    keeps TCP connects to the proxy's port). Without it, "domains" is
+    sandbox's loopback and the proxy's listener, every destination routed
+    to that loopback (`_egresswatch`; Landlock keeps refusing TCP binds).
+    Without it, "domains" is
     "allow": every connect supervised, the proxy as the one endpoint."""
     if mode == "domains":
         return "domains" if in_netns else "allow"
