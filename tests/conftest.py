@@ -290,6 +290,16 @@ class Snapshot:
         self.kids = child_pids()
         self.dirs = zviz_tempdirs()
 
+    async def assert_released(self) -> None:
+        """After sandboxes closed: no process of theirs right away (aclose
+        returns once every process is dead), then nothing else either once
+        what their teardown does in the background is done."""
+        assert child_pids() <= self.kids, f"processes left: {child_pids() - self.kids}"
+        from zviz import _lifecycle
+
+        await _lifecycle.released()
+        self.assert_clean()
+
     def assert_clean(self) -> None:
         now = fd_targets()
         leaked = {fd: t for fd, t in now.items() if fd not in self.fds}

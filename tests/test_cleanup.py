@@ -31,7 +31,7 @@ async def test_success(snapshot):
     async with zviz.open_sandbox(PYP) as sb:
         await sb.run(["python3", "-c", "print(1)"])
         await _busy(sb)
-    snap.assert_clean()
+    await snap.assert_released()
 
 
 @pytest.mark.trio
@@ -41,7 +41,7 @@ async def test_error(snapshot):
         async with zviz.open_sandbox(PYP) as sb:
             await _busy(sb)
             raise RuntimeError("boom")
-    snap.assert_clean()
+    await snap.assert_released()
 
 
 @pytest.mark.trio
@@ -50,7 +50,7 @@ async def test_timeout(snapshot):
     async with zviz.open_sandbox(PYP) as sb:
         r = await sb.run(["sh", "-c", "sleep 1000 & sleep 1000"], timeout=0.3)
         assert r.timed_out
-    snap.assert_clean()
+    await snap.assert_released()
 
 
 @pytest.mark.trio
@@ -60,7 +60,7 @@ async def test_cancellation(snapshot):
         async with zviz.open_sandbox(PYP) as sb:
             await _busy(sb)
             await sb.run(["sleep", "1000"], timeout=100)
-    snap.assert_clean()
+    await snap.assert_released()
 
 
 @pytest.mark.trio
@@ -74,7 +74,7 @@ async def test_cancelled_while_many_run(snapshot):
             n.start_soon(one)
         await trio.sleep(0.5)
         n.cancel_scope.cancel()
-    snap.assert_clean()
+    await snap.assert_released()
 
 
 @pytest.mark.trio
@@ -84,7 +84,7 @@ async def test_child_closes_stdio_and_blocks(snapshot):
         r = await sb.run(["python3", "-c", "import os, time; os.close(0); os.close(1); os.close(2); time.sleep(1000)"],
                          timeout=0.5)
         assert r.timed_out
-    snap.assert_clean()
+    await snap.assert_released()
 
 
 def test_host_killed_takes_the_sandbox_down(tmp_path):
@@ -160,4 +160,4 @@ async def test_supervisor_failure_tears_down_and_surfaces(snapshot, monkeypatch)
             await sb.run(["python3", "-c", "import ctypes; ctypes.CDLL(None).ptrace(0, 0, 0, 0)"], timeout=30)
     assert "supervisor bug" in repr(ei.value) or any("supervisor bug" in repr(e)
                                                       for e in getattr(ei.value, "exceptions", []))
-    snap.assert_clean()
+    await snap.assert_released()

@@ -254,7 +254,7 @@ async def test_contexts_leave_nothing_behind(snapshot):
         await c.aclose()
         with pytest.raises(CodeContextError, match="closed"):
             await c.run("1")
-    snap.assert_clean()
+    await snap.assert_released()
     with pytest.raises(zviz.SandboxClosedError):
         await sb.create_code_context()
 
@@ -292,7 +292,7 @@ async def test_contexts_of_a_created_sandbox_closed_from_another_task(snapshot):
         with pytest.raises(CodeContextError, match="closed"):
             await c.run("x")
     await ctx.aclose()  # idempotent after the sandbox's teardown
-    snap.assert_clean()
+    await snap.assert_released()
 
 
 async def test_a_collected_sandbox_closes_its_contexts(snapshot):
@@ -309,7 +309,7 @@ async def test_a_collected_sandbox_closes_its_contexts(snapshot):
             break
         await anyio.sleep(0.02)
     assert ctx.closed and not alive(pid) and not os.path.exists(workdir)
-    snap.assert_clean()
+    await snap.assert_released()
 
 
 LOOP_END = """

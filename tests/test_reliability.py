@@ -57,7 +57,7 @@ async def test_soak_1000_sandboxes_leave_nothing(snapshot):
                 n.start_soon(one, i)
     assert counts["done"] + counts["cancelled"] == 1000
     assert counts["cancelled"] == expected_cancels > 100 and counts["timed_out"] > 20
-    snap.assert_clean()
+    await snap.assert_released()
 
 
 @pytest.mark.trio
@@ -76,4 +76,4 @@ async def test_load_100_concurrent_sandboxes_all_correct(snapshot):
             for i in range(100):
                 n.start_soon(one, i)
     assert results == {i: (0, f"{i * i}\n".encode()) for i in range(100)}
-    snap.assert_clean()
+    await snap.assert_released()

@@ -23,7 +23,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 from anyio.streams.text import TextReceiveStream
 
 import zviz
-from zviz import Policy
+from zviz import Policy, _lifecycle
 
 from .conftest import Snapshot, child_pids, zviz_tempdirs
 
@@ -82,13 +82,15 @@ async def test_create_in_one_task_use_and_close_in_others(snapshot):
         tg.start_soon(close, "s")
     assert out == [b"42\n", b"42\n"]
     assert sb.closed and "closed" in repr(sb)
-    assert not os.path.exists(workdir) and not _alive(zpid)
+    assert not _alive(zpid)  # aclose returns once every process is dead
+    await _lifecycle.released()  # ... and the workdir goes right after, in the background
+    assert not os.path.exists(workdir)
     await sb.aclose()  # idempotent
     with pytest.raises(zviz.SandboxClosedError):
         await sb.run(["true"])
     with pytest.raises(zviz.SandboxClosedError):
         await sb.files.read("x")
-    snap.assert_clean()
+    await snap.assert_released()
 
 
 async def test_a_cancelled_creator_does_not_take_the_sandbox_with_it():
@@ -108,7 +110,9 @@ async def test_cancelled_aclose_still_closes():
     with anyio.CancelScope() as scope:
         scope.cancel()
         await sb.aclose()
-    assert p.returncode == -signal.SIGKILL and not os.path.exists(sb.workdir)
+    assert p.returncode == -signal.SIGKILL
+    await _lifecycle.released()
+    assert not os.path.exists(sb.workdir)
 
 
 async def test_collected_unclosed_sandbox_is_torn_down_with_a_warning():

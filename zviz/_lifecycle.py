@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
+import types
 import warnings
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
@@ -22,6 +24,7 @@ import anyio.abc
 import sniffio
 
 from . import _hostside, _process
+from ._errors import ZvizWarning
 from ._events import EventLog
 from ._hostside import HostSide
 from ._process import Process
@@ -33,6 +36,11 @@ from ._supervisor import RunAccount, Supervisor
 if TYPE_CHECKING:
     from ._context import CodeContexts
     from ._egress import EgressProxy
+
+AFTER_CALLER_MAX_S = 0.05
+
+# Sandboxes whose aclose() has returned while their service still gives things back.
+_detached: set[Life] = set()
 
 # asyncio keeps only weak references to tasks: a running service must not vanish.
 _asyncio_tasks: set[asyncio.Task[None]] = set()
@@ -53,6 +61,15 @@ def spawn_service(fn: Callable[[], Coroutine[Any, Any, None]], name: str) -> Non
     task = asyncio.get_running_loop().create_task(fn(), name=name)
     _asyncio_tasks.add(task)
     task.add_done_callback(_asyncio_tasks.discard)
+
+
+def _loop_key() -> object:
+    """The current event loop (its trio token, or the asyncio loop)."""
+    if sniffio.current_async_library() == "trio":
+        import trio
+
+        return trio.lowlevel.current_trio_token()
+    return asyncio.get_running_loop()
 
 
 def threadsafe_caller() -> Callable[[Callable[[], None]], None]:
@@ -96,14 +113,31 @@ class Life:
         self.supervisor: Supervisor | None = None
         self.ready = anyio.Event()
         self.close_requested = anyio.Event()
+        # Set once no process of the sandbox exists any more (its zygote, pid 1
+        # of its pid namespace, is reaped), then `done` once everything else
+        # is given back too (fds, cgroup, workdir, uid, slot).
+        self.dead = anyio.Event()
         self.done = anyio.Event()
+        # aclose() may return at `dead` (the rest then finishes in the service
+        # task, in the background): only when nothing the caller can see is
+        # left to do, i.e. a workdir of our own that goes, no monitor or trace
+        # whose figures come at the end, and a pid namespace (without one,
+        # what a command left is killed by uid at the very end). See teardown.
+        self.deferrable = False
+        self.detached = False  # aclose() returned before `done`: the service reports its own failure
         self.call_soon = threadsafe_caller()
+        self.loop = _loop_key()
         self.closing = False  # aclose() called, or the finalizer ran: no more use
         self.error: BaseException | None = None  # what the service failed with
         self.description = ""
         self.contexts: CodeContexts | None = None  # the sandbox's code contexts (closed at teardown)
         self.egress: EgressProxy | None = None  # net.mode = "domains": its proxy (every connection closed at teardown)
         self.pooled = False  # pre-started, waiting in the pool (_pool.py): nobody's to close yet
+
+    def detach(self) -> None:
+        """Its aclose() returns now, before `done`: the rest is the service's alone."""
+        self.detached = True
+        _detached.add(self)
 
     def process_ended(self, proc: Process, *, account: RunAccount, zrun: bool) -> None:
         self.procs.discard(proc)
@@ -117,11 +151,19 @@ class Life:
         self.closing = True
         self.runner.kill()  # the zygote is pid 1: every run dies with it
         await _process.reap_all(self.procs)
+        await self.runner.reap()
         if self.contexts is not None:
             self.contexts.close()  # their processes died with the zygote: close our ends
-        await self.runner.aclose()
         if self.egress is not None:
-            await self.egress.aclose()
+            await self.egress.aclose()  # its connections, before the caller goes on
+        # Nothing of the sandbox runs or can run any more: a deferrable aclose()
+        # returns here, and what follows is bookkeeping the caller never waits
+        # for (done by this task when the loop lets it, at the latest when the
+        # loop ends: the service is cancelled then and this part is shielded).
+        self.dead.set()
+        if self.deferrable:
+            await after_caller()
+        await self.runner.aclose()
         self.events.close()
         await self.resources.release()  # the memory cgroup and the size-capped workdir, now empty
 
@@ -192,9 +234,11 @@ async def serve(life: Life, monitor_cm: contextlib.AbstractAsyncContextManager[A
                                           "with `await sb.aclose()`", ResourceWarning, stacklevel=1)
                     raise
                 finally:
-                    with anyio.CancelScope(shield=True):
-                        await life.teardown()
-                    sup.stop()
+                    try:
+                        with anyio.CancelScope(shield=True):
+                            await life.teardown()
+                    finally:
+                        sup.stop()  # (even when teardown failed: else its task group would wait for it forever)
     except BaseException as e:  # noqa: BLE001 - a service task must not raise; aclose() reports it
         while isinstance(e, BaseExceptionGroup) and len(e.exceptions) == 1:  # one error: itself, not a group
             e = e.exceptions[0]
@@ -206,5 +250,51 @@ async def serve(life: Life, monitor_cm: contextlib.AbstractAsyncContextManager[A
         with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
             await _hostside.release(life.host)
         life.final_cleanup()
+        life.dead.set()
         life.done.set()
         life.ready.set()
+        _detached.discard(life)
+        if life.detached and life.error is not None:  # its aclose() has returned: nobody else will see it
+            err, life.error = life.error, None
+            report_late_failure(life.description, err)
+
+
+async def after_caller() -> None:
+    """Let the task that waits for a sandbox's death (its aclose()) go first:
+    on trio, until every other task is blocked (the loop is idle) or
+    AFTER_CALLER_MAX_S has passed (a loop that is never idle does not hold
+    the rest of the teardown back for long); on asyncio, whose ready queue is
+    first-in first-out, one turn of the loop."""
+    if sniffio.current_async_library() == "trio":
+        import trio.testing
+
+        with anyio.move_on_after(AFTER_CALLER_MAX_S):
+            await trio.testing.wait_all_tasks_blocked()
+        return
+    await anyio.lowlevel.checkpoint()
+
+
+async def released() -> None:
+    """Wait until every sandbox of this loop whose aclose() returned early
+    (at its processes' death) has given everything back: its fds, cgroup,
+    workdir, uid and slot (tests, and whoever must see the disk settled)."""
+    while True:
+        loop = _loop_key()
+        pending = [life for life in _detached if life.loop is loop and not life.done.is_set()]
+        if not pending:
+            return
+        await pending[0].done.wait()
+
+
+def report_late_failure(description: str, err: BaseException) -> None:
+    """A failure of a sandbox's teardown after its aclose() returned (every
+    process was dead by then; this is what came after: a cgroup, a mount):
+    a ZvizWarning, or, where warnings are errors (which cannot be raised from
+    here), the interpreter's unraisable-exception hook, which prints it."""
+    msg = f"closing {description} failed after its processes were gone: {err!r}"
+    try:
+        warnings.warn(msg, ZvizWarning, stacklevel=1)
+    except Exception as w:  # noqa: BLE001 - a filter made the warning an error: it must not be lost either
+        sys.unraisablehook(types.SimpleNamespace(exc_type=type(w), exc_value=w, exc_traceback=w.__traceback__,
+                                                 err_msg="Exception ignored in zviz sandbox teardown",
+                                                 object=None))

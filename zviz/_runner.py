@@ -19,6 +19,7 @@ import anyio
 import attrs
 
 from . import _kernel, _plan, _zygote
+from ._kernel import OwnedFd
 from ._errors import SandboxSetupError
 from ._records import Tally
 from ._spec import StageSpec
@@ -72,6 +73,12 @@ class Runner:
         # listener in its network namespace, _egress.EgressProxy.listen_inside)
         self.on_zygote: Callable[[_kernel.OwnedFd], None] | None = None
         self.egress_inside = False  # its filter lets connects through in-kernel, to the proxy in its netns
+        # The zygote's mount namespace, held from here so that its end (the
+        # unmount of the sandbox's whole mount table, and the RCU grace period
+        # that waits for) is not part of the zygote's exit, which close waits
+        # for, but of aclose(), after. Nothing can enter it: no process is
+        # left in it by then, and only this fd (ours, close-on-exec) names it.
+        self._mnt_ns: OwnedFd | None = None
         self._zygote_done: anyio.Event | None = None
         self._stray: RunAccount | None = None  # the zygote's calls, and a run's that could not be told
         self._runs_by_pid: dict[int, RunAccount] = {}  # live runs of the zygote, by their run-init's host pid
@@ -208,6 +215,10 @@ class Runner:
                 if spawned.listener is not None:
                     spawned.listener.close()
                 raise
+        self._drop_mnt_ns()  # (a zygote that died and is replaced: its namespace goes now)
+        with contextlib.suppress(OSError):  # (without it the zygote's exit unmounts: slower, as correct)
+            self._mnt_ns = OwnedFd(os.open(f"/proc/{spawned.pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC),
+                                   "zygote-mnt-ns")
         if spawned.listener is not None:
             self._stray = RunAccount(command="(sandbox)")
             self._tally.add_account(self._stray)
@@ -245,6 +256,7 @@ class Runner:
         with contextlib.suppress(ChildProcessError):
             os.waitpid(z.pid, 0)  # noqa: ASYNC222 - its pidfd said it is dead: no wait
         z.close()
+        self._drop_mnt_ns()
 
     def account_for(self, pid: int) -> RunAccount:
         """The run a notifying task belongs to, in O(1): each run-init leads a
@@ -287,9 +299,11 @@ class Runner:
         if self.zygote is not None:
             self.zygote.kill()
 
-    async def aclose(self) -> None:
-        """After kill() and every run reaped: reap the zygote, let its
-        listener drain, close /dev/null."""
+    async def reap(self) -> None:
+        """After kill(): wait until the zygote is dead and reap it. The kernel
+        reports the death of a pid namespace's init only once it has killed
+        and reaped every other task of the namespace (zap_pid_ns_processes):
+        when this returns, no process of the sandbox exists any more."""
         self._closing = True
         if self.zygote is not None:
             z, self.zygote = self.zygote, None
@@ -298,6 +312,12 @@ class Runner:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(z.pid, 0)  # noqa: ASYNC222 - its pidfd said it is dead: no wait
             z.close()
+
+    async def aclose(self) -> None:
+        """After kill() and every run reaped: reap the zygote, let its
+        listener drain, close /dev/null."""
+        await self.reap()
+        self._drop_mnt_ns()
         if self._zygote_done is not None:
             # its listener hangs up now that no task of its filter is left
             with anyio.move_on_after(1.0):
@@ -305,6 +325,13 @@ class Runner:
         self._settle_provisional()
         self._devnull.close()
 
+    def _drop_mnt_ns(self) -> None:
+        if self._mnt_ns is not None:
+            ns, self._mnt_ns = self._mnt_ns, None
+            ns.close()  # the last reference: the kernel unmounts the sandbox's mount table now
+
     def close(self) -> None:
-        """The sandbox failed before it ran anything."""
+        """The sandbox failed before it ran anything (or, idempotent, the
+        last step of any teardown)."""
+        self._drop_mnt_ns()
         self._devnull.close()

@@ -125,12 +125,21 @@ class Sandbox:
     async def aclose(self) -> None:
         """Kill every process, reap it, close every fd and remove the workdir
         (unless kept). Idempotent; callable from any task of the sandbox's event
-        loop; when it returns (even cancelled) nothing of the sandbox is left."""
+        loop; when it returns (even cancelled) no process of the sandbox is
+        left. What is left to give back once they are dead (a fresh workdir of
+        its own, its memory cgroup, its host uid) goes in the background on
+        this loop, at the latest when the loop ends; a failure there is a
+        ZvizWarning (docs/architecture.md, "teardown")."""
         life = self._life
-        life.closing = True
+        if not life.closing:
+            life.closing = True
+            life.runner.kill()  # now: the kernel kills the sandbox while its service task wakes up
         life.close_requested.set()
         with anyio.CancelScope(shield=True):
-            await life.done.wait()
+            await (life.dead if life.deferrable else life.done).wait()
+        if not life.done.is_set():
+            life.detach()  # the service reports what fails from now on
+            return
         err, life.error = life.error, None
         if err is not None:
             raise err
@@ -716,6 +725,11 @@ async def _create(policy: Policy | None = None, *, workdir: str | os.PathLike[st
         life.final_cleanup()
         raise
 
+    # aclose() returns once every process is dead when nothing the caller can see is left after that: a fresh
+    # workdir of its own that goes with it, no mount on it (a size cap or a template: unmounted before return),
+    # no monitor or trace whose figures come at the end, a pid namespace (else the kill by uid comes last)
+    life.deferrable = (owns and not keep_workdir and monitor_cm is None and trace is None and side.pid_namespace
+                       and not resources.disk_mounted and not resources.template_mounted)
     _lifecycle.spawn_service(functools.partial(_lifecycle.serve, life, monitor_cm, life.supervisor),
                              name=f"zviz sandbox {path}")
     del monitor_cm
