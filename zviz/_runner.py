@@ -19,8 +19,8 @@ import anyio
 import attrs
 
 from . import _kernel, _plan, _zygote
-from ._kernel import OwnedFd
 from ._errors import SandboxSetupError
+from ._kernel import OwnedFd
 from ._records import Tally
 from ._spec import StageSpec
 from ._supervisor import RunAccount, Supervisor
