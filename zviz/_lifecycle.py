@@ -227,6 +227,9 @@ async def serve(life: Life, monitor_cm: contextlib.AbstractAsyncContextManager[A
                 try:
                     await life.close_requested.wait()
                 except BaseException:
+                    # Not a close request: the service failed (a supervisor error), or the loop
+                    # is ending. aclose() then waits for the whole teardown and raises the error.
+                    life.deferrable = False
                     if not life.closing and not life.pooled:  # the loop is ending with the sandbox open
                         life.closing = True
                         with contextlib.suppress(Exception):
