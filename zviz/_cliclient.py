@@ -23,6 +23,10 @@ The server is used only when it would behave exactly as this process:
   in a sandbox (other namespaces), or one more confined than the server
   (seccomp, no_new_privs, fewer capabilities) never gets a sandbox made by
   a less confined process (docs/security-model.md, "The CLI server");
+- this process checks the listening one the same way before it sends
+  anything (`peer_refusal`): whoever may write in the cache directory (a
+  sandbox given it read-write) may bind a socket at a server's name, and
+  must get neither this process's stdio fds nor a say in its exit status;
 - anything unexpected (no server yet, a refused or dropped connection before
   the server accepted the request, arguments too large for one message)
   makes this process run the command itself, as before; a missing server is
@@ -50,6 +54,7 @@ _NAMESPACES = ("user", "pid", "mnt", "net", "ipc", "uts", "cgroup", "time")
 _ENV_PREFIXES = ("ZVIZ_",)
 _ENV_NAMES = ("TMPDIR", "TEMP", "TMP", "HOME", "XDG_CACHE_HOME", "PYTHONHASHSEED")
 _NOT_KEYED = ("ZVIZ_SERVER", "ZVIZ_SERVER_IDLE")
+SO_PEERPIDFD = 77  # (Linux >= 6.5; the socket module names it from Python 3.12 on)
 ACCEPTED = b"A"
 EXITED = b"X"
 KILL = b"K"
@@ -96,6 +101,43 @@ def context(proc: str) -> bytes:
     return b"\0".join(parts)
 
 
+def peer_refusal(s: object, own: bytes) -> str:
+    """Why the process at the other end of the connected unix socket `s` is not
+    in the context `own` (this process's), or "". Both ends ask: the server,
+    before it runs anything for a client; the client, before it sends its stdio
+    fds and arguments to whatever listens at a server's name (anyone who can
+    write in the cache directory, e.g. a sandbox given it read-write, can bind
+    a socket there). The peer's /proc is read, then its pidfd (SO_PEERPIDFD,
+    taken at connect time) shows it is still that process: a reused pid cannot
+    lend its context."""
+    import _socket
+    import signal
+
+    assert isinstance(s, _socket.socket)
+    try:
+        pidfd = s.getsockopt(_socket.SOL_SOCKET, SO_PEERPIDFD)
+    except OSError as e:
+        return f"no pidfd of the peer ({e.strerror})"
+    try:
+        cred = s.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12)
+        pid = int.from_bytes(cred[0:4], sys.byteorder, signed=True)
+        uid = int.from_bytes(cred[4:8], sys.byteorder)
+        if pid <= 0:
+            return "the peer is in a pid namespace this process cannot see"
+        if uid != os.geteuid():
+            return f"the peer runs as uid {uid}"
+        try:
+            theirs = context(f"/proc/{pid}")
+            signal.pidfd_send_signal(pidfd, 0)  # still that process: what /proc showed was its
+        except OSError as e:
+            return f"the peer's context cannot be read ({e.strerror})"
+        if theirs != own:
+            return f"pid {pid} runs in another context (namespaces, credentials, confinement or limits)"
+        return ""
+    finally:
+        os.close(pidfd)
+
+
 def _package_stamp() -> bytes:
     here = os.path.dirname(os.path.abspath(__file__))
     parts = [here.encode(), sys.executable.encode(), sys.version.encode()]
@@ -108,11 +150,12 @@ def _package_stamp() -> bytes:
     return b"\0".join(parts)
 
 
-def key() -> bytes:
-    """Everything a server must share with its clients (see the module's text)."""
+def key(own: bytes | None = None) -> bytes:
+    """Everything a server must share with its clients (see the module's text;
+    `own`: this process's context(), when already read)."""
     env = sorted((k, v) for k, v in os.environ.items()
                  if (k.startswith(_ENV_PREFIXES) and k not in _NOT_KEYED) or k in _ENV_NAMES)
-    parts = [PROTOCOL, _package_stamp(), repr(env).encode(), context("/proc/self")]
+    parts = [PROTOCOL, _package_stamp(), repr(env).encode(), context("/proc/self") if own is None else own]
     return b"\n".join(parts).replace(b"\0", b"\x1f")  # (a field of the NUL-separated request)
 
 
@@ -165,7 +208,8 @@ def _through_server(args: list[str]) -> int | None:
     if not wants_server(args):
         return None
     try:
-        k = key()
+        own = context("/proc/self")
+        k = key(own)
         name = name_of(k)
         dfd = open_server_dir()
     except (OSError, ValueError):
@@ -180,6 +224,11 @@ def _through_server(args: list[str]) -> int | None:
             try:
                 s.connect(f"/proc/self/fd/{dfd}/{name}.sock")
             except OSError:
+                _start_server(dfd, name)
+                return None
+            if peer_refusal(s, own):
+                # (not this context's server: never send it anything; one that
+                # starts now takes the name back if no server of ours holds it)
                 _start_server(dfd, name)
                 return None
             return _request(s, k, args)

@@ -57,7 +57,7 @@ from ._cliclient import ACCEPTED, EXITED, KILL, MAX_REQUEST, PROTOCOL
 if TYPE_CHECKING:
     from ._policy import Policy
 
-SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)
+SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", _cliclient.SO_PEERPIDFD)
 IDLE_ENV = "ZVIZ_SERVER_IDLE"
 IDLE_S = 300.0
 REQUEST_TIMEOUT_S = 5.0  # from the connection to the whole request
@@ -331,26 +331,7 @@ async def _serve(listener: socket.socket, key: bytes, idle: float) -> None:
 
 def _refusal(conn: socket.socket, own: bytes) -> str:
     """Why the process at the other end may not use this server, or ""."""
-    try:
-        pidfd = conn.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
-    except OSError as e:
-        return f"no pidfd of the peer ({e.strerror})"
-    try:
-        pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
-        if pid <= 0:
-            return "the peer is in a pid namespace this server cannot see"
-        if uid != os.geteuid():
-            return f"the peer runs as uid {uid}"
-        try:
-            theirs = _cliclient.context(f"/proc/{pid}")
-            signal.pidfd_send_signal(pidfd, 0)  # still that process: what /proc showed was its
-        except OSError as e:
-            return f"the peer's context cannot be read ({e.strerror})"
-        if theirs != own:
-            return f"pid {pid} runs in another context (namespaces, credentials, confinement or limits)"
-        return ""
-    finally:
-        os.close(pidfd)
+    return _cliclient.peer_refusal(conn, own)
 
 
 async def _handle(conn: socket.socket, key: bytes) -> None:

@@ -1,0 +1,70 @@
+"""Attacks on the CLI server and its clients (zviz/_cliclient.py, zviz/_cliserver.py),
+each with what the host observed: a file the attacker's code wrote, the fds it got,
+another client's latency, the server's pid still alive.
+"""
+
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.test_cliserver import ZVIZ, Server, alive  # noqa: F401
+
+PR_SET_NO_NEW_PRIVS = 38
+
+
+@pytest.fixture
+def server(tmp_path):
+    s = Server(tmp_path)
+    yield s
+    s.stop()
+
+
+FAKE_SERVER = r"""
+import ctypes, os, socket, sys
+ctypes.CDLL(None).prctl(38, 1, 0, 0, 0)  # no_new_privs: a more confined process than its victims
+srv, name, evidence = sys.argv[1:4]
+os.chdir(srv)
+s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+s.bind(name + ".sock")
+s.listen(8)
+print("listening", flush=True)
+while True:
+    c, _ = s.accept()
+    data, anc, _, _ = c.recvmsg(1 << 17, socket.CMSG_SPACE(64))
+    fds = [int.from_bytes(p[i:i + 4], "little") for lvl, kind, p in anc if kind == socket.SCM_RIGHTS
+           for i in range(0, len(p) - 3, 4)]
+    got = len(fds)
+    for fd in fds:  # (the victim's stdio: a terminal, a harness's pipes)
+        os.close(fd)
+    if data or got:  # (a client that looked and left sends nothing)
+        with open(evidence, "a") as f:
+            f.write(f"a request with {got} fds: {data[-40:]!r}\n")
+    c.send(b"A")
+    c.send(b"X0")
+    c.close()
+"""
+
+
+def test_a_client_never_talks_to_a_server_of_another_context(server, tmp_path):
+    """Whoever can write in the cache directory (a sandbox given `--rw ~/.cache`, for a
+    non-root caller the same uid) can bind its own socket at a server's name. The
+    client must check who listens before it sends its stdio fds (its terminal, its
+    pipes) and arguments, and must not take a forged exit status."""
+    server.srv.mkdir(mode=0o700)
+    from zviz import _cliclient
+
+    name = _cliclient.name_of(server.key())
+    evidence = tmp_path / "fake-got"
+    with subprocess.Popen([sys.executable, "-c", FAKE_SERVER, str(server.srv), name, str(evidence)],
+                          stdout=subprocess.PIPE, text=True) as fake:
+        try:
+            assert fake.stdout.readline() == "listening\n"
+            r = server.run("run", "--", "sh", "-c", "echo real", timeout=30)
+            assert not evidence.exists(), evidence.read_text()
+            assert (r.returncode, r.stdout) == (0, b"real\n"), r
+        finally:
+            fake.kill()
