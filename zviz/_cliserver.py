@@ -85,7 +85,9 @@ class _FdText(io.TextIOBase):
 
     def write(self, s: str) -> int:
         """Never blocks the server for long: a client that does not read its
-        stderr loses what does not fit within WRITE_TIMEOUT_S."""
+        stderr loses what does not fit within WRITE_TIMEOUT_S, and everything
+        written to it after (one wait per stream and request, not one per
+        write: a traceback is dozens of writes)."""
         data = s.encode("utf-8", "replace")
         if not data or self._fd is None:
             return len(s)
@@ -107,6 +109,7 @@ class _FdText(io.TextIOBase):
 
                     left = deadline - time.monotonic()
                     if left <= 0:
+                        self._fd = None  # (stuck: the rest of this request's messages are dropped)
                         break
                     select.select([], [fd], [], min(left, 0.1))
                 except OSError:

@@ -68,3 +68,39 @@ def test_a_client_never_talks_to_a_server_of_another_context(server, tmp_path):
             assert (r.returncode, r.stdout) == (0, b"real\n"), r
         finally:
             fake.kill()
+
+
+def _full_pipe() -> tuple[int, int]:
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    try:
+        while True:
+            os.write(w, b"x" * 65536)
+    except BlockingIOError:
+        pass
+    os.set_blocking(w, True)
+    return r, w
+
+
+def test_a_client_that_never_reads_its_stderr_does_not_stall_the_others(server):
+    """The server writes its own messages (errors, a --debug traceback, the
+    sandbox's events) to the client's stderr on the loop every client shares:
+    a full pipe nobody reads may cost other clients one bounded wait, not one per write."""
+    server.start()
+    r, w = _full_pipe()
+    try:
+        with subprocess.Popen([*ZVIZ, "--debug", "run", "--", "no-such-command"], env=server.env,
+                              stdout=subprocess.DEVNULL, stderr=w) as stuck:
+            try:
+                time.sleep(0.5)  # (its request is in)
+                t = time.monotonic()
+                other = server.run("run", "--", "true", timeout=60)
+                took = time.monotonic() - t
+                assert other.returncode == 0
+                assert took < 4.0, f"another client waited {took:.1f} s"
+                assert stuck.wait(30) == 127
+            finally:
+                stuck.kill()
+    finally:
+        os.close(r)
+        os.close(w)
