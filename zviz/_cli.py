@@ -456,18 +456,27 @@ def _write(path: str, text: str) -> None:
 
 
 async def _read_stdin(fd: int | None) -> bytes:
-    """All of stdin for --json (nothing from a terminal), off the event loop's thread."""
+    """All of stdin for --json (nothing from a terminal), read on the event
+    loop from a dup (non-blocking, the flag put back after): cancelled, it
+    leaves nothing behind. (Not a thread blocked in read(): in the CLI server
+    one would outlive the request and its client, and read on from whatever
+    file gets the closed fd's number next.)"""
     if fd is None or not _usable(fd) or os.isatty(fd):
         return b""
-    import anyio
+    from ._kernel import OwnedFd
+    from ._proxy import FdReceiveStream
 
-    def read_all(fd: int) -> bytes:
+    was_blocking = os.get_blocking(fd)
+    stream = FdReceiveStream(OwnedFd(os.dup(fd), "cli-stdin"))
+    try:
         chunks = []
-        while chunk := os.read(fd, 1 << 16):
+        while chunk := await stream.receive_some():
             chunks.append(chunk)
         return b"".join(chunks)
-
-    return await anyio.to_thread.run_sync(read_all, fd, abandon_on_cancel=True)
+    finally:
+        stream.close()
+        if _usable(fd):
+            os.set_blocking(fd, was_blocking)
 
 
 def _dup_or_null(fd: int | None) -> int:

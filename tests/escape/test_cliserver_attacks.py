@@ -104,3 +104,31 @@ def test_a_client_that_never_reads_its_stderr_does_not_stall_the_others(server):
     finally:
         os.close(r)
         os.close(w)
+
+
+def test_a_gone_json_client_leaves_nothing_reading_its_stdin(server):
+    """`zviz run --json` reads all of stdin before the command starts. A client
+    that dies meanwhile must leave nothing in the server blocked on its stdin: a
+    thread stuck in read() outlives the fd (closed, its number given to the next
+    client's fds) and reads on whatever gets that number after."""
+    server.start()
+    r, w = os.pipe()
+    try:
+        served = server.served()
+        with subprocess.Popen([*ZVIZ, "run", "--json", "--", "true"], env=server.env, stdin=r,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as p:
+            os.close(r)
+            r = -1
+            time.sleep(1.0)  # (its request is in: the sandbox is open, its stdin being read)
+            p.kill()
+        deadline = time.monotonic() + 20
+        while server.served() == served:
+            assert time.monotonic() < deadline, server.log()
+            time.sleep(0.05)
+        # nothing in the server may still read the pipe: with no reader left, a write fails
+        with pytest.raises(BrokenPipeError):
+            os.write(w, b"stolen")
+    finally:
+        for fd in (r, w):
+            if fd >= 0:
+                os.close(fd)
