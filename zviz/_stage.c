@@ -203,11 +203,16 @@ reset_signals(void)
             R4(SYS_rt_sigaction, s, &dfl, NULL, 8);
 }
 
-/* 1. Wait until the parent has written our uid/gid maps. EOF: it died. */
+/* 1. Wait until the parent has written our uid/gid maps. EOF: it died. Our
+ * copy of the pipe's write end (the fd table was copied at clone) is closed
+ * first: kept, no EOF would ever come, and a parent killed before "go" would
+ * leave this child waiting forever, holding a copy of every fd the parent had
+ * (its caller's stdio, a server's socket and lock). */
 static void
 step_sync(struct child *c)
 {
     char go;
+    R1(SYS_close, c->p.go_w);
     long r = R3(SYS_read, c->p.go_r, &go, 1);
     if (r != 1)
         child_fail(c, STEP_SYNC, r < 0 ? r : -EPIPE, -1);
@@ -710,6 +715,7 @@ stage_spawn(struct plan *p, const struct parent_plan *pp, struct spawn_result *o
         socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) < 0)
         goto oserror;
     p->go_r = go[0];
+    p->go_w = go[1];
     p->err_w = errp[1];
     p->listener_sock = sv[1];
 

@@ -22,7 +22,7 @@ struct plan {
     int fd_in, fd_out, fd_err;
     int init_fd;   /* O_PATH fd of zviz-init, exec'd by fd (-1: exec exe directly) */
     int status_fd; /* placed on STATUS_FD */
-    int go_r, err_w, listener_sock; /* filled in by stage_spawn */
+    int go_r, go_w, err_w, listener_sock; /* filled in by stage_spawn */
     int mount_ns, mount_proc, loopback_up, setsid, creds_late, new_root;
     const char *staging;
     int n_src;
