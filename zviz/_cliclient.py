@@ -239,19 +239,15 @@ def _through_server(args: list[str]) -> int | None:
 
 
 def _request(s: object, k: bytes, args: list[str]) -> int | None:
-    import _socket
-    import array
-    import signal
-
-    assert isinstance(s, _socket.socket)
     try:
         cwd = os.getcwd()
     except OSError:
         return None
     fds, mask = [], 0
+    blocking = {}
     for i in (0, 1, 2):
         try:
-            os.fstat(i)
+            blocking[i] = os.get_blocking(i)
         except OSError:
             continue
         fds.append(i)
@@ -260,6 +256,33 @@ def _request(s: object, k: bytes, args: list[str]) -> int | None:
                        *(a.encode("utf-8", "surrogateescape") for a in args)])
     if len(body) > MAX_REQUEST:
         return None
+    try:
+        status = _exchange(s, body, fds)
+    finally:
+        # the server makes these descriptions non-blocking while it pumps them
+        # (shared with this process's caller: its terminal, its pipes) and puts
+        # the flag back when done, which it never is if it was killed
+        for i, was in blocking.items():
+            try:
+                if os.get_blocking(i) != was:
+                    os.set_blocking(i, was)
+            except OSError:
+                pass
+    if status == -1:
+        print("zviz: error: the zviz server ended before the command did (its log: "
+              f"{server_dir()}/*.log); ZVIZ_SERVER=0 runs commands without it", file=sys.stderr)
+        return 126
+    return status
+
+
+def _exchange(s: object, body: bytes, fds: list[int]) -> int | None:
+    """The command's exit status; None: not run (run it here); -1: the server
+    ended while it ran."""
+    import _socket
+    import array
+    import signal
+
+    assert isinstance(s, _socket.socket)
     # a signal from here on is the command's: it is forwarded, and the server
     # (which reads it after the request) kills the sandbox; if the server never
     # takes the request, nothing runs and the status says which signal
@@ -291,9 +314,7 @@ def _request(s: object, k: bytes, args: list[str]) -> int | None:
         reply = b""
     if reply[:1] == EXITED and reply[1:].isdigit():
         return int(reply[1:])
-    print("zviz: error: the zviz server ended before the command did (its log: "
-          f"{server_dir()}/*.log); ZVIZ_SERVER=0 runs commands without it", file=sys.stderr)
-    return 126
+    return -1  # (the server ended before the command did)
 
 
 def _start_server(dfd: int, name: str) -> None:

@@ -132,3 +132,96 @@ def test_a_gone_json_client_leaves_nothing_reading_its_stdin(server):
         for fd in (r, w):
             if fd >= 0:
                 os.close(fd)
+
+
+def test_a_server_killed_mid_request_leaves_the_callers_stdio_blocking_and_no_sandbox(server):
+    """The server makes the client's stdio descriptions non-blocking while it pumps
+    them (a dup shares the flag with the caller's shell or harness) and puts the
+    flag back at the end, which a killed server never reaches: the client does it."""
+    from tests.test_cliserver import _sleeper
+
+    server.start()
+    pid = server.pid()
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+    try:
+        with subprocess.Popen([*ZVIZ, "run", "--", "sh", "-c", "echo up; exec sleep 300"], env=server.env,
+                              stdin=in_r, stdout=out_w, stderr=subprocess.PIPE) as p:
+            try:
+                assert os.read(out_r, 16) == b"up\n"
+                sleeper = _sleeper()
+                assert sleeper is not None
+                assert not os.get_blocking(in_r)  # (the server's pumps run)
+                os.kill(pid, 9)
+                assert p.wait(20) == 126
+                assert b"the zviz server ended" in p.stderr.read()
+            finally:
+                p.kill()
+        assert os.get_blocking(in_r) and os.get_blocking(out_w), "the caller's stdio was left non-blocking"
+        deadline = time.monotonic() + 10
+        while alive(sleeper):
+            assert time.monotonic() < deadline, "the sandbox outlived its server"
+            time.sleep(0.02)
+    finally:
+        for fd in (in_r, in_w, out_r, out_w):
+            os.close(fd)
+
+
+SPAWNER = r"""
+import os, sys, anyio, zviz
+async def main():
+    first = True
+    while True:
+        async with await zviz.Sandbox.create(zviz.Policy.shell()) as sb:
+            await sb.run(["true"])  # (its zygote: the stage's spawn)
+            if first:
+                os.write(1, b"up\n")
+                first = False
+anyio.run(main)
+"""
+
+
+def test_a_process_killed_while_it_spawns_a_sandbox_leaves_no_orphan_holding_its_fds():
+    """The stage child waits for the parent's "go" and takes EOF as "the parent
+    died"; it must not hold that pipe's write end itself. Held, a parent killed in
+    that window (a CLI server killed while its pool refills, any zviz process
+    killed while it starts a sandbox) left the child waiting forever with a copy of
+    every fd the parent had: a server's socket, lock and its clients' connections
+    (every later `zviz run` hung), a harness's pipes (never EOF). Host-side evidence:
+    a pipe whose write end only the killed process had reaches EOF."""
+    import random
+
+    for _ in range(16):
+        r, w = os.pipe()
+        with subprocess.Popen([sys.executable, "-c", SPAWNER], pass_fds=(w,), stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL) as p:
+            os.close(w)
+            try:
+                assert p.stdout.readline() == b"up\n"
+                time.sleep(random.random() * 0.3)  # (somewhere in the loop of spawns)
+            finally:
+                p.kill()
+        os.set_blocking(r, False)
+        deadline = time.monotonic() + 5
+        try:
+            while True:
+                try:
+                    if os.read(r, 1) == b"":
+                        break
+                except BlockingIOError:
+                    pass
+                assert time.monotonic() < deadline, "something the killed process started still holds its fds"
+                time.sleep(0.01)
+        finally:
+            os.close(r)
+            _kill_matching(SPAWNER)
+
+
+def _kill_matching(code: str) -> None:
+    """Kill what a failed run left (processes whose command line is `python -c code`)."""
+    for pid in os.listdir("/proc"):
+        try:
+            if pid.isdigit() and code.encode() in pathlib.Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.kill(int(pid), 9)
+        except OSError:
+            pass
