@@ -252,6 +252,31 @@ def _remove_files(dfd: int, name: str) -> None:
             os.unlink(f"/proc/self/fd/{dfd}/{name}{suffix}")
 
 
+def _log(line: str) -> None:
+    """A line in the log (fd 2), emptied past MAX_LOG: nothing a client, or a
+    refused process that reaches the socket, does may grow it without bound."""
+    print(line, file=sys.__stderr__, flush=True)
+    with contextlib.suppress(OSError):
+        if os.fstat(2).st_size > MAX_LOG:
+            _trim_log()
+
+
+class _Refused:
+    last = -1.0
+    unlogged = 0
+
+
+def _log_refusal(why: str) -> None:
+    """At most one line a second: a refused process may connect as often as it likes."""
+    now = time.monotonic()
+    if now - _Refused.last < 1.0:
+        _Refused.unlogged += 1
+        return
+    more = f" (and {_Refused.unlogged} more since the last line)" if _Refused.unlogged else ""
+    _Refused.last, _Refused.unlogged = now, 0
+    _log(f"zviz server: refused a connection: {why}{more}")
+
+
 def _trim_log() -> None:
     """Empty the log (fd 2: this server's, opened O_APPEND by the client that started it)."""
     with contextlib.suppress(OSError):
@@ -295,7 +320,7 @@ async def _serve(listener: socket.socket, key: bytes, idle: float) -> None:
             async with limiter:
                 await _handle(conn, key)
         except Exception as e:  # noqa: BLE001  (a bug: logged, the server goes on)
-            print(f"zviz server: a request failed: {e!r}", file=sys.__stderr__, flush=True)
+            _log(f"zviz server: a request failed: {e!r}")
         finally:
             conn.close()
             active -= 1
@@ -304,8 +329,7 @@ async def _serve(listener: socket.socket, key: bytes, idle: float) -> None:
     async def stop_on_signal(scope: anyio.CancelScope) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
-                print(f"zviz server: signal {signum}: closing every sandbox and exiting", file=sys.__stderr__,
-                      flush=True)
+                _log(f"zviz server: signal {signum}: closing every sandbox and exiting")
                 scope.cancel()
                 return
 
@@ -324,7 +348,7 @@ async def _serve(listener: socket.socket, key: bytes, idle: float) -> None:
             conn.setblocking(False)
             refused = _refusal(conn, own)
             if refused:
-                print(f"zviz server: refused a connection: {refused}", file=sys.__stderr__, flush=True)
+                _log_refusal(refused)
                 conn.close()
                 continue
             active += 1
@@ -356,9 +380,7 @@ async def _handle(conn: socket.socket, key: bytes) -> None:
         args, stdio, cwd = request
         conn.send(ACCEPTED)
         status = await _run(conn, args, stdio, cwd)
-        print(f"zviz server: served a request: exit status {status}", file=sys.__stderr__, flush=True)
-        if os.fstat(2).st_size > MAX_LOG:
-            _trim_log()
+        _log(f"zviz server: served a request: exit status {status}")
         with contextlib.suppress(OSError):
             conn.send(EXITED + str(status).encode())
     finally:

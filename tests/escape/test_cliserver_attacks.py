@@ -225,3 +225,83 @@ def _kill_matching(code: str) -> None:
                 os.kill(int(pid), 9)
         except OSError:
             pass
+
+
+HOARDER = r"""
+import os, socket, sys, time
+srv, name, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+os.chdir(srv)
+held = []
+for _ in range(n):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.connect(name)
+    held.append(s)
+print("holding", len(held), flush=True)
+time.sleep(60)
+"""
+
+
+def test_connections_beyond_the_servers_fds_do_not_end_it(server):
+    """A client context's fd limit is the server's: connections that never send
+    a request, more than the server has fds, must not end the server (and every
+    sandbox it runs for its other clients); once they are gone it serves again.
+    (Held on the old code too: the connection that takes the last fd is refused,
+    its peer's /proc unreadable, so accept() itself did not fail here.)"""
+    import resource
+
+    def low_nofile():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (160, 160))
+
+    server.run("run", "--", "true", preexec_fn=low_nofile)  # (a server of that context: theirs)
+    server.run("run", "--", "true", preexec_fn=low_nofile)
+    deadline = time.monotonic() + 30
+    while "serving" not in server.log():
+        assert time.monotonic() < deadline, server.log()
+        time.sleep(0.05)
+    pid = server.pid()
+    sock = server.socket_path()
+    with subprocess.Popen([sys.executable, "-c", HOARDER, str(sock.parent), sock.name, "150"], preexec_fn=low_nofile,
+                          stdout=subprocess.PIPE, text=True) as hoarder:
+        try:
+            assert hoarder.stdout.readline() == "holding 150\n"
+            time.sleep(0.5)
+            assert alive(pid), "the server ended: " + server.log()[-300:]
+        finally:
+            hoarder.kill()
+    before = server.served()
+    r = server.run("run", "--", "sh", "-c", "echo ok", preexec_fn=low_nofile, timeout=60)
+    assert (r.returncode, r.stdout) == (0, b"ok\n") and server.served() == before + 1, server.log()[-500:]
+
+
+FLOODER = r"""
+import ctypes, os, socket, sys
+ctypes.CDLL(None).prctl(38, 1, 0, 0, 0)  # no_new_privs: refused, as a sandboxed process is
+srv, name, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+os.chdir(srv)
+for _ in range(n):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        s.connect(name)
+        s.recv(1)
+    except OSError:
+        pass
+    s.close()
+print("done", flush=True)
+"""
+
+
+def test_refused_connections_cannot_fill_the_disk_with_the_servers_log(server):
+    """A process the server refuses (a sandbox whose policy reaches the socket) may
+    connect as often as it likes; the server's log, on the host's disk, stays bounded."""
+    from zviz import _cliserver
+
+    server.start()
+    sock = server.socket_path()
+    p = subprocess.run([sys.executable, "-c", FLOODER, str(sock.parent), sock.name, "25000"], capture_output=True,
+                       text=True, timeout=120)
+    assert p.stdout == "done\n", p
+    size = sum(f.stat().st_size for f in server.srv.glob("*.log"))
+    assert size <= _cliserver.MAX_LOG + 4096, f"the log grew to {size} bytes"
+    assert "refused" in server.log()
+    before = server.served()
+    assert server.run("run", "--", "true").returncode == 0 and server.served() == before + 1
