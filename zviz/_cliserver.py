@@ -169,8 +169,17 @@ def main(name: str) -> None:
     _trim_log()
     unavailable = _peer_checks_unavailable()
     if unavailable:
-        with contextlib.suppress(OSError), open(f"/proc/self/fd/{dfd}/{name}.off", "w") as f:
-            f.write(unavailable + "\n")
+        off = f"/proc/self/fd/{dfd}/{name}.off"
+        with contextlib.suppress(OSError):
+            # (a fresh file: whatever is at that name, a link planted by a sandbox
+            # that may write in the cache directory too, is replaced, never followed)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(off)
+            fd = os.open(off, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            try:
+                os.write(fd, (unavailable + "\n").encode())
+            finally:
+                os.close(fd)
         print(f"zviz server: {unavailable}: not serving (clients run commands themselves)", file=log)
         return
     path = f"/proc/self/fd/{dfd}/{name}.sock"

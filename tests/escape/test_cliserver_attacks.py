@@ -305,3 +305,22 @@ def test_refused_connections_cannot_fill_the_disk_with_the_servers_log(server):
     assert "refused" in server.log()
     before = server.served()
     assert server.run("run", "--", "true").returncode == 0 and server.served() == before + 1
+
+
+def test_the_off_file_is_never_written_through_a_link(server, tmp_path):
+    """On a kernel without SO_PEERPIDFD the server writes `<name>.off` and exits.
+    Whoever may write in the cache directory (a sandbox given it read-write) may
+    plant a link at that name: the server must not truncate and write its target."""
+    from zviz import _cliclient
+
+    server.srv.mkdir(mode=0o700)
+    name = _cliclient.name_of(server.key())
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    (server.srv / f"{name}.off").symlink_to(victim)
+    code = ("import zviz._cliserver as s; s._peer_checks_unavailable = lambda: 'SO_PEERPIDFD is not supported'; "
+            f"s.main({name!r})")
+    p = subprocess.run([sys.executable, "-c", code], env=server.env, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p
+    assert victim.read_text() == "precious\n"
+    assert "not serving" in p.stderr
