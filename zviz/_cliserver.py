@@ -236,9 +236,20 @@ def stop_servers(timeout: float = 5.0) -> list[int]:
                 if not text.isdigit():
                     continue
                 pid = int(text)
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGTERM)
-                    stopped.append(pid)
+                try:
+                    pidfd = os.pidfd_open(pid)
+                except OSError:
+                    continue
+                try:
+                    # (the file's pid is whatever was written there: signal it only if
+                    # it is this name's server, holding this very lock)
+                    if not _is_server(pid, entry[:-len(".lock")], os.fstat(lock)):
+                        continue
+                    with contextlib.suppress(ProcessLookupError):
+                        signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+                        stopped.append(pid)
+                finally:
+                    os.close(pidfd)
                 deadline = time.monotonic() + timeout
                 while time.monotonic() < deadline:
                     try:
@@ -259,6 +270,20 @@ def _remove_files(dfd: int, name: str) -> None:
     for suffix in (".sock", ".off", ".log", ".lock"):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(f"/proc/self/fd/{dfd}/{name}{suffix}")
+
+
+def _is_server(pid: int, name: str, lock: os.stat_result) -> bool:
+    """Whether process `pid` is the server `name` and holds the flock on the file `lock`."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if f"main({name!r})".encode() not in f.read():
+                return False
+        with open("/proc/locks", encoding="ascii", errors="replace") as f:
+            locks = f.read().splitlines()
+    except OSError:
+        return False
+    where = f"{os.major(lock.st_dev):02x}:{os.minor(lock.st_dev):02x}:{lock.st_ino}"
+    return any(f[1:2] == ["FLOCK"] and f[4:6] == [str(pid), where] for f in (line.split() for line in locks))
 
 
 def _log(line: str) -> None:

@@ -324,3 +324,33 @@ def test_the_off_file_is_never_written_through_a_link(server, tmp_path):
     assert p.returncode == 0, p
     assert victim.read_text() == "precious\n"
     assert "not serving" in p.stderr
+
+
+LOCKER = r"""
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.write(fd, sys.argv[2].encode())
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+def test_gc_signals_only_the_process_that_holds_a_servers_lock(server):
+    """`zviz gc` stops servers by the pid in their `.lock`. Whoever may write in
+    the cache directory could name any process there (and hold a lock on the file
+    to look alive): gc must signal only the process that holds that lock."""
+    server.srv.mkdir(mode=0o700)
+    with subprocess.Popen(["sleep", "60"]) as victim, \
+            subprocess.Popen([sys.executable, "-c", LOCKER, str(server.srv / "ffffffff-ffffffff.lock"),
+                              str(victim.pid)], stdout=subprocess.PIPE, text=True) as locker:
+        try:
+            assert locker.stdout.readline() == "locked\n"
+            r = subprocess.run([*ZVIZ, "gc"], env={**server.env, "ZVIZ_SERVER": "0"}, capture_output=True,
+                               text=True, timeout=60)
+            assert r.returncode == 0, r
+            time.sleep(0.2)
+            assert victim.poll() is None, "gc signalled a process that is no server: " + r.stdout
+        finally:
+            victim.kill()
+            locker.kill()
