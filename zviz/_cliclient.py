@@ -55,6 +55,8 @@ _ENV_PREFIXES = ("ZVIZ_",)
 _ENV_NAMES = ("TMPDIR", "TEMP", "TMP", "HOME", "XDG_CACHE_HOME", "PYTHONHASHSEED")
 _NOT_KEYED = ("ZVIZ_SERVER", "ZVIZ_SERVER_IDLE")
 SO_PEERPIDFD = 77  # (Linux >= 6.5; the socket module names it from Python 3.12 on)
+SO_PASSPIDFD = 76  # (the same: every message carries a pidfd of its sender, SCM_PIDFD)
+SCM_PIDFD = 4
 ACCEPTED = b"A"
 EXITED = b"X"
 KILL = b"K"
@@ -111,7 +113,6 @@ def peer_refusal(s: object, own: bytes) -> str:
     taken at connect time) shows it is still that process: a reused pid cannot
     lend its context."""
     import _socket
-    import signal
 
     assert isinstance(s, _socket.socket)
     try:
@@ -122,20 +123,29 @@ def peer_refusal(s: object, own: bytes) -> str:
         cred = s.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12)
         pid = int.from_bytes(cred[0:4], sys.byteorder, signed=True)
         uid = int.from_bytes(cred[4:8], sys.byteorder)
-        if pid <= 0:
-            return "the peer is in a pid namespace this process cannot see"
         if uid != os.geteuid():
             return f"the peer runs as uid {uid}"
-        try:
-            theirs = context(f"/proc/{pid}")
-            signal.pidfd_send_signal(pidfd, 0)  # still that process: what /proc showed was its
-        except OSError as e:
-            return f"the peer's context cannot be read ({e.strerror})"
-        if theirs != own:
-            return f"pid {pid} runs in another context (namespaces, credentials, confinement or limits)"
-        return ""
+        return process_refusal(pidfd, pid, own)
     finally:
         os.close(pidfd)
+
+
+def process_refusal(pidfd: int, pid: int, own: bytes) -> str:
+    """Why process `pid` (`pidfd`: the same process, taken by the kernel) is not in
+    the context `own`, or "". /proc is read first, then the pidfd shows that the
+    process is still alive, so the pid was not reused meanwhile."""
+    import signal
+
+    if pid <= 0:
+        return "the peer is in a pid namespace this process cannot see, or gone"
+    try:
+        theirs = context(f"/proc/{pid}")
+        signal.pidfd_send_signal(pidfd, 0)  # still that process: what /proc showed was its
+    except OSError as e:
+        return f"the peer's context cannot be read ({e.strerror})"
+    if theirs != own:
+        return f"pid {pid} runs in another context (namespaces, credentials, confinement or limits)"
+    return ""
 
 
 def _package_stamp() -> bytes:

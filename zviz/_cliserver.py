@@ -8,7 +8,8 @@ name; a second one started by a race exits). Its log is `<name>.log`.
 
 A connection is served only when the connecting process's context, read from
 /proc through its pidfd (SO_PEERPIDFD, so the pid cannot have been reused
-meanwhile), equals the server's own: same uid and gids, capabilities,
+meanwhile), and then that of the request's sender (its pidfd comes with the
+message: SO_PASSPIDFD), equal the server's own: same uid and gids, capabilities,
 no_new_privs, seccomp mode and filter count, namespaces, cgroup, LSM label
 and rlimits. A process inside a sandbox (its own user and pid namespaces)
 or one more confined than the server is refused: its `zviz run` runs in its
@@ -187,6 +188,9 @@ def main(name: str) -> None:
         os.unlink(path)  # a dead server's (we hold the lock)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     listener.bind(path)
+    # every message carries a pidfd of its sender (SCM_PIDFD): the request is
+    # checked against who sent it, not only who connected (accepted sockets inherit it)
+    listener.setsockopt(socket.SOL_SOCKET, _cliclient.SO_PASSPIDFD, 1)
     listener.listen(64)
     listener.setblocking(False)
     sock_id = os.stat(path, follow_symlinks=False).st_ino
@@ -352,7 +356,7 @@ async def _serve(listener: socket.socket, key: bytes, idle: float) -> None:
         nonlocal active, last
         try:
             async with limiter:
-                await _handle(conn, key)
+                await _handle(conn, key, own)
         except Exception as e:  # noqa: BLE001  (a bug: logged, the server goes on)
             _log(f"zviz server: a request failed: {e!r}")
         finally:
@@ -395,19 +399,26 @@ def _refusal(conn: socket.socket, own: bytes) -> str:
     return _cliclient.peer_refusal(conn, own)
 
 
-async def _handle(conn: socket.socket, key: bytes) -> None:
+async def _handle(conn: socket.socket, key: bytes, own: bytes) -> None:
     with anyio.move_on_after(REQUEST_TIMEOUT_S):
         await anyio.wait_readable(conn)
     try:
-        data, anc, flags, _ = conn.recvmsg(MAX_REQUEST + 1, socket.CMSG_SPACE(3 * 4), socket.MSG_CMSG_CLOEXEC)
+        data, anc, flags, _ = conn.recvmsg(MAX_REQUEST + 1, socket.CMSG_SPACE(3 * 4) + socket.CMSG_SPACE(4),
+                                           socket.MSG_CMSG_CLOEXEC)
     except OSError:
         return
     fds: list[int] = []
+    senders: list[int] = []
     for level, kind, payload in anc:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+        if level == socket.SOL_SOCKET and kind in (socket.SCM_RIGHTS, _cliclient.SCM_PIDFD):
             usable = len(payload) - len(payload) % 4
-            fds.extend(struct.unpack(f"{usable // 4}i", payload[:usable]))
+            (fds if kind == socket.SCM_RIGHTS else senders).extend(struct.unpack(f"{usable // 4}i", payload[:usable]))
     try:
+        # who sent it (the connection may have changed hands since the check at accept)
+        refused = _sender_refusal(senders, own)
+        if refused:
+            _log_refusal(f"a request's sender: {refused}")
+            return
         request = _parse(data, flags, fds, key)
         if request is None:
             return
@@ -418,8 +429,20 @@ async def _handle(conn: socket.socket, key: bytes) -> None:
         with contextlib.suppress(OSError):
             conn.send(EXITED + str(status).encode())
     finally:
-        for fd in fds:
+        for fd in fds + senders:
             os.close(fd)
+
+
+def _sender_refusal(senders: list[int], own: bytes) -> str:
+    """Why the sender of a request (its pidfd, SCM_PIDFD) may not use this server, or ""."""
+    if len(senders) != 1:
+        return "no pidfd of the sender"
+    pid = 0
+    with contextlib.suppress(OSError), open(f"/proc/self/fdinfo/{senders[0]}", "rb") as f:
+        for line in f:
+            if line.startswith(b"Pid:"):
+                pid = int(line.split()[1])
+    return _cliclient.process_refusal(senders[0], pid, own)
 
 
 def _parse(data: bytes, flags: int, fds: list[int], key: bytes) -> tuple[list[str], Stdio, str] | None:

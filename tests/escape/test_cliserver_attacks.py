@@ -354,3 +354,45 @@ def test_gc_signals_only_the_process_that_holds_a_servers_lock(server):
         finally:
             victim.kill()
             locker.kill()
+
+
+LATE_CONFINED = r"""
+import array, ctypes, os, socket, sys, time
+srv, name = sys.argv[1], sys.argv[2]
+os.chdir(srv)
+s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+s.connect(name)
+time.sleep(0.5)  # (the server has checked who connected)
+if os.fork() == 0:  # the sender: a child confined after the connection was made
+    ctypes.CDLL(None).prctl(38, 1, 0, 0, 0)  # no_new_privs, as every seccomp or Landlock sandbox has
+    s.sendmsg([sys.stdin.buffer.read()], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [0, 1, 2]))])
+    out = b""
+    while True:
+        try:
+            got = s.recv(64)
+        except OSError:
+            break
+        if not got:
+            break
+        out += got + b"|"
+    sys.stdout.buffer.write(out)
+    os._exit(0)
+os.wait()
+"""
+
+
+def test_the_request_is_checked_against_its_sender_not_only_the_connector(server, tmp_path):
+    """Who connected is not who sends: a connection made by an unconfined process
+    and inherited by a confined one (a child confined after fork, code that got
+    the fd) must not carry that process's request."""
+    from tests.test_cliserver import _marker_request
+
+    server.start()
+    sock, key = server.socket_path(), server.key()
+    marker = tmp_path / "m" / "marker"
+    marker.parent.mkdir()
+    os.chmod(marker.parent, 0o777)
+    p = subprocess.run([sys.executable, "-c", LATE_CONFINED, str(sock.parent), sock.name],
+                       input=_marker_request(key, marker), capture_output=True, timeout=60)
+    assert not marker.exists(), (p.stdout, server.log()[-300:])
+    assert p.stdout == b"", p
