@@ -83,7 +83,8 @@ def wants_server(args: list[str]) -> bool:
 def context(proc: str) -> bytes:
     """What the kernel says a process may do and see (`proc`: "/proc/self" or
     "/proc/PID"), as bytes to compare: two processes with equal contexts get
-    the same sandbox from the same arguments."""
+    the same sandbox from the same arguments. (Their root directories too:
+    a chrooted process sees other files at the same paths.)"""
     parts: list[bytes] = []
     with open(proc + "/status", "rb") as f:
         for line in f.read().splitlines():
@@ -94,6 +95,9 @@ def context(proc: str) -> bytes:
             parts.append(os.readlink(f"{proc}/ns/{ns}").encode())
         except FileNotFoundError:  # (a namespace type this kernel lacks)
             parts.append(ns.encode() + b":-")
+    # the root directory (chroot): the same path names other files under another
+    st = os.stat(proc + "/root")
+    parts.append(f"root:{st.st_dev}:{st.st_ino}".encode())
     for name in ("cgroup", "limits", "attr/current"):
         try:
             with open(f"{proc}/{name}", "rb") as f:

@@ -396,3 +396,39 @@ def test_the_request_is_checked_against_its_sender_not_only_the_connector(server
                        input=_marker_request(key, marker), capture_output=True, timeout=60)
     assert not marker.exists(), (p.stdout, server.log()[-300:])
     assert p.stdout == b"", p
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chroot(2) needs root (an unprivileged one needs a user namespace)")
+def test_a_chrooted_process_is_refused(server, tmp_path):
+    """A process with another root directory (chroot: same uid, namespaces and
+    credentials) sees other files at the same paths; the server, which resolves
+    the request's paths against its own root, must not serve it."""
+    from tests.test_cliserver import _marker_request
+
+    server.start()
+    sock, key = server.socket_path(), server.key()
+    marker = tmp_path / "m" / "marker"
+    marker.parent.mkdir()
+    os.chmod(marker.parent, 0o777)
+    jail = tmp_path / "jail"
+    jail.mkdir()
+    code = f"""
+import array, os, socket, sys
+srv = os.open({str(sock.parent)!r}, os.O_PATH)
+os.chroot({str(jail)!r})
+os.fchdir(srv)  # (the socket stays in reach through a directory fd)
+s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+s.connect({sock.name!r})
+out = b""
+try:
+    s.sendmsg([sys.stdin.buffer.read()], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [0, 1, 2]))])
+    while got := s.recv(64):
+        out += got + b"|"
+except OSError:
+    pass
+sys.stdout.buffer.write(out)
+"""
+    p = subprocess.run([sys.executable, "-c", code], input=_marker_request(key, marker), capture_output=True,
+                       timeout=60)
+    assert not marker.exists(), p
+    assert p.stdout == b"", p
