@@ -432,3 +432,20 @@ def test_only_a_repeated_policy_keeps_a_sandbox_ready(server):
     r = server.run("run", "--env", "AGAIN=1", "--", "sh", "-c", "echo $AGAIN; ls /tmp | wc -l")
     assert (r.returncode, r.stdout) == (0, b"1\n0\n")  # the pooled one: fresh, its own empty /tmp
     assert zygotes() == base + 1
+
+
+def test_json_output_reaches_a_slow_reader_whole(server):
+    """--json prints the record (with the command's output in it) in one piece: a
+    caller that starts reading only later gets all of it, as it would without the
+    server (the server's own messages may be dropped for a stuck reader, this may not)."""
+    server.start()
+    before = server.served()
+    with subprocess.Popen([*ZVIZ, "run", "--json", "--", "python3", "-c", "print('x' * 300000)"], env=server.env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE) as p:
+        time.sleep(4)  # (a slow reader: longer than the server waits for its own messages)
+        out, err = p.communicate(timeout=60)
+    import json
+
+    record = json.loads(out)
+    assert p.returncode == 0 and record["stdout"] == "x" * 300000 + "\n", err
+    assert server.served() == before + 1

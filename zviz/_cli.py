@@ -338,7 +338,7 @@ async def _run_in(sb: Sandbox, a: argparse.Namespace, argv: list[str], policy: P
         if stats.syscalls is not None:
             record["syscalls"] = dict(stats.syscalls)
         record["events"] = [str(e) for e in sb.events_so_far()]
-        print(json.dumps(record, indent=2))
+        await _print_result(a, json.dumps(record, indent=2))
         return r.status
     # Passthrough through pipes (never the caller's terminal itself: no
     # TIOCSTI into it, no /dev/tty). Our stdio is duplicated so closing the
@@ -475,6 +475,33 @@ async def _read_stdin(fd: int | None) -> bytes:
         return b"".join(chunks)
     finally:
         stream.close()
+        if _usable(fd):
+            os.set_blocking(fd, was_blocking)
+
+
+async def _print_result(a: argparse.Namespace, text: str) -> None:
+    """The command's result (--json's record) on the caller's stdout. In the CLI
+    server, written on the event loop for as long as the caller takes to read it
+    (the server's sys.stdout, for its own messages, gives up on a stuck reader)."""
+    if getattr(a, "stdio", None) is None:
+        print(text)
+        return
+    fd = _fds(a)[1]
+    if fd is None or not _usable(fd):
+        return
+    import anyio
+
+    from ._kernel import OwnedFd
+    from ._proxy import FdSendStream
+
+    was_blocking = os.get_blocking(fd)
+    out = FdSendStream(OwnedFd(os.dup(fd), "cli-stdout"))
+    try:
+        await out.send_all((text + "\n").encode())
+    except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+        pass  # (the caller's stdout is gone)
+    finally:
+        out.close()
         if _usable(fd):
             os.set_blocking(fd, was_blocking)
 
