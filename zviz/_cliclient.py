@@ -45,7 +45,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-PROTOCOL = b"zviz-run 1"
+PROTOCOL = b"zviz-run 2"
 MAX_REQUEST = 128 * 1024  # bytes of one request (SOCK_SEQPACKET: one message)
 # the status lines of /proc/PID/status that describe what a process may do
 _STATUS_FIELDS = (b"Uid:", b"Gid:", b"Groups:", b"CapInh:", b"CapPrm:", b"CapEff:", b"CapBnd:",
@@ -58,6 +58,8 @@ SO_PEERPIDFD = 77  # (Linux >= 6.5; the socket module names it from Python 3.12 
 SO_PASSPIDFD = 76  # (the same: every message carries a pidfd of its sender, SCM_PIDFD)
 SCM_PIDFD = 4
 ACCEPTED = b"A"
+CHALLENGE = b"P"  # + the number of one of the server's fds: open it through /proc and send it back
+PROOF = b"p"
 EXITED = b"X"
 KILL = b"K"
 
@@ -314,6 +316,8 @@ def _exchange(s: object, body: bytes, fds: list[int]) -> int | None:
     try:
         s.sendmsg([body], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, array.array("i", fds).tobytes())])
         first = s.recv(16)
+        if first[:1] == CHALLENGE and first[1:].isdigit():
+            first = s.recv(16) if _prove(s, int(first[1:])) else b""
     except OSError:
         first = b""
     if first != ACCEPTED:  # refused or gone before it ran anything: run it here
@@ -329,6 +333,26 @@ def _exchange(s: object, body: bytes, fds: list[int]) -> int | None:
     if reply[:1] == EXITED and reply[1:].isdigit():
         return int(reply[1:])
     return -1  # (the server ended before the command did)
+
+
+def _prove(s: object, fd: int) -> bool:
+    """Answer the server's challenge: its fd `fd`, opened through /proc/SERVER/fd,
+    which needs ptrace access to the server (what a process in a Landlock domain
+    has to no process outside it: the confinement /proc does not show)."""
+    import _socket
+    import array
+
+    assert isinstance(s, _socket.socket)
+    pid = int.from_bytes(s.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12)[0:4], sys.byteorder, signed=True)
+    try:
+        mine = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        s.sendmsg([PROOF], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, array.array("i", [mine]).tobytes())])
+    finally:
+        os.close(mine)
+    return True
 
 
 def _start_server(dfd: int, name: str) -> None:

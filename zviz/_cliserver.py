@@ -13,13 +13,17 @@ message: SO_PASSPIDFD), equal the server's own: same uid and gids, capabilities,
 no_new_privs, seccomp mode and filter count, namespaces, cgroup, LSM label
 and rlimits. A process inside a sandbox (its own user and pid namespaces)
 or one more confined than the server is refused: its `zviz run` runs in its
-own process. On a kernel without SO_PEERPIDFD (before 6.5) the server cannot
-check that, writes `<name>.off` with the reason, and exits; clients then run
-every command themselves.
+own process. Landlock, which /proc does not show, is caught by a challenge:
+the client must open one of the server's fds through /proc (ptrace access,
+which a Landlocked process lacks to anything outside its domain). On a
+kernel without SO_PEERPIDFD (before 6.5) the server cannot check that,
+writes `<name>.off` with the reason, and exits; clients then run every
+command themselves.
 
 A request is one message: the protocol, the client's key, its working
 directory, which of its fds 0-2 are open, and the arguments; the open ones
-of those fds come with it (SCM_RIGHTS). The server answers "accepted", runs
+of those fds come with it (SCM_RIGHTS). The server challenges the client
+(`_challenge`), answers "accepted", runs
 `_cli.serve_request` with the client's fds as the command's stdio and as its
 own sys.stdout/sys.stderr (per request, through a context variable), and
 answers the exit status. A client that hangs up or forwards a signal gets
@@ -53,7 +57,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from . import _cliclient
-from ._cliclient import ACCEPTED, EXITED, KILL, MAX_REQUEST, PROTOCOL
+from ._cliclient import ACCEPTED, CHALLENGE, EXITED, KILL, MAX_REQUEST, PROOF, PROTOCOL
 
 if TYPE_CHECKING:
     from ._policy import Policy
@@ -279,15 +283,15 @@ def _remove_files(dfd: int, name: str) -> None:
 def _is_server(pid: int, name: str, lock: os.stat_result) -> bool:
     """Whether process `pid` is the server `name` and holds the flock on the file `lock`."""
     try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            if f"main({name!r})".encode() not in f.read():
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            if f"main({name!r})".encode() not in cmdline.read():
                 return False
-        with open("/proc/locks", encoding="ascii", errors="replace") as f:
-            locks = f.read().splitlines()
+        with open("/proc/locks", encoding="ascii", errors="replace") as locks:
+            held = [line.split() for line in locks.read().splitlines()]
     except OSError:
         return False
     where = f"{os.major(lock.st_dev):02x}:{os.minor(lock.st_dev):02x}:{lock.st_ino}"
-    return any(f[1:2] == ["FLOCK"] and f[4:6] == [str(pid), where] for f in (line.split() for line in locks))
+    return any(f[1:2] == ["FLOCK"] and f[4:6] == [str(pid), where] for f in held)
 
 
 def _log(line: str) -> None:
@@ -423,6 +427,10 @@ async def _handle(conn: socket.socket, key: bytes, own: bytes) -> None:
         if request is None:
             return
         args, stdio, cwd = request
+        refused = await _challenge(conn)
+        if refused:
+            _log_refusal(f"a request's sender: {refused}")
+            return
         conn.send(ACCEPTED)
         status = await _run(conn, args, stdio, cwd)
         _log(f"zviz server: served a request: exit status {status}")
@@ -430,6 +438,42 @@ async def _handle(conn: socket.socket, key: bytes, own: bytes) -> None:
             conn.send(EXITED + str(status).encode())
     finally:
         for fd in fds + senders:
+            os.close(fd)
+
+
+async def _challenge(conn: socket.socket) -> str:
+    """Why the client failed to show that it may look into this process, or "".
+    It is asked for a fresh fd of this process, which it can only get by opening
+    /proc/THIS/fd/N: that needs ptrace access, which a process in a Landlock
+    domain has to no process outside it. /proc shows no Landlock domain, and
+    once no_new_privs is set (a server started from such a context) the domain
+    a client entered changes nothing else that /proc shows."""
+    r, w = os.pipe2(os.O_CLOEXEC)
+    got: list[int] = []
+    try:
+        conn.send(CHALLENGE + str(r).encode())
+        with anyio.move_on_after(REQUEST_TIMEOUT_S):
+            await anyio.wait_readable(conn)
+        try:
+            data, anc, _, _ = conn.recvmsg(16, socket.CMSG_SPACE(4) * 2, socket.MSG_CMSG_CLOEXEC)
+        except OSError:
+            return "no answer to the challenge"
+        rights = []
+        for level, kind, payload in anc:
+            if level == socket.SOL_SOCKET:
+                usable = len(payload) - len(payload) % 4
+                fds = list(struct.unpack(f"{usable // 4}i", payload[:usable]))
+                got.extend(fds)
+                if kind == socket.SCM_RIGHTS:
+                    rights.extend(fds)
+        if data != PROOF or len(rights) != 1:
+            return "the client cannot look into this server (a Landlock domain, or another ptrace restriction)"
+        a, b = os.fstat(rights[0]), os.fstat(r)
+        if (a.st_dev, a.st_ino) != (b.st_dev, b.st_ino):
+            return "the client answered the challenge with another file"
+        return ""
+    finally:
+        for fd in (r, w, *got):
             os.close(fd)
 
 

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.test_cliserver import ZVIZ, Server, alive  # noqa: F401
+from tests.test_cliserver import ZVIZ, Server, alive
 
 PR_SET_NO_NEW_PRIVS = 38
 
@@ -260,8 +260,8 @@ def test_connections_beyond_the_servers_fds_do_not_end_it(server):
         time.sleep(0.05)
     pid = server.pid()
     sock = server.socket_path()
-    with subprocess.Popen([sys.executable, "-c", HOARDER, str(sock.parent), sock.name, "150"], preexec_fn=low_nofile,
-                          stdout=subprocess.PIPE, text=True) as hoarder:
+    cmd = [sys.executable, "-c", HOARDER, str(sock.parent), sock.name, "150"]
+    with subprocess.Popen(cmd, preexec_fn=low_nofile, stdout=subprocess.PIPE, text=True) as hoarder:  # noqa: PLW1509
         try:
             assert hoarder.stdout.readline() == "holding 150\n"
             time.sleep(0.5)
@@ -432,3 +432,78 @@ sys.stdout.buffer.write(out)
                        timeout=60)
     assert not marker.exists(), p
     assert p.stdout == b"", p
+
+
+def _landlock_self() -> None:
+    """Enter a Landlock domain (one that handles MAKE_CHAR and grants nothing):
+    the kernel shows no trace of it in /proc once no_new_privs is set anyway."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    class Attr(ctypes.Structure):
+        _fields_ = [("handled_access_fs", ctypes.c_uint64)]
+
+    attr = Attr(1 << 6)  # LANDLOCK_ACCESS_FS_MAKE_CHAR
+    fd = libc.syscall(444, ctypes.byref(attr), ctypes.sizeof(attr), 0)  # landlock_create_ruleset
+    assert fd >= 0, ctypes.get_errno()
+    assert libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0
+    assert libc.syscall(446, fd, 0) == 0, ctypes.get_errno()  # landlock_restrict_self
+
+
+def _no_new_privs() -> None:
+    import ctypes
+
+    assert ctypes.CDLL(None).prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0
+
+
+def test_a_landlocked_process_is_refused_where_no_new_privs_hides_it(server, tmp_path):
+    """A server started by a process that already has no_new_privs (bubblewrap,
+    a container run with no-new-privileges, systemd's NoNewPrivileges) cannot see
+    that a client entered a Landlock domain: /proc shows nothing more. The kernel
+    still tells: a Landlocked process may not look into a process outside its
+    domain (ptrace access), so it cannot open the server's fd that the server asks for."""
+    from tests.test_cliserver import _marker_request
+
+    for _ in range(2):
+        assert server.run("run", "--", "true", preexec_fn=_no_new_privs).returncode == 0
+    deadline = time.monotonic() + 30
+    while "serving" not in server.log():
+        assert time.monotonic() < deadline, server.log()
+        time.sleep(0.05)
+    sock = server.socket_path()
+    code = "import sys, zviz._cliclient as c; sys.stdout.buffer.write(c.key())"
+    key = subprocess.run([sys.executable, "-c", code], env=server.env, capture_output=True, check=True,
+                         preexec_fn=_no_new_privs).stdout
+    marker = tmp_path / "m" / "marker"
+    marker.parent.mkdir()
+    os.chmod(marker.parent, 0o777)
+    # the control: the zviz client of that context goes through the server
+    before = server.served()
+    r = server.run("run", "--", "true", preexec_fn=_no_new_privs)
+    assert r.returncode == 0 and server.served() == before + 1, server.log()
+    raw = f"""
+import array, os, socket, sys
+os.chdir({str(sock.parent)!r})
+s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+s.connect({sock.name!r})
+out = b""
+try:
+    s.sendmsg([sys.stdin.buffer.read()], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [0, 1, 2]))])
+    while got := s.recv(64):
+        out += got + b"|"
+except OSError:
+    pass
+sys.stdout.buffer.write(out)
+"""
+    p = subprocess.run([sys.executable, "-c", raw], input=_marker_request(key, marker), capture_output=True,
+                       timeout=60, preexec_fn=_landlock_self)
+    assert not marker.exists(), (p, server.log()[-300:])
+    # and the zviz client so confined does what it does without a server (here: the
+    # sandbox's mounts are refused in a Landlock domain), never the server's bidding
+    before = server.served()
+    r = server.run("run", "--", "sh", "-c", "echo mine", preexec_fn=_landlock_self)
+    alone = server.run("run", "--", "sh", "-c", "echo mine", preexec_fn=_landlock_self,
+                       env={**server.env, "ZVIZ_SERVER": "0"})
+    assert (r.returncode, r.stdout, r.stderr) == (alone.returncode, alone.stdout, alone.stderr)
+    assert server.served() == before, server.log()
