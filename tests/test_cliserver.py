@@ -457,3 +457,53 @@ def test_json_output_reaches_a_slow_reader_whole(server):
     record = json.loads(out)
     assert p.returncode == 0 and record["stdout"] == "x" * 300000 + "\n", err
     assert server.served() == before + 1
+
+
+def test_a_request_s_streams_die_with_it(tmp_path):
+    """A task started during a request (the sandbox pool's, which serves every
+    later client) carries a copy of that request's context, its sys.stdout and
+    sys.stderr among it. Once the request is over, what such a task writes must
+    not reach whatever file then has the client's old fd number."""
+    import socket as socketmod
+
+    import anyio
+
+    from zviz import _cli, _cliserver, _lifecycle
+
+    later = anyio.Event()
+    wrote = anyio.Event()
+
+    async def fake_serve_request(args, stdio, cwd, *rest):
+        async def background():
+            await later.wait()
+            print("late words", file=sys.stderr, flush=True)
+            wrote.set()
+
+        _lifecycle.spawn_service(background, name="test")
+        return 0
+
+    async def main():
+        a, b = socketmod.socketpair(socketmod.AF_UNIX, socketmod.SOCK_SEQPACKET)
+        r, w = os.pipe()
+        old_run, old_stderr = _cli.serve_request, sys.stderr
+        _cli.serve_request = fake_serve_request
+        sys.stderr = _cliserver._PerRequest(1, old_stderr)
+        try:
+            a.setblocking(False)
+            assert await _cliserver._run(a, ["run"], (None, None, w), "/") == 0
+            os.close(w)  # (the request is over: the server closes the client's fds)
+            other = os.open(tmp_path / "next-client", os.O_WRONLY | os.O_CREAT, 0o600)  # the next one's fd
+            try:
+                assert other == w
+                later.set()
+                await wrote.wait()
+            finally:
+                os.close(other)
+            assert (tmp_path / "next-client").read_bytes() == b""
+        finally:
+            _cli.serve_request, sys.stderr = old_run, old_stderr
+            os.close(r)
+            a.close()
+            b.close()
+
+    anyio.run(main, backend="asyncio")

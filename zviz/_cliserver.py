@@ -85,6 +85,10 @@ class _FdText(io.TextIOBase):
     def writable(self) -> bool:
         return True
 
+    def end(self) -> None:
+        """The request is over: later writes (from a task that outlived it) are dropped."""
+        self._fd = None
+
     def isatty(self) -> bool:
         return self._fd is not None and os.isatty(self._fd)
 
@@ -525,11 +529,23 @@ def _pool_for(policy: Policy) -> bool:
 
 async def _run(conn: socket.socket, args: list[str], stdio: Stdio, cwd: str) -> int:
     """Run the request; a hang-up or a forwarded signal from the client kills it."""
+    streams = (_FdText(stdio[1]), _FdText(stdio[2]))
+    _streams.set(streams)  # (this task's context, and copies of it: see below)
+    try:
+        return await _run_with(conn, args, stdio, cwd)
+    finally:
+        # A task started meanwhile (the sandbox pool's, which serves every later
+        # client) holds a copy of this context: the streams end with the request,
+        # before the client's fd numbers are closed and given to the next one's.
+        for stream in streams:
+            stream.end()
+
+
+async def _run_with(conn: socket.socket, args: list[str], stdio: Stdio, cwd: str) -> int:
     from . import _cli
 
     killed = 0
     status = 0
-    _streams.set((_FdText(stdio[1]), _FdText(stdio[2])))  # (this task's context only)
     async with anyio.create_task_group() as tg:
 
         async def watch() -> None:
