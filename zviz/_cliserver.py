@@ -1,5 +1,12 @@
 """The CLI server: runs `zviz run` for the thin clients of one context (_cliclient.py).
 
+Why this module is long: every check between a request and a sandbox made
+for it (who connected, who sent it, the challenge, the request's shape) and
+every bound on what a client can cost the others (its streams, the log) is
+here, next to the loop that applies them, so that one reading shows all of
+them; the peer's context itself is _cliclient's (the client checks the server
+with it too).
+
 One server per user and context (the key: the zviz package's files, the
 interpreter, zviz's environment, the process's kernel context) listens on a
 SOCK_SEQPACKET unix socket in the private `srv/` directory of the start-up
