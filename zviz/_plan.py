@@ -105,6 +105,13 @@ class Host:
     memory_cgroup: bool = False  # a per-sandbox memory cgroup was made for this sandbox
     memory_cgroup_reason: str = "not probed"  # why not, when not
     sandbox_ids: tuple[int, int] = (NOBODY, NOBODY)  # a root caller's sandbox's own host uid/gid (zviz/_ids.py)
+    # zviz's own host directories (real paths): the start-up cache (cached
+    # filters, the CLI servers' sockets) and the workdirs' parents. Where a
+    # listed path or a bind would show one, the sandbox sees an empty
+    # read-only directory: a sandbox of a non-root caller runs as its uid and
+    # could otherwise rewrite the filters of later sandboxes or reach other
+    # sandboxes' workdirs.
+    hidden: tuple[str, ...] = ()
 
 
 @attrs.frozen(kw_only=True)
@@ -381,7 +388,7 @@ def plan_masks(listed: Mapping[str, bool], host: Host, with_proc: bool,
         out += [(MASK_RDONLY, p) for p in PROC_READ_ONLY]
         out += [(MASK_FILE, p) for p in PROC_MASK_FILES if can_null]
         out += [(MASK_DIR, p) for p in PROC_MASK_DIRS]
-    for kind, paths in ((MASK_FILE, HOST_MASK_FILES), (MASK_DIR, HOST_MASK_DIRS)):
+    for kind, paths in ((MASK_FILE, HOST_MASK_FILES), (MASK_DIR, (*HOST_MASK_DIRS, *host.hidden))):
         if kind == MASK_FILE and not can_null:
             continue
         out += [(kind, p) for p in paths if any(_beneath(p, b) for b in bound)]

@@ -527,6 +527,17 @@ def _weak_start(sb: Sandbox) -> Callable[..., Awaitable[Process]]:
     return start
 
 
+def _hidden_dirs() -> tuple[str, ...]:
+    """The real paths of zviz's own host directories that exist (_plan.Host.hidden)."""
+    from ._cachedir import location
+
+    out = []
+    for path in (location(), _workdir.base_path(False), _workdir.base_path(True)):
+        if path and os.path.isdir(path):
+            out.append(_workdir.real_path(path))
+    return tuple(out)
+
+
 def _prepare(policy: Policy, workdir: str, owns_workdir: bool, features: _probe.KernelFeatures, trace: Any,
              zygote_allowed: bool, tally: Tally, resources: HostResources,
              host_ids: tuple[int, int], template: _snapshot.Template | None = None,
@@ -557,7 +568,8 @@ def _prepare(policy: Policy, workdir: str, owns_workdir: bool, features: _probe.
     resources.create_cgroup(policy.limits.memory)
     host = _plan.Host(features=f, euid=os.geteuid(), egid=os.getegid(), is_dir=is_dir, links=links,
                       rlimit_hard=hard, memory_cgroup=resources.cgroup is not None,
-                      memory_cgroup_reason=resources.cgroup_reason, sandbox_ids=host_ids)
+                      memory_cgroup_reason=resources.cgroup_reason, sandbox_ids=host_ids,
+                      hidden=_hidden_dirs())
     notify = f.seccomp_notify
     seccomp_flags = 0
     if notify:
