@@ -185,3 +185,39 @@ async def test_released_waits_for_many():
     assert not any(os.path.exists(p) for p in paths)
     assert all(sb._life.done.is_set() for sb in sbs)
 
+
+
+LOOP_ENDS_DURING_REFILL = r"""
+import asyncio
+import anyio
+import zviz
+from zviz import _pool
+
+async def main():
+    zviz.set_pool_size(1)
+    policy = zviz.Policy.python()
+    async with zviz.open_sandbox(policy):
+        pass
+    for _ in range(300):
+        pool = _pool.current()
+        if pool and any(pool.ready.values()):
+            break
+        await anyio.sleep(0.01)
+    async with zviz.open_sandbox(policy) as sb:  # the pooled one; the pool starts the next
+        assert (await sb.run(["true"])).exit_code == 0
+
+for _ in range(15):
+    asyncio.run(main())  # often ends while the pool's next sandbox is being made
+print("ok")
+"""
+
+
+def test_an_asyncio_loop_ending_while_a_sandbox_is_made_does_not_hang(tmp_path):
+    """asyncio cancels a task that has not run yet without running any of it: a
+    sandbox's service task made just before the loop ends never ran, and its
+    maker (the pool) waited for it forever at the loop's end."""
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-c", LOOP_ENDS_DURING_REFILL], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr[-2000:]

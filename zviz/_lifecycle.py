@@ -46,10 +46,13 @@ _detached: set[Life] = set()
 _asyncio_tasks: set[asyncio.Task[None]] = set()
 
 
-def spawn_service(fn: Callable[[], Coroutine[Any, Any, None]], name: str) -> None:
+def spawn_service(fn: Callable[[], Coroutine[Any, Any, None]], name: str,
+                  on_end: Callable[[], None] | None = None) -> None:
     """Run `fn()` as a task of the current event loop that belongs to no
     caller: it outlives the task that started it. It must not raise (on trio a
-    system task's exception crashes the run)."""
+    system task's exception crashes the run). `on_end` is called when an
+    asyncio task ends, even one cancelled before its first step (the loop
+    ending right after it was made: then `fn`'s body never ran at all)."""
     if sniffio.current_async_library() == "trio":
         import trio
 
@@ -61,6 +64,8 @@ def spawn_service(fn: Callable[[], Coroutine[Any, Any, None]], name: str) -> Non
     task = asyncio.get_running_loop().create_task(fn(), name=name)
     _asyncio_tasks.add(task)
     task.add_done_callback(_asyncio_tasks.discard)
+    if on_end is not None:
+        task.add_done_callback(lambda _task: on_end())
 
 
 def _loop_key() -> object:
@@ -133,6 +138,8 @@ class Life:
         self.contexts: CodeContexts | None = None  # the sandbox's code contexts (closed at teardown)
         self.egress: EgressProxy | None = None  # net.mode = "domains": its proxy (every connection closed at teardown)
         self.pooled = False  # pre-started, waiting in the pool (_pool.py): nobody's to close yet
+        self.started = False  # the service task ran (asyncio may cancel a task before its first step)
+        self.service_ended = anyio.Event()
 
     def detach(self) -> None:
         """Its aclose() returns now, before `done`: the rest is the service's alone."""
@@ -213,6 +220,7 @@ async def serve(life: Life, monitor_cm: contextlib.AbstractAsyncContextManager[A
     can be used and closed from any task of its loop; it ends at aclose(),
     at the sandbox's collection, or when the loop ends (cancelled: then the
     sandbox was never closed, and it says so). It never raises."""
+    life.started = True
     try:
         async with contextlib.AsyncExitStack() as stack:
             if monitor_cm is not None:
@@ -260,6 +268,40 @@ async def serve(life: Life, monitor_cm: contextlib.AbstractAsyncContextManager[A
         if life.detached and life.error is not None:  # its aclose() has returned: nobody else will see it
             err, life.error = life.error, None
             report_late_failure(life.description, err)
+
+
+async def wait(life: Life, event: anyio.Event) -> None:
+    """`event` of `life` (ready, dead, done); or, when the service task ended
+    without ever running (asyncio cancels a task before its first step when
+    the loop ends right after the sandbox was made), its whole teardown, done
+    here. Shielded by the caller."""
+    if not event.is_set():
+        async with anyio.create_task_group() as tg:
+
+            async def until(ev: anyio.Event) -> None:
+                await ev.wait()
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(until, event)
+            tg.start_soon(until, life.service_ended)
+    if event.is_set() or life.started:
+        return
+    life.deferrable = False
+    life.closing = True
+    try:
+        await life.teardown()
+    except Exception as e:  # noqa: BLE001 - reported by aclose()
+        life.error = e
+    finally:
+        if life.supervisor is not None:
+            with contextlib.suppress(Exception):
+                life.supervisor.stop()
+        with contextlib.suppress(Exception):
+            await _hostside.release(life.host)
+        life.final_cleanup()
+        life.dead.set()
+        life.done.set()
+        life.ready.set()
 
 
 async def after_caller() -> None:

@@ -136,7 +136,7 @@ class Sandbox:
             life.runner.kill()  # now: the kernel kills the sandbox while its service task wakes up
         life.close_requested.set()
         with anyio.CancelScope(shield=True):
-            await (life.dead if life.deferrable else life.done).wait()
+            await _lifecycle.wait(life, life.dead if life.deferrable else life.done)
         if not life.done.is_set():
             life.detach()  # the service reports what fails from now on
             return
@@ -743,11 +743,11 @@ async def _create(policy: Policy | None = None, *, workdir: str | os.PathLike[st
     life.deferrable = (owns and not keep_workdir and monitor_cm is None and trace is None and side.pid_namespace
                        and not resources.disk_mounted and not resources.template_mounted)
     _lifecycle.spawn_service(functools.partial(_lifecycle.serve, life, monitor_cm, life.supervisor),
-                             name=f"zviz sandbox {path}")
+                             name=f"zviz sandbox {path}", on_end=life.service_ended.set)
     del monitor_cm
     try:
         with anyio.CancelScope(shield=True):  # a cancelled create() still closes what it opened
-            await life.ready.wait()
+            await _lifecycle.wait(life, life.ready)
         await anyio.lowlevel.checkpoint_if_cancelled()
         if life.done.is_set():
             err, life.error = life.error, None
