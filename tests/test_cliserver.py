@@ -158,6 +158,20 @@ def test_a_killed_client_kills_its_sandbox(server, how):
             p.kill()
 
 
+def wait_eof(r: int, timeout: float, what: str) -> None:
+    """Read the pipe `r` until its end of file (every write end closed), or fail with `what`."""
+    os.set_blocking(r, False)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if os.read(r, 1) == b"":
+                return
+        except BlockingIOError:
+            pass
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
 def _sleeper() -> int | None:
     """The host pid of the sandboxed `sleep 300` (newest), or None."""
     found = []
@@ -180,16 +194,7 @@ def test_the_server_holds_no_fd_of_its_client(server):
                            capture_output=True, timeout=60)
         os.close(w)
         w = -1
-        os.set_blocking(r, False)
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if os.read(r, 1) == b"":
-                    break
-            except BlockingIOError:
-                pass
-            assert time.monotonic() < deadline, "someone still holds the pipe's write end"
-            time.sleep(0.02)
+        wait_eof(r, 20, "someone still holds the pipe's write end")
     finally:
         os.close(r)
         if w >= 0:

@@ -139,7 +139,8 @@ class Life:
         self.egress: EgressProxy | None = None  # net.mode = "domains": its proxy (every connection closed at teardown)
         self.pooled = False  # pre-started, waiting in the pool (_pool.py): nobody's to close yet
         self.started = False  # the service task ran (asyncio may cancel a task before its first step)
-        self.service_ended = anyio.Event()
+        self.never_served = False  # it ended without running (service_ended): the waiter tears down
+        self.unserved_torn_down = False
 
     def detach(self) -> None:
         """Its aclose() returns now, before `done`: the rest is the service's alone."""
@@ -270,22 +271,25 @@ async def serve(life: Life, monitor_cm: contextlib.AbstractAsyncContextManager[A
             report_late_failure(life.description, err)
 
 
+def service_ended(life: Life) -> None:
+    """The service task's end (spawn_service's on_end). A task that never ran
+    (asyncio cancels a task before its first step when the loop ends right
+    after the sandbox was made) set none of the sandbox's events: they are set
+    here, and whoever waits for them does the teardown (`wait`)."""
+    if not life.started:
+        life.never_served = True
+        life.ready.set()
+        life.dead.set()
+        life.done.set()
+
+
 async def wait(life: Life, event: anyio.Event) -> None:
-    """`event` of `life` (ready, dead, done); or, when the service task ended
-    without ever running (asyncio cancels a task before its first step when
-    the loop ends right after the sandbox was made), its whole teardown, done
-    here. Shielded by the caller."""
-    if not event.is_set():
-        async with anyio.create_task_group() as tg:
-
-            async def until(ev: anyio.Event) -> None:
-                await ev.wait()
-                tg.cancel_scope.cancel()
-
-            tg.start_soon(until, event)
-            tg.start_soon(until, life.service_ended)
-    if event.is_set() or life.started:
+    """`event` of `life` (ready, dead, done); when the service task never ran,
+    its whole teardown, done here. Shielded by the caller."""
+    await event.wait()
+    if not life.never_served or life.unserved_torn_down:
         return
+    life.unserved_torn_down = True
     life.deferrable = False
     life.closing = True
     try:
@@ -299,9 +303,6 @@ async def wait(life: Life, event: anyio.Event) -> None:
         with contextlib.suppress(Exception):
             await _hostside.release(life.host)
         life.final_cleanup()
-        life.dead.set()
-        life.done.set()
-        life.ready.set()
 
 
 async def after_caller() -> None:

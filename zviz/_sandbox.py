@@ -743,7 +743,7 @@ async def _create(policy: Policy | None = None, *, workdir: str | os.PathLike[st
     life.deferrable = (owns and not keep_workdir and monitor_cm is None and trace is None and side.pid_namespace
                        and not resources.disk_mounted and not resources.template_mounted)
     _lifecycle.spawn_service(functools.partial(_lifecycle.serve, life, monitor_cm, life.supervisor),
-                             name=f"zviz sandbox {path}", on_end=life.service_ended.set)
+                             name=f"zviz sandbox {path}", on_end=functools.partial(_lifecycle.service_ended, life))
     del monitor_cm
     try:
         with anyio.CancelScope(shield=True):  # a cancelled create() still closes what it opened

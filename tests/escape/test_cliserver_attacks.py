@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.test_cliserver import ZVIZ, Server, alive
+from tests.test_cliserver import ZVIZ, Server, alive, wait_eof
 
 PR_SET_NO_NEW_PRIVS = 38
 
@@ -201,20 +201,27 @@ def test_a_process_killed_while_it_spawns_a_sandbox_leaves_no_orphan_holding_its
                 time.sleep(random.random() * 0.3)  # (somewhere in the loop of spawns)
             finally:
                 p.kill()
-        os.set_blocking(r, False)
-        deadline = time.monotonic() + 5
         try:
-            while True:
-                try:
-                    if os.read(r, 1) == b"":
-                        break
-                except BlockingIOError:
-                    pass
-                assert time.monotonic() < deadline, "something the killed process started still holds its fds"
-                time.sleep(0.01)
+            wait_eof(r, 5, "something the killed process started still holds its fds")
         finally:
             os.close(r)
             _kill_matching(SPAWNER)
+
+
+# What a raw client does once it may reach the socket (by name, in its directory):
+# send a request with fds 0-2, print what came back
+_RAW_REQUEST = """
+s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+s.connect({name!r})
+out = b""
+try:
+    s.sendmsg([sys.stdin.buffer.read()], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [0, 1, 2]))])
+    while got := s.recv(64):
+        out += got + b"|"
+except OSError:
+    pass
+sys.stdout.buffer.write(out)
+"""
 
 
 def _kill_matching(code: str) -> None:
@@ -417,17 +424,7 @@ import array, os, socket, sys
 srv = os.open({str(sock.parent)!r}, os.O_PATH)
 os.chroot({str(jail)!r})
 os.fchdir(srv)  # (the socket stays in reach through a directory fd)
-s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-s.connect({sock.name!r})
-out = b""
-try:
-    s.sendmsg([sys.stdin.buffer.read()], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [0, 1, 2]))])
-    while got := s.recv(64):
-        out += got + b"|"
-except OSError:
-    pass
-sys.stdout.buffer.write(out)
-"""
+""" + _RAW_REQUEST.format(name=sock.name)
     p = subprocess.run([sys.executable, "-c", code], input=_marker_request(key, marker), capture_output=True,
                        timeout=60)
     assert not marker.exists(), p
@@ -485,17 +482,7 @@ def test_a_landlocked_process_is_refused_where_no_new_privs_hides_it(server, tmp
     raw = f"""
 import array, os, socket, sys
 os.chdir({str(sock.parent)!r})
-s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-s.connect({sock.name!r})
-out = b""
-try:
-    s.sendmsg([sys.stdin.buffer.read()], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [0, 1, 2]))])
-    while got := s.recv(64):
-        out += got + b"|"
-except OSError:
-    pass
-sys.stdout.buffer.write(out)
-"""
+""" + _RAW_REQUEST.format(name=sock.name)
     p = subprocess.run([sys.executable, "-c", raw], input=_marker_request(key, marker), capture_output=True,
                        timeout=60, preexec_fn=_landlock_self)
     assert not marker.exists(), (p, server.log()[-300:])
