@@ -177,8 +177,11 @@ async def test_each_snippet_sees_no_other_snippets_files_processes_or_state(ray_
         assert first.ok, first
         assert second.ok and second.result == "([], False, False)", second
     # the trade-off fresh_sandbox_every=N documents: the files (and the process) are shared
+    # one after the other: Ray does not run an async actor's concurrent calls in the order
+    # they were sent, so with both in flight `look` could run first (and see nothing)
     async with SandboxPool(zviz.Policy.python(), sandboxes_per_node=1, fresh_sandbox_every=2) as pool:
-        first, second = await pool.map_python([leave, look], timeout=20)
+        [first] = await pool.map_python([leave], timeout=20)
+        [second] = await pool.map_python([look], timeout=20)
         assert first.ok and second.ok and second.result.startswith("(['/tmp/left'"), second
         assert second.result.endswith("True, False)"), second  # the process, but never Python state
 
