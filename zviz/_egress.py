@@ -392,7 +392,9 @@ class EgressProxy:
             except _Denied as d:
                 self._refuse(conn, d.refused)
             except BadRequest as e:
-                if conn.protocol == "http" and not isinstance(e, proto.SocksRefusal):
+                if isinstance(e, proto.NotHttp):
+                    await _send_quietly(conn.client, e.reply)
+                elif conn.protocol == "http" and not isinstance(e, proto.SocksRefusal):
                     await _send_quietly(conn.client, proto.http_error(400, e.reason))
                 elif conn.protocol == "socks5" and not isinstance(e, proto.SocksRefusal):
                     await _send_quietly(conn.client, proto.socks_reply(proto.SOCKS_FAILURE))

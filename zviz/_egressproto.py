@@ -358,9 +358,44 @@ class HttpRequest:
     consumed: int  # bytes of the buffer the head took
 
 
+class NotHttp(BadRequest):
+    """The client's first bytes cannot start an HTTP request (nor a SOCKS5
+    greeting): refused at once, with `reply` (what such a client understands),
+    not after the head's timeout."""
+
+    def __init__(self, reason: str, reply: bytes) -> None:
+        super().__init__(reason)
+        self.reply = reply
+
+
+_MAX_METHOD = 32  # longer than any HTTP method in use
+
+
+def check_request_start(buf: bytes) -> None:
+    """NotHttp when what a client sent first is another protocol: SOCKS4,
+    a TLS handshake (a proxy URL written `https://`), or anything whose first
+    word is not a method. A client speaking one of those waits for an answer
+    that the head's timeout would only give after seconds."""
+    fix = (f"use HTTP (HTTP_PROXY/HTTPS_PROXY=http://127.0.0.1:{PROXY_PORT}) or SOCKS5 with names resolved by "
+           f"the proxy (ALL_PROXY=socks5h://127.0.0.1:{PROXY_PORT})")
+    if buf[:1] == b"\x04":
+        raise NotHttp(f"SOCKS4 is not supported: {fix}", b"\x00\x5b" + bytes(6))  # 0x5b: request rejected
+    if buf[:1] == b"\x16":
+        raise NotHttp(f"a TLS handshake sent to the proxy itself (a proxy URL written https://): the proxy is "
+                      f"reached in plain text, the tunnel carries the TLS; {fix}",
+                      http_error(400, "not an HTTP request"))
+    space = buf.find(b" ", 0, _MAX_METHOD + 1)
+    method = buf[:space] if space >= 0 else buf[:_MAX_METHOD + 1]
+    if method and (not _TOKEN.match(method) or (space < 0 and len(method) > _MAX_METHOD)):
+        raise NotHttp(f"not an HTTP request nor a SOCKS5 greeting: {fix}",
+                      http_error(400, "not an HTTP request nor a SOCKS5 greeting"))
+
+
 def parse_http_head(buf: bytes) -> HttpRequest | _NeedMore:
     """Parse one request head at the start of `buf` (NEED_MORE until its
-    blank line arrives; BadRequest past MAX_HEAD or on anything malformed)."""
+    blank line arrives; BadRequest past MAX_HEAD or on anything malformed,
+    NotHttp at once when its first bytes are another protocol)."""
+    check_request_start(buf)
     end = buf.find(b"\r\n\r\n", 0, MAX_HEAD + 4)
     if end < 0:
         if len(buf) > MAX_HEAD:
