@@ -272,7 +272,7 @@ def test_cli_domain_flags(index, tmp_path):
     assert b"egress http pkgs.test" in r.stderr and b"allowed" in r.stderr
     r = zviz("--allow-domain", "*.test", "--allow-domain", f"pkgs.test:{index.port}", "--deny-domain", "pkgs.test",
              "--add-host", "pkgs.test:127.0.0.1", *get)
-    assert r.stdout == b"403\n" and b"matches a deny rule" in r.stderr
+    assert r.stdout == b"403\n" and b"matches the deny rule" in r.stderr
     local = ["--", "python3", "-c", "import urllib.request as u\ntry:\n u.urlopen("
              f"'http://localhost:{index.port}/hello', timeout=10)\nexcept Exception as e:\n print(e.code)"]
     r = zviz("--allow-domain", f"localhost:{index.port}", "--env", "NO_PROXY=", "--env", "no_proxy=", *local)

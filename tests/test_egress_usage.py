@@ -80,3 +80,19 @@ for first in (b"\\x04\\x01\\x00\\x50\\x00\\x00\\x00\\x01\\x00pkgs.test\\x00", b"
         assert "SOCKS4" in events[0].reason and "https://" in events[1].reason
         assert all("socks5h://127.0.0.1:3128" in e.reason and not e.allowed for e in events)
         assert not web.requests
+
+
+# ---------------------------------------------------------------- refusals name the fix
+
+def test_each_refusal_of_a_name_says_what_to_change():
+    rules = p.Rules.build(["pkgs.test", "*.ok.test"], ["*.bad.ok.test"], [80, 443], {})
+    name, why = rules.check("x.bad.ok.test", 443)
+    assert name == "x.bad.ok.test"
+    assert why.code == "denied" and "'*.bad.ok.test'" in why.reason and "deny_domains" in why.reason
+    _, why = rules.check("pkgs.test", 8080)  # an allowed name on a port not allowed
+    assert why.code == "port" and "ports=[..., 8080]" in why.reason and "--allow-domain pkgs.test:8080" in why.reason
+    _, why = rules.check("other.test", 8080)  # the flag suggested must let the request through
+    assert why.code == "not-allowed" and why.reason.endswith("--allow-domain other.test:8080)"), why.reason
+    assert "ports=[..., 8080]" in why.reason
+    _, why = rules.check("other.test", 443)
+    assert why.code == "not-allowed" and why.reason.endswith("--allow-domain other.test)"), why.reason

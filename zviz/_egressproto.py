@@ -253,14 +253,19 @@ class Rules:
             name = normalize_name(host)
         except ValueError as e:
             return host[:MAX_NAME], Refused("name", str(e))
-        if any(matches(p, name) for p in self.deny):
-            return name, Refused("denied", f"{name} matches a deny rule")
+        rule = next((p for p in self.deny if matches(p, name)), None)
+        if rule is not None:
+            return name, Refused("denied", f"{name} matches the deny rule {rule!r} (deny wins over allow: take it "
+                                 "out of deny_domains / --deny-domain to reach this name)")
+        flag_port = "" if port in self.ports else f":{port}"
         if not any(matches(p, name) for p in self.allow):
+            ports = "" if port in self.ports else f", ports=[..., {port}]"
             return name, Refused("not-allowed", f"{name} is not in the allowed domains (add it: "
-                                 f"Network.domains([..., {name!r}]) or --allow-domain {name})")
+                                 f"Network.domains([..., {name!r}]{ports}) or --allow-domain {name}{flag_port})")
         if port not in self.ports:
             return name, Refused("port", f"port {port} is not allowed for domains (allowed: "
-                                 f"{', '.join(map(str, sorted(self.ports)))})")
+                                 f"{', '.join(map(str, sorted(self.ports)))}; add it: Network.domains([...], "
+                                 f"ports=[..., {port}]) or --allow-domain {name}{flag_port})")
         return name, None
 
     def pinned(self, name: str) -> tuple[str, ...] | None:
