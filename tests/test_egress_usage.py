@@ -5,6 +5,7 @@ mistyped flag or a refused request gets told. Every server is on 127.0.0.1
 from __future__ import annotations
 
 import pytest
+import trio
 
 import zviz
 from zviz import _egressproto as p
@@ -96,3 +97,54 @@ def test_each_refusal_of_a_name_says_what_to_change():
     assert "ports=[..., 8080]" in why.reason
     _, why = rules.check("other.test", 443)
     assert why.code == "not-allowed" and why.reason.endswith("--allow-domain other.test)"), why.reason
+
+
+# ---------------------------------------------------------------- a program that goes around the proxy
+
+def test_a_direct_connect_names_its_address_unambiguously_and_the_fix():
+    assert p.direct_hint(("2606:2800:220:1::1", 443)).startswith("[2606:2800:220:1::1]:443: connections leave only")
+    assert p.direct_hint(("93.184.216.34", 443)).startswith("93.184.216.34:443: connections leave only")
+    for host, pin in (("127.0.0.1", "127.0.0.1"), ("127.0.0.53", "127.0.0.53"), ("::1", "[::1]")):
+        text = p.direct_hint((host, 8080))
+        assert "own loopback" in text and "NO_PROXY" in text and f"--add-host svc.test:{pin} " in text, text
+        assert "--allow-domain svc.test:8080" in text
+    assert "own loopback" not in p.direct_hint(("10.0.0.1", 8080)) and "--allow-domain NAME" in p.direct_hint()
+
+
+@pytest.mark.trio
+async def test_a_client_that_no_proxy_sends_to_its_own_loopback_is_told_how_to_reach_the_host(web, proxy_way):
+    """`localhost` allowed and pinned to 127.0.0.1: curl follows NO_PROXY and
+    connects to the sandbox's own loopback, which it is refused; the event says
+    so and how to reach the host's service (it said: use the proxy and allow
+    the name, both of which the user had done). An IPv6 destination is written
+    [addr]:port, and a TCP Fast Open send names the fix too."""
+    net = zviz.Network.domains(["localhost"], ports=[web.port], hosts={"localhost": "127.0.0.1"})
+    code = """
+import socket
+for fam, a in ((socket.AF_INET6, ("::2", 3128)), (socket.AF_INET, ("93.184.216.34", 80))):
+    s = socket.socket(fam)
+    s.settimeout(20)
+    try:
+        if fam == socket.AF_INET:
+            s.sendto(b"GET / HTTP/1.0\\r\\n\\r\\n", socket.MSG_FASTOPEN, a)
+        else:
+            s.connect(a)
+    except OSError as e:
+        print(e.errno)
+"""
+    async with zviz.open_sandbox(zviz.Policy.shell(net=net, limits=zviz.Limits(wall_s=60))) as sb:
+        r = await sb.run(["curl", "-sS", f"http://localhost:{web.port}/hello"])
+        assert r.exit_code == 7 and not web.requests, r.stderr  # couldn't connect
+        r = await sb.run([SYS_PY, "-c", code])
+        assert r.stdout.split() == ([b"13", b"13"] if proxy_way == "supervised" else [b"111", b"13"])
+        with trio.fail_after(5):  # (inside, the host reads the kernel's resets in the proxy's task)
+            while not ([e for e in sb.events_so_far() if "::2" in getattr(e, "detail", "")]
+                       and [e for e in sb.events_so_far() if f"127.0.0.1:{web.port}" in getattr(e, "detail", "")]):
+                await trio.sleep(0.01)
+        details = [e.detail for e in sb.events_so_far() if isinstance(e, zviz.DenialEvent)]
+        (lo,) = [d for d in details if f"127.0.0.1:{web.port}" in d]
+        assert "own loopback" in lo and "--add-host svc.test:127.0.0.1" in lo, lo
+        (v6,) = [d for d in details if "::2" in d]
+        assert "[::2]:3128: connections leave only" in v6, v6
+        (tfo,) = [d for d in details if "MSG_FASTOPEN" in d]
+        assert "HTTPS_PROXY" in tfo and "--allow-domain" in tfo, tfo

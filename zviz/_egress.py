@@ -199,10 +199,9 @@ class EgressProxy:
         self._expected[local_port] = now + EXPECT_S
 
     @staticmethod
-    def hint() -> str:
-        return (f"connections leave only through zviz's egress proxy, by domain name: use HTTP_PROXY/HTTPS_PROXY/"
-                f"ALL_PROXY=http://127.0.0.1:{proto.PROXY_PORT} (set for you; pip, npm, curl, git and requests read "
-                "them) and allow the name with Network.domains([...]) or --allow-domain NAME")
+    def hint(address: tuple[str, int] | None = None) -> str:
+        """A denial's detail for a program that went around the proxy (to `address`, when it connected)."""
+        return proto.direct_hint(address)
 
     # ---- serving
 
@@ -362,7 +361,7 @@ class EgressProxy:
                 host, port = seen
                 self._on_event(DenialEvent(time=time.time(), pid=0, command="", syscall="connect",
                                            nr=connect_nr, args=(), errno=errno.ECONNREFUSED, source="netns",
-                                           detail=f"{host}:{port}: {self.hint()}"))
+                                           detail=self.hint((host, port))))
                 if self._on_denial is not None:
                     self._on_denial("connect")
             await anyio.lowlevel.checkpoint()

@@ -716,6 +716,31 @@ def sni_refusal(hello: ClientHello, name: str) -> Refused | None:
     return None
 
 
+def direct_hint(address: tuple[str, int] | None = None) -> str:
+    """The detail of a denial for a program that went around the proxy: a
+    UDP or raw socket (no address), or a direct connect to `address` (host,
+    port), written `[v6]:port` where the host is IPv6."""
+    way = (f"use HTTP_PROXY/HTTPS_PROXY/ALL_PROXY=http://127.0.0.1:{PROXY_PORT} (set for you; pip, npm, curl, git "
+           "and requests read them)")
+    text = f"connections leave only through zviz's egress proxy, by domain name: {way} and allow the name with " \
+           "Network.domains([...]) or --allow-domain NAME"
+    if address is None:
+        return text
+    host, port = address
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        loopback = canonical_ip(host).is_loopback
+    except ValueError:
+        loopback = False
+    if loopback:  # most often a client that NO_PROXY kept off the proxy, after a name the policy pins and allows
+        pin = f"[{host}]" if ":" in host else host
+        return (f"{where}: the sandbox's own loopback, where nothing listens (NO_PROXY keeps localhost, 127.0.0.1 "
+                f"and ::1 off the proxy). To reach a service on the host's loopback, pin another name to it "
+                f"(--add-host svc.test:{pin} or hosts={{'svc.test': '{host}'}}), allow it (--allow-domain "
+                f"svc.test:{port}) and use that name through HTTP_PROXY=http://127.0.0.1:{PROXY_PORT} (set for you)")
+    return f"{where}: {text}"
+
+
 def proxy_environment() -> dict[str, str]:
     """The variables that point clients at the proxy (pip, npm, curl, git,
     requests, httpx and urllib read them; NO_PROXY keeps loopback direct)."""

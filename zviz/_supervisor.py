@@ -248,8 +248,9 @@ class Supervisor:
             self.decodes_skipped += 1  # a flood: answered at once, its strings unread
         _kernel.notif_send(listener, n.id, error=answer.errno)
         detail = None
-        if self.egress is not None and name in ("socket", "socketpair"):
-            # net.mode = "domains": a UDP socket (a program's own DNS lookup, say): the event names the way out
+        if self.egress is not None and name in ("socket", "socketpair", "sendto", "sendmsg", "sendmmsg"):
+            # net.mode = "domains": a UDP socket (a program's own DNS lookup, say), a TCP Fast Open send
+            # (a connect without connect()): the event names the way out
             detail = f"{_decide.decode(n.nr, n.args).detail}: {self.egress.hint()}"[:_decide.DETAIL_MAX]
         self._record(n, answer.errno, account, detail=detail)
 
@@ -399,7 +400,7 @@ class Supervisor:
             detail = None
             parsed = _decide.parse_sockaddr(data) if egress is not None else None
             if egress is not None and parsed is not None:  # (a unix socket's connect: refused as in allow mode)
-                detail = f"fd={_decide_fd(n)}, {parsed[1]}:{parsed[2]}: {egress.hint()}"[:_decide.DETAIL_MAX]
+                detail = f"fd={_decide_fd(n)}, {egress.hint((parsed[1], parsed[2]))}"[:_decide.DETAIL_MAX]
             self._record(n, answer.errno, account, detail=detail)
             _kernel.notif_send(listener, n.id, error=answer.errno)
             return
@@ -523,7 +524,7 @@ class _EgressHook(Protocol):
 
     def expect(self, local_port: int) -> None: ...
 
-    def hint(self) -> str: ...
+    def hint(self, address: tuple[str, int] | None = None) -> str: ...
 
 
 def _connected(sock: socket.socket) -> bool:
