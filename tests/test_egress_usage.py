@@ -148,3 +148,33 @@ for fam, a in ((socket.AF_INET6, ("::2", 3128)), (socket.AF_INET, ("93.184.216.3
         assert "[::2]:3128: connections leave only" in v6, v6
         (tfo,) = [d for d in details if "MSG_FASTOPEN" in d]
         assert "HTTPS_PROXY" in tfo and "--allow-domain" in tfo, tfo
+
+
+# ---------------------------------------------------------------- the command line
+
+def _cli_net(*flags: str, policy_file: str | None = None) -> zviz.Network:
+    from zviz import _cli
+
+    args = ["run", *(["--policy", policy_file] if policy_file else []), *flags, "--", "true"]
+    return _cli._policy_from_args(_cli._parser().parse_args(args)).net
+
+
+@pytest.mark.parametrize("item", ["a.test:http", "a.test:", "a.test:0", "a.test:65536", "a.test:\u0663"])
+def test_allow_domain_with_a_bad_port_names_the_flag(item):
+    with pytest.raises(zviz.PolicyError, match=r"'--allow-domain'.*NAME:PORT, PORT a number from 1 to 65535"):
+        _cli_net("--allow-domain", item)
+
+
+def test_add_host_for_a_name_no_allow_domain_allows_is_refused(tmp_path):
+    """A pin nothing allows is never used: most often a typo of the allowed
+    name, which then goes to DNS (and is refused, or reaches what DNS says)."""
+    with pytest.raises(zviz.PolicyError, match=r"'--add-host'.*pkg\.test is not: add --allow-domain pkg\.test"):
+        _cli_net("--allow-domain", "pkgs.test:8080", "--add-host", "pkg.test:127.0.0.1")
+    pol = tmp_path / "p.toml"
+    pol.write_text('preset = "shell"\n[net]\nmode = "domains"\nallow_domains = ["*.corp.test"]\n')
+    with pytest.raises(zviz.PolicyError, match=r"corp\.test is not"):  # *. is for subdomains only
+        _cli_net("--add-host", "corp.test:10.0.0.1", policy_file=str(pol))
+    net = _cli_net("--add-host", "Pkgs.Corp.Test.:10.0.0.1", "--add-host", "x.corp.test:[::1]", policy_file=str(pol))
+    assert dict(net.hosts) == {"pkgs.corp.test": ("10.0.0.1",), "x.corp.test": ("::1",)}
+    net = _cli_net("--allow-domain", "pkgs.test:8080", "--add-host", "PKGS.test:127.0.0.1")
+    assert net.ports == (80, 443, 8080) and dict(net.hosts) == {"pkgs.test": ("127.0.0.1",)}

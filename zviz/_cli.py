@@ -200,7 +200,10 @@ def _domains_from_args(a: argparse.Namespace, current: Network) -> Network:
     names, ports = [], {80, 443}
     for item in a.allow_domain:
         name, sep, port = item.rpartition(":")
-        if sep and port.isdigit():
+        if sep and not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+            raise PolicyError("--allow-domain", item, "NAME or NAME:PORT, PORT a number from 1 to 65535 "
+                              "(e.g. pkgs.test:8080)")
+        if sep:
             names.append(name)
             ports.add(int(port))
         else:
@@ -213,12 +216,26 @@ def _domains_from_args(a: argparse.Namespace, current: Network) -> Network:
         hosts.setdefault(name, []).append(ip.strip("[]"))
     deny = list(a.deny_domain)
     if current.mode != "domains":
-        return Network.domains(names, ports=sorted(ports), deny=deny, hosts=hosts)
-    # from --policy: the flags add to it
-    return Network.domains([*current.allow_domains, *names], ports=sorted(ports | set(current.ports)),
-                           deny=[*current.deny_domains, *deny], hosts={**{k: list(v) for k, v in current.hosts},
-                                                                       **hosts},
-                           max_connections=current.max_connections, max_bytes=current.max_bytes)
+        net = Network.domains(names, ports=sorted(ports), deny=deny, hosts=hosts)
+    else:  # from --policy: the flags add to it
+        net = Network.domains([*current.allow_domains, *names], ports=sorted(ports | set(current.ports)),
+                              deny=[*current.deny_domains, *deny], hosts={**{k: list(v) for k, v in current.hosts},
+                                                                          **hosts},
+                              max_connections=current.max_connections, max_bytes=current.max_bytes)
+    _check_pins_allowed(a.add_host, net)
+    return net
+
+
+def _check_pins_allowed(items: list[str], net: Network) -> None:
+    """An --add-host NAME that no --allow-domain allows is a mistake (a typo,
+    most often): the pin would never be used."""
+    from ._egressproto import matches, normalize_name
+
+    for item in items:
+        name = normalize_name(item.partition(":")[0])  # (valid: the Network above took it)
+        if not any(matches(p, name) for p in net.allow_domains):
+            raise PolicyError("--add-host", item, f"a name an --allow-domain allows ({name} is not: add "
+                              f"--allow-domain {name}; a pin only says where an allowed name goes)")
 
 
 class UsageError(Exception):
