@@ -178,3 +178,12 @@ def test_add_host_for_a_name_no_allow_domain_allows_is_refused(tmp_path):
     assert dict(net.hosts) == {"pkgs.corp.test": ("10.0.0.1",), "x.corp.test": ("::1",)}
     net = _cli_net("--allow-domain", "pkgs.test:8080", "--add-host", "PKGS.test:127.0.0.1")
     assert net.ports == (80, 443, 8080) and dict(net.hosts) == {"pkgs.test": ("127.0.0.1",)}
+
+
+# ---------------------------------------------------------------- the policy
+
+@pytest.mark.parametrize("value", [0, -1, 2.5, True, None, "64"])
+def test_max_connections_says_what_it_takes(value):
+    with pytest.raises(zviz.PolicyError, match=r"net\.max_connections") as e:
+        zviz.Network.domains(["a.test"], max_connections=value)
+    assert str(e.value).endswith("expected a positive whole number (connections open at once)"), e.value

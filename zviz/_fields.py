@@ -181,10 +181,9 @@ def _conv_net_hosts(value: object) -> tuple[tuple[str, tuple[str, ...]], ...]:
 
 
 def _conv_net_max_connections(value: object) -> int:
-    n = _count("net.max_connections", value)
-    if n is None:
-        raise PolicyError("net.max_connections", value, "a positive whole number")
-    return n
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:  # (no "no limit": None is refused)
+        raise PolicyError("net.max_connections", value, "a positive whole number (connections open at once)")
+    return value
 
 
 def _conv_net_max_bytes(value: object) -> int | None:
