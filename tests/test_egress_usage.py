@@ -187,3 +187,12 @@ def test_max_connections_says_what_it_takes(value):
     with pytest.raises(zviz.PolicyError, match=r"net\.max_connections") as e:
         zviz.Network.domains(["a.test"], max_connections=value)
     assert str(e.value).endswith("expected a positive whole number (connections open at once)"), e.value
+
+
+def test_pins_of_one_name_written_two_ways_are_merged():
+    """`PKGS.test` and `pkgs.test.` are the same name: both pins are kept (the
+    last one silently replaced the other)."""
+    net = zviz.Network.domains(["pkgs.test"], hosts={"PKGS.test": "127.0.0.1", "pkgs.test.": ["::1", "127.0.0.1"]})
+    assert dict(net.hosts) == {"pkgs.test": ("127.0.0.1", "::1")}
+    net = _cli_net("--allow-domain", "pkgs.test", "--add-host", "PKGS.test:127.0.0.1", "--add-host", "pkgs.test:[::1]")
+    assert dict(net.hosts) == {"pkgs.test": ("127.0.0.1", "::1")}

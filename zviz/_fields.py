@@ -176,7 +176,7 @@ def _conv_net_hosts(value: object) -> tuple[tuple[str, tuple[str, ...]], ...]:
                 raise PolicyError(f"net.hosts.{name}", a, "an IP address") from None
         if not canon:
             raise PolicyError(f"net.hosts.{name}", v, "at least one IP address")
-        out[name] = tuple(dict.fromkeys(canon))
+        out[name] = tuple(dict.fromkeys([*out.get(name, ()), *canon]))  # (PKGS.test and pkgs.test: one name)
     return tuple(sorted(out.items()))
 
 
