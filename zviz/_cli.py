@@ -80,7 +80,8 @@ def _add_run(sub: Subparsers) -> None:
     r.add_argument("--deny-domain", metavar="NAME", action="append", default=[],
                    help="refuse NAME even when an --allow-domain matches it")
     r.add_argument("--add-host", metavar="NAME:IP", action="append", default=[],
-                   help="pin NAME to IP for the proxy (no DNS; a private address is accepted for it)")
+                   help="pin NAME (a name an --allow-domain allows) to IP for the proxy (no DNS; a private "
+                   "address is accepted for it)")
     r.add_argument("--timeout", metavar="S", type=float, help="wall-clock limit in seconds")
     r.add_argument("--memory", metavar="SIZE",
                    help="memory limit, e.g. 512M (per process, and per sandbox with a cgroup)")
