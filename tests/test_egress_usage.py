@@ -196,3 +196,24 @@ def test_pins_of_one_name_written_two_ways_are_merged():
     assert dict(net.hosts) == {"pkgs.test": ("127.0.0.1", "::1")}
     net = _cli_net("--allow-domain", "pkgs.test", "--add-host", "PKGS.test:127.0.0.1", "--add-host", "pkgs.test:[::1]")
     assert dict(net.hosts) == {"pkgs.test": ("127.0.0.1", "::1")}
+
+
+# ---------------------------------------------------------------- the docs
+
+def test_every_refusal_code_is_documented():
+    """An EgressEvent's `code` is what a program (or a person) branches on:
+    each one the proxy can give is in docs/network.md and docs/api.md."""
+    import os
+    import re
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    codes = set()
+    for module in ("_egress.py", "_egressproto.py"):
+        with open(os.path.join(root, "zviz", module)) as f:
+            codes |= set(re.findall(r'Refused\(\s*"([a-z-]+)"', f.read()))
+    assert {"not-allowed", "port", "bad-request", "bytes"} <= codes
+    for doc in ("network.md", "api.md"):
+        with open(os.path.join(root, "docs", doc)) as f:
+            line = next(ln for ln in f if "`ok`, or why not:" in ln)
+        missing = sorted(c for c in codes if f"`{c}`" not in line)
+        assert not missing, f"docs/{doc} does not list the refusal codes {missing}"
