@@ -295,7 +295,7 @@ async def test_direct_connects_get_a_fast_denial_with_the_fix(upstream, proxy_wa
         events = [e for e in sb.events_so_far() if isinstance(e, zviz.DenialEvent) and e.syscall == "connect"]
         assert len(events) == 4 and all("HTTP_PROXY" in e.detail for e in events)
         assert sorted(e.detail.split(": ")[0].split(", ")[-1] for e in events) == sorted(
-            [f"127.0.0.1:{P}", f"127.0.0.1:{real}", f"::1:{P}", f"127.0.0.1:{P}"])
+            [f"127.0.0.1:{P}", f"127.0.0.1:{real}", f"[::1]:{P}", f"127.0.0.1:{P}"])  # IPv6: [addr]:port
         if proxy_way == "inside":
             assert sb.statistics().notifications == 0  # the kernel refused them; the host saw their SYNs
         assert sb.statistics().egress.connections == 0
@@ -331,7 +331,7 @@ async def test_the_proxys_port_elsewhere_reaches_nothing(upstream, proxy_way):
                     while len([e for e in sb.events_so_far() if isinstance(e, zviz.DenialEvent)]) < 4:
                         await trio.sleep(0.01)
                 seen = sorted(e.detail.split(": ")[0] for e in sb.events_so_far() if isinstance(e, zviz.DenialEvent))
-                assert seen == sorted(["127.0.0.2:3128", "10.255.255.1:3128", "::2:3128", "127.0.0.2:3128"])
+                assert seen == sorted(["127.0.0.2:3128", "10.255.255.1:3128", "[::2]:3128", "127.0.0.2:3128"])
             assert sb.statistics().egress.connections == 0 and sb.statistics().egress.strangers == 0
         with pytest.raises(BlockingIOError):
             host_lst.accept()
