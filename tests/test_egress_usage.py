@@ -99,6 +99,19 @@ def test_each_refusal_of_a_name_says_what_to_change():
     assert why.code == "not-allowed" and why.reason.endswith("--allow-domain other.test)"), why.reason
 
 
+
+@pytest.mark.parametrize(("head", "says"), [
+    (b"GET http://pkgs.test:8080/ HTTP/1.1\r\nHost: pkgs.test\r\n\r\n", "('pkgs.test') than the request target "
+     "(pkgs.test:8080)"),
+    (b"CONNECT pkgs.test:8443 HTTP/1.1\r\nHost: evil.test:8443\r\n\r\n", "('evil.test:8443') than the CONNECT "
+     "target (pkgs.test:8443)"),
+])
+def test_a_host_header_refusal_names_both_hosts(head, says):
+    with pytest.raises(p.BadRequest) as e:
+        p.parse_http_head(head)
+    assert says in e.value.reason and "drop the Host header" in e.value.reason, e.value.reason
+
+
 # ---------------------------------------------------------------- a program that goes around the proxy
 
 def test_a_direct_connect_names_its_address_unambiguously_and_the_fix():

@@ -449,7 +449,7 @@ def parse_http_head(buf: bytes) -> HttpRequest | _NeedMore:
     if method == "CONNECT":
         host, port = parse_authority(target, None)
         if hosts and not _same_authority(hosts[0].decode(), host, port, 443):
-            raise BadRequest("the Host header names another host than the CONNECT target")
+            raise BadRequest(_host_mismatch(hosts[0], host, port, "CONNECT target"))
         return HttpRequest(method=method, host=host, port=port, connect=True, head=b"", body_length=0,
                            consumed=end + 4)
     lower = target.lower()
@@ -464,7 +464,7 @@ def parse_http_head(buf: bytes) -> HttpRequest | _NeedMore:
         path = path[: path.index("#")]
     host, port = parse_authority(authority, 80)
     if hosts and not _same_authority(hosts[0].decode(), host, port, 80):
-        raise BadRequest("the Host header names another host than the request target")
+        raise BadRequest(_host_mismatch(hosts[0], host, port, "request target"))
     if not path.startswith("/"):
         path = "/" + path
     out = [f"{method} {path} {version.decode()}".encode(), b"Host: " + authority.encode()]
@@ -483,6 +483,11 @@ def _same_authority(header: str, host: str, port: int, default: int) -> bool:
     except BadRequest:
         return False
     return h.lower().rstrip(".") == host.lower().rstrip(".") and p == port
+
+
+def _host_mismatch(header: bytes, host: str, port: int, what: str) -> str:
+    return (f"the Host header names another host ({header.decode()[:80]!r}) than the {what} "
+            f"({host[:MAX_NAME]}:{port}): drop the Host header, or make it the same host and port")
 
 
 def http_error(status: int, reason: str) -> bytes:
