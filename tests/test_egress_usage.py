@@ -178,6 +178,21 @@ def test_allow_domain_with_a_bad_port_names_the_flag(item):
         _cli_net("--allow-domain", item)
 
 
+@pytest.mark.parametrize(("item", "says"), [
+    ("pkgs.test", "a name, a colon, an address"), ("pkgs.test=127.0.0.1", "a name, a colon, an address"),
+    (":127.0.0.1", "a name, a colon, an address"), ("[::1]:pkgs.test", "'[' is not a host name"),
+    ("127.0.0.1:pkgs.test", "'127.0.0.1' is an IP address"), ("pkgs.test:127.0.0.1:80", "'127.0.0.1:80' is not an IP"),
+    ("pkgs.test:localhost", "'localhost' is not an IP address"), ("pkgs.test:[::1", "'[::1' is not an IP address"),
+    ("*.pkgs.test:127.0.0.1", "a pin is for one name, not a pattern"),
+])
+def test_a_malformed_add_host_names_the_flag_and_what_is_wrong(item, says):
+    """(it named net.hosts, or said '[' was not a host name, or took 'pkgs.test:[::1' as ::1)"""
+    with pytest.raises(zviz.PolicyError) as e:
+        _cli_net("--allow-domain", "pkgs.test", "--allow-domain", "*.pkgs.test", "--add-host", item)
+    assert "'--add-host'" in str(e.value) and "NAME:IP, e.g. pkgs.test:127.0.0.1 or pkgs.test:[::1]" in str(e.value)
+    assert says in str(e.value), e.value
+
+
 def test_add_host_for_a_name_no_allow_domain_allows_is_refused(tmp_path):
     """A pin nothing allows is never used: most often a typo of the allowed
     name, which then goes to DNS (and is refused, or reaches what DNS says)."""

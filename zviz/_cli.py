@@ -211,10 +211,8 @@ def _domains_from_args(a: argparse.Namespace, current: Network) -> Network:
             names.append(item)
     hosts: dict[str, list[str]] = {}
     for item in a.add_host:
-        name, sep, ip = item.partition(":")
-        if not sep or not name or not ip:
-            raise PolicyError("--add-host", item, "NAME:IP, e.g. pkgs.test:127.0.0.1")
-        hosts.setdefault(name, []).append(ip.strip("[]"))
+        name, ip = _add_host(item)
+        hosts.setdefault(name, []).append(ip)
     deny = list(a.deny_domain)
     if current.mode != "domains":
         net = Network.domains(names, ports=sorted(ports), deny=deny, hosts=hosts)
@@ -225,6 +223,29 @@ def _domains_from_args(a: argparse.Namespace, current: Network) -> Network:
                               max_connections=current.max_connections, max_bytes=current.max_bytes)
     _check_pins_allowed(a.add_host, net)
     return net
+
+
+def _add_host(item: str) -> tuple[str, str]:
+    """--add-host NAME:IP (IPv6 as [addr] or bare): (NAME, IP), or a PolicyError naming the flag."""
+    import ipaddress
+
+    from ._egressproto import name_error
+
+    name, sep, ip = item.partition(":")
+    if ip.startswith("[") and ip.endswith("]"):
+        ip = ip[1:-1]
+    why = None if sep and name and ip else "a name, a colon, an address"
+    if why is None and name.startswith("*."):
+        why = "a pin is for one name, not a pattern: pin each name"
+    why = why or name_error(name)
+    if why is None:
+        try:
+            ipaddress.ip_address(ip)
+        except ValueError:
+            why = f"{ip!r} is not an IP address"
+    if why is not None:
+        raise PolicyError("--add-host", item, f"NAME:IP, e.g. pkgs.test:127.0.0.1 or pkgs.test:[::1] ({why})")
+    return name, ip
 
 
 def _check_pins_allowed(items: list[str], net: Network) -> None:
