@@ -193,6 +193,20 @@ def test_a_malformed_add_host_names_the_flag_and_what_is_wrong(item, says):
     assert says in str(e.value), e.value
 
 
+@pytest.mark.parametrize(("flags", "says"), [
+    (["--allow-domain", "a b"], "'--allow-domain'.*'a b' is not a host name"),
+    (["--allow-domain", "*"], "'--allow-domain'.*a wildcard is only allowed as the whole first label"),
+    (["--allow-domain", "a..b:8080"], r"'--allow-domain'.*'a\.\.b' is not a host name"),
+    (["--allow-domain", "https://pypi.org/simple"], "'--allow-domain'.*not a URL: pypi.org"),
+    (["--allow-domain", "http://pkgs.test:8080"], "'--allow-domain'.*not a URL: pkgs.test:8080"),
+    (["--allow-domain", "a.test", "--deny-domain", "x y"], "'--deny-domain'.*'x y' is not a host name"),
+])
+def test_a_malformed_domain_flag_names_the_flag(flags, says):
+    """(they named net.allow_domains / net.deny_domains; a URL got "PORT a number")"""
+    with pytest.raises(zviz.PolicyError, match=says):
+        _cli_net(*flags)
+
+
 def test_add_host_for_a_name_no_allow_domain_allows_is_refused(tmp_path):
     """A pin nothing allows is never used: most often a typo of the allowed
     name, which then goes to DNS (and is refused, or reaches what DNS says)."""

@@ -199,21 +199,27 @@ def _domains_from_args(a: argparse.Namespace, current: Network) -> Network:
     if not a.allow_domain and current.mode != "domains":
         raise PolicyError("--allow-domain", [], "at least one --allow-domain NAME with --deny-domain or --add-host")
     names, ports = [], {80, 443}
+    for item in a.allow_domain + a.deny_domain:
+        _, sep, rest = item.partition("://")
+        if sep:  # a URL: its host is what was meant
+            host = rest.split("/", 1)[0]
+            raise PolicyError("--allow-domain" if item in a.allow_domain else "--deny-domain", item,
+                              f"a domain name (with :PORT for --allow-domain), not a URL: {host}")
     for item in a.allow_domain:
         name, sep, port = item.rpartition(":")
         if sep and not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
             raise PolicyError("--allow-domain", item, "NAME or NAME:PORT, PORT a number from 1 to 65535 "
                               "(e.g. pkgs.test:8080)")
         if sep:
-            names.append(name)
+            names.append(_domain_arg("--allow-domain", item, name))
             ports.add(int(port))
         else:
-            names.append(item)
+            names.append(_domain_arg("--allow-domain", item, item))
     hosts: dict[str, list[str]] = {}
     for item in a.add_host:
         name, ip = _add_host(item)
         hosts.setdefault(name, []).append(ip)
-    deny = list(a.deny_domain)
+    deny = [_domain_arg("--deny-domain", item, item) for item in a.deny_domain]
     if current.mode != "domains":
         net = Network.domains(names, ports=sorted(ports), deny=deny, hosts=hosts)
     else:  # from --policy: the flags add to it
@@ -223,6 +229,18 @@ def _domains_from_args(a: argparse.Namespace, current: Network) -> Network:
                               max_connections=current.max_connections, max_bytes=current.max_bytes)
     _check_pins_allowed(a.add_host, net)
     return net
+
+
+def _domain_arg(flag: str, item: str, name: str) -> str:
+    """`name` (of the flag's `item`) if it is a name or `*.` and one, else a PolicyError naming the flag."""
+    from ._egressproto import normalize_pattern
+
+    try:
+        normalize_pattern(name)
+    except ValueError as e:
+        raise PolicyError(flag, item, f"a domain name or '*.' and one, e.g. pypi.org or '*.pythonhosted.org' "
+                          f"({e})") from None
+    return name
 
 
 def _add_host(item: str) -> tuple[str, str]:
