@@ -224,6 +224,21 @@ def test_add_host_for_a_name_no_allow_domain_allows_is_refused(tmp_path):
 
 # ---------------------------------------------------------------- the policy
 
+@pytest.mark.parametrize(("names", "says"), [
+    (["https://pypi.org/simple"], "expected a domain name, not a URL: 'pypi.org'"),
+    (["pkgs.test:8080"], "expected a domain name without a port: 'pkgs.test', and the port in net.ports"),
+    (["*.pkgs.test:8080"], "expected a domain name without a port: '*.pkgs.test'"),
+])
+def test_a_url_or_a_port_in_a_name_says_what_was_meant(names, says):
+    """(both said a label was not letters, digits and inner hyphens)"""
+    with pytest.raises(zviz.PolicyError) as e:
+        zviz.Network.domains(names)
+    assert says in str(e.value), e.value
+    with pytest.raises(zviz.PolicyError) as e:
+        zviz.Network.domains(["a.test"], deny=names)
+    assert "net.deny_domains" in str(e.value) and says in str(e.value), e.value
+
+
 @pytest.mark.parametrize("value", [0, -1, 2.5, True, None, "64"])
 def test_max_connections_says_what_it_takes(value):
     with pytest.raises(zviz.PolicyError, match=r"net\.max_connections") as e:
