@@ -274,3 +274,25 @@ def test_every_refusal_code_is_documented():
             line = next(ln for ln in f if "`ok`, or why not:" in ln)
         missing = sorted(c for c in codes if f"`{c}`" not in line)
         assert not missing, f"docs/{doc} does not list the refusal codes {missing}"
+
+
+# ---------------------------------------------------------------- the blocking facade, once closed
+
+def test_a_closed_sync_sandbox_says_so_and_keeps_its_figures(web):
+    """After `with zviz.sync.open_sandbox(...)`, what the code reached can
+    still be read (as with the async API), a second close() does nothing, and
+    every call that would run something is a SandboxClosedError (all were
+    "RuntimeError: This portal is not running")."""
+    with zviz.sync.open_sandbox(_policy(web.port)) as sb:
+        r = sb.run([SYS_PY, "-c", f"import urllib.request as u; print(u.urlopen('http://pkgs.test:{web.port}/hello')"
+                    ".read())"])
+        assert r.stdout == b"b'hello from pkgs.test\\n'\n", r.stderr
+    assert sb.closed
+    st = sb.statistics().egress
+    assert st.allowed == 1 and st.domains["pkgs.test"].bytes_down > 0
+    assert [e.domain for e in sb.events_so_far() if isinstance(e, zviz.EgressEvent)] == ["pkgs.test"]
+    sb.close()  # idempotent
+    for call in (lambda: sb.run(["true"]), lambda: sb.set_network(zviz.Network.domains(["other.test"])),
+                 lambda: sb.files.read("x"), lambda: sb.write_file("x", "y")):
+        with pytest.raises(zviz.SandboxClosedError, match="closed"):
+            call()

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import anyio.from_thread
 
 from ._args import OutputCallback
+from ._errors import SandboxClosedError
 from ._files import DEFAULT_MAX_READ, FileInfo, Files as _AsyncFiles
 from ._policy import Network, Policy
 from ._process import Process as _AsyncProcess
@@ -43,11 +44,16 @@ class _Portal:
     def __init__(self) -> None:
         self._stack = contextlib.ExitStack()
         self.portal = self._stack.enter_context(anyio.from_thread.start_blocking_portal(backend="trio"))
+        self.stopped = False
 
     def call(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+        if self.stopped:  # (anyio's own error: "This portal is not running")
+            raise SandboxClosedError("this sandbox is closed (close() was called, or its `with` block ended): "
+                                     "open a new one")
         return self.portal.call(functools.partial(fn, *args, **kw))
 
     def stop(self) -> None:
+        self.stopped = True
         self._stack.close()
 
 
@@ -108,6 +114,8 @@ class Sandbox:
     def close(self) -> None:
         """Close the sandbox (`Sandbox.aclose`) and stop its loop thread. Idempotent."""
         self._finalizer.detach()
+        if self._portal.stopped:
+            return
         try:
             self._portal.call(self._sb.aclose)
         finally:
@@ -150,10 +158,16 @@ class Sandbox:
         return self.files.read(path, max_bytes=max_bytes)
 
     def statistics(self) -> SandboxStatistics:
+        """`zviz.Sandbox.statistics` (also once closed: the figures of its whole life)."""
+        if self._portal.stopped:  # (its loop thread is gone: nothing changes the figures any more)
+            return self._sb.statistics()
         result: SandboxStatistics = self._portal.call(_sync, self._sb.statistics)
         return result
 
     def events_so_far(self) -> tuple[DenialEvent, ...]:
+        """`zviz.Sandbox.events_so_far` (also once closed)."""
+        if self._portal.stopped:
+            return self._sb.events_so_far()
         result: tuple[DenialEvent, ...] = self._portal.call(_sync, self._sb.events_so_far)
         return result
 
