@@ -97,6 +97,8 @@ def test_each_refusal_of_a_name_says_what_to_change():
     assert "ports=[..., 8080]" in why.reason
     _, why = rules.check("other.test", 443)
     assert why.code == "not-allowed" and why.reason.endswith("--allow-domain other.test)"), why.reason
+    _, why = rules.check("ok.test", 443)  # the base of a wildcard
+    assert why.code == "not-allowed" and why.reason.endswith("'*.ok.test' is for its subdomains only)"), why.reason
 
 
 

@@ -260,8 +260,10 @@ class Rules:
         flag_port = "" if port in self.ports else f":{port}"
         if not any(matches(p, name) for p in self.allow):
             ports = "" if port in self.ports else f", ports=[..., {port}]"
+            only = f"; '*.{name}' is for its subdomains only" if f"*.{name}" in self.allow else ""
             return name, Refused("not-allowed", f"{name} is not in the allowed domains (add it: "
-                                 f"Network.domains([..., {name!r}]{ports}) or --allow-domain {name}{flag_port})")
+                                 f"Network.domains([..., {name!r}]{ports}) or --allow-domain {name}{flag_port}"
+                                 f"{only})")
         if port not in self.ports:
             return name, Refused("port", f"port {port} is not allowed for domains (allowed: "
                                  f"{', '.join(map(str, sorted(self.ports)))}; add it: Network.domains([...], "
