@@ -298,3 +298,24 @@ def test_a_closed_sync_sandbox_says_so_and_keeps_its_figures(web):
                  lambda: sb.files.read("x"), lambda: sb.write_file("x", "y")):
         with pytest.raises(zviz.SandboxClosedError, match="closed"):
             call()
+
+
+# ---------------------------------------------------------------- allow mode: names need domains
+
+@pytest.mark.trio
+async def test_a_dns_lookup_in_allow_mode_points_at_domains(web):
+    """The issue's first report: `--net HOST:PORT -- pip install ...` fails
+    with "Temporary failure in name resolution"; the denied UDP socket of
+    that lookup now says which mode serves names."""
+    code = ("import socket\ntry:\n    socket.getaddrinfo('pkgs.test', 80)\nexcept OSError as e:\n    print(e.errno)\n")
+    net = zviz.Network(mode="allow", allow=[f"127.0.0.1:{web.port}"])
+    async with zviz.open_sandbox(zviz.Policy.python(net=net)) as sb:
+        r = await sb.run([SYS_PY, "-c", code])
+        assert r.stdout.strip() not in (b"", b"0"), r.stderr  # EAI_AGAIN (-3)
+        udp = [e for e in sb.events_so_far() if isinstance(e, zviz.DenialEvent) and e.syscall == "socket"
+               and "type=2" in e.detail]
+        assert udp and all("no DNS" in e.detail and "--allow-domain NAME" in e.detail for e in udp), udp
+    async with zviz.open_sandbox(zviz.Policy.python()) as sb:  # mode none: nothing of the kind
+        await sb.run([SYS_PY, "-c", code])
+        udp = [e for e in sb.events_so_far() if isinstance(e, zviz.DenialEvent) and e.syscall == "socket"]
+        assert udp and not any("--allow-domain" in e.detail for e in udp)

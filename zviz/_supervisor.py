@@ -252,6 +252,11 @@ class Supervisor:
             # net.mode = "domains": a UDP socket (a program's own DNS lookup, say), a TCP Fast Open send
             # (a connect without connect()): the event names the way out
             detail = f"{_decide.decode(n.nr, n.args).detail}: {self.egress.hint()}"[:_decide.DETAIL_MAX]
+        elif (self._allowed and name == "socket" and n.args[0] & 0xFFFFFFFF in (socket.AF_INET, socket.AF_INET6)
+              and n.args[1] & 0xF == socket.SOCK_DGRAM):
+            # net.mode = "allow": most often a program's own DNS lookup, which that mode cannot serve
+            detail = (f"{_decide.decode(n.nr, n.args).detail}: net.mode 'allow' has no DNS (no UDP): to reach "
+                      "hosts by name, use Network.domains([...]) or --allow-domain NAME (docs/network.md)")
         self._record(n, answer.errno, account, detail=detail)
 
     # ---- recording
