@@ -253,8 +253,8 @@ async def test_a_direct_connect_is_refused_at_once_and_is_one_event_each():
         await trio.sleep(0.2)
         events = _connect_denials(sb)
         assert sorted(e.detail.split(": ")[0] for e in events) == sorted([  # (IPv4's and IPv6's: two sockets)
-            "93.184.216.34:443", "10.0.0.1:80", "2606:2800:220:1::1:443", "fd00::1:8080", "192.168.1.1:22",
-            "1.2.3.4:3128", "fd00::2:3128"])
+            "93.184.216.34:443", "10.0.0.1:80", "[2606:2800:220:1::1]:443", "[fd00::1]:8080", "192.168.1.1:22",
+            "1.2.3.4:3128", "[fd00::2]:3128"])  # (IPv6: [addr]:port)
         for e in events:
             assert "HTTPS_PROXY" in e.detail and "--allow-domain" in e.detail and e.errno == 111
             assert e.source == "netns" and str(e).startswith("denied connect(")
