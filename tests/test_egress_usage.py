@@ -202,6 +202,8 @@ def test_a_malformed_add_host_names_the_flag_and_what_is_wrong(item, says):
     (["--allow-domain", "https://pypi.org/simple"], "'--allow-domain'.*not a URL: pypi.org"),
     (["--allow-domain", "http://pkgs.test:8080"], "'--allow-domain'.*not a URL: pkgs.test:8080"),
     (["--allow-domain", "a.test", "--deny-domain", "x y"], "'--deny-domain'.*'x y' is not a host name"),
+    (["--allow-domain", "a.test", "--deny-domain", "b.a.test:8080"], "'--deny-domain'.*a name without a port: "
+     r"b\.a\.test \(a deny rule covers every port\)"),
 ])
 def test_a_malformed_domain_flag_names_the_flag(flags, says):
     """(they named net.allow_domains / net.deny_domains; a URL got "PORT a number")"""

@@ -219,6 +219,10 @@ def _domains_from_args(a: argparse.Namespace, current: Network) -> Network:
     for item in a.add_host:
         name, ip = _add_host(item)
         hosts.setdefault(name, []).append(ip)
+    for item in a.deny_domain:
+        name, sep, port = item.rpartition(":")
+        if sep and port.isdigit():
+            raise PolicyError("--deny-domain", item, f"a name without a port: {name} (a deny rule covers every port)")
     deny = [_domain_arg("--deny-domain", item, item) for item in a.deny_domain]
     if current.mode != "domains":
         net = Network.domains(names, ports=sorted(ports), deny=deny, hosts=hosts)
