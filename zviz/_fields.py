@@ -126,8 +126,9 @@ def _egress_names(field: str, value: object) -> tuple[str, ...]:
             raise PolicyError(field, v, f"a domain name, not a URL: {v.split('://', 1)[1].split('/', 1)[0]!r}")
         if (isinstance(v, str) and v.rpartition(":")[2].isdigit()
                 and _egressproto.name_error(v.rpartition(":")[0].removeprefix("*.")) is None):
-            raise PolicyError(field, v, f"a domain name without a port: {v.rpartition(':')[0]!r}, and the port in "
-                              "net.ports (ports=[...])")
+            where = ("a deny rule covers every port" if field == "net.deny_domains"
+                     else "and the port in net.ports (ports=[...])")
+            raise PolicyError(field, v, f"a domain name without a port: {v.rpartition(':')[0]!r}, {where}")
         try:
             out.append(_egressproto.normalize_pattern(v))
         except ValueError as e:
