@@ -18,7 +18,7 @@ import functools
 import os
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio.from_thread
 
@@ -32,6 +32,9 @@ from ._records import RunResult, SandboxStatistics
 from ._sandbox import Sandbox as _AsyncSandbox, _create
 from ._snapshot import DEFAULT_MAX_BYTES, DEFAULT_MAX_FILES, SnapshotInfo
 from ._supervisor import DenialEvent
+
+if TYPE_CHECKING:
+    from ._egress import EgressEvent
 
 __all__ = ["Files", "Process", "ReceiveStream", "Sandbox", "SendStream", "open_sandbox"]
 
@@ -164,11 +167,11 @@ class Sandbox:
         result: SandboxStatistics = self._portal.call(_sync, self._sb.statistics)
         return result
 
-    def events_so_far(self) -> tuple[DenialEvent, ...]:
-        """`zviz.Sandbox.events_so_far` (also once closed)."""
+    def events_so_far(self) -> tuple[DenialEvent | EgressEvent, ...]:
+        """`zviz.Sandbox.events_so_far` (also once closed; with net.mode = "domains", EgressEvents too)."""
         if self._portal.stopped:
             return self._sb.events_so_far()
-        result: tuple[DenialEvent, ...] = self._portal.call(_sync, self._sb.events_so_far)
+        result: tuple[DenialEvent | EgressEvent, ...] = self._portal.call(_sync, self._sb.events_so_far)
         return result
 
     def set_network(self, network: Network) -> None:
