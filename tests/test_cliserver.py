@@ -411,6 +411,28 @@ def test_the_callers_stdio_stays_blocking(server, through_server):
     assert server.served() == before + through_server
 
 
+@pytest.mark.parametrize("through_server", [False, True])
+def test_a_closed_stdin_or_stdout_of_the_caller(server, through_server):
+    """A caller's closed fd 0/1/2 is EOF / dropped output for the command, not
+    whatever fd of zviz gets that number next (the client's socket to the
+    server: the command read the server's answers from it and both hung)."""
+    if through_server:
+        server.start()
+    env = {**server.env, "ZVIZ_SERVER": "1" if through_server else "0"}
+    before = server.served()
+    zviz = " ".join(ZVIZ)
+    r = subprocess.run(["sh", "-c", f"exec {zviz} run --timeout 10 -- sh -c 'cat; echo done' <&-"],
+                       env=env, capture_output=True, timeout=60)
+    assert (r.returncode, r.stdout) == (0, b"done\n"), r.stderr
+    r = subprocess.run(["sh", "-c", f"exec {zviz} run --timeout 10 -- sh -c 'echo out; echo err >&2; exit 5' >&-"],
+                       env=env, capture_output=True, timeout=60)
+    assert (r.returncode, r.stdout, r.stderr) == (5, b"", b"err\n")
+    r = subprocess.run(["sh", "-c", f"exec {zviz} run --timeout 10 -- sh -c 'echo out; echo err >&2' 2>&-"],
+                       env=env, capture_output=True, timeout=60)
+    assert (r.returncode, r.stdout, r.stderr) == (0, b"out\n", b"")
+    assert server.served() == before + 3 * through_server
+
+
 def test_concurrent_clients_and_large_output(server):
     server.start()
     before = server.served()

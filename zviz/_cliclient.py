@@ -67,12 +67,33 @@ KILL = b"K"
 def main(argv: Sequence[str] | None = None) -> int:
     """The `zviz` command: `zviz run` through the server when it can, else everything in this process."""
     args = list(sys.argv[1:] if argv is None else argv)
+    _hold_closed_stdio()
     status = _through_server(args)
     if status is not None:
         return status
     from ._cli import main as cli_main
 
     return cli_main(args)
+
+
+def _hold_closed_stdio() -> None:
+    """/dev/null on each of fds 0-2 that the caller closed (`zviz run -- cat <&-`),
+    which is what a closed stdin or stdout means to the command (EOF; output
+    dropped). Else the next fd opened takes its number and is taken for the
+    caller's stdio: the server's socket, sent to the server as the command's
+    stdin (where the command read the server's answers and both hung), or the
+    event loop's own fds."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            try:
+                got = os.open(os.devnull, os.O_RDWR)  # (the lowest free number: fd)
+            except OSError:
+                return
+            if got != fd:
+                os.close(got)
+                return
 
 
 def wants_server(args: list[str]) -> bool:
