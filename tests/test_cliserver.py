@@ -433,6 +433,26 @@ def test_a_closed_stdin_or_stdout_of_the_caller(server, through_server):
     assert server.served() == before + 3 * through_server
 
 
+@pytest.mark.parametrize("through_server", [False, True])
+def test_json_stdin_is_bounded(server, through_server):
+    """--json holds stdin in memory (the server's, shared by every client): an
+    endless one (/dev/zero) ends in a usage error that says what to do instead,
+    and the server goes on serving; stdin up to the bound is the command's."""
+    from zviz._cli import MAX_JSON_STDIN
+
+    if through_server:
+        server.start()
+    env = {**server.env, "ZVIZ_SERVER": "1" if through_server else "0"}
+    before = server.served()
+    with open("/dev/zero", "rb") as zero:
+        r = server.run("run", "--json", "--", "true", stdin=zero, env=env)
+    assert r.returncode == 2 and r.stdout == b"", r.stderr
+    assert b"over 16 MiB" in r.stderr and b"without --json" in r.stderr and r.stderr.count(b"\n") == 1
+    r = server.run("run", "--json", "--", "wc", "-c", input=b"x" * MAX_JSON_STDIN, env=env)
+    assert r.returncode == 0 and f'"stdout": "{MAX_JSON_STDIN}\\n"'.encode() in r.stdout
+    assert server.served() == before + 2 * through_server
+
+
 def test_concurrent_clients_and_large_output(server):
     server.start()
     before = server.served()

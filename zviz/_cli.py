@@ -46,6 +46,7 @@ EXIT_TIMEOUT = 124
 EXIT_POLICY = 125
 EXIT_SETUP = 126
 EXIT_NOT_FOUND = 127
+MAX_JSON_STDIN = 16 * 1024**2  # bytes of stdin `--json` holds in memory (in the CLI server: per client)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -456,7 +457,8 @@ def _write(path: str, text: str) -> None:
 
 
 async def _read_stdin(fd: int | None) -> bytes:
-    """All of stdin for --json (nothing from a terminal), read on the event
+    """All of stdin for --json (nothing from a terminal; at most MAX_JSON_STDIN
+    bytes, else a UsageError: the CLI server's memory is shared), read on the event
     loop from a dup (non-blocking, the flag put back after): cancelled, it
     leaves nothing behind. (Not a thread blocked in read(): in the CLI server
     one would outlive the request and its client, and read on from whatever
@@ -469,9 +471,14 @@ async def _read_stdin(fd: int | None) -> bytes:
     was_blocking = os.get_blocking(fd)
     stream = FdReceiveStream(OwnedFd(os.dup(fd), "cli-stdin"))
     try:
-        chunks = []
+        chunks, size = [], 0
         while chunk := await stream.receive_some():
             chunks.append(chunk)
+            size += len(chunk)
+            if size > MAX_JSON_STDIN:
+                raise UsageError(f"--json holds all of stdin in memory, and it is over {MAX_JSON_STDIN >> 20} MiB: "
+                                 "without --json stdin is streamed to the command with no bound, or pass the "
+                                 "input as a file (--ro FILE, or --bind FILE:/PATH)")
         return b"".join(chunks)
     finally:
         stream.close()
