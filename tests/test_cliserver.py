@@ -158,6 +158,26 @@ def test_a_killed_client_kills_its_sandbox(server, how):
             p.kill()
 
 
+@pytest.mark.parametrize("through_server", [False, True])
+def test_a_signal_the_caller_ignores_leaves_the_command_alone(server, through_server):
+    """`nohup zviz run ...`, or a script's background job and Ctrl-C: a signal
+    ignored by the caller (inherited SIG_IGN) is ignored by the client too, as
+    by a `zviz run` in its own process, and the command runs to its end."""
+    if through_server:
+        server.start()
+    env = {**server.env, "ZVIZ_SERVER": "1" if through_server else "0"}
+    before = server.served()
+    zviz = " ".join(ZVIZ)
+    p = subprocess.Popen(["sh", "-c", f"trap '' HUP INT; exec {zviz} run --timeout 20 -- sh -c 'sleep 1; echo ran'"],
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(0.5)
+    p.send_signal(signal.SIGHUP)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert (p.returncode, out) == (0, b"ran\n"), err
+    assert server.served() == before + through_server
+
+
 def wait_eof(r: int, timeout: float, what: str) -> None:
     """Read the pipe `r` until its end of file (every write end closed), or fail with `what`."""
     os.set_blocking(r, False)

@@ -332,7 +332,10 @@ def _exchange(s: object, body: bytes, fds: list[int]) -> int | None:
         except OSError:
             pass
 
-    forwarded = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    # (one the caller ignores stays ignored, as in a `zviz run` in its own
+    # process: `nohup zviz run`, a background job of a script and its Ctrl-C)
+    forwarded = [sig for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+                 if signal.getsignal(sig) is not signal.SIG_IGN]
     previous = {sig: signal.signal(sig, forward) for sig in forwarded}
     try:
         s.sendmsg([body], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, array.array("i", fds).tobytes())])
