@@ -135,3 +135,20 @@ def test_terminal_is_never_handed_to_the_sandbox(tmp_path):
     assert pending == 0
     os.close(master)
     os.close(slave)
+
+
+def test_relative_paths_from_a_removed_current_directory(tmp_path):
+    """A shell whose directory was removed: a relative path is a one-line error
+    that says what to do, not a traceback; an absolute one still works."""
+    gone = tmp_path / "gone"
+    zviz_cmd = " ".join(ZVIZ)
+    for flags in ("--ro data", "--policy p.toml", "--template t", "--bind data:/d"):
+        gone.mkdir()
+        r = subprocess.run(["sh", "-c", f"cd {gone} && rmdir {gone} && exec {zviz_cmd} run {flags} -- true"],
+                           capture_output=True, timeout=60)
+        assert r.returncode == 2 and b"Traceback" not in r.stderr, (flags, r.stderr)
+        assert b"current directory no longer exists" in r.stderr and r.stderr.count(b"\n") == 1, r.stderr
+    gone.mkdir()
+    r = subprocess.run(["sh", "-c", f"cd {gone} && rmdir {gone} && exec {zviz_cmd} run --ro /usr -- echo ok"],
+                       capture_output=True, timeout=60)
+    assert (r.returncode, r.stdout) == (0, b"ok\n"), r.stderr

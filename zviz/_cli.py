@@ -229,7 +229,13 @@ class UsageError(Exception):
 def _abs(a: argparse.Namespace, path: str) -> str:
     """`path` made absolute against the caller's working directory (the client's, in the server)."""
     cwd = getattr(a, "cwd", None)
-    return os.path.abspath(path) if cwd is None else os.path.normpath(os.path.join(cwd, path))
+    if cwd is not None:
+        return os.path.normpath(os.path.join(cwd, path))
+    try:
+        return os.path.abspath(path)
+    except FileNotFoundError:  # (getcwd: the current directory was removed)
+        raise UsageError(f"{path!r} is relative and the current directory no longer exists: "
+                         "cd to an existing directory, or give an absolute path") from None
 
 
 def _fds(a: argparse.Namespace) -> tuple[int | None, int | None, int | None]:
