@@ -473,6 +473,25 @@ def test_json_stdin_is_bounded(server, through_server):
     assert server.served() == before + 2 * through_server
 
 
+def test_a_bad_pool_size_fails_every_run_alike(server):
+    """A bad ZVIZ_POOL_SIZE (read by the server's pool) is the same one-line
+    error for every `zviz run`: the first ones (in the client's process, the
+    server's first request of a policy) as the later ones (from its pool)."""
+    env = {**server.env, "ZVIZ_POOL_SIZE": "lots"}
+    for _ in range(2):  # (in the client's process, which starts the server)
+        r = server.run("run", "--", "true", env=env)
+        assert r.returncode == 125 and b"ZVIZ_POOL_SIZE" in r.stderr and r.stderr.count(b"\n") == 1, r.stderr
+    deadline = time.monotonic() + 30
+    while "serving" not in server.log():
+        assert time.monotonic() < deadline, server.log()
+        time.sleep(0.05)
+    before = server.served()
+    for _ in range(3):
+        r = server.run("run", "--", "true", env=env)
+        assert r.returncode == 125 and b"ZVIZ_POOL_SIZE" in r.stderr and r.stderr.count(b"\n") == 1, r.stderr
+    assert server.served() == before + 3
+
+
 def test_concurrent_clients_and_large_output(server):
     server.start()
     before = server.served()

@@ -275,10 +275,12 @@ def _start_up_done() -> None:
 
 
 async def _run(a: argparse.Namespace) -> int:
+    from ._pool import pool_size
     from ._sandbox import _open_sandbox
 
     argv = _argv(a)
     policy = _policy_from_args(a)
+    pool_size()  # a bad ZVIZ_POOL_SIZE fails every run alike (the CLI server's pool reads it; this process's none)
     in_server = getattr(a, "cwd", None) is not None
     workdir, template, snapshot = (None if p is None else _abs(a, p) for p in (a.workdir, a.template, a.snapshot))
     # in its own process, no pool: the process ends with this sandbox, a pre-started one would be wasted
