@@ -492,6 +492,29 @@ def test_a_bad_pool_size_fails_every_run_alike(server):
     assert server.served() == before + 3
 
 
+@pytest.mark.parametrize("through_server", [False, True])
+def test_a_reader_that_stops_ends_the_command_as_in_a_pipeline(server, through_server):
+    """`zviz run -- yes | head -1`: once the caller's stdout has no reader, the
+    command's writes fail (SIGPIPE: status 141, as `yes | head -1` without
+    zviz), instead of the command blocking on a full pipe until the timeout."""
+    if through_server:
+        server.start()
+    env = {**server.env, "ZVIZ_SERVER": "1" if through_server else "0"}
+    before = server.served()
+    for stream in ("stdout", "stderr"):
+        t0 = time.monotonic()
+        cmd = "exec yes" + (" >&2" if stream == "stderr" else "")
+        p = subprocess.Popen([*ZVIZ, "run", "--timeout", "20", "--", "sh", "-c", cmd],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        pipe = p.stdout if stream == "stdout" else p.stderr
+        assert pipe.read(4) == b"y\ny\n"
+        pipe.close()
+        assert p.wait(timeout=60) == 128 + signal.SIGPIPE
+        assert time.monotonic() - t0 < 10
+        (p.stderr if stream == "stdout" else p.stdout).close()
+    assert server.served() == before + 2 * through_server
+
+
 def test_concurrent_clients_and_large_output(server):
     server.start()
     before = server.served()

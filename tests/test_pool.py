@@ -253,7 +253,7 @@ def test_size_setting_is_checked(monkeypatch):
         _pool.pool_size()
     for odd in ("-1", " 2", "2.0", "65", "\u00b2", "\u0661"):  # (the last two: str.isdigit's, not int's, or not ASCII)
         monkeypatch.setenv("ZVIZ_POOL_SIZE", odd)
-        with pytest.raises(zviz.PolicyError, match="ZVIZ_POOL_SIZE.*an integer from 0 to 64"):
+        with pytest.raises(zviz.PolicyError, match=r"ZVIZ_POOL_SIZE.*an integer from 0 to 64"):
             _pool.pool_size()
     monkeypatch.setenv("ZVIZ_POOL_SIZE", "3")
     assert _pool.pool_size() == 3

@@ -374,6 +374,8 @@ async def _run_in(sb: Sandbox, a: argparse.Namespace, argv: list[str], policy: P
         finally:
             if dst is stdin:
                 dst.close()
+            else:  # (the caller's end is gone, `zviz run -- yes | head`: the command's
+                src.close()  # writes fail as in a shell's pipeline, SIGPIPE, not block until the timeout)
 
     timed_out = False
     try:

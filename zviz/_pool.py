@@ -86,7 +86,7 @@ def pool_size() -> int:
     text = os.environ.get(ENV, "")
     if not text:
         return 0
-    if not (text.isascii() and text.isdigit()) or int(text) > MAX_SIZE:  # (isdigit alone: '²', '١')
+    if not (text.isascii() and text.isdigit()) or int(text) > MAX_SIZE:  # (isdigit alone: '²', Arabic-Indic digits)
         raise PolicyError(ENV, text, f"an integer from 0 to {MAX_SIZE}: pre-started sandboxes per policy")
     return int(text)
 
