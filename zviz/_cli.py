@@ -279,6 +279,9 @@ async def _run(a: argparse.Namespace) -> int:
     from ._sandbox import _open_sandbox
 
     argv = _argv(a)
+    if a.template is not None and a.workdir is not None:
+        raise UsageError("--template starts a fresh workdir that goes with the sandbox: drop --workdir "
+                         "(and keep what you need with --snapshot PATH)")
     policy = _policy_from_args(a)
     pool_size()  # a bad ZVIZ_POOL_SIZE fails every run alike (the CLI server's pool reads it; this process's none)
     in_server = getattr(a, "cwd", None) is not None
