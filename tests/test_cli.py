@@ -35,6 +35,10 @@ def test_exit_statuses():
     assert r.returncode == 125
     r = zviz("run", "--memory", "lots", "--", "true")
     assert r.returncode == 125 and b"--memory" in r.stderr
+    for workdir in ("/nonexistent/dir", "/etc/passwd"):
+        r = zviz("run", "--workdir", workdir, "--", "true")
+        assert r.returncode == 125 and b"--workdir" in r.stderr and b"create it first" in r.stderr, r.stderr
+        assert r.stderr.count(b"\n") == 1, r.stderr
     r = zviz("run")
     assert r.returncode == 2 and b"a command is needed" in r.stderr
     assert zviz("bogus").returncode == 2

@@ -286,6 +286,8 @@ async def _run(a: argparse.Namespace) -> int:
     pool_size()  # a bad ZVIZ_POOL_SIZE fails every run alike (the CLI server's pool reads it; this process's none)
     in_server = getattr(a, "cwd", None) is not None
     workdir, template, snapshot = (None if p is None else _abs(a, p) for p in (a.workdir, a.template, a.snapshot))
+    if workdir is not None and not os.path.isdir(workdir):
+        raise PolicyError("--workdir", a.workdir, "an existing directory: create it first")
     # in its own process, no pool: the process ends with this sandbox, a pre-started one would be wasted
     pool_for: Callable[[Policy], bool] | None = getattr(a, "pool_for", None)
     async with _open_sandbox(policy, workdir=workdir, monitor=a.monitor, template=template,
