@@ -116,6 +116,50 @@ async def test_pool_is_keyed_by_the_whole_policy(pool_size):
 
 
 @pytest.mark.trio
+async def test_a_pooled_sandbox_shows_the_host_paths_as_they_are_now(pool_size, tmp_path):
+    """A pooled sandbox bound its host paths when it was made: once one of them
+    names another file (a directory replaced, a file saved by rename), it is
+    not handed out (a fresh sandbox would show the new one): closed instead.
+    Host evidence: which pooled sandbox the caller got, its zygote gone."""
+    pool_size(1)
+    os.chmod(tmp_path, 0o755)
+    data, conf = tmp_path / "data", tmp_path / "conf.txt"
+    data.mkdir(mode=0o755)
+    (data / "f").write_text("old")
+    conf.write_text("old")
+    for p in (data / "f", conf):
+        p.chmod(0o644)
+    policy = zviz.Policy.shell().with_paths(read_only=[str(data)])
+    policy = attrs.evolve(policy, fs=attrs.evolve(policy.fs, binds=(zviz.Bind.parse(f"{conf}:/conf.txt"),)))
+    probe = ["sh", "-c", f"cat {data}/f /conf.txt"]
+    async with zviz.open_sandbox(policy):
+        pass
+    (pooled,) = await _filled(policy, 1)
+    async with zviz.open_sandbox(policy) as sb:  # nothing changed: the pooled one
+        assert sb is pooled and (await sb.run(probe)).stdout == b"oldold"
+    for change in ("replace the directory", "save the file by rename"):
+        (pooled,) = await _filled(policy, 1)
+        zygote = pooled._zygote.pid
+        if change == "replace the directory":
+            data.rename(tmp_path / "data.old")
+            data.mkdir(mode=0o755)
+            (data / "f").write_text("new")
+            (data / "f").chmod(0o644)
+        else:
+            (tmp_path / "conf.new").write_text("new")
+            (tmp_path / "conf.new").chmod(0o644)
+            (tmp_path / "conf.new").rename(conf)
+        async with zviz.open_sandbox(policy) as sb:
+            assert sb is not pooled, change
+            out = (await sb.run(probe)).stdout
+        assert out == (b"newold" if change == "replace the directory" else b"newnew"), change
+        with anyio.fail_after(10):
+            while pooled._life.done.is_set() is False or os.path.exists(f"/proc/{zygote}"):
+                await anyio.sleep(0.01)
+        assert not os.path.exists(pooled.workdir)
+
+
+@pytest.mark.trio
 async def test_other_options_bypass_the_pool(pool_size, tmp_path):
     pool_size(1)
     policy = zviz.Policy.python()
