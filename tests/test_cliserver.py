@@ -515,6 +515,28 @@ def test_a_reader_that_stops_ends_the_command_as_in_a_pipeline(server, through_s
     assert server.served() == before + 2 * through_server
 
 
+@pytest.mark.parametrize("through_server", [False, True])
+def test_json_stdin_that_never_ends_is_bounded_by_the_timeout(server, through_server):
+    """--json reads stdin to its end first: an inherited stdin whose writer
+    never closes it (a service's pipe) ends at --timeout with status 124 and
+    a message saying why, not never."""
+    if through_server:
+        server.start()
+    env = {**server.env, "ZVIZ_SERVER": "1" if through_server else "0"}
+    before = server.served()
+    r, w = os.pipe()
+    try:
+        t0 = time.monotonic()
+        p = subprocess.run([*ZVIZ, "run", "--json", "--timeout", "1", "--", "true"], stdin=r, env=env,
+                           capture_output=True, timeout=60)
+        assert p.returncode == 124 and b"reading stdin" in p.stderr and b"</dev/null" in p.stderr, p.stderr
+        assert p.stdout == b"" and time.monotonic() - t0 < 10
+    finally:
+        os.close(r)
+        os.close(w)
+    assert server.served() == before + through_server
+
+
 def test_concurrent_clients_and_large_output(server):
     server.start()
     before = server.served()

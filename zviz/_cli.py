@@ -286,7 +286,7 @@ async def _run(a: argparse.Namespace) -> int:
     pool_size()  # a bad ZVIZ_POOL_SIZE fails every run alike (the CLI server's pool reads it; this process's none)
     in_server = getattr(a, "cwd", None) is not None
     workdir, template, snapshot = (None if p is None else _abs(a, p) for p in (a.workdir, a.template, a.snapshot))
-    if workdir is not None and not os.path.isdir(workdir):
+    if workdir is not None and not os.path.isdir(workdir):  # noqa: ASYNC240 - one local stat
         raise PolicyError("--workdir", a.workdir, "an existing directory: create it first")
     # in its own process, no pool: the process ends with this sandbox, a pre-started one would be wasted
     pool_for: Callable[[Policy], bool] | None = getattr(a, "pool_for", None)
@@ -346,7 +346,14 @@ async def _run_in(sb: Sandbox, a: argparse.Namespace, argv: list[str], policy: P
     if a.json:
         import json
 
-        r = await sb.run(argv, stdin=await _read_stdin(_fds(a)[0]))
+        wall = policy.limits.wall_s  # (an inherited stdin that never ends, e.g. a service's pipe, is bounded too)
+        with anyio.move_on_after(wall if wall else float("inf")) as scope:
+            data = await _read_stdin(_fds(a)[0])
+        if scope.cancelled_caught:
+            print(f"zviz: timed out after {wall:g} s reading stdin, which --json reads to its end before the "
+                  "command starts: close it, or give </dev/null", file=sys.stderr)
+            return EXIT_TIMEOUT
+        r = await sb.run(argv, stdin=data)
         record = r.to_json()
         stats = sb.statistics()
         if stats.syscalls is not None:
