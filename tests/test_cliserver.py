@@ -356,6 +356,28 @@ def test_idle_server_exits_and_a_new_one_starts(server):
     assert server.run("run", "--", "true").returncode == 0
 
 
+@pytest.mark.parametrize("idle", ["nan", "-1", "0", "soon"])
+def test_a_bad_idle_time_is_the_default(server, idle):
+    """ZVIZ_SERVER_IDLE that is not a number of seconds > 0 is the default
+    (said in the log): "nan" made the idle server spin on a CPU, "-1" one
+    server started and gone per client."""
+    server.env["ZVIZ_SERVER_IDLE"] = idle
+    server.start()
+    pid = server.pid()
+    assert "idle exit after 300 s" in server.log() and "ZVIZ_SERVER_IDLE" in server.log()
+
+    def cpu() -> float:
+        fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    time.sleep(0.5)  # (the server's start-up: imports, the pool's first sandbox)
+    before = cpu()
+    time.sleep(1.0)
+    assert cpu() - before < 0.2 and alive(pid)
+    served = server.served()
+    assert server.run("run", "--", "true").returncode == 0 and server.served() == served + 1
+
+
 def test_off_switch_and_one_server_per_context(server):
     off = {**server.env, "ZVIZ_SERVER": "0"}
     for _ in range(3):
