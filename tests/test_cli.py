@@ -29,6 +29,8 @@ def test_exit_statuses():
     assert r.returncode == 127 and r.stderr.count(b"\n") == 1 and b"Traceback" not in r.stderr
     r = zviz("run", "--", "./no-such-file")
     assert r.returncode == 127 and b"no such file" in r.stderr and b"PATH" not in r.stderr
+    r = zviz("run", "--", os.path.realpath(sys.executable), "-c", "1")  # on the host, outside the policy's paths
+    assert r.returncode == 127 and b"not found in the sandbox" in r.stderr and b"policy's paths" in r.stderr
     r = zviz("run", "--ro", "/nonexistent/path", "--", "true")
     assert r.returncode == 125 and b"fs.read_only" in r.stderr and b"Traceback" not in r.stderr
     r = zviz("run", "--preset", "nope", "--", "true")
