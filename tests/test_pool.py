@@ -286,6 +286,41 @@ async def test_size_zero_disables_and_lowering_the_size_closes_idle_ones(pool_si
         assert not os.path.exists(s.workdir)
 
 
+@pytest.mark.parametrize("backend", ["trio", "asyncio"])
+def test_the_size_may_be_set_from_another_thread(pool_size, backend):
+    """An application runs its event loop in a thread and sets the size from
+    another: the pool's task is woken on its own loop (trio refused a wake-up
+    from a foreign thread: RuntimeError), and lowering the size to 0 closes
+    its idle sandbox (host evidence: its zygote exits)."""
+    import threading
+
+    pool_size(1)
+    filled, lowered, out = threading.Event(), threading.Event(), {}
+
+    async def main() -> None:
+        async with zviz.open_sandbox(zviz.Policy.shell()):
+            pass
+        (pooled,) = await _filled(zviz.Policy.shell(), 1)
+        out["zygote"] = pooled._zygote.pid
+        filled.set()
+        while not lowered.is_set():
+            await anyio.sleep(0.01)
+        with anyio.fail_after(10):
+            while pooled._life.done.is_set() is False:
+                await anyio.sleep(0.01)
+        out["ready"] = sum(len(q) for q in _pool.current().ready.values())
+
+    t = threading.Thread(target=lambda: anyio.run(main, backend=backend))
+    t.start()
+    try:
+        assert filled.wait(30)
+        zviz.set_pool_size(0)  # (from this thread, not the loop's)
+    finally:
+        lowered.set()
+        t.join(60)
+    assert out.get("ready") == 0 and not os.path.exists(f"/proc/{out['zygote']}"), out
+
+
 def test_size_setting_is_checked(monkeypatch):
     with pytest.raises(ValueError, match="between 0 and"):
         zviz.set_pool_size(-1)

@@ -82,7 +82,7 @@ def set_pool_size(size: int | None) -> None:
             raise ValueError(f"size must be between 0 and {MAX_SIZE}, not {size}")
     _Settings.size = size
     for pool in _live_pools():
-        pool.wake.set()  # shrink (or grow) now
+        pool.wake_from_anywhere()  # shrink (or grow) now
 
 
 def pool_size() -> int:
@@ -113,6 +113,7 @@ class Pool:
         self.ready: dict[Policy, collections.deque[Sandbox]] = {}
         self.failures: dict[Policy, _Failure] = {}
         self.wake = anyio.Event()
+        self.call_soon = _lifecycle.threadsafe_caller()  # (made on its loop: set_pool_size may come from any thread)
         self.serving = False
         self.closed = False
         self.made = 0  # sandboxes made by the pool (tests, benchmarks)
@@ -120,6 +121,14 @@ class Pool:
         self.stamps: weakref.WeakKeyDictionary[Sandbox, tuple[tuple[int, int] | None, ...]] = (
             weakref.WeakKeyDictionary())  # what its host paths were when it was made
         self.stale: list[Sandbox] = []  # taken out (a host path changed since), for the pool's task to close
+
+    def wake_from_anywhere(self) -> None:
+        """Wake the pool's task from any thread (its loop's, another one's)."""
+        with contextlib.suppress(RuntimeError):  # (its loop has ended)
+            self.call_soon(self._wake)
+
+    def _wake(self) -> None:
+        self.wake.set()  # (the event of the moment: the task replaces it each time it sleeps)
 
     def take(self, policy: Policy) -> Sandbox | None:
         """A ready sandbox of exactly `policy` (now marked as the caller's),
