@@ -158,3 +158,24 @@ def test_relative_paths_from_a_removed_current_directory(tmp_path):
     r = subprocess.run(["sh", "-c", f"cd {gone} && rmdir {gone} && exec {zviz_cmd} run --ro /usr -- echo ok"],
                        capture_output=True, timeout=60)
     assert (r.returncode, r.stdout) == (0, b"ok\n"), r.stderr
+
+
+def test_sigterm_or_sighup_closes_the_sandbox_and_leaves_nothing(tmp_path):
+    """`zviz run` in its own process (no CLI server), stopped by SIGTERM or a
+    hang-up: the sandbox is closed as on Ctrl-C (status 128+N), its processes
+    dead and its workdir gone, not left on disk for `zviz gc`."""
+    import signal
+
+    os.chmod(tmp_path, 0o755)
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        p = subprocess.Popen([*ZVIZ, "run", "--", "sh", "-c", "echo up; exec sleep 61.25"], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert p.stdout.readline() == b"up\n"
+        p.send_signal(sig)
+        assert p.wait(timeout=30) == 128 + sig, p.stderr.read()
+        p.stdout.close()
+        p.stderr.close()
+        left = [str(x) for x in tmp_path.rglob("*")]
+        assert left in ([], [str(tmp_path / f"zviz-{os.geteuid()}")]), (sig, left)
+        assert subprocess.run(["pgrep", "-fx", "sleep 61.25"], capture_output=True).stdout == b""

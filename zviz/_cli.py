@@ -262,9 +262,40 @@ def _cmd_run(a: argparse.Namespace) -> int:
 
     gc.disable()
     try:
-        return _run_async(_run, a)
+        return _run_async(_run_until_signalled, a)
     finally:
         gc.enable()
+
+
+async def _run_until_signalled(a: argparse.Namespace) -> int:
+    """`_run` in this process; SIGTERM or SIGHUP (unless ignored: nohup) closes
+    the sandbox as Ctrl-C does, status 128+N (their default action ended the
+    process with the sandbox's workdir and uid lease left on disk until `zviz gc`)."""
+    import signal
+
+    import anyio
+
+    wanted = [s for s in (signal.SIGTERM, signal.SIGHUP) if signal.getsignal(s) is not signal.SIG_IGN]
+    got: list[int] = []
+    try:
+        async with anyio.create_task_group() as tg:
+
+            async def watch() -> None:
+                with anyio.open_signal_receiver(*wanted) as signals:
+                    async for signum in signals:
+                        got.append(signum)
+                        tg.cancel_scope.cancel()
+                        return
+
+            if wanted:
+                tg.start_soon(watch)
+            status = await _run(a)
+            tg.cancel_scope.cancel()
+    except BaseExceptionGroup as group:  # (the task group's: _run's own error, for main's mapping)
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
+    return 128 + got[0] if got else status
 
 
 def _start_up_done() -> None:
