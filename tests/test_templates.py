@@ -231,6 +231,9 @@ def test_cli_template_and_snapshot(tmp_path):
     # one line naming the fix, never a traceback
     r = zviz_run("--template", one, "--workdir", str(tmp_path), "--", "true")
     assert r.returncode == 2 and b"drop --workdir" in r.stderr and r.stderr.count(b"\n") == 1, r.stderr
+    for flag in ("--template", "--snapshot", "--workdir"):
+        r = zviz_run(flag, "", "--", "true")
+        assert r.returncode == 2 and f"{flag} needs a path".encode() in r.stderr, r.stderr
     r = zviz_run("--snapshot", "/proc/t", "--", "true")
     assert r.returncode == 126 and b"you may write in" in r.stderr and r.stderr.count(b"\n") == 1, r.stderr
 

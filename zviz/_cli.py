@@ -310,6 +310,9 @@ async def _run(a: argparse.Namespace) -> int:
     from ._sandbox import _open_sandbox
 
     argv = _argv(a)
+    for flag, given in (("--workdir", a.workdir), ("--template", a.template), ("--snapshot", a.snapshot)):
+        if given == "":  # (else the current directory: a confusing error about it, or using it)
+            raise UsageError(f"{flag} needs a path, not an empty string")
     if a.template is not None and a.workdir is not None:
         raise UsageError("--template starts a fresh workdir that goes with the sandbox: drop --workdir "
                          "(and keep what you need with --snapshot PATH)")
