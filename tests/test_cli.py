@@ -1,5 +1,6 @@
 """The command line, as a person and a script use it."""
 
+import contextlib
 import json
 import os
 import pty
@@ -179,3 +180,36 @@ def test_sigterm_or_sighup_closes_the_sandbox_and_leaves_nothing(tmp_path):
         left = [str(x) for x in tmp_path.rglob("*")]
         assert left in ([], [str(tmp_path / f"zviz-{os.geteuid()}")]), (sig, left)
         assert subprocess.run(["pgrep", "-fx", "sleep 61.25"], capture_output=True).stdout == b""
+
+
+def test_gc_dry_run_lists_what_gc_removes(tmp_path):
+    """`zviz gc --dry-run` lists everything `zviz gc` then removes: a killed
+    `zviz run`'s workdir and, for a root caller, its uid lease too (the
+    lease's workdir still existed in the dry run, so it was left out)."""
+    import signal
+
+    os.chmod(tmp_path, 0o755)
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o700)
+    env = dict(os.environ, TMPDIR=str(tmp_path), ZVIZ_CACHE_DIR=str(cache))
+    p = subprocess.Popen([*ZVIZ, "run", "--", "sh", "-c", "echo up; exec sleep 60"], env=env,
+                         stdout=subprocess.PIPE)
+    assert p.stdout.readline() == b"up\n"
+    p.send_signal(signal.SIGKILL)
+    p.wait(timeout=30)
+    p.stdout.close()
+    from zviz import _ids
+
+    ours = []  # (other leases, of other processes' sandboxes, may come and go meanwhile)
+    if os.geteuid() == 0:
+        for name in os.listdir(_ids.LEASE_DIR):
+            with contextlib.suppress(OSError), open(os.path.join(_ids.LEASE_DIR, name)) as f:
+                if str(tmp_path) in f.read():
+                    ours.append(f"uid lease {_ids.LEASE_DIR}/{name}")
+        assert ours
+    dry = zviz("gc", "--dry-run", env=env).stdout.decode().splitlines()
+    done = zviz("gc", env=env).stdout.decode().splitlines()
+    for what in ours:
+        assert f"would remove {what}" in dry and f"removed {what}" in done, (what, dry, done)
+    workdirs = [line for line in done if line.startswith(f"removed {tmp_path}/zviz-")]
+    assert workdirs and all(line.replace("removed", "would remove", 1) in dry for line in workdirs), (dry, done)

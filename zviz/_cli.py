@@ -587,7 +587,7 @@ def _cmd_gc(a: argparse.Namespace) -> int:
     from . import _cachedir, _diskcache, _hostside, _ids, _workdir
 
     found = _workdir.sweep(dry_run=a.dry_run, min_age=60.0, on_stale=_hostside.reclaim)
-    leases = _ids.sweep_leases(dry_run=a.dry_run)
+    leases = _ids.sweep_leases(dry_run=a.dry_run, gone={s.path for s in found} if a.dry_run else ())
     verb = "would remove" if a.dry_run else "removed"
     for s in found:
         print(f"{verb} {s.path}" + (f" (owner was: {s.owner})" if s.owner else ""))
