@@ -239,7 +239,10 @@ def check_destination(path: str | os.PathLike[str], workdir: str) -> tuple[str, 
     if not os.path.isdir(parent):
         raise TemplateError(given, f"its parent {parent} is not an existing directory: create it first")
     if os.path.lexists(real):
-        if os.path.islink(real) or not os.path.isdir(real):
+        if os.path.islink(real):  # (never followed: where it points may change under the copy)
+            raise TemplateError(given, f"is a symbolic link (to {os.readlink(real)!r}): give a path that is not "
+                                "one, e.g. the directory it names, or remove it")
+        if not os.path.isdir(real):
             raise TemplateError(given, "exists and is not a directory: choose a new path or remove it")
         if os.listdir(real):
             raise TemplateError(given, "exists and is not empty: choose a new path or remove it first")
