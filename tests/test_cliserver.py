@@ -559,6 +559,23 @@ def test_json_stdin_that_never_ends_is_bounded_by_the_timeout(server, through_se
     assert server.served() == before + through_server
 
 
+@pytest.mark.parametrize("through_server", [False, True])
+def test_a_json_record_that_cannot_be_written_is_said(server, through_server):
+    """--json's record to a stdout that refuses it (a full disk: /dev/full) is
+    lost: one line says so and the status is 1, alike with and without the
+    server (before: a traceback in the client's process, silence in the server)."""
+    if through_server:
+        server.start()
+    env = {**server.env, "ZVIZ_SERVER": "1" if through_server else "0"}
+    before = server.served()
+    with open("/dev/full", "wb") as full:
+        r = subprocess.run([*ZVIZ, "run", "--json", "--", "true"], stdout=full, stderr=subprocess.PIPE, env=env,
+                           timeout=60)
+    assert r.returncode == 1 and b"could not be written to stdout" in r.stderr, r.stderr
+    assert r.stderr.count(b"\n") == 1 and b"Traceback" not in r.stderr, r.stderr
+    assert server.served() == before + through_server
+
+
 def test_concurrent_clients_and_large_output(server):
     server.start()
     before = server.served()

@@ -393,8 +393,8 @@ async def _run_in(sb: Sandbox, a: argparse.Namespace, argv: list[str], policy: P
         if stats.syscalls is not None:
             record["syscalls"] = dict(stats.syscalls)
         record["events"] = [str(e) for e in sb.events_so_far()]
-        await _print_result(a, json.dumps(record, indent=2))
-        return r.status
+        failed = await _print_result(a, json.dumps(record, indent=2))
+        return r.status if failed is None else failed
     # Passthrough through pipes (never the caller's terminal itself: no
     # TIOCSTI into it, no /dev/tty). Our stdio is duplicated so closing the
     # streams leaves sys.std* alone.
@@ -542,16 +542,24 @@ async def _read_stdin(fd: int | None) -> bytes:
             os.set_blocking(fd, was_blocking)
 
 
-async def _print_result(a: argparse.Namespace, text: str) -> None:
+async def _print_result(a: argparse.Namespace, text: str) -> int | None:
     """The command's result (--json's record) on the caller's stdout. In the CLI
     server, written on the event loop for as long as the caller takes to read it
-    (the server's sys.stdout, for its own messages, gives up on a stuck reader)."""
+    (the server's sys.stdout, for its own messages, gives up on a stuck reader).
+    None when written, or the caller's reader gone (EPIPE: as the command's own
+    output); else 1, said on stderr (a full disk, an I/O error: the record is lost)."""
     if getattr(a, "stdio", None) is None:
-        print(text)
-        return
+        try:
+            sys.stdout.write(text + "\n")
+            sys.stdout.flush()
+        except OSError as e:
+            # (what is left in the buffer goes nowhere at exit, not into a second error)
+            os.dup2(os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC), sys.stdout.fileno())
+            return None if isinstance(e, BrokenPipeError) else _lost_result(e)
+        return None
     fd = _fds(a)[1]
     if fd is None or not _usable(fd):
-        return
+        return None
     import anyio
 
     from ._kernel import OwnedFd
@@ -561,12 +569,20 @@ async def _print_result(a: argparse.Namespace, text: str) -> None:
     out = FdSendStream(OwnedFd(os.dup(fd), "cli-stdout"))
     try:
         await out.send_all((text + "\n").encode())
-    except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+    except (anyio.BrokenResourceError, anyio.ClosedResourceError):
         pass  # (the caller's stdout is gone)
+    except OSError as e:
+        return _lost_result(e)
     finally:
         out.close()
         if _usable(fd):
             os.set_blocking(fd, was_blocking)
+    return None
+
+
+def _lost_result(e: OSError) -> int:
+    print(f"zviz: error: the --json record could not be written to stdout ({e.strerror})", file=sys.stderr)
+    return 1
 
 
 def _dup_or_null(fd: int | None) -> int:
