@@ -33,7 +33,8 @@ The server is used only when it would behave exactly as this process:
   started in the background for the next call (it exits after
   `ZVIZ_SERVER_IDLE` seconds without a request, 300 by default).
 
-`ZVIZ_SERVER=0` turns the server off (every `zviz run` runs in its process).
+`ZVIZ_SERVER=0` (or false, no, off: any value but 1, true, yes, on or empty)
+turns the server off (every `zviz run` runs in its process).
 """
 
 from __future__ import annotations
@@ -97,7 +98,9 @@ def _hold_closed_stdio() -> None:
 
 
 def wants_server(args: list[str]) -> bool:
-    if os.environ.get("ZVIZ_SERVER", "1") == "0":
+    # on: unset, "", 1/true/yes/on; anything else is off (ZVIZ_SERVER=false or off
+    # meant on before: the switch docs/security-model.md tells some callers to use)
+    if os.environ.get("ZVIZ_SERVER", "").strip().lower() not in ("", "1", "true", "yes", "on"):
         return False
     i = 1 if args[:1] == ["--debug"] else 0
     return args[i:i + 1] == ["run"]
