@@ -1,5 +1,6 @@
 """The command line, as a person and a script use it."""
 
+import contextlib
 import json
 import os
 import pty
@@ -29,12 +30,18 @@ def test_exit_statuses():
     assert r.returncode == 127 and r.stderr.count(b"\n") == 1 and b"Traceback" not in r.stderr
     r = zviz("run", "--", "./no-such-file")
     assert r.returncode == 127 and b"no such file" in r.stderr and b"PATH" not in r.stderr
+    r = zviz("run", "--", os.path.realpath(sys.executable), "-c", "1")  # on the host, outside the policy's paths
+    assert r.returncode == 127 and b"not found in the sandbox" in r.stderr and b"policy's paths" in r.stderr
     r = zviz("run", "--ro", "/nonexistent/path", "--", "true")
     assert r.returncode == 125 and b"fs.read_only" in r.stderr and b"Traceback" not in r.stderr
     r = zviz("run", "--preset", "nope", "--", "true")
     assert r.returncode == 125
     r = zviz("run", "--memory", "lots", "--", "true")
     assert r.returncode == 125 and b"--memory" in r.stderr
+    for workdir in ("/nonexistent/dir", "/etc/passwd"):
+        r = zviz("run", "--workdir", workdir, "--", "true")
+        assert r.returncode == 125 and b"--workdir" in r.stderr and b"create it first" in r.stderr, r.stderr
+        assert r.stderr.count(b"\n") == 1, r.stderr
     r = zviz("run")
     assert r.returncode == 2 and b"a command is needed" in r.stderr
     assert zviz("bogus").returncode == 2
@@ -135,3 +142,74 @@ def test_terminal_is_never_handed_to_the_sandbox(tmp_path):
     assert pending == 0
     os.close(master)
     os.close(slave)
+
+
+def test_relative_paths_from_a_removed_current_directory(tmp_path):
+    """A shell whose directory was removed: a relative path is a one-line error
+    that says what to do, not a traceback; an absolute one still works."""
+    gone = tmp_path / "gone"
+    zviz_cmd = " ".join(ZVIZ)
+    for flags in ("--ro data", "--policy p.toml", "--template t", "--bind data:/d"):
+        gone.mkdir()
+        r = subprocess.run(["sh", "-c", f"cd {gone} && rmdir {gone} && exec {zviz_cmd} run {flags} -- true"],
+                           capture_output=True, timeout=60)
+        assert r.returncode == 2 and b"Traceback" not in r.stderr, (flags, r.stderr)
+        assert b"current directory no longer exists" in r.stderr and r.stderr.count(b"\n") == 1, r.stderr
+    gone.mkdir()
+    r = subprocess.run(["sh", "-c", f"cd {gone} && rmdir {gone} && exec {zviz_cmd} run --ro /usr -- echo ok"],
+                       capture_output=True, timeout=60)
+    assert (r.returncode, r.stdout) == (0, b"ok\n"), r.stderr
+
+
+def test_sigterm_or_sighup_closes_the_sandbox_and_leaves_nothing(tmp_path):
+    """`zviz run` in its own process (no CLI server), stopped by SIGTERM or a
+    hang-up: the sandbox is closed as on Ctrl-C (status 128+N), its processes
+    dead and its workdir gone, not left on disk for `zviz gc`."""
+    import signal
+
+    os.chmod(tmp_path, 0o755)
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        p = subprocess.Popen([*ZVIZ, "run", "--", "sh", "-c", "echo up; exec sleep 61.25"], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert p.stdout.readline() == b"up\n"
+        p.send_signal(sig)
+        assert p.wait(timeout=30) == 128 + sig, p.stderr.read()
+        p.stdout.close()
+        p.stderr.close()
+        left = [str(x) for x in tmp_path.rglob("*")]
+        assert left in ([], [str(tmp_path / f"zviz-{os.geteuid()}")]), (sig, left)
+        assert subprocess.run(["pgrep", "-fx", "sleep 61.25"], capture_output=True).stdout == b""
+
+
+def test_gc_dry_run_lists_what_gc_removes(tmp_path):
+    """`zviz gc --dry-run` lists everything `zviz gc` then removes: a killed
+    `zviz run`'s workdir and, for a root caller, its uid lease too (the
+    lease's workdir still existed in the dry run, so it was left out)."""
+    import signal
+
+    os.chmod(tmp_path, 0o755)
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o700)
+    env = dict(os.environ, TMPDIR=str(tmp_path), ZVIZ_CACHE_DIR=str(cache))
+    p = subprocess.Popen([*ZVIZ, "run", "--", "sh", "-c", "echo up; exec sleep 60"], env=env,
+                         stdout=subprocess.PIPE)
+    assert p.stdout.readline() == b"up\n"
+    p.send_signal(signal.SIGKILL)
+    p.wait(timeout=30)
+    p.stdout.close()
+    from zviz import _ids
+
+    ours = []  # (other leases, of other processes' sandboxes, may come and go meanwhile)
+    if os.geteuid() == 0:
+        for name in os.listdir(_ids.LEASE_DIR):
+            with contextlib.suppress(OSError), open(os.path.join(_ids.LEASE_DIR, name)) as f:
+                if str(tmp_path) in f.read():
+                    ours.append(f"uid lease {_ids.LEASE_DIR}/{name}")
+        assert ours
+    dry = zviz("gc", "--dry-run", env=env).stdout.decode().splitlines()
+    done = zviz("gc", env=env).stdout.decode().splitlines()
+    for what in ours:
+        assert f"would remove {what}" in dry and f"removed {what}" in done, (what, dry, done)
+    workdirs = [line for line in done if line.startswith(f"removed {tmp_path}/zviz-")]
+    assert workdirs and all(line.replace("removed", "would remove", 1) in dry for line in workdirs), (dry, done)

@@ -158,6 +158,26 @@ def test_a_killed_client_kills_its_sandbox(server, how):
             p.kill()
 
 
+@pytest.mark.parametrize("through_server", [False, True])
+def test_a_signal_the_caller_ignores_leaves_the_command_alone(server, through_server):
+    """`nohup zviz run ...`, or a script's background job and Ctrl-C: a signal
+    ignored by the caller (inherited SIG_IGN) is ignored by the client too, as
+    by a `zviz run` in its own process, and the command runs to its end."""
+    if through_server:
+        server.start()
+    env = {**server.env, "ZVIZ_SERVER": "1" if through_server else "0"}
+    before = server.served()
+    zviz = " ".join(ZVIZ)
+    p = subprocess.Popen(["sh", "-c", f"trap '' HUP INT; exec {zviz} run --timeout 20 -- sh -c 'sleep 1; echo ran'"],
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(0.5)
+    p.send_signal(signal.SIGHUP)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert (p.returncode, out) == (0, b"ran\n"), err
+    assert server.served() == before + through_server
+
+
 def wait_eof(r: int, timeout: float, what: str) -> None:
     """Read the pipe `r` until its end of file (every write end closed), or fail with `what`."""
     os.set_blocking(r, False)
@@ -336,11 +356,34 @@ def test_idle_server_exits_and_a_new_one_starts(server):
     assert server.run("run", "--", "true").returncode == 0
 
 
+@pytest.mark.parametrize("idle", ["nan", "-1", "0", "soon"])
+def test_a_bad_idle_time_is_the_default(server, idle):
+    """ZVIZ_SERVER_IDLE that is not a number of seconds > 0 is the default
+    (said in the log): "nan" made the idle server spin on a CPU, "-1" one
+    server started and gone per client."""
+    server.env["ZVIZ_SERVER_IDLE"] = idle
+    server.start()
+    pid = server.pid()
+    assert "idle exit after 300 s" in server.log() and "ZVIZ_SERVER_IDLE" in server.log()
+
+    def cpu() -> float:
+        fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    time.sleep(0.5)  # (the server's start-up: imports, the pool's first sandbox)
+    before = cpu()
+    time.sleep(1.0)
+    assert cpu() - before < 0.2 and alive(pid)
+    served = server.served()
+    assert server.run("run", "--", "true").returncode == 0 and server.served() == served + 1
+
+
 def test_off_switch_and_one_server_per_context(server):
-    off = {**server.env, "ZVIZ_SERVER": "0"}
-    for _ in range(3):
-        assert server.run("run", "--", "true", env=off).returncode == 0
-    assert not any(server.srv.glob("*.lock")), "ZVIZ_SERVER=0 started a server"
+    for value in ("0", "false", "OFF", "no", " 0 ", "disabled"):  # (what people write for off; unknown: off)
+        off = {**server.env, "ZVIZ_SERVER": value}
+        for _ in range(2):
+            assert server.run("run", "--", "true", env=off).returncode == 0
+        assert not any(server.srv.glob("*.lock")), f"ZVIZ_SERVER={value!r} started a server"
     server.start()
     pid = server.pid()
     # a second server of the same context gives way to the first (the lock)
@@ -408,6 +451,129 @@ def test_the_callers_stdio_stays_blocking(server, through_server):
     finally:
         for fd in (in_r, out_r, out_w):
             os.close(fd)
+    assert server.served() == before + through_server
+
+
+@pytest.mark.parametrize("through_server", [False, True])
+def test_a_closed_stdin_or_stdout_of_the_caller(server, through_server):
+    """A caller's closed fd 0/1/2 is EOF / dropped output for the command, not
+    whatever fd of zviz gets that number next (the client's socket to the
+    server: the command read the server's answers from it and both hung)."""
+    if through_server:
+        server.start()
+    env = {**server.env, "ZVIZ_SERVER": "1" if through_server else "0"}
+    before = server.served()
+    zviz = " ".join(ZVIZ)
+    r = subprocess.run(["sh", "-c", f"exec {zviz} run --timeout 10 -- sh -c 'cat; echo done' <&-"],
+                       env=env, capture_output=True, timeout=60)
+    assert (r.returncode, r.stdout) == (0, b"done\n"), r.stderr
+    r = subprocess.run(["sh", "-c", f"exec {zviz} run --timeout 10 -- sh -c 'echo out; echo err >&2; exit 5' >&-"],
+                       env=env, capture_output=True, timeout=60)
+    assert (r.returncode, r.stdout, r.stderr) == (5, b"", b"err\n")
+    r = subprocess.run(["sh", "-c", f"exec {zviz} run --timeout 10 -- sh -c 'echo out; echo err >&2' 2>&-"],
+                       env=env, capture_output=True, timeout=60)
+    assert (r.returncode, r.stdout, r.stderr) == (0, b"out\n", b"")
+    assert server.served() == before + 3 * through_server
+
+
+@pytest.mark.parametrize("through_server", [False, True])
+def test_json_stdin_is_bounded(server, through_server):
+    """--json holds stdin in memory (the server's, shared by every client): an
+    endless one (/dev/zero) ends in a usage error that says what to do instead,
+    and the server goes on serving; stdin up to the bound is the command's."""
+    from zviz._cli import MAX_JSON_STDIN
+
+    if through_server:
+        server.start()
+    env = {**server.env, "ZVIZ_SERVER": "1" if through_server else "0"}
+    before = server.served()
+    with open("/dev/zero", "rb") as zero:
+        r = server.run("run", "--json", "--", "true", stdin=zero, env=env)
+    assert r.returncode == 2 and r.stdout == b"", r.stderr
+    assert b"over 16 MiB" in r.stderr and b"without --json" in r.stderr and r.stderr.count(b"\n") == 1
+    r = server.run("run", "--json", "--", "wc", "-c", input=b"x" * MAX_JSON_STDIN, env=env)
+    assert r.returncode == 0 and f'"stdout": "{MAX_JSON_STDIN}\\n"'.encode() in r.stdout
+    assert server.served() == before + 2 * through_server
+
+
+def test_a_bad_pool_size_fails_every_run_alike(server):
+    """A bad ZVIZ_POOL_SIZE (read by the server's pool) is the same one-line
+    error for every `zviz run`: the first ones (in the client's process, the
+    server's first request of a policy) as the later ones (from its pool)."""
+    env = {**server.env, "ZVIZ_POOL_SIZE": "lots"}
+    for _ in range(2):  # (in the client's process, which starts the server)
+        r = server.run("run", "--", "true", env=env)
+        assert r.returncode == 125 and b"ZVIZ_POOL_SIZE" in r.stderr and r.stderr.count(b"\n") == 1, r.stderr
+    deadline = time.monotonic() + 30
+    while "serving" not in server.log():
+        assert time.monotonic() < deadline, server.log()
+        time.sleep(0.05)
+    before = server.served()
+    for _ in range(3):
+        r = server.run("run", "--", "true", env=env)
+        assert r.returncode == 125 and b"ZVIZ_POOL_SIZE" in r.stderr and r.stderr.count(b"\n") == 1, r.stderr
+    assert server.served() == before + 3
+
+
+@pytest.mark.parametrize("through_server", [False, True])
+def test_a_reader_that_stops_ends_the_command_as_in_a_pipeline(server, through_server):
+    """`zviz run -- yes | head -1`: once the caller's stdout has no reader, the
+    command's writes fail (SIGPIPE: status 141, as `yes | head -1` without
+    zviz), instead of the command blocking on a full pipe until the timeout."""
+    if through_server:
+        server.start()
+    env = {**server.env, "ZVIZ_SERVER": "1" if through_server else "0"}
+    before = server.served()
+    for stream in ("stdout", "stderr"):
+        t0 = time.monotonic()
+        cmd = "exec yes" + (" >&2" if stream == "stderr" else "")
+        p = subprocess.Popen([*ZVIZ, "run", "--timeout", "20", "--", "sh", "-c", cmd],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        pipe = p.stdout if stream == "stdout" else p.stderr
+        assert pipe.read(4) == b"y\ny\n"
+        pipe.close()
+        assert p.wait(timeout=60) == 128 + signal.SIGPIPE
+        assert time.monotonic() - t0 < 10
+        (p.stderr if stream == "stdout" else p.stdout).close()
+    assert server.served() == before + 2 * through_server
+
+
+@pytest.mark.parametrize("through_server", [False, True])
+def test_json_stdin_that_never_ends_is_bounded_by_the_timeout(server, through_server):
+    """--json reads stdin to its end first: an inherited stdin whose writer
+    never closes it (a service's pipe) ends at --timeout with status 124 and
+    a message saying why, not never."""
+    if through_server:
+        server.start()
+    env = {**server.env, "ZVIZ_SERVER": "1" if through_server else "0"}
+    before = server.served()
+    r, w = os.pipe()
+    try:
+        t0 = time.monotonic()
+        p = subprocess.run([*ZVIZ, "run", "--json", "--timeout", "1", "--", "true"], stdin=r, env=env,
+                           capture_output=True, timeout=60)
+        assert p.returncode == 124 and b"reading stdin" in p.stderr and b"</dev/null" in p.stderr, p.stderr
+        assert p.stdout == b"" and time.monotonic() - t0 < 10
+    finally:
+        os.close(r)
+        os.close(w)
+    assert server.served() == before + through_server
+
+
+@pytest.mark.parametrize("through_server", [False, True])
+def test_a_json_record_that_cannot_be_written_is_said(server, through_server):
+    """--json's record to a stdout that refuses it (a full disk: /dev/full) is
+    lost: one line says so and the status is 1, alike with and without the
+    server (before: a traceback in the client's process, silence in the server)."""
+    if through_server:
+        server.start()
+    env = {**server.env, "ZVIZ_SERVER": "1" if through_server else "0"}
+    before = server.served()
+    with open("/dev/full", "wb") as full:
+        r = subprocess.run([*ZVIZ, "run", "--json", "--", "true"], stdout=full, stderr=subprocess.PIPE, env=env,
+                           timeout=60)
+    assert r.returncode == 1 and b"could not be written to stdout" in r.stderr, r.stderr
+    assert r.stderr.count(b"\n") == 1 and b"Traceback" not in r.stderr, r.stderr
     assert server.served() == before + through_server
 
 

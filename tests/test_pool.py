@@ -116,6 +116,50 @@ async def test_pool_is_keyed_by_the_whole_policy(pool_size):
 
 
 @pytest.mark.trio
+async def test_a_pooled_sandbox_shows_the_host_paths_as_they_are_now(pool_size, tmp_path):
+    """A pooled sandbox bound its host paths when it was made: once one of them
+    names another file (a directory replaced, a file saved by rename), it is
+    not handed out (a fresh sandbox would show the new one): closed instead.
+    Host evidence: which pooled sandbox the caller got, its zygote gone."""
+    pool_size(1)
+    os.chmod(tmp_path, 0o755)
+    data, conf = tmp_path / "data", tmp_path / "conf.txt"
+    data.mkdir(mode=0o755)
+    (data / "f").write_text("old")
+    conf.write_text("old")
+    for p in (data / "f", conf):
+        p.chmod(0o644)
+    policy = zviz.Policy.shell().with_paths(read_only=[str(data)])
+    policy = attrs.evolve(policy, fs=attrs.evolve(policy.fs, binds=(zviz.Bind.parse(f"{conf}:/conf.txt"),)))
+    probe = ["sh", "-c", f"cat {data}/f /conf.txt"]
+    async with zviz.open_sandbox(policy):
+        pass
+    (pooled,) = await _filled(policy, 1)
+    async with zviz.open_sandbox(policy) as sb:  # nothing changed: the pooled one
+        assert sb is pooled and (await sb.run(probe)).stdout == b"oldold"
+    for change in ("replace the directory", "save the file by rename"):
+        (pooled,) = await _filled(policy, 1)
+        zygote = pooled._zygote.pid
+        if change == "replace the directory":
+            data.rename(tmp_path / "data.old")
+            data.mkdir(mode=0o755)
+            (data / "f").write_text("new")
+            (data / "f").chmod(0o644)
+        else:
+            (tmp_path / "conf.new").write_text("new")
+            (tmp_path / "conf.new").chmod(0o644)
+            (tmp_path / "conf.new").rename(conf)
+        async with zviz.open_sandbox(policy) as sb:
+            assert sb is not pooled, change
+            out = (await sb.run(probe)).stdout
+        assert out == (b"newold" if change == "replace the directory" else b"newnew"), change
+        with anyio.fail_after(10):
+            while pooled._life.done.is_set() is False or os.path.exists(f"/proc/{zygote}"):
+                await anyio.sleep(0.01)
+        assert not os.path.exists(pooled.workdir)
+
+
+@pytest.mark.trio
 async def test_other_options_bypass_the_pool(pool_size, tmp_path):
     pool_size(1)
     policy = zviz.Policy.python()
@@ -242,6 +286,41 @@ async def test_size_zero_disables_and_lowering_the_size_closes_idle_ones(pool_si
         assert not os.path.exists(s.workdir)
 
 
+@pytest.mark.parametrize("backend", ["trio", "asyncio"])
+def test_the_size_may_be_set_from_another_thread(pool_size, backend):
+    """An application runs its event loop in a thread and sets the size from
+    another: the pool's task is woken on its own loop (trio refused a wake-up
+    from a foreign thread: RuntimeError), and lowering the size to 0 closes
+    its idle sandbox (host evidence: its zygote exits)."""
+    import threading
+
+    pool_size(1)
+    filled, lowered, out = threading.Event(), threading.Event(), {}
+
+    async def main() -> None:
+        async with zviz.open_sandbox(zviz.Policy.shell()):
+            pass
+        (pooled,) = await _filled(zviz.Policy.shell(), 1)
+        out["zygote"] = pooled._zygote.pid
+        filled.set()
+        while not lowered.is_set():
+            await anyio.sleep(0.01)
+        with anyio.fail_after(10):
+            while pooled._life.done.is_set() is False:
+                await anyio.sleep(0.01)
+        out["ready"] = sum(len(q) for q in _pool.current().ready.values())
+
+    t = threading.Thread(target=lambda: anyio.run(main, backend=backend))
+    t.start()
+    try:
+        assert filled.wait(30)
+        zviz.set_pool_size(0)  # (from this thread, not the loop's)
+    finally:
+        lowered.set()
+        t.join(60)
+    assert out.get("ready") == 0 and not os.path.exists(f"/proc/{out['zygote']}"), out
+
+
 def test_size_setting_is_checked(monkeypatch):
     with pytest.raises(ValueError, match="between 0 and"):
         zviz.set_pool_size(-1)
@@ -251,6 +330,10 @@ def test_size_setting_is_checked(monkeypatch):
     monkeypatch.setenv("ZVIZ_POOL_SIZE", "lots")
     with pytest.raises(zviz.PolicyError, match="ZVIZ_POOL_SIZE"):
         _pool.pool_size()
+    for odd in ("-1", " 2", "2.0", "65", "\u00b2", "\u0661"):  # (the last two: str.isdigit's, not int's, or not ASCII)
+        monkeypatch.setenv("ZVIZ_POOL_SIZE", odd)
+        with pytest.raises(zviz.PolicyError, match=r"ZVIZ_POOL_SIZE.*an integer from 0 to 64"):
+            _pool.pool_size()
     monkeypatch.setenv("ZVIZ_POOL_SIZE", "3")
     assert _pool.pool_size() == 3
     zviz.set_pool_size(0)

@@ -131,7 +131,10 @@ def _bad_inputs(parent: str) -> list[str]:
                 pass
         async with zviz.open_sandbox(zviz.Policy.shell()) as sb:
             await sb.write_file("f", b"x")
-            for bad in (full, os.path.join(sb.workdir, "inside"), os.path.join(parent, "nodir", "t")):
+            link = os.path.join(parent, "link")
+            os.symlink(full, link)
+            for bad in (full, os.path.join(sb.workdir, "inside"), os.path.join(parent, "nodir", "t"), "/proc/t",
+                        link):
                 with pytest.raises(zviz.TemplateError) as e:
                     await sb.snapshot(bad)
                 msgs.append(str(e.value))
@@ -153,7 +156,7 @@ def test_bad_inputs_name_the_fix(identity):
     parent = template_parent(identity)
     before = set(os.listdir(parent))
     msgs = run_as(identity, _bad_inputs, parent)
-    missing, plain, newer, corrupt, full, inside, nodir = msgs
+    missing, plain, newer, corrupt, full, inside, nodir, unwritable, link = msgs
     assert "does not exist" in missing and "sb.snapshot(path)" in missing
     assert "not a zviz template" in plain
     assert "newer zviz" in newer and "upgrade zviz" in newer
@@ -161,8 +164,10 @@ def test_bad_inputs_name_the_fix(identity):
     assert "not empty" in full
     assert "workdir" in inside
     assert "parent" in nodir and "create it" in nodir
+    assert "no directory can be made in /proc" in unwritable and "you may write in" in unwritable
+    assert "is a symbolic link" in link and "the directory it names" in link
     # the failed snapshots left nothing (no partial directory)
-    assert set(os.listdir(parent)) - before == {"plain", "newer", "corrupt", "full"}, os.listdir(parent)
+    assert set(os.listdir(parent)) - before == {"plain", "newer", "corrupt", "full", "link"}, os.listdir(parent)
     assert not any(n.startswith(".") for n in os.listdir(parent))
 
 
@@ -227,6 +232,14 @@ def test_cli_template_and_snapshot(tmp_path):
     assert zviz_run("--template", one, "--", "cat", "a").stdout == b"one\n"
     r = zviz_run("--template", str(tmp_path / "missing"), "--", "true")
     assert r.returncode != 0 and b"--snapshot PATH" in r.stderr
+    # one line naming the fix, never a traceback
+    r = zviz_run("--template", one, "--workdir", str(tmp_path), "--", "true")
+    assert r.returncode == 2 and b"drop --workdir" in r.stderr and r.stderr.count(b"\n") == 1, r.stderr
+    for flag in ("--template", "--snapshot", "--workdir"):
+        r = zviz_run(flag, "", "--", "true")
+        assert r.returncode == 2 and f"{flag} needs a path".encode() in r.stderr, r.stderr
+    r = zviz_run("--snapshot", "/proc/t", "--", "true")
+    assert r.returncode == 126 and b"you may write in" in r.stderr and r.stderr.count(b"\n") == 1, r.stderr
 
 
 @pytest.mark.skipif(not IS_ROOT, reason="the overlay is a root caller's")

@@ -46,6 +46,7 @@ EXIT_TIMEOUT = 124
 EXIT_POLICY = 125
 EXIT_SETUP = 126
 EXIT_NOT_FOUND = 127
+MAX_JSON_STDIN = 16 * 1024**2  # bytes of stdin `--json` holds in memory (in the CLI server: per client)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -289,7 +290,13 @@ class UsageError(Exception):
 def _abs(a: argparse.Namespace, path: str) -> str:
     """`path` made absolute against the caller's working directory (the client's, in the server)."""
     cwd = getattr(a, "cwd", None)
-    return os.path.abspath(path) if cwd is None else os.path.normpath(os.path.join(cwd, path))
+    if cwd is not None:
+        return os.path.normpath(os.path.join(cwd, path))
+    try:
+        return os.path.abspath(path)
+    except FileNotFoundError:  # (getcwd: the current directory was removed)
+        raise UsageError(f"{path!r} is relative and the current directory no longer exists: "
+                         "cd to an existing directory, or give an absolute path") from None
 
 
 def _fds(a: argparse.Namespace) -> tuple[int | None, int | None, int | None]:
@@ -316,9 +323,40 @@ def _cmd_run(a: argparse.Namespace) -> int:
 
     gc.disable()
     try:
-        return _run_async(_run, a)
+        return _run_async(_run_until_signalled, a)
     finally:
         gc.enable()
+
+
+async def _run_until_signalled(a: argparse.Namespace) -> int:
+    """`_run` in this process; SIGTERM or SIGHUP (unless ignored: nohup) closes
+    the sandbox as Ctrl-C does, status 128+N (their default action ended the
+    process with the sandbox's workdir and uid lease left on disk until `zviz gc`)."""
+    import signal
+
+    import anyio
+
+    wanted = [s for s in (signal.SIGTERM, signal.SIGHUP) if signal.getsignal(s) is not signal.SIG_IGN]
+    got: list[int] = []
+    try:
+        async with anyio.create_task_group() as tg:
+
+            async def watch() -> None:
+                with anyio.open_signal_receiver(*wanted) as signals:
+                    async for signum in signals:
+                        got.append(signum)
+                        tg.cancel_scope.cancel()
+                        return
+
+            if wanted:
+                tg.start_soon(watch)
+            status = await _run(a)
+            tg.cancel_scope.cancel()
+    except BaseExceptionGroup as group:  # (the task group's: _run's own error, for main's mapping)
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
+    return 128 + got[0] if got else status
 
 
 def _start_up_done() -> None:
@@ -329,12 +367,22 @@ def _start_up_done() -> None:
 
 
 async def _run(a: argparse.Namespace) -> int:
+    from ._pool import pool_size
     from ._sandbox import _open_sandbox
 
     argv = _argv(a)
+    for flag, given in (("--workdir", a.workdir), ("--template", a.template), ("--snapshot", a.snapshot)):
+        if given == "":  # (else the current directory: a confusing error about it, or using it)
+            raise UsageError(f"{flag} needs a path, not an empty string")
+    if a.template is not None and a.workdir is not None:
+        raise UsageError("--template starts a fresh workdir that goes with the sandbox: drop --workdir "
+                         "(and keep what you need with --snapshot PATH)")
     policy = _policy_from_args(a)
+    pool_size()  # a bad ZVIZ_POOL_SIZE fails every run alike (the CLI server's pool reads it; this process's none)
     in_server = getattr(a, "cwd", None) is not None
     workdir, template, snapshot = (None if p is None else _abs(a, p) for p in (a.workdir, a.template, a.snapshot))
+    if workdir is not None and not os.path.isdir(workdir):  # noqa: ASYNC240 - one local stat
+        raise PolicyError("--workdir", a.workdir, "an existing directory: create it first")
     # in its own process, no pool: the process ends with this sandbox, a pre-started one would be wasted
     pool_for: Callable[[Policy], bool] | None = getattr(a, "pool_for", None)
     async with _open_sandbox(policy, workdir=workdir, monitor=a.monitor, template=template,
@@ -393,14 +441,21 @@ async def _run_in(sb: Sandbox, a: argparse.Namespace, argv: list[str], policy: P
     if a.json:
         import json
 
-        r = await sb.run(argv, stdin=await _read_stdin(_fds(a)[0]))
+        wall = policy.limits.wall_s  # (an inherited stdin that never ends, e.g. a service's pipe, is bounded too)
+        with anyio.move_on_after(wall if wall else float("inf")) as scope:
+            data = await _read_stdin(_fds(a)[0])
+        if scope.cancelled_caught:
+            print(f"zviz: timed out after {wall:g} s reading stdin, which --json reads to its end before the "
+                  "command starts: close it, or give </dev/null", file=sys.stderr)
+            return EXIT_TIMEOUT
+        r = await sb.run(argv, stdin=data)
         record = r.to_json()
         stats = sb.statistics()
         if stats.syscalls is not None:
             record["syscalls"] = dict(stats.syscalls)
         record["events"] = [str(e) for e in sb.events_so_far()]
-        await _print_result(a, json.dumps(record, indent=2))
-        return r.status
+        failed = await _print_result(a, json.dumps(record, indent=2))
+        return r.status if failed is None else failed
     # Passthrough through pipes (never the caller's terminal itself: no
     # TIOCSTI into it, no /dev/tty). Our stdio is duplicated so closing the
     # streams leaves sys.std* alone.
@@ -426,6 +481,8 @@ async def _run_in(sb: Sandbox, a: argparse.Namespace, argv: list[str], policy: P
         finally:
             if dst is stdin:
                 dst.close()
+            else:  # (the caller's end is gone, `zviz run -- yes | head`: the command's
+                src.close()  # writes fail as in a shell's pipeline, SIGPIPE, not block until the timeout)
 
     timed_out = False
     try:
@@ -517,7 +574,8 @@ def _write(path: str, text: str) -> None:
 
 
 async def _read_stdin(fd: int | None) -> bytes:
-    """All of stdin for --json (nothing from a terminal), read on the event
+    """All of stdin for --json (nothing from a terminal; at most MAX_JSON_STDIN
+    bytes, else a UsageError: the CLI server's memory is shared), read on the event
     loop from a dup (non-blocking, the flag put back after): cancelled, it
     leaves nothing behind. (Not a thread blocked in read(): in the CLI server
     one would outlive the request and its client, and read on from whatever
@@ -530,9 +588,14 @@ async def _read_stdin(fd: int | None) -> bytes:
     was_blocking = os.get_blocking(fd)
     stream = FdReceiveStream(OwnedFd(os.dup(fd), "cli-stdin"))
     try:
-        chunks = []
+        chunks, size = [], 0
         while chunk := await stream.receive_some():
             chunks.append(chunk)
+            size += len(chunk)
+            if size > MAX_JSON_STDIN:
+                raise UsageError(f"--json holds all of stdin in memory, and it is over {MAX_JSON_STDIN >> 20} MiB: "
+                                 "without --json stdin is streamed to the command with no bound, or pass the "
+                                 "input as a file (--ro FILE, or --bind FILE:/PATH)")
         return b"".join(chunks)
     finally:
         stream.close()
@@ -540,16 +603,24 @@ async def _read_stdin(fd: int | None) -> bytes:
             os.set_blocking(fd, was_blocking)
 
 
-async def _print_result(a: argparse.Namespace, text: str) -> None:
+async def _print_result(a: argparse.Namespace, text: str) -> int | None:
     """The command's result (--json's record) on the caller's stdout. In the CLI
     server, written on the event loop for as long as the caller takes to read it
-    (the server's sys.stdout, for its own messages, gives up on a stuck reader)."""
+    (the server's sys.stdout, for its own messages, gives up on a stuck reader).
+    None when written, or the caller's reader gone (EPIPE: as the command's own
+    output); else 1, said on stderr (a full disk, an I/O error: the record is lost)."""
     if getattr(a, "stdio", None) is None:
-        print(text)
-        return
+        try:
+            sys.stdout.write(text + "\n")
+            sys.stdout.flush()
+        except OSError as e:
+            # (what is left in the buffer goes nowhere at exit, not into a second error)
+            os.dup2(os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC), sys.stdout.fileno())
+            return None if isinstance(e, BrokenPipeError) else _lost_result(e)
+        return None
     fd = _fds(a)[1]
     if fd is None or not _usable(fd):
-        return
+        return None
     import anyio
 
     from ._kernel import OwnedFd
@@ -559,12 +630,20 @@ async def _print_result(a: argparse.Namespace, text: str) -> None:
     out = FdSendStream(OwnedFd(os.dup(fd), "cli-stdout"))
     try:
         await out.send_all((text + "\n").encode())
-    except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+    except (anyio.BrokenResourceError, anyio.ClosedResourceError):
         pass  # (the caller's stdout is gone)
+    except OSError as e:
+        return _lost_result(e)
     finally:
         out.close()
         if _usable(fd):
             os.set_blocking(fd, was_blocking)
+    return None
+
+
+def _lost_result(e: OSError) -> int:
+    print(f"zviz: error: the --json record could not be written to stdout ({e.strerror})", file=sys.stderr)
+    return 1
 
 
 def _dup_or_null(fd: int | None) -> int:
@@ -585,7 +664,7 @@ def _cmd_gc(a: argparse.Namespace) -> int:
     from . import _cachedir, _diskcache, _hostside, _ids, _workdir
 
     found = _workdir.sweep(dry_run=a.dry_run, min_age=60.0, on_stale=_hostside.reclaim)
-    leases = _ids.sweep_leases(dry_run=a.dry_run)
+    leases = _ids.sweep_leases(dry_run=a.dry_run, gone={s.path for s in found} if a.dry_run else ())
     verb = "would remove" if a.dry_run else "removed"
     for s in found:
         print(f"{verb} {s.path}" + (f" (owner was: {s.owner})" if s.owner else ""))

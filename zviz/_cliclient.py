@@ -33,7 +33,8 @@ The server is used only when it would behave exactly as this process:
   started in the background for the next call (it exits after
   `ZVIZ_SERVER_IDLE` seconds without a request, 300 by default).
 
-`ZVIZ_SERVER=0` turns the server off (every `zviz run` runs in its process).
+`ZVIZ_SERVER=0` (or false, no, off: any value but 1, true, yes, on or empty)
+turns the server off (every `zviz run` runs in its process).
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ KILL = b"K"
 def main(argv: Sequence[str] | None = None) -> int:
     """The `zviz` command: `zviz run` through the server when it can, else everything in this process."""
     args = list(sys.argv[1:] if argv is None else argv)
+    _hold_closed_stdio()
     status = _through_server(args)
     if status is not None:
         return status
@@ -75,8 +77,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     return cli_main(args)
 
 
+def _hold_closed_stdio() -> None:
+    """/dev/null on each of fds 0-2 that the caller closed (`zviz run -- cat <&-`),
+    which is what a closed stdin or stdout means to the command (EOF; output
+    dropped). Else the next fd opened takes its number and is taken for the
+    caller's stdio: the server's socket, sent to the server as the command's
+    stdin (where the command read the server's answers and both hung), or the
+    event loop's own fds."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            try:
+                got = os.open(os.devnull, os.O_RDWR)  # (the lowest free number: fd)
+            except OSError:
+                return
+            if got != fd:
+                os.close(got)
+                return
+
+
 def wants_server(args: list[str]) -> bool:
-    if os.environ.get("ZVIZ_SERVER", "1") == "0":
+    # on: unset, "", 1/true/yes/on; anything else is off (ZVIZ_SERVER=false or off
+    # meant on before: the switch docs/security-model.md tells some callers to use)
+    if os.environ.get("ZVIZ_SERVER", "").strip().lower() not in ("", "1", "true", "yes", "on"):
         return False
     i = 1 if args[:1] == ["--debug"] else 0
     return args[i:i + 1] == ["run"]
@@ -311,7 +335,10 @@ def _exchange(s: object, body: bytes, fds: list[int]) -> int | None:
         except OSError:
             pass
 
-    forwarded = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    # (one the caller ignores stays ignored, as in a `zviz run` in its own
+    # process: `nohup zviz run`, a background job of a script and its Ctrl-C)
+    forwarded = [sig for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+                 if signal.getsignal(sig) is not signal.SIG_IGN]
     previous = {sig: signal.signal(sig, forward) for sig in forwarded}
     try:
         s.sendmsg([body], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, array.array("i", fds).tobytes())])

@@ -53,6 +53,7 @@ import contextlib
 import contextvars
 import fcntl
 import io
+import math
 import os
 import signal
 import socket
@@ -211,10 +212,7 @@ def main(name: str) -> None:
     sock_id = os.stat(path, follow_symlinks=False).st_ino
     sys.stdout = _PerRequest(0, sys.stdout)
     sys.stderr = _PerRequest(1, log)
-    try:
-        idle = float(os.environ.get(IDLE_ENV) or IDLE_S)
-    except ValueError:
-        idle = IDLE_S
+    idle = _idle_seconds(os.environ.get(IDLE_ENV) or "")
     print(f"zviz server {name}: pid {os.getpid()}, serving (idle exit after {idle:g} s)", file=log, flush=True)
     try:
         anyio.run(_serve, listener, key, idle, backend="asyncio")
@@ -225,6 +223,19 @@ def main(name: str) -> None:
         listener.close()
         os.close(dfd)
         print(f"zviz server {name}: exited", file=log, flush=True)
+
+
+def _idle_seconds(text: str) -> float:
+    """ZVIZ_SERVER_IDLE: seconds > 0 ("inf": never), else IDLE_S, said in the log
+    (nan made the accept loop spin, a negative value a server per client)."""
+    try:
+        idle = float(text or IDLE_S)
+    except ValueError:
+        idle = math.nan
+    if not idle > 0:
+        print(f"zviz server: {IDLE_ENV}={text!r} is not a number of seconds > 0: {IDLE_S:g} s used", file=sys.stderr)
+        return IDLE_S
+    return idle
 
 
 def stop_servers(timeout: float = 5.0) -> list[int]:

@@ -38,6 +38,7 @@ import errno
 import fcntl
 import os
 import stat
+from collections.abc import Collection
 
 import attrs
 
@@ -262,11 +263,13 @@ def _uid_of_path_file(d: int, name: str) -> int | None:
     return int(raw) if raw.isdigit() else None
 
 
-def sweep_leases(*, dry_run: bool = False) -> list[str]:
-    """Remove lease files nobody holds whose workdir is gone (`zviz gc`)."""
+def sweep_leases(*, dry_run: bool = False, gone: Collection[str] = ()) -> list[str]:
+    """Remove lease files nobody holds whose workdir is gone (`zviz gc`).
+    `gone`: workdirs to take as gone (a dry run's: what it would remove)."""
     if os.geteuid() != 0 or not os.path.isdir(LEASE_DIR):
         return []
     out = []
+    swept = set()
     d = _open_dir()
     try:
         for name in os.listdir(d):
@@ -283,16 +286,17 @@ def sweep_leases(*, dry_run: bool = False) -> list[str]:
                     continue
                 record = os.pread(fd, 8192, 0).decode(errors="replace").split()
                 path = record[-1] if record else ""
-                if path.startswith("/") and os.path.lexists(path):
+                if path.startswith("/") and os.path.lexists(path) and path not in gone:
                     continue
                 out.append(f"{LEASE_DIR}/{name}")
+                swept.add(name)
                 if not dry_run:
                     _kernel.kill_uid(int(name), int(name))
                     os.unlink(name, dir_fd=d)
             finally:
                 os.close(fd)
         # then the workdir -> uid notes whose uid is no longer leased
-        names = set(os.listdir(d))
+        names = set(os.listdir(d)) - swept
         for name in sorted(names):
             if name.startswith("path-"):
                 uid = _uid_of_path_file(d, name)

@@ -135,7 +135,8 @@ exec_program(const char *exe, char **argv, char **envp)
     put(exe);
     put(": errno ");
     put(num);
-    put(r == -ENOENT ? " (not found)\n" : (r == -EACCES ? " (permission denied: outside the policy's paths?)\n" : "\n"));
+    put(r == -ENOENT ? " (not found in the sandbox: is its directory, or its #! interpreter's, in the policy's paths?)\n"
+        : (r == -EACCES ? " (permission denied: outside the policy's paths?)\n" : "\n"));
     die(r == -ENOENT ? 127 : 126);
 }
 

@@ -11,7 +11,12 @@ without a pool.
 
 A pooled sandbox is a fresh sandbox made early: nobody used it (it is handed
 out once, never returned to the pool), it has its own workdir, its own /tmp
-and its own pid namespace, whose init (the zygote) has run nothing yet. Only
+and its own pid namespace, whose init (the zygote) has run nothing yet. Its
+host paths (fs.read_only, fs.read_write, the binds' sources) were bound as
+they were then: it is handed out only if each still names the same file
+(device and inode, `stamp`), else it is closed and the caller gets a fresh
+one (a directory replaced, `rm -r build && mkdir build`, a file an editor
+saved by rename: a fresh sandbox would show the new one). Only
 a request that a fresh default sandbox would answer is served from the pool:
 a given `workdir=`, `keep_workdir=True`, `monitor=`, tracing, or the
 benchmarks' no-zygote mode make their own. The key is the policy itself
@@ -77,7 +82,7 @@ def set_pool_size(size: int | None) -> None:
             raise ValueError(f"size must be between 0 and {MAX_SIZE}, not {size}")
     _Settings.size = size
     for pool in _live_pools():
-        pool.wake.set()  # shrink (or grow) now
+        pool.wake_from_anywhere()  # shrink (or grow) now
 
 
 def pool_size() -> int:
@@ -86,7 +91,7 @@ def pool_size() -> int:
     text = os.environ.get(ENV, "")
     if not text:
         return 0
-    if not text.isdigit() or int(text) > MAX_SIZE:
+    if not (text.isascii() and text.isdigit()) or int(text) > MAX_SIZE:  # (isdigit alone: '²', Arabic-Indic digits)
         raise PolicyError(ENV, text, f"an integer from 0 to {MAX_SIZE}: pre-started sandboxes per policy")
     return int(text)
 
@@ -108,10 +113,22 @@ class Pool:
         self.ready: dict[Policy, collections.deque[Sandbox]] = {}
         self.failures: dict[Policy, _Failure] = {}
         self.wake = anyio.Event()
+        self.call_soon = _lifecycle.threadsafe_caller()  # (made on its loop: set_pool_size may come from any thread)
         self.serving = False
         self.closed = False
         self.made = 0  # sandboxes made by the pool (tests, benchmarks)
         self.takes = 0  # requests seen (hits and misses)
+        self.stamps: weakref.WeakKeyDictionary[Sandbox, tuple[tuple[int, int] | None, ...]] = (
+            weakref.WeakKeyDictionary())  # what its host paths were when it was made
+        self.stale: list[Sandbox] = []  # taken out (a host path changed since), for the pool's task to close
+
+    def wake_from_anywhere(self) -> None:
+        """Wake the pool's task from any thread (its loop's, another one's)."""
+        with contextlib.suppress(RuntimeError):  # (its loop has ended)
+            self.call_soon(self._wake)
+
+    def _wake(self) -> None:
+        self.wake.set()  # (the event of the moment: the task replaces it each time it sleeps)
 
     def take(self, policy: Policy) -> Sandbox | None:
         """A ready sandbox of exactly `policy` (now marked as the caller's),
@@ -127,11 +144,16 @@ class Pool:
                           f"retried in {f.until - anyio.current_time():.1f} s at the earliest): {f.error!r}",
                           ZvizWarning, stacklevel=4)
         sb = None
+        now = None
         while q:
             candidate = q.popleft()
             life = candidate._life
             if life.closing or life.done.is_set():
                 continue  # its service ended (the loop is ending, or it failed): never hand it out
+            now = stamp(policy) if now is None else now
+            if self.stamps.pop(candidate, None) != now:
+                self.stale.append(candidate)  # it shows a host path as it was: a fresh one shows it as it is
+                continue
             life.pooled = False
             sb = candidate
             break
@@ -164,6 +186,9 @@ class Pool:
         return None, sleep
 
     async def _shrink(self) -> None:
+        while self.stale:
+            with anyio.CancelScope(shield=True):
+                await self.stale.pop().aclose()
         size = pool_size()
         for q in self.ready.values():
             while len(q) > size:
@@ -186,6 +211,7 @@ class Pool:
                 await _idle(self)
                 if self._next()[0] is not policy:
                     continue  # the size or the room changed meanwhile
+                before = stamp(policy)  # (before: a change while it is made is caught at take)
                 try:
                     sb = await make(policy)
                 except Exception as e:  # noqa: BLE001 - kept, reported to the next caller, retried later
@@ -197,15 +223,30 @@ class Pool:
                     continue
                 self.failures.pop(policy, None)
                 self.made += 1
+                self.stamps[sb] = before
                 self.ready[policy].append(sb)
                 await anyio.lowlevel.checkpoint()
         finally:
             self.closed = True
             with anyio.CancelScope(shield=True):
-                for q in self.ready.values():
+                for q in (*self.ready.values(), self.stale):
                     while q:
                         with contextlib.suppress(Exception):
-                            await q.popleft().aclose()
+                            await q.pop().aclose()
+
+
+def stamp(policy: Policy) -> tuple[tuple[int, int] | None, ...]:
+    """What the policy's host paths name now: (device, inode) of each, None
+    for one that does not exist (a few stats: ~1 us each)."""
+    out: list[tuple[int, int] | None] = []
+    for path in (*policy.fs.read_only, *policy.fs.read_write, *(b.source for b in policy.fs.binds)):
+        try:
+            st = os.stat(path)
+        except OSError:
+            out.append(None)
+        else:
+            out.append((st.st_dev, st.st_ino))
+    return tuple(out)
 
 
 async def _idle(pool: Pool) -> None:

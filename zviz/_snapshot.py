@@ -239,7 +239,10 @@ def check_destination(path: str | os.PathLike[str], workdir: str) -> tuple[str, 
     if not os.path.isdir(parent):
         raise TemplateError(given, f"its parent {parent} is not an existing directory: create it first")
     if os.path.lexists(real):
-        if os.path.islink(real) or not os.path.isdir(real):
+        if os.path.islink(real):  # (never followed: where it points may change under the copy)
+            raise TemplateError(given, f"is a symbolic link (to {os.readlink(real)!r}): give a path that is not "
+                                "one, e.g. the directory it names, or remove it")
+        if not os.path.isdir(real):
             raise TemplateError(given, "exists and is not a directory: choose a new path or remove it")
         if os.listdir(real):
             raise TemplateError(given, "exists and is not empty: choose a new path or remove it first")
@@ -260,10 +263,17 @@ def snapshot(workdir: str, path: str | os.PathLike[str], *, readable_by: tuple[i
             raise ValueError(f"{name} must be a non-negative int, not {v!r}")
     t0 = time.monotonic()
     parent, name, given = check_destination(path, workdir)
-    pfd = os.open(parent, _O_DIR)
     tmp = f".{name}.zviz-partial-{secrets.token_hex(4)}"
     try:
-        os.mkdir(tmp, 0o700, dir_fd=pfd)
+        pfd = os.open(parent, _O_DIR)
+    except OSError as e:
+        raise TemplateError(given, f"its parent {parent} cannot be opened ({e.strerror}): choose another") from None
+    try:
+        try:
+            os.mkdir(tmp, 0o700, dir_fd=pfd)
+        except OSError as e:  # (read-only, not yours, no room, /proc, /sys...)
+            raise TemplateError(given, f"no directory can be made in {parent} ({e.strerror}): choose a "
+                                "directory you may write in") from None
         try:
             tfd = os.open(tmp, _O_DIR, dir_fd=pfd)
             try:
