@@ -8,6 +8,7 @@ server, not the client's process: the server's log counts what it served.
 import ctypes
 import os
 import pathlib
+import secrets
 import shutil
 import signal
 import subprocess
@@ -141,11 +142,12 @@ def test_a_killed_client_kills_its_sandbox(server, how):
     """A client killed outright (the server sees the hang-up) or signalled (it
     forwards the signal, and its status says which): the sandbox dies with it."""
     server.start()
-    cmd = [*ZVIZ, "run", "--", "sh", "-c", "echo up; exec sleep 300"]
+    secs = _sleep_secs()
+    cmd = [*ZVIZ, "run", "--", "sh", "-c", f"echo up; exec sleep {secs}"]
     with subprocess.Popen(cmd, env=server.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as p:
         try:
             assert p.stdout.readline() == b"up\n"
-            sleeper = _sleeper()
+            sleeper = _sleeper(secs)
             assert sleeper is not None
             p.send_signal(getattr(signal, how))
             status = p.wait(10)
@@ -192,17 +194,26 @@ def wait_eof(r: int, timeout: float, what: str) -> None:
         time.sleep(0.01)
 
 
-def _sleeper() -> int | None:
-    """The host pid of the sandboxed `sleep 300` (newest), or None."""
-    found = []
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                if pathlib.Path(f"/proc/{pid}/cmdline").read_bytes() == b"sleep\x00300\x00":
-                    found.append(int(pid))
-            except OSError:
-                pass
-    return max(found) if found else None
+def _sleep_secs() -> str:
+    """A `sleep` duration no other process on the machine has (other suites may run `sleep 300`)."""
+    return f"300.{secrets.randbelow(10**9)}"
+
+
+def _sleeper(secs: str) -> int | None:
+    """The host pid of the sandboxed `sleep SECS`, or None after 10 s (`echo up; exec sleep`:
+    the shell's exec may not have happened when "up" is read)."""
+    want = f"sleep\x00{secs}\x00".encode()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        for pid in os.listdir("/proc"):
+            if pid.isdigit():
+                try:
+                    if pathlib.Path(f"/proc/{pid}/cmdline").read_bytes() == want:
+                        return int(pid)
+                except OSError:
+                    pass
+        time.sleep(0.01)
+    return None
 
 
 def test_the_server_holds_no_fd_of_its_client(server):
