@@ -244,6 +244,8 @@ async def test_a_direct_connect_is_refused_at_once_and_is_one_event_each():
         base = sb.statistics().notifications
         r = await sb.run(["python3", "direct.py", json.dumps(targets)])
         assert r.status == 0, r.stderr
+        # the run's own (read at its end, whether or not the loop woke for them before)
+        assert r.denials == {"connect": 7}, r.denials
         out = json.loads(r.stdout)
         assert [e for e, _ in out] == [111] * 7, out
         assert max(t for _, t in out) < 0.5, out  # never a hang (a few microseconds each, unloaded)
@@ -258,12 +260,38 @@ async def test_a_direct_connect_is_refused_at_once_and_is_one_event_each():
         for e in events:
             assert "HTTPS_PROXY" in e.detail and "--allow-domain" in e.detail and e.errno == 111
             assert e.source == "netns" and str(e).startswith("denied connect(")
+            assert e.command == "python3"  # (the only run: its command)
         st = sb.statistics()
-        assert st.denials["connect"] == 7 and st.notifications == 2 * base and st.connects == 0
+        assert st.denials["connect"] == 7 and st.notifications == 2 * base and st.connects == 0  # (once each)
         assert sb._life.egress.direct_reads == 7
         r = await sb.run(["python3", "-c", "import socket\ns = socket.socket()\ntry:\n    s.bind(('0.0.0.0', 8080))\n"
                           "except OSError as e:\n    print(e.errno)\n"])
         assert r.stdout == b"13\n"  # Landlock: no TCP bind
+
+
+@pytest.mark.trio
+async def test_a_direct_connect_is_never_counted_in_another_run():
+    """The kernel's reset does not say which process connected: a denial
+    counts in a run only when that run is the only one live; with two, the
+    sandbox's totals have it and neither run does (never the wrong one)."""
+    async with zviz.open_sandbox(_policy(1)) as sb:
+        await sb.write_file("direct.py", DIRECT)
+        sleeper = await sb.start(["sleep", "30"])
+        try:
+            r = await sb.run(["python3", "direct.py", json.dumps([["10.0.0.1", 80]])])
+            assert r.status == 0 and json.loads(r.stdout)[0][0] == 111, r.stderr
+            assert r.denials == {}, r.denials
+        finally:
+            sleeper.kill()
+        await sleeper.wait()
+        assert sleeper.denials == {}, sleeper.denials
+        with trio.fail_after(5):
+            while not _connect_denials(sb):
+                await trio.sleep(0.01)
+        assert sb.statistics().denials["connect"] == 1
+        assert _connect_denials(sb)[0].command == ""
+        r = await sb.run(["python3", "direct.py", json.dumps([["10.0.0.2", 80]])])  # alone again: its own
+        assert r.denials == {"connect": 1} and sb.statistics().denials["connect"] == 2
 
 
 @pytest.mark.trio

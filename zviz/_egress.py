@@ -53,6 +53,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import os
 import socket
 import time
@@ -144,14 +145,23 @@ class _Denied(Exception):
         self.refused = refused
 
 
+@functools.cache
+def _connect_nr() -> int:
+    from ._syscall_table import BY_NUMBER
+
+    return next(nr for nr, name in BY_NUMBER.items() if name == "connect")
+
+
 class EgressProxy:
     """One sandbox's proxy: its listening socket on the host's loopback, its
     rules (replaced by `set_network`), its connections and their figures."""
 
     def __init__(self, network: Any, on_event: Callable[[Any], None],
-                 on_denial: Callable[[str], None] | None = None) -> None:
+                 on_denial: Callable[[str], str] | None = None) -> None:
         self._on_event = on_event
-        self._on_denial = on_denial  # a direct connect seen inside: counted in the sandbox's denials
+        # a direct connect seen inside: counted (in the run it can be told to be, else the
+        # sandbox's totals); answers that run's command, or ""
+        self._on_denial = on_denial
         self.head_timeout = HEAD_TIMEOUT
         self.connect_timeout = CONNECT_TIMEOUT
         self.rules = Rules.build((), (), (), {})
@@ -336,35 +346,39 @@ class EgressProxy:
         """Record a denial for each direct connect the watcher saw (refused
         by the kernel at once: its reset), until it is closed. At most 64 a wake-up: a flood waits in (and overflows)
         the socket's small buffer, never the loop."""
-        from . import _egresswatch
-        from ._supervisor import DenialEvent
-        from ._syscall_table import BY_NUMBER
-
-        connect_nr = next(nr for nr, name in BY_NUMBER.items() if name == "connect")
         while watcher.fileno() >= 0:
             try:
                 await anyio.wait_readable(watcher)
             except (anyio.ClosedResourceError, OSError):
                 return
-            for _ in range(64):
-                try:
-                    seen = _egresswatch.read_refusal(watcher)
-                except (BlockingIOError, InterruptedError):
-                    break
-                except OSError:
-                    if watcher.fileno() < 0:
-                        return
-                    break
-                self.direct_reads += 1
-                if seen is None:
-                    continue
-                host, port = seen
-                self._on_event(DenialEvent(time=time.time(), pid=0, command="", syscall="connect",
-                                           nr=connect_nr, args=(), errno=errno.ECONNREFUSED, source="netns",
-                                           detail=self.hint((host, port))))
-                if self._on_denial is not None:
-                    self._on_denial("connect")
+            self._read_refusals(watcher, 64)
             await anyio.lowlevel.checkpoint()
+
+    def drain_refusals(self) -> None:
+        """Record now what the watchers hold (a run's end: the kernel queued
+        the reset of its refused connect before the connect returned, so its
+        denial is counted in that run even if the loop has not woken for it)."""
+        for watcher in self._watch:
+            self._read_refusals(watcher, 4096)
+
+    def _read_refusals(self, watcher: socket.socket, at_most: int) -> None:
+        from . import _egresswatch
+        from ._supervisor import DenialEvent
+
+        for _ in range(at_most):
+            try:
+                seen = _egresswatch.read_refusal(watcher)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # (closed meanwhile, or an error the next read reports again)
+                return
+            self.direct_reads += 1
+            if seen is None:
+                continue
+            command = self._on_denial("connect") if self._on_denial is not None else ""
+            self._on_event(DenialEvent(time=time.time(), pid=0, command=command, syscall="connect",
+                                       nr=_connect_nr(), args=(), errno=errno.ECONNREFUSED, source="netns",
+                                       detail=self.hint(seen)))
 
     async def aclose(self) -> None:
         """Close every proxied connection (both sides) and the listening socket."""

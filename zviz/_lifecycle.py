@@ -150,6 +150,8 @@ class Life:
     def process_ended(self, proc: Process, *, account: RunAccount, zrun: bool) -> None:
         self.procs.discard(proc)
         if zrun:
+            if self.egress is not None:  # its direct connects' denials are its own (not yet read: now)
+                self.egress.drain_refusals()
             self.runner.end_run(proc.pid, account)
             self.tally.fold(account)
         self.tally.process_ended(proc.cpu_s, proc.peak_rss, proc.timed_out)

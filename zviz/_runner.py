@@ -162,6 +162,14 @@ class Runner:
             self._tally.fold(early)
         self._provisional.clear()
 
+    def sole_run(self) -> RunAccount | None:
+        """The run a denial the kernel made without saying who (a direct connect
+        refused in the sandbox's own namespace, _egress) can be told to be: the
+        only live one, with no other starting; else None (the sandbox's totals)."""
+        if len(self._runs_by_pid) != 1 or self._inflight:
+            return None
+        return next(iter(self._runs_by_pid.values()))
+
     def end_run(self, pid: int, account: RunAccount) -> None:
         if self._runs_by_pid.get(pid) is account:
             del self._runs_by_pid[pid]

@@ -619,6 +619,18 @@ def _prepare(policy: Policy, workdir: str, owns_workdir: bool, features: _probe.
     return probe_plan, runner
 
 
+def _count_direct(runner: Runner, tally: Tally, name: str) -> str:
+    """A direct connect the kernel refused in the sandbox's namespace: the
+    denial of the only live run (its RunResult.denials), or the sandbox's
+    when none or several run; the run's command, or ""."""
+    account = runner.sole_run()
+    if account is None:
+        tally.count_denial(name)
+        return ""
+    account.denials[name] += 1
+    return account.command
+
+
 def _warn_degraded(degraded: tuple[str, ...], stacklevel: int) -> None:
     warnings.warn("zviz sandbox runs degraded: " + "; ".join(degraded), ZvizWarning, stacklevel=stacklevel)
 
@@ -722,8 +734,8 @@ async def _create(policy: Policy | None = None, *, workdir: str | os.PathLike[st
         if policy.net.mode == "domains":  # its connects to the proxy's address reach this (_egress)
             from . import _egress
 
-            life.egress = life.supervisor.egress = _egress.EgressProxy(policy.net, life.events.add,
-                                                                       life.tally.count_denial)
+            life.egress = life.supervisor.egress = _egress.EgressProxy(
+                policy.net, life.events.add, functools.partial(_count_direct, runner, life.tally))
             if runner.egress_inside:
                 runner.on_zygote = life.egress.listen_inside
         monitor_cm = None
