@@ -330,6 +330,46 @@ async def test_set_network_in_allow_mode_changes_the_endpoints(index):
         other.close()
 
 
+@pytest.mark.trio
+async def test_a_slow_name_lookup_stalls_no_other_sandbox(monkeypatch):
+    """allow mode resolves its names when a sandbox opens and at set_network:
+    a resolver that takes a second (or times out) holds up that call, in a
+    worker thread, never the event loop that every other sandbox runs on."""
+    import socket as _socket
+    import time
+
+    real = _socket.getaddrinfo
+
+    def slow(host, *args, **kwargs):
+        if host == "slow.test":
+            time.sleep(1.0)
+            host = "127.0.0.1"
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(_socket, "getaddrinfo", slow)
+    gaps = []
+
+    async def ticker():
+        last = trio.current_time()
+        while True:
+            await trio.sleep(0.01)
+            now = trio.current_time()
+            gaps.append(now - last)
+            last = now
+
+    pol = zviz.Policy.python(net=zviz.Network(mode="allow", allow=["slow.test:80"]))
+    async with trio.open_nursery() as n:
+        n.start_soon(ticker)
+        await trio.sleep(0.05)
+        t0 = trio.current_time()
+        async with zviz.open_sandbox(pol) as sb:
+            assert trio.current_time() - t0 >= 1.0  # (it did wait for the name)
+            await sb.set_network(zviz.Network(mode="allow", allow=["slow.test:81"]))
+            assert sb.statistics() is not None
+        n.cancel_scope.cancel()
+    assert max(gaps) < 0.5, max(gaps)  # the loop ran on (it stopped for 1 s per lookup before)
+
+
 def test_the_blocking_facade(index):
     """zviz.sync: the proxy runs on the sandbox's own loop thread; set_network blocks."""
     import zviz.sync

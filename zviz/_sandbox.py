@@ -492,7 +492,9 @@ class Sandbox:
             self._life.egress.set_network(network)
         elif network.mode == "allow":
             assert self._life.supervisor is not None
-            self._life.supervisor.set_allowed(_resolve_endpoints(attrs.evolve(self.policy, net=network)))
+            endpoints = await _resolve_endpoints_off_loop(attrs.evolve(self.policy, net=network))
+            self._check_open()  # (closed during the lookup)
+            self._life.supervisor.set_allowed(endpoints)
         self.policy = attrs.evolve(self.policy, net=network)
 
     def _add_event(self, event: DenialEvent) -> None:
@@ -652,6 +654,16 @@ def _resolve_endpoints(policy: Policy) -> frozenset[tuple[str, int]]:
     return frozenset(out)
 
 
+async def _resolve_endpoints_off_loop(policy: Policy) -> frozenset[tuple[str, int]]:
+    """`_resolve_endpoints` with its name lookups in a worker thread: a slow or
+    unreachable resolver stalls only this open (or set_network), not every
+    other sandbox on the loop. Cancelled, the caller goes on and the lookup's
+    thread ends on its own. Addresses only: no thread."""
+    if all(e.is_ip() for e in policy.net.allow):
+        return _resolve_endpoints(policy)
+    return await anyio.to_thread.run_sync(_resolve_endpoints, policy, abandon_on_cancel=True)
+
+
 async def _create(policy: Policy | None = None, *, workdir: str | os.PathLike[str] | None = None,
                   keep_workdir: bool = False, monitor: bool | object = False, trace: Any = None,
                   zygote: bool = True, template: str | os.PathLike[str] | None = None,
@@ -671,6 +683,7 @@ async def _create(policy: Policy | None = None, *, workdir: str | os.PathLike[st
                 _warn_degraded(ready._degraded, stacklevel=4)
             return ready
     features = _probe.probe()
+    endpoints = await _resolve_endpoints_off_loop(policy)  # (before anything is made for it)
     given = None
     if workdir is not None:
         # (a local stat or two before anything runs: not worth a worker thread)
@@ -722,7 +735,6 @@ async def _create(policy: Policy | None = None, *, workdir: str | os.PathLike[st
     sb = Sandbox(policy, path, plan, life, resources, trace=trace)
     life.description = repr(sb)
     try:
-        endpoints = _resolve_endpoints(policy)
         # Made here, in the caller's step (its fds with the rest of the setup's, before
         # another sandbox's setup can run); it runs in the service task's group.
         with _capacity.exhaustion_as_error("supervisor"):
