@@ -306,3 +306,4 @@ def test_proxy_environment():
     env = p.proxy_environment()
     assert env["HTTPS_PROXY"] == env["http_proxy"] == f"http://127.0.0.1:{p.PROXY_PORT}"
     assert env["NO_PROXY"] == "localhost,127.0.0.1,::1"
+    assert env["NODE_USE_ENV_PROXY"] == "1"  # (Node's fetch ignores the rest without it)

@@ -757,4 +757,5 @@ def proxy_environment() -> dict[str, str]:
         out[k] = out[k.lower()] = url
     out["NO_PROXY"] = out["no_proxy"] = "localhost,127.0.0.1,::1"
     out["npm_config_proxy"] = out["npm_config_https_proxy"] = url
+    out["NODE_USE_ENV_PROXY"] = "1"  # Node's own fetch() and http (22.21+, 24+); older Node ignores it
     return out
