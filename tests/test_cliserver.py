@@ -145,7 +145,7 @@ def test_a_killed_client_kills_its_sandbox(server, how):
     with subprocess.Popen(cmd, env=server.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as p:
         try:
             assert p.stdout.readline() == b"up\n"
-            sleeper = _sleeper()
+            sleeper = _sleeper(server.pid())
             assert sleeper is not None
             p.send_signal(getattr(signal, how))
             status = p.wait(10)
@@ -192,17 +192,33 @@ def wait_eof(r: int, timeout: float, what: str) -> None:
         time.sleep(0.01)
 
 
-def _sleeper() -> int | None:
-    """The host pid of the sandboxed `sleep 300` (newest), or None."""
-    found = []
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
+def _sleeper(server_pid: int, timeout: float = 10.0) -> int | None:
+    """The host pid of the sandboxed `sleep 300` under the server `server_pid`,
+    or None. Waited for: the command's "up" comes before its exec of sleep; and
+    only the server's own (another test's `sleep 300` on this machine, a
+    concurrent run's, must not be taken for it)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
             try:
-                if pathlib.Path(f"/proc/{pid}/cmdline").read_bytes() == b"sleep\x00300\x00":
-                    found.append(int(pid))
+                if pathlib.Path(f"/proc/{pid}/cmdline").read_bytes() == b"sleep\x00300\x00" and \
+                        server_pid in _ancestors(int(pid)):
+                    return int(pid)
             except OSError:
                 pass
-    return max(found) if found else None
+        time.sleep(0.01)
+    return None
+
+
+def _ancestors(pid: int) -> list[int]:
+    out = []
+    while pid > 1:
+        status = pathlib.Path(f"/proc/{pid}/status").read_text()
+        pid = int(next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:")))
+        out.append(pid)
+    return out
 
 
 def test_the_server_holds_no_fd_of_its_client(server):

@@ -149,7 +149,7 @@ def test_a_server_killed_mid_request_leaves_the_callers_stdio_blocking_and_no_sa
                               stdin=in_r, stdout=out_w, stderr=subprocess.PIPE) as p:
             try:
                 assert os.read(out_r, 16) == b"up\n"
-                sleeper = _sleeper()
+                sleeper = _sleeper(pid)
                 assert sleeper is not None
                 assert not os.get_blocking(in_r)  # (the server's pumps run)
                 os.kill(pid, 9)
