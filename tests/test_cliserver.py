@@ -8,7 +8,6 @@ server, not the client's process: the server's log counts what it served.
 import ctypes
 import os
 import pathlib
-import secrets
 import shutil
 import signal
 import subprocess
@@ -142,12 +141,11 @@ def test_a_killed_client_kills_its_sandbox(server, how):
     """A client killed outright (the server sees the hang-up) or signalled (it
     forwards the signal, and its status says which): the sandbox dies with it."""
     server.start()
-    secs = _sleep_secs()
-    cmd = [*ZVIZ, "run", "--", "sh", "-c", f"echo up; exec sleep {secs}"]
+    cmd = [*ZVIZ, "run", "--", "sh", "-c", "echo up; exec sleep 300"]
     with subprocess.Popen(cmd, env=server.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as p:
         try:
             assert p.stdout.readline() == b"up\n"
-            sleeper = _sleeper(secs)
+            sleeper = _sleeper(server.pid())
             assert sleeper is not None
             p.send_signal(getattr(signal, how))
             status = p.wait(10)
@@ -194,26 +192,33 @@ def wait_eof(r: int, timeout: float, what: str) -> None:
         time.sleep(0.01)
 
 
-def _sleep_secs() -> str:
-    """A `sleep` duration no other process on the machine has (other suites may run `sleep 300`)."""
-    return f"300.{secrets.randbelow(10**9)}"
-
-
-def _sleeper(secs: str) -> int | None:
-    """The host pid of the sandboxed `sleep SECS`, or None after 10 s (`echo up; exec sleep`:
-    the shell's exec may not have happened when "up" is read)."""
-    want = f"sleep\x00{secs}\x00".encode()
-    deadline = time.monotonic() + 10
+def _sleeper(server_pid: int, timeout: float = 10.0) -> int | None:
+    """The host pid of the sandboxed `sleep 300` under the server `server_pid`,
+    or None. Waited for: the command's "up" comes before its exec of sleep; and
+    only the server's own (another test's `sleep 300` on this machine, a
+    concurrent run's, must not be taken for it)."""
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for pid in os.listdir("/proc"):
-            if pid.isdigit():
-                try:
-                    if pathlib.Path(f"/proc/{pid}/cmdline").read_bytes() == want:
-                        return int(pid)
-                except OSError:
-                    pass
+            if not pid.isdigit():
+                continue
+            try:
+                if pathlib.Path(f"/proc/{pid}/cmdline").read_bytes() == b"sleep\x00300\x00" and \
+                        server_pid in _ancestors(int(pid)):
+                    return int(pid)
+            except OSError:
+                pass
         time.sleep(0.01)
     return None
+
+
+def _ancestors(pid: int) -> list[int]:
+    out = []
+    while pid > 1:
+        status = pathlib.Path(f"/proc/{pid}/status").read_text()
+        pid = int(next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:")))
+        out.append(pid)
+    return out
 
 
 def test_the_server_holds_no_fd_of_its_client(server):

@@ -138,19 +138,18 @@ def test_a_server_killed_mid_request_leaves_the_callers_stdio_blocking_and_no_sa
     """The server makes the client's stdio descriptions non-blocking while it pumps
     them (a dup shares the flag with the caller's shell or harness) and puts the
     flag back at the end, which a killed server never reaches: the client does it."""
-    from tests.test_cliserver import _sleep_secs, _sleeper
+    from tests.test_cliserver import _sleeper
 
     server.start()
     pid = server.pid()
     in_r, in_w = os.pipe()
     out_r, out_w = os.pipe()
     try:
-        secs = _sleep_secs()
-        with subprocess.Popen([*ZVIZ, "run", "--", "sh", "-c", f"echo up; exec sleep {secs}"], env=server.env,
+        with subprocess.Popen([*ZVIZ, "run", "--", "sh", "-c", "echo up; exec sleep 300"], env=server.env,
                               stdin=in_r, stdout=out_w, stderr=subprocess.PIPE) as p:
             try:
                 assert os.read(out_r, 16) == b"up\n"
-                sleeper = _sleeper(secs)
+                sleeper = _sleeper(pid)
                 assert sleeper is not None
                 assert not os.get_blocking(in_r)  # (the server's pumps run)
                 os.kill(pid, 9)
