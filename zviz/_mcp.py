@@ -329,6 +329,9 @@ def http_app(sessions: Sessions, host: str) -> ASGIApp:
             finally:
                 sessions.opening -= 1
             return
+        if sid not in sessions.by_id:  # ended, idled out or made up: the SDK answers it, and nothing is kept for
+            await inner(scope, receive, send)  # it (anyone who reaches the port may send any id, any number)
+            return
         sessions.http_busy[sid] = sessions.http_busy.get(sid, 0) + 1
         try:
             await inner(scope, receive, send)

@@ -102,16 +102,29 @@ class ToolSession:
 
     # ---- the tools (results as data; zviz's errors raise)
 
+    def bounded_timeout(self, timeout: object) -> float | None:
+        """The agent's `timeout`, never past the policy's `limits.wall_s`: the
+        agent is not the policy's author (an MCP client, an LLM), so it may ask
+        for less wall-clock time than the configuration allows, not more (None:
+        the policy's own)."""
+        t = check_timeout(timeout)
+        wall = self.config.policy.limits.wall_s
+        if t is None or wall is None:
+            return t
+        return min(t, wall)
+
     async def run_python(self, code: str, timeout: float | None = None) -> Execution:
         check_code(code)
+        t = self.bounded_timeout(timeout)
         ctx = await self.context()
-        return await ctx.run(code, timeout=check_timeout(timeout))
+        return await ctx.run(code, timeout=t)
 
     async def run_command(self, command: str | Sequence[str], timeout: float | None = None,
                           cwd: str | None = None) -> RunResult:
         argv, shell = command_of(command)
+        t = self.bounded_timeout(timeout)
         sb = await self.sandbox()
-        return await sb.run(argv, shell=shell, timeout=check_timeout(timeout), cwd=cwd or None)
+        return await sb.run(argv, shell=shell, timeout=t, cwd=cwd or None)
 
     async def write_file(self, path: str, content: str, encoding: str = "text") -> int:
         data = decode_content(content, encoding)
