@@ -395,6 +395,14 @@ def _remove_at(dirfd: _kernel.OwnedFd, name: str, inside: str, recursive: bool) 
         raise _err(e, inside) from None
 
 
+def _stat_in_view(root: _Root, inside: str) -> os.stat_result:
+    fd = root.open(inside, os.O_PATH)
+    try:
+        return os.fstat(fd.fd)
+    finally:
+        fd.close()
+
+
 def _mkdir(root: _Root, inside: str, parents: bool, exist_ok: bool, mode: int) -> None:
     todo = [inside]
     if parents:
@@ -408,11 +416,11 @@ def _mkdir(root: _Root, inside: str, parents: bool, exist_ok: bool, mode: int) -
         dirfd, name = root.parent(d)
         try:
             try:
-                st = os.stat(name, dir_fd=dirfd.fd)
+                # followed as the sandbox would follow it: in its root (a plain stat beside dirfd would
+                # resolve an absolute link on the host and tell a host file from a missing one)
+                st = _stat_in_view(root, d)
             except FileNotFoundError:
                 pass
-            except OSError as e:
-                raise _err(e, d) from None
             else:
                 if not stat.S_ISDIR(st.st_mode):
                     raise FileExistsError(errno.EEXIST, "exists and is not a directory", d)

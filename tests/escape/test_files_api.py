@@ -198,3 +198,39 @@ def test_dotdot_absolute_and_magic_links_stay_in_the_view(target):
 
     trio.run(main)
     assert sorted(os.listdir(d)) == ["secret.txt"]
+
+
+def test_mkdir_parents_tells_nothing_of_host_paths(target):
+    """`write(..., parents=True)` and `mkdir(parents=True)` look at each
+    parent before making it. A link the sandbox planted to an absolute host
+    path must be followed in the sandbox's root, as its own `mkdir -p` would:
+    before, a plain `stat` beside the parent's fd resolved it on the host, so
+    a link to an existing host file answered "exists and is not a directory"
+    and one to a missing path "no such file": an oracle on the host's files
+    (as the sandbox's uid; and a stat on any host path, an automount or a
+    dead network mount included). Now both links get the same answer, the
+    one the sandbox's own view gives."""
+    d, _token = target
+    present, absent = f"{d}/secret.txt", f"{d}/no-such-file"
+
+    async def main():
+        async with zviz.open_sandbox(PYP) as sb:
+            r = await sb.run(["sh", "-c", f"ln -s {present} p; ln -s {absent} a; ln -s {d} dir"])
+            assert r.exit_code == 0, r.stderr
+            out = {}
+            for name in ("p", "a", "dir"):
+                for op in ("write", "mkdir"):
+                    try:
+                        if op == "write":
+                            await sb.files.write(f"{name}/x", b"1")
+                        else:
+                            await sb.files.mkdir(f"{name}/x", parents=True)
+                        out[name, op] = "ok"
+                    except OSError as e:
+                        out[name, op] = (type(e).__name__, e.errno)
+            return out
+
+    out = trio.run(main)
+    assert out["p", "write"] == out["a", "write"] == out["dir", "write"] == ("FileNotFoundError", errno.ENOENT), out
+    assert out["p", "mkdir"] == out["a", "mkdir"] == out["dir", "mkdir"] == ("FileNotFoundError", errno.ENOENT), out
+    assert sorted(os.listdir(d)) == ["secret.txt"]  # and nothing was made on the host
