@@ -66,6 +66,19 @@ def _make(path: str, depth: int = 2) -> None:
         os.mkdir(path, 0o700)
 
 
+def ensure_directory() -> None:
+    """Make the cache directory now if it is missing (as a store would). A
+    sandbox's plan masks zviz's directories where they exist (_plan.Host.hidden):
+    one made only after the plan (by the same open's first filter store, or a
+    later one's) would be in full view of a sandbox given a read-write parent,
+    which for a non-root caller runs as the caller's uid and could rewrite the
+    filters of every later sandbox. Never raises."""
+    path = location()
+    if path and not os.path.isdir(path):
+        with contextlib.suppress(OSError):
+            _make(path)
+
+
 def key(kind: str, *parts: object) -> str:
     """The key of a `kind` entry made of `parts` (their repr: values of builtin
     types and frozen records), zviz's version always among them."""

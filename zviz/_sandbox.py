@@ -532,7 +532,9 @@ def _weak_start(sb: Sandbox) -> Callable[..., Awaitable[Process]]:
 def _hidden_dirs() -> tuple[str, ...]:
     """The real paths of zviz's own host directories that exist (_plan.Host.hidden)."""
     from ._cachedir import location
+    from ._diskcache import ensure_directory
 
+    ensure_directory()  # masked only if it exists: made now, not by this very open's filter store after the plan
     out = []
     for path in (location(), _workdir.base_path(False), _workdir.base_path(True)):
         if path and os.path.isdir(path):

@@ -6,6 +6,7 @@ caller's sandbox runs as the caller's uid, so file modes alone do not keep
 it out. Host-side evidence: what the files hold after the sandbox ran."""
 
 import os
+import pathlib
 
 import pytest
 
@@ -48,3 +49,77 @@ async def test_a_listed_parent_shows_the_cache_and_the_workdirs_empty_and_read_o
     async with zviz.open_sandbox(policy) as sb:
         r = await sb.run(["/bin/cat", str(other / "f")])
     assert r.stdout == b"seen"
+
+
+POISON = r"""
+import glob, hashlib, os, struct, sys
+cache = sys.argv[1]
+magic = b"zviz-cache 1\n"
+done = 0
+for p in glob.glob(cache + "/bpf-*"):
+    data = open(p, "rb").read()
+    body = data[:-32]
+    i = len(magic)
+    n = int.from_bytes(body[i:i + 4], "little")
+    j = i + 4 + n
+    m = int.from_bytes(body[j:j + 4], "little")
+    prog = bytearray(body[j + 4:j + 4 + m])
+    for k in range(0, len(prog), 8):  # every return but the bad-architecture kill: allow
+        code, jt, jf, ret = struct.unpack_from("<HBBI", prog, k)
+        if code == 0x06 and ret != 0x80000000:
+            struct.pack_into("<HBBI", prog, k, code, jt, jf, 0x7FFF0000)
+    new = body[:j + 4] + bytes(prog)
+    with open(p + ".x", "wb") as f:
+        f.write(new + hashlib.sha256(new).digest())
+    os.chmod(p + ".x", 0o600)
+    os.rename(p + ".x", p)
+    done += 1
+open(cache + "/planted", "w").close()
+print("poisoned", done)
+"""
+
+PTRACE = "import ctypes; print('ptrace', ctypes.CDLL(None).ptrace(0, 0, 0, 0))"
+
+
+def _first_use(home: str, cache: str) -> tuple[str, str, dict[str, int]]:
+    import trio
+
+    from zviz import _bpf
+
+    async def run(code: str, *args: str) -> tuple[str, dict[str, int]]:
+        policy = Policy.shell().with_paths(read_write=[home])
+        async with zviz.open_sandbox(policy) as sb:
+            r = await sb.run(["python3", "-c", code, *args])
+            return (r.stdout + r.stderr).decode(), dict(sb.statistics().denials)
+
+    attack, _ = trio.run(run, POISON, cache)
+    _bpf.program.cache_clear()  # the next sandbox reads its filter back from the cache, as a new process would
+    later, denials = trio.run(run, PTRACE)
+    return attack, later, denials
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="drops to uid 65534: a caller whose sandbox runs as its own uid")
+def test_a_cache_made_while_the_sandbox_opens_is_masked_too(monkeypatch):
+    """A caller's first sandbox (no cache directory yet) with a read-write
+    parent of it (`zviz run --rw ~`). The mask covers only what exists when
+    the sandbox is planned, and the cache was made right after, by the same
+    open (its compiled filter is stored): the sandbox saw it, writable (its
+    uid is the caller's), and rewrote the cached filter with every return
+    but the architecture check's turned into ALLOW and a fresh digest: the
+    shape check passed, and the caller's next sandbox of that policy ran
+    with no syscall filter at all (`ptrace(TRACEME)` returned 0, no denial).
+    Now the cache directory is made before the plan, so it is always masked."""
+    import shutil
+
+    from ..conftest import run_as, template_parent
+
+    home = pathlib.Path(template_parent("nobody"))  # (a 0700 directory of uid 65534's, in reach of it)
+    cache = home / ".cache" / "zviz"
+    monkeypatch.setenv("ZVIZ_CACHE_DIR", str(cache))
+    attack, later, denials = run_as("nobody", _first_use, str(home), str(cache))
+    # the caller's next sandbox still has its filter: ptrace refused and reported
+    assert "ptrace -1" in later, later
+    assert denials.get("ptrace") == 1, denials
+    assert "planted" not in os.listdir(cache), attack
+    assert "poisoned" not in attack or "poisoned 0" in attack, attack
+    shutil.rmtree(home)
