@@ -320,3 +320,24 @@ def test_degraded_says_what_commands_of_one_sandbox_lose():
     assert not _plan.zygote_stage_spec(stage).command_ruleset
     z = _plan.zygote_stage_spec(_plan.stage_spec(abi5, bpf=b"", seccomp_flags=0))
     assert z.command_ruleset and z.ll_scoped == 0
+
+
+def test_hidden_dirs_below_a_writable_bind_are_pinned_and_found_through_links():
+    """zviz's own directories (Host.hidden, real paths): masked where a listed
+    path shows them, also when the listed path is a link to their parent;
+    below a read-write bind each directory between the bind and the mask is
+    bound onto itself first (a mount point cannot be renamed away), and
+    nothing is pinned below a read-only one."""
+    h = attrs.evolve(host(), hidden=("/srv/data/home/.cache/zviz",),
+                     links={"/home/me": "/srv/data/home"})
+    rw = _plan.plan_masks({"/srv/data": False}, h, with_proc=False)
+    assert rw == ((_plan.MASK_PIN, "/srv/data/home"), (_plan.MASK_PIN, "/srv/data/home/.cache"),
+                  (_plan.MASK_DIR, "/srv/data/home/.cache/zviz"))
+    ro = _plan.plan_masks({"/srv/data": True}, h, with_proc=False)
+    assert ro == ((_plan.MASK_DIR, "/srv/data/home/.cache/zviz"),)
+    linked = _plan.plan_masks({"/home/me": False}, h, with_proc=False)
+    assert linked == ((_plan.MASK_PIN, "/home/me/.cache"), (_plan.MASK_DIR, "/home/me/.cache/zviz"))
+    bound = _plan.plan_masks({}, h, with_proc=False, binds=(zviz.Bind(source="/srv/data", target="/data",
+                                                                      read_only=False),))
+    assert bound == ((_plan.MASK_PIN, "/data/home"), (_plan.MASK_PIN, "/data/home/.cache"),
+                     (_plan.MASK_DIR, "/data/home/.cache/zviz"))

@@ -63,8 +63,9 @@ enum zviz_step {
 enum { OP_MKDIR = 1, OP_SYMLINK, OP_FILE, OP_MOVE, OP_PROC, OP_TMPFS };
 /* ... and the masks over it, after pivot_root: host facts a container
  * runtime hides (MASK_FILE: /dev/null bound over it; MASK_DIR: an empty
- * read-only tmpfs; MASK_RDONLY: bound onto itself read-only) */
-enum { MASK_FILE = 1, MASK_DIR, MASK_RDONLY };
+ * read-only tmpfs; MASK_RDONLY: bound onto itself read-only; MASK_PIN: bound
+ * onto itself as it is, so that the sandbox cannot rename or remove it) */
+enum { MASK_FILE = 1, MASK_DIR, MASK_RDONLY, MASK_PIN };
 
 /* ---- the fds a sandbox's zviz-init starts with (the stage places them) */
 #define STATUS_FD 3          /* run-init: the status pipe; zygote: the control socket */

@@ -15,7 +15,7 @@ MAX_LL_PORTS = 64
 # mount operations of a new root
 OP_MKDIR, OP_SYMLINK, OP_FILE, OP_MOVE, OP_PROC, OP_TMPFS = 1, 2, 3, 4, 5, 6
 # ... and the masks over it
-MASK_FILE, MASK_DIR, MASK_RDONLY = 1, 2, 3
+MASK_FILE, MASK_DIR, MASK_RDONLY, MASK_PIN = 1, 2, 3, 4
 
 # fds a sandbox's zviz-init starts with
 STATUS_FD = 3  # run-init: the status pipe; zygote: the control socket

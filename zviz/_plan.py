@@ -135,7 +135,7 @@ NO_RW_BELOW = ("/proc", "/sys", "/dev")
 # ReadonlyPaths), plus host identifiers: files get /dev/null bound over them,
 # directories an empty read-only tmpfs; the read-only ones are bound onto
 # themselves read-only. Applied inside the new root after /proc is mounted.
-MASK_FILE, MASK_DIR, MASK_RDONLY = _abi.MASK_FILE, _abi.MASK_DIR, _abi.MASK_RDONLY
+MASK_FILE, MASK_DIR, MASK_RDONLY, MASK_PIN = _abi.MASK_FILE, _abi.MASK_DIR, _abi.MASK_RDONLY, _abi.MASK_PIN
 PROC_READ_ONLY = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
 PROC_MASK_FILES = ("/proc/kcore", "/proc/keys", "/proc/latency_stats", "/proc/timer_list", "/proc/timer_stats",
                    "/proc/sched_debug", "/proc/interrupts", "/proc/cmdline", "/proc/kallsyms", "/proc/modules",
@@ -388,15 +388,29 @@ def plan_masks(listed: Mapping[str, bool], host: Host, with_proc: bool,
         out += [(MASK_RDONLY, p) for p in PROC_READ_ONLY]
         out += [(MASK_FILE, p) for p in PROC_MASK_FILES if can_null]
         out += [(MASK_DIR, p) for p in PROC_MASK_DIRS]
+    # (inside path, host path it shows, writable) of every bind: a listed path shows its real path
+    shown = [(b, host.links.get(b, b), not listed[b]) for b in bound]
+    shown += [(bd.target, host.links.get(bd.source, bd.source), not bd.read_only) for bd in binds]
     for kind, paths in ((MASK_FILE, HOST_MASK_FILES), (MASK_DIR, (*HOST_MASK_DIRS, *host.hidden))):
         if kind == MASK_FILE and not can_null:
             continue
         out += [(kind, p) for p in paths if any(_beneath(p, b) for b in bound)]
-        # a host fact beneath a bind's source is masked where the bind shows it
-        for bd in binds:
-            src = host.links.get(bd.source, bd.source)
-            out += [(kind, bd.target + p[len(src):]) for p in paths if _beneath(p, src)]
-    return tuple(out)
+        # a host fact beneath a bind's source, or a listed link's real path, is masked where it is shown
+        for inside, src, _rw in shown[len(bound):] + [e for e in shown[:len(bound)] if e[0] != e[1]]:
+            out += [(kind, inside + p[len(src):]) for p in paths if _beneath(p, src)]
+    # zviz's own directories beneath a writable bind: each directory between the bind and the mask is bound
+    # onto itself first (a mount point cannot be renamed or removed: EBUSY), else the sandbox could rename a
+    # parent away and make a directory of its own where the host looks for its cache or its workdirs
+    pins: list[tuple[int, str]] = []
+    for inside, src, rw in shown:
+        for p in host.hidden if rw else ():
+            if _beneath(p, src):
+                parts = p[len(src):].strip("/").split("/")[:-1]
+                for i in range(1, len(parts) + 1):
+                    pin = (MASK_PIN, inside.rstrip("/") + "/" + "/".join(parts[:i]))
+                    if pin not in pins:
+                        pins.append(pin)
+    return (*pins, *out)
 
 
 def plan_landlock(policy: Policy, host: Host, workdir: str, mount_proc: bool,

@@ -338,6 +338,9 @@ apply_masks(struct child *c)
                 r = R5(SYS_mount_setattr, AT_FDCWD, path, AT_RECURSIVE, &ma, sizeof ma);
             }
             break;
+        case MASK_PIN: /* a mount point cannot be renamed or removed (EBUSY) */
+            r = R5(SYS_mount, path, path, NULL, MS_BIND | MS_REC, NULL);
+            break;
         }
         if (r == -ENOENT)
             continue;

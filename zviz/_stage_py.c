@@ -160,7 +160,7 @@ parse_spec(const struct buf *b, struct plan *p, struct parent_plan *pp)
     }
     p->n_masks = (int)h.n_masks;
     for (unsigned i = 0; i < h.n_masks; i++) {
-        if (masks[i].kind < MASK_FILE || masks[i].kind > MASK_RDONLY)
+        if (masks[i].kind < MASK_FILE || masks[i].kind > MASK_PIN)
             return bad(b, "an unknown mask");
         if (string_at(b, masks[i].path, &p->mask_path[i]) < 0)
             return -1;
@@ -555,6 +555,7 @@ PyInit__stage(void)
     } consts[] = {
         {"MAX_RLIMITS", MAX_RLIMITS}, {"MAX_BINDS", MAX_BINDS}, {"MAX_MOUNT_OPS", MAX_MOUNT_OPS},
         {"MAX_MASKS", MAX_MASKS}, {"MASK_FILE", MASK_FILE}, {"MASK_DIR", MASK_DIR}, {"MASK_RDONLY", MASK_RDONLY},
+        {"MASK_PIN", MASK_PIN},
         {"SPEC_ROOT_READONLY", SPEC_ROOT_READONLY}, {"MAX_LL_PATHS", MAX_LL_PATHS}, {"MAX_LL_PORTS", MAX_LL_PORTS}, {"OP_MKDIR", OP_MKDIR},
         {"OP_SYMLINK", OP_SYMLINK}, {"OP_FILE", OP_FILE}, {"OP_MOVE", OP_MOVE}, {"OP_PROC", OP_PROC},
         {"OP_TMPFS", OP_TMPFS}, {"STATUS_FD", STATUS_FD}, {"COMMAND_RULESET_FD", COMMAND_RULESET_FD},

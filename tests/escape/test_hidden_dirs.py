@@ -123,3 +123,67 @@ def test_a_cache_made_while_the_sandbox_opens_is_masked_too(monkeypatch):
     assert "planted" not in os.listdir(cache), attack
     assert "poisoned" not in attack or "poisoned 0" in attack, attack
     shutil.rmtree(home)
+
+
+def _redirect(home: str, listed: str, script: str) -> str:
+    import trio
+
+    async def main() -> str:
+        async with zviz.open_sandbox(Policy.shell().with_paths(read_write=[listed])) as sb:
+            r = await sb.run(["/bin/sh", "-c", script])
+            return (r.stdout + r.stderr).decode()
+
+    return trio.run(main)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="drops to uid 65534: a caller whose sandbox runs as its own uid")
+@pytest.mark.parametrize("how", ["rename-the-parent", "listed-through-a-link"])
+def test_the_cache_cannot_be_replaced_or_reached_another_way(how, monkeypatch):
+    """The mask covers the cache directory itself; the sandbox, as the
+    caller's uid with a read-write parent, went around it:
+    - rename-the-parent: `mv ~/.cache ~/.c2; mkdir -p ~/.cache/zviz`: the
+      host's next process found an empty private directory of the caller's
+      at its cache path and filled it with filters the sandbox (still
+      running) could read and rewrite. Now every directory between the
+      read-write bind and the mask is a mount point of its own: `EBUSY`.
+    - listed-through-a-link: `--rw /home/me-link` (a link to the home, as
+      on hosts where /home is a link to /var/home): the mask compared the
+      cache's real path with the listed name, so nothing was masked and the
+      sandbox wrote into the cache. Now a listed link's real path is what
+      is compared, and the mask is placed where the link shows it."""
+    import shutil
+
+    from ..conftest import run_as, template_parent
+
+    home = template_parent("nobody")
+    cache = os.path.join(home, ".cache", "zviz")
+    os.makedirs(cache)
+    for d in (os.path.dirname(cache), cache):
+        os.chown(d, 65534, 65534)
+        os.chmod(d, 0o700)
+    with open(os.path.join(cache, "entry"), "wb") as f:
+        f.write(b"the host's")
+    os.chown(os.path.join(cache, "entry"), 65534, 65534)
+    before = os.stat(cache).st_ino
+    monkeypatch.setenv("ZVIZ_CACHE_DIR", cache)
+    link = home + "-link"
+    try:
+        if how == "rename-the-parent":
+            out = run_as("nobody", _redirect, home, home,
+                         f"mv {home}/.cache {home}/.c2 && mkdir -p {cache} && chmod 700 {cache} && echo MOVED")
+        else:
+            os.symlink(home, link)
+            out = run_as("nobody", _redirect, home, link,
+                         f"ls -A {link}/.cache/zviz; echo x > {link}/.cache/zviz/entry && echo WROTE; "
+                         f"touch {link}/.cache/zviz/planted && echo PLANTED")
+        assert "MOVED" not in out and "WROTE" not in out and "PLANTED" not in out, out
+        # on the host: the cache is the one the host made, with its entry as it was
+        assert os.stat(cache).st_ino == before, out
+        assert sorted(n for n in os.listdir(cache) if not n.startswith("bpf-")) == ["entry"], out  # (+ its filter)
+        with open(os.path.join(cache, "entry"), "rb") as f:
+            assert f.read() == b"the host's"
+        assert not os.path.exists(os.path.join(home, ".c2"))
+    finally:
+        if os.path.islink(link):
+            os.unlink(link)
+        shutil.rmtree(home)
