@@ -118,7 +118,7 @@ class Pool:
         self.closed = False
         self.made = 0  # sandboxes made by the pool (tests, benchmarks)
         self.takes = 0  # requests seen (hits and misses)
-        self.stamps: weakref.WeakKeyDictionary[Sandbox, tuple[tuple[int, int] | None, ...]] = (
+        self.stamps: weakref.WeakKeyDictionary[Sandbox, tuple[object, ...]] = (
             weakref.WeakKeyDictionary())  # what its host paths were when it was made
         self.stale: list[Sandbox] = []  # taken out (a host path changed since), for the pool's task to close
 
@@ -235,10 +235,12 @@ class Pool:
                             await q.pop().aclose()
 
 
-def stamp(policy: Policy) -> tuple[tuple[int, int] | None, ...]:
+def stamp(policy: Policy) -> tuple[object, ...]:
     """What the policy's host paths name now: (device, inode) of each, None
-    for one that does not exist (a few stats: ~1 us each)."""
-    out: list[tuple[int, int] | None] = []
+    for one that does not exist (a few stats: ~1 us each); and in `allow`
+    mode with names, their addresses (resolved once when a sandbox is made:
+    a name that moved is allowed at its new address, not its old one)."""
+    out: list[object] = []
     for path in (*policy.fs.read_only, *policy.fs.read_write, *(b.source for b in policy.fs.binds)):
         try:
             st = os.stat(path)
@@ -246,6 +248,13 @@ def stamp(policy: Policy) -> tuple[tuple[int, int] | None, ...]:
             out.append(None)
         else:
             out.append((st.st_dev, st.st_ino))
+    if policy.net.mode == "allow" and not all(e.is_ip() for e in policy.net.allow):
+        from ._sandbox import _resolve_endpoints
+
+        try:
+            out.append(_resolve_endpoints(policy))
+        except PolicyError:  # (a name that no longer resolves: never equal; the caller's own open says why)
+            out.append(object())
     return tuple(out)
 
 
