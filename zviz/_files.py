@@ -45,6 +45,7 @@ def check_workdir_reachable(path: str, uid: int) -> None:
 # ---------------------------------------------------------------- sb.files: the sandbox's own view
 
 DEFAULT_MAX_READ = 64 * 1024**2
+DEFAULT_MAX_LIST = 100_000  # entries of one list(): the sandbox decides how many a directory holds
 CHUNK = 1 << 20
 # Resolve inside the sandbox's root: `..`, absolute paths and absolute
 # symlinks stop at its `/`; magic links (/proc/N/fd/..., /proc/N/root) are
@@ -147,9 +148,13 @@ class Files:
             raise ValueError(f"mode {mode:#o}: permission bits within 0o777 only (no set-id, no sticky)")
         await self._call(_write, inside, memoryview(data).cast("B"), mode, parents)
 
-    async def list(self, path: str = ".") -> list[FileInfo]:
-        """The entries of a directory (symlinks not followed), sorted by name."""
-        return await self._call(_list, self._inside(path))
+    async def list(self, path: str = ".", *, max_entries: int = DEFAULT_MAX_LIST) -> list[FileInfo]:
+        """The entries of a directory (symlinks not followed), sorted by name.
+        More than `max_entries`: OSError E2BIG (the host holds no more than
+        that many at once, whatever the sandbox put there)."""
+        if isinstance(max_entries, bool) or not isinstance(max_entries, int) or max_entries < 0:
+            raise ValueError(f"max_entries must be a non-negative int, not {max_entries!r}")
+        return await self._call(_list, self._inside(path), max_entries)
 
     async def stat(self, path: str, *, follow_symlinks: bool = True) -> FileInfo:
         """One entry's type, size, mtime and mode."""
@@ -323,18 +328,21 @@ def _info(name: str, inside: str, st: os.stat_result) -> FileInfo:
                     mtime=st.st_mtime, mode=stat.S_IMODE(st.st_mode))
 
 
-def _list(root: _Root, inside: str) -> list[FileInfo]:
+def _list(root: _Root, inside: str, max_entries: int) -> list[FileInfo]:
     fd = root.open(inside, os.O_RDONLY | os.O_DIRECTORY, "dir")
     out = []
     try:
-        for name in os.listdir(fd.fd):
-            try:
-                st = os.stat(name, dir_fd=fd.fd, follow_symlinks=False)
-            except FileNotFoundError:
-                continue  # removed meanwhile
-            out.append(_info(name, posixpath.join(inside, name), st))
+        with os.scandir(fd.fd) as it:  # read as it goes: never more than max_entries names at once
+            for entry in it:
+                if len(out) >= max_entries:
+                    raise OSError(errno.E2BIG, f"the directory has over max_entries={max_entries} entries", inside)
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue  # removed meanwhile
+                out.append(_info(entry.name, posixpath.join(inside, entry.name), st))
     except OSError as e:
-        raise _err(e, inside) from None
+        raise _err(e, inside, e.strerror) from None
     finally:
         fd.close()
     return sorted(out, key=lambda i: i.name)

@@ -27,6 +27,7 @@ from ._records import RunResult
 from ._sandbox import Sandbox
 
 MAX_TEXT = 100_000  # characters of one stream shown to the agent (the rest is counted, not shown)
+MAX_LIST = 10_000  # entries of one list_files (a listing is read by a model)
 
 
 @attrs.frozen(kw_only=True)
@@ -137,9 +138,9 @@ class ToolSession:
         data = await sb.files.read(check_path(path), max_bytes=max_bytes)
         return encode_content(data, encoding, path)
 
-    async def list_files(self, path: str = ".") -> list[FileInfo]:
+    async def list_files(self, path: str = ".", max_entries: int = MAX_LIST) -> list[FileInfo]:
         sb = await self.sandbox()
-        return await sb.files.list(check_path(path))
+        return await sb.files.list(check_path(path), max_entries=max_entries)
 
 
 # ---- argument checks (bad arguments: TypeError/ValueError, said to the agent)

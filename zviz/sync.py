@@ -24,7 +24,7 @@ import anyio.from_thread
 
 from ._args import OutputCallback
 from ._errors import SandboxClosedError
-from ._files import DEFAULT_MAX_READ, FileInfo, Files as _AsyncFiles
+from ._files import DEFAULT_MAX_LIST, DEFAULT_MAX_READ, FileInfo, Files as _AsyncFiles
 from ._policy import Network, Policy
 from ._process import Process as _AsyncProcess
 from ._proxy import FdReceiveStream, FdSendStream
@@ -219,8 +219,8 @@ class Files:
               encoding: str = "utf-8", parents: bool = True) -> None:
         self._portal.call(self._files.write, path, data, mode=mode, encoding=encoding, parents=parents)
 
-    def list(self, path: str = ".") -> list[FileInfo]:
-        result: list[FileInfo] = self._portal.call(self._files.list, path)
+    def list(self, path: str = ".", *, max_entries: int = DEFAULT_MAX_LIST) -> list[FileInfo]:
+        result: list[FileInfo] = self._portal.call(self._files.list, path, max_entries=max_entries)
         return result
 
     def stat(self, path: str, *, follow_symlinks: bool = True) -> FileInfo:

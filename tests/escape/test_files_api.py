@@ -234,3 +234,44 @@ def test_mkdir_parents_tells_nothing_of_host_paths(target):
     assert out["p", "write"] == out["a", "write"] == out["dir", "write"] == ("FileNotFoundError", errno.ENOENT), out
     assert out["p", "mkdir"] == out["a", "mkdir"] == out["dir", "mkdir"] == ("FileNotFoundError", errno.ENOENT), out
     assert sorted(os.listdir(d)) == ["secret.txt"]  # and nothing was made on the host
+
+
+def test_a_huge_directory_is_not_read_whole_by_the_host():
+    """The sandbox decides how many entries a directory holds (its workdir
+    is on the host's disk: 120,000 names of 100 bytes here, millions if it
+    likes). Before, `files.list` (and the MCP server's `list_files`, which an
+    agent calls innocently) read and stat'ed them all: +237 MiB of the host's
+    memory for 300,000 entries. Now the host stops past `max_entries`
+    (default 100,000; the agent tools' 10,000) with E2BIG, and never holds
+    more than that many."""
+    import tracemalloc
+
+    from zviz._tools import SessionConfig, ToolSession
+
+    make = ("import os\nos.mkdir('d')\nfor i in range(120000):\n"
+            "    os.close(os.open('d/%0100d' % i, os.O_CREAT | os.O_WRONLY))")
+
+    async def main():
+        s = ToolSession(SessionConfig(policy=PYP))
+        try:
+            r = await s.run_command(["python3", "-c", make], timeout=60)
+            assert r.exit_code == 0, r.stderr
+            sb = await s.sandbox()
+            tracemalloc.start()
+            try:
+                with pytest.raises(OSError) as big:
+                    await sb.files.list("d")
+                peak = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+            with pytest.raises(OSError) as tool:
+                await s.list_files("d")
+            assert len(await sb.files.list("d", max_entries=200_000)) == 120_000  # the caller may ask for more
+            return big.value, tool.value, peak
+        finally:
+            await s.aclose()
+
+    big, tool, peak = trio.run(main)
+    assert big.errno == errno.E2BIG and "max_entries=100000" in str(big), big
+    assert tool.errno == errno.E2BIG and "max_entries=10000" in str(tool), tool
+    assert peak < 64 << 20, f"the host held {peak >> 20} MiB for one listing"
