@@ -12,7 +12,6 @@ import os
 import socket
 
 import pytest
-import trio
 
 import zviz
 from zviz import _pool
@@ -121,4 +120,3 @@ async def test_an_allowed_name_resolved_again_for_the_caller(pool_size, monkeypa
     finally:
         for s in listeners.values():
             s.close()
-    await trio.sleep(0)
