@@ -330,7 +330,7 @@ def _info(name: str, inside: str, st: os.stat_result) -> FileInfo:
 
 def _list(root: _Root, inside: str, max_entries: int) -> list[FileInfo]:
     fd = root.open(inside, os.O_RDONLY | os.O_DIRECTORY, "dir")
-    out = []
+    out: list[FileInfo] = []
     try:
         with os.scandir(fd.fd) as it:  # read as it goes: never more than max_entries names at once
             for entry in it:
