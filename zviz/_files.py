@@ -42,6 +42,35 @@ def check_workdir_reachable(path: str, uid: int) -> None:
                          f"writable for all (chmod 1777 {path}), or let zviz create a fresh workdir")
 
 
+def probe_command(host: str, writable: tuple[str, ...], executable: bool) -> bool | None:
+    """Whether the host path `host` (a command the sandbox is asked to run,
+    mapped to the host: _plan.host_path) is there: a regular executable file
+    with `executable` (a PATH lookup), anything otherwise. Beneath a host
+    path the sandbox may write (its workdir, its read-write paths) no symlink
+    is followed: a link there is the sandbox's and may name any host path,
+    which the host would look at as itself (root: everything), an oracle on
+    the host's files. None: a link on the way (the exec inside, which
+    follows it in the sandbox's root, decides: status 127 if missing)."""
+    root = next((w for w in writable if host == w or host.startswith(w.rstrip("/") + "/")), None)
+    if root is None:  # the policy's read-only paths: the host's own files, links included
+        return os.path.isfile(host) and os.access(host, os.X_OK) if executable else os.path.exists(host)
+    try:
+        rfd = _kernel.OwnedFd(os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC), "probe-root")
+    except OSError:
+        return None
+    try:
+        fd = _kernel.openat2(rfd.fd, posixpath.relpath(host, root), os.O_PATH, 0, WALK, "probe")
+    except OSError as e:
+        return False if e.errno in (errno.ENOENT, errno.ENOTDIR) else None
+    finally:
+        rfd.close()
+    try:
+        st = os.fstat(fd.fd)
+    finally:
+        fd.close()
+    return stat.S_ISREG(st.st_mode) and bool(st.st_mode & 0o111) if executable else True
+
+
 # ---------------------------------------------------------------- sb.files: the sandbox's own view
 
 DEFAULT_MAX_READ = 64 * 1024**2

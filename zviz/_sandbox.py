@@ -213,10 +213,13 @@ class Sandbox:
         the view's mapping (a command the host cannot see there, e.g. in the
         sandbox's own /tmp, is left to the exec inside: status 127 if missing)."""
         cmd = argv[0]
+        # (what the sandbox may write is looked at without following its links: _files.probe_command)
+        writable = (self.workdir, *self.policy.fs.read_write, *(b.source for b in self.policy.fs.binds
+                                                                if not b.read_only))
         if "/" in cmd:
             inside = os.path.normpath(cmd if os.path.isabs(cmd) else os.path.join(self.workspace, cmd))
             host = _plan.host_path(self._plan, self.policy, self.workdir, inside)
-            if host is not None and not os.path.exists(host):
+            if host is not None and _files.probe_command(host, writable, executable=False) is False:
                 raise CommandNotFoundError(cmd, env.get("PATH", ""))
             return inside
         for d in env.get("PATH", "").split(":"):
@@ -224,7 +227,7 @@ class Sandbox:
                 continue
             inside = os.path.join(d, cmd)
             host = _plan.host_path(self._plan, self.policy, self.workdir, inside)
-            if host is not None and os.path.isfile(host) and os.access(host, os.X_OK):
+            if host is not None and _files.probe_command(host, writable, executable=True) is not False:
                 return inside
         raise CommandNotFoundError(cmd, env.get("PATH", ""))
 

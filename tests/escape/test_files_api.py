@@ -275,3 +275,40 @@ def test_a_huge_directory_is_not_read_whole_by_the_host():
     assert big.errno == errno.E2BIG and "max_entries=100000" in str(big), big
     assert tool.errno == errno.E2BIG and "max_entries=10000" in str(tool), tool
     assert peak < 64 << 20, f"the host held {peak >> 20} MiB for one listing"
+
+
+def test_a_command_named_through_a_planted_link_tells_nothing_of_host_paths(tmp_path):
+    """The host checks a command before it asks the zygote to run it (a
+    missing one is CommandNotFoundError). Links the sandbox planted in its
+    workdir (run as `./a`, or found on a PATH into the workdir) to a host
+    file in a root-only directory and to a missing host path: before, the
+    host followed them on the host, as root, so the first ran (127 inside)
+    and the second raised CommandNotFoundError: an oracle on any host path.
+    Now a link in what the sandbox writes is left to the exec inside: both
+    get the same answer."""
+    secret_dir = tmp_path / "root-only"
+    secret_dir.mkdir()
+    (secret_dir / "present").write_text("x")
+    os.chmod(secret_dir / "present", 0o755)
+    os.chmod(secret_dir, 0o700)
+
+    async def main():
+        async with zviz.open_sandbox(PYP) as sb:
+            r = await sb.run(["sh", "-c", f"mkdir bin; ln -s {secret_dir}/present a; ln -s {secret_dir}/absent b; "
+                                          f"ln -s {secret_dir}/present bin/t1; ln -s {secret_dir}/absent bin/t2"])
+            assert r.exit_code == 0, r.stderr
+            out = {}
+            path = {"PATH": "/workspace/bin:/usr/bin:/bin"}
+            for key, argv, env in (("a", ["./a"], None), ("b", ["./b"], None), ("t1", ["t1"], path),
+                                   ("t2", ["t2"], path)):
+                try:
+                    out[key] = (await sb.run(argv, env=env)).status
+                except zviz.CommandNotFoundError:
+                    out[key] = "not found"
+            # an ordinary missing command is still said on the host
+            with pytest.raises(zviz.CommandNotFoundError):
+                await sb.run(["./no-such-file"])
+            return out
+
+    out = trio.run(main)
+    assert out["a"] == out["b"] and out["t1"] == out["t2"], out
