@@ -6,7 +6,7 @@ RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_XDEV) and single names
 opened O_NOFOLLOW | O_NONBLOCK, so no symlink is ever followed, no path ever
 leaves the tree, and nothing is written outside the new template:
 - directories and regular files (data and holes, mode bits without set-uid,
-  set-gid or sticky, mtime); hard links within the tree stay hard links;
+  set-gid, sticky or write for group and others, mtime); hard links within the tree stay hard links;
 - symlinks as symlinks (their target text, never followed);
 - fifos, sockets and device nodes are skipped (their content never read),
   and so, for a root caller, is a file the sandbox could not read itself
@@ -26,6 +26,10 @@ import stat
 from ._errors import TemplateError
 
 MAX_DEPTH = 256
+# Mode bits a copy keeps: never set-uid, set-gid or sticky, and never writable by group or others (a
+# sandbox's `chmod 777` would make a directory of the caller's template that anyone who can reach it
+# writes; inside, the sandbox is one uid and loses nothing)
+KEEP_MODE = 0o755
 _RESOLVE = 0x01 | 0x02 | 0x04 | 0x08  # RESOLVE_NO_XDEV | NO_MAGICLINKS | NO_SYMLINKS | BENEATH
 
 
@@ -95,7 +99,7 @@ def copy_tree(src_root: int, dst_root: int, *, max_files: int, max_bytes: int, w
                             raise TemplateError(where, f"the workspace is more than {MAX_DEPTH} directories deep "
                                                 f"at {os.fsdecode(child)[:80]!r}...: flatten it")
                         os.mkdir(nm, 0o700, dir_fd=dfd)
-                        dir_fixups.append((child, stat.S_IMODE(mode) & 0o777, st.st_atime_ns, st.st_mtime_ns))
+                        dir_fixups.append((child, stat.S_IMODE(mode) & KEEP_MODE, st.st_atime_ns, st.st_mtime_ns))
                         stack.append(child)
                     elif stat.S_ISLNK(mode):
                         try:
@@ -152,7 +156,7 @@ def _copy_file(sfd: int, dfd: int, dst_root: int, nm: bytes, child: bytes, st: o
         d = os.open(nm, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd)
         try:
             size = _copy_data(s, d, fst.st_size, size, max_bytes, where, child)
-            os.fchmod(d, stat.S_IMODE(fst.st_mode) & 0o777)  # never set-uid, set-gid or sticky
+            os.fchmod(d, stat.S_IMODE(fst.st_mode) & KEEP_MODE)
             os.utime(d, ns=(fst.st_atime_ns, fst.st_mtime_ns))
         finally:
             os.close(d)

@@ -48,7 +48,7 @@ def _hostile(parent: str, secret_path: str) -> dict:
             script = (
                 "ln -s / rootlink; ln -s /etc etclink; ln -s ../../../../../.. up; "
                 f"ln -s {secret_path} secretlink; mkfifo fifo; "
-                "printf x > suid; mkdir sgid; "
+                "printf x > suid; mkdir sgid; mkdir open && chmod 1777 open; printf w > ww && chmod 666 ww; "
                 "printf 'nl' > \"$(printf 'new\\nline')\"; "
                 "truncate -s 1G sparse && printf tail >> sparse; "
                 "python3 -c 'import socket; s=socket.socket(socket.AF_UNIX); s.bind(\"sock\")' 2>/dev/null; ")
@@ -107,7 +107,11 @@ def test_hostile_workspace_is_copied_safely(identity):
     assert secret not in out["contents"]
     assert not any(k.startswith(("rootlink/", "etclink/", "up/")) for k in found)
     # no set-id bits survive
-    assert stat.S_IMODE(found["suid"][0]) == 0o755 and stat.S_IMODE(found["sgid"][0]) == 0o775
+    assert stat.S_IMODE(found["suid"][0]) == 0o755 and stat.S_IMODE(found["sgid"][0]) == 0o755
+    # nothing in the template is writable by group or others (the sandbox's chmod 1777 / 666: before, kept as
+    # 0777 / 0666, so anyone who could reach a template its owner opened to reading could change it)
+    assert stat.S_IMODE(found["open"][0]) == 0o755 and stat.S_IMODE(found["ww"][0]) == 0o644
+    assert not [k for k, v in found.items() if not stat.S_ISLNK(v[0]) and v[0] & 0o022]
     # fifos and sockets are skipped (named in the result), never opened
     assert "fifo" not in found and "sock" not in found
     skipped = dict(out["skipped"])
