@@ -6,9 +6,10 @@ into every sandbox of that policy. So the cache trusts nothing it did not just
 verify:
 
 - it lives in a directory only the caller owns: `$ZVIZ_CACHE_DIR`, else
-  `$XDG_CACHE_HOME/zviz`, else `~/.cache/zviz`, made 0700; it is opened with
-  O_NOFOLLOW and used only when its owner is the caller and nobody else may
-  write or list it (otherwise the cache is off: every lookup misses, nothing
+  `$XDG_CACHE_HOME/zviz`, else `~/.cache/zviz`, made 0700; it is reached one
+  name at a time following no symlink but root's (a sandbox of a non-root
+  caller runs as the caller and could re-point a link of the caller's) and
+  used only when its owner is the caller and nobody else may write or list it (otherwise the cache is off: every lookup misses, nothing
   is written, and zviz computes as without it);
 - every entry is a regular file of the caller's, not linked elsewhere, opened
   relative to that directory with O_NOFOLLOW, written under a temporary name
@@ -96,6 +97,43 @@ def file_stamp(path: str) -> list[Any]:
     return [path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]
 
 
+def _open_trusted(path: str) -> int:
+    """An O_DIRECTORY fd of `path`, resolved one name at a time relative to
+    the last directory's fd (O_NOFOLLOW), following only links root owns. A
+    link of the caller's on the way (`~/.cache -> elsewhere`) lies in a tree
+    the caller may give a sandbox to write, which runs as the caller's uid
+    and could re-point it to a cache directory of its own, whose filters
+    every later sandbox would load. OSError (ELOOP for such a link) when not."""
+    todo = path.split("/")[::-1]
+    fd = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    hops = 0
+    try:
+        while todo:
+            name = todo.pop()
+            if name in ("", "."):
+                continue
+            nfd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            st = os.fstat(nfd)
+            if stat.S_ISLNK(st.st_mode):
+                try:
+                    hops += 1
+                    if st.st_uid != 0 or hops > 40:
+                        raise OSError(errno.ELOOP, "a link on the way to the cache that root does not own", path)
+                    target = os.readlink("", dir_fd=nfd)  # (this very link: it cannot change under us)
+                finally:
+                    os.close(nfd)
+                todo += target.split("/")[::-1]
+                if target.startswith("/"):
+                    os.close(fd)
+                    fd = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+                continue
+            os.close(fd)
+            fd = nfd
+        return os.open(".", _O_DIR, dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def _directory(create: bool) -> Iterator[int | None]:
     """An fd of the cache directory if it is the caller's own and private, else None."""
@@ -105,7 +143,7 @@ def _directory(create: bool) -> Iterator[int | None]:
             raise FileNotFoundError("no cache directory")
         if create and not os.path.isdir(path):
             _make(path)
-        fd = os.open(path, _O_DIR)
+        fd = _open_trusted(path)
     except OSError:
         yield None
         return

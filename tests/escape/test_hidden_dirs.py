@@ -111,7 +111,9 @@ def test_a_cache_made_while_the_sandbox_opens_is_masked_too(monkeypatch):
     Now the cache directory is made before the plan, so it is always masked."""
     import shutil
 
-    from ..conftest import run_as, template_parent
+    from ..conftest import _warm_up, run_as, template_parent
+
+    _warm_up()  # (what the child imports after the drop to uid 65534 must be imported now)
 
     home = pathlib.Path(template_parent("nobody"))  # (a 0700 directory of uid 65534's, in reach of it)
     cache = home / ".cache" / "zviz"
@@ -128,16 +130,20 @@ def test_a_cache_made_while_the_sandbox_opens_is_masked_too(monkeypatch):
 def _redirect(home: str, listed: str, script: str) -> str:
     import trio
 
+    from zviz import _diskcache
+
     async def main() -> str:
         async with zviz.open_sandbox(Policy.shell().with_paths(read_write=[listed])) as sb:
             r = await sb.run(["/bin/sh", "-c", script])
             return (r.stdout + r.stderr).decode()
 
-    return trio.run(main)
+    out = trio.run(main)
+    _diskcache.store("probe-entry", b"what the host stores next")  # where the host's next store lands
+    return out
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="drops to uid 65534: a caller whose sandbox runs as its own uid")
-@pytest.mark.parametrize("how", ["rename-the-parent", "listed-through-a-link"])
+@pytest.mark.parametrize("how", ["rename-the-parent", "listed-through-a-link", "repoint-a-link-on-the-way"])
 def test_the_cache_cannot_be_replaced_or_reached_another_way(how, monkeypatch):
     """The mask covers the cache directory itself; the sandbox, as the
     caller's uid with a read-write parent, went around it:
@@ -150,10 +156,18 @@ def test_the_cache_cannot_be_replaced_or_reached_another_way(how, monkeypatch):
       on hosts where /home is a link to /var/home): the mask compared the
       cache's real path with the listed name, so nothing was masked and the
       sandbox wrote into the cache. Now a listed link's real path is what
-      is compared, and the mask is placed where the link shows it."""
+      is compared, and the mask is placed where the link shows it.
+    - repoint-a-link-on-the-way: the cache's path goes through a link of
+      the caller's (`~/.cache -> cache-real`) in the read-write tree; the
+      sandbox re-points it to a private directory of its own, and the
+      host's next store went there (the sandbox's to rewrite). Now the cache
+      follows no link on its way that root does not own (it is off: set
+      ZVIZ_CACHE_DIR to the real path)."""
     import shutil
 
-    from ..conftest import run_as, template_parent
+    from ..conftest import _warm_up, run_as, template_parent
+
+    _warm_up()  # (what the child imports after the drop to uid 65534 must be imported now)
 
     home = template_parent("nobody")
     cache = os.path.join(home, ".cache", "zviz")
@@ -168,6 +182,18 @@ def test_the_cache_cannot_be_replaced_or_reached_another_way(how, monkeypatch):
     monkeypatch.setenv("ZVIZ_CACHE_DIR", cache)
     link = home + "-link"
     try:
+        if how == "repoint-a-link-on-the-way":
+            shutil.rmtree(os.path.join(home, ".cache"))
+            os.makedirs(os.path.join(home, "cache-real", "zviz"))
+            for d in ("cache-real", "cache-real/zviz"):
+                os.chown(os.path.join(home, d), 65534, 65534)
+                os.chmod(os.path.join(home, d), 0o700)
+            os.symlink("cache-real", os.path.join(home, ".cache"))
+            os.lchown(os.path.join(home, ".cache"), 65534, 65534)
+            out = run_as("nobody", _redirect, home, home,
+                         f"cd {home} && rm .cache && mkdir -p evil/zviz && chmod 700 evil/zviz && ln -s evil .cache")
+            assert os.listdir(os.path.join(home, "evil", "zviz")) == [], out  # the host stored nothing there
+            return
         if how == "rename-the-parent":
             out = run_as("nobody", _redirect, home, home,
                          f"mv {home}/.cache {home}/.c2 && mkdir -p {cache} && chmod 700 {cache} && echo MOVED")
@@ -179,7 +205,7 @@ def test_the_cache_cannot_be_replaced_or_reached_another_way(how, monkeypatch):
         assert "MOVED" not in out and "WROTE" not in out and "PLANTED" not in out, out
         # on the host: the cache is the one the host made, with its entry as it was
         assert os.stat(cache).st_ino == before, out
-        assert sorted(n for n in os.listdir(cache) if not n.startswith("bpf-")) == ["entry"], out  # (+ its filter)
+        assert sorted(n for n in os.listdir(cache) if not n.startswith(("bpf-", "probe-"))) == ["entry"], out
         with open(os.path.join(cache, "entry"), "rb") as f:
             assert f.read() == b"the host's"
         assert not os.path.exists(os.path.join(home, ".c2"))
