@@ -9,8 +9,9 @@ verify:
   `$XDG_CACHE_HOME/zviz`, else `~/.cache/zviz`, made 0700; it is reached one
   name at a time following no symlink but root's (a sandbox of a non-root
   caller runs as the caller and could re-point a link of the caller's) and
-  used only when its owner is the caller and nobody else may write or list it (otherwise the cache is off: every lookup misses, nothing
-  is written, and zviz computes as without it);
+  used only when its owner is the caller and nobody else may write or list
+  it (otherwise the cache is off: every lookup misses, nothing is written,
+  and zviz computes as without it);
 - every entry is a regular file of the caller's, not linked elsewhere, opened
   relative to that directory with O_NOFOLLOW, written under a temporary name
   and renamed into place (a reader sees a whole old entry or a whole new one;
