@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import os
 import stat
 
@@ -81,8 +82,8 @@ def copy_tree(src_root: int, dst_root: int, *, max_files: int, max_bytes: int, w
         try:
             dfd = _open_beneath(dst_root, rel)
             try:
-                with os.scandir(sfd) as it:
-                    names = [os.fsencode(e.name) for e in it]
+                with os.scandir(sfd) as it:  # (no more names than the bound lets through: one past it raises)
+                    names = list(itertools.islice((os.fsencode(e.name) for e in it), max_files - count + 1))
                 for nm in names:
                     count += 1
                     if count > max_files:

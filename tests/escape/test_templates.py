@@ -203,3 +203,30 @@ def test_sandbox_cannot_change_its_template(identity):
     assert _digest(dest) == before
     with open(os.path.join(dest, "files", "lib", "sub", "mod.py"), "rb") as f:
         assert f.read() == b"orig\n"
+
+
+def test_a_huge_directory_is_not_read_whole_before_the_bound():
+    """`max_files` bounds a snapshot; the copier listed a whole directory
+    before counting, so one directory of the sandbox's holding millions of
+    names cost the host all of them in memory first. Now it reads no more
+    names than the bound lets through (here 80,000 names of 200 bytes,
+    `max_files=1000`: the host's traced peak stays small)."""
+    import tracemalloc
+
+    async def main():
+        async with zviz.open_sandbox(zviz.Policy.shell()) as sb:
+            r = await sb.run(["python3", "-c", "import os\nos.mkdir('d')\nfor i in range(80000):\n"
+                                               "    os.close(os.open('d/%0200d' % i, os.O_CREAT | os.O_WRONLY))"],
+                             timeout=120)
+            assert r.exit_code == 0, r.stderr
+            dest = os.path.join(template_parent("self"), "t")
+            tracemalloc.start()
+            try:
+                with pytest.raises(zviz.TemplateError, match="more than 1000 entries"):
+                    await sb.snapshot(dest, max_files=1000)
+                return tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+
+    peak = trio.run(main)
+    assert peak < 8 << 20, f"the host held {peak >> 20} MiB to refuse a snapshot of 1000 entries"
