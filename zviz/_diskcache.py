@@ -118,8 +118,10 @@ def _open_trusted(path: str) -> int:
             if stat.S_ISLNK(st.st_mode):
                 try:
                     hops += 1
-                    if st.st_uid != 0 or hops > 40:
-                        raise OSError(errno.ELOOP, "a link on the way to the cache that root does not own", path)
+                    if st.st_uid != 0 or hops > 40 or not any(n not in ("", ".") for n in todo):
+                        # (the directory itself is never a link, root's included: as O_NOFOLLOW had it)
+                        raise OSError(errno.ELOOP, "the cache directory is a link, or reached through one root does "
+                                      "not own", path)
                     target = os.readlink("", dir_fd=nfd)  # (this very link: it cannot change under us)
                 finally:
                     os.close(nfd)
