@@ -16,7 +16,9 @@ host paths (fs.read_only, fs.read_write, the binds' sources) were bound as
 they were then: it is handed out only if each still names the same file
 (device and inode, `stamp`), else it is closed and the caller gets a fresh
 one (a directory replaced, `rm -r build && mkdir build`, a file an editor
-saved by rename: a fresh sandbox would show the new one). Only
+saved by rename: a fresh sandbox would show the new one); the same for the
+addresses of `net.allow` names in `allow` mode (resolved once, as it was
+made). Only
 a request that a fresh default sandbox would answer is served from the pool:
 a given `workdir=`, `keep_workdir=True`, `monitor=`, tracing, or the
 benchmarks' no-zygote mode make their own. The key is the policy itself
