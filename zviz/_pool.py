@@ -138,6 +138,8 @@ class Pool:
         if self.closed:
             return None
         self.takes += 1
+        if _looks_up_names(policy):
+            return None  # (never pre-started: see _looks_up_names)
         q = self.ready.setdefault(policy, collections.deque())
         f = self.failures.get(policy)
         if f is not None and not f.reported:
@@ -237,11 +239,18 @@ class Pool:
                             await q.pop().aclose()
 
 
+def _looks_up_names(policy: Policy) -> bool:
+    """`allow` mode with host names: its sandbox allows the addresses they
+    had when it was made, so a pre-started one could allow a name at an
+    address it has left. Telling would take a lookup at every take, on the
+    event loop (and an open already looks them up in a worker thread, which
+    a pool hit would not save): such a policy is never pooled."""
+    return policy.net.mode == "allow" and not all(e.is_ip() for e in policy.net.allow)
+
+
 def stamp(policy: Policy) -> tuple[object, ...]:
     """What the policy's host paths name now: (device, inode) of each, None
-    for one that does not exist (a few stats: ~1 us each); and in `allow`
-    mode with names, their addresses (resolved once when a sandbox is made:
-    a name that moved is allowed at its new address, not its old one)."""
+    for one that does not exist (a few stats: ~1 us each)."""
     out: list[object] = []
     for path in (*policy.fs.read_only, *policy.fs.read_write, *(b.source for b in policy.fs.binds)):
         try:
@@ -250,13 +259,6 @@ def stamp(policy: Policy) -> tuple[object, ...]:
             out.append(None)
         else:
             out.append((st.st_dev, st.st_ino))
-    if policy.net.mode == "allow" and not all(e.is_ip() for e in policy.net.allow):
-        from ._sandbox import _resolve_endpoints
-
-        try:
-            out.append(_resolve_endpoints(policy))
-        except PolicyError:  # (a name that no longer resolves: never equal; the caller's own open says why)
-            out.append(object())
     return tuple(out)
 
 
