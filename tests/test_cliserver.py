@@ -163,10 +163,7 @@ def test_a_signal_the_caller_ignores_leaves_the_command_alone(server, through_se
     """`nohup zviz run ...`, or a script's background job and Ctrl-C: a signal
     ignored by the caller (inherited SIG_IGN) is ignored by the client too, as
     by a `zviz run` in its own process, and the command runs to its end."""
-    if through_server:
-        server.start()
-    env = {**server.env, "ZVIZ_SERVER": "1" if through_server else "0"}
-    before = server.served()
+    env, before = _one_way(server, through_server)
     zviz = " ".join(ZVIZ)
     p = subprocess.Popen(["sh", "-c", f"trap '' HUP INT; exec {zviz} run --timeout 20 -- sh -c 'sleep 1; echo ran'"],
                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -210,6 +207,14 @@ def _sleeper(server_pid: int, timeout: float = 10.0) -> int | None:
                 pass
         time.sleep(0.01)
     return None
+
+
+def _one_way(server, through_server: bool) -> tuple[dict[str, str], int]:
+    """The environment for `zviz run` through the server (started) or in its own
+    process, and how many requests the server had served before."""
+    if through_server:
+        server.start()
+    return {**server.env, "ZVIZ_SERVER": "1" if through_server else "0"}, server.served()
 
 
 def _ancestors(pid: int) -> list[int]:
@@ -452,10 +457,7 @@ def test_the_client_loads_nothing_of_the_sandbox(server):
 def test_the_callers_stdio_stays_blocking(server, through_server):
     """The command's streams make their fds non-blocking; a dup shares that flag
     with the caller's description (a shell's terminal or pipe): it is put back."""
-    if through_server:
-        server.start()
-    env = {**server.env, "ZVIZ_SERVER": "1" if through_server else "0"}
-    before = server.served()
+    env, before = _one_way(server, through_server)
     in_r, in_w = os.pipe()
     out_r, out_w = os.pipe()
     try:
@@ -475,10 +477,7 @@ def test_a_closed_stdin_or_stdout_of_the_caller(server, through_server):
     """A caller's closed fd 0/1/2 is EOF / dropped output for the command, not
     whatever fd of zviz gets that number next (the client's socket to the
     server: the command read the server's answers from it and both hung)."""
-    if through_server:
-        server.start()
-    env = {**server.env, "ZVIZ_SERVER": "1" if through_server else "0"}
-    before = server.served()
+    env, before = _one_way(server, through_server)
     zviz = " ".join(ZVIZ)
     r = subprocess.run(["sh", "-c", f"exec {zviz} run --timeout 10 -- sh -c 'cat; echo done' <&-"],
                        env=env, capture_output=True, timeout=60)
@@ -499,10 +498,7 @@ def test_json_stdin_is_bounded(server, through_server):
     and the server goes on serving; stdin up to the bound is the command's."""
     from zviz._cli import MAX_JSON_STDIN
 
-    if through_server:
-        server.start()
-    env = {**server.env, "ZVIZ_SERVER": "1" if through_server else "0"}
-    before = server.served()
+    env, before = _one_way(server, through_server)
     with open("/dev/zero", "rb") as zero:
         r = server.run("run", "--json", "--", "true", stdin=zero, env=env)
     assert r.returncode == 2 and r.stdout == b"", r.stderr
@@ -536,10 +532,7 @@ def test_a_reader_that_stops_ends_the_command_as_in_a_pipeline(server, through_s
     """`zviz run -- yes | head -1`: once the caller's stdout has no reader, the
     command's writes fail (SIGPIPE: status 141, as `yes | head -1` without
     zviz), instead of the command blocking on a full pipe until the timeout."""
-    if through_server:
-        server.start()
-    env = {**server.env, "ZVIZ_SERVER": "1" if through_server else "0"}
-    before = server.served()
+    env, before = _one_way(server, through_server)
     for stream in ("stdout", "stderr"):
         t0 = time.monotonic()
         cmd = "exec yes" + (" >&2" if stream == "stderr" else "")
@@ -559,10 +552,7 @@ def test_json_stdin_that_never_ends_is_bounded_by_the_timeout(server, through_se
     """--json reads stdin to its end first: an inherited stdin whose writer
     never closes it (a service's pipe) ends at --timeout with status 124 and
     a message saying why, not never."""
-    if through_server:
-        server.start()
-    env = {**server.env, "ZVIZ_SERVER": "1" if through_server else "0"}
-    before = server.served()
+    env, before = _one_way(server, through_server)
     r, w = os.pipe()
     try:
         t0 = time.monotonic()
@@ -581,10 +571,7 @@ def test_a_json_record_that_cannot_be_written_is_said(server, through_server):
     """--json's record to a stdout that refuses it (a full disk: /dev/full) is
     lost: one line says so and the status is 1, alike with and without the
     server (before: a traceback in the client's process, silence in the server)."""
-    if through_server:
-        server.start()
-    env = {**server.env, "ZVIZ_SERVER": "1" if through_server else "0"}
-    before = server.served()
+    env, before = _one_way(server, through_server)
     with open("/dev/full", "wb") as full:
         r = subprocess.run([*ZVIZ, "run", "--json", "--", "true"], stdout=full, stderr=subprocess.PIPE, env=env,
                            timeout=60)

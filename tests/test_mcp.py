@@ -196,17 +196,19 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def http_server(*extra: str):
+def http_server(*extra: str, quiet: bool = False):
+    """`zviz mcp --http` on a free port: (its URL, the process). quiet: its stderr
+    to /dev/null (a test that floods it with requests: a pipe nobody reads would fill)."""
     port = free_port()
     proc = subprocess.Popen([*ZVIZ_MCP, *_venv_args(), "--http", f"127.0.0.1:{port}", *extra],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL if quiet else subprocess.PIPE)
     try:
         deadline = time.monotonic() + 30
         while True:
             with socket.socket() as s:
                 if s.connect_ex(("127.0.0.1", port)) == 0:
                     break
-            assert proc.poll() is None, proc.stderr.read().decode()
+            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else "zviz mcp --http ended"
             assert time.monotonic() < deadline, "zviz mcp --http did not listen"
             time.sleep(0.05)
         yield f"http://127.0.0.1:{port}/mcp", proc
@@ -217,7 +219,8 @@ def http_server(*extra: str):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        proc.stderr.close()
+        if proc.stderr is not None:
+            proc.stderr.close()
 
 
 # the SDK's HTTP client (httpx2) leaves async generators to the collector on trio: its warning, not ours

@@ -9,8 +9,6 @@ from __future__ import annotations
 import http.client
 import os
 import secrets
-import socket
-import subprocess
 import sys
 import time
 
@@ -22,7 +20,7 @@ pytest.importorskip("mcp", reason="the mcp extra (pip install 'zviz[mcp]')")
 from mcp.client import Client
 from mcp.client.stdio import StdioServerParameters
 
-from ..test_mcp import _venv_args, free_port, gone, processes_with, text
+from ..test_mcp import _venv_args, gone, http_server, processes_with, text
 
 pytestmark = pytest.mark.filterwarnings("ignore::zviz.ZvizWarning")
 
@@ -82,17 +80,8 @@ def test_made_up_session_ids_do_not_grow_the_http_server():
     kept for good in two of the server's dicts: 3,000 requests with 8 KB ids
     grew the server by ~22 MiB, without bound and past `--max-sessions`. Now
     an id the server did not hand out leaves nothing behind."""
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "zviz", "mcp", *_venv_args(), "--http", f"127.0.0.1:{port}"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            assert proc.poll() is None and time.monotonic() < deadline, "zviz mcp --http did not listen"
-            time.sleep(0.05)
+    with http_server(quiet=True) as (url, proc):
+        port = int(url.rsplit(":", 1)[1].split("/")[0])
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
         body = b'{"jsonrpc":"2.0","id":1,"method":"tools/list"}'
 
@@ -114,10 +103,3 @@ def test_made_up_session_ids_do_not_grow_the_http_server():
             conn.close()
         assert grew < 8, f"the server grew by {grew:.1f} MiB for 3,000 unknown session ids"
         assert proc.poll() is None
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
