@@ -171,6 +171,36 @@ def test_bad_inputs_name_the_fix(identity):
     assert not any(n.startswith(".") for n in os.listdir(parent))
 
 
+def _unreadable_dir(parent: str) -> tuple[tuple[tuple[str, str], ...], dict]:
+    dest = os.path.join(parent, "t")
+
+    async def main():
+        async with zviz.open_sandbox(zviz.Policy.shell()) as sb:
+            r = await sb.run("mkdir -p locked/in && echo secret > locked/in/f && echo ok > open && chmod 000 locked",
+                             shell=True)
+            assert r.exit_code == 0, r.stderr
+            info = await sb.snapshot(dest)
+        return info.skipped, _tree(os.path.join(dest, "files"))
+
+    return trio.run(main)
+
+
+def test_a_directory_the_sandbox_made_unreadable(identity):
+    """A sandbox's `chmod 000 dir`: a non-root caller may not read it, so the
+    snapshot copies the rest, keeps the directory empty with its mode, and
+    says so in `skipped` (before: a bare PermissionError, and no template).
+    A root caller reads it like any other."""
+    parent = template_parent(identity)  # ("self": this process, root on CI; "nobody": uid 65534)
+    skipped, tree = run_as(identity, _unreadable_dir, parent)
+    assert tree["open"][2] == b"ok\n"
+    assert tree["locked"][:2] == ("dir", 0)
+    if identity == "self" and IS_ROOT:
+        assert skipped == () and tree["locked/in/f"][2] == b"secret\n"
+    else:
+        assert [p for p, _ in skipped] == ["locked"] and "may not read" in skipped[0][1], skipped
+        assert not any(k.startswith("locked/") for k in tree), tree
+
+
 def test_template_must_be_callers_own(tmp_path):
     t = tmp_path / "t"
     (t / "files").mkdir(parents=True)

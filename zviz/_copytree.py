@@ -75,6 +75,9 @@ def copy_tree(src_root: int, dst_root: int, *, max_files: int, max_bytes: int, w
             if e.errno in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR, errno.EXDEV, errno.EAGAIN):
                 skipped.append((os.fsdecode(rel), f"changed while copied ({e.strerror})"))
                 continue
+            if e.errno == errno.EACCES:  # (a non-root caller, a directory the sandbox made unreadable: chmod 000)
+                skipped.append((os.fsdecode(rel), "a directory the caller may not read (its mode): copied empty"))
+                continue
             if e.errno == errno.ENAMETOOLONG:
                 raise TemplateError(where, f"{os.fsdecode(rel)[:80]!r}...: path too long to copy (shorten it)") \
                     from None
