@@ -251,6 +251,15 @@ def fd_targets() -> dict[int, str]:
     return out
 
 
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie (gone, or dead and not yet reaped: False)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:  # (gone between the open and the read too)
+        return False
+
+
 def child_pids() -> set[int]:
     me = os.getpid()
     kids = set()

@@ -14,6 +14,8 @@ import trio
 import zviz
 from zviz import Policy
 
+from .conftest import alive
+
 PYP = Policy.python()
 
 
@@ -112,8 +114,8 @@ def test_host_killed_takes_the_sandbox_down(tmp_path):
         host.send_signal(signal.SIGKILL)
         host.wait()
         deadline = time.monotonic() + 1.0
-        while any(_alive(p) for p in tree):
-            assert time.monotonic() < deadline, f"still alive: {[p for p in tree if _alive(p)]}"
+        while any(alive(p) for p in tree):
+            assert time.monotonic() < deadline, f"still alive: {[p for p in tree if alive(p)]}"
             time.sleep(0.02)
     finally:
         host.kill()
@@ -122,13 +124,6 @@ def test_host_killed_takes_the_sandbox_down(tmp_path):
 
         _workdir.sweep()  # the dead host's workdir (zviz gc)
 
-
-def _alive(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def _descendants(pid):

@@ -13,7 +13,7 @@ import pytest
 import zviz
 from zviz import CodeContextError, DisplayData, Execution, Policy, StreamOutput
 
-from .conftest import HAVE_VENV, VENV, VENV_PY, needs_venv, run_as, zviz_tempdirs
+from .conftest import HAVE_VENV, VENV, VENV_PY, alive, needs_venv, run_as, zviz_tempdirs
 
 pytestmark = pytest.mark.anyio
 
@@ -27,13 +27,6 @@ def anyio_backend(request):
 def policy():
     return Policy.python().with_paths(read_only=[str(VENV)]) if HAVE_VENV else Policy.python()
 
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError):  # gone between the open and the read
-        return False
 
 
 async def test_state_persists_and_errors_are_data():

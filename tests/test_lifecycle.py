@@ -18,17 +18,10 @@ import zviz
 from zviz import _ids, _lifecycle
 from zviz._resources import HostResources
 
-from .conftest import IS_ROOT, child_pids
+from .conftest import IS_ROOT, alive, child_pids
 
 PYP = zviz.Policy.python()
 
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 @pytest.mark.trio
@@ -41,7 +34,7 @@ async def test_close_returns_at_the_processes_death_and_the_rest_follows():
     assert cgroup is not None and os.path.isdir(cgroup.path)  # Policy.python() has a memory limit
     await sb.aclose()
     # every process of it is dead and reaped when aclose returns ...
-    assert p.returncode is not None and not _alive(zpid) and child_pids() <= kids
+    assert p.returncode is not None and not alive(zpid) and child_pids() <= kids
     # ... and the bookkeeping is not done yet: it waits for the loop to be idle
     assert not sb._life.done.is_set() and sb._life in _lifecycle._detached
     await _lifecycle.released()

@@ -25,7 +25,7 @@ from anyio.streams.text import TextReceiveStream
 import zviz
 from zviz import Policy, _lifecycle
 
-from .conftest import Snapshot, child_pids, zviz_tempdirs
+from .conftest import Snapshot, alive, child_pids, zviz_tempdirs
 
 PYP = Policy.python()
 pytestmark = pytest.mark.anyio
@@ -35,13 +35,6 @@ pytestmark = pytest.mark.anyio
 def anyio_backend(request):
     return request.param
 
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 async def _eventually(cond, what: str, timeout: float = 10.0) -> None:
@@ -82,7 +75,7 @@ async def test_create_in_one_task_use_and_close_in_others(snapshot):
         tg.start_soon(close, "s")
     assert out == [b"42\n", b"42\n"]
     assert sb.closed and "closed" in repr(sb)
-    assert not _alive(zpid)  # aclose returns once every process is dead
+    assert not alive(zpid)  # aclose returns once every process is dead
     await _lifecycle.released()  # ... and the workdir goes right after, in the background
     assert not os.path.exists(workdir)
     await sb.aclose()  # idempotent
@@ -123,7 +116,7 @@ async def test_collected_unclosed_sandbox_is_torn_down_with_a_warning():
     del sb, p
     with pytest.warns(ResourceWarning, match="unclosed"):
         gc.collect()
-    await _eventually(lambda: not os.path.exists(workdir) and not _alive(zpid) and not _alive(ppid),
+    await _eventually(lambda: not os.path.exists(workdir) and not alive(zpid) and not alive(ppid),
                       "the collected sandbox's workdir and processes are gone")
 
 
@@ -150,7 +143,7 @@ def test_loop_ending_with_an_open_sandbox_leaves_nothing_and_warns(backend, tmp_
     assert "loop ended" in r.stdout
     assert "ResourceWarning" in r.stderr and "unclosed" in r.stderr
     assert not os.path.exists(workdir)
-    assert not _alive(int(zpid)) and not _alive(int(ppid))
+    assert not alive(int(zpid)) and not alive(int(ppid))
     assert zviz_tempdirs(str(tmp_path)) == set()  # (the caller's private parent stays, empty)
     assert [n for n in os.listdir(tmp_path) if not n.startswith("zviz-")] == []
 
@@ -448,7 +441,7 @@ def test_sync_sandbox_never_closed_is_closed_when_collected():
     with pytest.warns(ResourceWarning):  # noqa: PT031 - the drop of the last reference is the event
         del sb
         gc.collect()
-    assert not os.path.exists(workdir) and not _alive(zpid) and zpid not in child_pids() - kids
+    assert not os.path.exists(workdir) and not alive(zpid) and zpid not in child_pids() - kids
 
 
 # ------------------------------------------------------------------ a fixed workspace, a private HOME, binds

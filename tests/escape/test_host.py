@@ -22,17 +22,10 @@ import trio
 
 import zviz
 
-from ..conftest import IS_ROOT, _in_child, run_as
+from ..conftest import IS_ROOT, _in_child, alive, run_as
 
 ROOT_ONLY = pytest.mark.skipif(not IS_ROOT, reason="needs root (a second host uid, per-sandbox uids)")
 
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 @pytest.fixture
@@ -153,7 +146,7 @@ def test_teardown_follows_no_planted_symlink_and_leaves_no_process(reachable_tmp
         assert os.path.exists(decoy + "/keep.txt"), "the decoy was emptied"
         if identity == "self" and IS_ROOT:
             assert not os.path.exists(res["workdir"]), "the workdir is left"
-            assert not _alive(res["daemon"]), "the sandbox's daemon outlived teardown"
+            assert not alive(res["daemon"]), "the sandbox's daemon outlived teardown"
             assert any("no pid namespace" in d for d in res["degraded"])
         else:
             # An unprivileged caller's sandbox is the caller's own uid: there
@@ -163,14 +156,14 @@ def test_teardown_follows_no_planted_symlink_and_leaves_no_process(reachable_tmp
             # removes the entry.
             assert any("can outlive teardown" in d for d in res["degraded"])
             if os.path.exists(res["workdir"]):
-                assert _alive(res["daemon"])
+                assert alive(res["daemon"])
             os.kill(res["daemon"], signal.SIGKILL)
             time.sleep(0.2)
             state = sorted(os.listdir(os.path.dirname(res["workdir"])))
             swept = run_as(identity, _sweep_in, str(tmpdir))
             assert not os.path.exists(res["workdir"]), f"the sweep left the workdir ({swept} swept; {state})"
     finally:
-        if res is not None and _alive(res["daemon"]):
+        if res is not None and alive(res["daemon"]):
             os.kill(res["daemon"], signal.SIGKILL)
 
 
