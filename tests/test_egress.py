@@ -370,6 +370,49 @@ async def test_a_slow_name_lookup_stalls_no_other_sandbox(monkeypatch):
     assert max(gaps) < 0.5, max(gaps)  # the loop ran on (it stopped for 1 s per lookup before)
 
 
+@pytest.mark.trio
+async def test_the_last_set_network_stands_whichever_lookup_ends_first(monkeypatch):
+    """Two set_network calls in allow mode, the first one's name slow to
+    resolve: the second call's rules are the sandbox's when both are done
+    (the first one's lookup ending last must not put its rules back)."""
+    import socket as _socket
+    import time
+
+    real = _socket.getaddrinfo
+
+    def slow(host, *args, **kwargs):
+        if host == "slow.test":
+            time.sleep(0.5)
+            host = "127.0.0.1"
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(_socket, "getaddrinfo", slow)
+    listeners = []
+    for _ in range(2):
+        ls = _socket.socket()
+        ls.bind(("127.0.0.1", 0))
+        ls.listen(4)
+        listeners.append(ls)
+    p1, p2 = (ls.getsockname()[1] for ls in listeners)
+    code = ("import socket, sys\nfor p in sys.argv[1:]:\n    s = socket.socket()\n"
+            "    print(s.connect_ex(('127.0.0.1', int(p))))\n")
+    pol = zviz.Policy.python(net=zviz.Network(mode="allow", allow=["127.0.0.1:1"]))
+    first = zviz.Network(mode="allow", allow=[f"slow.test:{p1}"])
+    second = zviz.Network(mode="allow", allow=[f"127.0.0.1:{p2}"])
+    try:
+        async with zviz.open_sandbox(pol) as sb:
+            async with trio.open_nursery() as n:
+                n.start_soon(sb.set_network, first)
+                await trio.sleep(0.05)  # (the first is in its lookup)
+                await sb.set_network(second)
+            assert sb.policy.net == second
+            r = await sb.run(["python3", "-c", code, str(p1), str(p2)])
+            assert r.stdout == b"13\n0\n", r.stdout  # the second call's rules: p2 only
+    finally:
+        for ls in listeners:
+            ls.close()
+
+
 def test_the_blocking_facade(index):
     """zviz.sync: the proxy runs on the sandbox's own loop thread; set_network blocks."""
     import zviz.sync

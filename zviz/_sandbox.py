@@ -93,6 +93,9 @@ class Sandbox:
         self._degraded: tuple[str, ...] = plan.degraded
         self._procs = life.procs
         self._snapshot_busy: anyio.Event | None = None  # set while snapshot() copies the workspace
+        # set_network: calls so far, and the latest that applied its rules (a later call's rules stand,
+        # whichever lookup ends first)
+        self._network_calls = self._network_applied = 0
         self._events = life.events
         self._trace = trace  # zviz trace's settings (private)
         self._trace_record = trace.record if trace is not None else None
@@ -490,14 +493,19 @@ class Sandbox:
         if network.mode != self.policy.net.mode:
             raise PolicyError("net.mode", network.mode, f"{self.policy.net.mode!r}, this sandbox's mode (a running "
                               "sandbox's mode cannot change: open a new one)")
+        self._network_calls += 1
+        call = self._network_calls
         if network.mode == "domains":
             assert self._life.egress is not None
             self._life.egress.set_network(network)
         elif network.mode == "allow":
-            assert self._life.supervisor is not None
             endpoints = await _resolve_endpoints_off_loop(attrs.evolve(self.policy, net=network))
             self._check_open()  # (closed during the lookup)
+            if call < self._network_applied:
+                return  # a later call's rules are in place already: they stand (as if this one came first)
+            assert self._life.supervisor is not None
             self._life.supervisor.set_allowed(endpoints)
+        self._network_applied = call
         self.policy = attrs.evolve(self.policy, net=network)
 
     def _add_event(self, event: DenialEvent) -> None:
