@@ -330,11 +330,8 @@ async def test_set_network_in_allow_mode_changes_the_endpoints(index):
         other.close()
 
 
-@pytest.mark.trio
-async def test_a_slow_name_lookup_stalls_no_other_sandbox(monkeypatch):
-    """allow mode resolves its names when a sandbox opens and at set_network:
-    a resolver that takes a second (or times out) holds up that call, in a
-    worker thread, never the event loop that every other sandbox runs on."""
+def _slow_lookup(monkeypatch, seconds: float) -> None:
+    """The host's resolver takes `seconds` for slow.test (then answers 127.0.0.1)."""
     import socket as _socket
     import time
 
@@ -342,11 +339,19 @@ async def test_a_slow_name_lookup_stalls_no_other_sandbox(monkeypatch):
 
     def slow(host, *args, **kwargs):
         if host == "slow.test":
-            time.sleep(1.0)
+            time.sleep(seconds)
             host = "127.0.0.1"
         return real(host, *args, **kwargs)
 
     monkeypatch.setattr(_socket, "getaddrinfo", slow)
+
+
+@pytest.mark.trio
+async def test_a_slow_name_lookup_stalls_no_other_sandbox(monkeypatch):
+    """allow mode resolves its names when a sandbox opens and at set_network:
+    a resolver that takes a second (or times out) holds up that call, in a
+    worker thread, never the event loop that every other sandbox runs on."""
+    _slow_lookup(monkeypatch, 1.0)
     gaps = []
 
     async def ticker():
@@ -376,17 +381,8 @@ async def test_the_last_set_network_stands_whichever_lookup_ends_first(monkeypat
     resolve: the second call's rules are the sandbox's when both are done
     (the first one's lookup ending last must not put its rules back)."""
     import socket as _socket
-    import time
 
-    real = _socket.getaddrinfo
-
-    def slow(host, *args, **kwargs):
-        if host == "slow.test":
-            time.sleep(0.5)
-            host = "127.0.0.1"
-        return real(host, *args, **kwargs)
-
-    monkeypatch.setattr(_socket, "getaddrinfo", slow)
+    _slow_lookup(monkeypatch, 0.5)
     listeners = []
     for _ in range(2):
         ls = _socket.socket()
