@@ -14,6 +14,7 @@
 /* ---- the child's setup steps, in the order it runs them (X: enum name, step name) */
 #define ZVIZ_STEPS(X)                                   \
     X(SYNC, "sync")                                     \
+    X(CGROUP, "cgroup")                                 \
     X(MOUNT_PRIVATE, "mount-private")                   \
     X(MOUNT_BIND, "mount-bind")                         \
     X(SETGROUPS, "setgroups")                           \

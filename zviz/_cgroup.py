@@ -9,9 +9,14 @@ Where one can be made:
   process, writable by root. Kernel memory (pipe and socket buffers) is
   charged to `memory.usage_in_bytes` on current kernels (checked on 6.18).
 A sandbox's cgroup is a child of the caller's own cgroup, so the caller's
-limits still bound its sandboxes. The stage writes the child's pid into
-`cgroup.procs` before the child runs (see zviz/_stage.c): every process of
-the sandbox is in it from its first instruction.
+limits still bound its sandboxes. Every process of the sandbox is in it
+before anything of the sandbox runs (see zviz/_stage.c): on v2 the stage
+writes the child's pid into `cgroup.procs`; on v1 the child writes "0" into
+the cgroup's `tasks` itself, its first step, because a pid written into
+`cgroup.procs` write-locks the kernel's global cgroup_threadgroup_rwsem,
+which waits for an RCU grace period (~10 ms of wall time per sandbox when no
+migration ran just before), and a task moving itself through `tasks` does not
+take that lock.
 
 Nothing here runs per command: one mkdir and two writes per sandbox, one
 rmdir at teardown.
@@ -100,8 +105,9 @@ def unique_name() -> str:
 
 
 class MemoryCgroup:
-    """One sandbox's memory cgroup. `procs` is the open `cgroup.procs` that the
-    stage writes each spawned child's pid into."""
+    """One sandbox's memory cgroup. `procs` is the open file a spawned child
+    joins it by: v2 `cgroup.procs` (the stage writes the child's pid), v1
+    `tasks` (the child writes "0")."""
 
     def __init__(self, kind: str, path: str, procs: OwnedFd, limit: int) -> None:
         self.kind = kind
@@ -133,7 +139,8 @@ class MemoryCgroup:
                 _write(path, "memory.limit_in_bytes", str(limit))
                 with contextlib.suppress(FileNotFoundError):
                     _write(path, "memory.memsw.limit_in_bytes", str(limit))  # no swapping past it
-            procs = OwnedFd(os.open(os.path.join(path, "cgroup.procs"), os.O_WRONLY | os.O_CLOEXEC), "cgroup.procs")
+            join = "cgroup.procs" if kind == "v2" else "tasks"  # v1: the child joins itself (see above)
+            procs = OwnedFd(os.open(os.path.join(path, join), os.O_WRONLY | os.O_CLOEXEC), join)
         except OSError as e:
             with contextlib.suppress(OSError):
                 os.rmdir(path)

@@ -209,7 +209,9 @@ def spawn(stage: StageSpec, packed: bytes, command: Command) -> Spawned:
                         "prctl(PR_SET_DUMPABLE, 1)")
             raise SandboxSetupError(step, err, path, hint) from None
         if step == "cgroup":
-            raise SandboxSetupError("cgroup", err, path, "the sandbox could not join its memory cgroup") from None
+            raise SandboxSetupError("cgroup", err, path, "the sandbox could not join its memory cgroup (ENODEV: it was "
+                                    "removed meanwhile); nothing ran. To run without one, set limits.memory=None") \
+                from None
         if step == "spawn":
             raise SandboxSetupError("spawn", err, None, path or "") from None
         raise SandboxSetupError(step, err, _step_path(stage, command, step, index), HINTS.get(step, "")) from None

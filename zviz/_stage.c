@@ -16,9 +16,11 @@
  *   ------                              -----
  *   clone(CLONE_VM | CLONE_NEW* |       reset signal dispositions
  *         CLONE_PIDFD)                  1  sync: wait for "go" (id maps written)
- *   join the memory cgroup (pid into    2  clone the new root's sources (openat2 without
- *     cgroup.procs), write setgroups/      symlinks, open_tree)
- *     uid_map/gid_map                   3  credentials: setgroups, setresgid, setresuid
+ *   cgroup v2: put the child in the     1b cgroup v1: join the memory cgroup ("0" into
+ *     memory cgroup (pid into              its `tasks`: see step_cgroup)
+ *     cgroup.procs); write setgroups/   2  clone the new root's sources (openat2 without
+ *     uid_map/gid_map                      symlinks, open_tree)
+ *                                       3  credentials: setgroups, setresgid, setresuid
  *   send "go"                           4  mounts: a new root (tmpfs) holding only the
  *   read error pipe until EOF (exec)       policy's paths, a fresh /proc; pivot_root;
  *   receive the seccomp listener           masks (/proc...), the root made read-only
@@ -42,6 +44,7 @@
 #include <fcntl.h>
 #include <linux/filter.h>
 #include <linux/landlock.h>
+#include <linux/magic.h>
 #include <linux/seccomp.h>
 #include <net/if.h>
 #include <poll.h>
@@ -59,6 +62,7 @@
 #include <sys/syscall.h>
 #include <sys/types.h>
 #include <sys/uio.h>
+#include <sys/vfs.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -216,6 +220,28 @@ step_sync(struct child *c)
     long r = R3(SYS_read, c->p.go_r, &go, 1);
     if (r != 1)
         child_fail(c, STEP_SYNC, r < 0 ? r : -EPIPE, -1);
+}
+
+/* 1b. Join the sandbox's memory cgroup (v1 hierarchies: `tasks`, opened by
+ * the host), before any step that allocates on its behalf and long before
+ * anything of the sandbox runs. The child moves itself because that is the
+ * only migration the kernel does without write-locking the global
+ * cgroup_threadgroup_rwsem: a write of "0" (the writer itself) to `tasks`
+ * moves one thread and skips that lock (cgroup_procs_write_start), while a
+ * pid written into `cgroup.procs` takes it, and taking it waits for an RCU
+ * grace period whenever no other migration ran just before: ~10 ms of wall
+ * time per sandbox, measured on 6.18, against ~0.04 ms. The child is one
+ * thread, so moving the thread moves the process. The permission check is on
+ * our credentials, still those the caller had at clone (root, or the
+ * caller's uid, which owns us). */
+static void
+step_cgroup(struct child *c)
+{
+    if (c->p.cgroup_tasks_fd < 0)
+        return;
+    long r = R4(SYS_pwrite64, c->p.cgroup_tasks_fd, "0", 1, 0);
+    if (r != 1)
+        child_fail(c, STEP_CGROUP, r < 0 ? r : -EIO, -1);
 }
 
 /* Open a canonical host path that the host checked, following no symlink at
@@ -602,6 +628,7 @@ child_main(void *arg)
 
     reset_signals();
     step_sync(c);
+    step_cgroup(c);
     step_clone_sources(c);
     if (!c->p.creds_late)
         step_credentials(c);
@@ -721,6 +748,18 @@ stage_spawn(struct plan *p, const struct parent_plan *pp, struct spawn_result *o
     p->go_w = go[1];
     p->err_w = errp[1];
     p->listener_sock = sv[1];
+    /* cgroup v1: the child joins by itself (step_cgroup); v2: we put it in. */
+    p->cgroup_tasks_fd = -1;
+    int parent_joins = pp->cgroup_fd >= 0;
+    if (parent_joins) {
+        struct statfs sf;
+        if (fstatfs(pp->cgroup_fd, &sf) < 0)
+            goto oserror;
+        if (sf.f_type == CGROUP_SUPER_MAGIC) {
+            p->cgroup_tasks_fd = pp->cgroup_fd;
+            parent_joins = 0;
+        }
+    }
 
     /* Block every signal across clone() so no handler runs in the child
      * copy; the child resets and unblocks. */
@@ -760,10 +799,10 @@ stage_spawn(struct plan *p, const struct parent_plan *pp, struct spawn_result *o
         out->err = errno;
         goto kill_child;
     }
-    /* Memory cgroup: the child joins it before it runs a single instruction
-     * of its own (it waits for "go"), so everything it and its descendants
-     * allocate (memfd, pipes, tmpfs, page cache) is charged. */
-    if (pp->cgroup_fd >= 0) {
+    /* Memory cgroup (v2): the child joins it before it runs a single
+     * instruction of its own (it waits for "go"), so everything it and its
+     * descendants allocate (memfd, pipes, tmpfs, page cache) is charged. */
+    if (parent_joins) {
         char num[24];
         int n = snprintf(num, sizeof num, "%d", (int)pid);
         if (pwrite(pp->cgroup_fd, num, n, 0) != n) {

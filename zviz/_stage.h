@@ -23,6 +23,7 @@ struct plan {
     int init_fd;   /* O_PATH fd of zviz-init, exec'd by fd (-1: exec exe directly) */
     int status_fd; /* placed on STATUS_FD */
     int go_r, go_w, err_w, listener_sock; /* filled in by stage_spawn */
+    int cgroup_tasks_fd; /* filled in by stage_spawn: a v1 memory cgroup's `tasks`, joined by the child (-1: none) */
     int mount_ns, mount_proc, loopback_up, setsid, creds_late, new_root;
     const char *staging;
     int n_src;
@@ -64,7 +65,8 @@ struct parent_plan {
     int deny_setgroups;
     int track_map_fd; /* -1: no eBPF monitor */
     uint32_t track_value;
-    int cgroup_fd; /* the memory cgroup's cgroup.procs (-1: none) */
+    int cgroup_fd; /* the memory cgroup: v2 `cgroup.procs` (the parent writes the pid), v1 `tasks` (the child
+                    * writes "0"); -1: none */
 };
 
 enum spawn_failure {

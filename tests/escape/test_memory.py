@@ -10,6 +10,7 @@ second opinion."""
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import threading
@@ -161,12 +162,59 @@ def test_cgroup_is_removed_and_made_per_sandbox():
             zygote_pid = a._zygote.pid if a._zygote is not None else None
             with open(os.path.join(paths[0], "cgroup.procs")) as f:
                 members = [int(x) for x in f.read().split()]
-        return ra.stdout.decode(), rb.stdout.decode(), paths, zygote_pid, members
+            cg = a._resources.cgroup
+            joined_by = (cg.kind, cg.procs.label)
+        return ra.stdout.decode(), rb.stdout.decode(), paths, zygote_pid, members, joined_by
 
-    out_a, out_b, paths, zygote_pid, members = trio.run(main)
+    out_a, out_b, paths, zygote_pid, members, joined_by = trio.run(main)
+    # v1: the child joins by writing "0" into `tasks` (no global lock, no RCU grace period); v2: the stage
+    # writes its pid into cgroup.procs
+    assert joined_by in (("v1", "tasks"), ("v2", "cgroup.procs")), joined_by
+    assert zygote_pid is not None
     assert paths[0] != paths[1]
     assert os.path.basename(paths[0]) in out_a and os.path.basename(paths[1]) in out_b
     if zygote_pid is not None:
         assert zygote_pid in members
     time.sleep(0.05)
     assert not os.path.exists(paths[0]) and not os.path.exists(paths[1])
+
+
+@needs_cgroup
+def test_a_failed_cgroup_join_fails_the_open_and_leaves_nothing(monkeypatch, snapshot):
+    """On a v1 hierarchy the sandbox's first process joins its memory cgroup
+    itself (zviz/_stage.c step_cgroup: "0" into `tasks`, which skips the
+    kernel's global migration lock; a pid written into cgroup.procs waits for
+    an RCU grace period). If that join fails (here: the cgroup was removed
+    between its creation and the spawn), nothing of the sandbox may run
+    outside it: the open fails naming the step, and no process, fd, cgroup or
+    workdir is left."""
+    from zviz import _cgroup
+
+    real = _cgroup.MemoryCgroup.create
+    made: list[str] = []
+
+    def create(name: str, limit: int):
+        cg, reason = real(name, limit)
+        assert cg is not None, reason
+        made.append(cg.path)
+        os.rmdir(cg.path)  # still empty: nothing joined yet
+        return cg, reason
+
+    monkeypatch.setattr(_cgroup.MemoryCgroup, "create", staticmethod(create))
+
+    async def main() -> BaseException | None:
+        snap = snapshot()
+        try:
+            async with zviz.open_sandbox(zviz.Policy.python(limits=zviz.Limits(memory="256M"))) as sb:
+                await sb.run(["/bin/true"])
+        except zviz.SandboxSetupError as e:
+            await snap.assert_released()
+            return e
+        return None
+
+    err = trio.run(main)
+    assert made, "no cgroup was made"
+    assert isinstance(err, zviz.SandboxSetupError), err
+    assert err.step == "cgroup" and err.errno == errno.ENODEV, err
+    assert "memory cgroup" in str(err), err
+    assert not os.path.exists(made[0])
