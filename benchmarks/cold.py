@@ -12,6 +12,11 @@ trivial: `open_sandbox(Policy.python())` + `run(["/bin/true"])` + close,
   - zviz pool: `set_pool_size(1)`: the sandbox was pre-started while the
     loop was idle (the `--gap-ms` pause after each snippet, taken by every
     row alike and not counted in its wall time);
+  - zviz, spaced: as zviz, with 100 ms between snippets instead of the
+    gap: one sandbox after another as a harness or an agent makes them,
+    where what the kernel defers after a sandbox (RCU grace periods) has
+    ended before the next one starts. (A tight loop hid a ~10 ms wait per
+    sandbox until round 7: the v1 cgroup migration's grace period);
   - each peer (`--peers`; benchmarks/peers.py): one `bwrap ... /bin/true` etc.,
     and `zviz run` itself (zviz-cli: the command line through its server,
     whose CPU only the system-wide column sees);
@@ -51,6 +56,7 @@ HZ = os.sysconf("SC_CLK_TCK")
 VENV = HERE.parent / ".venv-sandbox"
 HE_PY = "/usr/bin/python3"  # the programs need only the standard library: the system's interpreter, bare and sandboxed
 TRUE = ["/bin/true"]
+SPACED_GAP_S = 0.1
 
 
 def system_cpu_ms() -> float:
@@ -86,8 +92,10 @@ def kthreads_cpu_ms() -> float:
 
 
 class Row:
-    def __init__(self, name: str, fn: Callable[[], Awaitable[None]], setup: Callable[[], None] = lambda: None):
+    def __init__(self, name: str, fn: Callable[[], Awaitable[None]], setup: Callable[[], None] = lambda: None,
+                 gap_s: float | None = None):
         self.name, self.fn, self.setup = name, fn, setup
+        self.gap_s = gap_s  # its own idle pause after each snippet (None: --gap-ms)
         self.walls: list[float] = []
         self.cpu: list[float] = []  # own + children + kthreads, per snippet, per block
         self.sys_cpu: list[float] = []
@@ -106,6 +114,7 @@ def _pct(v: list[float], p: int) -> float:
 
 async def block(row: Row, n: int, gap_s: float) -> None:
     row.setup()
+    gap_s = gap_s if row.gap_s is None else row.gap_s
     await trio.sleep(0.2)  # (a pool fills here)
     s0, o0, k0 = system_cpu_ms(), own_cpu_ms(), kthreads_cpu_ms()
     for _ in range(n):
@@ -134,7 +143,10 @@ def trivial_rows(peers: list, workdir: str) -> list[Row]:
 
     rows = [Row("bare", bare, lambda: zviz.set_pool_size(0)),
             Row("zviz", zviz_fresh, lambda: zviz.set_pool_size(0)),
-            Row("zviz pool=1", zviz_fresh, lambda: zviz.set_pool_size(1))]
+            Row("zviz pool=1", zviz_fresh, lambda: zviz.set_pool_size(1)),
+            # sandboxes 100 ms apart, as a harness or an agent makes them: what the kernel does lazily after
+            # one sandbox (RCU grace periods, freeing) has finished before the next starts
+            Row("zviz, spaced", zviz_fresh, lambda: zviz.set_pool_size(0), gap_s=SPACED_GAP_S)]
     env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
     for p in peers:
         async def peer_run(p=p) -> None:
@@ -272,7 +284,8 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=200, help="snippets per block")
     ap.add_argument("--blocks", type=int, default=4, help="0: no trivial-snippet rows")
-    ap.add_argument("--gap-ms", type=float, default=5.0, help="idle pause after each snippet (every row)")
+    ap.add_argument("--gap-ms", type=float, default=5.0,
+                    help="idle pause after each snippet (every row but the spaced one)")
     ap.add_argument("--humaneval", action="store_true")
     ap.add_argument("--he-rounds", type=int, default=3)
     ap.add_argument("--peers", action="store_true")
