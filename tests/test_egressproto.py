@@ -104,6 +104,21 @@ def test_connect_and_absolute_form():
     assert r.host == "2001:db8::1"
 
 
+def test_a_host_header_without_a_port_names_the_target_at_any_port():
+    """Some clients leave the port out of Host even for a port that is not
+    the default; the proxy connects to the target (and writes its own Host),
+    so that is accepted. A Host with another port or another name is not."""
+    r = p.parse_http_head(_head("CONNECT pkgs.test:8443 HTTP/1.1", "Host: pkgs.test"))
+    assert (r.host, r.port, r.connect) == ("pkgs.test", 8443, True)
+    r = p.parse_http_head(_head("GET http://pkgs.test:8080/simple/ HTTP/1.1", "Host: PKGS.test."))
+    assert (r.host, r.port) == ("pkgs.test", 8080) and b"Host: pkgs.test:8080\r\n" in r.head
+    for head in (_head("CONNECT pkgs.test:8443 HTTP/1.1", "Host: pkgs.test:443"),
+                 _head("GET http://pkgs.test:8080/ HTTP/1.1", "Host: pkgs.test:80"),
+                 _head("GET http://pkgs.test:8080/ HTTP/1.1", "Host: evil.test")):
+        with pytest.raises(p.BadRequest, match="Host header names another host"):
+            p.parse_http_head(head)
+
+
 @pytest.mark.parametrize("head", [
     _head("CONNECT user:pw@pypi.org:443 HTTP/1.1"),
     _head("GET http://allowed.test@evil.test/ HTTP/1.1"),

@@ -480,11 +480,15 @@ def parse_http_head(buf: bytes) -> HttpRequest | _NeedMore:
 
 
 def _same_authority(header: str, host: str, port: int, default: int) -> bool:
+    """The Host header names the target. A Host without a port names the
+    host at any port: some clients leave the port out even when it is not
+    the default (the proxy never forwards the client's Host: it connects to
+    the checked target and writes its own). A port, when given, must match."""
     try:
-        h, p = parse_authority(header, default)
+        h, p = parse_authority(header, -1)
     except BadRequest:
         return False
-    return h.lower().rstrip(".") == host.lower().rstrip(".") and p == port
+    return h.lower().rstrip(".") == host.lower().rstrip(".") and p in (port, -1)
 
 
 def _host_mismatch(header: bytes, host: str, port: int, what: str) -> str:
