@@ -103,8 +103,8 @@ def test_each_refusal_of_a_name_says_what_to_change():
 
 
 @pytest.mark.parametrize(("head", "says"), [
-    (b"GET http://pkgs.test:8080/ HTTP/1.1\r\nHost: pkgs.test\r\n\r\n", "('pkgs.test') than the request target "
-     "(pkgs.test:8080)"),
+    (b"GET http://pkgs.test:8080/ HTTP/1.1\r\nHost: pkgs.test:9090\r\n\r\n", "('pkgs.test:9090') than the request "
+     "target (pkgs.test:8080)"),
     (b"CONNECT pkgs.test:8443 HTTP/1.1\r\nHost: evil.test:8443\r\n\r\n", "('evil.test:8443') than the CONNECT "
      "target (pkgs.test:8443)"),
 ])
