@@ -108,6 +108,124 @@ async def test_cancelled_aclose_still_closes():
     assert not os.path.exists(sb.workdir)
 
 
+CLOSE_DELAYS = (0, 0.0005, 0.001, 0.002, 0.005, 0.02)  # while the request is in flight, at exec, while it runs
+
+
+async def _closed_under(sb: zviz.Sandbox, delay: float, call) -> tuple[object, float]:
+    """`call()` with `sb.aclose()` from another task `delay` s after it
+    started: (what it returned or raised, seconds from the close to its end)."""
+    closed_at: list[float] = []
+    got: list[object] = []
+
+    async def closer() -> None:
+        await anyio.sleep(delay)
+        closed_at.append(time.monotonic())
+        await sb.aclose()
+
+    with anyio.fail_after(8):  # (the old code waited up to the command's whole timeout)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(closer)
+            try:
+                got.append(await call())
+            except Exception as e:  # noqa: BLE001 - the outcome is what is checked
+                got.append(e)
+            ended = time.monotonic()
+    return got[0], ended - closed_at[0]
+
+
+async def test_a_run_closed_under_it_from_another_task_ends_at_once_and_says_so(snapshot):
+    """aclose() from another task while run() starts or runs its command (a
+    framework closing a session on cancellation): the run ends within a few
+    ms of the close with SandboxClosedError, never after its timeout as
+    `timed_out` (the teardown closed the fds run()'s loop waited on, which
+    then saw nothing more), never 2 s late (the pipes' grace), never with a
+    result that hides the close. Racy by nature: every delay, several rounds."""
+    snap: Snapshot = snapshot()
+    ends = []
+    for _round in range(4):
+        for delay in CLOSE_DELAYS:
+            sb = await zviz.Sandbox.create(PYP)
+            got, late = await _closed_under(sb, delay, lambda sb=sb: sb.run(["sleep", "100"], timeout=4))
+            ends.append((delay, round(late, 3), got))
+    slow = [(d, late, getattr(got, "timed_out", None)) for d, late, got in ends if late > 1.0]
+    assert not slow, f"runs that ended long after the close (delay, seconds, timed_out): {slow}"
+    assert all(isinstance(got, zviz.SandboxClosedError) and "closed while" in str(got) for _, _, got in ends), ends
+    await snap.assert_released()
+
+
+async def test_a_command_being_started_when_its_sandbox_closes(snapshot):
+    """The close comes while the request to the zygote is in flight (the
+    zygote is stopped: it cannot answer): SandboxClosedError at once, and no
+    new zygote is spawned for it (a zygote that dies is replaced once, but not
+    one that the close killed: that one ran the command, unwatched, until the
+    run's timeout)."""
+    snap: Snapshot = snapshot()
+    for delay in (0, 0.002, 0.05):
+        sb = await zviz.Sandbox.create(PYP)
+        await sb.run(["true"])
+        zpid = sb._zygote.pid
+        os.kill(zpid, signal.SIGSTOP)
+        got, late = await _closed_under(sb, delay, lambda sb=sb: sb.run(["sleep", "100"], timeout=6))
+        assert isinstance(got, zviz.SandboxClosedError) and "being started" in str(got), (delay, got)
+        assert late < 1.0, (delay, late)
+        assert sb._zygote is None and not alive(zpid)
+    await snap.assert_released()
+
+
+async def test_streams_and_wait_of_a_process_whose_sandbox_closes(snapshot):
+    """start()'s Process when its sandbox is closed from another task: wait()
+    returns -SIGKILL at once; a task reading its stdout gets what was written,
+    then the end (EOF, or SandboxClosedError when the teardown closed the
+    pipe first: never a bare ClosedResourceError that blames the reader)."""
+    snap: Snapshot = snapshot()
+    for delay in (*CLOSE_DELAYS[::2], 0.1):
+        sb = await zviz.Sandbox.create(PYP)
+
+        async def read_then_wait(sb: zviz.Sandbox = sb) -> tuple[bytes, object, int]:
+            p = await sb.start(["sh", "-c", "echo hi; exec sleep 100"], stdin=False, timeout=6)
+            out, end = b"", None
+            try:
+                async for chunk in p.stdout_stream():
+                    out += chunk
+            except Exception as e:  # noqa: BLE001 - checked below
+                end = e
+            return out, end, await p.wait()
+
+        got, late = await _closed_under(sb, delay, read_then_wait)
+        assert isinstance(got, tuple), (delay, got)
+        out, end, rc = got
+        assert rc == -signal.SIGKILL and late < 1.0, (delay, got, late)
+        assert end is None or isinstance(end, zviz.SandboxClosedError), (delay, end)
+        assert out in (b"", b"hi\n") and (delay < 0.1 or out == b"hi\n"), (delay, out)
+    await snap.assert_released()
+
+
+def test_sync_run_closed_from_another_thread():
+    """zviz.sync: close() from one thread while another thread's run() is in
+    flight ends that run at once with SandboxClosedError."""
+    import threading
+
+    for delay in (0.001, 0.005, 0.05):
+        sb = zviz.sync.Sandbox.create(PYP)
+        got: list[object] = []
+
+        def call(sb: zviz.sync.Sandbox = sb, got: list[object] = got) -> None:
+            try:
+                got.append(sb.run(["sleep", "100"], timeout=6))
+            except Exception as e:  # noqa: BLE001 - checked below
+                got.append(e)
+            got.append(time.monotonic())
+
+        t = threading.Thread(target=call)
+        t.start()
+        time.sleep(delay)
+        closed_at = time.monotonic()
+        sb.close()
+        t.join(8)
+        assert not t.is_alive() and isinstance(got[0], zviz.SandboxClosedError), (delay, got)
+        assert got[1] - closed_at < 1.0, (delay, got[1] - closed_at)
+
+
 async def test_collected_unclosed_sandbox_is_torn_down_with_a_warning():
     sb = await zviz.Sandbox.create(PYP)
     await sb.run(["true"])

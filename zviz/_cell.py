@@ -117,7 +117,7 @@ class Cell:
         """Wait for something (output, a frame, the process's end, the
         deadline) and handle it; sets `execution` at the end."""
         if self.ep is None:
-            raise CodeContextError("the code context was closed while its cell ran")
+            raise CodeContextError(self._closed_why())
         events: list[Event] = []
         now = time.monotonic()
         if now >= self.deadline and not self.interrupted:
@@ -135,7 +135,7 @@ class Cell:
                 try:
                     await anyio.wait_readable(self.ep.fileno())
                 except anyio.ClosedResourceError:
-                    raise CodeContextError("the code context was closed while its cell ran") from None
+                    raise CodeContextError(self._closed_why()) from None
             return events
         fds = {fd for fd, _ in ready}
         for fd in list(self.pipes):
@@ -230,15 +230,24 @@ class Cell:
         if self.ctx._active is self:
             self.ctx._active = None
 
+    def _closed(self) -> bool:
+        """The context, or its whole sandbox, is being closed: its process dies to that."""
+        return self.ctx.closed or self.ctx._registry.sandbox_closing()
+
+    def _closed_why(self) -> str:
+        if self.ctx._registry.sandbox_closing():
+            return "the sandbox was closed while the code context's cell ran"
+        return "the code context was closed while its cell ran"
+
     def _closed_under_us(self) -> CodeContextError:
         self.close_fds()
         self.ended.set()
-        return CodeContextError("the code context was closed while its cell ran")
+        return CodeContextError(self._closed_why())
 
     async def _wait_dead(self, timeout: float) -> None:
         """Up to `timeout` for the process to die (aclose() from another task
         closes the pidfd under us: that is a CodeContextError)."""
-        if self.ctx.closed:
+        if self._closed():
             raise self._closed_under_us()
         try:
             with anyio.move_on_after(timeout):
@@ -260,7 +269,7 @@ class Cell:
 
     async def _lost(self, why: str) -> None:
         """The process is gone (or is killed now): report, and restart from the template."""
-        if self.ctx.closed:
+        if self._closed():
             raise self._closed_under_us()
         self._drain()
         self.child.kill()

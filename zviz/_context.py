@@ -37,7 +37,7 @@ import attrs
 
 from . import _contextproto as proto, _driverboot
 from ._cell import Cell as _Cell, Event
-from ._errors import CodeContextError
+from ._errors import CodeContextError, SandboxClosedError
 from ._execution import Execution
 from ._template import Channel, ChannelBroken, Child, Template, await_hello, wait_frame
 
@@ -63,8 +63,11 @@ class Caps:
 class CodeContexts:
     """A sandbox's templates and contexts (the sandbox owns one)."""
 
-    def __init__(self, start: Callable[..., Awaitable[Any]], cache: str) -> None:
+    def __init__(self, start: Callable[..., Awaitable[Any]], cache: str,
+                 sandbox_closing: Callable[[], bool] = lambda: False) -> None:
         self._start = start  # (argv, env=, stdin_fd=) -> Process: the sandbox's start, stdout to /dev/null
+        # the sandbox is being closed: its processes die to that, not to a crash (no restart, no "did not start")
+        self.sandbox_closing = sandbox_closing
         self._env = {
             # matplotlib draws without a display, and keeps its cache in `cache` (the
             # sandbox's HOME/.cache: off the workspace); one BLAS thread: templates
@@ -136,6 +139,9 @@ class CodeContexts:
                 err = b""
                 with contextlib.suppress(Exception):
                     err = await proc.stderr.receive_some(4096)
+            if self.sandbox_closing():  # killed by the close: not the interpreter's fault
+                raise SandboxClosedError(f"the sandbox was closed while the {role} interpreter {python!r} "
+                                         "started") from None
             raise CodeContextError(f"the {role} interpreter {python!r} did not start ({e}; exit status "
                                    f"{proc.returncode}; stderr: {err.decode(errors='replace').strip()[-500:]!r}). "
                                    "Is it inside the sandbox's paths (Policy.with_paths(read_only=[...]))?") from None

@@ -4,7 +4,7 @@
 - `UnsupportedKernelError` / `FeatureUnavailable`: this host lacks something;
   the message says what to install or enable.
 - `SandboxSetupError`: setting the sandbox up failed at a named step (path, errno).
-- `SandboxClosedError`: the sandbox was used after its `async with` block ended.
+- `SandboxClosedError`: the sandbox was used after it was closed, or closed while the call ran.
 - `CodeContextError`: a code context is broken or closed (see docs/code-contexts.md).
 
 A syscall that the sandbox denies is not an exception: it is a result, in
@@ -142,7 +142,8 @@ class ResourceExhausted(SandboxSetupError):
 
 
 class SandboxClosedError(ZvizError, RuntimeError):
-    """The sandbox was used after its `async with` block ended."""
+    """The sandbox was used after it was closed (`aclose()`, the end of its
+    `async with` block or event loop), or was closed while the call ran."""
 
 
 class CodeContextError(ZvizError, RuntimeError):

@@ -22,6 +22,7 @@ import anyio
 import attrs
 
 from . import _kernel, _zygote
+from ._errors import SandboxClosedError
 from ._kernel import OwnedFd
 from ._proxy import Collector, FdReceiveStream, FdSendStream
 from ._records import RunResult, Tally, cpu_limit
@@ -38,6 +39,7 @@ class Hooks:
     # a zygote's run killed before its run-init cleaned up: wait until the
     # zygote has killed what it left (None for a full spawn)
     settle: Callable[[], Awaitable[None]] | None = None
+    closing: Callable[[], bool] | None = None  # the sandbox is being closed (its teardown kills everything)
 
 
 class Process:
@@ -77,6 +79,12 @@ class Process:
         self.limit: str | None = None  # which policy limit ended it: wall_s, output
         self._watchdog: anyio.CancelScope | None = None
         self._closed = False
+        # The sandbox was closed under `run()`'s loop (its teardown reaps the
+        # process and closes its fds, in the sandbox's own task; the loop waits
+        # on those fds in the caller's task and is woken through its scope).
+        self._sandbox_closed = False
+        self._driver: anyio.CancelScope | None = None
+        self._wait_lock = anyio.Lock()  # wait() from several tasks (a caller's, the teardown's)
 
     async def __aenter__(self) -> Process:
         return self
@@ -200,11 +208,21 @@ class Process:
         """Wait for exit; returns `returncode`. Once it returns, no process
         of the command is left."""
         if self._status is None:
+            # One task at a time waits on the pidfd (two waiters on one fd are an error on trio and
+            # asyncio): the others queue here, and find it reaped (or take over from a cancelled one).
+            try:  # (acquire() always yields: try without first)
+                self._wait_lock.acquire_nowait()
+            except anyio.WouldBlock:
+                await self._wait_lock.acquire()
             try:
-                await anyio.wait_readable(self._pidfd.fd)
-            except anyio.ClosedResourceError:
-                pass  # reaped by another task meanwhile (returncode, wait, teardown)
-            self._reap()
+                if self._status is None:
+                    try:
+                        await anyio.wait_readable(self._pidfd.fd)
+                    except anyio.ClosedResourceError:
+                        pass  # reaped by another task meanwhile (returncode, run()'s loop, teardown)
+                    self._reap()
+            finally:
+                self._wait_lock.release()
         await self._settle()
         rc = self.returncode
         assert rc is not None
@@ -268,10 +286,21 @@ class Process:
         0 when the program was killed before zviz-init could report it."""
         return self._maxrss
 
-    def _close_streams(self) -> None:
+    def _interrupt(self) -> None:
+        """Teardown, before it closes this process's fds: the sandbox is
+        closing. A `run()` waiting on them stops now and raises
+        SandboxClosedError (an fd closed under an epoll set just leaves it:
+        no event would ever come)."""
+        if self._driver is not None:  # (not once its loop is over: it has its result, or timed out)
+            self._sandbox_closed = True
+            self._driver.cancel()
+
+    def _close_streams(self, *, sandbox_closed: bool = False) -> None:
         self._closed = True
         for s in (self.stdin, self.stdout, self.stderr):
             if s is not None:
+                if sandbox_closed:  # a task reading or writing it is told why
+                    s.sandbox_closed = True
                 s.close()
         self._status_fd.close()
 
@@ -314,10 +343,18 @@ async def run_to_end(proc: Process, stdin: bytes, *, timeout: float, output_cap:
     reap, and make the result. `resource_limit(status)` names a sandbox-wide
     limit (memory, disk) that ended it, if any."""
     out, err = Collector(output_cap, proc._over_output), Collector(output_cap, proc._over_output)
+    # A close from now until the loop ends cancels this scope (teardown, _interrupt); one before (its
+    # fds closed already) is seen here.
+    proc._driver = anyio.CancelScope()
+    proc._sandbox_closed = proc._closed
     try:
-        with anyio.move_on_after(timeout) as scope:
-            await _drive(proc, stdin, out, err, on_stdout, on_stderr)
-        if scope.cancelled_caught:
+        try:
+            with anyio.move_on_after(timeout) as scope, proc._driver:
+                if not proc._sandbox_closed:
+                    await _drive(proc, stdin, out, err, on_stdout, on_stderr)
+        finally:
+            proc._driver = None
+        if scope.cancelled_caught and not proc._sandbox_closed:
             proc.timed_out = True
             proc.limit = proc.limit or "wall_s"
             proc.kill()
@@ -326,12 +363,22 @@ async def run_to_end(proc: Process, stdin: bytes, *, timeout: float, output_cap:
     finally:
         with anyio.CancelScope(shield=True):
             await finish(proc)
+    status = proc._status or 0
+    if not proc._sandbox_closed and proc._hooks.closing is not None and proc._hooks.closing():
+        # Its loop saw the end before the teardown came to it, but a SIGKILL nobody asked
+        # for (no timeout, no limit) while the sandbox closes is the close's.
+        killed = os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+        proc._sandbox_closed = killed and not proc.timed_out and proc.limit is None
+    if proc._sandbox_closed:
+        # Killed by the close, not by its timeout or a limit: no result to give.
+        raise SandboxClosedError(f"the sandbox was closed while {proc.argv[0]!r} ran (closed from another task or "
+                                 "thread, or its block or event loop ended): the command was killed and its output "
+                                 "dropped")
     # (run() reads and writes the pipes itself: the streams did not count)
     tally.bytes["stdout"] += out.total
     tally.bytes["stderr"] += err.total
     if proc.stdin is not None:
         tally.bytes["stdin"] += proc.stdin.bytes_sent
-    status = proc._status or 0
     if proc.limit is None:
         proc.limit = resource_limit(status)
     return RunResult(
@@ -445,8 +492,9 @@ async def reap_all(procs: Iterable[Process]) -> None:
     """Teardown: kill every process, wait for each, close its streams."""
     procs = list(procs)
     for p in procs:
+        p._interrupt()
         p.kill()
     for p in procs:
         if p._status is None:
             await p.wait()
-        p._close_streams()
+        p._close_streams(sandbox_closed=True)

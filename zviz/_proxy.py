@@ -17,9 +17,18 @@ from collections.abc import Callable
 import anyio
 import anyio.abc
 
+from ._errors import SandboxClosedError
 from ._kernel import OwnedFd
 
 CHUNK = 65536
+
+
+def _closed_error(by_sandbox: bool) -> Exception:
+    """A stream used after its close (or closed while a task waited on it)."""
+    if by_sandbox:
+        return SandboxClosedError("the sandbox was closed (aclose()): its processes were killed and their "
+                                  "streams closed")
+    return anyio.ClosedResourceError("stream is closed")
 
 
 class FdReceiveStream(anyio.abc.ByteReceiveStream):
@@ -39,6 +48,7 @@ class FdReceiveStream(anyio.abc.ByteReceiveStream):
         self.bytes_received = 0
         self.truncated = False
         self.on_overflow: Callable[[], None] | None = None
+        self.sandbox_closed = False  # closed by its sandbox's teardown (then SandboxClosedError)
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         """trio's ReceiveStream: at most `max_bytes` (default 64 KiB); b"" at EOF."""
@@ -48,14 +58,17 @@ class FdReceiveStream(anyio.abc.ByteReceiveStream):
             raise ValueError(f"max_bytes must be a positive int, not {max_bytes!r}")
         while True:
             if self._fd.closed:
-                raise anyio.ClosedResourceError("stream is closed")
+                raise _closed_error(self.sandbox_closed)
             if self.truncated:
                 await anyio.lowlevel.checkpoint()
                 return b""
             try:
                 data = os.read(self._fd.fd, max_bytes)
             except BlockingIOError:
-                await anyio.wait_readable(self._fd.fd)
+                try:
+                    await anyio.wait_readable(self._fd.fd)
+                except anyio.ClosedResourceError:
+                    raise _closed_error(self.sandbox_closed) from None
                 continue
             if self._cap is not None and self.bytes_received + len(data) > self._cap:
                 data = data[: self._cap - self.bytes_received]
@@ -109,17 +122,21 @@ class FdSendStream(anyio.abc.ByteSendStream):
         self._counts = counts  # the sandbox's byte counts (run() writes the pipe itself and counts there)
         self._key = key
         self.bytes_sent = 0
+        self.sandbox_closed = False  # closed by its sandbox's teardown (then SandboxClosedError)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         """trio's SendStream: write all of `data`."""
         view = memoryview(data).cast("B")
         while view:
             if self._fd.closed:
-                raise anyio.ClosedResourceError("stream is closed")
+                raise _closed_error(self.sandbox_closed)
             try:
                 n = os.write(self._fd.fd, view[:CHUNK])
             except BlockingIOError:
-                await anyio.wait_writable(self._fd.fd)
+                try:
+                    await anyio.wait_writable(self._fd.fd)
+                except anyio.ClosedResourceError:
+                    raise _closed_error(self.sandbox_closed) from None
                 continue
             except OSError as e:
                 if e.errno == errno.EPIPE:
@@ -138,8 +155,11 @@ class FdSendStream(anyio.abc.ByteSendStream):
     async def wait_send_all_might_not_block(self) -> None:
         """trio's SendStream: return when the pipe has room."""
         if self._fd.closed:
-            raise anyio.ClosedResourceError("stream is closed")
-        await anyio.wait_writable(self._fd.fd)
+            raise _closed_error(self.sandbox_closed)
+        try:
+            await anyio.wait_writable(self._fd.fd)
+        except anyio.ClosedResourceError:
+            raise _closed_error(self.sandbox_closed) from None
 
     async def aclose(self) -> None:
         self.close()

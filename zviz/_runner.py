@@ -19,7 +19,7 @@ import anyio
 import attrs
 
 from . import _kernel, _plan, _zygote
-from ._errors import SandboxSetupError
+from ._errors import SandboxClosedError, SandboxSetupError
 from ._kernel import OwnedFd
 from ._records import Tally
 from ._spec import StageSpec
@@ -89,6 +89,7 @@ class Runner:
         self._inflight = 0
         self._provisional: dict[int, RunAccount] = {}  # by session id inside the sandbox
         self._closing = False
+        self._dropping: anyio.Event | None = None  # set while drop_zygote reaps a zygote (reap() waits for it)
 
     @property
     def devnull_fd(self) -> int:
@@ -178,6 +179,8 @@ class Runner:
         """One run through the zygote (spawned on first use; a zygote that
         died, e.g. to the OOM killer, is replaced once)."""
         for attempt in (0, 1):
+            if self._closing:  # (the zygote died to the close, not to its own doing: no new one)
+                raise SandboxClosedError("the sandbox was closed while a command was being started in it")
             if self.zygote is None:
                 self._spawn_zygote(supervisor)
             assert self.zygote is not None
@@ -185,6 +188,9 @@ class Runner:
             try:
                 pidfd, ns_pid = await self.zygote.request(request, fds)
             except _zygote.ZygoteGone:
+                if self._closing:  # the teardown reaps it (waiting for it there is what aclose() returns at)
+                    raise SandboxClosedError("the sandbox was closed while a command was being started in it") \
+                        from None
                 await self.drop_zygote()
                 if attempt:
                     raise SandboxSetupError("zygote", errno.EPIPE, None,
@@ -248,7 +254,8 @@ class Runner:
         try:
             await z.barrier()
         except _zygote.ZygoteGone:
-            await self.drop_zygote()  # its death took the orphans with it
+            if not self._closing:  # (closing: the teardown reaps it)
+                await self.drop_zygote()  # its death took the orphans with it
 
     async def drop_zygote(self) -> None:
         """Kill and reap a zygote (every run of it dies with it). Its death
@@ -257,14 +264,19 @@ class Runner:
         z, self.zygote = self.zygote, None
         if z is None:
             return
-        z.kill()
-        with anyio.CancelScope(shield=True):
-            await anyio.wait_readable(z.pidfd.fd)
-        anyio.notify_closing(z.pidfd.fd)
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(z.pid, 0)  # noqa: ASYNC222 - its pidfd said it is dead: no wait
-        z.close()
-        self._drop_mnt_ns()
+        self._dropping = dropping = anyio.Event()
+        try:
+            z.kill()
+            with anyio.CancelScope(shield=True):
+                await anyio.wait_readable(z.pidfd.fd)
+            anyio.notify_closing(z.pidfd.fd)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(z.pid, 0)  # noqa: ASYNC222 - its pidfd said it is dead: no wait
+            z.close()
+            self._drop_mnt_ns()
+        finally:
+            self._dropping = None
+            dropping.set()
 
     def account_for(self, pid: int) -> RunAccount:
         """The run a notifying task belongs to, in O(1): each run-init leads a
@@ -296,6 +308,10 @@ class Runner:
                 return early
         return self._stray
 
+    def closing(self) -> bool:
+        """kill() was called: the sandbox is being closed."""
+        return self._closing
+
     def zygote_pid(self) -> int:
         return self.zygote.pid if self.zygote is not None else -1
 
@@ -313,6 +329,8 @@ class Runner:
         and reaped every other task of the namespace (zap_pid_ns_processes):
         when this returns, no process of the sandbox exists any more."""
         self._closing = True
+        if self._dropping is not None:  # a zygote that died on its own is being reaped by a command's task
+            await self._dropping.wait()
         if self.zygote is not None:
             z, self.zygote = self.zygote, None
             await anyio.wait_readable(z.pidfd.fd)

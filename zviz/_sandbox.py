@@ -299,6 +299,9 @@ class Sandbox:
             t0 = time.monotonic()
             spawned = await self._runner.spawn(cmd, child_ends, status_w.fd, supervisor)
             self._tally.spawn_s += time.monotonic() - t0
+            if self._life.closing:  # closed while the zygote forked it: the teardown has not seen it
+                self._runner.discard(spawned, cmd.zrun)
+                raise SandboxClosedError("the sandbox was closed while a command was being started in it")
             status = OwnedFd(status_r.detach(), "init-status")
             os.set_blocking(status.fd, False)
             streams: list[Any] = []
@@ -319,7 +322,7 @@ class Sandbox:
             hooks = Hooks(pid_ns=self._pid_ns,
                           ended=functools.partial(self._life.process_ended, account=account, zrun=cmd.zrun),
                           flush=supervisor.flush,
-                          settle=self._runner.barrier if cmd.zrun else None)
+                          settle=self._runner.barrier if cmd.zrun else None, closing=self._runner.closing)
             proc = Process(argv, spawned, account, streams[0], streams[1], streams[2], done, t0, status, hooks)
         except BaseException:
             # Nothing may outlive a failed start: kill, reap, close.
@@ -344,7 +347,9 @@ class Sandbox:
         `limits.output`). `timeout` defaults to the policy's `limits.wall_s`.
         `shell=True` runs a string with /bin/sh -c; `cwd` is a path inside the
         sandbox (relative: to the workdir); `on_stdout`/`on_stderr` get each
-        chunk of output as it arrives (plain or async callables)."""
+        chunk of output as it arrives (plain or async callables).
+        `SandboxClosedError` if the sandbox is closed (by another task)
+        before the command ends."""
         if stdin is not None and not isinstance(stdin, (bytes, bytearray, memoryview)):
             raise TypeError(f"stdin must be bytes or None, not {type(stdin).__name__}")
         for name, cb in (("on_stdout", on_stdout), ("on_stderr", on_stderr)):
@@ -373,7 +378,7 @@ class Sandbox:
 
             plan = self._plan
             cache = f"{plan.home}/.cache" if plan.home else f"{dict(plan.env).get('TMPDIR', '/tmp')}/zviz-cache"
-            self._life.contexts = self._contexts_made = CodeContexts(_weak_start(self), cache)
+            self._life.contexts = self._contexts_made = CodeContexts(_weak_start(self), cache, self._runner.closing)
         return self._contexts_made
 
     def _context_args(self, python: str, env: Mapping[str, str] | None, output_cap: int | None,

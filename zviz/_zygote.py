@@ -108,6 +108,8 @@ class Zygote:
         except anyio.WouldBlock:
             await self._lock.acquire()
         try:
+            if self._ctrl.fileno() < 0:  # closed (teardown) while this waited for its turn
+                raise ZygoteGone("the zygote is closed")
             view = memoryview(payload)
             rights: list[_Cmsg] = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
             try:
@@ -134,6 +136,12 @@ class Zygote:
                                 await anyio.wait_readable(self._ctrl)
                     except (BrokenPipeError, ConnectionResetError) as e:
                         raise ZygoteGone(str(e) or type(e).__name__) from None
+                    except (anyio.ClosedResourceError, OSError):
+                        # The teardown closed the socket under this wait (it reaps a dead zygote and closes
+                        # its fds in its own task): gone, as a hang-up. Any other error is not.
+                        if self._ctrl.fileno() >= 0:
+                            raise
+                        raise ZygoteGone("the zygote was closed") from None
                 raise ZygoteGone(f"no reply in {REPLY_TIMEOUT:g} s")
             raise AssertionError("unreachable: a shielded scope that is never cancelled swallows nothing")
         finally:
