@@ -10,6 +10,8 @@ import sys
 import termios
 import time
 
+import pytest
+
 ZVIZ = [sys.executable, "-m", "zviz._cli"]
 
 
@@ -170,11 +172,18 @@ def test_sigterm_or_sighup_closes_the_sandbox_and_leaves_nothing(tmp_path):
     os.chmod(tmp_path, 0o755)
     env = dict(os.environ, TMPDIR=str(tmp_path))
     for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
-        p = subprocess.Popen([*ZVIZ, "run", "--", "sh", "-c", "echo up; exec sleep 61.25"], env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        # (-X faulthandler: if it hangs, SIGABRT makes it print where every thread is)
+        p = subprocess.Popen([sys.executable, "-X", "faulthandler", *ZVIZ[1:], "run", "--", "sh", "-c",
+                              "echo up; exec sleep 61.25"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         assert p.stdout.readline() == b"up\n"
         p.send_signal(sig)
-        assert p.wait(timeout=30) == 128 + sig, p.stderr.read()
+        try:
+            rc = p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.send_signal(signal.SIGABRT)
+            _, err = p.communicate(timeout=10)
+            pytest.fail(f"zviz run did not end within 30 s of {sig.name}; its threads:\n{err.decode(errors='replace')}")
+        assert rc == 128 + sig, p.stderr.read()
         p.stdout.close()
         p.stderr.close()
         left = [str(x) for x in tmp_path.rglob("*")]
