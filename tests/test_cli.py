@@ -163,6 +163,16 @@ def test_relative_paths_from_a_removed_current_directory(tmp_path):
     assert (r.returncode, r.stdout) == (0, b"ok\n"), r.stderr
 
 
+# argv[1:] exec'd with SIGTERM, SIGHUP and SIGINT at their default action: a
+# suite run under nohup, or as a background job of a script, hands its
+# children SIGHUP or SIGINT ignored, and `zviz run` leaves a signal that its
+# caller ignores alone (as the program it runs would)
+_DEFAULT_SIGNALS_THEN_EXEC = ("import os, signal, sys\n"
+                              "for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):\n"
+                              "    signal.signal(s, signal.SIG_DFL)\n"
+                              "os.execv(sys.argv[1], sys.argv[1:])\n")
+
+
 def test_sigterm_or_sighup_closes_the_sandbox_and_leaves_nothing(tmp_path):
     """`zviz run` in its own process (no CLI server), stopped by SIGTERM or a
     hang-up: the sandbox is closed as on Ctrl-C (status 128+N), its processes
@@ -173,8 +183,9 @@ def test_sigterm_or_sighup_closes_the_sandbox_and_leaves_nothing(tmp_path):
     env = dict(os.environ, TMPDIR=str(tmp_path))
     for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
         # (-X faulthandler: if it hangs, SIGABRT makes it print where every thread is)
-        p = subprocess.Popen([sys.executable, "-X", "faulthandler", *ZVIZ[1:], "run", "--", "sh", "-c",
-                              "echo up; exec sleep 61.25"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        p = subprocess.Popen([sys.executable, "-c", _DEFAULT_SIGNALS_THEN_EXEC, sys.executable, "-X", "faulthandler",
+                              *ZVIZ[1:], "run", "--", "sh", "-c", "echo up; exec sleep 61.25"],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         assert p.stdout.readline() == b"up\n"
         p.send_signal(sig)
         try:
