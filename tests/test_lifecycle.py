@@ -214,3 +214,26 @@ def test_an_asyncio_loop_ending_while_a_sandbox_is_made_does_not_hang(tmp_path):
 
     p = subprocess.run([sys.executable, "-c", LOOP_ENDS_DURING_REFILL], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr[-2000:]
+
+
+def test_closing_on_trio_does_not_import_trio_testing():
+    """The teardown and the pool wait for trio's loop to be idle with
+    `wait_all_tasks_blocked`; from `trio.testing` that imported pytest where
+    it is installed: ~90 ms in the first close of a process (a script, a
+    server's first call). In a fresh interpreter: a sandbox opened (the pool
+    on, so its idle wait runs too), used and closed, and neither module
+    loaded."""
+    code = ("import sys, trio, zviz\n"
+            "async def main():\n"
+            "    zviz.set_pool_size(1)\n"
+            "    async with zviz.open_sandbox(zviz.Policy.python()) as sb:\n"
+            "        await sb.run(['/bin/true'])\n"
+            "    await trio.sleep(0.1)\n"  # (the pool refills: its idle wait)
+            "    async with zviz.open_sandbox(zviz.Policy.python()) as sb:\n"
+            "        await sb.run(['/bin/true'])\n"
+            "    zviz.set_pool_size(0)\n"
+            "trio.run(main)\n"
+            "print(sorted(m for m in ('trio.testing', 'pytest') if m in sys.modules))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == "[]", (r.stdout, r.stderr[-500:])

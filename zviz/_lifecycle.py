@@ -307,6 +307,17 @@ async def wait(life: Life, event: anyio.Event) -> None:
         life.final_cleanup()
 
 
+def trio_idle() -> Callable[..., Coroutine[Any, Any, None]]:
+    """trio's `wait_all_tasks_blocked`, taken from trio's core: importing it
+    from `trio.testing` imports pytest where pytest is installed (~90 ms, in
+    the first sandbox's close of a process)."""
+    try:
+        from trio._core._run import wait_all_tasks_blocked
+    except ImportError:  # (a trio that moved it: the public name)
+        from trio.testing import wait_all_tasks_blocked
+    return wait_all_tasks_blocked
+
+
 async def after_caller() -> None:
     """Let the task that waits for a sandbox's death (its aclose()) go first:
     on trio, until every other task is blocked (the loop is idle) or
@@ -314,10 +325,8 @@ async def after_caller() -> None:
     the rest of the teardown back for long); on asyncio, whose ready queue is
     first-in first-out, one turn of the loop."""
     if sniffio.current_async_library() == "trio":
-        import trio.testing
-
         with anyio.move_on_after(AFTER_CALLER_MAX_S):
-            await trio.testing.wait_all_tasks_blocked()
+            await trio_idle()()
         return
     await anyio.lowlevel.checkpoint()
 

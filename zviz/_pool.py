@@ -266,9 +266,7 @@ async def _idle(pool: Pool) -> None:
     """Return once the loop has been idle for IDLE_S: on trio, every task
     blocked that long; on asyncio (which cannot tell), no request for that long."""
     if sniffio.current_async_library() == "trio":
-        import trio.testing
-
-        await trio.testing.wait_all_tasks_blocked(cushion=IDLE_S)
+        await _lifecycle.trio_idle()(cushion=IDLE_S)
         return
     while True:
         seen = pool.takes
