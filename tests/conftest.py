@@ -12,6 +12,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -258,6 +259,20 @@ def alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:  # (gone between the open and the read too)
         return False
+
+
+async def record_loop_gaps(gaps: list[float], period: float) -> None:
+    """Until cancelled: sleep `period` again and again on the event loop and
+    append each real gap between wake-ups to `gaps` (a loop that a blocking
+    call stopped shows it as one long gap)."""
+    import trio
+
+    last = time.monotonic()
+    while True:
+        await trio.sleep(period)
+        now = time.monotonic()
+        gaps.append(now - last)
+        last = now
 
 
 def child_pids() -> set[int]:

@@ -14,6 +14,7 @@ import trio
 
 import zviz
 
+from .conftest import record_loop_gaps
 from .egress_servers import TlsEcho, package_index, self_signed
 
 SYS_PY = "/usr/bin/python3"
@@ -352,19 +353,11 @@ async def test_a_slow_name_lookup_stalls_no_other_sandbox(monkeypatch):
     a resolver that takes a second (or times out) holds up that call, in a
     worker thread, never the event loop that every other sandbox runs on."""
     _slow_lookup(monkeypatch, 1.0)
-    gaps = []
-
-    async def ticker():
-        last = trio.current_time()
-        while True:
-            await trio.sleep(0.01)
-            now = trio.current_time()
-            gaps.append(now - last)
-            last = now
+    gaps: list[float] = []
 
     pol = zviz.Policy.python(net=zviz.Network(mode="allow", allow=["slow.test:80"]))
     async with trio.open_nursery() as n:
-        n.start_soon(ticker)
+        n.start_soon(record_loop_gaps, gaps, 0.01)
         await trio.sleep(0.05)
         t0 = trio.current_time()
         async with zviz.open_sandbox(pol) as sb:

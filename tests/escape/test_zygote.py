@@ -14,7 +14,7 @@ import trio
 
 import zviz
 
-from ..conftest import run_as
+from ..conftest import record_loop_gaps, run_as
 
 # A daemon: double fork, new session, stdio closed; after `delay` it writes
 # `marker` into the workdir if it is still alive.
@@ -255,19 +255,11 @@ def test_a_starved_zygote_does_not_block_the_event_loop(monkeypatch):
     async def main():
         gaps: list[float] = []
 
-        async def ticker() -> None:
-            last = time.monotonic()
-            while True:
-                await trio.sleep(0.02)
-                now = time.monotonic()
-                gaps.append(now - last)
-                last = now
-
         async with zviz.open_sandbox(zviz.Policy.python()) as sb, trio.open_nursery() as n:
             assert (await sb.run(["true"])).ok
             old = sb._zygote.pid
             os.kill(old, signal.SIGSTOP)  # from the host: the worst starvation there is
-            n.start_soon(ticker)
+            n.start_soon(record_loop_gaps, gaps, 0.02)
             t0 = time.monotonic()
             r = await sb.run(["python3", "-c", "print('served')"])
             took = time.monotonic() - t0
