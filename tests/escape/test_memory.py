@@ -10,6 +10,7 @@ second opinion."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
@@ -218,3 +219,42 @@ def test_a_failed_cgroup_join_fails_the_open_and_leaves_nothing(monkeypatch, sna
     assert err.step == "cgroup" and err.errno == errno.ENODEV, err
     assert "memory cgroup" in str(err), err
     assert not os.path.exists(made[0])
+
+
+@needs_cgroup
+def test_the_sandbox_keeps_no_way_into_its_cgroup_join_file():
+    """The child joins its v1 cgroup through an fd of the host's (`tasks`).
+    That fd must not reach anything of the sandbox: neither the zygote nor a
+    command holds an fd to a cgroup file (host-side: /proc/PID/fd of both),
+    and the cgroup hierarchy cannot be opened for writing from inside (so
+    nothing can move itself out to escape the memory limit)."""
+    async def main() -> tuple:
+        async with zviz.open_sandbox(zviz.Policy.python(limits=zviz.Limits(memory="256M"))) as sb:
+            proc = await sb.start(["sleep", "30"])
+            cg = sb._resources.cgroup
+            held = {}
+            for pid in (sb._zygote.pid, proc.pid):
+                links = []
+                for fd in os.listdir(f"/proc/{pid}/fd"):
+                    with contextlib.suppress(OSError):
+                        links.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+                held[pid] = links
+            r = await sb.run(["python3", "-c", (
+                "import os\n"
+                "for p in ('/sys/fs/cgroup/memory/tasks', '/sys/fs/cgroup/memory/cgroup.procs',\n"
+                "          '/sys/fs/cgroup/unified/cgroup.procs'):\n"
+                "    try:\n"
+                "        fd = os.open(p, os.O_WRONLY); os.write(fd, b'0'); print('MOVED', p)\n"
+                "    except OSError as e:\n"
+                "        print('refused', p, e.errno)\n")])
+            with open(os.path.join(cg.path, "cgroup.procs")) as f:
+                members = [int(x) for x in f.read().split()]
+            proc.kill()
+            await proc.wait()
+            return held, r.stdout.decode(), members, sb._zygote.pid
+
+    held, out, members, zygote = trio.run(main)
+    for pid, links in held.items():
+        assert not [x for x in links if "cgroup" in x], (pid, links)
+    assert "MOVED" not in out and out.count("refused") == 3, out
+    assert zygote in members
