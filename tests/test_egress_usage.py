@@ -201,6 +201,8 @@ def test_a_malformed_add_host_names_the_flag_and_what_is_wrong(item, says):
     (["--allow-domain", "a..b:8080"], r"'--allow-domain'.*'a\.\.b' is not a host name"),
     (["--allow-domain", "https://pypi.org/simple"], "'--allow-domain'.*not a URL: pypi.org"),
     (["--allow-domain", "http://pkgs.test:8080"], "'--allow-domain'.*not a URL: pkgs.test:8080"),
+    (["--allow-domain", "*.org"], r"'--allow-domain'.*'\*\.org' allows every site under the top-level domain"),
+    (["--allow-domain", "*.COM.:443"], r"'--allow-domain'.*'\*\.com' allows every site under the top-level domain"),
     (["--allow-domain", "a.test", "--deny-domain", "x y"], "'--deny-domain'.*'x y' is not a host name"),
     (["--allow-domain", "a.test", "--deny-domain", "b.a.test:8080"], "'--deny-domain'.*a name without a port: "
      r"b\.a\.test \(a deny rule covers every port\)"),
@@ -325,3 +327,18 @@ async def test_a_dns_lookup_in_allow_mode_points_at_domains(web):
         await sb.run([SYS_PY, "-c", code])
         udp = [e for e in sb.events_so_far() if isinstance(e, zviz.DenialEvent) and e.syscall == "socket"]
         assert udp and not any("--allow-domain" in e.detail for e in udp)
+
+
+@pytest.mark.parametrize("pattern", ["*.com", "*.COM.", "*.io", "*.xn--p1ai", "*.org"])
+def test_an_allow_wildcard_over_a_whole_public_tld_is_refused_everywhere(pattern):
+    """`*.com` allowed every .com site (it was accepted as a subdomain rule);
+    a deny rule may be that wide, and the special-use TLDs (no public site
+    under them) may be wildcarded."""
+    with pytest.raises(zviz.PolicyError, match=r"net\.allow_domains.*allows every site under the top-level domain"):
+        zviz.Network.domains(["pypi.org", pattern])
+    with pytest.raises(zviz.PolicyError, match="allows every site under the top-level domain"):
+        zviz.Policy.from_toml(f'preset = "shell"\n[net]\nmode = "domains"\nallow_domains = ["{pattern}"]\n')
+    net = zviz.Network.domains(["pypi.org"], deny=[pattern])
+    assert net.deny_domains == ("*." + pattern[2:].lower().rstrip("."),)
+    for ok in ("*.test", "*.internal", "*.localhost", "*.example.com", "*.co.uk"):
+        assert zviz.Network.domains([ok]).allow_domains == (ok,)

@@ -119,13 +119,16 @@ def _domains_from_args(a: argparse.Namespace, current: Network) -> Network:
 
 def _domain_arg(flag: str, item: str, name: str) -> str:
     """`name` (of the flag's `item`) if it is a name or `*.` and one, else a PolicyError naming the flag."""
-    from ._egressproto import normalize_pattern
+    from ._egressproto import allow_breadth_error, normalize_pattern
 
     try:
-        normalize_pattern(name)
+        pattern = normalize_pattern(name)
     except ValueError as e:
         raise PolicyError(flag, item, f"a domain name or '*.' and one, e.g. pypi.org or '*.pythonhosted.org' "
                           f"({e})") from None
+    too_wide = allow_breadth_error(pattern) if flag == "--allow-domain" else None
+    if too_wide is not None:
+        raise PolicyError(flag, item, f"a narrower rule: {too_wide}")
     return name
 
 

@@ -158,6 +158,23 @@ def normalize_pattern(text: object) -> str:
     return normalize_name(text)
 
 
+# Top-level domains that name no public site (RFC 6761, RFC 6762, ICANN's
+# .internal): a wildcard over one reaches only names pinned with `hosts=`.
+SPECIAL_USE_TLDS = frozenset({"test", "example", "invalid", "localhost", "local", "internal"})
+
+
+def allow_breadth_error(pattern: str) -> str | None:
+    """Why an allow rule's normalised `pattern` is too wide to mean what its
+    author meant (a wildcard over a whole public top-level domain, `*.com`:
+    every site under it), or None. Only top-level domains are caught: a
+    wildcard over a shared suffix with two labels (`*.co.uk`, `*.github.io`)
+    is not, since that needs the Public Suffix List (docs/network.md)."""
+    if pattern.startswith("*.") and "." not in pattern[2:] and pattern[2:] not in SPECIAL_USE_TLDS:
+        return (f"{pattern!r} allows every site under the top-level domain {pattern[2:]!r}: name the site, "
+                f"e.g. '*.example.{pattern[2:]}' (a deny rule may be that wide)")
+    return None
+
+
 def matches(pattern: str, name: str) -> bool:
     """`name` (normalised) matches `pattern` (normalised): equal, or a strict
     subdomain of a `*.` pattern's base."""

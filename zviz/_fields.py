@@ -130,9 +130,13 @@ def _egress_names(field: str, value: object) -> tuple[str, ...]:
                      else "and the port in net.ports (ports=[...])")
             raise PolicyError(field, v, f"a domain name without a port: {v.rpartition(':')[0]!r}, {where}")
         try:
-            out.append(_egressproto.normalize_pattern(v))
+            pattern = _egressproto.normalize_pattern(v)
         except ValueError as e:
             raise PolicyError(field, v, f"a domain name or '*.' and one ({e})") from None
+        too_wide = _egressproto.allow_breadth_error(pattern) if field == "net.allow_domains" else None
+        if too_wide is not None:
+            raise PolicyError(field, v, f"a narrower rule: {too_wide}")
+        out.append(pattern)
     if len(out) > 256:
         raise PolicyError(field, len(out), "at most 256 names")
     return tuple(dict.fromkeys(out))
