@@ -153,6 +153,29 @@ async def test_a_run_closed_under_it_from_another_task_ends_at_once_and_says_so(
     await snap.assert_released()
 
 
+async def test_a_run_closed_under_it_keeps_what_the_command_had_written(snapshot):
+    """The close's SandboxClosedError carries the output the command wrote
+    before it (a harness that closes a sandbox on its own deadline wants to
+    see how far the program got; it used to be dropped); pickled (Ray, multiprocessing), it keeps it. Errors of other
+    closes carry None."""
+    import pickle
+
+    snap: Snapshot = snapshot()
+    script = "printf 'step 1\\n'; printf 'warn\\n' >&2; head -c 500 /dev/zero | tr '\\0' x; exec sleep 100"
+    sb = await zviz.Sandbox.create(PYP)
+    got, late = await _closed_under(sb, 0.5, lambda: sb.run(["sh", "-c", script], timeout=6))
+    assert isinstance(got, zviz.SandboxClosedError) and late < 1.0, (got, late)
+    assert "written is on this error's .stdout and .stderr" in str(got)
+    assert got.stdout is not None and got.stdout == b"step 1\n" + b"x" * 500, got.stdout
+    assert got.stderr == b"warn\n"
+    back = pickle.loads(pickle.dumps(got))
+    assert (type(back), str(back), back.stdout, back.stderr) == (type(got), str(got), got.stdout, got.stderr)
+    with pytest.raises(zviz.SandboxClosedError) as e:
+        await sb.run(["true"])
+    assert e.value.stdout is None and e.value.stderr is None
+    await snap.assert_released()
+
+
 async def test_a_command_being_started_when_its_sandbox_closes(snapshot):
     """The close comes while the request to the zygote is in flight (the
     zygote is stopped: it cannot answer): SandboxClosedError at once, and no

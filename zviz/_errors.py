@@ -18,7 +18,7 @@ import os
 
 TYPE_CHECKING = False  # (not typing's: the CLI imports this module, and typing costs ~5 ms)
 if TYPE_CHECKING:
-    from typing import ClassVar
+    from typing import Any, ClassVar
 
 
 class ZvizError(Exception):
@@ -143,7 +143,23 @@ class ResourceExhausted(SandboxSetupError):
 
 class SandboxClosedError(ZvizError, RuntimeError):
     """The sandbox was used after it was closed (`aclose()`, the end of its
-    `async with` block or event loop), or was closed while the call ran."""
+    `async with` block or event loop), or was closed while the call ran.
+
+    `stdout` and `stderr`: for a `run()` that the close ended, what the
+    command had written when the close came (what `RunResult` would have
+    held); None otherwise."""
+
+    def __init__(self, message: str, *, stdout: bytes | None = None, stderr: bytes | None = None) -> None:
+        super().__init__(message)
+        self.stdout = stdout
+        self.stderr = stderr
+
+    def __reduce__(self) -> tuple[Any, ...]:  # (pickled with its output: Ray, multiprocessing)
+        return (_closed_error, (str(self), self.stdout, self.stderr))
+
+
+def _closed_error(message: str, stdout: bytes | None, stderr: bytes | None) -> SandboxClosedError:
+    return SandboxClosedError(message, stdout=stdout, stderr=stderr)
 
 
 class CodeContextError(ZvizError, RuntimeError):

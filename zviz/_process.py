@@ -372,8 +372,9 @@ async def run_to_end(proc: Process, stdin: bytes, *, timeout: float, output_cap:
     if proc._sandbox_closed:
         # Killed by the close, not by its timeout or a limit: no result to give.
         raise SandboxClosedError(f"the sandbox was closed while {proc.argv[0]!r} ran (closed from another task or "
-                                 "thread, or its block or event loop ended): the command was killed and its output "
-                                 "dropped")
+                                 "thread, or its block or event loop ended): the command was killed; what it had "
+                                 "written is on this error's .stdout and .stderr",
+                                 stdout=out.value(), stderr=err.value())
     # (run() reads and writes the pipes itself: the streams did not count)
     tally.bytes["stdout"] += out.total
     tally.bytes["stderr"] += err.total
