@@ -15,6 +15,10 @@ loopback, ratios from one run.
 - bulk: one G GB response (default 1), read by the same client with a 1 MiB
   buffer, direct and proxied (os.splice through a pipe in the proxy), and
   the host process's CPU for it;
+- TLS bulk: the same response over HTTPS (a self-signed certificate for
+  bench.test made by `openssl` for the run), straight to the server and
+  through the proxy's CONNECT tunnel (whose ClientHello the proxy checks),
+  both clients run by the sandbox's own python3 (one OpenSSL);
 - idle: the host process's CPU over 2 s while N domains-mode sandboxes sit
   open, each with one idle tunnel, per sandbox.
 The server is a separate process (its CPU is not the proxy's), answering any
@@ -29,6 +33,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 
@@ -37,13 +42,21 @@ import trio
 import zviz
 
 SERVER = textwrap.dedent(r'''
-    import socket, sys, threading
+    import socket, ssl, sys, threading
     big = int(sys.argv[1])
     lst = socket.socket(); lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     lst.bind(("127.0.0.1", 0)); lst.listen(1024)
-    print(lst.getsockname()[1], flush=True)
+    tls = socket.socket(); tls.bind(("127.0.0.1", 0)); tls.listen(64)  # the same answers over TLS
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER); ctx.load_cert_chain(sys.argv[2], sys.argv[3])
+    print(lst.getsockname()[1], tls.getsockname()[1], flush=True)
     chunk = b"x" * (1 << 20)
-    def one(c):
+    def one(c, wrap=False):
+        if wrap:
+            try:
+                c = ctx.wrap_socket(c, server_side=True)
+            except (OSError, ssl.SSLError):
+                c.close()
+                return
         with c:
             head = b""
             while b"\r\n\r\n" not in head:
@@ -59,17 +72,35 @@ SERVER = textwrap.dedent(r'''
                     left -= n
             else:
                 c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+    def tls_loop():
+        while True:
+            c, _ = tls.accept()
+            threading.Thread(target=one, args=(c, True), daemon=True).start()
+    threading.Thread(target=tls_loop, daemon=True).start()
     while True:
         c, _ = lst.accept()
         threading.Thread(target=one, args=(c,), daemon=True).start()
 ''')
 
 CLIENT = textwrap.dedent(r'''
-    import json, socket, sys, time
+    import json, socket, ssl, sys, time
     mode, host, port, n, path = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
     buf = bytearray(1 << 20)
     def once():
-        if mode == "proxy":
+        if mode.startswith("tls-"):  # HTTPS: through the proxy's CONNECT tunnel (SNI checked) or straight
+            if mode == "tls-proxy":
+                s = socket.create_connection(("127.0.0.1", 3128))
+                s.sendall(f"CONNECT {host}:{port} HTTP/1.1\r\n\r\n".encode())
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    head += s.recv(1)
+                assert head.startswith(b"HTTP/1.1 200"), head
+            else:
+                s = socket.create_connection(("127.0.0.1", port))
+            ctx = ssl.create_default_context(cafile=sys.argv[6])
+            s = ctx.wrap_socket(s, server_hostname=host)
+            s.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        elif mode == "proxy":
             s = socket.create_connection(("127.0.0.1", 3128))
             s.sendall(f"GET http://{host}:{port}{path} HTTP/1.1\r\n\r\n".encode())
         else:
@@ -77,7 +108,10 @@ CLIENT = textwrap.dedent(r'''
             s.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
         got = 0
         while True:
-            k = s.recv_into(buf)
+            try:
+                k = s.recv_into(buf)
+            except ssl.SSLEOFError:  # (the server closes without close_notify)
+                break
             if not k:
                 break
             got += k
@@ -92,8 +126,8 @@ CLIENT = textwrap.dedent(r'''
 ''')
 
 
-def _policy(port: int) -> zviz.Policy:
-    net = zviz.Network.domains(["bench.test"], ports=[port], hosts={"bench.test": "127.0.0.1"})
+def _policy(*ports: int) -> zviz.Policy:
+    net = zviz.Network.domains(["bench.test"], ports=ports, hosts={"bench.test": "127.0.0.1"})
     return zviz.Policy.python(net=net, limits=zviz.Limits(wall_s=600))
 
 
@@ -110,14 +144,24 @@ async def main() -> None:
 
         _egressproto.LISTEN_INSIDE = False
     big = int(a.gigabytes * (1 << 30))
-    server = subprocess.Popen([sys.executable, "-c", SERVER, str(big)], stdout=subprocess.PIPE,  # noqa: ASYNC220
-                              text=True)
+    keys = tempfile.TemporaryDirectory()
+    cert, key = os.path.join(keys.name, "cert.pem"), os.path.join(keys.name, "key.pem")
+    await trio.run_process(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+                            "-nodes", "-days", "1", "-subj", "/CN=bench.test", "-addext",
+                            "subjectAltName=DNS:bench.test", "-keyout", key, "-out", cert], capture_stdout=True,
+                           capture_stderr=True)
+    server = subprocess.Popen([sys.executable, "-c", SERVER, str(big), cert, key],  # noqa: ASYNC220
+                              stdout=subprocess.PIPE, text=True)
     try:
         assert server.stdout is not None
-        port = int(server.stdout.readline())
+        port, tls_port = map(int, server.stdout.readline().split())
         out: dict[str, object] = {}
-        async with zviz.open_sandbox(_policy(port)) as sb:
+        async with zviz.open_sandbox(_policy(port, tls_port)) as sb:
             await sb.write_file("client.py", CLIENT)
+            await sb.write_file("ca.pem", await trio.Path(cert).read_bytes())
+            # the TLS rows run the sandbox's own python3 on both sides (one OpenSSL for both)
+            inner = (await sb.run(["python3", "-c", "import sys; print(sys.executable)"])).stdout.decode().strip()
+            host_python = inner if await trio.Path(inner).exists() else sys.executable
 
             async def proxied(n: int, path: str) -> dict:
                 r = await sb.run(["python3", "client.py", "proxy", "bench.test", str(port), str(n), path],
@@ -159,6 +203,23 @@ async def main() -> None:
             out["bulk_direct_MBps"] = round(max(bulk["direct"], bulk["direct2"]), 1)
             out["bulk_proxied_MBps"] = round(max(bulk["proxied"], bulk["proxied2"]), 1)
             out["bulk_ratio"] = round(out["bulk_proxied_MBps"] / out["bulk_direct_MBps"], 3)  # type: ignore[operator]
+            # the same over HTTPS (CONNECT, the ClientHello's SNI checked), as pip and npm download
+            tls = {}
+            for name in ("direct", "proxied", "direct2", "proxied2"):
+                if name.startswith("proxied"):
+                    r = await sb.run(["python3", "client.py", "tls-proxy", "bench.test", str(tls_port), "1", "/bulk",
+                                      "ca.pem"], timeout=600)
+                    assert r.status == 0, r.stderr.decode()
+                    res = json.loads(r.stdout)
+                else:
+                    done = await trio.run_process([host_python, "-c", CLIENT, "tls-direct", "bench.test",
+                                                   str(tls_port), "1", "/bulk", cert], capture_stdout=True)
+                    res = json.loads(done.stdout)
+                assert res["bytes"] >= big, res["bytes"]
+                tls[name] = res["bytes"] / res["times"][0] / 1e6
+            out["tls_bulk_direct_MBps"] = round(max(tls["direct"], tls["direct2"]), 1)
+            out["tls_bulk_proxied_MBps"] = round(max(tls["proxied"], tls["proxied2"]), 1)
+            out["tls_bulk_ratio"] = round(out["tls_bulk_proxied_MBps"] / out["tls_bulk_direct_MBps"], 3)  # type: ignore[operator]
             st = sb.statistics().egress
             out["proxied_bytes_down"] = st.bytes_down if st is not None else None
             out["proxy_way"] = "supervised" if sb.statistics().connects else "inside"
@@ -189,6 +250,7 @@ async def main() -> None:
     finally:
         server.kill()
         server.wait()
+        keys.cleanup()
 
 
 if __name__ == "__main__":
