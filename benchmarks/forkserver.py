@@ -9,18 +9,21 @@ HumanEval's 164 canonical solutions with their checks at concurrency 4
 (needs .venv-sandbox from scripts/setup-testvenv.sh), three ways in one run:
 - bare: `/usr/bin/python3 -c PROGRAM`;
 - fork: a prototype "template" (the same /usr/bin/python3, started once)
-  forks per program; the fork enters new user (mapped by the template to
-  one unprivileged uid), mount, pid, network, ipc and uts namespaces, forks
-  again to be pid 1 there, builds a new root (a tmpfs with /usr, /lib,
-  /lib64, /bin and /etc bound read-only, a fresh /tmp and /proc),
-  pivot_roots into it, sets no_new_privs and loads a 674-instruction
-  seccomp program (the size of zviz's, every syscall allowed), then runs
-  the program in its warm interpreter;
+  forks per program; per program it makes a workdir and a v1 memory cgroup
+  with a limit (removed after), the fork moves itself into the cgroup,
+  enters new user (mapped by the template to one unprivileged uid), mount,
+  pid, network, ipc and uts namespaces, forks again to be pid 1 there,
+  builds a new root (a tmpfs with /usr, /lib, /lib64, /bin and /etc bound
+  read-only, a fresh /tmp and /proc, the workdir at /work), pivot_roots
+  into it, sets no_new_privs and a Landlock ruleset (all read-only but
+  /tmp and /work) and loads a 674-instruction seccomp program (the size of
+  zviz's, every syscall allowed), then runs the program in its warm
+  interpreter;
 - zviz: `open_sandbox(Policy.python())` + `run([python3, -c, PROGRAM])`,
   one fresh sandbox each (as `benchmarks/cold.py --humaneval`).
-The prototype leaves out what a real one needs too (Landlock, a workdir
-and a memory cgroup per snippet, the supervisor's listener, the events,
-the template's own confinement), so it is a lower bound, not a design.
+The prototype leaves out what a real one needs too (the supervisor's
+listener and events, a uid of its own per snippet, /dev, the template's own
+confinement and its channel to the host), so it is a bound, not a design.
 Root only (the template writes the forks' id maps).
 """
 
@@ -49,6 +52,8 @@ TEMPLATE = textwrap.dedent(r'''
     NEWNS, NEWUTS, NEWIPC, NEWUSER, NEWPID, NEWNET = 0x20000, 0x4000000, 0x8000000, 0x10000000, 0x20000000, 0x40000000
     RDONLY, NOSUID, NODEV, REMOUNT, BIND, REC, PRIVATE = 1, 2, 4, 32, 4096, 0x4000, 1 << 18
     ROOT = sys.argv[2].encode()
+    WORK = sys.argv[3]  # the snippets' workdirs are made here, one each
+    CG = sys.argv[4]  # a v1 memory cgroup directory ("" for none): one child cgroup each
     def check(r, what):
         if r != 0:
             e = ctypes.get_errno()
@@ -60,7 +65,7 @@ TEMPLATE = textwrap.dedent(r'''
     class Fprog(ctypes.Structure):
         _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
     fprog = Fprog(N, ctypes.addressof(buf))
-    def confine():
+    def confine(work):
         check(libc.mount(b"none", b"/", None, REC | PRIVATE, None), "private")
         check(libc.mount(b"tmpfs", ROOT, b"tmpfs", NOSUID | NODEV, b"size=64m"), "root")
         for d in (b"usr", b"lib", b"lib64", b"bin", b"etc", b"tmp", b"proc", b"old", b"work"):
@@ -70,6 +75,7 @@ TEMPLATE = textwrap.dedent(r'''
             check(libc.mount(None, ROOT + b"/" + d, None, BIND | REMOUNT | RDONLY | NOSUID | NODEV, None), "ro")
         check(libc.mount(b"tmpfs", ROOT + b"/tmp", b"tmpfs", NOSUID | NODEV, b"size=64m"), "tmp")
         check(libc.mount(b"proc", ROOT + b"/proc", b"proc", NOSUID | NODEV, None), "proc")
+        check(libc.mount(work, ROOT + b"/work", None, BIND, None), "workdir")
         os.chdir(ROOT)
         check(libc.syscall(155, b".", b"old"), "pivot_root")
         check(libc.umount2(b"/old", 2), "umount")
@@ -77,16 +83,42 @@ TEMPLATE = textwrap.dedent(r'''
         for res in (resource.RLIMIT_NOFILE, resource.RLIMIT_NPROC, resource.RLIMIT_FSIZE):
             resource.setrlimit(res, resource.getrlimit(res))
         check(libc.prctl(38, 1, 0, 0, 0), "no_new_privs")
+        # Landlock: everything read-only and executable, /tmp and /work writable
+        every = (1 << 16) - 1
+        attr = struct.pack("QQQ", every, 0, 0)
+        rs = libc.syscall(444, attr, len(attr), 0)
+        if rs < 0:
+            check(-1, "landlock_create_ruleset")
+        for path, access in ((b"/", 1 | 4 | 8), (b"/tmp", every), (b"/work", every)):
+            fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+            rule = struct.pack("=Qi", access, fd)
+            check(libc.syscall(445, rs, 1, rule, 0), "landlock_add_rule")
+            os.close(fd)
+        check(libc.syscall(446, rs, 0), "landlock_restrict_self")
+        os.close(rs)
         check(libc.syscall(317, 1, 0, ctypes.byref(fprog)), "seccomp")
     def serve(conn):
         n, = struct.unpack("I", conn.recv(4, socket.MSG_WAITALL))
         code = conn.recv(n, socket.MSG_WAITALL)
+        tag = f"s{os.getpid()}"
+        work = os.path.join(WORK, tag)
+        os.mkdir(work, 0o700)
+        os.chown(work, 100000, 100000)
+        tasks = -1
+        if CG:
+            os.mkdir(os.path.join(CG, tag))
+            with open(os.path.join(CG, tag, "memory.limit_in_bytes"), "w") as f:
+                f.write(str(512 << 20))
+            tasks = os.open(os.path.join(CG, tag, "tasks"), os.O_WRONLY)
         r1, w1 = os.pipe()
         r2, w2 = os.pipe()
         pid = os.fork()
         if pid == 0:
             status = 99
             try:
+                if tasks >= 0:
+                    os.write(tasks, b"0")  # (the thread moves itself: no global lock, as zviz's stage)
+                    os.close(tasks)
                 check(libc.unshare(NEWUSER | NEWNS | NEWUTS | NEWIPC | NEWPID | NEWNET), "unshare")
                 os.write(w1, b"x")
                 os.read(r2, 1)
@@ -96,7 +128,7 @@ TEMPLATE = textwrap.dedent(r'''
                 if inner == 0:  # pid 1 of the new pid namespace
                     status = 1
                     try:
-                        confine()
+                        confine(work.encode())
                         fd = os.open("/tmp/out", os.O_WRONLY | os.O_CREAT)
                         os.dup2(fd, 1)
                         os.dup2(fd, 2)
@@ -114,7 +146,14 @@ TEMPLATE = textwrap.dedent(r'''
             with open(f"/proc/{pid}/{name}", "w") as f:
                 f.write(text)
         os.write(w2, b"g")
-        conn.sendall(struct.pack("i", os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])))
+        status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        if tasks >= 0:
+            os.close(tasks)
+            os.rmdir(os.path.join(CG, tag))
+        for entry in os.scandir(work):  # (the programs write nothing there; a real one removes a tree)
+            os.unlink(entry.path)
+        os.rmdir(work)
+        conn.sendall(struct.pack("i", status))
     lst = socket.socket(socket.AF_UNIX)
     lst.bind(sys.argv[1])
     lst.listen(64)
@@ -125,6 +164,9 @@ TEMPLATE = textwrap.dedent(r'''
             lst.close()
             try:
                 serve(conn)
+            except BaseException:
+                import traceback
+                traceback.print_exc()
             finally:
                 os._exit(0)
         conn.close()
@@ -149,10 +191,17 @@ async def main() -> None:
         return
     progs = humaneval_programs()
     with tempfile.TemporaryDirectory() as tmp:
-        sock, root = os.path.join(tmp, "t.sock"), os.path.join(tmp, "root")
+        sock, root, work = os.path.join(tmp, "t.sock"), os.path.join(tmp, "root"), os.path.join(tmp, "work")
         os.chmod(tmp, 0o755)  # (the forks' mapped uid walks to the root's mount point)
         os.mkdir(root)
-        template = subprocess.Popen([HE_PY, "-c", TEMPLATE, sock, root], stdout=subprocess.PIPE)  # noqa: ASYNC220
+        os.mkdir(work)
+        cg = f"/sys/fs/cgroup/memory/zviz-forkserver-{os.getpid()}"
+        try:
+            os.mkdir(cg)
+        except OSError:
+            cg = ""  # (no v1 memory controller here: the row runs without a cgroup per snippet)
+        template = subprocess.Popen([HE_PY, "-c", TEMPLATE, sock, root, work, cg],  # noqa: ASYNC220
+                                    stdout=subprocess.PIPE)
         try:
             assert template.stdout is not None and template.stdout.readline() == b"ready\n"
 
@@ -195,6 +244,8 @@ async def main() -> None:
         finally:
             template.kill()
             template.wait()
+            if cg:
+                os.rmdir(cg)
     b = statistics.median(times["bare"])
     print(json.dumps({k: {"wall_s": round(statistics.median(v), 3), "ratio": round(statistics.median(v) / b, 3),
                           "passed": passed[k], "tasks": len(progs)} for k, v in times.items()}, indent=1))
