@@ -370,11 +370,10 @@ async def run_to_end(proc: Process, stdin: bytes, *, timeout: float, output_cap:
         killed = os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
         proc._sandbox_closed = killed and not proc.timed_out and proc.limit is None
     if proc._sandbox_closed:
-        # Killed by the close, not by its timeout or a limit: no result to give.
-        raise SandboxClosedError(f"the sandbox was closed while {proc.argv[0]!r} ran (closed from another task or "
-                                 "thread, or its block or event loop ended): the command was killed; what it had "
-                                 "written is on this error's .stdout and .stderr",
-                                 stdout=out.value(), stderr=err.value())
+        # Killed by the close, not by its timeout or a limit: no result, but the output so far.
+        raise SandboxClosedError(f"the sandbox was closed while {proc.argv[0]!r} ran (from another task or thread, "
+                                 "or its block or event loop ended): the command was killed; what it had written "
+                                 "is on this error's .stdout and .stderr", stdout=out.value(), stderr=err.value())
     # (run() reads and writes the pipes itself: the streams did not count)
     tally.bytes["stdout"] += out.total
     tally.bytes["stderr"] += err.total
