@@ -63,6 +63,7 @@ from typing import Any
 import anyio
 import anyio.abc
 import anyio.lowlevel
+import anyio.to_thread
 import attrs
 
 from . import _egressproto as proto
@@ -72,6 +73,10 @@ from ._errors import SandboxSetupError
 HEAD_TIMEOUT = 10.0  # s for a request head, a SOCKS5 request or a ClientHello to arrive
 CONNECT_TIMEOUT = 10.0  # s to connect upstream (each address)
 EXPECT_S = 30.0  # s an announced connection may take to be accepted
+# Name lookups at once per sandbox. Each is a worker thread that runs until the host's resolver answers,
+# even past the proxy's timeout: with a limiter of its own a sandbox that asks for slow names waits for its
+# own lookups, never for the process's shared worker threads (the file API, other sandboxes' lookups).
+MAX_LOOKUPS = 8
 SPLICE_CHUNK = 1 << 20
 _F_SETPIPE_SZ = 1031
 _SPLICE_F_MOVE, _SPLICE_F_NONBLOCK = 1, 2
@@ -177,6 +182,7 @@ class EgressProxy:
             raise
         self.address: tuple[str, int] = self._listen.getsockname()
         self._expected: dict[int, float] = {}
+        self._lookups: anyio.CapacityLimiter | None = None  # (made on the event loop, at the first lookup)
         self._conns: set[_Conn] = set()
         self._inside: list[socket.socket] = []  # listening in the sandbox's network namespace (listen_inside)
         self._watch: list[socket.socket] = []  # its refused connects' resets (listen_inside, _egresswatch)
@@ -455,9 +461,8 @@ class EgressProxy:
         try:
             if refused is not None:
                 raise _Denied(refused)
-            if self.max_bytes is not None and self.bytes_up + self.bytes_down >= self.max_bytes:
-                raise _Denied(Refused("bytes", f"the sandbox's byte budget ({self.max_bytes}) is spent "
-                                      "(net.max_bytes)"))
+            if self._room() == 0:
+                raise self._spent()
             addresses = await self._addresses(rules, name, port)
             if not is_connect:
                 await self._connect_upstream(conn, name, port, addresses)
@@ -568,8 +573,10 @@ class EgressProxy:
         else:
             candidates = []
             with anyio.move_on_after(self.connect_timeout):  # a resolver that does not answer
+                if self._lookups is None:
+                    self._lookups = anyio.CapacityLimiter(MAX_LOOKUPS)
                 try:
-                    candidates = await resolve(name, port)
+                    candidates = await resolve(name, port, self._lookups)
                 except (OSError, UnicodeError) as e:
                     raise _Denied(Refused("resolve", f"{name} does not resolve ({e})")) from None
             if not candidates:
@@ -608,8 +615,20 @@ class EgressProxy:
     async def _send_up(self, conn: _Conn, data: bytes) -> None:
         if data:
             assert conn.upstream is not None
+            room = self._room()
+            if room is not None and len(data) > room:
+                raise self._spent()
+            self._count(conn, len(data), up=True)  # (counted first: what is sent is spent, whoever waits)
             await _send_all(conn.upstream, data)
-            self._count(conn, len(data), up=True)
+
+    def _room(self) -> int | None:
+        """Bytes the sandbox may still move (None: no budget)."""
+        if self.max_bytes is None:
+            return None
+        return max(0, self.max_bytes - self.bytes_up - self.bytes_down)
+
+    def _spent(self) -> _Denied:
+        return _Denied(Refused("bytes", f"the sandbox's byte budget ({self.max_bytes}) is spent (net.max_bytes)"))
 
     def _count(self, conn: _Conn, n: int, *, up: bool) -> None:
         if up:
@@ -618,8 +637,6 @@ class EgressProxy:
         else:
             conn.down += n
             self.bytes_down += n
-        if self.max_bytes is not None and self.bytes_up + self.bytes_down > self.max_bytes:
-            raise _Denied(Refused("bytes", f"the sandbox's byte budget ({self.max_bytes}) is spent (net.max_bytes)"))
 
     async def _relay(self, conn: _Conn, up_limit: int | None) -> None:
         """Both directions until both have ended. `up_limit`: bytes the client
@@ -657,6 +674,14 @@ class EgressProxy:
             rounds = 0
             while limit is None or limit > 0:
                 want = SPLICE_CHUNK if limit is None else min(SPLICE_CHUNK, limit)
+                room = self._room()  # the budget is shared by every connection of the sandbox: take no more
+                if room is not None and room < want:  # than is left, and count it before anything waits
+                    if room == 0:
+                        await anyio.wait_readable(src)
+                        if _at_eof(src):
+                            break
+                        raise self._spent()
+                    want = room
                 try:
                     n = os.splice(sfd, w, want, flags=flags)
                 except BlockingIOError:
@@ -664,13 +689,13 @@ class EgressProxy:
                     continue
                 if n == 0:
                     break
+                self._count(conn, n, up=up)
                 left = n
                 while left:
                     try:
                         left -= os.splice(r, dfd, left, flags=flags)
                     except BlockingIOError:
                         await anyio.wait_writable(dst)
-                self._count(conn, n, up=up)
                 if limit is not None:
                     limit -= n
                 rounds += 1
@@ -721,9 +746,12 @@ class EgressProxy:
 # ---------------------------------------------------------------- socket helpers
 
 
-async def resolve(name: str, port: int) -> list[str]:
-    """The host resolver's addresses for `name` (a worker thread; tests replace it)."""
-    infos = await anyio.getaddrinfo(name, port, type=socket.SOCK_STREAM)
+async def resolve(name: str, port: int, limiter: anyio.CapacityLimiter | None = None) -> list[str]:
+    """The host resolver's addresses for `name`, in a worker thread that
+    `limiter` counts until it ends (a cancelled lookup's thread runs on until
+    the resolver answers, and keeps its token); tests replace it."""
+    infos = await anyio.to_thread.run_sync(functools.partial(socket.getaddrinfo, name, port, type=socket.SOCK_STREAM),
+                                           abandon_on_cancel=True, limiter=limiter)
     return [str(info[4][0]) for info in infos]
 
 
@@ -765,6 +793,16 @@ async def _send_quietly(sock: socket.socket, data: bytes) -> None:
         return
     with anyio.move_on_after(1.0), contextlib.suppress(OSError):
         await _send_all(sock, data)
+
+
+def _at_eof(sock: socket.socket) -> bool:
+    """The peer has closed its side and nothing is left to read (a socket that is readable)."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
 
 
 def _peer(sock: socket.socket) -> bool:

@@ -128,7 +128,7 @@ async def test_a_rebinding_answer_is_refused_whole(upstream, monkeypatch):
     P = upstream.port
     calls = []
 
-    async def fake_resolve(name: str, port: int) -> list[str]:
+    async def fake_resolve(name: str, port: int, limiter=None) -> list[str]:
         calls.append(name)
         return ["93.184.216.34", "127.0.0.1"]
 
@@ -507,7 +507,7 @@ def test_domains_mode_as_each_identity(upstream, identity):
 
 @pytest.mark.trio
 async def test_a_resolver_that_never_answers_does_not_hold_the_connection(upstream, monkeypatch):
-    async def never(name: str, port: int) -> list[str]:
+    async def never(name: str, port: int, limiter=None) -> list[str]:
         await trio.sleep_forever()
         raise AssertionError
 
