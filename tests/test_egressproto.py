@@ -279,6 +279,15 @@ def test_sni_mismatch_missing_and_ech_are_refused():
     assert p.sni_refusal(p.parse_client_hello(client_hello("1.2.3.4")), "pypi.org").code == "sni"
 
 
+@pytest.mark.parametrize(("sni", "ok"), [
+    (b"pypi.org", True), (b"PyPI.ORG", True), (b"pypi.org.", True), (b" pypi.org", False), (b"pypi.org\t", False),
+    (b"pypi.org\x1c", False), (b"pypi.org..", False), (b".pypi.org", False), (b"pypi.org\x00", False),
+])
+def test_the_sni_is_checked_as_sent_not_as_normalised(sni, ok):
+    refused = p.sni_refusal(p.parse_client_hello(client_hello(raw_names=[sni])), "pypi.org")
+    assert (refused is None) == ok, refused
+
+
 @pytest.mark.parametrize("data", [
     b"GET / HTTP/1.1\r\n\r\n", b"\x17\x03\x03\x00\x05hello", b"\x16\x02\x00\x00\x05hello",
     b"\x16\x03\x01\x00\x00", b"\x16\x03\x01\xff\xff",

@@ -728,6 +728,9 @@ class _Reader:
         return int.from_bytes(self.take(2), "big")
 
 
+_SNI = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?")  # (one trailing dot: the same name, absolute)
+
+
 def sni_refusal(hello: ClientHello, name: str) -> Refused | None:
     """Why a ClientHello may not go to `name` (the CONNECT's normalised name)."""
     if hello.ech:
@@ -735,6 +738,11 @@ def sni_refusal(hello: ClientHello, name: str) -> Refused | None:
                        "it is for (turn ECH off in the client)")
     if hello.server_name is None:
         return Refused("no-sni", f"the ClientHello for {name} names no server (SNI): refused")
+    if not _SNI.fullmatch(hello.server_name):
+        # The SNI goes upstream as sent: a server routes on those bytes, not on what they normalise to
+        # (" pypi.org", "pypi.org\t" would pass as pypi.org here and reach an unknown-name default there).
+        return Refused("sni", f"the ClientHello's server name {hello.server_name[:80]!r} is not a host name as "
+                       "TLS sends it (letters, digits, hyphens and dots only)")
     try:
         sni = normalize_name(hello.server_name)
     except ValueError:

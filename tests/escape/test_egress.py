@@ -270,6 +270,28 @@ async def test_sni_must_match_the_tunnel_name(tls, proxy_way):
 
 
 @pytest.mark.trio
+async def test_an_sni_that_only_normalises_to_the_tunnel_name_is_refused(tls):
+    """The ClientHello goes upstream as it was sent, so its server name must
+    be the tunnel's name as TLS writes it: " pkgs.test", "pkgs.test\t" or
+    "pkgs.test\x1f" would normalise to pkgs.test here (names are stripped)
+    and reach the server as a name it does not serve (its default site).
+    Upper case and one trailing dot are the same name and pass."""
+    P = tls.port
+    connect = f"CONNECT pkgs.test:{P} HTTP/1.1\r\n\r\n".encode()
+    bad = [b" pkgs.test", b"pkgs.test\t", b"pkgs.test\x1f", b"\x0bpkgs.test", b"pkgs.test..", b"pkgs.test\r\n"]
+    good = [b"PKGS.test", b"pkgs.test."]
+    async with zviz.open_sandbox(_policy(P)) as sb:
+        await _exchange(sb, [{"send": _hex(connect + client_hello(raw_names=[n]))} for n in bad + good])
+        with trio.fail_after(5):  # (an allowed tunnel's event is recorded once both sides have ended)
+            while len(_egress_events(sb)) < len(bad + good):
+                await trio.sleep(0.01)
+        codes = [e.code for e in _egress_events(sb)]
+        assert codes[:len(bad)] == ["sni"] * len(bad), codes
+        assert codes[len(bad):] == ["ok"] * len(good), codes
+    assert tls.accepted == len(good)  # host side: only the two well-formed names reached the server
+
+
+@pytest.mark.trio
 async def test_direct_connects_get_a_fast_denial_with_the_fix(upstream, proxy_way):
     """A program that ignores the proxy variables: its connect to the host's
     address (and to the proxy's real port on the host) fails at once
