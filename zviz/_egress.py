@@ -66,7 +66,7 @@ import anyio.lowlevel
 import anyio.to_thread
 import attrs
 
-from . import _egressproto as proto
+from . import _capacity, _egressproto as proto
 from ._egressproto import NEED_MORE, BadRequest, Refused, Rules
 from ._errors import SandboxSetupError
 
@@ -142,6 +142,7 @@ class _Conn:
         self.down = 0
         self.t0 = time.time()
         self.m0 = time.monotonic()
+        self.fds = 0  # taken from the process's ledger (_capacity), given back when it ends
 
 
 class _Denied(Exception):
@@ -276,6 +277,14 @@ class EgressProxy:
                                            "sandbox are open (net.max_connections)"))
                 _reset(sock)
                 continue
+            if not _capacity.GATE.take_fds(_capacity.FDS_PER_CONNECTION):  # (the process's fds, every sandbox's)
+                self._refuse(conn, Refused("connections", "the host process has no file descriptors to spare for "
+                                           f"another proxied connection ({len(self._conns)} of this sandbox are "
+                                           "open; the egress proxies of the process may hold half of its "
+                                           "RLIMIT_NOFILE): raise that limit, or lower net.max_connections"))
+                _reset(sock)
+                continue
+            conn.fds = _capacity.FDS_PER_CONNECTION
             self._conns.add(conn)
             assert self._tg is not None
             self._tg.start_soon(self._serve, conn)
@@ -830,3 +839,6 @@ def _close(conn: _Conn) -> None:
     for s in (conn.client, conn.upstream):
         if s is not None:
             _close_socket(s)
+    if conn.fds:  # (its pipes are closed by its pump, which has ended or is being cancelled)
+        _capacity.GATE.give_fds(conn.fds)
+        conn.fds = 0

@@ -183,3 +183,88 @@ async def test_slow_name_lookups_hold_only_their_own_sandboxs_threads(monkeypatc
             assert len(started) == 48  # (every name was looked up in the end, 8 at a time)
     finally:
         release.set()
+
+
+# Opens 64 tunnels (each: the request and a ClientHello, then held open) and prints how many the proxy took
+HOLD = r'''
+import socket, time
+first = open("first", "rb").read()
+socks, refused = [], 0
+for i in range(64):
+    try:
+        s = socket.create_connection(("127.0.0.1", 3128), timeout=5)
+        s.sendall(first)
+        socks.append(s)
+    except OSError:
+        refused += 1
+print(len(socks), refused, flush=True)
+time.sleep(60)
+'''
+
+
+@pytest.mark.trio
+async def test_proxied_connections_cannot_take_the_fds_other_sandboxes_need():
+    """Each proxied connection holds up to six of the host process's fds. Two
+    sandboxes that each hold 64 tunnels open (to a server that never
+    answers) under a soft RLIMIT_NOFILE of 512 used to take every fd of the
+    process: a third sandbox's next command failed (EMFILE). Now the
+    proxies, between them, hold at most half of the process's fds; a
+    connection past that is refused with an event naming the limit, and the
+    third sandbox runs its command."""
+    import os
+    import resource
+
+    from zviz import _capacity
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if len(os.listdir("/proc/self/fd")) > 128 or hard < 512:
+        pytest.skip("this process holds too many fds already (or may not have 512) to test a limit of 512")
+    held: list[socket.socket] = []
+    lst = socket.socket()
+    lst.bind(("127.0.0.1", 0))
+    lst.listen(512)
+    P = lst.getsockname()[1]
+
+    def hold() -> None:
+        while True:
+            try:
+                held.append(lst.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=hold, daemon=True).start()
+    first = f"CONNECT pkgs.test:{P} HTTP/1.1\r\n\r\n".encode() + client_hello("pkgs.test")
+    net = zviz.Network.domains(["pkgs.test"], ports=[P], hosts={"pkgs.test": "127.0.0.1"})
+    resource.setrlimit(resource.RLIMIT_NOFILE, (512, hard))
+    attackers: list[zviz.Sandbox] = []
+    try:
+        async with zviz.open_sandbox(zviz.Policy.python()) as victim:
+            for _ in range(2):
+                a = await zviz.Sandbox.create(zviz.Policy.python(net=net, limits=zviz.Limits(wall_s=60)))
+                attackers.append(a)
+                await a.write_file("hold.py", HOLD)
+                await a.write_file("first", first)
+                proc = await a.start(["python3", "hold.py"])
+                with trio.fail_after(20):
+                    took, refused = map(int, (await proc.stdout.receive_some()).split())
+            with trio.fail_after(10):  # (each tunnel the proxy took has reached the server)
+                while len(held) < sum(x.statistics().egress.active for x in attackers):
+                    await trio.sleep(0.01)
+            open_fds = len(os.listdir("/proc/self/fd"))
+            r = await victim.run(["python3", "-c", "print('the other sandbox goes on')"])
+            assert (r.status, r.stdout) == (0, b"the other sandbox goes on\n"), r
+            assert open_fds < 512 - 24, open_fds  # host side: room left for the process's other sandboxes
+            assert took + refused == 64
+            assert _capacity.GATE.proxy_fds <= 256
+            assert sum(x.statistics().egress.active for x in attackers) <= 256 // 6
+            why = [e.reason for x in attackers for e in x.events_so_far()
+                   if isinstance(e, zviz.EgressEvent) and e.code == "connections"]
+            assert why and all("RLIMIT_NOFILE" in w for w in why), why
+    finally:
+        for a in attackers:
+            await a.aclose()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        lst.close()
+        for c in held:
+            c.close()
+    assert _capacity.GATE.proxy_fds == 0  # every connection gave its fds back
