@@ -112,6 +112,11 @@ def test_a_host_header_without_a_port_names_the_target_at_any_port():
     assert (r.host, r.port, r.connect) == ("pkgs.test", 8443, True)
     r = p.parse_http_head(_head("GET http://pkgs.test:8080/simple/ HTTP/1.1", "Host: PKGS.test."))
     assert (r.host, r.port) == ("pkgs.test", 8080) and b"Host: pkgs.test:8080\r\n" in r.head
+    # the Host the proxy writes is the checked name, whatever the spelling of the target
+    for target, host in (("PKGS.Test.:8080", b"pkgs.test:8080"), ("pkgs.TEST.", b"pkgs.test"),
+                         ("pkgs.test:80", b"pkgs.test:80")):
+        r = p.parse_http_head(_head(f"GET http://{target}/x HTTP/1.1"))
+        assert b"\r\nHost: " + host + b"\r\n" in r.head, r.head
     for head in (_head("CONNECT pkgs.test:8443 HTTP/1.1", "Host: pkgs.test:443"),
                  _head("GET http://pkgs.test:8080/ HTTP/1.1", "Host: pkgs.test:80"),
                  _head("GET http://pkgs.test:8080/ HTTP/1.1", "Host: evil.test")):

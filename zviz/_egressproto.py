@@ -486,7 +486,11 @@ def parse_http_head(buf: bytes) -> HttpRequest | _NeedMore:
         raise BadRequest(_host_mismatch(hosts[0], host, port, "request target"))
     if not path.startswith("/"):
         path = "/" + path
-    out = [f"{method} {path} {version.decode()}".encode(), b"Host: " + authority.encode()]
+    try:  # the Host written upstream is the name checked (a server routes on it), not the client's spelling
+        shown = normalize_name(host) + authority[len(host):]  # (":port" when the target had one)
+    except ValueError:
+        shown = authority  # (not a name: the rules refuse it)
+    out = [f"{method} {path} {version.decode()}".encode(), b"Host: " + shown.encode()]
     for n, v in headers:
         if n in _HOP or n == b"host":
             continue

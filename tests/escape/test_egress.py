@@ -292,6 +292,21 @@ async def test_an_sni_that_only_normalises_to_the_tunnel_name_is_refused(tls):
 
 
 @pytest.mark.trio
+async def test_the_host_a_server_sees_is_the_name_checked(upstream):
+    """Plain HTTP: the proxy writes the Host header itself, as the checked
+    name (a server routes on it), not the client's spelling of the target:
+    upper case and a trailing dot (which a server may not know as its own
+    site's name) do not reach it."""
+    P = upstream.port
+    async with zviz.open_sandbox(_policy(P)) as sb:
+        out = await _exchange(sb, [{"send": _hex(f"GET http://PKGS.Test.:{P}/hello HTTP/1.1\r\n\r\n".encode())},
+                                   {"send": _hex(b"GET http://pkgs.test./hello HTTP/1.0\r\n\r\n")}])
+        assert out[0]["got"].endswith("hello from pkgs.test\n"), out
+        assert [e.code for e in _egress_events(sb)] == ["ok", "port"]  # (port 80 is not allowed here)
+    assert upstream.requests == [("GET", "/hello", f"pkgs.test:{P}")]  # host side: the Host it saw
+
+
+@pytest.mark.trio
 async def test_direct_connects_get_a_fast_denial_with_the_fix(upstream, proxy_way):
     """A program that ignores the proxy variables: its connect to the host's
     address (and to the proxy's real port on the host) fails at once
