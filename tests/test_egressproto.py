@@ -62,6 +62,7 @@ def test_raw_addresses_are_refused_whatever_they_are(host):
     "fd00:ec2::254", "ff02::1", "::ffff:127.0.0.1", "::ffff:169.254.169.254", "64:ff9b::a9fe:a9fe",
     "64:ff9b:1::a00:1", "2002:7f00:1::", "2002:a9fe:a9fe::1", "::127.0.0.1", "2001:db8::1", "fec0::1",
     "2001:0:4136:e378:8000:63bf:3fff:fdd2",  # Teredo: its client is 192.0.2.45 (documentation range)
+    "168.63.129.16", "::ffff:168.63.129.16", "64:ff9b::a83f:8110",  # Azure's WireServer, a public-range address
 ])
 def test_non_public_addresses_are_refused(addr):
     assert p.address_refusal(ipaddress.ip_address(addr)) is not None

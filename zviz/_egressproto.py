@@ -186,6 +186,9 @@ def matches(pattern: str, name: str) -> bool:
 # ---------------------------------------------------------------- addresses
 
 _SITE_LOCAL = ipaddress.IPv6Network("fec0::/10")  # deprecated, but routed as private where still configured
+# Public-range addresses that a cloud host answers itself, like 169.254.169.254: Azure's WireServer
+# (VM agent, extension settings, the host's DNS and DHCP), reachable only from inside the VM.
+_CLOUD_HOST_ENDPOINTS = frozenset({ipaddress.IPv4Address("168.63.129.16")})
 _NAT64 = (ipaddress.IPv6Network("64:ff9b::/96"), ipaddress.IPv6Network("64:ff9b:1::/48"))
 
 
@@ -225,6 +228,8 @@ def address_refusal(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | 
             return f"a {why} address"
     if isinstance(ip, ipaddress.IPv4Address) and ip == ipaddress.IPv4Address("255.255.255.255"):
         return "the broadcast address"
+    if ip in _CLOUD_HOST_ENDPOINTS:
+        return "a cloud host's own endpoint (Azure's WireServer)"
     if not ip.is_global:
         return "not a public address (shared or special-purpose range)"
     return None

@@ -141,6 +141,32 @@ async def test_a_rebinding_answer_is_refused_whole(upstream, monkeypatch):
     assert calls == ["rebind.test"] and upstream.requests == []
 
 
+@pytest.mark.trio
+async def test_a_cloud_hosts_public_range_endpoint_is_refused(upstream, monkeypatch):
+    """Azure's WireServer answers on 168.63.129.16 (a public-range address)
+    from inside its VMs only, as 169.254.169.254 does elsewhere: an allowed
+    name that resolves there is refused before any connect."""
+    async def fake_resolve(name: str, port: int, limiter=None) -> list[str]:
+        return ["168.63.129.16"]
+
+    connects: list[str] = []
+    real_connect = _egress.EgressProxy._connect_upstream
+
+    async def spy(self, conn, name, port, addresses):
+        connects.extend(addresses)
+        await real_connect(self, conn, name, port, addresses)
+
+    monkeypatch.setattr(_egress, "resolve", fake_resolve)
+    monkeypatch.setattr(_egress.EgressProxy, "_connect_upstream", spy)
+    pol = zviz.Policy.python(net=zviz.Network.domains(["wire.test"], ports=[80]))
+    async with zviz.open_sandbox(pol) as sb:
+        sb._life.egress.connect_timeout = 0.5
+        out = await _exchange(sb, [{"send": _hex(b"GET http://wire.test/machine HTTP/1.1\r\n\r\n"), "wait": 5.0}])
+        assert out[0]["got"].startswith("HTTP/1.1 403"), out
+        assert [e.code for e in _egress_events(sb)] == ["private-address"]
+    assert connects == []  # host side: the proxy never tried to connect there
+
+
 class _Greedy:
     """A server that takes every byte a connection sends for 0.5 s (a
     server that would serve pipelined requests whatever `Connection` says),
