@@ -62,6 +62,7 @@ def test_raw_addresses_are_refused_whatever_they_are(host):
     "fd00:ec2::254", "ff02::1", "::ffff:127.0.0.1", "::ffff:169.254.169.254", "64:ff9b::a9fe:a9fe",
     "64:ff9b:1::a00:1", "2002:7f00:1::", "2002:a9fe:a9fe::1", "::127.0.0.1", "2001:db8::1", "fec0::1",
     "2001:0:4136:e378:8000:63bf:3fff:fdd2",  # Teredo: its client is 192.0.2.45 (documentation range)
+    "168.63.129.16", "::ffff:168.63.129.16", "64:ff9b::a83f:8110",  # Azure's WireServer, a public-range address
 ])
 def test_non_public_addresses_are_refused(addr):
     assert p.address_refusal(ipaddress.ip_address(addr)) is not None
@@ -112,6 +113,11 @@ def test_a_host_header_without_a_port_names_the_target_at_any_port():
     assert (r.host, r.port, r.connect) == ("pkgs.test", 8443, True)
     r = p.parse_http_head(_head("GET http://pkgs.test:8080/simple/ HTTP/1.1", "Host: PKGS.test."))
     assert (r.host, r.port) == ("pkgs.test", 8080) and b"Host: pkgs.test:8080\r\n" in r.head
+    # the Host the proxy writes is the checked name, whatever the spelling of the target
+    for target, host in (("PKGS.Test.:8080", b"pkgs.test:8080"), ("pkgs.TEST.", b"pkgs.test"),
+                         ("pkgs.test:80", b"pkgs.test:80")):
+        r = p.parse_http_head(_head(f"GET http://{target}/x HTTP/1.1"))
+        assert b"\r\nHost: " + host + b"\r\n" in r.head, r.head
     for head in (_head("CONNECT pkgs.test:8443 HTTP/1.1", "Host: pkgs.test:443"),
                  _head("GET http://pkgs.test:8080/ HTTP/1.1", "Host: pkgs.test:80"),
                  _head("GET http://pkgs.test:8080/ HTTP/1.1", "Host: evil.test")):
@@ -277,6 +283,15 @@ def test_sni_mismatch_missing_and_ech_are_refused():
     assert p.sni_refusal(p.parse_client_hello(client_hello(None)), "pypi.org").code == "no-sni"
     assert p.sni_refusal(p.parse_client_hello(client_hello("pypi.org", ech=True)), "pypi.org").code == "ech"
     assert p.sni_refusal(p.parse_client_hello(client_hello("1.2.3.4")), "pypi.org").code == "sni"
+
+
+@pytest.mark.parametrize(("sni", "ok"), [
+    (b"pypi.org", True), (b"PyPI.ORG", True), (b"pypi.org.", True), (b" pypi.org", False), (b"pypi.org\t", False),
+    (b"pypi.org\x1c", False), (b"pypi.org..", False), (b".pypi.org", False), (b"pypi.org\x00", False),
+])
+def test_the_sni_is_checked_as_sent_not_as_normalised(sni, ok):
+    refused = p.sni_refusal(p.parse_client_hello(client_hello(raw_names=[sni])), "pypi.org")
+    assert (refused is None) == ok, refused
 
 
 @pytest.mark.parametrize("data", [

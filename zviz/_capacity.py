@@ -13,6 +13,14 @@ every failure costs a cleanup. So `open_sandbox` waits for a slot instead:
 
 Waiting is FIFO within an event loop; sandboxes opened from several threads'
 event loops share the bound (a waiter on another loop polls every 50 ms).
+
+The egress proxies (net.mode = "domains") hold fds for their sandboxes'
+connections (`FDS_PER_CONNECTION` each), at a rate the sandboxed code
+chooses: they take them from the same ledger (`take_fds`), and may hold at
+most half of the process's fds between them, so a sandbox that opens
+connections by the hundred is refused more of them (an event naming the
+limit) instead of leaving the other sandboxes of the process with none
+(EMFILE in their next command). A new sandbox waits while the ledger is full.
 """
 
 from __future__ import annotations
@@ -34,7 +42,13 @@ ENV = "ZVIZ_MAX_SANDBOXES"
 # A sandbox with one running command holds 15 fds (measured: tests/test_capacity.py),
 # with streams being set up a few more; 24 leaves room for the caller's own.
 FDS_PER_SANDBOX = 24
+FDS_PER_CONNECTION = 6  # a proxied connection at its most: two sockets and a pipe each way (_egress)
 EXHAUSTION = (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN)
+
+
+def _soft_nofile() -> int:
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return 1 << 20 if soft == resource.RLIM_INFINITY else soft
 
 
 def max_sandboxes() -> int:
@@ -43,10 +57,13 @@ def max_sandboxes() -> int:
         if not text.isdigit() or int(text) < 1:
             raise PolicyError(ENV, text, "a positive integer: how many sandboxes one process keeps open at once")
         return int(text)
-    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        soft = 1 << 20
-    return max(1, soft // FDS_PER_SANDBOX)
+    return max(1, _soft_nofile() // FDS_PER_SANDBOX)
+
+
+def fd_budget() -> int:
+    """The fds the ledger hands out: the soft RLIMIT_NOFILE (or what
+    ZVIZ_MAX_SANDBOXES sandboxes take, if that is more: the caller's word)."""
+    return max(_soft_nofile(), max_sandboxes() * FDS_PER_SANDBOX)
 
 
 class _Waiter:
@@ -61,11 +78,29 @@ class _Gate:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.active = 0
+        self.proxy_fds = 0  # held by the egress proxies' connections (take_fds)
         self._waiters: collections.deque[_Waiter] = collections.deque()
+
+    def take_fds(self, n: int) -> bool:
+        """`n` fds for an egress proxy's connection, if the proxies hold less
+        than half of the budget with them and the open sandboxes' share stays
+        free; False: refuse the connection (give them back with `give_fds`)."""
+        with self._lock:
+            budget = fd_budget()
+            if (self.proxy_fds + n > budget // 2
+                    or self.proxy_fds + n + self.active * FDS_PER_SANDBOX > budget):
+                return False
+            self.proxy_fds += n
+            return True
+
+    def give_fds(self, n: int) -> None:
+        with self._lock:
+            self.proxy_fds -= n
 
     def _try_enter(self, me: _Waiter | None) -> bool:
         with self._lock:
-            if self.active < max_sandboxes() and (not self._waiters or self._waiters[0] is me):
+            room = (self.active + 1) * FDS_PER_SANDBOX + self.proxy_fds <= fd_budget()  # (what proxies hold)
+            if self.active < max_sandboxes() and room and (not self._waiters or self._waiters[0] is me):
                 if me is not None:
                     self._waiters.popleft()
                 self.active += 1

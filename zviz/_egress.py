@@ -63,15 +63,20 @@ from typing import Any
 import anyio
 import anyio.abc
 import anyio.lowlevel
+import anyio.to_thread
 import attrs
 
-from . import _egressproto as proto
+from . import _capacity, _egressproto as proto
 from ._egressproto import NEED_MORE, BadRequest, Refused, Rules
 from ._errors import SandboxSetupError
 
 HEAD_TIMEOUT = 10.0  # s for a request head, a SOCKS5 request or a ClientHello to arrive
 CONNECT_TIMEOUT = 10.0  # s to connect upstream (each address)
 EXPECT_S = 30.0  # s an announced connection may take to be accepted
+# Name lookups at once per sandbox. Each is a worker thread that runs until the host's resolver answers,
+# even past the proxy's timeout: with a limiter of its own a sandbox that asks for slow names waits for its
+# own lookups, never for the process's shared worker threads (the file API, other sandboxes' lookups).
+MAX_LOOKUPS = 8
 SPLICE_CHUNK = 1 << 20
 _F_SETPIPE_SZ = 1031
 _SPLICE_F_MOVE, _SPLICE_F_NONBLOCK = 1, 2
@@ -137,6 +142,7 @@ class _Conn:
         self.down = 0
         self.t0 = time.time()
         self.m0 = time.monotonic()
+        self.fds = 0  # taken from the process's ledger (_capacity), given back when it ends
 
 
 class _Denied(Exception):
@@ -177,6 +183,7 @@ class EgressProxy:
             raise
         self.address: tuple[str, int] = self._listen.getsockname()
         self._expected: dict[int, float] = {}
+        self._lookups: anyio.CapacityLimiter | None = None  # (made on the event loop, at the first lookup)
         self._conns: set[_Conn] = set()
         self._inside: list[socket.socket] = []  # listening in the sandbox's network namespace (listen_inside)
         self._watch: list[socket.socket] = []  # its refused connects' resets (listen_inside, _egresswatch)
@@ -270,6 +277,14 @@ class EgressProxy:
                                            "sandbox are open (net.max_connections)"))
                 _reset(sock)
                 continue
+            if not _capacity.GATE.take_fds(_capacity.FDS_PER_CONNECTION):  # (the process's fds, every sandbox's)
+                self._refuse(conn, Refused("connections", "the host process has no file descriptors to spare for "
+                                           f"another proxied connection ({len(self._conns)} of this sandbox are "
+                                           "open; the egress proxies of the process may hold half of its "
+                                           "RLIMIT_NOFILE): raise that limit, or lower net.max_connections"))
+                _reset(sock)
+                continue
+            conn.fds = _capacity.FDS_PER_CONNECTION
             self._conns.add(conn)
             assert self._tg is not None
             self._tg.start_soon(self._serve, conn)
@@ -455,9 +470,8 @@ class EgressProxy:
         try:
             if refused is not None:
                 raise _Denied(refused)
-            if self.max_bytes is not None and self.bytes_up + self.bytes_down >= self.max_bytes:
-                raise _Denied(Refused("bytes", f"the sandbox's byte budget ({self.max_bytes}) is spent "
-                                      "(net.max_bytes)"))
+            if self._room() == 0:
+                raise self._spent()
             addresses = await self._addresses(rules, name, port)
             if not is_connect:
                 await self._connect_upstream(conn, name, port, addresses)
@@ -568,8 +582,10 @@ class EgressProxy:
         else:
             candidates = []
             with anyio.move_on_after(self.connect_timeout):  # a resolver that does not answer
+                if self._lookups is None:
+                    self._lookups = anyio.CapacityLimiter(MAX_LOOKUPS)
                 try:
-                    candidates = await resolve(name, port)
+                    candidates = await resolve(name, port, self._lookups)
                 except (OSError, UnicodeError) as e:
                     raise _Denied(Refused("resolve", f"{name} does not resolve ({e})")) from None
             if not candidates:
@@ -608,8 +624,20 @@ class EgressProxy:
     async def _send_up(self, conn: _Conn, data: bytes) -> None:
         if data:
             assert conn.upstream is not None
+            room = self._room()
+            if room is not None and len(data) > room:
+                raise self._spent()
+            self._count(conn, len(data), up=True)  # (counted first: what is sent is spent, whoever waits)
             await _send_all(conn.upstream, data)
-            self._count(conn, len(data), up=True)
+
+    def _room(self) -> int | None:
+        """Bytes the sandbox may still move (None: no budget)."""
+        if self.max_bytes is None:
+            return None
+        return max(0, self.max_bytes - self.bytes_up - self.bytes_down)
+
+    def _spent(self) -> _Denied:
+        return _Denied(Refused("bytes", f"the sandbox's byte budget ({self.max_bytes}) is spent (net.max_bytes)"))
 
     def _count(self, conn: _Conn, n: int, *, up: bool) -> None:
         if up:
@@ -618,8 +646,6 @@ class EgressProxy:
         else:
             conn.down += n
             self.bytes_down += n
-        if self.max_bytes is not None and self.bytes_up + self.bytes_down > self.max_bytes:
-            raise _Denied(Refused("bytes", f"the sandbox's byte budget ({self.max_bytes}) is spent (net.max_bytes)"))
 
     async def _relay(self, conn: _Conn, up_limit: int | None) -> None:
         """Both directions until both have ended. `up_limit`: bytes the client
@@ -657,6 +683,14 @@ class EgressProxy:
             rounds = 0
             while limit is None or limit > 0:
                 want = SPLICE_CHUNK if limit is None else min(SPLICE_CHUNK, limit)
+                room = self._room()  # the budget is shared by every connection of the sandbox: take no more
+                if room is not None and room < want:  # than is left, and count it before anything waits
+                    if room == 0:
+                        await anyio.wait_readable(src)
+                        if _at_eof(src):
+                            break
+                        raise self._spent()
+                    want = room
                 try:
                     n = os.splice(sfd, w, want, flags=flags)
                 except BlockingIOError:
@@ -664,13 +698,13 @@ class EgressProxy:
                     continue
                 if n == 0:
                     break
+                self._count(conn, n, up=up)
                 left = n
                 while left:
                     try:
                         left -= os.splice(r, dfd, left, flags=flags)
                     except BlockingIOError:
                         await anyio.wait_writable(dst)
-                self._count(conn, n, up=up)
                 if limit is not None:
                     limit -= n
                 rounds += 1
@@ -721,9 +755,12 @@ class EgressProxy:
 # ---------------------------------------------------------------- socket helpers
 
 
-async def resolve(name: str, port: int) -> list[str]:
-    """The host resolver's addresses for `name` (a worker thread; tests replace it)."""
-    infos = await anyio.getaddrinfo(name, port, type=socket.SOCK_STREAM)
+async def resolve(name: str, port: int, limiter: anyio.CapacityLimiter | None = None) -> list[str]:
+    """The host resolver's addresses for `name`, in a worker thread that
+    `limiter` counts until it ends (a cancelled lookup's thread runs on until
+    the resolver answers, and keeps its token); tests replace it."""
+    infos = await anyio.to_thread.run_sync(functools.partial(socket.getaddrinfo, name, port, type=socket.SOCK_STREAM),
+                                           abandon_on_cancel=True, limiter=limiter)
     return [str(info[4][0]) for info in infos]
 
 
@@ -767,6 +804,16 @@ async def _send_quietly(sock: socket.socket, data: bytes) -> None:
         await _send_all(sock, data)
 
 
+def _at_eof(sock: socket.socket) -> bool:
+    """The peer has closed its side and nothing is left to read (a socket that is readable)."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
 def _peer(sock: socket.socket) -> bool:
     try:
         sock.getpeername()
@@ -792,3 +839,6 @@ def _close(conn: _Conn) -> None:
     for s in (conn.client, conn.upstream):
         if s is not None:
             _close_socket(s)
+    if conn.fds:  # (its pipes are closed by its pump, which has ended or is being cancelled)
+        _capacity.GATE.give_fds(conn.fds)
+        conn.fds = 0

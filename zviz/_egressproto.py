@@ -186,6 +186,9 @@ def matches(pattern: str, name: str) -> bool:
 # ---------------------------------------------------------------- addresses
 
 _SITE_LOCAL = ipaddress.IPv6Network("fec0::/10")  # deprecated, but routed as private where still configured
+# Public-range addresses that a cloud host answers itself, like 169.254.169.254: Azure's WireServer
+# (VM agent, extension settings, the host's DNS and DHCP), reachable only from inside the VM.
+_CLOUD_HOST_ENDPOINTS = frozenset({ipaddress.IPv4Address("168.63.129.16")})
 _NAT64 = (ipaddress.IPv6Network("64:ff9b::/96"), ipaddress.IPv6Network("64:ff9b:1::/48"))
 
 
@@ -225,6 +228,8 @@ def address_refusal(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | 
             return f"a {why} address"
     if isinstance(ip, ipaddress.IPv4Address) and ip == ipaddress.IPv4Address("255.255.255.255"):
         return "the broadcast address"
+    if ip in _CLOUD_HOST_ENDPOINTS:
+        return "a cloud host's own endpoint (Azure's WireServer)"
     if not ip.is_global:
         return "not a public address (shared or special-purpose range)"
     return None
@@ -486,7 +491,11 @@ def parse_http_head(buf: bytes) -> HttpRequest | _NeedMore:
         raise BadRequest(_host_mismatch(hosts[0], host, port, "request target"))
     if not path.startswith("/"):
         path = "/" + path
-    out = [f"{method} {path} {version.decode()}".encode(), b"Host: " + authority.encode()]
+    try:  # the Host written upstream is the name checked (a server routes on it), not the client's spelling
+        shown = normalize_name(host) + authority[len(host):]  # (":port" when the target had one)
+    except ValueError:
+        shown = authority  # (not a name: the rules refuse it)
+    out = [f"{method} {path} {version.decode()}".encode(), b"Host: " + shown.encode()]
     for n, v in headers:
         if n in _HOP or n == b"host":
             continue
@@ -728,6 +737,9 @@ class _Reader:
         return int.from_bytes(self.take(2), "big")
 
 
+_SNI = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?")  # (one trailing dot: the same name, absolute)
+
+
 def sni_refusal(hello: ClientHello, name: str) -> Refused | None:
     """Why a ClientHello may not go to `name` (the CONNECT's normalised name)."""
     if hello.ech:
@@ -735,6 +747,11 @@ def sni_refusal(hello: ClientHello, name: str) -> Refused | None:
                        "it is for (turn ECH off in the client)")
     if hello.server_name is None:
         return Refused("no-sni", f"the ClientHello for {name} names no server (SNI): refused")
+    if not _SNI.fullmatch(hello.server_name):
+        # The SNI goes upstream as sent: a server routes on those bytes, not on what they normalise to
+        # (" pypi.org", "pypi.org\t" would pass as pypi.org here and reach an unknown-name default there).
+        return Refused("sni", f"the ClientHello's server name {hello.server_name[:80]!r} is not a host name as "
+                       "TLS sends it (letters, digits, hyphens and dots only)")
     try:
         sni = normalize_name(hello.server_name)
     except ValueError:

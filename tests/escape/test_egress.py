@@ -128,7 +128,7 @@ async def test_a_rebinding_answer_is_refused_whole(upstream, monkeypatch):
     P = upstream.port
     calls = []
 
-    async def fake_resolve(name: str, port: int) -> list[str]:
+    async def fake_resolve(name: str, port: int, limiter=None) -> list[str]:
         calls.append(name)
         return ["93.184.216.34", "127.0.0.1"]
 
@@ -139,6 +139,32 @@ async def test_a_rebinding_answer_is_refused_whole(upstream, monkeypatch):
         assert out[0]["got"].startswith("HTTP/1.1 403")
         assert [e.code for e in _egress_events(sb)] == ["private-address"]
     assert calls == ["rebind.test"] and upstream.requests == []
+
+
+@pytest.mark.trio
+async def test_a_cloud_hosts_public_range_endpoint_is_refused(upstream, monkeypatch):
+    """Azure's WireServer answers on 168.63.129.16 (a public-range address)
+    from inside its VMs only, as 169.254.169.254 does elsewhere: an allowed
+    name that resolves there is refused before any connect."""
+    async def fake_resolve(name: str, port: int, limiter=None) -> list[str]:
+        return ["168.63.129.16"]
+
+    connects: list[str] = []
+    real_connect = _egress.EgressProxy._connect_upstream
+
+    async def spy(self, conn, name, port, addresses):
+        connects.extend(addresses)
+        await real_connect(self, conn, name, port, addresses)
+
+    monkeypatch.setattr(_egress, "resolve", fake_resolve)
+    monkeypatch.setattr(_egress.EgressProxy, "_connect_upstream", spy)
+    pol = zviz.Policy.python(net=zviz.Network.domains(["wire.test"], ports=[80]))
+    async with zviz.open_sandbox(pol) as sb:
+        sb._life.egress.connect_timeout = 0.5
+        out = await _exchange(sb, [{"send": _hex(b"GET http://wire.test/machine HTTP/1.1\r\n\r\n"), "wait": 5.0}])
+        assert out[0]["got"].startswith("HTTP/1.1 403"), out
+        assert [e.code for e in _egress_events(sb)] == ["private-address"]
+    assert connects == []  # host side: the proxy never tried to connect there
 
 
 class _Greedy:
@@ -267,6 +293,43 @@ async def test_sni_must_match_the_tunnel_name(tls, proxy_way):
         assert out2[0]["got"].startswith("HTTP/1.1 200")
     # host side: only the split, matching ClientHello reached the server
     assert tls.accepted == 1
+
+
+@pytest.mark.trio
+async def test_an_sni_that_only_normalises_to_the_tunnel_name_is_refused(tls):
+    """The ClientHello goes upstream as it was sent, so its server name must
+    be the tunnel's name as TLS writes it: " pkgs.test", "pkgs.test\t" or
+    "pkgs.test\x1f" would normalise to pkgs.test here (names are stripped)
+    and reach the server as a name it does not serve (its default site).
+    Upper case and one trailing dot are the same name and pass."""
+    P = tls.port
+    connect = f"CONNECT pkgs.test:{P} HTTP/1.1\r\n\r\n".encode()
+    bad = [b" pkgs.test", b"pkgs.test\t", b"pkgs.test\x1f", b"\x0bpkgs.test", b"pkgs.test..", b"pkgs.test\r\n"]
+    good = [b"PKGS.test", b"pkgs.test."]
+    async with zviz.open_sandbox(_policy(P)) as sb:
+        await _exchange(sb, [{"send": _hex(connect + client_hello(raw_names=[n]))} for n in bad + good])
+        with trio.fail_after(5):  # (an allowed tunnel's event is recorded once both sides have ended)
+            while len(_egress_events(sb)) < len(bad + good):
+                await trio.sleep(0.01)
+        codes = [e.code for e in _egress_events(sb)]
+        assert codes[:len(bad)] == ["sni"] * len(bad), codes
+        assert codes[len(bad):] == ["ok"] * len(good), codes
+    assert tls.accepted == len(good)  # host side: only the two well-formed names reached the server
+
+
+@pytest.mark.trio
+async def test_the_host_a_server_sees_is_the_name_checked(upstream):
+    """Plain HTTP: the proxy writes the Host header itself, as the checked
+    name (a server routes on it), not the client's spelling of the target:
+    upper case and a trailing dot (which a server may not know as its own
+    site's name) do not reach it."""
+    P = upstream.port
+    async with zviz.open_sandbox(_policy(P)) as sb:
+        out = await _exchange(sb, [{"send": _hex(f"GET http://PKGS.Test.:{P}/hello HTTP/1.1\r\n\r\n".encode())},
+                                   {"send": _hex(b"GET http://pkgs.test./hello HTTP/1.0\r\n\r\n")}])
+        assert out[0]["got"].endswith("hello from pkgs.test\n"), out
+        assert [e.code for e in _egress_events(sb)] == ["ok", "port"]  # (port 80 is not allowed here)
+    assert upstream.requests == [("GET", "/hello", f"pkgs.test:{P}")]  # host side: the Host it saw
 
 
 @pytest.mark.trio
@@ -507,7 +570,7 @@ def test_domains_mode_as_each_identity(upstream, identity):
 
 @pytest.mark.trio
 async def test_a_resolver_that_never_answers_does_not_hold_the_connection(upstream, monkeypatch):
-    async def never(name: str, port: int) -> list[str]:
+    async def never(name: str, port: int, limiter=None) -> list[str]:
         await trio.sleep_forever()
         raise AssertionError
 
