@@ -223,6 +223,44 @@ async def test_streams_and_wait_of_a_process_whose_sandbox_closes(snapshot):
     await snap.assert_released()
 
 
+async def test_a_snapshot_whose_sandbox_closes_saves_nothing(snapshot, tmp_path):
+    """aclose() from another task while snapshot() copies the workspace: the
+    teardown removed the workdir under the copy, which skipped what had gone
+    and returned a partial template as a success. Now the copy stops, the
+    snapshot raises SandboxClosedError and leaves nothing at its path, and the
+    workdir is given back only once the copy has let go of it."""
+    snap: Snapshot = snapshot()
+    sb = await zviz.Sandbox.create(PYP)
+    r = await sb.run(["python3", "-c", "import os\nos.mkdir('d')\nfor i in range(5000): open(f'd/f{i}', 'w').write('x')"])
+    assert r.exit_code == 0, r
+    dest = tmp_path / "tpl"
+    got: list[object] = []
+
+    async def take() -> None:
+        try:
+            got.append(await sb.snapshot(dest))
+        except Exception as e:  # noqa: BLE001 - checked below
+            got.append(e)
+
+    def copied() -> int:  # files in the partial template being written next to `dest`
+        return sum(len(files) for p in tmp_path.iterdir() for _, _, files in os.walk(p))
+
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(take)
+            while not got and copied() < 50:  # the close comes in the middle of the copy
+                await anyio.sleep(0.001)
+            mid_copy = not got
+            t0 = time.monotonic()
+            await sb.aclose()
+            closed_in = time.monotonic() - t0
+    assert mid_copy, f"the copy ended before the close could come: {got}"
+    assert closed_in < 1.0, closed_in
+    assert isinstance(got[0], zviz.SandboxClosedError) and "snapshot()" in str(got[0]), got
+    assert list(tmp_path.iterdir()) == [], "a partial template was left"
+    await snap.assert_released()
+
+
 def test_sync_run_closed_from_another_thread():
     """zviz.sync: close() from one thread while another thread's run() is in
     flight ends that run at once with SandboxClosedError."""

@@ -23,6 +23,7 @@ import errno
 import itertools
 import os
 import stat
+from collections.abc import Callable
 
 from ._errors import TemplateError
 
@@ -56,17 +57,26 @@ def _readable(st: os.stat_result, ids: tuple[int, int] | None) -> bool:
     return bool(st.st_mode & stat.S_IROTH)
 
 
+class Stopped(Exception):
+    """`stop()` said to give up (the sandbox whose workdir this copies is being closed)."""
+
+
 def copy_tree(src_root: int, dst_root: int, *, max_files: int, max_bytes: int, where: str,
-              readable_by: tuple[int, int] | None) -> tuple[int, int, list[tuple[str, str]]]:
+              readable_by: tuple[int, int] | None,
+              stop: Callable[[], bool] | None = None) -> tuple[int, int, list[tuple[str, str]]]:
     """Copy the tree beneath the directory fd `src_root` into the (empty,
     ours) directory fd `dst_root` under the rules of the module's docstring.
-    Returns (entries, data bytes, skipped)."""
+    Returns (entries, data bytes, skipped). `stop`, asked before each entry:
+    True raises Stopped (what is gone from the source then is not a change
+    to skip over: the copy would be silently partial)."""
     count = size = 0
     skipped: list[tuple[str, str]] = []
     links: dict[tuple[int, int], bytes] = {}
     dir_fixups: list[tuple[bytes, int, int, int]] = []  # (rel, mode, atime_ns, mtime_ns), applied last
     stack: list[bytes] = [b""]
     while stack:
+        if stop is not None and stop():
+            raise Stopped()
         rel = stack.pop()
         depth = rel.count(b"/") + 1 if rel else 0
         try:
@@ -88,6 +98,8 @@ def copy_tree(src_root: int, dst_root: int, *, max_files: int, max_bytes: int, w
                 with os.scandir(sfd) as it:  # (no more names than the bound lets through: one past it raises)
                     names = list(itertools.islice((os.fsencode(e.name) for e in it), max_files - count + 1))
                 for nm in names:
+                    if stop is not None and stop():
+                        raise Stopped()
                     count += 1
                     if count > max_files:
                         raise TemplateError(where, f"the workspace has more than {max_files} entries: pass a "
@@ -124,6 +136,8 @@ def copy_tree(src_root: int, dst_root: int, *, max_files: int, max_bytes: int, w
                 os.close(dfd)
         finally:
             os.close(sfd)
+    if stop is not None and stop():  # (a directory that vanished was skipped above)
+        raise Stopped()
     for rel, mode, atime, mtime in reversed(dir_fixups):
         fd = _open_beneath(dst_root, rel)
         try:

@@ -141,6 +141,7 @@ class Life:
         self.started = False  # the service task ran (asyncio may cancel a task before its first step)
         self.never_served = False  # it ended without running (service_ended): the waiter tears down
         self.unserved_torn_down = False
+        self.snapshotting: anyio.Event | None = None  # set when a snapshot() copying the workdir has let go of it
 
     def detach(self) -> None:
         """Its aclose() returns now, before `done`: the rest is the service's alone."""
@@ -175,6 +176,8 @@ class Life:
             await after_caller()
         await self.runner.aclose()
         self.events.close()
+        if self.snapshotting is not None:  # it reads the workdir (and stops at once: it sees `closing`)
+            await self.snapshotting.wait()
         await self.resources.release()  # the memory cgroup and the size-capped workdir, now empty
 
     def final_cleanup(self) -> None:

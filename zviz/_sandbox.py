@@ -186,7 +186,7 @@ class Sandbox:
         commands started meanwhile wait). The copy never follows a symlink,
         skips fifos, sockets and devices, drops set-id bits and stops at
         `max_files` entries or `max_bytes` of data (docs/templates.md)."""
-        from . import _snapshot  # (imported on first use: not on every open's or the CLI's path)
+        from . import _copytree, _snapshot  # (imported on first use: not on every open's or the CLI's path)
 
         self._check_open()
         if self._procs:
@@ -195,12 +195,21 @@ class Sandbox:
         if self._snapshot_busy is not None:
             raise RuntimeError("snapshot: another snapshot of this sandbox is being taken: wait for it")
         ids = (self._plan.host_uid, self._plan.host_gid) if self._plan.host_uid != os.geteuid() else None
-        self._snapshot_busy = anyio.Event()
+        life = self._life
+        # A close meanwhile stops the copy (its thread asks `life.closing` before each entry) and the
+        # teardown gives the workdir back only once the copy has let go of it (`life.snapshotting`):
+        # else the copy read a workdir being removed, skipped what had gone and made a partial template.
+        self._snapshot_busy = life.snapshotting = anyio.Event()
         try:
             return await anyio.to_thread.run_sync(functools.partial(
-                _snapshot.snapshot, self.workdir, path, readable_by=ids, max_files=max_files, max_bytes=max_bytes))
+                _snapshot.snapshot, self.workdir, path, readable_by=ids, max_files=max_files, max_bytes=max_bytes,
+                stop=lambda: life.closing))
+        except _copytree.Stopped:
+            raise SandboxClosedError("the sandbox was closed while snapshot() copied its workspace: nothing was "
+                                     "saved; snapshot a sandbox that stays open until it returns") from None
         finally:
             busy, self._snapshot_busy = self._snapshot_busy, None
+            life.snapshotting = None
             busy.set()
 
     # ---- running commands

@@ -31,11 +31,12 @@ import os
 import secrets
 import stat
 import time
+from collections.abc import Callable
 from typing import Any
 
 import attrs
 
-from ._copytree import copy_tree
+from ._copytree import Stopped, copy_tree
 from ._errors import SandboxSetupError, TemplateError
 from ._rmtree import remove_tree
 from ._version import __version__
@@ -254,10 +255,13 @@ def check_destination(path: str | os.PathLike[str], workdir: str) -> tuple[str, 
 
 
 def snapshot(workdir: str, path: str | os.PathLike[str], *, readable_by: tuple[int, int] | None,
-             max_files: int = DEFAULT_MAX_FILES, max_bytes: int = DEFAULT_MAX_BYTES) -> SnapshotInfo:
+             max_files: int = DEFAULT_MAX_FILES, max_bytes: int = DEFAULT_MAX_BYTES,
+             stop: Callable[[], bool] | None = None) -> SnapshotInfo:
     """Save `workdir` (its host path) as a template at `path` (blocking).
     `readable_by`: the sandbox's host uid/gid when they are not the caller's
-    (root callers): a regular file they could not read is skipped."""
+    (root callers): a regular file they could not read is skipped. `stop()`
+    True (the sandbox is being closed, its workdir about to go): the copy
+    stops with `_copytree.Stopped` and nothing is left at `path`."""
     for name, v in (("max_files", max_files), ("max_bytes", max_bytes)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             raise ValueError(f"{name} must be a non-negative int, not {v!r}")
@@ -283,7 +287,7 @@ def snapshot(workdir: str, path: str | os.PathLike[str], *, readable_by: tuple[i
                     src = os.open(workdir, _O_DIR)
                     try:
                         n, size, skipped = copy_tree(src, dst, max_files=max_files, max_bytes=max_bytes,
-                                                     where=given, readable_by=readable_by)
+                                                     where=given, readable_by=readable_by, stop=stop)
                     finally:
                         os.close(src)
                 finally:
@@ -302,6 +306,8 @@ def snapshot(workdir: str, path: str | os.PathLike[str], *, readable_by: tuple[i
                     os.close(mfd)
             finally:
                 os.close(tfd)
+            if stop is not None and stop():  # (the last moment to give up: nothing is at `path` yet)
+                raise Stopped()
             try:
                 os.rename(tmp, name, src_dir_fd=pfd, dst_dir_fd=pfd)
             except OSError as e:
