@@ -261,6 +261,51 @@ async def test_a_snapshot_whose_sandbox_closes_saves_nothing(snapshot, tmp_path)
     await snap.assert_released()
 
 
+async def test_file_calls_in_flight_when_the_sandbox_closes(snapshot):
+    """sb.files calls in flight (in worker threads) when the sandbox is closed
+    from another task: each returns (it ended before the close) or raises
+    SandboxClosedError. They got errors that blamed the caller (OSError EROFS
+    "read-only in the sandbox", FileNotFoundError: the close had taken the
+    view's mounts away under them), and a write the close interrupted
+    reported success for data that went with the workdir."""
+    snap: Snapshot = snapshot()
+    big = bytes(128 << 20)
+    for delay in (0.001, 0.003):
+        sb = await zviz.Sandbox.create(PYP)
+        await sb.run(["true"])
+        small: list[object] = []
+        large: list[object] = []
+
+        async def write(i: int, sb: zviz.Sandbox = sb, small: list[object] = small) -> None:
+            try:
+                small.append(await sb.files.write(f"d{i}/e/f", b"x" * 200_000, parents=True))
+            except Exception as e:  # noqa: BLE001 - checked below
+                small.append(e)
+
+        async def write_big(sb: zviz.Sandbox = sb, large: list[object] = large) -> None:
+            try:
+                large.append(await sb.files.write("big", big))
+            except Exception as e:  # noqa: BLE001 - checked below
+                large.append(e)
+
+        host_big = os.path.join(sb.workdir, "big")
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(write_big)
+                while not large and not (os.path.exists(host_big) and os.path.getsize(host_big) > 0):
+                    await anyio.sleep(0.0005)
+                for i in range(60):
+                    tg.start_soon(write, i)
+                await anyio.sleep(delay)
+                mid_write = not large and os.path.getsize(host_big) < len(big)
+                await sb.aclose()
+        assert mid_write, "the big write ended before the close could come"
+        assert isinstance(large[0], zviz.SandboxClosedError) and "file call" in str(large[0]), large
+        wrong = [e for e in small if e is not None and not isinstance(e, zviz.SandboxClosedError)]
+        assert not wrong, wrong
+    await snap.assert_released()
+
+
 def test_sync_run_closed_from_another_thread():
     """zviz.sync: close() from one thread while another thread's run() is in
     flight ends that run at once with SandboxClosedError."""

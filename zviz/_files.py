@@ -14,6 +14,7 @@ FIFO or device is ever opened."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import posixpath
@@ -27,6 +28,7 @@ import attrs
 
 from . import _kernel
 from ._args import check_path
+from ._errors import SandboxClosedError
 
 
 def check_workdir_reachable(path: str, uid: int) -> None:
@@ -112,6 +114,14 @@ class View:
     # or the workdir when the sandbox has no long-lived root to look into)
     open_root: Callable[[], Awaitable[tuple[_kernel.OwnedFd, str]]]
     check_open: Callable[[], None]
+    # Around each call: the sandbox's teardown waits for it before it takes the view and the workdir
+    # away. `closing()`: the sandbox is being closed (the call stops at its next step: SandboxClosedError).
+    in_use: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext
+    closing: Callable[[], bool] = lambda: False
+
+
+class _Stopped(Exception):
+    """The sandbox is being closed: the call in the worker thread gives up."""
 
 
 def _err(e: OSError, path: str, why: str | None = None) -> OSError:
@@ -136,18 +146,36 @@ class Files:
         return posixpath.normpath(posixpath.join(self._view.cwd, path))
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
-        self._view.check_open()
-        root, base = await self._view.open_root()
+        """`fn(root, *args)` in a worker thread. A close of the sandbox before
+        it returns is SandboxClosedError: the close takes the view away under
+        it (its mounts, then the workdir), so what it did or saw then (an
+        EROFS, a missing file, a write into a workdir being removed) is no
+        answer; the teardown waits for it (`in_use`), which stops at its
+        next step."""
         view = self._view
-
-        def work() -> T:
+        view.check_open()
+        with view.in_use():
             try:
-                with _kernel.ThreadFsIds(view.uid, view.gid):
-                    return fn(_Root(root, base, view), *args)
-            finally:
-                root.close()
+                root, base = await view.open_root()
 
-        return await anyio.to_thread.run_sync(work)
+                def work() -> T:
+                    try:
+                        if view.closing():
+                            raise _Stopped()
+                        with _kernel.ThreadFsIds(view.uid, view.gid):
+                            return fn(_Root(root, base, view), *args)
+                    finally:
+                        root.close()
+
+                result = await anyio.to_thread.run_sync(work)
+            except Exception:
+                if not view.closing():
+                    raise
+                result = None
+            if view.closing():
+                raise SandboxClosedError("the sandbox was closed while this file call ran (closed from another "
+                                         "task or thread): its result is lost; open a new sandbox") from None
+            return result  # type: ignore[return-value]
 
     async def read(self, path: str, *, max_bytes: int = DEFAULT_MAX_READ) -> bytes:
         """The bytes of a regular file (FIFOs, devices and sockets are refused:
@@ -290,6 +318,8 @@ def _read(root: _Root, inside: str, max_bytes: int) -> bytes:
     try:
         chunks, total = [], 0
         while True:
+            if root.view.closing():
+                raise _Stopped()
             b = os.read(fd.fd, CHUNK)
             if not b:
                 break
@@ -343,6 +373,8 @@ def _write(root: _Root, inside: str, data: memoryview, mode: int, parents: bool)
     try:
         view = data
         while view:
+            if root.view.closing():
+                raise _Stopped()
             n = os.write(fd.fd, view[:CHUNK])
             view = view[n:]
         os.fchmod(fd.fd, mode)

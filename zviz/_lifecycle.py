@@ -16,7 +16,7 @@ import contextlib
 import sys
 import types
 import warnings
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -141,7 +141,28 @@ class Life:
         self.started = False  # the service task ran (asyncio may cancel a task before its first step)
         self.never_served = False  # it ended without running (service_ended): the waiter tears down
         self.unserved_torn_down = False
-        self.snapshotting: anyio.Event | None = None  # set when a snapshot() copying the workdir has let go of it
+        # Calls working on the sandbox's workdir and view from a worker thread (the file API,
+        # snapshot()): the teardown drops its mount namespace and gives its workdir back only once none
+        # is left (each stops at its next step once it sees `closing`, and raises SandboxClosedError).
+        self._users = 0
+        self._unused: anyio.Event | None = None
+
+    @contextlib.contextmanager
+    def in_use(self) -> Iterator[None]:
+        """Around a call that works on the workdir or the view (see `_users`)."""
+        self._users += 1
+        try:
+            yield
+        finally:
+            self._users -= 1
+            if not self._users and self._unused is not None:
+                self._unused.set()
+
+    async def unused(self) -> None:
+        """Return once no call is `in_use`."""
+        while self._users:
+            self._unused = anyio.Event()
+            await self._unused.wait()
 
     def detach(self) -> None:
         """Its aclose() returns now, before `done`: the rest is the service's alone."""
@@ -174,10 +195,9 @@ class Life:
         self.dead.set()
         if self.deferrable:
             await after_caller()
+        await self.unused()  # a file call or snapshot in flight lets go of the view and the workdir first
         await self.runner.aclose()
         self.events.close()
-        if self.snapshotting is not None:  # it reads the workdir (and stops at once: it sees `closing`)
-            await self.snapshotting.wait()
         await self.resources.release()  # the memory cgroup and the size-capped workdir, now empty
 
     def final_cleanup(self) -> None:

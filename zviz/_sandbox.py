@@ -113,7 +113,8 @@ class Sandbox:
                 writable.append(plan.home)
         self.files = _files.Files(_files.View(cwd=plan.workspace, writable=tuple(writable), uid=plan.host_uid,
                                               gid=plan.host_gid, open_root=self._open_root,
-                                              check_open=self._check_open))
+                                              check_open=self._check_open, in_use=self._life.in_use,
+                                              closing=functools.partial(getattr, self._life, "closing")))
         self._contexts_made: CodeContexts | None = None  # made on first use (_contexts)
 
     @classmethod
@@ -197,19 +198,19 @@ class Sandbox:
         ids = (self._plan.host_uid, self._plan.host_gid) if self._plan.host_uid != os.geteuid() else None
         life = self._life
         # A close meanwhile stops the copy (its thread asks `life.closing` before each entry) and the
-        # teardown gives the workdir back only once the copy has let go of it (`life.snapshotting`):
-        # else the copy read a workdir being removed, skipped what had gone and made a partial template.
-        self._snapshot_busy = life.snapshotting = anyio.Event()
+        # teardown gives the workdir back only once the copy has let go of it (`life.in_use`): else the
+        # copy read a workdir being removed, skipped what had gone and made a partial template.
+        self._snapshot_busy = anyio.Event()
         try:
-            return await anyio.to_thread.run_sync(functools.partial(
-                _snapshot.snapshot, self.workdir, path, readable_by=ids, max_files=max_files, max_bytes=max_bytes,
-                stop=lambda: life.closing))
+            with life.in_use():
+                return await anyio.to_thread.run_sync(functools.partial(
+                    _snapshot.snapshot, self.workdir, path, readable_by=ids, max_files=max_files,
+                    max_bytes=max_bytes, stop=lambda: life.closing))
         except _copytree.Stopped:
             raise SandboxClosedError("the sandbox was closed while snapshot() copied its workspace: nothing was "
                                      "saved; snapshot a sandbox that stays open until it returns") from None
         finally:
             busy, self._snapshot_busy = self._snapshot_busy, None
-            life.snapshotting = None
             busy.set()
 
     # ---- running commands
