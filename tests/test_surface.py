@@ -306,6 +306,23 @@ async def test_file_calls_in_flight_when_the_sandbox_closes(snapshot):
     await snap.assert_released()
 
 
+async def test_run_python_closed_under_it_raises_sandbox_closed(snapshot):
+    """run_python() whose sandbox is closed from another task while its code
+    runs raises SandboxClosedError, as run() does (docs/api.md, Lifecycle),
+    in each of its ways to run (a fork of the template, an interpreter of its
+    own): it raised CodeContextError, naming a code context the caller never
+    made, which a harness catching SandboxClosedError let through."""
+    snap: Snapshot = snapshot()
+    code = "import time\nprint('hi', flush=True)\ntime.sleep(30)"
+    for fork in (None, True, False):
+        sb = await zviz.Sandbox.create(PYP)
+        await sb.run_python("pass", fork=fork)  # (the interpreters are up: the close comes while the code runs)
+        got, late = await _closed_under(sb, 0.3, lambda sb=sb, fork=fork: sb.run_python(code, timeout=6, fork=fork))
+        assert isinstance(got, zviz.SandboxClosedError) and "run_python()" in str(got), (fork, got)
+        assert late < 1.0, (fork, late)
+    await snap.assert_released()
+
+
 def test_sync_run_closed_from_another_thread():
     """zviz.sync: close() from one thread while another thread's run() is in
     flight ends that run at once with SandboxClosedError."""

@@ -516,6 +516,22 @@ async def create(registry: CodeContexts, *, python: str, preload: Sequence[str],
 
 async def run_python(registry: CodeContexts, code: str, *, python: str, preload: Sequence[str],
                      env: Mapping[str, str], caps: Caps, timeout: float, fork: bool | None = None) -> Execution:
+    """`Sandbox.run_python`. A close of the sandbox while it runs is
+    SandboxClosedError, as for `run()`: its one-shot context says
+    CodeContextError ("the sandbox was closed while the code context's cell
+    ran"), which names a context the caller never made."""
+    try:
+        return await _run_python(registry, code, python=python, preload=preload, env=env, caps=caps,
+                                 timeout=timeout, fork=fork)
+    except CodeContextError as e:
+        if not registry.sandbox_closing():
+            raise
+        raise SandboxClosedError("the sandbox was closed while run_python() ran (closed from another task or "
+                                 "thread, or its block or event loop ended): its code was killed") from e
+
+
+async def _run_python(registry: CodeContexts, code: str, *, python: str, preload: Sequence[str],
+                      env: Mapping[str, str], caps: Caps, timeout: float, fork: bool | None = None) -> Execution:
     if not isinstance(code, str):
         raise TypeError("code must be a str")
     if fork is not None and not isinstance(fork, bool):
@@ -556,3 +572,5 @@ async def _run_once(registry: CodeContexts, code: str, *, python: str, preload: 
         proc.kill()
         with anyio.CancelScope(shield=True):
             await proc.wait()
+        if proc.stderr is not None:  # (ours: else it stayed open as long as an error's traceback held this frame)
+            proc.stderr.close()
