@@ -223,16 +223,61 @@ async def test_streams_and_wait_of_a_process_whose_sandbox_closes(snapshot):
     await snap.assert_released()
 
 
-async def test_a_snapshot_whose_sandbox_closes_saves_nothing(snapshot, tmp_path):
+def _gate(on: object, name: str, block_when) -> tuple[object, object]:
+    """Wrap `on.name` (a function a worker thread calls) so that the first
+    call for which `block_when(*args)` holds sets `started` and waits for
+    `release` (at most 10 s): the test closes the sandbox while that thread
+    is in the middle of its work, whatever the load."""
+    import threading
+
+    started, release = threading.Event(), threading.Event()
+    real = getattr(on, name)
+
+    def gated(*args, **kw):
+        out = real(*args, **kw)
+        if not started.is_set() and block_when(*args):
+            started.set()
+            release.wait(10)
+        return out
+
+    return gated, (started, release)
+
+
+async def _close_while_held(sb: zviz.Sandbox, started, release, then) -> None:
+    """Once `started`: `then()` (tasks that should see the close), then
+    aclose() from another task, and `release` once the sandbox is marked
+    closed (its teardown may wait for the held thread)."""
+    while not started.is_set():
+        await anyio.sleep(0.001)
+    then()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(sb.aclose)
+        while not sb.closed:
+            await anyio.lowlevel.checkpoint()
+        release.set()
+
+
+async def test_a_snapshot_whose_sandbox_closes_saves_nothing(snapshot, tmp_path, monkeypatch):
     """aclose() from another task while snapshot() copies the workspace: the
     teardown removed the workdir under the copy, which skipped what had gone
     and returned a partial template as a success. Now the copy stops, the
     snapshot raises SandboxClosedError and leaves nothing at its path, and the
     workdir is given back only once the copy has let go of it."""
+    from zviz import _copytree
+
     snap: Snapshot = snapshot()
     sb = await zviz.Sandbox.create(PYP)
-    r = await sb.run(["python3", "-c", "import os\nos.mkdir('d')\nfor i in range(5000): open(f'd/f{i}', 'w').write('x')"])
+    make = "import os\nos.mkdir('d')\nfor i in range(5000): open(f'd/f{i}', 'w').write('x')"
+    r = await sb.run(["python3", "-c", make])
     assert r.exit_code == 0, r
+    count = [0]
+
+    def fiftieth(*_args: object) -> bool:
+        count[0] += 1
+        return count[0] == 50
+
+    gated, (started, release) = _gate(_copytree, "_copy_file", fiftieth)
+    monkeypatch.setattr(_copytree, "_copy_file", gated)
     dest = tmp_path / "tpl"
     got: list[object] = []
 
@@ -242,37 +287,37 @@ async def test_a_snapshot_whose_sandbox_closes_saves_nothing(snapshot, tmp_path)
         except Exception as e:  # noqa: BLE001 - checked below
             got.append(e)
 
-    def copied() -> int:  # files in the partial template being written next to `dest`
-        return sum(len(files) for p in tmp_path.iterdir() for _, _, files in os.walk(p))
-
     with anyio.fail_after(20):
         async with anyio.create_task_group() as tg:
             tg.start_soon(take)
-            while not got and copied() < 50:  # the close comes in the middle of the copy
-                await anyio.sleep(0.001)
-            mid_copy = not got
             t0 = time.monotonic()
-            await sb.aclose()
+            await _close_while_held(sb, started, release, lambda: None)
             closed_in = time.monotonic() - t0
-    assert mid_copy, f"the copy ended before the close could come: {got}"
-    assert closed_in < 1.0, closed_in
+    assert closed_in < 5.0, closed_in
     assert isinstance(got[0], zviz.SandboxClosedError) and "snapshot()" in str(got[0]), got
     assert list(tmp_path.iterdir()) == [], "a partial template was left"
     await snap.assert_released()
 
 
-async def test_file_calls_in_flight_when_the_sandbox_closes(snapshot):
+async def test_file_calls_in_flight_when_the_sandbox_closes(snapshot, monkeypatch):
     """sb.files calls in flight (in worker threads) when the sandbox is closed
     from another task: each returns (it ended before the close) or raises
     SandboxClosedError. They got errors that blamed the caller (OSError EROFS
     "read-only in the sandbox", FileNotFoundError: the close had taken the
     view's mounts away under them), and a write the close interrupted
     reported success for data that went with the workdir."""
+    import types
+
+    from zviz import _files
+
     snap: Snapshot = snapshot()
-    big = bytes(128 << 20)
-    for delay in (0.001, 0.003):
+    big = bytes(8 * _files.CHUNK)
+    for delay in (0, 0.001, 0.003):
         sb = await zviz.Sandbox.create(PYP)
         await sb.run(["true"])
+        # the big write's thread waits after its first chunk until the sandbox is marked closed
+        gated, (started, release) = _gate(os, "write", lambda _fd, data: len(data) == _files.CHUNK)
+        monkeypatch.setattr(_files, "os", types.SimpleNamespace(**{**vars(os), "write": gated}))
         small: list[object] = []
         large: list[object] = []
 
@@ -288,20 +333,20 @@ async def test_file_calls_in_flight_when_the_sandbox_closes(snapshot):
             except Exception as e:  # noqa: BLE001 - checked below
                 large.append(e)
 
-        host_big = os.path.join(sb.workdir, "big")
         with anyio.fail_after(20):
             async with anyio.create_task_group() as tg:
                 tg.start_soon(write_big)
-                while not large and not (os.path.exists(host_big) and os.path.getsize(host_big) > 0):
-                    await anyio.sleep(0.0005)
-                for i in range(60):
-                    tg.start_soon(write, i)
-                await anyio.sleep(delay)
-                mid_write = not large and os.path.getsize(host_big) < len(big)
-                await sb.aclose()
-        assert mid_write, "the big write ended before the close could come"
+
+                def more(tg: anyio.abc.TaskGroup = tg, write=write) -> None:
+                    for i in range(60):
+                        tg.start_soon(write, i)
+
+                if delay:
+                    await anyio.sleep(delay)
+                await _close_while_held(sb, started, release, more)
+        monkeypatch.undo()
         assert isinstance(large[0], zviz.SandboxClosedError) and "file call" in str(large[0]), large
-        wrong = [e for e in small if e is not None and not isinstance(e, zviz.SandboxClosedError)]
+        wrong = [x for x in small if x is not None and not isinstance(x, zviz.SandboxClosedError)]
         assert not wrong, wrong
     await snap.assert_released()
 

@@ -171,11 +171,11 @@ class Files:
             except Exception:
                 if not view.closing():
                     raise
-                result = None
-            if view.closing():
-                raise SandboxClosedError("the sandbox was closed while this file call ran (closed from another "
-                                         "task or thread): its result is lost; open a new sandbox") from None
-            return result  # type: ignore[return-value]
+            else:
+                if not view.closing():
+                    return result
+            raise SandboxClosedError("the sandbox was closed while this file call ran (closed from another task "
+                                     "or thread): its result is lost; open a new sandbox") from None
 
     async def read(self, path: str, *, max_bytes: int = DEFAULT_MAX_READ) -> bytes:
         """The bytes of a regular file (FIFOs, devices and sockets are refused:
