@@ -223,6 +223,31 @@ async def test_streams_and_wait_of_a_process_whose_sandbox_closes(snapshot):
     await snap.assert_released()
 
 
+async def test_a_stdin_writer_whose_sandbox_closes_is_told_so(snapshot):
+    """A task blocked in `Process.stdin.send_all` (the pipe is full: the
+    program does not read) when the sandbox is closed from another task gets
+    SandboxClosedError. When the SIGKILL of the close ended the reader before
+    the teardown closed the pipe, the write failed with EPIPE and the task got
+    BrokenResourceError "the sandboxed process closed its stdin" (seen on
+    asyncio in about half the rounds), which blames the program."""
+    snap: Snapshot = snapshot()
+    for delay in (0.001, 0.005, 0.02, 0.05) * 3:
+        sb = await zviz.Sandbox.create(PYP)
+
+        async def feed(sb: zviz.Sandbox = sb) -> object:
+            p = await sb.start(["sleep", "100"], stdin=True, stdout=False, stderr=False, timeout=6)
+            try:
+                await p.stdin_stream().send_all(bytes(1 << 20))
+            except Exception as e:  # noqa: BLE001 - checked below
+                return e
+            return "sent"
+
+        got, late = await _closed_under(sb, delay, feed)
+        assert isinstance(got, zviz.SandboxClosedError), (delay, got)
+        assert late < 1.0, (delay, late)
+    await snap.assert_released()
+
+
 def _gate(on: object, name: str, block_when) -> tuple[object, object]:
     """Wrap `on.name` (a function a worker thread calls) so that the first
     call for which `block_when(*args)` holds sets `started` and waits for

@@ -114,10 +114,13 @@ class FdReceiveStream(anyio.abc.ByteReceiveStream):
 class FdSendStream(anyio.abc.ByteSendStream):
     """Write end of a pipe: anyio's `ByteSendStream` (`send()`) and trio's
     `SendStream` (`send_all()`). Raises BrokenResourceError once the sandboxed
-    reader is gone."""
+    reader is gone (SandboxClosedError when `closing()` says its sandbox is
+    being closed: then the close killed the reader, not the program's doing)."""
 
-    def __init__(self, fd: OwnedFd, counts: Counter[str] | None = None, key: str = "") -> None:
+    def __init__(self, fd: OwnedFd, counts: Counter[str] | None = None, key: str = "",
+                 closing: Callable[[], bool] | None = None) -> None:
         os.set_blocking(fd.fd, False)
+        self._closing = closing
         self._fd = fd
         self._counts = counts  # the sandbox's byte counts (run() writes the pipe itself and counts there)
         self._key = key
@@ -140,6 +143,8 @@ class FdSendStream(anyio.abc.ByteSendStream):
                 continue
             except OSError as e:
                 if e.errno == errno.EPIPE:
+                    if self._closing is not None and self._closing():  # (the close's SIGKILL came first)
+                        raise _closed_error(True) from None
                     raise anyio.BrokenResourceError("the sandboxed process closed its stdin") from None
                 raise
             self.bytes_sent += n

@@ -321,7 +321,7 @@ class Sandbox:
                     continue
                 owned = OwnedFd(end.detach(), end.label)
                 if is_input:
-                    streams.append(FdSendStream(owned, self._tally.bytes, "stdin"))
+                    streams.append(FdSendStream(owned, self._tally.bytes, "stdin", closing=self._runner.closing))
                 else:
                     streams.append(FdReceiveStream(owned, output_cap, self._tally.bytes, end.label.split("-")[0]))
         account = RunAccount(command=argv[0])
