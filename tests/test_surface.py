@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import gc
+import itertools
 import math
 import os
 import signal
@@ -245,6 +246,50 @@ async def test_a_stdin_writer_whose_sandbox_closes_is_told_so(snapshot):
         got, late = await _closed_under(sb, delay, feed)
         assert isinstance(got, zviz.SandboxClosedError), (delay, got)
         assert late < 1.0, (delay, late)
+    await snap.assert_released()
+
+
+async def test_a_run_whose_output_never_pauses_lets_the_loop_and_a_close_in(snapshot):
+    """run()'s loop took the next chunk without yielding to the event loop as
+    long as one was ready: a command that keeps its pipe from running dry
+    (here it prints every 0.5 ms while the caller's plain on_stdout callback
+    takes 2 ms a chunk) held the whole event loop (every other task and
+    sandbox) until the run ended, so a close from another task came only
+    then. Now the loop yields at least every few ms, and the close comes in
+    time."""
+    snap: Snapshot = snapshot()
+    sb = await zviz.Sandbox.create(PYP)
+    writer = "import time\nwhile True:\n    print('x' * 100, flush=True)\n    time.sleep(0.0005)"
+    ticks: list[float] = []
+    got: list[object] = []
+
+    async def ticker() -> None:
+        while True:
+            await anyio.sleep(0.01)
+            ticks.append(time.monotonic())
+
+    async def call() -> None:
+        try:
+            got.append(await sb.run(["python3", "-c", writer], timeout=4, on_stdout=lambda _c: time.sleep(0.002)))
+        except Exception as e:  # noqa: BLE001 - checked below
+            got.append(e)
+
+    async def closer() -> None:
+        await anyio.sleep(0.5)
+        await sb.aclose()
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ticker)
+            t0 = time.monotonic()
+            tg.start_soon(closer)
+            await call()
+            ended = time.monotonic() - t0
+            tg.cancel_scope.cancel()
+    gaps = [b - a for a, b in itertools.pairwise(ticks)]
+    assert isinstance(got[0], zviz.SandboxClosedError), got
+    assert ended < 1.5, f"the close (due at 0.5 s) ended the run only at {ended:.2f} s"
+    assert max(gaps) < 0.4, f"the event loop was held for {max(gaps):.2f} s"
     await snap.assert_released()
 
 
