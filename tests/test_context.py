@@ -1,6 +1,7 @@
 """Code contexts and run_python on the real kernel, from trio and asyncio."""
 
 import gc
+import itertools
 import math
 import os
 import subprocess
@@ -130,6 +131,36 @@ async def test_output_is_capped_per_cell_and_counted():
         assert ex.result == "1"
         ex = await ctx.run("print('small')")
         assert ex.stdout == "small\n" and ex.output_dropped == 0
+
+
+async def test_a_cell_whose_output_never_pauses_lets_the_loop_run():
+    """A cell's loop took the next output without yielding to the event loop
+    as long as some was ready: a cell that prints every 0.5 ms, read by a
+    plain consumer of `stream()` that takes 2 ms an event, held the whole
+    event loop (every other task and sandbox, a close from another task)
+    until the cell ended. Now it yields at least every few ms."""
+    code = "import time\nwhile True:\n    print('x' * 100, flush=True)\n    time.sleep(0.0005)"
+    ticks: list[float] = []
+
+    async def ticker() -> None:
+        while True:
+            await anyio.sleep(0.01)
+            ticks.append(time.monotonic())
+
+    async with zviz.open_sandbox(Policy.python()) as sb, sb.code_context() as ctx:
+        await ctx.run("1")
+        events = 0
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ticker)
+            ticks.append(time.monotonic())
+            async for _ev in ctx.stream(code, timeout=1.0):
+                events += 1
+                time.sleep(0.002)  # noqa: ASYNC251 - the slow, plain consumer this is about
+            ticks.append(time.monotonic())
+            tg.cancel_scope.cancel()
+    gaps = [b - a for a, b in itertools.pairwise(sorted(ticks))]
+    assert events > 10, events
+    assert max(gaps) < 0.4, f"the event loop was held for {max(gaps):.2f} s"
 
 
 async def test_output_after_the_cell_is_not_the_cells():
