@@ -27,14 +27,13 @@ from . import _contextproto as proto, _kernel
 from ._errors import CodeContextError
 from ._execution import DisplayData, Execution, ExecutionError, StreamOutput
 from ._kernel import OwnedFd
-from ._proxy import Collector
+from ._proxy import Collector, Pacer
 from ._template import ChannelBroken, Child
 
 if TYPE_CHECKING:
     from ._context import CodeContext
 
 SPIN_S = 0.002  # how long a cell's first reply is awaited without a trip through the event loop
-YIELD_EVERY_S = 0.005  # a cell whose output never pauses still lets the event loop run this often
 Event = StreamOutput | DisplayData | Execution
 
 
@@ -62,7 +61,7 @@ class Cell:
         self.pipes: dict[int, tuple[OwnedFd, str]] = {}
         self.ep: select.epoll | None = None
         self.first = True
-        self.yielded = time.monotonic()  # when step() last let the event loop run
+        self.pacer = Pacer()  # a cell whose output never pauses still lets the event loop run
         self.execution: Execution | None = None
         self.owned = True  # its caller (run, stream) is still stepping it
         self.ended = anyio.Event()
@@ -138,16 +137,10 @@ class Cell:
                     await anyio.wait_readable(self.ep.fileno())
                 except anyio.ClosedResourceError:
                     raise CodeContextError(self._closed_why()) from None
-            self.yielded = time.monotonic()
             return events
-        if now - self.yielded > YIELD_EVERY_S:
-            # Output that never pauses (its reader slower than the cell, e.g. a plain consumer of
-            # stream()) always has an event ready: without this the cell held the whole event loop,
-            # every other sandbox and a close from another task, until it ended.
-            await anyio.lowlevel.checkpoint()
-            self.yielded = time.monotonic()
-            if self.ep is None:  # (closed meanwhile)
-                raise CodeContextError(self._closed_why())
+        await self.pacer.pace()  # (e.g. its output read by a plain consumer of stream(), slower than the cell)
+        if self.ep is None:  # (closed meanwhile)
+            raise CodeContextError(self._closed_why())
         fds = {fd for fd, _ in ready}
         for fd in list(self.pipes):
             if fd in fds:

@@ -4,10 +4,6 @@ A Process owns its pidfd, its init-status pipe and its stdio pipe ends (the
 seccomp listener of a full spawn is the supervisor's). It knows nothing of the
 Sandbox that made it: what it needs from it comes in as values and callbacks
 (`Hooks`), and what the sandbox needs from it is the functions of this module.
-
-Why this module is long: a Process and `run()`'s loop share one concern (a
-command's pipes, pidfd and end, and who is told what when the sandbox closes
-under them); split, each half would restate the other's invariants.
 """
 
 from __future__ import annotations
@@ -28,7 +24,7 @@ import attrs
 from . import _kernel, _zygote
 from ._errors import SandboxClosedError
 from ._kernel import OwnedFd
-from ._proxy import Collector, FdReceiveStream, FdSendStream
+from ._proxy import Collector, FdReceiveStream, FdSendStream, Pacer
 from ._records import RunResult, Tally, cpu_limit
 from ._supervisor import RunAccount
 
@@ -338,9 +334,6 @@ async def watchdog(proc: Process, timeout: float, scope: anyio.CancelScope) -> N
 
 OutputCallback = Callable[[bytes], "Awaitable[None] | None"]
 
-# run()'s loop lets the event loop run at least this often while output keeps coming
-YIELD_EVERY_S = 0.005
-
 
 async def run_to_end(proc: Process, stdin: bytes, *, timeout: float, output_cap: int | None,
                      cpu_limit_s: float | None, tally: Tally,
@@ -428,26 +421,16 @@ async def _drive(proc: Process, data: bytes, out: Collector, err: Collector,
             else:
                 proc.stdin.close()
         exited_at: float | None = None
-        yielded = time.monotonic()
+        pacer = Pacer()  # (a command that never lets its pipes run dry always has an event ready)
         while sinks or proc._status is None:
-            now = time.monotonic()
-            if exited_at is not None and now - exited_at > 2.0:
+            if exited_at is not None and time.monotonic() - exited_at > 2.0:
                 break
             events = ep.poll(0)
-            if events and now - yielded > YIELD_EVERY_S:
-                # A command that keeps its pipes full always has an event ready: without a
-                # checkpoint the loop never let the event loop run (other sandboxes, a close from
-                # another task) nor this run's own timeout in, until the output cap ended it.
-                await anyio.lowlevel.checkpoint()
-                yielded = time.monotonic()
             if not events:
-                if exited_at is None:
+                with anyio.move_on_after(float("inf") if exited_at is None else 2.0 - (time.monotonic() - exited_at)):
                     await anyio.wait_readable(ep.fileno())
-                else:
-                    with anyio.move_on_after(max(0.0, 2.0 - (time.monotonic() - exited_at))):
-                        await anyio.wait_readable(ep.fileno())
-                yielded = time.monotonic()
                 continue
+            await pacer.pace()
             for fd, _ev in events:
                 if fd == pidfd:
                     ep.unregister(pidfd)

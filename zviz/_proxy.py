@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import sys
+import time
 from collections import Counter
 from collections.abc import Callable
 
@@ -190,6 +191,25 @@ def register_with_trio() -> None:
 
 if "trio" in sys.modules:
     register_with_trio()
+
+
+class Pacer:
+    """For a loop that handles events as long as some are ready: `pace()` lets
+    the event loop run once `EVERY_S` has passed since it last did. Output
+    that never pauses (a command that keeps its pipe from running dry, faster
+    than its reader) always has an event ready: without it such a loop held
+    the whole event loop (every other sandbox, a close from another task, its
+    own timeout) until the output ended (`run()`'s loop, a code context's cell)."""
+
+    EVERY_S = 0.005
+
+    def __init__(self) -> None:
+        self._last = time.monotonic()
+
+    async def pace(self) -> None:
+        if time.monotonic() - self._last > self.EVERY_S:
+            await anyio.lowlevel.checkpoint()
+            self._last = time.monotonic()
 
 
 class Collector:
