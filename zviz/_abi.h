@@ -137,6 +137,7 @@ enum {
     SPEC_DENY_SETGROUPS = 1 << 7,
     SPEC_COMMAND_RULESET = 1 << 8,
     SPEC_ROOT_READONLY = 1 << 9,
+    SPEC_CGROUP_NS = 1 << 10,
 };
 struct spec_header {
     unsigned int magic, flags;

@@ -637,6 +637,9 @@ def stage_spec(plan: SandboxPlan, *, bpf: bytes, seccomp_flags: int) -> StageSpe
         landlock_abi=ll.abi if ll else 0, ll_fs=ll.handled_fs if ll else 0, ll_net=ll.handled_net if ll else 0,
         ll_scoped=ll.scoped if ll else 0, ll_paths=ll.paths if ll else (), ll_ports=ll.ports if ll else (),
         bpf=bpf, seccomp_flags=seccomp_flags,
+        # its own cgroup namespace whenever it may make one (a user namespace, or root): the host's
+        # cgroup tree stays out of /proc/self/cgroup
+        cgroup_ns=bool(plan.clone_flags & _linux.CLONE_NEWUSER) or plan.creds_late,
     )
 
 

@@ -88,6 +88,7 @@ class StageSpec:
     mount_ops: tuple[tuple[int, str, str, int], ...] = ()  # (OP_*, path, argument, bind index)
     masks: tuple[tuple[int, str], ...] = ()  # (MASK_*, absolute path in the new root), after pivot_root
     root_readonly: bool = False  # the root tmpfs is remounted read-only once assembled
+    cgroup_ns: bool = False  # a cgroup namespace of its own, rooted at its cgroup (after joining it)
     loopback_up: bool = False
     hostname: str | None = None
     setsid: bool = False
@@ -138,7 +139,8 @@ class StageSpec:
                  | (_abi.SPEC_DROP_GROUPS if self.drop_groups else 0)
                  | (_abi.SPEC_DENY_SETGROUPS if self.deny_setgroups else 0)
                  | (_abi.SPEC_COMMAND_RULESET if self.command_ruleset else 0)
-                 | (_abi.SPEC_ROOT_READONLY if self.root_readonly else 0))
+                 | (_abi.SPEC_ROOT_READONLY if self.root_readonly else 0)
+                 | (_abi.SPEC_CGROUP_NS if self.cgroup_ns else 0))
         header = SPEC_HEADER.pack(
             _abi.SPEC_MAGIC, flags, self.clone_flags, self.uid, self.gid, self.pdeathsig, self.landlock_abi,
             self.seccomp_flags, 0, self.ll_fs, self.ll_net, self.ll_scoped, strings.add(self.staging),

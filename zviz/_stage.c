@@ -17,9 +17,11 @@
  *   clone(CLONE_VM | CLONE_NEW* |       reset signal dispositions
  *         CLONE_PIDFD)                  1  sync: wait for "go" (id maps written)
  *   cgroup v2: put the child in the     1b cgroup v1: join the memory cgroup ("0" into
- *     memory cgroup (pid into              its `tasks`: see step_cgroup)
- *     cgroup.procs); write setgroups/   2  clone the new root's sources (openat2 without
- *     uid_map/gid_map                      symlinks, open_tree)
+ *     memory cgroup (pid into              its `tasks`: see step_cgroup); then, in a
+ *     cgroup.procs); write setgroups/      user namespace or as root, a cgroup namespace
+ *     uid_map/gid_map                      rooted there
+ *                                       2  clone the new root's sources (openat2 without
+ *                                          symlinks, open_tree)
  *                                       3  credentials: setgroups, setresgid, setresuid
  *   send "go"                           4  mounts: a new root (tmpfs) holding only the
  *   read error pipe until EOF (exec)       policy's paths, a fresh /proc; pivot_root;
@@ -237,11 +239,17 @@ step_sync(struct child *c)
 static void
 step_cgroup(struct child *c)
 {
-    if (c->p.cgroup_tasks_fd < 0)
-        return;
-    long r = R4(SYS_pwrite64, c->p.cgroup_tasks_fd, "0", 1, 0);
-    if (r != 1)
-        child_fail(c, STEP_CGROUP, r < 0 ? r : -EIO, -1);
+    if (c->p.cgroup_tasks_fd >= 0) {
+        long r = R4(SYS_pwrite64, c->p.cgroup_tasks_fd, "0", 1, 0);
+        if (r != 1)
+            child_fail(c, STEP_CGROUP, r < 0 ? r : -EIO, -1);
+    }
+    /* Then a cgroup namespace rooted where we now are: the sandbox's
+     * /proc/self/cgroup reads "/" for every hierarchy, not the host's cgroup
+     * tree (its layout, the supervisor's pid in the cgroup's name). Needs
+     * CAP_SYS_ADMIN in our user namespace: the plan asks for it only then. */
+    if (c->p.cgroup_ns)
+        CHECK(R1(SYS_unshare, CLONE_NEWCGROUP), STEP_CGROUP, -1);
 }
 
 /* Open a canonical host path that the host checked, following no symlink at

@@ -38,6 +38,7 @@ struct plan {
     int mask_kind[MAX_MASKS]; /* MASK_* */
     const char *mask_path[MAX_MASKS];
     int root_readonly;
+    int cgroup_ns; /* unshare the cgroup namespace once in the sandbox's cgroup */
     const char *hostname;
     int drop_groups;
     long uid, gid; /* -1: leave as is */

@@ -121,6 +121,7 @@ parse_spec(const struct buf *b, struct plan *p, struct parent_plan *pp)
     p->drop_groups = !!(h.flags & SPEC_DROP_GROUPS);
     p->command_ruleset = !!(h.flags & SPEC_COMMAND_RULESET);
     p->root_readonly = !!(h.flags & SPEC_ROOT_READONLY);
+    p->cgroup_ns = !!(h.flags & SPEC_CGROUP_NS);
     p->uid = (long)h.uid;
     p->gid = (long)h.gid;
     p->pdeathsig = h.pdeathsig;
@@ -565,6 +566,7 @@ PyInit__stage(void)
         {"SPEC_LOOPBACK_UP", SPEC_LOOPBACK_UP}, {"SPEC_SETSID", SPEC_SETSID},
         {"SPEC_CREDS_LATE", SPEC_CREDS_LATE}, {"SPEC_DROP_GROUPS", SPEC_DROP_GROUPS},
         {"SPEC_DENY_SETGROUPS", SPEC_DENY_SETGROUPS}, {"SPEC_COMMAND_RULESET", SPEC_COMMAND_RULESET},
+        {"SPEC_CGROUP_NS", SPEC_CGROUP_NS},
     };
     for (size_t i = 0; i < sizeof consts / sizeof consts[0]; i++)
         if (PyModule_AddObject(m, consts[i].name, PyLong_FromLongLong(consts[i].value)) < 0)

@@ -153,19 +153,28 @@ def test_without_a_cgroup_memfd_is_refused_and_said(attack_bin):
 @needs_cgroup
 def test_cgroup_is_removed_and_made_per_sandbox():
     """Each sandbox gets its own cgroup, every process of it inside from the
-    first instruction (the zygote included), and teardown removes it."""
+    first instruction (the zygote included), and teardown removes it. Seen
+    from the host: inside, a cgroup namespace rooted there shows "/"."""
+    async def host_view(sb: zviz.Sandbox) -> str:
+        p = await sb.start(["sleep", "30"], stdin=False, stdout=False, stderr=False)
+        try:
+            with open(f"/proc/{p.pid}/cgroup") as f:
+                return f.read()
+        finally:
+            p.kill()
+            await p.wait()
+
     async def main() -> tuple:
         async with zviz.open_sandbox(zviz.Policy.python(limits=zviz.Limits(memory="256M"))) as a, \
                 zviz.open_sandbox(zviz.Policy.python(limits=zviz.Limits(memory="256M"))) as b:
-            ra = await a.run(["cat", "/proc/self/cgroup"])
-            rb = await b.run(["cat", "/proc/self/cgroup"])
+            ra, rb = await host_view(a), await host_view(b)
             paths = (a._resources.cgroup.path, b._resources.cgroup.path)
             zygote_pid = a._zygote.pid if a._zygote is not None else None
             with open(os.path.join(paths[0], "cgroup.procs")) as f:
                 members = [int(x) for x in f.read().split()]
             cg = a._resources.cgroup
             joined_by = (cg.kind, cg.procs.label)
-        return ra.stdout.decode(), rb.stdout.decode(), paths, zygote_pid, members, joined_by
+        return ra, rb, paths, zygote_pid, members, joined_by
 
     out_a, out_b, paths, zygote_pid, members, joined_by = trio.run(main)
     # v1: the child joins by writing "0" into `tasks` (no global lock, no RCU grace period); v2: the stage
@@ -178,6 +187,31 @@ def test_cgroup_is_removed_and_made_per_sandbox():
         assert zygote_pid in members
     time.sleep(0.05)
     assert not os.path.exists(paths[0]) and not os.path.exists(paths[1])
+
+
+@needs_cgroup
+def test_the_sandbox_sees_no_host_cgroup_path():
+    """/proc/self/cgroup inside named the host's cgroup tree: its layout
+    above zviz (a container's id here) and the cgroup's name, which holds the
+    supervisor's pid. A cgroup namespace, made once the stage's child is in
+    the sandbox's cgroup, roots every hierarchy there: the zygote and each
+    command read "/" while the host still sees them in that cgroup."""
+    async def main() -> tuple:
+        async with zviz.open_sandbox(zviz.Policy.python(limits=zviz.Limits(memory="256M"))) as sb:
+            inside = (await sb.run(["sh", "-c", "cat /proc/self/cgroup /proc/1/cgroup"])).stdout.decode()
+            name = os.path.basename(sb._resources.cgroup.path)
+            assert sb._zygote is not None
+            with open(f"/proc/{sb._zygote.pid}/cgroup") as f:
+                host = f.read()
+            zygote_ns = os.readlink(f"/proc/{sb._zygote.pid}/ns/cgroup")
+        return inside, name, host, zygote_ns
+
+    inside, name, host, zygote_ns = trio.run(main)
+    lines = inside.split()
+    assert len(lines) >= 2 and all(line.endswith(":/") for line in lines), inside
+    assert name not in inside and str(os.getpid()) not in inside
+    assert name in host  # (still in its cgroup, as the host sees it)
+    assert zygote_ns != os.readlink("/proc/self/ns/cgroup")
 
 
 @needs_cgroup
