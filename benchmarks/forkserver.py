@@ -30,6 +30,7 @@ Root only (the template writes the forks' id maps).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
@@ -244,8 +245,13 @@ async def main() -> None:
         finally:
             template.kill()
             template.wait()
-            if cg:
-                os.rmdir(cg)
+            if cg:  # (a handler killed with the template may have left its snippet's cgroup behind)
+                for entry in os.scandir(cg):
+                    if entry.is_dir():
+                        with contextlib.suppress(OSError):
+                            os.rmdir(entry.path)
+                with contextlib.suppress(OSError):
+                    os.rmdir(cg)
     b = statistics.median(times["bare"])
     print(json.dumps({k: {"wall_s": round(statistics.median(v), 3), "ratio": round(statistics.median(v) / b, 3),
                           "passed": passed[k], "tasks": len(progs)} for k, v in times.items()}, indent=1))
