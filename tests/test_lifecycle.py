@@ -12,6 +12,7 @@ import textwrap
 import warnings
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 import zviz
@@ -237,3 +238,48 @@ def test_closing_on_trio_does_not_import_trio_testing():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == "[]", (r.stdout, r.stderr[-500:])
+
+
+def test_a_service_coroutine_cancelled_before_its_first_step_is_closed_not_left_to_warn():
+    """On asyncio, anyio runs a task's coroutine inside a wrapper: a task
+    group cancelled before the task's first step never awaited the
+    coroutine, which warned "coroutine 'Supervisor.run' was never awaited"
+    at its collection, in whatever test ran then (seen once in a full CI
+    run). `start_owned` keeps it and `close_unstarted` closes it; one that
+    ran is left alone."""
+    import asyncio
+    import gc
+    import warnings
+
+    ran: list[str] = []
+
+    async def job(name: str) -> None:
+        ran.append(name)
+        await anyio.lowlevel.checkpoint()
+
+    async def main(close: bool) -> None:
+        owned: list = []
+        async with anyio.create_task_group() as tg:
+            _lifecycle.start_owned(tg, job("started"), owned)
+            await anyio.sleep(0.01)
+            _lifecycle.start_owned(tg, job("never"), owned)
+            for task in asyncio.all_tasks():  # a native cancel before its first step (the loop ending does this)
+                if task is not asyncio.current_task():
+                    task.cancel()
+        if close:
+            _lifecycle.close_unstarted(owned)
+            assert owned == []
+
+    def warned(close: bool) -> list[str]:
+        ran.clear()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            anyio.run(main, close, backend="asyncio")
+            gc.collect()
+        assert ran == ["started"]
+        return [str(w.message) for w in caught if "never awaited" in str(w.message)]
+
+    # Without close_unstarted it warned with anyio 4.16 (checked when this was written; not asserted: a
+    # later anyio may close such coroutines itself). With it, never:
+    assert not warned(close=True)
+

@@ -238,6 +238,28 @@ def collected(life: Life) -> None:
         life.final_cleanup()
 
 
+def start_owned(tg: anyio.abc.TaskGroup, coro: Coroutine[Any, Any, None],
+                owned: list[Coroutine[Any, Any, None]]) -> None:
+    """`tg.start_soon` for a coroutine the caller keeps (in `owned`), to close
+    with `close_unstarted` once the task group has ended. On asyncio, anyio
+    runs each task's coroutine inside a wrapper of its own: a task group
+    cancelled before the task's first step (a sandbox closed at once, or its
+    loop ending) cancels the wrapper, and the coroutine it never awaited
+    warns "coroutine ... was never awaited" when it is collected, in whatever
+    code runs then."""
+    owned.append(coro)
+    tg.start_soon(lambda: coro)
+
+
+def close_unstarted(owned: list[Coroutine[Any, Any, None]]) -> None:
+    """Close those of `owned` that never ran (see `start_owned`)."""
+    for coro in owned:  # (inspect.getcoroutinestate's test, without importing inspect)
+        if (getattr(coro, "cr_frame", None) is not None and not getattr(coro, "cr_running", True)
+                and not getattr(coro, "cr_suspended", True)):
+            coro.close()
+    owned.clear()
+
+
 async def serve(life: Life, monitor_cm: contextlib.AbstractAsyncContextManager[Any] | None,
                 sup: Supervisor) -> None:
     """A sandbox's service task: owns its task group (the supervisor, the
@@ -247,15 +269,16 @@ async def serve(life: Life, monitor_cm: contextlib.AbstractAsyncContextManager[A
     at the sandbox's collection, or when the loop ends (cancelled: then the
     sandbox was never closed, and it says so). It never raises."""
     life.started = True
+    owned: list[Coroutine[Any, Any, None]] = []
     try:
         async with contextlib.AsyncExitStack() as stack:
             if monitor_cm is not None:
                 await stack.enter_async_context(monitor_cm)
             async with anyio.create_task_group() as tg:
                 sup.bind(tg)
-                tg.start_soon(sup.run)
+                start_owned(tg, sup.run(), owned)
                 if life.egress is not None:
-                    tg.start_soon(life.egress.run)
+                    start_owned(tg, life.egress.run(), owned)
                 life.tg, life.supervisor = tg, sup
                 life.ready.set()
                 try:
@@ -282,6 +305,7 @@ async def serve(life: Life, monitor_cm: contextlib.AbstractAsyncContextManager[A
         if not isinstance(e, anyio.get_cancelled_exc_class()):
             life.error = e
     finally:
+        close_unstarted(owned)
         # Last, once every fd of the sandbox is closed (the supervisor's too):
         # what is left of its uid, its workdir, the uid, the slot.
         with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
