@@ -60,6 +60,7 @@ if TYPE_CHECKING:  # what a type checker and an IDE see: the same names, importe
     from ._sandbox import Sandbox as Sandbox, open_sandbox as open_sandbox
     from ._snapshot import SnapshotInfo as SnapshotInfo
     from ._supervisor import DenialEvent as DenialEvent
+    from ._warm import run_snippet as run_snippet
 
 # public name -> (private module, name there); keep in step with the block above
 _LAZY: dict[str, tuple[str, str]] = {
@@ -84,6 +85,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "open_sandbox": ("._sandbox", "open_sandbox"),
     "SnapshotInfo": ("._snapshot", "SnapshotInfo"),
     "DenialEvent": ("._supervisor", "DenialEvent"),
+    "run_snippet": ("._warm", "run_snippet"),
 }
 
 __all__ = [
@@ -126,6 +128,7 @@ __all__ = [
     "ZvizWarning",
     "open_sandbox",
     "probe_host",
+    "run_snippet",
     "set_pool_size",
 ]
 assert set(__all__) == set(_LAZY)  # one list of public names, checked at import

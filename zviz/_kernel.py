@@ -200,21 +200,7 @@ def spawn(stage: StageSpec, packed: bytes, command: Command) -> Spawned:
     try:
         pid, pidfd, listener = _stage.spawn(packed, command.pack())
     except _stage.SetupError as e:
-        step, err, index, path = e.args
-        if step.startswith("id-map-"):  # written by the parent
-            hint = ""
-            if err == errno.EACCES and _not_dumpable():
-                hint = ("this process changed its uid without exec, so it is not dumpable and may "
-                        "not write its children's id maps: exec after setuid, or call "
-                        "prctl(PR_SET_DUMPABLE, 1)")
-            raise SandboxSetupError(step, err, path, hint) from None
-        if step == "cgroup":
-            raise SandboxSetupError("cgroup", err, path, "the sandbox could not join its memory cgroup (ENODEV: it was "
-                                    "removed meanwhile); nothing ran. To run without one, set limits.memory=None") \
-                from None
-        if step == "spawn":
-            raise SandboxSetupError("spawn", err, None, path or "") from None
-        raise SandboxSetupError(step, err, _step_path(stage, command, step, index), HINTS.get(step, "")) from None
+        raise setup_failure(stage, command, e.args) from None
     except OSError as e:
         if e.errno in (errno.EMFILE, errno.ENFILE):
             raise host_fd_shortage("spawn", e) from None
@@ -224,6 +210,25 @@ def spawn(stage: StageSpec, packed: bytes, command: Command) -> Spawned:
         pidfd=OwnedFd(pidfd, f"pidfd-{pid}"),
         listener=OwnedFd(listener, f"listener-{pid}") if listener >= 0 else None,
     )
+
+
+def setup_failure(stage: StageSpec, command: Command, args: tuple[Any, ...]) -> SandboxSetupError:
+    """The error for a stage's SetupError `args` (step, errno, index, path),
+    naming the path the failed step worked on and what to do."""
+    step, err, index, path = args
+    if step.startswith("id-map-"):  # written by the parent
+        hint = ""
+        if err == errno.EACCES and _not_dumpable():
+            hint = ("this process changed its uid without exec, so it is not dumpable and may "
+                    "not write its children's id maps: exec after setuid, or call "
+                    "prctl(PR_SET_DUMPABLE, 1)")
+        return SandboxSetupError(step, err, path, hint)
+    if step == "cgroup":
+        return SandboxSetupError("cgroup", err, path, "the sandbox could not join its memory cgroup (ENODEV: it was "
+                                 "removed meanwhile); nothing ran. To run without one, set limits.memory=None")
+    if step == "spawn":
+        return SandboxSetupError("spawn", err, None, path or "")
+    return SandboxSetupError(step, err, _step_path(stage, command, step, index), HINTS.get(step, ""))
 
 
 _RLIMIT_NAMES = {num: name for name, num in RLIMIT.items()}

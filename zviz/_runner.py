@@ -14,6 +14,7 @@ import contextlib
 import errno
 import os
 from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import anyio
 import attrs
@@ -24,6 +25,9 @@ from ._kernel import OwnedFd
 from ._records import Tally
 from ._spec import StageSpec
 from ._supervisor import RunAccount, Supervisor
+
+if TYPE_CHECKING:
+    from . import _warm
 
 _PENDING = 0x80000000  # eBPF monitor (zviz/ebpf/_program.c): not counted until exec
 _SKIP_EXEC = 0x40000000  # ... and that exec (zviz-init's own) does not count
@@ -38,6 +42,7 @@ class Command:
     exe: bytes
     argv: tuple[bytes, ...]
     envp: tuple[bytes, ...]
+    warm: tuple[_warm.Server, int] | None = None  # a warm snippet (_warm.py): its server and its input's fd
 
     @property
     def zrun(self) -> bool:
@@ -123,6 +128,14 @@ class Runner:
         """Start `cmd` with `stdio` on its fds 0-2 and zviz-init's status pipe."""
         if cmd.request is not None:
             return await self._zygote_run(cmd.request, [*stdio, status_fd], supervisor)
+        if cmd.warm is not None:  # a fork of the server, not an exec: the snippet comes through its own pipe
+            server, input_fd = cmd.warm
+            spawn = _plan.command_spec(self._plan, exe=cmd.exe, argv=(cmd.exe,), envp=(),
+                                       stdio=(stdio[0], stdio[1], stdio[2]), status_fd=status_fd, init_fd=-1,
+                                       cgroup_fd=self._cgroup_fd)
+            if self._stage_packed is None:
+                self._stage_packed = self._stage.pack()
+            return server.spawn(self._stage, self._stage_packed, spawn, input_fd)
         spawn = _plan.command_spec(self._plan, exe=cmd.exe, argv=cmd.argv, envp=cmd.envp,
                                    stdio=(stdio[0], stdio[1], stdio[2]), status_fd=status_fd, init_fd=self._init_fd,
                                    track=self._track, cgroup_fd=self._cgroup_fd)

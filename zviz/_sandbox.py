@@ -271,7 +271,7 @@ class Sandbox:
 
     async def _start(self, argv: tuple[str, ...], *, env: Mapping[str, str] | None, stdin: bool,
                      stdout: bool, stderr: bool, output_cap: int | None = None,
-                     stdin_fd: int | None = None) -> Process:
+                     stdin_fd: int | None = None, warm: tuple[Any, int] | None = None) -> Process:
         self._check_open()
         while self._snapshot_busy is not None:  # a snapshot copies the workspace: no command runs meanwhile
             await self._snapshot_busy.wait()
@@ -283,6 +283,8 @@ class Sandbox:
         merged.update(env or {})
         exe = self._resolve(argv, merged)
         cmd = self._runner.command(argv, exe, env)
+        if warm is not None:  # zviz.run_snippet's: a fork of a warm interpreter (_warm.py)
+            cmd = attrs.evolve(cmd, warm=warm)
 
         with contextlib.ExitStack() as stack:
             # On failure every fd made here is closed; on success the child has
@@ -352,7 +354,8 @@ class Sandbox:
 
     async def run(self, argv: Sequence[str] | str, *, stdin: bytes | None = b"", timeout: float | None = None,
                   env: Mapping[str, str] | None = None, cwd: str | None = None, shell: bool = False,
-                  on_stdout: OutputCallback | None = None, on_stderr: OutputCallback | None = None) -> RunResult:
+                  on_stdout: OutputCallback | None = None, on_stderr: OutputCallback | None = None,
+                  _warm: tuple[Any, int] | None = None) -> RunResult:
         """Run a command to completion and capture its output (capped by
         `limits.output`). `timeout` defaults to the policy's `limits.wall_s`.
         `shell=True` runs a string with /bin/sh -c; `cwd` is a path inside the
@@ -368,7 +371,7 @@ class Sandbox:
         timeout = self._timeout(timeout)
         argv = _args.command_argv(argv, shell, cwd)
         with _capacity.exhaustion_as_error("spawn"):
-            proc = await self._start(argv, env=env, stdin=bool(stdin), stdout=True, stderr=True)
+            proc = await self._start(argv, env=env, stdin=bool(stdin), stdout=True, stderr=True, warm=_warm)
         return await _process.run_to_end(proc, bytes(stdin or b""), timeout=timeout,
                                          output_cap=self.policy.limits.output,
                                          cpu_limit_s=self.policy.limits.cpu_s, tally=self._tally,

@@ -171,6 +171,7 @@ struct child {
     struct plan p;
     int srcfd[MAX_BINDS]; /* the cloned sources of the new root */
     int command_rs;       /* zygote: the commands' ruleset (-1: none) */
+    int warm;             /* a warm spawn: init_fd is the caller's input, not a program (no Landlock rule) */
 };
 
 static void __attribute__((noreturn))
@@ -477,7 +478,7 @@ step_landlock(struct child *c)
         CHECK(R4(SYS_landlock_add_rule, rs, LANDLOCK_RULE_PATH_BENEATH, &pb, 0), STEP_LANDLOCK_RULE, i);
         R1(SYS_close, fd);
     }
-    if (p->init_fd >= 0) {
+    if (p->init_fd >= 0 && !c->warm) {
         struct zviz_path_beneath_attr pb = {LANDLOCK_ACCESS_FS_EXECUTE | LANDLOCK_ACCESS_FS_READ_FILE, p->init_fd};
         CHECK(R4(SYS_landlock_add_rule, rs, LANDLOCK_RULE_PATH_BENEATH, &pb, 0), STEP_LANDLOCK_RULE, -1);
     }
@@ -628,12 +629,10 @@ step_exec(struct child *c)
     child_fail(c, STEP_EXECVE, r, -1);
 }
 
-static int
-child_main(void *arg)
+/* Every step but the exec: the sandbox is complete when this returns. */
+static void
+child_setup(struct child *c)
 {
-    struct child child = {.p = *(const struct plan *)arg, .command_rs = -1};
-    struct child *c = &child;
-
     reset_signals();
     step_sync(c);
     step_cgroup(c);
@@ -649,7 +648,27 @@ child_main(void *arg)
     step_fds(c);
     step_rlimits_and_cwd(c);
     step_seccomp(c);
-    step_exec(c);
+}
+
+static int
+child_main(void *arg)
+{
+    struct child child = {.p = *(const struct plan *)arg, .command_rs = -1};
+    child_setup(&child);
+    step_exec(&child);
+}
+
+/* A warm spawn's child (stage_spawn with warm set): a fork of the caller, not
+ * a new program. Set up like any child, it closes the error pipe itself (no
+ * exec closes it), which tells the parent it is ready, and returns into the
+ * caller's code inside the sandbox with fds 0-2, STATUS_FD and, on 6, what
+ * the plan had as init_fd (the caller's input: no program is exec'd). */
+static void
+child_warm(struct plan *p)
+{
+    struct child child = {.p = *p, .command_rs = -1, .warm = 1};
+    child_setup(&child);
+    R1(SYS_close, child.p.err_w);
 }
 
 /* ---------------------------------------------------------------- parent */
@@ -737,7 +756,7 @@ recv_fd(int sock)
 }
 
 void
-stage_spawn(struct plan *p, const struct parent_plan *pp, struct spawn_result *out)
+stage_spawn(struct plan *p, const struct parent_plan *pp, struct spawn_result *out, int warm)
 {
     const size_t stack_size = 256 * 1024;
     void *stack = MAP_FAILED;
@@ -774,6 +793,17 @@ stage_spawn(struct plan *p, const struct parent_plan *pp, struct spawn_result *o
     sigset_t all, old;
     sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, &old);
+    if (warm) {
+        /* fork-style: the child goes on in a copy of our memory (a warm
+         * interpreter's; _warmboot.py) and returns from here inside the
+         * sandbox. Raw clone, not fork(): the flags make the namespaces. */
+        pid = syscall(SYS_clone, pp->clone_flags | CLONE_PIDFD | SIGCHLD, NULL, &pidfd, NULL, NULL);
+        if (pid == 0) {
+            child_warm(p);
+            out->pid = 0;
+            return;
+        }
+    } else {
 #if ZVIZ_CLONE_VM
     /* posix_spawn-style: the child runs on its own stack in our memory until
      * execve. Not CLONE_VFORK: we must run (write the id maps) meanwhile.
@@ -787,6 +817,7 @@ stage_spawn(struct plan *p, const struct parent_plan *pp, struct spawn_result *o
     if (pid == 0)
         child_main(p); /* never returns */
 #endif
+    }
     int saved_errno = errno;
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     if (pid < 0) {

@@ -90,7 +90,8 @@ struct spawn_result {
 
 /* Clone a child that sets itself up from `p` and execs; wait until it has
  * (or failed). Does not touch Python: call it without the GIL. */
-void stage_spawn(struct plan *p, const struct parent_plan *pp, struct spawn_result *out);
+/* warm: the child is a fork of the caller that returns (out->pid == 0) inside the sandbox instead of exec */
+void stage_spawn(struct plan *p, const struct parent_plan *pp, struct spawn_result *out, int warm);
 
 /* SIGKILL every process of `uid` (a sandbox's own host uid) by kill(-1) from
  * a helper that takes it: 1 if any, 0 if none, -errno. Without the GIL. */

@@ -67,3 +67,8 @@ SPEC_CREDS_LATE: int
 SPEC_DROP_GROUPS: int
 SPEC_DENY_SETGROUPS: int
 SPEC_COMMAND_RULESET: int
+
+def spawn_warm(spec: bytes, command: bytes, /) -> tuple[int, int, int] | None:
+    """As spawn, but the child is a fork of this (single-threaded) interpreter
+    that returns None inside the sandbox instead of exec'ing; the parent gets
+    (pid, pidfd, listener fd or -1). The command's init_fd is placed on fd 6."""

@@ -260,10 +260,10 @@ setup_error(const char *step, int err, int index, const char *path)
 }
 
 static PyObject *
-stage_spawn_py(PyObject *self, PyObject *args)
+spawn_common(PyObject *args, int warm)
 {
     Py_buffer spec_view, command_view;
-    if (!PyArg_ParseTuple(args, "y*y*:spawn", &spec_view, &command_view))
+    if (!PyArg_ParseTuple(args, warm ? "y*y*:spawn_warm" : "y*y*:spawn", &spec_view, &command_view))
         return NULL;
     struct buf spec = {spec_view.buf, spec_view.len, "spec"};
     struct buf command = {command_view.buf, command_view.len, "command"};
@@ -279,9 +279,23 @@ stage_spawn_py(PyObject *self, PyObject *args)
     if (parse_spec(&spec, p, &pp) < 0 || parse_command(&command, p, &pp) < 0)
         goto done;
 
-    Py_BEGIN_ALLOW_THREADS
-    stage_spawn(p, &pp, &out);
-    Py_END_ALLOW_THREADS
+    if (warm) {
+        /* a fork of this interpreter: as os.fork() does, with the GIL held
+         * (the caller is single-threaded: _warmboot.py) */
+        PyOS_BeforeFork();
+        stage_spawn(p, &pp, &out, 1);
+        if (out.failure == SPAWN_OK && out.pid == 0) {
+            PyOS_AfterFork_Child();
+            result = Py_None;
+            Py_INCREF(result);
+            goto done;
+        }
+        PyOS_AfterFork_Parent();
+    } else {
+        Py_BEGIN_ALLOW_THREADS
+        stage_spawn(p, &pp, &out, 0);
+        Py_END_ALLOW_THREADS
+    }
 
     char name[32];
     switch (out.failure) {
@@ -435,8 +449,23 @@ stage_reap_template_helper_py(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+static PyObject *
+stage_spawn_py(PyObject *self, PyObject *args)
+{
+    return spawn_common(args, 0);
+}
+
+static PyObject *
+stage_spawn_warm_py(PyObject *self, PyObject *args)
+{
+    return spawn_common(args, 1);
+}
+
 static PyMethodDef methods[] = {
     {"spawn", stage_spawn_py, METH_VARARGS, "spawn(spec, command) -> (pid, pidfd, listener): clone, set up, exec."},
+    {"spawn_warm", stage_spawn_warm_py, METH_VARARGS,
+     "spawn_warm(spec, command) -> (pid, pidfd, listener) in the caller, None in the child: a fork of the caller "
+     "that returns inside the sandbox instead of exec (init_fd is placed on fd 6)."},
     {"landlock_abi", stage_landlock_abi, METH_NOARGS, "Landlock ABI version, or -errno."},
     {"pidfd_getfd", stage_pidfd_getfd, METH_VARARGS, "Duplicate fd of the process behind pidfd."},
     {"notif_sizes", stage_notif_sizes, METH_NOARGS, "SECCOMP_GET_NOTIF_SIZES."},

@@ -1,0 +1,360 @@
+"""One fresh sandbox per snippet, forked from a warm interpreter
+(`zviz.run_snippet`; docs/performance.md, "Warm snippets").
+
+A snippet harness (HumanEval, an RL reward, an MCP tool call) makes a
+sandbox per program, and a program's own interpreter start is most of its
+cost: `python3 -c pass` is ~14 ms of CPU, the sandbox ~6. Here the policy's
+Python is started once per (interpreter, environment) on the host
+(`_warmboot.py`: -I, the sandbox's environment, nothing else), and each
+snippet's sandbox is made by the C stage *in a fork of it*
+(`_stage.spawn_warm`): the same namespaces, root, rlimits, Landlock domain,
+seccomp filter and supervisor as any sandbox of the policy, then the snippet
+runs in the already-started interpreter instead of exec'ing a new one.
+
+What it may not do, and so is checked before any server starts
+(`why_not`): run an interpreter that a sandbox could have written (the
+server's start-up runs its site-packages' .pth files on the host), or set
+start-up variables -I ignores and a fork cannot redo (PYTHONHASHSEED, ...).
+Everything a snippet gets passes through a pipe from the host into its own
+fork (never the server's memory, which every later fork copies).
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import json
+import os
+import socket
+import struct
+import subprocess
+import threading
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+import anyio
+import attrs
+
+from . import _kernel
+from ._errors import SandboxSetupError, ZvizError
+from ._kernel import OwnedFd
+from ._spec import Command, StageSpec
+
+if TYPE_CHECKING:
+    from ._policy import Policy
+    from ._records import RunResult
+    from ._sandbox import Sandbox
+
+BOOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_warmboot.py")
+SLOT = 100  # _warmboot.SLOT: the request's fds are dup'd to SLOT, SLOT+1, ...
+MAX_INPUT = 1 << 20  # the snippet's code and environment: one pipe's worth (F_SETPIPE_SZ)
+START_S = 20.0  # an interpreter that has not said "up" by then is not coming
+MAX_SERVERS = 4  # per process: each is an idle interpreter (~10 MB)
+REPLY_S = 20.0  # a fork server that does not answer a spawn (a sandbox's set-up is ~1 ms)
+# variables that -I ignores and the fork sets up itself (_warmboot._as_fresh_interpreter)
+HANDLED_VARS = frozenset({"PYTHONPATH", "PYTHONSAFEPATH", "PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED"})
+
+
+class NotWarm(ZvizError):
+    """The warm path cannot run this snippet; the message says why (run_snippet
+    then starts the interpreter in the sandbox, unless warm=True)."""
+
+
+def why_not_env(env: Mapping[str, str]) -> str | None:
+    """A start-up variable a fork cannot honour (it is read before main)."""
+    bad = sorted(k for k in env if k.startswith("PYTHON") and k not in HANDLED_VARS)
+    if bad:
+        return (f"the environment sets {', '.join(bad)}, which Python reads at start-up and a fork of a started "
+                f"interpreter cannot apply (the warm path honours only {', '.join(sorted(HANDLED_VARS))})")
+    return None
+
+
+def _overlaps(a: str, b: str) -> bool:
+    a, b = a.rstrip("/") or "/", b.rstrip("/") or "/"
+    return a == b or a.startswith(b + "/") or b.startswith(a + "/") or "/" in (a, b)
+
+
+def install_roots(python: str) -> tuple[str, ...]:
+    """The directories an interpreter's start-up reads code from: its prefix
+    (bin/..), the real binary's, and a venv's base (pyvenv.cfg's home)."""
+    roots = {os.path.dirname(os.path.dirname(python)),
+             os.path.dirname(os.path.dirname(os.path.realpath(python)))}
+    cfg = os.path.join(os.path.dirname(os.path.dirname(python)), "pyvenv.cfg")
+    try:
+        with open(cfg, encoding="utf-8") as f:
+            for line in f:
+                key, _, value = line.partition("=")
+                if key.strip() == "home" and value.strip().startswith("/"):
+                    roots.add(os.path.dirname(os.path.realpath(value.strip())))
+    except OSError:
+        pass
+    return tuple(sorted(os.path.realpath(r) for r in roots))
+
+
+def why_not_python(python: str, writable: tuple[str, ...]) -> str | None:
+    """`python` (a host path, the same inside) must be one no sandbox can have
+    written: the server starts it on the host."""
+    for root in install_roots(python):
+        for w in writable:
+            if _overlaps(root, os.path.realpath(w)):
+                return (f"{python} is installed under {root}, which the policy lets sandboxes write ({w}); "
+                        "the warm path starts the interpreter on the host, so it must be one no sandbox can change")
+    return None
+
+
+def writable_paths(policy: Policy, workdir: str) -> tuple[str, ...]:
+    return (workdir, *policy.fs.read_write, *(b.source for b in policy.fs.binds if not b.read_only))
+
+
+def snippet_input(python: str, code: str, env: Mapping[str, str]) -> bytes:
+    data = json.dumps({"python": python, "code": code, "env": dict(env)}).encode()
+    if len(data) > MAX_INPUT:
+        raise NotWarm(f"the snippet and its environment take {len(data)} bytes, over the warm path's {MAX_INPUT}")
+    return data
+
+
+def input_pipe(data: bytes) -> OwnedFd:
+    """A pipe holding `data`, whole, its write end closed: the read end."""
+    r, w = _kernel.pipe("warm-input")
+    try:
+        if len(data) > 65536:
+            import fcntl
+
+            fcntl.fcntl(w.fd, fcntl.F_SETPIPE_SZ, len(data))
+        view = memoryview(data)
+        while view:
+            view = view[os.write(w.fd, view):]
+    except BaseException:
+        r.close()
+        raise
+    finally:
+        w.close()
+    return r
+
+
+class Server:
+    """One warm interpreter and its channel. `spawn` is one request and its
+    reply, under a lock: blocking like `_kernel.spawn` (the fork server
+    answers once the sandbox's set-up is done, ~1 ms)."""
+
+    def __init__(self, python: str, env: tuple[tuple[str, str], ...]) -> None:
+        self.python = python
+        self.env = env
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self.version = ""
+
+    @property
+    def alive(self) -> bool:
+        return self._sock is not None
+
+    async def start(self) -> None:
+        from . import _stage
+
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            ours.setblocking(False)
+            # (the policy's interpreter, checked by why_not_python; a fork and exec: off the loop)
+            self._proc = await anyio.to_thread.run_sync(functools.partial(
+                subprocess.Popen, [self.python, "-I", BOOT, _stage.__file__ or "", str(theirs.fileno())],
+                env=dict(self.env), cwd="/", stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL, pass_fds=(theirs.fileno(),), start_new_session=True))
+            theirs.close()
+            with anyio.fail_after(START_S):
+                await anyio.wait_readable(ours)
+            first = ours.recv(4096)
+        except TimeoutError:
+            self._kill(ours)
+            raise NotWarm(f"{self.python} did not start as a warm interpreter within {START_S:.0f} s") from None
+        except BaseException:
+            theirs.close()
+            self._kill(ours)
+            raise
+        if first[:2] != b"up":
+            self._kill(ours)
+            said = first[2:].decode(errors="replace") if first[:2] == b"no" else "it exited"
+            raise NotWarm(f"{self.python} cannot serve as a warm interpreter for this zviz ({said}); "
+                          "it must be a CPython of zviz's own version and build ABI")
+        self.version = json.loads(first[2:])[0]
+        ours.setblocking(True)
+        ours.settimeout(REPLY_S)
+        self._sock = ours
+
+    def spawn(self, stage: StageSpec, packed: bytes, command: Command, input_fd: int) -> _kernel.Spawned:
+        """The stage's spawn in a fork of the server: `command`'s fds (and
+        `input_fd`, placed on the child's fd 6) travel by SCM_RIGHTS."""
+        fds = [command.stdin, command.stdout, command.stderr, command.status_fd, input_fd]
+        if command.cgroup_fd >= 0:
+            fds.append(command.cgroup_fd)
+        slotted = attrs.evolve(command, stdin=SLOT, stdout=SLOT + 1, stderr=SLOT + 2, status_fd=SLOT + 3,
+                               init_fd=SLOT + 4, cgroup_fd=SLOT + 5 if command.cgroup_fd >= 0 else -1,
+                               track_map_fd=-1, track_value=0)
+        cmd = slotted.pack()
+        msg = struct.pack("<II", len(packed), len(cmd)) + packed + cmd
+        with self._lock:
+            sock = self._sock
+            if sock is None:
+                raise ServerGone("the warm interpreter is gone")
+            try:
+                socket.send_fds(sock, [msg], fds)
+                reply, got, _flags, _addr = socket.recv_fds(sock, 1 << 16, 2)
+            except (OSError, TimeoutError) as e:
+                self.close()
+                raise ServerGone(f"the warm interpreter stopped answering ({e})") from None
+            if not reply:
+                self.close()
+                raise ServerGone("the warm interpreter exited")
+        owned = [OwnedFd(fd, "warm-reply") for fd in got]
+        if reply[:2] == b"ok" and len(reply) == 6 and 1 <= len(owned) <= 2:
+            (pid,) = struct.unpack("<i", reply[2:])
+            return _kernel.Spawned(pid=pid, pidfd=owned[0], listener=owned[1] if len(owned) > 1 else None)
+        for o in owned:
+            o.close()
+        if reply[:2] == b"er":
+            kind, args = json.loads(reply[2:])
+            if kind == "setup":
+                raise _kernel.setup_failure(stage, command, tuple(args))
+            if kind == "os":
+                raise SandboxSetupError("spawn", int(args[0]), None, f"in the warm interpreter: {args[1]}")
+            raise ValueError(f"the warm interpreter refused the spawn: {args[0]}")
+        raise SandboxSetupError("spawn", 5, None, "the warm interpreter's reply was malformed")
+
+    def _kill(self, sock: socket.socket | None) -> None:
+        if sock is not None:
+            sock.close()
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            proc.kill()
+            proc.wait()
+
+    def close(self) -> None:
+        """The server goes (its sandboxes die with it: their parent-death signal)."""
+        sock, self._sock = self._sock, None
+        self._kill(sock)
+
+
+class ServerGone(ZvizError):
+    """The warm interpreter died or stopped answering: started again once."""
+
+
+_servers: dict[tuple[str, tuple[tuple[str, str], ...]], Server] = {}
+_servers_lock = threading.Lock()
+
+
+async def server_for(python: str, env: Mapping[str, str]) -> Server:
+    """The warm interpreter for `python` with the sandbox's `env`, started on
+    first use (one per process and key, at most MAX_SERVERS: the oldest
+    goes; a dead one is started again)."""
+    key = (python, tuple(sorted(env.items())))
+    with _servers_lock:
+        server = _servers.get(key)
+        if server is not None and server.alive:
+            return server
+    server = Server(*key)
+    await server.start()
+    with _servers_lock:
+        other = _servers.get(key)
+        if other is not None and other.alive:  # started meanwhile by another task
+            server.close()
+            return other
+        _servers[key] = server
+        old = list(_servers.values())[:-MAX_SERVERS]
+        for o in old:
+            forget_locked(o)
+    return server
+
+
+def forget_locked(server: Server) -> None:
+    for k, v in list(_servers.items()):
+        if v is server:
+            del _servers[k]
+    server.close()
+
+
+def forget(server: Server) -> None:
+    with _servers_lock:
+        forget_locked(server)
+
+
+@atexit.register
+def close_all() -> None:
+    """Every warm interpreter of this process (also at exit)."""
+    with _servers_lock:
+        servers = list(_servers.values())
+        _servers.clear()
+    for s in servers:
+        s.close()
+
+
+async def _server_for_sandbox(sb: Sandbox, python: str, env: Mapping[str, str]) -> tuple[Server, str]:
+    """The warm interpreter for `python` in `sb` (NotWarm naming why not):
+    the interpreter the sandbox would exec, at the same path on the host,
+    which no sandbox can write, with a pid namespace to be pid 1 of."""
+    from . import _linux, _plan
+
+    plan = sb._plan
+    if not plan.clone_flags & _linux.CLONE_NEWPID or not plan.mount_proc:
+        raise NotWarm("the policy gives the sandbox no pid namespace of its own; a warm snippet is its pid 1")
+    full = dict(plan.env)
+    full.update(env)
+    reason = why_not_env(full)
+    if reason:
+        raise NotWarm(reason)
+    inside = sb._resolve([python], full)
+    host = _plan.host_path(plan, sb.policy, sb.workdir, inside)
+    if host != inside:
+        raise NotWarm(f"{python} is {inside} in the sandbox, which is not the same file on the host")
+    reason = why_not_python(host, writable_paths(sb.policy, sb.workdir))
+    if reason:
+        raise NotWarm(reason)
+    return await server_for(inside, full), inside
+
+
+async def run_snippet(code: str, policy: Policy | None = None, *, python: str = "python3", stdin: bytes = b"",
+                      timeout: float | None = None, env: Mapping[str, str] | None = None,
+                      warm: bool | None = None) -> RunResult:
+    """Run `code` like `python -c code` in a fresh sandbox of its own, made for
+    it and closed after (nothing of another snippet is in it: files,
+    processes, Python state). The interpreter is a fork of a warm one
+    (started once per interpreter and environment) where the policy allows,
+    which skips its start-up; `warm=None` falls back to starting it in the
+    sandbox otherwise, `warm=True` raises FeatureUnavailable naming why,
+    `warm=False` always starts it. Returns the command's RunResult."""
+    from ._errors import FeatureUnavailable
+    from ._policy import Policy
+    from ._sandbox import _open_sandbox
+
+    if not isinstance(code, str):
+        raise TypeError(f"code must be a str, not {type(code).__name__}")
+    if warm is not None and not isinstance(warm, bool):
+        raise TypeError(f"warm must be True, False or None, not {warm!r}")
+    policy = Policy.python() if policy is None else policy
+    env = dict(env or {})
+    async with _open_sandbox(policy, zygote=False, use_pool=False) as sb:
+        server = None
+        if warm is not False:
+            try:
+                server, inside = await _server_for_sandbox(sb, python, env)
+            except NotWarm as e:
+                if warm:
+                    raise FeatureUnavailable("a warm snippet", str(e), "run it with warm=None or warm=False "
+                                             "(the interpreter then starts in the sandbox)") from None
+        if server is None:
+            return await sb.run([python, "-c", code], stdin=stdin, timeout=timeout, env=env)
+        full = dict(sb._plan.env)
+        full.update(env)
+        data = input_pipe(snippet_input(inside, code, full))
+        try:
+            for attempt in (0, 1):
+                try:
+                    return await sb.run([inside, "-c", code], stdin=stdin, timeout=timeout, env=env,
+                                        _warm=(server, data.fd))
+                except ServerGone:
+                    forget(server)
+                    if attempt:
+                        raise
+                    server = await server_for(inside, full)
+            raise AssertionError("unreachable")
+        finally:
+            data.close()

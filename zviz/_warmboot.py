@@ -1,0 +1,279 @@
+"""A warm interpreter (zviz/_warm.py): a fork server run by the policy's own
+Python on the host, `python -I _warmboot.py STAGE_SO CHANNEL_FD`, never
+imported by zviz. It serves one host process over CHANNEL_FD (SOCK_SEQPACKET):
+
+    request:  <II spec length, command length> spec command, SCM_RIGHTS fds
+              (dup'd to SLOT, SLOT+1, ...: the numbers the host packed
+              into the command)
+    reply:    b"ok" <i pid> with SCM_RIGHTS [pidfd, listener?], or
+              b"er" JSON [kind, args] (a SetupError's args, an OSError's
+              errno and text, a ValueError's text)
+
+Each request is zviz._stage.spawn_warm: the stage's child (new namespaces,
+root, Landlock, the policy's filter) is a fork of this interpreter, and it
+comes back here inside the sandbox, as its pid 1 (the end of this file). It forks
+the snippet, reaps, and reports like zviz-init (the status record on fd 3).
+The snippet reads its code and environment from fd 6, a pipe that the host
+fills and this server never reads: nothing of one snippet passes through the
+memory that the next snippet's fork copies.
+
+It holds nothing but its channel: a clean environment (the sandbox's),
+stdio on /dev/null, cwd /, and -I (no PYTHON* variable, no user site, no
+script directory on sys.path; zviz checks that no sandbox can write to the
+interpreter's installation before it starts one, docs/performance.md).
+It ends when the host's end of the channel closes.
+"""
+
+import importlib.util
+import json
+import os
+import signal
+import socket
+import struct
+import sys
+
+SLOT = 100  # the request's fds land on SLOT.. (the host packs those numbers)
+MAX_FDS = 8
+STATUS_FD = 3  # zviz-init's status record (zviz/_abi.h)
+INPUT_FD = 6  # the snippet's code and environment (the command's init_fd)
+STATUS = struct.Struct("=Ii" + "qq" "qq" + "14q")
+STATUS_MAGIC = 0x7A76697A
+HEADER = struct.Struct("<II")
+
+
+def _load_stage(path):
+    spec = importlib.util.spec_from_file_location("_stage", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _reply_error(chan, kind, args):
+    chan.sendmsg([b"er" + json.dumps([kind, list(args)]).encode()])
+
+
+def _serve(stage, chan):
+    """Returns only in a sandbox (the child of a spawn)."""
+    while True:
+        try:
+            msg, fds, _flags, _addr = socket.recv_fds(chan, 1 << 20, MAX_FDS)
+        except OSError:
+            sys.exit(0)
+        if not msg:
+            sys.exit(0)  # the host closed its end
+        try:
+            n_spec, n_cmd = HEADER.unpack_from(msg)
+            spec = msg[HEADER.size:HEADER.size + n_spec]
+            cmd = msg[HEADER.size + n_spec:HEADER.size + n_spec + n_cmd]
+            for i, fd in enumerate(fds):
+                os.dup2(fd, SLOT + i, inheritable=False)
+                os.close(fd)
+            try:
+                got = stage.spawn_warm(spec, cmd)
+            except stage.SetupError as e:
+                _reply_error(chan, "setup", e.args)
+                continue
+            except OSError as e:
+                _reply_error(chan, "os", (e.errno, str(e)))
+                continue
+            except (ValueError, struct.error) as e:
+                _reply_error(chan, "value", (str(e),))
+                continue
+            if got is None:
+                return  # in the sandbox: pid 1
+            pid, pidfd, listener = got
+            out = [pidfd] if listener < 0 else [pidfd, listener]
+            try:
+                socket.send_fds(chan, [b"ok" + struct.pack("<i", pid)], out)
+            finally:
+                for fd in out:
+                    os.close(fd)
+        finally:
+            for i in range(len(fds)):
+                try:
+                    os.close(SLOT + i)
+                except OSError:
+                    pass
+
+
+def _status_record(ws, ru):
+    def split(t):
+        sec = int(t)
+        return sec, round((t - sec) * 1e6)
+
+    us, uus = split(ru.ru_utime)
+    ss, sus = split(ru.ru_stime)
+    rest = (ru.ru_maxrss, ru.ru_ixrss, ru.ru_idrss, ru.ru_isrss, ru.ru_minflt, ru.ru_majflt, ru.ru_nswap,
+            ru.ru_inblock, ru.ru_oublock, ru.ru_msgsnd, ru.ru_msgrcv, ru.ru_nsignals, ru.ru_nvcsw, ru.ru_nivcsw)
+    return STATUS.pack(STATUS_MAGIC, ws, us, uus, ss, sus, *rest)
+
+
+def _init(child):
+    """pid 1: reap until the snippet has exited, report it, exit like it
+    (the pid namespace dies with us: whatever the snippet left is killed)."""
+    for fd in (0, 1, 2, INPUT_FD):
+        os.close(fd)
+    while True:
+        try:
+            pid, ws, ru = os.wait4(-1, 0)
+        except InterruptedError:
+            continue
+        except ChildProcessError:
+            os._exit(125)
+        if pid == child:
+            break
+    try:
+        os.write(STATUS_FD, _status_record(ws, ru))
+    except OSError:
+        pass
+    os._exit(os.WEXITSTATUS(ws) if os.WIFEXITED(ws) else 128 + os.WTERMSIG(ws))
+
+
+def _read_input():
+    chunks = []
+    while True:
+        b = os.read(INPUT_FD, 1 << 16)
+        if not b:
+            break
+        chunks.append(b)
+    os.close(INPUT_FD)
+    return json.loads(b"".join(chunks))
+
+
+def _as_fresh_interpreter(request):
+    """What `python -c CODE` would have set up in this sandbox, for what -I
+    and the server's own start-up changed: the environment, sys.path's ''
+    and PYTHONPATH, the signal handlers Python installs, argv, a new
+    __main__, and none of the server's modules or fds."""
+    import types
+
+    os.close(STATUS_FD)
+    env = request["env"]
+    os.environ.clear()
+    os.environ.update(env)
+    head = [] if env.get("PYTHONSAFEPATH") else [""]
+    head += [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    sys.path[:0] = head
+    sys.dont_write_bytecode = bool(env.get("PYTHONDONTWRITEBYTECODE"))
+    if env.get("PYTHONUNBUFFERED"):
+        for stream in (sys.stdout, sys.stderr):
+            stream.reconfigure(write_through=True)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for sig in (signal.SIGPIPE, signal.SIGXFSZ):
+        signal.signal(sig, signal.SIG_IGN)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    sys.argv[:] = ["-c"]
+    sys.orig_argv[:] = [request["python"], "-c", request["code"]]
+    main = types.ModuleType("__main__")
+    main.__dict__["__builtins__"] = __builtins__
+    sys.modules["__main__"] = main
+    sys.modules.pop("_stage", None)
+    return main.__dict__
+
+
+def _run(code, globals_):
+    """exec the snippet as `python -c` does; its exit status."""
+    try:
+        exec(compile(code, "<string>", "exec"), globals_)  # the snippet, in its sandbox
+    except SystemExit as e:
+        return _exit_status(e)
+    except BaseException:  # noqa: BLE001 - reported as `python -c` would
+        t, v, tb = sys.exc_info()
+        try:
+            sys.excepthook(t, v, tb.tb_next if tb is not None else None)
+        except BaseException:  # noqa: BLE001
+            pass
+        return -int(signal.SIGINT) if t is KeyboardInterrupt else 1
+    return 0
+
+
+def _exit_status(e):
+    code = e.code
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code & 0xFF
+    try:
+        print(code, file=sys.stderr)
+    except BaseException:  # noqa: BLE001
+        pass
+    return 1
+
+
+def _finish(globals_, status):
+    """Python's own exit, but for what the fork shares with the server: the
+    non-daemon threads joined, the atexit handlers run, the snippet's own
+    objects finalized (its __main__ and the modules it imported, cleared
+    and collected: files it left open are flushed and closed), the standard
+    streams flushed, then _exit. The interpreter's teardown of what the
+    server had made is skipped: it would write to every page the fork
+    shares (refcounts), ~5-8 ms of copy-on-write faults for nothing."""
+    import gc
+
+    threading = sys.modules.get("threading")
+    for step in ((threading._shutdown if threading is not None else None), _run_atexit):
+        if step is None:
+            continue
+        try:
+            step()
+        except SystemExit as e:
+            status = _exit_status(e)
+        except BaseException:  # noqa: BLE001 - as Python: reported, then the exit goes on
+            try:
+                sys.excepthook(*sys.exc_info())
+            except BaseException:  # noqa: BLE001
+                pass
+    try:
+        globals_.clear()
+        for name in [n for n in sys.modules if n not in _SERVER_MODULES]:
+            d = getattr(sys.modules.pop(name, None), "__dict__", None)
+            if isinstance(d, dict):
+                d.clear()
+        d = None
+        gc.collect()
+    except BaseException:  # noqa: BLE001 - finalizers run as they can at any exit
+        pass
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except BaseException:  # noqa: BLE001 - Python's status for an unflushable stdout
+            if status == 0:
+                status = 120
+    if status < 0:  # KeyboardInterrupt: as Python, killed by SIGINT
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), -status)
+    os._exit(status)
+
+
+def _run_atexit():
+    import atexit
+
+    atexit._run_exitfuncs()
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the sandboxes' pid 1s are reaped by the kernel
+    try:
+        _stage = _load_stage(sys.argv[1])
+    except Exception as e:  # noqa: BLE001 - reported to the host as the reason
+        os.write(int(sys.argv[2]), b"no" + f"{type(e).__name__}: {e}".encode())
+        sys.exit(1)
+    _chan = socket.socket(fileno=int(sys.argv[2]))
+    _chan.send(b"up" + json.dumps([sys.version, sys.implementation.cache_tag]).encode())
+    import gc
+
+    gc.collect()
+    gc.freeze()  # the server's objects: no collection in a fork walks (and so copies) them
+    _SERVER_MODULES = frozenset(sys.modules)
+    _serve(_stage, _chan)
+    # ---- in a sandbox, pid 1, fds 0-3 and INPUT_FD only
+    del _stage, _chan
+    _snippet = os.fork()
+    if _snippet:
+        _init(_snippet)
+    _request = _read_input()
+    _globals = _as_fresh_interpreter(_request)
+    _code = _request.pop("code")
+    del _request
+    _finish(_globals, _run(_code, _globals))
