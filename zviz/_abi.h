@@ -40,6 +40,7 @@
     X(STDIO, "stdio")                                   \
     X(RLIMIT, "rlimit")                                 \
     X(CHDIR, "chdir")                                   \
+    X(DROP_CAPS, "drop-caps")                           \
     X(SECCOMP, "seccomp")                               \
     X(SEND_LISTENER, "send-listener")                   \
     X(EXECVE, "execve")

@@ -570,6 +570,30 @@ step_rlimits_and_cwd(struct child *c)
         CHECK(R1(SYS_chdir, p->cwd), STEP_CHDIR, -1);
 }
 
+/* 9b. A warm child: what its exec would have done to its credentials. The
+ * creator of a user namespace holds every capability in it, whatever its
+ * uid; exec'ing a program without file capabilities as a non-root uid
+ * clears the permitted and effective sets (the bounding set stays, as it
+ * does across exec), so here they are cleared by hand, with the ambient
+ * set. And exec makes the process dumpable again after a credential
+ * change (its /proc files its own uid's). Before the filter, which may not
+ * allow capset. */
+static void
+step_warm_creds(struct child *c)
+{
+    struct {
+        uint32_t version;
+        int pid;
+    } head = {0x20080522 /* _LINUX_CAPABILITY_VERSION_3 */, 0};
+    struct {
+        uint32_t effective, permitted, inheritable;
+    } none[2];
+    memset(none, 0, sizeof none);
+    CHECK(R5(SYS_prctl, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0), STEP_DROP_CAPS, 0);
+    CHECK(R2(SYS_capset, &head, none), STEP_DROP_CAPS, 1);
+    CHECK(R5(SYS_prctl, PR_SET_DUMPABLE, 1, 0, 0, 0), STEP_DROP_CAPS, 2);
+}
+
 static long
 send_fd(int sock, int fd)
 {
@@ -647,6 +671,8 @@ child_setup(struct child *c)
     step_landlock(c);
     step_fds(c);
     step_rlimits_and_cwd(c);
+    if (c->warm)
+        step_warm_creds(c);
     step_seccomp(c);
 }
 

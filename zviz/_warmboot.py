@@ -24,6 +24,7 @@ interpreter's installation before it starts one, docs/performance.md).
 It ends when the host's end of the channel closes.
 """
 
+import importlib.machinery
 import importlib.util
 import json
 import os
@@ -165,7 +166,8 @@ def _as_fresh_interpreter(request):
     sys.argv[:] = ["-c"]
     sys.orig_argv[:] = [request["python"], "-c", request["code"]]
     main = types.ModuleType("__main__")
-    main.__dict__["__builtins__"] = __builtins__
+    main.__dict__.update(__builtins__=__builtins__, __annotations__={},
+                         __loader__=importlib.machinery.BuiltinImporter)  # as `python -c`'s __main__
     sys.modules["__main__"] = main
     sys.modules.pop("_stage", None)
     return main.__dict__
@@ -179,8 +181,10 @@ def _run(code, globals_):
         return _exit_status(e)
     except BaseException:  # noqa: BLE001 - reported as `python -c` would
         t, v, tb = sys.exc_info()
+        tb = tb.tb_next if tb is not None else None  # from the snippet's frame on: none of ours
         try:
-            sys.excepthook(t, v, tb.tb_next if tb is not None else None)
+            v = v.with_traceback(tb)
+            sys.excepthook(t, v, tb)
         except BaseException:  # noqa: BLE001
             pass
         return -int(signal.SIGINT) if t is KeyboardInterrupt else 1
@@ -231,6 +235,18 @@ def _finish(globals_, status):
                 d.clear()
         d = None
         gc.collect()
+        # what is still reachable (kept in a module of the server's: `json.f = open(...)`) is not torn
+        # down, but its buffered data is written as the teardown would: the objects made since the
+        # server froze its own are all a collection generation sees
+        import io
+
+        for obj in gc.get_objects():
+            if isinstance(obj, io.IOBase) and obj is not sys.stdout and obj is not sys.stderr:
+                try:
+                    if not obj.closed and obj.writable():
+                        obj.flush()
+                except BaseException:  # noqa: BLE001
+                    pass
     except BaseException:  # noqa: BLE001 - finalizers run as they can at any exit
         pass
     for stream in (sys.stdout, sys.stderr):
