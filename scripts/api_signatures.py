@@ -32,8 +32,8 @@ TOP: list[tuple[str, Any]] = [
     ("zviz.Limits", zviz.Limits),
     ("zviz.Network", zviz.Network), ("zviz.Endpoint", zviz.Endpoint), ("zviz.Namespaces", zviz.Namespaces),
     ("zviz.Syscalls", zviz.Syscalls), ("zviz.KernelFeatures", zviz.KernelFeatures),
-    ("zviz.probe_host", zviz.probe_host), ("zviz.set_pool_size", zviz.set_pool_size), ("Process.stdin", FdSendStream), ("Process.stdout", FdReceiveStream),
-    ("zviz.sync.open_sandbox", zviz.sync.open_sandbox), ("zviz.sync.Sandbox", zviz.sync.Sandbox),
+    ("zviz.probe_host", zviz.probe_host), ("zviz.set_pool_size", zviz.set_pool_size), ("zviz.run_snippet", zviz.run_snippet), ("Process.stdin", FdSendStream), ("Process.stdout", FdReceiveStream),
+    ("zviz.sync.open_sandbox", zviz.sync.open_sandbox), ("zviz.sync.run_snippet", zviz.sync.run_snippet), ("zviz.sync.Sandbox", zviz.sync.Sandbox),
     ("zviz.sync.Process", zviz.sync.Process), ("zviz.sync.Sandbox.files", zviz.sync.Files),
     ("zviz.sync.Process.stdin", zviz.sync.SendStream), ("zviz.sync.Process.stdout", zviz.sync.ReceiveStream),
 ]

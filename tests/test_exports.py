@@ -9,7 +9,7 @@ PUBLIC = {
     "Limits", "Namespaces", "Network", "Policy", "PolicyError", "Process", "ResourceExhausted", "RunResult",
     "SYSCALL_GROUPS", "Sandbox", "SandboxClosedError", "SandboxSetupError", "SandboxStatistics", "StreamOutput",
     "Syscalls", "SnapshotInfo", "TemplateError",
-    "UnsupportedKernelError", "ZvizError", "ZvizWarning", "open_sandbox", "probe_host",
+    "UnsupportedKernelError", "ZvizError", "ZvizWarning", "open_sandbox", "probe_host", "run_snippet",
     "set_pool_size",
 }
 

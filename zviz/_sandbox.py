@@ -354,8 +354,7 @@ class Sandbox:
 
     async def run(self, argv: Sequence[str] | str, *, stdin: bytes | None = b"", timeout: float | None = None,
                   env: Mapping[str, str] | None = None, cwd: str | None = None, shell: bool = False,
-                  on_stdout: OutputCallback | None = None, on_stderr: OutputCallback | None = None,
-                  _warm: tuple[Any, int] | None = None) -> RunResult:
+                  on_stdout: OutputCallback | None = None, on_stderr: OutputCallback | None = None) -> RunResult:
         """Run a command to completion and capture its output (capped by
         `limits.output`). `timeout` defaults to the policy's `limits.wall_s`.
         `shell=True` runs a string with /bin/sh -c; `cwd` is a path inside the
@@ -371,7 +370,19 @@ class Sandbox:
         timeout = self._timeout(timeout)
         argv = _args.command_argv(argv, shell, cwd)
         with _capacity.exhaustion_as_error("spawn"):
-            proc = await self._start(argv, env=env, stdin=bool(stdin), stdout=True, stderr=True, warm=_warm)
+            proc = await self._start(argv, env=env, stdin=bool(stdin), stdout=True, stderr=True)
+        return await self._to_end(proc, stdin, timeout, on_stdout, on_stderr)
+
+    async def _run_warm(self, argv: tuple[str, ...], warm: tuple[Any, int], *, stdin: bytes,
+                        timeout: float | None, env: Mapping[str, str] | None) -> RunResult:
+        """run(), for zviz.run_snippet: the command is a fork of a warm interpreter (_warm.py)."""
+        timeout = self._timeout(timeout)
+        with _capacity.exhaustion_as_error("spawn"):
+            proc = await self._start(argv, env=env, stdin=bool(stdin), stdout=True, stderr=True, warm=warm)
+        return await self._to_end(proc, stdin, timeout, None, None)
+
+    async def _to_end(self, proc: Process, stdin: bytes | None, timeout: float, on_stdout: OutputCallback | None,
+                      on_stderr: OutputCallback | None) -> RunResult:
         return await _process.run_to_end(proc, bytes(stdin or b""), timeout=timeout,
                                          output_cap=self.policy.limits.output,
                                          cpu_limit_s=self.policy.limits.cpu_s, tally=self._tally,

@@ -348,8 +348,8 @@ async def run_snippet(code: str, policy: Policy | None = None, *, python: str = 
         try:
             for attempt in (0, 1):
                 try:
-                    return await sb.run([inside, "-c", code], stdin=stdin, timeout=timeout, env=env,
-                                        _warm=(server, data.fd))
+                    return await sb._run_warm((inside, "-c", code), (server, data.fd), stdin=stdin,
+                                              timeout=timeout, env=env)
                 except ServerGone:
                     forget(server)
                     if attempt:
