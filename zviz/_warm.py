@@ -327,6 +327,8 @@ async def run_snippet(code: str, policy: Policy | None = None, *, python: str = 
 
     if not isinstance(code, str):
         raise TypeError(f"code must be a str, not {type(code).__name__}")
+    if not isinstance(stdin, (bytes, bytearray, memoryview)):
+        raise TypeError(f"stdin must be bytes, not {type(stdin).__name__}")
     if warm is not None and not isinstance(warm, bool):
         raise TypeError(f"warm must be True, False or None, not {warm!r}")
     policy = Policy.python() if policy is None else policy
