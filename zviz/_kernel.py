@@ -212,6 +212,11 @@ def spawn(stage: StageSpec, packed: bytes, command: Command) -> Spawned:
     )
 
 
+def stage_path() -> str:
+    """The C stage's file: a warm snippet's fork server (_warmboot.py) loads it too."""
+    return _stage.__file__ or ""
+
+
 def setup_failure(stage: StageSpec, command: Command, args: tuple[Any, ...]) -> SandboxSetupError:
     """The error for a stage's SetupError `args` (step, errno, index, path),
     naming the path the failed step worked on and what to do."""

@@ -150,14 +150,12 @@ class Server:
         return self._sock is not None
 
     async def start(self) -> None:
-        from . import _stage
-
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             ours.setblocking(False)
             # (the policy's interpreter, checked by why_not_python; a fork and exec: off the loop)
             self._proc = await anyio.to_thread.run_sync(functools.partial(
-                subprocess.Popen, [self.python, "-I", BOOT, _stage.__file__ or "", str(theirs.fileno())],
+                subprocess.Popen, [self.python, "-I", BOOT, _kernel.stage_path(), str(theirs.fileno())],
                 env=dict(self.env), cwd="/", stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL, pass_fds=(theirs.fileno(),), start_new_session=True))
             theirs.close()

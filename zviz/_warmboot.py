@@ -97,6 +97,17 @@ def _serve(stage, chan):
                     pass
 
 
+def _reap(_signum, _frame):
+    """The sandboxes' pid 1s, as they exit (recv_fds is retried after this)."""
+    while True:
+        try:
+            pid, _status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
 def _status_record(ws, ru):
     def split(t):
         sec = int(t)
@@ -269,7 +280,7 @@ def _run_atexit():
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the sandboxes' pid 1s are reaped by the kernel
+    signal.signal(signal.SIGCHLD, _reap)  # (not SIG_IGN: their CPU is then this process's cutime, as a shell's)
     try:
         _stage = _load_stage(sys.argv[1])
     except Exception as e:  # noqa: BLE001 - reported to the host as the reason
