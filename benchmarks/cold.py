@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """The cold path: one fresh sandbox per snippet, against bare and the peers.
 
-    .venv/bin/python benchmarks/cold.py [--n 200] [--blocks 4] [--gap-ms 5] [--python] [--humaneval] [--peers] [--json F]
+    .venv/bin/python benchmarks/cold.py [--n 200] [--blocks 4] [--gap-ms 5] [--python] [--humaneval]
+        [--peers] [--json F]
 
 Every figure is measured against the same command run bare (trio.run_process)
 from the same process in the same run, in interleaved blocks (A B C A B C ...).
