@@ -315,3 +315,26 @@ def test_the_sync_facade_runs_snippets_from_several_threads():
     with concurrent.futures.ThreadPoolExecutor(4) as ex:
         outs = list(ex.map(lambda i: zviz.sync.run_snippet(f"print({i})", python=PY).stdout, range(8)))
     assert outs == [f"{i}\n".encode() for i in range(8)]
+
+
+async def test_an_interpreter_that_cannot_serve_is_refused_once_and_remembered(tmp_path):
+    import attrs
+
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    fake = bindir / "python3"
+    fake.write_text("#!/bin/sh\necho not-a-python\nexit 3\n")
+    fake.chmod(0o755)
+    for d in (tmp_path, bindir):
+        os.chmod(d, 0o755)
+    p = Policy.python()
+    policy = attrs.evolve(p, fs=attrs.evolve(p.fs, read_only=(*p.fs.read_only, str(tmp_path))))
+    with pytest.raises(zviz.FeatureUnavailable, match="cannot serve as a warm interpreter"):
+        await zviz.run_snippet("pass", policy, python=str(fake), warm=True)
+    assert str(fake) in _warm._refused
+    started = len(_warm._servers)
+    with pytest.raises(zviz.FeatureUnavailable, match="cannot serve as a warm interpreter"):
+        await zviz.run_snippet("pass", policy, python=str(fake), warm=True)
+    assert len(_warm._servers) == started
+    r = await zviz.run_snippet("pass", policy, python=str(fake))  # falls back: the "interpreter" runs in the sandbox
+    assert (r.exit_code, r.stdout) == (3, b"not-a-python\n")

@@ -172,7 +172,7 @@ class Server:
         if first[:2] != b"up":
             self._kill(ours)
             said = first[2:].decode(errors="replace") if first[:2] == b"no" else "it exited"
-            raise NotWarm(f"{self.python} cannot serve as a warm interpreter for this zviz ({said}); "
+            raise Unservable(f"{self.python} cannot serve as a warm interpreter for this zviz ({said}); "
                           "it must be a CPython of zviz's own version and build ABI")
         self.version = json.loads(first[2:])[0]
         ours.setblocking(True)
@@ -236,7 +236,12 @@ class ServerGone(ZvizError):
     """The warm interpreter died or stopped answering: started again once."""
 
 
+class Unservable(NotWarm):
+    """The interpreter cannot load zviz's stage (another CPython version or build)."""
+
+
 _servers: dict[tuple[str, tuple[tuple[str, str], ...]], Server] = {}
+_refused: dict[str, str] = {}  # interpreters that could not serve, and why
 _servers_lock = threading.Lock()
 
 
@@ -249,8 +254,16 @@ async def server_for(python: str, env: Mapping[str, str]) -> Server:
         server = _servers.get(key)
         if server is not None and server.alive:
             return server
+        refused = _refused.get(python)
+    if refused is not None:
+        raise NotWarm(refused)
     server = Server(*key)
-    await server.start()
+    try:
+        await server.start()
+    except Unservable as e:  # (not a timeout: this interpreter will never serve; not tried again)
+        with _servers_lock:
+            _refused[python] = str(e)
+        raise
     with _servers_lock:
         other = _servers.get(key)
         if other is not None and other.alive:  # started meanwhile by another task
@@ -332,29 +345,36 @@ async def run_snippet(code: str, policy: Policy | None = None, *, python: str = 
     policy = Policy.python() if policy is None else policy
     env = dict(env or {})
     async with _open_sandbox(policy, zygote=False, use_pool=False) as sb:
-        server = None
         if warm is not False:
             try:
-                server, inside = await _server_for_sandbox(sb, python, env)
+                return await _run_warm_in(sb, python, code, stdin, timeout, env, insist=bool(warm))
             except NotWarm as e:
                 if warm:
                     raise FeatureUnavailable("a warm snippet", str(e), "run it with warm=None or warm=False "
                                              "(the interpreter then starts in the sandbox)") from None
-        if server is None:
-            return await sb.run([python, "-c", code], stdin=stdin, timeout=timeout, env=env)
-        full = dict(sb._plan.env)
-        full.update(env)
-        data = input_pipe(snippet_input(inside, code, full))
-        try:
-            for attempt in (0, 1):
-                try:
-                    return await sb._run_warm((inside, "-c", code), (server, data.fd), stdin=stdin,
-                                              timeout=timeout, env=env)
-                except ServerGone:
-                    forget(server)
-                    if attempt:
+        return await sb.run([python, "-c", code], stdin=stdin, timeout=timeout, env=env)
+
+
+async def _run_warm_in(sb: Sandbox, python: str, code: str, stdin: bytes, timeout: float | None,
+                       env: Mapping[str, str], *, insist: bool) -> RunResult:
+    """The snippet in `sb` through a warm interpreter (NotWarm: it cannot;
+    nothing of it ran)."""
+    server, inside = await _server_for_sandbox(sb, python, env)
+    full = dict(sb._plan.env)
+    full.update(env)
+    data = input_pipe(snippet_input(inside, code, full))
+    try:
+        for attempt in (0, 1):
+            try:
+                return await sb._run_warm((inside, "-c", code), (server, data.fd), stdin=stdin, timeout=timeout,
+                                          env=env)
+            except ServerGone as e:
+                forget(server)
+                if attempt:  # twice in a row
+                    if insist:
                         raise
-                    server = await server_for(inside, full)
-            raise AssertionError("unreachable")
-        finally:
-            data.close()
+                    raise NotWarm(str(e)) from None
+                server = await server_for(inside, full)
+        raise AssertionError("unreachable")
+    finally:
+        data.close()
