@@ -59,6 +59,7 @@ PROBE = textwrap.dedent(r"""
         "tmp": os.listdir("/tmp"), "dwb": sys.dont_write_bytecode, "main_keys": sorted(globals()),
         "main": [repr(globals()[k]) for k in ("__loader__", "__spec__", "__package__", "__doc__", "__annotations__")],
         "stdin": sys.stdin.read(), "ppid_is_init": os.getppid() == 1,
+        "hook": hasattr(sys, "__interactivehook__"), "site": "site" in sys.modules,
     }))
 """)
 
@@ -72,7 +73,7 @@ async def test_a_warm_snippet_sees_what_python_c_sees_in_a_fresh_sandbox():
     w, c = got[True], got[False]
     # the fork's own leftovers the probe itself shows: fd 3 is its listdir; main_keys has its own names
     for key in ("name", "argv", "path", "cwd", "env", "ids", "fds", "sigs", "kernel_sigs", "caps", "nnp", "tmp",
-                "dwb", "main_keys", "main", "stdin", "ppid_is_init"):
+                "dwb", "main_keys", "main", "stdin", "ppid_is_init", "hook", "site"):
         assert w[key] == c[key], (key, w[key], c[key])
     assert w["fds"] == ["0", "1", "2", "3"]  # nothing of the server: stdio and the listing's own
     assert w["env"]["EXTRA"] == "1" and w["stdin"] == "in put"
@@ -338,3 +339,29 @@ async def test_an_interpreter_that_cannot_serve_is_refused_once_and_remembered(t
     assert len(_warm._servers) == started
     r = await zviz.run_snippet("pass", policy, python=str(fake))  # falls back: the "interpreter" runs in the sandbox
     assert (r.exit_code, r.stdout) == (3, b"not-a-python\n")
+
+
+async def test_site_packages_code_runs_in_the_sandbox_never_in_the_server(tmp_path):
+    # a .pth file in the interpreter's site-packages (here: a venv's, read-only to the sandbox) runs at every
+    # interpreter's start: with the warm path, in each snippet's sandbox (as it would there), not on the host
+    import attrs
+
+    venv = tmp_path / "venv"
+    site_dir = venv / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "site-packages"
+    site_dir.mkdir(parents=True)
+    (venv / "bin").mkdir()
+    os.symlink(PY, venv / "bin" / "python3")
+    (venv / "pyvenv.cfg").write_text("home = /usr/bin\ninclude-system-site-packages = false\n")
+    (site_dir / "zz_probe.pth").write_text(
+        "import os; open('/tmp/pth-ran-in-' + str(os.getpid()), 'w').close()\n")
+    for d in (tmp_path, *[p for p in site_dir.parents if str(p).startswith(str(tmp_path))], site_dir):
+        os.chmod(d, 0o755)
+    p = Policy.python()
+    policy = attrs.evolve(p, fs=attrs.evolve(p.fs, read_only=(*p.fs.read_only, str(tmp_path))))
+    before = {f for f in os.listdir("/tmp") if f.startswith("pth-ran-in-")}
+    r = await zviz.run_snippet("import os, sys; print(sorted(f for f in os.listdir('/tmp') if f.startswith('pth-')),"
+                               " sys.prefix)", policy, python=str(venv / "bin" / "python3"), warm=True)
+    assert r.exit_code == 0, r
+    assert r.stdout.decode().split("] ")[0] == "['pth-ran-in-2'", r.stdout  # in the sandbox: the snippet's pid 2
+    assert str(venv) in r.stdout.decode()
+    assert {f for f in os.listdir("/tmp") if f.startswith("pth-ran-in-")} == before  # never on the host

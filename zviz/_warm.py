@@ -13,10 +13,12 @@ runs in the already-started interpreter instead of exec'ing a new one.
 
 What it may not do, and so is checked before any server starts
 (`why_not`): run an interpreter that a sandbox could have written (the
-server's start-up runs its site-packages' .pth files on the host), or set
-start-up variables -I ignores and a fork cannot redo (PYTHONHASHSEED, ...).
-Everything a snippet gets passes through a pipe from the host into its own
-fork (never the server's memory, which every later fork copies).
+server runs its binary and standard library on the host; its site-packages,
+.pth files and sitecustomize run only in each sandbox: -S, then site.main()
+in the fork), or set start-up variables -I ignores and a fork cannot redo
+(PYTHONHASHSEED, ...). Everything a snippet gets passes through a pipe from
+the host into its own fork (never the server's memory, which every later
+fork copies).
 """
 
 from __future__ import annotations
@@ -52,7 +54,8 @@ START_S = 20.0  # an interpreter that has not said "up" by then is not coming
 MAX_SERVERS = 4  # per process: each is an idle interpreter (~10 MB)
 REPLY_S = 20.0  # a fork server that does not answer a spawn (a sandbox's set-up is ~1 ms)
 # variables that -I ignores and the fork sets up itself (_warmboot._as_fresh_interpreter)
-HANDLED_VARS = frozenset({"PYTHONPATH", "PYTHONSAFEPATH", "PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED"})
+HANDLED_VARS = frozenset({"PYTHONPATH", "PYTHONSAFEPATH", "PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED",
+                          "PYTHONNOUSERSITE"})
 
 
 class NotWarm(ZvizError):
@@ -155,7 +158,7 @@ class Server:
             ours.setblocking(False)
             # (the policy's interpreter, checked by why_not_python; a fork and exec: off the loop)
             self._proc = await anyio.to_thread.run_sync(functools.partial(
-                subprocess.Popen, [self.python, "-I", BOOT, _kernel.stage_path(), str(theirs.fileno())],
+                subprocess.Popen, [self.python, "-I", "-S", BOOT, _kernel.stage_path(), str(theirs.fileno())],
                 env=dict(self.env), cwd="/", stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL, pass_fds=(theirs.fileno(),), start_new_session=True))
             theirs.close()

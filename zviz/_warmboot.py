@@ -1,5 +1,5 @@
 """A warm interpreter (zviz/_warm.py): a fork server run by the policy's own
-Python on the host, `python -I _warmboot.py STAGE_SO CHANNEL_FD`, never
+Python on the host, `python -I -S _warmboot.py STAGE_SO CHANNEL_FD`, never
 imported by zviz. It serves one host process over CHANNEL_FD (SOCK_SEQPACKET):
 
     request:  <II spec length, command length> spec command, SCM_RIGHTS fds
@@ -18,9 +18,11 @@ fills and this server never reads: nothing of one snippet passes through the
 memory that the next snippet's fork copies.
 
 It holds nothing but its channel: a clean environment (the sandbox's),
-stdio on /dev/null, cwd /, and -I (no PYTHON* variable, no user site, no
-script directory on sys.path; zviz checks that no sandbox can write to the
-interpreter's installation before it starts one, docs/performance.md).
+stdio on /dev/null, cwd /, -I (no PYTHON* variable, no user site, no
+script directory on sys.path) and -S: no site-packages, .pth file or
+sitecustomize runs here on the host (each snippet runs `site.main()` in its
+sandbox), only the interpreter's own installation, which zviz checks no
+sandbox of the policy can write before it starts one.
 It ends when the host's end of the channel closes.
 """
 
@@ -29,6 +31,7 @@ import importlib.util
 import json
 import os
 import signal
+import site  # (its main() runs in each sandbox: -S)
 import socket
 import struct
 import sys
@@ -163,9 +166,16 @@ def _as_fresh_interpreter(request):
     env = request["env"]
     os.environ.clear()
     os.environ.update(env)
-    head = [] if env.get("PYTHONSAFEPATH") else [""]
-    head += [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-    sys.path[:0] = head
+    # sys.path as Python's start-up makes it: PYTHONPATH, then site (run here, in the sandbox: its
+    # site-packages, .pth files and sitecustomize are the sandbox's view, and never run on the host),
+    # then '' for -c unless PYTHONSAFEPATH
+    sys.path[:0] = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    site.ENABLE_USER_SITE = (not env.get("PYTHONNOUSERSITE") and os.getuid() == os.geteuid()
+                             and os.getgid() == os.getegid())
+    site.main()
+    site.enablerlcompleter()  # (what main() does unless isolated: sys.__interactivehook__)
+    if not env.get("PYTHONSAFEPATH"):
+        sys.path.insert(0, "")
     sys.dont_write_bytecode = bool(env.get("PYTHONDONTWRITEBYTECODE"))
     if env.get("PYTHONUNBUFFERED"):
         for stream in (sys.stdout, sys.stderr):
