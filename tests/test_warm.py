@@ -160,6 +160,7 @@ async def test_the_fork_server_never_holds_a_snippets_code_or_environment():
 
 
 async def test_a_timeout_kills_the_snippet_and_the_server_goes_on():
+    await zviz.run_snippet("pass", warm=True, python=PY)  # (the fork server, a child of ours, is up before)
     snap = Snapshot()
     r = await zviz.run_snippet("while True: pass", timeout=0.5, warm=True, python=PY)
     assert r.timed_out
@@ -169,6 +170,7 @@ async def test_a_timeout_kills_the_snippet_and_the_server_goes_on():
 
 
 async def test_a_cancelled_snippet_leaves_nothing():
+    await zviz.run_snippet("pass", warm=True, python=PY)  # (the fork server, a child of ours, is up before)
     snap = Snapshot()
     with anyio.move_on_after(0.5):
         await zviz.run_snippet("import time; time.sleep(60)", warm=True, python=PY)
@@ -365,3 +367,44 @@ async def test_site_packages_code_runs_in_the_sandbox_never_in_the_server(tmp_pa
     assert r.stdout.decode().split("] ")[0] == "['pth-ran-in-2'", r.stdout  # in the sandbox: the snippet's pid 2
     assert str(venv) in r.stdout.decode()
     assert {f for f in os.listdir("/tmp") if f.startswith("pth-ran-in-")} == before  # never on the host
+
+
+async def test_snippets_cancelled_at_any_moment_leave_nothing_and_the_server_stays_in_step():
+    # cancelled before, during and after the spawn's request to the server: its reply (a live sandbox) is
+    # never left unread for the next request, and nothing of any of them is left running
+    await zviz.run_snippet("pass", warm=True, python=PY)  # (the fork server, a child of ours, is up before)
+    snap = Snapshot()
+    for i in range(30):
+        with anyio.move_on_after(i * 0.0007):
+            await zviz.run_snippet("import time; time.sleep(5)", warm=True, python=PY)
+    r = await zviz.run_snippet("print('in step')", warm=True, python=PY)
+    assert r.stdout == b"in step\n", r
+    await snap.assert_released()
+    for s in _servers():
+        assert s._proc is not None
+        with open(f"/proc/{s._proc.pid}/task/{s._proc.pid}/children") as f:
+            assert f.read().split() == []
+
+
+async def test_a_snippet_cancelled_right_after_its_request_is_sent_leaves_nothing(monkeypatch):
+    import socket
+
+    await zviz.run_snippet("pass", warm=True, python=PY)
+    snap = Snapshot()
+    scopes: list[anyio.CancelScope] = []
+    send = socket.send_fds
+
+    def send_then_cancel(*args, **kw):
+        n = send(*args, **kw)
+        scopes[-1].cancel()  # the request is with the server: its reply will name a live sandbox
+        return n
+
+    monkeypatch.setattr(_warm.socket, "send_fds", send_then_cancel)
+    with anyio.CancelScope() as scope:
+        scopes.append(scope)
+        await zviz.run_snippet("import time; time.sleep(5)", warm=True, python=PY)
+    assert scope.cancelled_caught
+    monkeypatch.setattr(_warm.socket, "send_fds", send)
+    r = await zviz.run_snippet("print('in step')", warm=True, python=PY)
+    assert r.stdout == b"in step\n", r
+    await snap.assert_released()

@@ -135,7 +135,7 @@ class Runner:
                                        cgroup_fd=self._cgroup_fd)
             if self._stage_packed is None:
                 self._stage_packed = self._stage.pack()
-            return server.spawn(self._stage, self._stage_packed, spawn, input_fd)
+            return await server.spawn(self._stage, self._stage_packed, spawn, input_fd)
         spawn = _plan.command_spec(self._plan, exe=cmd.exe, argv=cmd.argv, envp=cmd.envp,
                                    stdio=(stdio[0], stdio[1], stdio[2]), status_fd=status_fd, init_fd=self._init_fd,
                                    track=self._track, cgroup_fd=self._cgroup_fd)

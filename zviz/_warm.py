@@ -31,6 +31,7 @@ import socket
 import struct
 import subprocess
 import threading
+import weakref
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -144,6 +145,7 @@ class Server:
         self.python = python
         self.env = env
         self._lock = threading.Lock()
+        self._loop_locks: weakref.WeakKeyDictionary[object, anyio.Lock] = weakref.WeakKeyDictionary()
         self._sock: socket.socket | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self.version = ""
@@ -178,13 +180,14 @@ class Server:
             raise Unservable(f"{self.python} cannot serve as a warm interpreter for this zviz ({said}); "
                           "it must be a CPython of zviz's own version and build ABI")
         self.version = json.loads(first[2:])[0]
-        ours.setblocking(True)
-        ours.settimeout(REPLY_S)
-        self._sock = ours
+        self._sock = ours  # (non-blocking: replies are awaited)
 
-    def spawn(self, stage: StageSpec, packed: bytes, command: Command, input_fd: int) -> _kernel.Spawned:
+    async def spawn(self, stage: StageSpec, packed: bytes, command: Command, input_fd: int) -> _kernel.Spawned:
         """The stage's spawn in a fork of the server: `command`'s fds (and
-        `input_fd`, placed on the child's fd 6) travel by SCM_RIGHTS."""
+        `input_fd`, placed on the child's fd 6) travel by SCM_RIGHTS. The
+        loop runs other tasks while the server works (~1-2 ms: the child's
+        set-up); one request at a time per server, and not cancellable once
+        sent (its reply names a live sandbox: the caller owns it then)."""
         fds = [command.stdin, command.stdout, command.stderr, command.status_fd, input_fd]
         if command.cgroup_fd >= 0:
             fds.append(command.cgroup_fd)
@@ -193,19 +196,14 @@ class Server:
                                track_map_fd=-1, track_value=0)
         cmd = slotted.pack()
         msg = struct.pack("<II", len(packed), len(cmd)) + packed + cmd
-        with self._lock:
-            sock = self._sock
-            if sock is None:
-                raise ServerGone("the warm interpreter is gone")
+        async with self._loop_lock():
+            while not self._lock.acquire(blocking=False):  # held by a request from another thread's loop
+                await anyio.sleep(0.0005)
             try:
-                socket.send_fds(sock, [msg], fds)
-                reply, got, _flags, _addr = socket.recv_fds(sock, 1 << 16, 2)
-            except (OSError, TimeoutError) as e:
-                self.close()
-                raise ServerGone(f"the warm interpreter stopped answering ({e})") from None
-            if not reply:
-                self.close()
-                raise ServerGone("the warm interpreter exited")
+                with anyio.CancelScope(shield=True):
+                    reply, got = await self._request(msg, fds)
+            finally:
+                self._lock.release()
         owned = [OwnedFd(fd, "warm-reply") for fd in got]
         if reply[:2] == b"ok" and len(reply) == 6 and 1 <= len(owned) <= 2:
             (pid,) = struct.unpack("<i", reply[2:])
@@ -221,6 +219,31 @@ class Server:
             raise ValueError(f"the warm interpreter refused the spawn: {args[0]}")
         raise SandboxSetupError("spawn", 5, None, "the warm interpreter's reply was malformed")
 
+    def _loop_lock(self) -> anyio.Lock:
+        """The running event loop's lock on the server (a loop's tasks wait in turn, not spinning)."""
+        key = _running_loop()
+        lock = self._loop_locks.get(key)
+        if lock is None:
+            lock = self._loop_locks[key] = anyio.Lock()
+        return lock
+
+    async def _request(self, msg: bytes, fds: list[int]) -> tuple[bytes, list[int]]:
+        sock = self._sock
+        if sock is None:
+            raise ServerGone("the warm interpreter is gone")
+        try:
+            socket.send_fds(sock, [msg], fds)
+            with anyio.fail_after(REPLY_S):
+                await anyio.wait_readable(sock)
+            reply, got, _flags, _addr = socket.recv_fds(sock, 1 << 16, 2)
+        except (OSError, TimeoutError) as e:
+            self.close()
+            raise ServerGone(f"the warm interpreter stopped answering ({e or 'no reply'})") from None
+        if not reply:
+            self.close()
+            raise ServerGone("the warm interpreter exited")
+        return reply, got
+
     def _kill(self, sock: socket.socket | None) -> None:
         if sock is not None:
             sock.close()
@@ -233,6 +256,19 @@ class Server:
         """The server goes (its sandboxes die with it: their parent-death signal)."""
         sock, self._sock = self._sock, None
         self._kill(sock)
+
+
+def _running_loop() -> object:
+    """The running loop itself (asyncio's loop, trio's run token): what an anyio.Lock is bound to."""
+    import sniffio
+
+    if sniffio.current_async_library() == "trio":
+        import trio
+
+        return trio.lowlevel.current_trio_token()
+    import asyncio
+
+    return asyncio.get_running_loop()
 
 
 class ServerGone(ZvizError):
