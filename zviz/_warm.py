@@ -197,8 +197,9 @@ class Server:
         cmd = slotted.pack()
         msg = struct.pack("<II", len(packed), len(cmd)) + packed + cmd
         async with self._loop_lock():
-            while not self._lock.acquire(blocking=False):  # held by a request from another thread's loop:
-                await anyio.sleep(0.0005)  # noqa: ASYNC110 - (no event crosses loops; rare, and ~1 ms)
+            # held by a request from another thread's loop: no event crosses loops; rare, and ~1 ms
+            while not self._lock.acquire(blocking=False):  # noqa: ASYNC110
+                await anyio.sleep(0.0005)
             try:
                 with anyio.CancelScope(shield=True):
                     reply, got = await self._request(msg, fds)
