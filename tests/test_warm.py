@@ -43,7 +43,8 @@ def anyio_backend(request):
 
 
 def _servers() -> list[_warm.Server]:
-    return [s for s in _warm._servers.values() if s.alive]
+    """The live fork servers (one killed by a test and not used since still counts as alive to zviz)."""
+    return [s for s in _warm._servers.values() if s.alive and s._proc is not None and s._proc.poll() is None]
 
 
 PROBE = textwrap.dedent(r"""
@@ -408,3 +409,13 @@ async def test_a_snippet_cancelled_right_after_its_request_is_sent_leaves_nothin
     r = await zviz.run_snippet("print('in step')", warm=True, python=PY)
     assert r.stdout == b"in step\n", r
     await snap.assert_released()
+
+
+def test_a_program_that_used_the_sync_facade_exits_at_once():
+    # its loop thread is stopped before the interpreter joins threads at exit (else: a hang at exit)
+    import subprocess
+
+    code = f"import zviz.sync; print(zviz.sync.run_snippet('print(5)', python={PY!r}).stdout)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60,
+                       cwd=os.path.dirname(os.path.dirname(zviz.__file__)))
+    assert r.returncode == 0 and r.stdout == b"b'5\\n'\n", r

@@ -24,7 +24,6 @@ fork copies).
 from __future__ import annotations
 
 import atexit
-import functools
 import json
 import os
 import socket
@@ -159,10 +158,7 @@ class Server:
         try:
             ours.setblocking(False)
             # (the policy's interpreter, checked by why_not_python; a fork and exec: off the loop)
-            self._proc = await anyio.to_thread.run_sync(functools.partial(
-                subprocess.Popen, [self.python, "-I", "-S", BOOT, _kernel.stage_path(), str(theirs.fileno())],
-                env=dict(self.env), cwd="/", stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL, pass_fds=(theirs.fileno(),), start_new_session=True))
+            self._proc = await anyio.to_thread.run_sync(self._popen, theirs.fileno())
             theirs.close()
             with anyio.fail_after(START_S):
                 await anyio.wait_readable(ours)
@@ -181,6 +177,11 @@ class Server:
                           "it must be a CPython of zviz's own version and build ABI")
         self.version = json.loads(first[2:])[0]
         self._sock = ours  # (non-blocking: replies are awaited)
+
+    def _popen(self, channel: int) -> subprocess.Popen[bytes]:
+        return subprocess.Popen([self.python, "-I", "-S", BOOT, _kernel.stage_path(), str(channel)],
+                                env=dict(self.env), cwd="/", stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, pass_fds=(channel,), start_new_session=True)
 
     async def spawn(self, stage: StageSpec, packed: bytes, command: Command, input_fd: int) -> _kernel.Spawned:
         """The stage's spawn in a fork of the server: `command`'s fds (and

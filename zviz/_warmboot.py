@@ -26,6 +26,8 @@ sandbox of the policy can write before it starts one.
 It ends when the host's end of the channel closes.
 """
 
+from __future__ import annotations
+
 import importlib.machinery
 import importlib.util
 import json
@@ -35,6 +37,11 @@ import site  # (its main() runs in each sandbox: -S)
 import socket
 import struct
 import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, NoReturn
+
+if TYPE_CHECKING:
+    import resource
 
 SLOT = 100  # the request's fds land on SLOT.. (the host packs those numbers)
 MAX_FDS = 8
@@ -45,18 +52,20 @@ STATUS_MAGIC = 0x7A76697A
 HEADER = struct.Struct("<II")
 
 
-def _load_stage(path):
+def _load_stage(path: str) -> Any:
     spec = importlib.util.spec_from_file_location("_stage", path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"no loader for {path}")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def _reply_error(chan, kind, args):
+def _reply_error(chan: socket.socket, kind: str, args: Sequence[object]) -> None:
     chan.sendmsg([b"er" + json.dumps([kind, list(args)]).encode()])
 
 
-def _serve(stage, chan):
+def _serve(stage: Any, chan: socket.socket) -> None:
     """Returns only in a sandbox (the child of a spawn)."""
     while True:
         try:
@@ -100,7 +109,7 @@ def _serve(stage, chan):
                     pass
 
 
-def _reap(_signum, _frame):
+def _reap(_signum: int, _frame: object) -> None:
     """The sandboxes' pid 1s, as they exit (recv_fds is retried after this)."""
     while True:
         try:
@@ -111,8 +120,8 @@ def _reap(_signum, _frame):
             return
 
 
-def _status_record(ws, ru):
-    def split(t):
+def _status_record(ws: int, ru: resource.struct_rusage) -> bytes:
+    def split(t: float) -> tuple[int, int]:
         sec = int(t)
         return sec, round((t - sec) * 1e6)
 
@@ -123,7 +132,7 @@ def _status_record(ws, ru):
     return STATUS.pack(STATUS_MAGIC, ws, us, uus, ss, sus, *rest)
 
 
-def _init(child):
+def _init(child: int) -> NoReturn:
     """pid 1: reap until the snippet has exited, report it, exit like it
     (the pid namespace dies with us: whatever the snippet left is killed)."""
     for fd in (0, 1, 2, INPUT_FD):
@@ -144,7 +153,7 @@ def _init(child):
     os._exit(os.WEXITSTATUS(ws) if os.WIFEXITED(ws) else 128 + os.WTERMSIG(ws))
 
 
-def _read_input():
+def _read_input() -> dict[str, Any]:
     chunks = []
     while True:
         b = os.read(INPUT_FD, 1 << 16)
@@ -152,10 +161,11 @@ def _read_input():
             break
         chunks.append(b)
     os.close(INPUT_FD)
-    return json.loads(b"".join(chunks))
+    request: dict[str, Any] = json.loads(b"".join(chunks))
+    return request
 
 
-def _as_fresh_interpreter(request):
+def _as_fresh_interpreter(request: dict[str, Any]) -> dict[str, Any]:
     """What `python -c CODE` would have set up in this sandbox, for what -I
     and the server's own start-up changed: the environment, sys.path's ''
     and PYTHONPATH, the signal handlers Python installs, argv, a new
@@ -179,7 +189,7 @@ def _as_fresh_interpreter(request):
     sys.dont_write_bytecode = bool(env.get("PYTHONDONTWRITEBYTECODE"))
     if env.get("PYTHONUNBUFFERED"):
         for stream in (sys.stdout, sys.stderr):
-            stream.reconfigure(write_through=True)
+            stream.reconfigure(write_through=True)  # type: ignore[union-attr]
     signal.signal(signal.SIGINT, signal.default_int_handler)
     for sig in (signal.SIGPIPE, signal.SIGXFSZ):
         signal.signal(sig, signal.SIG_IGN)
@@ -194,25 +204,24 @@ def _as_fresh_interpreter(request):
     return main.__dict__
 
 
-def _run(code, globals_):
+def _run(code: str, globals_: dict[str, Any]) -> int:
     """exec the snippet as `python -c` does; its exit status."""
     try:
         exec(compile(code, "<string>", "exec"), globals_)  # the snippet, in its sandbox
     except SystemExit as e:
         return _exit_status(e)
-    except BaseException:  # noqa: BLE001 - reported as `python -c` would
-        t, v, tb = sys.exc_info()
+    except BaseException as e:  # noqa: BLE001 - reported as `python -c` would
+        tb = e.__traceback__
         tb = tb.tb_next if tb is not None else None  # from the snippet's frame on: none of ours
         try:
-            v = v.with_traceback(tb)
-            sys.excepthook(t, v, tb)
+            sys.excepthook(type(e), e.with_traceback(tb), tb)
         except BaseException:  # noqa: BLE001
             pass
-        return -int(signal.SIGINT) if t is KeyboardInterrupt else 1
+        return -int(signal.SIGINT) if isinstance(e, KeyboardInterrupt) else 1
     return 0
 
 
-def _exit_status(e):
+def _exit_status(e: SystemExit) -> int:
     code = e.code
     if code is None:
         return 0
@@ -225,7 +234,7 @@ def _exit_status(e):
     return 1
 
 
-def _finish(globals_, status):
+def _finish(globals_: dict[str, Any], status: int) -> NoReturn:
     """Python's own exit, but for what the fork shares with the server: the
     non-daemon threads joined, the atexit handlers run, the snippet's own
     objects finalized (its __main__ and the modules it imported, cleared
@@ -283,7 +292,7 @@ def _finish(globals_, status):
     os._exit(status)
 
 
-def _run_atexit():
+def _run_atexit() -> None:
     import atexit
 
     atexit._run_exitfuncs()

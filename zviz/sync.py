@@ -204,9 +204,21 @@ def run_snippet(code: str, policy: Policy | None = None, *, python: str = "pytho
     with _snippets_lock:
         if _snippets_portal is None:
             _snippets_portal = _Portal()
+            # stopped before the interpreter joins its threads at exit (atexit would be too late:
+            # the loop's thread never ends on its own), as concurrent.futures stops its workers
+            threading._register_atexit(_stop_snippets_portal)  # type: ignore[attr-defined]
         portal = _snippets_portal
-    return portal.call(_run_snippet, code, policy, python=python, stdin=stdin, timeout=timeout, env=env,
-                       warm=warm)  # type: ignore[no-any-return]
+    result: RunResult = portal.call(_run_snippet, code, policy, python=python, stdin=stdin, timeout=timeout,
+                                    env=env, warm=warm)
+    return result
+
+
+def _stop_snippets_portal() -> None:
+    global _snippets_portal
+    with _snippets_lock:
+        portal, _snippets_portal = _snippets_portal, None
+    if portal is not None:
+        portal.stop()
 
 
 @contextlib.contextmanager
