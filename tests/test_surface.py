@@ -202,6 +202,7 @@ async def test_streams_and_wait_of_a_process_whose_sandbox_closes(snapshot):
     then the end (EOF, or SandboxClosedError when the teardown closed the
     pipe first: never a bare ClosedResourceError that blames the reader)."""
     snap: Snapshot = snapshot()
+    started = 0
     for delay in (*CLOSE_DELAYS[::2], 0.1):
         sb = await zviz.Sandbox.create(PYP)
 
@@ -216,11 +217,15 @@ async def test_streams_and_wait_of_a_process_whose_sandbox_closes(snapshot):
             return out, end, await p.wait()
 
         got, late = await _closed_under(sb, delay, read_then_wait)
+        if isinstance(got, zviz.SandboxClosedError) and "being started" in str(got) and delay < 0.1:
+            continue  # the close won the race with the start (documented; seen under load): no stream to read
         assert isinstance(got, tuple), (delay, got)
+        started += 1
         out, end, rc = got
         assert rc == -signal.SIGKILL and late < 1.0, (delay, got, late)
         assert end is None or isinstance(end, zviz.SandboxClosedError), (delay, end)
         assert out in (b"", b"hi\n") and (delay < 0.1 or out == b"hi\n"), (delay, out)
+    assert started >= 2  # (0.1 s always starts)
     await snap.assert_released()
 
 
