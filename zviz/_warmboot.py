@@ -314,6 +314,11 @@ if __name__ == "__main__":
     _SERVER_MODULES = frozenset(sys.modules)
     _serve(_stage, _chan)
     # ---- in a sandbox, pid 1, fds 0-3 and INPUT_FD only
+    # The channel's fd is gone (the stage closed every fd but those above) and
+    # its number may now be one of them (the host's socketpair number, kept by
+    # the exec: 3 or 6 at times): detached, not closed, or that would close the
+    # status pipe or the snippet's input.
+    _chan.detach()
     del _stage, _chan
     _snippet = os.fork()
     if _snippet:
