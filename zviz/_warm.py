@@ -24,8 +24,11 @@ fork copies).
 from __future__ import annotations
 
 import atexit
+import functools
+import glob
 import json
 import os
+import re
 import socket
 import struct
 import subprocess
@@ -56,6 +59,17 @@ REPLY_S = 20.0  # a fork server that does not answer a spawn (a sandbox's set-up
 # variables that -I ignores and the fork sets up itself (_warmboot._as_fresh_interpreter)
 HANDLED_VARS = frozenset({"PYTHONPATH", "PYTHONSAFEPATH", "PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED",
                           "PYTHONNOUSERSITE"})
+# The only variables the server's own start-up sees: its locale (the encodings
+# of stdio and of the file system, which every fork keeps). The rest of the
+# sandbox's environment reaches only the snippet's os.environ. The server runs
+# on the host, unconfined, and the dynamic loader and libc act on their
+# variables before any code of ours: LD_PRELOAD naming a library a sandbox
+# wrote was that library run on the host, as root (GCONV_PATH, LOCPATH,
+# LD_AUDIT, GLIBC_TUNABLES, LD_DEBUG_OUTPUT... likewise).
+START_VARS = frozenset({"LANG", "LC_ALL", "LC_CTYPE"})
+# variables the dynamic loader and libc read as a program starts: a fork of a
+# started interpreter cannot apply them (the sandboxed `python -c` would)
+LOADER_PREFIXES = ("LD_", "GLIBC_TUNABLES", "MALLOC_", "GCONV_PATH", "LOCPATH")
 
 
 class NotWarm(ZvizError):
@@ -69,7 +83,20 @@ def why_not_env(env: Mapping[str, str]) -> str | None:
     if bad:
         return (f"the environment sets {', '.join(bad)}, which Python reads at start-up and a fork of a started "
                 f"interpreter cannot apply (the warm path honours only {', '.join(sorted(HANDLED_VARS))})")
+    bad = sorted(k for k in env if k.startswith(LOADER_PREFIXES))
+    if bad:
+        return (f"the environment sets {', '.join(bad)}, which the dynamic loader or libc reads as a program "
+                "starts and a fork of a started interpreter cannot apply")
+    # a locale named by a path is loaded from that file, by the server, on the host (START_VARS)
+    bad = sorted(k for k in START_VARS if "/" in env.get(k, ""))
+    if bad:
+        return f"the environment's {', '.join(bad)} names a locale by a path, which the host would load"
     return None
+
+
+def start_env(env: Mapping[str, str]) -> dict[str, str]:
+    """The server's environment: the locale of `env` (checked by why_not_env), nothing else."""
+    return {k: v for k, v in env.items() if k in START_VARS}
 
 
 def _overlaps(a: str, b: str) -> bool:
@@ -77,26 +104,59 @@ def _overlaps(a: str, b: str) -> bool:
     return a == b or a.startswith(b + "/") or b.startswith(a + "/") or "/" in (a, b)
 
 
+@functools.lru_cache(maxsize=64)
 def install_roots(python: str) -> tuple[str, ...]:
     """The directories an interpreter's start-up reads code from: its prefix
-    (bin/..), the real binary's, and a venv's base (pyvenv.cfg's home)."""
+    (bin/..), the real binary's, and a venv's base (pyvenv.cfg's home).
+    (Once per interpreter and process: ~1.5 ms of globs, on every snippet.)"""
     roots = {os.path.dirname(os.path.dirname(python)),
              os.path.dirname(os.path.dirname(os.path.realpath(python)))}
-    cfg = os.path.join(os.path.dirname(os.path.dirname(python)), "pyvenv.cfg")
-    try:
-        with open(cfg, encoding="utf-8") as f:
-            for line in f:
-                key, _, value = line.partition("=")
-                if key.strip() == "home" and value.strip().startswith("/"):
-                    roots.add(os.path.dirname(os.path.realpath(value.strip())))
-    except OSError:
-        pass
-    return tuple(sorted(os.path.realpath(r) for r in roots))
+    # As Python's getpath reads it: bin/../pyvenv.cfg, else bin/pyvenv.cfg;
+    # the key in any case ("Home" counts); a relative home against the cwd,
+    # which is the server's, "/". (Both files are read: a superset is safe.)
+    for cfg in (os.path.join(os.path.dirname(os.path.dirname(python)), "pyvenv.cfg"),
+                os.path.join(os.path.dirname(python), "pyvenv.cfg")):
+        try:
+            with open(cfg, encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    key, equals, value = line.partition("=")
+                    if equals and key.strip().lower() == "home" and value.strip():
+                        roots.add(os.path.dirname(os.path.realpath(os.path.join("/", value.strip()))))
+        except OSError:
+            pass
+    # What the start-up reads beneath those roots may be a link out of them:
+    # Debian's lib/python3.N/sitecustomize.py is /etc/python3.N's, a site
+    # directory or a .pth file can be links too. Their real directories count.
+    linked = set()
+    for root in roots:
+        for pattern in _STARTUP_FILES:
+            for path in glob.glob(os.path.join(glob.escape(root), pattern)):
+                real = os.path.realpath(path)
+                linked.add(real if os.path.isdir(real) else os.path.dirname(real))
+    return tuple(sorted({os.path.realpath(r) for r in roots} | linked))
+
+
+# beneath an install root: what `site` reads at every start (-I leaves it on)
+_STARTUP_FILES = tuple(f"{lib}/{name}"
+                       for lib in ("lib/python3*", "lib64/python3*", "local/lib/python3*", "lib/python3")
+                       for name in ("sitecustomize.py", "site-packages", "dist-packages", "site-packages/*.pth",
+                                    "dist-packages/*.pth"))
+
+
+# The file a warm server execs on the host: a CPython's name (python3, python3.12, python3.13t...).
+_PYTHON_NAME = re.compile(r"python(?:\d+(?:\.\d+)?)?[a-z]?")
 
 
 def why_not_python(python: str, writable: tuple[str, ...]) -> str | None:
-    """`python` (a host path, the same inside) must be one no sandbox can have
-    written: the server starts it on the host."""
+    """`python` (a host path, the same inside) must be a Python that no
+    sandbox can have written: the server starts it on the host. A name check
+    first: the server's command line (`-I BOOT STAGE FD`) given to another
+    program is that program's, run on the host as zviz's user (run_snippet's
+    python="rm" removed zviz's own files; in a sandbox it would be harmless)."""
+    name = os.path.basename(os.path.realpath(python))
+    if not _PYTHON_NAME.fullmatch(name):
+        return (f"{python} is {name}, not a Python interpreter's file name (python3, python3.N); the warm path runs it "
+                "on the host with the server's arguments, so it starts only an interpreter")
     for root in install_roots(python):
         for w in writable:
             if _overlaps(root, os.path.realpath(w)):
@@ -117,16 +177,31 @@ def snippet_input(python: str, code: str, env: Mapping[str, str]) -> bytes:
 
 
 def input_pipe(data: bytes) -> OwnedFd:
-    """A pipe holding `data`, whole, its write end closed: the read end."""
+    """A pipe holding `data`, whole, its write end closed: the read end.
+    Never blocks (it is written on the event loop, before anything reads
+    it): a pipe made while the user's pipe buffers are over
+    fs.pipe-user-pages-soft holds 8 KiB, which the sandboxes of an
+    unprivileged zviz can bring about (their pipes are charged to the same
+    user), and a bigger snippet then hung the whole host process. Data that
+    does not fit is NotWarm: the snippet runs cold (its code in argv)."""
+    import fcntl
+
     r, w = _kernel.pipe("warm-input")
     try:
-        if len(data) > 65536:
-            import fcntl
-
-            fcntl.fcntl(w.fd, fcntl.F_SETPIPE_SZ, len(data))
+        os.set_blocking(w.fd, False)
+        if len(data) > fcntl.fcntl(w.fd, fcntl.F_GETPIPE_SZ):
+            try:
+                fcntl.fcntl(w.fd, fcntl.F_SETPIPE_SZ, len(data))
+            except OSError as e:
+                raise NotWarm(f"the snippet's input ({len(data)} bytes) does not fit in a pipe ({e.strerror})") \
+                    from None
         view = memoryview(data)
         while view:
-            view = view[os.write(w.fd, view):]
+            try:
+                view = view[os.write(w.fd, view):]
+            except BlockingIOError:
+                raise NotWarm(f"the snippet's input ({len(data)} bytes) does not fit in a pipe (the user's pipe "
+                              "buffers are over fs.pipe-user-pages-soft)") from None
     except BaseException:
         r.close()
         raise
@@ -148,6 +223,10 @@ class Server:
         self._sock: socket.socket | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self.version = ""
+        # snippets running in its forks (server_for .. release, under _servers_lock):
+        # its sandboxes die with it, so an evicted server lives on until they are done
+        self.users = 0
+        self.retired = False
 
     @property
     def alive(self) -> bool:
@@ -180,7 +259,7 @@ class Server:
 
     def _popen(self, channel: int) -> subprocess.Popen[bytes]:
         return subprocess.Popen([self.python, "-I", "-S", BOOT, _kernel.stage_path(), str(channel)],
-                                env=dict(self.env), cwd="/", stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                env=start_env(self.env), cwd="/", stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, pass_fds=(channel,), start_new_session=True)
 
     async def spawn(self, stage: StageSpec, packed: bytes, command: Command, input_fd: int) -> _kernel.Spawned:
@@ -287,13 +366,15 @@ _servers_lock = threading.Lock()
 
 
 async def server_for(python: str, env: Mapping[str, str]) -> Server:
-    """The warm interpreter for `python` with the sandbox's `env`, started on
-    first use (one per process and key, at most MAX_SERVERS: the oldest
-    goes; a dead one is started again)."""
-    key = (python, tuple(sorted(env.items())))
+    """The warm interpreter for `python` with the sandbox's `env`'s locale
+    (all the server's start-up sees: start_env), started on first use (one
+    per process and key, at most MAX_SERVERS: the oldest goes once its
+    snippets are done; a dead one is started again). Held until `release`."""
+    key = (python, tuple(sorted(start_env(env).items())))
     with _servers_lock:
         server = _servers.get(key)
         if server is not None and server.alive:
+            server.users += 1
             return server
         refused = _refused.get(python)
     if refused is not None:
@@ -309,24 +390,61 @@ async def server_for(python: str, env: Mapping[str, str]) -> Server:
         other = _servers.get(key)
         if other is not None and other.alive:  # started meanwhile by another task
             server.close()
+            other.users += 1
             return other
         _servers[key] = server
+        server.users += 1
         old = list(_servers.values())[:-MAX_SERVERS]
         for o in old:
             forget_locked(o)
     return server
 
 
+def release(server: Server) -> None:
+    """A snippet of `server` is done (each server_for's)."""
+    with _servers_lock:
+        server.users -= 1
+        if server.retired and server.users <= 0:
+            server.close()
+
+
 def forget_locked(server: Server) -> None:
+    """Out of the cache; closed now if no snippet runs in it, else by the last
+    `release` (closing it kills its sandboxes: an eviction for another
+    environment's server used to kill a running snippet, which then seemed
+    to exit 127 with no output)."""
     for k, v in list(_servers.items()):
         if v is server:
             del _servers[k]
-    server.close()
+    server.retired = True
+    if server.users <= 0:
+        server.close()
 
 
 def forget(server: Server) -> None:
     with _servers_lock:
         forget_locked(server)
+
+
+def _forget_inherited() -> None:
+    """In a fork of this process (multiprocessing's workers): the servers'
+    channels are shared with the parent, and both would send requests on one
+    socket and read each other's replies (a sandbox's pidfd and seccomp
+    listener went to the other process, whose supervisor then answered for
+    that sandbox by its own policy; snippets read as exit 127), and the
+    child's exit would kill the parent's servers. The child drops its copies
+    (the processes are the parent's) and starts its own servers on use."""
+    global _servers_lock  # noqa: PLW0603 - a lock another thread held at the fork stays held
+    _servers_lock = threading.Lock()
+    for server in _servers.values():
+        server._lock = threading.Lock()
+        sock, server._sock, server._proc = server._sock, None, None
+        if sock is not None:
+            sock.close()
+    _servers.clear()
+
+
+os.register_at_fork(after_in_child=_forget_inherited)
 
 
 @atexit.register
@@ -401,21 +519,30 @@ async def _run_warm_in(sb: Sandbox, python: str, code: str, stdin: bytes, timeou
     """The snippet in `sb` through a warm interpreter (NotWarm: it cannot;
     nothing of it ran)."""
     server, inside = await _server_for_sandbox(sb, python, env)
-    full = dict(sb._plan.env)
-    full.update(env)
-    data = input_pipe(snippet_input(inside, code, full))
+    held: Server | None = server  # released at the end (server_for's hold)
     try:
+        full = dict(sb._plan.env)
+        full.update(env)
+        payload = snippet_input(inside, code, full)
         for attempt in (0, 1):
+            # a pipe per attempt: the fork of a server that died before it
+            # answered may have read the last one (the retry then read nothing)
+            data = input_pipe(payload)
             try:
                 return await sb._run_warm((inside, "-c", code), (server, data.fd), stdin=stdin, timeout=timeout,
                                           env=env)
             except ServerGone as e:
                 forget(server)
+                release(server)
+                held = None
                 if attempt:  # twice in a row
                     if insist:
                         raise
                     raise NotWarm(str(e)) from None
-                server = await server_for(inside, full)
+                server = held = await server_for(inside, full)
+            finally:
+                data.close()
         raise AssertionError("unreachable")
     finally:
-        data.close()
+        if held is not None:
+            release(held)
