@@ -653,3 +653,38 @@ def test_pipe_buffer_exhaustion_does_not_hang_the_host():
     assert error is None, error
     assert hog and int(hog.split()[-1]) < 65536, hog  # the attack did squeeze the user's pipes
     assert snippet == (0, b"ran 1\n")
+
+
+def test_a_retry_after_the_server_went_gets_its_input_again(monkeypatch):
+    """A server that dies between making a sandbox and answering (ServerGone)
+    is started again and the snippet retried; the first fork may already have
+    read the snippet's input, and the retry was given the same, drained, pipe:
+    it failed with a JSONDecodeError of the fork server's. Now each attempt
+    has its own pipe. (The server's death is simulated after a real spawn,
+    once its fork has drained the input.)"""
+    import fcntl
+    import struct
+    import termios
+
+    real = _warm.Server.spawn
+    calls = []
+
+    def spawn(self, stage, packed, command, input_fd):
+        got = real(self, stage, packed, command, input_fd)
+        calls.append(input_fd)
+        if len(calls) == 1:
+            deadline = time.monotonic() + 10
+            while struct.unpack("i", fcntl.ioctl(input_fd, termios.FIONREAD, b"\0" * 4))[0] and \
+                    time.monotonic() < deadline:
+                time.sleep(0.005)
+            got.pidfd.close()
+            if got.listener is not None:
+                got.listener.close()
+            self.close()
+            raise _warm.ServerGone("simulated: the server died before it answered")
+        return got
+
+    monkeypatch.setattr(_warm.Server, "spawn", spawn)
+    r = trio.run(lambda: zviz.run_snippet("print('once')", warm=True))
+    assert len(calls) == 2
+    assert (r.exit_code, r.stdout) == (0, b"once\n"), r.stderr
