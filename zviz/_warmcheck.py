@@ -1,0 +1,119 @@
+"""Which interpreters and environments a warm snippet may use (zviz/_warm.py).
+The warm path starts the policy's Python ON THE HOST, unconfined, so what its
+start-up reads (its installation, .pth files, sitecustomize, the dynamic
+loader's and libc's variables) must be out of every sandbox's reach, and what
+a fork of a started interpreter cannot redo keeps a snippet cold. Checks over
+paths and environments (they read files and links, never run anything); each
+answers with the reason, or None (docs/security-model.md, "Warm snippets").
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import os
+import re
+from collections.abc import Mapping
+
+# variables that -I ignores and the fork sets up itself (_warmboot._as_fresh_interpreter)
+HANDLED_VARS = frozenset({"PYTHONPATH", "PYTHONSAFEPATH", "PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED",
+                          "PYTHONNOUSERSITE"})
+# The only variables the server's own start-up sees: its locale (the encodings
+# of stdio and of the file system, which every fork keeps). The rest of the
+# sandbox's environment reaches only the snippet's os.environ. The server runs
+# on the host, unconfined, and the dynamic loader and libc act on their
+# variables before any code of ours: LD_PRELOAD naming a library a sandbox
+# wrote was that library run on the host, as root (GCONV_PATH, LOCPATH,
+# LD_AUDIT, GLIBC_TUNABLES, LD_DEBUG_OUTPUT... likewise).
+START_VARS = frozenset({"LANG", "LC_ALL", "LC_CTYPE"})
+# variables the dynamic loader and libc read as a program starts: a fork of a
+# started interpreter cannot apply them (the sandboxed `python -c` would)
+LOADER_PREFIXES = ("LD_", "GLIBC_TUNABLES", "MALLOC_", "GCONV_PATH", "LOCPATH")
+
+
+def why_not_env(env: Mapping[str, str]) -> str | None:
+    """A start-up variable a fork cannot honour (it is read before main)."""
+    bad = sorted(k for k in env if k.startswith("PYTHON") and k not in HANDLED_VARS)
+    if bad:
+        return (f"the environment sets {', '.join(bad)}, which Python reads at start-up and a fork of a started "
+                f"interpreter cannot apply (the warm path honours only {', '.join(sorted(HANDLED_VARS))})")
+    bad = sorted(k for k in env if k.startswith(LOADER_PREFIXES))
+    if bad:
+        return (f"the environment sets {', '.join(bad)}, which the dynamic loader or libc reads as a program "
+                "starts and a fork of a started interpreter cannot apply")
+    # a locale named by a path is loaded from that file, by the server, on the host (START_VARS)
+    bad = sorted(k for k in START_VARS if "/" in env.get(k, ""))
+    if bad:
+        return f"the environment's {', '.join(bad)} names a locale by a path, which the host would load"
+    return None
+
+
+def start_env(env: Mapping[str, str]) -> dict[str, str]:
+    """The server's environment: the locale of `env` (checked by why_not_env), nothing else."""
+    return {k: v for k, v in env.items() if k in START_VARS}
+
+
+def _overlaps(a: str, b: str) -> bool:
+    a, b = a.rstrip("/") or "/", b.rstrip("/") or "/"
+    return a == b or a.startswith(b + "/") or b.startswith(a + "/") or "/" in (a, b)
+
+
+@functools.lru_cache(maxsize=64)
+def install_roots(python: str) -> tuple[str, ...]:
+    """The directories an interpreter's start-up reads code from: its prefix
+    (bin/..), the real binary's, and a venv's base (pyvenv.cfg's home).
+    (Once per interpreter and process: ~1.5 ms of globs, on every snippet.)"""
+    roots = {os.path.dirname(os.path.dirname(python)),
+             os.path.dirname(os.path.dirname(os.path.realpath(python)))}
+    # As Python's getpath reads it: bin/../pyvenv.cfg, else bin/pyvenv.cfg;
+    # the key in any case ("Home" counts); a relative home against the cwd,
+    # which is the server's, "/". (Both files are read: a superset is safe.)
+    for cfg in (os.path.join(os.path.dirname(os.path.dirname(python)), "pyvenv.cfg"),
+                os.path.join(os.path.dirname(python), "pyvenv.cfg")):
+        try:
+            with open(cfg, encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    key, equals, value = line.partition("=")
+                    if equals and key.strip().lower() == "home" and value.strip():
+                        roots.add(os.path.dirname(os.path.realpath(os.path.join("/", value.strip()))))
+        except OSError:
+            pass
+    # What the start-up reads beneath those roots may be a link out of them:
+    # Debian's lib/python3.N/sitecustomize.py is /etc/python3.N's, a site
+    # directory or a .pth file can be links too. Their real directories count.
+    linked = set()
+    for root in roots:
+        for pattern in _STARTUP_FILES:
+            for path in glob.glob(os.path.join(glob.escape(root), pattern)):
+                real = os.path.realpath(path)
+                linked.add(real if os.path.isdir(real) else os.path.dirname(real))
+    return tuple(sorted({os.path.realpath(r) for r in roots} | linked))
+
+
+# beneath an install root: what `site` reads at every start (-I leaves it on)
+_STARTUP_FILES = tuple(f"{lib}/{name}"
+                       for lib in ("lib/python3*", "lib64/python3*", "local/lib/python3*", "lib/python3")
+                       for name in ("sitecustomize.py", "site-packages", "dist-packages", "site-packages/*.pth",
+                                    "dist-packages/*.pth"))
+
+
+# The file a warm server execs on the host: a CPython's name (python3, python3.12, python3.13t...).
+_PYTHON_NAME = re.compile(r"python(?:\d+(?:\.\d+)?)?[a-z]?")
+
+
+def why_not_python(python: str, writable: tuple[str, ...]) -> str | None:
+    """`python` (a host path, the same inside) must be a Python that no
+    sandbox can have written: the server starts it on the host. A name check
+    first: the server's command line (`-I BOOT STAGE FD`) given to another
+    program is that program's, run on the host as zviz's user (run_snippet's
+    python="rm" removed zviz's own files; in a sandbox it would be harmless)."""
+    name = os.path.basename(os.path.realpath(python))
+    if not _PYTHON_NAME.fullmatch(name):
+        return (f"{python} is {name}, not a Python interpreter's file name (python3, python3.N); the warm path runs it "
+                "on the host with the server's arguments, so it starts only an interpreter")
+    for root in install_roots(python):
+        for w in writable:
+            if _overlaps(root, os.path.realpath(w)):
+                return (f"{python} is installed under {root}, which the policy lets sandboxes write ({w}); "
+                        "the warm path starts the interpreter on the host, so it must be one no sandbox can change")
+    return None
