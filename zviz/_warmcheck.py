@@ -1,6 +1,6 @@
 """Which interpreters and environments a warm snippet may use (zviz/_warm.py).
-The warm path starts the policy's Python ON THE HOST, unconfined, so what its
-start-up reads (its installation, .pth files, sitecustomize, the dynamic
+The warm path starts the policy's Python ON THE HOST, unconfined (-I -S), so
+what its start-up reads (its binary and standard library, the dynamic
 loader's and libc's variables) must be out of every sandbox's reach, and what
 a fork of a started interpreter cannot redo keeps a snippet cold. Checks over
 paths and environments (they read files and links, never run anything); each
@@ -9,8 +9,6 @@ answers with the reason, or None (docs/security-model.md, "Warm snippets").
 
 from __future__ import annotations
 
-import functools
-import glob
 import os
 import re
 from collections.abc import Mapping
@@ -58,11 +56,10 @@ def _overlaps(a: str, b: str) -> bool:
     return a == b or a.startswith(b + "/") or b.startswith(a + "/") or "/" in (a, b)
 
 
-@functools.lru_cache(maxsize=64)
 def install_roots(python: str) -> tuple[str, ...]:
     """The directories an interpreter's start-up reads code from: its prefix
-    (bin/..), the real binary's, and a venv's base (pyvenv.cfg's home).
-    (Once per interpreter and process: ~1.5 ms of globs, on every snippet.)"""
+    (bin/..), the real binary's, and a venv's base (pyvenv.cfg's home): its
+    standard library (site-packages never run on the host: -S)."""
     roots = {os.path.dirname(os.path.dirname(python)),
              os.path.dirname(os.path.dirname(os.path.realpath(python)))}
     # As Python's getpath reads it: bin/../pyvenv.cfg, else bin/pyvenv.cfg;
@@ -78,23 +75,7 @@ def install_roots(python: str) -> tuple[str, ...]:
                         roots.add(os.path.dirname(os.path.realpath(os.path.join("/", value.strip()))))
         except OSError:
             pass
-    # What the start-up reads beneath those roots may be a link out of them:
-    # Debian's lib/python3.N/sitecustomize.py is /etc/python3.N's, a site
-    # directory or a .pth file can be links too. Their real directories count.
-    linked = set()
-    for root in roots:
-        for pattern in _STARTUP_FILES:
-            for path in glob.glob(os.path.join(glob.escape(root), pattern)):
-                real = os.path.realpath(path)
-                linked.add(real if os.path.isdir(real) else os.path.dirname(real))
-    return tuple(sorted({os.path.realpath(r) for r in roots} | linked))
-
-
-# beneath an install root: what `site` reads at every start (-I leaves it on)
-_STARTUP_FILES = tuple(f"{lib}/{name}"
-                       for lib in ("lib/python3*", "lib64/python3*", "local/lib/python3*", "lib/python3")
-                       for name in ("sitecustomize.py", "site-packages", "dist-packages", "site-packages/*.pth",
-                                    "dist-packages/*.pth"))
+    return tuple(sorted(os.path.realpath(r) for r in roots))
 
 
 # The file a warm server execs on the host: a CPython's name (python3, python3.12, python3.13t...).
