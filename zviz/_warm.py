@@ -24,7 +24,6 @@ fork copies).
 from __future__ import annotations
 
 import atexit
-import functools
 import json
 import os
 import socket
@@ -161,8 +160,9 @@ class Server:
 
     def _popen(self, channel: int) -> subprocess.Popen[bytes]:
         return subprocess.Popen([self.python, "-I", "-S", BOOT, _kernel.stage_path(), str(channel)],
-                                env=start_env(self.env), cwd="/", stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, pass_fds=(channel,), start_new_session=True)
+                                env=start_env(dict(self.env)), cwd="/", stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, pass_fds=(channel,),
+                                start_new_session=True)
 
     async def spawn(self, stage: StageSpec, packed: bytes, command: Command, input_fd: int) -> _kernel.Spawned:
         """The stage's spawn in a fork of the server: `command`'s fds (and
