@@ -419,3 +419,19 @@ def test_a_program_that_used_the_sync_facade_exits_at_once():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60,
                        cwd=os.path.dirname(os.path.dirname(zviz.__file__)))
     assert r.returncode == 0 and r.stdout == b"b'5\\n'\n", r
+
+
+async def test_a_failed_set_up_step_in_the_fork_is_reported_like_any_sandboxs_and_the_server_goes_on():
+    import attrs
+
+    from zviz._sandbox import _open_sandbox
+
+    async with _open_sandbox(Policy.python(), zygote=False, use_pool=False) as sb:
+        runner = sb._runner
+        runner._stage = attrs.evolve(runner._stage, hostname="h" * 100)  # over HOST_NAME_MAX: sethostname fails
+        runner._stage_packed = None
+        with pytest.raises(zviz.SandboxSetupError, match="'hostname'") as info:
+            await _warm._run_warm_in(sb, PY, "print(1)", b"", None, {}, insist=True)
+        assert info.value.errno == 22  # EINVAL, from the fork's own step, through the server
+    r = await zviz.run_snippet("print('still serving')", warm=True, python=PY)
+    assert r.stdout == b"still serving\n", r
