@@ -435,3 +435,14 @@ async def test_a_failed_set_up_step_in_the_fork_is_reported_like_any_sandboxs_an
         assert info.value.errno == 22  # EINVAL, from the fork's own step, through the server
     r = await zviz.run_snippet("print('still serving')", warm=True, python=PY)
     assert r.stdout == b"still serving\n", r
+
+
+def test_the_fork_server_speaks_the_same_records_as_zviz():
+    # _warmboot cannot import zviz (it runs under the policy's interpreter): its copies of the status
+    # record, the fd numbers and the slots must stay those of zviz-init and the host
+    from zviz import _abi, _kernel, _warmboot
+
+    assert _warmboot.STATUS.format == _kernel._STATUS.format
+    assert _warmboot.STATUS_MAGIC == _abi.STATUS_MAGIC
+    assert _warmboot.STATUS_FD == _abi.STATUS_FD
+    assert _warmboot.SLOT == _warm.SLOT
