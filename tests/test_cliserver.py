@@ -681,3 +681,84 @@ def test_a_request_s_streams_die_with_it(tmp_path):
             b.close()
 
     anyio.run(main, backend="asyncio")
+
+
+_PROBE = "import os, sys; print(sys.flags.isolated, sys.argv, os.getcwd(), sys.stdin.read().upper()); sys.exit(3)"
+
+
+@pytest.mark.parametrize("through_server", [False, True])
+def test_python_c_is_a_warm_snippet_and_behaves_as_a_cold_one(server, through_server):
+    """`zviz run -- python3 -c CODE` through the server starts as a fork of a
+    warm interpreter (zviz.run_snippet's; -I -S in sys.flags is the one thing
+    it shows), with the same stdin, stdout, stderr, status, argv and working
+    directory as the interpreter started in the sandbox (--cold, or a `zviz
+    run` in its own process, which would start a warm one for one snippet);
+    any other command line runs as before."""
+    env, before = _one_way(server, through_server)
+    runs = {how: subprocess.run([*ZVIZ, "run", *flags, "--", "python3", "-c", _PROBE], env=env, input=b"abc",
+                                capture_output=True, timeout=60)
+            for how, flags in (("warm", ()), ("cold", ("--cold",)))}
+    for how, r in runs.items():
+        isolated = b"1" if how == "warm" and through_server else b"0"
+        assert (r.returncode, r.stderr) == (3, b""), (how, r)
+        assert r.stdout.startswith(isolated + b" ['-c'] ") and r.stdout.endswith(b" ABC\n"), (how, r)
+    assert runs["warm"].stdout[1:] == runs["cold"].stdout[1:]
+    # not `PYTHON -c CODE` alone: the interpreter starts in the sandbox
+    r = subprocess.run([*ZVIZ, "run", "--", "python3", "-c", "import sys; print(sys.flags.isolated)", "arg"],
+                       env=env, capture_output=True, timeout=60)
+    assert (r.returncode, r.stdout) == (0, b"0\n"), r
+    r = subprocess.run([*ZVIZ, "run", "--", "python3", "-S", "-c", "import sys; print(sys.flags.isolated)"],
+                       env=env, capture_output=True, timeout=60)
+    assert (r.returncode, r.stdout) == (0, b"0\n"), r
+    # a policy the warm path refuses (PYTHONHASHSEED set for it) runs cold, the same command line
+    r = subprocess.run([*ZVIZ, "run", "--env", "PYTHONHASHSEED=7", "--", "python3", "-c",
+                        "import sys; print(sys.flags.isolated, sys.flags.hash_randomization)"],
+                       env=env, capture_output=True, timeout=60)
+    assert (r.returncode, r.stdout) == (0, b"0 1\n"), r
+    assert server.served() == before + 5 * through_server
+
+
+@pytest.mark.parametrize("through_server", [False, True])
+def test_a_warm_snippet_s_json_record_and_timeout(server, through_server):
+    import json
+
+    env, before = _one_way(server, through_server)
+    records = []
+    for flags in ((), ("--cold",)):
+        r = subprocess.run([*ZVIZ, "run", "--json", *flags, "--", "python3", "-c",
+                            "import sys; print(sys.stdin.read(), sys.flags.isolated)"],
+                           env=env, input=b"in", capture_output=True, timeout=60)
+        assert r.returncode == 0, r
+        records.append(json.loads(r.stdout))
+    warm, cold = records
+    assert warm["stdout"] == f"in {int(through_server)}\n" and cold["stdout"] == "in 0\n"
+    assert warm["argv"] == cold["argv"] == ["python3", "-c", "import sys; print(sys.stdin.read(), sys.flags.isolated)"]
+    assert (warm["status"], warm["signal"]) == (cold["status"], cold["signal"]) == (0, None)
+    r = subprocess.run([*ZVIZ, "run", "--timeout", "0.5", "--", "python3", "-c", "import time; time.sleep(30)"],
+                       env=env, capture_output=True, timeout=60)
+    assert r.returncode == 124 and b"timed out" in r.stderr, r
+    assert server.served() == before + 3 * through_server
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGINT"])
+def test_a_killed_client_kills_its_warm_snippet(server, how):
+    """As test_a_killed_client_kills_its_sandbox, for a sandbox whose pid 1 is a
+    fork of the server's warm interpreter: the snippet (which execs `sleep`
+    to be found) dies with its client."""
+    server.start()
+    code = "import os, sys; print('up', sys.flags.isolated, flush=True); os.execvp('sleep', ['sleep', '300'])"
+    with subprocess.Popen([*ZVIZ, "run", "--", "python3", "-c", code], env=server.env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE) as p:
+        try:
+            assert p.stdout.readline() == b"up 1\n"
+            sleeper = _sleeper(server.pid())
+            assert sleeper is not None
+            p.send_signal(getattr(signal, how))
+            status = p.wait(10)
+            assert status == (-signal.SIGKILL if how == "SIGKILL" else 128 + signal.SIGINT)
+            deadline = time.monotonic() + 10
+            while alive(sleeper):
+                assert time.monotonic() < deadline, "the warm snippet outlived its client"
+                time.sleep(0.02)
+        finally:
+            p.kill()

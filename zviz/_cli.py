@@ -33,9 +33,12 @@ from ._errors import (
 
 TYPE_CHECKING = False  # (not typing's: importing typing is ~5 ms of every `zviz` command)
 if TYPE_CHECKING:
+    import contextlib
     from typing import Any, TypeAlias
 
     from ._policy import Policy
+    from ._process import Process
+    from ._records import RunResult
     from ._sandbox import Sandbox
 
     Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
@@ -90,6 +93,8 @@ def _add_run(sub: Subparsers) -> None:
     r.add_argument("--env", metavar="NAME=VALUE", action="append", default=[], help="set a variable")
     r.add_argument("--json", action="store_true", help="print the result record as JSON instead of passing stdio")
     r.add_argument("--monitor", action="store_true", help="attach the eBPF monitor (root, bcc)")
+    r.add_argument("--cold", action="store_true",
+                   help="for PYTHON -c CODE: start the interpreter in the sandbox (default: a fork of a warm one)")
     r.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ARGS", help="the command")
 
 
@@ -240,15 +245,54 @@ async def _run(a: argparse.Namespace) -> int:
         raise PolicyError("--workdir", a.workdir, "an existing directory: create it first")
     # in its own process, no pool: the process ends with this sandbox, a pre-started one would be wasted
     pool_for: Callable[[Policy], bool] | None = getattr(a, "pool_for", None)
-    async with _open_sandbox(policy, workdir=workdir, monitor=a.monitor, template=template,
-                             use_pool=pool_for is not None and pool_for(policy)) as sb:
+    code = _warm_code(a, argv)
+    # PYTHON -c CODE: its sandbox has no zygote (the warm fork is its pid 1), so it is not the pool's
+    async with _open_sandbox(policy, workdir=workdir, monitor=a.monitor, template=template, zygote=code is None,
+                             use_pool=code is None and pool_for is not None and pool_for(policy)) as sb:
         if not in_server:
             _start_up_done()
         if snapshot is not None:
-            status = await _run_in(sb, a, argv, policy)
+            status = await _run_in(sb, a, argv, policy, code)
             await sb.snapshot(snapshot)
             return status
-        return await _run_in(sb, a, argv, policy)
+        return await _run_in(sb, a, argv, policy, code)
+
+
+def _warm_code(a: argparse.Namespace, argv: list[str]) -> str | None:
+    """CODE of `zviz run -- PYTHON -c CODE` in the CLI server, which starts as
+    a fork of a warm interpreter (zviz/_warm.py, as zviz.run_snippet; where it
+    cannot, as any command), or None: any other command, --cold, --monitor
+    (which follows the zygote's runs), or a `zviz run` in its own process
+    (which would start the warm interpreter for one snippet and stop it)."""
+    if getattr(a, "cwd", None) is None or a.cold or a.monitor or len(argv) != 3 or argv[1] != "-c":
+        return None
+    return argv[2]
+
+
+async def _start(sb: Sandbox, argv: list[str], code: str | None, held: contextlib.AsyncExitStack) -> Process:
+    """`argv` started in `sb` with its stdio piped: through a warm interpreter
+    where `code` says it may be and the policy allows (its server held by
+    `held` until the command has ended), else as any command."""
+    if code is not None:
+        from . import _warm
+
+        try:
+            return await held.enter_async_context(_warm.started(sb, argv[0], code, {}, stdin=True))
+        except _warm.NotWarm:
+            pass
+    return await sb.start(argv)
+
+
+async def _run_to_record(sb: Sandbox, argv: list[str], code: str | None, data: bytes) -> RunResult:
+    """--json's run: as _start's, to its end."""
+    if code is not None:
+        from . import _warm
+
+        try:
+            return await _warm._run_warm_in(sb, argv[0], code, data, None, {}, insist=False)
+        except _warm.NotWarm:
+            pass
+    return await sb.run(argv, stdin=data)
 
 
 async def serve_request(args: list[str], stdio: tuple[int | None, int | None, int | None], cwd: str,
@@ -287,7 +331,15 @@ def _server_parser() -> argparse.ArgumentParser:
     return _parsers[0]
 
 
-async def _run_in(sb: Sandbox, a: argparse.Namespace, argv: list[str], policy: Policy) -> int:
+async def _run_in(sb: Sandbox, a: argparse.Namespace, argv: list[str], policy: Policy, code: str | None) -> int:
+    import contextlib
+
+    async with contextlib.AsyncExitStack() as held:
+        return await _run_held(sb, a, argv, policy, code, held)
+
+
+async def _run_held(sb: Sandbox, a: argparse.Namespace, argv: list[str], policy: Policy, code: str | None,
+                    held: contextlib.AsyncExitStack) -> int:
     import anyio
 
     from ._kernel import OwnedFd
@@ -303,7 +355,7 @@ async def _run_in(sb: Sandbox, a: argparse.Namespace, argv: list[str], policy: P
             print(f"zviz: timed out after {wall:g} s reading stdin, which --json reads to its end before the "
                   "command starts: close it, or give </dev/null", file=sys.stderr)
             return EXIT_TIMEOUT
-        r = await sb.run(argv, stdin=data)
+        r = await _run_to_record(sb, argv, code, data)
         record = r.to_json()
         stats = sb.statistics()
         if stats.syscalls is not None:
@@ -314,7 +366,7 @@ async def _run_in(sb: Sandbox, a: argparse.Namespace, argv: list[str], policy: P
     # Passthrough through pipes (never the caller's terminal itself: no
     # TIOCSTI into it, no /dev/tty). Our stdio is duplicated so closing the
     # streams leaves sys.std* alone.
-    proc = await sb.start(argv)
+    proc = await _start(sb, argv, code, held)
     assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None  # all piped
     stdin = proc.stdin
     fd_in, fd_out, fd_err = _fds(a)

@@ -373,14 +373,6 @@ class Sandbox:
             proc = await self._start(argv, env=env, stdin=bool(stdin), stdout=True, stderr=True)
         return await self._to_end(proc, stdin, timeout, on_stdout, on_stderr)
 
-    async def _run_warm(self, argv: tuple[str, ...], warm: tuple[Any, int], *, stdin: bytes,
-                        timeout: float | None, env: Mapping[str, str] | None) -> RunResult:
-        """run(), for zviz.run_snippet: the command is a fork of a warm interpreter (_warm.py)."""
-        timeout = self._timeout(timeout)
-        with _capacity.exhaustion_as_error("spawn"):
-            proc = await self._start(argv, env=env, stdin=bool(stdin), stdout=True, stderr=True, warm=warm)
-        return await self._to_end(proc, stdin, timeout, None, None)
-
     async def _to_end(self, proc: Process, stdin: bytes | None, timeout: float, on_stdout: OutputCallback | None,
                       on_stderr: OutputCallback | None) -> RunResult:
         return await _process.run_to_end(proc, bytes(stdin or b""), timeout=timeout,

@@ -24,6 +24,7 @@ fork copies).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import socket
@@ -31,7 +32,7 @@ import struct
 import subprocess
 import threading
 import weakref
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING
 
 import anyio
@@ -52,6 +53,7 @@ from ._warmcheck import (
 
 if TYPE_CHECKING:
     from ._policy import Policy
+    from ._process import Process
     from ._records import RunResult
     from ._sandbox import Sandbox
 
@@ -420,19 +422,39 @@ async def _run_warm_in(sb: Sandbox, python: str, code: str, stdin: bytes, timeou
                        env: Mapping[str, str], *, insist: bool) -> RunResult:
     """The snippet in `sb` through a warm interpreter (NotWarm: it cannot;
     nothing of it ran)."""
+    limit = sb._timeout(timeout)  # (a bad timeout fails before anything starts)
+    async with started(sb, python, code, env, stdin=bool(stdin), insist=insist) as proc:
+        return await sb._to_end(proc, stdin, limit, None, None)
+
+
+@contextlib.asynccontextmanager
+async def started(sb: Sandbox, python: str, code: str, env: Mapping[str, str], *, stdin: bool,
+                  insist: bool = False) -> AsyncIterator[Process]:
+    """`python -c code` started in `sb` (a sandbox without a zygote: the fork
+    is its pid 1) through a warm interpreter, its stdout and stderr piped, its
+    stdin too if `stdin`, else /dev/null; the server is held until the block
+    ends (NotWarm: it cannot, and nothing of it ran). Its record names
+    `python` as given, as `sb.run([python, "-c", code])`'s does.
+    zviz.run_snippet and `zviz run -- python3 -c CODE` (_cli.py) start
+    snippets this way."""
+    from . import _capacity
+
     server, inside = await _server_for_sandbox(sb, python, env)
     held: Server | None = server  # released at the end (server_for's hold)
     try:
         full = dict(sb._plan.env)
         full.update(env)
         payload = snippet_input(inside, code, full)
+        proc: Process | None = None
         for attempt in (0, 1):
             # a pipe per attempt: the fork of a server that died before it
             # answered may have read the last one (the retry then read nothing)
             data = input_pipe(payload)
             try:
-                return await sb._run_warm((inside, "-c", code), (server, data.fd), stdin=stdin, timeout=timeout,
-                                          env=env)
+                with _capacity.exhaustion_as_error("spawn"):
+                    proc = await sb._start((python, "-c", code), env=env, stdin=stdin, stdout=True, stderr=True,
+                                           warm=(server, data.fd))
+                break
             except ServerGone as e:
                 forget(server)
                 release(server)
@@ -444,7 +466,8 @@ async def _run_warm_in(sb: Sandbox, python: str, code: str, stdin: bytes, timeou
                 server = held = await server_for(inside, full)
             finally:
                 data.close()
-        raise AssertionError("unreachable")
+        assert proc is not None
+        yield proc
     finally:
         if held is not None:
             release(held)
