@@ -312,9 +312,22 @@ class ZvizCli(CliPeer):
         return [self.extra["path"], "run", "--preset", "python", "--", *argv]
 
 
+class ZvizCliCold(ZvizCli):
+    """The same with --cold: `PYTHON -c CODE` starts its interpreter in the
+    sandbox instead of forking the server's warm one (what `zviz run` did
+    before round 10)."""
+
+    def __init__(self) -> None:
+        CliPeer.__init__(self, "zviz-cli-cold", "zviz run --cold (the command line, through its server)",
+                         "zviz run --cold --preset python -- CMD")
+
+    def wrap(self, argv: list[str], workdir: str) -> list[str]:
+        return [self.extra["path"], "run", "--cold", "--preset", "python", "--", *argv]
+
+
 def all_peers(per_snippet: bool = False) -> list[Peer]:
     """The peers of run.py's tables; with `per_snippet`, also the agent tools'
     sandboxes (srt, codex: read-only by default, so only for benchmarks/cold.py's
     snippets, which write nothing)."""
     base: list[Peer] = [Bwrap(), Firejail(), Runsc(), Sandlock()]
-    return [*base, Srt(), Codex(), ZvizCli()] if per_snippet else base
+    return [*base, Srt(), Codex(), ZvizCli(), ZvizCliCold()] if per_snippet else base
