@@ -2,7 +2,7 @@
 """The cold path: one fresh sandbox per snippet, against bare and the peers.
 
     .venv/bin/python benchmarks/cold.py [--n 200] [--blocks 4] [--gap-ms 5] [--python] [--humaneval]
-        [--peers] [--json F]
+        [--peers [--only KEY,...] [--zviz-cli PATH]] [--json F]
 
 Every figure is measured against the same command run bare (trio.run_process)
 from the same process in the same run, in interleaved blocks (A B C A B C ...).
@@ -270,7 +270,10 @@ async def main(args: argparse.Namespace) -> dict:
     if args.peers:
         import peers as peers_mod
 
+        only = set(args.only.split(",")) if args.only else None
         for p in peers_mod.all_peers(per_snippet=True):
+            if only is not None and p.key not in only:
+                continue
             p.probe()
             if p.reason is None:
                 peers.append(p)
@@ -338,8 +341,16 @@ if __name__ == "__main__":
     ap.add_argument("--python", action="store_true", help="also `python3 -c pass` rows: bare, fresh, warm")
     ap.add_argument("--he-rounds", type=int, default=3)
     ap.add_argument("--peers", action="store_true")
+    ap.add_argument("--zviz-cli", metavar="PATH",
+                    help="the `zviz` the zviz-cli rows run (default: .venv/bin/zviz, an editable install, whose "
+                         "interpreter start also runs setuptools' editable finder: ~12 ms more than a wheel's)")
+    ap.add_argument("--only", metavar="KEYS", help="with --peers: only these peers (comma-separated keys)")
     ap.add_argument("--json")
     args = ap.parse_args()
+    if args.zviz_cli:
+        import peers as peers_mod
+
+        peers_mod.ZVIZ_CLI = os.path.abspath(args.zviz_cli)
     res = trio.run(main, args)
     report(res)
     if args.json:

@@ -54,6 +54,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+ZVIZ_CLI: str | None = None  # the `zviz` of the zviz-cli rows (cold.py --zviz-cli), else .venv/bin/zviz
 TIMEOUT_S = 120.0  # per command: W3 under runsc or sandlock takes ~4 s here
 
 def _children_cpu() -> float:
@@ -300,13 +301,13 @@ class ZvizCli(CliPeer):
                          "zviz run --preset python -- CMD")
 
     def probe(self) -> None:
-        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".venv", "bin", "zviz")
+        path = ZVIZ_CLI or os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".venv", "bin", "zviz")
         if not os.access(path, os.X_OK):
-            self.reason = "no .venv/bin/zviz (scripts/setup.sh)"
+            self.reason = f"no {path} (scripts/setup.sh)"
             return
         self.installed = True
         self.extra["path"] = os.path.realpath(path)
-        self.version = "this tree"
+        self.version = "this tree" if ZVIZ_CLI is None else path
 
     def wrap(self, argv: list[str], workdir: str) -> list[str]:
         return [self.extra["path"], "run", "--preset", "python", "--", *argv]
