@@ -246,9 +246,12 @@ async def _run(a: argparse.Namespace) -> int:
     # in its own process, no pool: the process ends with this sandbox, a pre-started one would be wasted
     pool_for: Callable[[Policy], bool] | None = getattr(a, "pool_for", None)
     code = _warm_code(a, argv)
-    # PYTHON -c CODE: its sandbox has no zygote (the warm fork is its pid 1), so it is not the pool's
+    # One command: a pooled sandbox if one is ready, else one without a zygote (one spawn less), except
+    # for domain egress, whose proxy listens in the namespace a zygote holds. PYTHON -c CODE: never the
+    # pool's (the warm fork is its sandbox's pid 1).
     async with _open_sandbox(policy, workdir=workdir, monitor=a.monitor, template=template, zygote=code is None,
-                             use_pool=code is None and pool_for is not None and pool_for(policy)) as sb:
+                             use_pool=code is None and pool_for is not None and pool_for(policy),
+                             one_command=policy.net.mode != "domains") as sb:
         if not in_server:
             _start_up_done()
         if snapshot is not None:
@@ -259,14 +262,17 @@ async def _run(a: argparse.Namespace) -> int:
 
 
 def _warm_code(a: argparse.Namespace, argv: list[str]) -> str | None:
-    """CODE of `zviz run -- PYTHON -c CODE` in the CLI server, which starts as
-    a fork of a warm interpreter (zviz/_warm.py, as zviz.run_snippet; where it
-    cannot, as any command), or None: any other command, --cold, --monitor
+    """CODE of `zviz run -- PYTHON -c CODE` in the CLI server (PYTHON named
+    like a CPython: python3, /usr/bin/python3.11), which starts as a fork of a
+    warm interpreter (zviz/_warm.py, as zviz.run_snippet; where it cannot, as
+    any command), or None: any other command (`sh -c CMD`), --cold, --monitor
     (which follows the zygote's runs), or a `zviz run` in its own process
     (which would start the warm interpreter for one snippet and stop it)."""
     if getattr(a, "cwd", None) is None or a.cold or a.monitor or len(argv) != 3 or argv[1] != "-c":
         return None
-    return argv[2]
+    from ._warmcheck import named_like_python
+
+    return argv[2] if named_like_python(argv[0]) else None
 
 
 async def _start(sb: Sandbox, argv: list[str], code: str | None, held: contextlib.AsyncExitStack) -> Process:

@@ -82,6 +82,14 @@ def install_roots(python: str) -> tuple[str, ...]:
 _PYTHON_NAME = re.compile(r"python(?:\d+(?:\.\d+)?)?[a-z]?")
 
 
+def named_like_python(command: str) -> bool:
+    """Whether a command line's program is named like a CPython (`python3`,
+    `/usr/bin/python3.11`): `zviz run -- PROGRAM -c CODE` is tried as a warm
+    snippet only then (`sh -c`, `bash -c` are not; why_not_python checks the
+    file itself later)."""
+    return bool(_PYTHON_NAME.fullmatch(os.path.basename(command)))
+
+
 def why_not_python(python: str, writable: tuple[str, ...]) -> str | None:
     """`python` (a host path, the same inside) must be a Python that no
     sandbox can have written: the server starts it on the host. A name check
