@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import attrs
 
-from . import _abi, _egressproto, _linux
+from . import _abi, _linux
 from ._errors import PolicyError, SandboxSetupError
 from ._policy import Bind, Policy
 from ._spec import Command, StageSpec
@@ -480,6 +480,8 @@ def plan_landlock(policy: Policy, host: Host, workdir: str, mount_proc: bool,
         if policy.net.mode == "allow":
             ports = sorted({(e.port, NET_CONNECT_TCP) for e in policy.net.allow})
         elif policy.net.mode == "domains":  # the egress proxy's port on the sandbox's loopback
+            from . import _egressproto  # (only for domains: its request parsers cost ~6 ms of import)
+
             ports = [(_egressproto.PROXY_PORT, NET_CONNECT_TCP)]
     scoped = SCOPE_ABSTRACT_UNIX | SCOPE_SIGNAL if abi >= 6 else 0
     return LandlockPlan(abi=abi, handled_fs=hfs, handled_net=handled_net, scoped=scoped,
@@ -563,6 +565,8 @@ def plan_sandbox(policy: Policy, host: Host, *, workdir: str,
         env.setdefault("TMPDIR", workspace)  # no private /tmp: temp files go to the workdir
     env["PWD"] = workspace
     if policy.net.mode == "domains":  # the egress proxy, for every client that honours these (docs/network.md)
+        from . import _egressproto
+
         for k, v in _egressproto.proxy_environment().items():
             env.setdefault(k, v)
     if extra_env:

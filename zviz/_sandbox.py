@@ -43,7 +43,6 @@ from . import (
     _bpf,
     _capacity,
     _disk,
-    _egressproto,
     _files,
     _hostside,
     _kernel,
@@ -623,10 +622,16 @@ def _prepare(policy: Policy, workdir: str, owns_workdir: bool, features: _probe.
     use_zygote = zygote_allowed and pid_ns and probe_plan.mount_proc and trace is None
     # net.mode = "domains": the proxy listens inside the sandbox's network namespace (made by the host
     # entering it: CAP_SYS_ADMIN) and its connects are in-kernel; else each is supervised (_egress).
-    egress_inside = (policy.net.mode == "domains" and use_zygote and _egressproto.LISTEN_INSIDE
-                     and bool(probe_plan.clone_flags & _linux.CLONE_NEWNET) and _kernel.can_enter_netns())
+    net_mode = policy.net.mode
+    egress_inside = False
+    if net_mode == "domains":
+        from . import _egressproto  # (imported for domains only: ~6 ms of class building)
+
+        egress_inside = (use_zygote and _egressproto.LISTEN_INSIDE
+                         and bool(probe_plan.clone_flags & _linux.CLONE_NEWNET) and _kernel.can_enter_netns())
+        net_mode = _egressproto.kernel_mode(net_mode, in_netns=egress_inside)
     spec = _bpf.FilterSpec(allow=policy.syscalls.names() - set(probe_plan.deny_syscalls),
-                           net_mode=_egressproto.kernel_mode(policy.net.mode, in_netns=egress_inside),
+                           net_mode=net_mode,
                            notify=notify, zygote=use_zygote,
                            pid_ns=pid_ns,
                            netns=bool(probe_plan.clone_flags & _linux.CLONE_NEWNET))
