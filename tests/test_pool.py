@@ -40,9 +40,9 @@ async def _filled(policy: zviz.Policy, n: int, timeout: float = 20.0) -> list[zv
     pool = _pool.current()
     assert pool is not None
     with anyio.fail_after(timeout):
-        while len(pool.ready.get(policy, ())) < n:
+        while len(pool.ready.get((policy, True), ())) < n:
             await anyio.sleep(0.01)
-    return list(pool.ready[policy])
+    return list(pool.ready[(policy, True)])
 
 
 def _ns(sb: zviz.Sandbox) -> dict[str, int]:
@@ -95,7 +95,7 @@ async def test_a_pooled_sandbox_is_handed_out_once(pool_size):
             assert not sb.closed
         assert sb.closed
     pool = _pool.current()
-    assert pool is not None and all(s not in pool.ready[policy] for s in seen)
+    assert pool is not None and all(s not in pool.ready[(policy, True)] for s in seen)
 
 
 @pytest.mark.trio
@@ -110,7 +110,7 @@ async def test_pool_is_keyed_by_the_whole_policy(pool_size):
     async with zviz.open_sandbox(b) as sb:
         assert sb is not pooled_a and sb.policy == b
     pool = _pool.current()
-    assert pool is not None and list(pool.ready[a]) == [pooled_a]  # still waiting for a caller of A
+    assert pool is not None and list(pool.ready[(a, True)]) == [pooled_a]  # still waiting for a caller of A
     async with zviz.open_sandbox(attrs.evolve(a)) as sb:  # an equal policy (another object) is served
         assert sb is pooled_a
 
@@ -200,10 +200,10 @@ def _loop_end_script(backend: str) -> str:
                 assert r.exit_code == 0
             pool = _pool.current()
             with anyio.fail_after(20):
-                while len(pool.ready.get(policy, ())) < 2:
+                while len(pool.ready.get((policy, True), ())) < 2:
                     await anyio.sleep(0.01)
-            out["workdirs"] = [s.workdir for s in pool.ready[policy]]
-            out["pids"] = [s._zygote.pid for s in pool.ready[policy]]
+            out["workdirs"] = [s.workdir for s in pool.ready[(policy, True)]]
+            out["pids"] = [s._zygote.pid for s in pool.ready[(policy, True)]]
         anyio.run(main, backend={backend!r})
         print(json.dumps(out))
     """)
@@ -244,7 +244,7 @@ async def test_pool_on_both_loops(pool_size, anyio_backend):
 async def test_a_failing_refill_is_reported_and_backs_off(pool_size, monkeypatch):
     calls = []
 
-    async def broken(policy):
+    async def broken(policy, zygote=True):
         calls.append(trio.current_time())
         raise RuntimeError("no more uids (simulated)")
 
@@ -350,9 +350,9 @@ def test_the_blocking_facade_never_starts_a_pool(pool_size):
     made: list[object] = []
     real = _pool.make
 
-    async def counting(policy):
+    async def counting(policy, zygote=True):
         made.append(policy)
-        return await real(policy)
+        return await real(policy, zygote)
 
     import unittest.mock
 
@@ -372,9 +372,9 @@ def test_zviz_run_never_starts_a_pool(tmp_path):
         from zviz import _cli, _pool
         made = []
         real = _pool.make
-        async def counting(policy):
+        async def counting(policy, zygote=True):
             made.append(policy)
-            return await real(policy)
+            return await real(policy, zygote)
         _pool.make = counting
         code = _cli.main(["run", "--", "sh", "-c", "sleep 0.3; echo ran"])
         print("made", len(made))
@@ -384,3 +384,34 @@ def test_zviz_run_never_starts_a_pool(tmp_path):
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
     assert "ran" in p.stdout and "made 0" in p.stdout, p.stdout
+
+
+@pytest.mark.trio
+async def test_warm_snippets_take_pooled_sandboxes_without_a_zygote(pool_size):
+    """zviz.run_snippet's sandboxes (no zygote: the fork of a warm interpreter
+    is pid 1) are pooled apart from open_sandbox's: made up to their
+    supervisor, nothing running in them, each handed out once, fresh."""
+    pool_size(1)
+    policy = zviz.Policy.python()
+    probe = ("import os, sys; print(os.getpid(), sys.flags.isolated, sorted(os.listdir('/tmp')), "
+             "sorted(os.listdir('.'))); open('/tmp/mine', 'w').close(); open('left', 'w').close()")
+    r = await zviz.run_snippet(probe, policy)  # a miss: its own sandbox; the pool makes one for the next
+    assert r.stdout == b"2 1 [] []\n", r
+    pool = _pool.current()
+    assert pool is not None
+    with anyio.fail_after(20):
+        while not pool.ready.get((policy, False)):
+            await anyio.sleep(0.01)
+    ready = pool.ready[(policy, False)][0]
+    assert ready._zygote is None and not pool.ready.get((policy, True))  # nothing started in it; no zygote kind
+    taken = []
+    for _ in range(3):
+        with anyio.fail_after(20):
+            while not pool.ready.get((policy, False)):
+                await anyio.sleep(0.01)
+        ready = pool.ready[(policy, False)][0]
+        r = await zviz.run_snippet(probe, policy)
+        assert r.stdout == b"2 1 [] []\n", r  # fresh: its own /tmp and workdir, pid 1 its own
+        assert ready.closed and ready not in pool.ready[(policy, False)]  # handed out once, closed after
+        taken.append(ready)
+    assert len({id(sb) for sb in taken}) == 3

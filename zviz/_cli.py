@@ -247,11 +247,11 @@ async def _run(a: argparse.Namespace) -> int:
     pool_for: Callable[[Policy], bool] | None = getattr(a, "pool_for", None)
     code = _warm_code(a, argv)
     # One command: a pooled sandbox if one is ready, else one without a zygote (one spawn less), except
-    # for domain egress, whose proxy listens in the namespace a zygote holds. PYTHON -c CODE: never the
-    # pool's (the warm fork is its sandbox's pid 1).
+    # for domain egress, whose proxy listens in the namespace a zygote holds. PYTHON -c CODE: a sandbox
+    # without a zygote, from the pool too (the warm fork is its pid 1).
     async with _open_sandbox(policy, workdir=workdir, monitor=a.monitor, template=template, zygote=code is None,
-                             use_pool=code is None and pool_for is not None and pool_for(policy),
-                             one_command=policy.net.mode != "domains") as sb:
+                             use_pool=pool_for is not None and pool_for(policy),
+                             one_command=code is None and policy.net.mode != "domains") as sb:
         if not in_server:
             _start_up_done()
         if snapshot is not None:

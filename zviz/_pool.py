@@ -20,9 +20,12 @@ saved by rename: a fresh sandbox would show the new one); the same for the
 addresses of `net.allow` names in `allow` mode (resolved once, as it was
 made). Only
 a request that a fresh default sandbox would answer is served from the pool:
-a given `workdir=`, `keep_workdir=True`, `monitor=`, tracing, or the
-benchmarks' no-zygote mode make their own. The key is the policy itself
-(a frozen value: equal policies share a pool, any difference does not).
+a given `workdir=`, `keep_workdir=True`, `monitor=` or tracing make their
+own. The key is the policy itself (a frozen value: equal policies share a
+pool, any difference does not) and the kind: with a zygote (open_sandbox's)
+or without one (a warm snippet's, `zviz.run_snippet` and `zviz run --
+python3 -c CODE`, whose pid 1 is a fork of a warm interpreter; made up to
+its supervisor and nothing in its namespaces until its command starts).
 
 The size: `zviz.set_pool_size(n)`, else the environment variable
 ZVIZ_POOL_SIZE, else 0 (no pool: nothing runs in the background). It is per
@@ -57,6 +60,8 @@ from ._errors import PolicyError, ZvizWarning
 if TYPE_CHECKING:
     from ._policy import Policy
     from ._sandbox import Sandbox
+
+    Key = tuple[Policy, bool]  # a policy, and whether its sandboxes have a zygote
 
 ENV = "ZVIZ_POOL_SIZE"
 MAX_SIZE = 64
@@ -112,8 +117,8 @@ class Pool:
     """One event loop's pool: ready sandboxes by policy, and the task that refills them."""
 
     def __init__(self) -> None:
-        self.ready: dict[Policy, collections.deque[Sandbox]] = {}
-        self.failures: dict[Policy, _Failure] = {}
+        self.ready: dict[Key, collections.deque[Sandbox]] = {}
+        self.failures: dict[Key, _Failure] = {}
         self.wake = anyio.Event()
         self.call_soon = _lifecycle.threadsafe_caller()  # (made on its loop: set_pool_size may come from any thread)
         self.serving = False
@@ -132,16 +137,18 @@ class Pool:
     def _wake(self) -> None:
         self.wake.set()  # (the event of the moment: the task replaces it each time it sleeps)
 
-    def take(self, policy: Policy) -> Sandbox | None:
+    def take(self, policy: Policy, zygote: bool = True) -> Sandbox | None:
         """A ready sandbox of exactly `policy` (now marked as the caller's),
-        or None; either way the pool refills behind it."""
+        with a zygote or without one, or None; either way the pool refills
+        behind it."""
         if self.closed:
             return None
         self.takes += 1
         if _looks_up_names(policy):
             return None  # (never pre-started: see _looks_up_names)
-        q = self.ready.setdefault(policy, collections.deque())
-        f = self.failures.get(policy)
+        key = (policy, zygote)
+        q = self.ready.setdefault(key, collections.deque())
+        f = self.failures.get(key)
         if f is not None and not f.reported:
             f.reported = True
             warnings.warn(f"zviz sandbox pool: pre-starting a sandbox failed ({f.count} time(s) in a row; "
@@ -170,23 +177,23 @@ class Pool:
             self.serving = True
             _lifecycle.spawn_service(self.serve, name="zviz sandbox pool")
 
-    def _next(self) -> tuple[Policy | None, float]:
-        """The policy to refill now (None: nothing), and how long to sleep otherwise."""
+    def _next(self) -> tuple[Key | None, float]:
+        """The (policy, kind) to refill now (None: nothing), and how long to sleep otherwise."""
         size = pool_size()
         now = anyio.current_time()
         sleep = math.inf
         gate = _capacity.GATE
-        for policy, q in self.ready.items():
+        for key, q in self.ready.items():
             if len(q) >= size:
                 continue
-            f = self.failures.get(policy)
+            f = self.failures.get(key)
             if f is not None and f.until > now:
                 sleep = min(sleep, f.until - now)
                 continue
             # leave room for callers: a pooled sandbox never takes a caller's slot
             if gate.active + 2 > _capacity.max_sandboxes() or gate.waiting():
                 return None, 0.05
-            return policy, 0.0
+            return key, 0.0
         return None, sleep
 
     async def _shrink(self) -> None:
@@ -206,29 +213,29 @@ class Pool:
         try:
             while True:
                 await self._shrink()
-                policy, sleep = self._next()
-                if policy is None:
+                key, sleep = self._next()
+                if key is None:
                     self.wake = anyio.Event()
                     with anyio.move_on_after(sleep):
                         await self.wake.wait()
                     continue
                 await _idle(self)
-                if self._next()[0] is not policy:
+                if self._next()[0] is not key:
                     continue  # the size or the room changed meanwhile
-                before = stamp(policy)  # (before: a change while it is made is caught at take)
+                before = stamp(key[0])  # (before: a change while it is made is caught at take)
                 try:
-                    sb = await make(policy)
+                    sb = await make(*key)
                 except Exception as e:  # noqa: BLE001 - kept, reported to the next caller, retried later
-                    f = self.failures.setdefault(policy, _Failure())
+                    f = self.failures.setdefault(key, _Failure())
                     f.count += 1
                     f.error = e
                     f.reported = False
                     f.until = anyio.current_time() + min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** (f.count - 1))
                     continue
-                self.failures.pop(policy, None)
+                self.failures.pop(key, None)
                 self.made += 1
                 self.stamps[sb] = before
-                self.ready[policy].append(sb)
+                self.ready[key].append(sb)
                 await anyio.lowlevel.checkpoint()
         finally:
             self.closed = True
@@ -275,12 +282,15 @@ async def _idle(pool: Pool) -> None:
             return
 
 
-async def make(policy: Policy) -> Sandbox:
+async def make(policy: Policy, zygote: bool = True) -> Sandbox:
     """One pre-started sandbox: made as `open_sandbox(policy)` makes one, its
-    zygote spawned now (the namespaces, the root, the filters: the costly part)."""
+    zygote spawned now (the namespaces, the root, the filters: the costly
+    part); without a zygote, as a warm snippet's (its command builds those)."""
     from . import _sandbox
 
-    sb = await _sandbox._create(policy, pooled=True)
+    sb = await _sandbox._create(policy, pooled=True, zygote=zygote)
+    if not zygote:
+        return sb
     try:
         life = sb._life
         assert life.supervisor is not None
@@ -323,8 +333,9 @@ def current(create: bool = True) -> Pool | None:
     return pool
 
 
-def take(policy: Policy) -> Sandbox | None:
-    """`open_sandbox`'s hook: a ready sandbox of `policy` from this loop's pool, or None."""
+def take(policy: Policy, zygote: bool = True) -> Sandbox | None:
+    """`open_sandbox`'s hook: a ready sandbox of `policy` (with a zygote or
+    without) from this loop's pool, or None."""
     if pool_size() <= 0:
         pool = current(create=False)
         if pool is not None and any(pool.ready.values()):
@@ -332,4 +343,4 @@ def take(policy: Policy) -> Sandbox | None:
         return None
     pool = current()
     assert pool is not None
-    return pool.take(policy)
+    return pool.take(policy, zygote)

@@ -719,8 +719,9 @@ async def _create(policy: Policy | None = None, *, workdir: str | os.PathLike[st
     if not isinstance(policy, Policy):
         raise TypeError(f"policy must be a zviz.Policy, not {type(policy).__name__}")
     if (use_pool and not pooled and workdir is None and template is None and not keep_workdir and not monitor
-            and trace is None and (zygote or one_command)):
-        ready = _pool.take(policy)  # a pre-started sandbox of exactly this policy (only what a fresh one would be)
+            and trace is None):
+        # a pre-started sandbox of exactly this policy and kind (only what a fresh one would be)
+        ready = _pool.take(policy, zygote=bool(zygote) or one_command)
         if ready is not None:
             if ready._degraded:
                 _warn_degraded(ready._degraded, stacklevel=4)

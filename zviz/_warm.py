@@ -407,7 +407,7 @@ async def run_snippet(code: str, policy: Policy | None = None, *, python: str = 
         raise TypeError(f"warm must be True, False or None, not {warm!r}")
     policy = Policy.python() if policy is None else policy
     env = dict(env or {})
-    async with _open_sandbox(policy, zygote=False, use_pool=False) as sb:
+    async with _open_sandbox(policy, zygote=False) as sb:  # (a ready one from the pool, set_pool_size, if any)
         if warm is not False:
             try:
                 return await _run_warm_in(sb, python, code, stdin, timeout, env, insist=bool(warm))
