@@ -254,11 +254,17 @@ async def _run(a: argparse.Namespace) -> int:
                              one_command=code is None and policy.net.mode != "domains") as sb:
         if not in_server:
             _start_up_done()
+        status = await _run_in(sb, a, argv, policy, code)
         if snapshot is not None:
-            status = await _run_in(sb, a, argv, policy, code)
             await sb.snapshot(snapshot)
-            return status
-        return await _run_in(sb, a, argv, policy, code)
+    if not in_server:
+        # The sandbox's close returned once its processes were dead; its workdir goes after that. This
+        # process ends with the loop, whose end cancels what is left natively on asyncio (a shield does
+        # not hold then): a big workdir's removal in its thread was cut off and the workdir left behind.
+        from ._lifecycle import released
+
+        await released()
+    return status
 
 
 def _warm_code(a: argparse.Namespace, argv: list[str]) -> str | None:
