@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import re
+import stat
+import sys
 from collections.abc import Mapping
 
 # variables that -I ignores and the fork sets up itself (_warmboot._as_fresh_interpreter)
@@ -105,4 +107,73 @@ def why_not_python(python: str, writable: tuple[str, ...]) -> str | None:
             if _overlaps(root, os.path.realpath(w)):
                 return (f"{python} is installed under {root}, which the policy lets sandboxes write ({w}); "
                         "the warm path starts the interpreter on the host, so it must be one no sandbox can change")
+    return why_not_owned(python)
+
+
+def _own_roots() -> tuple[str, ...]:
+    """The installation of the interpreter running zviz (and its venv's base)."""
+    exes = {sys.executable, getattr(sys, "_base_executable", sys.executable)}
+    return tuple(sorted({r for e in exes if e for r in install_roots(e)}))
+
+
+def _walk(path: str) -> tuple[list[str], str] | None:
+    """The directories a lookup of the absolute `path` reads entries of,
+    following its links as exec and open do, and where it ends (a path that
+    does not exist ends at its last existing directory); None: a link loop."""
+    dirs, cur, todo, links = ["/"], "/", path.split("/"), 0
+    while todo:
+        name = todo.pop(0)
+        if name in ("", "."):
+            continue
+        if name == "..":
+            cur = os.path.dirname(cur)  # (cur holds no link: its parent is its real one)
+            continue
+        nxt = os.path.join(cur, name)
+        if os.path.islink(nxt):
+            links += 1
+            if links > 40:
+                return None
+            target = os.readlink(nxt)
+            if target.startswith("/"):
+                cur = "/"
+            todo[:0] = target.split("/")
+            continue
+        if not os.path.lexists(nxt):
+            return dirs, cur
+        cur = nxt
+        if todo and any(t not in ("", ".") for t in todo):
+            dirs.append(cur)
+    return dirs, cur
+
+
+def why_not_owned(python: str) -> str | None:
+    """Every file and directory the server's start-up looks up on the way to
+    its binary, its installation and a venv's pyvenv.cfg must be root's (or,
+    for zviz's own interpreter, zviz's user's) and writable by nobody else:
+    the policy's own paths are not all a sandbox may ever have written (an
+    earlier sandbox given a directory read-write, whose `python3` a later
+    policy lists read-only, had that file run as root on the host)."""
+    euid = os.geteuid()
+    own = set(_own_roots())
+    owners = {0, euid} if set(install_roots(python)) <= own else {0}
+    top = os.path.dirname(os.path.dirname(python))
+    paths = [python, *install_roots(python), os.path.join(top, "pyvenv.cfg"),
+             os.path.join(os.path.dirname(python), "pyvenv.cfg")]
+    for path in paths:
+        walked = _walk(path)
+        if walked is None:
+            return f"{path} is a loop of links"
+        dirs, end = walked
+        for p in (*dirs, end):
+            try:
+                st = os.lstat(p)
+            except OSError as e:
+                return f"{p} cannot be looked at ({e.strerror})"
+            writable = st.st_mode & 0o002 or (st.st_mode & 0o020 and st.st_gid != 0)
+            if stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX and st.st_uid == 0:
+                writable = False  # (/tmp: another user's entries are not anyone else's to replace)
+            if st.st_uid not in owners or writable:
+                return (f"{python} is reached through {p} (owner uid {st.st_uid}, mode {st.st_mode & 0o7777:o}), "
+                        "which is not root's alone, so a sandbox may have written it; the warm path starts "
+                        "the interpreter on the host, so it runs only an installation no sandbox can have changed")
     return None
