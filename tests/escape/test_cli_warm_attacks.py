@@ -61,7 +61,8 @@ def test_a_python3_an_earlier_sandbox_wrote_never_runs_on_the_host(server, tmp_p
     if how == "locked":
         shared.chmod(0o755)
     if how == "PATH":
-        r = _run(server, "--ro", str(shared), "--env", f"PATH={shared}/bin:/usr/bin:/bin", "--", "python3", "-c", "pass")
+        r = _run(server, "--ro", str(shared), "--env", f"PATH={shared}/bin:/usr/bin:/bin", "--", "python3", "-c",
+                 "pass")
     else:
         r = _run(server, "--ro", str(shared), "--", fake, "-c", "pass")
     assert not marker.exists(), f"the sandbox-written python3 ran on the host as uid {marker.read_text().strip()}"
@@ -72,3 +73,62 @@ def test_a_root_owned_interpreter_still_starts_warm(server):
     # the check above refuses what a sandbox may have written, not the system's own interpreter
     r = _run(server, "--", PY, "-c", "import sys; print(sys.flags.isolated)")
     assert (r.returncode, r.stdout) == (0, b"1\n"), r
+
+
+_ISOLATED = "import sys; print(sys.flags.isolated)"
+
+
+@pytest.mark.parametrize("flags", [
+    ("--env", "LD_PRELOAD=/workspace/evil.so"),
+    ("--env", "GCONV_PATH=/workspace"),
+    ("--env", "PYTHONSTARTUP=/workspace/s.py"),
+    ("--env", "LC_ALL=/workspace/locale"),
+], ids=lambda f: f[1].split("=")[0])
+def test_loader_and_start_up_variables_keep_a_cli_snippet_cold(server, flags):
+    # held: what the server's start-up on the host would read, or a fork cannot redo, runs the snippet cold
+    r = _run(server, *flags, "--", PY, "-c", _ISOLATED)
+    assert r.stdout == b"0\n", r
+
+
+@pytest.mark.parametrize("how", ["relative", "PATH"])
+def test_an_interpreter_in_the_workdir_runs_cold(server, tmp_path, how):
+    # held: the workdir is the sandbox's to write (and shows at /workspace, another path than the host's)
+    wd = tmp_path / "wd"
+    wd.mkdir()
+    os.symlink(PY, wd / "python3")
+    tmp_path.chmod(0o755)
+    wd.chmod(0o1777)  # (a root caller's sandbox runs as a host uid of its own)
+    if how == "relative":
+        r = _run(server, "--workdir", str(wd), "--", "./python3", "-c", _ISOLATED)
+    else:
+        r = _run(server, "--workdir", str(wd), "--env", "PATH=/workspace:/usr/bin:/bin", "--", "python3", "-c",
+                 _ISOLATED)
+    assert r.stdout == b"0\n", r
+
+
+_VIEW = """import os, resource, sys
+st = dict(l.split(":\\t", 1) for l in open("/proc/self/status").read().splitlines() if ":\\t" in l)
+print(sys.flags.isolated)
+print([st[k].strip() for k in ("Uid", "Gid", "Groups", "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb",
+                               "NoNewPrivs", "Seccomp", "Seccomp_filters")])
+print([(r, resource.getrlimit(getattr(resource, r))) for r in sorted(dir(resource)) if r.startswith("RLIMIT_")])
+print(sorted(l.split()[4] + " " + l.split()[5] for l in open("/proc/self/mountinfo")))
+print(sorted(os.environ.items()), os.getcwd(), sorted(os.listdir("/proc/self/fd")), os.umask(0o22))
+print(open("/proc/self/cgroup").read(), sys.path)
+"""
+
+
+def test_a_cli_warm_snippet_s_sandbox_is_the_cold_one_s(server, tmp_path):
+    """held: with the flags a harness passes, the warm snippet's credentials,
+    capabilities, no_new_privs, seccomp, rlimits, mounts, environment, cwd,
+    fds, umask and cgroup are what --cold shows (only -I -S differ)."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    flags = ("--ro", str(ro), "--memory", "300M", "--env", "A=1", "--net", "loopback", "--timeout", "30")
+    runs = [_run(server, *flags, *how, "--", PY, "-c", _VIEW) for how in (("--cold",), ())]
+    (cold, warm) = runs
+    assert cold.returncode == warm.returncode == 0, runs
+    assert (cold.stdout[:2], warm.stdout[:2]) == (b"0\n", b"1\n"), runs
+    cold_lines, warm_lines = cold.stdout.splitlines(), warm.stdout.splitlines()
+    assert cold_lines[1:-1] == warm_lines[1:-1]
+    assert b"CapEff" not in warm.stdout and b"'0000000000000000', '0000000000000000'" in warm.stdout
