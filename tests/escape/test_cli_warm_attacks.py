@@ -7,7 +7,10 @@ marker files at host paths no sandbox sees, the server's process tree."""
 from __future__ import annotations
 
 import os
+import pathlib
+import shutil
 import subprocess
+import tempfile
 
 import pytest
 
@@ -132,3 +135,50 @@ def test_a_cli_warm_snippet_s_sandbox_is_the_cold_one_s(server, tmp_path):
     cold_lines, warm_lines = cold.stdout.splitlines(), warm.stdout.splitlines()
     assert cold_lines[1:-1] == warm_lines[1:-1]
     assert b"CapEff" not in warm.stdout and b"'0000000000000000', '0000000000000000'" in warm.stdout
+
+
+def _plant_then_snippet(shared: str, marker: str) -> tuple[bool, int]:
+    """As the caller (here uid 65534): a sandbox given `shared` read-write writes
+    `shared`/bin/python3 (a script leaving `marker`), then a snippet whose
+    policy lists `shared` read-only names it."""
+    import attrs
+    import trio
+
+    import zviz
+
+    fake = f"{shared}/bin/python3"
+
+    async def main() -> tuple[bool, int]:
+        p = zviz.Policy.python()
+        rw = attrs.evolve(p, fs=attrs.evolve(p.fs, read_write=(*p.fs.read_write, shared)))
+        async with zviz.open_sandbox(rw) as sb:
+            r = await sb.run(["sh", "-c", f"mkdir -p {shared}/bin && printf '#!/bin/sh\\nid -u > {marker}\\n"
+                                          f"exit 3\\n' > {fake} && chmod 755 {fake}"])
+            assert r.exit_code == 0, r
+        ro = attrs.evolve(p, fs=attrs.evolve(p.fs, read_only=(*p.fs.read_only, shared)))
+        r = await zviz.run_snippet("pass", ro, python=fake)
+        return os.path.exists(marker), r.exit_code
+
+    return trio.run(main)
+
+
+def test_an_unprivileged_caller_s_sandbox_written_python3_never_runs_on_the_host(request):
+    """The same attack for a caller without root, whose sandboxes write files
+    as its own uid: the owner of the planted file is the caller's, so
+    "owned by the caller" is not "no sandbox wrote it". Before: the script ran
+    on the host as uid 65534, outside any sandbox."""
+    from ..conftest import _warm_up, run_as
+
+    _warm_up()
+    base = pathlib.Path(tempfile.mkdtemp(prefix="cli-warm-"))  # (tmp_path's parents are root's alone: 0700)
+    base.chmod(0o755)
+    request.addfinalizer(lambda: shutil.rmtree(base, ignore_errors=True))
+    shared = base / "shared"
+    shared.mkdir()
+    os.chown(shared, 65534, 65534)
+    outside = base / "outside"  # (a host directory no sandbox sees, the caller's to write)
+    outside.mkdir()
+    os.chown(outside, 65534, 65534)
+    ran, status = run_as("nobody", _plant_then_snippet, str(shared), str(outside / "marker"))
+    assert not ran, "the sandbox-written python3 ran on the host"
+    assert status == 3  # it ran cold, in a sandbox where the marker's directory is absent
