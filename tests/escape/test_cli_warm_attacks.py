@@ -182,3 +182,24 @@ def test_an_unprivileged_caller_s_sandbox_written_python3_never_runs_on_the_host
     ran, status = run_as("nobody", _plant_then_snippet, str(shared), str(outside / "marker"))
     assert not ran, "the sandbox-written python3 ran on the host"
     assert status == 3  # it ran cold, in a sandbox where the marker's directory is absent
+
+
+def test_an_installation_path_anyone_may_still_make_is_refused(tmp_path):
+    """A venv (root's, 0755) whose pyvenv.cfg `home` does not exist yet, in a
+    sticky world-writable directory (/tmp's kind): whoever makes that path
+    first chooses the standard library the server loads on the host. Before:
+    accepted (no policy path overlaps it)."""
+    from zviz import _warmcheck
+
+    tmp_path.chmod(0o755)
+    open_dir = tmp_path / "open"
+    open_dir.mkdir()
+    open_dir.chmod(0o1777)
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    os.symlink(PY, venv / "bin" / "python3")
+    (venv / "pyvenv.cfg").write_text(f"home = {open_dir}/base/bin\n")
+    assert _warmcheck.why_not_python(str(venv / "bin" / "python3"), ())
+    (venv / "pyvenv.cfg").write_text("home = /usr/bin\n")
+    assert _warmcheck.why_not_python(str(venv / "bin" / "python3"), ()) is None
+    assert _warmcheck.why_not_python(PY, ()) is None
