@@ -164,15 +164,16 @@ def why_not_owned(python: str) -> str | None:
         if walked is None:
             return f"{path} is a loop of links"
         dirs, end = walked
-        missing_in = end if not os.path.lexists(path) else None  # (where anyone who may write it could make it)
         for p in (*dirs, end):
             try:
                 st = os.lstat(p)
             except OSError as e:
                 return f"{p} cannot be looked at ({e.strerror})"
-            writable = st.st_mode & 0o002 or (st.st_mode & 0o020 and st.st_gid != 0)
-            if stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX and st.st_uid == 0 and p != missing_in:
-                writable = False  # (/tmp: another user's entries are not anyone else's to replace)
+            writable = st.st_mode & 0o022
+            if stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX and st.st_uid == 0 and p != end:
+                # passed through /tmp's kind: its entries are their owners' to replace (checked next), but a
+                # path that ends there (an installation's prefix, where a missing one would be) anyone may make
+                writable = False
             if st.st_uid not in owners or writable:
                 return (f"{python} is reached through {p} (owner uid {st.st_uid}, mode {st.st_mode & 0o7777:o}), "
                         "which is not root's alone, so a sandbox may have written it; the warm path starts "

@@ -203,3 +203,17 @@ def test_an_installation_path_anyone_may_still_make_is_refused(tmp_path):
     (venv / "pyvenv.cfg").write_text("home = /usr/bin\n")
     assert _warmcheck.why_not_python(str(venv / "bin" / "python3"), ()) is None
     assert _warmcheck.why_not_python(PY, ()) is None
+
+
+def test_an_installation_whose_prefix_anyone_may_add_to_is_refused(tmp_path):
+    # root's bin/ under a sticky world-writable prefix: anyone may make prefix/lib/pythonX.Y there first
+    from zviz import _warmcheck
+
+    tmp_path.chmod(0o755)
+    prefix = tmp_path / "prefix"
+    (prefix / "bin").mkdir(parents=True)
+    prefix.chmod(0o1777)
+    os.symlink(PY, prefix / "bin" / "python3")
+    assert _warmcheck.why_not_python(str(prefix / "bin" / "python3"), ())
+    prefix.chmod(0o755)
+    assert _warmcheck.why_not_python(str(prefix / "bin" / "python3"), ()) is None
