@@ -217,3 +217,44 @@ def test_an_installation_whose_prefix_anyone_may_add_to_is_refused(tmp_path):
     assert _warmcheck.why_not_python(str(prefix / "bin" / "python3"), ())
     prefix.chmod(0o755)
     assert _warmcheck.why_not_python(str(prefix / "bin" / "python3"), ()) is None
+
+
+def _leftovers() -> tuple[list[str], list[str]]:
+    tmp = tempfile.gettempdir()
+    base = os.path.join(tmp, f"zviz-{os.geteuid()}")
+    workdirs = sorted(os.listdir(base)) if os.path.isdir(base) else []
+    with open("/proc/self/mountinfo") as f:
+        mounts = sorted(line.split()[4] for line in f if tmp in line)
+    return workdirs, mounts
+
+
+def test_a_killed_json_client_leaves_nothing(server):
+    """held: --json runs the snippet to its end in the server (_run_warm_in);
+    its client killed mid-run (SIGKILL), with a cgroup and a tmpfs workdir:
+    the snippet's process, its workdir and its mount go."""
+    import signal
+    import time
+
+    from tests.test_cliserver import _sleeper, alive
+
+    assert _run(server, "--", PY, "-c", "pass").returncode == 0  # (the warm server is up)
+    before = _leftovers()
+    code = "import os; open('f', 'w').write('x'); os.execvp('sleep', ['sleep', '300'])"
+    with subprocess.Popen([*ZVIZ, "run", "--json", "--memory", "256M", "--disk", "32M", "--", PY, "-c", code],
+                          env=server.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE) as p:
+        try:
+            sleeper = _sleeper(server.pid())
+            assert sleeper is not None
+            with open(f"/proc/{sleeper}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{parent}/cmdline", "rb") as f:
+                assert b"_warmboot.py" in f.read()  # (its pid 1 is a fork of the warm server: it ran warm)
+            p.send_signal(signal.SIGKILL)
+            p.wait(10)
+            deadline = time.monotonic() + 10
+            while alive(sleeper) or _leftovers() != before:
+                assert time.monotonic() < deadline, ("left behind", alive(sleeper), _leftovers(), before)
+                time.sleep(0.05)
+        finally:
+            p.kill()
