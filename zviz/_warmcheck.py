@@ -80,6 +80,10 @@ def install_roots(python: str) -> tuple[str, ...]:
     return tuple(sorted(os.path.realpath(r) for r in roots))
 
 
+# A template (zviz/_snapshot.py: MANIFEST at its top, and the name of one being made)
+TEMPLATE_MANIFEST = "zviz-template.json"
+TEMPLATE_PARTIAL = ".zviz-partial-"
+
 # The file a warm server execs on the host: a CPython's name (python3, python3.12, python3.13t...).
 _PYTHON_NAME = re.compile(r"python(?:\d+(?:\.\d+)?)?[a-z]?")
 
@@ -178,4 +182,9 @@ def why_not_owned(python: str) -> str | None:
                 return (f"{python} is reached through {p} (owner uid {st.st_uid}, mode {st.st_mode & 0o7777:o}), "
                         "which is not root's alone, so a sandbox may have written it; the warm path starts "
                         "the interpreter on the host, so it runs only an installation no sandbox can have changed")
+            if stat.S_ISDIR(st.st_mode) and (TEMPLATE_PARTIAL in os.path.basename(p)
+                                             or os.path.lexists(os.path.join(p, TEMPLATE_MANIFEST))):
+                return (f"{python} lies in a zviz template ({p}): its files are a sandbox's, copied by zviz as "
+                        "the caller (root's, 0755); the warm path starts the interpreter on the host, so it runs "
+                        "only an installation no sandbox can have written")
     return None

@@ -258,3 +258,24 @@ def test_a_killed_json_client_leaves_nothing(server):
                 time.sleep(0.05)
         finally:
             p.kill()
+
+
+def test_a_python3_saved_in_a_template_never_runs_on_the_host(server, tmp_path):
+    """`--snapshot PATH` copies the sandbox's workdir to PATH as the caller:
+    root's files, 0755, which the ownership rule alone takes for the host's
+    own. A sandbox writes bin/python3 into its workdir, is saved as a
+    template, and the next run lists the template read-only and names that
+    file. Before (with the ownership rule only): the marker said uid 0."""
+    from zviz import _snapshot, _warmcheck
+
+    assert (_warmcheck.TEMPLATE_MANIFEST, _warmcheck.TEMPLATE_PARTIAL) == (_snapshot.MANIFEST, ".zviz-partial-")
+    marker = tmp_path / "ran-on-the-host"
+    snap = tmp_path / "snap"
+    r = _run(server, "--snapshot", str(snap), "--", "sh", "-c",
+             f"mkdir bin && printf '#!/bin/sh\\nid -u > {marker}\\nexit 3\\n' > bin/python3 && chmod 755 bin/python3")
+    assert r.returncode == 0, r
+    fake = snap / _snapshot.FILES / "bin" / "python3"
+    assert os.stat(fake).st_uid == 0
+    r = _run(server, "--ro", str(snap / _snapshot.FILES), "--", str(fake), "-c", "pass")
+    assert not marker.exists(), f"the template's python3 ran on the host as uid {marker.read_text().strip()}"
+    assert r.returncode != 0, r  # (cold: in the sandbox the template's 0700 top is not the sandbox's to pass)
