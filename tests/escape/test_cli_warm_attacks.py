@@ -279,3 +279,37 @@ def test_a_python3_saved_in_a_template_never_runs_on_the_host(server, tmp_path):
     r = _run(server, "--ro", str(snap / _snapshot.FILES), "--", str(fake), "-c", "pass")
     assert not marker.exists(), f"the template's python3 ran on the host as uid {marker.read_text().strip()}"
     assert r.returncode != 0, r  # (cold: in the sandbox the template's 0700 top is not the sandbox's to pass)
+
+
+@pytest.mark.parametrize("net", [("--allow-domain", "example.test"), ("--net", "loopback"), ("--net", "none")],
+                         ids=lambda n: n[-1])
+def test_a_warm_snippet_s_network_is_the_policy_s(server, net):
+    """held: a sandbox without a zygote (the warm fork is its pid 1) gets the
+    domains mode's egress supervised on each connect (the proxy does not
+    listen inside its namespace): a direct TCP connect and a UDP datagram to
+    a host listener on 127.0.0.1 reach nothing."""
+    import socket
+
+    tcp = socket.socket()
+    tcp.bind(("127.0.0.1", 0))
+    tcp.listen()
+    tcp.setblocking(False)
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind(("127.0.0.1", 0))
+    udp.setblocking(False)
+    port, uport = tcp.getsockname()[1], udp.getsockname()[1]
+    code = ("import socket, sys\nprint(sys.flags.isolated)\n"
+            f"s = socket.socket(); s.settimeout(2)\ntry: s.connect(('127.0.0.1', {port})); print('connected')\n"
+            "except OSError as e: print('refused', e.errno)\n"
+            f"try: socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'x', ('127.0.0.1', {uport}))\n"
+            "except OSError as e: print('refused', e.errno)\n")
+    try:
+        r = _run(server, *net, "--", PY, "-c", code)
+        assert r.stdout.startswith(b"1\n") and b"connected" not in r.stdout, r
+        with pytest.raises(BlockingIOError):
+            tcp.accept()
+        with pytest.raises(BlockingIOError):
+            udp.recv(10)
+    finally:
+        tcp.close()
+        udp.close()
