@@ -106,69 +106,75 @@ def why_not_python(python: str, writable: tuple[str, ...]) -> str | None:
     if not _PYTHON_NAME.fullmatch(name):
         return (f"{python} is {name}, not a Python interpreter's file name (python3, python3.N); the warm path runs it "
                 "on the host with the server's arguments, so it starts only an interpreter")
-    for root in install_roots(python):
+    roots = install_roots(python)
+    for root in roots:
         for w in writable:
             if _overlaps(root, os.path.realpath(w)):
                 return (f"{python} is installed under {root}, which the policy lets sandboxes write ({w}); "
                         "the warm path starts the interpreter on the host, so it must be one no sandbox can change")
-    return why_not_owned(python)
+    return why_not_owned(python, roots)
 
 
-def _own_roots() -> tuple[str, ...]:
+_own: list[frozenset[str]] = []
+
+
+def _own_roots() -> frozenset[str]:
     """The installation of the interpreter running zviz (and its venv's base)."""
-    exes = {sys.executable, getattr(sys, "_base_executable", sys.executable)}
-    return tuple(sorted({r for e in exes if e for r in install_roots(e)}))
+    if not _own:
+        exes = {sys.executable, getattr(sys, "_base_executable", sys.executable)}
+        _own.append(frozenset(r for e in exes if e for r in install_roots(e)))
+    return _own[0]
 
 
 def _walk(path: str) -> tuple[list[str], str] | None:
     """The directories a lookup of the absolute `path` reads entries of,
     following its links as exec and open do, and where it ends (a path that
     does not exist ends at its last existing directory); None: a link loop."""
-    dirs, cur, todo, links = ["/"], "/", path.split("/"), 0
+    dirs, cur, todo, links = ["/"], "/", path.split("/")[::-1], 0
     while todo:
-        name = todo.pop(0)
+        name = todo.pop()
         if name in ("", "."):
             continue
         if name == "..":
             cur = os.path.dirname(cur)  # (cur holds no link: its parent is its real one)
             continue
-        nxt = os.path.join(cur, name)
-        if os.path.islink(nxt):
+        nxt = cur + name if cur == "/" else cur + "/" + name
+        try:
+            mode = os.lstat(nxt).st_mode
+        except OSError:
+            return dirs, cur
+        if stat.S_ISLNK(mode):
             links += 1
             if links > 40:
                 return None
             target = os.readlink(nxt)
             if target.startswith("/"):
                 cur = "/"
-            todo[:0] = target.split("/")
+            todo.extend(target.split("/")[::-1])
             continue
-        if not os.path.lexists(nxt):
-            return dirs, cur
         cur = nxt
-        if todo and any(t not in ("", ".") for t in todo):
+        if any(t not in ("", ".") for t in todo):
             dirs.append(cur)
     return dirs, cur
 
 
-def why_not_owned(python: str) -> str | None:
+def why_not_owned(python: str, roots: tuple[str, ...]) -> str | None:
     """Every file and directory the server's start-up looks up on the way to
     its binary, its installation and a venv's pyvenv.cfg must be root's (or,
     for zviz's own interpreter, zviz's user's) and writable by nobody else:
     the policy's own paths are not all a sandbox may ever have written (an
     earlier sandbox given a directory read-write, whose `python3` a later
     policy lists read-only, had that file run as root on the host)."""
-    euid = os.geteuid()
-    own = set(_own_roots())
-    owners = {0, euid} if set(install_roots(python)) <= own else {0}
+    owners = {0, os.geteuid()} if _own_roots().issuperset(roots) else {0}
     top = os.path.dirname(os.path.dirname(python))
-    paths = [python, *install_roots(python), os.path.join(top, "pyvenv.cfg"),
-             os.path.join(os.path.dirname(python), "pyvenv.cfg")]
+    paths = [python, *roots, os.path.join(top, "pyvenv.cfg"), os.path.join(os.path.dirname(python), "pyvenv.cfg")]
+    passed: set[str] = set()  # directories passed through, already looked at
     for path in paths:
         walked = _walk(path)
         if walked is None:
             return f"{path} is a loop of links"
         dirs, end = walked
-        for p in (*dirs, end):
+        for p in (*(d for d in dirs if d not in passed), end):
             try:
                 st = os.lstat(p)
             except OSError as e:
@@ -187,4 +193,5 @@ def why_not_owned(python: str) -> str | None:
                 return (f"{python} lies in a zviz template ({p}): its files are a sandbox's, copied by zviz as "
                         "the caller (root's, 0755); the warm path starts the interpreter on the host, so it runs "
                         "only an installation no sandbox can have written")
+        passed.update(dirs)
     return None
