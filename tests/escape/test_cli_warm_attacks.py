@@ -313,3 +313,15 @@ def test_a_warm_snippet_s_network_is_the_policy_s(server, net):
     finally:
         tcp.close()
         udp.close()
+
+
+def test_an_interpreter_that_cannot_be_started_runs_cold(server):
+    """A `python3` that is a directory (/usr/lib/python3): the warm server's
+    exec fails on the host. It is the cold start's error (126, "cannot
+    execute"), not a traceback of the server's with status 1."""
+    target = "/usr/lib/python3"
+    if not os.path.isdir(target):
+        pytest.skip(f"{target} is not a directory here")
+    warm, cold = (_run(server, *flags, "--", target, "-c", "pass") for flags in ((), ("--cold",)))
+    assert (warm.returncode, warm.stderr) == (cold.returncode, cold.stderr) == (126, cold.stderr), (warm, cold)
+    assert b"Traceback" not in warm.stderr
