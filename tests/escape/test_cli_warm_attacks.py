@@ -325,3 +325,13 @@ def test_an_interpreter_that_cannot_be_started_runs_cold(server):
     warm, cold = (_run(server, *flags, "--", target, "-c", "pass") for flags in ((), ("--cold",)))
     assert (warm.returncode, warm.stderr) == (cold.returncode, cold.stderr) == (126, cold.stderr), (warm, cold)
     assert b"Traceback" not in warm.stderr
+
+
+def test_what_cli_warm_snippets_share_and_what_cold_does_not(server):
+    """Documented (security-model.md, "The CLI server"): warm snippets of
+    the server's clients share the server's hash secret; --cold gets its own;
+    `random` is seeded anew in each."""
+    code = "import random; print(hash('zviz'), random.random())"
+    runs = [_run(server, *flags, "--", PY, "-c", code).stdout.split() for flags in ((), (), ("--cold",))]
+    (h1, r1), (h2, r2), (h3, _) = runs
+    assert h1 == h2 != h3 and r1 != r2, runs
