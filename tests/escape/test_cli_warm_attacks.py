@@ -15,12 +15,13 @@ import tempfile
 import pytest
 
 from tests.test_cliserver import ZVIZ, Server
+from tests.test_warm import PY, _same_python
 
 from ..conftest import IS_ROOT
 
-pytestmark = pytest.mark.skipif(not IS_ROOT, reason="the CLI's warm-path attacks run the server as root (CI does)")
-
-PY = "/usr/bin/python3"
+pytestmark = [pytest.mark.skipif(not IS_ROOT, reason="the CLI's warm-path attacks run the server as root (CI does)"),
+              pytest.mark.skipif(not _same_python(), reason=f"{PY} is not a CPython of this one's version: the "
+                                 "warm path loads zviz's C stage into it")]
 
 
 @pytest.fixture
