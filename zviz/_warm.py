@@ -148,6 +148,10 @@ class Server:
         except TimeoutError:
             self._kill(ours)
             raise NotWarm(f"{self.python} did not start as a warm interpreter within {START_S:.0f} s") from None
+        except OSError as e:  # (not a program: a directory named python3, no x bit; the cold start says why)
+            theirs.close()
+            self._kill(ours)
+            raise NotWarm(f"{self.python} could not be started as a warm interpreter ({e.strerror})") from None
         except BaseException:
             theirs.close()
             self._kill(ours)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import re
+import stat
+import sys
 from collections.abc import Mapping
 
 # variables that -I ignores and the fork sets up itself (_warmboot._as_fresh_interpreter)
@@ -78,6 +80,10 @@ def install_roots(python: str) -> tuple[str, ...]:
     return tuple(sorted(os.path.realpath(r) for r in roots))
 
 
+# A template (zviz/_snapshot.py: MANIFEST at its top, and the name of one being made)
+TEMPLATE_MANIFEST = "zviz-template.json"
+TEMPLATE_PARTIAL = ".zviz-partial-"
+
 # The file a warm server execs on the host: a CPython's name (python3, python3.12, python3.13t...).
 _PYTHON_NAME = re.compile(r"python(?:\d+(?:\.\d+)?)?[a-z]?")
 
@@ -100,9 +106,92 @@ def why_not_python(python: str, writable: tuple[str, ...]) -> str | None:
     if not _PYTHON_NAME.fullmatch(name):
         return (f"{python} is {name}, not a Python interpreter's file name (python3, python3.N); the warm path runs it "
                 "on the host with the server's arguments, so it starts only an interpreter")
-    for root in install_roots(python):
+    roots = install_roots(python)
+    for root in roots:
         for w in writable:
             if _overlaps(root, os.path.realpath(w)):
                 return (f"{python} is installed under {root}, which the policy lets sandboxes write ({w}); "
                         "the warm path starts the interpreter on the host, so it must be one no sandbox can change")
+    return why_not_owned(python, roots)
+
+
+_own: list[frozenset[str]] = []
+
+
+def _own_roots() -> frozenset[str]:
+    """The installation of the interpreter running zviz (and its venv's base)."""
+    if not _own:
+        exes = {sys.executable, getattr(sys, "_base_executable", sys.executable)}
+        _own.append(frozenset(r for e in exes if e for r in install_roots(e)))
+    return _own[0]
+
+
+def _walk(path: str) -> tuple[list[str], str] | None:
+    """The directories a lookup of the absolute `path` reads entries of,
+    following its links as exec and open do, and where it ends (a path that
+    does not exist ends at its last existing directory); None: a link loop."""
+    dirs, cur, todo, links = ["/"], "/", path.split("/")[::-1], 0
+    while todo:
+        name = todo.pop()
+        if name in ("", "."):
+            continue
+        if name == "..":
+            cur = os.path.dirname(cur)  # (cur holds no link: its parent is its real one)
+            continue
+        nxt = cur + name if cur == "/" else cur + "/" + name
+        try:
+            mode = os.lstat(nxt).st_mode
+        except OSError:
+            return dirs, cur
+        if stat.S_ISLNK(mode):
+            links += 1
+            if links > 40:
+                return None
+            target = os.readlink(nxt)
+            if target.startswith("/"):
+                cur = "/"
+            todo.extend(target.split("/")[::-1])
+            continue
+        cur = nxt
+        if any(t not in ("", ".") for t in todo):
+            dirs.append(cur)
+    return dirs, cur
+
+
+def why_not_owned(python: str, roots: tuple[str, ...]) -> str | None:
+    """Every file and directory the server's start-up looks up on the way to
+    its binary, its installation and a venv's pyvenv.cfg must be root's (or,
+    for zviz's own interpreter, zviz's user's) and writable by nobody else:
+    the policy's own paths are not all a sandbox may ever have written (an
+    earlier sandbox given a directory read-write, whose `python3` a later
+    policy lists read-only, had that file run as root on the host)."""
+    owners = {0, os.geteuid()} if _own_roots().issuperset(roots) else {0}
+    top = os.path.dirname(os.path.dirname(python))
+    paths = [python, *roots, os.path.join(top, "pyvenv.cfg"), os.path.join(os.path.dirname(python), "pyvenv.cfg")]
+    passed: set[str] = set()  # directories passed through, already looked at
+    for path in paths:
+        walked = _walk(path)
+        if walked is None:
+            return f"{path} is a loop of links"
+        dirs, end = walked
+        for p in (*(d for d in dirs if d not in passed), end):
+            try:
+                st = os.lstat(p)
+            except OSError as e:
+                return f"{p} cannot be looked at ({e.strerror})"
+            writable = st.st_mode & 0o022
+            if stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX and st.st_uid == 0 and p != end:
+                # passed through /tmp's kind: its entries are their owners' to replace (checked next), but a
+                # path that ends there (an installation's prefix, where a missing one would be) anyone may make
+                writable = False
+            if st.st_uid not in owners or writable:
+                return (f"{python} is reached through {p} (owner uid {st.st_uid}, mode {st.st_mode & 0o7777:o}), "
+                        "which is not root's alone, so a sandbox may have written it; the warm path starts "
+                        "the interpreter on the host, so it runs only an installation no sandbox can have changed")
+            if stat.S_ISDIR(st.st_mode) and (TEMPLATE_PARTIAL in os.path.basename(p)
+                                             or os.path.lexists(os.path.join(p, TEMPLATE_MANIFEST))):
+                return (f"{python} lies in a zviz template ({p}): its files are a sandbox's, copied by zviz as "
+                        "the caller (root's, 0755); the warm path starts the interpreter on the host, so it runs "
+                        "only an installation no sandbox can have written")
+        passed.update(dirs)
     return None
