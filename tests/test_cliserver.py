@@ -136,15 +136,26 @@ def test_relative_paths_are_the_clients(server, tmp_path):
     assert server.served() == before + 2
 
 
+# a command, and a warm snippet (its sandbox's pid 1 a fork of the server's warm interpreter), each
+# saying it is up, then exec'ing `sleep 300` to be found
+_KILLED = {
+    "command": (["sh", "-c", "echo up; exec sleep 300"], b"up\n"),
+    "warm snippet": (["python3", "-c", "import os, sys; print('up', sys.flags.isolated, flush=True); "
+                                       "os.execvp('sleep', ['sleep', '300'])"], b"up 1\n"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_KILLED))
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGINT"])
-def test_a_killed_client_kills_its_sandbox(server, how):
+def test_a_killed_client_kills_its_sandbox(server, how, kind):
     """A client killed outright (the server sees the hang-up) or signalled (it
     forwards the signal, and its status says which): the sandbox dies with it."""
     server.start()
-    cmd = [*ZVIZ, "run", "--", "sh", "-c", "echo up; exec sleep 300"]
-    with subprocess.Popen(cmd, env=server.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as p:
+    argv, up = _KILLED[kind]
+    with subprocess.Popen([*ZVIZ, "run", "--", *argv], env=server.env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE) as p:
         try:
-            assert p.stdout.readline() == b"up\n"
+            assert p.stdout.readline() == up
             sleeper = _sleeper(server.pid())
             assert sleeper is not None
             p.send_signal(getattr(signal, how))
@@ -738,30 +749,6 @@ def test_a_warm_snippet_s_json_record_and_timeout(server, through_server):
                        env=env, capture_output=True, timeout=60)
     assert r.returncode == 124 and b"timed out" in r.stderr, r
     assert server.served() == before + 3 * through_server
-
-
-@pytest.mark.parametrize("how", ["SIGKILL", "SIGINT"])
-def test_a_killed_client_kills_its_warm_snippet(server, how):
-    """As test_a_killed_client_kills_its_sandbox, for a sandbox whose pid 1 is a
-    fork of the server's warm interpreter: the snippet (which execs `sleep`
-    to be found) dies with its client."""
-    server.start()
-    code = "import os, sys; print('up', sys.flags.isolated, flush=True); os.execvp('sleep', ['sleep', '300'])"
-    with subprocess.Popen([*ZVIZ, "run", "--", "python3", "-c", code], env=server.env, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE) as p:
-        try:
-            assert p.stdout.readline() == b"up 1\n"
-            sleeper = _sleeper(server.pid())
-            assert sleeper is not None
-            p.send_signal(getattr(signal, how))
-            status = p.wait(10)
-            assert status == (-signal.SIGKILL if how == "SIGKILL" else 128 + signal.SIGINT)
-            deadline = time.monotonic() + 10
-            while alive(sleeper):
-                assert time.monotonic() < deadline, "the warm snippet outlived its client"
-                time.sleep(0.02)
-        finally:
-            p.kill()
 
 
 def test_one_command_takes_a_pooled_sandbox_or_one_without_a_zygote(server):
