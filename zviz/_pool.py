@@ -220,7 +220,7 @@ class Pool:
                         await self.wake.wait()
                     continue
                 await _idle(self)
-                if self._next()[0] is not key:
+                if self._next()[0] != key:
                     continue  # the size or the room changed meanwhile
                 before = stamp(key[0])  # (before: a change while it is made is caught at take)
                 try:
