@@ -1,5 +1,5 @@
-"""How a sandbox's commands are spawned: the stage spec planned once per
-sandbox (`_plan.stage_spec`), and the zygote that forks every command once it is up.
+"""How a sandbox's commands are spawned: the stage spec it was planned with
+(`_planmemo`), and the zygote that forks every command once it is up.
 
 A `Runner` owns the sandbox's /dev/null, the current zygote (spawned at the
 first command where the layers allow it: a pid namespace with its /proc; a
@@ -53,17 +53,16 @@ _MAX_PROVISIONAL = 64  # sessions held apart while requests are in flight
 
 
 class Runner:
-    def __init__(self, *, plan: _plan.SandboxPlan, stage: StageSpec, init_fd: int, cgroup_fd: int,
-                 use_zygote: bool, tally: Tally) -> None:
+    def __init__(self, *, plan: _plan.SandboxPlan, stage: StageSpec, zygote_stage: StageSpec | None,
+                 packed: bytes, init_fd: int, cgroup_fd: int, use_zygote: bool, tally: Tally) -> None:
         self._plan = plan
         self._stage = stage
-        # Packed once per sandbox, and only the stage it spawns with: the zygote's
-        # (then a full spawn, e.g. after the zygote is gone for good, packs its own
-        # when first needed) or the full one. Packing checks the tables: a
-        # sandbox whose stage cannot be packed fails here, before it is opened.
-        self._zygote_stage = _plan.zygote_stage_spec(stage) if use_zygote else None
-        self._zygote_packed = self._zygote_stage.pack() if self._zygote_stage is not None else None
-        self._stage_packed: bytes | None = None if use_zygote else stage.pack()
+        # Packed once per sandbox (_planmemo), and only the stage it spawns
+        # with: the zygote's (then a full spawn, e.g. after the zygote is gone
+        # for good, packs its own when first needed) or the full one.
+        self._zygote_stage = zygote_stage if use_zygote else None
+        self._zygote_packed = packed if use_zygote else None
+        self._stage_packed: bytes | None = None if use_zygote else packed
         self._init_fd = init_fd
         self._cgroup_fd = cgroup_fd  # the memory cgroup's cgroup.procs (-1: none)
         self._base_env = dict(plan.env)

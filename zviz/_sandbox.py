@@ -14,9 +14,9 @@ Where the rest lives: `_records` (RunResult, SandboxStatistics, the tally),
 `_files` (the file API), `_events` (the denial events), `_args` (the checks
 of run()'s arguments), `_lifecycle` (the service task and teardown).
 
-Why this module is long: it is the one place where the parts meet (planning
-once per sandbox, the spawn of one command, the public methods); the
-`_prepare` step is the candidate to move out once the stage's input settles.
+Why this module is long: it is the one place where the parts meet (the
+host facts a sandbox is planned from, the spawn of one command, the public
+methods); planning itself, once per policy, is `_planmemo`'s.
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ import attrs
 
 from . import (
     _args,
-    _bpf,
     _capacity,
     _disk,
     _files,
@@ -49,6 +48,7 @@ from . import (
     _lifecycle,
     _linux,
     _plan,
+    _planmemo,
     _pool,
     _probe,
     _process,
@@ -613,40 +613,16 @@ def _prepare(policy: Policy, workdir: str, owns_workdir: bool, features: _probe.
             seccomp_flags |= _kernel.SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV
     elif policy.net.mode in ("allow", "domains"):
         raise PolicyError("net.mode", policy.net.mode, "a kernel with seccomp user notification (>= 5.5)")
-    # Each spawn fills in argv, exe, env and fds.
-    probe_plan = _plan.plan_sandbox(policy, host, workdir=workdir)
-    pid_ns = bool(probe_plan.clone_flags & _linux.CLONE_NEWPID)
-    # A zygote needs the pid namespace (its death must take every run
-    # with it) and that namespace's /proc (a run-init finds what its
-    # program left behind in /proc/thread-self/children).
-    use_zygote = zygote_allowed and pid_ns and probe_plan.mount_proc and trace is None
-    # net.mode = "domains": the proxy listens inside the sandbox's network namespace (made by the host
-    # entering it: CAP_SYS_ADMIN) and its connects are in-kernel; else each is supervised (_egress).
-    net_mode = policy.net.mode
-    egress_inside = False
-    if net_mode == "domains":
-        from . import _egressproto  # (imported for domains only: ~6 ms of class building)
-
-        egress_inside = (use_zygote and _egressproto.LISTEN_INSIDE
-                         and bool(probe_plan.clone_flags & _linux.CLONE_NEWNET) and _kernel.can_enter_netns())
-        net_mode = _egressproto.kernel_mode(net_mode, in_netns=egress_inside)
-    spec = _bpf.FilterSpec(allow=policy.syscalls.names() - set(probe_plan.deny_syscalls),
-                           net_mode=net_mode,
-                           notify=notify, zygote=use_zygote,
-                           pid_ns=pid_ns,
-                           netns=bool(probe_plan.clone_flags & _linux.CLONE_NEWNET))
-    if trace is not None:
-        spec = trace.filter_spec(notify)
-    bpf = _bpf.program(spec)  # compiled once per policy, and kept on disk for the next process
-    stage = _plan.stage_spec(probe_plan, bpf=bpf, seccomp_flags=seccomp_flags)
-    if trace is not None:
-        stage = attrs.evolve(stage, ll_net=0, ll_ports=())  # tracing observes connections rather than refusing them
-    elif egress_inside:  # every destination loops back to its namespace's lo, refused and seen (_egresswatch);
-        stage = attrs.evolve(stage, ll_net=stage.ll_net & ~_plan.NET_CONNECT_TCP, ll_ports=())  # no TCP bind still
-    runner = Runner(plan=probe_plan, stage=stage, init_fd=init.fd,
-                    cgroup_fd=resources.cgroup.procs.fd if resources.cgroup is not None else -1,
-                    use_zygote=use_zygote, tally=tally)
-    runner.egress_inside = spec.net_mode == "domains"
+    # Each spawn fills in argv, exe, env and fds. The same policy on the same host plans the same but for
+    # the workdir and ids: made once, filled in per sandbox (_planmemo).
+    made = _planmemo.prepared(policy, host, workdir, zygote_allowed=zygote_allowed, trace=trace,
+                              seccomp_flags=seccomp_flags, notify=notify,
+                              enter_netns=policy.net.mode == "domains" and _kernel.can_enter_netns())
+    probe_plan = made.plan
+    runner = Runner(plan=probe_plan, stage=made.stage, zygote_stage=made.zygote_stage, packed=made.packed,
+                    init_fd=init.fd, cgroup_fd=resources.cgroup.procs.fd if resources.cgroup is not None else -1,
+                    use_zygote=made.use_zygote, tally=tally)
+    runner.egress_inside = made.proxy_inside
     try:
         if probe_plan.degraded and warn:  # (a pooled sandbox warns when it is handed out)
             _warn_degraded(probe_plan.degraded, stacklevel=5)

@@ -6,9 +6,10 @@ format against the extension's LAYOUTS):
 
 - `StageSpec`: what every spawn of one sandbox does: namespaces and id maps,
   the new root, credentials, rlimits, Landlock, the seccomp program. Made
-  once per sandbox by `_plan.stage_spec` from its `SandboxPlan`; variants
-  (the zygote's, the tracer's) with `attrs.evolve`. `pack()` is what the
-  sandbox keeps and hands to every spawn.
+  by `_plan.stage_spec` from a `SandboxPlan` (once per policy: `_planmemo`);
+  variants (the zygote's, the tracer's) with `attrs.evolve`. `pack()` is
+  what the sandbox keeps and hands to every spawn; `pack_with_holes()` the
+  same with chosen strings left to fill in per sandbox.
 - `Command`: one spawn: what to exec, its argv and environment, its fds.
   Made by `_plan.command_spec` per spawn.
 
@@ -106,6 +107,15 @@ class StageSpec:
 
     def pack(self) -> bytes:
         """The sandbox's buffer (zviz/_abi.h, "the sandbox's part")."""
+        return self.pack_with_holes(()).fill(())
+
+    def pack_with_holes(self, holes: tuple[str, ...]) -> Holey:
+        """The buffer with the strings `holes` left to be filled in later
+        (`Holey.fill`): each is put after every other string, in that order,
+        and every field that points at one is noted. The rest of the buffer
+        is the same whatever fills the holes (the per-policy memo,
+        zviz/_planmemo.py, packs once and fills each sandbox's own workdir
+        and id maps in)."""
         _check(len(self.binds), _abi.MAX_BINDS, "bind mounts")
         _check(len(self.mount_ops), _abi.MAX_MOUNT_OPS, "mount operations")
         _check(len(self.masks), _abi.MAX_MASKS, "masks")
@@ -119,17 +129,33 @@ class StageSpec:
                   + SPEC_PATH.size * len(self.ll_paths) + SPEC_PORT.size * len(self.ll_ports))
         bpf_off = (tables + 7) & ~7
         strings = _Strings(bpf_off + len(self.bpf))
+        hole_index = {h: i for i, h in enumerate(holes)}
+        relocations: list[tuple[int, int]] = []  # (where in the buffer, which hole)
+
+        def ref(s: str | None, at: int) -> int:
+            i = hole_index.get(s) if s is not None else None
+            if i is None:
+                return strings.add(s)
+            relocations.append((at, i))
+            return 0
+
         body = bytearray()
+        at = SPEC_HEADER.size
         for src, ro in self.binds:
-            body += SPEC_BIND.pack(strings.add(src), ro)
+            body += SPEC_BIND.pack(ref(src, at), ro)
+            at += SPEC_BIND.size
         for kind, path, arg, bind in self.mount_ops:
-            body += SPEC_OP.pack(kind, strings.add(path), strings.add(arg), bind)
+            body += SPEC_OP.pack(kind, ref(path, at + 4), ref(arg, at + 8), bind)
+            at += SPEC_OP.size
         for kind, path in self.masks:
-            body += SPEC_MASK.pack(kind, strings.add(path))
+            body += SPEC_MASK.pack(kind, ref(path, at + 4))
+            at += SPEC_MASK.size
         for res, soft, hard in self.rlimits:
             body += SPEC_RLIMIT.pack(res, 0, soft, hard)
+            at += SPEC_RLIMIT.size
         for path, access in self.ll_paths:
-            body += SPEC_PATH.pack(strings.add(path), 0, access)
+            body += SPEC_PATH.pack(ref(path, at), 0, access)
+            at += SPEC_PATH.size
         for port, access in self.ll_ports:
             body += SPEC_PORT.pack(port, access)
         flags = ((_abi.SPEC_MOUNT_NS if self.mount_ns else 0) | (_abi.SPEC_MOUNT_PROC if self.mount_proc else 0)
@@ -143,11 +169,45 @@ class StageSpec:
                  | (_abi.SPEC_CGROUP_NS if self.cgroup_ns else 0))
         header = SPEC_HEADER.pack(
             _abi.SPEC_MAGIC, flags, self.clone_flags, self.uid, self.gid, self.pdeathsig, self.landlock_abi,
-            self.seccomp_flags, 0, self.ll_fs, self.ll_net, self.ll_scoped, strings.add(self.staging),
-            strings.add(self.hostname), strings.add(self.uid_map), strings.add(self.gid_map), len(self.binds),
+            self.seccomp_flags, 0, self.ll_fs, self.ll_net, self.ll_scoped, ref(self.staging, _AT_STAGING),
+            ref(self.hostname, _AT_STAGING + 4), ref(self.uid_map, _AT_STAGING + 8),
+            ref(self.gid_map, _AT_STAGING + 12), len(self.binds),
             len(self.mount_ops), len(self.masks), len(self.rlimits), len(self.ll_paths), len(self.ll_ports), bpf_off,
             len(self.bpf))
-        return b"".join((header, body, b"\0" * (bpf_off - tables), self.bpf, *strings.parts))
+        prefix = b"".join((header, body, b"\0" * (bpf_off - tables), self.bpf, *strings.parts))
+        return Holey(prefix, tuple(relocations), len(holes))
+
+
+# where the header's string fields start (staging, hostname, uid_map, gid_map: 4 bytes each)
+_AT_STAGING = struct.calcsize("=IIQqqiiIIQQQ")
+_U32 = struct.Struct("=I")
+
+
+@attrs.frozen
+class Holey:
+    """A packed StageSpec whose hole strings are still to be filled in."""
+
+    prefix: bytes  # everything up to the holes' strings, which come last
+    relocations: tuple[tuple[int, int], ...]  # (where a field points at hole i, i)
+    holes: int
+
+    def fill(self, values: tuple[str, ...]) -> bytes:
+        """The buffer with `values` in the holes, in order."""
+        if len(values) != self.holes:
+            raise ValueError(f"{len(values)} strings for {self.holes} holes")
+        if not self.holes:
+            return self.prefix
+        buf = bytearray(self.prefix)
+        offsets = []
+        for v in values:
+            b = v.encode()
+            if b"\0" in b:
+                raise ValueError(f"a string for the stage holds a NUL byte: {b[:60]!r}")
+            offsets.append(len(buf))
+            buf += b + b"\0"
+        for at, i in self.relocations:
+            _U32.pack_into(buf, at, offsets[i])
+        return bytes(buf)
 
 
 @attrs.frozen(kw_only=True)

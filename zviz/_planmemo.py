@@ -1,0 +1,209 @@
+"""A sandbox's plan and stage, made once per policy and reused by each sandbox of it.
+
+Planning a sandbox (`_plan.plan_sandbox`), deriving its stage and packing the
+buffer its first spawn reads cost ~0.4 ms of CPU per sandbox, and nearly all
+of it is the same for every sandbox of one policy on one host. Two facts are
+each sandbox's own: its workdir (the host source of the bind at /workspace)
+and, for a root caller, its host uid and gid (its user namespace's id maps,
+and who owns what it writes).
+
+So the memo holds what was planned with placeholders for those two: a
+made-up workdir path and made-up ids that no sandbox has. Each sandbox gets
+a copy with its own workdir and ids put in their places (the plan's and the
+stage's fields, and the packed buffer's strings, which `StageSpec.
+pack_with_holes` leaves at its end). No entry ever holds a real sandbox's
+workdir or uid: a sandbox cannot be handed another's, whatever happens to
+the memo.
+
+An entry is used only if the substitution reaches every place the
+placeholders went. That is checked when the entry is made: it is filled
+with a second set of placeholders, and neither the plan, the stage nor the
+buffer may still show the first. A plan that uses the workdir or the ids
+anywhere else (no new root: the workdir is a Landlock rule and the working
+directory; root without a user namespace: the ids are the credentials and
+HOME's owner) is never reused: such a policy is planned per sandbox, as
+before. So is every traced sandbox (`zviz trace`).
+
+The key is the policy and every host fact the plan reads (kernel features,
+the caller's ids and hard limits, which paths exist and where their links
+lead, as stat'ed for this very sandbox), so a changed host makes a new
+entry, never a stale plan. It reads no host fact itself: `_sandbox._prepare`
+gathers them (the filter is `_bpf.program`'s, cached on disk too).
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any
+
+import attrs
+
+from . import _bpf, _linux, _plan
+from ._spec import Holey, StageSpec
+
+# Placeholders no real sandbox has: a path that cannot be a workdir (zviz's
+# workdirs are beneath its own bases) and ids beyond the ranges zviz leases.
+_WORKDIR = "/zviz-planmemo-placeholder/workdir"
+_UID, _GID = 3999999931, 3999999937
+# a second set: an entry filled with these must no longer show the first anywhere
+_CHECK_WORKDIR = "/zviz-planmemo-check/workdir"
+_CHECK_UID, _CHECK_GID = 3999999941, 3999999947
+
+MAX_ENTRIES = 32  # policies kept per process (least recently used out first)
+
+
+@attrs.frozen
+class Prepared:
+    """One sandbox's plan and stage, and the buffer of its first spawn."""
+
+    plan: _plan.SandboxPlan
+    stage: StageSpec
+    zygote_stage: StageSpec | None  # with a zygote: its variant of the stage
+    packed: bytes  # the zygote stage's buffer with a zygote, else the stage's
+    use_zygote: bool
+    proxy_inside: bool  # domains with the proxy inside its network namespace (Runner.egress_inside)
+
+
+@attrs.frozen
+class _Entry:
+    plan: _plan.SandboxPlan  # with the placeholders
+    stage: StageSpec
+    first: Holey  # the first spawn's buffer, the placeholders' strings left as holes
+    holes: tuple[str, ...]
+    use_zygote: bool
+    proxy_inside: bool
+
+
+_memo: collections.OrderedDict[tuple[object, ...], _Entry | None] = collections.OrderedDict()
+hits = 0  # (tests and benchmarks look)
+misses = 0
+
+
+def prepared(policy: Any, host: _plan.Host, workdir: str, *, zygote_allowed: bool, trace: Any,
+             seccomp_flags: int, notify: bool, enter_netns: bool = False) -> Prepared:
+    """The plan and stage of a sandbox with this `workdir` and `host.sandbox_ids`
+    (`enter_netns`: whether this process may enter a sandbox's network
+    namespace, for the egress proxy of net.mode = "domains")."""
+    global hits, misses  # noqa: PLW0603 - the memo's own counters
+    if trace is not None:
+        return _build(policy, host, workdir, zygote_allowed, trace, seccomp_flags, notify, enter_netns)
+    key = _key(policy, host, workdir, zygote_allowed, seccomp_flags, notify, enter_netns)
+    try:
+        entry = _memo[key]
+    except KeyError:
+        misses += 1
+        entry = _entry(policy, host, workdir, zygote_allowed, seccomp_flags, notify, enter_netns)
+        _memo[key] = entry
+        while len(_memo) > MAX_ENTRIES:
+            _memo.popitem(last=False)
+    else:
+        hits += 1
+        _memo.move_to_end(key)
+    if entry is None:  # this policy's plan uses the workdir or the ids beyond what is substituted
+        return _build(policy, host, workdir, zygote_allowed, None, seccomp_flags, notify, enter_netns)
+    return _fill(entry, workdir, host.sandbox_ids)
+
+
+def clear() -> None:
+    _memo.clear()
+
+
+def _key(policy: Any, host: _plan.Host, workdir: str, zygote_allowed: bool, seccomp_flags: int,
+         notify: bool, enter_netns: bool) -> tuple[object, ...]:
+    inside: object = None
+    if policy.net.mode == "domains":
+        from . import _egressproto
+
+        inside = (_egressproto.LISTEN_INSIDE, enter_netns)
+    return (policy, host.features, host.euid, host.egid,
+            frozenset(kv for kv in host.is_dir.items() if kv[0] != workdir),
+            frozenset(kv for kv in host.links.items() if kv[0] != workdir),
+            frozenset(host.rlimit_hard.items()), host.memory_cgroup, host.memory_cgroup_reason, host.hidden,
+            zygote_allowed, seccomp_flags, notify, inside)
+
+
+def _entry(policy: Any, host: _plan.Host, workdir: str, zygote_allowed: bool, seccomp_flags: int,
+           notify: bool, enter_netns: bool) -> _Entry | None:
+    """Plan with the placeholders; None where filling them in would not reach every use."""
+    is_dir = {k: v for k, v in host.is_dir.items() if k != workdir}
+    is_dir[_WORKDIR] = True
+    links = {k: v for k, v in host.links.items() if k != workdir}
+    stand_in = attrs.evolve(host, is_dir=is_dir, links=links, sandbox_ids=(_UID, _GID))
+    made = _build(policy, stand_in, _WORKDIR, zygote_allowed, None, seccomp_flags, notify, enter_netns, pack=False)
+    if made.plan.new_root is None:  # the host's own tree: the workdir is a Landlock rule and the cwd
+        return None
+    holes = tuple(s for s in (_WORKDIR, made.stage.uid_map, made.stage.gid_map)
+                  if s is not None and (s == _WORKDIR or str(_UID) in s or str(_GID) in s))
+    first = made.zygote_stage if made.zygote_stage is not None else made.stage
+    entry = _Entry(plan=made.plan, stage=made.stage, first=first.pack_with_holes(holes), holes=holes,
+                   use_zygote=made.use_zygote, proxy_inside=made.proxy_inside)
+    check = _fill(entry, _CHECK_WORKDIR, (_CHECK_UID, _CHECK_GID))
+    shown = repr(check.plan) + repr(check.stage) + repr(check.zygote_stage)
+    for mark in (_WORKDIR, str(_UID), str(_GID)):
+        if mark in shown or mark.encode() in check.packed:
+            return None
+    return entry
+
+
+def _fill(entry: _Entry, workdir: str, ids: tuple[int, int]) -> Prepared:
+    """The entry with this sandbox's workdir and ids in the placeholders' places."""
+    uid, gid = str(ids[0]), str(ids[1])
+
+    def sub(s: str) -> str:
+        return workdir if s == _WORKDIR else s.replace(str(_UID), uid).replace(str(_GID), gid)
+
+    plan = entry.plan
+    root = plan.new_root
+    assert root is not None  # (an entry has a new root: checked when it was made)
+    binds = tuple((workdir if src == _WORKDIR else src, ro) for src, ro in root.binds)
+    uid_map = sub(plan.uid_map) if plan.uid_map is not None else None
+    gid_map = sub(plan.gid_map) if plan.gid_map is not None else None
+    plan = attrs.evolve(plan, new_root=attrs.evolve(root, binds=binds), uid_map=uid_map, gid_map=gid_map,
+                        host_uid=ids[0] if plan.host_uid == _UID else plan.host_uid,
+                        host_gid=ids[1] if plan.host_gid == _GID else plan.host_gid)
+    stage = attrs.evolve(entry.stage, binds=binds, uid_map=uid_map, gid_map=gid_map)
+    zygote_stage = _plan.zygote_stage_spec(stage) if entry.use_zygote else None
+    packed = entry.first.fill(tuple(sub(h) for h in entry.holes))
+    return Prepared(plan=plan, stage=stage, zygote_stage=zygote_stage, packed=packed, use_zygote=entry.use_zygote,
+                    proxy_inside=entry.proxy_inside)
+
+
+def _build(policy: Any, host: _plan.Host, workdir: str, zygote_allowed: bool, trace: Any, seccomp_flags: int,
+           notify: bool, enter_netns: bool, *, pack: bool = True) -> Prepared:
+    """Plan one sandbox (it does not depend on the command)."""
+    plan = _plan.plan_sandbox(policy, host, workdir=workdir)
+    pid_ns = bool(plan.clone_flags & _linux.CLONE_NEWPID)
+    # A zygote needs the pid namespace (its death must take every run
+    # with it) and that namespace's /proc (a run-init finds what its
+    # program left behind in /proc/thread-self/children).
+    use_zygote = zygote_allowed and pid_ns and plan.mount_proc and trace is None
+    # net.mode = "domains": the proxy listens inside the sandbox's network namespace (made by the host
+    # entering it: CAP_SYS_ADMIN) and its connects are in-kernel; else each is supervised (_egress).
+    net_mode = policy.net.mode
+    egress_inside = False
+    if net_mode == "domains":
+        from . import _egressproto  # (imported for domains only: ~6 ms of class building)
+
+        egress_inside = (use_zygote and _egressproto.LISTEN_INSIDE
+                         and bool(plan.clone_flags & _linux.CLONE_NEWNET) and enter_netns)
+        net_mode = _egressproto.kernel_mode(net_mode, in_netns=egress_inside)
+    spec = _bpf.FilterSpec(allow=policy.syscalls.names() - set(plan.deny_syscalls),
+                           net_mode=net_mode,
+                           notify=notify, zygote=use_zygote,
+                           pid_ns=pid_ns,
+                           netns=bool(plan.clone_flags & _linux.CLONE_NEWNET))
+    if trace is not None:
+        spec = trace.filter_spec(notify)
+    bpf = _bpf.program(spec)  # compiled once per policy, and kept on disk for the next process
+    stage = _plan.stage_spec(plan, bpf=bpf, seccomp_flags=seccomp_flags)
+    if trace is not None:
+        stage = attrs.evolve(stage, ll_net=0, ll_ports=())  # tracing observes connections rather than refusing them
+    elif egress_inside:  # every destination loops back to its namespace's lo, refused and seen (_egresswatch);
+        stage = attrs.evolve(stage, ll_net=stage.ll_net & ~_plan.NET_CONNECT_TCP, ll_ports=())  # no TCP bind still
+    zygote_stage = _plan.zygote_stage_spec(stage) if use_zygote else None
+    # Packing checks the tables: a sandbox whose stage cannot be packed fails here, before it is opened.
+    packed = b""
+    if pack:
+        packed = zygote_stage.pack() if zygote_stage is not None else stage.pack()
+    return Prepared(plan=plan, stage=stage, zygote_stage=zygote_stage, packed=packed, use_zygote=use_zygote,
+                    proxy_inside=spec.net_mode == "domains")
