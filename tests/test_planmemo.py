@@ -253,3 +253,35 @@ def test_a_plan_that_would_show_the_workdir_where_it_is_not_filled_in_is_not_reu
         got = _memo(policy, h, workdir, True)
         assert ("ZVIZ_WORKDIR", workdir) in got.plan.env and ("UID", str(ids[0])) in got.plan.env
     assert list(_planmemo._memo.values()) == [None]
+
+
+def test_threads_planning_at_once_while_entries_are_evicted_get_their_own_plans():
+    """zviz.sync's loops and the CLI server plan on threads of their own: more
+    policies than the memo keeps, looked up and evicted from 4 threads at
+    once, and each answer still that sandbox's own."""
+    import threading
+
+    _planmemo.clear()
+    policy = _policies()[0]
+    errors: list[BaseException] = []
+
+    def work(seed: int) -> None:
+        try:
+            for i in range(150):
+                n = (i * 7 + seed) % (_planmemo.MAX_ENTRIES + 9)  # distinct hard limits: distinct keys
+                workdir = f"/tmp/zviz-t{seed}-{i}"
+                h = attrs.evolve(host(euid=0), is_dir={**BASE_DIRS, workdir: True}, sandbox_ids=(300000 + i, 300000),
+                                 rlimit_hard={**host().rlimit_hard, "nofile": 1024 + n})
+                got = _memo(policy, h, workdir, True)
+                assert got.plan.new_root is not None and (workdir, False) in got.plan.new_root.binds
+                assert got.plan.host_uid == 300000 + i and f" {300000 + i} " in (got.plan.uid_map or "")
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+    assert len(_planmemo._memo) <= _planmemo.MAX_ENTRIES

@@ -34,6 +34,7 @@ gathers them (the filter is `_bpf.program`'s, cached on disk too).
 from __future__ import annotations
 
 import collections
+import threading
 from typing import Any
 
 import attrs
@@ -75,6 +76,7 @@ class _Entry:
 
 
 _memo: collections.OrderedDict[tuple[object, ...], _Entry | None] = collections.OrderedDict()
+_lock = threading.Lock()  # (sandboxes are planned on more than one thread: zviz.sync's loops, the CLI server's)
 hits = 0  # (tests and benchmarks look)
 misses = 0
 
@@ -88,24 +90,27 @@ def prepared(policy: Any, host: _plan.Host, workdir: str, *, zygote_allowed: boo
     if trace is not None:
         return _build(policy, host, workdir, zygote_allowed, trace, seccomp_flags, notify, enter_netns)
     key = _key(policy, host, workdir, zygote_allowed, seccomp_flags, notify, enter_netns)
-    try:
-        entry = _memo[key]
-    except KeyError:
-        misses += 1
+    with _lock:
+        found = key in _memo
+        entry = _memo[key] if found else None
+        if found:
+            hits += 1
+            _memo.move_to_end(key)
+    if not found:  # (made outside the lock: two threads may both make it, and either's is right)
         entry = _entry(policy, host, workdir, zygote_allowed, seccomp_flags, notify, enter_netns)
-        _memo[key] = entry
-        while len(_memo) > MAX_ENTRIES:
-            _memo.popitem(last=False)
-    else:
-        hits += 1
-        _memo.move_to_end(key)
+        with _lock:
+            misses += 1
+            _memo[key] = entry
+            while len(_memo) > MAX_ENTRIES:
+                _memo.popitem(last=False)
     if entry is None:  # this policy's plan uses the workdir or the ids beyond what is substituted
         return _build(policy, host, workdir, zygote_allowed, None, seccomp_flags, notify, enter_netns)
     return _fill(entry, workdir, host.sandbox_ids)
 
 
 def clear() -> None:
-    _memo.clear()
+    with _lock:
+        _memo.clear()
 
 
 def _key(policy: Any, host: _plan.Host, workdir: str, zygote_allowed: bool, seccomp_flags: int,
