@@ -51,6 +51,25 @@ def test_exit_statuses():
     assert r.returncode == 127 and b"Traceback" in r.stderr
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="a root caller's sandbox runs as a uid of its own (as root only)")
+@pytest.mark.parametrize("through_server", [False, True])
+def test_a_workdir_the_sandbox_cannot_write_is_a_usage_error(tmp_path, through_server):
+    """As root, each sandbox is a fresh uid: a --workdir only root may write is
+    refused with the fix named (exit 2), not the server's or the process's
+    traceback."""
+    env = {**os.environ, "ZVIZ_SERVER": "1" if through_server else "0", "ZVIZ_CACHE_DIR": str(tmp_path / "cache")}
+    work = tmp_path / "work"
+    work.mkdir(mode=0o755)
+    try:
+        for _ in range(2):  # (the first run through the server starts it in its own process)
+            r = subprocess.run([sys.executable, "-m", "zviz", "run", "--workdir", str(work), "--", "true"], env=env,
+                               capture_output=True, timeout=60)
+            assert r.returncode == 2 and b"chmod 1777" in r.stderr and b"Traceback" not in r.stderr, r.stderr
+    finally:
+        subprocess.run([sys.executable, "-m", "zviz", "gc"], env={**env, "ZVIZ_SERVER": "0"}, capture_output=True,
+                       timeout=60)
+
+
 def test_json_record():
     r = zviz("run", "--json", "--", "python3", "-c",
              "import ctypes; ctypes.CDLL(None).ptrace(0, 0, 0, 0); print('hi')")

@@ -249,9 +249,18 @@ async def _run(a: argparse.Namespace) -> int:
     # One command: a pooled sandbox if one is ready, else one without a zygote (one spawn less), except
     # for domain egress, whose proxy listens in the namespace a zygote holds. PYTHON -c CODE: a sandbox
     # without a zygote, from the pool too (the warm fork is its pid 1).
-    async with _open_sandbox(policy, workdir=workdir, monitor=a.monitor, template=template, zygote=code is None,
-                             use_pool=pool_for is not None and pool_for(policy),
-                             one_command=code is None and policy.net.mode != "domains") as sb:
+    import contextlib
+
+    async with contextlib.AsyncExitStack() as opened:
+        try:
+            sb = await opened.enter_async_context(_open_sandbox(
+                policy, workdir=workdir, monitor=a.monitor, template=template, zygote=code is None,
+                use_pool=pool_for is not None and pool_for(policy),
+                one_command=code is None and policy.net.mode != "domains"))
+        except ValueError as e:  # the SDK refusing an argument (a --workdir the sandbox's own uid cannot write)
+            if isinstance(e, ZvizError):  # (PolicyError is a ValueError too: its own exit status)
+                raise
+            raise UsageError(str(e)) from None
         if not in_server:
             _start_up_done()
         status = await _run_in(sb, a, argv, policy, code)
