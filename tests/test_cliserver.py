@@ -733,6 +733,61 @@ def test_python_c_is_a_warm_snippet_and_behaves_as_a_cold_one(server, through_se
     assert server.served() == before + 5 * through_server
 
 
+_SCRIPT = """import os, sys, helper
+print(sys.flags.isolated, sys.argv, __file__, __name__, sys.path[0], helper.VALUE, os.getcwd(),
+      sys.stdin.read().upper())
+if sys.argv[-1] == "boom":
+    raise ValueError("boom")
+sys.exit(int(sys.argv[1]))
+"""
+
+
+def test_python_file_is_a_warm_snippet_and_behaves_as_a_cold_one(server, tmp_path):
+    """`zviz run -- python3 FILE ARGS...` through the server is a warm snippet:
+    the same stdout (but -I in sys.flags), stderr, status, sys.argv,
+    __file__, __name__ and sys.path[0] (FILE's directory, links resolved:
+    a module beside it imports) as `--cold`, for a path relative to the
+    workdir and an absolute one through a link; a traceback and a syntax
+    error alike. What is not a regular file there (missing, a directory) is
+    Python's own business: the same message and status as cold. An option
+    before FILE runs cold."""
+    env, before = _one_way(server, True)
+    work = tmp_path / "work"
+    (work / "pkg").mkdir(parents=True)
+    (work / "pkg" / "main.py").write_text(_SCRIPT)
+    (work / "pkg" / "helper.py").write_text("VALUE = 42\n")
+    (work / "link.py").symlink_to("pkg/main.py")
+    (work / "bad.py").write_text("import sys\nprint(sys.argv)\nx = (\n")
+    for p in (tmp_path, work, work / "pkg"):
+        p.chmod(0o1777)  # (a root caller's sandbox runs as a uid of its own)
+    cases = [(["pkg/main.py", "3", "x"], 3, b""),
+             (["/workspace/link.py", "0", "boom"], 1, b'line 5, in <module>\n    raise ValueError("boom")\nValueError'),
+             (["bad.py", "a"], 1, b'File "/workspace/bad.py", line 3\n    x = (\n        ^\nSyntaxError'),
+             (["nope.py"], 2, b"python3: can't open file '/workspace/nope.py': [Errno 2]"),
+             (["pkg"], 1, b"can't find '__main__' module in '/workspace/pkg'")]
+    served = 0
+    for args, status, err in cases:
+        runs = {}
+        for how, flags in (("warm", ()), ("cold", ("--cold",))):
+            runs[how] = subprocess.run([*ZVIZ, "run", *flags, "--workdir", str(work), "--", "python3", *args],
+                                       env=env, input=b"abc", capture_output=True, timeout=60)
+            served += 1
+        warm, cold = runs["warm"], runs["cold"]
+        assert warm.returncode == cold.returncode == status, (args, warm, cold)
+        assert warm.stderr == cold.stderr, (args, warm.stderr, cold.stderr)
+        assert err in warm.stderr if err else warm.stderr == b"", (args, warm.stderr)
+        if args[0].endswith("main.py") or args[0].endswith("link.py"):
+            assert warm.stdout.startswith(b"1 ") and cold.stdout.startswith(b"0 "), (warm, cold)
+            assert warm.stdout[1:] == cold.stdout[1:]
+            assert f" {args!r} /workspace/".encode() in warm.stdout and b" __main__ /workspace/pkg 42 " in warm.stdout
+        else:
+            assert warm.stdout == cold.stdout
+    r = subprocess.run([*ZVIZ, "run", "--workdir", str(work), "--", "python3", "-u", "pkg/main.py", "0"],
+                       env=env, capture_output=True, timeout=60)
+    assert (r.returncode, r.stdout[:2]) == (0, b"0 "), r
+    assert server.served() == before + served + 1
+
+
 @pytest.mark.parametrize("through_server", [False, True])
 def test_a_warm_snippet_s_json_record_and_timeout(server, through_server):
     import json

@@ -276,21 +276,40 @@ async def _run(a: argparse.Namespace) -> int:
     return status
 
 
-def _warm_code(a: argparse.Namespace, argv: list[str]) -> str | None:
-    """CODE of `zviz run -- PYTHON -c CODE` in the CLI server (PYTHON named
-    like a CPython: python3, /usr/bin/python3.11), which starts as a fork of a
-    warm interpreter (zviz/_warm.py, as zviz.run_snippet; where it cannot, as
-    any command), or None: any other command (`sh -c CMD`), --cold, --monitor
-    (which follows the zygote's runs), or a `zviz run` in its own process
-    (which would start the warm interpreter for one snippet and stop it)."""
-    if getattr(a, "cwd", None) is None or a.cold or a.monitor or len(argv) != 3 or argv[1] != "-c":
+class _Warm:
+    """What `zviz run` starts as a warm snippet: `PYTHON -c code`, or with
+    `script` (FILE and its arguments) `PYTHON FILE ARGS...`."""
+
+    __slots__ = ("code", "script")
+
+    def __init__(self, code: str, script: tuple[str, ...] = ()) -> None:
+        self.code = code
+        self.script = script
+
+
+def _warm_code(a: argparse.Namespace, argv: list[str]) -> _Warm | None:
+    """`zviz run -- PYTHON -c CODE` or `-- PYTHON FILE [ARGS...]` in the CLI
+    server (PYTHON named like a CPython: python3, /usr/bin/python3.11; no
+    option before CODE or FILE), which starts as a fork of a warm interpreter
+    (zviz/_warm.py, as zviz.run_snippet; where it cannot, as any command), or
+    None: any other command (`sh -c CMD`, `python3 -u FILE`), --cold,
+    --monitor (which follows the zygote's runs), or a `zviz run` in its own
+    process (which would start the warm interpreter for one snippet and stop
+    it)."""
+    if getattr(a, "cwd", None) is None or a.cold or a.monitor or len(argv) < 2:
         return None
     from ._warmcheck import named_like_python
 
-    return argv[2] if named_like_python(argv[0]) else None
+    if not named_like_python(argv[0]):
+        return None
+    if argv[1] == "-c":
+        return _Warm(argv[2]) if len(argv) == 3 else None
+    if argv[1].startswith("-") or not argv[1]:  # (an option, `-` for stdin, or no file)
+        return None
+    return _Warm("", tuple(argv[1:]))
 
 
-async def _start(sb: Sandbox, argv: list[str], code: str | None, held: contextlib.AsyncExitStack) -> Process:
+async def _start(sb: Sandbox, argv: list[str], code: _Warm | None, held: contextlib.AsyncExitStack) -> Process:
     """`argv` started in `sb` with its stdio piped: through a warm interpreter
     where `code` says it may be and the policy allows (its server held by
     `held` until the command has ended), else as any command."""
@@ -298,19 +317,21 @@ async def _start(sb: Sandbox, argv: list[str], code: str | None, held: contextli
         from . import _warm
 
         try:
-            return await held.enter_async_context(_warm.started(sb, argv[0], code, {}, stdin=True))
+            return await held.enter_async_context(_warm.started(sb, argv[0], code.code, {}, stdin=True,
+                                                                script=code.script))
         except _warm.NotWarm:
             pass
     return await sb.start(argv)
 
 
-async def _run_to_record(sb: Sandbox, argv: list[str], code: str | None, data: bytes) -> RunResult:
+async def _run_to_record(sb: Sandbox, argv: list[str], code: _Warm | None, data: bytes) -> RunResult:
     """--json's run: as _start's, to its end."""
     if code is not None:
         from . import _warm
 
         try:
-            return await _warm._run_warm_in(sb, argv[0], code, data, None, {}, insist=False)
+            return await _warm._run_warm_in(sb, argv[0], code.code, data, None, {}, insist=False,
+                                            script=code.script)
         except _warm.NotWarm:
             pass
     return await sb.run(argv, stdin=data)
@@ -352,14 +373,14 @@ def _server_parser() -> argparse.ArgumentParser:
     return _parsers[0]
 
 
-async def _run_in(sb: Sandbox, a: argparse.Namespace, argv: list[str], policy: Policy, code: str | None) -> int:
+async def _run_in(sb: Sandbox, a: argparse.Namespace, argv: list[str], policy: Policy, code: _Warm | None) -> int:
     import contextlib
 
     async with contextlib.AsyncExitStack() as held:
         return await _run_held(sb, a, argv, policy, code, held)
 
 
-async def _run_held(sb: Sandbox, a: argparse.Namespace, argv: list[str], policy: Policy, code: str | None,
+async def _run_held(sb: Sandbox, a: argparse.Namespace, argv: list[str], policy: Policy, code: _Warm | None,
                     held: contextlib.AsyncExitStack) -> int:
     import anyio
 

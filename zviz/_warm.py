@@ -32,7 +32,7 @@ import struct
 import subprocess
 import threading
 import weakref
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import anyio
@@ -72,8 +72,15 @@ def writable_paths(policy: Policy, workdir: str) -> tuple[str, ...]:
     return (workdir, *policy.fs.read_write, *(b.source for b in policy.fs.binds if not b.read_only))
 
 
-def snippet_input(python: str, code: str, env: Mapping[str, str]) -> bytes:
-    data = json.dumps({"python": python, "code": code, "env": dict(env)}).encode()
+def snippet_input(python: str, code: str, env: Mapping[str, str], script: Sequence[str] = (),
+                  name: str | None = None) -> bytes:
+    """What the snippet reads (_warmboot): `python -c code`, or with `script`
+    (FILE and its arguments) `python FILE ARGS...`; `python` is the
+    interpreter's path in the sandbox, `name` its argv[0] as the caller gave it."""
+    request: dict[str, object] = {"python": python, "name": name or python, "code": code, "env": dict(env)}
+    if script:
+        request["script"] = list(script)
+    data = json.dumps(request).encode()
     if len(data) > MAX_INPUT:
         raise NotWarm(f"the snippet and its environment take {len(data)} bytes, over the warm path's {MAX_INPUT}")
     return data
@@ -423,24 +430,25 @@ async def run_snippet(code: str, policy: Policy | None = None, *, python: str = 
 
 
 async def _run_warm_in(sb: Sandbox, python: str, code: str, stdin: bytes, timeout: float | None,
-                       env: Mapping[str, str], *, insist: bool) -> RunResult:
+                       env: Mapping[str, str], *, insist: bool, script: Sequence[str] = ()) -> RunResult:
     """The snippet in `sb` through a warm interpreter (NotWarm: it cannot;
     nothing of it ran)."""
     limit = sb._timeout(timeout)  # (a bad timeout fails before anything starts)
-    async with started(sb, python, code, env, stdin=bool(stdin), insist=insist) as proc:
+    async with started(sb, python, code, env, stdin=bool(stdin), insist=insist, script=script) as proc:
         return await sb._to_end(proc, stdin, limit, None, None)
 
 
 @contextlib.asynccontextmanager
 async def started(sb: Sandbox, python: str, code: str, env: Mapping[str, str], *, stdin: bool,
-                  insist: bool = False) -> AsyncIterator[Process]:
-    """`python -c code` started in `sb` (a sandbox without a zygote: the fork
-    is its pid 1) through a warm interpreter, its stdout and stderr piped, its
-    stdin too if `stdin`, else /dev/null; the server is held until the block
-    ends (NotWarm: it cannot, and nothing of it ran). Its record names
-    `python` as given, as `sb.run([python, "-c", code])`'s does.
-    zviz.run_snippet and `zviz run -- python3 -c CODE` (_cli.py) start
-    snippets this way."""
+                  insist: bool = False, script: Sequence[str] = ()) -> AsyncIterator[Process]:
+    """`python -c code` (with `script`, FILE and its arguments: `python FILE
+    ARGS...`, `code` unused) started in `sb` (a sandbox without a zygote: the
+    fork is its pid 1) through a warm interpreter, its stdout and stderr
+    piped, its stdin too if `stdin`, else /dev/null; the server is held until
+    the block ends (NotWarm: it cannot, and nothing of it ran). Its record
+    names `python` as given, as `sb.run([python, "-c", code])`'s does.
+    zviz.run_snippet and `zviz run -- python3 -c CODE` or `-- python3 FILE
+    ...` (_cli.py) start snippets this way."""
     from . import _capacity
 
     server, inside = await _server_for_sandbox(sb, python, env)
@@ -448,7 +456,8 @@ async def started(sb: Sandbox, python: str, code: str, env: Mapping[str, str], *
     try:
         full = dict(sb._plan.env)
         full.update(env)
-        payload = snippet_input(inside, code, full)
+        payload = snippet_input(inside, code, full, script, name=python)
+        argv = (python, *script) if script else (python, "-c", code)
         proc: Process | None = None
         for attempt in (0, 1):
             # a pipe per attempt: the fork of a server that died before it
@@ -456,7 +465,7 @@ async def started(sb: Sandbox, python: str, code: str, env: Mapping[str, str], *
             data = input_pipe(payload)
             try:
                 with _capacity.exhaustion_as_error("spawn"):
-                    proc = await sb._start((python, "-c", code), env=env, stdin=stdin, stdout=True, stderr=True,
+                    proc = await sb._start(argv, env=env, stdin=stdin, stdout=True, stderr=True,
                                            warm=(server, data.fd))
                 break
             except ServerGone as e:

@@ -15,7 +15,11 @@ comes back here inside the sandbox, as its pid 1 (the end of this file). It fork
 the snippet, reaps, and reports like zviz-init (the status record on fd 3).
 The snippet reads its code and environment from fd 6, a pipe that the host
 fills and this server never reads: nothing of one snippet passes through the
-memory that the next snippet's fork copies.
+memory that the next snippet's fork copies. A snippet is `python -c CODE`,
+or `python FILE ARGS...` ("script"): FILE is read in the sandbox; one that
+is not a regular file there (a directory, a zip, a missing or unreadable
+path) is handed to the interpreter itself, exec'd in the sandbox as `python
+FILE ARGS...`, so that what it says and does is Python's own.
 
 It holds nothing but its channel: a clean environment (the sandbox's),
 stdio on /dev/null, cwd /, -I (no PYTHON* variable, no user site, no
@@ -194,20 +198,58 @@ def _as_fresh_interpreter(request: dict[str, Any]) -> dict[str, Any]:
     for sig in (signal.SIGPIPE, signal.SIGXFSZ):
         signal.signal(sig, signal.SIG_IGN)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    sys.argv[:] = ["-c"]
-    sys.orig_argv[:] = [request["python"], "-c", request["code"]]
     main = types.ModuleType("__main__")
-    main.__dict__.update(__builtins__=__builtins__, __annotations__={},
-                         __loader__=importlib.machinery.BuiltinImporter)  # as `python -c`'s __main__
+    script = request.get("script")
+    if script:  # `python FILE ARGS...`: sys.path[0] is FILE's directory, links resolved, not ''
+        path = os.path.abspath(script[0])
+        if not env.get("PYTHONSAFEPATH"):
+            sys.path[0:1] = [os.path.dirname(os.path.realpath(script[0]))]
+        sys.argv[:] = list(script)
+        sys.orig_argv[:] = [request["name"], *script]
+        main.__dict__.update(__builtins__=__builtins__, __annotations__={}, __file__=path, __cached__=None,
+                             __loader__=importlib.machinery.SourceFileLoader("__main__", path))
+    else:
+        sys.argv[:] = ["-c"]
+        sys.orig_argv[:] = [request["name"], "-c", request["code"]]
+        main.__dict__.update(__builtins__=__builtins__, __annotations__={},
+                             __loader__=importlib.machinery.BuiltinImporter)  # as `python -c`'s __main__
     sys.modules["__main__"] = main
     sys.modules.pop("_stage", None)
     return main.__dict__
 
 
-def _run(code: str, globals_: dict[str, Any]) -> int:
-    """exec the snippet as `python -c` does; its exit status."""
+def _script_source(request: dict[str, Any]) -> tuple[str, bytes]:
+    """FILE's path (absolute, as Python names it) and bytes; anything but a
+    regular file it can read is run by the interpreter itself, exec'd here in
+    the sandbox (a directory or zip with __main__.py, or its own error)."""
+    script = request["script"]
+    path = os.path.abspath(script[0])
     try:
-        exec(compile(code, "<string>", "exec"), globals_)  # the snippet, in its sandbox
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)  # (a FIFO: not opened blocking)
+        try:
+            import stat
+
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                chunks = []
+                while chunk := os.read(fd, 1 << 20):
+                    chunks.append(chunk)
+                return path, b"".join(chunks)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+    os.close(STATUS_FD)  # (the interpreter exec'd does not get pid 1's status pipe)
+    try:
+        os.execve(request["python"], [request["name"], *script], request["env"])
+    except OSError as e:
+        os.write(2, f"zviz: cannot run {request['python']}: {e.strerror}\n".encode())
+        os._exit(127)
+
+
+def _run(code: str | bytes, globals_: dict[str, Any], filename: str = "<string>") -> int:
+    """exec the snippet as `python -c` (or `python FILE`) does; its exit status."""
+    try:
+        exec(compile(code, filename, "exec"), globals_)  # the snippet, in its sandbox
     except SystemExit as e:
         return _exit_status(e)
     except BaseException as e:  # noqa: BLE001 - reported as `python -c` would
@@ -324,7 +366,7 @@ if __name__ == "__main__":
     if _snippet:
         _init(_snippet)
     _request = _read_input()
+    _file, _code = _script_source(_request) if _request.get("script") else ("<string>", _request["code"])
     _globals = _as_fresh_interpreter(_request)
-    _code = _request.pop("code")
     del _request
-    _finish(_globals, _run(_code, _globals))
+    _finish(_globals, _run(_code, _globals, _file))
