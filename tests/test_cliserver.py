@@ -734,7 +734,7 @@ def test_python_c_is_a_warm_snippet_and_behaves_as_a_cold_one(server, through_se
 
 
 _SCRIPT = """import os, sys, helper
-print(sys.flags.isolated, sys.argv, __file__, __name__, sys.path[0], helper.VALUE, os.getcwd(),
+print(sys.flags.isolated, sys.argv, __file__, __name__, sys.path, helper.VALUE, os.getcwd(),
       sys.stdin.read().upper())
 if sys.argv[-1] == "boom":
     raise ValueError("boom")
@@ -779,7 +779,8 @@ def test_python_file_is_a_warm_snippet_and_behaves_as_a_cold_one(server, tmp_pat
         if args[0].endswith("main.py") or args[0].endswith("link.py"):
             assert warm.stdout.startswith(b"1 ") and cold.stdout.startswith(b"0 "), (warm, cold)
             assert warm.stdout[1:] == cold.stdout[1:]
-            assert f" {args!r} /workspace/".encode() in warm.stdout and b" __main__ /workspace/pkg 42 " in warm.stdout
+            assert f" {args!r} /workspace/".encode() in warm.stdout and b" __main__ ['/workspace/pkg', " in warm.stdout
+            assert b"'/usr/lib/python3" in warm.stdout and b" 42 /workspace " in warm.stdout  # (all of sys.path)
         else:
             assert warm.stdout == cold.stdout
     r = subprocess.run([*ZVIZ, "run", "--workdir", str(work), "--", "python3", "-u", "pkg/main.py", "0"],

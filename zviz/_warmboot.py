@@ -182,14 +182,15 @@ def _as_fresh_interpreter(request: dict[str, Any]) -> dict[str, Any]:
     os.environ.update(env)
     # sys.path as Python's start-up makes it: PYTHONPATH, then site (run here, in the sandbox: its
     # site-packages, .pth files and sitecustomize are the sandbox's view, and never run on the host),
-    # then '' for -c unless PYTHONSAFEPATH
+    # then '' for -c (FILE's directory, its links resolved, for a script) unless PYTHONSAFEPATH
     sys.path[:0] = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     site.ENABLE_USER_SITE = (not env.get("PYTHONNOUSERSITE") and os.getuid() == os.geteuid()
                              and os.getgid() == os.getegid())
     site.main()
     site.enablerlcompleter()  # (what main() does unless isolated: sys.__interactivehook__)
+    script = request.get("script")
     if not env.get("PYTHONSAFEPATH"):
-        sys.path.insert(0, "")
+        sys.path.insert(0, os.path.dirname(os.path.realpath(script[0])) if script else "")
     sys.dont_write_bytecode = bool(env.get("PYTHONDONTWRITEBYTECODE"))
     if env.get("PYTHONUNBUFFERED"):
         for stream in (sys.stdout, sys.stderr):
@@ -199,11 +200,8 @@ def _as_fresh_interpreter(request: dict[str, Any]) -> dict[str, Any]:
         signal.signal(sig, signal.SIG_IGN)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     main = types.ModuleType("__main__")
-    script = request.get("script")
-    if script:  # `python FILE ARGS...`: sys.path[0] is FILE's directory, links resolved, not ''
+    if script:  # `python FILE ARGS...`
         path = os.path.abspath(script[0])
-        if not env.get("PYTHONSAFEPATH"):
-            sys.path[0:1] = [os.path.dirname(os.path.realpath(script[0]))]
         sys.argv[:] = list(script)
         sys.orig_argv[:] = [request["name"], *script]
         main.__dict__.update(__builtins__=__builtins__, __annotations__={}, __file__=path, __cached__=None,
