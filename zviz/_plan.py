@@ -178,6 +178,14 @@ DEV_LINKS = {"dev/fd": "/proc/self/fd", "dev/stdin": "/proc/self/fd/0", "dev/std
              "dev/stderr": "/proc/self/fd/2"}
 
 
+def looked_up(policy: Policy) -> frozenset[str]:
+    """The host paths whose facts (`Host.is_dir`, `Host.links`) a plan of
+    `policy` reads, besides its workdir's: the listed paths, the binds'
+    sources, the devices and the places a new root may be assembled on."""
+    return frozenset((*policy.fs.read_only, *policy.fs.read_write, *(b.source for b in policy.fs.binds),
+                      *DEVICES, *STAGING))
+
+
 @attrs.frozen(kw_only=True)
 class RootPlan:
     """The sandbox's filesystem: a fresh tmpfs root assembled on `staging`."""

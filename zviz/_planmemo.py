@@ -15,10 +15,13 @@ pack_with_holes` leaves at its end). No entry ever holds a real sandbox's
 workdir or uid: a sandbox cannot be handed another's, whatever happens to
 the memo.
 
-An entry is used only if the substitution reaches every place the
-placeholders went. That is checked when the entry is made: it is filled
-with a second set of placeholders, and neither the plan, the stage nor the
-buffer may still show the first. A plan that uses the workdir or the ids
+An entry is used only if filling it in gives what planning afresh gives.
+That is checked when the entry is made: it is filled with a second set of
+placeholders and must equal a plan made afresh with those (plan, stage and
+buffer), and none of them may still show the first set. So a policy whose
+own paths lead to a placeholder (a listed path, a bind's source, a link's
+target equal to the placeholder workdir) is planned per sandbox rather
+than handed the sandbox's workdir there. A plan that uses the workdir or the ids
 anywhere else (no new root: the workdir is a Landlock rule and the working
 directory; root without a user namespace: the ids are the credentials and
 HOME's owner) is never reused: such a policy is planned per sandbox, as
@@ -27,13 +30,16 @@ before. So is every traced sandbox (`zviz trace`).
 The key is the policy and every host fact the plan reads (kernel features,
 the caller's ids and hard limits, which paths exist and where their links
 lead, as stat'ed for this very sandbox), so a changed host makes a new
-entry, never a stale plan. It reads no host fact itself: `_sandbox._prepare`
+entry, never a stale plan. The workdir's own facts are left out, unless the
+plan also reads them as a listed path, a bind's source or a place to
+assemble the root on (a caller's `workdir=` the policy lists too). It reads no host fact itself: `_sandbox._prepare`
 gathers them (the filter is `_bpf.program`'s, cached on disk too).
 """
 
 from __future__ import annotations
 
 import collections
+import re
 import threading
 from typing import Any
 
@@ -49,6 +55,7 @@ _UID, _GID = 3999999931, 3999999937
 # a second set: an entry filled with these must no longer show the first anywhere
 _CHECK_WORKDIR = "/zviz-planmemo-check/workdir"
 _CHECK_UID, _CHECK_GID = 3999999941, 3999999947
+_IDS = re.compile(f"{_UID}|{_GID}")  # (replaced in one pass: a uid equal to the gid's placeholder stays the uid)
 
 MAX_ENTRIES = 32  # policies kept per process (least recently used out first)
 
@@ -120,20 +127,33 @@ def _key(policy: Any, host: _plan.Host, workdir: str, zygote_allowed: bool, secc
         from . import _egressproto
 
         inside = (_egressproto.LISTEN_INSIDE, enter_netns)
+    own = _own(policy, workdir)
     return (policy, host.features, host.euid, host.egid,
-            frozenset(kv for kv in host.is_dir.items() if kv[0] != workdir),
-            frozenset(kv for kv in host.links.items() if kv[0] != workdir),
+            frozenset(kv for kv in host.is_dir.items() if kv[0] != own),
+            frozenset(kv for kv in host.links.items() if kv[0] != own),
             frozenset(host.rlimit_hard.items()), host.memory_cgroup, host.memory_cgroup_reason, host.hidden,
             zygote_allowed, seccomp_flags, notify, inside)
 
 
+def _own(policy: Any, workdir: str) -> str | None:
+    """The workdir, whose host facts are this sandbox's own; None when the plan
+    reads them for another reason too (then they are part of the key)."""
+    return None if workdir in _plan.looked_up(policy) else workdir
+
+
+def _stand_in(host: _plan.Host, own: str | None, workdir: str, ids: tuple[int, int]) -> _plan.Host:
+    """The host as a sandbox with this `workdir` and `ids` sees it, but for the `own` workdir's facts."""
+    is_dir = {k: v for k, v in host.is_dir.items() if k != own}
+    is_dir.setdefault(workdir, True)
+    links = {k: v for k, v in host.links.items() if k != own}
+    return attrs.evolve(host, is_dir=is_dir, links=links, sandbox_ids=ids)
+
+
 def _entry(policy: Any, host: _plan.Host, workdir: str, zygote_allowed: bool, seccomp_flags: int,
            notify: bool, enter_netns: bool) -> _Entry | None:
-    """Plan with the placeholders; None where filling them in would not reach every use."""
-    is_dir = {k: v for k, v in host.is_dir.items() if k != workdir}
-    is_dir[_WORKDIR] = True
-    links = {k: v for k, v in host.links.items() if k != workdir}
-    stand_in = attrs.evolve(host, is_dir=is_dir, links=links, sandbox_ids=(_UID, _GID))
+    """Plan with the placeholders; None where filling them in would not give a fresh plan."""
+    own = _own(policy, workdir)
+    stand_in = _stand_in(host, own, _WORKDIR, (_UID, _GID))
     made = _build(policy, stand_in, _WORKDIR, zygote_allowed, None, seccomp_flags, notify, enter_netns, pack=False)
     if made.plan.new_root is None:  # the host's own tree: the workdir is a Landlock rule and the cwd
         return None
@@ -147,7 +167,22 @@ def _entry(policy: Any, host: _plan.Host, workdir: str, zygote_allowed: bool, se
     for mark in (_WORKDIR, str(_UID), str(_GID)):
         if mark in shown or mark.encode() in check.packed:
             return None
+    # ... and what it gives is what planning afresh gives: no string of the policy or the host was taken
+    # for a placeholder (a listed path that is, or leads to, the placeholder workdir)
+    fresh = _build(policy, _stand_in(host, own, _CHECK_WORKDIR, (_CHECK_UID, _CHECK_GID)), _CHECK_WORKDIR,
+                   zygote_allowed, None, seccomp_flags, notify, enter_netns, pack=False)
+    if (check.plan, check.stage, check.zygote_stage) != (fresh.plan, fresh.stage, fresh.zygote_stage):
+        return None
+    first = fresh.zygote_stage if fresh.zygote_stage is not None else fresh.stage
+    filled = tuple(_sub(h, _CHECK_WORKDIR, str(_CHECK_UID), str(_CHECK_GID)) for h in holes)
+    if check.packed != first.pack_with_holes(filled).fill(filled):
+        return None
     return entry
+
+
+def _sub(s: str, workdir: str, uid: str, gid: str) -> str:
+    """A hole's string with this sandbox's workdir and ids."""
+    return workdir if s == _WORKDIR else _IDS.sub(lambda m: uid if m.group() == str(_UID) else gid, s)
 
 
 def _fill(entry: _Entry, workdir: str, ids: tuple[int, int]) -> Prepared:
@@ -155,7 +190,7 @@ def _fill(entry: _Entry, workdir: str, ids: tuple[int, int]) -> Prepared:
     uid, gid = str(ids[0]), str(ids[1])
 
     def sub(s: str) -> str:
-        return workdir if s == _WORKDIR else s.replace(str(_UID), uid).replace(str(_GID), gid)
+        return _sub(s, workdir, uid, gid)
 
     plan = entry.plan
     root = plan.new_root

@@ -581,8 +581,7 @@ def _prepare(policy: Policy, workdir: str, owns_workdir: bool, features: _probe.
     its Runner. Planning now also reports degraded layers once, and fails early."""
     f = features
     init = _kernel.init_fd()
-    names = set(policy.fs.read_only) | set(policy.fs.read_write) | {b.source for b in policy.fs.binds}
-    names |= set(_plan.DEVICES) | {workdir} | set(_plan.STAGING)
+    names = _plan.looked_up(policy) | {workdir}
     is_dir, links = {}, {}
     for p in names:
         try:
