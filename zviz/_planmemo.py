@@ -41,6 +41,7 @@ from __future__ import annotations
 import collections
 import re
 import threading
+from collections.abc import Mapping
 from typing import Any
 
 import attrs
@@ -57,6 +58,7 @@ _CHECK_WORKDIR = "/zviz-planmemo-check/workdir"
 _CHECK_UID, _CHECK_GID = 3999999941, 3999999947
 _IDS = re.compile(f"{_UID}|{_GID}")  # (replaced in one pass: a uid equal to the gid's placeholder stays the uid)
 
+_HOST_FACTS = tuple(f.name for f in attrs.fields(_plan.Host) if f.name != "sandbox_ids")  # (in the key)
 MAX_ENTRIES = 32  # policies kept per process (least recently used out first)
 
 
@@ -128,11 +130,13 @@ def _key(policy: Any, host: _plan.Host, workdir: str, zygote_allowed: bool, secc
 
         inside = (_egressproto.LISTEN_INSIDE, enter_netns)
     own = _own(policy, workdir)
-    return (policy, host.features, host.euid, host.egid,
-            frozenset(kv for kv in host.is_dir.items() if kv[0] != own),
-            frozenset(kv for kv in host.links.items() if kv[0] != own),
-            frozenset(host.rlimit_hard.items()), host.memory_cgroup, host.memory_cgroup_reason, host.hidden,
-            zygote_allowed, seccomp_flags, notify, inside)
+    facts: list[object] = []
+    for name in _HOST_FACTS:  # every fact of the host but the sandbox's own ids (filled in), a new one too
+        value = getattr(host, name)
+        if isinstance(value, Mapping):  # (is_dir and links: but for the sandbox's own workdir)
+            value = frozenset(kv for kv in value.items() if kv[0] != own)
+        facts.append(value)
+    return (policy, *facts, zygote_allowed, seccomp_flags, notify, inside)
 
 
 def _own(policy: Any, workdir: str) -> str | None:

@@ -212,3 +212,85 @@ def test_sandboxes_of_one_policy_made_from_threads_each_get_their_own(kind):
             assert owner == uid
     if IS_ROOT:
         assert len({s[0] for s in seen}) == 4, seen
+
+
+def _changed(value: object) -> object:
+    """Another value of a host fact's kind."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return value + 1
+    if isinstance(value, str):
+        return value + " (changed)"
+    if isinstance(value, tuple):
+        return (*value, "/changed")
+    if isinstance(value, dict):
+        return {**value, "/changed": next(iter(value.values()), "/x")}
+    if attrs.has(type(value)):
+        return attrs.evolve(value, landlock_abi=value.landlock_abi - 1)
+    raise AssertionError(f"no changed value for {value!r}: teach this test the new host fact")
+
+
+@pytest.mark.parametrize("field", [f.name for f in attrs.fields(_plan.Host)])
+def test_every_host_fact_but_the_ids_is_in_the_key(field):
+    """A host fact changed between two sandboxes of one policy (a path made a
+    link or removed, a hard limit lowered, the process's ids, a new fact
+    added to Host one day) makes a new entry, never a stale plan; the ids
+    alone are each sandbox's own."""
+    policy = Policy(fs=Filesystem(read_only=BASE, read_write=("/srv/data",)))
+    h = attrs.evolve(host(euid=0), is_dir={**BASE_DIRS, "/tmp/w": True}, links={"/srv/x": "/srv"},
+                     hidden=("/run/zviz",))
+    other = attrs.evolve(h, **{field: _changed(getattr(h, field))})
+    key = _planmemo._key(policy, h, "/tmp/w", True, 0, True, True)
+    assert (_planmemo._key(policy, other, "/tmp/w", True, 0, True, True) == key) == (field == "sandbox_ids")
+
+
+@needs_userns()
+@pytest.mark.trio
+async def test_a_listed_path_made_a_link_between_sandboxes(tmp_path):
+    """Sandbox one of a policy lists `data` (a directory); then `data` becomes
+    a link to another directory; sandbox two of the same policy binds the
+    link's target (the host's inode of it): a new plan, not the first's."""
+    data, other = tmp_path / "data", tmp_path / "other"
+    data.mkdir()
+    other.mkdir()
+    (data / "f").write_text("one\n")
+    (other / "f").write_text("two\n")
+    os.chmod(tmp_path, 0o755)
+    _planmemo.clear()
+    policy = Policy.shell(fs=Filesystem(read_only=(*Policy.shell().fs.read_only, str(data))))
+    for want, dirname in (("one", data), ("two", other)):
+        if want == "two":
+            data.rename(tmp_path / "old")
+            data.symlink_to(other)
+        async with zviz.open_sandbox(policy) as sb:
+            r = await sb.run(["sh", "-c", f"stat -c %i {data}; cat {data}/f"])
+        assert r.status == 0, r.stderr
+        ino, text = r.stdout.decode().split()
+        assert (int(ino), text) == (os.stat(dirname).st_ino, want)
+
+
+_LOWER = """
+import resource, zviz
+from zviz import sync
+policy = zviz.Policy.shell()
+for i in range(2):
+    with sync.open_sandbox(policy) as sb:
+        print(sb.run(["sh", "-c", "ulimit -Hn"]).stdout.decode().strip(), flush=True)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 777), 777))
+"""
+
+
+@needs_userns()
+def test_a_hard_limit_lowered_between_sandboxes():
+    """The process lowers its RLIMIT_NOFILE hard limit between two sandboxes
+    of one policy (in a child process: a lowered hard limit cannot be raised
+    back): the second runs under the lower one."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _LOWER], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    first, second = (int(x) for x in out.stdout.split())
+    assert first > 777 and second == 777
