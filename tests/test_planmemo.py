@@ -285,3 +285,58 @@ def test_threads_planning_at_once_while_entries_are_evicted_get_their_own_plans(
         t.join()
     assert not errors, errors[0]
     assert len(_planmemo._memo) <= _planmemo.MAX_ENTRIES
+
+
+_WORDS = ("/a", "/b", "/a/b", "zviz", "0 1000 1\n", "", "/proc/self/fd", "/w")
+
+
+def _specs():
+    from hypothesis import strategies as st
+
+    word = st.sampled_from(_WORDS)
+    maybe = st.none() | word
+    return st.builds(
+        StageSpec, uid_map=maybe, gid_map=maybe, staging=maybe, hostname=maybe,
+        binds=st.lists(st.tuples(word, st.booleans()), max_size=5).map(tuple),
+        mount_ops=st.lists(st.tuples(st.integers(1, 6), word, word, st.integers(-1, 4)), max_size=6).map(tuple),
+        masks=st.lists(st.tuples(st.integers(1, 4), word), max_size=4).map(tuple),
+        rlimits=st.lists(st.tuples(st.integers(0, 15), st.integers(0, 2**63), st.integers(0, 2**63)),
+                         max_size=3).map(tuple),
+        ll_paths=st.lists(st.tuples(word, st.integers(0, 2**40)), max_size=5).map(tuple),
+        ll_ports=st.lists(st.tuples(st.integers(0, 65535), st.integers(0, 3)), max_size=2).map(tuple),
+        bpf=st.binary(max_size=24).map(lambda b: b[:len(b) // 8 * 8]))
+
+
+def _property_test(f):
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    holes = st.lists(st.sampled_from(_WORDS), unique=True, max_size=4).map(tuple)
+    values = st.lists(st.sampled_from((*_WORDS, "/other", "/a much longer replacement/" + "x" * 50)), min_size=4,
+                      max_size=4)
+    return settings(max_examples=300, deadline=None)(given(_specs(), holes, values)(f))
+
+
+@_property_test
+def test_holes_in_any_table_fill_as_packing_the_filled_spec(spec, holes, values):
+    """Any spec, any strings chosen as holes (shared by several tables, equal
+    to a header field, absent), any strings put in (equal to others, longer,
+    empty): the filled buffer reads back as packing the spec with every field
+    that held a hole holding its value; filled with the holes themselves, as
+    pack()."""
+    swap = dict(zip(holes, values, strict=False))
+
+    def sub(x):
+        return swap.get(x, x) if x is not None else None
+
+    holey = spec.pack_with_holes(holes)
+    assert _decode(holey.fill(holes)) == _decode(spec.pack())
+    expected = attrs.evolve(spec, binds=tuple((sub(a), b) for a, b in spec.binds),
+                            mount_ops=tuple((k, sub(p), sub(a), i) for k, p, a, i in spec.mount_ops),
+                            masks=tuple((k, sub(p)) for k, p in spec.masks),
+                            ll_paths=tuple((sub(p), a) for p, a in spec.ll_paths), staging=sub(spec.staging),
+                            hostname=sub(spec.hostname), uid_map=sub(spec.uid_map), gid_map=sub(spec.gid_map))
+    filled = holey.fill(tuple(values[:len(holes)]))
+    assert _decode(filled) == _decode(expected.pack())
+    # (the holes' strings are added after the rest, which keeps its size)
+    assert len(filled) == len(holey.prefix) + sum(len(v.encode()) + 1 for v in values[:len(holes)])
