@@ -294,3 +294,47 @@ def test_a_hard_limit_lowered_between_sandboxes():
     assert out.returncode == 0, out.stderr
     first, second = (int(x) for x in out.stdout.split())
     assert first > 777 and second == 777
+
+
+async def _own_async(sb: zviz.Sandbox) -> tuple[int, int, int, int]:
+    """(the uid_map's host uid, /workspace's inode, the owner of a file it wrote, its workdir's host inode)."""
+    r = await sb.run(["sh", "-c", "cat /proc/self/uid_map; stat -c %i /workspace; echo x > /workspace/mine"])
+    assert r.status == 0, r.stderr
+    out = r.stdout.decode().split()
+    return int(out[1]), int(out[3]), os.stat(os.path.join(sb.workdir, "mine")).st_uid, os.stat(sb.workdir).st_ino
+
+
+@needs_userns()
+@pytest.mark.trio
+async def test_pooled_and_templated_sandboxes_of_one_policy_each_get_their_own(tmp_path):
+    """Sandboxes of one policy from the pool (made ahead, in the background)
+    and from a template (a root caller's is an overlay mounted for the
+    sandbox's uid), all open at once: each /workspace is its own workdir,
+    and for a root caller each runs as, and writes as, a uid of its own."""
+    import contextlib
+
+    async with zviz.open_sandbox(Policy.shell()) as sb:
+        await sb.run(["sh", "-c", "echo t > from-template"])
+        await sb.snapshot(str(tmp_path / "t"))
+    os.chmod(tmp_path, 0o755)
+    _planmemo.clear()
+    zviz.set_pool_size(2)
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            sbs = [await stack.enter_async_context(zviz.open_sandbox(Policy.shell())) for _ in range(3)]
+            sbs += [await stack.enter_async_context(zviz.open_sandbox(Policy.shell(), template=str(tmp_path / "t")))
+                    for _ in range(2)]
+            seen = [await _own_async(sb) for sb in sbs]
+            for sb in sbs[3:]:
+                r = await sb.run(["cat", "/workspace/from-template"])
+                assert r.stdout == b"t\n"
+    finally:
+        zviz.set_pool_size(None)
+    assert any(e is not None for e in _planmemo._memo.values())
+    for uid, ino, owner, host_ino in seen:
+        assert ino == host_ino
+        if IS_ROOT:
+            assert owner == uid
+    assert len({s[3] for s in seen}) == 5
+    if IS_ROOT:
+        assert len({s[0] for s in seen}) == 5, seen
