@@ -41,7 +41,6 @@ from __future__ import annotations
 import collections
 import re
 import threading
-from collections.abc import Mapping
 from typing import Any
 
 import attrs
@@ -58,7 +57,9 @@ _CHECK_WORKDIR = "/zviz-planmemo-check/workdir"
 _CHECK_UID, _CHECK_GID = 3999999941, 3999999947
 _IDS = re.compile(f"{_UID}|{_GID}")  # (replaced in one pass: a uid equal to the gid's placeholder stays the uid)
 
-_HOST_FACTS = tuple(f.name for f in attrs.fields(_plan.Host) if f.name != "sandbox_ids")  # (in the key)
+# (the key's host facts: name, whether a Mapping)
+_HOST_FACTS = tuple((f.name, str(f.type).startswith("Mapping")) for f in attrs.fields(_plan.Host)
+                    if f.name != "sandbox_ids")
 MAX_ENTRIES = 32  # policies kept per process (least recently used out first)
 
 
@@ -131,10 +132,13 @@ def _key(policy: Any, host: _plan.Host, workdir: str, zygote_allowed: bool, secc
         inside = (_egressproto.LISTEN_INSIDE, enter_netns)
     own = _own(policy, workdir)
     facts: list[object] = []
-    for name in _HOST_FACTS:  # every fact of the host but the sandbox's own ids (filled in), a new one too
+    for name, mapping in _HOST_FACTS:  # every fact of the host but the sandbox's own ids (filled in), a new one too
         value = getattr(host, name)
-        if isinstance(value, Mapping):  # (is_dir and links: but for the sandbox's own workdir)
-            value = frozenset(kv for kv in value.items() if kv[0] != own)
+        if mapping:
+            items = frozenset(value.items())
+            if own is not None and own in value:  # (is_dir and links: but for the sandbox's own workdir)
+                items = items - {(own, value[own])}
+            value = items
         facts.append(value)
     return (policy, *facts, zygote_allowed, seccomp_flags, notify, inside)
 
