@@ -11,6 +11,7 @@ import struct
 import attrs
 import pytest
 import trio
+from hypothesis import given, settings, strategies as st
 
 import zviz
 from zviz import Bind, Filesystem, Network, Policy, _plan, _planmemo, _spec
@@ -288,36 +289,23 @@ def test_threads_planning_at_once_while_entries_are_evicted_get_their_own_plans(
 
 
 _WORDS = ("/a", "/b", "/a/b", "zviz", "0 1000 1\n", "", "/proc/self/fd", "/w")
+_WORD = st.sampled_from(_WORDS)
+_SPECS = st.builds(
+    StageSpec, uid_map=st.none() | _WORD, gid_map=st.none() | _WORD, staging=st.none() | _WORD,
+    hostname=st.none() | _WORD, binds=st.lists(st.tuples(_WORD, st.booleans()), max_size=5).map(tuple),
+    mount_ops=st.lists(st.tuples(st.integers(1, 6), _WORD, _WORD, st.integers(-1, 4)), max_size=6).map(tuple),
+    masks=st.lists(st.tuples(st.integers(1, 4), _WORD), max_size=4).map(tuple),
+    rlimits=st.lists(st.tuples(st.integers(0, 15), st.integers(0, 2**63), st.integers(0, 2**63)),
+                     max_size=3).map(tuple),
+    ll_paths=st.lists(st.tuples(_WORD, st.integers(0, 2**40)), max_size=5).map(tuple),
+    ll_ports=st.lists(st.tuples(st.integers(0, 65535), st.integers(0, 3)), max_size=2).map(tuple),
+    bpf=st.binary(max_size=24).map(lambda b: b[:len(b) // 8 * 8]))
 
 
-def _specs():
-    from hypothesis import strategies as st
-
-    word = st.sampled_from(_WORDS)
-    maybe = st.none() | word
-    return st.builds(
-        StageSpec, uid_map=maybe, gid_map=maybe, staging=maybe, hostname=maybe,
-        binds=st.lists(st.tuples(word, st.booleans()), max_size=5).map(tuple),
-        mount_ops=st.lists(st.tuples(st.integers(1, 6), word, word, st.integers(-1, 4)), max_size=6).map(tuple),
-        masks=st.lists(st.tuples(st.integers(1, 4), word), max_size=4).map(tuple),
-        rlimits=st.lists(st.tuples(st.integers(0, 15), st.integers(0, 2**63), st.integers(0, 2**63)),
-                         max_size=3).map(tuple),
-        ll_paths=st.lists(st.tuples(word, st.integers(0, 2**40)), max_size=5).map(tuple),
-        ll_ports=st.lists(st.tuples(st.integers(0, 65535), st.integers(0, 3)), max_size=2).map(tuple),
-        bpf=st.binary(max_size=24).map(lambda b: b[:len(b) // 8 * 8]))
-
-
-def _property_test(f):
-    from hypothesis import given, settings
-    from hypothesis import strategies as st
-
-    holes = st.lists(st.sampled_from(_WORDS), unique=True, max_size=4).map(tuple)
-    values = st.lists(st.sampled_from((*_WORDS, "/other", "/a much longer replacement/" + "x" * 50)), min_size=4,
-                      max_size=4)
-    return settings(max_examples=300, deadline=None)(given(_specs(), holes, values)(f))
-
-
-@_property_test
+@settings(max_examples=300, deadline=None)
+@given(_SPECS, st.lists(_WORD, unique=True, max_size=4).map(tuple),
+       st.lists(st.sampled_from((*_WORDS, "/other", "/a much longer replacement/" + "x" * 50)), min_size=4,
+                max_size=4))
 def test_holes_in_any_table_fill_as_packing_the_filled_spec(spec, holes, values):
     """Any spec, any strings chosen as holes (shared by several tables, equal
     to a header field, absent), any strings put in (equal to others, longer,
