@@ -46,6 +46,7 @@ from typing import Any
 import attrs
 
 from . import _bpf, _linux, _plan
+from ._errors import PolicyError, SandboxSetupError
 from ._spec import Holey, StageSpec
 
 # Placeholders no real sandbox has: a path that cannot be a workdir (zviz's
@@ -177,8 +178,11 @@ def _entry(policy: Any, host: _plan.Host, workdir: str, zygote_allowed: bool, se
             return None
     # ... and what it gives is what planning afresh gives: no string of the policy or the host was taken
     # for a placeholder (a listed path that is, or leads to, the placeholder workdir)
-    fresh = _build(policy, _stand_in(host, own, _CHECK_WORKDIR, (_CHECK_UID, _CHECK_GID)), _CHECK_WORKDIR,
-                   zygote_allowed, None, seccomp_flags, notify, enter_netns, pack=False)
+    try:
+        fresh = _build(policy, _stand_in(host, own, _CHECK_WORKDIR, (_CHECK_UID, _CHECK_GID)), _CHECK_WORKDIR,
+                       zygote_allowed, None, seccomp_flags, notify, enter_netns, pack=False)
+    except (PolicyError, SandboxSetupError, ValueError):  # (the sandbox's own plan, made afresh, decides)
+        return None
     if (check.plan, check.stage, check.zygote_stage) != (fresh.plan, fresh.stage, fresh.zygote_stage):
         return None
     first = fresh.zygote_stage if fresh.zygote_stage is not None else fresh.stage

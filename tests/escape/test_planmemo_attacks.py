@@ -17,7 +17,7 @@ import attrs
 import pytest
 
 import zviz
-from zviz import Bind, Filesystem, Policy, _plan, _planmemo, sync
+from zviz import Bind, Filesystem, Policy, _ids, _plan, _planmemo, sync
 
 from ..conftest import IS_ROOT, needs_userns
 from ..test_plan import DIRS, host
@@ -338,3 +338,49 @@ async def test_pooled_and_templated_sandboxes_of_one_policy_each_get_their_own(t
     assert len({s[3] for s in seen}) == 5
     if IS_ROOT:
         assert len({s[0] for s in seen}) == 5, seen
+
+
+_DROP = """
+import ctypes, os, zviz
+from zviz import sync, _planmemo
+
+def one():
+    with sync.open_sandbox(zviz.Policy.shell()) as sb:
+        r = sb.run(["sh", "-c", "cat /proc/self/uid_map; echo x > /workspace/mine"])
+        assert r.status == 0, r.stderr
+        print(r.stdout.decode().split()[1], os.stat(os.path.join(sb.workdir, "mine")).st_uid, flush=True)
+
+one()
+os.setgroups([])
+os.setresgid(65534, 65534, 65534)
+os.setresuid(65534, 65534, 65534)
+ctypes.CDLL(None).prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE: may write its children's id maps
+one()
+print(_planmemo.misses, flush=True)
+"""
+
+
+@needs_userns()
+@pytest.mark.skipif(not IS_ROOT, reason="drops root's privileges mid-way")
+def test_a_process_that_drops_root_between_sandboxes_plans_anew():
+    """A root process opens a sandbox (a host uid of its own), drops to
+    65534 and opens another of the same policy: the second is planned for
+    the unprivileged caller (its uid_map maps 65534, which owns what it
+    writes), not filled from root's entry."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    tmp = tempfile.mkdtemp(prefix="zviz-drop-", dir="/tmp")  # (every parent passable by 65534)
+    os.chmod(tmp, 0o1777)
+    try:
+        out = subprocess.run([sys.executable, "-c", _DROP], capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "TMPDIR": tmp})
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    assert out.returncode == 0, out.stderr
+    first, second, misses = out.stdout.splitlines()
+    uid, owner = (int(x) for x in first.split())
+    assert uid == owner and uid in _ids.id_range()
+    assert second.split() == ["65534", "65534"] and misses == "2"
