@@ -21,18 +21,20 @@ placeholders and must equal a plan made afresh with those (plan, stage and
 buffer), and none of them may still show the first set. So a policy whose
 own paths lead to a placeholder (a listed path, a bind's source, a link's
 target equal to the placeholder workdir) is planned per sandbox rather
-than handed the sandbox's workdir there. A plan that uses the workdir or the ids
-anywhere else (no new root: the workdir is a Landlock rule and the working
-directory; root without a user namespace: the ids are the credentials and
-HOME's owner) is never reused: such a policy is planned per sandbox, as
-before. So is every traced sandbox (`zviz trace`).
+than handed the sandbox's workdir there. A plan that uses the workdir or
+the ids anywhere else (no new root: the workdir is a Landlock rule and the
+working directory; root without a user namespace: the ids are the
+credentials and HOME's owner) is never reused: such a policy is planned
+per sandbox, as before. So is every traced sandbox (`zviz trace`).
 
-The key is the policy and every host fact the plan reads (kernel features,
-the caller's ids and hard limits, which paths exist and where their links
-lead, as stat'ed for this very sandbox), so a changed host makes a new
-entry, never a stale plan. The workdir's own facts are left out, unless the
-plan also reads them as a listed path, a bind's source or a place to
-assemble the root on (a caller's `workdir=` the policy lists too). It reads no host fact itself: `_sandbox._prepare`
+The key is the policy and every host fact the plan reads (each `Host`
+field but the ids: kernel features, the caller's ids and hard limits,
+which paths exist and where their links lead, as stat'ed for this very
+sandbox), so a changed host makes a new entry, never a stale plan. The
+workdir's own facts are left out, unless the plan also reads them as a
+listed path, a bind's source or a place to assemble the root on (a
+caller's `workdir=` that the policy lists too: then the entry holds that
+path, as the policy's). It reads no host fact itself: `_sandbox._prepare`
 gathers them (the filter is `_bpf.program`'s, cached on disk too).
 """
 
