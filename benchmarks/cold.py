@@ -279,8 +279,9 @@ async def main(args: argparse.Namespace) -> dict:
                 peers.append(p)
             else:
                 not_installed[p.key] = p.reason
+    # (which zviz: this checkout's, first on sys.path above, whatever PYTHONPATH says)
     out: dict = {"host": {"cpus": os.cpu_count(), "kernel": os.uname().release,
-                          "loadavg_start": loadavg()},
+                          "loadavg_start": loadavg(), "zviz": os.path.dirname(zviz.__file__)},
                  "not_installed": not_installed}
     with tempfile.TemporaryDirectory(prefix="zviz-cold-") as workdir:
         os.chmod(workdir, 0o777)

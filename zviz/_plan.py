@@ -2,10 +2,12 @@
 
 The I/O shell (`_sandbox.py`) gathers the host facts (`Host`: features, ids,
 which paths exist and are directories, rlimit ceilings) and hands them in; this
-module decides. Planning is per sandbox, spawning per command:
-`plan_sandbox` makes the sandbox's `SandboxPlan` once; `stage_spec` turns it
-into the `StageSpec` every spawn of the sandbox executes (zviz/_spec.py, the
-contract with the C stage), and `command_spec` makes one spawn's `Command`.
+module decides. Planning is per policy and host, spawning per command:
+`plan_sandbox` makes a sandbox's `SandboxPlan` (`_planmemo` makes it once
+per policy and fills each sandbox's own workdir and ids in); `stage_spec`
+turns it into the `StageSpec` every spawn of the sandbox executes
+(zviz/_spec.py, the contract with the C stage), and `command_spec` makes
+one spawn's `Command`.
 
 Why this module is long: it is the whole planner, one pure function per part
 in the order the stage acts (rlimits, the new root and its masks, Landlock,
