@@ -870,6 +870,10 @@ init_main(long *sp)
     int status_fd = parse_fd(argv[1]);
     const char *exe = argv[2];
 
+    /* As the zygote: no process of the sandbox may read our memory,
+     * environment or maps through /proc, or ptrace us; the program is
+     * dumpable again once it is exec'd. */
+    S5(__NR_prctl, PR_SET_DUMPABLE, 0, 0, 0, 0);
     long pid = S4(__NR_clone, SIGCHLD, 0, 0, 0);
     if (pid < 0) {
         put("zviz-init: clone failed\n");

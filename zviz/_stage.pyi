@@ -15,6 +15,9 @@ def landlock_abi() -> int:
 def pidfd_getfd(pidfd: int, fd: int, /) -> int:
     """Duplicate fd of the process behind pidfd (raises OSError)."""
 
+def set_dumpable(flag: int, /) -> None:
+    """prctl(PR_SET_DUMPABLE, flag) for the calling process (raises OSError)."""
+
 def notif_sizes() -> tuple[int, int, int]:
     """SECCOMP_GET_NOTIF_SIZES: (seccomp_notif, seccomp_notif_resp, seccomp_data)."""
 

@@ -23,6 +23,7 @@
 #include <linux/seccomp.h>
 #include <stddef.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -350,6 +351,22 @@ stage_landlock_abi(PyObject *self, PyObject *noargs)
     return PyLong_FromLong(abi);
 }
 
+/* prctl(PR_SET_DUMPABLE, flag) for the calling process: a warm snippet's
+ * pid 1 (zviz/_warmboot.py) makes itself undumpable before it forks the
+ * snippet, as zviz-init's zygote does, so that no process of the sandbox
+ * can read its memory, environment or maps through /proc; the snippet
+ * makes itself dumpable again, as an exec would have. */
+static PyObject *
+stage_set_dumpable(PyObject *self, PyObject *args)
+{
+    int flag;
+    if (!PyArg_ParseTuple(args, "i:set_dumpable", &flag))
+        return NULL;
+    if (syscall(SYS_prctl, PR_SET_DUMPABLE, (unsigned long)(flag != 0), 0UL, 0UL, 0UL) < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    Py_RETURN_NONE;
+}
+
 static PyObject *
 stage_pidfd_getfd(PyObject *self, PyObject *args)
 {
@@ -468,6 +485,7 @@ static PyMethodDef methods[] = {
      "that returns inside the sandbox instead of exec (init_fd is placed on fd 6)."},
     {"landlock_abi", stage_landlock_abi, METH_NOARGS, "Landlock ABI version, or -errno."},
     {"pidfd_getfd", stage_pidfd_getfd, METH_VARARGS, "Duplicate fd of the process behind pidfd."},
+    {"set_dumpable", stage_set_dumpable, METH_VARARGS, "prctl(PR_SET_DUMPABLE, flag) for the calling process."},
     {"notif_sizes", stage_notif_sizes, METH_NOARGS, "SECCOMP_GET_NOTIF_SIZES."},
     {"seccomp_action_avail", stage_seccomp_action_avail, METH_VARARGS, "SECCOMP_GET_ACTION_AVAIL."},
     {"kill_uid", stage_kill_uid_py, METH_VARARGS, "SIGKILL every process of a uid (kill(-1) as that uid)."},

@@ -359,10 +359,25 @@ if __name__ == "__main__":
     # the exec: 3 or 6 at times): detached, not closed, or that would close the
     # status pipe or the snippet's input.
     _chan.detach()
+    # pid 1 is undumpable before any code of the snippet runs (as zviz-init's zygote): no process of
+    # the sandbox reads its memory, environment or maps through /proc; the snippet is made dumpable
+    # again, as the exec of a program would have made it
+    _set_dumpable = getattr(_stage, "set_dumpable", None)
     del _stage, _chan
+    if _set_dumpable is not None:
+        try:
+            _set_dumpable(0)
+        except OSError:
+            _set_dumpable = None
     _snippet = os.fork()
     if _snippet:
         _init(_snippet)
+    if _set_dumpable is not None:
+        try:
+            _set_dumpable(1)
+        except OSError:
+            pass
+    del _set_dumpable
     _request = _read_input()
     _file, _code = _script_source(_request) if _request.get("script") else ("<string>", _request["code"])
     _globals = _as_fresh_interpreter(_request)

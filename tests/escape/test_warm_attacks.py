@@ -395,7 +395,8 @@ def test_timeout_and_cancellation_leave_no_process_and_no_workdir():
         return server
 
     trio.run(main)
-    assert set(os.listdir(tmp)) <= before | {"zviz-0"}
+    new = set(os.listdir(tmp)) - before - {"zviz-0"}
+    assert not new, f"left in {tmp}: {sorted(new)}"
 
 
 def test_memory_limit_holds_for_a_warm_snippet():
@@ -658,3 +659,45 @@ def test_a_retry_after_the_server_went_gets_its_input_again(monkeypatch):
     r = trio.run(lambda: zviz.run_snippet("print('once')", warm=True))
     assert len(calls) == 2
     assert (r.exit_code, r.stdout) == (0, b"once\n"), r.stderr
+
+
+_READ_PID_FILES = r'''
+import os, sys, json
+out = {}
+for pid in (1, os.getppid()):
+    for f in ("environ", "maps", "mem"):
+        try:
+            with open(f"/proc/{pid}/{f}", "rb") as fh:
+                fh.read(16)
+            out[f"{pid}/{f}"] = 0
+        except OSError as e:
+            out[f"{pid}/{f}"] = e.errno
+for f in ("environ", "maps"):
+    with open(f"/proc/self/{f}", "rb") as fh:
+        out[f"self/{f}"] = len(fh.read())
+print(json.dumps(out))
+'''
+
+
+@pytest.mark.trio
+async def test_a_snippet_cannot_read_its_pid_1_through_proc():
+    """The process above a snippet holds nothing of the snippet's own (a warm
+    snippet's pid 1 is the host interpreter's fork, whose memory, environment
+    and maps name zviz's install and the server's start-up; a cold one's is
+    zviz-init with the command): as under a zygote, /proc/1/{environ,maps,mem}
+    and the parent's are refused (EACCES: pid 1 is undumpable), while the
+    snippet reads its own /proc/self as a program does."""
+    import errno
+
+    results = {"warm": await zviz.run_snippet(_READ_PID_FILES, warm=True),
+               "cold": await zviz.run_snippet(_READ_PID_FILES, warm=False)}
+    async with zviz.open_sandbox(zviz.Policy.python()) as sb:
+        results["zygote"] = await sb.run(["python3", "-c", _READ_PID_FILES])
+    for how, r in results.items():
+        assert r.exit_code == 0, (how, r.stderr)
+        got = json.loads(r.stdout)
+        for key, value in got.items():
+            if key.startswith("self/"):
+                assert value > 0, (how, got)
+            else:
+                assert value == errno.EACCES, (how, key, got)
