@@ -786,7 +786,15 @@ def test_python_file_is_a_warm_snippet_and_behaves_as_a_cold_one(server, tmp_pat
     r = subprocess.run([*ZVIZ, "run", "--workdir", str(work), "--", "python3", "-u", "pkg/main.py", "0"],
                        env=env, capture_output=True, timeout=60)
     assert (r.returncode, r.stdout[:2]) == (0, b"0 "), r
-    assert server.served() == before + served + 1
+    # --json: the record of a warm FILE run names the command line as given
+    import json
+
+    r = subprocess.run([*ZVIZ, "run", "--json", "--workdir", str(work), "--", "python3", "pkg/main.py", "4", "j"],
+                       env=env, input=b"in", capture_output=True, timeout=60)
+    record = json.loads(r.stdout)
+    assert record["argv"] == ["python3", "pkg/main.py", "4", "j"] and record["status"] == 4, record
+    assert record["stdout"].startswith("1 ['pkg/main.py', '4', 'j'] /workspace/pkg/main.py __main__ "), record
+    assert server.served() == before + served + 2
 
 
 @pytest.mark.parametrize("through_server", [False, True])
