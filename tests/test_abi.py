@@ -90,6 +90,13 @@ def test_zygote_request_and_status_records_match_the_c_layouts():
     assert size == 12 and fields == {"step": 0, "err": 4, "index": 8}
 
 
+def test_pump_record_matches_the_c_layout():
+    from zviz import _pump
+    _check("pump_record", _pump._RECORD.format, ["kind", "err", "fd", "cloexec", "notif"])
+    assert _stage.LAYOUTS["pump_record"][0] == 16 + _kernel._NOTIF.size
+    assert _pump.available()  # this kernel's seccomp_notif is the size the thread was built for
+
+
 def _null_command(**kw) -> Command:
     fd = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
     base: dict = {"exe": b"/bin/true", "argv": (b"true",), "envp": (), "cwd": b"/", "stdin": fd, "stdout": fd,

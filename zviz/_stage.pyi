@@ -18,6 +18,13 @@ def pidfd_getfd(pidfd: int, fd: int, /) -> int:
 def set_dumpable(flag: int, /) -> None:
     """prctl(PR_SET_DUMPABLE, flag) for the calling process (raises OSError)."""
 
+def pump_start(listener: int, out: int, stop: int, /) -> object:
+    """Start the thread that receives `listener`'s notifications (zviz/_pump.c); it
+    duplicates the three fds and ends on `stop` readable or the listener's hang-up."""
+
+def pump_set_table(pump: object, blob: bytes, /) -> None:
+    """The pump's allowed endpoints: 18-byte entries (16-byte IPv6 or IPv4-mapped address, port big-endian)."""
+
 def notif_sizes() -> tuple[int, int, int]:
     """SECCOMP_GET_NOTIF_SIZES: (seccomp_notif, seccomp_notif_resp, seccomp_data)."""
 

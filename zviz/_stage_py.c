@@ -27,6 +27,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include "_pump.h"
 #include "_stage.h"
 
 #ifndef SYS_pidfd_getfd
@@ -379,6 +380,58 @@ stage_pidfd_getfd(PyObject *self, PyObject *args)
     return PyLong_FromLong(r);
 }
 
+/* ------------------------------------------------------------ the pump */
+
+#define PUMP_CAPSULE "zviz._stage.pump"
+
+static void
+pump_capsule_free(PyObject *cap)
+{
+    struct pump *p = PyCapsule_GetPointer(cap, PUMP_CAPSULE);
+    if (p)
+        pump_release(p);
+}
+
+/* pump_start(listener, out, stop) -> capsule: zviz/_pump.c */
+static PyObject *
+stage_pump_start(PyObject *self, PyObject *args)
+{
+    int listener, out, stop, err = 0;
+    if (!PyArg_ParseTuple(args, "iii:pump_start", &listener, &out, &stop))
+        return NULL;
+    struct pump *p;
+    Py_BEGIN_ALLOW_THREADS
+    p = pump_start(listener, out, stop, &err);
+    Py_END_ALLOW_THREADS
+    if (!p) {
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    PyObject *cap = PyCapsule_New(p, PUMP_CAPSULE, pump_capsule_free);
+    if (!cap)
+        pump_release(p);
+    return cap;
+}
+
+static PyObject *
+stage_pump_set_table(PyObject *self, PyObject *args)
+{
+    PyObject *cap;
+    Py_buffer blob;
+    if (!PyArg_ParseTuple(args, "Oy*:pump_set_table", &cap, &blob))
+        return NULL;
+    struct pump *p = PyCapsule_GetPointer(cap, PUMP_CAPSULE);
+    int err = p ? pump_set_table(p, blob.buf, (size_t)blob.len) : -1;
+    PyBuffer_Release(&blob);
+    if (err < 0)
+        return NULL;
+    if (err) {
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    Py_RETURN_NONE;
+}
+
 static PyObject *
 stage_notif_sizes(PyObject *self, PyObject *noargs)
 {
@@ -486,6 +539,9 @@ static PyMethodDef methods[] = {
     {"landlock_abi", stage_landlock_abi, METH_NOARGS, "Landlock ABI version, or -errno."},
     {"pidfd_getfd", stage_pidfd_getfd, METH_VARARGS, "Duplicate fd of the process behind pidfd."},
     {"set_dumpable", stage_set_dumpable, METH_VARARGS, "prctl(PR_SET_DUMPABLE, flag) for the calling process."},
+    {"pump_start", stage_pump_start, METH_VARARGS,
+     "pump_start(listener, out, stop) -> pump: receive the listener's notifications in a thread (zviz/_pump.c)."},
+    {"pump_set_table", stage_pump_set_table, METH_VARARGS, "pump_set_table(pump, blob): the allowed endpoints."},
     {"notif_sizes", stage_notif_sizes, METH_NOARGS, "SECCOMP_GET_NOTIF_SIZES."},
     {"seccomp_action_avail", stage_seccomp_action_avail, METH_VARARGS, "SECCOMP_GET_ACTION_AVAIL."},
     {"kill_uid", stage_kill_uid_py, METH_VARARGS, "SIGKILL every process of a uid (kill(-1) as that uid)."},
@@ -566,7 +622,10 @@ add_layouts(PyObject *m)
         add_layout(l, "zreq_rl", sizeof(struct zreq_rl), 3, FIELD(zreq_rl, res), FIELD(zreq_rl, cur),
                    FIELD(zreq_rl, max)) < 0 ||
         add_layout(l, "zreq", sizeof(struct zreq), 6, FIELD(zreq, magic), FIELD(zreq, argc), FIELD(zreq, envc),
-                   FIELD(zreq, nrl), FIELD(zreq, len), FIELD(zreq, rl)) < 0) {
+                   FIELD(zreq, nrl), FIELD(zreq, len), FIELD(zreq, rl)) < 0 ||
+        add_layout(l, "pump_record", sizeof(struct pump_record), 5, FIELD(pump_record, kind),
+                   FIELD(pump_record, err), FIELD(pump_record, fd), FIELD(pump_record, cloexec),
+                   FIELD(pump_record, notif)) < 0) {
         Py_DECREF(l);
         return -1;
     }

@@ -13,6 +13,7 @@
 #include <poll.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -261,12 +262,20 @@ static int deny_flood(long n)
 static volatile int storm_end;
 static long storm_calls;
 static int storm_denied = 1;
+static int storm_port; /* non-zero: the flood connects to 127.0.0.1:storm_port instead */
+static long storm_connected;
 
 static void *storm_flood(void *arg)
 {
     (void)arg;
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(storm_port)};
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
     while (!storm_end) {
-        if (storm_denied)
+        if (storm_port) {
+            int s = socket(AF_INET, SOCK_STREAM, 0);
+            storm_connected += connect(s, (struct sockaddr *)&a, sizeof a) == 0;
+            close(s);
+        } else if (storm_denied)
             mount("zviz-storm", "/mnt", "tmpfs", 0, 0);
         else
             getppid(); /* the control: the same storm, no denials */
@@ -293,7 +302,7 @@ static int mmap_lock_storm(int secs, int maps)
     }
     storm_end = 1;
     pthread_join(t, 0);
-    printf("storm: OK %ld calls %ld forks\n", storm_calls, forks);
+    printf("storm: OK %ld calls %ld forks %ld connected\n", storm_calls, forks, storm_connected);
     return 0;
 }
 
@@ -326,6 +335,56 @@ static int setsid_deny(void)
     return 0;
 }
 
+/* A thread flips the port of the sockaddr that connect() is given between an
+ * allowed and a forbidden one while the main thread connects over and over.
+ * Prints how many connects succeeded and were refused; a connect that reached
+ * the forbidden port fails the attack's check at once. */
+static volatile uint16_t *flip_port;
+static volatile int flip_stop;
+static uint16_t flip_a, flip_b;
+static void *flipper(void *arg)
+{
+    (void)arg;
+    while (!flip_stop) {
+        *flip_port = flip_a;
+        *flip_port = flip_b;
+    }
+    return NULL;
+}
+static int connect_flip(const char *host, int allowed, int forbidden, int n)
+{
+    struct sockaddr_in *a = calloc(1, sizeof *a);
+    a->sin_family = AF_INET;
+    inet_pton(AF_INET, host, &a->sin_addr);
+    flip_port = &a->sin_port;
+    flip_a = htons(allowed);
+    flip_b = htons(forbidden);
+    pthread_t t;
+    pthread_create(&t, NULL, flipper, NULL);
+    int good = 0, refused = 0, other = 0;
+    for (int i = 0; i < n; i++) {
+        int s = socket(AF_INET, SOCK_STREAM, 0);
+        int r = connect(s, (struct sockaddr *)a, sizeof *a);
+        if (r == 0) {
+            struct sockaddr_in peer;
+            socklen_t len = sizeof peer;
+            getpeername(s, (struct sockaddr *)&peer, &len);
+            if (peer.sin_port != flip_a) { printf("flip: FAILED connected to port %d\n", ntohs(peer.sin_port)); return 1; }
+            good++;
+        } else if (errno == EACCES) {
+            refused++;
+        } else {
+            other++;
+        }
+        close(s);
+    }
+    flip_stop = 1;
+    pthread_join(t, NULL);
+    printf("flip: OK good=%d refused=%d other=%d\n", good, refused, other);
+    fflush(stdout);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     if (argc < 2) return 2;
@@ -334,12 +393,14 @@ int main(int argc, char **argv)
     if (!strcmp(c, "rthdr")) return rthdr_connect(argv[2], argv[3], atoi(argv[4]), atoi(argv[5]));
     if (!strcmp(c, "semantics")) return connect_semantics(argv[2], atoi(argv[3]));
     if (!strcmp(c, "hang")) return connect_hang(argv[2], atoi(argv[3]), atoi(argv[4]));
+    if (!strcmp(c, "flip")) return connect_flip(argv[2], atoi(argv[3]), atoi(argv[4]), atoi(argv[5]));
     if (!strcmp(c, "burst")) return connect_burst(argv[2], atoi(argv[3]), atoi(argv[4]));
     if (!strcmp(c, "abstract")) return abstract_bind(argv[2], atoi(argv[3]));
     if (!strcmp(c, "ifioctl")) return if_ioctls();
     if (!strcmp(c, "flood")) return deny_flood(atol(argv[2]));
     if (!strcmp(c, "storm")) {
         storm_denied = argc > 4 ? atoi(argv[4]) : 1;
+        storm_port = argc > 5 ? atoi(argv[5]) : 0;
         return mmap_lock_storm(atoi(argv[2]), atoi(argv[3]));
     }
     if (!strcmp(c, "chain")) return deep_chain(atoi(argv[2]), atoi(argv[3]));
