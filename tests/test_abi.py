@@ -92,8 +92,8 @@ def test_zygote_request_and_status_records_match_the_c_layouts():
 
 def test_pump_record_matches_the_c_layout():
     from zviz import _pump
-    _check("pump_record", _pump._RECORD.format, ["kind", "err", "fd", "cloexec", "notif"])
-    assert _stage.LAYOUTS["pump_record"][0] == 16 + _kernel._NOTIF.size
+    _check("pump_record", _pump._RECORD.format, ["kind", "err", "fd", "cloexec", "name", "port", "key", "notif"])
+    assert _stage.LAYOUTS["pump_record"][0] == 72 + _kernel._NOTIF.size
     assert _pump.available()  # this kernel's seccomp_notif is the size the thread was built for
 
 

@@ -275,7 +275,7 @@ def test_every_refusal_code_is_documented():
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     codes = set()
-    for module in ("_egress.py", "_egressproto.py"):
+    for module in ("_egress.py", "_egressproto.py", "_egressdirect.py"):
         with open(os.path.join(root, "zviz", module)) as f:
             codes |= set(re.findall(r'Refused\(\s*"([a-z-]+)"', f.read()))
     assert {"not-allowed", "port", "bad-request", "bytes"} <= codes

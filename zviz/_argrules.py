@@ -224,6 +224,13 @@ ROUTING_OPTIONS: tuple[Alternative, ...] = (
     *conjoin((((1, _U32, IPPROTO_IPV6),),), values_except(2, IPV6_ROUTING, 32, high_zero=False)),
 )
 
+# net.mode = "domains", way "direct": connect() is the kernel's unless its
+# addrlen (a socklen_t: the low 32 bits) is that of sockaddr_in (16) or
+# sockaddr_in6 (28), which the pump performs (zviz/_pump.c). A TCP connect
+# spelled with another length meets Landlock, which grants the sandbox no TCP
+# connect of its own (a host socket it was handed cannot be pointed elsewhere).
+DIRECT_CONNECT_IN_KERNEL: tuple[Alternative, ...] = values_except(2, (16, 28), 32, high_zero=False)
+
 # socket(AF_NETLINK, SOCK_RAW or SOCK_DGRAM, NETLINK_ROUTE), only in a sandbox
 # with a network namespace of its own (`_bpf.FilterSpec.netns`): getifaddrs()
 # and if_nameindex() ask rtnetlink for the interfaces (libzmq aborts without
@@ -263,7 +270,7 @@ def rules(*, net_mode: str, pid_ns: bool) -> dict[str, tuple[Alternative, ...]]:
         out["sched_setscheduler"] = out["sched_setscheduler"] + OTHER_TASK_SCHED
     for name, checks in _BY_NAME.items():
         out[name] = conjoin(*(c.allow for c in checks))
-    if net_mode in ("allow", "domains"):  # TCP Fast Open connects inside sendto/sendmsg: keep it away
+    if net_mode in ("allow", "domains", "direct"):  # TCP Fast Open connects inside sendto/sendmsg: keep it away
         for name, arg in (("sendto", 3), ("sendmsg", 2), ("sendmmsg", 3)):
             out[name] = conjoin(out[name], bits_clear(arg, MSG_FASTOPEN))
         out["setsockopt"] = ROUTING_OPTIONS

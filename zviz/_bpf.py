@@ -36,7 +36,8 @@ import attrs
 from . import _argrules, _syscalls
 
 AF_UNIX, AF_INET, AF_INET6 = 1, 2, 10
-SOCK_STREAM = 1
+SOCK_STREAM, SOCK_DGRAM = 1, 2
+SOCKADDR_IN_LEN, SOCKADDR_IN6_LEN = 16, 28
 SOCK_TYPE_MASK = 0xF
 MSG_FASTOPEN = _argrules.MSG_FASTOPEN
 CLONE_NS_FLAGS = (
@@ -71,7 +72,9 @@ ZYGOTE_NEEDS = frozenset({"recvmsg", "read", "poll", "ppoll", "rt_sigprocmask", 
 class FilterSpec:
     allow: frozenset[str]
     # none | loopback | allow | domains (TCP sockets, connect in-kernel: the egress proxy listens in the
-    # sandbox's network namespace) | any (zviz trace only: every family, connect in-kernel)
+    # sandbox's network namespace) | direct (domains, way "direct": TCP and UDP sockets; a connect with an
+    # IPv4 or IPv6 address's length and every listen notified, the pump performs them) | any (zviz trace
+    # only: every family, connect in-kernel)
     net_mode: str
     notify: bool  # a supervisor listens: denials are notifications
     learning: bool = False
@@ -91,6 +94,11 @@ def compile_filter(spec: FilterSpec) -> bytes:
     allow = spec.allow | (STAGE_NEEDS - {"execve"} if spec.learning else STAGE_NEEDS)
     if spec.zygote:
         allow |= ZYGOTE_NEEDS
+    if spec.net_mode == "direct" and spec.notify:
+        # A socket the sandbox was handed is the host's (a connection made for it): it must never
+        # listen (a server on the host's network). listen is notified; the pump lets the sandbox's own
+        # sockets listen (zviz/_pump.c).
+        allow -= {"listen"}
     f = sc.SyscallFilter(defaction=deny_unknown)
     f.set_attr(sc.Attr.ACT_BADARCH, sc.KILL_PROCESS)
     try:
@@ -121,10 +129,11 @@ def compile_filter(spec: FilterSpec) -> bytes:
         if spec.net_mode == "loopback":
             f.add_rule(sc.ALLOW, "socket", sc.Arg(0, sc.EQ, AF_INET))
             f.add_rule(sc.ALLOW, "socket", sc.Arg(0, sc.EQ, AF_INET6))
-        elif spec.net_mode in ("allow", "domains"):
+        elif spec.net_mode in ("allow", "domains", "direct"):
             for fam in (AF_INET, AF_INET6):
-                f.add_rule(sc.ALLOW, "socket", sc.Arg(0, sc.EQ, fam),
-                           sc.Arg(1, sc.MASKED_EQ, SOCK_TYPE_MASK, SOCK_STREAM))
+                for kind in (SOCK_STREAM, SOCK_DGRAM) if spec.net_mode == "direct" else (SOCK_STREAM,):
+                    f.add_rule(sc.ALLOW, "socket", sc.Arg(0, sc.EQ, fam),
+                               sc.Arg(1, sc.MASKED_EQ, SOCK_TYPE_MASK, kind))
         if spec.netns and spec.net_mode != "any":  # (zviz trace's "any" allows every family already)
             for alt in _argrules.ROUTE_SOCKET:
                 f.add_rule(sc.ALLOW, "socket", *_conditions(sc, alt))
@@ -138,6 +147,13 @@ def compile_filter(spec: FilterSpec) -> bytes:
     if "connect" in allow:
         if spec.net_mode == "allow" and spec.notify:
             pass  # the default action notifies: the supervisor performs it, never CONTINUEs
+        elif spec.net_mode == "direct":
+            # An address of sockaddr_in's or sockaddr_in6's length is notified: the pump performs it (out to
+            # an allowed name, or inside the sandbox's namespace). Any other length is the kernel's: unix
+            # sockets; a TCP connect so spelled meets Landlock, which allows the sandbox no TCP connect of
+            # its own (in any namespace: a host socket it holds cannot be pointed elsewhere).
+            for alt in _argrules.DIRECT_CONNECT_IN_KERNEL:
+                f.add_rule(sc.ALLOW, "connect", *_conditions(sc, alt))
         elif spec.net_mode != "allow":
             f.add_rule(sc.ALLOW, "connect")
         else:

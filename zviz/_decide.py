@@ -198,7 +198,7 @@ def decide(nr: int, arch: int, args: Sequence[int], *, net_allow: bool) -> Answe
     return Deny(errno.ENOSYS)
 
 
-_NETWORK = frozenset({"connect", "bind", "sendto", "sendmsg", "sendmmsg", "setsockopt"})
+_NETWORK = frozenset({"connect", "bind", "listen", "sendto", "sendmsg", "sendmmsg", "setsockopt"})
 
 
 def parse_sockaddr(data: bytes) -> tuple[int, str, int] | None:

@@ -196,6 +196,7 @@ class EgressProxy:
         self.bytes_up = self.bytes_down = 0
         self._by_code: dict[str, int] = {}
         self._domains: dict[str, list[int]] = {}
+        self.direct: Any = None  # net.way = "direct": its DNS and connects out (_egressdirect.DirectEgress)
 
     # ---- the rules (replaceable while running: new connections follow them)
 
@@ -215,9 +216,10 @@ class EgressProxy:
             self._expected = {p: t for p, t in self._expected.items() if t > now}
         self._expected[local_port] = now + EXPECT_S
 
-    @staticmethod
-    def hint(address: tuple[str, int] | None = None) -> str:
+    def hint(self, address: tuple[str, int] | None = None) -> str:
         """A denial's detail for a program that went around the proxy (to `address`, when it connected)."""
+        if self.direct is not None:
+            return proto.name_hint(address)
         return proto.direct_hint(address)
 
     # ---- serving
@@ -234,6 +236,8 @@ class EgressProxy:
                     tg.start_soon(self._accept_loop, lst, False)
                 for w in self._watch:
                     tg.start_soon(self._watch_loop, w)
+                if self.direct is not None:
+                    tg.start_soon(self.direct.run)
                 await self._accept_loop(self._listen, True)
         finally:
             self._tg = None
@@ -351,6 +355,17 @@ class EgressProxy:
             for s in watch:
                 self._tg.start_soon(self._watch_loop, s)
 
+    def enter_direct(self, pidfd: Any) -> None:
+        """A new zygote of a direct-egress sandbox: the proxy's sockets and
+        watchers in its namespace (`listen_inside`), then its DNS (_egressdirect)."""
+        self.listen_inside(pidfd)
+        assert self.direct is not None
+        try:
+            self.direct.enter(pidfd)
+        except OSError as e:
+            raise SandboxSetupError("egress-dns", e.errno or errno.EIO, None,
+                                    f"the DNS socket in the sandbox's network namespace: {e}") from e
+
     def _close_inside(self) -> None:
         old = self._inside + self._watch
         self._inside, self._watch = [], []
@@ -406,6 +421,8 @@ class EgressProxy:
 
     def close_now(self) -> None:
         self._closed = True
+        if self.direct is not None:
+            self.direct.close_now()
         for conn in list(self._conns):
             _close(conn)
         self._close_inside()

@@ -420,10 +420,9 @@ def check_request_start(buf: bytes) -> None:
                       http_error(400, "not an HTTP request nor a SOCKS5 greeting"))
 
 
-def parse_http_head(buf: bytes) -> HttpRequest | _NeedMore:
-    """Parse one request head at the start of `buf` (NEED_MORE until its
-    blank line arrives; BadRequest past MAX_HEAD or on anything malformed,
-    NotHttp at once when its first bytes are another protocol)."""
+def _head(buf: bytes) -> tuple[int, bytes, bytes, bytes, list[tuple[bytes, bytes]]] | _NeedMore:
+    """(where the head ends, method, target, version, headers) of the request
+    head at the start of `buf`, NEED_MORE, or BadRequest/NotHttp."""
     check_request_start(buf)
     end = buf.find(b"\r\n\r\n", 0, MAX_HEAD + 4)
     if end < 0:
@@ -444,7 +443,6 @@ def parse_http_head(buf: bytes) -> HttpRequest | _NeedMore:
     method_b, target_b, version = parts
     if not _TOKEN.match(method_b) or version not in (b"HTTP/1.1", b"HTTP/1.0"):
         raise BadRequest("the request line is not 'METHOD TARGET HTTP/1.x'")
-    method, target = method_b.decode(), target_b.decode()
     headers: list[tuple[bytes, bytes]] = []
     for ln in lines[1:]:
         if ln[:1] in (b" ", b"\t"):
@@ -455,6 +453,39 @@ def parse_http_head(buf: bytes) -> HttpRequest | _NeedMore:
         headers.append((name.lower(), value.strip(b" \t")))
     if len(headers) > MAX_HEADERS:
         raise BadRequest(f"more than {MAX_HEADERS} headers")
+    return end, method_b, target_b, version, headers
+
+
+def origin_request_refusal(buf: bytes, name: str, port: int) -> Refused | _NeedMore | None:
+    """The first request of a plain-HTTP connection made straight to `name`
+    (direct egress: origin form, sent as the program wrote it): why it may not
+    go there (None: it may; NEED_MORE until its head is complete). Its one
+    Host header must name `name` (and `port`, when it has one): a server
+    routes on it."""
+    parsed = _head(buf)
+    if isinstance(parsed, _NeedMore):
+        return parsed
+    _end, method, target, _version, headers = parsed
+    if method == b"CONNECT" or not target.startswith(b"/"):
+        return Refused("bad-request", "a request sent straight to a server must be in origin form "
+                       "('GET /path HTTP/1.1' with a Host header)")
+    hosts = [v for n, v in headers if n == b"host"]
+    if len(hosts) != 1:
+        return Refused("bad-request", f"a request to {name} must carry exactly one Host header")
+    if not _same_authority(hosts[0].decode(), name, port, 80):
+        return Refused("host", _host_mismatch(hosts[0], name, port, "name connected to"))
+    return None
+
+
+def parse_http_head(buf: bytes) -> HttpRequest | _NeedMore:
+    """Parse one request head at the start of `buf` (NEED_MORE until its
+    blank line arrives; BadRequest past MAX_HEAD or on anything malformed,
+    NotHttp at once when its first bytes are another protocol)."""
+    parsed = _head(buf)
+    if isinstance(parsed, _NeedMore):
+        return parsed
+    end, method_b, target_b, version, headers = parsed
+    method, target = method_b.decode(), target_b.decode()
     hosts = [v for n, v in headers if n == b"host"]
     if len(hosts) > 1:
         raise BadRequest("more than one Host header")
@@ -784,6 +815,19 @@ def direct_hint(address: tuple[str, int] | None = None) -> str:
                 f"(--add-host svc.test:{pin} or hosts={{'svc.test': '{host}'}}), allow it (--allow-domain "
                 f"svc.test:{port}) and use that name through HTTP_PROXY=http://127.0.0.1:{PROXY_PORT} (set for you)")
     return f"{where}: {text}"
+
+
+def name_hint(address: tuple[str, int] | None = None) -> str:
+    """The detail of a denial under direct egress (net.way = "direct"): a
+    connect to an address that is not one of the sandbox's names, or a
+    socket zviz does not connect (no address)."""
+    text = ("connections leave only by domain name: resolve an allowed name (zviz answers the sandbox's DNS) "
+            "and connect to the address it gives; allow the name with Network.domains([...]) or --allow-domain NAME")
+    if address is None:
+        return text
+    host, port = address
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return f"{where}: not an address of an allowed name (or not on an allowed port): {text}"
 
 
 def proxy_environment() -> dict[str, str]:

@@ -574,7 +574,7 @@ def plan_sandbox(policy: Policy, host: Host, *, workdir: str,
     if not (new_root and new_root.private_tmp):
         env.setdefault("TMPDIR", workspace)  # no private /tmp: temp files go to the workdir
     env["PWD"] = workspace
-    if policy.net.mode == "domains":  # the egress proxy, for every client that honours these (docs/network.md)
+    if policy.net.mode == "domains" and policy.net.way == "proxy":  # every client that honours these (network.md)
         from . import _egressproto
 
         for k, v in _egressproto.proxy_environment().items():

@@ -241,6 +241,10 @@ def _build(policy: Any, host: _plan.Host, workdir: str, zygote_allowed: bool, tr
         egress_inside = (use_zygote and _egressproto.LISTEN_INSIDE
                          and bool(plan.clone_flags & _linux.CLONE_NEWNET) and enter_netns)
         net_mode = _egressproto.kernel_mode(net_mode, in_netns=egress_inside)
+        if policy.net.way == "direct":
+            if not egress_inside:  # (the sandbox checked the host first: a plan that cannot be kept is a bug)
+                raise ValueError("net.way = 'direct' needs a zygote, a network namespace and a host that enters it")
+            net_mode = "direct"
     spec = _bpf.FilterSpec(allow=policy.syscalls.names() - set(plan.deny_syscalls),
                            net_mode=net_mode,
                            notify=notify, zygote=use_zygote,
@@ -252,6 +256,8 @@ def _build(policy: Any, host: _plan.Host, workdir: str, zygote_allowed: bool, tr
     stage = _plan.stage_spec(plan, bpf=bpf, seccomp_flags=seccomp_flags)
     if trace is not None:
         stage = attrs.evolve(stage, ll_net=0, ll_ports=())  # tracing observes connections rather than refusing them
+    elif net_mode == "direct":  # no TCP connect or bind of its own: the pump makes its connects (_pump.c)
+        stage = attrs.evolve(stage, ll_ports=())
     elif egress_inside:  # every destination loops back to its namespace's lo, refused and seen (_egresswatch);
         stage = attrs.evolve(stage, ll_net=stage.ll_net & ~_plan.NET_CONNECT_TCP, ll_ports=())  # no TCP bind still
     zygote_stage = _plan.zygote_stage_spec(stage) if use_zygote else None
@@ -260,4 +266,4 @@ def _build(policy: Any, host: _plan.Host, workdir: str, zygote_allowed: bool, tr
     if pack:
         packed = zygote_stage.pack() if zygote_stage is not None else stage.pack()
     return Prepared(plan=plan, stage=stage, zygote_stage=zygote_stage, packed=packed, use_zygote=use_zygote,
-                    proxy_inside=spec.net_mode == "domains")
+                    proxy_inside=spec.net_mode in ("domains", "direct"))

@@ -217,6 +217,7 @@ class Endpoint:
 
 
 NET_MODES = ("none", "loopback", "allow", "domains")
+NET_WAYS = ("proxy", "direct")
 
 
 def _endpoints(value: object) -> tuple[Endpoint, ...]:
@@ -242,6 +243,10 @@ class Network:
     hosts: tuple[tuple[str, tuple[str, ...]], ...] = attrs.field(default=(), converter=_conv_net_hosts)
     max_connections: int = attrs.field(default=64, converter=_conv_net_max_connections)
     max_bytes: int | None = attrs.field(default=None, converter=_conv_net_max_bytes)
+    # mode "domains": "proxy" (the programs' proxy variables point at zviz's proxy, which relays) or
+    # "direct" (the sandbox's DNS answers for allowed names, its connects get the host's own sockets:
+    # no relay, no proxy variables; root, docs/network.md)
+    way: str = "proxy"
 
     def __attrs_post_init__(self) -> None:
         if self.mode not in NET_MODES:
@@ -256,17 +261,28 @@ class Network:
             raise PolicyError("net.mode", self.mode, "'allow' when net.allow lists endpoints")
         if len(self.allow) > 64:
             raise PolicyError("net.allow", len(self.allow), "at most 64 endpoints")
+        if self.way not in NET_WAYS:
+            raise PolicyError("net.way", self.way, "one of " + ", ".join(NET_WAYS))
+        if self.way != "proxy" and self.mode != "domains":
+            raise PolicyError("net.way", self.way, "'proxy' (the default) unless net.mode = 'domains'")
+        if self.way == "direct" and self.max_bytes is not None:
+            raise PolicyError("net.way", self.way, "'proxy' with net.max_bytes: only the proxy, which relays "
+                              "every byte, can count them against a budget")
 
     @classmethod
     def domains(cls, names: Iterable[str], *, ports: Iterable[int] = (80, 443), deny: Iterable[str] = (),
                  hosts: Mapping[str, str | Iterable[str]] | None = None, max_connections: int = 64,
-                 max_bytes: int | None = None) -> Network:
-        """Egress by domain name through zviz's proxy (docs/network.md):
+                 max_bytes: int | None = None, way: str = "proxy") -> Network:
+        """Egress by domain name (docs/network.md):
         `Network.domains(["pypi.org", "*.pythonhosted.org"])`. Wildcards match
         subdomains only; `deny` wins over the names; `hosts` pins names to
-        addresses (pinned addresses may be private: the pin is your word)."""
+        addresses (pinned addresses may be private: the pin is your word).
+        `way`: "proxy" (zviz's proxy, through the programs' proxy variables)
+        or "direct" (the sandbox resolves allowed names and connects
+        straight out on the host's sockets, each connection's first bytes
+        checked: as fast as no sandbox; root)."""
         return cls(mode="domains", allow_domains=names, deny_domains=deny,
-                   ports=ports, hosts=hosts or {}, max_connections=max_connections, max_bytes=max_bytes)
+                   ports=ports, hosts=hosts or {}, max_connections=max_connections, max_bytes=max_bytes, way=way)
 
 
 @attrs.frozen(kw_only=True)
@@ -518,6 +534,7 @@ class Policy:
                 "ports": list(self.net.ports),
                 "hosts": {k: list(v) for k, v in self.net.hosts}, "max_connections": self.net.max_connections}
                | ({"max_bytes": self.net.max_bytes} if self.net.max_bytes is not None else {})
+               | ({"way": self.net.way} if self.net.way != "proxy" else {})
                if self.net.mode == "domains" else {}),
             "limits": lim | {k: False for k, v in attrs.asdict(self.limits).items() if v is None},
             "env": dict(self.env),

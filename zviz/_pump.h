@@ -14,6 +14,9 @@ enum pump_kind {
                           * task's pidfd come with the record, by SCM_RIGHTS) */
     PUMP_HUP = 4,        /* no task of the filter is left: the thread has ended */
     PUMP_FAILED = 5,     /* receiving failed (err): the thread has ended */
+    PUMP_GATED = 6,      /* a direct egress connect made and answered: its socket and capture pair
+                          * come with it (SCM_RIGHTS) for Python to check the first flight */
+    PUMP_GATE_FAILED = 7, /* a direct egress connect refused (EAGAIN) because the gate failed (err) */
 };
 
 struct pump_record {
@@ -21,16 +24,25 @@ struct pump_record {
     int32_t err;
     int32_t fd;      /* the child's fd number (connect) */
     int32_t cloexec; /* PUMP_INPROGRESS: the child's fd was close-on-exec */
+    int32_t name;    /* direct egress: the name's id (PUMP_GATED; PUMP_INPROGRESS when gated), else -1 */
+    int32_t port;    /* the port the sandbox connected to */
+    unsigned char key[48]; /* PUMP_GATED: the gate's key (struct gate_key) */
     struct seccomp_notif notif;
 };
 
 struct pump;
 
-/* Start the thread (it duplicates the three fds). NULL and *err on failure. */
-struct pump *pump_start(int listener, int out, int stop, int *err);
-/* Replace the allow table: `len / 18` entries of a 16-byte address (IPv4
- * mapped into IPv6) and a 2-byte port in network order. 0 or an errno. */
-int pump_set_table(struct pump *p, const unsigned char *blob, size_t len);
+/* Start the thread (it duplicates the fds). `netns` and `gate` (direct
+ * egress: the sandbox's network namespace and the gate's map) or -1 both.
+ * NULL and *err on failure. */
+struct pump *pump_start(int listener, int out, int stop, int netns, int gate, int *err);
+/* Replace the table: `len / 40` entries of a 16-byte address (IPv4 mapped
+ * into IPv6) and a 2-byte port in network order, where it goes (the same
+ * two), and the name's id (int32, native order; -1: not gated). `budget`
+ * (if >= 0): how many gated connects it may make from now. 0 or an errno. */
+int pump_set_table(struct pump *p, const unsigned char *blob, size_t len, long budget);
+/* `n` gated connects ended: the thread may make as many more. */
+void pump_give_back(struct pump *p, long n);
 /* Python's reference goes (the thread ends on stop_fd or POLLHUP). */
 void pump_release(struct pump *p);
 

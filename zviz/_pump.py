@@ -8,6 +8,12 @@ SOCK_SEQPACKET socket the supervisor's epoll set waits on. The supervisor
 (zviz/_supervisor.py) stays the one place that refuses, writes events and
 handles the rare cases; the thread performs exactly what
 `_decide.decide_connect` would, for the table it is given here.
+
+Direct egress (net.mode = "domains", docs/network.md): the table maps the
+sandbox's addresses for allowed names (its DNS answers) to their checked
+addresses (`direct_table`); such a connect comes back as a GATED record with
+the socket and the capture pair whose first flight `_egressdirect` checks;
+any other connect is made inside the sandbox's own network namespace.
 """
 
 from __future__ import annotations
@@ -24,10 +30,12 @@ import attrs
 from . import _kernel, _stage
 from ._kernel import OwnedFd
 
-NOTIF, CONNECTED, INPROGRESS, HUP, FAILED = 1, 2, 3, 4, 5
-_RECORD = struct.Struct("=iiii80s")  # kind, err, fd, cloexec, struct seccomp_notif (_stage.LAYOUTS["pump_record"])
-_ENTRY = struct.Struct("=16s2s")
-_INPROGRESS_TAG = struct.pack("=i", INPROGRESS)
+NOTIF, CONNECTED, INPROGRESS, HUP, FAILED, GATED, GATE_FAILED = 1, 2, 3, 4, 5, 6, 7
+ALLOWED, INSIDE = -1, -2  # a CONNECTED record's name: allow mode's, or inside the sandbox's namespace
+# kind, err, fd, cloexec, name, port, the gate's key, struct seccomp_notif (_stage.LAYOUTS["pump_record"])
+_RECORD = struct.Struct("=iiiiii48s80s")
+_ENTRY = struct.Struct("=16s2s16s2si")
+_FDS = {INPROGRESS: 2, GATED: 3}  # the fds each kind carries (SCM_RIGHTS)
 
 
 @attrs.frozen
@@ -37,9 +45,12 @@ class Record:
     fd: int  # the child's fd of the connect
     cloexec: bool
     notif: _kernel.Notification | None
-    # INPROGRESS: our socket, connecting, and the notifying task's pidfd (the caller's to close)
-    sock: OwnedFd | None = None
-    pidfd: OwnedFd | None = None
+    name: int = ALLOWED  # direct egress: the name's id (GATED, a gated INPROGRESS), or ALLOWED / INSIDE
+    port: int = 0  # the port the sandbox connected to
+    key: bytes = b""  # GATED: the gate's key
+    # INPROGRESS: our socket, connecting, and the notifying task's pidfd; GATED: the socket and the
+    # capture pair (all the caller's to close)
+    fds: tuple[OwnedFd, ...] = ()
 
 
 def available() -> bool:
@@ -48,9 +59,22 @@ def available() -> bool:
     if not hasattr(_stage, "pump_start"):
         return False
     try:
-        return _stage.notif_sizes()[0] == _RECORD.size - 16
+        return _stage.notif_sizes()[0] == _RECORD.size - 72
     except OSError:
         return False
+
+
+def mapped(ip: str) -> bytes:
+    """The 16 bytes the thread compares: IPv6, or IPv4 mapped into it."""
+    a = ipaddress.ip_address(ip)
+    return (a if isinstance(a, ipaddress.IPv6Address) else ipaddress.IPv6Address("::ffff:" + ip)).packed
+
+
+def direct_table(entries: Iterable[tuple[str, int, str, int, int]]) -> bytes:
+    """The thread's table for direct egress: (the sandbox's address, port,
+    the checked address, its port, the name's id) each."""
+    return b"".join(_ENTRY.pack(mapped(ip), port.to_bytes(2, "big"), mapped(to), to_port.to_bytes(2, "big"), name)
+                    for ip, port, to, to_port, name in entries)
 
 
 def table(endpoints: Iterable[tuple[str, int]]) -> bytes:
@@ -67,13 +91,10 @@ def table(endpoints: Iterable[tuple[str, int]]) -> bytes:
             continue
         if str(ip) != host or not 0 < port < 65536:
             continue
-        if isinstance(ip, ipaddress.IPv6Address):
-            if ip.ipv4_mapped is not None:
-                continue
-            packed = ip.packed
-        else:
-            packed = ipaddress.IPv6Address("::ffff:" + host).packed
-        out.append(_ENTRY.pack(packed, port.to_bytes(2, "big")))
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            continue
+        packed = mapped(host)
+        out.append(_ENTRY.pack(packed, port.to_bytes(2, "big"), packed, port.to_bytes(2, "big"), ALLOWED))
     return b"".join(out)
 
 
@@ -81,11 +102,12 @@ class Pump:
     """The thread for one listener; `fd` is what to wait on, `records()`
     what it said. close() ends the thread (it holds its own duplicates)."""
 
-    def __init__(self, listener: OwnedFd, endpoints: Iterable[tuple[str, int]]) -> None:
+    def __init__(self, listener: OwnedFd, entries: bytes, *, netns: int = -1, gate: int = -1,
+                 budget: int = -1) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         self._stop = os.eventfd(0, os.EFD_CLOEXEC)
         try:
-            self._pump: object | None = _stage.pump_start(listener.fd, theirs.fileno(), self._stop)
+            self._pump: object | None = _stage.pump_start(listener.fd, theirs.fileno(), self._stop, netns, gate)
         except BaseException:
             ours.close()
             os.close(self._stop)
@@ -95,31 +117,38 @@ class Pump:
         ours.setblocking(False)
         self._sock = ours
         self.fd = ours.fileno()
-        self.set_table(endpoints)
+        self.set_table(entries, budget)
 
-    def set_table(self, endpoints: Iterable[tuple[str, int]]) -> None:
+    def set_table(self, entries: bytes, budget: int = -1) -> None:
+        """Replace its table (`table()` or `direct_table()`), and with `budget`
+        >= 0 the number of gated connects it may make from now."""
         if self._pump is not None:
-            _stage.pump_set_table(self._pump, table(endpoints))
+            _stage.pump_set_table(self._pump, entries, budget)
+
+    def give_back(self, n: int = 1) -> None:
+        """`n` gated connects ended (or were never made)."""
+        if self._pump is not None:
+            _stage.pump_give_back(self._pump, n)
 
     def records(self) -> list[Record]:
         """What the thread has said so far (empty when nothing is waiting)."""
         out: list[Record] = []
         while True:
             try:
-                data, fds, _flags, _addr = socket.recv_fds(self._sock, _RECORD.size, 2)
+                data, fds, _flags, _addr = socket.recv_fds(self._sock, _RECORD.size, 3)
             except BlockingIOError:
                 return out
             except InterruptedError:
                 continue
-            owned = [OwnedFd(fd, "pump-handoff") for fd in fds]
-            if len(data) != _RECORD.size or (len(owned) != 2) != (data[:4] != _INPROGRESS_TAG):
-                for fd in owned:
-                    fd.close()
+            owned = tuple(OwnedFd(fd, "pump-handoff") for fd in fds)
+            kind = _RECORD.unpack(data)[0] if len(data) == _RECORD.size else FAILED
+            if len(data) != _RECORD.size or len(owned) != _FDS.get(kind, 0):
+                for o in owned:
+                    o.close()
                 return [*out, Record(FAILED, errno.EPROTO, -1, False, None)]
-            kind, err, fd, cloexec, raw = _RECORD.unpack(data)
-            notif = _kernel.notif_decode(raw) if kind in (NOTIF, CONNECTED, INPROGRESS) else None
-            sock, pidfd = owned if owned else (None, None)
-            out.append(Record(kind, err, fd, bool(cloexec), notif, sock, pidfd))
+            kind, err, fd, cloexec, name, port, key, raw = _RECORD.unpack(data)
+            notif = _kernel.notif_decode(raw) if kind in (NOTIF, CONNECTED, INPROGRESS, GATED, GATE_FAILED) else None
+            out.append(Record(kind, err, fd, bool(cloexec), notif, name, port, key, owned))
 
     def close(self) -> None:
         """End the thread (idempotent). A thread waiting on a sandbox's

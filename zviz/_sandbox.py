@@ -55,7 +55,14 @@ from . import (
     _workdir,
 )
 from ._args import OutputCallback
-from ._errors import CommandNotFoundError, PolicyError, SandboxClosedError, SandboxSetupError, ZvizWarning
+from ._errors import (
+    CommandNotFoundError,
+    FeatureUnavailable,
+    PolicyError,
+    SandboxClosedError,
+    SandboxSetupError,
+    ZvizWarning,
+)
 from ._events import EventLog, EventsMissed
 from ._kernel import OwnedFd
 from ._lifecycle import Life
@@ -614,9 +621,17 @@ def _prepare(policy: Policy, workdir: str, owns_workdir: bool, features: _probe.
         raise PolicyError("net.mode", policy.net.mode, "a kernel with seccomp user notification (>= 5.5)")
     # Each spawn fills in argv, exe, env and fds. The same policy on the same host plans the same but for
     # the workdir and ids: made once, filled in per sandbox (_planmemo).
+    enter_netns = policy.net.mode == "domains" and _kernel.can_enter_netns()
+    if policy.net.mode == "domains" and policy.net.way == "direct":
+        from . import _egressdirect
+
+        why = _egressdirect.unavailable(enter_netns=enter_netns, zygote=zygote_allowed and trace is None)
+        if why is not None:
+            raise FeatureUnavailable("net.way = 'direct'", f"this host lacks {why}",
+                                     "run as root on Linux 6.7+, or use way='proxy' (the default: zviz's proxy, "
+                                     "through the programs' proxy variables)")
     made = _planmemo.prepared(policy, host, workdir, zygote_allowed=zygote_allowed, trace=trace,
-                              seccomp_flags=seccomp_flags, notify=notify,
-                              enter_netns=policy.net.mode == "domains" and _kernel.can_enter_netns())
+                              seccomp_flags=seccomp_flags, notify=notify, enter_netns=enter_netns)
     probe_plan = made.plan
     runner = Runner(plan=probe_plan, stage=made.stage, zygote_stage=made.zygote_stage, packed=made.packed,
                     init_fd=init.fd, cgroup_fd=resources.cgroup.procs.fd if resources.cgroup is not None else -1,
@@ -771,6 +786,11 @@ async def _create(policy: Policy | None = None, *, workdir: str | os.PathLike[st
                 policy.net, life.events.add, functools.partial(_count_direct, runner, life.tally))
             if runner.egress_inside:
                 runner.on_zygote = life.egress.listen_inside
+            if policy.net.way == "direct":  # its DNS and its connects out (_egressdirect), checked above
+                from . import _egressdirect
+
+                life.egress.direct = life.supervisor.direct = _egressdirect.DirectEgress(life.egress)
+                runner.on_zygote = life.egress.enter_direct
         monitor_cm = None
         if monitor:
             from .ebpf import _attach_monitor

@@ -18,12 +18,29 @@ def pidfd_getfd(pidfd: int, fd: int, /) -> int:
 def set_dumpable(flag: int, /) -> None:
     """prctl(PR_SET_DUMPABLE, flag) for the calling process (raises OSError)."""
 
-def pump_start(listener: int, out: int, stop: int, /) -> object:
+def pump_start(listener: int, out: int, stop: int, netns: int = -1, gate: int = -1, /) -> object:
     """Start the thread that receives `listener`'s notifications (zviz/_pump.c); it
-    duplicates the three fds and ends on `stop` readable or the listener's hang-up."""
+    duplicates the fds and ends on `stop` readable or the listener's hang-up. `netns` and
+    `gate`: direct egress (the sandbox's network namespace, the gate's map)."""
 
-def pump_set_table(pump: object, blob: bytes, /) -> None:
-    """The pump's allowed endpoints: 18-byte entries (16-byte IPv6 or IPv4-mapped address, port big-endian)."""
+def pump_set_table(pump: object, blob: bytes, budget: int = -1, /) -> None:
+    """The pump's table (40-byte entries, zviz/_pump.h) and, if >= 0, its budget of gated connects."""
+
+def pump_give_back(pump: object, n: int, /) -> None:
+    """`n` gated connects ended: the pump may make as many more."""
+
+def gate_open(tgid: int, /) -> tuple[int, int]:
+    """The gate's SOCKHASH map and attached SK_MSG program (zviz/_gate.c): (map fd, program fd).
+    Sends by process `tgid` pass. OSError with the verifier's log on a refusal."""
+
+def gate_add(map_fd: int, up: int, capture: int, /) -> bytes:
+    """Hold TCP socket `up`'s sends (by other processes) in `capture`: the 48-byte key."""
+
+def gate_key(up: int, /) -> bytes:
+    """The gate's key of TCP socket `up`."""
+
+def gate_remove(map_fd: int, key: bytes, /) -> bool:
+    """Take the connection's two entries out; False if neither was in."""
 
 def notif_sizes() -> tuple[int, int, int]:
     """SECCOMP_GET_NOTIF_SIZES: (seccomp_notif, seccomp_notif_resp, seccomp_data)."""

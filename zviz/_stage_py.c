@@ -27,6 +27,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include "_gate.h"
 #include "_pump.h"
 #include "_stage.h"
 
@@ -396,12 +397,12 @@ pump_capsule_free(PyObject *cap)
 static PyObject *
 stage_pump_start(PyObject *self, PyObject *args)
 {
-    int listener, out, stop, err = 0;
-    if (!PyArg_ParseTuple(args, "iii:pump_start", &listener, &out, &stop))
+    int listener, out, stop, netns = -1, gate = -1, err = 0;
+    if (!PyArg_ParseTuple(args, "iii|ii:pump_start", &listener, &out, &stop, &netns, &gate))
         return NULL;
     struct pump *p;
     Py_BEGIN_ALLOW_THREADS
-    p = pump_start(listener, out, stop, &err);
+    p = pump_start(listener, out, stop, netns, gate, &err);
     Py_END_ALLOW_THREADS
     if (!p) {
         errno = err;
@@ -418,10 +419,11 @@ stage_pump_set_table(PyObject *self, PyObject *args)
 {
     PyObject *cap;
     Py_buffer blob;
-    if (!PyArg_ParseTuple(args, "Oy*:pump_set_table", &cap, &blob))
+    long budget = -1;
+    if (!PyArg_ParseTuple(args, "Oy*|l:pump_set_table", &cap, &blob, &budget))
         return NULL;
     struct pump *p = PyCapsule_GetPointer(cap, PUMP_CAPSULE);
-    int err = p ? pump_set_table(p, blob.buf, (size_t)blob.len) : -1;
+    int err = p ? pump_set_table(p, blob.buf, (size_t)blob.len, budget) : -1;
     PyBuffer_Release(&blob);
     if (err < 0)
         return NULL;
@@ -430,6 +432,99 @@ stage_pump_set_table(PyObject *self, PyObject *args)
         return PyErr_SetFromErrno(PyExc_OSError);
     }
     Py_RETURN_NONE;
+}
+
+static PyObject *
+stage_pump_give_back(PyObject *self, PyObject *args)
+{
+    PyObject *cap;
+    long n;
+    if (!PyArg_ParseTuple(args, "Ol:pump_give_back", &cap, &n))
+        return NULL;
+    struct pump *p = PyCapsule_GetPointer(cap, PUMP_CAPSULE);
+    if (!p)
+        return NULL;
+    pump_give_back(p, n);
+    Py_RETURN_NONE;
+}
+
+/* ------------------------------------------------------------ the gate */
+
+/* gate_open() -> (map_fd, prog_fd): zviz/_gate.c (the verifier's log in the error) */
+static PyObject *
+stage_gate_open(PyObject *self, PyObject *args)
+{
+    int tgid, map = -1, prog = -1;
+    if (!PyArg_ParseTuple(args, "i:gate_open", &tgid))
+        return NULL;
+    static char log[8192];
+    int r = gate_open(tgid, &map, &prog, log, sizeof log);
+    if (r < 0) {
+        errno = -r;
+        PyObject *e = PyObject_CallFunction(PyExc_OSError, "is", -r, log[0] ? log : strerror(-r));
+        if (e) {
+            PyErr_SetObject(PyExc_OSError, e);
+            Py_DECREF(e);
+        }
+        return NULL;
+    }
+    return Py_BuildValue("(ii)", map, prog);
+}
+
+static PyObject *
+stage_gate_add(PyObject *self, PyObject *args)
+{
+    int map, up, capture;
+    if (!PyArg_ParseTuple(args, "iii:gate_add", &map, &up, &capture))
+        return NULL;
+    struct gate_key key;
+    int r = gate_add(map, up, capture, &key);
+    if (r < 0) {
+        errno = -r;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return PyBytes_FromStringAndSize((const char *)&key, sizeof key);
+}
+
+static PyObject *
+stage_gate_key(PyObject *self, PyObject *args)
+{
+    int up;
+    if (!PyArg_ParseTuple(args, "i:gate_key", &up))
+        return NULL;
+    struct gate_key key;
+    int r = gate_key_of(up, &key);
+    if (r < 0) {
+        errno = -r;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return PyBytes_FromStringAndSize((const char *)&key, sizeof key);
+}
+
+/* gate_remove(map, key) -> bool: both entries of the connection out; False if neither was in */
+static PyObject *
+stage_gate_remove(PyObject *self, PyObject *args)
+{
+    int map;
+    Py_buffer b;
+    if (!PyArg_ParseTuple(args, "iy*:gate_remove", &map, &b))
+        return NULL;
+    if (b.len != (Py_ssize_t)sizeof(struct gate_key)) {
+        PyBuffer_Release(&b);
+        return PyErr_Format(PyExc_ValueError, "a gate key is %zu bytes", sizeof(struct gate_key));
+    }
+    struct gate_key key;
+    memcpy(&key, b.buf, sizeof key);
+    PyBuffer_Release(&b);
+    key.kind = GATE_SOCKET;
+    int r1 = gate_remove_one(map, &key);
+    key.kind = GATE_CAPTURE;
+    int r2 = gate_remove_one(map, &key);
+    if ((r1 < 0 && r1 != -ENOENT) || (r2 < 0 && r2 != -ENOENT)) {
+        errno = r1 < 0 && r1 != -ENOENT ? -r1 : -r2;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return PyBool_FromLong(r1 == 0 || r2 == 0);
 }
 
 static PyObject *
@@ -540,8 +635,16 @@ static PyMethodDef methods[] = {
     {"pidfd_getfd", stage_pidfd_getfd, METH_VARARGS, "Duplicate fd of the process behind pidfd."},
     {"set_dumpable", stage_set_dumpable, METH_VARARGS, "prctl(PR_SET_DUMPABLE, flag) for the calling process."},
     {"pump_start", stage_pump_start, METH_VARARGS,
-     "pump_start(listener, out, stop) -> pump: receive the listener's notifications in a thread (zviz/_pump.c)."},
-    {"pump_set_table", stage_pump_set_table, METH_VARARGS, "pump_set_table(pump, blob): the allowed endpoints."},
+     "pump_start(listener, out, stop, netns=-1, gate=-1) -> pump: receive the listener's notifications in a "
+     "thread (zviz/_pump.c)."},
+    {"pump_set_table", stage_pump_set_table, METH_VARARGS,
+     "pump_set_table(pump, blob, budget=-1): the endpoints it connects (and its budget of gated connects)."},
+    {"pump_give_back", stage_pump_give_back, METH_VARARGS, "pump_give_back(pump, n): n gated connects ended."},
+    {"gate_open", stage_gate_open, METH_VARARGS,
+     "gate_open(tgid) -> (map_fd, prog_fd): the SOCKHASH and its SK_MSG program (zviz/_gate.c)."},
+    {"gate_add", stage_gate_add, METH_VARARGS, "gate_add(map, up, capture) -> key: hold up's sends in capture."},
+    {"gate_key", stage_gate_key, METH_VARARGS, "gate_key(up) -> key: the map key of TCP socket up."},
+    {"gate_remove", stage_gate_remove, METH_VARARGS, "gate_remove(map, key) -> bool: release the connection."},
     {"notif_sizes", stage_notif_sizes, METH_NOARGS, "SECCOMP_GET_NOTIF_SIZES."},
     {"seccomp_action_avail", stage_seccomp_action_avail, METH_VARARGS, "SECCOMP_GET_ACTION_AVAIL."},
     {"kill_uid", stage_kill_uid_py, METH_VARARGS, "SIGKILL every process of a uid (kill(-1) as that uid)."},
@@ -623,8 +726,9 @@ add_layouts(PyObject *m)
                    FIELD(zreq_rl, max)) < 0 ||
         add_layout(l, "zreq", sizeof(struct zreq), 6, FIELD(zreq, magic), FIELD(zreq, argc), FIELD(zreq, envc),
                    FIELD(zreq, nrl), FIELD(zreq, len), FIELD(zreq, rl)) < 0 ||
-        add_layout(l, "pump_record", sizeof(struct pump_record), 5, FIELD(pump_record, kind),
+        add_layout(l, "pump_record", sizeof(struct pump_record), 8, FIELD(pump_record, kind),
                    FIELD(pump_record, err), FIELD(pump_record, fd), FIELD(pump_record, cloexec),
+                   FIELD(pump_record, name), FIELD(pump_record, port), FIELD(pump_record, key),
                    FIELD(pump_record, notif)) < 0) {
         Py_DECREF(l);
         return -1;

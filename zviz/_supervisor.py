@@ -41,12 +41,12 @@ import socket
 import time
 from collections import Counter
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import anyio
 import attrs
 
-from . import _decide, _kernel, _pump
+from . import _decide, _kernel, _pump, _stage
 from ._kernel import OwnedFd
 
 MAX_CONNECTS = 64  # connects in flight per sandbox (past it: EAGAIN, and an event)
@@ -124,6 +124,8 @@ class Supervisor:
         self._net_allow = net_allow
         # net.mode = "domains": the egress proxy (set by the sandbox before any spawn)
         self.egress: _EgressHook | None = None
+        # net.way = "direct": the sandbox's direct egress (its pumps connect out, _egressdirect)
+        self.direct: Any = None
         self._on_event = on_event
         self._tg = task_group  # (bind() sets it when the supervisor is made before its task group)
         self._learner = learner  # zviz trace: record and let run (NOT a security boundary)
@@ -191,13 +193,25 @@ class Supervisor:
                 account = w.account_of(r.notif.pid)
                 self.notifications += 1
                 account.notifications += 1
-                account.connects += 1
+                if r.name != _pump.INSIDE:
+                    account.connects += 1
                 self.connects_pumped += 1
-            elif r.kind == _pump.INPROGRESS and r.notif is not None and r.sock is not None and r.pidfd is not None:
+            elif r.kind == _pump.GATED and r.notif is not None and self.direct is not None:
                 account = w.account_of(r.notif.pid)
                 self.notifications += 1
                 account.notifications += 1
-                self._finish_pumped(w.listener, r.notif, r.sock, r.pidfd, r.fd, r.cloexec, account)
+                account.connects += 1
+                self.connects_pumped += 1
+                self.direct.gated(r, w.pump)
+            elif r.kind == _pump.GATE_FAILED and r.notif is not None and self.direct is not None:
+                self.notifications += 1
+                self.direct.gate_failed(r)
+            elif r.kind == _pump.INPROGRESS and r.notif is not None and len(r.fds) == 2:
+                account = w.account_of(r.notif.pid)
+                self.notifications += 1
+                account.notifications += 1
+                gated = (r, w.pump) if r.name >= 0 else None
+                self._finish_pumped(w.listener, r.notif, r.fds[0], r.fds[1], r.fd, r.cloexec, account, gated)
             elif r.kind == _pump.HUP:
                 self._forget(fd)  # no task of this filter is left
                 return
@@ -211,8 +225,11 @@ class Supervisor:
                 return
 
     def _finish_pumped(self, listener: OwnedFd, n: _kernel.Notification, sock_fd: OwnedFd, task: OwnedFd,
-                       fd: int, cloexec: bool, account: RunAccount) -> None:
-        """A blocking connect the pump started: wait for it here, within the caps."""
+                       fd: int, cloexec: bool, account: RunAccount,
+                       gated: tuple[_pump.Record, _pump.Pump | None] | None = None) -> None:
+        """A connect the pump started that has not finished (a blocking one, or
+        one out through the gate, which takes only a connected socket): wait
+        for it here, within the caps."""
         sock = socket.socket(fileno=sock_fd.detach())
         slot = self._take_connect_slot()
         if slot is None or self._tg is None:
@@ -220,6 +237,8 @@ class Supervisor:
             task.close()
             if slot is not None:
                 self._give_connect_slot(slot)
+            if gated is not None and gated[1] is not None:
+                gated[1].give_back()
             self._record(n, errno.EAGAIN, account,
                          detail=f"fd={fd}: not attempted, {self.max_connects} connects of this sandbox "
                          f"(or {_HOST_CONNECTS.limit} of this host process) are in flight")
@@ -233,8 +252,11 @@ class Supervisor:
                 with anyio.CancelScope() as scope:
                     self._connects.add(scope)
                     try:
-                        await self._finish_connect(listener, n, task, sock, fd, nonblocking=False, cloexec=cloexec,
-                                                   err=errno.EINPROGRESS, account=account)
+                        if gated is not None:
+                            await self._finish_gated(listener, n, task, sock, fd, cloexec, account, *gated)
+                        else:
+                            await self._finish_connect(listener, n, task, sock, fd, nonblocking=False,
+                                                       cloexec=cloexec, err=errno.EINPROGRESS, account=account)
                     except (OSError, ValueError):
                         if not listener.closed:
                             raise
@@ -247,10 +269,55 @@ class Supervisor:
 
         self._tg.start_soon(finish)
 
+    async def _finish_gated(self, listener: OwnedFd, n: _kernel.Notification, task: OwnedFd, sock: socket.socket,
+                            fd: int, cloexec: bool, account: RunAccount, r: _pump.Record,
+                            pump: _pump.Pump | None) -> None:
+        """Direct egress, a connect out that the pump did not see finish: wait
+        for it, put it in the gate, install it, answer, and have its first
+        flight checked. The budget the pump took is given back if it fails."""
+        outcome = await self._await_connect(listener, n, task, sock)
+        if outcome is None or outcome != 0:
+            if pump is not None:
+                pump.give_back()
+            if outcome is not None:
+                _kernel.notif_send(listener, n.id, error=outcome)
+            return
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            key = _stage.gate_add(self.direct.gate.map_fd, sock.fileno(), a.fileno())
+        except OSError as e:
+            a.close()
+            b.close()
+            if pump is not None:
+                pump.give_back()
+            self.direct.gate_failed(attrs.evolve(r, err=e.errno or errno.EIO))
+            _kernel.notif_send(listener, n.id, error=errno.EAGAIN)
+            return
+        sock.setblocking(True)
+        try:
+            installed = _kernel.notif_addfd(listener, n.id, sock.fileno(), fd, cloexec=cloexec)
+        except OSError as e:
+            installed = False
+            _kernel.notif_send(listener, n.id, error=e.errno or errno.EBADF)
+        if not installed:
+            with contextlib.suppress(OSError):
+                _stage.gate_remove(self.direct.gate.map_fd, key)
+            a.close()
+            b.close()
+            if pump is not None:
+                pump.give_back()
+            return
+        _kernel.notif_send(listener, n.id, error=0)
+        account.connects += 1
+        fds = (OwnedFd(os.dup(sock.fileno()), "gated"), OwnedFd(a.detach(), "capture"), OwnedFd(b.detach(), "capture"))
+        self.direct.gated(attrs.evolve(r, kind=_pump.GATED, key=key, fds=fds), pump)
+
     def _forget(self, fd: int) -> None:
         w = self._watched.pop(fd)
         self._ep.unregister(fd)
         if w.pump is not None:
+            if self.direct is not None:
+                self.direct.forget(w.pump)
             w.pump.close()
         w.listener.close()
         w.done.set()
@@ -262,7 +329,7 @@ class Supervisor:
         self._allowed = endpoints
         for w in self._watched.values():
             if w.pump is not None:
-                w.pump.set_table(endpoints)
+                w.pump.set_table(_pump.table(endpoints))
 
     def bind(self, task_group: anyio.abc.TaskGroup) -> None:
         """The task group its connect and decode tasks run in."""
@@ -297,9 +364,15 @@ class Supervisor:
             self.sync_wakeup = True
         done = anyio.Event()
         w = _Watched(listener, pidfd, account, done, resolve)
-        if self._net_allow and self.egress is None and self._learner is None and self.pumps and _pump.available():
+        if self.direct is not None and self._learner is None:
+            # net.way = "direct": the pump connects out (gated) and inside the sandbox's namespace
+            w.pump = _pump.Pump(listener, b"", **self.direct.pump_args())
+            self.direct.adopt(w.pump)
+            self._watched[w.pump.fd] = w
+            self._ep.register(w.pump.fd, select.EPOLLIN)
+        elif self._net_allow and self.egress is None and self._learner is None and self.pumps and _pump.available():
             # net.mode = "allow": a thread receives this listener's notifications, connects included
-            w.pump = _pump.Pump(listener, self._allowed)
+            w.pump = _pump.Pump(listener, _pump.table(self._allowed))
             self._watched[w.pump.fd] = w
             self._ep.register(w.pump.fd, select.EPOLLIN)
         else:
@@ -346,6 +419,9 @@ class Supervisor:
             # net.mode = "domains": a UDP socket (a program's own DNS lookup, say), a TCP Fast Open send
             # (a connect without connect()): the event names the way out
             detail = f"{_decide.decode(n.nr, n.args).detail}: {self.egress.hint()}"[:_decide.DETAIL_MAX]
+        elif name == "listen" and self.direct is not None:
+            detail = (f"fd={_decide_fd(n)}: that socket is a connection zviz made for the sandbox, on the "
+                      "host's network: it cannot listen (the sandbox's own sockets can)")
         elif (self._allowed and name == "socket" and n.args[0] & 0xFFFFFFFF in (socket.AF_INET, socket.AF_INET6)
               and n.args[1] & 0xF == socket.SOCK_DGRAM):
             # net.mode = "allow": most often a program's own DNS lookup, which that mode cannot serve
