@@ -32,8 +32,8 @@ setup(
     ext_modules=[
         Extension(
             "zviz._stage",
-            sources=["zviz/_stage_py.c", "zviz/_stage.c", "zviz/_pump.c", "zviz/_gate.c"],
-            depends=["zviz/_abi.h", "zviz/_stage.h", "zviz/_rsys.h", "zviz/_pump.h", "zviz/_gate.h"],
+            sources=["zviz/_stage_py.c", "zviz/_stage.c", "zviz/_pump.c", "zviz/_gate.c", "zviz/_flight.c"],
+            depends=["zviz/_abi.h", "zviz/_stage.h", "zviz/_rsys.h", "zviz/_pump.h", "zviz/_gate.h", "zviz/_flight.h"],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter",
                                 "-Wno-missing-field-initializers"],
         )

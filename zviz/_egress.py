@@ -204,6 +204,8 @@ class EgressProxy:
         self.rules = Rules.build(network.allow_domains, network.deny_domains, network.ports, dict(network.hosts))
         self.max_connections = network.max_connections
         self.max_bytes = network.max_bytes
+        if getattr(self, "direct", None) is not None:  # (its DNS answers and connects follow at once)
+            self.direct.refresh()
 
     # ---- the supervisor's side (_supervisor._EgressHook)
 

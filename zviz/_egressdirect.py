@@ -31,12 +31,14 @@ Any other connect (an address that is not one of its names) stays inside the
 sandbox's namespace, where every destination is its own loopback: refused
 at once, and seen (`_egresswatch`), as with the proxy.
 
-Where it runs: the DNS answers for names already checked and the first
-flights' checks are a thread of the sandbox's own (a selector over its DNS
-sockets and the capture sockets): an event-loop round trip per step cost
-~0.5 ms a connection. What needs the loop (a name lookup, the events, a
-connection's end) goes there; the thread never waits on anything but its
-sockets.
+Where it runs: the common case never reaches Python. The pump's thread
+(zviz/_pump.c) answers DNS for the names already checked and checks a first
+flight that comes whole and plain (zviz/_flight.c: it only ever says "yes,
+plainly", tests/test_flight.py holds Python to agreeing); a Python round
+trip per step cost ~0.5 ms a connection. The rest comes here: a name to
+look up (the loop), a first flight that is not plain or not there within
+0.1 s (a thread of the sandbox's own, a selector over the capture sockets,
+with the full head timeout), the events and the connections' ends (the loop).
 
 What it cannot see: inside TLS (the inner Host, HTTP/2's :authority), and
 after the first request of a plain-HTTP connection (keep-alive requests to
@@ -49,7 +51,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
-import functools
 import ipaddress
 import os
 import selectors
@@ -172,7 +173,7 @@ class DirectEgress:
         self._names: list[str] = []
         self._checked: dict[str, tuple[float, str]] = {}  # name -> (until, the address connects go to)
         self.pumps: list[_pump.Pump] = []
-        self._dns: list[socket.socket] = []
+        self._dns: list[socket.socket | None] = [None, None]  # IPv4, IPv6: the pump reads them, Python answers misses
         self.netns: int = -1  # the sandbox's network namespace (an fd), once its zygote is up
         self._live: dict[int, _Conn] = {}  # by socket cookie: allowed, awaiting their end
         self._checking = 0
@@ -233,15 +234,21 @@ class DirectEgress:
         if self.netns >= 0:
             os.close(self.netns)
         self.netns = ns[0]
-        self._tell_thread(("dns", made))  # (the thread closes the earlier zygote's)
+        old, self._dns = self._dns, [next((m for m in made if m.family == f), None)
+                                     for f in (socket.AF_INET, socket.AF_INET6)]
+        for sock in old:
+            if sock is not None:
+                sock.close()
 
     def pump_args(self) -> dict[str, Any]:
         """What `_pump.Pump` takes for this sandbox's listener."""
-        return {"netns": self.netns, "gate": self.gate.map_fd, "budget": self._budget()}
+        return {"netns": self.netns, "gate": self.gate.map_fd, "budget": self._budget(),
+                "dns": tuple(s.fileno() if s is not None else -1 for s in self._dns)}
 
     def adopt(self, pump: _pump.Pump) -> None:
         self.pumps.append(pump)
         pump.set_table(self._table())
+        pump.set_names(self._names_table())
 
     def forget(self, pump: _pump.Pump) -> None:
         if pump in self.pumps:
@@ -262,11 +269,20 @@ class DirectEgress:
                 entries.append((fake, port, address, port, self._ids[name]))
         return _pump.direct_table(entries)
 
+    def _names_table(self) -> bytes:
+        """The names the pump answers DNS for itself: checked, still allowed, not expired."""
+        rules = self.proxy.rules
+        now = time.monotonic()
+        return _pump.names_table((name, self._fake(name), self._ids[name], until)
+                                 for name, (until, _a) in list(self._checked.items())
+                                 if until > now and rules.check(name, min(rules.ports))[1] is None)
+
     def refresh(self) -> None:
         """The rules changed (set_network) or a name was checked: the pumps' tables follow."""
-        table = self._table()
+        table, names = self._table(), self._names_table()
         for p in self.pumps:
             p.set_table(table)
+            p.set_names(names)
 
     def _fake(self, name: str) -> str:
         return str(FAKE_NET.network_address + 1 + self._ids[name])
@@ -307,8 +323,10 @@ class DirectEgress:
         else:  # (never started: what it would have closed)
             for item in self._inbox:
                 _discard(item)
-            for sock in self._dns:
+        for sock in self._dns:
+            if sock is not None:
                 sock.close()
+        self._dns = [None, None]
         if self._diag is not None:
             _close(self._diag)
             self._diag = None
@@ -348,7 +366,6 @@ class DirectEgress:
     def _serve(self) -> None:
         sel = selectors.DefaultSelector()
         checks: dict[int, _Check] = {}
-        dns: list[socket.socket] = []
         sel.register(self._to_thread_r, selectors.EVENT_READ)
         try:
             while True:
@@ -362,22 +379,13 @@ class DirectEgress:
                             item = self._inbox.popleft()
                             if item[0] == "stop":
                                 return
-                            if item[0] == "dns":
-                                for old in dns:
-                                    sel.unregister(old)
-                                    old.close()
-                                dns = list(item[1])
-                                for new in dns:
-                                    sel.register(new, selectors.EVENT_READ)
-                            elif item[0] == "check":
+                            if item[0] == "check":
                                 c = item[1]
                                 checks[c.capture.fileno()] = c
                                 sel.register(c.capture, selectors.EVENT_READ)
                                 self._step(c, sel, checks)
                     elif key.fd in checks:
                         self._step(checks[key.fd], sel, checks)
-                    else:
-                        self._dns_ready(key.fileobj)  # type: ignore[arg-type]
                 now = time.monotonic()
                 for c in [c for c in checks.values() if c.deadline <= now]:
                     self._finish(c, Refused("timeout", f"nothing checkable sent within "
@@ -389,32 +397,32 @@ class DirectEgress:
                 self._release(c)
                 if c.conn.pump is not None:
                     c.conn.pump.give_back()
-            for sock in dns:
-                sock.close()
             for item in self._inbox:
                 _discard(item)
             sel.close()
 
-    def _dns_ready(self, sock: socket.socket) -> None:
-        for _ in range(64):
-            try:
-                data, peer = sock.recvfrom(_dns.MAX_MESSAGE + 1)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                return
-            self.queries += 1
-            try:
-                q = _dns.parse_query(data)
-            except _dns.Malformed as e:
-                if e.reply is not None:
-                    _sendto(sock, e.reply, peer)
-                continue
-            reply = self._answer_now(q)
-            if reply is not None:
-                _sendto(sock, reply, peer)
-            else:
-                self._tell_loop(functools.partial(self._resolve_soon, sock, q, peer))
+    def dns_miss(self, r: _pump.Record) -> None:
+        """(the loop) A datagram the pump did not answer: a name not checked
+        yet (or expired), a refusal, anything malformed."""
+        sock = self._dns[r.fd] if r.fd in (0, 1) else None
+        if sock is None or self._closed:
+            return
+        raw, data = r.payload[:28], r.payload[28:28 + max(0, r.err)]
+        peer = _sockaddr(raw)
+        if peer is None:
+            return
+        self.queries += 1
+        try:
+            q = _dns.parse_query(data)
+        except _dns.Malformed as e:
+            if e.reply is not None:
+                _sendto(sock, e.reply, peer)
+            return
+        reply = self._answer_now(q)
+        if reply is not None:
+            _sendto(sock, reply, peer)
+        else:
+            self._resolve_soon(sock, q, peer)
 
     def _resolve_soon(self, sock: socket.socket, q: _dns.Query, peer: Any) -> None:
         if self._tg is not None:
@@ -429,7 +437,7 @@ class DirectEgress:
         rules = self.proxy.rules
         name, refused = rules.check(q.name, min(rules.ports))
         if refused is not None:
-            self._tell_loop(lambda: self._refused(name or q.name or "?", 0, refused))
+            self._refused(name or q.name or "?", 0, refused)
             return _dns.answer(q, _dns.NXDOMAIN)
         checked = self._checked.get(name)
         if checked is not None and checked[0] > time.monotonic():
@@ -545,6 +553,28 @@ class DirectEgress:
 
     def _checked_one(self) -> None:
         self._checking -= 1
+
+    def checked(self, r: _pump.Record, pump: _pump.Pump | None) -> None:
+        """(the loop) The pump checked a first flight and sent it on (CHECKED), or
+        sent it on and cut the connection (CHECK_CUT: early data, a short send)."""
+        (sock_fd,) = r.fds
+        sock = socket.socket(fileno=sock_fd.detach())
+        try:
+            name = self._names[r.name] if 0 <= r.name < len(self._names) else "?"
+            conn = _Conn(name, r.port, _peer_address(sock), pump)
+            if r.kind == _pump.CHECK_CUT:
+                why = (Refused("error", f"sending the first flight: {os.strerror(r.err)}") if r.err else
+                       Refused("early-data", "the program sent more before the server answered its first message "
+                               "(TLS early data): not supported by direct egress"))
+                self._refused(name, r.port, why, conn)
+                if pump is not None:
+                    pump.give_back()
+                return
+            with contextlib.suppress(OSError):
+                conn.cookie = struct.unpack("=Q", sock.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8))[0]
+            self._live[conn.cookie] = conn  # (before our socket closes: its end cannot come first)
+        finally:
+            sock.close()
 
     def gate_failed(self, r: _pump.Record) -> None:
         """A connect out refused (EAGAIN) because its socket could not be put in the gate."""
@@ -665,6 +695,18 @@ def _destroyed(data: bytes) -> list[tuple[int, int, int]]:
     return out
 
 
+def _sockaddr(raw: bytes) -> tuple[Any, ...] | None:
+    """A sender's address (as recvfrom gives it) from a sockaddr_in or sockaddr_in6."""
+    family = struct.unpack_from("=H", raw)[0]
+    port = struct.unpack_from("!H", raw, 2)[0]
+    if family == socket.AF_INET:
+        return socket.inet_ntop(socket.AF_INET, raw[4:8]), port
+    if family == socket.AF_INET6:
+        flow, scope = struct.unpack_from("!I", raw, 4)[0], struct.unpack_from("=I", raw, 24)[0]
+        return socket.inet_ntop(socket.AF_INET6, raw[8:24]), port, flow, scope
+    return None
+
+
 def _peer_address(sock: socket.socket) -> str:
     try:
         return str(sock.getpeername()[0])
@@ -699,10 +741,7 @@ def _send_now(sock: socket.socket, data: bytes) -> None:
 
 def _discard(item: tuple[Any, ...]) -> None:
     """Close what a message to the thread carried, never delivered."""
-    if item[0] == "dns":
-        for s in item[1]:
-            s.close()
-    elif item[0] == "check":
+    if item[0] == "check":
         c = item[1]
         for s in (c.capture, c.sock):
             s.close()

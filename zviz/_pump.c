@@ -59,6 +59,7 @@
 #include <netinet/tcp.h>
 #include <poll.h>
 #include <sched.h>
+#include <time.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -68,8 +69,10 @@
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
+#include <linux/sockios.h>
 #include <unistd.h>
 
+#include "_flight.h"
 #include "_gate.h"
 #include "_pump.h"
 
@@ -97,6 +100,27 @@ struct endpoint {
     int32_t name;           /* direct egress: the name's id (gated), else -1 */
 };
 
+/* A name checked by Python (zviz/_egressdirect.py): its id, the sandbox's address for it, until when. */
+struct name {
+    char text[256];
+    unsigned char fake[4];
+    int32_t id;
+    int64_t until_ns; /* CLOCK_MONOTONIC */
+};
+
+#define MAX_CHECKS 64      /* first flights read here at once; past it Python reads them */
+#define CHECK_WINDOW_MS 100 /* how long one is waited for here before Python takes it (with its own timeout) */
+#define MAX_FAST_FLIGHT 8192 /* larger first flights are Python's: this one must fit an empty send buffer */
+
+/* A connection out whose first flight waits in the gate's capture socket. */
+struct check {
+    int sock, capture, spare; /* ours (the program has its own), the capture pair */
+    int32_t name, port;
+    unsigned char key[48];
+    int64_t deadline_ns;
+    struct seccomp_notif notif;
+};
+
 struct pump {
     int listener, out, stop;
     int netns, hostns;      /* direct egress: the sandbox's network namespace and ours, else -1 */
@@ -107,7 +131,20 @@ struct pump {
     struct endpoint *table;
     size_t count;
     long budget;            /* direct egress: gated connects it may still make (Python gives them back) */
+    int dns[2];             /* direct egress: the sandbox's DNS sockets (IPv4, IPv6), else -1 */
+    struct name *names;     /* direct egress: the names checked, their addresses (guarded by lock) */
+    size_t n_names;
+    struct check checks[MAX_CHECKS]; /* direct egress: first flights being read (this thread's own) */
+    int n_checks;
 };
+
+static int64_t
+now_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000LL + t.tv_nsec;
+}
 
 static void
 release(struct pump *p)
@@ -126,6 +163,15 @@ release(struct pump *p)
         close(p->hostns);
     if (p->gate >= 0)
         close(p->gate);
+    for (int i = 0; i < 2; i++)
+        if (p->dns[i] >= 0)
+            close(p->dns[i]);
+    for (int i = 0; i < p->n_checks; i++) {
+        close(p->checks[i].sock);
+        close(p->checks[i].capture);
+        close(p->checks[i].spare);
+    }
+    free(p->names);
     free(p->table);
     pthread_mutex_destroy(&p->lock);
     free(p);
@@ -468,20 +514,33 @@ fast_connect(struct pump *p, const struct seccomp_notif *n)
         goto closing;
     answer(p, n->id, err);
     if (gated && !err) {
-        /* Python checks the first flight: it gets the socket and the capture pair */
-        r.kind = PUMP_GATED;
+        /* Its first flight is checked here if it comes soon and plainly, else by Python (record GATED) */
         r.name = e.name;
-        int fds[3] = {sock, capture[0], capture[1]};
-        emit_fds(p, &r, fds, 3);
+        if (p->n_checks < MAX_CHECKS) {
+            struct check *c = &p->checks[p->n_checks++];
+            c->sock = sock, c->capture = capture[0], c->spare = capture[1];
+            c->name = e.name, c->port = port;
+            memcpy(c->key, r.key, sizeof c->key);
+            c->deadline_ns = now_ns() + CHECK_WINDOW_MS * 1000000LL;
+            c->notif = *n;
+            sock = capture[0] = capture[1] = -1; /* (the check owns them now) */
+        } else {
+            r.kind = PUMP_GATED;
+            int fds[3] = {sock, capture[0], capture[1]};
+            emit_fds(p, &r, fds, 3);
+        }
         gated = 0; /* (Python gives the budget back when that connection ends) */
         goto closing;
     }
 told:
     r.err = err;
-    emit(p, &r);
+    if (found) /* (a connect inside the sandbox's namespace is not worth a wake-up of Python's) */
+        emit(p, &r);
 closing:
     if (capture[0] >= 0)
-        close(capture[0]), close(capture[1]);
+        close(capture[0]);
+    if (capture[1] >= 0)
+        close(capture[1]);
 out:
     if (gated)
         give_back(p); /* that connect did not happen (or Python was told it failed) */
@@ -534,19 +593,180 @@ out:
     return handled;
 }
 
+/* ---- DNS: a query for a name Python has checked is answered here; every
+ * other datagram goes to Python as it came (record DNS, with its sender). */
+
+static void
+serve_dns(struct pump *p, int which)
+{
+    for (int k = 0; k < 64; k++) {
+        unsigned char q[513], out[600];
+        struct sockaddr_storage from;
+        socklen_t flen = sizeof from;
+        ssize_t len = recvfrom(p->dns[which], q, sizeof q, MSG_DONTWAIT, (struct sockaddr *)&from, &flen);
+        if (len < 0)
+            return;
+        char name[256];
+        unsigned qtype = 0;
+        size_t end = 0;
+        int answered = 0;
+        if (dns_query_name(q, (size_t)len, name, sizeof name, &qtype, &end) == 0) {
+            unsigned char fake[4];
+            int found = 0;
+            int64_t now = now_ns();
+            pthread_mutex_lock(&p->lock);
+            for (size_t i = 0; i < p->n_names && !found; i++)
+                if (p->names[i].until_ns > now && !strcmp(p->names[i].text, name)) {
+                    memcpy(fake, p->names[i].fake, 4);
+                    found = 1;
+                }
+            pthread_mutex_unlock(&p->lock);
+            size_t n = found ? dns_answer(q, end, qtype, fake, out, sizeof out) : 0;
+            if (n) {
+                sendto(p->dns[which], out, n, MSG_DONTWAIT | MSG_NOSIGNAL, (struct sockaddr *)&from, flen);
+                answered = 1;
+            }
+        }
+        if (!answered) {
+            struct {
+                struct pump_record r;
+                unsigned char from[28];
+                unsigned char query[513];
+            } m;
+            memset(&m.r, 0, sizeof m.r);
+            m.r.kind = PUMP_DNS;
+            m.r.fd = which;
+            m.r.err = (int32_t)len;
+            m.r.name = -1;
+            memset(m.from, 0, sizeof m.from);
+            memcpy(m.from, &from, flen < sizeof m.from ? flen : sizeof m.from);
+            memcpy(m.query, q, (size_t)len);
+            struct iovec iov = {&m, sizeof m.r + sizeof m.from + (size_t)len};
+            struct msghdr h = {.msg_iov = &iov, .msg_iovlen = 1};
+            sendmsg(p->out, &h, MSG_DONTWAIT | MSG_NOSIGNAL); /* (Python's end full: the query is lost, as UDP may be) */
+        }
+    }
+}
+
+/* ---- first flights: a whole, plain one (zviz/_flight.c) is sent on here,
+ * and the connection leaves the gate; anything else is Python's. */
+
+static const char *
+name_text(struct pump *p, int32_t id, char *buf, size_t size)
+{
+    const char *out = NULL;
+    pthread_mutex_lock(&p->lock);
+    for (size_t i = 0; i < p->n_names; i++)
+        if (p->names[i].id == id) {
+            snprintf(buf, size, "%s", p->names[i].text);
+            out = buf;
+            break;
+        }
+    pthread_mutex_unlock(&p->lock);
+    return out;
+}
+
+static void
+drop_check(struct pump *p, int i)
+{
+    p->checks[i] = p->checks[--p->n_checks];
+}
+
+static void
+to_python(struct pump *p, int i)
+{
+    struct check *c = &p->checks[i];
+    struct pump_record r = {.kind = PUMP_GATED, .notif = c->notif, .name = c->name, .port = c->port};
+    memcpy(r.key, c->key, sizeof r.key);
+    int fds[3] = {c->sock, c->capture, c->spare};
+    emit_fds(p, &r, fds, 3);
+    close(c->sock);
+    close(c->capture);
+    close(c->spare);
+    drop_check(p, i);
+}
+
+static void
+step_check(struct pump *p, int i)
+{
+    struct check *c = &p->checks[i];
+    static unsigned char buf[MAX_FAST_FLIGHT + 1];
+    ssize_t n = recv(c->capture, buf, sizeof buf, MSG_PEEK | MSG_DONTWAIT);
+    char name[256];
+    int verdict = FLIGHT_PYTHON;
+    if (n > 0 && n <= MAX_FAST_FLIGHT && name_text(p, c->name, name, sizeof name))
+        verdict = flight_check(buf, (size_t)n, name, c->port);
+    if (n < 0 && (errno == EAGAIN || errno == EINTR))
+        verdict = FLIGHT_MORE;
+    if (verdict == FLIGHT_MORE)
+        return;
+    if (verdict != FLIGHT_OK) {
+        to_python(p, i);
+        return;
+    }
+    struct gate_key k;
+    memcpy(&k, c->key, sizeof k);
+    ssize_t sent = send(c->sock, buf, (size_t)n, MSG_DONTWAIT | MSG_NOSIGNAL);
+    k.kind = GATE_SOCKET;
+    gate_remove_one(p->gate, &k); /* out of the gate: its next sends go straight out */
+    int queued = 0;
+    if (ioctl(c->capture, SIOCINQ, &queued) < 0)
+        queued = 0;
+    k.kind = GATE_CAPTURE;
+    struct pump_record r = {.kind = PUMP_CHECKED, .notif = c->notif, .name = c->name, .port = c->port};
+    memcpy(r.key, c->key, sizeof r.key);
+    if (sent != n || queued > n) {
+        /* sent more before the server answered (early data), or the send fell short: cut */
+        struct linger l = {1, 0};
+        setsockopt(c->sock, SOL_SOCKET, SO_LINGER, &l, sizeof l);
+        shutdown(c->sock, SHUT_RDWR);
+        r.kind = PUMP_CHECK_CUT;
+        r.err = sent != n ? (sent < 0 ? errno : EIO) : 0;
+    }
+    gate_remove_one(p->gate, &k);
+    int fds[1] = {c->sock};
+    emit_fds(p, &r, fds, 1); /* Python learns its cookie (for its end's byte counts), then lets go */
+    close(c->sock);
+    close(c->capture);
+    close(c->spare);
+    drop_check(p, i);
+}
+
 static void *
 run(void *arg)
 {
     struct pump *p = arg;
     for (;;) {
-        struct pollfd w[2] = {{.fd = p->listener, .events = POLLIN}, {.fd = p->stop, .events = POLLIN}};
-        if (poll(w, 2, -1) < 0) {
+        struct pollfd w[4 + MAX_CHECKS] = {{.fd = p->listener, .events = POLLIN},
+                                           {.fd = p->stop, .events = POLLIN},
+                                           {.fd = p->dns[0], .events = POLLIN},
+                                           {.fd = p->dns[1], .events = POLLIN}};
+        int timeout = -1;
+        int64_t now = now_ns();
+        for (int i = 0; i < p->n_checks; i++) {
+            w[4 + i] = (struct pollfd){.fd = p->checks[i].capture, .events = POLLIN};
+            int64_t left = (p->checks[i].deadline_ns - now) / 1000000 + 1;
+            if (timeout < 0 || left < timeout)
+                timeout = left < 0 ? 0 : (int)left;
+        }
+        int n_checks = p->n_checks;
+        if (poll(w, 4 + n_checks, timeout) < 0) {
             if (errno == EINTR)
                 continue;
             break;
         }
         if (w[1].revents)
             break;
+        for (int i = n_checks; i-- > 0;) /* (from the end: a finished check takes the last one's place) */
+            if (w[4 + i].revents)
+                step_check(p, i);
+        now = now_ns();
+        for (int i = p->n_checks; i-- > 0;)
+            if (p->checks[i].deadline_ns <= now)
+                to_python(p, i); /* not here in time: Python waits for the rest, with its own timeout */
+        for (int k = 0; k < 2; k++)
+            if (w[2 + k].revents & POLLIN)
+                serve_dns(p, k);
         if (w[0].revents & POLLIN) {
             struct seccomp_notif n;
             memset(&n, 0, sizeof n);
@@ -573,7 +793,7 @@ run(void *arg)
 }
 
 struct pump *
-pump_start(int listener, int out, int stop, int netns, int gate, int *err)
+pump_start(int listener, int out, int stop, int netns, int gate, int dns4, int dns6, int *err)
 {
     struct pump *p = calloc(1, sizeof *p);
     if (!p) {
@@ -583,13 +803,17 @@ pump_start(int listener, int out, int stop, int netns, int gate, int *err)
     p->listener = fcntl(listener, F_DUPFD_CLOEXEC, 3);
     p->out = fcntl(out, F_DUPFD_CLOEXEC, 3);
     p->stop = fcntl(stop, F_DUPFD_CLOEXEC, 3);
-    p->netns = p->hostns = p->gate = -1;
+    p->netns = p->hostns = p->gate = p->dns[0] = p->dns[1] = -1;
     int ok = p->listener >= 0 && p->out >= 0 && p->stop >= 0;
     if (netns >= 0) {
         p->netns = fcntl(netns, F_DUPFD_CLOEXEC, 3);
         p->hostns = open("/proc/thread-self/ns/net", O_RDONLY | O_CLOEXEC);
         p->gate = fcntl(gate, F_DUPFD_CLOEXEC, 3);
         ok = ok && p->netns >= 0 && p->hostns >= 0 && p->gate >= 0;
+        if (dns4 >= 0)
+            ok = ok && (p->dns[0] = fcntl(dns4, F_DUPFD_CLOEXEC, 3)) >= 0;
+        if (dns6 >= 0)
+            ok = ok && (p->dns[1] = fcntl(dns6, F_DUPFD_CLOEXEC, 3)) >= 0;
         int probe = ok ? socket_inside(p, AF_UNIX, SOCK_DGRAM) : -1;
         socklen_t len = sizeof p->netns_cookie;
         ok = probe >= 0 && !getsockopt(probe, SOL_SOCKET, SO_NETNS_COOKIE, &p->netns_cookie, &len);
@@ -641,6 +865,34 @@ pump_set_table(struct pump *p, const unsigned char *blob, size_t len, long budge
     p->count = count;
     if (budget >= 0)
         p->budget = budget;
+    pthread_mutex_unlock(&p->lock);
+    free(old);
+    return 0;
+}
+
+#define NAME_ENTRY_SIZE 272
+
+int
+pump_set_names(struct pump *p, const unsigned char *blob, size_t len)
+{
+    if (len % NAME_ENTRY_SIZE)
+        return EINVAL;
+    size_t count = len / NAME_ENTRY_SIZE;
+    struct name *t = count ? calloc(count, sizeof *t) : NULL;
+    if (count && !t)
+        return ENOMEM;
+    for (size_t i = 0; i < count; i++) {
+        const unsigned char *b = blob + NAME_ENTRY_SIZE * i;
+        memcpy(t[i].text, b, 255);
+        t[i].text[255] = 0;
+        memcpy(t[i].fake, b + 256, 4);
+        memcpy(&t[i].id, b + 260, 4);
+        memcpy(&t[i].until_ns, b + 264, 8);
+    }
+    pthread_mutex_lock(&p->lock);
+    struct name *old = p->names;
+    p->names = t;
+    p->n_names = count;
     pthread_mutex_unlock(&p->lock);
     free(old);
     return 0;

@@ -17,6 +17,10 @@ enum pump_kind {
     PUMP_GATED = 6,      /* a direct egress connect made and answered: its socket and capture pair
                           * come with it (SCM_RIGHTS) for Python to check the first flight */
     PUMP_GATE_FAILED = 7, /* a direct egress connect refused (EAGAIN) because the gate failed (err) */
+    PUMP_CHECKED = 8,    /* a first flight checked and sent on here: the socket comes with it (for its cookie) */
+    PUMP_CHECK_CUT = 9,  /* a first flight sent on, then the connection cut (early data; err: a short send) */
+    PUMP_DNS = 10,       /* a DNS datagram for Python: fd is which socket (0 IPv4, 1 IPv6), err its length;
+                          * after the record: the sender's sockaddr (28 bytes), then the datagram */
 };
 
 struct pump_record {
@@ -35,7 +39,10 @@ struct pump;
 /* Start the thread (it duplicates the fds). `netns` and `gate` (direct
  * egress: the sandbox's network namespace and the gate's map) or -1 both.
  * NULL and *err on failure. */
-struct pump *pump_start(int listener, int out, int stop, int netns, int gate, int *err);
+struct pump *pump_start(int listener, int out, int stop, int netns, int gate, int dns4, int dns6, int *err);
+/* Direct egress: the names Python has checked (272-byte entries: the name, NUL-padded to 256; the
+ * sandbox's IPv4 address for it; its id, int32; until when, int64 ns of CLOCK_MONOTONIC). */
+int pump_set_names(struct pump *p, const unsigned char *blob, size_t len);
 /* Replace the table: `len / 40` entries of a 16-byte address (IPv4 mapped
  * into IPv6) and a 2-byte port in network order, where it goes (the same
  * two), and the name's id (int32, native order; -1: not gated). `budget`

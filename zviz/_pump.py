@@ -30,12 +30,14 @@ import attrs
 from . import _kernel, _stage
 from ._kernel import OwnedFd
 
-NOTIF, CONNECTED, INPROGRESS, HUP, FAILED, GATED, GATE_FAILED = 1, 2, 3, 4, 5, 6, 7
+NOTIF, CONNECTED, INPROGRESS, HUP, FAILED, GATED, GATE_FAILED, CHECKED, CHECK_CUT, DNS = range(1, 11)
 ALLOWED, INSIDE = -1, -2  # a CONNECTED record's name: allow mode's, or inside the sandbox's namespace
 # kind, err, fd, cloexec, name, port, the gate's key, struct seccomp_notif (_stage.LAYOUTS["pump_record"])
 _RECORD = struct.Struct("=iiiiii48s80s")
 _ENTRY = struct.Struct("=16s2s16s2si")
-_FDS = {INPROGRESS: 2, GATED: 3}  # the fds each kind carries (SCM_RIGHTS)
+_FDS = {INPROGRESS: 2, GATED: 3, CHECKED: 1, CHECK_CUT: 1}  # the fds each kind carries (SCM_RIGHTS)
+_DNS_EXTRA = 28 + 513  # a DNS record is followed by its sender's sockaddr and the datagram
+_NAME = struct.Struct("=256s4siq")  # zviz/_pump.h: the name, the sandbox's address for it, its id, until (ns)
 
 
 @attrs.frozen
@@ -49,8 +51,9 @@ class Record:
     port: int = 0  # the port the sandbox connected to
     key: bytes = b""  # GATED: the gate's key
     # INPROGRESS: our socket, connecting, and the notifying task's pidfd; GATED: the socket and the
-    # capture pair (all the caller's to close)
+    # capture pair; CHECKED, CHECK_CUT: the socket (all the caller's to close)
     fds: tuple[OwnedFd, ...] = ()
+    payload: bytes = b""  # DNS: the sender's sockaddr (28 bytes), then the datagram
 
 
 def available() -> bool:
@@ -75,6 +78,13 @@ def direct_table(entries: Iterable[tuple[str, int, str, int, int]]) -> bytes:
     the checked address, its port, the name's id) each."""
     return b"".join(_ENTRY.pack(mapped(ip), port.to_bytes(2, "big"), mapped(to), to_port.to_bytes(2, "big"), name)
                     for ip, port, to, to_port, name in entries)
+
+
+def names_table(entries: Iterable[tuple[str, str, int, float]]) -> bytes:
+    """The thread's names for direct egress: (name, the sandbox's IPv4
+    address for it, its id, until when: time.monotonic()) each."""
+    return b"".join(_NAME.pack(name.encode("ascii"), ipaddress.IPv4Address(fake).packed, ident, int(until * 1e9))
+                    for name, fake, ident, until in entries)
 
 
 def table(endpoints: Iterable[tuple[str, int]]) -> bytes:
@@ -103,11 +113,12 @@ class Pump:
     what it said. close() ends the thread (it holds its own duplicates)."""
 
     def __init__(self, listener: OwnedFd, entries: bytes, *, netns: int = -1, gate: int = -1,
-                 budget: int = -1) -> None:
+                 budget: int = -1, dns: tuple[int, int] = (-1, -1)) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         self._stop = os.eventfd(0, os.EFD_CLOEXEC)
         try:
-            self._pump: object | None = _stage.pump_start(listener.fd, theirs.fileno(), self._stop, netns, gate)
+            self._pump: object | None = _stage.pump_start(listener.fd, theirs.fileno(), self._stop, netns, gate,
+                                                          *dns)
         except BaseException:
             ours.close()
             os.close(self._stop)
@@ -125,6 +136,10 @@ class Pump:
         if self._pump is not None:
             _stage.pump_set_table(self._pump, entries, budget)
 
+    def set_names(self, blob: bytes) -> None:
+        if self._pump is not None:
+            _stage.pump_set_names(self._pump, blob)
+
     def give_back(self, n: int = 1) -> None:
         """`n` gated connects ended (or were never made)."""
         if self._pump is not None:
@@ -135,20 +150,21 @@ class Pump:
         out: list[Record] = []
         while True:
             try:
-                data, fds, _flags, _addr = socket.recv_fds(self._sock, _RECORD.size, 3)
+                data, fds, _flags, _addr = socket.recv_fds(self._sock, _RECORD.size + _DNS_EXTRA, 3)
             except BlockingIOError:
                 return out
             except InterruptedError:
                 continue
             owned = tuple(OwnedFd(fd, "pump-handoff") for fd in fds)
-            kind = _RECORD.unpack(data)[0] if len(data) == _RECORD.size else FAILED
-            if len(data) != _RECORD.size or len(owned) != _FDS.get(kind, 0):
+            kind = _RECORD.unpack_from(data)[0] if len(data) >= _RECORD.size else FAILED
+            sized = len(data) == _RECORD.size or (kind == DNS and _RECORD.size + 28 <= len(data))
+            if not sized or len(owned) != _FDS.get(kind, 0):
                 for o in owned:
                     o.close()
                 return [*out, Record(FAILED, errno.EPROTO, -1, False, None)]
-            kind, err, fd, cloexec, name, port, key, raw = _RECORD.unpack(data)
-            notif = _kernel.notif_decode(raw) if kind in (NOTIF, CONNECTED, INPROGRESS, GATED, GATE_FAILED) else None
-            out.append(Record(kind, err, fd, bool(cloexec), notif, name, port, key, owned))
+            kind, err, fd, cloexec, name, port, key, raw = _RECORD.unpack_from(data)
+            notif = _kernel.notif_decode(raw) if kind not in (HUP, FAILED, DNS) else None
+            out.append(Record(kind, err, fd, bool(cloexec), notif, name, port, key, owned, data[_RECORD.size:]))
 
     def close(self) -> None:
         """End the thread (idempotent). A thread waiting on a sandbox's

@@ -18,13 +18,17 @@ def pidfd_getfd(pidfd: int, fd: int, /) -> int:
 def set_dumpable(flag: int, /) -> None:
     """prctl(PR_SET_DUMPABLE, flag) for the calling process (raises OSError)."""
 
-def pump_start(listener: int, out: int, stop: int, netns: int = -1, gate: int = -1, /) -> object:
+def pump_start(listener: int, out: int, stop: int, netns: int = -1, gate: int = -1, dns4: int = -1,
+               dns6: int = -1, /) -> object:
     """Start the thread that receives `listener`'s notifications (zviz/_pump.c); it
     duplicates the fds and ends on `stop` readable or the listener's hang-up. `netns` and
     `gate`: direct egress (the sandbox's network namespace, the gate's map)."""
 
 def pump_set_table(pump: object, blob: bytes, budget: int = -1, /) -> None:
     """The pump's table (40-byte entries, zviz/_pump.h) and, if >= 0, its budget of gated connects."""
+
+def pump_set_names(pump: object, blob: bytes, /) -> None:
+    """Direct egress: the names checked (272-byte entries, zviz/_pump.h), which the pump answers DNS for."""
 
 def pump_give_back(pump: object, n: int, /) -> None:
     """`n` gated connects ended: the pump may make as many more."""
@@ -41,6 +45,15 @@ def gate_key(up: int, /) -> bytes:
 
 def gate_remove(map_fd: int, key: bytes, /) -> bool:
     """Take the connection's two entries out; False if neither was in."""
+
+def flight_check(buf: bytes, name: str, port: int, /) -> int:
+    """The pump's fast first-flight check (zviz/_flight.c): 1 passes, 0 incomplete, -1 Python's."""
+
+def dns_query_name(q: bytes, /) -> tuple[str, int, int] | None:
+    """The pump's fast DNS read: (name, qtype, end of the question), or None (Python's)."""
+
+def dns_answer(q: bytes, end: int, qtype: int, addr: bytes, /) -> bytes:
+    """The pump's fast DNS answer: an A record with `addr` for type A, none for other types."""
 
 def notif_sizes() -> tuple[int, int, int]:
     """SECCOMP_GET_NOTIF_SIZES: (seccomp_notif, seccomp_notif_resp, seccomp_data)."""

@@ -27,6 +27,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include "_flight.h"
 #include "_gate.h"
 #include "_pump.h"
 #include "_stage.h"
@@ -397,12 +398,12 @@ pump_capsule_free(PyObject *cap)
 static PyObject *
 stage_pump_start(PyObject *self, PyObject *args)
 {
-    int listener, out, stop, netns = -1, gate = -1, err = 0;
-    if (!PyArg_ParseTuple(args, "iii|ii:pump_start", &listener, &out, &stop, &netns, &gate))
+    int listener, out, stop, netns = -1, gate = -1, dns4 = -1, dns6 = -1, err = 0;
+    if (!PyArg_ParseTuple(args, "iii|iiii:pump_start", &listener, &out, &stop, &netns, &gate, &dns4, &dns6))
         return NULL;
     struct pump *p;
     Py_BEGIN_ALLOW_THREADS
-    p = pump_start(listener, out, stop, netns, gate, &err);
+    p = pump_start(listener, out, stop, netns, gate, dns4, dns6, &err);
     Py_END_ALLOW_THREADS
     if (!p) {
         errno = err;
@@ -424,6 +425,25 @@ stage_pump_set_table(PyObject *self, PyObject *args)
         return NULL;
     struct pump *p = PyCapsule_GetPointer(cap, PUMP_CAPSULE);
     int err = p ? pump_set_table(p, blob.buf, (size_t)blob.len, budget) : -1;
+    PyBuffer_Release(&blob);
+    if (err < 0)
+        return NULL;
+    if (err) {
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+stage_pump_set_names(PyObject *self, PyObject *args)
+{
+    PyObject *cap;
+    Py_buffer blob;
+    if (!PyArg_ParseTuple(args, "Oy*:pump_set_names", &cap, &blob))
+        return NULL;
+    struct pump *p = PyCapsule_GetPointer(cap, PUMP_CAPSULE);
+    int err = p ? pump_set_names(p, blob.buf, (size_t)blob.len) : -1;
     PyBuffer_Release(&blob);
     if (err < 0)
         return NULL;
@@ -525,6 +545,55 @@ stage_gate_remove(PyObject *self, PyObject *args)
         return PyErr_SetFromErrno(PyExc_OSError);
     }
     return PyBool_FromLong(r1 == 0 || r2 == 0);
+}
+
+/* ------------------------------------------------------------ the fast checks (tests/test_flight.py) */
+
+static PyObject *
+stage_flight_check(PyObject *self, PyObject *args)
+{
+    Py_buffer b;
+    const char *name;
+    int port;
+    if (!PyArg_ParseTuple(args, "y*si:flight_check", &b, &name, &port))
+        return NULL;
+    int r = flight_check(b.buf, (size_t)b.len, name, port);
+    PyBuffer_Release(&b);
+    return PyLong_FromLong(r);
+}
+
+static PyObject *
+stage_dns_query_name(PyObject *self, PyObject *args)
+{
+    Py_buffer b;
+    if (!PyArg_ParseTuple(args, "y*:dns_query_name", &b))
+        return NULL;
+    char name[256];
+    unsigned qtype = 0;
+    size_t end = 0;
+    int r = dns_query_name(b.buf, (size_t)b.len, name, sizeof name, &qtype, &end);
+    PyObject *out = r < 0 ? Py_NewRef(Py_None) : Py_BuildValue("(sIn)", name, qtype, (Py_ssize_t)end);
+    PyBuffer_Release(&b);
+    return out;
+}
+
+static PyObject *
+stage_dns_answer(PyObject *self, PyObject *args)
+{
+    Py_buffer q, a;
+    Py_ssize_t end;
+    unsigned qtype;
+    if (!PyArg_ParseTuple(args, "y*nIy*:dns_answer", &q, &end, &qtype, &a))
+        return NULL;
+    unsigned char out[600];
+    size_t n = 0;
+    if (a.len == 4 && end >= 12 && end <= q.len)
+        n = dns_answer(q.buf, (size_t)end, qtype, a.buf, out, sizeof out);
+    PyBuffer_Release(&q);
+    PyBuffer_Release(&a);
+    if (!n)
+        return PyErr_Format(PyExc_ValueError, "no answer");
+    return PyBytes_FromStringAndSize((const char *)out, (Py_ssize_t)n);
 }
 
 static PyObject *
@@ -640,11 +709,16 @@ static PyMethodDef methods[] = {
     {"pump_set_table", stage_pump_set_table, METH_VARARGS,
      "pump_set_table(pump, blob, budget=-1): the endpoints it connects (and its budget of gated connects)."},
     {"pump_give_back", stage_pump_give_back, METH_VARARGS, "pump_give_back(pump, n): n gated connects ended."},
+    {"pump_set_names", stage_pump_set_names, METH_VARARGS, "pump_set_names(pump, blob): the names checked."},
     {"gate_open", stage_gate_open, METH_VARARGS,
      "gate_open(tgid) -> (map_fd, prog_fd): the SOCKHASH and its SK_MSG program (zviz/_gate.c)."},
     {"gate_add", stage_gate_add, METH_VARARGS, "gate_add(map, up, capture) -> key: hold up's sends in capture."},
     {"gate_key", stage_gate_key, METH_VARARGS, "gate_key(up) -> key: the map key of TCP socket up."},
     {"gate_remove", stage_gate_remove, METH_VARARGS, "gate_remove(map, key) -> bool: release the connection."},
+    {"flight_check", stage_flight_check, METH_VARARGS,
+     "flight_check(buf, name, port) -> 1 (passes), 0 (incomplete), -1 (Python's): zviz/_flight.c."},
+    {"dns_query_name", stage_dns_query_name, METH_VARARGS, "dns_query_name(q) -> (name, qtype, end) or None."},
+    {"dns_answer", stage_dns_answer, METH_VARARGS, "dns_answer(q, end, qtype, addr4) -> the A answer."},
     {"notif_sizes", stage_notif_sizes, METH_NOARGS, "SECCOMP_GET_NOTIF_SIZES."},
     {"seccomp_action_avail", stage_seccomp_action_avail, METH_VARARGS, "SECCOMP_GET_ACTION_AVAIL."},
     {"kill_uid", stage_kill_uid_py, METH_VARARGS, "SIGKILL every process of a uid (kill(-1) as that uid)."},

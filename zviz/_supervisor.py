@@ -206,6 +206,10 @@ class Supervisor:
             elif r.kind == _pump.GATE_FAILED and r.notif is not None and self.direct is not None:
                 self.notifications += 1
                 self.direct.gate_failed(r)
+            elif r.kind in (_pump.CHECKED, _pump.CHECK_CUT) and self.direct is not None:
+                self.direct.checked(r, w.pump)
+            elif r.kind == _pump.DNS and self.direct is not None:
+                self.direct.dns_miss(r)
             elif r.kind == _pump.INPROGRESS and r.notif is not None and len(r.fds) == 2:
                 account = w.account_of(r.notif.pid)
                 self.notifications += 1
@@ -215,11 +219,13 @@ class Supervisor:
             elif r.kind == _pump.HUP:
                 self._forget(fd)  # no task of this filter is left
                 return
-            else:  # FAILED: the thread has ended; the listener is served here from now on
-                w.pump.close()
-                w.pump = None
+            else:  # FAILED: the thread has ended (or said something unreadable); the listener is served here now
                 self._ep.unregister(fd)
                 del self._watched[fd]
+                if self.direct is not None:
+                    self.direct.forget(w.pump)
+                w.pump.close()
+                w.pump = None
                 self._watched[w.listener.fd] = w
                 self._ep.register(w.listener.fd, select.EPOLLIN)
                 return
