@@ -9,8 +9,7 @@ from __future__ import annotations
 import ssl
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from zviz import _dns, _egressdirect, _stage
 
@@ -52,7 +51,7 @@ def test_what_real_clients_send_first_takes_the_fast_path():
         assert _python_passes(head, "pkgs.test", 8080), head
 
 
-@pytest.mark.parametrize("buf,why", [
+@pytest.mark.parametrize(("buf", "why"), [
     (_client_hello("evil.test"), "another name"),
     (_client_hello(None), "no name"),
     (_client_hello("pkgs.test.evil"), "a longer name"),
