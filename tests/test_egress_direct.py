@@ -351,6 +351,24 @@ async def test_closing_the_sandbox_closes_its_connections():
         lst.close()
 
 
+def test_cli_egress_direct(index, tmp_path):
+    """`zviz run --allow-domain pkgs.test:PORT --add-host ... --egress-direct` reaches the index by name
+    with no proxy variable; a name not allowed is a resolution failure and an event on stderr."""
+    import subprocess
+    import sys
+
+    code = ("import os, urllib.request, sys; assert not any(k.lower().endswith('_proxy') for k in os.environ); "
+            f"print(urllib.request.urlopen('http://pkgs.test:{index.port}/hello', timeout=10).read().decode(), end='')")
+    base = [sys.executable, "-m", "zviz", "run", "--allow-domain", f"pkgs.test:{index.port}",
+            "--add-host", "pkgs.test:127.0.0.1", "--egress-direct", "--"]
+    r = subprocess.run([*base, "python3", "-c", code], capture_output=True, timeout=60,
+                       env={**os.environ, "ZVIZ_SERVER": "0"})
+    assert r.returncode == 0 and r.stdout == b"hello from pkgs.test\n", r.stderr
+    r = subprocess.run([*base, "python3", "-c", "import socket; socket.gethostbyname('other.test')"],
+                       capture_output=True, timeout=60, env={**os.environ, "ZVIZ_SERVER": "0"})
+    assert r.returncode != 0 and b"other.test" in r.stderr and b"not-allowed" in r.stderr, r.stderr
+
+
 def test_direct_is_refused_with_its_fix_where_the_host_cannot(monkeypatch):
     from zviz import _egressdirect
 

@@ -86,6 +86,9 @@ def _add_run(sub: Subparsers) -> None:
     r.add_argument("--add-host", metavar="NAME:IP", action="append", default=[],
                    help="pin NAME (a name an --allow-domain allows) to IP for the proxy (no DNS; a private "
                    "address is accepted for it)")
+    r.add_argument("--egress-direct", action="store_true",
+                   help="allowed names are resolved in the sandbox and connected straight out on the host's "
+                   "sockets, each connection's first bytes checked (no proxy, no proxy variables; root)")
     r.add_argument("--timeout", metavar="S", type=float, help="wall-clock limit in seconds")
     r.add_argument("--memory", metavar="SIZE",
                    help="memory limit, e.g. 512M (per process, and per sandbox with a cgroup)")

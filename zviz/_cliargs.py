@@ -51,7 +51,7 @@ def policy_from_args(a: argparse.Namespace, absolute: Callable[[str], str]) -> P
                 raise PolicyError("--net", a.net, "either one of none/loopback, or HOST:PORT entries")
             net = Network(mode="allow", allow=[Endpoint.parse(m) for m in a.net])
         policy = attrs.evolve(policy, net=net)
-    if a.allow_domain or a.deny_domain or a.add_host:
+    if a.allow_domain or a.deny_domain or a.add_host or getattr(a, "egress_direct", False):
         policy = attrs.evolve(policy, net=_domains_from_args(a, policy.net))
     lim = policy.limits
     if a.timeout is not None:
@@ -79,7 +79,8 @@ def _domains_from_args(a: argparse.Namespace, current: Network) -> Network:
     if a.net:
         raise PolicyError("--net", a.net, "no --net with --allow-domain/--deny-domain/--add-host (domains mode)")
     if not a.allow_domain and current.mode != "domains":
-        raise PolicyError("--allow-domain", [], "at least one --allow-domain NAME with --deny-domain or --add-host")
+        raise PolicyError("--allow-domain", [], "at least one --allow-domain NAME with --deny-domain, --add-host "
+                          "or --egress-direct")
     names, ports = [], {80, 443}
     for item in a.allow_domain + a.deny_domain:
         _, sep, rest = item.partition("://")
@@ -106,13 +107,14 @@ def _domains_from_args(a: argparse.Namespace, current: Network) -> Network:
         if sep and port.isdigit():
             raise PolicyError("--deny-domain", item, f"a name without a port: {name} (a deny rule covers every port)")
     deny = [_domain_arg("--deny-domain", item, item) for item in a.deny_domain]
+    way = "direct" if getattr(a, "egress_direct", False) else current.way
     if current.mode != "domains":
-        net = Network.domains(names, ports=sorted(ports), deny=deny, hosts=hosts)
+        net = Network.domains(names, ports=sorted(ports), deny=deny, hosts=hosts, way=way)
     else:  # from --policy: the flags add to it
         net = Network.domains([*current.allow_domains, *names], ports=sorted(ports | set(current.ports)),
                               deny=[*current.deny_domains, *deny], hosts={**{k: list(v) for k, v in current.hosts},
                                                                           **hosts},
-                              max_connections=current.max_connections, max_bytes=current.max_bytes)
+                              max_connections=current.max_connections, max_bytes=current.max_bytes, way=way)
     _check_pins_allowed(a.add_host, net)
     return net
 

@@ -1,6 +1,11 @@
 """Direct egress: a domains-mode sandbox whose programs resolve allowed names
 and connect straight out (net.way = "direct", docs/network.md).
 
+Why this module is long: one sandbox's direct egress (the DNS misses, the
+first flights Python checks, the connections' ends, their events) shares
+its names and its live connections; the first-flight thread is the part to
+move out next.
+
 Why: through the proxy every byte crosses a second TCP connection and a
 third busy party; on a small host that halves bulk throughput. Here the
 sandbox's connect gets a socket of the host's own, connected to the checked
