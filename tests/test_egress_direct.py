@@ -158,18 +158,24 @@ for name in sys.argv[1:]:
 @pytest.mark.trio
 async def test_an_allowed_name_with_a_private_address_and_no_pin_is_refused(monkeypatch):
     """internal.test resolves (on the host) to 10.1.2.3: not public, not
-    pinned: it gets no address in the sandbox, and the event says why."""
+    pinned: it gets no address in the sandbox, and the event says why.
+    v6only.test has only an IPv6 address: refused (the sandbox's addresses
+    for names are IPv4), with an event naming the proxy way."""
     from zviz import _egress as egress_module
 
     async def fake_resolve(name, port, limiter=None):
-        return ["10.1.2.3"] if name == "internal.test" else ["93.184.216.34"]
+        return {"internal.test": ["10.1.2.3"], "v6only.test": ["2606:4700::1111"]}.get(name, ["93.184.216.34"])
 
     monkeypatch.setattr(egress_module, "resolve", fake_resolve)
-    async with zviz.open_sandbox(_policy(names=("internal.test", "public.test"), shell=False)) as sb:
-        r = await sb.run(["python3", "-c", PRIVATE, "internal.test", "public.test"])
-        assert r.stdout.decode().splitlines() == ["internal.test no -2", "public.test 198.18.0.1"], r
-        denied = _egress(sb, allowed=False)
-        assert [(e.domain, e.code) for e in denied] == [("internal.test", "private-address")] * len(denied)
+    names = ("internal.test", "public.test", "v6only.test")
+    async with zviz.open_sandbox(_policy(names=names, shell=False)) as sb:
+        r = await sb.run(["python3", "-c", PRIVATE, *names])
+        assert r.stdout.decode().splitlines() == ["internal.test no -2", "public.test 198.18.0.1",
+                                                  "v6only.test no -3"], r
+        denied = {(e.domain, e.code) for e in _egress(sb, allowed=False)}
+        assert denied == {("internal.test", "private-address"), ("v6only.test", "resolve")}, denied
+        v6 = next(e for e in _egress(sb, allowed=False) if e.domain == "v6only.test")
+        assert "IPv4 addresses only" in v6.reason
 
 
 RAW = r'''

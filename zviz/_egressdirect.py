@@ -468,7 +468,12 @@ class DirectEgress:
             self._ids[name] = len(self._names)
             self._names.append(name)
         v4 = [a for a in addresses if ":" not in a]
-        self._checked[name] = (time.monotonic() + CHECKED_S, (v4 or addresses)[0])
+        if not v4:  # (the sandbox's address for a name is IPv4: its connects are IPv4 ones)
+            self._refused(name, 0, Refused("resolve", f"{name} has no IPv4 address ({', '.join(addresses[:3])}): "
+                                           "direct egress reaches IPv4 addresses only; use way='proxy'"))
+            _sendto(sock, _dns.answer(q, _dns.REFUSED), peer)
+            return
+        self._checked[name] = (time.monotonic() + CHECKED_S, v4[0])
         self.refresh()
         _sendto(sock, _dns.answer(q, addresses=(self._fake(name),), ttl=DNS_TTL), peer)
 

@@ -445,6 +445,11 @@ fast_connect(struct pump *p, const struct seccomp_notif *n)
         if (values[i] && setsockopt(sock, carried[i].level, carried[i].name, &values[i], sizeof values[i]))
             goto out;
     const unsigned char *to = found ? e.to : addr;
+    static const unsigned char v4mapped[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
+    if (family == AF_INET && memcmp(to, v4mapped, 12)) {
+        handled = 0; /* an IPv4 socket and an address that is not IPv4: Python refuses it */
+        goto out;
+    }
     uint16_t to_port_be = found ? htons(e.to_port) : port_be;
     int err;
     if (family == AF_INET) {

@@ -206,7 +206,12 @@ class Supervisor:
             elif r.kind == _pump.GATE_FAILED and r.notif is not None and self.direct is not None:
                 self.notifications += 1
                 self.direct.gate_failed(r)
-            elif r.kind in (_pump.CHECKED, _pump.CHECK_CUT) and self.direct is not None:
+            elif r.kind in (_pump.CHECKED, _pump.CHECK_CUT) and self.direct is not None and r.notif is not None:
+                account = w.account_of(r.notif.pid)  # (a connect out whose first flight the pump checked)
+                self.notifications += 1
+                account.notifications += 1
+                account.connects += 1
+                self.connects_pumped += 1
                 self.direct.checked(r, w.pump)
             elif r.kind == _pump.DNS and self.direct is not None:
                 self.direct.dns_miss(r)
