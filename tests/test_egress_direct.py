@@ -178,6 +178,26 @@ async def test_an_allowed_name_with_a_private_address_and_no_pin_is_refused(monk
         assert "IPv4 addresses only" in v6.reason
 
 
+@pytest.mark.trio
+async def test_names_one_sandbox_is_given_are_bounded(monkeypatch):
+    """Past MAX_NAMES distinct names a sandbox gets no more addresses (each
+    name costs the host a table rebuild), with an event; the names it has
+    keep working."""
+    from zviz import _egress as egress_module, _egressdirect
+
+    async def fake_resolve(name, port, limiter=None):
+        return ["93.184.216.34"]
+
+    monkeypatch.setattr(egress_module, "resolve", fake_resolve)
+    monkeypatch.setattr(_egressdirect, "MAX_NAMES", 3)
+    names = [f"n{i}.many.test" for i in range(5)]
+    async with zviz.open_sandbox(_policy(names=("*.many.test",), shell=False)) as sb:
+        r = await sb.run(["python3", "-c", PRIVATE, *names, "n0.many.test"])
+        got = r.stdout.decode().splitlines()
+        assert [line.split()[1].startswith("198.18.") for line in got] == [True] * 3 + [False] * 2 + [True], got
+        assert {e.code for e in _egress(sb, allowed=False)} == {"names"}
+
+
 RAW = r'''
 import socket, sys
 try:

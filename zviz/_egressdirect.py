@@ -75,7 +75,9 @@ from ._egressproto import NEED_MORE, BadRequest, Refused
 FAKE_NET = ipaddress.IPv4Network("198.18.0.0/15")  # RFC 2544: nothing real answers there
 CHECKED_S = 30.0  # s a name's checked addresses are reused before it is resolved again
 DNS_TTL = 5
-MAX_NAMES = FAKE_NET.num_addresses - 2
+# Names one sandbox is given addresses for, over its life (each one rebuilds the pump's tables: a
+# sandbox asking for names without end would cost the host's loop quadratic time). Past it: REFUSED.
+MAX_NAMES = 1024
 DNS_PORT = 53
 SO_COOKIE = 57
 # sock_diag: the destroy messages of TCP sockets (IPv4, IPv6), and where tcp_info's counters sit
