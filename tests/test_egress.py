@@ -78,8 +78,12 @@ async def test_pip_install_from_an_allowed_index(index):
 @pytest.mark.trio
 @pytest.mark.skipif(shutil.which("npm") is None, reason="npm is not installed (apt-get install npm)")
 async def test_npm_install_from_an_allowed_registry(index):
-    pol = _policy(index.port)
-    pol = zviz.Policy.shell(net=pol.net, limits=zviz.Limits(wall_s=90, memory=None))
+    await npm_install(_policy(index.port).net, index)
+
+
+async def npm_install(net: zviz.Network, index) -> None:
+    """npm install tinynpm from the test registry, in a sandbox with `net` (either way)."""
+    pol = zviz.Policy.shell(net=net, limits=zviz.Limits(wall_s=90, memory=None))
     async with zviz.open_sandbox(pol) as sb:
         await sb.write_file("package.json", b'{"name": "app", "version": "1.0.0"}')
         r = await sb.run(["npm", "install", "--no-audit", "--no-fund", "--no-update-notifier",

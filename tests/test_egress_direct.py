@@ -19,7 +19,7 @@ import trio
 import zviz
 
 from .egress_servers import TlsEcho, package_index, self_signed
-from .test_egress import SYS_PY, VENV_PY, _pip_python
+from .test_egress import SYS_PY, VENV_PY, _pip_python, npm_install
 
 
 def _why_not() -> str | None:
@@ -88,16 +88,7 @@ async def test_pip_install_with_no_proxy_variables(index):
 @pytest.mark.trio
 @pytest.mark.skipif(shutil.which("npm") is None, reason="npm is not installed (apt-get install npm)")
 async def test_npm_install_with_no_proxy_variables(index):
-    pol = _policy(index.port)
-    pol = zviz.Policy.shell(net=pol.net, limits=zviz.Limits(wall_s=90, memory=None))
-    async with zviz.open_sandbox(pol) as sb:
-        await sb.write_file("package.json", b'{"name": "app", "version": "1.0.0"}')
-        r = await sb.run(["npm", "install", "--no-audit", "--no-fund", "--no-update-notifier",
-                          f"--registry=http://pkgs.test:{index.port}/", "tinynpm"], timeout=90)
-        assert r.status == 0, (r.stdout + r.stderr).decode()[-2000:]
-        r2 = await sb.run(["node", "-e", "console.log(require('tinynpm'))"])
-        assert r2.stdout == b"42\n", r2.stderr
-    assert ("GET", "/tinynpm/-/tinynpm-1.0.0.tgz") in {(m, p) for m, p, _ in index.requests}
+    await npm_install(_policy(index.port).net, index)
 
 
 @pytest.mark.trio

@@ -310,25 +310,8 @@ class EgressProxy:
                 # Every destination is the namespace's own: a direct connect is refused at once (RST), and
                 # the watchers see that reset (an event naming the fix); only the proxy listens there.
                 made.extend(_egresswatch.refusal_watchers(_egresswatch.route_everything_local()))
-                for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
-                    try:
-                        s = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
-                    except OSError as e:
-                        if family == socket.AF_INET6 and e.errno == errno.EAFNOSUPPORT:
-                            continue  # no IPv6 on this host: nothing to reach on ::1 either
-                        raise
+                for s in bound_pair(socket.SOCK_STREAM, ("127.0.0.1", "::1"), proto.PROXY_PORT, freebind=True):
                     made.append(s)
-                    with contextlib.suppress(OSError):
-                        s.setsockopt(socket.IPPROTO_IP, _IP_FREEBIND, 1)  # (::1 may still be coming up)
-                    if family == socket.AF_INET6:
-                        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                    try:
-                        s.bind((host, proto.PROXY_PORT))
-                    except OSError as e:
-                        if family == socket.AF_INET6 and e.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
-                            made.pop().close()  # no IPv6 in this namespace: nothing to reach on ::1 either
-                            continue
-                        raise
                     with contextlib.suppress(OSError):  # woken when the request has come, not before
                         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 1)
                     s.listen(512)
@@ -772,6 +755,39 @@ class EgressProxy:
 
 
 # ---------------------------------------------------------------- socket helpers
+
+
+def bound_pair(kind: int, hosts: tuple[str, str], port: int, *, freebind: bool = False) -> list[socket.socket]:
+    """Sockets of `kind` bound to (IPv4 host, port) and (IPv6 host, port),
+    non-blocking; the IPv6 one IPv6 only, and left out where the host or the
+    namespace has no IPv6 (nothing could reach it there either)."""
+    made: list[socket.socket] = []
+    try:
+        for family, host in ((socket.AF_INET, hosts[0]), (socket.AF_INET6, hosts[1])):
+            try:
+                s = socket.socket(family, kind | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+            except OSError as e:
+                if family == socket.AF_INET6 and e.errno == errno.EAFNOSUPPORT:
+                    continue
+                raise
+            made.append(s)
+            if freebind:
+                with contextlib.suppress(OSError):
+                    s.setsockopt(socket.IPPROTO_IP, _IP_FREEBIND, 1)  # (::1 may still be coming up)
+            if family == socket.AF_INET6:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                s.bind((host, port))
+            except OSError as e:
+                if family == socket.AF_INET6 and e.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+                    made.pop().close()
+                    continue
+                raise
+    except BaseException:
+        for s in made:
+            s.close()
+        raise
+    return made
 
 
 async def resolve(name: str, port: int, limiter: anyio.CapacityLimiter | None = None) -> list[str]:

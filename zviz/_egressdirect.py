@@ -206,31 +206,10 @@ class DirectEgress:
         ns: list[int] = []
 
         def make() -> list[socket.socket]:
-            made: list[socket.socket] = []
+            from ._egress import bound_pair
+
             ns.append(os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC))
-            try:
-                for family, host in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
-                    try:
-                        s = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
-                    except OSError as e:
-                        if e.errno == errno.EAFNOSUPPORT:
-                            continue
-                        raise
-                    made.append(s)
-                    if family == socket.AF_INET6:
-                        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                    try:
-                        s.bind((host, DNS_PORT))
-                    except OSError as e:
-                        if family == socket.AF_INET6 and e.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
-                            made.pop().close()
-                            continue
-                        raise
-            except BaseException:
-                for s in made:
-                    s.close()
-                raise
-            return made
+            return bound_pair(socket.SOCK_DGRAM, ("0.0.0.0", "::"), DNS_PORT)
 
         try:
             made = _kernel.sockets_in_netns(pidfd, make)

@@ -845,17 +845,42 @@ pump_start(int listener, int out, int stop, int netns, int gate, int dns4, int d
     return p;
 }
 
+/* Put a new table in place (under the lock) and free the old one. */
+static void
+swap(struct pump *p, void **table, size_t *count, void *fresh, size_t n)
+{
+    pthread_mutex_lock(&p->lock);
+    void *old = *table;
+    *table = fresh;
+    *count = n;
+    pthread_mutex_unlock(&p->lock);
+    free(old);
+}
+
+/* Room for the `len / entry` entries of a blob (NULL for none); *err: 0, EINVAL or ENOMEM. */
+static void *
+entries(size_t len, size_t entry, size_t elem, size_t *count, int *err)
+{
+    *count = len / entry;
+    *err = len % entry ? EINVAL : 0;
+    if (*err || !*count)
+        return NULL;
+    void *t = calloc(*count, elem);
+    if (!t)
+        *err = ENOMEM;
+    return t;
+}
+
 #define ENTRY_SIZE 40
 
 int
 pump_set_table(struct pump *p, const unsigned char *blob, size_t len, long budget)
 {
-    if (len % ENTRY_SIZE)
-        return EINVAL;
-    size_t count = len / ENTRY_SIZE;
-    struct endpoint *t = count ? calloc(count, sizeof *t) : NULL;
-    if (count && !t)
-        return ENOMEM;
+    size_t count;
+    int err;
+    struct endpoint *t = entries(len, ENTRY_SIZE, sizeof *t, &count, &err);
+    if (err)
+        return err;
     for (size_t i = 0; i < count; i++) {
         const unsigned char *b = blob + ENTRY_SIZE * i;
         memcpy(t[i].addr, b, 16);
@@ -865,13 +890,10 @@ pump_set_table(struct pump *p, const unsigned char *blob, size_t len, long budge
         memcpy(&t[i].name, b + 36, 4);
     }
     pthread_mutex_lock(&p->lock);
-    struct endpoint *old = p->table;
-    p->table = t;
-    p->count = count;
     if (budget >= 0)
         p->budget = budget;
     pthread_mutex_unlock(&p->lock);
-    free(old);
+    swap(p, (void **)&p->table, &p->count, t, count);
     return 0;
 }
 
@@ -880,12 +902,11 @@ pump_set_table(struct pump *p, const unsigned char *blob, size_t len, long budge
 int
 pump_set_names(struct pump *p, const unsigned char *blob, size_t len)
 {
-    if (len % NAME_ENTRY_SIZE)
-        return EINVAL;
-    size_t count = len / NAME_ENTRY_SIZE;
-    struct name *t = count ? calloc(count, sizeof *t) : NULL;
-    if (count && !t)
-        return ENOMEM;
+    size_t count;
+    int err;
+    struct name *t = entries(len, NAME_ENTRY_SIZE, sizeof *t, &count, &err);
+    if (err)
+        return err;
     for (size_t i = 0; i < count; i++) {
         const unsigned char *b = blob + NAME_ENTRY_SIZE * i;
         memcpy(t[i].text, b, 255);
@@ -894,12 +915,7 @@ pump_set_names(struct pump *p, const unsigned char *blob, size_t len)
         memcpy(&t[i].id, b + 260, 4);
         memcpy(&t[i].until_ns, b + 264, 8);
     }
-    pthread_mutex_lock(&p->lock);
-    struct name *old = p->names;
-    p->names = t;
-    p->n_names = count;
-    pthread_mutex_unlock(&p->lock);
-    free(old);
+    swap(p, (void **)&p->names, &p->n_names, t, count);
     return 0;
 }
 

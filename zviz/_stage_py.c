@@ -415,17 +415,14 @@ stage_pump_start(PyObject *self, PyObject *args)
     return cap;
 }
 
+/* A table for the pump: fn(pump, blob, length, budget) gives 0, an errno, or -1 (not a pump). */
 static PyObject *
-stage_pump_set_table(PyObject *self, PyObject *args)
+pump_table_call(PyObject *cap, Py_buffer *blob, long budget, int (*fn)(struct pump *, const unsigned char *,
+                                                                        size_t, long))
 {
-    PyObject *cap;
-    Py_buffer blob;
-    long budget = -1;
-    if (!PyArg_ParseTuple(args, "Oy*|l:pump_set_table", &cap, &blob, &budget))
-        return NULL;
     struct pump *p = PyCapsule_GetPointer(cap, PUMP_CAPSULE);
-    int err = p ? pump_set_table(p, blob.buf, (size_t)blob.len, budget) : -1;
-    PyBuffer_Release(&blob);
+    int err = p ? fn(p, blob->buf, (size_t)blob->len, budget) : -1;
+    PyBuffer_Release(blob);
     if (err < 0)
         return NULL;
     if (err) {
@@ -435,6 +432,23 @@ stage_pump_set_table(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+static int
+set_names(struct pump *p, const unsigned char *blob, size_t len, long unused)
+{
+    return pump_set_names(p, blob, len);
+}
+
+static PyObject *
+stage_pump_set_table(PyObject *self, PyObject *args)
+{
+    PyObject *cap;
+    Py_buffer blob;
+    long budget = -1;
+    if (!PyArg_ParseTuple(args, "Oy*|l:pump_set_table", &cap, &blob, &budget))
+        return NULL;
+    return pump_table_call(cap, &blob, budget, pump_set_table);
+}
+
 static PyObject *
 stage_pump_set_names(PyObject *self, PyObject *args)
 {
@@ -442,16 +456,7 @@ stage_pump_set_names(PyObject *self, PyObject *args)
     Py_buffer blob;
     if (!PyArg_ParseTuple(args, "Oy*:pump_set_names", &cap, &blob))
         return NULL;
-    struct pump *p = PyCapsule_GetPointer(cap, PUMP_CAPSULE);
-    int err = p ? pump_set_names(p, blob.buf, (size_t)blob.len) : -1;
-    PyBuffer_Release(&blob);
-    if (err < 0)
-        return NULL;
-    if (err) {
-        errno = err;
-        return PyErr_SetFromErrno(PyExc_OSError);
-    }
-    Py_RETURN_NONE;
+    return pump_table_call(cap, &blob, -1, set_names);
 }
 
 static PyObject *

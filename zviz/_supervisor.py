@@ -40,7 +40,7 @@ import select
 import socket
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 import anyio
@@ -260,8 +260,7 @@ class Supervisor:
             try:
                 if self._stopped:
                     return
-                with anyio.CancelScope() as scope:
-                    self._connects.add(scope)
+                with self._tracked():
                     try:
                         if gated is not None:
                             await self._finish_gated(listener, n, task, sock, fd, cloexec, account, *gated)
@@ -271,8 +270,6 @@ class Supervisor:
                     except (OSError, ValueError):
                         if not listener.closed:
                             raise
-                    finally:
-                        self._connects.discard(scope)
             finally:
                 sock.close()
                 task.close()
@@ -518,6 +515,16 @@ class Supervisor:
 
     # ---- connect under an allowlist
 
+    @contextlib.contextmanager
+    def _tracked(self) -> Iterator[None]:
+        """A connect's task: stop() cancels it."""
+        with anyio.CancelScope() as scope:
+            self._connects.add(scope)
+            try:
+                yield
+            finally:
+                self._connects.discard(scope)
+
     def _take_connect_slot(self) -> object | None:
         if len(self._slots) >= self.max_connects or not _HOST_CONNECTS.take():
             return None
@@ -544,8 +551,7 @@ class Supervisor:
         try:
             if self._stopped:
                 return
-            with anyio.CancelScope() as scope:
-                self._connects.add(scope)
+            with self._tracked():
                 try:
                     await self._connect_on_behalf(listener, n, want, account)
                 except OSError as e:
@@ -564,8 +570,6 @@ class Supervisor:
                 except ValueError:
                     if not listener.closed:
                         raise
-                finally:
-                    self._connects.discard(scope)
         finally:
             self._give_connect_slot(slot)
 
