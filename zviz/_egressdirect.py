@@ -79,6 +79,8 @@ DNS_TTL = 5
 # sandbox asking for names without end would cost the host's loop quadratic time). Past it: REFUSED.
 MAX_NAMES = 1024
 DNS_PORT = 53
+GATE_SOCKET = 0  # zviz/_gate.h: a key's kind (the connection's socket; 1: its capture socket)
+OWN_NAMES = frozenset({"zviz", "localhost"})  # the sandbox's hostname (_plan) and localhost: its own loopback
 SO_COOKIE = 57
 # sock_diag: the destroy messages of TCP sockets (IPv4, IPv6), and where tcp_info's counters sit
 NETLINK_SOCK_DIAG = 4
@@ -420,6 +422,8 @@ class DirectEgress:
             return _dns.answer(q, _dns.REFUSED)
         if q.name.endswith(".in-addr.arpa") or q.name.endswith(".ip6.arpa"):
             return _dns.answer(q, _dns.NXDOMAIN)
+        if q.name in OWN_NAMES:  # (its own hostname, as /etc/hosts would have it: programs look it up)
+            return _dns.answer(q, addresses=("127.0.0.1",), ttl=DNS_TTL)
         rules = self.proxy.rules
         name, refused = rules.check(q.name, min(rules.ports))
         if refused is not None:
@@ -505,7 +509,14 @@ class DirectEgress:
         the gate, or refuse it; either way the check is over."""
         sel.unregister(c.capture)
         del checks[c.capture.fileno()]
+        lowat = None
         if refused is None:
+            # The server's answer must not reach the program before the socket is out of the gate (its
+            # next message, sent on that answer, would be held in the capture socket and lost): a receive
+            # low-water mark keeps it from recv and poll until it is restored, which wakes them.
+            with contextlib.suppress(OSError):
+                lowat = c.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT)
+                c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 0x7FFFFFFF)
             try:
                 _send_now(c.sock, c.buf)
             except OSError as e:
@@ -515,10 +526,14 @@ class DirectEgress:
         # follows it: the connection is cut instead. (A program already blocked in recv() when it is
         # refused is woken with EAGAIN, not the end: a quirk of sockets in a sockmap, tcp_bpf_recvmsg;
         # its next call sees the end.)
-        _stage.gate_remove(self.gate.map_fd, c.key)
+        _stage.gate_remove(self.gate.map_fd, c.key, GATE_SOCKET)
         if refused is None and _pending(c.capture):
             refused = Refused("early-data", "the program sent more before the server answered its first "
                               "message (TLS early data): not supported by direct egress")
+        _stage.gate_remove(self.gate.map_fd, c.key)  # (the capture socket's entry too)
+        if lowat is not None:
+            with contextlib.suppress(OSError):
+                c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, lowat)
         conn = c.conn
         if refused is not None:
             _shut(c.sock)

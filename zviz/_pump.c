@@ -711,6 +711,15 @@ step_check(struct pump *p, int i)
     }
     struct gate_key k;
     memcpy(&k, c->key, sizeof k);
+    /* The server's answer must not reach the program before the socket is out
+     * of the gate: its next message (sent on that answer) would be held in the
+     * capture socket, and lost with it. Its receive low-water mark keeps the
+     * answer from it (recv and poll wait) until it is restored, which wakes it. */
+    int lowat = 1;
+    socklen_t llen = sizeof lowat;
+    getsockopt(c->sock, SOL_SOCKET, SO_RCVLOWAT, &lowat, &llen);
+    int hold = INT32_MAX;
+    setsockopt(c->sock, SOL_SOCKET, SO_RCVLOWAT, &hold, sizeof hold);
     ssize_t sent = send(c->sock, buf, (size_t)n, MSG_DONTWAIT | MSG_NOSIGNAL);
     k.kind = GATE_SOCKET;
     gate_remove_one(p->gate, &k); /* out of the gate: its next sends go straight out */
@@ -729,6 +738,7 @@ step_check(struct pump *p, int i)
         r.err = sent != n ? (sent < 0 ? errno : EIO) : 0;
     }
     gate_remove_one(p->gate, &k);
+    setsockopt(c->sock, SOL_SOCKET, SO_RCVLOWAT, &lowat, sizeof lowat); /* (the answer reaches it now) */
     int fds[1] = {c->sock};
     emit_fds(p, &r, fds, 1); /* Python learns its cookie (for its end's byte counts), then lets go */
     close(c->sock);

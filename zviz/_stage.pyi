@@ -43,8 +43,9 @@ def gate_add(map_fd: int, up: int, capture: int, /) -> bytes:
 def gate_key(up: int, /) -> bytes:
     """The gate's key of TCP socket `up`."""
 
-def gate_remove(map_fd: int, key: bytes, /) -> bool:
-    """Take the connection's two entries out; False if neither was in."""
+def gate_remove(map_fd: int, key: bytes, which: int = -1, /) -> bool:
+    """Take the connection's entries out (which: 0 its socket's, 1 its capture socket's, -1 both);
+    False if none was in."""
 
 def flight_check(buf: bytes, name: str, port: int, /) -> int:
     """The pump's fast first-flight check (zviz/_flight.c): 1 passes, 0 incomplete, -1 Python's."""

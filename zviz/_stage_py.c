@@ -526,13 +526,14 @@ stage_gate_key(PyObject *self, PyObject *args)
     return PyBytes_FromStringAndSize((const char *)&key, sizeof key);
 }
 
-/* gate_remove(map, key) -> bool: both entries of the connection out; False if neither was in */
+/* gate_remove(map, key, which=-1) -> bool: the connection's entries out (which: 0 the socket's, 1 the
+ * capture socket's, -1 both); False if none was in */
 static PyObject *
 stage_gate_remove(PyObject *self, PyObject *args)
 {
-    int map;
+    int map, which = -1;
     Py_buffer b;
-    if (!PyArg_ParseTuple(args, "iy*:gate_remove", &map, &b))
+    if (!PyArg_ParseTuple(args, "iy*|i:gate_remove", &map, &b, &which))
         return NULL;
     if (b.len != (Py_ssize_t)sizeof(struct gate_key)) {
         PyBuffer_Release(&b);
@@ -542,9 +543,9 @@ stage_gate_remove(PyObject *self, PyObject *args)
     memcpy(&key, b.buf, sizeof key);
     PyBuffer_Release(&b);
     key.kind = GATE_SOCKET;
-    int r1 = gate_remove_one(map, &key);
+    int r1 = which == GATE_CAPTURE ? -ENOENT : gate_remove_one(map, &key);
     key.kind = GATE_CAPTURE;
-    int r2 = gate_remove_one(map, &key);
+    int r2 = which == GATE_SOCKET ? -ENOENT : gate_remove_one(map, &key);
     if ((r1 < 0 && r1 != -ENOENT) || (r2 < 0 && r2 != -ENOENT)) {
         errno = r1 < 0 && r1 != -ENOENT ? -r1 : -r2;
         return PyErr_SetFromErrno(PyExc_OSError);
@@ -719,7 +720,7 @@ static PyMethodDef methods[] = {
      "gate_open(tgid) -> (map_fd, prog_fd): the SOCKHASH and its SK_MSG program (zviz/_gate.c)."},
     {"gate_add", stage_gate_add, METH_VARARGS, "gate_add(map, up, capture) -> key: hold up's sends in capture."},
     {"gate_key", stage_gate_key, METH_VARARGS, "gate_key(up) -> key: the map key of TCP socket up."},
-    {"gate_remove", stage_gate_remove, METH_VARARGS, "gate_remove(map, key) -> bool: release the connection."},
+    {"gate_remove", stage_gate_remove, METH_VARARGS, "gate_remove(map, key, which=-1) -> bool: release the connection (0: its socket, 1: its capture)."},
     {"flight_check", stage_flight_check, METH_VARARGS,
      "flight_check(buf, name, port) -> 1 (passes), 0 (incomplete), -1 (Python's): zviz/_flight.c."},
     {"dns_query_name", stage_dns_query_name, METH_VARARGS, "dns_query_name(q) -> (name, qtype, end) or None."},
