@@ -265,8 +265,8 @@ print("answered", answered)
 '''
 
 
-@pytest.mark.xfail(strict=True, reason="open: every new name rebuilds the whole pump table on the event loop "
-                   "(quadratic in the names a sandbox asks for; see the report)")
+@pytest.mark.xfail(strict=False, reason="open: every new name rebuilds the whole pump table on the event loop "
+                   "(quadratic in the names a sandbox asks for; a fast machine may pass it: 1.8-6.5 s measured here)")
 @pytest.mark.trio
 async def test_many_names_never_stall_the_hosts_loop(monkeypatch):
     """A sandbox allowed *.pkgs.test on 16 ports asks for 200 distinct
