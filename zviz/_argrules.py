@@ -224,6 +224,19 @@ ROUTING_OPTIONS: tuple[Alternative, ...] = (
     *conjoin((((1, _U32, IPPROTO_IPV6),),), values_except(2, IPV6_ROUTING, 32, high_zero=False)),
 )
 
+# Where the sandbox holds sockets of the host's network (net.mode = "allow",
+# the supervised way of "domains", and "direct"): network device ioctls on
+# such a socket (SIOCGIFCONF, SIOCGIFNAME, SIOCGIFHWADDR, ethtool, ...: 0x8910
+# to 0x8fff) would describe the host's interfaces, addresses and hardware. They
+# are refused on every socket there (seccomp cannot see which fd is the host's;
+# getifaddrs() asks netlink, which sees the sandbox's own namespace). Compared
+# on the low 16 bits, as the page-table ioctls are (stricter than the kernel).
+NET_DEVICE_IOCTLS = range(0x8910, 0x9000)
+NET_DEVICE_IOCTL = Check("ioctl", values_except(1, (PAGEMAP_SCAN, PROCMAP_QUERY, *NET_DEVICE_IOCTLS), 16,
+                                                high_zero=False), errno.EACCES,
+                         "a network device ioctl, refused where the sandbox holds sockets of the host's network (they "
+                         "would describe the host's interfaces); getifaddrs() (netlink) shows the sandbox's own")
+
 # net.mode = "domains", way "direct": connect() is the kernel's unless its
 # addrlen (a socklen_t: the low 32 bits) is that of sockaddr_in (16) or
 # sockaddr_in6 (28), which the pump performs (zviz/_pump.c). A TCP connect
@@ -274,6 +287,8 @@ def rules(*, net_mode: str, pid_ns: bool) -> dict[str, tuple[Alternative, ...]]:
         for name, arg in (("sendto", 3), ("sendmsg", 2), ("sendmmsg", 3)):
             out[name] = conjoin(out[name], bits_clear(arg, MSG_FASTOPEN))
         out["setsockopt"] = ROUTING_OPTIONS
+    if net_mode in ("allow", "direct"):  # (its host sockets: no device ioctls; the page-table ones stay refused)
+        out["ioctl"] = NET_DEVICE_IOCTL.allow
     return out
 
 

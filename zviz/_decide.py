@@ -189,6 +189,8 @@ def decide(nr: int, arch: int, args: Sequence[int], *, net_allow: bool) -> Answe
     check = _argrules.refusal(name, args)
     if check is not None:
         return Deny(check.errno)
+    if net_allow and name == "ioctl" and (args[1] & 0xFFFF) in _argrules.NET_DEVICE_IOCTLS:
+        return Deny(_argrules.NET_DEVICE_IOCTL.errno)
     if name in _syscalls.DANGEROUS:
         return Deny(errno.EPERM)
     if name in ("socket", "socketpair"):

@@ -78,6 +78,7 @@ DNS_TTL = 5
 # Names one sandbox is given addresses for, over its life (each one rebuilds the pump's tables: a
 # sandbox asking for names without end would cost the host's loop quadratic time). Past it: REFUSED.
 MAX_NAMES = 1024
+MAX_WAITING = 256  # DNS queries waiting for lookups, all names together (past it: REFUSED at once)
 DNS_PORT = 53
 GATE_SOCKET = 0  # zviz/_gate.h: a key's kind (the connection's socket; 1: its capture socket)
 OWN_NAMES = frozenset({"zviz", "localhost"})  # the sandbox's hostname (_plan) and localhost: its own loopback
@@ -190,6 +191,9 @@ class DirectEgress:
         self._tg: anyio.abc.TaskGroup | None = None
         self._closed = False
         self.queries = 0
+        self._entries: dict[str, tuple[bytes, bytes]] = {}  # name -> its packed entries (_tables)
+        self._packed_for: Any = None  # the rules they were packed for
+        self._waiting: dict[str, list[tuple[socket.socket, _dns.Query, Any]]] = {}  # lookups in flight
         # the thread (DNS answers from the cache, first flights) and the loop tell each other things
         self._inbox: collections.deque[tuple[Any, ...]] = collections.deque()  # to the thread
         self._outbox: collections.deque[Callable[[], None]] = collections.deque()  # to the loop
@@ -235,8 +239,9 @@ class DirectEgress:
 
     def adopt(self, pump: _pump.Pump) -> None:
         self.pumps.append(pump)
-        pump.set_table(self._table())
-        pump.set_names(self._names_table())
+        table, names = self._tables()
+        pump.set_table(table)
+        pump.set_names(names)
 
     def forget(self, pump: _pump.Pump) -> None:
         if pump in self.pumps:
@@ -245,29 +250,30 @@ class DirectEgress:
     def _budget(self) -> int:
         return max(0, int(self.proxy.max_connections) - len(self._live) - self._checking)
 
-    def _table(self) -> bytes:
-        rules = self.proxy.rules
-        now = time.monotonic()
-        entries = []
-        for name, (until, address) in list(self._checked.items()):
-            if until < now or rules.check(name, min(rules.ports))[1] is not None:
-                continue
-            fake = self._fake(name)
-            for port in rules.ports:
-                entries.append((fake, port, address, port, self._ids[name]))
-        return _pump.direct_table(entries)
+    def _pack(self, name: str, until: float, address: str) -> tuple[bytes, bytes]:
+        """A name's entries in the pump's tables: its connects (one per allowed port) and its DNS answer."""
+        ports = self.proxy.rules.ports
+        fake, ident = self._fake(name), self._ids[name]
+        return (_pump.direct_table((fake, port, address, port, ident) for port in ports),
+                _pump.names_table([(name, fake, ident, until)]))
 
-    def _names_table(self) -> bytes:
-        """The names the pump answers DNS for itself: checked, still allowed, not expired."""
+    def _tables(self) -> tuple[bytes, bytes]:
+        """The pump's tables: the names checked, still allowed and not expired. Each name's entries are
+        packed once (a rebuild per name asked for would cost the host's loop quadratic time); new
+        rules pack them again, once."""
         rules = self.proxy.rules
+        if rules is not self._packed_for:
+            self._packed_for = rules
+            self._entries = {name: self._pack(name, until, address)
+                             for name, (until, address) in self._checked.items()
+                             if rules.check(name, min(rules.ports))[1] is None}
         now = time.monotonic()
-        return _pump.names_table((name, self._fake(name), self._ids[name], until)
-                                 for name, (until, _a) in list(self._checked.items())
-                                 if until > now and rules.check(name, min(rules.ports))[1] is None)
+        live = [e for name, e in self._entries.items() if self._checked[name][0] > now]
+        return b"".join(e[0] for e in live), b"".join(e[1] for e in live)
 
     def refresh(self) -> None:
         """The rules changed (set_network) or a name was checked: the pumps' tables follow."""
-        table, names = self._table(), self._names_table()
+        table, names = self._tables()
         for p in self.pumps:
             p.set_table(table)
             p.set_names(names)
@@ -413,8 +419,21 @@ class DirectEgress:
             self._resolve_soon(sock, q, peer)
 
     def _resolve_soon(self, sock: socket.socket, q: _dns.Query, peer: Any) -> None:
-        if self._tg is not None:
-            self._tg.start_soon(self._answer_later, sock, q, peer)
+        """One lookup per name at a time: a query for a name being looked up
+        waits for that lookup; past MAX_WAITING queries waiting, REFUSED."""
+        if self._tg is None:
+            return
+        rules = self.proxy.rules
+        name, _ = rules.check(q.name, min(rules.ports))
+        if sum(map(len, self._waiting.values())) >= MAX_WAITING:
+            _sendto(sock, _dns.answer(q, _dns.REFUSED), peer)
+            return
+        waiting = self._waiting.get(name)
+        if waiting is not None:
+            waiting.append((sock, q, peer))
+            return
+        self._waiting[name] = [(sock, q, peer)]
+        self._tg.start_soon(self._look_up, name)
 
     def _answer_now(self, q: _dns.Query) -> bytes | None:
         """The answer if it needs no lookup (None: `_answer_later`)."""
@@ -434,33 +453,41 @@ class DirectEgress:
             return _dns.answer(q, addresses=(self._fake(name),), ttl=DNS_TTL)
         return None
 
-    async def _answer_later(self, sock: socket.socket, q: _dns.Query, peer: Any) -> None:
+    async def _look_up(self, name: str) -> None:
+        """Check and resolve `name` (the proxy's way), give it an address of
+        the sandbox's own, and answer every query that waited for it."""
+        try:
+            rcode, fake = await self._check_name(name)
+        finally:
+            waiting = self._waiting.pop(name, [])
+        for sock, q, peer in waiting:
+            _sendto(sock, _dns.answer(q, rcode, addresses=(fake,) if fake else (), ttl=DNS_TTL), peer)
+
+    async def _check_name(self, name: str) -> tuple[int, str | None]:
         from ._egress import _Denied
 
         rules = self.proxy.rules
-        name, _ = rules.check(q.name, min(rules.ports))
         try:
             addresses = await self.proxy._addresses(rules, name, min(rules.ports))
         except _Denied as d:
             self._refused(name, 0, d.refused)
-            _sendto(sock, _dns.answer(q, _dns.REFUSED if d.refused.code == "resolve" else _dns.NXDOMAIN), peer)
-            return
+            return (_dns.REFUSED if d.refused.code == "resolve" else _dns.NXDOMAIN), None
         if name not in self._ids:
             if len(self._names) >= MAX_NAMES:
                 self._refused(name, 0, Refused("names", f"more than {MAX_NAMES} names asked for by one sandbox"))
-                _sendto(sock, _dns.answer(q, _dns.REFUSED), peer)
-                return
+                return _dns.REFUSED, None
             self._ids[name] = len(self._names)
             self._names.append(name)
         v4 = [a for a in addresses if ":" not in a]
         if not v4:  # (the sandbox's address for a name is IPv4: its connects are IPv4 ones)
             self._refused(name, 0, Refused("resolve", f"{name} has no IPv4 address ({', '.join(addresses[:3])}): "
                                            "direct egress reaches IPv4 addresses only; use way='proxy'"))
-            _sendto(sock, _dns.answer(q, _dns.REFUSED), peer)
-            return
-        self._checked[name] = (time.monotonic() + CHECKED_S, v4[0])
+            return _dns.REFUSED, None
+        until = time.monotonic() + CHECKED_S
+        self._checked[name] = (until, v4[0])
+        self._entries[name] = self._pack(name, until, v4[0])
         self.refresh()
-        _sendto(sock, _dns.answer(q, addresses=(self._fake(name),), ttl=DNS_TTL), peer)
+        return _dns.NOERROR, self._fake(name)
 
     # ---- a connection the pump made: its first flight
 
@@ -526,6 +553,8 @@ class DirectEgress:
         # follows it: the connection is cut instead. (A program already blocked in recv() when it is
         # refused is woken with EAGAIN, not the end: a quirk of sockets in a sockmap, tcp_bpf_recvmsg;
         # its next call sees the end.)
+        if refused is not None:
+            _shut(c.sock)  # (before it leaves the gate: a send from then on would reach the server)
         _stage.gate_remove(self.gate.map_fd, c.key, GATE_SOCKET)
         if refused is None and _pending(c.capture):
             refused = Refused("early-data", "the program sent more before the server answered its first "

@@ -695,7 +695,7 @@ static void
 step_check(struct pump *p, int i)
 {
     struct check *c = &p->checks[i];
-    static unsigned char buf[MAX_FAST_FLIGHT + 1];
+    unsigned char buf[MAX_FAST_FLIGHT + 1]; /* (this thread's own: every sandbox has a pump) */
     ssize_t n = recv(c->capture, buf, sizeof buf, MSG_PEEK | MSG_DONTWAIT);
     char name[256];
     int verdict = FLIGHT_PYTHON;

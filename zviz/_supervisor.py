@@ -46,7 +46,7 @@ from typing import Any, Protocol
 import anyio
 import attrs
 
-from . import _decide, _kernel, _pump, _stage
+from . import _argrules, _decide, _kernel, _pump, _stage
 from ._kernel import OwnedFd
 
 MAX_CONNECTS = 64  # connects in flight per sandbox (past it: EAGAIN, and an event)
@@ -427,6 +427,8 @@ class Supervisor:
             # net.mode = "domains": a UDP socket (a program's own DNS lookup, say), a TCP Fast Open send
             # (a connect without connect()): the event names the way out
             detail = f"{_decide.decode(n.nr, n.args).detail}: {self.egress.hint()}"[:_decide.DETAIL_MAX]
+        elif name == "ioctl" and self._net_allow and (n.args[1] & 0xFFFF) in _argrules.NET_DEVICE_IOCTLS:
+            detail = f"fd={_decide_fd(n)}, cmd={n.args[1] & 0xFFFFFFFF:#x}: {_argrules.NET_DEVICE_IOCTL.why}"
         elif name == "listen" and self.direct is not None:
             detail = (f"fd={_decide_fd(n)}: that socket is a connection zviz made for the sandbox, on the "
                       "host's network: it cannot listen (the sandbox's own sockets can)")

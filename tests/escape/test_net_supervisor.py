@@ -612,3 +612,36 @@ def test_a_command_that_leaves_its_session_is_never_another_commands(net_attack)
     assert r.denials == {"acct": 1}, r.denials
     assert other_denials == {}, other_denials
     assert stats.denials.get("acct") == 3  # the two others: the sandbox's own bucket
+
+
+IFCONF_ALLOWED = r'''
+import array, errno, fcntl, socket, struct, sys
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+buf = array.array("B", bytes(40 * 64))
+try:
+    fcntl.ioctl(s.fileno(), 0x8912, struct.pack("iL", len(buf), buf.buffer_info()[0]))  # SIOCGIFCONF
+    print("listed", buf.tobytes()[:16].split(b"\0")[0].decode())
+except OSError as e:
+    print("refused", errno.errorcode[e.errno])
+'''
+
+
+def test_an_allowed_connection_does_not_describe_the_hosts_interfaces():
+    """allow mode: the connected socket is the host's. SIOCGIFCONF on it
+    would list the host's interfaces: refused (EACCES), with an event."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    port = listener.getsockname()[1]
+
+    async def main():
+        async with zviz.open_sandbox(_allow(f"127.0.0.1:{port}")) as sb:
+            r = await sb.run(["python3", "-c", IFCONF_ALLOWED, str(port)])
+            return r, [e for e in sb.events_so_far() if e.syscall == "ioctl"]
+
+    try:
+        r, denied = trio.run(main)
+    finally:
+        listener.close()
+    assert r.stdout == b"refused EACCES\n", r
+    assert denied and "host's network" in denied[0].detail, denied
