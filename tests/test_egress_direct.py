@@ -459,6 +459,29 @@ def test_cli_egress_direct(index, tmp_path):
     assert r.returncode != 0 and b"other.test" in r.stderr and b"not-allowed" in r.stderr, r.stderr
 
 
+@pytest.mark.trio
+async def test_connections_whose_end_went_unseen_are_reconciled():
+    """If the kernel's destroy messages overflow the listener (ENOBUFS), the
+    connections whose sockets are gone would hold their places for good: a
+    dump of the host's TCP sockets ends them (an event each) and gives the
+    places back."""
+    from zviz import _egressdirect
+
+    class Pump:
+        given = 0
+
+        def give_back(self, n: int = 1) -> None:
+            Pump.given += n
+
+    async with zviz.open_sandbox(_policy(8080, shell=False)) as sb:
+        direct = sb._life.egress.direct
+        gone = _egressdirect._Conn("pkgs.test", 8080, "127.0.0.1", Pump())  # type: ignore[arg-type]
+        direct._live[0xDEAD0000BEEF] = gone  # a cookie no socket has
+        direct._reconcile()
+        assert 0xDEAD0000BEEF not in direct._live and Pump.given == 1
+        assert [e.domain for e in _egress(sb, allowed=True)] == ["pkgs.test"]
+
+
 def test_direct_is_refused_with_its_fix_where_the_host_cannot(monkeypatch):
     from zviz import _egressdirect
 

@@ -631,7 +631,8 @@ class DirectEgress:
                 except (BlockingIOError, InterruptedError):
                     break
                 except OSError as e:
-                    if e.errno == errno.ENOBUFS:  # (messages were lost: those connections end with the sandbox)
+                    if e.errno == errno.ENOBUFS:  # messages were lost: ask the kernel which sockets are left
+                        self._reconcile()
                         continue
                     return
                 for cookie, up, down in _destroyed(data):
@@ -641,6 +642,19 @@ class DirectEgress:
                         if conn.pump is not None:
                             conn.pump.give_back()
             await anyio.lowlevel.checkpoint()
+
+    def _reconcile(self) -> None:
+        """After lost destroy messages: the connections whose sockets are gone
+        end now (their byte counts are lost: 0), and give their places back."""
+        try:
+            present = _tcp_cookies()
+        except OSError:
+            return
+        for cookie in [c for c in self._live if c not in present]:
+            conn = self._live.pop(cookie)
+            self._ended(conn, 0, 0)
+            if conn.pump is not None:
+                conn.pump.give_back()
 
     # ---- events and figures (the proxy's)
 
@@ -740,6 +754,30 @@ def _sockaddr(raw: bytes) -> tuple[Any, ...] | None:
         flow, scope = struct.unpack_from("!I", raw, 4)[0], struct.unpack_from("=I", raw, 24)[0]
         return socket.inet_ntop(socket.AF_INET6, raw[8:24]), port, flow, scope
     return None
+
+
+def _tcp_cookies() -> set[int]:
+    """The cookies of every TCP socket of this network namespace (a sock_diag dump)."""
+    out: set[int] = set()
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC, NETLINK_SOCK_DIAG) as s:
+        s.settimeout(2.0)
+        for family in (socket.AF_INET, socket.AF_INET6):
+            states = 0xFFFFFFFF & ~(1 << 6)  # every state but TIME_WAIT (its full socket is gone: destroyed)
+            req = struct.pack("=BBBBI48s", family, socket.IPPROTO_TCP, 0, 0, states, b"")
+            s.send(struct.pack("=IHHII", 16 + len(req), 20, 0x301, 1, 0) + req)  # SOCK_DIAG_BY_FAMILY, dump
+            done = False
+            while not done:
+                data = s.recv(1 << 16)
+                at = 0
+                while at + 16 <= len(data):
+                    length, kind = struct.unpack_from("=IH", data, at)
+                    if length < 16 or kind in (2, 3):  # NLMSG_ERROR, NLMSG_DONE
+                        done = True
+                        break
+                    if length >= 16 + 52:
+                        out.add(struct.unpack_from("=Q", data, at + 16 + 44)[0])
+                    at += (length + 3) & ~3
+    return out
 
 
 def _peer_address(sock: socket.socket) -> str:
