@@ -336,6 +336,16 @@ settle(int sock)
     return err;
 }
 
+/* Record `r` (with `err`) for Python; a connect inside the sandbox's namespace
+ * (`found` 0) is not worth a wake-up of Python's. */
+static void
+tell(struct pump *p, struct pump_record *r, int found, int err)
+{
+    r->err = err;
+    if (found)
+        emit(p, r);
+}
+
 /*
  * Try to perform a connect. Returns 1 if the notification was dealt with
  * here (answered, or its task gone), 0 to hand it to Python as it is; a
@@ -481,18 +491,19 @@ fast_connect(struct pump *p, const struct seccomp_notif *n)
     /* name: -1 allow mode, -2 inside the sandbox's namespace (direct egress) */
     struct pump_record r = {.kind = PUMP_CONNECTED, .notif = *n, .fd = target_fd, .name = found ? -1 : -2,
                             .port = port};
+    /* (Python is told before the program is answered: its figures are whole once the program is done) */
     if (err && err != EINPROGRESS) {
+        tell(p, &r, found, err);
         answer(p, n->id, err);
-        goto told;
+        goto closing;
     }
     if (gated) {
         if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, capture) ||
             gate_add(p->gate, sock, capture[0], (struct gate_key *)r.key)) {
-            err = errno ? errno : EIO;
-            answer(p, n->id, EAGAIN); /* (an event from Python says why) */
             r.kind = PUMP_GATE_FAILED;
-            r.err = err;
-            goto told;
+            tell(p, &r, 1, errno ? errno : EIO);
+            answer(p, n->id, EAGAIN); /* (an event from Python says why) */
+            goto closing;
         }
     }
     if (!nonblocking) {
@@ -517,6 +528,8 @@ fast_connect(struct pump *p, const struct seccomp_notif *n)
     }
     if (gone)
         goto closing;
+    if (!gated || err)
+        tell(p, &r, found, err);
     answer(p, n->id, err);
     if (gated && !err) {
         /* Its first flight is checked here if it comes soon and plainly, else by Python (record GATED) */
@@ -537,10 +550,6 @@ fast_connect(struct pump *p, const struct seccomp_notif *n)
         gated = 0; /* (Python gives the budget back when that connection ends) */
         goto closing;
     }
-told:
-    r.err = err;
-    if (found) /* (a connect inside the sandbox's namespace is not worth a wake-up of Python's) */
-        emit(p, &r);
 closing:
     if (capture[0] >= 0)
         close(capture[0]);

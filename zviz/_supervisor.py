@@ -508,7 +508,12 @@ class Supervisor:
 
     async def flush(self, timeout: float = 1.0) -> None:
         """Wait (at most `timeout`) until every denial received so far is an event
-        (each one takes at most DECODE_DEADLINE)."""
+        (each one takes at most DECODE_DEADLINE), and take in what the pumps
+        said (they say it before they answer: a finished command's connects
+        are all in their records)."""
+        for fd, w in list(self._watched.items()):
+            if w.pump is not None and self._watched.get(fd) is w:
+                self._pumped(fd, w)
         if not self._decodes_pending:
             return  # the common case: no cancel scope to enter (~40 us per run)
         with anyio.move_on_after(timeout):
