@@ -66,3 +66,19 @@ def test_self_only_and_other_tasks():
     assert not holds(r, [(1 << 32) | 1, 5, 0]) and not holds(r, [FULL, 0, 0])
     r = _argrules.rules(net_mode="none", pid_ns=False)["sched_setscheduler"]
     assert holds(r, [0, 3, 0]) and not holds(r, [2, 0, 0])
+
+
+def test_network_device_ioctls_are_refused_whatever_the_high_bits():
+    """allow and direct mode: SIOCGIF* (0x8910-0x8fff) refused, compared on the low 16 bits (a request
+    number with garbage above them is the same ioctl to nothing, and refused too); the page-table ioctls
+    stay refused; ordinary ioctls pass."""
+    from zviz import _argrules as A
+
+    alts = A.rules(net_mode="direct", pid_ns=True)["ioctl"]
+    assert alts == A.rules(net_mode="allow", pid_ns=True)["ioctl"]
+    for cmd in (0x8910, 0x8912, 0x8927, 0x8946, 0x8FFF, 0x1_0000_8912, 0xFFFF_0000_8933,
+                A.PAGEMAP_SCAN, A.PROCMAP_QUERY):
+        assert not A.holds(alts, [3, cmd, 0]), hex(cmd)
+    for cmd in (0x5401, 0x541B, 0x8906, 0x890F, 0x9000):
+        assert A.holds(alts, [3, cmd, 0]), hex(cmd)
+    assert A.holds(A.rules(net_mode="none", pid_ns=True)["ioctl"], [3, 0x8912, 0])  # (its own namespace: lo)

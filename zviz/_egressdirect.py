@@ -281,13 +281,6 @@ class DirectEgress:
     def _fake(self, name: str) -> str:
         return str(FAKE_NET.network_address + 1 + self._ids[name])
 
-    def name_of(self, fake: str) -> str | None:
-        try:
-            i = int(ipaddress.IPv4Address(fake)) - int(FAKE_NET.network_address) - 1
-        except ValueError:
-            return None
-        return self._names[i] if 0 <= i < len(self._names) else None
-
     # ---- running
 
     async def run(self) -> None:
@@ -436,7 +429,7 @@ class DirectEgress:
         self._tg.start_soon(self._look_up, name)
 
     def _answer_now(self, q: _dns.Query) -> bytes | None:
-        """The answer if it needs no lookup (None: `_answer_later`)."""
+        """The answer if it needs no lookup (None: `_resolve_soon`)."""
         if q.qclass != _dns.CLASS_IN:
             return _dns.answer(q, _dns.REFUSED)
         if q.name.endswith(".in-addr.arpa") or q.name.endswith(".ip6.arpa"):
