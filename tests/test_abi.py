@@ -75,7 +75,7 @@ def test_spec_records_match_the_c_layouts():
     _check("spec_port", _spec.SPEC_PORT.format, ["port", "access"])
     _check("command_header", _spec.COMMAND_HEADER.format,
            ["magic", "n_argv", "n_envp", "fd_in", "fd_out", "fd_err", "init_fd", "status_fd", "track_map_fd",
-            "track_value", "cgroup_fd", "exe", "cwd"])
+            "track_value", "cgroup_fd", "netns_fd", "exe", "cwd"])
 
 
 def test_zygote_request_and_status_records_match_the_c_layouts():

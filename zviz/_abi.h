@@ -139,6 +139,7 @@ enum {
     SPEC_COMMAND_RULESET = 1 << 8,
     SPEC_ROOT_READONLY = 1 << 9,
     SPEC_CGROUP_NS = 1 << 10,
+    SPEC_BLANK_NETNS = 1 << 11, /* the child starts in the caller's blank network namespace (command netns_fd) */
 };
 struct spec_header {
     unsigned int magic, flags;
@@ -178,6 +179,7 @@ struct command_header {
     int track_map_fd;                              /* -1: no eBPF monitor */
     unsigned int track_value;
     int cgroup_fd; /* the memory cgroup's cgroup.procs, which the parent writes the child's pid to (-1: none) */
+    int netns_fd;  /* SPEC_BLANK_NETNS: the blank network namespace the parent enters around clone (-1: none) */
     unsigned int exe, cwd; /* string offsets */
 };
 

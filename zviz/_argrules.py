@@ -265,6 +265,15 @@ ROUTE_SOCKET: tuple[Alternative, ...] = conjoin(
     tuple(((1, FULL & ~(SOCK_NONBLOCK | SOCK_CLOEXEC), t),) for t in (SOCK_DGRAM, SOCK_RAW)),
     equals(2, (NETLINK_ROUTE,)))
 
+# The blank network namespace (zviz/_netns.py): the filter makes no socket
+# in-kernel, and the supervisor makes exactly what the rules above let a
+# sandbox with a namespace of its own make (_bpf.compile_filter): a unix
+# socket or pair of any type (the kernel checks the type when it makes it),
+# a NETLINK_ROUTE socket; the family compared whole.
+AF_UNIX = 1
+UNIX_SOCKET: tuple[Alternative, ...] = equals(0, (AF_UNIX,))
+MADE_SOCKETS: dict[str, tuple[Alternative, ...]] = {"socket": UNIX_SOCKET + ROUTE_SOCKET, "socketpair": UNIX_SOCKET}
+
 
 # zviz-init enters each command's own Landlock domain from the ruleset the
 # stage left on COMMAND_RULESET_FD: that call exactly, with a zygote only

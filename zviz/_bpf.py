@@ -14,6 +14,8 @@ What the program does, for the native x86_64 ABI only:
                            network mode (socket only: no inet pairs exist);
                            AF_NETLINK/NETLINK_ROUTE sockets with a network
                            namespace of its own (`_argrules.ROUTE_SOCKET`)
+                           (with the blank network namespace none in-kernel:
+                           all notified, the supervisor makes them)
     clone(flags):          no CLONE_NEW* flags
     the rest (`_argrules.py`): no set-id bits by chmod/open/mknod, no MSG_OOB,
     no notification pipes, leases, dnotify or procfs page-table ioctls, no
@@ -81,6 +83,10 @@ class FilterSpec:
     zygote: bool = False  # zviz-init serves many commands (ZYGOTE_NEEDS)
     pid_ns: bool = False  # task ids are the sandbox's own (scheduling of its other tasks, pid 1 never)
     netns: bool = False  # a network namespace of its own: NETLINK_ROUTE sockets (it sees only its `lo`)
+    # the blank network namespace (zviz/_netns.py): no socket is made in-kernel; every socket and
+    # socketpair call is notified, and the supervisor makes those of the families above in the
+    # sandbox's own namespace
+    blank_netns: bool = False
 
 
 @functools.lru_cache(maxsize=64)
@@ -122,6 +128,10 @@ def compile_filter(spec: FilterSpec) -> bytes:
         for name in sorted(_syscalls.SILENT_ENOSYS - spec.allow):
             f.add_rule(sc.ERRNO(errno.ENOSYS), name)
 
+    if spec.blank_netns:
+        if not spec.notify or spec.net_mode != "none":
+            raise ValueError("the blank network namespace needs a supervisor and net.mode = 'none'")
+        allow = allow - {"socket", "socketpair"}  # (the default action notifies them)
     if "socket" in allow:
         f.add_rule(sc.ALLOW, "socket", sc.Arg(0, sc.EQ, AF_UNIX))
         if spec.net_mode == "any":

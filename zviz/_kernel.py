@@ -27,7 +27,7 @@ import anyio
 import attrs
 import sniffio
 
-from . import _linux, _stage
+from . import _linux, _netns, _stage
 from ._errors import SandboxSetupError
 from ._plan import RLIMIT
 from ._spec import Command, StageSpec
@@ -197,6 +197,8 @@ class Spawned:
 def spawn(stage: StageSpec, packed: bytes, command: Command) -> Spawned:
     """Run the C stage: `packed` is `stage.pack()` (made once per sandbox).
     Turns its failure reports into SandboxSetupError, naming the path."""
+    if stage.blank_netns:
+        command = with_blank_netns(command)
     try:
         pid, pidfd, listener = _stage.spawn(packed, command.pack())
     except _stage.SetupError as e:
@@ -210,6 +212,17 @@ def spawn(stage: StageSpec, packed: bytes, command: Command) -> Spawned:
         pidfd=OwnedFd(pidfd, f"pidfd-{pid}"),
         listener=OwnedFd(listener, f"listener-{pid}") if listener >= 0 else None,
     )
+
+
+def with_blank_netns(command: Command, slot: int | None = None) -> Command:
+    """`command` with this process's blank network namespace (zviz/_netns.py)
+    as its netns_fd (or `slot`: the number it gets in a warm server)."""
+    fd = _netns.blank_fd()
+    if fd is None:  # (planned with it: this process could make one then)
+        raise SandboxSetupError("blank-netns", errno.EPERM, None,
+                                "this process can no longer make or enter network namespaces (did it drop "
+                                "root?): open the sandbox again")
+    return attrs.evolve(command, netns_fd=fd if slot is None else slot)
 
 
 def stage_path() -> str:
@@ -482,6 +495,19 @@ def notif_addfd(listener: OwnedFd, nid: int, src: int, target_fd: int, *, cloexe
             return False
         raise
     return True
+
+
+def notif_addfd_new(listener: OwnedFd, nid: int, src: int, *, cloexec: bool) -> int | None:
+    """Install `src` as the lowest free fd of the notifying task; its number,
+    or None when the task is gone or was interrupted (ENOENT). Its own limits
+    (EMFILE) raise OSError."""
+    buf = bytearray(_ADDFD.pack(nid, 0, src, 0, os.O_CLOEXEC if cloexec else 0))
+    try:
+        return int(fcntl.ioctl(listener.fd, IOCTL_NOTIF_ADDFD, buf, True))
+    except OSError as e:
+        if e.errno == errno.ENOENT:
+            return None
+        raise
 
 
 PIDFD_THREAD = os.O_EXCL  # linux 6.9+: a pidfd for one thread (readable when that thread exits)

@@ -114,6 +114,8 @@ class Host:
     # could otherwise rewrite the filters of later sandboxes or reach other
     # sandboxes' workdirs.
     hidden: tuple[str, ...] = ()
+    # this process holds the blank network namespace (zviz/_netns.py: root, seccomp user notification)
+    blank_netns: bool = False
 
 
 @attrs.frozen(kw_only=True)
@@ -231,6 +233,8 @@ class SandboxPlan:
     deny_syscalls: tuple[str, ...] = ()  # taken out of the allowlist (e.g. memfd_create without a cgroup)
     workspace: str = WORKSPACE  # the workdir's path inside (its host path without a new root)
     home: str | None = None  # HOME's private tmpfs inside (None: HOME is the workspace)
+    # no network namespace of its own but the blank one (zviz/_netns.py); its sockets are made by the supervisor
+    blank_netns: bool = False
 
     def steps(self) -> list[str]:
         """The plan as a readable list of steps (for tests and debugging)."""
@@ -241,6 +245,8 @@ class SandboxPlan:
                                     ("ipc", _linux.CLONE_NEWIPC), ("uts", _linux.CLONE_NEWUTS))
                      if self.clone_flags & f]
             out.append("namespaces: " + ", ".join(names))
+            if self.blank_netns:
+                out.append("network: the blank namespace; sockets made by the supervisor in one of its own")
         if self.uid_map:
             out.append(f"id maps: uid {self.uid_map.strip()}, gid {self.gid_map.strip() if self.gid_map else '-'}")
         if self.new_root:
@@ -525,6 +531,13 @@ def plan_sandbox(policy: Policy, host: Host, *, workdir: str,
         degraded.append("no pid namespace: teardown kills the sandbox's processes by its own host uid" if is_root else
                         "no pid namespace: a process that leaves the process group (setsid) can outlive teardown "
                         "(run as root for a per-sandbox uid, or keep namespaces.pid)")
+    # net.mode = "none": no namespace per sandbox (its making and freeing are most of a fresh sandbox's
+    # kernel time). The sandbox starts in the blank one, shared and always empty, and each socket it asks
+    # for is made by the supervisor in a namespace of its own, made at its first (zviz/_netns.py).
+    blank_netns = (bool(flags & _linux.CLONE_NEWNET) and policy.net.mode == "none" and ns.lazy_net
+                   and host.blank_netns and f.seccomp_notify and f.seccomp_addfd)
+    if blank_netns:
+        flags &= ~_linux.CLONE_NEWNET
     if policy.net.mode in ("loopback", "allow", "domains") and not flags & _linux.CLONE_NEWNET:
         # checked here, not in Policy: a policy's validity must not depend on who builds it
         fix = "a host where network namespaces can be created (user namespaces, or root)"
@@ -593,7 +606,8 @@ def plan_sandbox(policy: Policy, host: Host, *, workdir: str,
     if ll is not None and ll.abi < 6:
         degraded.append(f"Landlock ABI {ll.abi} < 6: abstract unix sockets and signals are not scoped "
                         "(commands of one sandbox can signal each other)"
-                        + ("" if flags & _linux.CLONE_NEWNET else " (the host's abstract sockets are reachable)"))
+                        + ("" if flags & _linux.CLONE_NEWNET or blank_netns
+                           else " (the host's abstract sockets are reachable)"))
     if not f.seccomp_notify:
         degraded.append("no seccomp user notification: denials are answered in the kernel and not reported")
     memory_cgroup, deny = plan_memory(policy, host, degraded)
@@ -609,6 +623,7 @@ def plan_sandbox(policy: Policy, host: Host, *, workdir: str,
         drop_groups=drop_groups, uid=uid, gid=gid, creds_late=creds_late,
         host_uid=host_uid, host_gid=host_gid, mount_ns=mount_ns, mount_proc=mount_proc, new_root=new_root,
         loopback_up=bool(flags & _linux.CLONE_NEWNET) and policy.net.mode == "loopback",
+        blank_netns=blank_netns,
         hostname="zviz" if flags & _linux.CLONE_NEWUTS else None,
         rlimits=_rlimits(policy, host, userns), landlock=ll, degraded=tuple(degraded),
         memory_cgroup=memory_cgroup, deny_syscalls=deny, disk=disk, workspace=workspace, home=home,
@@ -646,7 +661,8 @@ def stage_spec(plan: SandboxPlan, *, bpf: bytes, seccomp_flags: int) -> StageSpe
         creds_late=plan.creds_late, mount_ns=plan.mount_ns, mount_proc=plan.mount_proc,
         staging=root.staging if root else None, binds=root.binds if root else (), mount_ops=root.ops if root else (),
         masks=root.masks if root else (), root_readonly=bool(root and root.root_readonly),
-        loopback_up=plan.loopback_up, hostname=plan.hostname, setsid=True, pdeathsig=int(signal.SIGKILL),
+        loopback_up=plan.loopback_up, blank_netns=plan.blank_netns, hostname=plan.hostname, setsid=True,
+        pdeathsig=int(signal.SIGKILL),
         rlimits=tuple((RLIMIT[n], soft, hard) for n, soft, hard in plan.rlimits),
         landlock_abi=ll.abi if ll else 0, ll_fs=ll.handled_fs if ll else 0, ll_net=ll.handled_net if ll else 0,
         ll_scoped=ll.scoped if ll else 0, ll_paths=ll.paths if ll else (), ll_ports=ll.ports if ll else (),

@@ -249,7 +249,8 @@ def _build(policy: Any, host: _plan.Host, workdir: str, zygote_allowed: bool, tr
                            net_mode=net_mode,
                            notify=notify, zygote=use_zygote,
                            pid_ns=pid_ns,
-                           netns=bool(plan.clone_flags & _linux.CLONE_NEWNET))
+                           netns=bool(plan.clone_flags & _linux.CLONE_NEWNET),
+                           blank_netns=plan.blank_netns)
     if trace is not None:
         spec = trace.filter_spec(notify)
     bpf = _bpf.program(spec)  # compiled once per policy, and kept on disk for the next process

@@ -355,7 +355,15 @@ class Namespaces:
     empty namespace and only the supervisor's connections reach the host's
     network. With the zygote it is made once per sandbox. `net = False` is
     accepted for `none` only (the host's abstract names are then in reach);
-    `loopback` and `allow` always set it."""
+    `loopback` and `allow` always set it.
+
+    `lazy_net` (`none` mode, where zviz runs as root): the namespace is made
+    at the sandbox's first socket, by zviz, which makes its sockets in it;
+    until then the sandbox is in zviz's blank one (empty, and nothing in it
+    can change). A sandbox that makes no socket then costs ~1 ms of CPU less
+    (docs/performance.md). Abstract unix sockets can then be bound but not
+    connected to (Landlock scopes a socket by its maker, and that is zviz):
+    `lazy_net = False` for a program that needs them."""
 
     user: bool = True
     pid: bool = True
@@ -363,6 +371,7 @@ class Namespaces:
     ipc: bool = True
     uts: bool = True
     net: bool = True
+    lazy_net: bool = True
 
     def __attrs_post_init__(self) -> None:
         for f in attrs.fields(Namespaces):

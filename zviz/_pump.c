@@ -69,6 +69,7 @@
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
+#include <linux/netlink.h>
 #include <linux/sockios.h>
 #include <unistd.h>
 
@@ -136,6 +137,9 @@ struct pump {
     size_t n_names;
     struct check checks[MAX_CHECKS]; /* direct egress: first flights being read (this thread's own) */
     int n_checks;
+    int sockets_ns;    /* the blank network namespace (zviz/_netns.py): the sandbox's own, where the thread
+                        * makes its sockets (it lives there), else -1 */
+    int sockets_allow; /* which calls the policy allows: 1 socket, 2 socketpair */
 };
 
 static int64_t
@@ -163,6 +167,8 @@ release(struct pump *p)
         close(p->hostns);
     if (p->gate >= 0)
         close(p->gate);
+    if (p->sockets_ns >= 0)
+        close(p->sockets_ns);
     for (int i = 0; i < 2; i++)
         if (p->dns[i] >= 0)
             close(p->dns[i]);
@@ -756,10 +762,183 @@ step_check(struct pump *p, int i)
     drop_check(p, i);
 }
 
+/*
+ * The blank network namespace (zviz/_netns.py, zviz/_sockets.py): a socket()
+ * or socketpair() the policy allows, of what the filter would let a sandbox
+ * with a namespace of its own make in-kernel (a unix socket or pair, a
+ * NETLINK_ROUTE socket: _argrules.MADE_SOCKETS, the family compared whole),
+ * is made here, in the sandbox's own namespace where this thread lives, and
+ * installed in the caller. Returns 1 if dealt with, 0 to hand it to Python
+ * (refused and reported there). Nothing read from the child decides what is
+ * made; a pair's numbers are written to the caller's memory, where it could
+ * write them itself (its /proc/PID/maps says the page is writable: the mem
+ * file would write through a read-only page).
+ */
+static int
+addfd_new(struct pump *p, uint64_t id, int fd, int cloexec)
+{
+    struct seccomp_notif_addfd add = {.id = id, .srcfd = (uint32_t)fd, .newfd_flags = cloexec ? O_CLOEXEC : 0};
+    int r = ioctl(p->listener, SECCOMP_IOCTL_NOTIF_ADDFD, &add);
+    return r < 0 ? -errno : r;
+}
+
+static void
+answer_value(struct pump *p, uint64_t id, int64_t val)
+{
+    struct seccomp_notif_resp resp;
+    memset(&resp, 0, sizeof resp);
+    resp.id = id;
+    resp.val = val;
+    ioctl(p->listener, SECCOMP_IOCTL_NOTIF_SEND, &resp); /* ENOENT: the task is gone */
+}
+
+/* PROCMAP_QUERY (Linux 6.11, <linux/fs.h>): one mapping of /proc/PID/maps by address. */
+struct zviz_procmap_query {
+    uint64_t size, query_flags, query_addr, vma_start, vma_end, vma_flags, vma_page_size, vma_offset, inode;
+    uint32_t dev_major, dev_minor, vma_name_size, build_id_size;
+    uint64_t vma_name_addr, build_id_addr;
+};
+#define ZVIZ_PROCMAP_QUERY _IOWR('f', 17, struct zviz_procmap_query)
+#define ZVIZ_PROCMAP_WRITABLE 2
+
+/* Whether [addr, addr+size) lies in writable mappings: 1, 0, or -1 where the
+ * kernel cannot say by PROCMAP_QUERY (then the text is read). */
+static int
+query_writable(int fd, uint64_t addr, uint64_t end)
+{
+    while (addr < end) {
+        struct zviz_procmap_query q = {.size = sizeof q, .query_addr = addr};
+        if (ioctl(fd, ZVIZ_PROCMAP_QUERY, &q) < 0)
+            return errno == ENOENT ? 0 : -1;
+        if (q.vma_start > addr || !(q.vma_flags & ZVIZ_PROCMAP_WRITABLE))
+            return 0;
+        addr = q.vma_end;
+    }
+    return 1;
+}
+
+/* Whether [addr, addr+size) lies in writable mappings of /proc/PID/maps (`fd`). */
+static int
+maps_writable(int fd, uint64_t addr, uint64_t size)
+{
+    int quick = query_writable(fd, addr, addr + size < addr ? addr : addr + size);
+    if (quick >= 0 && addr + size >= addr)
+        return quick;
+    char buf[8192];
+    size_t have = 0;
+    uint64_t end = addr + size;
+    if (end < addr)
+        return 0;
+    for (;;) {
+        ssize_t n = read(fd, buf + have, sizeof buf - 1 - have);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            return 0;
+        have += (size_t)n;
+        buf[have] = 0;
+        char *line = buf, *nl;
+        while ((nl = memchr(line, '\n', have - (size_t)(line - buf)))) {
+            *nl = 0;
+            char *dash, *sp;
+            uint64_t lo = strtoull(line, &dash, 16), hi = *dash == '-' ? strtoull(dash + 1, &sp, 16) : 0;
+            if (*dash == '-' && *sp == ' ' && lo <= addr && addr < hi) {
+                if (sp[2] != 'w')
+                    return 0;
+                if (end <= hi)
+                    return 1;
+                addr = hi; /* the rest must be in the next mapping, adjacent */
+            }
+            line = nl + 1;
+        }
+        have -= (size_t)(line - buf);
+        memmove(buf, line, have);
+        if (have == sizeof buf - 1)
+            return 0; /* a line longer than the buffer: not a maps file we can read */
+    }
+}
+
+/* A pair's numbers for the caller: 0, an errno to answer, or -1 (the task is gone). */
+static int
+install_pair(struct pump *p, const struct seccomp_notif *n, const int sv[2], int cloexec)
+{
+    char path[64];
+    uint64_t addr = n->data.args[3];
+    int nums[2] = {-1, -1}, err = EFAULT;
+    snprintf(path, sizeof path, "/proc/%u/mem", n->pid);
+    int mem = open(path, O_WRONLY | O_CLOEXEC);
+    snprintf(path, sizeof path, "/proc/%u/maps", n->pid);
+    int maps = open(path, O_RDONLY | O_CLOEXEC);
+    /* opened first, then the notification checked pending: the files are the caller's, not a later tid's */
+    if (!id_valid(p, n->id)) {
+        err = -1;
+    } else if (mem >= 0 && maps >= 0 && maps_writable(maps, addr, sizeof nums) &&
+               pwrite(mem, nums, sizeof nums, (off_t)addr) == (ssize_t)sizeof nums) {
+        err = 0;
+        for (int i = 0; i < 2 && !err; i++) {
+            nums[i] = addfd_new(p, n->id, sv[i], cloexec);
+            if (nums[i] < 0)
+                err = nums[i] == -ENOENT ? -1 : -nums[i]; /* (EMFILE on the second: the first is the caller's) */
+        }
+        /* (another thread of the caller may unmap it meanwhile: its two fds are then its own to find) */
+        if (!err && pwrite(mem, nums, sizeof nums, (off_t)addr) != (ssize_t)sizeof nums)
+            err = EFAULT;
+    }
+    if (mem >= 0)
+        close(mem);
+    if (maps >= 0)
+        close(maps);
+    return err;
+}
+
+static int
+fast_socket(struct pump *p, const struct seccomp_notif *n)
+{
+    if (p->sockets_ns < 0 || n->data.arch != AUDIT_ARCH_X86_64)
+        return 0;
+    int pair = n->data.nr == SYS_socketpair;
+    if (!((n->data.nr == SYS_socket && (p->sockets_allow & 1)) || (pair && (p->sockets_allow & 2))))
+        return 0;
+    const __u64 *a = n->data.args;
+    __u64 kind = a[1] & ~(__u64)(SOCK_NONBLOCK | SOCK_CLOEXEC);
+    int route = !pair && a[0] == AF_NETLINK && (kind == SOCK_DGRAM || kind == SOCK_RAW) && a[2] == NETLINK_ROUTE;
+    if (a[0] != AF_UNIX && !route)
+        return 0;
+    int cloexec = (a[1] & SOCK_CLOEXEC) != 0;
+    int sv[2] = {-1, -1};
+    int r = pair ? socketpair((int)a[0], (int)a[1], (int)a[2], sv) : (sv[0] = socket((int)a[0], (int)a[1], (int)a[2]));
+    if (r < 0) {
+        answer(p, n->id, errno); /* the kernel's own answer: a bad type, its limits */
+        return 1;
+    }
+    if (pair) {
+        int err = install_pair(p, n, sv, cloexec);
+        if (err >= 0)
+            answer(p, n->id, err);
+    } else {
+        int num = addfd_new(p, n->id, sv[0], cloexec);
+        if (num >= 0)
+            answer_value(p, n->id, num);
+        else if (num != -ENOENT)
+            answer(p, n->id, -num);
+    }
+    for (int i = 0; i < 2; i++)
+        if (sv[i] >= 0)
+            close(sv[i]);
+    return 1;
+}
+
 static void *
 run(void *arg)
 {
     struct pump *p = arg;
+    /* The blank network namespace: this thread lives in the sandbox's own, where it makes its sockets. */
+    if (p->sockets_ns >= 0 && setns(p->sockets_ns, CLONE_NEWNET)) {
+        struct pump_record r = {.kind = PUMP_FAILED, .err = errno};
+        emit(p, &r);
+        release(p);
+        return NULL;
+    }
     for (;;) {
         struct pollfd w[4 + MAX_CHECKS] = {{.fd = p->listener, .events = POLLIN},
                                            {.fd = p->stop, .events = POLLIN},
@@ -801,7 +980,7 @@ run(void *arg)
                 emit(p, &r);
                 break;
             }
-            if (fast_connect(p, &n) || fast_listen(p, &n))
+            if (fast_socket(p, &n) || fast_connect(p, &n) || fast_listen(p, &n))
                 continue;
             struct pump_record r = {.kind = PUMP_NOTIF, .notif = n, .name = -1};
             if (emit(p, &r) < 0)
@@ -817,7 +996,8 @@ run(void *arg)
 }
 
 struct pump *
-pump_start(int listener, int out, int stop, int netns, int gate, int dns4, int dns6, int *err)
+pump_start(int listener, int out, int stop, int netns, int gate, int dns4, int dns6, int sockets_ns,
+           int sockets_allow, int *err)
 {
     struct pump *p = calloc(1, sizeof *p);
     if (!p) {
@@ -827,8 +1007,13 @@ pump_start(int listener, int out, int stop, int netns, int gate, int dns4, int d
     p->listener = fcntl(listener, F_DUPFD_CLOEXEC, 3);
     p->out = fcntl(out, F_DUPFD_CLOEXEC, 3);
     p->stop = fcntl(stop, F_DUPFD_CLOEXEC, 3);
-    p->netns = p->hostns = p->gate = p->dns[0] = p->dns[1] = -1;
+    p->netns = p->hostns = p->gate = p->dns[0] = p->dns[1] = p->sockets_ns = -1;
     int ok = p->listener >= 0 && p->out >= 0 && p->stop >= 0;
+    if (sockets_ns >= 0) { /* (never with direct egress: that thread moves between namespaces) */
+        p->sockets_ns = netns < 0 ? fcntl(sockets_ns, F_DUPFD_CLOEXEC, 3) : -1;
+        p->sockets_allow = sockets_allow;
+        ok = ok && p->sockets_ns >= 0;
+    }
     if (netns >= 0) {
         p->netns = fcntl(netns, F_DUPFD_CLOEXEC, 3);
         p->hostns = open("/proc/thread-self/ns/net", O_RDONLY | O_CLOEXEC);

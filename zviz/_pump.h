@@ -39,7 +39,10 @@ struct pump;
 /* Start the thread (it duplicates the fds). `netns` and `gate` (direct
  * egress: the sandbox's network namespace and the gate's map) or -1 both.
  * NULL and *err on failure. */
-struct pump *pump_start(int listener, int out, int stop, int netns, int gate, int dns4, int dns6, int *err);
+/* `sockets_ns` (the blank network namespace: the sandbox's own, or -1) and `sockets_allow` (1 socket, 2
+ * socketpair): the thread makes those sockets there (never with `netns`). */
+struct pump *pump_start(int listener, int out, int stop, int netns, int gate, int dns4, int dns6, int sockets_ns,
+                        int sockets_allow, int *err);
 /* Direct egress: the names Python has checked (272-byte entries: the name, NUL-padded to 256; the
  * sandbox's IPv4 address for it; its id, int32; until when, int64 ns of CLOCK_MONOTONIC). */
 int pump_set_names(struct pump *p, const unsigned char *blob, size_t len);

@@ -113,12 +113,12 @@ class Pump:
     what it said. close() ends the thread (it holds its own duplicates)."""
 
     def __init__(self, listener: OwnedFd, entries: bytes, *, netns: int = -1, gate: int = -1,
-                 budget: int = -1, dns: tuple[int, int] = (-1, -1)) -> None:
+                 budget: int = -1, dns: tuple[int, int] = (-1, -1), sockets: tuple[int, int] = (-1, 0)) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         self._stop = os.eventfd(0, os.EFD_CLOEXEC)
         try:
             self._pump: object | None = _stage.pump_start(listener.fd, theirs.fileno(), self._stop, netns, gate,
-                                                          *dns)
+                                                          *dns, *sockets)
         except BaseException:
             ours.close()
             os.close(self._stop)

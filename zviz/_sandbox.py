@@ -47,6 +47,7 @@ from . import (
     _kernel,
     _lifecycle,
     _linux,
+    _netns,
     _plan,
     _planmemo,
     _pool,
@@ -610,7 +611,9 @@ def _prepare(policy: Policy, workdir: str, owns_workdir: bool, features: _probe.
     host = _plan.Host(features=f, euid=os.geteuid(), egid=os.getegid(), is_dir=is_dir, links=links,
                       rlimit_hard=hard, memory_cgroup=resources.cgroup is not None,
                       memory_cgroup_reason=resources.cgroup_reason, sandbox_ids=host_ids,
-                      hidden=_hidden_dirs())
+                      hidden=_hidden_dirs(),
+                      # (made for processes that open `none` sandboxes: the plan decides which use it)
+                      blank_netns=policy.net.mode == "none" and trace is None and _netns.usable())
     notify = f.seccomp_notify
     seccomp_flags = 0
     if notify:
@@ -779,6 +782,11 @@ async def _create(policy: Policy | None = None, *, workdir: str | os.PathLike[st
                                          on_event=life.events.add, task_group=None,
                                          learner=trace.learn if trace is not None and trace.learning else None,
                                          on_done=life.tally.fold)
+        if plan.blank_netns:  # its sockets are made by the supervisor (zviz/_netns.py)
+            from . import _sockets
+
+            life.supervisor.sockets = _sockets.Sockets(
+                frozenset({"socket", "socketpair"} & (policy.syscalls.names() - set(plan.deny_syscalls))))
         if policy.net.mode == "domains":  # its connects to the proxy's address reach this (_egress)
             from . import _egress
 

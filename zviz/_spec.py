@@ -37,8 +37,8 @@ SPEC_RLIMIT = struct.Struct("=IIQQ")  # res, pad, soft, hard
 SPEC_PATH = struct.Struct("=IIQ")  # path, pad, access
 SPEC_PORT = struct.Struct("=QQ")  # port, access
 # struct command_header: magic, n_argv, n_envp, fd_in, fd_out, fd_err, init_fd,
-# status_fd, track_map_fd, track_value, cgroup_fd, exe, cwd
-COMMAND_HEADER = struct.Struct("=IIIiiiiiiIiII")
+# status_fd, track_map_fd, track_value, cgroup_fd, netns_fd, exe, cwd
+COMMAND_HEADER = struct.Struct("=IIIiiiiiiIiiII")
 
 
 class _Strings:
@@ -91,6 +91,9 @@ class StageSpec:
     root_readonly: bool = False  # the root tmpfs is remounted read-only once assembled
     cgroup_ns: bool = False  # a cgroup namespace of its own, rooted at its cgroup (after joining it)
     loopback_up: bool = False
+    # no network namespace of its own: the child starts in the blank one (zviz/_netns.py) that the
+    # spawning process holds (Command.netns_fd); its sockets are made by the supervisor
+    blank_netns: bool = False
     hostname: str | None = None
     setsid: bool = False
     pdeathsig: int = 0
@@ -166,7 +169,8 @@ class StageSpec:
                  | (_abi.SPEC_DENY_SETGROUPS if self.deny_setgroups else 0)
                  | (_abi.SPEC_COMMAND_RULESET if self.command_ruleset else 0)
                  | (_abi.SPEC_ROOT_READONLY if self.root_readonly else 0)
-                 | (_abi.SPEC_CGROUP_NS if self.cgroup_ns else 0))
+                 | (_abi.SPEC_CGROUP_NS if self.cgroup_ns else 0)
+                 | (_abi.SPEC_BLANK_NETNS if self.blank_netns else 0))
         header = SPEC_HEADER.pack(
             _abi.SPEC_MAGIC, flags, self.clone_flags, self.uid, self.gid, self.pdeathsig, self.landlock_abi,
             self.seccomp_flags, 0, self.ll_fs, self.ll_net, self.ll_scoped, ref(self.staging, _AT_STAGING),
@@ -227,6 +231,7 @@ class Command:
     track_map_fd: int = -1  # the eBPF monitor's map of tracked pids (-1: none)
     track_value: int = 0
     cgroup_fd: int = -1  # the sandbox's memory cgroup's cgroup.procs: the parent puts the child there (-1: none)
+    netns_fd: int = -1  # the blank network namespace (StageSpec.blank_netns): the parent enters it around clone
 
     def pack(self) -> bytes:
         """The spawn's buffer (zviz/_abi.h, "the command's part")."""
@@ -244,6 +249,6 @@ class Command:
             pos += len(st) + 1
         header = COMMAND_HEADER.pack(
             _abi.COMMAND_MAGIC, len(self.argv), len(self.envp), self.stdin, self.stdout, self.stderr, self.init_fd,
-            self.status_fd, self.track_map_fd, self.track_value, self.cgroup_fd, offs[n],
+            self.status_fd, self.track_map_fd, self.track_value, self.cgroup_fd, self.netns_fd, offs[n],
             offs[n + 1] if self.cwd is not None else 0)
         return header + struct.pack(f"={n}I", *offs[:n]) + blob

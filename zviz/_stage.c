@@ -54,6 +54,7 @@
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
@@ -61,6 +62,7 @@
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/types.h>
 #include <sys/uio.h>
@@ -789,6 +791,7 @@ stage_spawn(struct plan *p, const struct parent_plan *pp, struct spawn_result *o
     int go[2] = {-1, -1}, errp[2] = {-1, -1}, sv[2] = {-1, -1};
     int pidfd = -1;
     pid_t pid = -1;
+    int host_ns = -1, in_blank = 0;
 
     memset(out, 0, sizeof *out);
     out->pidfd = out->listener = -1;
@@ -812,6 +815,28 @@ stage_spawn(struct plan *p, const struct parent_plan *pp, struct spawn_result *o
             p->cgroup_tasks_fd = pp->cgroup_fd;
             parent_joins = 0;
         }
+    }
+
+    /* SPEC_BLANK_NETNS: the child starts in the blank network namespace
+     * (zviz/_netns.py), which this thread enters for the clone alone (a
+     * network namespace is per thread) and leaves at once. Never the
+     * caller's own: a mistake must fail the spawn, not share the host's. */
+    if (pp->blank_netns) {
+        struct stat ours, blank;
+        if (pp->netns_fd < 0) {
+            errno = EBADF;
+            goto oserror;
+        }
+        host_ns = open("/proc/thread-self/ns/net", O_RDONLY | O_CLOEXEC);
+        if (host_ns < 0 || fstat(host_ns, &ours) < 0 || fstat(pp->netns_fd, &blank) < 0)
+            goto oserror;
+        if (ours.st_dev == blank.st_dev && ours.st_ino == blank.st_ino) {
+            errno = EINVAL;
+            goto oserror;
+        }
+        if (setns(pp->netns_fd, CLONE_NEWNET) < 0)
+            goto oserror;
+        in_blank = 1;
     }
 
     /* Block every signal across clone() so no handler runs in the child
@@ -845,6 +870,11 @@ stage_spawn(struct plan *p, const struct parent_plan *pp, struct spawn_result *o
 #endif
     }
     int saved_errno = errno;
+    if (in_blank) {
+        if (setns(host_ns, CLONE_NEWNET) < 0)
+            abort(); /* this thread must never go on in the blank namespace */
+        in_blank = 0;
+    }
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     if (pid < 0) {
         errno = saved_errno;
@@ -917,6 +947,11 @@ kill_child:
     kill(pid, SIGKILL);
     waitpid(pid, NULL, 0);
 cleanup:
+    if (host_ns >= 0) {
+        if (in_blank && setns(host_ns, CLONE_NEWNET) < 0)
+            abort();
+        close(host_ns);
+    }
     for (int i = 0; i < 2; i++) {
         if (go[i] >= 0)
             close(go[i]);

@@ -68,6 +68,8 @@ struct parent_plan {
     uint32_t track_value;
     int cgroup_fd; /* the memory cgroup: v2 `cgroup.procs` (the parent writes the pid), v1 `tasks` (the child
                     * writes "0"); -1: none */
+    int blank_netns; /* SPEC_BLANK_NETNS: the child starts in netns_fd's network namespace, not a new one */
+    int netns_fd;    /* entered by the parent around clone (its own namespace restored at once) */
 };
 
 enum spawn_failure {

@@ -12,6 +12,15 @@ def spawn(spec: bytes, command: bytes, /) -> tuple[int, int, int]:
 def landlock_abi() -> int:
     """Landlock ABI version, or -errno."""
 
+def netns_new() -> int:
+    """A new, empty network namespace's fd (the calling thread stays in its own)."""
+
+def socket_in(netns: int, family: int, type: int, protocol: int, /) -> int:
+    """A socket made in the network namespace `netns` (the calling thread stays in its own)."""
+
+def socketpair_in(netns: int, family: int, type: int, protocol: int, /) -> tuple[int, int]:
+    """A socket pair made in the network namespace `netns`."""
+
 def pidfd_getfd(pidfd: int, fd: int, /) -> int:
     """Duplicate fd of the process behind pidfd (raises OSError)."""
 
@@ -19,10 +28,12 @@ def set_dumpable(flag: int, /) -> None:
     """prctl(PR_SET_DUMPABLE, flag) for the calling process (raises OSError)."""
 
 def pump_start(listener: int, out: int, stop: int, netns: int = -1, gate: int = -1, dns4: int = -1,
-               dns6: int = -1, /) -> object:
+               dns6: int = -1, sockets_ns: int = -1, sockets_allow: int = 0, /) -> object:
     """Start the thread that receives `listener`'s notifications (zviz/_pump.c); it
     duplicates the fds and ends on `stop` readable or the listener's hang-up. `netns` and
-    `gate`: direct egress (the sandbox's network namespace, the gate's map)."""
+    `gate`: direct egress (the sandbox's network namespace, the gate's map). `sockets_ns`
+    and `sockets_allow` (1 socket, 2 socketpair): the blank network namespace's sockets,
+    made by the thread in the sandbox's own namespace."""
 
 def pump_set_table(pump: object, blob: bytes, budget: int = -1, /) -> None:
     """The pump's table (40-byte entries, zviz/_pump.h) and, if >= 0, its budget of gated connects."""
@@ -84,6 +95,7 @@ MASK_RDONLY: int
 MASK_PIN: int
 SPEC_ROOT_READONLY: int
 SPEC_CGROUP_NS: int
+SPEC_BLANK_NETNS: int
 MAX_LL_PATHS: int
 MAX_LL_PORTS: int
 OP_MKDIR: int

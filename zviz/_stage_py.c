@@ -20,10 +20,14 @@
 #include <Python.h>
 
 #include <errno.h>
+#include <fcntl.h>
 #include <linux/seccomp.h>
+#include <sched.h>
+#include <stdlib.h>
 #include <stddef.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <sys/socket.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -140,6 +144,9 @@ parse_spec(const struct buf *b, struct plan *p, struct parent_plan *pp)
     if (p->new_root && !p->staging)
         return bad(b, "a new root without a staging directory");
     pp->clone_flags = (unsigned long)h.clone_flags;
+    pp->blank_netns = !!(h.flags & SPEC_BLANK_NETNS);
+    if (pp->blank_netns && (pp->clone_flags & CLONE_NEWNET))
+        return bad(b, "both a blank and a new network namespace");
     pp->deny_setgroups = !!(h.flags & SPEC_DENY_SETGROUPS);
 
     p->n_src = (int)h.n_binds;
@@ -239,6 +246,7 @@ parse_command(const struct buf *b, struct plan *p, struct parent_plan *pp)
     pp->track_map_fd = h.track_map_fd;
     pp->track_value = h.track_value;
     pp->cgroup_fd = h.cgroup_fd;
+    pp->netns_fd = h.netns_fd;
     if (string_at(b, h.exe, &p->exe) || string_at(b, h.cwd, &p->cwd))
         return -1;
     if (!p->exe)
@@ -398,12 +406,14 @@ pump_capsule_free(PyObject *cap)
 static PyObject *
 stage_pump_start(PyObject *self, PyObject *args)
 {
-    int listener, out, stop, netns = -1, gate = -1, dns4 = -1, dns6 = -1, err = 0;
-    if (!PyArg_ParseTuple(args, "iii|iiii:pump_start", &listener, &out, &stop, &netns, &gate, &dns4, &dns6))
+    int listener, out, stop, netns = -1, gate = -1, dns4 = -1, dns6 = -1, sockets_ns = -1, sockets_allow = 0;
+    int err = 0;
+    if (!PyArg_ParseTuple(args, "iii|iiiiii:pump_start", &listener, &out, &stop, &netns, &gate, &dns4, &dns6,
+                          &sockets_ns, &sockets_allow))
         return NULL;
     struct pump *p;
     Py_BEGIN_ALLOW_THREADS
-    p = pump_start(listener, out, stop, netns, gate, dns4, dns6, &err);
+    p = pump_start(listener, out, stop, netns, gate, dns4, dns6, sockets_ns, sockets_allow, &err);
     Py_END_ALLOW_THREADS
     if (!p) {
         errno = err;
@@ -701,12 +711,106 @@ stage_spawn_warm_py(PyObject *self, PyObject *args)
     return spawn_common(args, 1);
 }
 
+/* ---------------------------------------------------------------- network namespaces (zviz/_netns.py)
+ *
+ * A network namespace is per thread: these enter one on the calling thread
+ * for a single call and return to the thread's own before they return. If
+ * that return failed the thread would go on making the host's sockets in
+ * another namespace, so it aborts the process instead (it cannot fail for a
+ * caller that could enter: the fd of its own namespace is held). */
+
+static int
+netns_enter(int netns_fd, int *ours)
+{
+    *ours = open("/proc/thread-self/ns/net", O_RDONLY | O_CLOEXEC);
+    if (*ours < 0)
+        return -1;
+    if (netns_fd >= 0 && setns(netns_fd, CLONE_NEWNET) < 0) {
+        int e = errno;
+        close(*ours);
+        errno = e;
+        return -1;
+    }
+    return 0;
+}
+
+static void
+netns_leave(int ours)
+{
+    if (setns(ours, CLONE_NEWNET) < 0)
+        abort();
+    close(ours);
+}
+
+/* netns_new() -> fd: a new, empty network namespace (its loopback down). */
+static PyObject *
+stage_netns_new(PyObject *self, PyObject *args)
+{
+    int ours;
+    if (netns_enter(-1, &ours) < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    int fd = -1, e = 0;
+    if (unshare(CLONE_NEWNET) < 0)
+        e = errno;
+    else if ((fd = open("/proc/thread-self/ns/net", O_RDONLY | O_CLOEXEC)) < 0)
+        e = errno;
+    netns_leave(ours); /* (whether or not unshare moved this thread) */
+    if (fd < 0) {
+        errno = e;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return PyLong_FromLong(fd);
+}
+
+/* socket_in(netns, family, type, protocol) -> fd;
+ * socketpair_in(netns, family, type, protocol) -> (fd, fd): made in that
+ * namespace (a socket belongs for good to the namespace it was made in). */
+static PyObject *
+netns_socket(PyObject *args, int pair)
+{
+    int netns, family, type, protocol;
+    if (!PyArg_ParseTuple(args, pair ? "iiii:socketpair_in" : "iiii:socket_in", &netns, &family, &type, &protocol))
+        return NULL;
+    if (netns < 0) {
+        errno = EBADF;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    int ours;
+    if (netns_enter(netns, &ours) < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    int sv[2] = {-1, -1};
+    int r = pair ? socketpair(family, type, protocol, sv) : (sv[0] = socket(family, type, protocol));
+    int e = errno;
+    netns_leave(ours);
+    if (r < 0) {
+        errno = e;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return pair ? Py_BuildValue("(ii)", sv[0], sv[1]) : PyLong_FromLong(sv[0]);
+}
+
+static PyObject *
+stage_socket_in(PyObject *self, PyObject *args)
+{
+    return netns_socket(args, 0);
+}
+
+static PyObject *
+stage_socketpair_in(PyObject *self, PyObject *args)
+{
+    return netns_socket(args, 1);
+}
+
 static PyMethodDef methods[] = {
     {"spawn", stage_spawn_py, METH_VARARGS, "spawn(spec, command) -> (pid, pidfd, listener): clone, set up, exec."},
     {"spawn_warm", stage_spawn_warm_py, METH_VARARGS,
      "spawn_warm(spec, command) -> (pid, pidfd, listener) in the caller, None in the child: a fork of the caller "
      "that returns inside the sandbox instead of exec (init_fd is placed on fd 6)."},
     {"landlock_abi", stage_landlock_abi, METH_NOARGS, "Landlock ABI version, or -errno."},
+    {"netns_new", stage_netns_new, METH_NOARGS, "netns_new() -> fd: a new network namespace (this thread stays in its own)."},
+    {"socket_in", stage_socket_in, METH_VARARGS, "socket_in(netns, family, type, protocol) -> fd, made in that namespace."},
+    {"socketpair_in", stage_socketpair_in, METH_VARARGS,
+     "socketpair_in(netns, family, type, protocol) -> (fd, fd), made in that namespace."},
     {"pidfd_getfd", stage_pidfd_getfd, METH_VARARGS, "Duplicate fd of the process behind pidfd."},
     {"set_dumpable", stage_set_dumpable, METH_VARARGS, "prctl(PR_SET_DUMPABLE, flag) for the calling process."},
     {"pump_start", stage_pump_start, METH_VARARGS,
@@ -792,11 +896,12 @@ add_layouts(PyObject *m)
                    FIELD(spec_rlimit, soft), FIELD(spec_rlimit, hard)) < 0 ||
         add_layout(l, "spec_path", sizeof(struct spec_path), 2, FIELD(spec_path, path), FIELD(spec_path, access)) < 0 ||
         add_layout(l, "spec_port", sizeof(struct spec_port), 2, FIELD(spec_port, port), FIELD(spec_port, access)) < 0 ||
-        add_layout(l, "command_header", sizeof(struct command_header), 13, FIELD(command_header, magic),
+        add_layout(l, "command_header", sizeof(struct command_header), 14, FIELD(command_header, magic),
                    FIELD(command_header, n_argv), FIELD(command_header, n_envp), FIELD(command_header, fd_in),
                    FIELD(command_header, fd_out), FIELD(command_header, fd_err), FIELD(command_header, init_fd),
                    FIELD(command_header, status_fd), FIELD(command_header, track_map_fd),
-                   FIELD(command_header, track_value), FIELD(command_header, cgroup_fd), FIELD(command_header, exe),
+                   FIELD(command_header, track_value), FIELD(command_header, cgroup_fd),
+                   FIELD(command_header, netns_fd), FIELD(command_header, exe),
                    FIELD(command_header, cwd)) < 0 ||
         add_layout(l, "child_error", sizeof(struct child_error), 3, FIELD(child_error, step),
                    FIELD(child_error, err), FIELD(child_error, index)) < 0 ||
@@ -856,7 +961,7 @@ PyInit__stage(void)
         {"SPEC_LOOPBACK_UP", SPEC_LOOPBACK_UP}, {"SPEC_SETSID", SPEC_SETSID},
         {"SPEC_CREDS_LATE", SPEC_CREDS_LATE}, {"SPEC_DROP_GROUPS", SPEC_DROP_GROUPS},
         {"SPEC_DENY_SETGROUPS", SPEC_DENY_SETGROUPS}, {"SPEC_COMMAND_RULESET", SPEC_COMMAND_RULESET},
-        {"SPEC_CGROUP_NS", SPEC_CGROUP_NS},
+        {"SPEC_CGROUP_NS", SPEC_CGROUP_NS}, {"SPEC_BLANK_NETNS", SPEC_BLANK_NETNS},
     };
     for (size_t i = 0; i < sizeof consts / sizeof consts[0]; i++)
         if (PyModule_AddObject(m, consts[i].name, PyLong_FromLongLong(consts[i].value)) < 0)

@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import os
 import select
 import socket
@@ -46,7 +47,7 @@ from typing import Any, Protocol
 import anyio
 import attrs
 
-from . import _argrules, _decide, _kernel, _pump, _stage
+from . import _argrules, _decide, _kernel, _pump, _sockets, _stage
 from ._kernel import OwnedFd
 
 MAX_CONNECTS = 64  # connects in flight per sandbox (past it: EAGAIN, and an event)
@@ -54,6 +55,7 @@ CONNECT_READ_DEADLINE = 1.0  # s to read a connect's sockaddr (past it: EFAULT)
 ANSWER_WAIT = 0.05  # s a denial with string arguments waits for their read at most, before it is answered
 DECODE_DEADLINE = 0.1  # s to read the string arguments of a denied call (past it: unread)
 DECODES = 64  # denials whose strings are being read at once (past it: answered at once, strings unread)
+PAIR_DEADLINE = 2.0  # s to install a socketpair in a blank-namespace sandbox (its numbers written to its memory)
 READERS = 2  # worker threads reading one sandbox's memory at once
 VALID_POLL_S = 0.25  # a pending connect re-checks its notification this often
 # the string arguments read for an event: the first N arguments
@@ -126,6 +128,8 @@ class Supervisor:
         self.egress: _EgressHook | None = None
         # net.way = "direct": the sandbox's direct egress (its pumps connect out, _egressdirect)
         self.direct: Any = None
+        # the blank network namespace (zviz/_netns.py): its sockets, made here (set by the sandbox)
+        self.sockets: _sockets.Sockets | None = None
         self._on_event = on_event
         self._tg = task_group  # (bind() sets it when the supervisor is made before its task group)
         self._learner = learner  # zviz trace: record and let run (NOT a security boundary)
@@ -181,6 +185,8 @@ class Supervisor:
                     self._forget(fd)
                 anyio.notify_closing(self._ep.fileno())
                 self._ep.close()
+                if self.sockets is not None:
+                    self.sockets.close()  # (its sockets live on in the sandbox's processes until they die)
 
     def _pumped(self, fd: int, w: _Watched) -> None:
         """What a listener's pump said: notifications for us to answer, the
@@ -349,6 +355,8 @@ class Supervisor:
             if w.pump is not None:
                 w.pump.close()
         self._ep.close()
+        if self.sockets is not None:
+            self.sockets.close()
 
     def stop(self) -> None:
         """End the supervisor (after teardown has killed the processes, their
@@ -395,6 +403,10 @@ class Supervisor:
         if self._learner is not None and n.arch == _decide.AUDIT_ARCH_X86_64 and self._learner(n):
             _kernel.notif_continue_learning(listener, n.id)
             return
+        if (self.sockets is not None and n.arch == _decide.AUDIT_ARCH_X86_64
+                and self.sockets.wants(_decide.syscall_name(n.nr), n.args)):
+            self._make_sockets(listener, n)
+            return
         answer = _decide.decide(n.nr, n.arch, n.args, net_allow=self._net_allow)
         if isinstance(answer, _decide.ReadSockaddr):
             # Everything after this point may wait (the child's memory, the
@@ -438,6 +450,69 @@ class Supervisor:
             detail = (f"{_decide.decode(n.nr, n.args).detail}: net.mode 'allow' has no DNS (no UDP): to reach "
                       "hosts by name, use Network.domains([...]) or --allow-domain NAME (docs/network.md)")
         self._record(n, answer.errno, account, detail=detail)
+
+    # ---- sockets of a sandbox in the blank network namespace (_sockets)
+
+    def _make_sockets(self, listener: OwnedFd, n: _kernel.Notification) -> None:
+        """Its first socket is made here, and the listener handed to a pump
+        (zviz/_pump.c), which makes the next ones in C (~0.01 ms each, not
+        ~0.2: a socketpair here takes a worker thread); without pumps, all here."""
+        assert self.sockets is not None
+        try:
+            self._serve_sockets(listener, n)
+        finally:
+            if self.sockets.netns >= 0:
+                self._pump_sockets(listener)
+
+    def _pump_sockets(self, listener: OwnedFd) -> None:
+        assert self.sockets is not None
+        w = self._watched.get(listener.fd)
+        if w is None or w.pump is not None or not (self.pumps and _pump.available()):
+            return
+        try:
+            pump = _pump.Pump(listener, b"", sockets=(self.sockets.netns, self.sockets.pump_allow))
+        except OSError:  # (a host fd or thread shortage: Python goes on making them)
+            return
+        self._ep.unregister(listener.fd)
+        del self._watched[listener.fd]
+        w.pump = pump
+        self._watched[pump.fd] = w
+        self._ep.register(pump.fd, select.EPOLLIN)
+
+    def _serve_sockets(self, listener: OwnedFd, n: _kernel.Notification) -> None:
+        assert self.sockets is not None
+        name = _decide.syscall_name(n.nr)
+        cloexec = bool(n.args[1] & _argrules.SOCK_CLOEXEC)
+        try:
+            fds = self.sockets.make(name, n.args)
+        except OSError as e:
+            _kernel.notif_send(listener, n.id, error=e.errno or errno.EINVAL)
+            return
+        if name == "socketpair":  # its numbers go to the caller's memory: in a worker thread
+            assert self._tg is not None
+            self._tg.start_soon(self._install_pair, listener, n, fds, cloexec)
+            return
+        try:
+            num = _sockets.install(listener, n.id, fds[0], cloexec=cloexec)
+        except OSError as e:
+            _kernel.notif_send(listener, n.id, error=e.errno or errno.EMFILE)
+            return
+        finally:
+            os.close(fds[0])
+        if num is not None:
+            _kernel.notif_send(listener, n.id, val=num)
+
+    async def _install_pair(self, listener: OwnedFd, n: _kernel.Notification, fds: tuple[int, ...],
+                            cloexec: bool) -> None:
+        work = functools.partial(_sockets.install_pair, listener, n.id, n.pid, fds, n.args[3], cloexec=cloexec)
+        err: int | None = errno.EFAULT
+        with anyio.move_on_after(PAIR_DEADLINE) as scope:  # (abandoned, the thread still closes the fds)
+            err = await anyio.to_thread.run_sync(work, abandon_on_cancel=True, limiter=self._readers)
+        if scope.cancelled_caught:
+            self.reads_timed_out += 1
+        if err is not None:
+            with contextlib.suppress(OSError, ValueError):  # ValueError: the listener closed
+                _kernel.notif_send(listener, n.id, error=err)
 
     # ---- recording
 

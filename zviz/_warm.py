@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING
 import anyio
 import attrs
 
-from . import _kernel
+from . import _kernel, _netns
 from ._errors import SandboxSetupError, ZvizError
 from ._kernel import OwnedFd
 from ._spec import Command, StageSpec
@@ -189,6 +189,11 @@ class Server:
         slotted = attrs.evolve(command, stdin=SLOT, stdout=SLOT + 1, stderr=SLOT + 2, status_fd=SLOT + 3,
                                init_fd=SLOT + 4, cgroup_fd=SLOT + 5 if command.cgroup_fd >= 0 else -1,
                                track_map_fd=-1, track_value=0)
+        if stage.blank_netns:  # the server enters the same blank namespace (zviz/_netns.py)
+            slotted = _kernel.with_blank_netns(slotted, slot=SLOT + len(fds))
+            blank = _netns.blank_fd()
+            assert blank is not None  # (with_blank_netns checked)
+            fds.append(blank)
         cmd = slotted.pack()
         msg = struct.pack("<II", len(packed), len(cmd)) + packed + cmd
         async with self._loop_lock():

@@ -1,0 +1,428 @@
+"""The blank network namespace (zviz/_netns.py): a `none` sandbox starts in
+zviz's blank namespace and its sockets are made by the supervisor in one of
+its own (zviz/_sockets.py). What the host sees: which namespace each
+process and socket is in, that nothing is ever made in the blank one, that
+no host thread is left in another namespace, and what a hostile program
+gets from the supervisor's socketpair (a bad pointer, a read-only page, a
+race with munmap)."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import secrets
+import socket
+import textwrap
+import threading
+
+import attrs
+import pytest
+import trio
+
+import zviz
+from zviz import _kernel, _netns, _spec, _stage
+
+from ..conftest import IS_ROOT, open_fds
+
+pytestmark = pytest.mark.skipif(not (IS_ROOT and _netns.usable()),
+                                reason="the blank network namespace needs root (zviz makes and enters "
+                                "network namespaces)")
+
+SIOCGSKNS = 0x894C
+PY = "/usr/bin/python3"
+
+
+def _ino(path: str) -> int:
+    return os.stat(path).st_ino
+
+
+def _blank_ino() -> int:
+    fd = _netns.blank_fd()
+    assert fd is not None
+    return os.fstat(fd).st_ino
+
+
+async def _py(sb: zviz.Sandbox, code: str, timeout: float = 30) -> dict:
+    r = await sb.run([PY, "-c", textwrap.dedent(code)], timeout=timeout)
+    assert r.exit_code == 0, r.stderr.decode()[-2000:]
+    return json.loads(r.stdout.decode().strip().splitlines()[-1])
+
+
+def _socket_netns(pid: int, fd: int) -> int:
+    """The namespace a sandbox's socket is in, asked on the host (SIOCGSKNS)."""
+    pidfd = os.pidfd_open(pid)
+    try:
+        ours = _stage.pidfd_getfd(pidfd, fd)
+    finally:
+        os.close(pidfd)
+    try:
+        ns = fcntl.ioctl(ours, SIOCGSKNS)
+        try:
+            return os.fstat(ns).st_ino
+        finally:
+            os.close(ns)
+    finally:
+        os.close(ours)
+
+
+def _host_pid_of(marker: str) -> int:
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                with open(f"/proc/{p}/cmdline", "rb") as f:
+                    if marker.encode() in f.read():
+                        return int(p)
+            except OSError:
+                continue
+    raise AssertionError(f"no process with {marker}")
+
+
+HOLD = """
+import os, socket, sys, json
+marker = {marker!r}
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.bind("\\0" + {name!r}); s.listen()
+print(json.dumps({{"fd": s.fileno(), "ns": os.stat("/proc/self/ns/net").st_ino}}), flush=True)
+sys.stdin.read()
+"""
+
+
+def test_the_sandbox_is_in_the_blank_namespace_and_its_sockets_in_one_of_its_own():
+    """Two sandboxes at once each bind the same abstract name the host binds
+    too: all three succeed; each sandbox's process is in the blank namespace,
+    each one's socket in a namespace of its own (neither the blank, nor the
+    host's, nor the other's)."""
+    name = "zviz-same-" + secrets.token_hex(4)
+    host_ns, blank = _ino("/proc/self/ns/net"), _blank_ino()
+
+    async def main():
+        seen = []
+        host = socket.socket(socket.AF_UNIX)
+        host.bind("\0" + name)
+        host.listen()
+        async with zviz.open_sandbox(zviz.Policy.python()) as a, zviz.open_sandbox(zviz.Policy.python()) as b:
+            procs = []
+            for sb in (a, b):
+                marker = "zviz-marker-" + secrets.token_hex(4)
+                p = await sb.start([PY, "-c", HOLD.format(marker=marker, name=name), marker], stderr=False)
+                line = b""
+                while not line.endswith(b"\n"):
+                    chunk = await p.stdout.receive_some()
+                    assert chunk, "the holder ended early"
+                    line += chunk
+                info = json.loads(line)
+                pid = _host_pid_of(marker)
+                seen.append((info["ns"], _ino(f"/proc/{pid}/ns/net"), _socket_netns(pid, info["fd"])))
+                procs.append(p)
+            for p in procs:
+                await p.stdin.send_all(b"")
+                await p.stdin.aclose()
+                await p.wait()
+        host.close()
+        return seen
+
+    seen = trio.run(main)
+    (a_in, a_host, a_sock), (b_in, b_host, b_sock) = seen
+    assert a_in == b_in == a_host == b_host == blank  # inside and from the host: the blank one
+    assert a_sock not in (blank, host_ns) and b_sock not in (blank, host_ns)
+    assert a_sock != b_sock
+
+
+EVERY_KIND = """
+import json, os, socket
+a, b = socket.socketpair()
+d1, d2 = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+q = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET); q.bind("/tmp/q.sock"); q.listen()
+c = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET); c.connect("/tmp/q.sock"); x, _ = q.accept()
+c.send(b"m"); got = x.recv(1)
+ab = socket.socket(socket.AF_UNIX); ab.bind("\\0zviz-kind"); ab.listen()
+auto = socket.socket(socket.AF_UNIX); auto.bind("")
+nl = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)
+names = socket.if_nameindex()
+print(json.dumps({"got": got.decode(), "names": names, "auto": auto.getsockname()[:1] == b"\\0"}))
+"""
+
+SHOW = """
+import json
+def lines(p):
+    with open(p) as f:
+        return f.read().splitlines()
+dev = [l.split() for l in lines("/proc/net/dev")[2:]]
+print(json.dumps({"unix": lines("/proc/net/unix")[1:], "netlink": lines("/proc/net/netlink")[1:],
+                  "dev": dev}))
+"""
+
+
+def test_nothing_is_ever_made_in_the_blank_namespace():
+    """A sandbox makes sockets of every kind it may (and a route socket's
+    dump); another reads the blank namespace's /proc/net meanwhile, and the
+    host reads it after: no socket, no traffic on its loopback."""
+
+    async def main():
+        async with zviz.open_sandbox(zviz.Policy.python()) as a:
+            made = await _py(a, EVERY_KIND)
+            async with zviz.open_sandbox(zviz.Policy.python()) as b:
+                shown = await _py(b, SHOW)
+        return made, shown
+
+    made, shown = trio.run(main)
+    assert made["got"] == "m" and made["auto"]
+    assert [n for _, n in made["names"]] == ["lo"]  # the sandbox's own namespace: its loopback only
+    assert shown["unix"] == []
+    assert shown["netlink"] and all(line.split()[2] == "0" for line in shown["netlink"])  # the kernel's own only
+    assert [d[0] for d in shown["dev"]] == ["lo:"] and all(v == "0" for v in shown["dev"][0][1:])
+
+    def read_blank() -> list[str]:
+        fd = _netns.blank_fd()
+        assert fd is not None
+        from zviz import _kernel as k
+
+        assert k._c().setns(fd, 0x40000000) == 0
+        with open("/proc/thread-self/net/unix") as f:
+            return f.read().splitlines()[1:]
+
+    out: list[list[str]] = []
+    t = threading.Thread(target=lambda: out.append(read_blank()))
+    t.start()
+    t.join()
+    assert out == [[]]
+
+
+SOCKETS = r"""
+import asyncio, ctypes, fcntl, json, os, socket, subprocess
+libc = ctypes.CDLL(None, use_errno=True)
+out = {}
+def fds():
+    return len(os.listdir("/proc/self/fd"))
+a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+out["flags"] = [bool(fcntl.fcntl(a.fileno(), fcntl.F_GETFD) & fcntl.FD_CLOEXEC),
+                bool(fcntl.fcntl(b.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK)]
+raw = (ctypes.c_int * 2)()
+libc.socketpair(1, 1, 0, raw)  # (no SOCK_CLOEXEC: Python's own sockets always have it)
+out["inherit"] = not (fcntl.fcntl(raw[0], fcntl.F_GETFD) & fcntl.FD_CLOEXEC)
+c, d = socket.socketpair()
+child = subprocess.run(["/usr/bin/python3", "-c", f"import os; os.write({c.fileno()}, b'from-child')"],
+                       pass_fds=[c.fileno()])
+out["child"] = d.recv(20).decode()
+r, w = socket.socketpair()
+socket.send_fds(w, [b"x"], [c.fileno()])
+msg, got, _, _ = socket.recv_fds(r, 1, 1)
+os.write(got[0], b"passed"); out["scm"] = d.recv(10).decode()
+async def m():
+    rd, wr = await asyncio.open_unix_connection(sock=socket.socketpair()[0])
+    return "asyncio"
+out["asyncio"] = asyncio.run(m())
+before = fds()
+sv = (ctypes.c_int * 2)()
+out["einval"] = [libc.socket(1, 99, 0), ctypes.get_errno()]
+out["efault"] = [libc.socketpair(1, 1, 0, ctypes.c_void_p(8)), ctypes.get_errno()]
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+ro_page = libc.mmap(None, 4096, 1, 0x22, -1, 0)  # PROT_READ, MAP_PRIVATE|MAP_ANONYMOUS
+out["readonly"] = [libc.socketpair(1, 1, 0, ctypes.c_void_p(ro_page)), ctypes.get_errno(),
+                   ctypes.string_at(ro_page, 8) == b"\0" * 8]
+out["leaked"] = fds() - before
+out["ok"] = [libc.socketpair(1, 1, 0, sv), sv[0] >= 0, sv[1] >= 0]
+out["inet"] = [libc.socket(2, 1, 0), ctypes.get_errno()]
+print(json.dumps(out))
+"""
+
+
+def test_sockets_work_and_a_bad_pointer_gets_what_the_kernel_would_say():
+    async def main():
+        async with zviz.open_sandbox(zviz.Policy.python()) as sb:
+            r = await sb.run([PY, "-c", SOCKETS], timeout=30)
+            return r
+
+    r = trio.run(main)
+    assert r.exit_code == 0, r.stderr.decode()[-2000:]
+    out = json.loads(r.stdout.decode().splitlines()[-1])
+    assert out["flags"] == [True, True] and out["inherit"]
+    assert out["child"] == "from-child" and out["scm"] == "passed" and out["asyncio"] == "asyncio"
+    assert out["einval"] == [-1, errno.EINVAL]  # the kernel's own answer, passed through
+    assert out["efault"] == [-1, errno.EFAULT]
+    assert out["readonly"] == [-1, errno.EFAULT, True]  # not written through /proc/PID/mem's force
+    assert out["leaked"] == 0  # neither refused pair left an fd behind
+    assert out["ok"] == [0, True, True]
+    assert out["inet"][0] == -1 and r.denials.get("socket", 0) >= 1  # other families: refused and reported
+
+
+ABSTRACT = """
+import json, socket
+s = socket.socket(socket.AF_UNIX); s.bind("\\0zviz-abstract"); s.listen()
+c = socket.socket(socket.AF_UNIX)
+try:
+    c.connect("\\0zviz-abstract"); r = "connected"
+except OSError as e:
+    r = e.errno
+print(json.dumps({"r": r}))
+"""
+
+
+def test_abstract_connections_need_lazy_net_off():
+    """Landlock scopes an abstract socket by its maker: made by zviz, a
+    command's own abstract server is out of its reach (EPERM). With
+    `lazy_net = False` the sandbox makes its sockets itself, as before."""
+
+    async def main():
+        out = []
+        for lazy in (True, False):
+            pol = zviz.Policy.python()
+            pol = attrs.evolve(pol, namespaces=attrs.evolve(pol.namespaces, lazy_net=lazy))
+            async with zviz.open_sandbox(pol) as sb:
+                out.append((await _py(sb, ABSTRACT))["r"])
+        return out
+
+    assert trio.run(main) == [errno.EPERM, "connected"]
+
+
+def test_no_host_thread_is_left_in_another_namespace():
+    """After sandboxes spawned in the blank namespace and had sockets made in
+    their own, the loop's thread and the worker threads are in the host's."""
+    host_ns = _ino("/proc/thread-self/ns/net")
+    before = open_fds()
+
+    async def main():
+        for _ in range(6):
+            async with zviz.open_sandbox(zviz.Policy.python()) as sb:
+                await _py(sb, "import socket, json; socket.socketpair(); socket.socket(socket.AF_UNIX); "
+                              "print(json.dumps({}))")
+        return [await trio.to_thread.run_sync(_ino, "/proc/thread-self/ns/net") for _ in range(8)]
+
+    workers = trio.run(main)
+    assert _ino("/proc/thread-self/ns/net") == host_ns
+    assert set(workers) == {host_ns}
+    assert open_fds() - before <= {_netns.blank_fd()}  # every sandbox's own namespace closed with it
+
+
+RACE = r"""
+import ctypes, json, threading
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+page = libc.mmap(None, 4096, 3, 0x22, -1, 0)
+stop = False
+def flip():
+    while not stop:
+        libc.mprotect(ctypes.c_void_p(page), 4096, 1)
+        libc.mprotect(ctypes.c_void_p(page), 4096, 3)
+        libc.munmap(ctypes.c_void_p(page), 4096)
+        libc.mmap(ctypes.c_void_p(page), 4096, 3, 0x32, -1, 0)  # MAP_FIXED
+res = {"ok": 0, "efault": 0, "other": 0}
+def pairs():
+    for _ in range(100):  # (the pairs made stay open: reading the page would race the flipper)
+        r = libc.socketpair(1, 1, 0, ctypes.c_void_p(page))
+        if r == 0:
+            res["ok"] += 1
+        elif ctypes.get_errno() == 14:
+            res["efault"] += 1
+        else:
+            res["other"] += 1
+t = threading.Thread(target=flip); t.start()
+ws = [threading.Thread(target=pairs) for _ in range(3)]
+[w.start() for w in ws]; [w.join() for w in ws]
+stop = True; t.join()
+print(json.dumps(res))
+"""
+
+
+def test_a_socketpair_racing_munmap_and_mprotect_harms_only_its_caller():
+    async def main():
+        async with zviz.open_sandbox(zviz.Policy.python()) as sb:
+            out = await _py(sb, RACE, timeout=60)
+            after = await _py(sb, "import json, socket; a, b = socket.socketpair(); a.send(b'k'); "
+                                  "print(json.dumps({'k': b.recv(1).decode()}))")
+        return out, after
+
+    out, after = trio.run(main)
+    assert out["ok"] + out["efault"] + out["other"] == 300
+    assert out["ok"] > 0 and out["other"] == 0
+    assert after == {"k": "k"}  # the supervisor still serves the sandbox
+
+
+def test_a_warm_snippet_starts_in_the_blank_namespace_too():
+    code = ("import asyncio, os, socket\n"
+            "async def m():\n    a, b = socket.socketpair(); return 'ok'\n"
+            "print(os.stat('/proc/self/ns/net').st_ino, asyncio.run(m()))")
+
+    async def main():
+        return await zviz.run_snippet(code, timeout=30)
+
+    r = trio.run(main)
+    assert r.exit_code == 0, r.stderr
+    ino, word = (r.stdout.decode() if isinstance(r.stdout, bytes) else r.stdout).split()
+    assert int(ino) == _blank_ino() and word == "ok"
+
+
+def test_the_stage_refuses_a_blank_spawn_without_the_blank_namespace():
+    """The C stage's own check: a stage planned for the blank namespace with
+    no namespace given, or given the caller's own, fails the spawn (never
+    the host's network)."""
+    null = _kernel.open_devnull()
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        stage = _spec.StageSpec(clone_flags=_kernel.CLONE_NEWUSER, uid_map="0 0 1\n", gid_map="0 0 1\n",
+                                blank_netns=True)
+        true = _spec.Command(exe=b"/bin/true", argv=(b"/bin/true",), envp=(), cwd=b"/", stdin=null.fd,
+                             stdout=null.fd, stderr=null.fd)
+        for fd, err in ((-1, errno.EBADF), (own, errno.EINVAL)):
+            with pytest.raises(OSError) as e:
+                _stage.spawn(stage.pack(), attrs.evolve(true, netns_fd=fd).pack())
+            assert e.value.errno == err
+        both = attrs.evolve(stage, clone_flags=_kernel.CLONE_NEWUSER | 0x40000000)
+        with pytest.raises(ValueError, match="blank"):
+            _stage.spawn(both.pack(), attrs.evolve(true, netns_fd=_netns.blank_fd()).pack())
+        assert _ino("/proc/thread-self/ns/net") == os.fstat(own).st_ino
+    finally:
+        os.close(own)
+        null.close()
+
+
+def test_socketpair_peer_credentials_name_no_process_of_the_sandbox():
+    """What differs, documented: a pair's peer credentials are its maker's,
+    zviz's (outside the sandbox: pid 0, the overflow uid)."""
+
+    async def main():
+        async with zviz.open_sandbox(zviz.Policy.python()) as sb:
+            return await _py(sb, "import json, socket, struct; a, b = socket.socketpair(); "
+                                 "print(json.dumps(struct.unpack('3i', a.getsockopt(socket.SOL_SOCKET, "
+                                 "socket.SO_PEERCRED, 12))))")
+
+    pid, uid, _gid = trio.run(main)
+    assert pid == 0 and uid == 65534
+
+
+CHANGE = r"""
+import errno, fcntl, json, socket, struct
+out = {}
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+try:
+    fcntl.ioctl(s.fileno(), 0x8914, struct.pack("16sH14x", b"lo", 1))  # SIOCSIFFLAGS: lo up
+    out["up"] = "done"
+except OSError as e:
+    out["up"] = e.errno
+n = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)
+# RTM_NEWLINK: a dummy interface named zz (NLM_F_REQUEST|NLM_F_ACK|NLM_F_CREATE|NLM_F_EXCL)
+kind = b"dummy\0\0\0"
+linkinfo = struct.pack("HH", 4 + 4 + len(kind), 18) + struct.pack("HH", 4 + len(kind), 1) + kind
+name = struct.pack("HH", 4 + 4, 3) + b"zz\0\0"
+body = struct.pack("BxHiII", 0, 0, 0, 0, 0) + name + linkinfo
+msg = struct.pack("IHHII", 16 + len(body), 16, 0x1 | 0x4 | 0x400 | 0x200, 1, 0) + body
+n.send(msg)
+reply = n.recv(4096)
+out["newlink"] = -struct.unpack_from("i", reply, 16)[0]
+print(json.dumps(out))
+"""
+
+
+def test_the_sandbox_cannot_change_its_own_namespace():
+    """Its namespace belongs to the host's user namespace: lo stays down, no
+    interface can be made (EPERM from the ioctl, EPERM in rtnetlink's ack)."""
+
+    async def main():
+        async with zviz.open_sandbox(zviz.Policy.python()) as sb:
+            return await _py(sb, CHANGE)
+
+    assert trio.run(main) == {"up": errno.EPERM, "newlink": errno.EPERM}
