@@ -23,6 +23,7 @@ import pytest
 import trio
 
 import zviz
+from zviz import _netns
 
 from ..conftest import IS_ROOT
 
@@ -136,8 +137,11 @@ async def _scenario(policy: zviz.Policy) -> tuple[dict[str, str], list[tuple[str
                 os.close(net)
             try:
                 host["owner_is_sandbox_userns"] = str(os.fstat(owner).st_ino == os.stat(f"/proc/{z}/ns/user").st_ino)
+                host["owner_is_hosts"] = str(os.fstat(owner).st_ino == os.stat("/proc/self/ns/user").st_ino)
             finally:
                 os.close(owner)
+            blank = _netns.blank_fd()
+            host["blank"] = str(blank is not None and os.fstat(blank).st_ino == os.stat(f"/proc/{z}/ns/net").st_ino)
         return _lines(r.stdout.decode()), events, host
 
 
@@ -166,7 +170,10 @@ def test_route_netlink_reads_only_the_sandboxs_loopback_and_changes_nothing(mode
     assert lo_up == (mode == "loopback"), host  # as zviz left it: up (127.0.0.1/8) only for the private loopback
     assert ("127.0.0.1/8" in host["addr"]) == (mode == "loopback") and "10.9.9.9" not in host["addr"], host
     assert "10.9.9.9" not in host["route"] and "zviz" not in host["link"], host
-    assert host["owner_is_sandbox_userns"] == "True", host
+    if mode == "none" and _netns.usable():  # the zygote is in the blank namespace, the host's (zviz/_netns.py)
+        assert host["blank"] == "True" and host["owner_is_hosts"] == "True", host
+    else:
+        assert host["owner_is_sandbox_userns"] == "True" and host["blank"] == "False", host
 
 
 def test_no_netlink_without_a_network_namespace_of_its_own():
