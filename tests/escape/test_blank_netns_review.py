@@ -8,6 +8,7 @@ Beside tests/escape/test_blank_netns.py (which it does not repeat)."""
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import os
 import signal
@@ -154,3 +155,210 @@ def test_the_pair_worker_never_raises_into_the_sandbox_service():
     for fd in fds:
         with pytest.raises(OSError):
             os.fstat(fd)  # closed
+
+
+# ---- held: the host's credentials on the sandbox's netlink and unix sockets
+
+ROUTE = r"""
+import errno, fcntl, json, os, socket, struct
+out = {}
+def nl(n, typ, flags, body):
+    n.send(struct.pack("IHHII", 16 + len(body), typ, flags, 1, 0) + body)
+    r = n.recv(65536)
+    return -struct.unpack_from("i", r, 16)[0] if struct.unpack_from("H", r, 4)[0] == 2 else "answered"
+n = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)
+NEW = 0x1 | 0x4 | 0x400 | 0x200  # REQUEST|ACK|CREATE|EXCL
+out["newaddr"] = nl(n, 20, NEW, struct.pack("BBBBI", 2, 8, 0, 0, 1) + struct.pack("HH", 8, 2) + bytes([10, 9, 9, 9]))
+out["newroute"] = nl(n, 24, NEW, struct.pack("BBBBBBBBI", 2, 0, 0, 0, 254, 4, 253, 1, 0)
+                     + struct.pack("HHi", 8, 4, 1))
+out["newnsid"] = nl(n, 88, 0x1 | 0x4, struct.pack("4x") + struct.pack("HHi", 8, 1, 5) + struct.pack("HHI", 8, 3, 1))
+def opt(sock, level, name, value):
+    try:
+        sock.setsockopt(level, name, value)
+        return "set"
+    except OSError as e:
+        return e.errno
+out["rcvbufforce"] = opt(n, socket.SOL_SOCKET, 33, 1 << 24)
+out["mark"] = opt(n, socket.SOL_SOCKET, 36, 7)
+out["priority"] = opt(n, socket.SOL_SOCKET, socket.SO_PRIORITY, 7)
+out["listen_all_nsid"] = opt(n, 270, 8, 1)
+u = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+out["u_priority"] = opt(u, socket.SOL_SOCKET, socket.SO_PRIORITY, 7)
+out["u_sndbufforce"] = opt(u, socket.SOL_SOCKET, 32, 1 << 26)
+def ioc(fd, req, arg=0):
+    try:
+        fcntl.ioctl(fd, req, arg)
+        return "done"
+    except OSError as e:
+        return e.errno
+out["skns"] = ioc(u.fileno(), 0x894C)  # SIOCGSKNS: an fd of its namespace
+ns = os.open("/proc/self/ns/net", os.O_RDONLY)
+out["ns_userns"] = ioc(ns, 0xB701)  # NS_GET_USERNS of the blank namespace
+try:
+    with open("/proc/sys/net/core/somaxconn", "w") as f:
+        f.write("5")
+    out["sysctl"] = "written"
+except OSError as e:
+    out["sysctl"] = e.errno
+print(json.dumps(out))
+"""
+
+
+def test_route_and_unix_sockets_made_with_the_hosts_credentials_change_nothing():
+    """The sandbox's sockets are made by zviz (root, outside its namespaces):
+    their file credentials are the host's. Every kernel check tried needs
+    the caller's own capability too: no address, route or namespace id
+    (rtnetlink EPERM), no privileged socket option, no listening to every
+    namespace's events, no fd of the socket's namespace; the blank
+    namespace's sysctls are read-only and its owner out of reach."""
+    out = _run(ROUTE)
+    assert out == {"newaddr": errno.EPERM, "newroute": errno.EPERM, "newnsid": errno.EPERM,
+                   "rcvbufforce": errno.EPERM, "mark": errno.EPERM, "priority": errno.EPERM,
+                   "listen_all_nsid": errno.EPERM, "u_priority": errno.EPERM, "u_sndbufforce": errno.EPERM,
+                   "skns": errno.EPERM, "ns_userns": errno.EPERM, "sysctl": errno.EROFS}
+
+
+PEERPIDFD = r"""
+import ctypes, fcntl, json, os, socket, struct
+libc = ctypes.CDLL(None, use_errno=True)
+a, b = socket.socketpair()
+fd = struct.unpack("i", a.getsockopt(socket.SOL_SOCKET, 77, 4))[0]  # SO_PEERPIDFD
+out = {"fdinfo": {l.split(":")[0]: l.split(":")[1].strip() for l in open(f"/proc/self/fdinfo/{fd}")}}
+def call(*args):
+    r = libc.syscall(*args)
+    return ctypes.get_errno() if r < 0 else "done"
+out["signal"] = call(424, fd, 0, None, 0)
+out["getfd"] = call(438, fd, 0, 0)
+out["setns"] = call(308, fd, 0x40000000)
+ns = {}
+for i in range(1, 11):  # PIDFD_GET_{CGROUP,IPC,MNT,NET,PID,PID_FOR_CHILDREN,TIME,..,USER,UTS}_NAMESPACE
+    try:
+        ns[i] = os.readlink(f"/proc/self/fd/{fcntl.ioctl(fd, 0xFF00 | i)}")
+    except OSError as e:
+        ns[i] = e.errno
+out["ns"] = sorted(set(ns.values()), key=str)
+print(json.dumps(out))
+"""
+
+
+def test_a_pairs_peer_pidfd_names_zviz_and_opens_nothing():
+    """Tried: SO_PEERPIDFD on a pair (Linux 6.5+). Observed: a pidfd of
+    zviz's own process (the pair's maker), a live reference to a host
+    process the sandbox cannot see otherwise (it can poll it for zviz's
+    exit). Nothing opens through it: its pid is 0 in the sandbox, its
+    namespaces are out of reach (EACCES: ptrace rights), and signals,
+    pidfd_getfd and setns are refused by the filter."""
+    out = _run(PEERPIDFD)
+    assert out["fdinfo"]["Pid"] == "0" and out["fdinfo"]["NSpid"] == "0"
+    assert out["ns"] == [errno.EACCES]
+    assert out["signal"] in (errno.ENOSYS, errno.EPERM) and out["getfd"] == errno.EPERM
+    assert out["setns"] == errno.EPERM
+
+
+# ---- held: nothing acts on the blank namespace but what zviz makes
+
+OTHER_WAYS = r"""
+import ctypes, json, os, socket
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+u64 = ctypes.c_uint64
+def call(*args):
+    r = libc.syscall(*args)
+    return ctypes.get_errno() if r < 0 else "made"
+sv = (ctypes.c_int * 2)()
+out = {
+    "io_uring": call(425, 8, ctypes.create_string_buffer(120)),
+    "unshare": call(272, 0x40000000),
+    "setns": call(308, os.open("/proc/self/ns/net", os.O_RDONLY), 0x40000000),
+    "inet": call(41, 2, 1, 0),
+    "packet": call(41, 17, 3, 0),
+    "generic_netlink": call(41, 16, 3, 16),
+    "netlink_pair": call(53, 16, 3, 0, sv),
+    "unix_family_high_bits": call(41, u64(1 | 1 << 32), 1, 0),
+    "route_type_high_bits": call(41, 16, u64(3 | 1 << 32), 0),
+    "route_protocol_high_bits": call(41, 16, 3, u64(1 << 32)),
+    "route_family_high_bits": call(41, u64(16 | 1 << 32), 3, 0),
+    "unix_type_high_bits": call(41, 1, u64(1 | 0xFFFFFFFF << 32), 0),  # (the kernel reads an int: made)
+    "unix_bad_protocol": call(41, 1, 1, 7),
+    "pair_bad_type": call(53, 1, 99, 0, sv),
+}
+print(json.dumps(out))
+"""
+
+
+def test_every_other_way_to_a_socket_or_the_namespace_is_refused():
+    """Tried: io_uring (IORING_OP_SOCKET), unshare and setns of a network
+    namespace, other families and protocols, garbage in the high bits of
+    family, type and protocol. Refused as before, except what the kernel
+    itself reads as an int (a unix socket's type): made, as in-kernel."""
+    out = _run(OTHER_WAYS)
+    refused = {k for k, v in out.items() if v in (errno.EPERM, errno.EACCES, errno.ENOSYS)}
+    assert refused == {"io_uring", "unshare", "setns", "inet", "packet", "generic_netlink", "netlink_pair",
+                       "unix_family_high_bits", "route_type_high_bits", "route_protocol_high_bits",
+                       "route_family_high_bits"}
+    assert out["unix_type_high_bits"] == "made"
+    assert out["unix_bad_protocol"] == errno.EPROTONOSUPPORT and out["pair_bad_type"] == errno.EINVAL
+
+
+STACKED = r"""
+import ctypes, json, os, socket, struct
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+def prog(action):  # socket and socketpair -> action, the rest allowed
+    ins = [(0x20, 0, 0, 0), (0x15, 2, 0, 41), (0x15, 1, 0, 53), (0x06, 0, 0, 0x7FFF0000), (0x06, 0, 0, action)]
+    raw = b"".join(struct.pack("HBBI", *i) for i in ins)
+    buf = ctypes.create_string_buffer(raw)
+    fprog = struct.pack("HxxxxxxQ", len(ins), ctypes.addressof(buf))
+    return buf, ctypes.create_string_buffer(fprog)
+out = {}
+r, w = os.pipe()
+pid = os.fork()
+if pid == 0:
+    keep = prog(0x7FC00000)  # SECCOMP_RET_USER_NOTIF, for a listener this filter cannot have (prctl)
+    libc.prctl(38, 1, 0, 0, 0)
+    res = [libc.prctl(22, 2, keep[1], 0, 0), ctypes.get_errno()]
+    res.append([libc.syscall(41, 1, 1, 0), ctypes.get_errno()])
+    os.write(w, json.dumps(res).encode()); os._exit(0)
+os.waitpid(pid, 0)
+out["notif"] = json.loads(os.read(r, 1000))
+keep = prog(0x7FFF0000)  # SECCOMP_RET_ALLOW: cannot outrank zviz's notification
+libc.prctl(38, 1, 0, 0, 0)
+out["allow_loaded"] = libc.prctl(22, 2, keep[1], 0, 0)
+s = socket.socket(socket.AF_UNIX); s.bind("\0zviz-stacked"); s.listen()
+out["unix"] = open("/proc/net/unix").read().splitlines()[1:]
+print(json.dumps(out))
+"""
+
+
+def test_a_filter_the_sandbox_stacks_cannot_let_a_socket_through():
+    """Tried: a filter of the program's own (prctl: no listener) that
+    answers socket() with USER_NOTIF (for a supervisor of its own to
+    CONTINUE it, which would make it in-kernel, in the blank namespace), or
+    with ALLOW. Observed: USER_NOTIF without a listener is ENOSYS; ALLOW
+    never outranks zviz's notification: the socket is still zviz's, in the
+    sandbox's own namespace, and the blank one stays empty."""
+    out = _run(STACKED)
+    assert out["notif"] == [0, 0, [-1, errno.ENOSYS]]
+    assert out["allow_loaded"] == 0 and out["unix"] == []
+    assert _blank_lines("unix")[1:] == []
+
+
+I386 = r"""
+import ctypes, mmap, os, signal, json
+# i386 socket(AF_UNIX, SOCK_STREAM, 0) by int 0x80 (nr 359), rbx kept: the filter's architecture check
+code = bytes.fromhex("53b867010000bb01000000b90100000031d2cd805bc3")
+m = mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+m.write(code)
+f = ctypes.CFUNCTYPE(ctypes.c_int)(ctypes.addressof(ctypes.c_char.from_buffer(m)))
+pid = os.fork()
+if pid == 0:
+    f(); os._exit(0)
+_, st = os.waitpid(pid, 0)
+print(json.dumps({"signal": os.WTERMSIG(st) if os.WIFSIGNALED(st) else None}))
+"""
+
+
+def test_the_i386_socket_call_kills_its_caller():
+    """Tried: socket() through the 32-bit ABI (int 0x80), which the pump and
+    the supervisor never see as x86_64. Observed: killed by the filter."""
+    assert _run(I386) == {"signal": int(signal.SIGSYS)}
