@@ -362,3 +362,137 @@ def test_the_i386_socket_call_kills_its_caller():
     """Tried: socket() through the 32-bit ABI (int 0x80), which the pump and
     the supervisor never see as x86_64. Observed: killed by the filter."""
     assert _run(I386) == {"signal": int(signal.SIGSYS)}
+
+
+# ---- held: where the supervisor writes a pair's numbers
+
+ODD_PLACES = r"""
+import ctypes, json, mmap, os
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+libc.mprotect.argtypes = libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+P = 4096
+def fds():
+    return len(os.listdir("/proc/self/fd"))
+def pair_at(addr):
+    r = libc.syscall(53, 1, 1, 0, ctypes.c_uint64(addr))
+    return "made" if r == 0 else ctypes.get_errno()
+out, before = {}, fds()
+for line in open("/proc/self/maps"):
+    name = line.split()[-1]
+    if name in ("[vdso]", "[vvar]", "[vsyscall]"):
+        lo = int(line.split("-")[0], 16)
+        out[name] = [pair_at(lo), ctypes.string_at(lo, 8).hex() if name == "[vdso]" else None]
+a = libc.mmap(None, 4 * P, 3, 0x22, -1, 0)
+out["guard_installed"] = libc.madvise(a + P, P, 102)  # MADV_GUARD_INSTALL (6.13)
+out["guard"] = pair_at(a + P)
+out["into_guard"] = pair_at(a + P - 4)
+libc.mprotect(a + 2 * P, P, 0)
+out["prot_none"] = pair_at(a + 2 * P)
+libc.mprotect(a + 3 * P, P, 1)
+out["into_read_only"] = [pair_at(a + 3 * P - 4), ctypes.string_at(a + 3 * P, 4).hex()]
+out["kernel"] = pair_at(0xFFFFFFFFFF600000)
+out["wraps"] = pair_at((1 << 64) - 4)
+out["null"] = pair_at(0)
+ro = os.open("/etc/passwd", os.O_RDONLY)
+s = libc.mmap(None, P, 1, 0x01, ro, 0)  # MAP_SHARED, read-only
+first = ctypes.string_at(s, 8)
+out["shared_read_only"] = [pair_at(s), ctypes.string_at(s, 8) == first]
+f = libc.mmap(None, P, 1, 0x02, ro, 0)  # MAP_PRIVATE, read-only: the mem file would copy it and write
+out["private_read_only"] = [pair_at(f), ctypes.string_at(f, 8) == first]
+# two writable mappings side by side (anonymous, then shared): a pair across them is made
+b = libc.mmap(None, 2 * P, 3, 0x22, -1, 0)
+libc.mmap(b + P, P, 3, 0x21 | 0x10, -1, 0)  # MAP_SHARED|MAP_ANONYMOUS|MAP_FIXED
+out["across_two_writable"] = pair_at(b + P - 4)
+out["leaked"] = fds() - before - 3  # (ro, and the pair made)
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("pumps", [True, False], ids=["pump", "python"])
+def test_a_pair_is_written_only_where_the_caller_could_write_it(monkeypatch, pumps):
+    """Tried, through the C pump and through the Python supervisor: a pair's
+    numbers aimed at the vDSO, vvar, vsyscall, a guard region (and across
+    its edge), a PROT_NONE page, across the edge of a read-only page, a
+    kernel address, one that wraps, NULL, a shared read-only file mapping
+    and a private one (which the mem file would write through its copy).
+    Observed: EFAULT for each, nothing written, no fd left behind; across
+    two adjacent writable mappings: made."""
+    if not pumps:
+        monkeypatch.setattr(_pump, "available", lambda: False)
+    out = _run(ODD_PLACES)
+    for name in ("[vdso]", "[vvar]", "[vsyscall]"):
+        if name in out:
+            assert out[name][0] == errno.EFAULT, name
+    assert out["[vdso]"][1] != "ffffffffffffffff"
+    guard = ["guard", "into_guard"] if out["guard_installed"] == 0 else []
+    for name in [*guard, "prot_none", "kernel", "wraps", "null"]:
+        assert out[name] == errno.EFAULT, name
+    assert out["into_read_only"] == [errno.EFAULT, "00000000"]
+    assert out["shared_read_only"] == [errno.EFAULT, True]
+    assert out["private_read_only"] == [errno.EFAULT, True]
+    assert out["across_two_writable"] == "made"
+    assert out["leaked"] == 0
+
+
+# ---- held: what one sandbox can learn of another through the blank namespace
+
+SNOOP = r"""
+import json, os, socket, struct, sys
+def read(p):
+    with open(p) as f:
+        return f.read()
+views = {p: read("/proc/net/" + p) for p in ("sockstat", "protocols", "unix", "netlink", "dev", "snmp", "netstat")}
+# a netlink message to the holder's port id (its namespace's): never here
+n = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)
+try:
+    n.sendto(struct.pack("IHHII", 16, 3, 0, 1, 0), (int(sys.argv[1]), 0))
+    sent = "sent"
+except OSError as e:
+    sent = e.errno
+print(json.dumps({"views": views, "sent": sent}))
+"""
+
+HOLDER = r"""
+import json, socket, sys
+keep = [socket.socketpair() for _ in range(100)]
+abstract = []
+for i in range(20):
+    s = socket.socket(socket.AF_UNIX); s.bind("\0zviz-held-%d" % i); s.listen(); abstract.append(s)
+n = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0); n.bind((0, 1))  # RTMGRP_LINK
+print(json.dumps({"portid": n.getsockname()[0]}), flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_sandbox_learns_nothing_of_another_through_the_blank_namespace():
+    """Tried: while one sandbox holds 200 sockets, 20 abstract servers and
+    a route socket in a multicast group, another reads the blank
+    namespace's /proc/net (counters included: sockstat, protocols, snmp)
+    and sends a netlink message to the first one's port id. Observed: the
+    same views as before the first one started, and the message reaches
+    nobody (EPERM: a route socket sends to a port id only with
+    CAP_NET_ADMIN over its namespace, the sender's own, not its maker's)."""
+
+    async def main():
+        async with zviz.open_sandbox(zviz.Policy.python()) as a, zviz.open_sandbox(zviz.Policy.python()) as b:
+            r = await b.run([PY, "-c", SNOOP, "1"], timeout=30)
+            pristine = json.loads(r.stdout)["views"]
+            p = await a.start([PY, "-c", HOLDER], stderr=False)
+            line = b""
+            while not line.endswith(b"\n"):
+                chunk = await p.stdout.receive_some()
+                assert chunk, "the holder ended early"
+                line += chunk
+            portid = json.loads(line)["portid"]
+            r = await b.run([PY, "-c", SNOOP, str(portid)], timeout=30)
+            during = json.loads(r.stdout)
+            await p.stdin.aclose()
+            await p.wait()
+        return pristine, during
+
+    pristine, during = trio.run(main)
+    assert during["views"] == pristine
+    assert during["sent"] == errno.EPERM
