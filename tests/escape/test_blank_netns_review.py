@@ -24,7 +24,7 @@ import trio
 import zviz
 from zviz import _kernel, _netns, _pump, _sockets
 
-from ..conftest import IS_ROOT
+from ..conftest import IS_ROOT, open_fds
 
 pytestmark = pytest.mark.skipif(not (IS_ROOT and _netns.usable()),
                                 reason="the blank network namespace needs root (zviz makes and enters "
@@ -496,3 +496,141 @@ def test_a_sandbox_learns_nothing_of_another_through_the_blank_namespace():
     pristine, during = trio.run(main)
     assert during["views"] == pristine
     assert during["sent"] == errno.EPERM
+
+
+# ---- held: the host's threads, fds and limits under a hostile storm
+
+STORM = r"""
+import ctypes, json, os, signal, sys, threading, time
+libc = ctypes.CDLL(None, use_errno=True)
+signal.signal(signal.SIGUSR1, lambda *a: None)
+def worker(stop):
+    sv = (ctypes.c_int * 2)()
+    while not stop.is_set():
+        if libc.socketpair(1, 1, 0, sv) == 0:
+            os.close(sv[0]); os.close(sv[1])
+        fd = libc.socket(1, 2, 0)
+        if fd >= 0:
+            os.close(fd)
+def one_process():
+    stop = threading.Event()
+    ts = [threading.Thread(target=worker, args=(stop,), daemon=True) for _ in range(4)]
+    [t.start() for t in ts]
+    end = time.monotonic() + 0.05
+    while time.monotonic() < end:  # signals interrupt the notified calls (they restart)
+        for t in ts:
+            try:
+                signal.pthread_kill(t.ident, signal.SIGUSR1)
+            except ProcessLookupError:
+                pass
+    os._exit(0)  # mid-call: the threads die with their calls pending
+pids = []
+for _ in range(int(sys.argv[1])):
+    pid = os.fork()
+    if pid == 0:
+        one_process()
+    pids.append(pid)
+for pid in pids:
+    os.waitpid(pid, 0)
+print("{}")
+"""
+
+
+def _host_fds() -> set[int]:
+    """The host's fds once a sandbox has been made (what the first one opens for good: zviz-init's
+    file, the workdirs' owner file, the blank namespace)."""
+    _run("print('{}')")
+    return open_fds()
+
+
+def _extra_fds(before: set[int]) -> set[int]:
+    """The host's fds beyond `before` and the blank namespace's, once the
+    closed sandboxes' teardown (partly in threads) has settled."""
+    deadline = time.monotonic() + 10
+    while True:
+        extra = open_fds() - before - {_netns.blank_fd()}
+        if not extra or time.monotonic() > deadline:
+            return extra
+        time.sleep(0.05)
+
+
+def _thread_namespaces() -> set[int]:
+    out = set()
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            out.add(os.stat(f"/proc/self/task/{tid}/ns/net").st_ino)
+        except OSError:
+            pass
+    return out
+
+
+@pytest.mark.parametrize("pumps", [True, False], ids=["pump", "python"])
+def test_a_storm_of_interrupted_and_abandoned_socket_calls_leaves_the_host_as_it_was(monkeypatch, pumps):
+    """Tried: processes whose threads make pairs and sockets while signals
+    interrupt them, then exit with calls pending (the supervisor's answer,
+    its ADDFD and its write then meet a task gone or restarted). Observed
+    on the host, meanwhile: no thread of zviz's process in the blank
+    namespace (the pump's in the sandbox's own); after: every thread back in
+    the host's, not one fd more, the sandbox still served, closing it
+    raises nothing."""
+    if not pumps:
+        monkeypatch.setattr(_pump, "available", lambda: False)
+    host_ns, blank = os.stat("/proc/self/ns/net").st_ino, _blank_ino()
+    before = _host_fds()
+    seen: set[int] = set()
+
+    async def main():
+        async with zviz.open_sandbox(zviz.Policy.python()) as sb:
+            async with trio.open_nursery() as nursery:
+                done = trio.Event()
+
+                async def sample():
+                    while not done.is_set():
+                        seen.update(_thread_namespaces())
+                        await trio.sleep(0.002)
+
+                nursery.start_soon(sample)
+                for _ in range(3):
+                    r = await sb.run([PY, "-c", STORM, "6"], timeout=60)
+                    assert r.exit_code == 0, r.stderr.decode()[-2000:]
+                done.set()
+            return await _py(sb, "import json, socket; a, b = socket.socketpair(); a.send(b'k'); "
+                                 "print(json.dumps({'k': b.recv(1).decode()}))")
+
+    assert trio.run(main) == {"k": "k"}
+    assert blank not in seen
+    assert _thread_namespaces() == {host_ns}
+    assert _extra_fds(before) == set()
+
+
+EXHAUST = r"""
+import ctypes, json, os
+libc = ctypes.CDLL(None, use_errno=True)
+out = {"sockets": 0, "pairs": 0}
+while True:
+    if libc.socket(1, 1, 0) < 0:
+        out["socket_errno"] = ctypes.get_errno(); break
+    out["sockets"] += 1
+for fd in range(3, 1024):
+    if fd not in (3, 4, 5, 6, 7):
+        try: os.close(fd)
+        except OSError: pass
+sv = (ctypes.c_int * 2)()
+while True:
+    if libc.socketpair(1, 1, 0, sv) < 0:
+        out["pair_errno"] = ctypes.get_errno(); break
+    out["pairs"] += 1
+print(json.dumps(out))
+"""
+
+
+def test_a_sandbox_filling_its_fd_table_costs_the_host_nothing():
+    """Tried: sockets, then pairs, until the sandbox's open-file limit (64).
+    Observed: the kernel's EMFILE from ADDFD, passed on; the host's copies
+    closed as it goes (not one fd more after), the supervisor unharmed."""
+    before = _host_fds()
+    policy = zviz.Policy.python(limits=zviz.Limits(open_files=64))
+    out = _run(EXHAUST, policy)
+    assert out["socket_errno"] == out["pair_errno"] == errno.EMFILE
+    assert 40 <= out["sockets"] < 64 and 20 <= out["pairs"] < 32
+    assert _extra_fds(before) == set()
