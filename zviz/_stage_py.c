@@ -750,11 +750,19 @@ stage_netns_new(PyObject *self, PyObject *args)
     if (netns_enter(-1, &ours) < 0)
         return PyErr_SetFromErrno(PyExc_OSError);
     int fd = -1, e = 0;
-    if (unshare(CLONE_NEWNET) < 0)
+    if (unshare(CLONE_NEWNET) < 0) {
+        /* The thread never moved: nothing to leave. (Going back would be a
+         * setns, which a caller that cannot unshare cannot do either: root
+         * without CAP_SYS_ADMIN, a container's seccomp filter. Leaving here
+         * aborted the host process at its first `none` sandbox there.) */
         e = errno;
-    else if ((fd = open("/proc/thread-self/ns/net", O_RDONLY | O_CLOEXEC)) < 0)
+        close(ours);
+        errno = e;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    if ((fd = open("/proc/thread-self/ns/net", O_RDONLY | O_CLOEXEC)) < 0)
         e = errno;
-    netns_leave(ours); /* (whether or not unshare moved this thread) */
+    netns_leave(ours);
     if (fd < 0) {
         errno = e;
         return PyErr_SetFromErrno(PyExc_OSError);

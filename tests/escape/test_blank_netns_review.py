@@ -11,8 +11,11 @@ import ctypes
 import errno
 import json
 import os
+import shutil
 import signal
 import socket
+import subprocess
+import sys
 import textwrap
 import threading
 import time
@@ -634,3 +637,98 @@ def test_a_sandbox_filling_its_fd_table_costs_the_host_nothing():
     assert out["socket_errno"] == out["pair_errno"] == errno.EMFILE
     assert 40 <= out["sockets"] < 64 and 20 <= out["pairs"] < 32
     assert _extra_fds(before) == set()
+
+
+# ---- FOUND: a host process that cannot (or no longer can) make namespaces
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _python(code: str, *prefix: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONPATH=REPO)
+    return subprocess.run([*prefix, sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          env=env, cwd=REPO, timeout=120)
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv (util-linux)")
+def test_root_without_cap_sys_admin_is_told_no_blank_namespace_not_aborted():
+    """FOUND (fixed). Root without CAP_SYS_ADMIN (a container's default
+    root; or a container's seccomp filter refusing unshare): _netns.usable(),
+    called at the opening of every `none` sandbox, made the blank namespace
+    by _stage.netns_new(), whose unshare failed, after which it "went back"
+    to the thread's own namespace by setns, which failed the same way, and
+    it aborted the host process (SIGABRT, at Policy.python()'s first
+    sandbox). Now: EPERM, no blank namespace, the sandboxes make theirs at
+    clone where they can."""
+    r = _python("""
+        import json
+        from zviz import _netns, _stage
+        out = {"usable": _netns.usable()}
+        try:
+            _stage.netns_new()
+        except OSError as e:
+            out["netns_new"] = e.errno
+        print(json.dumps(out))
+        """, "setpriv", "--bounding-set=-sys_admin", "--inh-caps=-sys_admin", "--")
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+    assert json.loads(r.stdout) == {"usable": False, "netns_new": errno.EPERM}
+
+
+def test_a_first_socket_while_the_host_runs_without_root_is_refused_not_fatal():
+    """FOUND (fixed), the same bug reached from inside: a sandbox opened as
+    root (in the blank namespace) makes its first socket while the host
+    process runs with another euid (seteuid: a root service that does work
+    as a user). The supervisor's netns_new() for the sandbox's own
+    namespace aborted the host process, with every sandbox it ran. Now the
+    call is refused (EPERM) and made once the host is root again; the
+    blank namespace, the C stage and socket_in refuse a host without root
+    too (fail closed), and the thread stays in its own namespace."""
+    r = _python("""
+        import json, os
+        import attrs, trio, zviz
+        from zviz import _kernel, _netns, _spec, _stage
+        fd = _netns.blank_fd()
+        own = os.stat("/proc/thread-self/ns/net").st_ino
+        SOCKET = ("import socket\\ntry:\\n socket.socket(socket.AF_UNIX); print('made')\\n"
+                  "except OSError as e: print(e.errno)")
+        async def main():
+            async with zviz.open_sandbox(zviz.Policy.python()) as sb:
+                await sb.run(["/bin/true"])
+                os.seteuid(65534)
+                try:
+                    dropped = (await sb.run(["/usr/bin/python3", "-c", SOCKET])).stdout.decode().strip()
+                finally:
+                    os.seteuid(0)
+                again = (await sb.run(["/usr/bin/python3", "-c", SOCKET])).stdout.decode().strip()
+                return dropped, again
+        out = {"sandbox": trio.run(main)}
+        os.seteuid(65534)
+        def err(f, *a):
+            try:
+                f(*a)
+                return "done"
+            except OSError as e:
+                return e.errno
+        out["blank_fd"] = _netns.blank_fd()
+        null = _kernel.open_devnull()
+        cmd = _spec.Command(exe=b"/bin/true", argv=(b"/bin/true",), envp=(), cwd=b"/", stdin=null.fd,
+                            stdout=null.fd, stderr=null.fd)
+        try:
+            _kernel.with_blank_netns(cmd)
+            out["with_blank"] = "given"
+        except zviz.SandboxSetupError:
+            out["with_blank"] = "refused"
+        out["socket_in"] = err(_stage.socket_in, fd, 1, 1, 0)
+        out["netns_new"] = err(_stage.netns_new)
+        stage = _spec.StageSpec(clone_flags=_kernel.CLONE_NEWUSER, uid_map="0 65534 1\\n", gid_map="0 65534 1\\n",
+                                blank_netns=True)
+        out["spawn"] = err(_stage.spawn, stage.pack(), attrs.evolve(cmd, netns_fd=fd).pack())
+        out["thread_ns_kept"] = os.stat("/proc/thread-self/ns/net").st_ino == own
+        os.seteuid(0)
+        out["blank_again"] = _netns.blank_fd() == fd
+        print(json.dumps(out))
+        """)
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+    assert json.loads(r.stdout) == {"sandbox": [str(errno.EPERM), "made"], "blank_fd": None,
+                                    "with_blank": "refused", "socket_in": errno.EPERM, "netns_new": errno.EPERM,
+                                    "spawn": errno.EPERM, "thread_ns_kept": True, "blank_again": True}
