@@ -732,3 +732,73 @@ def test_a_first_socket_while_the_host_runs_without_root_is_refused_not_fatal():
     assert json.loads(r.stdout) == {"sandbox": [str(errno.EPERM), "made"], "blank_fd": None,
                                     "with_blank": "refused", "socket_in": errno.EPERM, "netns_new": errno.EPERM,
                                     "spawn": errno.EPERM, "thread_ns_kept": True, "blank_again": True}
+
+
+# ---- held: the warm-snippet and pool paths, credentials passed on a pair
+
+INSIDE = r"""
+import json, os, socket
+a, b = socket.socketpair()
+s = socket.socket(socket.AF_UNIX); s.bind("\0zviz-warm-or-pooled"); s.listen()
+n = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)
+print(json.dumps({"ns": os.stat("/proc/self/ns/net").st_ino, "unix": open("/proc/net/unix").read().splitlines()[1:],
+                  "names": [x for _, x in socket.if_nameindex()]}))
+"""
+
+
+def test_warm_snippets_and_pooled_sandboxes_make_their_sockets_in_their_own_namespace():
+    """Tried: a warm snippet (a fork of the warm interpreter, spawned by
+    that server, which is handed the blank namespace) and a pooled sandbox
+    (made before it was asked for) make a pair, an abstract server and a
+    route socket. Observed: each starts in the blank namespace, whose
+    /proc/net/unix stays empty, and sees its own loopback only."""
+    blank = _blank_ino()
+
+    async def main():
+        snippet = await zviz.run_snippet(INSIDE, timeout=30)
+        zviz.set_pool_size(1)
+        try:
+            async with zviz.open_sandbox(zviz.Policy.python()) as sb:
+                await sb.run(["/bin/true"])
+            await trio.sleep(0.5)  # (the pool refills meanwhile)
+            async with zviz.open_sandbox(zviz.Policy.python()) as sb:
+                pooled = await _py(sb, INSIDE)
+        finally:
+            zviz.set_pool_size(None)
+        return snippet, pooled
+
+    snippet, pooled = trio.run(main)
+    assert snippet.exit_code == 0, snippet.stderr
+    out = snippet.stdout.decode() if isinstance(snippet.stdout, bytes) else snippet.stdout
+    for seen in (json.loads(out.strip().splitlines()[-1]), pooled):
+        assert seen == {"ns": blank, "unix": [], "names": ["lo"]}
+    assert _blank_lines("unix")[1:] == []
+
+
+CREDS = r"""
+import errno, json, os, socket, struct
+a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+b.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+out = {}
+for name, (pid, uid, gid) in {"as_zviz": (0, 65534, 65534), "as_host_root": (os.getpid(), 0, 0),
+                              "as_itself": (os.getpid(), os.getuid(), os.getgid())}.items():
+    try:
+        a.sendmsg([b"x"], [(socket.SOL_SOCKET, socket.SCM_CREDENTIALS, struct.pack("3i", pid, uid, gid))])
+        _, anc, _, _ = b.recvmsg(1, 64)
+        out[name] = list(struct.unpack("3i", anc[0][2]))
+    except OSError as e:
+        out[name] = e.errno
+out["me"] = [os.getpid(), os.getuid(), os.getgid()]
+print(json.dumps(out))
+"""
+
+
+def test_a_pair_carries_no_borrowed_identity():
+    """Tried: SCM_CREDENTIALS on a pair zviz made (its maker zviz: pid 0,
+    uid 65534 as the sandbox sees it), claiming zviz's identity, then
+    root's. Observed: refused (EINVAL: ids its user namespace does not map;
+    the kernel checks the sender's own credentials, never the socket's
+    maker's); its own go through."""
+    out = _run(CREDS)
+    assert out["as_zviz"] in (errno.EPERM, errno.EINVAL) and out["as_host_root"] in (errno.EPERM, errno.EINVAL)
+    assert out["as_itself"] == out["me"]
