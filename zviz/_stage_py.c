@@ -717,7 +717,8 @@ stage_spawn_warm_py(PyObject *self, PyObject *args)
  * for a single call and return to the thread's own before they return. If
  * that return failed the thread would go on making the host's sockets in
  * another namespace, so it aborts the process instead (it cannot fail for a
- * caller that could enter: the fd of its own namespace is held). */
+ * caller that passed netns_enter's check of the way back: the fd of its own
+ * namespace is held, and a thread's credentials do not change meanwhile). */
 
 static int
 netns_enter(int netns_fd, int *ours)
@@ -725,7 +726,11 @@ netns_enter(int netns_fd, int *ours)
     *ours = open("/proc/thread-self/ns/net", O_RDONLY | O_CLOEXEC);
     if (*ours < 0)
         return -1;
-    if (netns_fd >= 0 && setns(netns_fd, CLONE_NEWNET) < 0) {
+    /* First a setns into its own (no move; the very checks of the way back): a caller that could
+     * enter another namespace, or make one, but not come back (root of a user namespace that
+     * shares its parent's network: `unshare -Ur`, a rootless container on the host's network)
+     * is refused here, not aborted by netns_leave. */
+    if (setns(*ours, CLONE_NEWNET) < 0 || (netns_fd >= 0 && setns(netns_fd, CLONE_NEWNET) < 0)) {
         int e = errno;
         close(*ours);
         errno = e;

@@ -802,3 +802,26 @@ def test_a_pair_carries_no_borrowed_identity():
     out = _run(CREDS)
     assert out["as_zviz"] in (errno.EPERM, errno.EINVAL) and out["as_host_root"] in (errno.EPERM, errno.EINVAL)
     assert out["as_itself"] == out["me"]
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare (util-linux)")
+def test_root_of_a_user_namespace_on_its_parents_network_is_told_no_blank_namespace_not_aborted():
+    """FOUND (fixed), the other half: root of a user namespace that shares
+    its parent's network namespace (`unshare -Ur`, a rootless container on
+    the host's network) can make a network namespace but not go back to
+    its own, which belongs to the parent's user namespace. netns_new()
+    unshared, then its setns back failed and it aborted the host process
+    at its first `none` sandbox. Now each entry first checks the way back
+    (a setns into its own namespace): EPERM, and no blank namespace."""
+    r = _python("""
+        import json, os
+        from zviz import _netns, _stage
+        out = {"euid": os.geteuid(), "usable": _netns.usable()}
+        try:
+            _stage.netns_new()
+        except OSError as e:
+            out["netns_new"] = e.errno
+        print(json.dumps(out))
+        """, "unshare", "-Ur")
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+    assert json.loads(r.stdout) == {"euid": 0, "usable": False, "netns_new": errno.EPERM}
