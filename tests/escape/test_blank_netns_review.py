@@ -825,3 +825,62 @@ def test_root_of_a_user_namespace_on_its_parents_network_is_told_no_blank_namesp
         """, "unshare", "-Ur")
     assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
     assert json.loads(r.stdout) == {"euid": 0, "usable": False, "netns_new": errno.EPERM}
+
+
+RACE_ONTO_A_FILE = r"""
+import ctypes, json, os, sys, threading
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+fd = os.open(sys.argv[1], os.O_RDONLY)
+page = libc.mmap(None, 4096, 3, 0x22, -1, 0)
+stop = False
+def flip():
+    while not stop:
+        libc.mmap(ctypes.c_void_p(page), 4096, 3, 0x32, -1, 0)  # writable, anonymous: the maps check passes
+        libc.mmap(ctypes.c_void_p(page), 4096, 1, 0x11, fd, 0)  # MAP_SHARED|MAP_FIXED, read-only: the file
+        libc.mmap(ctypes.c_void_p(page), 4096, 1, 0x12, fd, 0)  # MAP_PRIVATE|MAP_FIXED, read-only
+res = {"made": 0, "efault": 0, "other": 0}
+def pairs():
+    sv = (ctypes.c_int * 2)()
+    for _ in range(150):
+        r = libc.socketpair(1, 1, 0, ctypes.c_void_p(page))
+        if r == 0:
+            res["made"] += 1
+        else:
+            res["efault" if ctypes.get_errno() == 14 else "other"] += 1
+t = threading.Thread(target=flip); t.start()
+ws = [threading.Thread(target=pairs) for _ in range(3)]
+[w.start() for w in ws]; [w.join() for w in ws]
+stop = True; t.join()
+print(json.dumps(res))
+"""
+
+
+@pytest.mark.parametrize("pumps", [True, False], ids=["pump", "python"])
+def test_a_pair_racing_a_read_only_file_mapping_never_writes_the_file(monkeypatch, tmp_path, pumps):
+    """Tried: a pair aimed at a page that another thread keeps replacing:
+    writable memory (the maps check passes), then a read-only shared and a
+    read-only private mapping of a host file the sandbox may only read (the
+    write comes after the check, through /proc/PID/mem, which writes what
+    the task could not). Observed on the host: the file never changes (the
+    kernel's forced write refuses a shared mapping without write rights and
+    copies a private one); the calls are made or EFAULT."""
+    if not pumps:
+        monkeypatch.setattr(_pump, "available", lambda: False)
+    target = tmp_path / "host-file"
+    content = bytes(range(256)) * 16
+    target.write_bytes(content)
+    target.chmod(0o644)
+    os.chmod(tmp_path, 0o755)
+    policy = zviz.Policy.python().with_paths(read_only=[str(target)])
+
+    async def main():
+        async with zviz.open_sandbox(policy) as sb:
+            r = await sb.run([PY, "-c", RACE_ONTO_A_FILE, str(target)], timeout=60)
+            assert r.exit_code == 0, r.stderr.decode()[-2000:]
+            return json.loads(r.stdout)
+
+    res = trio.run(main)
+    assert res["made"] + res["efault"] == 450 and res["other"] == 0
+    assert target.read_bytes() == content
