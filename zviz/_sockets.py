@@ -102,12 +102,20 @@ def _install_pair(listener: OwnedFd, nid: int, tid: int, fds: tuple[int, ...], a
     except OSError:
         return None if not _kernel.notif_id_valid(listener, nid) else errno.EFAULT
     try:
-        with open(f"/proc/{tid}/maps", "rb") as maps:
+        try:
+            maps = open(f"/proc/{tid}/maps", "rb")  # noqa: SIM115 - closed below
+        except OSError:  # (its thread is gone since mem was opened: another thread ended its process)
+            return None if not _kernel.notif_id_valid(listener, nid) else errno.EFAULT
+        with maps:
             if not _kernel.notif_id_valid(listener, nid):
                 return None
+            try:
+                text = maps.read()
+            except OSError:  # (ESRCH: gone since; answered EFAULT, which nobody may be left to read)
+                text = b""
             # /proc/PID/mem writes what the task could not (a read-only private page, copied on
             # write): the kernel's socketpair would fail there, so does this
-            if not _writable(maps.read(), addr, _PAIR.size) or not _write(mem, _PAIR.pack(-1, -1), addr):
+            if not _writable(text, addr, _PAIR.size) or not _write(mem, _PAIR.pack(-1, -1), addr):
                 return errno.EFAULT
         nums = []
         for fd in fds:

@@ -717,7 +717,8 @@ stage_spawn_warm_py(PyObject *self, PyObject *args)
  * for a single call and return to the thread's own before they return. If
  * that return failed the thread would go on making the host's sockets in
  * another namespace, so it aborts the process instead (it cannot fail for a
- * caller that could enter: the fd of its own namespace is held). */
+ * caller that passed netns_enter's check of the way back: the fd of its own
+ * namespace is held, and a thread's credentials do not change meanwhile). */
 
 static int
 netns_enter(int netns_fd, int *ours)
@@ -725,7 +726,11 @@ netns_enter(int netns_fd, int *ours)
     *ours = open("/proc/thread-self/ns/net", O_RDONLY | O_CLOEXEC);
     if (*ours < 0)
         return -1;
-    if (netns_fd >= 0 && setns(netns_fd, CLONE_NEWNET) < 0) {
+    /* First a setns into its own (no move; the very checks of the way back): a caller that could
+     * enter another namespace, or make one, but not come back (root of a user namespace that
+     * shares its parent's network: `unshare -Ur`, a rootless container on the host's network)
+     * is refused here, not aborted by netns_leave. */
+    if (setns(*ours, CLONE_NEWNET) < 0 || (netns_fd >= 0 && setns(netns_fd, CLONE_NEWNET) < 0)) {
         int e = errno;
         close(*ours);
         errno = e;
@@ -750,11 +755,19 @@ stage_netns_new(PyObject *self, PyObject *args)
     if (netns_enter(-1, &ours) < 0)
         return PyErr_SetFromErrno(PyExc_OSError);
     int fd = -1, e = 0;
-    if (unshare(CLONE_NEWNET) < 0)
+    if (unshare(CLONE_NEWNET) < 0) {
+        /* The thread never moved: nothing to leave. (Going back would be a
+         * setns, which a caller that cannot unshare cannot do either: root
+         * without CAP_SYS_ADMIN, a container's seccomp filter. Leaving here
+         * aborted the host process at its first `none` sandbox there.) */
         e = errno;
-    else if ((fd = open("/proc/thread-self/ns/net", O_RDONLY | O_CLOEXEC)) < 0)
+        close(ours);
+        errno = e;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    if ((fd = open("/proc/thread-self/ns/net", O_RDONLY | O_CLOEXEC)) < 0)
         e = errno;
-    netns_leave(ours); /* (whether or not unshare moved this thread) */
+    netns_leave(ours);
     if (fd < 0) {
         errno = e;
         return PyErr_SetFromErrno(PyExc_OSError);

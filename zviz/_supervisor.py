@@ -507,7 +507,10 @@ class Supervisor:
         work = functools.partial(_sockets.install_pair, listener, n.id, n.pid, fds, n.args[3], cloexec=cloexec)
         err: int | None = errno.EFAULT
         with anyio.move_on_after(PAIR_DEADLINE) as scope:  # (abandoned, the thread still closes the fds)
-            err = await anyio.to_thread.run_sync(work, abandon_on_cancel=True, limiter=self._readers)
+            try:
+                err = await anyio.to_thread.run_sync(work, abandon_on_cancel=True, limiter=self._readers)
+            except (OSError, ValueError):  # (ValueError: the listener closed, its tasks all gone)
+                err = errno.EFAULT  # never out of here: the sandbox's service task would fail with it
         if scope.cancelled_caught:
             self.reads_timed_out += 1
         if err is not None:
