@@ -834,16 +834,23 @@ stage_spawn(struct plan *p, const struct parent_plan *pp, struct spawn_result *o
             errno = EINVAL;
             goto oserror;
         }
-        if (setns(pp->netns_fd, CLONE_NEWNET) < 0)
-            goto oserror;
-        in_blank = 1;
     }
 
     /* Block every signal across clone() so no handler runs in the child
-     * copy; the child resets and unblocks. */
+     * copy; the child resets and unblocks. (And none runs on this thread
+     * while it is in the blank namespace.) */
     sigset_t all, old;
     sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, &old);
+    if (pp->blank_netns) {
+        if (setns(pp->netns_fd, CLONE_NEWNET) < 0) {
+            int e = errno;
+            pthread_sigmask(SIG_SETMASK, &old, NULL);
+            errno = e;
+            goto oserror;
+        }
+        in_blank = 1;
+    }
     if (warm) {
         /* fork-style: the child goes on in a copy of our memory (a warm
          * interpreter's; _warmboot.py) and returns from here inside the
