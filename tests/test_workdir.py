@@ -15,7 +15,7 @@ import pytest
 import trio
 
 import zviz
-from zviz import _lifecycle
+from zviz import _lifecycle, _workdir
 
 from .conftest import IS_ROOT
 
@@ -253,3 +253,49 @@ def test_real_path_is_os_path_realpath(tmp_path):
              str(d / "l" / "up" / "l"), f"{d}/a/./b//", str(d / "lf"), str(d / "dangling"), str(d / "f")]
     for p in paths:
         assert _workdir.real_path(p) == os.path.realpath(p), p
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_resolve_says_what_stat_and_realpath_say(tmp_path, seed):
+    """_workdir.resolve (one lstat per distinct prefix, for a sandbox's
+    policy paths) against os.stat + os.path.realpath, on random trees of
+    directories, files and symlinks (relative, absolute, dangling, loops,
+    through files, with ".", ".." and trailing slashes)."""
+    import random
+    import stat as st_
+
+    rnd = random.Random(seed)
+
+    def reference(paths):
+        out = {}
+        for p in paths:
+            try:
+                st = os.stat(p)
+            except OSError:
+                continue
+            out[p] = (st_.S_ISDIR(st.st_mode), os.path.realpath(p))
+        return out
+
+    for trial in range(60):
+        d = os.path.realpath(tmp_path / f"t{trial}")
+        os.mkdir(d)
+        nodes: list[str] = []
+        for i in range(12):
+            parent = rnd.choice([d] + [n for n in nodes if os.path.isdir(n) and not os.path.islink(n)])
+            p = os.path.join(parent, rnd.choice("abcd") + str(i))
+            kind = rnd.random()
+            if kind < 0.4:
+                os.mkdir(p)
+            elif kind < 0.55:
+                open(p, "w").close()
+            else:
+                target = rnd.choice([*nodes, d, "/nonexistent", ".", "..", "../..", "x/../..", "/etc", "/usr/bin",
+                                     "s/"])
+                if rnd.random() < 0.5 and target.startswith("/"):
+                    target = os.path.relpath(target, parent)
+                os.symlink(target, p)
+            nodes.append(p)
+        paths = [rnd.choice([*nodes, d]) + rnd.choice(["", "/", "/.", "/..", "/../..", "//x", "/a0", "/./", "/b1/.."])
+                 for _ in range(40)]
+        paths += ["/", "/usr", "/bin", "/dev/null", "/nonexistent/x", "/etc/passwd/", "/etc/passwd/.."]
+        assert _workdir.resolve(paths) == reference(paths)

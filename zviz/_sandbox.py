@@ -27,7 +27,6 @@ import ipaddress
 import os
 import resource
 import socket
-import stat
 import time
 import warnings
 import weakref
@@ -591,13 +590,8 @@ def _prepare(policy: Policy, workdir: str, owns_workdir: bool, features: _probe.
     init = _kernel.init_fd()
     names = _plan.looked_up(policy) | {workdir}
     is_dir, links = {}, {}
-    for p in names:
-        try:
-            st = os.stat(p)
-        except OSError:
-            continue
-        is_dir[p] = stat.S_ISDIR(st.st_mode)
-        real = _workdir.real_path(p)
+    for p, (d, real) in _workdir.resolve(names).items():
+        is_dir[p] = d
         if real != p:  # a symlink on the way: the plan checks and binds the real path
             links[p] = real
     for field, paths in (("fs.read_only", policy.fs.read_only), ("fs.read_write", policy.fs.read_write),
