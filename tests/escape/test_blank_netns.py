@@ -50,6 +50,11 @@ async def _py(sb: zviz.Sandbox, code: str, timeout: float = 30) -> dict:
     return json.loads(r.stdout.decode().strip().splitlines()[-1])
 
 
+def _lazy(lazy: bool) -> zviz.Policy:
+    pol = zviz.Policy.python()
+    return attrs.evolve(pol, namespaces=attrs.evolve(pol.namespaces, lazy_net=lazy))
+
+
 def _socket_netns(pid: int, fd: int) -> int:
     """The namespace a sandbox's socket is in, asked on the host (SIOCGSKNS)."""
     pidfd = os.pidfd_open(pid)
@@ -269,9 +274,7 @@ def test_abstract_connections_need_lazy_net_off():
     async def main():
         out = []
         for lazy in (True, False):
-            pol = zviz.Policy.python()
-            pol = attrs.evolve(pol, namespaces=attrs.evolve(pol.namespaces, lazy_net=lazy))
-            async with zviz.open_sandbox(pol) as sb:
+            async with zviz.open_sandbox(_lazy(lazy)) as sb:
                 out.append((await _py(sb, ABSTRACT))["r"])
         return out
 
@@ -309,7 +312,7 @@ def flip():
         libc.mprotect(ctypes.c_void_p(page), 4096, 1)
         libc.mprotect(ctypes.c_void_p(page), 4096, 3)
         libc.munmap(ctypes.c_void_p(page), 4096)
-        libc.mmap(ctypes.c_void_p(page), 4096, 3, 0x32, -1, 0)  # MAP_FIXED
+        libc.mmap(ctypes.c_void_p(page), 4096, 3, 0x100022, -1, 0)  # MAP_FIXED_NOREPLACE: never over a neighbour
 res = {"ok": 0, "efault": 0, "other": 0}
 def pairs():
     for _ in range(100):  # (the pairs made stay open: reading the page would race the flipper)
@@ -465,9 +468,7 @@ def test_the_pump_makes_exactly_what_the_kernel_would_have():
     async def main():
         out = []
         for lazy in (True, False):
-            pol = zviz.Policy.python()
-            pol = attrs.evolve(pol, namespaces=attrs.evolve(pol.namespaces, lazy_net=lazy))
-            async with zviz.open_sandbox(pol) as sb:
+            async with zviz.open_sandbox(_lazy(lazy)) as sb:
                 r = await sb.run([PY, "-c", MATRIX], timeout=60)
                 assert r.exit_code == 0, r.stderr.decode()[-2000:]
                 out.append((json.loads(r.stdout.decode().splitlines()[-1]), dict(r.denials)))

@@ -36,16 +36,7 @@ pytestmark = pytest.mark.skipif(not (IS_ROOT and _netns.usable()),
 PY = "/usr/bin/python3"
 
 
-def _blank_ino() -> int:
-    fd = _netns.blank_fd()
-    assert fd is not None
-    return os.fstat(fd).st_ino
-
-
-async def _py(sb: zviz.Sandbox, code: str, timeout: float = 60) -> dict:
-    r = await sb.run([PY, "-c", textwrap.dedent(code)], timeout=timeout)
-    assert r.exit_code == 0, r.stderr.decode()[-2000:]
-    return json.loads(r.stdout.decode().strip().splitlines()[-1])
+from .test_blank_netns import _blank_ino, _py  # noqa: E402
 
 
 def _run(code: str, policy: zviz.Policy | None = None, timeout: float = 60) -> dict:
@@ -644,6 +635,22 @@ def test_a_sandbox_filling_its_fd_table_costs_the_host_nothing():
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def _probe_netns(*prefix: str) -> dict:
+    """What a fresh Python under `prefix` says of the blank namespace."""
+    r = _python("""
+        import json, os
+        from zviz import _netns, _stage
+        out = {"euid": os.geteuid(), "usable": _netns.usable()}
+        try:
+            _stage.netns_new()
+        except OSError as e:
+            out["netns_new"] = e.errno
+        print(json.dumps(out))
+        """, *prefix)
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+    return json.loads(r.stdout)
+
+
 def _python(code: str, *prefix: str) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, PYTHONPATH=REPO)
     return subprocess.run([*prefix, sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
@@ -660,18 +667,8 @@ def test_root_without_cap_sys_admin_is_told_no_blank_namespace_not_aborted():
     it aborted the host process (SIGABRT, at Policy.python()'s first
     sandbox). Now: EPERM, no blank namespace, the sandboxes make theirs at
     clone where they can."""
-    r = _python("""
-        import json
-        from zviz import _netns, _stage
-        out = {"usable": _netns.usable()}
-        try:
-            _stage.netns_new()
-        except OSError as e:
-            out["netns_new"] = e.errno
-        print(json.dumps(out))
-        """, "setpriv", "--bounding-set=-sys_admin", "--inh-caps=-sys_admin", "--")
-    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
-    assert json.loads(r.stdout) == {"usable": False, "netns_new": errno.EPERM}
+    out = _probe_netns("setpriv", "--bounding-set=-sys_admin", "--inh-caps=-sys_admin", "--")
+    assert {k: out[k] for k in ("usable", "netns_new")} == {"usable": False, "netns_new": errno.EPERM}
 
 
 def test_a_first_socket_while_the_host_runs_without_root_is_refused_not_fatal():
@@ -813,18 +810,7 @@ def test_root_of_a_user_namespace_on_its_parents_network_is_told_no_blank_namesp
     unshared, then its setns back failed and it aborted the host process
     at its first `none` sandbox. Now each entry first checks the way back
     (a setns into its own namespace): EPERM, and no blank namespace."""
-    r = _python("""
-        import json, os
-        from zviz import _netns, _stage
-        out = {"euid": os.geteuid(), "usable": _netns.usable()}
-        try:
-            _stage.netns_new()
-        except OSError as e:
-            out["netns_new"] = e.errno
-        print(json.dumps(out))
-        """, "unshare", "-Ur")
-    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
-    assert json.loads(r.stdout) == {"euid": 0, "usable": False, "netns_new": errno.EPERM}
+    assert _probe_netns("unshare", "-Ur") == {"euid": 0, "usable": False, "netns_new": errno.EPERM}
 
 
 RACE_ONTO_A_FILE = r"""
