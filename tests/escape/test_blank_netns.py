@@ -307,12 +307,12 @@ libc.mmap.restype = ctypes.c_void_p
 libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
 page = libc.mmap(None, 4096, 3, 0x22, -1, 0)
 stop = False
-def flip():
+def flip():  # the page read-only, writable, gone (PROT_NONE), a new one: never a hole another mmap could take
     while not stop:
         libc.mprotect(ctypes.c_void_p(page), 4096, 1)
         libc.mprotect(ctypes.c_void_p(page), 4096, 3)
-        libc.munmap(ctypes.c_void_p(page), 4096)
-        libc.mmap(ctypes.c_void_p(page), 4096, 3, 0x100022, -1, 0)  # MAP_FIXED_NOREPLACE: never over a neighbour
+        libc.mmap(ctypes.c_void_p(page), 4096, 0, 0x32, -1, 0)  # MAP_FIXED over itself: PROT_NONE
+        libc.mmap(ctypes.c_void_p(page), 4096, 3, 0x32, -1, 0)  # and a fresh writable one
 res = {"ok": 0, "efault": 0, "other": 0}
 def pairs():
     for _ in range(100):  # (the pairs made stay open: reading the page would race the flipper)
@@ -334,14 +334,16 @@ print(json.dumps(res))
 def test_a_socketpair_racing_munmap_and_mprotect_harms_only_its_caller():
     async def main():
         async with zviz.open_sandbox(zviz.Policy.python()) as sb:
-            out = await _py(sb, RACE, timeout=60)
+            runs = []
+            while len(runs) < 8 and sum(r["ok"] for r in runs) == 0:  # (until the race went both ways)
+                runs.append(await _py(sb, RACE, timeout=60))
             after = await _py(sb, "import json, socket; a, b = socket.socketpair(); a.send(b'k'); "
                                   "print(json.dumps({'k': b.recv(1).decode()}))")
-        return out, after
+        return runs, after
 
-    out, after = trio.run(main)
-    assert out["ok"] + out["efault"] + out["other"] == 300
-    assert out["ok"] > 0 and out["other"] == 0
+    runs, after = trio.run(main)
+    assert all(r["ok"] + r["efault"] + r["other"] == 300 and r["other"] == 0 for r in runs), runs
+    assert sum(r["ok"] for r in runs) > 0 and sum(r["efault"] for r in runs) > 0, runs
     assert after == {"k": "k"}  # the supervisor still serves the sandbox
 
 
