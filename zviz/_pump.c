@@ -140,6 +140,7 @@ struct pump {
     int sockets_ns;    /* the blank network namespace (zviz/_netns.py): the sandbox's own, where the thread
                         * makes its sockets (it lives there), else -1 */
     int sockets_allow; /* which calls the policy allows: 1 socket, 2 socketpair */
+    long sockets_live; /* at least how many live sockets it holds there (recounted when it would pass the cap) */
 };
 
 static int64_t
@@ -891,6 +892,59 @@ install_pair(struct pump *p, const struct seccomp_notif *n, const int sv[2], int
     return err;
 }
 
+/* Lines of a /proc/thread-self/net table, its header and the kernel's own
+ * (netlink: port 0) left out; -1 if unreadable. */
+static long
+count_lines(const char *path, int netlink)
+{
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    char buf[16384];
+    long lines = 0;
+    size_t have = 0;
+    int header = 1;
+    for (;;) {
+        ssize_t n = read(fd, buf + have, sizeof buf - have);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            break;
+        have += (size_t)n;
+        char *line = buf, *nl;
+        while ((nl = memchr(line, '\n', have - (size_t)(line - buf)))) {
+            *nl = 0;
+            if (header) {
+                header = 0;
+            } else if (!netlink) {
+                lines++;
+            } else { /* sk Eth Pid ...: the kernel's sockets have port 0 */
+                char *f = line;
+                for (int k = 0; k < 2 && f; k++)
+                    f = strchr(f + strspn(f, " "), ' ');
+                if (f && strtol(f, NULL, 10) != 0)
+                    lines++;
+            }
+            line = nl + 1;
+        }
+        have -= (size_t)(line - buf);
+        memmove(buf, line, have);
+        if (have == sizeof buf) {
+            close(fd);
+            return -1;
+        }
+    }
+    close(fd);
+    return lines;
+}
+
+long
+count_sockets_here(void)
+{
+    long u = count_lines("/proc/thread-self/net/unix", 0), l = count_lines("/proc/thread-self/net/netlink", 1);
+    return u < 0 || l < 0 ? -1 : u + l;
+}
+
 static int
 fast_socket(struct pump *p, const struct seccomp_notif *n)
 {
@@ -905,12 +959,19 @@ fast_socket(struct pump *p, const struct seccomp_notif *n)
     if (a[0] != AF_UNIX && !route)
         return 0;
     int cloexec = (a[1] & SOCK_CLOEXEC) != 0;
+    long need = pair ? 2 : 1;
+    if (p->sockets_live + need > PUMP_MAX_LIVE_SOCKETS) {
+        p->sockets_live = count_sockets_here();
+        if (p->sockets_live < 0 || p->sockets_live + need > PUMP_MAX_LIVE_SOCKETS)
+            return 0; /* Python refuses it, with an event that says why */
+    }
     int sv[2] = {-1, -1};
     int r = pair ? socketpair((int)a[0], (int)a[1], (int)a[2], sv) : (sv[0] = socket((int)a[0], (int)a[1], (int)a[2]));
     if (r < 0) {
         answer(p, n->id, errno); /* the kernel's own answer: a bad type, its limits */
         return 1;
     }
+    p->sockets_live += need; /* (made: counted even if the caller never gets it; the next recount says) */
     if (pair) {
         int err = install_pair(p, n, sv, cloexec);
         if (err >= 0)
@@ -938,6 +999,11 @@ run(void *arg)
         emit(p, &r);
         release(p);
         return NULL;
+    }
+    if (p->sockets_ns >= 0) { /* what is there already (made by Python, or by another listener's pump) */
+        p->sockets_live = count_sockets_here();
+        if (p->sockets_live < 0)
+            p->sockets_live = PUMP_MAX_LIVE_SOCKETS; /* (unreadable: each one recounts, then Python says) */
     }
     for (;;) {
         struct pollfd w[4 + MAX_CHECKS] = {{.fd = p->listener, .events = POLLIN},

@@ -34,6 +34,12 @@ struct pump_record {
     struct seccomp_notif notif;
 };
 
+/* The blank network namespace: at most this many live sockets in a sandbox's own namespace (they are made
+ * by the host, so charged to the host's memory cgroup, not the sandbox's; zviz/_sockets.py MAX_LIVE). */
+#define PUMP_MAX_LIVE_SOCKETS 4096
+/* How many sockets the network namespace of the calling thread holds (unix and netlink), or -1. */
+long count_sockets_here(void);
+
 struct pump;
 
 /* Start the thread (it duplicates the fds). `netns` and `gate` (direct

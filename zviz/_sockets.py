@@ -19,10 +19,19 @@ import os
 import struct
 from collections.abc import Sequence
 
-from . import _argrules, _kernel, _netns
+from . import _argrules, _kernel, _netns, _stage
 from ._kernel import OwnedFd
 
 _PAIR = struct.Struct("=ii")
+# At most this many live sockets in a sandbox's own namespace (the pump's cap too, zviz/_pump.h): made by
+# the host, their kernel memory is charged to the host's memory cgroup, not the sandbox's (~2.3 KB each).
+MAX_LIVE: int = _stage.MAX_LIVE_SOCKETS
+TOO_MANY = (f"the blank network namespace: zviz makes at most {MAX_LIVE} live sockets per sandbox (their "
+            "memory is the host's): close some, or use Namespaces(lazy_net=False) (docs/policy.md)")
+
+
+class TooMany(OSError):
+    """Over MAX_LIVE: refused with ENOBUFS, and an event that says why."""
 
 
 def _int(v: int) -> int:
@@ -38,6 +47,10 @@ class Sockets:
         self._rules = {k: v for k, v in _argrules.MADE_SOCKETS.items() if k in allowed}
         self._netns: OwnedFd | None = None
         self.made = 0  # sockets made (a pair counts two)
+        self._live = 0  # at least how many live sockets its namespace holds (recounted near the cap)
+        # a pump makes them (zviz/_pump.c): what reaches Python then is over the pump's count, or made
+        # past Python's: count afresh each time
+        self.pumped = False
 
     def wants(self, name: str, args: Sequence[int]) -> bool:
         rule = self._rules.get(name)
@@ -60,6 +73,12 @@ class Sockets:
         if self._netns is None:
             self._netns = OwnedFd(_netns.private(), "sandbox-netns")
         family, kind, protocol = _int(args[0]), _int(args[1]), _int(args[2])
+        need = 1 if name == "socket" else 2
+        if self.pumped or self._live + need > MAX_LIVE:
+            self._live = _stage.count_sockets_in(self._netns.fd)
+            if self._live + need > MAX_LIVE:
+                raise TooMany(errno.ENOBUFS, TOO_MANY)
+        self._live += need
         if name == "socket":
             out: tuple[int, ...] = (_netns.socket_in(self._netns.fd, family, kind, protocol),)
         else:

@@ -18,6 +18,9 @@ def netns_new() -> int:
 def socket_in(netns: int, family: int, type: int, protocol: int, /) -> int:
     """A socket made in the network namespace `netns` (the calling thread stays in its own)."""
 
+def count_sockets_in(netns: int, /) -> int:
+    """The unix and netlink sockets in the network namespace `netns` (the kernel's own not counted)."""
+
 def socketpair_in(netns: int, family: int, type: int, protocol: int, /) -> tuple[int, int]:
     """A socket pair made in the network namespace `netns`."""
 
@@ -96,6 +99,7 @@ MASK_PIN: int
 SPEC_ROOT_READONLY: int
 SPEC_CGROUP_NS: int
 SPEC_BLANK_NETNS: int
+MAX_LIVE_SOCKETS: int
 MAX_LL_PATHS: int
 MAX_LL_PORTS: int
 OP_MKDIR: int

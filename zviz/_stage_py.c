@@ -802,6 +802,29 @@ netns_socket(PyObject *args, int pair)
     return pair ? Py_BuildValue("(ii)", sv[0], sv[1]) : PyLong_FromLong(sv[0]);
 }
 
+/* count_sockets_in(netns) -> how many unix and netlink sockets (the kernel's own not counted) it holds. */
+static PyObject *
+stage_count_sockets_in(PyObject *self, PyObject *args)
+{
+    int netns, ours;
+    if (!PyArg_ParseTuple(args, "i:count_sockets_in", &netns))
+        return NULL;
+    if (netns < 0) {
+        errno = EBADF;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    if (netns_enter(netns, &ours) < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    long n = count_sockets_here();
+    int e = errno;
+    netns_leave(ours);
+    if (n < 0) {
+        errno = e ? e : EIO;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return PyLong_FromLong(n);
+}
+
 static PyObject *
 stage_socket_in(PyObject *self, PyObject *args)
 {
@@ -822,6 +845,8 @@ static PyMethodDef methods[] = {
     {"landlock_abi", stage_landlock_abi, METH_NOARGS, "Landlock ABI version, or -errno."},
     {"netns_new", stage_netns_new, METH_NOARGS, "netns_new() -> fd: a new network namespace (this thread stays in its own)."},
     {"socket_in", stage_socket_in, METH_VARARGS, "socket_in(netns, family, type, protocol) -> fd, made in that namespace."},
+    {"count_sockets_in", stage_count_sockets_in, METH_VARARGS,
+     "count_sockets_in(netns) -> the unix and netlink sockets in that namespace (the kernel's own not counted)."},
     {"socketpair_in", stage_socketpair_in, METH_VARARGS,
      "socketpair_in(netns, family, type, protocol) -> (fd, fd), made in that namespace."},
     {"pidfd_getfd", stage_pidfd_getfd, METH_VARARGS, "Duplicate fd of the process behind pidfd."},
@@ -975,6 +1000,7 @@ PyInit__stage(void)
         {"SPEC_CREDS_LATE", SPEC_CREDS_LATE}, {"SPEC_DROP_GROUPS", SPEC_DROP_GROUPS},
         {"SPEC_DENY_SETGROUPS", SPEC_DENY_SETGROUPS}, {"SPEC_COMMAND_RULESET", SPEC_COMMAND_RULESET},
         {"SPEC_CGROUP_NS", SPEC_CGROUP_NS}, {"SPEC_BLANK_NETNS", SPEC_BLANK_NETNS},
+        {"MAX_LIVE_SOCKETS", PUMP_MAX_LIVE_SOCKETS},
     };
     for (size_t i = 0; i < sizeof consts / sizeof consts[0]; i++)
         if (PyModule_AddObject(m, consts[i].name, PyLong_FromLongLong(consts[i].value)) < 0)

@@ -405,7 +405,7 @@ class Supervisor:
             return
         if (self.sockets is not None and n.arch == _decide.AUDIT_ARCH_X86_64
                 and self.sockets.wants(_decide.syscall_name(n.nr), n.args)):
-            self._make_sockets(listener, n)
+            self._make_sockets(listener, n, account)
             return
         answer = _decide.decide(n.nr, n.arch, n.args, net_allow=self._net_allow)
         if isinstance(answer, _decide.ReadSockaddr):
@@ -453,13 +453,13 @@ class Supervisor:
 
     # ---- sockets of a sandbox in the blank network namespace (_sockets)
 
-    def _make_sockets(self, listener: OwnedFd, n: _kernel.Notification) -> None:
+    def _make_sockets(self, listener: OwnedFd, n: _kernel.Notification, account: RunAccount) -> None:
         """Its first socket is made here, and the listener handed to a pump
         (zviz/_pump.c), which makes the next ones in C (~0.01 ms each, not
         ~0.2: a socketpair here takes a worker thread); without pumps, all here."""
         assert self.sockets is not None
         try:
-            self._serve_sockets(listener, n)
+            self._serve_sockets(listener, n, account)
         finally:
             if self.sockets.netns >= 0:
                 self._pump_sockets(listener)
@@ -473,18 +473,23 @@ class Supervisor:
             pump = _pump.Pump(listener, b"", sockets=(self.sockets.netns, self.sockets.pump_allow))
         except OSError:  # (a host fd or thread shortage: Python goes on making them)
             return
+        self.sockets.pumped = True
         self._ep.unregister(listener.fd)
         del self._watched[listener.fd]
         w.pump = pump
         self._watched[pump.fd] = w
         self._ep.register(pump.fd, select.EPOLLIN)
 
-    def _serve_sockets(self, listener: OwnedFd, n: _kernel.Notification) -> None:
+    def _serve_sockets(self, listener: OwnedFd, n: _kernel.Notification, account: RunAccount) -> None:
         assert self.sockets is not None
         name = _decide.syscall_name(n.nr)
         cloexec = bool(n.args[1] & _argrules.SOCK_CLOEXEC)
         try:
             fds = self.sockets.make(name, n.args)
+        except _sockets.TooMany:
+            _kernel.notif_send(listener, n.id, error=errno.ENOBUFS)
+            self._record(n, errno.ENOBUFS, account, detail=_sockets.TOO_MANY)
+            return
         except OSError as e:
             _kernel.notif_send(listener, n.id, error=e.errno or errno.EINVAL)
             return

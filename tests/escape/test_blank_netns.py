@@ -482,3 +482,51 @@ def test_the_pump_makes_exactly_what_the_kernel_would_have():
     differ = [(b, o) for b, o in zip(blank, own, strict=True) if b != o]
     assert not differ, differ[:10]
     assert blank_denials == own_denials
+
+
+MANY = r"""
+import errno, json, os, socket
+report_r, report_w = os.pipe()
+hold_r, hold_w = os.pipe()
+for _ in range(6):
+    if os.fork() == 0:
+        os.close(hold_w)
+        socks, err = [], 0
+        try:
+            for _ in range(1000):
+                socks.append(socket.socket(socket.AF_UNIX))
+        except OSError as e:
+            err = e.errno
+        os.write(report_w, (json.dumps([len(socks), err]) + "\n").encode())
+        os.read(hold_r, 1)  # (holds its sockets until every child has said)
+        os._exit(0)
+got = b""
+while got.count(b"\n") < 6:
+    got += os.read(report_r, 4096)
+counts = [json.loads(line) for line in got.decode().splitlines()]
+os.close(hold_w)  # (now they may go: each held its sockets until every one had said)
+for _ in range(6):
+    os.wait()
+socket.socket(socket.AF_UNIX).close()  # (all closed: room again)
+print(json.dumps({"made": sum(n for n, _ in counts), "errnos": sorted({e for _, e in counts})}))
+"""
+
+
+@pytest.mark.parametrize("pumps", [True, False], ids=["pump", "python"])
+def test_a_sandbox_holds_at_most_max_live_sockets_made_for_it(pumps, monkeypatch):
+    """Its sockets are the host's memory (charged to the host's cgroup): six
+    processes of one sandbox making 6000 between them get MAX_LIVE, the rest
+    ENOBUFS with an event that says why; closed, there is room again."""
+    from zviz import _pump, _sockets
+
+    if not pumps:
+        monkeypatch.setattr(_pump, "available", lambda: False)
+
+    async def main():
+        async with zviz.open_sandbox(zviz.Policy.python()) as sb:
+            out = await _py(sb, MANY, timeout=120)
+            return out, [e.detail for e in sb.events_so_far() if e.syscall == "socket"]
+
+    out, details = trio.run(main)
+    assert out["made"] == _sockets.MAX_LIVE and errno.ENOBUFS in out["errnos"], out
+    assert details and all("at most" in d and "lazy_net" in d for d in details), details[:3]
