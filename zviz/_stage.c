@@ -843,7 +843,9 @@ stage_spawn(struct plan *p, const struct parent_plan *pp, struct spawn_result *o
     sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, &old);
     if (pp->blank_netns) {
-        if (setns(pp->netns_fd, CLONE_NEWNET) < 0) {
+        /* first into its own (no move: the checks of the way back, so that a thread that could
+         * not come back is refused here, not aborted below; zviz/_stage_py.c netns_enter) */
+        if (setns(host_ns, CLONE_NEWNET) < 0 || setns(pp->netns_fd, CLONE_NEWNET) < 0) {
             int e = errno;
             pthread_sigmask(SIG_SETMASK, &old, NULL);
             errno = e;
