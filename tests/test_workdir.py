@@ -15,7 +15,7 @@ import pytest
 import trio
 
 import zviz
-from zviz import _lifecycle, _workdir
+from zviz import _hostpaths, _lifecycle
 
 from .conftest import IS_ROOT
 
@@ -237,7 +237,6 @@ def test_kill_by_uid_refuses_ids_outside_zvizs_range():
 
 
 def test_real_path_is_os_path_realpath(tmp_path):
-    from zviz import _workdir
 
     # the kernel's resolution (O_PATH + /proc/self/fd) names exactly what os.path.realpath does
     d = tmp_path
@@ -252,12 +251,12 @@ def test_real_path_is_os_path_realpath(tmp_path):
              "/nonexistent/x", "relative/missing", str(d / "l"), str(d / "l2"), str(d / "a" / "b" / "up"),
              str(d / "l" / "up" / "l"), f"{d}/a/./b//", str(d / "lf"), str(d / "dangling"), str(d / "f")]
     for p in paths:
-        assert _workdir.real_path(p) == os.path.realpath(p), p
+        assert _hostpaths.real_path(p) == os.path.realpath(p), p
 
 
 @pytest.mark.parametrize("seed", range(4))
 def test_resolve_says_what_stat_and_realpath_say(tmp_path, seed):
-    """_workdir.resolve (one lstat per distinct prefix, for a sandbox's
+    """_hostpaths.resolve (one lstat per distinct prefix, for a sandbox's
     policy paths) against os.stat + os.path.realpath, on random trees of
     directories, files and symlinks (relative, absolute, dangling, loops,
     through files, with ".", ".." and trailing slashes)."""
@@ -298,4 +297,4 @@ def test_resolve_says_what_stat_and_realpath_say(tmp_path, seed):
         paths = [rnd.choice([*nodes, d]) + rnd.choice(["", "/", "/.", "/..", "/../..", "//x", "/a0", "/./", "/b1/.."])
                  for _ in range(40)]
         paths += ["/", "/usr", "/bin", "/dev/null", "/nonexistent/x", "/etc/passwd/", "/etc/passwd/.."]
-        assert _workdir.resolve(paths) == reference(paths)
+        assert _hostpaths.resolve(paths) == reference(paths)

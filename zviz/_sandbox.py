@@ -42,6 +42,7 @@ from . import (
     _capacity,
     _disk,
     _files,
+    _hostpaths,
     _hostside,
     _kernel,
     _lifecycle,
@@ -576,7 +577,7 @@ def _hidden_dirs() -> tuple[str, ...]:
     out = []
     for path in (location(), _workdir.base_path(False), _workdir.base_path(True)):
         if path and os.path.isdir(path):
-            out.append(_workdir.real_path(path))
+            out.append(_hostpaths.real_path(path))
     return tuple(out)
 
 
@@ -590,7 +591,7 @@ def _prepare(policy: Policy, workdir: str, owns_workdir: bool, features: _probe.
     init = _kernel.init_fd()
     names = _plan.looked_up(policy) | {workdir}
     is_dir, links = {}, {}
-    for p, (d, real) in _workdir.resolve(names).items():
+    for p, (d, real) in _hostpaths.resolve(names).items():
         is_dir[p] = d
         if real != p:  # a symlink on the way: the plan checks and binds the real path
             links[p] = real
