@@ -455,8 +455,8 @@ class Supervisor:
 
     def _make_sockets(self, listener: OwnedFd, n: _kernel.Notification, account: RunAccount) -> None:
         """Its first socket is made here, and the listener handed to a pump
-        (zviz/_pump.c), which makes the next ones in C (~0.01 ms each, not
-        ~0.2: a socketpair here takes a worker thread); without pumps, all here."""
+        (zviz/_pump.c), which makes the next ones in C (a pair ~0.15 ms, not
+        ~0.9 here: a worker thread writes its numbers); without pumps, all here."""
         assert self.sockets is not None
         try:
             self._serve_sockets(listener, n, account)
