@@ -360,7 +360,7 @@ class Namespaces:
     `lazy_net` (`none` mode, where zviz runs as root): the namespace is made
     at the sandbox's first socket, by zviz, which makes its sockets in it;
     until then the sandbox is in zviz's blank one (empty, and nothing in it
-    can change). A sandbox that makes no socket then costs ~1 ms of CPU less
+    can change). A sandbox that makes no socket then costs ~1.5 ms of CPU less
     (docs/performance.md). Abstract unix sockets can then be bound but not
     connected to (Landlock scopes a socket by its maker, and that is zviz):
     `lazy_net = False` for a program that needs them."""
