@@ -1,0 +1,73 @@
+"""A second hostile review of the blank network namespace: the 4096 live
+sockets cap (zviz/_pump.c count_sockets_here, zviz/_sockets.py MAX_LIVE),
+zviz/_hostpaths.py resolve, and stage_spawn's setns. Each test says what was
+tried and what the host observed; one that found a bug says so.
+
+Beside tests/escape/test_blank_netns_review.py (which it does not repeat)."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+import trio
+
+import zviz
+from zviz import _netns
+
+from ..conftest import IS_ROOT
+
+pytestmark = pytest.mark.skipif(not (IS_ROOT and _netns.usable()),
+                                reason="the blank network namespace needs root (zviz makes and enters "
+                                "network namespaces)")
+
+from .test_blank_netns import _py  # noqa: E402
+
+# Netlink sockets never bound (no bind, no send: no autobind) are not in the
+# kernel's netlink hash, so /proc/net/netlink does not list them.
+UNBOUND_NETLINK = r"""
+import errno, json, os, socket
+report_r, report_w = os.pipe()
+hold_r, hold_w = os.pipe()
+N = 6
+for _ in range(N):
+    if os.fork() == 0:
+        os.close(hold_w)
+        socks, err = [], 0
+        try:
+            for _ in range(900):
+                socks.append(socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0))
+        except OSError as e:
+            err = e.errno
+        os.write(report_w, (json.dumps([len(socks), err]) + "\n").encode())
+        os.read(hold_r, 1)
+        os._exit(0)
+got = b""
+while got.count(b"\n") < N:
+    got += os.read(report_r, 4096)
+counts = [json.loads(line) for line in got.decode().splitlines()]
+os.close(hold_w)
+for _ in range(N):
+    os.wait()
+print(json.dumps({"made": sum(n for n, _ in counts), "errnos": sorted({e for _, e in counts})}))
+"""
+
+
+@pytest.mark.parametrize("pumps", [True, False], ids=["pump", "python"])
+def test_unbound_netlink_sockets_count_toward_the_cap(pumps, monkeypatch):
+    """FOUND (fixed): 5400 netlink route sockets never bound, across six
+    processes. A netlink socket is in the kernel's netlink table (so in
+    /proc/net/netlink, what the recount read) only once bound or autobound:
+    all 5400 were made, host memory past the cap. Now the recount reads the
+    namespace's /proc/net/sockstat ("sockets: used"): MAX_LIVE, then ENOBUFS."""
+    from zviz import _pump, _sockets
+
+    if not pumps:
+        monkeypatch.setattr(_pump, "available", lambda: False)
+
+    async def main():
+        async with zviz.open_sandbox(zviz.Policy.python()) as sb:
+            return await _py(sb, UNBOUND_NETLINK, timeout=120)
+
+    out = trio.run(main)
+    assert out["made"] == _sockets.MAX_LIVE and errno.ENOBUFS in out["errnos"], out
