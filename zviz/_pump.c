@@ -67,6 +67,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
 #include <linux/netlink.h>
@@ -140,7 +141,7 @@ struct pump {
     int sockets_ns;    /* the blank network namespace (zviz/_netns.py): the sandbox's own, where the thread
                         * makes its sockets (it lives there), else -1 */
     int sockets_allow; /* which calls the policy allows: 1 socket, 2 socketpair */
-    long sockets_live; /* at least how many live sockets it holds there (recounted when it would pass the cap) */
+    struct tally *sockets_live; /* how many live sockets that namespace holds, shared by its pumps */
 };
 
 static int64_t
@@ -149,6 +150,71 @@ now_ns(void)
     struct timespec t;
     clock_gettime(CLOCK_MONOTONIC, &t);
     return (int64_t)t.tv_sec * 1000000000LL + t.tv_nsec;
+}
+
+/* The tally of a sandbox's own namespace, shared by every pump that makes sockets there (one per
+ * listener: a sandbox without a zygote has one per run, and runs go at once): a tally of each
+ * pump's own let each make the cap's worth (test_blank_netns_review2.py). At least how many live
+ * sockets the namespace holds; recounted when it would pass the cap. */
+struct tally {
+    struct tally *next;
+    ino_t ino;
+    int refs;
+    long live;
+};
+static struct tally *tallies;
+static pthread_mutex_t tallies_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static struct tally *
+tally_get(int ns)
+{
+    struct stat st;
+    if (fstat(ns, &st))
+        return NULL;
+    pthread_mutex_lock(&tallies_lock);
+    struct tally *t = tallies;
+    while (t && t->ino != st.st_ino)
+        t = t->next;
+    if (!t && (t = calloc(1, sizeof *t))) {
+        t->ino = st.st_ino;
+        t->live = PUMP_MAX_LIVE_SOCKETS; /* (the first socket recounts) */
+        t->next = tallies;
+        tallies = t;
+    }
+    if (t)
+        t->refs++;
+    pthread_mutex_unlock(&tallies_lock);
+    return t;
+}
+
+static void
+tally_put(struct tally *t)
+{
+    pthread_mutex_lock(&tallies_lock);
+    if (!--t->refs) {
+        struct tally **at = &tallies;
+        while (*at != t)
+            at = &(*at)->next;
+        *at = t->next;
+        free(t);
+    }
+    pthread_mutex_unlock(&tallies_lock);
+}
+
+/* Takes room for `need` sockets (the caller is in the tally's namespace): 0, or -1 past the cap. */
+static int
+tally_take(struct tally *t, long need)
+{
+    pthread_mutex_lock(&tallies_lock);
+    if (t->live + need > PUMP_MAX_LIVE_SOCKETS) {
+        long now = count_sockets_here();
+        t->live = now < 0 ? PUMP_MAX_LIVE_SOCKETS : now;
+    }
+    int ok = t->live + need <= PUMP_MAX_LIVE_SOCKETS;
+    if (ok)
+        t->live += need;
+    pthread_mutex_unlock(&tallies_lock);
+    return ok ? 0 : -1;
 }
 
 static void
@@ -170,6 +236,8 @@ release(struct pump *p)
         close(p->gate);
     if (p->sockets_ns >= 0)
         close(p->sockets_ns);
+    if (p->sockets_live)
+        tally_put(p->sockets_live);
     for (int i = 0; i < 2; i++)
         if (p->dns[i] >= 0)
             close(p->dns[i]);
@@ -940,18 +1008,14 @@ fast_socket(struct pump *p, const struct seccomp_notif *n)
         return 0;
     int cloexec = (a[1] & SOCK_CLOEXEC) != 0;
     long need = pair ? 2 : 1;
-    if (p->sockets_live + need > PUMP_MAX_LIVE_SOCKETS) {
-        p->sockets_live = count_sockets_here();
-        if (p->sockets_live < 0 || p->sockets_live + need > PUMP_MAX_LIVE_SOCKETS)
-            return 0; /* Python refuses it, with an event that says why */
-    }
+    if (tally_take(p->sockets_live, need))
+        return 0; /* Python refuses it, with an event that says why */
     int sv[2] = {-1, -1};
     int r = pair ? socketpair((int)a[0], (int)a[1], (int)a[2], sv) : (sv[0] = socket((int)a[0], (int)a[1], (int)a[2]));
     if (r < 0) {
         answer(p, n->id, errno); /* the kernel's own answer: a bad type, its limits */
-        return 1;
+        return 1; /* (its room stays taken until a recount: at least how many) */
     }
-    p->sockets_live += need; /* (made: counted even if the caller never gets it; the next recount says) */
     if (pair) {
         int err = install_pair(p, n, sv, cloexec);
         if (err >= 0)
@@ -979,11 +1043,6 @@ run(void *arg)
         emit(p, &r);
         release(p);
         return NULL;
-    }
-    if (p->sockets_ns >= 0) { /* what is there already (made by Python, or by another listener's pump) */
-        p->sockets_live = count_sockets_here();
-        if (p->sockets_live < 0)
-            p->sockets_live = PUMP_MAX_LIVE_SOCKETS; /* (unreadable: each one recounts, then Python says) */
     }
     for (;;) {
         struct pollfd w[4 + MAX_CHECKS] = {{.fd = p->listener, .events = POLLIN},
@@ -1058,7 +1117,7 @@ pump_start(int listener, int out, int stop, int netns, int gate, int dns4, int d
     if (sockets_ns >= 0) { /* (never with direct egress: that thread moves between namespaces) */
         p->sockets_ns = netns < 0 ? fcntl(sockets_ns, F_DUPFD_CLOEXEC, 3) : -1;
         p->sockets_allow = sockets_allow;
-        ok = ok && p->sockets_ns >= 0;
+        ok = ok && p->sockets_ns >= 0 && (p->sockets_live = tally_get(p->sockets_ns));
     }
     if (netns >= 0) {
         p->netns = fcntl(netns, F_DUPFD_CLOEXEC, 3);

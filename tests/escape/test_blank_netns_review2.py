@@ -71,3 +71,60 @@ def test_unbound_netlink_sockets_count_toward_the_cap(pumps, monkeypatch):
 
     out = trio.run(main)
     assert out["made"] == _sockets.MAX_LIVE and errno.ENOBUFS in out["errnos"], out
+
+
+# Each of two concurrent runs makes up to 4000 unix sockets (four processes of
+# 1000) and holds them a while: both hold theirs at once.
+HOLD = r"""
+import json, os, socket, time
+report_r, report_w = os.pipe()
+hold_r, hold_w = os.pipe()
+N = 4
+for _ in range(N):
+    if os.fork() == 0:
+        os.close(hold_w)
+        socks, err = [], 0
+        try:
+            for _ in range(1000):
+                socks.append(socket.socket(socket.AF_UNIX))
+        except OSError as e:
+            err = e.errno
+        os.write(report_w, (json.dumps([len(socks), err]) + "\n").encode())
+        os.read(hold_r, 1)
+        os._exit(0)
+got = b""
+while got.count(b"\n") < N:
+    got += os.read(report_r, 4096)
+counts = [json.loads(line) for line in got.decode().splitlines()]
+time.sleep(3)  # (the other run makes and holds its own meanwhile)
+os.close(hold_w)
+for _ in range(N):
+    os.wait()
+print(json.dumps({"made": sum(n for n, _ in counts)}))
+"""
+
+
+@pytest.mark.parametrize("zygote", [True, False], ids=["zygote", "no-zygote"])
+def test_concurrent_runs_share_the_cap(zygote):
+    """FOUND (fixed, no-zygote): two runs of one sandbox at once, each making
+    4000 sockets and holding them. A sandbox without a zygote gives each run a
+    listener of its own, so a pump of its own, and each pump kept a tally of
+    its own: both runs got their 4000 (8000 live, the cap 4096). Now the pumps
+    of one namespace share one tally (zviz/_pump.c struct tally): 4096 in all.
+    (A zygote serves every run on one listener: held before too.)"""
+    from zviz import _sockets
+    from zviz._sandbox import _open_sandbox
+
+    async def main():
+        outs: list[dict] = []
+        async with _open_sandbox(zviz.Policy.python(), zygote=zygote, use_pool=False) as sb:
+            async def one():
+                outs.append(await _py(sb, HOLD, timeout=120))
+
+            async with trio.open_nursery() as n:
+                n.start_soon(one)
+                n.start_soon(one)
+        return outs
+
+    outs = trio.run(main)
+    assert sum(o["made"] for o in outs) <= _sockets.MAX_LIVE, outs
