@@ -8,6 +8,7 @@ Beside tests/escape/test_blank_netns_review.py (which it does not repeat)."""
 from __future__ import annotations
 
 import errno
+import os
 
 import pytest
 import trio
@@ -128,3 +129,53 @@ def test_concurrent_runs_share_the_cap(zygote):
 
     outs = trio.run(main)
     assert sum(o["made"] for o in outs) <= _sockets.MAX_LIVE, outs
+
+
+# ---- zviz/_hostpaths.py resolve: what os.stat + os.path.realpath say
+
+
+def _reference(paths):
+    import stat as st_
+
+    out = {}
+    for p in paths:
+        try:
+            st = os.stat(p)
+        except OSError:
+            continue
+        out[p] = (st_.S_ISDIR(st.st_mode), os.path.realpath(p))
+    return out
+
+
+def _chain(d: str, name: str, n: int, target: str) -> str:
+    """d/name0 -> d/name1 -> ... -> d/name{n-1} -> target: n links."""
+    for i in range(n):
+        os.symlink(f"{name}{i + 1}" if i < n - 1 else target, os.path.join(d, f"{name}{i}"))
+    return os.path.join(d, f"{name}0")
+
+
+@pytest.mark.parametrize("order", ["alone", "after-its-halves"])
+def test_resolve_stops_at_the_kernels_40_links(tmp_path, order):
+    """FOUND (fixed): a path that takes more than 40 symlinks (the kernel's
+    ELOOP: os.stat fails, the stage could not follow it either) was resolved:
+    alone (past 40 links resolve fell back to real_path, whose
+    os.path.realpath has no such limit, and nothing checked that os.stat
+    succeeds) and after the paths of its halves (their links were cached, so
+    not counted again: 2 x 25 links read as 25). Now a cached link counts
+    the links it took, and a path taken by real_path must stat."""
+    from zviz import _hostpaths
+
+    d = os.path.realpath(tmp_path)
+    os.mkdir(os.path.join(d, "dir"))
+    os.mkdir(os.path.join(d, "dir", "sub"))
+    exact = _chain(d, "e", 40, "dir")  # 40: the kernel follows it
+    over = _chain(d, "o", 41, "dir")  # 41: ELOOP
+    half_a = _chain(d, "a", 25, "dir")
+    _chain(os.path.join(d, "dir"), "b", 25, ".")  # (in dir: dir/b0 -> ... -> dir)
+    two = half_a + "/b0/sub"  # 50 links in one lookup: ELOOP
+    paths = [exact, over, two, exact + "/sub"]
+    if order == "after-its-halves":
+        paths = [half_a, half_a + "/b0", *paths]
+    ref = _reference(paths)
+    assert exact in ref and over not in ref and two not in ref, ref  # (what the kernel says)
+    assert _hostpaths.resolve(paths) == ref
