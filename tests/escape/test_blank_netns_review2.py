@@ -179,3 +179,24 @@ def test_resolve_stops_at_the_kernels_40_links(tmp_path, order):
     ref = _reference(paths)
     assert exact in ref and over not in ref and two not in ref, ref  # (what the kernel says)
     assert _hostpaths.resolve(paths) == ref
+
+
+def test_resolve_on_hostile_trees_says_what_stat_and_realpath_say(tmp_path):
+    """Held: links to "/", to "..", relative links that climb past "/",
+    names with spaces and newlines, a link to a file then "..", trailing
+    "/." and "/", a loop, a link to a link to "/" then "..": resolve says
+    what os.stat + os.path.realpath say for each."""
+    from zviz import _hostpaths
+
+    d = os.path.realpath(tmp_path)
+    os.makedirs(os.path.join(d, "a b\nc", "in"))
+    open(os.path.join(d, "file"), "w").close()
+    links = {"root": "/", "up": "..", "climb": "../../../../../../../../..", "sp": "a b\nc", "f": "file",
+             "loop1": "loop2", "loop2": "loop1", "rootroot": "root", "dot": ".", "self/": "sp/",
+             "etc": "root/etc/../usr/./bin/"}
+    for name, target in links.items():
+        os.symlink(target, os.path.join(d, name.rstrip("/")))
+    paths = [os.path.join(d, n) + tail for n in [*links, "a b\nc", "file"]
+             for tail in ["", "/", "/.", "/..", "/../..", "/in", "/in/..", "/bin", "/etc/passwd", "/./."]]
+    paths += ["/" + "../" * 5 + d.lstrip("/") + "/sp/in"]
+    assert _hostpaths.resolve(paths) == _reference(paths)
