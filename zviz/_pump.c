@@ -160,7 +160,8 @@ struct tally {
     struct tally *next;
     ino_t ino;
     int refs;
-    long live;
+    long live;    /* made, or about to be: at least how many */
+    long pending; /* of which room taken for sockets not made yet (a recount does not see them) */
 };
 static struct tally *tallies;
 static pthread_mutex_t tallies_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -181,8 +182,10 @@ tally_get(int ns)
         t->next = tallies;
         tallies = t;
     }
-    if (t)
+    if (t) {
         t->refs++;
+        t->live = PUMP_MAX_LIVE_SOCKETS; /* (Python made this listener's first: the next one recounts) */
+    }
     pthread_mutex_unlock(&tallies_lock);
     return t;
 }
@@ -208,13 +211,24 @@ tally_take(struct tally *t, long need)
     pthread_mutex_lock(&tallies_lock);
     if (t->live + need > PUMP_MAX_LIVE_SOCKETS) {
         long now = count_sockets_here();
-        t->live = now < 0 ? PUMP_MAX_LIVE_SOCKETS : now;
+        t->live = now < 0 ? PUMP_MAX_LIVE_SOCKETS : now + t->pending;
     }
     int ok = t->live + need <= PUMP_MAX_LIVE_SOCKETS;
-    if (ok)
+    if (ok) {
         t->live += need;
+        t->pending += need;
+    }
     pthread_mutex_unlock(&tallies_lock);
     return ok ? 0 : -1;
+}
+
+/* The sockets `tally_take` made room for are made (or failed: their room stays taken until a recount). */
+static void
+tally_made(struct tally *t, long need)
+{
+    pthread_mutex_lock(&tallies_lock);
+    t->pending -= need;
+    pthread_mutex_unlock(&tallies_lock);
 }
 
 static void
@@ -1012,6 +1026,7 @@ fast_socket(struct pump *p, const struct seccomp_notif *n)
         return 0; /* Python refuses it, with an event that says why */
     int sv[2] = {-1, -1};
     int r = pair ? socketpair((int)a[0], (int)a[1], (int)a[2], sv) : (sv[0] = socket((int)a[0], (int)a[1], (int)a[2]));
+    tally_made(p->sockets_live, need);
     if (r < 0) {
         answer(p, n->id, errno); /* the kernel's own answer: a bad type, its limits */
         return 1; /* (its room stays taken until a recount: at least how many) */

@@ -105,15 +105,20 @@ print(json.dumps({"made": sum(n for n, _ in counts)}))
 """
 
 
+@pytest.mark.parametrize("pumps", [True, False], ids=["pump", "python"])
 @pytest.mark.parametrize("zygote", [True, False], ids=["zygote", "no-zygote"])
-def test_concurrent_runs_share_the_cap(zygote):
+def test_concurrent_runs_share_the_cap(zygote, pumps, monkeypatch):
     """FOUND (fixed, no-zygote): two runs of one sandbox at once, each making
     4000 sockets and holding them. A sandbox without a zygote gives each run a
     listener of its own, so a pump of its own, and each pump kept a tally of
     its own: both runs got their 4000 (8000 live, the cap 4096). Now the pumps
     of one namespace share one tally (zviz/_pump.c struct tally): 4096 in all.
-    (A zygote serves every run on one listener: held before too.)"""
-    from zviz import _sockets
+    (A zygote serves every run on one listener, and Python keeps one tally
+    per sandbox: held before too.)"""
+    from zviz import _pump, _sockets
+
+    if not pumps:
+        monkeypatch.setattr(_pump, "available", lambda: False)
     from zviz._sandbox import _open_sandbox
 
     async def main():
@@ -200,3 +205,59 @@ def test_resolve_on_hostile_trees_says_what_stat_and_realpath_say(tmp_path):
              for tail in ["", "/", "/.", "/..", "/../..", "/in", "/in/..", "/bin", "/etc/passwd", "/./."]]
     paths += ["/" + "../" * 5 + d.lstrip("/") + "/sp/in"]
     assert _hostpaths.resolve(paths) == _reference(paths)
+
+
+# ---- stage_spawn: the spawning thread's way into the blank namespace and back
+
+
+def _thread_netns() -> dict[int, int]:
+    out = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            out[int(tid)] = os.stat(f"/proc/self/task/{tid}/ns/net").st_ino
+        except OSError:
+            pass  # (gone meanwhile)
+    return out
+
+
+def test_no_host_thread_stays_in_the_blank_namespace_after_spawns_that_fail_and_succeed():
+    """Held: spawns that succeed, that fail at exec (no such program), at a
+    setup step in the child (a hostname over HOST_NAME_MAX) and runs that
+    make sockets (a pump thread in the sandbox's own namespace, ended at
+    close), some at once from worker threads: afterwards every thread of the
+    host process is in the process's own network namespace, none in the
+    blank one."""
+    import attrs
+
+    from zviz._sandbox import _open_sandbox
+
+    ours = os.stat("/proc/self/ns/net").st_ino
+    fd = _netns.blank_fd()
+    assert fd is not None
+    blank = os.fstat(fd).st_ino
+
+    async def main():
+        seen_blank = []
+        for zygote in (True, False):
+            async with _open_sandbox(zviz.Policy.python(), zygote=zygote, use_pool=False) as sb:
+                async def one(code):
+                    await sb.run(["/usr/bin/python3", "-c", code], timeout=30)
+
+                async with trio.open_nursery() as n:
+                    for _ in range(4):
+                        n.start_soon(one, "import socket; socket.socketpair(); print(1)")
+                        n.start_soon(one, "print(2)")
+                r = await sb.run(["/nonexistent/program"], timeout=30)
+                assert r.exit_code != 0
+                if not zygote:
+                    runner = sb._runner
+                    runner._stage = attrs.evolve(runner._stage, hostname="h" * 100)
+                    runner._stage_packed = None
+                    with pytest.raises(zviz.SandboxSetupError, match="'hostname'"):
+                        await sb.run(["/usr/bin/true"], timeout=30)
+                seen_blank += [t for t, ino in _thread_netns().items() if ino == blank]
+        return seen_blank
+
+    assert trio.run(main) == []
+    left = {t: ino for t, ino in _thread_netns().items() if ino != ours}
+    assert not left, (left, ours, blank)
