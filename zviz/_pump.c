@@ -178,13 +178,12 @@ tally_get(int ns)
         t = t->next;
     if (!t && (t = calloc(1, sizeof *t))) {
         t->ino = st.st_ino;
-        t->live = PUMP_MAX_LIVE_SOCKETS; /* (the first socket recounts) */
         t->next = tallies;
         tallies = t;
     }
     if (t) {
         t->refs++;
-        t->live = PUMP_MAX_LIVE_SOCKETS; /* (Python made this listener's first: the next one recounts) */
+        t->live = PUMP_MAX_LIVE_SOCKETS; /* (the next one recounts: Python made this listener's first) */
     }
     pthread_mutex_unlock(&tallies_lock);
     return t;
@@ -217,6 +216,8 @@ tally_take(struct tally *t, long need)
     if (ok) {
         t->live += need;
         t->pending += need;
+    } else {
+        t->live = PUMP_MAX_LIVE_SOCKETS; /* (Python, which refuses it, makes it if some closed meanwhile) */
     }
     pthread_mutex_unlock(&tallies_lock);
     return ok ? 0 : -1;
