@@ -43,8 +43,10 @@ def resolve(paths: Iterable[str]) -> dict[str, tuple[bool, str]]:
     resolving each on its own (`real_path`: the fd's name, a procfs lookup)
     cost ~0.25 ms per sandbox here. What changes meanwhile is the stage's to
     find: it binds the real path and follows no symlink on the way. A path
-    that cannot be resolved plainly (a loop, a component that changes under
-    us) takes `real_path`."""
+    that cannot be resolved plainly (a loop, more than the kernel's 40
+    symlinks in one lookup, counting those taken from the cache, a component
+    that changes under us) takes `real_path`, if os.stat can follow it
+    (os.path.realpath has no such limit: tests/escape/test_blank_netns_review2.py)."""
     r = _Resolver()
     out: dict[str, tuple[bool, str]] = {}
     for p in paths:

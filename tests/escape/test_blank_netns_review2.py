@@ -333,3 +333,50 @@ def test_sockets_in_flight_or_in_a_garbage_cycle_count_toward_the_cap(pumps, mon
     out = trio.run(main)
     # (each process's own pair: 12 more than the tally of what the loop made)
     assert out["made"] <= _sockets.MAX_LIVE - 12 and errno.ENOBUFS in out["errnos"], out
+
+
+def test_resolve_of_a_path_swapped_meanwhile_names_one_of_its_real_paths(tmp_path):
+    """Held: a thread swaps a link on the way (renamed over: a link to a/, a
+    link to b/, a directory c/, a link to a file) while resolve runs 2000
+    times: each answer is what the path was at some moment (a/sub, b/sub or
+    c/sub, or absent), never a directory the path never named. What the
+    stage then binds is that real path, no symlink followed (zviz/_stage.c)."""
+    import threading
+
+    from zviz import _hostpaths
+
+    d = os.path.realpath(tmp_path)
+    for n in "abc":
+        os.makedirs(os.path.join(d, n, "sub"))
+    open(os.path.join(d, "f"), "w").close()
+    link = os.path.join(d, "l")
+    os.symlink("a", link)
+    stop = threading.Event()
+
+    def swap() -> None:
+        i = 0
+        while not stop.is_set():
+            tmp = os.path.join(d, f"tmp{i}")
+            kind = i % 4
+            if kind == 2:
+                os.mkdir(tmp)
+                os.mkdir(os.path.join(tmp, "sub"))
+            else:
+                os.symlink(["a", "b", "", "f"][kind], tmp)
+            if kind == 2 or not os.path.islink(link):  # (a directory and a link are not renamed over each other)
+                os.rename(link, os.path.join(d, f"old{i}"))
+            os.rename(tmp, link)
+            i += 1
+
+    t = threading.Thread(target=swap)
+    t.start()
+    seen = set()
+    try:
+        for _ in range(2000):
+            got = _hostpaths.resolve([link + "/sub", link + "/sub/."])
+            seen.update(real for _, real in got.values())
+    finally:
+        stop.set()
+        t.join()
+    allowed = {os.path.join(d, n, "sub") for n in "ab"} | {link + "/sub"}
+    assert seen and seen <= allowed, seen - allowed
