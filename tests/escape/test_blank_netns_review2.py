@@ -1,7 +1,10 @@
 """A second hostile review of the blank network namespace: the 4096 live
 sockets cap (zviz/_pump.c count_sockets_here, zviz/_sockets.py MAX_LIVE),
 zviz/_hostpaths.py resolve, and stage_spawn's setns. Each test says what was
-tried and what the host observed; one that found a bug says so.
+tried and what the host observed; one that found a bug says so (FOUND):
+unbound netlink sockets went uncounted, concurrent runs of a sandbox
+without a zygote each had the cap's worth, and resolve followed more than the
+kernel's 40 symlinks.
 
 Beside tests/escape/test_blank_netns_review.py (which it does not repeat)."""
 
