@@ -43,8 +43,10 @@ def resolve(paths: Iterable[str]) -> dict[str, tuple[bool, str]]:
     resolving each on its own (`real_path`: the fd's name, a procfs lookup)
     cost ~0.25 ms per sandbox here. What changes meanwhile is the stage's to
     find: it binds the real path and follows no symlink on the way. A path
-    that cannot be resolved plainly (a loop, a component that changes under
-    us) takes `real_path`."""
+    that cannot be resolved plainly (a loop, more than the kernel's 40
+    symlinks in one lookup, counting those taken from the cache, a component
+    that changes under us) takes `real_path`, if os.stat can follow it
+    (os.path.realpath has no such limit: tests/escape/test_blank_netns_review2.py)."""
     r = _Resolver()
     out: dict[str, tuple[bool, str]] = {}
     for p in paths:
@@ -52,9 +54,10 @@ def resolve(paths: Iterable[str]) -> dict[str, tuple[bool, str]]:
         try:
             real = r.real(p)
         except _Unplain:
-            try:
+            try:  # (os.path.realpath resolves past the kernel's 40 links: os.stat says whether it can)
+                os.stat(p)
                 real = real_path(p)
-            except PolicyError:
+            except (OSError, PolicyError):
                 continue
         st = r.lstat(real) if real is not None else None
         if real is None or st is None or stat.S_ISLNK(st.st_mode):  # (absent, or dangling: os.stat fails there)
@@ -72,7 +75,9 @@ class _Resolver:
 
     def __init__(self) -> None:
         self._st: dict[str, os.stat_result | None] = {}
-        self._real: dict[str, str | None] = {"/": "/"}
+        # a path's real path, and the symlinks followed to resolve it (counted again at each use: the
+        # kernel's 40 are per lookup)
+        self._real: dict[str, tuple[str | None, int]] = {"/": ("/", 0)}
         self.links = 0  # symlinks followed for the current path
 
     def lstat(self, path: str) -> os.stat_result | None:
@@ -113,7 +118,12 @@ class _Resolver:
         """The real path of `name` in the real directory `parent`."""
         key = parent.rstrip("/") + "/" + name
         if key in self._real:
-            return self._real[key]
+            real, links = self._real[key]
+            self.links += links
+            if self.links > 40:  # (ELOOP)
+                raise _Unplain
+            return real
+        before = self.links
         st = self.lstat(key)
         out: str | None
         if st is None:
@@ -129,5 +139,5 @@ class _Resolver:
             except OSError:
                 raise _Unplain from None  # (swapped meanwhile)
             out = self.real(target if target.startswith("/") else parent.rstrip("/") + "/" + target)
-        self._real[key] = out
+        self._real[key] = (out, self.links - before)
         return out

@@ -67,6 +67,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
 #include <linux/netlink.h>
@@ -140,7 +141,7 @@ struct pump {
     int sockets_ns;    /* the blank network namespace (zviz/_netns.py): the sandbox's own, where the thread
                         * makes its sockets (it lives there), else -1 */
     int sockets_allow; /* which calls the policy allows: 1 socket, 2 socketpair */
-    long sockets_live; /* at least how many live sockets it holds there (recounted when it would pass the cap) */
+    struct tally *sockets_live; /* how many live sockets that namespace holds, shared by its pumps */
 };
 
 static int64_t
@@ -149,6 +150,86 @@ now_ns(void)
     struct timespec t;
     clock_gettime(CLOCK_MONOTONIC, &t);
     return (int64_t)t.tv_sec * 1000000000LL + t.tv_nsec;
+}
+
+/* The tally of a sandbox's own namespace, shared by every pump that makes sockets there (one per
+ * listener: a sandbox without a zygote has one per run, and runs go at once): a tally of each
+ * pump's own let each make the cap's worth (test_blank_netns_review2.py). At least how many live
+ * sockets the namespace holds; recounted when it would pass the cap. */
+struct tally {
+    struct tally *next;
+    ino_t ino;
+    int refs;
+    long live;    /* made, or about to be: at least how many */
+    long pending; /* of which room taken for sockets not made yet (a recount does not see them) */
+};
+static struct tally *tallies;
+static pthread_mutex_t tallies_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static struct tally *
+tally_get(int ns)
+{
+    struct stat st;
+    if (fstat(ns, &st))
+        return NULL;
+    pthread_mutex_lock(&tallies_lock);
+    struct tally *t = tallies;
+    while (t && t->ino != st.st_ino)
+        t = t->next;
+    if (!t && (t = calloc(1, sizeof *t))) {
+        t->ino = st.st_ino;
+        t->next = tallies;
+        tallies = t;
+    }
+    if (t) {
+        t->refs++;
+        t->live = PUMP_MAX_LIVE_SOCKETS; /* (the next one recounts: Python made this listener's first) */
+    }
+    pthread_mutex_unlock(&tallies_lock);
+    return t;
+}
+
+static void
+tally_put(struct tally *t)
+{
+    pthread_mutex_lock(&tallies_lock);
+    if (!--t->refs) {
+        struct tally **at = &tallies;
+        while (*at != t)
+            at = &(*at)->next;
+        *at = t->next;
+        free(t);
+    }
+    pthread_mutex_unlock(&tallies_lock);
+}
+
+/* Takes room for `need` sockets (the caller is in the tally's namespace): 0, or -1 past the cap. */
+static int
+tally_take(struct tally *t, long need)
+{
+    pthread_mutex_lock(&tallies_lock);
+    if (t->live + need > PUMP_MAX_LIVE_SOCKETS) {
+        long now = count_sockets_here();
+        t->live = now < 0 ? PUMP_MAX_LIVE_SOCKETS : now + t->pending;
+    }
+    int ok = t->live + need <= PUMP_MAX_LIVE_SOCKETS;
+    if (ok) {
+        t->live += need;
+        t->pending += need;
+    } else {
+        t->live = PUMP_MAX_LIVE_SOCKETS; /* (Python, which refuses it, makes it if some closed meanwhile) */
+    }
+    pthread_mutex_unlock(&tallies_lock);
+    return ok ? 0 : -1;
+}
+
+/* The sockets `tally_take` made room for are made (or failed: their room stays taken until a recount). */
+static void
+tally_made(struct tally *t, long need)
+{
+    pthread_mutex_lock(&tallies_lock);
+    t->pending -= need;
+    pthread_mutex_unlock(&tallies_lock);
 }
 
 static void
@@ -170,6 +251,8 @@ release(struct pump *p)
         close(p->gate);
     if (p->sockets_ns >= 0)
         close(p->sockets_ns);
+    if (p->sockets_live)
+        tally_put(p->sockets_live);
     for (int i = 0; i < 2; i++)
         if (p->dns[i] >= 0)
             close(p->dns[i]);
@@ -892,57 +975,37 @@ install_pair(struct pump *p, const struct seccomp_notif *n, const int sv[2], int
     return err;
 }
 
-/* Lines of a /proc/thread-self/net table, its header and the kernel's own
- * (netlink: port 0) left out; -1 if unreadable. */
-static long
-count_lines(const char *path, int netlink)
-{
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return -1;
-    char buf[16384];
-    long lines = 0;
-    size_t have = 0;
-    int header = 1;
-    for (;;) {
-        ssize_t n = read(fd, buf + have, sizeof buf - have);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n <= 0)
-            break;
-        have += (size_t)n;
-        char *line = buf, *nl;
-        while ((nl = memchr(line, '\n', have - (size_t)(line - buf)))) {
-            *nl = 0;
-            if (header) {
-                header = 0;
-            } else if (!netlink) {
-                lines++;
-            } else { /* sk Eth Pid ...: the kernel's sockets have port 0 */
-                char *f = line;
-                for (int k = 0; k < 2 && f; k++)
-                    f = strchr(f + strspn(f, " "), ' ');
-                if (f && strtol(f, NULL, 10) != 0)
-                    lines++;
-            }
-            line = nl + 1;
-        }
-        have -= (size_t)(line - buf);
-        memmove(buf, line, have);
-        if (have == sizeof buf) {
-            close(fd);
-            return -1;
-        }
-    }
-    close(fd);
-    return lines;
-}
-
+/* The sockets of this thread's network namespace: /proc/thread-self/net/sockstat's
+ * "sockets: used N", the kernel's per-namespace tally of every socket made from
+ * user space and not yet freed (sk_alloc .. __sk_free: the kernel's own, made with
+ * kern=1, not counted). Not /proc/net/unix + /proc/net/netlink: a netlink socket never
+ * bound is in no table those list, so a sandbox could hold any number of them (found
+ * by tests/escape/test_blank_netns_review2.py); and one read, whatever the count.
+ * -1 if unreadable. */
 long
 count_sockets_here(void)
 {
-    long u = count_lines("/proc/thread-self/net/unix", 0), l = count_lines("/proc/thread-self/net/netlink", 1);
-    return u < 0 || l < 0 ? -1 : u + l;
+    int fd = open("/proc/thread-self/net/sockstat", O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    char buf[512];
+    ssize_t n;
+    do
+        n = read(fd, buf, sizeof buf - 1);
+    while (n < 0 && errno == EINTR);
+    close(fd);
+    if (n <= 0)
+        return -1;
+    buf[n] = 0;
+    static const char key[] = "sockets: used ";
+    if (strncmp(buf, key, sizeof key - 1) != 0)
+        return -1;
+    char *end;
+    errno = 0;
+    long used = strtol(buf + sizeof key - 1, &end, 10);
+    if (errno || end == buf + sizeof key - 1 || used < 0)
+        return -1;
+    return used;
 }
 
 static int
@@ -960,18 +1023,15 @@ fast_socket(struct pump *p, const struct seccomp_notif *n)
         return 0;
     int cloexec = (a[1] & SOCK_CLOEXEC) != 0;
     long need = pair ? 2 : 1;
-    if (p->sockets_live + need > PUMP_MAX_LIVE_SOCKETS) {
-        p->sockets_live = count_sockets_here();
-        if (p->sockets_live < 0 || p->sockets_live + need > PUMP_MAX_LIVE_SOCKETS)
-            return 0; /* Python refuses it, with an event that says why */
-    }
+    if (tally_take(p->sockets_live, need))
+        return 0; /* Python refuses it, with an event that says why */
     int sv[2] = {-1, -1};
     int r = pair ? socketpair((int)a[0], (int)a[1], (int)a[2], sv) : (sv[0] = socket((int)a[0], (int)a[1], (int)a[2]));
+    tally_made(p->sockets_live, need);
     if (r < 0) {
         answer(p, n->id, errno); /* the kernel's own answer: a bad type, its limits */
-        return 1;
+        return 1; /* (its room stays taken until a recount: at least how many) */
     }
-    p->sockets_live += need; /* (made: counted even if the caller never gets it; the next recount says) */
     if (pair) {
         int err = install_pair(p, n, sv, cloexec);
         if (err >= 0)
@@ -999,11 +1059,6 @@ run(void *arg)
         emit(p, &r);
         release(p);
         return NULL;
-    }
-    if (p->sockets_ns >= 0) { /* what is there already (made by Python, or by another listener's pump) */
-        p->sockets_live = count_sockets_here();
-        if (p->sockets_live < 0)
-            p->sockets_live = PUMP_MAX_LIVE_SOCKETS; /* (unreadable: each one recounts, then Python says) */
     }
     for (;;) {
         struct pollfd w[4 + MAX_CHECKS] = {{.fd = p->listener, .events = POLLIN},
@@ -1078,7 +1133,7 @@ pump_start(int listener, int out, int stop, int netns, int gate, int dns4, int d
     if (sockets_ns >= 0) { /* (never with direct egress: that thread moves between namespaces) */
         p->sockets_ns = netns < 0 ? fcntl(sockets_ns, F_DUPFD_CLOEXEC, 3) : -1;
         p->sockets_allow = sockets_allow;
-        ok = ok && p->sockets_ns >= 0;
+        ok = ok && p->sockets_ns >= 0 && (p->sockets_live = tally_get(p->sockets_ns));
     }
     if (netns >= 0) {
         p->netns = fcntl(netns, F_DUPFD_CLOEXEC, 3);

@@ -37,7 +37,7 @@ struct pump_record {
 /* The blank network namespace: at most this many live sockets in a sandbox's own namespace (they are made
  * by the host, so charged to the host's memory cgroup, not the sandbox's; zviz/_sockets.py MAX_LIVE). */
 #define PUMP_MAX_LIVE_SOCKETS 4096
-/* How many sockets the network namespace of the calling thread holds (unix and netlink), or -1. */
+/* How many sockets the network namespace of the calling thread holds (sockstat: every family, bound or not), or -1. */
 long count_sockets_here(void);
 
 struct pump;

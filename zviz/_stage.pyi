@@ -19,7 +19,8 @@ def socket_in(netns: int, family: int, type: int, protocol: int, /) -> int:
     """A socket made in the network namespace `netns` (the calling thread stays in its own)."""
 
 def count_sockets_in(netns: int, /) -> int:
-    """The unix and netlink sockets in the network namespace `netns` (the kernel's own not counted)."""
+    """The sockets in the network namespace `netns`: its /proc/net/sockstat "sockets: used" (every socket made
+    from user space and not yet freed, bound or not, in flight or not; the kernel's own not counted)."""
 
 def socketpair_in(netns: int, family: int, type: int, protocol: int, /) -> tuple[int, int]:
     """A socket pair made in the network namespace `netns`."""

@@ -802,7 +802,7 @@ netns_socket(PyObject *args, int pair)
     return pair ? Py_BuildValue("(ii)", sv[0], sv[1]) : PyLong_FromLong(sv[0]);
 }
 
-/* count_sockets_in(netns) -> how many unix and netlink sockets (the kernel's own not counted) it holds. */
+/* count_sockets_in(netns) -> how many sockets (made from user space: sockstat) it holds. */
 static PyObject *
 stage_count_sockets_in(PyObject *self, PyObject *args)
 {
@@ -846,7 +846,7 @@ static PyMethodDef methods[] = {
     {"netns_new", stage_netns_new, METH_NOARGS, "netns_new() -> fd: a new network namespace (this thread stays in its own)."},
     {"socket_in", stage_socket_in, METH_VARARGS, "socket_in(netns, family, type, protocol) -> fd, made in that namespace."},
     {"count_sockets_in", stage_count_sockets_in, METH_VARARGS,
-     "count_sockets_in(netns) -> the unix and netlink sockets in that namespace (the kernel's own not counted)."},
+     "count_sockets_in(netns) -> the sockets in that namespace (sockstat's used: the kernel's own not counted)."},
     {"socketpair_in", stage_socketpair_in, METH_VARARGS,
      "socketpair_in(netns, family, type, protocol) -> (fd, fd), made in that namespace."},
     {"pidfd_getfd", stage_pidfd_getfd, METH_VARARGS, "Duplicate fd of the process behind pidfd."},
