@@ -254,6 +254,18 @@ def test_real_path_is_os_path_realpath(tmp_path):
         assert _hostpaths.real_path(p) == os.path.realpath(p), p
 
 
+def stat_and_realpath(paths):
+    """What _hostpaths.resolve must say: os.stat and os.path.realpath, for each path that exists."""
+    out = {}
+    for p in paths:
+        try:
+            st = os.stat(p)
+        except OSError:
+            continue
+        out[p] = (stat.S_ISDIR(st.st_mode), os.path.realpath(p))
+    return out
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_resolve_says_what_stat_and_realpath_say(tmp_path, seed):
     """_hostpaths.resolve (one lstat per distinct prefix, for a sandbox's
@@ -261,19 +273,8 @@ def test_resolve_says_what_stat_and_realpath_say(tmp_path, seed):
     directories, files and symlinks (relative, absolute, dangling, loops,
     through files, with ".", ".." and trailing slashes)."""
     import random
-    import stat as st_
 
     rnd = random.Random(seed)
-
-    def reference(paths):
-        out = {}
-        for p in paths:
-            try:
-                st = os.stat(p)
-            except OSError:
-                continue
-            out[p] = (st_.S_ISDIR(st.st_mode), os.path.realpath(p))
-        return out
 
     for trial in range(60):
         d = os.path.realpath(tmp_path / f"t{trial}")
@@ -297,4 +298,4 @@ def test_resolve_says_what_stat_and_realpath_say(tmp_path, seed):
         paths = [rnd.choice([*nodes, d]) + rnd.choice(["", "/", "/.", "/..", "/../..", "//x", "/a0", "/./", "/b1/.."])
                  for _ in range(40)]
         paths += ["/", "/usr", "/bin", "/dev/null", "/nonexistent/x", "/etc/passwd/", "/etc/passwd/.."]
-        assert _hostpaths.resolve(paths) == reference(paths)
+        assert _hostpaths.resolve(paths) == stat_and_realpath(paths)

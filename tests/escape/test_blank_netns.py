@@ -484,32 +484,50 @@ def test_the_pump_makes_exactly_what_the_kernel_would_have():
     assert blank_denials == own_denials
 
 
-MANY = r"""
-import errno, json, os, socket
+def forked(n: int, body: str, *, hold_s: float = 0.0, tail: str = "") -> str:
+    """A program whose `n` forked children each run `body` (`k` is a child's
+    index; it counts in `made` and sets `err`), report, and hold what they
+    made until every one has (and `hold_s` more); then `tail` runs, and it
+    prints {"made": the total, "errnos": the children's}."""
+    return f"""
+import array, errno, json, os, socket, time
 report_r, report_w = os.pipe()
 hold_r, hold_w = os.pipe()
-for _ in range(6):
+N = {n}
+for k in range(N):
     if os.fork() == 0:
         os.close(hold_w)
-        socks, err = [], 0
-        try:
-            for _ in range(1000):
-                socks.append(socket.socket(socket.AF_UNIX))
-        except OSError as e:
-            err = e.errno
-        os.write(report_w, (json.dumps([len(socks), err]) + "\n").encode())
-        os.read(hold_r, 1)  # (holds its sockets until every child has said)
+        made, err, socks = 0, 0, []
+{textwrap.indent(textwrap.dedent(body).strip(), " " * 8)}
+        os.write(report_w, (json.dumps([made, err]) + "\\n").encode())
+        os.read(hold_r, 1)  # (holds what it made until every child has said)
         os._exit(0)
 got = b""
-while got.count(b"\n") < 6:
+while got.count(b"\\n") < N:
     got += os.read(report_r, 4096)
 counts = [json.loads(line) for line in got.decode().splitlines()]
-os.close(hold_w)  # (now they may go: each held its sockets until every one had said)
-for _ in range(6):
+time.sleep({hold_s})
+os.close(hold_w)
+for _ in range(N):
     os.wait()
-socket.socket(socket.AF_UNIX).close()  # (all closed: room again)
-print(json.dumps({"made": sum(n for n, _ in counts), "errnos": sorted({e for _, e in counts})}))
+{textwrap.dedent(tail).strip()}
+print(json.dumps({{"made": sum(n for n, _ in counts), "errnos": sorted({{e for _, e in counts}})}}))
 """
+
+
+def making(n: int, make: str = "socket.socket(socket.AF_UNIX)") -> str:
+    """A child's part of `forked`: up to `n` sockets made by `make`, held."""
+    return f"""
+    try:
+        for _ in range({n}):
+            socks.append({make})
+            made += 1
+    except OSError as e:
+        err = e.errno
+    """
+
+
+MANY = forked(6, making(1000), tail="socket.socket(socket.AF_UNIX).close()  # (all closed: room again)")
 
 
 @pytest.mark.parametrize("pumps", [True, False], ids=["pump", "python"])

@@ -25,36 +25,12 @@ pytestmark = pytest.mark.skipif(not (IS_ROOT and _netns.usable()),
                                 reason="the blank network namespace needs root (zviz makes and enters "
                                 "network namespaces)")
 
-from .test_blank_netns import _py  # noqa: E402
+from ..test_workdir import stat_and_realpath  # noqa: E402
+from .test_blank_netns import _py, forked, making  # noqa: E402
 
 # Netlink sockets never bound (no bind, no send: no autobind) are not in the
 # kernel's netlink hash, so /proc/net/netlink does not list them.
-UNBOUND_NETLINK = r"""
-import errno, json, os, socket
-report_r, report_w = os.pipe()
-hold_r, hold_w = os.pipe()
-N = 6
-for _ in range(N):
-    if os.fork() == 0:
-        os.close(hold_w)
-        socks, err = [], 0
-        try:
-            for _ in range(900):
-                socks.append(socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0))
-        except OSError as e:
-            err = e.errno
-        os.write(report_w, (json.dumps([len(socks), err]) + "\n").encode())
-        os.read(hold_r, 1)
-        os._exit(0)
-got = b""
-while got.count(b"\n") < N:
-    got += os.read(report_r, 4096)
-counts = [json.loads(line) for line in got.decode().splitlines()]
-os.close(hold_w)
-for _ in range(N):
-    os.wait()
-print(json.dumps({"made": sum(n for n, _ in counts), "errnos": sorted({e for _, e in counts})}))
-"""
+UNBOUND_NETLINK = forked(6, making(900, "socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)"))
 
 
 @pytest.mark.parametrize("pumps", [True, False], ids=["pump", "python"])
@@ -79,33 +55,7 @@ def test_unbound_netlink_sockets_count_toward_the_cap(pumps, monkeypatch):
 
 # Each of two concurrent runs makes up to 4000 unix sockets (four processes of
 # 1000) and holds them a while: both hold theirs at once.
-HOLD = r"""
-import json, os, socket, time
-report_r, report_w = os.pipe()
-hold_r, hold_w = os.pipe()
-N = 4
-for _ in range(N):
-    if os.fork() == 0:
-        os.close(hold_w)
-        socks, err = [], 0
-        try:
-            for _ in range(1000):
-                socks.append(socket.socket(socket.AF_UNIX))
-        except OSError as e:
-            err = e.errno
-        os.write(report_w, (json.dumps([len(socks), err]) + "\n").encode())
-        os.read(hold_r, 1)
-        os._exit(0)
-got = b""
-while got.count(b"\n") < N:
-    got += os.read(report_r, 4096)
-counts = [json.loads(line) for line in got.decode().splitlines()]
-time.sleep(3)  # (the other run makes and holds its own meanwhile)
-os.close(hold_w)
-for _ in range(N):
-    os.wait()
-print(json.dumps({"made": sum(n for n, _ in counts)}))
-"""
+HOLD = forked(4, making(1000), hold_s=3)  # (the other run makes and holds its own meanwhile)
 
 
 @pytest.mark.parametrize("pumps", [True, False], ids=["pump", "python"])
@@ -142,19 +92,6 @@ def test_concurrent_runs_share_the_cap(zygote, pumps, monkeypatch):
 # ---- zviz/_hostpaths.py resolve: what os.stat + os.path.realpath say
 
 
-def _reference(paths):
-    import stat as st_
-
-    out = {}
-    for p in paths:
-        try:
-            st = os.stat(p)
-        except OSError:
-            continue
-        out[p] = (st_.S_ISDIR(st.st_mode), os.path.realpath(p))
-    return out
-
-
 def _chain(d: str, name: str, n: int, target: str) -> str:
     """d/name0 -> d/name1 -> ... -> d/name{n-1} -> target: n links."""
     for i in range(n):
@@ -184,7 +121,7 @@ def test_resolve_stops_at_the_kernels_40_links(tmp_path, order):
     paths = [exact, over, two, exact + "/sub"]
     if order == "after-its-halves":
         paths = [half_a, half_a + "/b0", *paths]
-    ref = _reference(paths)
+    ref = stat_and_realpath(paths)
     assert exact in ref and over not in ref and two not in ref, ref  # (what the kernel says)
     assert _hostpaths.resolve(paths) == ref
 
@@ -207,7 +144,7 @@ def test_resolve_on_hostile_trees_says_what_stat_and_realpath_say(tmp_path):
     paths = [os.path.join(d, n) + tail for n in [*links, "a b\nc", "file"]
              for tail in ["", "/", "/.", "/..", "/../..", "/in", "/in/..", "/bin", "/etc/passwd", "/./."]]
     paths += ["/" + "../" * 5 + d.lstrip("/") + "/sp/in"]
-    assert _hostpaths.resolve(paths) == _reference(paths)
+    assert _hostpaths.resolve(paths) == stat_and_realpath(paths)
 
 
 # ---- stage_spawn: the spawning thread's way into the blank namespace and back
@@ -269,50 +206,24 @@ def test_no_host_thread_stays_in_the_blank_namespace_after_spawns_that_fail_and_
 # Sockets whose every fd is closed but that live on: in flight in another
 # socket's SCM_RIGHTS queue, or in a cycle of their own (a pair sent into its
 # own queue, closed: garbage until the kernel's unix GC runs).
-IN_FLIGHT = r"""
-import array, errno, json, os, socket
-report_r, report_w = os.pipe()
-hold_r, hold_w = os.pipe()
-N = 6
-for k in range(N):
-    if os.fork() == 0:
-        os.close(hold_w)
-        made, err = 0, 0
-        a, b = socket.socketpair()
-        try:
-            for i in range(1000):
-                if k % 2:
-                    s = socket.socket(socket.AF_UNIX)
-                    made += 1
-                    a.sendmsg([b"x"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [s.fileno()]))])
-                    s.close()
-                else:
-                    s, t = socket.socketpair()
-                    made += 2
-                    s.sendmsg([b"x"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                        array.array("i", [s.fileno(), t.fileno()]))])
-                    s.close(); t.close()
-        except OSError as e:
-            err = e.errno
-        held = []
-        try:  # (the kernel stops fds in flight at the user's RLIMIT_NOFILE: ETOOMANYREFS; then held ones)
-            for _ in range(700):
-                held.append(socket.socket(socket.AF_UNIX))
+IN_FLIGHT = forked(6, """
+    a, b = socket.socketpair()
+    try:
+        for i in range(1000):
+            if k % 2:
+                s = socket.socket(socket.AF_UNIX)
                 made += 1
-        except OSError as e:
-            err = e.errno
-        os.write(report_w, (json.dumps([made, err]) + "\n").encode())
-        os.read(hold_r, 1)
-        os._exit(0)
-got = b""
-while got.count(b"\n") < N:
-    got += os.read(report_r, 4096)
-counts = [json.loads(line) for line in got.decode().splitlines()]
-os.close(hold_w)
-for _ in range(N):
-    os.wait()
-print(json.dumps({"made": sum(n for n, _ in counts), "errnos": sorted({e for _, e in counts})}))
-"""
+                a.sendmsg([b"x"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [s.fileno()]))])
+                s.close()
+            else:
+                s, t = socket.socketpair()
+                made += 2
+                s.sendmsg([b"x"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                    array.array("i", [s.fileno(), t.fileno()]))])
+                s.close(); t.close()
+    except OSError as e:
+        err = e.errno
+    """ + making(700))  # (the kernel stops fds in flight at the user's RLIMIT_NOFILE: ETOOMANYREFS; then held ones)
 
 
 @pytest.mark.parametrize("pumps", [True, False], ids=["pump", "python"])
