@@ -275,8 +275,9 @@ async def record_loop_gaps(gaps: list[float], period: float) -> None:
         last = now
 
 
-def child_pids() -> set[int]:
-    me = os.getpid()
+def child_pids(parent: int | None = None) -> set[int]:
+    """The children of `parent` (default: this process), from /proc."""
+    me = os.getpid() if parent is None else parent
     kids = set()
     for d in os.listdir("/proc"):
         if not d.isdigit():

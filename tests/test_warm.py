@@ -17,7 +17,7 @@ import pytest
 import zviz
 from zviz import Policy, _warm
 
-from .conftest import IS_ROOT, Snapshot, run_as
+from .conftest import IS_ROOT, Snapshot, child_pids, run_as
 
 PY = "/usr/bin/python3"
 
@@ -438,11 +438,48 @@ async def test_a_failed_set_up_step_in_the_fork_is_reported_like_any_sandboxs_an
 
 
 def test_the_fork_server_speaks_the_same_records_as_zviz():
-    # _warmboot cannot import zviz (it runs under the policy's interpreter): its copies of the status
-    # record, the fd numbers and the slots must stay those of zviz-init and the host
-    from zviz import _abi, _kernel, _warmboot
+    # _warmboot cannot import zviz (it runs under the policy's interpreter): its copies of the fd
+    # numbers and the slots must stay those of the stage and the host (its pid 1, in C, writes the
+    # status record: zviz/_stage.c warm_init)
+    from zviz import _abi, _warmboot
 
-    assert _warmboot.STATUS.format == _kernel._STATUS.format
-    assert _warmboot.STATUS_MAGIC == _abi.STATUS_MAGIC
     assert _warmboot.STATUS_FD == _abi.STATUS_FD
+    assert _warmboot.INPUT_FD == _abi.INIT_FD
     assert _warmboot.SLOT == _warm.SLOT
+
+
+@pytest.mark.anyio
+async def test_a_warm_sandboxs_pid_1_runs_no_python():
+    """pid 1 of a warm snippet's sandbox is the stage's C reaper (zviz/_stage.c
+    warm_init) in the fork of the server, not the interpreter: it touches
+    next to none of the pages it shares with the server, where a Python
+    pid 1 (forking the snippet with os.fork) copied ~100-200 of them per
+    snippet. Read from the host while the snippet sleeps: its pid 1's minor
+    faults since the fork, and that the snippet is its child, pid 2 inside."""
+    import time
+
+    code = "import os, sys, time\nprint(os.getpid(), os.getppid(), flush=True)\ntime.sleep(1.5)\n"
+    async with anyio.create_task_group() as tg:
+        got: dict[str, object] = {}
+
+        async def run() -> None:
+            got["r"] = await zviz.run_snippet(code, warm=True, python=PY)
+
+        tg.start_soon(run)
+        deadline = time.monotonic() + 10
+        init = None
+        while init is None and time.monotonic() < deadline:
+            await anyio.sleep(0.02)
+            for server in _warm._servers.values():
+                if server._proc is not None:
+                    for pid in child_pids(server._proc.pid):
+                        if child_pids(pid):
+                            init = pid
+        assert init is not None, "no warm sandbox appeared"
+        with open(f"/proc/{init}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        minflt = int(fields[7])  # (field 10 of stat(5))
+    r = got["r"]
+    assert r.exit_code == 0 and r.stdout.split()[:2] == [b"2", b"1"], r  # type: ignore[attr-defined]
+    assert minflt < 40, f"pid 1 took {minflt} page faults: it runs Python again?"
+

@@ -72,6 +72,7 @@ enum { MASK_FILE = 1, MASK_DIR, MASK_RDONLY, MASK_PIN };
 /* ---- the fds a sandbox's zviz-init starts with (the stage places them) */
 #define STATUS_FD 3          /* run-init: the status pipe; zygote: the control socket */
 #define COMMAND_RULESET_FD 7 /* zygote: the ruleset of each command's own Landlock domain */
+#define INIT_FD 6            /* the plan's init_fd: zviz-init (execveat), or a warm snippet's input (zviz/_warmboot.py) */
 
 /* ---- the error pipe: a failing step writes this and exits 127 */
 struct child_error {

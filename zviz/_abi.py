@@ -20,6 +20,7 @@ MASK_FILE, MASK_DIR, MASK_RDONLY, MASK_PIN = 1, 2, 3, 4
 # fds a sandbox's zviz-init starts with
 STATUS_FD = 3  # run-init: the status pipe; zygote: the control socket
 COMMAND_RULESET_FD = 7  # zygote: the ruleset of each command's own Landlock domain
+INIT_FD = 6  # zviz-init (execveat), or a warm snippet's input (zviz/_warmboot.py)
 
 # magic values
 STATUS_MAGIC = 0x7A76697A

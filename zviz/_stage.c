@@ -555,7 +555,7 @@ step_fds(struct child *c)
     CHECK(place_fd(&p->status_fd, STATUS_FD, 0), STEP_STDIO, STATUS_FD);
     CHECK(place_fd(&p->err_w, 4, O_CLOEXEC), STEP_STDIO, 4);
     CHECK(place_fd(&p->listener_sock, 5, O_CLOEXEC), STEP_STDIO, 5);
-    CHECK(place_fd(&p->init_fd, 6, O_CLOEXEC), STEP_STDIO, 6);
+    CHECK(place_fd(&p->init_fd, INIT_FD, O_CLOEXEC), STEP_STDIO, INIT_FD);
     CHECK(place_fd(&c->command_rs, COMMAND_RULESET_FD, 0), STEP_STDIO, COMMAND_RULESET_FD);
     CHECK(R3(SYS_close_range, COMMAND_RULESET_FD + 1, ~0U, 0), STEP_STDIO, -1);
 }
@@ -686,17 +686,64 @@ child_main(void *arg)
     step_exec(&child);
 }
 
+/* A warm sandbox's pid 1: reap until the snippet (`snippet`) has exited,
+ * write its status record to STATUS_FD (as zviz-init's run-init does), and
+ * exit like it; the pid namespace dies with us, and whatever the snippet
+ * left with it. C, not the interpreter it is a copy of: no Python code runs
+ * here, so none of the copied pages is touched, and there is no second
+ * Python fork (PyOS_BeforeFork/AfterFork) per snippet. */
+static void __attribute__((noreturn))
+warm_init(long snippet)
+{
+    struct status_record rec;
+    memset(&rec, 0, sizeof rec);
+    rec.magic = STATUS_MAGIC;
+    for (int fd = 0; fd <= 2; fd++)
+        R1(SYS_close, fd); /* the snippet's stdio: its readers see EOF when it ends */
+    R1(SYS_close, INIT_FD);
+    for (;;) {
+        int ws = 0;
+        struct rusage ru;
+        long w = R4(SYS_wait4, -1, &ws, __WALL, &ru);
+        if (w == -EINTR)
+            continue;
+        if (w < 0)
+            R1(SYS_exit_group, 125); /* ECHILD before the snippet: cannot happen */
+        if (w == snippet) {
+            rec.wstatus = ws;
+            rec.ru = ru;
+            break;
+        }
+    }
+    R3(SYS_write, STATUS_FD, &rec, sizeof rec);
+    R1(SYS_exit_group, (rec.wstatus & 0x7f) == 0 ? (rec.wstatus >> 8) & 0xff : 128 + (rec.wstatus & 0x7f));
+    __builtin_unreachable();
+}
+
 /* A warm spawn's child (stage_spawn with warm set): a fork of the caller, not
- * a new program. Set up like any child, it closes the error pipe itself (no
- * exec closes it), which tells the parent it is ready, and returns into the
- * caller's code inside the sandbox with fds 0-2, STATUS_FD and, on 6, what
- * the plan had as init_fd (the caller's input: no program is exec'd). */
+ * a new program. Set up like any child, it forks the snippet and becomes
+ * its pid 1 (warm_init); both close the error pipe (no exec closes it), which
+ * tells the parent it is ready. The snippet returns into the caller's code
+ * inside the sandbox with fds 0-2, STATUS_FD and, on INIT_FD, what the
+ * plan had as init_fd (the caller's input: no program is exec'd). pid 1 is
+ * undumpable before the snippet exists, as zviz-init's zygote: nothing of the
+ * sandbox reads its memory or maps through /proc; the snippet is dumpable
+ * again, as an exec would have made it. (Where the policy's filter refuses
+ * prctl, both stay as step_warm_creds left them: dumpable.) */
 static void
 child_warm(struct plan *p)
 {
     struct child child = {.p = *p, .command_rs = -1, .warm = 1};
-    child_setup(&child);
-    R1(SYS_close, child.p.err_w);
+    struct child *c = &child;
+    child_setup(c);
+    long undumpable = R5(SYS_prctl, PR_SET_DUMPABLE, 0, 0, 0, 0);
+    long snippet = R5(SYS_clone, SIGCHLD, 0, 0, 0, 0);
+    CHECK(snippet, STEP_EXECVE, 1);
+    R1(SYS_close, c->p.err_w);
+    if (snippet > 0)
+        warm_init(snippet);
+    if (undumpable == 0)
+        R5(SYS_prctl, PR_SET_DUMPABLE, 1, 0, 0, 0);
 }
 
 /* ---------------------------------------------------------------- parent */

@@ -10,12 +10,13 @@ imported by zviz. It serves one host process over CHANNEL_FD (SOCK_SEQPACKET):
               errno and text, a ValueError's text)
 
 Each request is zviz._stage.spawn_warm: the stage's child (new namespaces,
-root, Landlock, the policy's filter) is a fork of this interpreter, and it
-comes back here inside the sandbox, as its pid 1 (the end of this file). It forks
-the snippet, reaps, and reports like zviz-init (the status record on fd 3).
-The snippet reads its code and environment from fd 6, a pipe that the host
-fills and this server never reads: nothing of one snippet passes through the
-memory that the next snippet's fork copies. A snippet is `python -c CODE`,
+root, Landlock, the policy's filter) is a fork of this interpreter; it forks
+again in C, stays as the sandbox's pid 1 (it reaps, and reports the snippet's
+end like zviz-init: the status record on fd 3), and the snippet comes back
+here inside the sandbox (the end of this file). The snippet reads its code
+and environment from fd 6, a pipe that the host fills and this server never
+reads: nothing of one snippet passes through the memory that the next
+snippet's fork copies. A snippet is `python -c CODE`,
 or `python FILE ARGS...` ("script"): FILE is read in the sandbox; one that
 is not a regular file there (a directory, a zip, a missing or unreadable
 path) is handed to the interpreter itself, exec'd in the sandbox as `python
@@ -42,17 +43,12 @@ import socket
 import struct
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, NoReturn
-
-if TYPE_CHECKING:
-    import resource
+from typing import Any, NoReturn
 
 SLOT = 100  # the request's fds land on SLOT.. (the host packs those numbers)
 MAX_FDS = 8
 STATUS_FD = 3  # zviz-init's status record (zviz/_abi.h)
 INPUT_FD = 6  # the snippet's code and environment (the command's init_fd)
-STATUS = struct.Struct("=Ii" + "qq" "qq" + "14q")
-STATUS_MAGIC = 0x7A76697A
 HEADER = struct.Struct("<II")
 
 
@@ -122,39 +118,6 @@ def _reap(_signum: int, _frame: object) -> None:
             return
         if pid == 0:
             return
-
-
-def _status_record(ws: int, ru: resource.struct_rusage) -> bytes:
-    def split(t: float) -> tuple[int, int]:
-        sec = int(t)
-        return sec, round((t - sec) * 1e6)
-
-    us, uus = split(ru.ru_utime)
-    ss, sus = split(ru.ru_stime)
-    rest = (ru.ru_maxrss, ru.ru_ixrss, ru.ru_idrss, ru.ru_isrss, ru.ru_minflt, ru.ru_majflt, ru.ru_nswap,
-            ru.ru_inblock, ru.ru_oublock, ru.ru_msgsnd, ru.ru_msgrcv, ru.ru_nsignals, ru.ru_nvcsw, ru.ru_nivcsw)
-    return STATUS.pack(STATUS_MAGIC, ws, us, uus, ss, sus, *rest)
-
-
-def _init(child: int) -> NoReturn:
-    """pid 1: reap until the snippet has exited, report it, exit like it
-    (the pid namespace dies with us: whatever the snippet left is killed)."""
-    for fd in (0, 1, 2, INPUT_FD):
-        os.close(fd)
-    while True:
-        try:
-            pid, ws, ru = os.wait4(-1, 0)
-        except InterruptedError:
-            continue
-        except ChildProcessError:
-            os._exit(125)
-        if pid == child:
-            break
-    try:
-        os.write(STATUS_FD, _status_record(ws, ru))
-    except OSError:
-        pass
-    os._exit(os.WEXITSTATUS(ws) if os.WIFEXITED(ws) else 128 + os.WTERMSIG(ws))
 
 
 def _read_input() -> dict[str, Any]:
@@ -349,35 +312,19 @@ if __name__ == "__main__":
     _chan.send(b"up" + json.dumps([sys.version, sys.implementation.cache_tag]).encode())
     import gc
 
+    # the compiler's one-time set-up (~1 ms on a first compile()), here once rather than in every snippet
+    compile("pass", "<string>", "exec")
     gc.collect()
     gc.freeze()  # the server's objects: no collection in a fork walks (and so copies) them
     _SERVER_MODULES = frozenset(sys.modules)
     _serve(_stage, _chan)
-    # ---- in a sandbox, pid 1, fds 0-3 and INPUT_FD only
+    # ---- in a sandbox: the snippet (its pid 1 is the stage's C reaper), fds 0-3 and INPUT_FD only
     # The channel's fd is gone (the stage closed every fd but those above) and
     # its number may now be one of them (the host's socketpair number, kept by
     # the exec: 3 or 6 at times): detached, not closed, or that would close the
     # status pipe or the snippet's input.
     _chan.detach()
-    # pid 1 is undumpable before any code of the snippet runs (as zviz-init's zygote): no process of
-    # the sandbox reads its memory, environment or maps through /proc; the snippet is made dumpable
-    # again, as the exec of a program would have made it
-    _set_dumpable = getattr(_stage, "set_dumpable", None)
     del _stage, _chan
-    if _set_dumpable is not None:
-        try:
-            _set_dumpable(0)
-        except OSError:
-            _set_dumpable = None
-    _snippet = os.fork()
-    if _snippet:
-        _init(_snippet)
-    if _set_dumpable is not None:
-        try:
-            _set_dumpable(1)
-        except OSError:
-            pass
-    del _set_dumpable
     _request = _read_input()
     _file, _code = _script_source(_request) if _request.get("script") else ("<string>", _request["code"])
     _globals = _as_fresh_interpreter(_request)

@@ -18,7 +18,7 @@ import trio
 import zviz
 from zviz import _warm
 
-from ..conftest import IS_ROOT, alive
+from ..conftest import IS_ROOT, alive, child_pids
 
 pytestmark = pytest.mark.skipif(not IS_ROOT, reason="the warm path's attack tests read other processes' /proc as root")
 
@@ -49,16 +49,7 @@ async def _no_children_left(pid: int, within: float = 5.0) -> list[int]:
 
 
 def _children(pid: int) -> list[int]:
-    out = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/stat") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        out.append(int(name))
-            except OSError:
-                pass
-    return out
+    return sorted(child_pids(pid))
 
 
 def _status(pid: int) -> dict[str, str]:
