@@ -16,7 +16,7 @@ import anyio.lowlevel
 import pytest
 
 import zviz
-from zviz import _ids, _lifecycle
+from zviz import _ids, _kernel, _lifecycle
 from zviz._resources import HostResources
 
 from .conftest import IS_ROOT, alive, child_pids
@@ -146,7 +146,9 @@ def test_closed_then_the_loop_and_the_process_end_leaves_nothing(loop, tmp_path)
 async def test_the_mount_namespace_outlives_the_zygote_only_until_the_teardown():
     """The zygote's mount namespace is held by the host (so that its unmount
     is not part of the zygote's exit, which close waits for) and let go in
-    the teardown: afterwards no fd of the process names it."""
+    the teardown, to the closer thread (the kernel's unmount waits for a
+    grace period in the closing thread: not the caller's): once that thread
+    has run, no fd of the process names it."""
     sb = await zviz.Sandbox.create(PYP)
     await sb.run(["true"])
     ino = os.stat(f"/proc/{sb._zygote.pid}/ns/mnt").st_ino
@@ -155,6 +157,7 @@ async def test_the_mount_namespace_outlives_the_zygote_only_until_the_teardown()
     await sb.aclose()
     await _lifecycle.released()
     assert held.closed
+    assert _kernel.settle_closes()
     for fd in os.listdir("/proc/self/fd"):
         try:
             assert os.stat(f"/proc/self/fd/{fd}").st_ino != ino or not os.readlink(

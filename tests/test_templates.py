@@ -402,7 +402,7 @@ def test_close_leaves_no_mount_and_no_reference(tmp_path):
     workdir, as mount point or upper layer, the moment close returns, even
     with a process still running at close) and hands the last reference to
     the closer thread: once it has run, no fd of ours is left either."""
-    from zviz import _disk
+    from zviz import _kernel
 
     dest = tmp_path / "t"
 
@@ -412,7 +412,7 @@ def test_close_leaves_no_mount_and_no_reference(tmp_path):
             await sb.snapshot(dest)
 
     trio.run(make)
-    _disk.settle()
+    _kernel.settle_closes()
     fds, mounts = len(os.listdir("/proc/self/fd")), _overlays()
 
     async def main() -> list[str]:
@@ -430,7 +430,7 @@ def test_close_leaves_no_mount_and_no_reference(tmp_path):
 
     trio.run(main)
     assert _overlays() == mounts
-    assert _disk.settle(), "the closer thread finished every overlay's shutdown"
+    assert _kernel.settle_closes(), "the closer thread finished every overlay's shutdown"
     assert len(os.listdir("/proc/self/fd")) == fds, "no reference to a detached overlay is left open"
     assert (dest / "files" / "f").read_bytes() == b"x"
     assert not (dest / "files" / "g").exists()

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import queue
-import threading
 
 from . import _kernel
 from ._errors import PolicyError
@@ -63,7 +61,7 @@ def unmount_overlay(path: str) -> None:
     same with or without MNT_DETACH. So an O_PATH fd
     of the overlay's root is opened first (the reference), the overlay detached
     (`path` is a plain directory again at once: nothing mounted, its upper layer
-    removable) and the fd closed by the `_closer` thread: the grace period is
+    removable) and the fd closed by `_kernel.close_later`'s thread: the grace period is
     waited for there. The fd is never read through; the detached mount is in no
     mount namespace (every process of the sandbox, whose namespace had a copy,
     is dead), so nothing can reach it; if the process exits first, the kernel
@@ -78,49 +76,7 @@ def unmount_overlay(path: str) -> None:
     except BaseException:
         os.close(ref)
         raise
-    _closer().put(ref)
-
-
-_closer_queue: queue.SimpleQueue[int | threading.Event] | None = None
-
-
-def _forget_closer() -> None:
-    global _closer_queue  # noqa: PLW0603 - a forked child has no closer thread
-    _closer_queue = None
-
-
-os.register_at_fork(after_in_child=_forget_closer)
-
-
-def _closer() -> queue.SimpleQueue[int | threading.Event]:
-    """One daemon thread per process that closes the fds it is given, in
-    order (started on first use)."""
-    global _closer_queue  # noqa: PLW0603 - one per process, started on first use
-    if _closer_queue is None:
-        q: queue.SimpleQueue[int | threading.Event] = queue.SimpleQueue()
-
-        def run() -> None:
-            while True:
-                item = q.get()
-                if isinstance(item, threading.Event):
-                    item.set()
-                else:
-                    with contextlib.suppress(OSError):
-                        os.close(item)
-
-        threading.Thread(target=run, name="zviz-unmount", daemon=True).start()
-        _closer_queue = q
-    return _closer_queue
-
-
-def settle(timeout: float = 10.0) -> bool:
-    """Wait until every overlay handed to `unmount_overlay` so far is shut
-    down (tests; nothing else needs it: a detached overlay is unreachable)."""
-    if _closer_queue is None:
-        return True
-    done = threading.Event()
-    _closer_queue.put(done)
-    return done.wait(timeout)
+    _kernel.close_later(ref)
 
 
 def unmount_all(path: str, dev: int) -> None:

@@ -13,13 +13,16 @@ per-thread filesystem ids and kills by uid all live here for that reason.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
+import queue
 import select
 import signal
 import socket
 import struct
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -736,7 +739,6 @@ def can_enter_netns() -> bool:
     and no seccomp filter of its own refusing setns, as a container's may):
     tried on a thread of its own, into its own namespace, once per set of
     credentials (a process that drops its privileges is asked again)."""
-    import threading
 
     try:
         with open("/proc/self/status", "rb") as f:
@@ -775,7 +777,6 @@ def sockets_in_netns(pidfd: OwnedFd, make: Callable[[], list[socket.socket]]) ->
     thread of this process is ever left in the sandbox's namespace. Needs
     CAP_SYS_ADMIN here and over the namespace (`can_enter_netns`)."""
     import ctypes
-    import threading
 
     out: list[socket.socket] = []
     failure: list[BaseException] = []
@@ -806,3 +807,53 @@ def sockets_in_netns(pidfd: OwnedFd, make: Callable[[], list[socket.socket]]) ->
             s.close()
         raise failure[0]
     return out
+
+
+# ---------------------------------------------------------------- closing off the caller's path
+
+_closer_queue: queue.SimpleQueue[int | threading.Event] | None = None
+
+
+def _forget_closer() -> None:
+    global _closer_queue  # noqa: PLW0603 - a forked child has no closer thread
+    _closer_queue = None
+
+
+os.register_at_fork(after_in_child=_forget_closer)
+
+
+def close_later(fd: int | OwnedFd) -> None:
+    """Close `fd` on zviz's closer thread (one per process, started on first
+    use; in order): for the last reference to something whose release the
+    kernel does synchronously in the closing thread, waiting for an RCU grace
+    period (a detached overlay: zviz/_disk.py; a dead sandbox's mount
+    namespace, 0.3 ms and more: zviz/_runner.py). Nothing may be read through
+    `fd` after this. If the process exits first, the kernel closes it."""
+    global _closer_queue  # noqa: PLW0603 - one per process, started on first use
+    n = fd.detach() if isinstance(fd, OwnedFd) else fd
+    if n < 0:
+        return
+    if _closer_queue is None:
+        q: queue.SimpleQueue[int | threading.Event] = queue.SimpleQueue()
+
+        def run() -> None:
+            while True:
+                item = q.get()
+                if isinstance(item, threading.Event):
+                    item.set()
+                else:
+                    with contextlib.suppress(OSError):
+                        os.close(item)
+
+        threading.Thread(target=run, name="zviz-closer", daemon=True).start()
+        _closer_queue = q
+    _closer_queue.put(n)
+
+
+def settle_closes(timeout: float = 10.0) -> bool:
+    """Wait until every fd handed to `close_later` so far is closed (tests)."""
+    if _closer_queue is None:
+        return True
+    done = threading.Event()
+    _closer_queue.put(done)
+    return done.wait(timeout)
