@@ -483,3 +483,16 @@ async def test_a_warm_sandboxs_pid_1_runs_no_python():
     assert r.exit_code == 0 and r.stdout.split()[:2] == [b"2", b"1"], r  # type: ignore[attr-defined]
     assert minflt < 40, f"pid 1 took {minflt} page faults: it runs Python again?"
 
+
+
+@pytest.mark.anyio
+async def test_a_warm_snippet_is_a_proper_fork_for_libc():
+    """The snippet is forked by libc's fork(), so libc's thread descriptor
+    holds its own thread id: with a raw clone it kept the server's host tid,
+    and what reads it failed (pthread_getcpuclockid: EINVAL from
+    clock_gettime; recursive and robust mutexes compare owners by it)."""
+    code = ("import os, threading, time\n"
+            "clock = time.pthread_getcpuclockid(threading.get_ident())\n"
+            "print(time.clock_gettime(clock) > 0, threading.get_native_id() == os.getpid() == 2)\n")
+    r = await zviz.run_snippet(code, warm=True, python=PY)
+    assert (r.exit_code, r.stdout) == (0, b"True True\n"), r

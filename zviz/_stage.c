@@ -737,7 +737,13 @@ child_warm(struct plan *p)
     struct child *c = &child;
     child_setup(c);
     long undumpable = R5(SYS_prctl, PR_SET_DUMPABLE, 0, 0, 0, 0);
-    long snippet = R5(SYS_clone, SIGCHLD, 0, 0, 0, 0);
+    /* libc's fork, not a raw clone: this child is a copy, not CLONE_VM, and
+     * the snippet must have its own thread id in libc's thread descriptor
+     * (pthread_getcpuclockid, recursive and robust mutexes read it); ours is
+     * still the server's, from the raw clone above. */
+    long snippet = fork();
+    if (snippet < 0)
+        snippet = -errno;
     CHECK(snippet, STEP_EXECVE, 1);
     R1(SYS_close, c->p.err_w);
     if (snippet > 0)
