@@ -40,6 +40,8 @@ class Hooks:
     # zygote has killed what it left (None for a full spawn)
     settle: Callable[[], Awaitable[None]] | None = None
     closing: Callable[[], bool] | None = None  # the sandbox is being closed (its teardown kills everything)
+    # its pid is our child (False: a warm snippet's pid 1, the fork server's child, _warm.py)
+    our_child: bool = True
 
 
 class Process:
@@ -241,10 +243,12 @@ class Process:
             return
         status: int
         ru: resource.struct_rusage | None
-        if self._zrun:
-            # The zygote reaps its run-inits; killed before it reported, the
-            # run ended by SIGKILL (ours, or its own doing), and what it left
-            # is the zygote's to kill (see _settle).
+        if self._zrun or not self._hooks.our_child:
+            # The zygote reaps its run-inits, the fork server a warm snippet's
+            # pid 1 (wait4 here would fail, or wait for whichever child of
+            # ours got its pid once it was reaped); killed before it reported,
+            # it ended by SIGKILL (ours, the OOM killer's, its parent's death),
+            # and what a run left is the zygote's to kill (see _settle).
             status, ru = int(signal.SIGKILL), None
         else:
             # Everything else in its process group goes too (no-op with a pid ns).

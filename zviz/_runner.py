@@ -142,10 +142,11 @@ class Runner:
             self._stage_packed = self._stage.pack()
         return _kernel.spawn(self._stage, self._stage_packed, spawn)
 
-    def discard(self, spawned: _kernel.Spawned, zrun: bool) -> None:
-        """A started command that must not outlive a failed start: kill, reap, close."""
+    def discard(self, spawned: _kernel.Spawned, not_ours: bool) -> None:
+        """A started command that must not outlive a failed start: kill, reap
+        (not if `not_ours`: the zygote's run-init, a warm snippet's pid 1), close."""
         _kernel.pidfd_kill(spawned.pidfd)
-        if not zrun:
+        if not not_ours:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(spawned.pid, 0)
         for owned in (spawned.pidfd, spawned.listener):

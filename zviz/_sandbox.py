@@ -318,8 +318,9 @@ class Sandbox:
             t0 = time.monotonic()
             spawned = await self._runner.spawn(cmd, child_ends, status_w.fd, supervisor)
             self._tally.spawn_s += time.monotonic() - t0
+            not_ours = cmd.zrun or cmd.warm is not None  # its pid is the zygote's or the fork server's child
             if self._life.closing:  # closed while the zygote forked it: the teardown has not seen it
-                self._runner.discard(spawned, cmd.zrun)
+                self._runner.discard(spawned, not_ours)
                 raise SandboxClosedError("the sandbox was closed while a command was being started in it")
             status = OwnedFd(status_r.detach(), "init-status")
             os.set_blocking(status.fd, False)
@@ -341,11 +342,12 @@ class Sandbox:
             hooks = Hooks(pid_ns=self._pid_ns,
                           ended=functools.partial(self._life.process_ended, account=account, zrun=cmd.zrun),
                           flush=supervisor.flush,
-                          settle=self._runner.barrier if cmd.zrun else None, closing=self._runner.closing)
+                          settle=self._runner.barrier if cmd.zrun else None, closing=self._runner.closing,
+                          our_child=not not_ours)
             proc = Process(argv, spawned, account, streams[0], streams[1], streams[2], done, t0, status, hooks)
         except BaseException:
             # Nothing may outlive a failed start: kill, reap, close.
-            self._runner.discard(spawned, cmd.zrun)
+            self._runner.discard(spawned, not_ours)
             status.close()
             for st in streams:
                 if st is not None:

@@ -7,6 +7,7 @@ refuse) and of what the snippet can do to it, each against the cold path
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import attrs
@@ -100,3 +101,44 @@ async def test_a_snippet_its_sandbox_cannot_fork_fails_in_the_sandbox_as_a_cold_
     assert await _no_children_left(server) == []
     after = await zviz.run_snippet("print('next')", warm=True, python=PY)
     assert (after.exit_code, after.stdout) == (0, b"next\n") and _server_pid() == server
+
+
+# ------------------------------------------------------------------ pid 1 killed before it reported
+
+
+@pytest.mark.trio
+async def test_a_timed_out_warm_snippet_reads_killed_as_a_cold_one():
+    """The host kills pid 1 at the timeout; it dies without its status
+    record, and the host took its wait status from wait4: a cold pid 1 is
+    the host's child (SIGKILL), but a warm one is the fork server's, so
+    wait4 failed (ECHILD) and the result read `exit_code=127, signal=None`,
+    a command not found, not a kill. (And a wait4 on a pid that is not ours
+    is a wait on whatever child of the host gets that number next, once
+    the server has reaped it.) Now, as for a zygote's run, which is not our
+    child either: no record, killed."""
+    results = {}
+    for warm in (False, True):
+        results[warm] = await zviz.run_snippet("while True: pass", warm=warm, python=PY, timeout=0.5)
+    for warm, r in results.items():
+        assert r.timed_out and r.limit == "wall_s", (warm, r)
+        assert (r.exit_code, r.signal) == (None, 9), (warm, r)
+
+
+@pytest.mark.trio
+async def test_a_killed_warm_snippet_reads_killed_as_a_cold_one():
+    """Process.kill() on a running snippet: the same, as cold (a sandbox
+    without a zygote: the command's pid 1 is the host's child)."""
+    from zviz._sandbox import _open_sandbox
+
+    code = "import time; print('up', flush=True); time.sleep(30)"
+    results = {}
+    for warm in (False, True):
+        async with _open_sandbox(zviz.Policy.python(), zygote=False) as sb, contextlib.AsyncExitStack() as stack:
+            if warm:
+                proc = await stack.enter_async_context(_warm.started(sb, PY, code, {}, stdin=False, insist=True))
+            else:
+                proc = await stack.enter_async_context(await sb.start([PY, "-c", code], stdin=False))
+            assert await proc.stdout_stream().receive_some(10) == b"up\n"
+            proc.kill()
+            results[warm] = await proc.wait()
+    assert results[True] == results[False] == -9, results
