@@ -884,6 +884,12 @@ init_main(long *sp)
             S1(__NR_close, status_fd);
         exec_program(exe, argv + 3, envp);
     }
+    /* The program's stdio is its own (as a run-init's, and a warm snippet's
+     * pid 1's): a copy here kept its readers from seeing EOF, and its stdin's
+     * writer from seeing EPIPE, when it closed them, until it exited. */
+    for (int fd = 0; fd < 3; fd++)
+        if (fd != status_fd)
+            S1(__NR_close, fd);
 
     /* Reap everything; remember the main child's status and usage. */
     struct status_record rec;

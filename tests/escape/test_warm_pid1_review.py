@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import time
 
+import anyio
 import attrs
 import pytest
 import trio
@@ -142,3 +143,51 @@ async def test_a_killed_warm_snippet_reads_killed_as_a_cold_one():
             proc.kill()
             results[warm] = await proc.wait()
     assert results[True] == results[False] == -9, results
+
+
+# ------------------------------------------------------------------ what held (guards of the C pid 1)
+
+
+@pytest.mark.trio
+async def test_pid_1_holds_no_copy_of_the_snippets_stdio():
+    """Once the program closes its stdio (still running), the host reads EOF
+    on stdout and stderr and a write to its stdin breaks. A warm snippet's
+    pid 1 closes 0-2 after its fork; a cold one's, zviz-init without a
+    zygote, kept its copies until the program's end (EOF 4 s late here, and
+    the stdin writer blocked as long). Now both as a zygote's run-init."""
+    from zviz._sandbox import _open_sandbox
+
+    code = "import os, time\nfor fd in (0, 1, 2): os.close(fd)\ntime.sleep(4)\n"
+    for warm in (False, True):
+        async with _open_sandbox(zviz.Policy.python(), zygote=False) as sb, contextlib.AsyncExitStack() as stack:
+            if warm:
+                proc = await stack.enter_async_context(_warm.started(sb, PY, code, {}, stdin=True, insist=True))
+            else:
+                proc = await stack.enter_async_context(await sb.start([PY, "-c", code]))
+            with trio.fail_after(2):
+                assert await proc.stdout_stream().receive_some(10) == b""
+                assert await proc.stderr_stream().receive_some(10) == b""
+                with pytest.raises(anyio.BrokenResourceError):
+                    await proc.stdin_stream().send_all(b"x" * (1 << 20))
+            assert proc.returncode is None, warm  # still sleeping: the EOF was the snippet's own close
+            proc.kill()
+
+
+@pytest.mark.trio
+async def test_many_snippets_at_once_each_get_their_own_status():
+    """The status record is pid 1's, of its own snippet: 24 snippets at once
+    from one host process, each with its own exit code or signal."""
+    results: dict[int, zviz.RunResult] = {}
+
+    async def one(i: int) -> None:
+        end = "os.kill(os.getpid(), 9)" if i % 4 == 0 else f"sys.exit({i + 100})"
+        results[i] = await zviz.run_snippet(f"import os, sys\nprint({i}, flush=True)\n{end}", warm=True, python=PY,
+                                            timeout=20)
+
+    async with trio.open_nursery() as n:
+        for i in range(24):
+            n.start_soon(one, i)
+    for i, r in results.items():
+        want = (None, 9) if i % 4 == 0 else (i + 100, None)
+        assert (r.exit_code, r.signal, r.stdout) == (*want, f"{i}\n".encode()), (i, r)
+    assert await _no_children_left(_server_pid()) == []
