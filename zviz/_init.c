@@ -123,6 +123,21 @@ utoa(unsigned long v, char *buf)
     buf[j] = 0;
 }
 
+/* The program could not be forked: say why on stderr, exit 125. EAGAIN is
+ * RLIMIT_NPROC (the policy's limits.processes, counted for the sandbox's
+ * user) far more often than the host's own limits. (A warm snippet's pid 1
+ * says the same: zviz/_stage.c child_warm.) */
+static void __attribute__((noreturn))
+clone_failed(long r)
+{
+    char num[24];
+    utoa((unsigned long)-r, num);
+    put("zviz-init: clone failed: errno ");
+    put(num);
+    put(r == -EAGAIN ? " (no process left: the policy's limits.processes, or the host's pid limits)\n" : "\n");
+    die(125);
+}
+
 /* Exec the program; on failure say why on stderr and exit 127 (not found)
  * or 126 (anything else), like a shell. */
 static void __attribute__((noreturn))
@@ -660,10 +675,8 @@ run_init(const struct zreq *q, int *fds, char *exe, char **argv, char **envp, in
         S1(__NR_close, command_ruleset);
     }
     long pid = S4(__NR_clone, SIGCHLD, 0, 0, 0);
-    if (pid < 0) {
-        put("zviz-init: clone failed\n");
-        die(125);
-    }
+    if (pid < 0)
+        clone_failed(pid);
     if (pid == 0)
         run_program(q, fds, exe, argv, envp);
     for (int i = 0; i < 3; i++)
@@ -875,10 +888,8 @@ init_main(long *sp)
      * dumpable again once it is exec'd. */
     S5(__NR_prctl, PR_SET_DUMPABLE, 0, 0, 0, 0);
     long pid = S4(__NR_clone, SIGCHLD, 0, 0, 0);
-    if (pid < 0) {
-        put("zviz-init: clone failed\n");
-        die(125);
-    }
+    if (pid < 0)
+        clone_failed(pid);
     if (pid == 0) {
         if (status_fd >= 0)
             S1(__NR_close, status_fd);

@@ -753,14 +753,18 @@ child_warm(struct plan *p)
      * still the server's, from the raw clone above. */
     long snippet = fork();
     if (snippet < 0) {
-        /* zviz-init's words and status (the cold path's result); the host
-         * is not our parent and learns the status from the record only */
-        static const char msg[] = "zviz-init: clone failed\n";
+        /* zviz-init's words and status (zviz/_init.c clone_failed: the cold
+         * path's result); the host is not our parent and learns the status
+         * from the record only */
+        char msg[160];
+        int e = errno;
+        int n = snprintf(msg, sizeof msg, "zviz-init: clone failed: errno %d%s\n", e,
+                         e == EAGAIN ? " (no process left: the policy's limits.processes, or the host's pid limits)" : "");
         struct status_record rec;
         memset(&rec, 0, sizeof rec);
         rec.magic = STATUS_MAGIC;
         rec.wstatus = 125 << 8;
-        R3(SYS_write, 2, msg, sizeof msg - 1);
+        R3(SYS_write, 2, msg, n > 0 && n < (int)sizeof msg ? n : (int)sizeof msg - 1);
         R3(SYS_write, STATUS_FD, &rec, sizeof rec);
         R1(SYS_exit_group, 125);
     }

@@ -90,11 +90,13 @@ async def test_a_snippet_its_sandbox_cannot_fork_fails_in_the_sandbox_as_a_cold_
     step 'execve' raised as ResourceExhausted, which blamed the host ("The
     host ran out of processes... raise `ulimit -u`") for the policy's own
     limit; and warm=None did not fall back to the cold result. Now the same
-    result as cold, nothing left running, and the server serves on."""
+    result as cold, whose words now name the errno and the likely limit,
+    nothing left running, and the server serves on."""
     policy = zviz.Policy.python()
     policy = attrs.evolve(policy, limits=attrs.evolve(policy.limits, processes=1))
     cold = await zviz.run_snippet("print('hi')", policy, warm=False, python=PY)
-    assert cold.exit_code == 125 and b"clone failed" in cold.stderr, cold
+    assert cold.exit_code == 125 and b"clone failed: errno 11" in cold.stderr, cold
+    assert b"limits.processes" in cold.stderr  # (zviz-init said only "clone failed")
     for warm in (True, None):
         r = await zviz.run_snippet("print('hi')", policy, warm=warm, python=PY)
         assert (r.exit_code, r.stdout, r.stderr) == (cold.exit_code, cold.stdout, cold.stderr), (warm, r)
