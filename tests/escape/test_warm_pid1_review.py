@@ -193,3 +193,55 @@ async def test_many_snippets_at_once_each_get_their_own_status():
         want = (None, 9) if i % 4 == 0 else (i + 100, None)
         assert (r.exit_code, r.signal, r.stdout) == (*want, f"{i}\n".encode()), (i, r)
     assert await _no_children_left(_server_pid()) == []
+
+
+_REACH_PID_1 = r"""
+import ctypes, json, os
+libc = ctypes.CDLL(None, use_errno=True)
+def call(*a):
+    r = libc.syscall(*a)
+    return r if r >= 0 else -ctypes.get_errno()
+class iovec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+buf = ctypes.create_string_buffer(8)
+local = iovec(ctypes.cast(buf, ctypes.c_void_p), 8)
+remote = iovec(id(buf), 8)  # (pid 1 is a copy of this process's memory)
+out = {}
+pidfd = call(434, 1, 0)  # pidfd_open
+out["pidfd_getfd"] = call(438, pidfd, 3, 0)  # its status pipe
+out["pidfd_send_signal"] = call(424, pidfd, 9, None, 0)  # (pid 1 of a namespace ignores it)
+out["process_vm_readv"] = call(310, 1, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
+out["process_vm_writev"] = call(311, 1, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
+out["ptrace_attach"] = call(101, 16, 1, 0, 0)
+for path, flags in (("/proc/1/mem", os.O_RDWR), ("/proc/1/fd/3", os.O_WRONLY), ("/proc/1/environ", os.O_RDONLY)):
+    try:
+        os.close(os.open(path, flags))
+        out[path] = 0
+    except OSError as e:
+        out[path] = -e.errno
+print(json.dumps(out), flush=True)
+"""
+
+
+@pytest.mark.trio
+async def test_even_a_policy_allowing_ptrace_and_pidfd_getfd_does_not_reach_pid_1():
+    """pid 1 (undumpable, made so in C before the fork) under a policy that
+    allows the calls on other processes (allow_dangerous): no fd of it (its
+    status pipe: a forged record), no read or write of its memory, no
+    ptrace; the SIGKILL is ignored (pid 1 of the namespace). As cold."""
+    import errno
+    import json
+
+    policy = attrs.evolve(zviz.Policy.python(), syscalls=zviz.Syscalls(
+        allow=("@python", "pidfd_open", "pidfd_getfd", "pidfd_send_signal", "process_vm_readv",
+               "process_vm_writev", "ptrace"), allow_dangerous=True))
+    got = {}
+    for warm in (False, True):
+        r = await zviz.run_snippet(_REACH_PID_1, policy, warm=warm, python=PY)
+        assert r.exit_code == 0, (warm, r.stderr)
+        got[warm] = json.loads(r.stdout)
+    assert got[True] == got[False], got
+    assert got[True]["pidfd_send_signal"] == 0  # sent, and ignored: the snippet is still here to say so
+    for what, value in got[True].items():
+        if what != "pidfd_send_signal":
+            assert value in (-errno.EPERM, -errno.EACCES), (what, got)
