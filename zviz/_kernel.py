@@ -850,10 +850,17 @@ def close_later(fd: int | OwnedFd) -> None:
     _closer_queue.put(n)
 
 
-def settle_closes(timeout: float = 10.0) -> bool:
-    """Wait until every fd handed to `close_later` so far is closed (tests)."""
+def closes_marker() -> threading.Event | None:
+    """An event set once every fd handed to `close_later` so far is closed
+    (None: there is no closer thread, nothing pending)."""
     if _closer_queue is None:
-        return True
+        return None
     done = threading.Event()
     _closer_queue.put(done)
-    return done.wait(timeout)
+    return done
+
+
+def settle_closes(timeout: float = 10.0) -> bool:
+    """Wait until every fd handed to `close_later` so far is closed (tests)."""
+    done = closes_marker()
+    return True if done is None else done.wait(timeout)

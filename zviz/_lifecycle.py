@@ -23,7 +23,7 @@ import anyio
 import anyio.abc
 import sniffio
 
-from . import _hostside, _process
+from . import _hostside, _kernel, _process
 from ._errors import ZvizWarning
 from ._events import EventLog
 from ._hostside import HostSide
@@ -381,13 +381,18 @@ async def after_caller() -> None:
 async def released() -> None:
     """Wait until every sandbox of this loop whose aclose() returned early
     (at its processes' death) has given everything back: its fds, cgroup,
-    workdir, uid and slot (tests, and whoever must see the disk settled)."""
+    workdir, uid and slot (tests, and whoever must see the disk settled),
+    the fds handed to the closer thread included (a dead sandbox's mount
+    namespace: _runner)."""
     while True:
         loop = _loop_key()
         pending = [life for life in _detached if life.loop is loop and not life.done.is_set()]
         if not pending:
-            return
+            break
         await pending[0].done.wait()
+    closed = _kernel.closes_marker()
+    if closed is not None and not closed.wait(0):  # (~0.3 ms: an unmount's grace period)
+        await anyio.to_thread.run_sync(closed.wait)
 
 
 def report_late_failure(description: str, err: BaseException) -> None:
