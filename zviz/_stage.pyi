@@ -28,9 +28,6 @@ def socketpair_in(netns: int, family: int, type: int, protocol: int, /) -> tuple
 def pidfd_getfd(pidfd: int, fd: int, /) -> int:
     """Duplicate fd of the process behind pidfd (raises OSError)."""
 
-def set_dumpable(flag: int, /) -> None:
-    """prctl(PR_SET_DUMPABLE, flag) for the calling process (raises OSError)."""
-
 def pump_start(listener: int, out: int, stop: int, netns: int = -1, gate: int = -1, dns4: int = -1,
                dns6: int = -1, sockets_ns: int = -1, sockets_allow: int = 0, /) -> object:
     """Start the thread that receives `listener`'s notifications (zviz/_pump.c); it

@@ -362,22 +362,6 @@ stage_landlock_abi(PyObject *self, PyObject *noargs)
     return PyLong_FromLong(abi);
 }
 
-/* prctl(PR_SET_DUMPABLE, flag) for the calling process: a warm snippet's
- * pid 1 (zviz/_warmboot.py) makes itself undumpable before it forks the
- * snippet, as zviz-init's zygote does, so that no process of the sandbox
- * can read its memory, environment or maps through /proc; the snippet
- * makes itself dumpable again, as an exec would have. */
-static PyObject *
-stage_set_dumpable(PyObject *self, PyObject *args)
-{
-    int flag;
-    if (!PyArg_ParseTuple(args, "i:set_dumpable", &flag))
-        return NULL;
-    if (syscall(SYS_prctl, PR_SET_DUMPABLE, (unsigned long)(flag != 0), 0UL, 0UL, 0UL) < 0)
-        return PyErr_SetFromErrno(PyExc_OSError);
-    Py_RETURN_NONE;
-}
-
 static PyObject *
 stage_pidfd_getfd(PyObject *self, PyObject *args)
 {
@@ -850,7 +834,6 @@ static PyMethodDef methods[] = {
     {"socketpair_in", stage_socketpair_in, METH_VARARGS,
      "socketpair_in(netns, family, type, protocol) -> (fd, fd), made in that namespace."},
     {"pidfd_getfd", stage_pidfd_getfd, METH_VARARGS, "Duplicate fd of the process behind pidfd."},
-    {"set_dumpable", stage_set_dumpable, METH_VARARGS, "prctl(PR_SET_DUMPABLE, flag) for the calling process."},
     {"pump_start", stage_pump_start, METH_VARARGS,
      "pump_start(listener, out, stop, netns=-1, gate=-1) -> pump: receive the listener's notifications in a "
      "thread (zviz/_pump.c)."},
