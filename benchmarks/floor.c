@@ -18,6 +18,12 @@
  * (/proc/stat, so the kernel's workers freeing the namespaces count too)
  * and for the process tree (getrusage self + children).
  *
+ * --template: each sandbox is cloned from a template process that holds
+ * the user namespace and the built root, made once: new pid, mount (a copy
+ * of the template's), ipc, uts and cgroup namespaces, a fresh /tmp, /proc
+ * and masks, the workdir bound, the same confinement (the route issue 12's
+ * CPU goal would take; the tree CPU column then misses the sandboxes, which
+ * are the template's children: read the system-wide one).
  * --host-side adds what zviz's host side makes per sandbox: a workdir
  * (mkdir, bound at /workspace, rmdir) and a v1 memory cgroup with a limit
  * (mkdir, limit, joined by the child through `tasks`, rmdir).
@@ -93,21 +99,43 @@ ll_path(int ruleset, const char *path, unsigned long long access)
     close(pb.parent_fd);
 }
 
-static int
-child(void *arg)
+static int host_tmp = -1, host_cg = -1; /* --template: the host's /tmp and memory cgroup root, kept past pivot_root */
+
+static void
+join_cgroup(void)
 {
-    int go = *(int *)arg;
-    char c;
-    if (read(go, &c, 1) != 1)
-        _exit(126);
-    if (use_host_side) { /* zviz's v1 memory cgroup, joined by the child itself (tasks: no global lock) */
-        char tasks[160];
+    /* zviz's v1 memory cgroup, joined by the child itself (tasks: no global lock) */
+    char tasks[160];
+    int fd;
+    if (host_cg >= 0) {
+        snprintf(tasks, sizeof tasks, "%s/tasks", strrchr(cg_path, '/') + 1);
+        fd = openat(host_cg, tasks, O_WRONLY | O_CLOEXEC);
+    } else {
         snprintf(tasks, sizeof tasks, "%s/tasks", cg_path);
-        int fd = open(tasks, O_WRONLY | O_CLOEXEC);
-        if (fd < 0 || write(fd, "0", 1) != 1)
-            die("cgroup tasks");
-        close(fd);
+        fd = open(tasks, O_WRONLY | O_CLOEXEC);
     }
+    if (fd < 0 || write(fd, "0", 1) != 1)
+        die("cgroup tasks");
+    close(fd);
+}
+
+static void
+mask_proc(void)
+{
+    const char *masks[] = {"/proc/acpi", "/proc/asound", "/proc/scsi", "/proc/pressure", "/proc/driver"};
+    for (unsigned i = 0; i < 5; i++)
+        if (mount("tmpfs", masks[i], "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                  "mode=0555,size=4k,nr_inodes=4") < 0 && errno != ENOENT)
+            die("mask");
+}
+
+static void confine_and_exec(void);
+
+/* The new root, in the caller's new mount namespace; `per_sandbox`: with
+ * the workdir bound (the template mode binds it per sandbox instead). */
+static void
+build_root(int per_sandbox)
+{
     if (mount(NULL, "/", NULL, MS_PRIVATE | MS_REC, NULL) < 0)
         die("private");
     if (mount("tmpfs", STAGING, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755") < 0)
@@ -131,7 +159,7 @@ child(void *arg)
     }
     if (mount("/dev/null", "dev/null", NULL, MS_BIND, NULL) < 0)
         die("bind null");
-    if (use_host_side && mount(wd_path, "workspace", NULL, MS_BIND, NULL) < 0)
+    if (per_sandbox && use_host_side && mount(wd_path, "workspace", NULL, MS_BIND, NULL) < 0)
         die("bind workdir");
     if (mount("proc", "proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) < 0)
         die("proc");
@@ -141,11 +169,26 @@ child(void *arg)
         die("pivot_root");
     if (umount2(".", MNT_DETACH) < 0 || chdir("/") < 0)
         die("umount old root");
-    const char *masks[] = {"/proc/acpi", "/proc/asound", "/proc/scsi", "/proc/pressure", "/proc/driver"};
-    for (unsigned i = 0; i < 5; i++)
-        if (mount("tmpfs", masks[i], "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
-                  "mode=0555,size=4k,nr_inodes=4") < 0 && errno != ENOENT)
-            die("mask");
+    mask_proc();
+}
+
+static int
+child(void *arg)
+{
+    int go = *(int *)arg;
+    char c;
+    if (read(go, &c, 1) != 1)
+        _exit(126);
+    if (use_host_side)
+        join_cgroup();
+    build_root(1);
+    confine_and_exec();
+    return 0;
+}
+
+static void
+confine_and_exec(void)
+{
     if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
         die("no_new_privs");
     struct landlock_ruleset_attr ra = {.handled_access_fs = LANDLOCK_ACCESS_FS_EXECUTE | LANDLOCK_ACCESS_FS_READ_FILE |
@@ -164,7 +207,63 @@ child(void *arg)
         die("seccomp");
     execve("/bin/true", true_argv, no_env);
     die("execve");
+}
+
+static int use_template, req_w = -1, done_r = -1;
+
+/* --template: a sandbox made from a template that holds the user namespace
+ * and the built root (made once): a clone into new pid, mount (a copy of
+ * the template's), ipc, uts and cgroup namespaces, a fresh /tmp, /proc and
+ * its masks, the workdir bound, then the same confinement and exec. */
+static int
+from_template(void *arg)
+{
+    (void)arg;
+    if (use_host_side)
+        join_cgroup();
+    if (mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777") < 0)
+        die("fresh tmp");
+    if (mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) < 0)
+        die("fresh proc");
+    mask_proc();
+    if (use_host_side) {
+        int wd = openat(host_tmp, strrchr(wd_path, '/') + 1, O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+        int tree = wd < 0 ? -1 : (int)syscall(SYS_open_tree, wd, "", OPEN_TREE_CLONE | AT_EMPTY_PATH | O_CLOEXEC);
+        if (tree < 0 || syscall(SYS_move_mount, tree, "", AT_FDCWD, "/workspace", MOVE_MOUNT_F_EMPTY_PATH) < 0)
+            die("bind workdir");
+        close(tree);
+        close(wd);
+    }
+    confine_and_exec();
     return 0;
+}
+
+static int
+template_main(void *arg)
+{
+    int *fds = arg; /* go, requests, answers */
+    char c;
+    if (read(fds[0], &c, 1) != 1)
+        _exit(126);
+    host_tmp = open("/tmp", O_PATH | O_DIRECTORY | O_CLOEXEC);
+    host_cg = open("/sys/fs/cgroup/memory", O_PATH | O_DIRECTORY | O_CLOEXEC);
+    if (host_tmp < 0 || host_cg < 0)
+        die("template: host dirs");
+    build_root(0);
+    static char stack[64 * 1024];
+    int n;
+    while (read(fds[1], &n, sizeof n) == sizeof n) {
+        snprintf(wd_path, sizeof wd_path, "/tmp/zviz-floor-wd-%d", n);
+        snprintf(cg_path, sizeof cg_path, "/sys/fs/cgroup/memory/zviz-floor-%d", n);
+        pid_t pid = clone(from_template, stack + sizeof stack,
+                          CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWCGROUP | SIGCHLD, NULL);
+        int ws = -1;
+        if (pid > 0)
+            waitpid(pid, &ws, 0);
+        if (write(fds[2], &ws, sizeof ws) != sizeof ws)
+            _exit(1);
+    }
+    _exit(0);
 }
 
 static void
@@ -181,7 +280,7 @@ one_sandbox(void)
 {
     static char stack[64 * 1024];
     int go[2];
-    if (pipe2(go, O_CLOEXEC) < 0)
+    if (!use_template && pipe2(go, O_CLOEXEC) < 0)
         die("pipe");
     if (use_host_side) { /* the host side zviz makes per sandbox: a workdir, a memory cgroup with a limit */
         snprintf(wd_path, sizeof wd_path, "/tmp/zviz-floor-wd-%d", round_no);
@@ -192,6 +291,16 @@ one_sandbox(void)
         char limit[160];
         snprintf(limit, sizeof limit, "%s/memory.limit_in_bytes", cg_path);
         write_file(limit, "536870912");
+    }
+    if (use_template) {
+        int n = round_no - 1, ws;
+        if (write(req_w, &n, sizeof n) != sizeof n || read(done_r, &ws, sizeof ws) != sizeof ws)
+            die("template");
+        if (!WIFEXITED(ws) || WEXITSTATUS(ws) != 0) {
+            fprintf(stderr, "sandbox from the template failed: %#x\n", ws);
+            exit(1);
+        }
+        goto host_side_after;
     }
     int flags = CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWCGROUP | SIGCHLD;
     if (use_net)
@@ -217,6 +326,7 @@ one_sandbox(void)
         fprintf(stderr, "sandbox child failed: %#x\n", ws);
         exit(1);
     }
+host_side_after:
     if (use_host_side) {
         for (int tries = 0; rmdir(cg_path) < 0; tries++) /* (EBUSY until the exit is accounted) */
             if (errno != EBUSY || tries > 1000)
@@ -277,6 +387,33 @@ main(int argc, char **argv)
     for (int i = 2; i < argc; i++) {
         use_net |= strcmp(argv[i], "--net") == 0;
         use_host_side |= strcmp(argv[i], "--host-side") == 0;
+        use_template |= strcmp(argv[i], "--template") == 0;
+    }
+    if (use_template) {
+        static char stack[64 * 1024];
+        static int fds[3];
+        int go[2], req[2], done[2];
+        if (pipe2(go, O_CLOEXEC) < 0 || pipe2(req, O_CLOEXEC) < 0 || pipe2(done, O_CLOEXEC) < 0)
+            die("pipe");
+        fds[0] = go[0], fds[1] = req[0], fds[2] = done[1];
+        round_no = 0;
+        mkdir(STAGING, 0755);
+        build_filter();
+        pid_t t = clone(template_main, stack + sizeof stack, CLONE_NEWUSER | CLONE_NEWNS | SIGCHLD, fds);
+        if (t < 0)
+            die("clone template");
+        char path[64], map[64];
+        snprintf(path, sizeof path, "/proc/%d/setgroups", t);
+        write_file(path, "deny");
+        snprintf(map, sizeof map, "0 %d 1", getuid());
+        snprintf(path, sizeof path, "/proc/%d/uid_map", t);
+        write_file(path, map);
+        snprintf(map, sizeof map, "0 %d 1", getgid());
+        snprintf(path, sizeof path, "/proc/%d/gid_map", t);
+        write_file(path, map);
+        if (write(go[1], "g", 1) != 1)
+            die("go");
+        req_w = req[1], done_r = done[0];
     }
     long hz = sysconf(_SC_CLK_TCK);
     mkdir(STAGING, 0755);
@@ -303,7 +440,8 @@ main(int argc, char **argv)
     printf("per round (%d each)      wall ms  tree CPU ms  system CPU ms\n", n);
     printf("bare fork+exec          %7.3f  %11.3f  %13.3f\n", wall[0] / count[0], tree[0] / count[0],
            sys[0] / count[0]);
-    printf("sandbox%-4s%-13s%7.3f  %11.3f  %13.3f\n", use_net ? " net" : "", use_host_side ? " host-side" : "",
+    printf("%-11s%-13s%7.3f  %11.3f  %13.3f\n", use_template ? "template" : use_net ? "sandbox net" : "sandbox",
+           use_host_side ? " host-side" : "",
            wall[1] / count[1], tree[1] / count[1], sys[1] / count[1]);
     printf("sandbox over bare       %+7.3f  %+11.3f  %+13.3f\n", wall[1] / count[1] - wall[0] / count[0],
            tree[1] / count[1] - tree[0] / count[0], sys[1] / count[1] - sys[0] / count[0]);

@@ -36,12 +36,10 @@ class Hooks:
     pid_ns: bool  # its tree is a pid namespace (else its process group)
     ended: Callable[[Process], None]  # called once, when it has been reaped
     flush: Callable[[], Awaitable[None]]  # returns once the supervisor has recorded every denial it received
-    # a zygote's run killed before its run-init cleaned up: wait until the
-    # zygote has killed what it left (None for a full spawn)
-    settle: Callable[[], Awaitable[None]] | None = None
+    # a zygote's run killed before its run-init cleaned up: wait until the zygote has killed what it left
+    settle: Callable[[], Awaitable[None]] | None = None  # (None for a full spawn)
     closing: Callable[[], bool] | None = None  # the sandbox is being closed (its teardown kills everything)
-    # its pid is our child (False: a warm snippet's pid 1, the fork server's child, _warm.py)
-    our_child: bool = True
+    our_child: bool = True  # its pid is our child (False: a warm snippet's pid 1, the fork server's, _warm.py)
 
 
 class Process:
@@ -244,11 +242,10 @@ class Process:
         status: int
         ru: resource.struct_rusage | None
         if self._zrun or not self._hooks.our_child:
-            # The zygote reaps its run-inits, the fork server a warm snippet's
-            # pid 1 (wait4 here would fail, or wait for whichever child of
-            # ours got its pid once it was reaped); killed before it reported,
-            # it ended by SIGKILL (ours, the OOM killer's, its parent's death),
-            # and what a run left is the zygote's to kill (see _settle).
+            # The zygote reaps its run-inits, the fork server a warm snippet's pid 1 (wait4 here would fail,
+            # or wait for whichever child of ours got its pid once it was reaped); killed before it reported,
+            # it ended by SIGKILL (ours, the OOM killer's, its parent's death), and what a run left is the
+            # zygote's to kill (see _settle).
             status, ru = int(signal.SIGKILL), None
         else:
             # Everything else in its process group goes too (no-op with a pid ns).
