@@ -21,9 +21,9 @@
  * --template: each sandbox is cloned from a template process that holds
  * the user namespace and the built root, made once: new pid, mount (a copy
  * of the template's), ipc, uts and cgroup namespaces, a fresh /tmp, /proc
- * and masks, the workdir bound, the same confinement (the route issue 12's
- * CPU goal would take; the tree CPU column then misses the sandboxes, which
- * are the template's children: read the system-wide one).
+ * and masks, the same confinement (kernel objects kept from one sandbox to
+ * the next; no --host-side; the tree CPU column then misses the sandboxes,
+ * which are the template's children: read the system-wide one).
  * --host-side adds what zviz's host side makes per sandbox: a workdir
  * (mkdir, bound at /workspace, rmdir) and a v1 memory cgroup with a limit
  * (mkdir, limit, joined by the child through `tasks`, rmdir).
@@ -99,21 +99,13 @@ ll_path(int ruleset, const char *path, unsigned long long access)
     close(pb.parent_fd);
 }
 
-static int host_tmp = -1, host_cg = -1; /* --template: the host's /tmp and memory cgroup root, kept past pivot_root */
-
 static void
 join_cgroup(void)
 {
     /* zviz's v1 memory cgroup, joined by the child itself (tasks: no global lock) */
     char tasks[160];
-    int fd;
-    if (host_cg >= 0) {
-        snprintf(tasks, sizeof tasks, "%s/tasks", strrchr(cg_path, '/') + 1);
-        fd = openat(host_cg, tasks, O_WRONLY | O_CLOEXEC);
-    } else {
-        snprintf(tasks, sizeof tasks, "%s/tasks", cg_path);
-        fd = open(tasks, O_WRONLY | O_CLOEXEC);
-    }
+    snprintf(tasks, sizeof tasks, "%s/tasks", cg_path);
+    int fd = open(tasks, O_WRONLY | O_CLOEXEC);
     if (fd < 0 || write(fd, "0", 1) != 1)
         die("cgroup tasks");
     close(fd);
@@ -169,7 +161,9 @@ build_root(int per_sandbox)
         die("pivot_root");
     if (umount2(".", MNT_DETACH) < 0 || chdir("/") < 0)
         die("umount old root");
-    mask_proc();
+    if (per_sandbox) /* (a template's /proc stays whole: each sandbox mounts its own over it, and a
+                      * masked one would make that mount too revealing to be allowed) */
+        mask_proc();
 }
 
 static int
@@ -210,6 +204,7 @@ confine_and_exec(void)
 }
 
 static int use_template, req_w = -1, done_r = -1;
+static pid_t template_pid = -1;
 
 /* --template: a sandbox made from a template that holds the user namespace
  * and the built root (made once): a clone into new pid, mount (a copy of
@@ -219,21 +214,11 @@ static int
 from_template(void *arg)
 {
     (void)arg;
-    if (use_host_side)
-        join_cgroup();
     if (mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777") < 0)
         die("fresh tmp");
     if (mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) < 0)
         die("fresh proc");
     mask_proc();
-    if (use_host_side) {
-        int wd = openat(host_tmp, strrchr(wd_path, '/') + 1, O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
-        int tree = wd < 0 ? -1 : (int)syscall(SYS_open_tree, wd, "", OPEN_TREE_CLONE | AT_EMPTY_PATH | O_CLOEXEC);
-        if (tree < 0 || syscall(SYS_move_mount, tree, "", AT_FDCWD, "/workspace", MOVE_MOUNT_F_EMPTY_PATH) < 0)
-            die("bind workdir");
-        close(tree);
-        close(wd);
-    }
     confine_and_exec();
     return 0;
 }
@@ -245,10 +230,6 @@ template_main(void *arg)
     char c;
     if (read(fds[0], &c, 1) != 1)
         _exit(126);
-    host_tmp = open("/tmp", O_PATH | O_DIRECTORY | O_CLOEXEC);
-    host_cg = open("/sys/fs/cgroup/memory", O_PATH | O_DIRECTORY | O_CLOEXEC);
-    if (host_tmp < 0 || host_cg < 0)
-        die("template: host dirs");
     build_root(0);
     static char stack[64 * 1024];
     int n;
@@ -389,6 +370,12 @@ main(int argc, char **argv)
         use_host_side |= strcmp(argv[i], "--host-side") == 0;
         use_template |= strcmp(argv[i], "--template") == 0;
     }
+    if (use_template && use_host_side) {
+        /* (the workdir would have to come from the host's mount namespace into the template's
+         * sandboxes: open_tree of a mount of another namespace is EINVAL) */
+        fprintf(stderr, "floor: --template does not take --host-side\n");
+        return 2;
+    }
     if (use_template) {
         static char stack[64 * 1024];
         static int fds[3];
@@ -399,7 +386,7 @@ main(int argc, char **argv)
         round_no = 0;
         mkdir(STAGING, 0755);
         build_filter();
-        pid_t t = clone(template_main, stack + sizeof stack, CLONE_NEWUSER | CLONE_NEWNS | SIGCHLD, fds);
+        pid_t t = clone(template_main, stack + sizeof stack, CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | SIGCHLD, fds);
         if (t < 0)
             die("clone template");
         char path[64], map[64];
@@ -413,7 +400,8 @@ main(int argc, char **argv)
         write_file(path, map);
         if (write(go[1], "g", 1) != 1)
             die("go");
-        req_w = req[1], done_r = done[0];
+        req_w = req[1], done_r = done[0], template_pid = t;
+        close(go[0]), close(go[1]), close(req[0]), close(done[1]);
     }
     long hz = sysconf(_SC_CLK_TCK);
     mkdir(STAGING, 0755);
@@ -445,5 +433,9 @@ main(int argc, char **argv)
            wall[1] / count[1], tree[1] / count[1], sys[1] / count[1]);
     printf("sandbox over bare       %+7.3f  %+11.3f  %+13.3f\n", wall[1] / count[1] - wall[0] / count[0],
            tree[1] / count[1] - tree[0] / count[0], sys[1] / count[1] - sys[0] / count[0]);
+    if (template_pid > 0) {
+        kill(template_pid, SIGKILL);
+        waitpid(template_pid, NULL, 0);
+    }
     return 0;
 }
