@@ -203,6 +203,23 @@ confine_and_exec(void)
     die("execve");
 }
 
+static void write_file(const char *path, const char *data);
+
+/* The child's id maps: our uid and gid as its 0 (setgroups denied first). */
+static void
+write_maps(pid_t pid)
+{
+    char path[64], map[64];
+    snprintf(path, sizeof path, "/proc/%d/setgroups", pid);
+    write_file(path, "deny");
+    snprintf(map, sizeof map, "0 %d 1", getuid());
+    snprintf(path, sizeof path, "/proc/%d/uid_map", pid);
+    write_file(path, map);
+    snprintf(map, sizeof map, "0 %d 1", getgid());
+    snprintf(path, sizeof path, "/proc/%d/gid_map", pid);
+    write_file(path, map);
+}
+
 static int use_template, req_w = -1, done_r = -1;
 static pid_t template_pid = -1;
 
@@ -289,15 +306,7 @@ one_sandbox(void)
     pid_t pid = clone(child, stack + sizeof stack, flags, &go[0]);
     if (pid < 0)
         die("clone");
-    char path[64], map[64];
-    snprintf(path, sizeof path, "/proc/%d/setgroups", pid);
-    write_file(path, "deny");
-    snprintf(map, sizeof map, "0 %d 1", getuid());
-    snprintf(path, sizeof path, "/proc/%d/uid_map", pid);
-    write_file(path, map);
-    snprintf(map, sizeof map, "0 %d 1", getgid());
-    snprintf(path, sizeof path, "/proc/%d/gid_map", pid);
-    write_file(path, map);
+    write_maps(pid);
     if (write(go[1], "g", 1) != 1)
         die("go");
     close(go[0]);
@@ -389,15 +398,7 @@ main(int argc, char **argv)
         pid_t t = clone(template_main, stack + sizeof stack, CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | SIGCHLD, fds);
         if (t < 0)
             die("clone template");
-        char path[64], map[64];
-        snprintf(path, sizeof path, "/proc/%d/setgroups", t);
-        write_file(path, "deny");
-        snprintf(map, sizeof map, "0 %d 1", getuid());
-        snprintf(path, sizeof path, "/proc/%d/uid_map", t);
-        write_file(path, map);
-        snprintf(map, sizeof map, "0 %d 1", getgid());
-        snprintf(path, sizeof path, "/proc/%d/gid_map", t);
-        write_file(path, map);
+        write_maps(t);
         if (write(go[1], "g", 1) != 1)
             die("go");
         req_w = req[1], done_r = done[0], template_pid = t;

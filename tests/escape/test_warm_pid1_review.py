@@ -18,31 +18,12 @@ import trio
 import zviz
 from zviz import _syscalls, _warm
 
-from ..conftest import IS_ROOT, child_pids
+from ..conftest import IS_ROOT
+from .test_warm_attacks import _no_children_left, _no_servers_left, _server_pid  # noqa: F401 (an autouse fixture)
 
 pytestmark = pytest.mark.skipif(not IS_ROOT, reason="the warm path's attack tests read other processes' /proc as root")
 
 PY = "/usr/bin/python3"
-
-
-@pytest.fixture(autouse=True)
-def _no_servers_left():
-    _warm.close_all()
-    yield
-    _warm.close_all()
-
-
-def _server_pid() -> int:
-    (server,) = _warm._servers.values()
-    assert server._proc is not None
-    return server._proc.pid
-
-
-async def _no_children_left(pid: int, within: float = 5.0) -> list[int]:
-    deadline = time.monotonic() + within
-    while (left := sorted(child_pids(pid))) and time.monotonic() < deadline:
-        await trio.sleep(0.02)
-    return left
 
 
 def _without(*names: str) -> zviz.Policy:
