@@ -200,14 +200,14 @@ async def test_a_listener_that_cannot_be_made_fails_the_run_and_leaves_nothing(u
     monkeypatch.setattr(_kernel, "sockets_in_netns", refuse)
     async with zviz.open_sandbox(_policy(upstream.port)) as sb:
         spawned: list[int] = []
-        real_spawn = _kernel.spawn
+        real_wait = _kernel.PendingSpawn.wait
 
-        def spy(*a, **kw):
-            s = real_spawn(*a, **kw)
+        async def spy(self):
+            s = await real_wait(self)
             spawned.append(s.pid)
             return s
 
-        monkeypatch.setattr(_kernel, "spawn", spy)
+        monkeypatch.setattr(_kernel.PendingSpawn, "wait", spy)
         with pytest.raises(zviz.SandboxSetupError, match="egress-proxy"):
             await sb.run(["true"])
         assert sb._life.runner.zygote is None and spawned

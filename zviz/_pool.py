@@ -294,7 +294,7 @@ async def make(policy: Policy, zygote: bool = True) -> Sandbox:
     try:
         life = sb._life
         assert life.supervisor is not None
-        sb._runner.ensure_zygote(life.supervisor)
+        await sb._runner.ensure_zygote(life.supervisor)
     except BaseException:
         with anyio.CancelScope(shield=True):
             await sb.aclose()

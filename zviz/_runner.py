@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import anyio
 import attrs
 
-from . import _kernel, _plan, _zygote
+from . import _kernel, _plan, _spec, _zygote
 from ._errors import SandboxClosedError, SandboxSetupError
 from ._kernel import OwnedFd
 from ._records import Tally
@@ -93,6 +93,11 @@ class Runner:
         self._inflight = 0
         self._provisional: dict[int, RunAccount] = {}  # by session id inside the sandbox
         self._closing = False
+        # Stage children between clone and exec (_kernel.start_spawn): the loop
+        # goes on while they set up; kill() kills them, reap() waits for them.
+        self._pending: set[_kernel.PendingSpawn] = set()
+        self._pending_gone: anyio.Event | None = None
+        self._zygote_starting: anyio.Event | None = None  # set when a zygote's spawn has ended either way
         self._dropping: anyio.Event | None = None  # set while drop_zygote reaps a zygote (reap() waits for it)
 
     @property
@@ -140,7 +145,30 @@ class Runner:
                                    track=self._track, cgroup_fd=self._cgroup_fd)
         if self._stage_packed is None:
             self._stage_packed = self._stage.pack()
-        return _kernel.spawn(self._stage, self._stage_packed, spawn)
+        return await self._spawn_stage(self._stage, self._stage_packed, spawn)
+
+    async def _spawn_stage(self, stage: StageSpec, packed: bytes, cmd: _spec.Command) -> _kernel.Spawned:
+        """One spawn of the stage, the loop free while its child sets up. A
+        close meanwhile kills it (kill()); it is then reaped here, not returned."""
+        if self._closing:
+            raise SandboxClosedError("the sandbox was closed while a command was being started in it")
+        pending = _kernel.start_spawn(stage, packed, cmd)
+        self._pending.add(pending)
+        try:
+            spawned = await pending.wait()
+        except SandboxSetupError:
+            if self.closing():  # killed by kill() before its exec: no listener came, say, not a set-up failure
+                raise SandboxClosedError("the sandbox was closed while a command was being started in it") \
+                    from None
+            raise
+        finally:
+            self._pending.discard(pending)
+            if not self._pending and self._pending_gone is not None:
+                self._pending_gone.set()
+        if self.closing():  # (kill() came while it set up)
+            await _kill_and_reap(spawned)
+            raise SandboxClosedError("the sandbox was closed while a command was being started in it")
+        return spawned
 
     def discard(self, spawned: _kernel.Spawned, not_ours: bool) -> None:
         """A started command that must not outlive a failed start: kill, reap
@@ -195,8 +223,9 @@ class Runner:
             if self._closing:  # (the zygote died to the close, not to its own doing: no new one)
                 raise SandboxClosedError("the sandbox was closed while a command was being started in it")
             if self.zygote is None:
-                self._spawn_zygote(supervisor)
-            assert self.zygote is not None
+                await self._spawn_zygote(supervisor)
+                if self.zygote is None:  # (another task spawned it, and the sandbox closed meanwhile)
+                    raise SandboxClosedError("the sandbox was closed while a command was being started in it")
             self._inflight += 1
             try:
                 pidfd, ns_pid = await self.zygote.request(request, fds)
@@ -214,7 +243,21 @@ class Runner:
             return _kernel.Spawned(pid=-1, pidfd=pidfd, listener=None, ns_pid=ns_pid)
         raise AssertionError("unreachable")
 
-    def _spawn_zygote(self, supervisor: Supervisor) -> None:
+    async def _spawn_zygote(self, supervisor: Supervisor) -> None:
+        """Spawn the zygote; a task that comes while another spawns it waits for
+        that one (and tries itself if that one failed or was cancelled)."""
+        while self._zygote_starting is not None:
+            await self._zygote_starting.wait()
+            if self.zygote is not None or self._closing:
+                return
+        self._zygote_starting = starting = anyio.Event()
+        try:
+            await self._spawn_zygote_now(supervisor)
+        finally:
+            self._zygote_starting = None
+            starting.set()
+
+    async def _spawn_zygote_now(self, supervisor: Supervisor) -> None:
         ours, theirs = _zygote.control_pair()
         try:
             stage = self._zygote_stage if self._zygote_stage is not None else _plan.zygote_stage_spec(self._stage)
@@ -223,7 +266,7 @@ class Runner:
             track = (map_fd, value | _SKIP_EXEC) if map_fd >= 0 else self._track  # counted from the program's exec
             cmd = _plan.zygote_command(self._plan, stage, ctrl_fd=theirs.fd, devnull=self._devnull.fd,
                                        init_fd=self._init_fd, track=track, cgroup_fd=self._cgroup_fd)
-            spawned = _kernel.spawn(stage, packed, cmd)
+            spawned = await self._spawn_stage(stage, packed, cmd)
         except BaseException:
             ours.close()
             raise
@@ -234,13 +277,9 @@ class Runner:
             try:
                 self.on_zygote(spawned.pidfd)
             except BaseException:
-                z, self.zygote = self.zygote, None
-                z.kill()
-                with contextlib.suppress(ChildProcessError):
-                    os.waitpid(z.pid, 0)  # just killed, and nothing of it ran: its death is a step away
-                z.close()
-                if spawned.listener is not None:
-                    spawned.listener.close()
+                self.zygote = None
+                await _kill_and_reap(spawned)
+                ours.close()
                 raise
         self._drop_mnt_ns()  # (a zygote that died and is replaced: its namespace goes now)
         with contextlib.suppress(OSError):  # (without it the zygote's exit unmounts: slower, as correct)
@@ -252,11 +291,11 @@ class Runner:
             self._zygote_done = supervisor.attach(spawned.listener, spawned.pidfd, self._stray,
                                                   resolve=self.account_for)
 
-    def ensure_zygote(self, supervisor: Supervisor) -> _zygote.Zygote | None:
+    async def ensure_zygote(self, supervisor: Supervisor) -> _zygote.Zygote | None:
         """The zygote, spawned now if the sandbox uses one (the file API looks
         into the sandbox's root through it); None without one."""
         if self.use_zygote and self.zygote is None and not self._closing:
-            self._spawn_zygote(supervisor)
+            await self._spawn_zygote(supervisor)
         return self.zygote
 
     async def barrier(self) -> None:
@@ -335,6 +374,8 @@ class Runner:
         self._closing = True
         if self.zygote is not None:
             self.zygote.kill()
+        for pending in self._pending:
+            pending.kill()
 
     async def reap(self) -> None:
         """After kill(): wait until the zygote is dead and reap it. The kernel
@@ -342,6 +383,9 @@ class Runner:
         and reaped every other task of the namespace (zap_pid_ns_processes):
         when this returns, no process of the sandbox exists any more."""
         self._closing = True
+        while self._pending:  # killed by kill(): their spawning tasks reap them
+            self._pending_gone = anyio.Event()
+            await self._pending_gone.wait()
         if self._dropping is not None:  # a zygote that died on its own is being reaped by a command's task
             await self._dropping.wait()
         if self.zygote is not None:
@@ -376,3 +420,16 @@ class Runner:
         last step of any teardown)."""
         self._drop_mnt_ns()
         self._devnull.close()
+
+
+async def _kill_and_reap(spawned: _kernel.Spawned) -> None:
+    """A spawned stage child that must not run: SIGKILL, reap (a checkpoint:
+    its pidfd says when), close what we hold of it."""
+    _kernel.pidfd_kill(spawned.pidfd)
+    with anyio.CancelScope(shield=True):
+        await anyio.wait_readable(spawned.pidfd.fd)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(spawned.pid, 0)  # noqa: ASYNC222 - its pidfd said it is dead: no wait
+    for owned in (spawned.pidfd, spawned.listener):
+        if owned is not None:
+            owned.close()

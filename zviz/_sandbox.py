@@ -486,7 +486,7 @@ class Sandbox:
         zygote's root), and "/"; without a zygote, the workdir (and its path)."""
         self._check_open()
         assert self._life.supervisor is not None
-        z = self._runner.ensure_zygote(self._life.supervisor) if self._plan.new_root is not None else None
+        z = await self._runner.ensure_zygote(self._life.supervisor) if self._plan.new_root is not None else None
         if z is not None:
             try:
                 fd = os.open(f"/proc/{z.pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -586,14 +586,16 @@ def _hidden_dirs() -> tuple[str, ...]:
 def _prepare(policy: Policy, workdir: str, owns_workdir: bool, features: _probe.KernelFeatures, trace: Any,
              zygote_allowed: bool, tally: Tally, resources: HostResources,
              host_ids: tuple[int, int], template: _snapshot.Template | None = None,
-             warn: bool = True) -> tuple[_plan.SandboxPlan, Runner]:
+             warn: bool = True, known: dict[str, tuple[bool, str]] | None = None) -> tuple[_plan.SandboxPlan, Runner]:
     """Plan the sandbox once (it does not depend on the command) and make
-    its Runner. Planning now also reports degraded layers once, and fails early."""
+    its Runner. Planning now also reports degraded layers once, and fails early.
+    `known`: `_hostpaths.resolve` of `_plan.looked_up(policy)`, made by the caller."""
     f = features
     init = _kernel.init_fd()
-    names = _plan.looked_up(policy) | {workdir}
+    if known is None:
+        known = _hostpaths.resolve(_plan.looked_up(policy))
     is_dir, links = {}, {}
-    for p, (d, real) in _hostpaths.resolve(names).items():
+    for p, (d, real) in (*known.items(), *_hostpaths.resolve((workdir,)).items()):
         is_dir[p] = d
         if real != p:  # a symlink on the way: the plan checks and binds the real path
             links[p] = real
@@ -737,7 +739,9 @@ async def _create(policy: Policy | None = None, *, workdir: str | os.PathLike[st
 
         tmpl = _snapshot.open_template(template, read_write=(*policy.fs.read_write, *(
             b.source for b in policy.fs.binds if not b.read_only)))
-    walk = _workdir.sandbox_walks(policy.namespaces.mount, (*policy.fs.read_only, *policy.fs.read_write))
+    # the policy's host paths, resolved once for the walk's question and the plan
+    known = _hostpaths.resolve(_plan.looked_up(policy))
+    walk = _workdir.sandbox_walks(policy.namespaces.mount, (*policy.fs.read_only, *policy.fs.read_write), known)
     # slot, host uid, workdir: given back on every way out, after all else (_hostside.py; its Life does that
     # once the sandbox exists)
     side = await _hostside.acquire(given, keep_workdir, walk)
@@ -754,7 +758,7 @@ async def _create(policy: Policy | None = None, *, workdir: str | os.PathLike[st
             tally = Tally()
             with _capacity.exhaustion_as_error("prepare"):
                 plan, runner = _prepare(policy, path, owns, features, trace, bool(zygote), tally, resources,
-                                        host_ids, tmpl, warn=not pooled)
+                                        host_ids, tmpl, warn=not pooled, known=known)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await resources.release()

@@ -858,10 +858,98 @@ recv_fd(int sock)
     return fd;
 }
 
+#define SPAWN_STACK_SIZE (256 * 1024)
+
+static void spawn_start(struct plan *p, const struct parent_plan *pp, struct spawn_result *out,
+                        struct spawn_pending *pend, int warm);
+
 void
 stage_spawn(struct plan *p, const struct parent_plan *pp, struct spawn_result *out, int warm)
 {
-    const size_t stack_size = 256 * 1024;
+    struct spawn_pending pend;
+    spawn_start(p, pp, out, &pend, warm);
+    if (out->failure == SPAWN_OK && !(warm && out->pid == 0))
+        stage_spawn_finish(&pend, out);
+}
+
+void
+stage_spawn_start(struct plan *p, const struct parent_plan *pp, struct spawn_result *out,
+                  struct spawn_pending *pend)
+{
+    spawn_start(p, pp, out, pend, 0);
+}
+
+static void
+pending_release(struct spawn_pending *pend)
+{
+    if (pend->errp >= 0)
+        close(pend->errp);
+    if (pend->sv >= 0)
+        close(pend->sv);
+    if (pend->pidfd >= 0)
+        close(pend->pidfd);
+    if (pend->go >= 0)
+        close(pend->go);
+    if (pend->stack != MAP_FAILED)
+        munmap(pend->stack, SPAWN_STACK_SIZE);
+    pend->pid = 0;
+    pend->errp = pend->sv = pend->pidfd = pend->go = -1;
+    pend->stack = MAP_FAILED;
+}
+
+void
+stage_spawn_finish(struct spawn_pending *pend, struct spawn_result *out)
+{
+    struct child_error ce;
+    ssize_t got;
+    memset(out, 0, sizeof *out);
+    out->pidfd = out->listener = -1;
+    /* Exec (EOF: the CLOEXEC error pipe closed) or a failure report. */
+    do {
+        got = read(pend->errp, &ce, sizeof ce);
+    } while (got < 0 && errno == EINTR);
+    if (got != 0) {
+        /* The child reported a failed step and exits 127: reap it here. */
+        waitpid(pend->pid, NULL, 0);
+        if (got == (ssize_t)sizeof ce) {
+            out->failure = SPAWN_STEP;
+            out->step = ce.step;
+            out->err = ce.err;
+            out->index = ce.index;
+        } else {
+            out->failure = SPAWN_PROTOCOL;
+            out->what = "short read from the setup error pipe";
+        }
+        pending_release(pend);
+        return;
+    }
+    if (pend->sv >= 0 && (out->listener = recv_fd(pend->sv)) < 0) {
+        out->failure = SPAWN_PROTOCOL;
+        out->what = "seccomp listener was not received";
+        stage_spawn_abort(pend);
+        return;
+    }
+    out->pid = pend->pid;
+    out->pidfd = pend->pidfd;
+    pend->pidfd = -1;
+    pending_release(pend);
+}
+
+void
+stage_spawn_abort(struct spawn_pending *pend)
+{
+    if (pend->pid > 0) {
+        kill(pend->pid, SIGKILL);
+        waitpid(pend->pid, NULL, 0);
+    }
+    pending_release(pend);
+}
+
+static void
+spawn_start(struct plan *p, const struct parent_plan *pp, struct spawn_result *out, struct spawn_pending *pend,
+            int warm)
+{
+    const size_t stack_size = SPAWN_STACK_SIZE;
     void *stack = MAP_FAILED;
     int go[2] = {-1, -1}, errp[2] = {-1, -1}, sv[2] = {-1, -1};
     int pidfd = -1;
@@ -870,6 +958,10 @@ stage_spawn(struct plan *p, const struct parent_plan *pp, struct spawn_result *o
 
     memset(out, 0, sizeof *out);
     out->pidfd = out->listener = -1;
+    out->pid = -1; /* (0: the warm child, returning inside the sandbox) */
+    pend->pid = 0;
+    pend->pidfd = pend->errp = pend->sv = pend->go = -1;
+    pend->stack = MAP_FAILED;
     if (pipe2(go, O_CLOEXEC) < 0 || pipe2(errp, O_CLOEXEC) < 0)
         goto oserror;
     if ((p->seccomp_flags & SECCOMP_FILTER_FLAG_NEW_LISTENER) &&
@@ -993,34 +1085,20 @@ stage_spawn(struct plan *p, const struct parent_plan *pp, struct spawn_result *o
     if (write_id_maps(pp, pid, out) < 0)
         goto kill_child;
 
-    struct child_error ce;
-    ssize_t got = write(go[1], "g", 1);
-    /* Wait for exec (EOF: the CLOEXEC error pipe closed) or a failure report. */
-    do {
-        got = read(errp[0], &ce, sizeof ce);
-    } while (got < 0 && errno == EINTR);
-    if (got != 0) {
-        /* The child reported a failed step and exits 127: reap it here. */
-        waitpid(pid, NULL, 0);
-        if (got == (ssize_t)sizeof ce) {
-            out->failure = SPAWN_STEP;
-            out->step = ce.step;
-            out->err = ce.err;
-            out->index = ce.index;
-        } else {
-            out->failure = SPAWN_PROTOCOL;
-            out->what = "short read from the setup error pipe";
-        }
-        goto cleanup;
-    }
-    if (sv[0] >= 0 && (out->listener = recv_fd(sv[0])) < 0) {
-        out->failure = SPAWN_PROTOCOL;
-        out->what = "seccomp listener was not received";
+    if (write(go[1], "g", 1) != 1) {
+        out->failure = SPAWN_OSERROR;
+        out->err = errno;
         goto kill_child;
     }
-    out->pid = pid;
-    out->pidfd = pidfd;
-    pidfd = -1;
+    /* The child goes on by itself now: the caller waits for errp (finish). */
+    pend->pid = pid;
+    pend->pidfd = pidfd;
+    pend->errp = errp[0];
+    pend->sv = sv[0];
+    pend->go = go[1];
+    pend->stack = stack;
+    pidfd = errp[0] = sv[0] = go[1] = -1;
+    stack = MAP_FAILED;
     goto cleanup;
 
 oserror:

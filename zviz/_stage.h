@@ -90,10 +90,31 @@ struct spawn_result {
     char path[64];
 };
 
+/* A child between its clone and its exec: what the parent holds of it. */
+struct spawn_pending {
+    int pid, pidfd;
+    int errp; /* the setup's error pipe: EOF at exec, a child_error record on a failed step */
+    int sv;   /* where the child sends its seccomp listener (-1: none) */
+    int go;   /* the go pipe's write end, kept open: its hang-up tells the child its parent died */
+    void *stack;
+};
+
 /* Clone a child that sets itself up from `p` and execs; wait until it has
  * (or failed). Does not touch Python: call it without the GIL. */
 /* warm: the child is a fork of the caller that returns (out->pid == 0) inside the sandbox instead of exec */
 void stage_spawn(struct plan *p, const struct parent_plan *pp, struct spawn_result *out, int warm);
+
+/* stage_spawn in two halves, so that the caller's thread is free while the
+ * child sets itself up (~1.2 ms: its namespaces, root, filters). start: the
+ * clone, the id maps, the cgroup, the child let go; on SPAWN_OK `pend` holds
+ * the child, and `p` (which the child reads, sharing our memory until exec)
+ * must stay valid until finish or abort. finish: once pend->errp is readable
+ * (it blocks until then), the outcome, as stage_spawn's; abort: SIGKILL, reap,
+ * let go. Each leaves `pend` empty; neither touches Python. (Not warm.) */
+void stage_spawn_start(struct plan *p, const struct parent_plan *pp, struct spawn_result *out,
+                       struct spawn_pending *pend);
+void stage_spawn_finish(struct spawn_pending *pend, struct spawn_result *out);
+void stage_spawn_abort(struct spawn_pending *pend);
 
 /* SIGKILL every process of `uid` (a sandbox's own host uid) by kill(-1) from
  * a helper that takes it: 1 if any, 0 if none, -errno. Without the GIL. */

@@ -124,6 +124,25 @@ SPEC_DROP_GROUPS: int
 SPEC_DENY_SETGROUPS: int
 SPEC_COMMAND_RULESET: int
 
+# spawn_start's capsule (not a class of the module): its child, between its clone and its exec
+PendingSpawn = object
+
+def spawn_start(spec: bytes, command: bytes, /) -> PendingSpawn:
+    """spawn's first half: clone, id maps, cgroup, and the child let go (what
+    fails so far raises as spawn does). The child then sets itself up on its
+    own; a pending spawn collected unfinished is aborted."""
+
+def pending_info(pending: PendingSpawn, /) -> tuple[int, int]:
+    """(the fd that turns readable once the child has exec'd or failed, the
+    child's pid: unreaped until finish or abort); (-1, -1) once done."""
+
+def spawn_finish(pending: PendingSpawn, /) -> tuple[int, int, int]:
+    """spawn's second half, once pending_info's fd is readable (else it blocks):
+    (pid, pidfd, listener fd or -1), or raises as spawn does."""
+
+def spawn_abort(pending: PendingSpawn, /) -> None:
+    """SIGKILL and reap the child; idempotent."""
+
 def spawn_warm(spec: bytes, command: bytes, /) -> tuple[int, int, int] | None:
     """As spawn, but the child is a fork of this (single-threaded) interpreter
     that returns None inside the sandbox instead of exec'ing; the parent gets

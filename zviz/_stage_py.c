@@ -271,31 +271,90 @@ setup_error(const char *step, int err, int index, const char *path)
     return NULL;
 }
 
+/* The exception for a failed spawn (out->failure != SPAWN_OK); returns NULL. */
+static PyObject *
+spawn_failure(const struct spawn_result *out)
+{
+    char name[32];
+    switch (out->failure) {
+    case SPAWN_OK:
+        break;
+    case SPAWN_OSERROR:
+        errno = out->err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    case SPAWN_STEP:
+        if (out->step > STEP_NONE && out->step < STEP_COUNT)
+            return setup_error(step_names[out->step], out->err, out->index, NULL);
+        snprintf(name, sizeof name, "step-%d", out->step);
+        return setup_error(name, out->err, out->index, NULL);
+    case SPAWN_ID_MAP:
+        snprintf(name, sizeof name, "id-map-%s", out->what);
+        return setup_error(name, out->err, -1, out->path);
+    case SPAWN_CGROUP:
+        return setup_error("cgroup", out->err, -1, "cgroup.procs");
+    case SPAWN_TRACK:
+        return setup_error("track", out->err, -1, "bpf map");
+    case SPAWN_PROTOCOL:
+        return setup_error("spawn", EIO, -1, out->what);
+    }
+    PyErr_SetString(PyExc_SystemError, "spawn_failure without a failure");
+    return NULL;
+}
+
+/* The parsed plan of one spawn and the buffers it points into. */
+struct parsed {
+    Py_buffer spec_view, command_view;
+    struct plan *p; /* ~20 kB: not on our stack */
+    struct parent_plan pp;
+};
+
+static void
+parsed_free(struct parsed *x)
+{
+    if (x->p) {
+        PyMem_Free(x->p->argv);
+        PyMem_Free(x->p->envp);
+        PyMem_Free(x->p);
+        x->p = NULL;
+    }
+    PyBuffer_Release(&x->spec_view);
+    PyBuffer_Release(&x->command_view);
+}
+
+/* 0, or -1 with an exception and nothing held. */
+static int
+parse_args(PyObject *args, const char *format, struct parsed *x)
+{
+    memset(x, 0, sizeof *x);
+    if (!PyArg_ParseTuple(args, format, &x->spec_view, &x->command_view))
+        return -1;
+    struct buf spec = {x->spec_view.buf, x->spec_view.len, "spec"};
+    struct buf command = {x->command_view.buf, x->command_view.len, "command"};
+    if (!(x->p = PyMem_Calloc(1, sizeof *x->p))) {
+        PyErr_NoMemory();
+        parsed_free(x);
+        return -1;
+    }
+    if (parse_spec(&spec, x->p, &x->pp) < 0 || parse_command(&command, x->p, &x->pp) < 0) {
+        parsed_free(x);
+        return -1;
+    }
+    return 0;
+}
+
 static PyObject *
 spawn_common(PyObject *args, int warm)
 {
-    Py_buffer spec_view, command_view;
-    if (!PyArg_ParseTuple(args, warm ? "y*y*:spawn_warm" : "y*y*:spawn", &spec_view, &command_view))
-        return NULL;
-    struct buf spec = {spec_view.buf, spec_view.len, "spec"};
-    struct buf command = {command_view.buf, command_view.len, "command"};
-    PyObject *result = NULL;
-    struct plan *p = PyMem_Calloc(1, sizeof *p); /* ~20 kB: not on our stack */
-    struct parent_plan pp;
+    struct parsed x;
     struct spawn_result out;
-    memset(&pp, 0, sizeof pp);
-    if (!p) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    if (parse_spec(&spec, p, &pp) < 0 || parse_command(&command, p, &pp) < 0)
-        goto done;
-
+    PyObject *result = NULL;
+    if (parse_args(args, warm ? "y*y*:spawn_warm" : "y*y*:spawn", &x) < 0)
+        return NULL;
     if (warm) {
         /* a fork of this interpreter: as os.fork() does, with the GIL held
          * (the caller is single-threaded: _warmboot.py) */
         PyOS_BeforeFork();
-        stage_spawn(p, &pp, &out, 1);
+        stage_spawn(x.p, &x.pp, &out, 1);
         if (out.failure == SPAWN_OK && out.pid == 0) {
             PyOS_AfterFork_Child();
             result = Py_None;
@@ -305,50 +364,134 @@ spawn_common(PyObject *args, int warm)
         PyOS_AfterFork_Parent();
     } else {
         Py_BEGIN_ALLOW_THREADS
-        stage_spawn(p, &pp, &out, 0);
+        stage_spawn(x.p, &x.pp, &out, 0);
         Py_END_ALLOW_THREADS
     }
-
-    char name[32];
-    switch (out.failure) {
-    case SPAWN_OK:
+    if (out.failure == SPAWN_OK)
         result = Py_BuildValue("(iii)", out.pid, out.pidfd, out.listener);
-        break;
-    case SPAWN_OSERROR:
-        errno = out.err;
-        PyErr_SetFromErrno(PyExc_OSError);
-        break;
-    case SPAWN_STEP:
-        if (out.step > STEP_NONE && out.step < STEP_COUNT) {
-            setup_error(step_names[out.step], out.err, out.index, NULL);
-        } else {
-            snprintf(name, sizeof name, "step-%d", out.step);
-            setup_error(name, out.err, out.index, NULL);
-        }
-        break;
-    case SPAWN_ID_MAP:
-        snprintf(name, sizeof name, "id-map-%s", out.what);
-        setup_error(name, out.err, -1, out.path);
-        break;
-    case SPAWN_CGROUP:
-        setup_error("cgroup", out.err, -1, "cgroup.procs");
-        break;
-    case SPAWN_TRACK:
-        setup_error("track", out.err, -1, "bpf map");
-        break;
-    case SPAWN_PROTOCOL:
-        setup_error("spawn", EIO, -1, out.what);
-        break;
-    }
+    else
+        spawn_failure(&out);
 done:
-    if (p) {
-        PyMem_Free(p->argv);
-        PyMem_Free(p->envp);
-        PyMem_Free(p);
-    }
-    PyBuffer_Release(&spec_view);
-    PyBuffer_Release(&command_view);
+    parsed_free(&x);
     return result;
+}
+
+/* ---------------------------------------------------------------- a spawn in two halves
+ *
+ * spawn_start(spec, command) -> pending: the clone, the id maps, the child
+ * let go (raises as spawn does for what fails before that). The child then
+ * sets itself up on its own; pending_info(pending) -> (fd, pid): the fd
+ * turns readable when it has exec'd or failed (the pid, unreaped until
+ * finish or abort, may be signalled meanwhile), spawn_finish(pending) -> (pid,
+ * pidfd, listener) its outcome (raises as spawn does), spawn_abort(pending)
+ * SIGKILLs and reaps it. The pending object holds the parsed plan and the
+ * two buffers (the child reads them, in our memory, until its exec): a
+ * pending spawn collected unfinished is aborted first, then freed. */
+
+#define PENDING_CAPSULE "zviz._stage.pending_spawn"
+
+struct pending {
+    struct parsed x;
+    struct spawn_pending pend;
+    int live; /* pend holds a child */
+};
+
+static void
+pending_abort(struct pending *pg)
+{
+    if (pg->live) {
+        pg->live = 0;
+        Py_BEGIN_ALLOW_THREADS
+        stage_spawn_abort(&pg->pend);
+        Py_END_ALLOW_THREADS
+    }
+    parsed_free(&pg->x); /* only now: the child is dead or has exec'd */
+}
+
+static void
+pending_capsule_free(PyObject *cap)
+{
+    struct pending *pg = PyCapsule_GetPointer(cap, PENDING_CAPSULE);
+    if (pg) {
+        pending_abort(pg);
+        PyMem_Free(pg);
+    }
+}
+
+static struct pending *
+pending_of(PyObject *cap)
+{
+    return PyCapsule_GetPointer(cap, PENDING_CAPSULE); /* (raises on another object) */
+}
+
+static PyObject *
+stage_spawn_start_py(PyObject *self, PyObject *args)
+{
+    struct pending *pg = PyMem_Calloc(1, sizeof *pg);
+    struct spawn_result out;
+    if (!pg)
+        return PyErr_NoMemory();
+    if (parse_args(args, "y*y*:spawn_start", &pg->x) < 0) {
+        PyMem_Free(pg);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    stage_spawn_start(pg->x.p, &pg->x.pp, &out, &pg->pend);
+    Py_END_ALLOW_THREADS
+    if (out.failure != SPAWN_OK) {
+        parsed_free(&pg->x);
+        PyMem_Free(pg);
+        return spawn_failure(&out);
+    }
+    pg->live = 1;
+    PyObject *cap = PyCapsule_New(pg, PENDING_CAPSULE, pending_capsule_free);
+    if (!cap) {
+        pending_abort(pg);
+        PyMem_Free(pg);
+    }
+    return cap;
+}
+
+static PyObject *
+stage_pending_info_py(PyObject *self, PyObject *cap)
+{
+    struct pending *pg = pending_of(cap);
+    if (!pg)
+        return NULL;
+    if (!pg->live)
+        return Py_BuildValue("(ii)", -1, -1);
+    return Py_BuildValue("(ii)", pg->pend.errp, pg->pend.pid);
+}
+
+static PyObject *
+stage_spawn_finish_py(PyObject *self, PyObject *cap)
+{
+    struct pending *pg = pending_of(cap);
+    struct spawn_result out;
+    if (!pg)
+        return NULL;
+    if (!pg->live) {
+        PyErr_SetString(PyExc_ValueError, "this spawn was finished or aborted already");
+        return NULL;
+    }
+    pg->live = 0;
+    Py_BEGIN_ALLOW_THREADS
+    stage_spawn_finish(&pg->pend, &out);
+    Py_END_ALLOW_THREADS
+    parsed_free(&pg->x);
+    if (out.failure != SPAWN_OK)
+        return spawn_failure(&out);
+    return Py_BuildValue("(iii)", out.pid, out.pidfd, out.listener);
+}
+
+static PyObject *
+stage_spawn_abort_py(PyObject *self, PyObject *cap)
+{
+    struct pending *pg = pending_of(cap);
+    if (!pg)
+        return NULL;
+    pending_abort(pg);
+    Py_RETURN_NONE;
 }
 
 /* ---------------------------------------------------------------- small calls */
@@ -823,6 +966,12 @@ stage_socketpair_in(PyObject *self, PyObject *args)
 
 static PyMethodDef methods[] = {
     {"spawn", stage_spawn_py, METH_VARARGS, "spawn(spec, command) -> (pid, pidfd, listener): clone, set up, exec."},
+    {"spawn_start", stage_spawn_start_py, METH_VARARGS,
+     "spawn_start(spec, command) -> pending: clone and let go; the child sets up on its own."},
+    {"pending_info", stage_pending_info_py, METH_O,
+     "pending_info(pending) -> (fd readable once the child exec'd or failed, its pid); (-1, -1) when done."},
+    {"spawn_finish", stage_spawn_finish_py, METH_O, "spawn_finish(pending) -> (pid, pidfd, listener)."},
+    {"spawn_abort", stage_spawn_abort_py, METH_O, "spawn_abort(pending): SIGKILL and reap the child."},
     {"spawn_warm", stage_spawn_warm_py, METH_VARARGS,
      "spawn_warm(spec, command) -> (pid, pidfd, listener) in the caller, None in the child: a fork of the caller "
      "that returns inside the sandbox instead of exec (init_fd is placed on fd 6)."},

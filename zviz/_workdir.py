@@ -71,16 +71,19 @@ def base_path(gated: bool = False) -> str:
     return os.path.join(tempfile.gettempdir(), f"zviz-{os.geteuid()}" + ("-walk" if gated else ""))
 
 
-def sandbox_walks(mount_ns: bool, listed: tuple[str, ...]) -> bool:
+def sandbox_walks(mount_ns: bool, listed: tuple[str, ...],
+                  known: dict[str, tuple[bool, str]] | None = None) -> bool:
     """Whether the sandbox will reach its workdir by a path through the
     private parent: without a mount namespace (no new root), or when a listed
     path holds the parent (the whole host for `zviz trace`, or a temp dir
     listed read-write), so that the workdir's mount point inside the new root
-    lies below it. A root caller's workdir is then gated (module docstring)."""
+    lies below it. A root caller's workdir is then gated (module docstring).
+    `known`: `_hostpaths.resolve` of the listed paths, when the caller has it."""
     if not mount_ns:
         return True
     tmp = os.path.realpath(tempfile.gettempdir())
-    known = resolve(listed)
+    if known is None:
+        known = resolve(listed)
     for p in listed:
         real = known[p][1] if p in known else real_path(p)
         if real == "/" or tmp == real or tmp.startswith(real.rstrip("/") + "/"):
