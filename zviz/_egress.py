@@ -372,7 +372,10 @@ class EgressProxy:
     def drain_refusals(self) -> None:
         """Record now what the watchers hold (a run's end: the kernel queued
         the reset of its refused connect before the connect returned, so its
-        denial is counted in that run even if the loop has not woken for it)."""
+        denial is counted in that run even if the loop has not woken for it;
+        the direct way's checks likewise tell the loop before they cut)."""
+        if self.direct is not None:
+            self.direct.drain_outbox()
         for watcher in self._watch:
             self._read_refusals(watcher, 4096)
 

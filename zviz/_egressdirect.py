@@ -56,6 +56,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
+import functools
 import ipaddress
 import os
 import selectors
@@ -337,6 +338,13 @@ class DirectEgress:
         with contextlib.suppress(OSError):
             os.eventfd_write(self._to_loop, 1)
 
+    def drain_outbox(self) -> None:
+        """(the loop) Do now what the thread has told the loop so far: a run's
+        end (Life.process_ended), so that a refusal its program saw is
+        counted in it even if the loop has not woken for the eventfd yet."""
+        while self._outbox:
+            self._outbox.popleft()()
+
     async def _outbox_loop(self) -> None:
         while True:
             try:
@@ -345,8 +353,7 @@ class DirectEgress:
                 return
             with contextlib.suppress(BlockingIOError):
                 os.eventfd_read(self._to_loop)
-            while self._outbox:
-                self._outbox.popleft()()
+            self.drain_outbox()
 
     # ---- the thread
 
@@ -546,8 +553,14 @@ class DirectEgress:
         # follows it: the connection is cut instead. (A program already blocked in recv() when it is
         # refused is woken with EAGAIN, not the end: a quirk of sockets in a sockmap, tcp_bpf_recvmsg;
         # its next call sees the end.)
+        conn = c.conn
+        told = refused
         if refused is not None:
-            _shut(c.sock)  # (before it leaves the gate: a send from then on would reach the server)
+            # the loop hears of it before the program can see the cut (and end: its run's end drains this
+            # outbox, drain_outbox), then the cut, before it leaves the gate: a send from then on would reach
+            # the server
+            self._tell_loop(functools.partial(self._refused_check, conn, refused))
+            _shut(c.sock)
         _stage.gate_remove(self.gate.map_fd, c.key, GATE_SOCKET)
         if refused is None and _pending(c.capture):
             refused = Refused("early-data", "the program sent more before the server answered its first "
@@ -556,11 +569,11 @@ class DirectEgress:
         if lowat is not None:
             with contextlib.suppress(OSError):
                 c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, lowat)
-        conn = c.conn
         if refused is not None:
+            if told is None:  # (early data: found after the gate let it go)
+                self._tell_loop(functools.partial(self._refused_check, conn, refused))
             _shut(c.sock)
             self._release(c)
-            self._tell_loop(lambda: self._refused_check(conn, refused))
             return
         with contextlib.suppress(OSError):
             conn.cookie = struct.unpack("=Q", c.sock.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8))[0]
