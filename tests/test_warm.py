@@ -218,6 +218,26 @@ async def test_the_memory_limit_holds_in_a_warm_snippet():
     assert r.exit_code != 0
 
 
+async def test_a_memory_limit_too_small_for_a_fork_of_the_server_starts_the_snippet_cold():
+    """limits.memory is also RLIMIT_AS, and a warm snippet starts with its
+    server's address space (~3 MB more than a cold interpreter's): at 16 MiB
+    a warm snippet failed in zviz's boot code (MemoryError, a traceback with
+    host paths) where `python3 -c` runs."""
+    import attrs
+
+    p = Policy.python()
+    small = attrs.evolve(p, limits=attrs.evolve(p.limits, memory=16 << 20))
+    flags = "import sys; print(sys.flags.isolated)"  # 1: a fork of the server (-I); 0: python3 -c
+    r = await zviz.run_snippet(flags, small, python=PY)
+    assert (r.exit_code, r.stdout, r.stderr) == (0, b"0\n", b""), r
+    with pytest.raises(zviz.FeatureUnavailable, match=r"limits.memory \(16 MiB\).*RLIMIT_AS"):
+        await zviz.run_snippet(flags, small, python=PY, warm=True)
+    roomy = attrs.evolve(p, limits=attrs.evolve(p.limits, memory=64 << 20))
+    r = await zviz.run_snippet(flags, roomy, python=PY)
+    assert (r.exit_code, r.stdout) == (0, b"1\n"), r  # still warm
+    assert all(s.users == 0 for s in _servers())  # (the refusal gave its server back)
+
+
 async def test_the_policys_filter_and_landlock_hold_in_a_warm_snippet():
     code = textwrap.dedent(f"""
         import ctypes, errno, os
