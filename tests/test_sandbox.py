@@ -65,6 +65,22 @@ async def test_signal_semantics_are_a_normal_process():
 
 
 @pytest.mark.trio
+@pytest.mark.parametrize("zygote", [True, False], ids=["zygote", "one-spawn"])
+async def test_a_signal_sent_right_after_the_start_reaches_the_program(zygote):
+    """The program is its zviz-init's child, forked ~0.1-0.3 ms after the host
+    has the start's pidfd: a terminate() then found no program and did
+    nothing (7 of 30 here), and the program slept on."""
+    from zviz._sandbox import _open_sandbox
+
+    for _ in range(30):
+        async with _open_sandbox(PYP, zygote=zygote) as sb:
+            p = await sb.start(["/bin/sleep", "30"], stdin=False, stdout=False, stderr=False)
+            p.terminate()
+            with trio.fail_after(5):
+                assert await p.wait() == -signal.SIGTERM
+
+
+@pytest.mark.trio
 async def test_denials_are_results_and_events():
     async with zviz.open_sandbox(PYP) as sb:
         r = await sb.run(["python3", "-c",

@@ -23,6 +23,7 @@ import signal
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -368,15 +369,26 @@ def _stat_fields(pid: int) -> list[bytes] | None:
     return data[data.rindex(b")") + 2:].split()  # field 3 (state) onwards
 
 
-def child_pidfd(parent: int, parent_pidfd: OwnedFd) -> tuple[OwnedFd, int] | None:
+def child_pidfd(parent: int, parent_pidfd: OwnedFd, wait_s: float = 0.0) -> tuple[OwnedFd, int] | None:
     """A pidfd of the first-started child of `parent` (a zviz-init: its child is
     the program; later children are orphans of the run it adopted) and that
-    child's pid in its own (innermost) pid namespace; None if it has none.
+    child's pid in its own (innermost) pid namespace; None if it has none
+    (after up to `wait_s` of looking again while `parent` lives: a zviz-init
+    forks its program ~0.1-0.3 ms after the host has its pidfd).
 
     Race-free against pid reuse: the child's pidfd is opened first, then its
     /proc entry read, then both it and its parent checked alive: a process
     alive before and after the read was the one /proc showed, and its parent
     (whose pidfd we hold) cannot have been replaced while alive."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        found = _child_pidfd(parent, parent_pidfd)
+        if found is not None or time.monotonic() >= deadline or pidfd_exited(parent_pidfd):
+            return found
+        time.sleep(0.0002)  # (a bounded wait, on the loop's thread: only in this race, and ~0.3 ms)
+
+
+def _child_pidfd(parent: int, parent_pidfd: OwnedFd) -> tuple[OwnedFd, int] | None:
     if parent <= 0:
         return None
     try:

@@ -28,6 +28,8 @@ from ._proxy import Collector, FdReceiveStream, FdSendStream, Pacer
 from ._records import RunResult, Tally, cpu_limit
 from ._supervisor import RunAccount
 
+PROGRAM_WAIT_S = 0.05  # how long a signal waits for the program's zviz-init to fork it (~0.1-0.3 ms)
+
 
 @attrs.frozen
 class Hooks:
@@ -152,8 +154,7 @@ class Process:
 
     @property
     def pid_in_sandbox(self) -> int | None:
-        """The program's pid as the sandbox sees it (`os.getpid()` inside);
-        None once it has exited."""
+        """The program's pid as the sandbox sees it (`os.getpid()` inside); None once it has exited."""
         found = self._program()
         if found is None:
             return None
@@ -162,11 +163,10 @@ class Process:
         return nspid
 
     def _program(self) -> tuple[OwnedFd, int] | None:
-        """A pidfd of the program (the child of its zviz-init) and its pid in
-        the sandbox, or None when it is gone."""
-        if self._status is not None or self._pidfd.closed:
-            return None
-        return _kernel.child_pidfd(self.pid, self._pidfd)
+        """A pidfd of the program (its zviz-init's child; not forked yet right after the start: looked for
+        again for a while, a signal sent then was dropped) and its pid in the sandbox; None when gone."""
+        live = self._status is None and not self._pidfd.closed
+        return _kernel.child_pidfd(self.pid, self._pidfd, wait_s=PROGRAM_WAIT_S) if live else None
 
     def send_signal(self, sig: int) -> None:
         """Send `sig` to the program (not to the zviz-init that runs it).
