@@ -1,0 +1,102 @@
+"""Review of the stage spawn in two halves (zviz/_stage.c stage_spawn_start /
+finish, _kernel.PendingSpawn): what changed now that the parent goes on (and
+starts other spawns) while a child sets itself up in its memory."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="needs pidfd (Linux 5.3+)")
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _status(pid: int) -> dict[str, str]:
+    out = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                k, _, v = line.partition(":")
+                out[k] = v.strip()
+    except OSError:
+        pass
+    return out
+
+
+# Two sandboxes open together in one process: the first's zygote child is
+# stopped half-way through its set-up (before its session step, where it sets
+# its parent-death signal and checks that its parent still lives), the
+# second's is started (and stopped) meanwhile, and the process dies.
+_DYING_PARENT = textwrap.dedent("""
+    import os, signal, sys
+    import anyio, zviz
+    from zviz import _kernel, _stage
+
+    zviz.set_pool_size(0)
+    real, pids = _kernel.start_spawn, []
+
+    def stopped(*a, **kw):
+        p = real(*a, **kw)
+        pid = _stage.pending_info(p._pending)[1]
+        os.kill(pid, signal.SIGSTOP)
+        pids.append(pid)
+        if len(pids) == 2:
+            print(*pids, flush=True)
+            os._exit(0)
+        return p
+
+    _kernel.start_spawn = stopped
+
+    async def one():
+        async with zviz.open_sandbox(zviz.Policy.python()):
+            await anyio.sleep(30)
+
+    async def main():
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(one)
+            tg.start_soon(one)
+
+    anyio.run(main)
+""")
+
+
+def test_a_child_whose_parent_died_before_its_session_step_does_not_run_on(tmp_path):
+    """step_session: a parent dead before PR_SET_PDEATHSIG would never send
+    the signal, so the child checks that its parent lives (the go pipe's
+    hang-up). With spawns pending together, a later child holds a copy of an
+    earlier one's go pipe (the fd table is copied at clone) until its own
+    exec: the earlier child saw no hang-up and ran on as an orphan, its
+    sandbox's supervisor gone (no time limit, nobody to close it)."""
+    env = dict(os.environ, TMPDIR=str(tmp_path), PYTHONPATH=REPO)
+    with open(tmp_path / "out", "w+") as out:  # (a file: the stopped children hold copies of its fd)
+        subprocess.run([sys.executable, "-c", _DYING_PARENT], env=env, stdout=out, timeout=60, cwd=REPO)
+        out.seek(0)
+        first, second = (int(x) for x in out.read().split())
+    try:
+        st = _status(first)
+        if st.get("State", "").startswith("T") is False or st.get("NoNewPrivs") != "0":
+            pytest.skip(f"the first child was not stopped before its session step: {st.get('State')}")
+        os.kill(first, signal.SIGCONT)  # the second stays stopped, holding the first's go pipe
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            st = _status(first)
+            if not st or st["State"].startswith(("Z", "X")):
+                break  # refused: it died at its session step
+            if st.get("NoNewPrivs") == "1":
+                pytest.fail("an orphaned child went on setting up its sandbox (past its session step)")
+            time.sleep(0.01)
+        else:
+            pytest.fail(f"the first child neither died nor went on: {st}")
+    finally:
+        for pid in (first, second):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
