@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 
@@ -74,7 +75,7 @@ def test_a_child_whose_parent_died_before_its_session_step_does_not_run_on(tmp_p
     earlier one's go pipe (the fd table is copied at clone) until its own
     exec: the earlier child saw no hang-up and ran on as an orphan, its
     sandbox's supervisor gone (no time limit, nobody to close it)."""
-    env = dict(os.environ, TMPDIR=str(tmp_path), PYTHONPATH=REPO)
+    env = dict(os.environ, TMPDIR=tempfile.gettempdir(), PYTHONPATH=REPO)
     with open(tmp_path / "out", "w+") as out:  # (a file: the stopped children hold copies of its fd)
         subprocess.run([sys.executable, "-c", _DYING_PARENT], env=env, stdout=out, timeout=60, cwd=REPO)
         out.seek(0)
@@ -100,3 +101,45 @@ def test_a_child_whose_parent_died_before_its_session_step_does_not_run_on(tmp_p
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        from zviz import _workdir
+
+        _workdir.sweep()  # the dead host's workdirs (zviz gc)
+
+
+def test_a_kill_from_another_thread_meets_the_pending_set_changing(monkeypatch):
+    """Runner.kill() runs from any thread (a sandbox collected elsewhere:
+    _lifecycle.collected, "a signal is safe from any thread"), while the
+    loop's tasks add and remove pending spawns: its loop over them must not
+    fail half-way (RuntimeError: set changed size during iteration), which
+    left the close request unsent. The loop thread's step is simulated at
+    the moment a thread switch can put it: inside the loop, after one kill."""
+    import trio
+
+    import zviz
+    from zviz import _kernel, _sandbox
+
+    async def main():
+        zviz.set_pool_size(0)
+        sb = await _sandbox._create(zviz.Policy.python())
+        runner = sb._runner
+        for _ in range(50):  # the service task starts the zygote's spawn in a step or two
+            if runner._pending:
+                break
+            await trio.lowlevel.checkpoint()
+        if not runner._pending:
+            await sb.aclose()
+            pytest.skip("the zygote's spawn was not pending")
+        real = _kernel.PendingSpawn.kill
+
+        def kill(self):
+            real(self)
+            runner._pending.discard(self)  # the spawning task's `finally`, on the loop thread meanwhile
+
+        monkeypatch.setattr(_kernel.PendingSpawn, "kill", kill)
+        try:
+            runner.kill()
+        finally:
+            monkeypatch.undo()
+            await sb.aclose()
+
+    trio.run(main)
