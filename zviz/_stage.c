@@ -109,6 +109,12 @@ struct mount_attr {
 #ifndef SYS_pidfd_open
 #define SYS_pidfd_open 434
 #endif
+#ifndef SYS_pidfd_send_signal
+#define SYS_pidfd_send_signal 424
+#endif
+#ifndef P_PIDFD
+#define P_PIDFD 3
+#endif
 /* openat2 (<linux/openat2.h> needs kernel headers >= 5.6) */
 struct zviz_open_how {
     uint64_t flags, mode, resolve;
@@ -886,6 +892,30 @@ stage_spawn_start(struct plan *p, const struct parent_plan *pp, struct spawn_res
     spawn_start(p, pp, out, pend, 0);
 }
 
+/* A pending child is named by its pidfd, never by its number: something
+ * else may have reaped it (a host program's own waitpid(-1), _process.py),
+ * and the number then be another process's, which a kill would hit and a
+ * waitpid wait for. Reaped here, or by that other: dead either way (its
+ * stack and plan are ours again). */
+static void
+pending_reap(const struct spawn_pending *pend)
+{
+    siginfo_t si;
+    int r;
+    do {
+        r = waitid((idtype_t)P_PIDFD, (id_t)pend->pidfd, &si, WEXITED);
+    } while (r < 0 && errno == EINTR);
+    if (r < 0 && errno == EINVAL) /* (no P_PIDFD before Linux 5.4) */
+        waitpid(pend->pid, NULL, 0);
+}
+
+void
+stage_spawn_kill(const struct spawn_pending *pend)
+{
+    if (pend->pid > 0)
+        syscall(SYS_pidfd_send_signal, pend->pidfd, SIGKILL, NULL, 0);
+}
+
 static void
 pending_release(struct spawn_pending *pend)
 {
@@ -917,7 +947,7 @@ stage_spawn_finish(struct spawn_pending *pend, struct spawn_result *out)
     } while (got < 0 && errno == EINTR);
     if (got != 0) {
         /* The child reported a failed step and exits 127: reap it here. */
-        waitpid(pend->pid, NULL, 0);
+        pending_reap(pend);
         if (got == (ssize_t)sizeof ce) {
             out->failure = SPAWN_STEP;
             out->step = ce.step;
@@ -946,8 +976,8 @@ void
 stage_spawn_abort(struct spawn_pending *pend)
 {
     if (pend->pid > 0) {
-        kill(pend->pid, SIGKILL);
-        waitpid(pend->pid, NULL, 0);
+        stage_spawn_kill(pend);
+        pending_reap(pend);
     }
     pending_release(pend);
 }

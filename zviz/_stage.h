@@ -116,6 +116,8 @@ void stage_spawn_start(struct plan *p, const struct parent_plan *pp, struct spaw
                        struct spawn_pending *pend);
 void stage_spawn_finish(struct spawn_pending *pend, struct spawn_result *out);
 void stage_spawn_abort(struct spawn_pending *pend);
+/* SIGKILL a pending child (by its pidfd), nothing else: finish or abort reaps it. */
+void stage_spawn_kill(const struct spawn_pending *pend);
 
 /* SIGKILL every process of `uid` (a sandbox's own host uid) by kill(-1) from
  * a helper that takes it: 1 if any, 0 if none, -errno. Without the GIL. */

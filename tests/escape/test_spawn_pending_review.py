@@ -143,3 +143,56 @@ def test_a_kill_from_another_thread_meets_the_pending_set_changing(monkeypatch):
             await sb.aclose()
 
     trio.run(main)
+
+
+# Run as pid 1 of a pid namespace of its own (unshare), where the next pid
+# can be chosen (ns_last_pid): a pending spawn's child fails at its exec and
+# is reaped by someone else (a host program's own waitpid(-1): _process.py
+# allows for one), its pid goes to another child of the host, and zviz then
+# kills, aborts or finishes the pending spawn.
+_REUSED_PID = textwrap.dedent("""
+    import os, subprocess, sys, time
+    from zviz import _kernel, _stage
+    from zviz._spec import Command, StageSpec
+
+    how = sys.argv[1]
+    null = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
+    cmd = Command(exe=b"/nonexistent/zviz", argv=(b"x",), envp=(), cwd=b"/", stdin=null, stdout=null,
+                  stderr=null)
+    pending = _stage.spawn_start(StageSpec().pack(), cmd.pack())
+    _fd, pid = _stage.pending_info(pending)
+    os.waitpid(pid, 0)  # the other reaper
+    with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+        f.write(str(pid - 1))
+    other = subprocess.Popen(["sleep", "10"])
+    assert other.pid == pid, (other.pid, pid)
+    if how == "kill":
+        _kernel.PendingSpawn(pending, StageSpec(), cmd).kill()
+    elif how == "abort":
+        _stage.spawn_abort(pending)
+    else:
+        try:
+            _stage.spawn_finish(pending)
+        except _stage.SetupError:
+            pass
+    time.sleep(0.1)
+    print("alive" if other.poll() is None else f"killed {other.returncode}", flush=True)
+    other.kill()
+""")
+
+
+@pytest.mark.parametrize("how", ["kill", "abort", "finish"])
+def test_a_pending_spawn_never_signals_or_waits_for_a_pid_it_no_longer_owns(how):
+    """A pending spawn's child is named by its pidfd, not its number: once
+    something else reaped it, its number may be another process's, which
+    kill() or abort() SIGKILLed (an unrelated child of the host), and which
+    finish() waited for (the event loop blocked until that one ended)."""
+    if os.geteuid() != 0 or not os.path.exists("/usr/bin/unshare"):
+        pytest.skip("needs root and unshare (a pid namespace whose next pid can be chosen)")
+    env = dict(os.environ, PYTHONPATH=REPO)
+    try:
+        out = subprocess.run(["unshare", "--pid", "--fork", "--kill-child", "--mount-proc", sys.executable, "-c",
+                              _REUSED_PID, how], env=env, capture_output=True, timeout=5, cwd=REPO, text=True)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{how}: blocked waiting for the process that took the reaped child's pid")
+    assert out.stdout.strip() == "alive", (out.stdout, out.stderr[-2000:])
