@@ -222,10 +222,8 @@ class PendingSpawn:
         self._pending, self._stage, self._command = pending, stage, command
 
     def kill(self) -> None:
-        _fd, pid = _stage.pending_info(self._pending)
-        if pid > 0:  # (not reaped before finish or abort: the pid is still this child's)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        # by its pidfd: something else may have reaped it (a host's waitpid(-1)), its number another's now
+        _stage.pending_kill(self._pending)
 
     async def wait(self) -> Spawned:
         fd, _pid = _stage.pending_info(self._pending)

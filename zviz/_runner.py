@@ -374,7 +374,7 @@ class Runner:
         self._closing = True
         if self.zygote is not None:
             self.zygote.kill()
-        for pending in self._pending:
+        for pending in tuple(self._pending):  # (a copy: a finalizer calls this from any thread, as tasks change it)
             pending.kill()
 
     async def reap(self) -> None:

@@ -106,6 +106,15 @@ struct mount_attr {
 #ifndef SYS_openat2
 #define SYS_openat2 437
 #endif
+#ifndef SYS_pidfd_open
+#define SYS_pidfd_open 434
+#endif
+#ifndef SYS_pidfd_send_signal
+#define SYS_pidfd_send_signal 424
+#endif
+#ifndef P_PIDFD
+#define P_PIDFD 3
+#endif
 /* openat2 (<linux/openat2.h> needs kernel headers >= 5.6) */
 struct zviz_open_how {
     uint64_t flags, mode, resolve;
@@ -451,8 +460,12 @@ step_session(struct child *c)
         CHECK(R0(SYS_setsid), STEP_SETSID, -1);
     if (p->pdeathsig) {
         CHECK(R2(SYS_prctl, PR_SET_PDEATHSIG, p->pdeathsig), STEP_PDEATHSIG, -1);
-        struct pollfd pf = {p->go_r, POLLIN, 0};
-        if (R3(SYS_poll, &pf, 1, 0) > 0 && (pf.revents & (POLLHUP | POLLERR)))
+        /* The hang-up alone is not enough: a child spawned while we set up
+         * (spawns overlap: stage_spawn_start) holds a copy of the go pipe's
+         * write end until its own exec. A pidfd of the parent process turns
+         * readable at its death whoever holds what (-1: no pidfd_open). */
+        struct pollfd pf[2] = {{p->go_r, POLLIN, 0}, {p->parent_pidfd, POLLIN, 0}};
+        if (R3(SYS_poll, pf, 2, 0) > 0 && ((pf[0].revents & (POLLHUP | POLLERR)) || (pf[1].revents & POLLIN)))
             child_fail(c, STEP_PDEATHSIG, -ESRCH, -1);
     }
 }
@@ -879,6 +892,30 @@ stage_spawn_start(struct plan *p, const struct parent_plan *pp, struct spawn_res
     spawn_start(p, pp, out, pend, 0);
 }
 
+/* A pending child is named by its pidfd, never by its number: something
+ * else may have reaped it (a host program's own waitpid(-1), _process.py),
+ * and the number then be another process's, which a kill would hit and a
+ * waitpid wait for. Reaped here, or by that other: dead either way (its
+ * stack and plan are ours again). */
+static void
+pending_reap(const struct spawn_pending *pend)
+{
+    siginfo_t si;
+    int r;
+    do {
+        r = waitid((idtype_t)P_PIDFD, (id_t)pend->pidfd, &si, WEXITED);
+    } while (r < 0 && errno == EINTR);
+    if (r < 0 && errno == EINVAL) /* (no P_PIDFD before Linux 5.4) */
+        waitpid(pend->pid, NULL, 0);
+}
+
+void
+stage_spawn_kill(const struct spawn_pending *pend)
+{
+    if (pend->pid > 0)
+        syscall(SYS_pidfd_send_signal, pend->pidfd, SIGKILL, NULL, 0);
+}
+
 static void
 pending_release(struct spawn_pending *pend)
 {
@@ -910,7 +947,7 @@ stage_spawn_finish(struct spawn_pending *pend, struct spawn_result *out)
     } while (got < 0 && errno == EINTR);
     if (got != 0) {
         /* The child reported a failed step and exits 127: reap it here. */
-        waitpid(pend->pid, NULL, 0);
+        pending_reap(pend);
         if (got == (ssize_t)sizeof ce) {
             out->failure = SPAWN_STEP;
             out->step = ce.step;
@@ -939,8 +976,8 @@ void
 stage_spawn_abort(struct spawn_pending *pend)
 {
     if (pend->pid > 0) {
-        kill(pend->pid, SIGKILL);
-        waitpid(pend->pid, NULL, 0);
+        stage_spawn_kill(pend);
+        pending_reap(pend);
     }
     pending_release(pend);
 }
@@ -952,7 +989,7 @@ spawn_start(struct plan *p, const struct parent_plan *pp, struct spawn_result *o
     const size_t stack_size = SPAWN_STACK_SIZE;
     void *stack = MAP_FAILED;
     int go[2] = {-1, -1}, errp[2] = {-1, -1}, sv[2] = {-1, -1};
-    int pidfd = -1;
+    int pidfd = -1, self_pidfd = -1;
     pid_t pid = -1;
     int host_ns = -1, in_blank = 0;
 
@@ -969,6 +1006,8 @@ spawn_start(struct plan *p, const struct parent_plan *pp, struct spawn_result *o
         goto oserror;
     p->go_r = go[0];
     p->go_w = go[1];
+    /* (ours closed at once after the clone: the child's copy is its own) */
+    p->parent_pidfd = self_pidfd = p->pdeathsig ? (int)syscall(SYS_pidfd_open, getpid(), 0) : -1;
     p->err_w = errp[1];
     p->listener_sock = sv[1];
     /* cgroup v1: the child joins by itself (step_cgroup); v2: we put it in. */
@@ -1058,6 +1097,10 @@ spawn_start(struct plan *p, const struct parent_plan *pp, struct spawn_result *o
     }
     close(go[0]);
     go[0] = -1;
+    if (self_pidfd >= 0) { /* (not p's: the child copies the plan as it starts, and p stays as it was) */
+        close(self_pidfd);
+        self_pidfd = -1;
+    }
     close(errp[1]);
     errp[1] = -1;
     if (sv[1] >= 0) {
@@ -1124,6 +1167,8 @@ cleanup:
     }
     if (pidfd >= 0)
         close(pidfd);
+    if (self_pidfd >= 0)
+        close(self_pidfd);
     if (stack != MAP_FAILED)
         munmap(stack, stack_size);
 }

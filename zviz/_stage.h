@@ -23,6 +23,7 @@ struct plan {
     int init_fd;   /* O_PATH fd of zviz-init, exec'd by fd (-1: exec exe directly) */
     int status_fd; /* placed on STATUS_FD */
     int go_r, go_w, err_w, listener_sock; /* filled in by stage_spawn */
+    int parent_pidfd; /* filled in by stage_spawn: a pidfd of the caller's process (-1: none), for step_session */
     int cgroup_tasks_fd; /* filled in by stage_spawn: a v1 memory cgroup's `tasks`, joined by the child (-1: none) */
     int mount_ns, mount_proc, loopback_up, setsid, creds_late, new_root;
     const char *staging;
@@ -115,6 +116,8 @@ void stage_spawn_start(struct plan *p, const struct parent_plan *pp, struct spaw
                        struct spawn_pending *pend);
 void stage_spawn_finish(struct spawn_pending *pend, struct spawn_result *out);
 void stage_spawn_abort(struct spawn_pending *pend);
+/* SIGKILL a pending child (by its pidfd), nothing else: finish or abort reaps it. */
+void stage_spawn_kill(const struct spawn_pending *pend);
 
 /* SIGKILL every process of `uid` (a sandbox's own host uid) by kill(-1) from
  * a helper that takes it: 1 if any, 0 if none, -errno. Without the GIL. */

@@ -143,6 +143,9 @@ def spawn_finish(pending: PendingSpawn, /) -> tuple[int, int, int]:
 def spawn_abort(pending: PendingSpawn, /) -> None:
     """SIGKILL and reap the child; idempotent."""
 
+def pending_kill(pending: PendingSpawn, /) -> None:
+    """SIGKILL the child by its pidfd (finish or abort reaps it); nothing once done."""
+
 def spawn_warm(spec: bytes, command: bytes, /) -> tuple[int, int, int] | None:
     """As spawn, but the child is a fork of this (single-threaded) interpreter
     that returns None inside the sandbox instead of exec'ing; the parent gets

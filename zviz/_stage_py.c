@@ -485,6 +485,17 @@ stage_spawn_finish_py(PyObject *self, PyObject *cap)
 }
 
 static PyObject *
+stage_pending_kill_py(PyObject *self, PyObject *cap)
+{
+    struct pending *pg = pending_of(cap);
+    if (!pg)
+        return NULL;
+    if (pg->live)
+        stage_spawn_kill(&pg->pend);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
 stage_spawn_abort_py(PyObject *self, PyObject *cap)
 {
     struct pending *pg = pending_of(cap);
@@ -972,6 +983,8 @@ static PyMethodDef methods[] = {
      "pending_info(pending) -> (fd readable once the child exec'd or failed, its pid); (-1, -1) when done."},
     {"spawn_finish", stage_spawn_finish_py, METH_O, "spawn_finish(pending) -> (pid, pidfd, listener)."},
     {"spawn_abort", stage_spawn_abort_py, METH_O, "spawn_abort(pending): SIGKILL and reap the child."},
+    {"pending_kill", stage_pending_kill_py, METH_O,
+     "pending_kill(pending): SIGKILL the child by its pidfd (finish or abort reaps it); nothing once done."},
     {"spawn_warm", stage_spawn_warm_py, METH_VARARGS,
      "spawn_warm(spec, command) -> (pid, pidfd, listener) in the caller, None in the child: a fork of the caller "
      "that returns inside the sandbox instead of exec (init_fd is placed on fd 6)."},
