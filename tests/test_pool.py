@@ -419,3 +419,44 @@ async def test_warm_snippets_take_pooled_sandboxes_without_a_zygote(pool_size):
         assert ready.closed and ready not in pool.ready[(policy, False)]  # handed out once, closed after
         taken.append(ready)
     assert len({id(sb) for sb in taken}) == 3
+
+
+@pytest.mark.trio
+async def test_a_caller_during_a_refill_takes_the_sandbox_being_made(pool_size, monkeypatch):
+    """A refill no longer holds the loop while its zygote sets up (round 15):
+    a caller that comes then finds nothing ready. It waits for the sandbox
+    being made (it started earlier: it is up sooner than the caller's own
+    would be) instead of making one; before, the refill's spawn held it."""
+    pool_size(1)
+    policy = zviz.Policy.python()
+    pool = _pool.current()
+    assert pool is not None
+    real = _pool.make
+    in_make = trio.Event()
+
+    async def slow(policy, zygote=True):
+        in_make.set()
+        sb = await real(policy, zygote)
+        await trio.sleep(0.002)  # (a refill's last moments: the caller comes in meanwhile)
+        return sb
+
+    monkeypatch.setattr(_pool, "make", slow)
+    async with zviz.open_sandbox(policy) as first:  # a miss: the pool starts, and fills behind it
+        assert (await first.run(["true"])).exit_code == 0
+    with trio.fail_after(20):
+        await in_make.wait()
+    assert not pool.ready.get((policy, True)) and (policy, True) in pool.making
+    made_before = pool.made
+    created = []
+    from zviz import _sandbox
+
+    real_prepare = _sandbox._prepare
+
+    def counting(*a, **kw):
+        created.append(kw.get("warn"))
+        return real_prepare(*a, **kw)
+
+    monkeypatch.setattr(_sandbox, "_prepare", counting)
+    async with zviz.open_sandbox(policy) as sb:
+        assert pool.made == made_before + 1 and created in ([], [False])  # the pool's make, not a sandbox of its own
+        assert (await sb.run(["true"])).exit_code == 0

@@ -71,6 +71,11 @@ BACKOFF_MAX_S = 30.0
 # is ~3 ms of work on the loop's thread, which must not delay a caller's
 # running command (in a loop that is never idle, callers make their own).
 IDLE_S = 0.002
+# A caller that finds no ready sandbox while one of its policy is being made
+# waits this long for it: the refill started earlier and ends sooner than a
+# sandbox the caller would make (~3-5 ms). (Before round 15 the refill's spawn
+# held the loop, so such a caller waited for it anyway.)
+REFILL_WAIT_S = 0.005
 
 class _Settings:
     size: int | None = None  # set_pool_size's; None: the environment's
@@ -128,6 +133,7 @@ class Pool:
         self.stamps: weakref.WeakKeyDictionary[Sandbox, tuple[object, ...]] = (
             weakref.WeakKeyDictionary())  # what its host paths were when it was made
         self.stale: list[Sandbox] = []  # taken out (a host path changed since), for the pool's task to close
+        self.making: dict[Key, anyio.Event] = {}  # a refill in flight: set once it is ready (or failed)
 
     def wake_from_anywhere(self) -> None:
         """Wake the pool's task from any thread (its loop's, another one's)."""
@@ -223,6 +229,7 @@ class Pool:
                 if self._next()[0] != key:
                     continue  # the size or the room changed meanwhile
                 before = stamp(key[0])  # (before: a change while it is made is caught at take)
+                self.making[key] = making = anyio.Event()
                 try:
                     sb = await make(*key)
                 except Exception as e:  # noqa: BLE001 - kept, reported to the next caller, retried later
@@ -232,10 +239,14 @@ class Pool:
                     f.reported = False
                     f.until = anyio.current_time() + min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** (f.count - 1))
                     continue
-                self.failures.pop(key, None)
-                self.made += 1
-                self.stamps[sb] = before
-                self.ready[key].append(sb)
+                else:
+                    self.failures.pop(key, None)
+                    self.made += 1
+                    self.stamps[sb] = before
+                    self.ready[key].append(sb)
+                finally:
+                    del self.making[key]
+                    making.set()
                 await anyio.lowlevel.checkpoint()
         finally:
             self.closed = True
@@ -333,9 +344,24 @@ def current(create: bool = True) -> Pool | None:
     return pool
 
 
+async def take_soon(policy: Policy, zygote: bool = True) -> Sandbox | None:
+    """`open_sandbox`'s hook: `take`, or, when none is ready but one of that
+    policy and kind is being made, that one once it is (up to REFILL_WAIT_S)."""
+    sb = take(policy, zygote)
+    if sb is not None:
+        return sb
+    pool = current(create=False)
+    making = pool.making.get((policy, zygote)) if pool is not None else None
+    if pool is None or making is None:
+        return None
+    with anyio.move_on_after(REFILL_WAIT_S):
+        await making.wait()
+    return pool.take(policy, zygote) if making.is_set() else None
+
+
 def take(policy: Policy, zygote: bool = True) -> Sandbox | None:
-    """`open_sandbox`'s hook: a ready sandbox of `policy` (with a zygote or
-    without) from this loop's pool, or None."""
+    """A ready sandbox of `policy` (with a zygote or without) from this
+    loop's pool, or None."""
     if pool_size() <= 0:
         pool = current(create=False)
         if pool is not None and any(pool.ready.values()):

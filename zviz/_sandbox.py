@@ -713,7 +713,7 @@ async def _create(policy: Policy | None = None, *, workdir: str | os.PathLike[st
     if (use_pool and not pooled and workdir is None and template is None and not keep_workdir and not monitor
             and trace is None):
         # a pre-started sandbox of exactly this policy and kind (only what a fresh one would be)
-        ready = _pool.take(policy, zygote=bool(zygote) or one_command)
+        ready = await _pool.take_soon(policy, zygote=bool(zygote) or one_command)
         if ready is not None:
             if ready._degraded:
                 _warn_degraded(ready._degraded, stacklevel=4)
