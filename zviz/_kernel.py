@@ -225,6 +225,10 @@ class PendingSpawn:
         # by its pidfd: something else may have reaped it (a host's waitpid(-1)), its number another's now
         _stage.pending_kill(self._pending)
 
+    def abort(self) -> None:
+        """SIGKILL and reap it now (idempotent): a spawn nobody will wait for."""
+        _stage.spawn_abort(self._pending)
+
     async def wait(self) -> Spawned:
         fd, _pid = _stage.pending_info(self._pending)
         try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import socket
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
@@ -98,6 +99,8 @@ class Runner:
         self._pending: set[_kernel.PendingSpawn] = set()
         self._pending_gone: anyio.Event | None = None
         self._zygote_starting: anyio.Event | None = None  # set when a zygote's spawn has ended either way
+        # a zygote spawn begun before the sandbox's tasks run (begin_zygote), and our end of its socket
+        self._zygote_begun: tuple[_kernel.PendingSpawn, socket.socket] | None = None
         self._dropping: anyio.Event | None = None  # set while drop_zygote reaps a zygote (reap() waits for it)
 
     @property
@@ -150,10 +153,16 @@ class Runner:
     async def _spawn_stage(self, stage: StageSpec, packed: bytes, cmd: _spec.Command) -> _kernel.Spawned:
         """One spawn of the stage, the loop free while its child sets up. A
         close meanwhile kills it (kill()); it is then reaped here, not returned."""
+        return await self._finish_stage(self._start_stage(stage, packed, cmd))
+
+    def _start_stage(self, stage: StageSpec, packed: bytes, cmd: _spec.Command) -> _kernel.PendingSpawn:
         if self._closing:
             raise SandboxClosedError("the sandbox was closed while a command was being started in it")
         pending = _kernel.start_spawn(stage, packed, cmd)
         self._pending.add(pending)
+        return pending
+
+    async def _finish_stage(self, pending: _kernel.PendingSpawn) -> _kernel.Spawned:
         try:
             spawned = await pending.wait()
         except SandboxSetupError:
@@ -257,7 +266,16 @@ class Runner:
             self._zygote_starting = None
             starting.set()
 
-    async def _spawn_zygote_now(self, supervisor: Supervisor) -> None:
+    def begin_zygote(self) -> None:
+        """Start the zygote's spawn now, before the sandbox's tasks run (its
+        child sets itself up meanwhile: ~1.2 ms); the first `_spawn_zygote`
+        finishes it. A failure here is left to that one, which spawns again."""
+        if not self.use_zygote or self.zygote is not None or self._zygote_begun is not None or self._closing:
+            return
+        with contextlib.suppress(Exception):
+            self._zygote_begun = self._start_zygote()
+
+    def _start_zygote(self) -> tuple[_kernel.PendingSpawn, socket.socket]:
         ours, theirs = _zygote.control_pair()
         try:
             stage = self._zygote_stage if self._zygote_stage is not None else _plan.zygote_stage_spec(self._stage)
@@ -266,12 +284,21 @@ class Runner:
             track = (map_fd, value | _SKIP_EXEC) if map_fd >= 0 else self._track  # counted from the program's exec
             cmd = _plan.zygote_command(self._plan, stage, ctrl_fd=theirs.fd, devnull=self._devnull.fd,
                                        init_fd=self._init_fd, track=track, cgroup_fd=self._cgroup_fd)
-            spawned = await self._spawn_stage(stage, packed, cmd)
+            return self._start_stage(stage, packed, cmd), ours
         except BaseException:
             ours.close()
             raise
         finally:
-            theirs.close()
+            theirs.close()  # (the child has its copy, from the clone)
+
+    async def _spawn_zygote_now(self, supervisor: Supervisor) -> None:
+        begun, self._zygote_begun = self._zygote_begun, None
+        pending, ours = begun if begun is not None else self._start_zygote()
+        try:
+            spawned = await self._finish_stage(pending)
+        except BaseException:
+            ours.close()
+            raise
         self.zygote = _zygote.Zygote(spawned.pid, spawned.pidfd, ours)
         if self.on_zygote is not None:  # before any command runs in its namespaces
             try:
@@ -383,6 +410,7 @@ class Runner:
         and reaped every other task of the namespace (zap_pid_ns_processes):
         when this returns, no process of the sandbox exists any more."""
         self._closing = True
+        self._drop_begun()  # (not finished by a task: nobody would reap it)
         while self._pending:  # killed by kill(): their spawning tasks reap them
             self._pending_gone = anyio.Event()
             await self._pending_gone.wait()
@@ -408,6 +436,17 @@ class Runner:
         self._settle_provisional()
         self._devnull.close()
 
+    def _drop_begun(self) -> None:
+        """A zygote spawn that begin_zygote began and no task took on (the
+        sandbox closed first): killed (kill() did) and reaped here."""
+        begun, self._zygote_begun = self._zygote_begun, None
+        if begun is not None:
+            self._pending.discard(begun[0])
+            begun[0].abort()
+            begun[1].close()
+            if not self._pending and self._pending_gone is not None:
+                self._pending_gone.set()
+
     def _drop_mnt_ns(self) -> None:
         if self._mnt_ns is not None:
             ns, self._mnt_ns = self._mnt_ns, None
@@ -418,6 +457,7 @@ class Runner:
     def close(self) -> None:
         """The sandbox failed before it ran anything (or, idempotent, the
         last step of any teardown)."""
+        self._drop_begun()
         self._drop_mnt_ns()
         self._devnull.close()
 

@@ -763,6 +763,8 @@ async def _create(policy: Policy | None = None, *, workdir: str | os.PathLike[st
             with anyio.CancelScope(shield=True):
                 await resources.release()
             raise
+        if not monitor:  # (a monitor tracks the zygote from its first instruction: spawned once it is attached)
+            runner.begin_zygote()  # its child sets itself up while the rest of this runs (Runner._spawn_zygote)
         # a pid namespace dies with its init: no kill by uid at teardown then
         side.pid_namespace = bool(plan.clone_flags & _linux.CLONE_NEWPID)
     except BaseException:
