@@ -220,3 +220,27 @@ def test_a_first_command_reports_the_zygotes_setup_failure(monkeypatch):
             assert len(starts) == 2
 
     trio.run(main)
+
+
+def test_a_fork_of_the_host_that_drops_a_pending_spawn_leaves_the_child_alone():
+    """A process forked from the host while a spawn is pending has a copy of
+    the pending object, and of the child's pidfd: when it drops it (its
+    interpreter's exit collects it), it must not kill or reap the host's
+    child (the helper's note, round 15's review)."""
+    sleeper = _null_command(exe=b"/bin/sleep", argv=(b"sleep", b"0.3"))
+    pending = _stage.spawn_start(StageSpec().pack(), sleeper.pack())
+    _fd, pid = _stage.pending_info(pending)
+    fork = os.fork()
+    if fork == 0:  # pragma: no cover - the fork
+        try:
+            _stage.pending_kill(pending)
+            _stage.spawn_abort(pending)
+            del pending
+        finally:
+            os._exit(0)
+    assert os.waitpid(fork, 0)[1] == 0
+    assert pid in child_pids()  # still ours, alive
+    got_pid, pidfd, _listener = _stage.spawn_finish(pending)
+    assert got_pid == pid
+    assert os.waitpid(pid, 0)[1] == 0  # /bin/sleep ran to its end: nobody killed it
+    os.close(pidfd)

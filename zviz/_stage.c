@@ -973,6 +973,12 @@ stage_spawn_finish(struct spawn_pending *pend, struct spawn_result *out)
 }
 
 void
+stage_spawn_forget(struct spawn_pending *pend)
+{
+    pending_release(pend);
+}
+
+void
 stage_spawn_abort(struct spawn_pending *pend)
 {
     if (pend->pid > 0) {

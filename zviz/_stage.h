@@ -118,6 +118,9 @@ void stage_spawn_finish(struct spawn_pending *pend, struct spawn_result *out);
 void stage_spawn_abort(struct spawn_pending *pend);
 /* SIGKILL a pending child (by its pidfd), nothing else: finish or abort reaps it. */
 void stage_spawn_kill(const struct spawn_pending *pend);
+/* Let go of what `pend` holds without touching the child (a process forked
+ * from the spawning one holds copies of its fds, not its child). */
+void stage_spawn_forget(struct spawn_pending *pend);
 
 /* SIGKILL every process of `uid` (a sandbox's own host uid) by kill(-1) from
  * a helper that takes it: 1 if any, 0 if none, -errno. Without the GIL. */

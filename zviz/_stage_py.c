@@ -393,7 +393,9 @@ done:
 struct pending {
     struct parsed x;
     struct spawn_pending pend;
-    int live; /* pend holds a child */
+    int live;    /* pend holds a child */
+    pid_t owner; /* the process that spawned it: a fork of it (its copy of this object, collected at
+                  * its exit) must not kill or reap that child through the pidfd it inherited */
 };
 
 static void
@@ -401,9 +403,13 @@ pending_abort(struct pending *pg)
 {
     if (pg->live) {
         pg->live = 0;
-        Py_BEGIN_ALLOW_THREADS
-        stage_spawn_abort(&pg->pend);
-        Py_END_ALLOW_THREADS
+        if (getpid() != pg->owner) {
+            stage_spawn_forget(&pg->pend);
+        } else {
+            Py_BEGIN_ALLOW_THREADS
+            stage_spawn_abort(&pg->pend);
+            Py_END_ALLOW_THREADS
+        }
     }
     parsed_free(&pg->x); /* only now: the child is dead or has exec'd */
 }
@@ -444,6 +450,7 @@ stage_spawn_start_py(PyObject *self, PyObject *args)
         return spawn_failure(&out);
     }
     pg->live = 1;
+    pg->owner = getpid();
     PyObject *cap = PyCapsule_New(pg, PENDING_CAPSULE, pending_capsule_free);
     if (!cap) {
         pending_abort(pg);
@@ -490,7 +497,7 @@ stage_pending_kill_py(PyObject *self, PyObject *cap)
     struct pending *pg = pending_of(cap);
     if (!pg)
         return NULL;
-    if (pg->live)
+    if (pg->live && getpid() == pg->owner)
         stage_spawn_kill(&pg->pend);
     Py_RETURN_NONE;
 }

@@ -47,7 +47,9 @@ from ._warmcheck import (
     START_VARS as START_VARS,
     install_roots as install_roots,
     start_env,
+    vm_size,
     why_not_env,
+    why_not_memory,
     why_not_python,
 )
 
@@ -63,9 +65,6 @@ MAX_INPUT = 1 << 20  # the snippet's code and environment: one pipe's worth (F_S
 START_S = 20.0  # an interpreter that has not said "up" by then is not coming
 MAX_SERVERS = 4  # per process: each is an idle interpreter (~10 MB)
 REPLY_S = 20.0  # a fork server that does not answer a spawn (a sandbox's set-up is ~1 ms)
-# limits.memory is also RLIMIT_AS, and a warm snippet starts with its server's address space (~17 MB here,
-# ~3 MB more than a cold interpreter's): below this much over it, the snippet starts cold
-MEMORY_HEADROOM = 32 << 20
 class NotWarm(ZvizError):
     """The warm path cannot run this snippet; the message says why (run_snippet
     then starts the interpreter in the sandbox, unless warm=True)."""
@@ -173,7 +172,7 @@ class Server:
             raise Unservable(f"{self.python} cannot serve as a warm interpreter for this zviz ({said}); "
                           "it must be a CPython of zviz's own version and build ABI")
         self.version = json.loads(first[2:])[0]
-        self.vm_size = _vm_size(self._proc.pid)
+        self.vm_size = vm_size(self._proc.pid)
         self._sock = ours  # (non-blocking: replies are awaited)
 
     def _popen(self, channel: int) -> subprocess.Popen[bytes]:
@@ -404,25 +403,11 @@ async def _server_for_sandbox(sb: Sandbox, python: str, env: Mapping[str, str]) 
     if reason:
         raise NotWarm(reason)
     server = await server_for(inside, full)
-    limit = sb.policy.limits.memory
-    if limit is not None and server.vm_size and limit < server.vm_size + MEMORY_HEADROOM:
+    reason = why_not_memory(sb.policy.limits.memory, server.vm_size)
+    if reason:
         release(server)
-        raise NotWarm(f"limits.memory ({limit >> 20} MiB) is also each process's address space (RLIMIT_AS), and a "
-                      f"warm snippet starts with its interpreter's ({server.vm_size >> 20} MiB), which would leave "
-                      f"it less than {MEMORY_HEADROOM >> 20} MiB to allocate")
+        raise NotWarm(reason)
     return server, inside
-
-
-def _vm_size(pid: int) -> int:
-    """A process's address space in bytes (VmSize), or 0."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmSize:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
 
 
 async def run_snippet(code: str, policy: Policy | None = None, *, python: str = "python3", stdin: bytes = b"",

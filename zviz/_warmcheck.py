@@ -195,3 +195,29 @@ def why_not_owned(python: str, roots: tuple[str, ...]) -> str | None:
                         "only an installation no sandbox can have written")
         passed.update(dirs)
     return None
+
+
+# limits.memory is also RLIMIT_AS, and a warm snippet starts with its server's address space (~17 MB here,
+# ~3 MB more than a cold interpreter's): below this much over it, the snippet starts cold
+MEMORY_HEADROOM = 32 << 20
+
+
+def why_not_memory(limit: int | None, server_vm_size: int) -> str | None:
+    """Why a fork of a server of that address space (bytes; 0: unknown) may not run under `limit`, or None."""
+    if limit is None or not server_vm_size or limit >= server_vm_size + MEMORY_HEADROOM:
+        return None
+    return (f"limits.memory ({limit >> 20} MiB) is also each process's address space (RLIMIT_AS), and a warm "
+            f"snippet starts with its interpreter's ({server_vm_size >> 20} MiB), which would leave it less than "
+            f"{MEMORY_HEADROOM >> 20} MiB to allocate")
+
+
+def vm_size(pid: int) -> int:
+    """A process's address space in bytes (VmSize), or 0."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmSize:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
