@@ -280,8 +280,6 @@ async def serve(life: Life, monitor_cm: contextlib.AbstractAsyncContextManager[A
                 if life.egress is not None:
                     start_owned(tg, life.egress.run(), owned)
                 life.tg, life.supervisor = tg, sup
-                if life.runner.use_zygote:
-                    start_owned(tg, _start_zygote(life.runner, sup), owned)
                 life.ready.set()
                 try:
                     await life.close_requested.wait()
@@ -320,15 +318,6 @@ async def serve(life: Life, monitor_cm: contextlib.AbstractAsyncContextManager[A
         if life.detached and life.error is not None:  # its aclose() has returned: nobody else will see it
             err, life.error = life.error, None
             report_late_failure(life.description, err)
-
-
-async def _start_zygote(runner: Runner, sup: Supervisor) -> None:
-    """The zygote, spawned as the sandbox opens: its child sets itself up
-    (~1.2 ms) while the caller goes on to its first command, which finds it
-    up or waits for it (Runner._spawn_zygote). A failure is the first
-    command's to report: it spawns again, and raises."""
-    with contextlib.suppress(Exception):
-        await runner.ensure_zygote(sup)
 
 
 def service_ended(life: Life) -> None:

@@ -169,8 +169,8 @@ class Process:
         return _kernel.child_pidfd(self.pid, self._pidfd, wait_s=PROGRAM_WAIT_S) if live else None
 
     def send_signal(self, sig: int) -> None:
-        """Send `sig` to the program (not to the zviz-init that runs it).
-        SIGKILL is `kill()`: the whole tree. No-op once it has exited."""
+        """Send `sig` to the program (not to the zviz-init that runs it; right after the start, once it is
+        forked). SIGKILL is `kill()`: the whole tree. No-op once it has exited."""
         sig = signal.Signals(sig)
         if sig == signal.SIGKILL:
             self.kill()
