@@ -92,9 +92,9 @@ def own_cpu_ms() -> float:
     return (s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime) * 1e3 + ticks * 1000 / HZ
 
 
-def kthreads_cpu_ms() -> float:
-    """CPU of the kernel's threads (kthreadd's children: kworkers, rcu, ...)."""
-    tot = 0
+def kthreads_cpu() -> dict[int, int]:
+    """CPU ticks of each of the kernel's threads (kthreadd's children: kworkers, rcu, ...), by pid."""
+    out = {}
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
@@ -104,8 +104,14 @@ def kthreads_cpu_ms() -> float:
         except OSError:
             continue
         if fields[1] == "2" or pid == "2":
-            tot += int(fields[11]) + int(fields[12])
-    return tot * 1000 / HZ
+            out[int(pid)] = int(fields[11]) + int(fields[12])
+    return out
+
+
+def kthreads_delta_ms(before: dict[int, int], after: dict[int, int]) -> float:
+    """What the kernel's threads spent between two samples: those alive at the end (a kworker that
+    exited meanwhile took its count with it: summing totals made a block's figure negative)."""
+    return sum(t - before.get(pid, 0) for pid, t in after.items()) * 1000 / HZ
 
 
 class Row:
@@ -133,7 +139,7 @@ async def block(row: Row, n: int, gap_s: float) -> None:
     row.setup()
     gap_s = gap_s if row.gap_s is None else row.gap_s
     await trio.sleep(0.2)  # (a pool fills here)
-    s0, o0, k0 = system_cpu_ms(), own_cpu_ms(), kthreads_cpu_ms()
+    s0, o0, k0 = system_cpu_ms(), own_cpu_ms(), kthreads_cpu()
     for _ in range(n):
         t = time.perf_counter()
         await row.fn()
@@ -141,9 +147,10 @@ async def block(row: Row, n: int, gap_s: float) -> None:
         if gap_s:
             await trio.sleep(gap_s)
     await trio.sleep(0.5)  # the kernel's lazy freeing (cleanup_net...) lands in this block
-    k1, o1, s1 = kthreads_cpu_ms(), own_cpu_ms(), system_cpu_ms()
-    row.cpu.append((o1 - o0 + k1 - k0) / n)
-    row.kthreads.append((k1 - k0) / n)
+    k1, o1, s1 = kthreads_cpu(), own_cpu_ms(), system_cpu_ms()
+    kthreads = kthreads_delta_ms(k0, k1)
+    row.cpu.append((o1 - o0 + kthreads) / n)
+    row.kthreads.append(kthreads / n)
     row.sys_cpu.append((s1 - s0) / n)
 
 
