@@ -570,17 +570,15 @@ def _weak_start(sb: Sandbox) -> Callable[..., Awaitable[Process]]:
     return start
 
 
-def _hidden_dirs() -> tuple[str, ...]:
-    """The real paths of zviz's own host directories that exist (_plan.Host.hidden)."""
+def _zviz_dirs() -> tuple[str, ...]:
+    """zviz's own host directories (its cache, the parents of workdirs), to
+    be masked where they exist (_plan.Host.hidden): resolved by the caller
+    with the sandbox's other paths, in one walk (each on its own cost ~0.08 ms)."""
     from ._cachedir import location
     from ._diskcache import ensure_directory
 
     ensure_directory()  # masked only if it exists: made now, not by this very open's filter store after the plan
-    out = []
-    for path in (location(), _workdir.base_path(False), _workdir.base_path(True)):
-        if path and os.path.isdir(path):
-            out.append(_hostpaths.real_path(path))
-    return tuple(out)
+    return tuple(p for p in (location(), _workdir.base_path(False), _workdir.base_path(True)) if p)
 
 
 def _prepare(policy: Policy, workdir: str, owns_workdir: bool, features: _probe.KernelFeatures, trace: Any,
@@ -594,8 +592,14 @@ def _prepare(policy: Policy, workdir: str, owns_workdir: bool, features: _probe.
     init = _kernel.init_fd()
     if known is None:
         known = _hostpaths.resolve(_plan.looked_up(policy))
+    zviz_dirs = _zviz_dirs()
+    own = _hostpaths.resolve((workdir, *zviz_dirs))  # (sharing their parents' lookups)
+    hidden = tuple(own[p][1] for p in zviz_dirs if p in own and own[p][0])
+    found = dict(known)
+    if workdir in own:
+        found[workdir] = own[workdir]
     is_dir, links = {}, {}
-    for p, (d, real) in (*known.items(), *_hostpaths.resolve((workdir,)).items()):
+    for p, (d, real) in found.items():
         is_dir[p] = d
         if real != p:  # a symlink on the way: the plan checks and binds the real path
             links[p] = real
@@ -610,7 +614,7 @@ def _prepare(policy: Policy, workdir: str, owns_workdir: bool, features: _probe.
     host = _plan.Host(features=f, euid=os.geteuid(), egid=os.getegid(), is_dir=is_dir, links=links,
                       rlimit_hard=hard, memory_cgroup=resources.cgroup is not None,
                       memory_cgroup_reason=resources.cgroup_reason, sandbox_ids=host_ids,
-                      hidden=_hidden_dirs(),
+                      hidden=hidden,
                       # (made for processes that open `none` sandboxes: the plan decides which use it)
                       blank_netns=policy.net.mode == "none" and trace is None and _netns.usable())
     notify = f.seccomp_notify

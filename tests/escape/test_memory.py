@@ -292,3 +292,33 @@ def test_the_sandbox_keeps_no_way_into_its_cgroup_join_file():
         assert not [x for x in links if "cgroup" in x], (pid, links)
     assert "MOVED" not in out and out.count("refused") == 3, out
     assert zygote in members
+
+
+@needs_cgroup
+def test_the_cgroups_figures_follow_what_the_sandbox_holds():
+    """The peak and the OOM kills are read from files held open since the
+    cgroup was made (a pread at offset 0 each time): each read must be the
+    kernel's figure at that moment, not the first one read, nor a zero."""
+    async def main() -> tuple:
+        pol = zviz.Policy.python(limits=zviz.Limits(memory="96M"))
+        touch = "b = bytearray({n} << 20)\nfor i in range(0, len(b), 4096): b[i] = 1\n"
+        async with zviz.open_sandbox(pol) as sb:
+            before = sb.statistics()
+            await sb.run(["python3", "-c", touch.format(n=24)])
+            small = sb.statistics()
+            await sb.run(["python3", "-c", touch.format(n=48)])
+            big = sb.statistics()
+            # (one process cannot pass the limit: RLIMIT_AS stops it first; four of 40 MiB each can)
+            killed = await sb.run(["python3", "-c", "import os, time\nfor _ in range(3):\n    if os.fork() == 0: break\n"
+                                   + touch.format(n=40) + "time.sleep(2)\n"])
+            after_kill = sb.statistics()
+        return before, small, big, killed, after_kill, sb.statistics()
+    before, small, big, killed, after_kill, closed = trio.run(main)
+    assert before.memory_peak is not None and before.memory_peak < 24 * MIB, before
+    assert 24 * MIB <= small.memory_peak < 48 * MIB, small.memory_peak
+    assert 48 * MIB <= big.memory_peak <= 96 * MIB, big.memory_peak
+    assert (before.memory_oom_kills, small.memory_oom_kills, big.memory_oom_kills) == (0, 0, 0)
+    assert after_kill.memory_oom_kills >= 1 and after_kill.memory_peak >= 90 * MIB, (killed, after_kill)
+    # after the close: the figures as they were at the end (read before the cgroup went)
+    assert closed.memory_peak == after_kill.memory_peak or closed.memory_peak >= 90 * MIB, closed
+    assert closed.memory_oom_kills == after_kill.memory_oom_kills and closed.memory_limit == 96 * MIB, closed
