@@ -592,19 +592,24 @@ def _prepare(policy: Policy, workdir: str, owns_workdir: bool, features: _probe.
     init = _kernel.init_fd()
     if known is None:
         known = _hostpaths.resolve(_plan.looked_up(policy))
+    listed = {"fs.read_only": policy.fs.read_only, "fs.read_write": policy.fs.read_write,
+              "fs.binds.source": tuple(b.source for b in policy.fs.binds)}
+    # a listed path missing before the host side was made may be one of its making (zviz's workdir parent):
+    # looked at again, with the workdir and zviz's own directories, in one walk
+    missing = tuple(p for paths in listed.values() for p in paths if p not in known)
     zviz_dirs = _zviz_dirs()
-    own = _hostpaths.resolve((workdir, *zviz_dirs))  # (sharing their parents' lookups)
+    own = _hostpaths.resolve((workdir, *zviz_dirs, *missing))
     hidden = tuple(own[p][1] for p in zviz_dirs if p in own and own[p][0])
     found = dict(known)
-    if workdir in own:
-        found[workdir] = own[workdir]
+    for p in (*missing, workdir):
+        if p in own:
+            found[p] = own[p]
     is_dir, links = {}, {}
     for p, (d, real) in found.items():
         is_dir[p] = d
         if real != p:  # a symlink on the way: the plan checks and binds the real path
             links[p] = real
-    for field, paths in (("fs.read_only", policy.fs.read_only), ("fs.read_write", policy.fs.read_write),
-                         ("fs.binds.source", tuple(b.source for b in policy.fs.binds))):
+    for field, paths in listed.items():
         for p in paths:
             if p not in is_dir:
                 raise PolicyError(field, p, "a path that exists on this host")
