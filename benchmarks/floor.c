@@ -28,7 +28,12 @@
  * (mkdir, bound at /workspace, rmdir) and a v1 memory cgroup with a limit
  * (mkdir, limit, joined by the child through `tasks`, rmdir).
  *
- *   cc -O2 -o /tmp/floor benchmarks/floor.c && /tmp/floor 2000 [--net] [--host-side]
+ * --serve: no rounds of its own; after the warm-up, one sandbox (or, for
+ * the byte 'b', one bare fork+exec) per byte read from stdin, a byte written
+ * to stdout when it is done (benchmarks/cold.py --floor drives it from its
+ * event loop: the kernel's floor as a row of the same run as zviz and bare).
+ *
+ *   cc -O2 -o /tmp/floor benchmarks/floor.c && /tmp/floor 2000 [--net] [--host-side] [--serve]
  *
  * Root (or unprivileged user namespaces), Landlock ABI >= 1, x86_64.
  */
@@ -57,7 +62,7 @@
 static char *const true_argv[] = {"/bin/true", NULL};
 static char *const no_env[] = {NULL};
 static struct sock_fprog prog;
-static int use_net, use_host_side;
+static int use_net, use_host_side, use_serve;
 static int round_no;
 static char cg_path[128], wd_path[128];
 
@@ -378,6 +383,7 @@ main(int argc, char **argv)
         use_net |= strcmp(argv[i], "--net") == 0;
         use_host_side |= strcmp(argv[i], "--host-side") == 0;
         use_template |= strcmp(argv[i], "--template") == 0;
+        use_serve |= strcmp(argv[i], "--serve") == 0;
     }
     if (use_template && use_host_side) {
         /* (the workdir would have to come from the host's mount namespace into the template's
@@ -411,6 +417,15 @@ main(int argc, char **argv)
         one_bare();
         one_sandbox();
     }
+    if (use_serve) {
+        char b;
+        while (read(0, &b, 1) == 1) {
+            b == 'b' ? one_bare() : one_sandbox();
+            if (write(1, &b, 1) != 1)
+                break;
+        }
+        n = 0;
+    }
     double wall[2] = {0}, tree[2] = {0}, sys[2] = {0};
     int count[2] = {0};
     for (int done = 0; done < n; done += 50) {
@@ -426,6 +441,8 @@ main(int argc, char **argv)
             count[kind] += 50;
         }
     }
+    if (use_serve)
+        goto out;
     printf("per round (%d each)      wall ms  tree CPU ms  system CPU ms\n", n);
     printf("bare fork+exec          %7.3f  %11.3f  %13.3f\n", wall[0] / count[0], tree[0] / count[0],
            sys[0] / count[0]);
@@ -434,6 +451,7 @@ main(int argc, char **argv)
            wall[1] / count[1], tree[1] / count[1], sys[1] / count[1]);
     printf("sandbox over bare       %+7.3f  %+11.3f  %+13.3f\n", wall[1] / count[1] - wall[0] / count[0],
            tree[1] / count[1] - tree[0] / count[0], sys[1] / count[1] - sys[0] / count[0]);
+out:
     if (template_pid > 0) {
         kill(template_pid, SIGKILL);
         waitpid(template_pid, NULL, 0);
