@@ -213,3 +213,32 @@ def test_the_cache_cannot_be_replaced_or_reached_another_way(how, monkeypatch):
         if os.path.islink(link):
             os.unlink(link)
         shutil.rmtree(home)
+
+
+def test_a_listed_workdir_parent_that_the_first_sandbox_makes_is_found(tmp_path):
+    """A policy may list zviz's workdir parent (a temp dir listed whole):
+    in a process's first sandbox, that parent does not exist yet when the
+    policy's paths are first looked at (before the host side makes it), and
+    the open failed with "a path that exists on this host" (round 15's
+    single resolution). It is looked at again once the host side is made:
+    the sandbox opens, and the parent is shown without the workdirs in it."""
+    import subprocess
+    import sys
+
+    fresh = tmp_path / "tmp"
+    fresh.mkdir()
+    program = (
+        "import trio, zviz\n"
+        "from zviz import _workdir\n"
+        "async def main():\n"
+        "    base = _workdir.base_path()\n"
+        "    pol = zviz.Policy.shell().with_paths(read_only=[base])\n"
+        "    async with zviz.open_sandbox(pol) as sb:\n"
+        "        r = await sb.run(['/bin/sh', '-c', f'ls -A {base} | wc -l'])\n"
+        "    print(r.exit_code, r.stdout.decode().strip())\n"
+        "trio.run(main)\n")
+    env = {**os.environ, "TMPDIR": str(fresh)}
+    out = subprocess.run([sys.executable, "-c", program], env=env, capture_output=True, text=True, timeout=60,
+                         check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["0", "0"], out  # it ran; the workdirs' parent listed empty (its workdir masked)
