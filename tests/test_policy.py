@@ -173,3 +173,18 @@ def test_policy_validity_does_not_depend_on_who_builds_it(monkeypatch):
     p = Policy(net=Network(mode="loopback"), namespaces=Namespaces(user=False))
     monkeypatch.setattr(os, "geteuid", lambda: 0)
     assert Policy(net=Network(mode="loopback"), namespaces=Namespaces(user=False)) == p
+
+
+def test_a_preset_without_overrides_is_made_once_and_stays_as_made():
+    """`open_sandbox(Policy.python())` builds the preset at every call: without
+    overrides the same (immutable) object comes back, and deriving from it
+    changes nothing for the next caller."""
+    a, b = Policy.python(), Policy.python()
+    assert a is b and Policy.shell() is Policy.shell() and a is not Policy.shell()
+    derived = a.with_paths(read_only=["/opt"])
+    assert "/opt" in derived.fs.read_only and "/opt" not in Policy.python().fs.read_only
+    other = Policy.python(name="mine")
+    assert other is not a and other.name == "mine" and Policy.python().name == "python"
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        a.name = "changed"  # type: ignore[misc]
+    assert Policy.python() == Policy(name="python", syscalls=a.syscalls, fs=a.fs, env=a.env)

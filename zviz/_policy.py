@@ -389,6 +389,10 @@ def _existing(paths: Iterable[str]) -> tuple[str, ...]:
     return tuple(p for p in paths if os.path.exists(p))
 
 
+# (class, preset, its existing system paths) -> the Policy made (Policy._preset_of)
+_presets: dict[tuple[Any, ...], Policy] = {}
+
+
 @attrs.frozen(kw_only=True)
 class Policy:
     """What sandboxed code may do. Build one with a preset (`Policy.python()`,
@@ -422,27 +426,29 @@ class Policy:
     def python(cls, **overrides: Any) -> Policy:
         """Enough for CPython and its standard library, nothing more: the system
         read-only, the workdir read-write, no network, a clean environment."""
-        base: dict[str, Any] = dict(
-            name="python",
-            syscalls=Syscalls(allow=("@python",)),
-            fs=Filesystem(read_only=_existing(_PYTHON_RO)),
-            env={"PATH": DEFAULT_PATH, "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"},
-        )
-        base.update(overrides)
-        return cls(**base)
+        return cls._preset_of("python", overrides, {"PYTHONDONTWRITEBYTECODE": "1"})
 
     @classmethod
     def shell(cls, **overrides: Any) -> Policy:
         """Ordinary programs: a shell and its subprocesses, coreutils, Python,
         compiled binaries; the system read-only, the workdir read-write."""
-        base: dict[str, Any] = dict(
-            name="shell",
-            syscalls=Syscalls(allow=("@shell",)),
-            fs=Filesystem(read_only=_existing(_PYTHON_RO)),
-            env={"PATH": DEFAULT_PATH, "LANG": "C.UTF-8"},
-        )
-        base.update(overrides)
-        return cls(**base)
+        return cls._preset_of("shell", overrides, {})
+
+    @classmethod
+    def _preset_of(cls, name: str, overrides: dict[str, Any], env: dict[str, str]) -> Policy:
+        """A preset. Without overrides, the one made last time for the same
+        existing system paths: a policy is immutable, and making one costs
+        ~60 us (its checks), paid by every `open_sandbox(Policy.python())`."""
+        read_only = _existing(_PYTHON_RO)
+        key = (cls, name, read_only)
+        if not overrides and key in _presets:
+            return _presets[key]
+        made = cls(**{"name": name, "syscalls": Syscalls(allow=(f"@{name}",)),
+                      "fs": Filesystem(read_only=read_only),
+                      "env": {"PATH": DEFAULT_PATH, "LANG": "C.UTF-8", **env}, **overrides})
+        if not overrides:
+            _presets[key] = made
+        return made
 
     @classmethod
     def preset(cls, name: str) -> Policy:

@@ -309,8 +309,8 @@ def test_the_cgroups_figures_follow_what_the_sandbox_holds():
             await sb.run(["python3", "-c", touch.format(n=48)])
             big = sb.statistics()
             # (one process cannot pass the limit: RLIMIT_AS stops it first; four of 40 MiB each can)
-            killed = await sb.run(["python3", "-c", "import os, time\nfor _ in range(3):\n    if os.fork() == 0: break\n"
-                                   + touch.format(n=40) + "time.sleep(2)\n"])
+            forks = "import os, time\nfor _ in range(3):\n    if os.fork() == 0: break\n"
+            killed = await sb.run(["python3", "-c", forks + touch.format(n=40) + "time.sleep(2)\n"])
             after_kill = sb.statistics()
         return before, small, big, killed, after_kill, sb.statistics()
     before, small, big, killed, after_kill, closed = trio.run(main)
