@@ -85,3 +85,31 @@ def test_a_parent_is_swept_at_most_once_a_minute(tmp_path, monkeypatch):
     now[0] += 31
     _cgroup._sweep(str(tmp_path))
     assert not late.exists()
+
+
+def test_a_cgroup_whose_files_cannot_all_be_opened_leaves_no_fd_and_no_directory(monkeypatch):
+    """The cgroup's figure files are opened with it: an open that fails
+    (EMFILE here, after the first one succeeded) gives no cgroup, its
+    directory removed and every fd opened so far closed."""
+    import errno
+
+    kind, parent, reason = _cgroup.where()
+    if kind is None:
+        pytest.skip(f"no memory cgroup here: {reason}")
+    real = _cgroup._open_figure
+    calls = []
+
+    def failing(cgroup: int, name: str):
+        calls.append(name)
+        if len(calls) == 2:
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real(cgroup, name)
+
+    monkeypatch.setattr(_cgroup, "_open_figure", failing)
+    before = sorted(os.listdir("/proc/self/fd"))
+    name = _cgroup.unique_name()
+    cg, why = _cgroup.MemoryCgroup.create(name, 64 << 20)
+    assert cg is None and "Too many open files" in why, why
+    assert len(calls) == 2
+    assert not os.path.exists(os.path.join(parent, name))
+    assert sorted(os.listdir("/proc/self/fd")) == before

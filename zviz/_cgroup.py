@@ -136,6 +136,7 @@ class MemoryCgroup:
             return None, f"mkdir {path}: {e.strerror}"
         d = -1
         procs: OwnedFd | None = None
+        peak: OwnedFd | None = None
         try:
             d = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             v2 = kind == "v2"
@@ -149,11 +150,12 @@ class MemoryCgroup:
                     _write(d, "memory.memsw.limit_in_bytes", str(limit))  # no swapping past it
             join = "cgroup.procs" if v2 else "tasks"  # v1: the child joins itself (see above)
             procs = OwnedFd(os.open(join, os.O_WRONLY | os.O_CLOEXEC, dir_fd=d), join)
-            figures = (_open_figure(d, "memory.peak" if v2 else "memory.max_usage_in_bytes"),
-                       _open_figure(d, "memory.events" if v2 else "memory.oom_control"))
+            peak = _open_figure(d, "memory.peak" if v2 else "memory.max_usage_in_bytes")
+            figures = (peak, _open_figure(d, "memory.events" if v2 else "memory.oom_control"))
         except OSError as e:
-            if procs is not None:
-                procs.close()
+            for f in (procs, peak):
+                if f is not None:
+                    f.close()
             with contextlib.suppress(OSError):
                 os.rmdir(path)
             return None, f"setting up {path}: {e.strerror}"
